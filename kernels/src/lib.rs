@@ -1,0 +1,10 @@
+//! Everything below tch: the C++ shim compiled against libtorch's own headers, and the tensor
+//! kernels built on it. This is the only crate with `unsafe` code or C++; the rest of wizard sees
+//! safe Rust types and [`KernelError`].
+#![deny(missing_docs)]
+
+mod error;
+mod ffi;
+pub mod runtime;
+
+pub use error::KernelError;

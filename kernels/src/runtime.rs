@@ -1,0 +1,80 @@
+//! What libtorch this process runs on: version, where it was loaded from, threads and CUDA devices.
+use std::path::PathBuf;
+
+use crate::{ffi, KernelError};
+
+/// A snapshot of the libtorch runtime, as `wizard doctor` reports it.
+#[derive(Debug, Clone)]
+pub struct RuntimeInfo {
+    /// The libtorch version wizard was compiled against, e.g. `2.11.0`.
+    pub torch_version: String,
+    /// The `libtorch_cpu.so` the dynamic loader actually picked.
+    pub loaded_from: PathBuf,
+    /// The lib directory that torch-sys linked at build time.
+    pub linked_at_build: PathBuf,
+    /// Whether this build references libtorch_cuda (the CUDA wheel).
+    pub built_with_cuda: bool,
+    /// Threads used inside one op (`at::get_num_threads`).
+    pub intra_op_threads: i32,
+    /// Threads used across ops (`at::get_num_interop_threads`).
+    pub inter_op_threads: i32,
+    /// CUDA as seen by libtorch.
+    pub cuda: CudaInfo,
+}
+
+/// CUDA as seen by libtorch.
+#[derive(Debug, Clone)]
+pub struct CudaInfo {
+    /// A driver and at least one device are usable.
+    pub available: bool,
+    /// cuDNN is usable.
+    pub cudnn: bool,
+    /// The CUDA runtime version libtorch was built with, e.g. `13.0`; `None` without CUDA.
+    pub runtime_version: Option<String>,
+    /// Every visible device.
+    pub devices: Vec<CudaDevice>,
+}
+
+/// One CUDA device.
+#[derive(Debug, Clone)]
+pub struct CudaDevice {
+    /// Ordinal, as in `cuda:N`.
+    pub index: usize,
+    /// Marketing name, e.g. `NVIDIA H200`.
+    pub name: String,
+    /// Global memory in bytes.
+    pub total_memory: u64,
+    /// Compute capability (major, minor).
+    pub capability: (i32, i32),
+}
+
+impl RuntimeInfo {
+    /// Asks libtorch about itself; loads the CUDA driver if there is one.
+    pub fn probe() -> Result<RuntimeInfo, KernelError> {
+        let summary = ffi::cuda_summary()?;
+        let devices = (0..summary.device_count)
+            .map(|index| {
+                let device = ffi::cuda_device(index)?;
+                Ok(CudaDevice {
+                    index,
+                    name: device.name,
+                    total_memory: device.total_memory,
+                    capability: device.capability,
+                })
+            })
+            .collect::<Result<Vec<_>, KernelError>>()?;
+        let runtime_version = (summary.runtime_version > 0).then(|| {
+            let (major, minor) = (summary.runtime_version / 1000, summary.runtime_version % 1000 / 10);
+            format!("{major}.{minor}")
+        });
+        Ok(RuntimeInfo {
+            torch_version: ffi::torch_version(),
+            loaded_from: PathBuf::from(ffi::libtorch_path()?),
+            linked_at_build: PathBuf::from(env!("WIZARD_LIBTORCH_LIB")),
+            built_with_cuda: cfg!(wizard_with_cuda),
+            intra_op_threads: tch::get_num_threads(),
+            inter_op_threads: tch::get_num_interop_threads(),
+            cuda: CudaInfo { available: summary.available, cudnn: summary.cudnn, runtime_version, devices },
+        })
+    }
+}
