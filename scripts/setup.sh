@@ -44,7 +44,14 @@ link_into_repo() {
     site_packages=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     mkdir -p "$repo/.wizard"
     relink "$site_packages" "$repo/.wizard/site-packages"
-    relink "$venv/bin/python" "$repo/.wizard/python"
+    # A wrapper, not a link: Python finds its venv from the path it was started by.
+    local wrapper
+    wrapper=$(printf '#!/bin/sh\nexec "%s" "$@"\n' "$venv/bin/python")
+    [ -L "$repo/.wizard/python" ] && rm -f "$repo/.wizard/python"
+    if [ "$(cat "$repo/.wizard/python" 2>/dev/null)" != "$wrapper" ]; then
+        rm -f "$repo/.wizard/python"
+        echo "$wrapper" >"$repo/.wizard/python.new" && chmod +x "$repo/.wizard/python.new" && mv -T "$repo/.wizard/python.new" "$repo/.wizard/python"
+    fi
 }
 
 # Replaces a link only when it points elsewhere, and atomically: running binaries load libtorch through it.

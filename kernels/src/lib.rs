@@ -3,6 +3,7 @@
 //! safe Rust types and [`KernelError`].
 #![deny(missing_docs)]
 
+pub mod attention;
 mod error;
 mod ffi;
 pub mod runtime;

@@ -2,3 +2,13 @@
 //! fill-in-the-middle, instruction format), the training loop with ZeRO, and generation
 //! (KV cache, sampling, speculative decoding). Tensor work below tch lives in `kernels`.
 #![deny(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod model;
+pub mod tokenizer;
+
+pub use error::{PipelineError, Result};

@@ -1,0 +1,79 @@
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Everything that can go wrong in the model pipeline. Each variant names the file, field or tensor.
+#[derive(Debug, Error)]
+pub enum PipelineError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A JSON file is not valid JSON or does not have the expected shape.
+    #[error("{path}: {message}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What serde said, with line and column.
+        message: String,
+    },
+    /// A config field is missing, unknown or has an impossible value.
+    #[error("{path}: field `{field}`: {message}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// The offending field.
+        field: String,
+        /// Why it is rejected.
+        message: String,
+    },
+    /// A checkpoint tensor is missing, has the wrong shape or dtype, or the file is corrupt.
+    #[error("{path}: tensor `{tensor}`: {message}")]
+    Tensor {
+        /// The safetensors file (or the index that should have named it).
+        path: PathBuf,
+        /// The tensor name as the checkpoint spells it.
+        tensor: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A safetensors file could not be parsed.
+    #[error("{path}: not a valid safetensors file: {message}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// The tokenizer could not be loaded, trained or saved.
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer {
+        /// The tokenizer file or directory.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A request the model cannot serve, e.g. a prompt longer than the context.
+    #[error("{0}")]
+    Invalid(String),
+    /// libtorch raised an error.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// The kernels layer raised an error.
+    #[error(transparent)]
+    Kernel(#[from] kernels::KernelError),
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
+
+impl PipelineError {
+    /// Wraps an I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        PipelineError::Io { path: path.into(), source }
+    }
+}

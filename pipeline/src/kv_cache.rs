@@ -1,0 +1,74 @@
+//! Keys and values of past positions, preallocated per layer. Multi-query models store their one
+//! K/V head once. Rolling back (speculative decoding) only moves the length.
+use tch::{Device, Kind, Tensor};
+
+use crate::config::ModelConfig;
+
+/// Per-layer K/V buffers `[batch, kv_heads, capacity, head_dim]` and how much of them is filled.
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    pub(crate) fn new(config: &ModelConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> KvCache {
+        let shape = [batch, config.kv_heads(), capacity, config.head_dim()];
+        let zeros = || Tensor::zeros(shape, (kind, device));
+        KvCache {
+            keys: (0..config.n_layer).map(|_| zeros()).collect(),
+            values: (0..config.n_layer).map(|_| zeros()).collect(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Positions already held.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    /// Whether nothing is held yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most positions this cache can hold.
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+
+    /// Forgets everything after the first `len` positions.
+    pub fn truncate(&mut self, len: i64) {
+        self.len = self.len.min(len);
+    }
+
+    /// Repeats every sequence `times` times along the batch (one prompt, many samples).
+    pub fn repeat_batch(&mut self, times: i64) {
+        for tensor in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *tensor = tensor.repeat([times, 1, 1, 1]);
+        }
+    }
+
+    /// Writes the new keys and values of `layer` after the held positions and returns all of them.
+    pub(crate) fn store(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> (Tensor, Tensor) {
+        let new = keys.size()[2];
+        assert!(self.len + new <= self.capacity, "KV cache overflow: {} + {new} > {}", self.len, self.capacity);
+        self.keys[layer].narrow(2, self.len, new).copy_(keys);
+        self.values[layer].narrow(2, self.len, new).copy_(values);
+        (self.keys[layer].narrow(2, 0, self.len + new), self.values[layer].narrow(2, 0, self.len + new))
+    }
+
+    /// What [`store`](Self::store) would return, without writing.
+    pub(crate) fn peek_with(&self, layer: usize, keys: &Tensor, values: &Tensor) -> (Tensor, Tensor) {
+        let past_keys = self.keys[layer].narrow(2, 0, self.len);
+        let past_values = self.values[layer].narrow(2, 0, self.len);
+        (Tensor::cat(&[past_keys, keys.shallow_clone()], 2), Tensor::cat(&[past_values, values.shallow_clone()], 2))
+    }
+
+    /// Marks `new` more positions as held, once every layer has stored them.
+    pub(crate) fn advance(&mut self, new: i64) {
+        self.len += new;
+    }
+}

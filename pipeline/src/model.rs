@@ -1,0 +1,360 @@
+//! GPTBigCode, the StarCoder architecture, exactly as Hugging Face `transformers` computes it:
+//! learned absolute positions, pre-LayerNorm blocks, multi-query (one shared K/V head) or multi-head
+//! attention, a GELU MLP, and an `lm_head` that is tied to `wte` unless the config says otherwise.
+//! Variable names mirror the checkpoint (`transformer.h.0.attn.c_attn.weight`, ...), so loading and
+//! saving are name-for-name copies.
+use std::path::Path;
+
+use kernels::attention::{self, SdpaBackend};
+use tch::nn::{self, Init};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint;
+use crate::config::ModelConfig;
+use crate::kv_cache::KvCache;
+use crate::{PipelineError, Result};
+
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn new(path: nn::Path, in_dim: i64, out_dim: i64, std: f64) -> Linear {
+        Linear {
+            weight: path.var("weight", &[out_dim, in_dim], Init::Randn { mean: 0.0, stdev: std }),
+            bias: path.var("bias", &[out_dim], Init::Const(0.0)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, Some(&self.bias))
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(path: nn::Path, dim: i64, eps: f64) -> LayerNorm {
+        LayerNorm {
+            weight: path.var("weight", &[dim], Init::Const(1.0)),
+            bias: path.var("bias", &[dim], Init::Const(0.0)),
+            eps,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let dim = x.size().last().copied().unwrap_or(0);
+        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+struct Attention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: i64,
+    kv_heads: i64,
+    head_dim: i64,
+    scale: f64,
+    attn_pdrop: f64,
+    resid_pdrop: f64,
+}
+
+impl Attention {
+    fn new(path: nn::Path, config: &ModelConfig) -> Attention {
+        let (d, head_dim, kv_heads) = (config.n_embd, config.head_dim(), config.kv_heads());
+        let proj_std = config.initializer_range / (2.0 * config.n_layer as f64).sqrt();
+        Attention {
+            c_attn: Linear::new(&path / "c_attn", d, d + 2 * kv_heads * head_dim, config.initializer_range),
+            c_proj: Linear::new(&path / "c_proj", d, d, proj_std),
+            n_head: config.n_head,
+            kv_heads,
+            head_dim,
+            scale: if config.scale_attn_weights { 1.0 / (head_dim as f64).sqrt() } else { 1.0 },
+            attn_pdrop: config.attn_pdrop,
+            resid_pdrop: config.resid_pdrop,
+        }
+    }
+
+    /// Splits `c_attn`'s output into `[batch, heads, len, head_dim]` queries and keys/values.
+    fn qkv(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (batch, len, d) = x.size3().expect("hidden states are [batch, len, d]");
+        let (heads, hd) = (self.n_head, self.head_dim);
+        let qkv = self.c_attn.forward(x);
+        if self.kv_heads == 1 {
+            // Layout [q (d) | k (hd) | v (hd)].
+            let q = qkv.narrow(2, 0, d).view([batch, len, heads, hd]).transpose(1, 2);
+            let k = qkv.narrow(2, d, hd).view([batch, 1, len, hd]);
+            let v = qkv.narrow(2, d + hd, hd).view([batch, 1, len, hd]);
+            (q, k, v)
+        } else {
+            // Layout per head [q | k | v], as transformers views it.
+            let qkv = qkv.view([batch, len, heads, 3 * hd]).transpose(1, 2);
+            (qkv.narrow(3, 0, hd), qkv.narrow(3, hd, hd), qkv.narrow(3, 2 * hd, hd))
+        }
+    }
+
+    fn forward(&self, x: &Tensor, cache: Option<(&mut KvCache, usize)>, train: bool) -> Tensor {
+        let (batch, len, d) = x.size3().expect("hidden states are [batch, len, d]");
+        let (q, k, v) = self.qkv(x);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.store(layer, &k, &v),
+            None => (k, v),
+        };
+        let dropout = if train { self.attn_pdrop } else { 0.0 };
+        let out = attention::causal_attention(&q, &k, &v, self.scale, dropout);
+        let out = out.transpose(1, 2).reshape([batch, len, d]);
+        self.c_proj.forward(&out).dropout(self.resid_pdrop, train)
+    }
+
+    fn backend(&self, x: &Tensor, past: Option<(&KvCache, usize)>) -> SdpaBackend {
+        let (q, k, v) = self.qkv(x);
+        let (k, v) = match past {
+            Some((cache, layer)) => cache.peek_with(layer, &k, &v),
+            None => (k, v),
+        };
+        attention::backend_for(&q, &k, &v, self.scale)
+    }
+}
+
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+    approximate: &'static str,
+    resid_pdrop: f64,
+}
+
+impl Mlp {
+    fn new(path: nn::Path, config: &ModelConfig) -> Mlp {
+        let proj_std = config.initializer_range / (2.0 * config.n_layer as f64).sqrt();
+        Mlp {
+            c_fc: Linear::new(&path / "c_fc", config.n_embd, config.inner_dim(), config.initializer_range),
+            c_proj: Linear::new(&path / "c_proj", config.inner_dim(), config.n_embd, proj_std),
+            approximate: config.activation_function.approximate(),
+            resid_pdrop: config.resid_pdrop,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        self.c_proj.forward(&self.c_fc.forward(x).gelu(self.approximate)).dropout(self.resid_pdrop, train)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(path: nn::Path, config: &ModelConfig) -> Block {
+        let eps = config.layer_norm_epsilon;
+        Block {
+            ln_1: LayerNorm::new(&path / "ln_1", config.n_embd, eps),
+            attn: Attention::new(&path / "attn", config),
+            ln_2: LayerNorm::new(&path / "ln_2", config.n_embd, eps),
+            mlp: Mlp::new(&path / "mlp", config),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, cache: Option<(&mut KvCache, usize)>, train: bool) -> Tensor {
+        let x = x + self.attn.forward(&self.ln_1.forward(x), cache, train);
+        &x + self.mlp.forward(&self.ln_2.forward(&x), train)
+    }
+}
+
+/// A GPTBigCode causal language model whose weights live in a tch `VarStore`.
+pub struct GptBigCode {
+    config: ModelConfig,
+    vars: nn::VarStore,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Tensor,
+    embd_pdrop: f64,
+}
+
+/// Buffers that old checkpoints carry and `transformers` ignores.
+fn is_ignored_buffer(name: &str) -> bool {
+    name.ends_with(".attn.masked_bias") || name.ends_with(".attn.bias")
+}
+
+impl GptBigCode {
+    /// A model with freshly initialised weights (`transformers`' initialisation), in fp32.
+    pub fn new(config: ModelConfig, device: Device) -> Result<GptBigCode> {
+        config.validate().map_err(|(field, message)| PipelineError::Config {
+            path: "<model config>".into(),
+            field: field.into(),
+            message,
+        })?;
+        let vars = nn::VarStore::new(device);
+        let root = vars.root();
+        let transformer = &root / "transformer";
+        let init = Init::Randn { mean: 0.0, stdev: config.initializer_range };
+        let wte = (&transformer / "wte").var("weight", &[config.vocab_size, config.n_embd], init);
+        let wpe = (&transformer / "wpe").var("weight", &[config.n_positions, config.n_embd], init);
+        let blocks = (0..config.n_layer).map(|i| Block::new(&transformer / "h" / i, &config)).collect();
+        let ln_f = LayerNorm::new(&transformer / "ln_f", config.n_embd, config.layer_norm_epsilon);
+        let lm_head = if config.tie_word_embeddings {
+            wte.shallow_clone()
+        } else {
+            (&root / "lm_head").var("weight", &[config.vocab_size, config.n_embd], init)
+        };
+        let embd_pdrop = config.embd_pdrop;
+        Ok(GptBigCode { config, vars, wte, wpe, blocks, ln_f, lm_head, embd_pdrop })
+    }
+
+    /// Loads a Hugging Face model directory (`config.json` + safetensors) in `kind` on `device`.
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<GptBigCode> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut model = GptBigCode::new(config, device)?;
+        model.vars.set_kind(kind);
+        let mut loaded = checkpoint::load(dir, kind, device)?;
+        let first_file = checkpoint::weight_files(dir)?.remove(0);
+        tch::no_grad(|| -> Result<()> {
+            for (name, var) in model.vars.variables() {
+                let (tensor, _) = loaded.remove(&name).ok_or_else(|| PipelineError::Tensor {
+                    path: first_file.clone(),
+                    tensor: name.clone(),
+                    message: "missing from the checkpoint".into(),
+                })?;
+                if tensor.size() != var.size() {
+                    return Err(PipelineError::Tensor {
+                        path: first_file.clone(),
+                        tensor: name,
+                        message: format!("has shape {:?}, config.json implies {:?}", tensor.size(), var.size()),
+                    });
+                }
+                var.shallow_clone().f_copy_(&tensor)?;
+            }
+            Ok(())
+        })?;
+        for (name, (_, path)) in loaded {
+            let tied_head = name == "lm_head.weight" && model.config.tie_word_embeddings;
+            if !tied_head && !is_ignored_buffer(&name) {
+                return Err(PipelineError::Tensor {
+                    path,
+                    tensor: name,
+                    message: "is not part of a GPTBigCode model".into(),
+                });
+            }
+        }
+        Ok(model)
+    }
+
+    /// Writes `config.json` and `model.safetensors` in `kind` into `dir` (created if needed).
+    pub fn save(&self, dir: &Path, kind: Kind) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| PipelineError::io(dir, e))?;
+        let mut tensors: Vec<(String, Tensor)> = self.vars.variables().into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        checkpoint::save(dir, &tensors, kind)?;
+        let config = dir.join("config.json");
+        std::fs::write(&config, self.config.to_json(dtype_name(kind))).map_err(|e| PipelineError::io(&config, e))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> Device {
+        self.vars.device()
+    }
+
+    /// The dtype of the weights.
+    pub fn kind(&self) -> Kind {
+        self.wte.kind()
+    }
+
+    /// The trainable variables, by checkpoint name.
+    pub fn vars(&self) -> &nn::VarStore {
+        &self.vars
+    }
+
+    /// Logits `[batch, len, vocab]` (fp32) for `input_ids` `[batch, len]`, continuing after what
+    /// `cache` holds and appending the new keys and values to it.
+    pub fn forward(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let past = cache.len();
+        let hidden = self.embed(input_ids, past, false)?;
+        let mut hidden = hidden;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            hidden = block.forward(&hidden, Some((&mut *cache, layer)), false);
+        }
+        cache.advance(input_ids.size()[1]);
+        Ok(self.head(&hidden))
+    }
+
+    /// Logits for whole sequences without a cache; dropout is active when `train` is set.
+    pub fn forward_full(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
+        let mut hidden = self.embed(input_ids, 0, train)?;
+        for block in &self.blocks {
+            hidden = block.forward(&hidden, None, train);
+        }
+        Ok(self.head(&hidden))
+    }
+
+    /// The SDPA backend the first layer's attention uses for this input after `cache`.
+    pub fn attention_backend(&self, input_ids: &Tensor, cache: &KvCache) -> Result<SdpaBackend> {
+        let hidden = self.embed(input_ids, cache.len(), false)?;
+        let block = &self.blocks[0];
+        let past = (!cache.is_empty()).then_some((cache, 0));
+        Ok(block.attn.backend(&block.ln_1.forward(&hidden), past))
+    }
+
+    /// A cache sized for `batch` sequences of up to `capacity` tokens, or an error if that exceeds
+    /// the model's context.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+        if capacity > self.config.n_positions {
+            return Err(PipelineError::Invalid(format!(
+                "{capacity} tokens do not fit the model's context of n_positions = {}",
+                self.config.n_positions
+            )));
+        }
+        Ok(KvCache::new(&self.config, batch, capacity, self.kind(), self.device()))
+    }
+
+    fn embed(&self, input_ids: &Tensor, past: i64, train: bool) -> Result<Tensor> {
+        let len = input_ids.size().get(1).copied().unwrap_or(0);
+        if past + len > self.config.n_positions {
+            return Err(PipelineError::Invalid(format!(
+                "{} tokens exceed the model's context of n_positions = {}",
+                past + len,
+                self.config.n_positions
+            )));
+        }
+        let positions = Tensor::arange_start(past, past + len, (Kind::Int64, self.device()));
+        let hidden = Tensor::embedding(&self.wte, input_ids, -1, false, false)
+            + Tensor::embedding(&self.wpe, &positions, -1, false, false);
+        Ok(hidden.dropout(self.embd_pdrop, train))
+    }
+
+    fn head(&self, hidden: &Tensor) -> Tensor {
+        self.ln_f.forward(hidden).linear::<Tensor>(&self.lm_head, None).to_kind(Kind::Float)
+    }
+}
+
+/// The `dtype` string `transformers` uses for a tch kind.
+pub fn dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        _ => "float32",
+    }
+}
+
+/// Parses `float32` / `fp32`, `bfloat16` / `bf16`, `float16` / `fp16`.
+pub fn parse_dtype(text: &str) -> Result<Kind> {
+    match text {
+        "float32" | "fp32" | "f32" => Ok(Kind::Float),
+        "bfloat16" | "bf16" => Ok(Kind::BFloat16),
+        "float16" | "fp16" | "f16" | "half" => Ok(Kind::Half),
+        other => Err(PipelineError::Invalid(format!("unknown dtype `{other}`: use float32, bfloat16 or float16"))),
+    }
+}
