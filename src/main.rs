@@ -1,8 +1,10 @@
 //! The `wizard` command line: parses arguments, sets up logging, and hands each subcommand to the
 //! library crate that does the work. Errors become a message on stderr and a non-zero exit code.
 mod doctor;
+mod generate;
 mod logging;
 mod python;
+mod tokenizer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +27,11 @@ struct Cli {
 enum Command {
     /// Check the installation: libtorch, CUDA devices, threads and the Python peers.
     Doctor(doctor::Args),
+    /// Complete a prompt with a model; prints only the completion.
+    Generate(generate::Args),
+    /// Train a byte-level BPE tokenizer with StarCoder's special tokens.
+    #[command(subcommand)]
+    Tokenizer(tokenizer::Command),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +42,8 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Tokenizer(command) => tokenizer::run(command),
     };
     match result {
         Ok(code) => code,

@@ -6,12 +6,12 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum PipelineError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (in the message, not chained, so it is printed once).
+        error: std::io::Error,
     },
     /// A JSON file is not valid JSON or does not have the expected shape.
     #[error("{path}: {message}")]
@@ -74,6 +74,6 @@ pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
 impl PipelineError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        PipelineError::Io { path: path.into(), source }
+        PipelineError::Io { path: path.into(), error: source }
     }
 }

@@ -112,8 +112,7 @@ pub fn generate(
     tch::no_grad(|| {
         let mut cache = model.new_cache(1, capacity)?;
         let input = Tensor::from_slice(prompt).to_device(model.device()).unsqueeze(0);
-        let logits = model.forward(&input, &mut cache)?;
-        let mut last = logits.select(1, -1).repeat([samples as i64, 1]);
+        let mut last = model.forward_next(&input, &mut cache)?.repeat([samples as i64, 1]);
         cache.repeat_batch(samples as i64);
 
         let mut rngs: Vec<StdRng> =
@@ -142,7 +141,7 @@ pub fn generate(
                 break;
             }
             let step = Tensor::from_slice(&next).to_device(model.device()).unsqueeze(1);
-            last = model.forward(&step, &mut cache)?.select(1, -1);
+            last = model.forward_next(&step, &mut cache)?;
         }
         Ok(out)
     })

@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod complete;
 pub mod config;
 mod error;
 pub mod generate;

@@ -217,8 +217,10 @@ impl GptBigCode {
         model.vars.set_kind(kind);
         let mut loaded = checkpoint::load(dir, kind, device)?;
         let first_file = checkpoint::weight_files(dir)?.remove(0);
+        let mut variables: Vec<(String, Tensor)> = model.vars.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
         tch::no_grad(|| -> Result<()> {
-            for (name, var) in model.vars.variables() {
+            for (name, var) in variables {
                 let (tensor, _) = loaded.remove(&name).ok_or_else(|| PipelineError::Tensor {
                     path: first_file.clone(),
                     tensor: name.clone(),
@@ -281,14 +283,22 @@ impl GptBigCode {
     /// Logits `[batch, len, vocab]` (fp32) for `input_ids` `[batch, len]`, continuing after what
     /// `cache` holds and appending the new keys and values to it.
     pub fn forward(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let past = cache.len();
-        let hidden = self.embed(input_ids, past, false)?;
-        let mut hidden = hidden;
+        Ok(self.head(&self.decode(input_ids, cache)?))
+    }
+
+    /// Logits `[batch, vocab]` of the last position only: what the next token is drawn from.
+    /// Skips the vocabulary projection of every earlier position, the bulk of a prefill's cost.
+    pub fn forward_next(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.head(&self.decode(input_ids, cache)?.select(1, -1)))
+    }
+
+    fn decode(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let mut hidden = self.embed(input_ids, cache.len(), false)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             hidden = block.forward(&hidden, Some((&mut *cache, layer)), false);
         }
         cache.advance(input_ids.size()[1]);
-        Ok(self.head(&hidden))
+        Ok(hidden)
     }
 
     /// Logits for whole sequences without a cache; dropout is active when `train` is set.

@@ -1,0 +1,67 @@
+//! Prefill and decode speed of `pipeline::generate` on a model directory, as one JSON line.
+//! Driven by `scripts/bench/generate.py`, which runs transformers on the same model in the same run.
+//!
+//! `cargo bench -p pipeline --bench generate -- MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS`
+use std::path::Path;
+use std::time::Instant;
+
+use pipeline::generate::{generate, GenerateConfig, NoStop, Sampling};
+use pipeline::model::GptBigCode;
+use tch::{Device, Kind, Tensor};
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let [dir, prompt_tokens, new_tokens, threads] = args.as_slice() else {
+        eprintln!("usage: generate MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS");
+        std::process::exit(2);
+    };
+    let (prompt_tokens, new_tokens): (usize, usize) = (prompt_tokens.parse().unwrap(), new_tokens.parse().unwrap());
+    tch::set_num_threads(threads.parse().unwrap());
+    let model = GptBigCode::load(Path::new(dir), Kind::Float, Device::Cpu).expect("model loads");
+    let vocab = model.config().vocab_size;
+    let prompt: Vec<i64> = (0..prompt_tokens as i64).map(|i| 1 + (i * 7919) % (vocab - 1)).collect();
+    let config =
+        GenerateConfig { max_new_tokens: new_tokens, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
+    let prefill = || {
+        tch::no_grad(|| {
+            let mut cache = model.new_cache(1, prompt_tokens as i64).unwrap();
+            let start = Instant::now();
+            let _ = model.forward_next(&Tensor::from_slice(&prompt).unsqueeze(0), &mut cache).unwrap();
+            start.elapsed().as_secs_f64()
+        })
+    };
+    // Warm-up: first calls allocate and pick kernels.
+    prefill();
+    generate(&model, &prompt, &GenerateConfig { max_new_tokens: 4, ..config.clone() }, &mut NoStop).unwrap();
+
+    let rounds = 3;
+    let mut prefill_s = f64::MAX;
+    let mut total_s = f64::MAX;
+    for _ in 0..rounds {
+        prefill_s = prefill_s.min(prefill());
+        let start = Instant::now();
+        let out = generate(&model, &prompt, &config, &mut NoStop).unwrap();
+        total_s = total_s.min(start.elapsed().as_secs_f64());
+        assert_eq!(out[0].tokens.len(), new_tokens);
+    }
+    let decode_s = total_s - prefill_s;
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "wizard",
+            "prefill_tokens_per_s": prompt_tokens as f64 / prefill_s,
+            "decode_tokens_per_s": new_tokens as f64 / decode_s,
+            "peak_rss_mib": peak_rss_mib(),
+        })
+    );
+}

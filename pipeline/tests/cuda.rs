@@ -1,0 +1,92 @@
+//! The CUDA paths: bf16 and fp32 weights on the GPU against the CPU fp32 reference, and the fused
+//! SDPA backend on the GPU. Runs when WIZARD_GPU_TESTS=1 (scripts/gpu/check.sh sets it); without it
+//! the tests report that they were skipped, since CI machines have no GPU.
+use pipeline::config::ModelConfig;
+use pipeline::generate::{generate, GenerateConfig, NoStop, Sampling};
+use pipeline::model::GptBigCode;
+use tch::{Device, Kind, Tensor};
+
+fn gpu() -> Option<Device> {
+    if std::env::var("WIZARD_GPU_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped: set WIZARD_GPU_TESTS=1 on a machine with a GPU");
+        return None;
+    }
+    assert!(tch::Cuda::is_available(), "WIZARD_GPU_TESTS=1 but libtorch sees no CUDA device");
+    Some(Device::Cuda(0))
+}
+
+fn saved_model(multi_query: bool) -> tempfile::TempDir {
+    tch::manual_seed(5);
+    let config = ModelConfig {
+        vocab_size: 512,
+        n_positions: 256,
+        n_embd: 256,
+        n_layer: 2,
+        n_head: 4,
+        multi_query,
+        bos_token_id: Some(0),
+        eos_token_id: Some(0),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    GptBigCode::new(config, Device::Cpu).unwrap().save(dir.path(), Kind::Float).unwrap();
+    dir
+}
+
+fn logits(model: &GptBigCode, ids: &[i64]) -> Tensor {
+    let input = Tensor::from_slice(ids).unsqueeze(0).to_device(model.device());
+    tch::no_grad(|| model.forward_full(&input, false).unwrap().to_device(Device::Cpu))
+}
+
+/// Loads the model on the GPU in `kind` and compares its logits with the CPU fp32 ones.
+fn check(device: Device, multi_query: bool, kind: Kind, tolerance: f64) {
+    let dir = saved_model(multi_query);
+    let ids: Vec<i64> = (0..100).map(|i| (i * 37) % 511 + 1).collect();
+    let cpu = GptBigCode::load(dir.path(), Kind::Float, Device::Cpu).unwrap();
+    let gpu = GptBigCode::load(dir.path(), kind, device).unwrap();
+    let diff = (logits(&cpu, &ids) - logits(&gpu, &ids)).abs().max().double_value(&[]);
+    assert!(diff < tolerance, "{kind:?} mq={multi_query}: max diff {diff}");
+}
+
+#[test]
+fn gpu_logits_match_cpu() {
+    let Some(device) = gpu() else { return };
+    for multi_query in [true, false] {
+        check(device, multi_query, Kind::Float, 1e-3);
+        check(device, multi_query, Kind::BFloat16, 0.15);
+    }
+}
+
+#[test]
+fn gpu_uses_a_fused_attention_backend_in_bf16() {
+    let Some(device) = gpu() else { return };
+    let dir = saved_model(true);
+    let model = GptBigCode::load(dir.path(), Kind::BFloat16, device).unwrap();
+    let cache = model.new_cache(1, 64).unwrap();
+    let ids = Tensor::arange(64, (Kind::Int64, device)).unsqueeze(0);
+    let backend = model.attention_backend(&ids, &cache).unwrap();
+    eprintln!("CUDA bf16 prefill SDPA backend: {backend}");
+    assert!(
+        matches!(
+            backend,
+            kernels::attention::SdpaBackend::Flash
+                | kernels::attention::SdpaBackend::Efficient
+                | kernels::attention::SdpaBackend::Cudnn
+        ),
+        "{backend}"
+    );
+}
+
+#[test]
+fn gpu_greedy_generation_matches_cpu() {
+    let Some(device) = gpu() else { return };
+    let dir = saved_model(true);
+    let config =
+        GenerateConfig { max_new_tokens: 32, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
+    let prompt: Vec<i64> = (1..20).collect();
+    let run = |device| {
+        let model = GptBigCode::load(dir.path(), Kind::Float, device).unwrap();
+        generate(&model, &prompt, &config, &mut NoStop).unwrap().remove(0).tokens
+    };
+    assert_eq!(run(device), run(Device::Cpu));
+}

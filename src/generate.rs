@@ -1,0 +1,102 @@
+//! `wizard generate`: one completion of a prompt, printed alone on stdout.
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use pipeline::complete::complete;
+use pipeline::generate::{GenerateConfig, Sampling};
+use pipeline::model::{parse_dtype, GptBigCode};
+use pipeline::tokenizer::Tokenizer;
+use tch::{Device, Kind, Tensor};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory in Hugging Face format (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// The prompt text.
+    #[arg(long, conflicts_with = "prompt_file", required_unless_present = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from this file.
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<PathBuf>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Seed for sampling; the same seed gives the same completion.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop before this text (repeatable).
+    #[arg(long = "stop", value_name = "STR")]
+    stops: Vec<String>,
+    /// `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Weight dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU).
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+pub fn parse_device(text: &str) -> anyhow::Result<Device> {
+    Ok(match text {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(index) => Device::Cuda(index),
+            None => anyhow::bail!("--device {other:?}: use cpu, cuda, cuda:N or auto"),
+        },
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (Some(text), _) => text.clone(),
+        (None, Some(path)) => {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read --prompt-file {}", path.display()))?
+        }
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    let device = parse_device(&args.device)?;
+    if let Device::Cuda(index) = device {
+        anyhow::ensure!(
+            (index as i64) < tch::Cuda::device_count(),
+            "--device cuda:{index}: libtorch sees {} CUDA device(s); `wizard doctor` says why",
+            tch::Cuda::device_count()
+        );
+    }
+    let kind = match &args.dtype {
+        Some(text) => parse_dtype(text)?,
+        None if device.is_cuda() => Kind::BFloat16,
+        None => Kind::Float,
+    };
+    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let model = GptBigCode::load(&args.model, kind, device)?;
+    if tracing::enabled!(tracing::Level::INFO) {
+        let probe = Tensor::zeros([1, 8], (Kind::Int64, device));
+        let cache = model.new_cache(1, 8)?;
+        tracing::info!("prefill attention backend: {}", model.attention_backend(&probe, &cache)?);
+    }
+    let config = GenerateConfig {
+        max_new_tokens: args.max_new_tokens,
+        num_samples: 1,
+        sampling: Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        eos_token_id: model.config().eos_token_id.or(Some(i64::from(tokenizer.eos_id()))),
+    };
+    let completion = complete(&model, &tokenizer, &prompt, &config, &args.stops)?.remove(0);
+    tracing::info!(tokens = completion.tokens, finish = ?completion.finish, "generated");
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(completion.text.as_bytes())?;
+    stdout.flush()?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,144 @@
+//! `wizard generate` as a user runs it: a tokenizer trained by `wizard tokenizer train`, a random
+//! GPTBigCode made by `transformers`, and our completion compared with `transformers`' own.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+const WIZARD: &str = env!("CARGO_BIN_EXE_wizard");
+const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.wizard/python");
+
+const MAKE_MODEL: &str = r#"
+import sys, torch
+from transformers import AutoTokenizer, GPTBigCodeConfig, GPTBigCodeForCausalLM
+directory = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(directory)
+torch.manual_seed(0)
+config = GPTBigCodeConfig(vocab_size=len(tokenizer), n_positions=96, n_embd=64, n_layer=2, n_head=4,
+                          bos_token_id=0, eos_token_id=0)
+GPTBigCodeForCausalLM(config).save_pretrained(directory)
+"#;
+
+const HF_GREEDY: &str = r#"
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+directory, prompt, new = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tokenizer = AutoTokenizer.from_pretrained(directory)
+model = AutoModelForCausalLM.from_pretrained(directory).eval()
+ids = tokenizer(prompt, return_tensors="pt").input_ids
+out = model.generate(ids, do_sample=False, max_new_tokens=new, eos_token_id=0, pad_token_id=0)[0, ids.shape[1]:].tolist()
+while out and out[-1] == 0:
+    out.pop()
+sys.stdout.write(tokenizer.decode(out, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+"#;
+
+fn python(script: &str, args: &[&str]) -> String {
+    let output = Command::new(PYTHON).args(["-c", script]).args(args).env("HF_HUB_OFFLINE", "1").output().unwrap();
+    assert!(output.status.success(), "python: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// A model directory shared by the tests: our tokenizer plus a random transformers model.
+fn model_dir() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let work = tempfile::tempdir().unwrap();
+        let corpus = work.path().join("corpus.py");
+        let code: String = (0..200)
+            .map(|i| {
+                format!(
+                    "def function_{i}(value):\n    if value > {i}:\n        return value * {i}\n    return None\n\n"
+                )
+            })
+            .collect();
+        std::fs::write(&corpus, code).unwrap();
+        let model = work.path().join("model");
+        let trained = Command::new(WIZARD)
+            .args(["tokenizer", "train", "--vocab-size", "400", "--input"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(&model)
+            .output()
+            .unwrap();
+        assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+        python(MAKE_MODEL, &[model.to_str().unwrap()]);
+        (work, model)
+    })
+    .1
+}
+
+fn generate(args: &[&str]) -> Output {
+    Command::new(WIZARD).arg("generate").arg("--model").arg(model_dir()).args(args).output().unwrap()
+}
+
+/// Runs `wizard generate` and returns stdout, asserting success.
+fn check(args: &[&str]) -> String {
+    let output = generate(args);
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+const PROMPT: &str = "def function_7(value):\n";
+
+#[test]
+fn greedy_completion_equals_transformers() {
+    let ours = check(&["--prompt", PROMPT, "--max-new-tokens", "40", "--temperature", "0"]);
+    let theirs = python(HF_GREEDY, &[model_dir().to_str().unwrap(), PROMPT, "40"]);
+    assert!(!ours.is_empty());
+    assert_eq!(ours, theirs);
+}
+
+#[test]
+fn prompt_file_and_stop_sequences() {
+    let full = check(&["--prompt", PROMPT, "--max-new-tokens", "40"]);
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() > 8, "{full:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let expected = &full[..full.find(&stop).unwrap()];
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), PROMPT).unwrap();
+    let stopped = check(&["--prompt-file", file.path().to_str().unwrap(), "--max-new-tokens", "40", "--stop", &stop]);
+    assert_eq!(stopped, expected, "stop {stop:?}");
+}
+
+#[test]
+fn seeds_make_sampling_reproducible() {
+    let sample = |seed: &str| {
+        check(&[
+            "--prompt",
+            PROMPT,
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.95",
+            "--max-new-tokens",
+            "30",
+            "--seed",
+            seed,
+        ])
+    };
+    assert_eq!(sample("7"), sample("7"));
+    assert_ne!(sample("7"), sample("8"));
+    let top_k_1 = check(&["--prompt", PROMPT, "--temperature", "1.0", "--top-k", "1", "--max-new-tokens", "30"]);
+    assert_eq!(top_k_1, check(&["--prompt", PROMPT, "--max-new-tokens", "30"]), "top-k 1 is greedy");
+}
+
+#[test]
+fn bad_requests_are_clear_errors() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--prompt", &"x = 1\n".repeat(60)], "n_positions"),
+        (&["--prompt", "x", "--top-p", "1.5"], "top-p must be in (0, 1]"),
+        (&["--prompt", "x", "--device", "tpu"], "--device \"tpu\""),
+        (&["--prompt", "x", "--dtype", "int8"], "unknown dtype `int8`"),
+        (&["--prompt-file", "/nonexistent/prompt.txt"], "/nonexistent/prompt.txt"),
+    ];
+    for (args, expected) in cases {
+        let output = generate(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(output.stdout.is_empty());
+    }
+    let output =
+        Command::new(WIZARD).args(["generate", "--model", "/nonexistent/model", "--prompt", "x"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/model/tokenizer.json"), "{stderr}");
+}
