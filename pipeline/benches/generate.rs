@@ -1,13 +1,14 @@
 //! Prefill and decode speed of `pipeline::generate` on a model directory, as one JSON line.
 //! Driven by `scripts/bench/generate.py`, which runs transformers on the same model in the same run.
 //!
-//! `cargo bench -p pipeline --bench generate -- MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS`
+//! `cargo bench -p pipeline --bench generate -- MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE]`
+//! (DEVICE `cpu` or `cuda`, DTYPE `float32` or `bfloat16`; defaults cpu, float32).
 use std::path::Path;
 use std::time::Instant;
 
 use pipeline::generate::{generate, GenerateConfig, NoStop, Sampling};
 use pipeline::model::GptBigCode;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -21,13 +22,40 @@ fn peak_rss_mib() -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let [dir, prompt_tokens, new_tokens, threads] = args.as_slice() else {
-        eprintln!("usage: generate MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS");
-        std::process::exit(2);
+    let (dir, prompt_tokens, new_tokens, threads, device, dtype) = match args.as_slice() {
+        [d, p, n, t] => (d, p, n, t, "cpu", "float32"),
+        [d, p, n, t, device] => (d, p, n, t, device.as_str(), "float32"),
+        [d, p, n, t, device, dtype] => (d, p, n, t, device.as_str(), dtype.as_str()),
+        _ => {
+            eprintln!("usage: generate MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE]");
+            std::process::exit(2);
+        }
     };
+    let device = if device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
+    let kind = pipeline::model::parse_dtype(dtype).expect("dtype");
     let (prompt_tokens, new_tokens): (usize, usize) = (prompt_tokens.parse().unwrap(), new_tokens.parse().unwrap());
     tch::set_num_threads(threads.parse().unwrap());
-    let model = GptBigCode::load(Path::new(dir), Kind::Float, Device::Cpu).expect("model loads");
+    // `random:EMBD:LAYERS:HEADS` makes a random StarCoder-shaped model (for machines without transformers).
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = match dir.strip_prefix("random:") {
+        Some(dims) => {
+            let dims: Vec<i64> = dims.split(':').map(|d| d.parse().expect("random:EMBD:LAYERS:HEADS")).collect();
+            let config = pipeline::config::ModelConfig {
+                vocab_size: 49152,
+                n_positions: 2048,
+                n_embd: dims[0],
+                n_layer: dims[1],
+                n_head: dims[2],
+                bos_token_id: Some(0),
+                eos_token_id: Some(0),
+                ..Default::default()
+            };
+            GptBigCode::new(config, Device::Cpu).unwrap().save(scratch.path(), kind).unwrap();
+            scratch.path().to_path_buf()
+        }
+        None => Path::new(dir).to_path_buf(),
+    };
+    let model = GptBigCode::load(&dir, kind, device).expect("model loads");
     let vocab = model.config().vocab_size;
     let prompt: Vec<i64> = (0..prompt_tokens as i64).map(|i| 1 + (i * 7919) % (vocab - 1)).collect();
     let config =
@@ -36,7 +64,9 @@ fn main() {
         tch::no_grad(|| {
             let mut cache = model.new_cache(1, prompt_tokens as i64).unwrap();
             let start = Instant::now();
-            let _ = model.forward_next(&Tensor::from_slice(&prompt).unsqueeze(0), &mut cache).unwrap();
+            let input = Tensor::from_slice(&prompt).unsqueeze(0).to_device(device);
+            let logits = model.forward_next(&input, &mut cache).unwrap();
+            let _ = logits.argmax(-1, false).int64_value(&[0]); // waits for the GPU
             start.elapsed().as_secs_f64()
         })
     };

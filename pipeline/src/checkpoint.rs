@@ -1,12 +1,13 @@
 //! Weights in Hugging Face's safetensors layout: one `model.safetensors`, or shards listed by
-//! `model.safetensors.index.json`. Files are memory-mapped and each tensor is copied once, straight
-//! into its destination dtype and device.
+//! `model.safetensors.index.json`. Reading goes tensor by tensor with positioned reads (no memory
+//! map, so a whole file never counts against peak memory); writing uses the `safetensors` crate.
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::{Dtype, View};
+use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::{PipelineError, Result};
@@ -67,30 +68,75 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
     })
 }
 
-/// Reads every tensor of the model directory, converted to `kind` on `device`.
-pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<HashMap<String, (Tensor, PathBuf)>> {
-    let mut tensors = HashMap::new();
+/// One tensor's entry in a safetensors header.
+#[derive(Deserialize)]
+struct HeaderEntry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+/// Reads a safetensors header: the entries by name, and where the data section starts.
+fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry>, u64)> {
+    let invalid = |message: String| PipelineError::Safetensors { path: path.to_path_buf(), message };
+    let file_len = file.metadata().map_err(|e| PipelineError::io(path, e))?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact_at(&mut len_bytes, 0).map_err(|_| invalid("shorter than its 8-byte header length".into()))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > 100 << 20 || 8 + header_len > file_len {
+        return Err(invalid(format!("header length {header_len} does not fit a file of {file_len} bytes")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8).map_err(|e| PipelineError::io(path, e))?;
+    let mut entries: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
+    entries.remove("__metadata__");
+    let data_start = 8 + header_len;
+    entries
+        .into_iter()
+        .map(|(name, value)| {
+            let entry: HeaderEntry =
+                serde_json::from_value(value).map_err(|e| invalid(format!("header entry `{name}`: {e}")))?;
+            let (begin, end) = entry.data_offsets;
+            let expected = entry.shape.iter().product::<usize>() * entry.dtype.bitsize() / 8;
+            if end < begin || end - begin != expected || data_start + end as u64 > file_len {
+                return Err(PipelineError::Tensor {
+                    path: path.to_path_buf(),
+                    tensor: name,
+                    message: format!(
+                        "bytes {begin}..{end} do not hold shape {:?} of {:?} within the file (truncated?)",
+                        entry.shape, entry.dtype
+                    ),
+                });
+            }
+            Ok((name, entry))
+        })
+        .collect::<Result<_>>()
+        .map(|entries| (entries, data_start))
+}
+
+/// Streams every tensor of the model directory to `visit(name, tensor, file)`, in its stored dtype on
+/// the CPU, in name order, reading one tensor at a time: peak memory is the destination plus about
+/// twice the largest tensor, never a whole file.
+pub fn for_each_tensor(dir: &Path, mut visit: impl FnMut(&str, Tensor, &Path) -> Result<()>) -> Result<()> {
     for path in weight_files(dir)? {
         let file = File::open(&path).map_err(|e| PipelineError::io(&path, e))?;
-        // SAFETY: the map is read-only and dropped before this function returns; a concurrent writer
-        // truncating the file is the one hazard, as with every mmap-based loader.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| PipelineError::io(&path, e))?;
-        let parsed = SafeTensors::deserialize(&mmap)
-            .map_err(|e| PipelineError::Safetensors { path: path.clone(), message: e.to_string() })?;
-        for (name, view) in parsed.tensors() {
+        let (entries, data_start) = read_header(&file, &path)?;
+        for (name, entry) in entries {
             let tensor_error =
                 |message: String| PipelineError::Tensor { path: path.clone(), tensor: name.clone(), message };
-            let source = kind_of(view.dtype())
-                .ok_or_else(|| tensor_error(format!("dtype {:?} is not a floating-point weight type", view.dtype())))?;
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            let tensor = Tensor::f_from_data_size(view.data(), &shape, source)
-                .map_err(|e| tensor_error(e.to_string()))?
-                .to_device(device)
-                .to_kind(kind);
-            tensors.insert(name, (tensor, path.clone()));
+            let kind = kind_of(entry.dtype)
+                .ok_or_else(|| tensor_error(format!("dtype {:?} is not a floating-point weight type", entry.dtype)))?;
+            let (begin, end) = entry.data_offsets;
+            let mut bytes = vec![0u8; end - begin];
+            file.read_exact_at(&mut bytes, data_start + begin as u64).map_err(|e| PipelineError::io(&path, e))?;
+            let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
+            let tensor = Tensor::f_from_data_size(&bytes, &shape, kind).map_err(|e| tensor_error(e.to_string()))?;
+            drop(bytes);
+            visit(&name, tensor, &path)?;
         }
     }
-    Ok(tensors)
+    Ok(())
 }
 
 /// A tensor copied to host memory for writing.

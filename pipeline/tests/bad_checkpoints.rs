@@ -73,7 +73,15 @@ fn corrupt_files() {
             let bytes = std::fs::read(&file).unwrap();
             std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
         },
-        &["model.safetensors", "not a valid safetensors file"],
+        &["model.safetensors", "do not hold shape", "truncated"],
+    );
+    check(
+        |d| std::fs::write(d.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}").unwrap(),
+        &["model.safetensors", "not a valid safetensors file", "header"],
+    );
+    check(
+        |d| std::fs::write(d.join("model.safetensors"), b"\xff\xff\xff\xff\x00\x00\x00\x00").unwrap(),
+        &["model.safetensors", "not a valid safetensors file", "does not fit"],
     );
     check(|d| std::fs::write(d.join("config.json"), "{\"model_type\": ").unwrap(), &["config.json", "line 1"]);
 }

@@ -30,7 +30,8 @@ def create(cases, out):
                 if isinstance(module, torch.nn.Linear) and module.bias is not None:
                     module.bias.normal_(0.0, 0.05)
         directory = f"{out}/{case['name']}"
-        model.save_pretrained(directory, safe_serialization=True)
+        # Some cases are sharded, to exercise model.safetensors.index.json.
+        model.save_pretrained(directory, safe_serialization=True, max_shard_size=case.get("max_shard_size", "5GB"))
         ids = torch.tensor([case["input_ids"]])
         with torch.no_grad():
             logits = model(ids).logits[0].contiguous()
