@@ -220,3 +220,21 @@ fn reduced_precision_round_trips() {
         assert!(diff > 0.0 && diff < 0.1, "{kind:?}: {diff}");
     }
 }
+
+#[test]
+fn batched_samples_equal_separate_runs() {
+    let case = &cases()[1];
+    let model = GptBigCode::load(&case.dir, Kind::Float, Device::Cpu).unwrap();
+    let run = |num_samples: usize, temperature: f64, seed: u64| {
+        let sampling = Sampling { temperature, top_k: Some(50), top_p: Some(0.9), seed };
+        let config = GenerateConfig { max_new_tokens: 24, num_samples, sampling, eos_token_id: None };
+        generate(&model, &case.ids, &config, &mut NoStop).unwrap()
+    };
+    let greedy = run(3, 0.0, 0);
+    assert!(greedy.iter().all(|g| g.tokens == run(1, 0.0, 0)[0].tokens));
+    let batch = run(4, 1.0, 100);
+    for (i, sample) in batch.iter().enumerate() {
+        assert_eq!(sample.tokens, run(1, 1.0, 100 + i as u64)[0].tokens, "sample {i} differs from its own run");
+    }
+    assert_ne!(batch[0].tokens, batch[1].tokens, "different seeds should give different samples");
+}
