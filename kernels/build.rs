@@ -19,10 +19,14 @@ fn main() {
         .include(torch.join("include/torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .flag_if_supported("-Wno-unused-parameter")
-        .file("csrc/runtime.cpp");
+        .file("csrc/runtime.cpp")
+        .file("csrc/collectives.cpp");
     if with_cuda {
         build.define("WIZARD_WITH_CUDA", None).include(&cuda_include);
     }
+    // ProcessGroupGloo.hpp includes gloo's headers, which the wheel does not ship; Debian's
+    // libgloo-dev provides them (scripts/setup.sh installs it). Only declarations are used.
+    build.define("USE_C10D_GLOO", None);
     build.compile("wizard_kernels");
 
     println!("cargo:rustc-env=WIZARD_LIBTORCH_LIB={}", lib.display());

@@ -117,8 +117,18 @@ pip_install() {
     return 1
 }
 
+# Headers that libtorch's c10d headers include but the wheel does not ship (kernels/csrc/collectives.cpp).
+ensure_gloo_headers() {
+    [ -f /usr/include/gloo/algorithm.h ] && return 0
+    command -v apt-get >/dev/null || fail "gloo headers are missing and there is no apt-get" "install gloo's headers (Debian: libgloo-dev) under /usr/include/gloo"
+    say "installing libgloo-dev (gloo headers for the c10d shim)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgloo-dev; } >/dev/null ||
+        fail "apt-get could not install libgloo-dev" "run as root: apt-get update && apt-get install -y libgloo-dev"
+}
+
 ensure_rust
 ensure_python
+ensure_gloo_headers
 fingerprint=$(sha256sum "$requirements" | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fingerprint" ] && "$venv/bin/python" -c "$verify_python_env" 2>/dev/null; then
     link_into_repo

@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod attention;
+pub mod collectives;
 mod error;
 mod ffi;
 pub mod runtime;
