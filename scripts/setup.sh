@@ -126,6 +126,12 @@ ensure_gloo_headers() {
         fail "apt-get could not install libgloo-dev" "run as root: apt-get update && apt-get install -y libgloo-dev"
 }
 
+# Neovim runs the editor test of `wizard serve` (tests/serve.rs); Debian's package is enough.
+if ! command -v nvim >/dev/null; then
+    say "installing neovim"
+    { apt-get install -y neovim || { apt-get update && apt-get install -y neovim; }; } >/dev/null 2>&1 ||
+        fail "could not install neovim" "apt-get install -y neovim (as root)"
+fi
 ensure_rust
 ensure_python
 ensure_gloo_headers

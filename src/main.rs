@@ -1,10 +1,14 @@
 //! The `wizard` command line: parses arguments, sets up logging, and hands each subcommand to the
 //! library crate that does the work. Errors become a message on stderr and a non-zero exit code.
 mod doctor;
+mod eval;
+mod evolve;
 mod generate;
 mod logging;
 mod python;
+mod serve;
 mod tokenizer;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,11 +31,21 @@ struct Cli {
 enum Command {
     /// Check the installation: libtorch, CUDA devices, threads and the Python peers.
     Doctor(doctor::Args),
+    /// HumanEval and MBPP pass@k: generate samples, execute them in a sandbox, score and report.
+    #[command(subcommand)]
+    Eval(eval::Command),
+    /// Evol-Instruct: evolve code instructions over rounds into SQLite (`run`, the default), or read
+    /// a run's `status`, an item's `lineage`, or `export` training JSONL.
+    Evolve(evolve::Args),
     /// Complete a prompt with a model; prints only the completion.
     Generate(generate::Args),
+    /// The language server: editor completions over stdio (or --port), with speculative decoding.
+    Serve(serve::Args),
     /// Train a byte-level BPE tokenizer with StarCoder's special tokens.
     #[command(subcommand)]
     Tokenizer(tokenizer::Command),
+    /// Pretrain with FIM or fine-tune on instructions, alone or data-parallel with ZeRO.
+    Train(train::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,8 +56,12 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(args),
+        Command::Eval(command) => eval::run(command),
+        Command::Evolve(args) => evolve::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Tokenizer(command) => tokenizer::run(command),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,3 +1,55 @@
 //! The language server: the only crate that knows LSP types. Completions come from `pipeline`
 //! generation running on a dedicated inference thread, never on the async runtime.
+//!
+//! - `server`: the protocol edge (tower-lsp-server handlers, llm-ls compatible methods);
+//! - `document`: open documents, edits in UTF-8/16/32 positions, incremental tree-sitter trees;
+//! - `syntax`: whether and how much to complete, and when a completion's block is complete;
+//! - `prompt`: the FIM prompt under a token budget;
+//! - `engine`: the inference thread, cancellation, `catch_unwind` per request;
+//! - `cache`: the LRU of completions and "typed as suggested" reuse.
 #![deny(missing_docs)]
+
+pub mod cache;
+pub mod document;
+pub mod engine;
+pub mod prompt;
+mod server;
+pub mod syntax;
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+pub use engine::{Engine, ModelBackend, ModelPaths, Settings};
+use tower_lsp_server::Server;
+
+/// Starts the inference thread, loading the models on it. A failure to load leaves the server up:
+/// requests answer with the error and the client is shown it.
+pub fn start_engine(paths: ModelPaths) -> Engine {
+    Engine::start(move || {
+        tracing::info!(model = %paths.model.display(), draft = ?paths.draft, "loading");
+        let backend = ModelBackend::load(&paths)?;
+        tracing::info!("model loaded");
+        Ok(Box::new(backend) as Box<dyn engine::CompletionModel>)
+    })
+}
+
+/// Serves one client over stdin/stdout until it exits.
+pub async fn serve_stdio(engine: Engine, settings: Settings) {
+    let (service, socket) = server::service(engine, settings);
+    Server::new(tokio::io::stdin(), tokio::io::stdout(), socket).serve(service).await;
+}
+
+/// Serves clients over TCP on loopback `port`, one session per connection.
+pub async fn serve_tcp(engine: Engine, settings: Settings, port: u16) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        tracing::info!(%peer, "client connected");
+        let (engine, settings) = (engine.clone(), settings.clone());
+        tokio::spawn(async move {
+            let (read, write) = tokio::io::split(stream);
+            let (service, socket) = server::service(engine, settings);
+            Server::new(read, write, socket).serve(service).await;
+        });
+    }
+}

@@ -10,6 +10,8 @@ mod error;
 pub mod generate;
 pub mod kv_cache;
 pub mod model;
+pub mod speculative;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{PipelineError, Result};

@@ -331,13 +331,13 @@ impl GptBigCode {
     /// Logits `[batch, len, vocab]` (fp32) for `input_ids` `[batch, len]`, continuing after what
     /// `cache` holds and appending the new keys and values to it.
     pub fn forward(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(self.head(&self.decode(input_ids, cache)?))
+        Ok(self.head(&self.decode(input_ids, cache)?, true))
     }
 
     /// Logits `[batch, vocab]` of the last position only: what the next token is drawn from.
     /// Skips the vocabulary projection of every earlier position, the bulk of a prefill's cost.
     pub fn forward_next(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(self.head(&self.decode(input_ids, cache)?.select(1, -1)))
+        Ok(self.head(&self.decode(input_ids, cache)?.select(1, -1), true))
     }
 
     fn decode(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
@@ -355,7 +355,7 @@ impl GptBigCode {
         for block in &self.blocks {
             hidden = block.forward(&hidden, None, train);
         }
-        Ok(self.head(&hidden))
+        Ok(self.head(&hidden, false))
     }
 
     /// The SDPA backend the first layer's attention uses for this input after `cache`.
@@ -393,11 +393,14 @@ impl GptBigCode {
         Ok(hidden.dropout(self.embd_pdrop, train))
     }
 
-    fn head(&self, hidden: &Tensor) -> Tensor {
+    /// Vocabulary logits. Decoding may use the transposed copy of a tied head; training must not,
+    /// since gradients have to reach `wte` itself.
+    fn head(&self, hidden: &Tensor, decoding: bool) -> Tensor {
         let hidden = self.ln_f.forward(hidden);
+        let untied_or_decoding = !self.config.tie_word_embeddings || decoding;
         let logits = match &self.lm_head_t {
-            Some(head_t) => hidden.matmul(head_t),
-            None => hidden.linear::<Tensor>(&self.wte, None),
+            Some(head_t) if untied_or_decoding => hidden.matmul(head_t),
+            _ => hidden.linear::<Tensor>(&self.wte, None),
         };
         logits.to_kind(Kind::Float)
     }

@@ -454,6 +454,33 @@ impl Iterator for Documents<'_> {
     }
 }
 
+/// Every document of `inputs` (files, directories walked for `extensions`, JSONL files), in order:
+/// the corpus reader shared by tokenizer training and model training.
+pub(crate) fn read_documents(inputs: &[PathBuf], extensions: &[String]) -> Result<Vec<String>> {
+    let extensions: HashSet<String> = extensions.iter().map(|e| e.to_ascii_lowercase()).collect();
+    let mut sources = Vec::new();
+    for input in inputs {
+        collect_sources(input, &extensions, true, &mut sources)?;
+    }
+    let (mut stats, mut failure) = (Stats::default(), None);
+    let mut ignore = |_: TrainEvent<'_>| {};
+    let documents: Vec<String> = Documents {
+        sources: sources.iter(),
+        jsonl: None,
+        stats: &mut stats,
+        failure: &mut failure,
+        on_event: &mut ignore,
+    }
+    .collect();
+    match failure {
+        Some(error) => Err(error),
+        None if documents.is_empty() => {
+            Err(PipelineError::Invalid(format!("no documents found in {}", display_paths(inputs))))
+        }
+        None => Ok(documents),
+    }
+}
+
 /// One line of a JSONL corpus: the document is `content` (The Stack's name) or else `text`.
 #[derive(Deserialize)]
 struct JsonlLine {

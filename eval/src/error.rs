@@ -1,0 +1,64 @@
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Everything that can go wrong while evaluating. Each variant names the file (and line) or program at fault.
+#[derive(Debug, Error)]
+pub enum EvalError {
+    /// A file could not be read or written.
+    #[error("{path}: {error}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// A line of a JSONL file (samples or benchmark) is malformed: bad JSON, a missing field, an unknown task.
+    #[error("{path}:{line}: {message}")]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A benchmark or samples file is unusable as a whole (wrong format, empty, incomplete).
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The Python interpreter for the sandbox cannot be started or its worker misbehaved.
+    #[error("sandbox python {python}: {message}")]
+    Python {
+        /// The interpreter.
+        python: PathBuf,
+        /// What happened.
+        message: String,
+    },
+    /// The SQLite store failed or belongs to another evaluation.
+    #[error("store {path}: {message}")]
+    Store {
+        /// The database file.
+        path: PathBuf,
+        /// What happened.
+        message: String,
+    },
+    /// Generation failed.
+    #[error("generation: {0}")]
+    Generation(#[from] pipeline::PipelineError),
+    /// An impossible setting (e.g. zero samples).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Results of this crate.
+pub type Result<T, E = EvalError> = std::result::Result<T, E>;
+
+pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> EvalError {
+    let path = path.into();
+    move |error| EvalError::Io { path, error }
+}

@@ -1,0 +1,203 @@
+//! The SQLite store of one evaluation: its samples, each sample's outcome as soon as it is known, and the
+//! scores. A run that is interrupted and started again finds what is done here and does only the rest.
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::{EvalError, Result};
+use crate::samples::Sample;
+use crate::sandbox::{Outcome, Status};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    task_id TEXT NOT NULL, idx INTEGER NOT NULL, completion TEXT NOT NULL, raw TEXT,
+    PRIMARY KEY (task_id, idx));
+CREATE TABLE IF NOT EXISTS results (
+    task_id TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL, result TEXT NOT NULL, seconds REAL NOT NULL,
+    PRIMARY KEY (task_id, idx));
+CREATE TABLE IF NOT EXISTS problems (task_id TEXT PRIMARY KEY, n INTEGER NOT NULL, passed INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS scores (k INTEGER PRIMARY KEY, pass_at_k REAL NOT NULL);
+";
+
+/// An open evaluation database.
+pub struct Store {
+    connection: Connection,
+    path: PathBuf,
+}
+
+/// A sample with its outcome, if it has one.
+pub type Scored = (Sample, Option<Outcome>);
+
+impl Store {
+    /// Opens (or creates) the store of an evaluation of `benchmark`; a store made for another benchmark is
+    /// an error.
+    pub fn open(path: &Path, benchmark: &str) -> Result<Store> {
+        let error = |e: rusqlite::Error| EvalError::Store { path: path.into(), message: e.to_string() };
+        let connection = Connection::open(path).map_err(error)?;
+        connection.busy_timeout(std::time::Duration::from_secs(10)).map_err(error)?;
+        connection.pragma_update(None, "journal_mode", "WAL").map_err(error)?;
+        connection.pragma_update(None, "synchronous", "NORMAL").map_err(error)?;
+        connection.execute_batch(SCHEMA).map_err(error)?;
+        let store = Store { connection, path: path.into() };
+        match store.meta("benchmark")? {
+            Some(found) if found != benchmark => {
+                return Err(store.error(format!("it holds a {found} evaluation, not {benchmark}; use another --db")))
+            }
+            Some(_) => {}
+            None => store.set_meta("benchmark", benchmark)?,
+        }
+        Ok(store)
+    }
+
+    /// Opens an existing store, whatever its benchmark.
+    pub fn open_existing(path: &Path) -> Result<Store> {
+        if !path.is_file() {
+            return Err(EvalError::Store { path: path.into(), message: "no such evaluation store".into() });
+        }
+        let connection =
+            Connection::open(path).map_err(|e| EvalError::Store { path: path.into(), message: e.to_string() })?;
+        let benchmark: Option<String> = connection
+            .query_row("SELECT value FROM meta WHERE key = 'benchmark'", [], |row| row.get(0))
+            .optional()
+            .map_err(|e| EvalError::Store { path: path.into(), message: format!("not an evaluation store ({e})") })?;
+        drop(connection);
+        match benchmark {
+            Some(benchmark) => Store::open(path, &benchmark),
+            None => {
+                Err(EvalError::Store { path: path.into(), message: "not an evaluation store (no benchmark)".into() })
+            }
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn error(&self, message: String) -> EvalError {
+        EvalError::Store { path: self.path.clone(), message }
+    }
+
+    fn sql<T>(&self, result: rusqlite::Result<T>) -> Result<T> {
+        result.map_err(|e| self.error(e.to_string()))
+    }
+
+    /// A metadata value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.sql(self.connection.query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| row.get(0)).optional())
+    }
+
+    /// Sets a metadata value.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.sql(self.connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)", [key, value]))
+            .map(drop)
+    }
+
+    /// Makes the stored samples exactly `samples`: new ones are added, changed ones lose their outcome, and
+    /// ones no longer present are removed. Returns how many outcomes are kept.
+    pub fn replace_samples(&mut self, samples: &[Sample]) -> Result<usize> {
+        let path = self.path.clone();
+        let error = |e: rusqlite::Error| EvalError::Store { path: path.clone(), message: e.to_string() };
+        let tx = self.connection.transaction().map_err(error)?;
+        tx.execute_batch(
+            "CREATE TEMP TABLE incoming (task_id TEXT, idx INTEGER, completion TEXT, PRIMARY KEY (task_id, idx))",
+        )
+        .map_err(error)?;
+        {
+            let mut insert = tx.prepare("INSERT INTO incoming VALUES (?1, ?2, ?3)").map_err(error)?;
+            for sample in samples {
+                insert.execute(params![sample.task_id, sample.index as i64, sample.completion]).map_err(error)?;
+            }
+        }
+        tx.execute_batch(
+            "DELETE FROM results WHERE NOT EXISTS (SELECT 1 FROM incoming i JOIN samples s USING (task_id, idx)
+                 WHERE i.task_id = results.task_id AND i.idx = results.idx AND i.completion = s.completion);
+             DELETE FROM samples;
+             INSERT INTO samples (task_id, idx, completion) SELECT task_id, idx, completion FROM incoming;
+             DROP TABLE temp.incoming;",
+        )
+        .map_err(error)?;
+        let kept = tx.query_row("SELECT COUNT(*) FROM results", [], |row| row.get::<_, i64>(0)).map_err(error)?;
+        tx.commit().map_err(error)?;
+        Ok(kept as usize)
+    }
+
+    /// Adds generated samples of one problem (and the raw model output they were extracted from) at once.
+    pub fn add_samples(&mut self, samples: &[(Sample, String)]) -> Result<()> {
+        let path = self.path.clone();
+        let error = |e: rusqlite::Error| EvalError::Store { path: path.clone(), message: e.to_string() };
+        let tx = self.connection.transaction().map_err(error)?;
+        {
+            let mut insert = tx
+                .prepare("INSERT OR REPLACE INTO samples (task_id, idx, completion, raw) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(error)?;
+            for (sample, raw) in samples {
+                insert.execute(params![sample.task_id, sample.index as i64, sample.completion, raw]).map_err(error)?;
+            }
+        }
+        tx.commit().map_err(error)
+    }
+
+    /// How many samples of `task_id` are stored.
+    pub fn sample_count(&self, task_id: &str) -> Result<usize> {
+        self.sql(
+            self.connection
+                .query_row("SELECT COUNT(*) FROM samples WHERE task_id = ?1", [task_id], |row| row.get::<_, i64>(0)),
+        )
+        .map(|n| n as usize)
+    }
+
+    /// Every sample with its outcome, by task and index.
+    pub fn scored(&self) -> Result<Vec<Scored>> {
+        let mut statement = self.sql(self.connection.prepare(
+            "SELECT s.task_id, s.idx, s.completion, r.status, r.result, r.seconds
+             FROM samples s LEFT JOIN results r USING (task_id, idx) ORDER BY s.rowid",
+        ))?;
+        let rows = statement.query_map([], |row| {
+            let sample =
+                Sample { task_id: row.get(0)?, index: row.get::<_, i64>(1)? as usize, completion: row.get(2)? };
+            let status: Option<String> = row.get(3)?;
+            let outcome = match status {
+                Some(status) => Some(Outcome {
+                    status: match status.as_str() {
+                        "passed" => Status::Passed,
+                        "timed out" => Status::TimedOut,
+                        _ => Status::Failed,
+                    },
+                    result: row.get(4)?,
+                    seconds: row.get(5)?,
+                }),
+                None => None,
+            };
+            Ok((sample, outcome))
+        });
+        let rows = self.sql(rows)?;
+        self.sql(rows.collect())
+    }
+
+    /// Records a sample's outcome (committed at once, so an interruption loses nothing done).
+    pub fn record(&self, sample: &Sample, outcome: &Outcome) -> Result<()> {
+        self.sql(self.connection.execute(
+            "INSERT OR REPLACE INTO results (task_id, idx, status, result, seconds) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![sample.task_id, sample.index as i64, outcome.status.name(), outcome.result, outcome.seconds],
+        ))
+        .map(drop)
+    }
+
+    /// Replaces the per-problem counts and the pass@k scores.
+    pub fn save_scores(&mut self, problems: &[(String, usize, usize)], scores: &[(usize, f64)]) -> Result<()> {
+        let path = self.path.clone();
+        let error = |e: rusqlite::Error| EvalError::Store { path: path.clone(), message: e.to_string() };
+        let tx = self.connection.transaction().map_err(error)?;
+        tx.execute_batch("DELETE FROM problems; DELETE FROM scores;").map_err(error)?;
+        for (task_id, n, passed) in problems {
+            tx.execute("INSERT INTO problems VALUES (?1, ?2, ?3)", params![task_id, *n as i64, *passed as i64])
+                .map_err(error)?;
+        }
+        for (k, value) in scores {
+            tx.execute("INSERT INTO scores VALUES (?1, ?2)", params![*k as i64, value]).map_err(error)?;
+        }
+        tx.commit().map_err(error)
+    }
+}

@@ -1,0 +1,170 @@
+//! The StarCoder fill-in-the-middle prompt, `<fim_prefix>prefix<fim_suffix>suffix<fim_middle>`, built
+//! in token ids under a token budget counted after templating: the FIM tokens always stay; the budget
+//! left is split between the end of the prefix and the start of the suffix (what one side does not
+//! use goes to the other); `<filename>` and snippets of other open files come in when room is left.
+use pipeline::tokenizer::Tokenizer;
+
+/// What goes around the cursor.
+#[derive(Debug, Clone, Default)]
+pub struct PromptParts {
+    /// Text before the cursor (its end matters most).
+    pub prefix: String,
+    /// Text after the cursor (its start matters most).
+    pub suffix: String,
+    /// The document's path, written after `<filename>`.
+    pub filename: Option<String>,
+    /// Other open files: (path, text), most relevant first.
+    pub snippets: Vec<(String, String)>,
+}
+
+/// How the budget is spent.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Most prompt tokens in all.
+    pub tokens: usize,
+    /// Share of the tokens left after the template that the suffix may take.
+    pub suffix_share: f64,
+    /// Whether to use FIM at all (without it: the prefix alone).
+    pub fim: bool,
+}
+
+/// Token ids of the prompt (all within `budget.tokens`, unless the template alone exceeds it).
+pub fn build(tokenizer: &Tokenizer, parts: &PromptParts, budget: Budget) -> pipeline::Result<Vec<i64>> {
+    let special = |name: &str| tokenizer.token_id(name).map(i64::from);
+    let encode =
+        |text: &str| -> pipeline::Result<Vec<i64>> { Ok(tokenizer.encode(text)?.into_iter().map(i64::from).collect()) };
+    let fim = match (special("<fim_prefix>"), special("<fim_suffix>"), special("<fim_middle>")) {
+        (Some(p), Some(s), Some(m)) if budget.fim => Some((p, s, m)),
+        _ => None,
+    };
+    let template = if fim.is_some() { 3 } else { 0 };
+    let mut left = budget.tokens.saturating_sub(template);
+    let filename = match (special("<filename>"), &parts.filename) {
+        (Some(id), Some(name)) => {
+            let mut ids = vec![id];
+            ids.extend(encode(&format!("{name}\n"))?);
+            Some(ids)
+        }
+        _ => None,
+    };
+    let mut prefix = encode(&parts.prefix)?;
+    let mut suffix = if fim.is_some() { encode(&parts.suffix)? } else { Vec::new() };
+    // The suffix's quota, then whatever the prefix leaves.
+    let suffix_quota = ((left as f64) * budget.suffix_share) as usize;
+    let suffix_len = suffix.len().min(suffix_quota.max(left.saturating_sub(prefix.len())));
+    suffix.truncate(suffix_len);
+    left -= suffix_len;
+    if prefix.len() > left {
+        prefix.drain(..prefix.len() - left);
+    }
+    left -= prefix.len();
+    let filename = filename.filter(|ids| ids.len() <= left);
+    left -= filename.as_ref().map_or(0, Vec::len);
+    let mut context = Vec::new();
+    if let (Some(file_id), Some(eos)) = (special("<filename>"), special("<|endoftext|>")) {
+        for (path, text) in &parts.snippets {
+            let mut ids = vec![file_id];
+            ids.extend(encode(&format!("{path}\n"))?);
+            ids.extend(encode(text)?);
+            ids.push(eos);
+            if ids.len() > left {
+                continue;
+            }
+            left -= ids.len();
+            context.extend(ids);
+        }
+    }
+    let mut out = context;
+    match fim {
+        Some((p, s, m)) => {
+            out.push(p);
+            out.extend(filename.unwrap_or_default());
+            out.extend(prefix);
+            out.push(s);
+            out.extend(suffix);
+            out.push(m);
+        }
+        None => {
+            out.extend(filename.unwrap_or_default());
+            out.extend(prefix);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::OnceLock;
+
+    use pipeline::tokenizer::{train, TrainConfig};
+
+    use super::*;
+
+    /// A small tokenizer trained once for the crate's tests.
+    pub(crate) fn tokenizer() -> &'static Tokenizer {
+        static TOKENIZER: OnceLock<(tempfile::TempDir, Tokenizer)> = OnceLock::new();
+        &TOKENIZER
+            .get_or_init(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let corpus = dir.path().join("corpus.py");
+                let code: String = (0..50).map(|i| format!("def f_{i}(x):\n    return x + {i}\n\n")).collect();
+                std::fs::write(&corpus, code).unwrap();
+                train(&TrainConfig::new(vec![corpus], 300), &dir.path().join("tok")).unwrap();
+                let tokenizer = Tokenizer::from_dir(&dir.path().join("tok")).unwrap();
+                (dir, tokenizer)
+            })
+            .1
+    }
+
+    fn check(parts: PromptParts, tokens: usize, expected: &str) {
+        let budget = Budget { tokens, suffix_share: 0.25, fim: true };
+        let ids = build(tokenizer(), &parts, budget).unwrap();
+        assert!(ids.len() <= tokens, "{} tokens over a budget of {tokens}", ids.len());
+        let ids: Vec<u32> = ids.into_iter().map(|id| id as u32).collect();
+        assert_eq!(tokenizer().decode(&ids, false).unwrap(), expected, "budget {tokens}");
+    }
+
+    fn parts(prefix: &str, suffix: &str) -> PromptParts {
+        PromptParts { prefix: prefix.into(), suffix: suffix.into(), ..PromptParts::default() }
+    }
+
+    #[test]
+    fn budgets() {
+        let prefix = "def f_1(x):\n    return x + 1\n\ndef f_2(x):\n    ";
+        let suffix = "\n\ndef f_3(x):\n    return x + 3\n";
+        // Everything fits.
+        check(parts(prefix, suffix), 200, &format!("<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"));
+        // The template alone: never cut.
+        check(parts(prefix, suffix), 3, "<fim_prefix><fim_suffix><fim_middle>");
+        // A tight budget keeps the end of the prefix and the start of the suffix.
+        let ids = |text: &str| tokenizer().encode(text).unwrap().len();
+        let budget = 3 + 12;
+        let ids_prefix =
+            build(tokenizer(), &parts(prefix, suffix), Budget { tokens: budget, suffix_share: 0.25, fim: true })
+                .unwrap();
+        assert_eq!(ids_prefix.len(), budget);
+        let text = tokenizer().decode(&ids_prefix.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap();
+        assert!(text.starts_with("<fim_prefix>") && text.ends_with("<fim_middle>"), "{text}");
+        let (p, s) = text["<fim_prefix>".len()..text.len() - "<fim_middle>".len()].split_once("<fim_suffix>").unwrap();
+        assert!(prefix.ends_with(p) && suffix.starts_with(s), "{p:?} / {s:?}");
+        assert_eq!(ids(s), 3, "a quarter of 12 for the suffix: {s:?}");
+        // A short suffix leaves its share to the prefix.
+        check(parts(prefix, "\n"), ids(prefix) + 4, &format!("<fim_prefix>{prefix}<fim_suffix>\n<fim_middle>"));
+        // Filename and snippets when there is room.
+        let with_context = PromptParts {
+            filename: Some("a.py".into()),
+            snippets: vec![("b.py".into(), "x = 1\n".into())],
+            ..parts("y = ", "")
+        };
+        check(
+            with_context.clone(),
+            200,
+            "<filename>b.py\nx = 1\n<|endoftext|><fim_prefix><filename>a.py\ny = <fim_suffix><fim_middle>",
+        );
+        check(with_context, 3 + ids("y = "), "<fim_prefix>y = <fim_suffix><fim_middle>");
+        // Without FIM: the prefix alone.
+        let ids_plain =
+            build(tokenizer(), &parts(prefix, suffix), Budget { tokens: 100, suffix_share: 0.25, fim: false }).unwrap();
+        assert_eq!(ids_plain.len(), ids(prefix));
+    }
+}

@@ -1,0 +1,490 @@
+//! The LSP edge: tower-lsp-server handlers that convert protocol types to the crate's own (byte
+//! offsets, [`Job`]s) and back. Document state sits behind a mutex that is never held across an
+//! await; completions are computed by the [`Engine`] on its own thread.
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tower_lsp_server::jsonrpc::{Error, ErrorCode, Result};
+use tower_lsp_server::lsp_types::*;
+use tower_lsp_server::{Client, LanguageServer, LspService};
+use tracing::Instrument;
+
+use crate::cache::{Cache, Hit};
+use crate::document::{Document, Encoding};
+use crate::engine::{Engine, EngineError, Job, Settings, Status};
+use crate::prompt::PromptParts;
+use crate::syntax::{decide, Language, Mode};
+
+/// Other open files put in the prompt, and how much of each.
+const SNIPPETS: usize = 3;
+const SNIPPET_BYTES: usize = 1500;
+
+struct State {
+    documents: HashMap<String, (Document, String)>,
+    encoding: Encoding,
+    settings: Settings,
+    cache: Cache,
+    in_flight: HashMap<String, Arc<AtomicBool>>,
+}
+
+/// The language server.
+pub struct Backend {
+    client: Client,
+    engine: Engine,
+    state: Mutex<State>,
+    requests: AtomicU64,
+}
+
+/// Builds the service for one connection.
+pub fn service(engine: Engine, settings: Settings) -> (LspService<Backend>, tower_lsp_server::ClientSocket) {
+    LspService::build(|client| Backend {
+        client,
+        engine,
+        state: Mutex::new(State {
+            documents: HashMap::new(),
+            encoding: Encoding::Utf16,
+            settings,
+            cache: Cache::new(256),
+            in_flight: HashMap::new(),
+        }),
+        requests: AtomicU64::new(0),
+    })
+    .custom_method("textDocument/inlineCompletion", Backend::inline_completion)
+    .custom_method("llm-ls/getCompletions", Backend::get_completions)
+    .custom_method("llm-ls/acceptCompletion", Backend::accept_completion)
+    .custom_method("llm-ls/rejectCompletion", Backend::reject_completion)
+    .finish()
+}
+
+/// Sets the flag when dropped: a request future dropped by `$/cancelRequest` stops its decoding.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Request-specific changes to the settings (llm-ls parameters).
+#[derive(Default)]
+struct Overrides {
+    context_window: Option<usize>,
+    fim: Option<bool>,
+    max_tokens: Option<usize>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+}
+
+/// A completion ready to be turned into protocol items.
+struct Completion {
+    text: String,
+    cursor: Position,
+    word_start: Position,
+    word: String,
+}
+
+fn settings_from(value: &Value, current: &Settings) -> Settings {
+    let value = value.get("wizard").unwrap_or(value);
+    let Some(object) = value.as_object() else {
+        return current.clone();
+    };
+    let mut merged = serde_json::to_value(current).unwrap_or(Value::Null);
+    if let Some(target) = merged.as_object_mut() {
+        for (key, value) in object {
+            target.insert(key.clone(), value.clone());
+        }
+    }
+    match serde_json::from_value(merged) {
+        Ok(settings) => settings,
+        Err(error) => {
+            tracing::warn!("ignoring invalid settings {value}: {error}");
+            current.clone()
+        }
+    }
+}
+
+fn engine_error(error: EngineError) -> Error {
+    match error {
+        EngineError::Cancelled => Error::request_cancelled(),
+        other => Error { code: ErrorCode::InternalError, message: other.to_string().into(), data: None },
+    }
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+fn floor_boundary(text: &str, mut at: usize) -> usize {
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+fn ceil_boundary(text: &str, mut at: usize) -> usize {
+    while !text.is_char_boundary(at) {
+        at += 1;
+    }
+    at
+}
+
+impl Backend {
+    async fn complete_at(&self, uri: &Uri, position: Position, overrides: Overrides) -> Result<Option<Completion>> {
+        let key = uri.as_str().to_string();
+        let (job, full_prefix, suffix, fingerprint, word_start, word, encoding) = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let encoding = state.encoding;
+            let mut settings = state.settings.clone();
+            settings.context_budget = overrides.context_window.unwrap_or(settings.context_budget);
+            settings.max_tokens = overrides.max_tokens.unwrap_or(settings.max_tokens);
+            settings.temperature = overrides.temperature.unwrap_or(settings.temperature);
+            settings.top_p = overrides.top_p.or(settings.top_p);
+            let Some((document, language_id)) = state.documents.get(&key) else {
+                return Err(Error::invalid_params(format!("unknown document {key}")));
+            };
+            if !settings.languages.is_empty() && !settings.languages.contains(language_id) {
+                return Ok(None);
+            }
+            let offset = document
+                .offset((position.line, position.character), encoding)
+                .map_err(|e| Error::invalid_params(e.0))?;
+            let text = document.text();
+            let decision = decide(document.language, text, document.tree(), offset);
+            if decision.mode == Mode::Skip {
+                tracing::debug!("no completion inside a word");
+                return Ok(None);
+            }
+            let window = settings.context_budget.saturating_mul(8).max(64);
+            let prefix_start = ceil_boundary(text, offset.saturating_sub(window));
+            let suffix_end = floor_boundary(text, offset.saturating_add(window).min(text.len()));
+            let word_start_byte = text[..offset].trim_end_matches(is_word_char).len();
+            let word = text[word_start_byte..offset].to_string();
+            let word_start = document.position(word_start_byte, encoding);
+            let snippets = if settings.snippets {
+                state
+                    .documents
+                    .iter()
+                    .filter(|(other, (doc, _))| **other != key && doc.language == document.language)
+                    .take(SNIPPETS)
+                    .map(|(other, (doc, _))| {
+                        let end = floor_boundary(doc.text(), SNIPPET_BYTES.min(doc.text().len()));
+                        (path_of(other), doc.text()[..end].to_string())
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let fim = overrides.fim.unwrap_or(true);
+            let mut hasher = DefaultHasher::new();
+            (fim, settings.max_tokens, settings.context_budget, settings.temperature.to_bits()).hash(&mut hasher);
+            let fingerprint = hasher.finish();
+            let parts = PromptParts {
+                prefix: text[prefix_start..offset].to_string(),
+                suffix: text[offset..suffix_end].to_string(),
+                filename: Some(path_of(&key)),
+                snippets,
+            };
+            let full_prefix = text[..offset].to_string();
+            let suffix = parts.suffix.clone();
+            let language = document.language;
+            let cancel = Arc::new(AtomicBool::new(false));
+            if let Some(previous) = state.in_flight.insert(key.clone(), cancel.clone()) {
+                previous.store(true, Ordering::Relaxed);
+            }
+            if let Some(hit) = state.cache.get(&key, &full_prefix, &suffix, fingerprint) {
+                let text = match hit {
+                    Hit::Exact(text) | Hit::Typed(text) => text,
+                };
+                tracing::info!(cached = true, "completion served from the cache");
+                let cursor = position;
+                return Ok(Some(Completion { text, cursor, word_start: word_start.into_position(), word }));
+            }
+            let job = Job { parts, decision, language, settings, fim, cancel };
+            (job, full_prefix, suffix, fingerprint, word_start, word, encoding)
+        };
+        let _ = encoding;
+        let guard = CancelOnDrop(job.cancel.clone());
+        let result = self.engine.complete(job).await;
+        drop(guard);
+        let output = result.map_err(engine_error)?;
+        let figures = &output.figures;
+        tracing::info!(
+            prompt_tokens = figures.prompt_tokens,
+            tokens = figures.tokens,
+            first_token_ms = figures.first_token_ms,
+            total_ms = figures.total_ms,
+            drafted = figures.drafted,
+            accepted = figures.accepted,
+            "completed"
+        );
+        {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.cache.put(&key, &full_prefix, &suffix, fingerprint, &output.text);
+        }
+        if output.text.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Completion { text: output.text, cursor: position, word_start: word_start.into_position(), word }))
+    }
+
+    fn span(&self, method: &str, uri: &Uri, position: Position) -> tracing::Span {
+        let id = self.requests.fetch_add(1, Ordering::Relaxed);
+        tracing::info_span!(
+            "request",
+            id,
+            method,
+            uri = uri.as_str(),
+            line = position.line,
+            character = position.character
+        )
+    }
+
+    /// `textDocument/inlineCompletion` (LSP 3.18).
+    pub async fn inline_completion(&self, params: InlineCompletionParams) -> Result<Option<InlineCompletionResponse>> {
+        let at = params.text_document_position;
+        let span = self.span("inlineCompletion", &at.text_document.uri, at.position);
+        let completion =
+            self.complete_at(&at.text_document.uri, at.position, Overrides::default()).instrument(span).await?;
+        Ok(completion.map(|c| {
+            InlineCompletionResponse::Array(vec![InlineCompletionItem {
+                insert_text: c.text,
+                filter_text: None,
+                range: Some(Range::new(c.cursor, c.cursor)),
+                command: None,
+                insert_text_format: Some(InsertTextFormat::PLAIN_TEXT),
+            }])
+        }))
+    }
+
+    /// `llm-ls/getCompletions`: llm.nvim and llm-vscode's request.
+    pub async fn get_completions(&self, params: GetCompletionsParams) -> Result<GetCompletionsResult> {
+        let span = self.span("llm-ls/getCompletions", &params.text_document.uri, params.position);
+        let parameters = params.request_body.as_ref().and_then(|body| body.get("parameters").or(Some(body)));
+        let number = |name: &str| parameters.and_then(|p| p.get(name)).and_then(Value::as_f64);
+        let overrides = Overrides {
+            context_window: params.context_window,
+            fim: params.fim.as_ref().map(|fim| fim.enabled),
+            max_tokens: number("max_new_tokens").map(|n| n as usize),
+            temperature: number("temperature"),
+            top_p: number("top_p"),
+        };
+        let completion =
+            self.complete_at(&params.text_document.uri, params.position, overrides).instrument(span).await?;
+        let request_id = format!("wizard-{}", self.requests.load(Ordering::Relaxed));
+        let completions = completion
+            .map(|c| {
+                let mut text = c.text;
+                for token in &params.tokens_to_clear {
+                    text = text.replace(token.as_str(), "");
+                }
+                vec![GeneratedText { generated_text: text }]
+            })
+            .unwrap_or_default();
+        Ok(GetCompletionsResult { request_id, completions })
+    }
+
+    /// `llm-ls/acceptCompletion`: logged.
+    pub async fn accept_completion(&self, params: Value) -> Result<()> {
+        tracing::info!(%params, "completion accepted");
+        Ok(())
+    }
+
+    /// `llm-ls/rejectCompletion`: logged.
+    pub async fn reject_completion(&self, params: Value) -> Result<()> {
+        tracing::info!(%params, "completion rejected");
+        Ok(())
+    }
+}
+
+/// The path of a `file://` URI (for `<filename>`), or the URI itself.
+fn path_of(uri: &str) -> String {
+    uri.strip_prefix("file://").unwrap_or(uri).to_string()
+}
+
+trait IntoPosition {
+    fn into_position(self) -> Position;
+}
+
+impl IntoPosition for (u32, u32) {
+    fn into_position(self) -> Position {
+        Position::new(self.0, self.1)
+    }
+}
+
+/// llm-ls's `fim` parameter.
+#[derive(Debug, Deserialize)]
+pub struct FimParams {
+    /// Whether to fill in the middle (use the suffix).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// llm-ls's `llm-ls/getCompletions` parameters (the ones wizard honours; others are ignored).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GetCompletionsParams {
+    /// The document.
+    pub text_document: TextDocumentIdentifier,
+    /// The cursor.
+    pub position: Position,
+    /// FIM on or off.
+    #[serde(default)]
+    pub fim: Option<FimParams>,
+    /// Prompt budget in tokens.
+    #[serde(default)]
+    pub context_window: Option<usize>,
+    /// Strings removed from the completion.
+    #[serde(default)]
+    pub tokens_to_clear: Vec<String>,
+    /// `{"parameters": {"max_new_tokens", "temperature", "top_p"}}`.
+    #[serde(default)]
+    pub request_body: Option<Value>,
+}
+
+/// One llm-ls completion.
+#[derive(Debug, Serialize)]
+pub struct GeneratedText {
+    /// The text.
+    pub generated_text: String,
+}
+
+/// llm-ls's result (snake_case, as llm-ls writes it).
+#[derive(Debug, Serialize)]
+pub struct GetCompletionsResult {
+    /// An id for accept/reject.
+    pub request_id: String,
+    /// Zero or one completion.
+    pub completions: Vec<GeneratedText>,
+}
+
+impl LanguageServer for Backend {
+    async fn initialize(&self, params: InitializeParams) -> Result<InitializeResult> {
+        let offered = params.capabilities.general.and_then(|general| general.position_encodings).unwrap_or_default();
+        let encoding = offered
+            .iter()
+            .find_map(|kind| match kind.as_str() {
+                "utf-8" => Some(Encoding::Utf8),
+                "utf-16" => Some(Encoding::Utf16),
+                "utf-32" => Some(Encoding::Utf32),
+                _ => None,
+            })
+            .unwrap_or(Encoding::Utf16);
+        {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.encoding = encoding;
+            if let Some(options) = &params.initialization_options {
+                state.settings = settings_from(options, &state.settings);
+            }
+            tracing::info!(?encoding, settings = ?state.settings, "initialized");
+        }
+        let kind = match encoding {
+            Encoding::Utf8 => PositionEncodingKind::UTF8,
+            Encoding::Utf16 => PositionEncodingKind::UTF16,
+            Encoding::Utf32 => PositionEncodingKind::UTF32,
+        };
+        Ok(InitializeResult {
+            capabilities: ServerCapabilities {
+                position_encoding: Some(kind),
+                text_document_sync: Some(TextDocumentSyncCapability::Kind(TextDocumentSyncKind::INCREMENTAL)),
+                completion_provider: Some(CompletionOptions::default()),
+                inline_completion_provider: Some(OneOf::Left(true)),
+                ..ServerCapabilities::default()
+            },
+            server_info: Some(ServerInfo { name: "wizard".into(), version: Some(env!("CARGO_PKG_VERSION").into()) }),
+            offset_encoding: None,
+        })
+    }
+
+    async fn initialized(&self, _: InitializedParams) {
+        let engine = self.engine.clone();
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            if let Status::Failed(message) = engine.ready().await {
+                client.show_message(MessageType::ERROR, format!("wizard: the model did not load: {message}")).await;
+            }
+        });
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn did_open(&self, params: DidOpenTextDocumentParams) {
+        let item = params.text_document;
+        let language = Language::detect(&item.language_id, item.uri.as_str());
+        let document = Document::new(item.text, language, item.version);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.documents.insert(item.uri.as_str().to_string(), (document, item.language_id));
+    }
+
+    async fn did_change(&self, params: DidChangeTextDocumentParams) {
+        let key = params.text_document.uri.as_str().to_string();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let encoding = state.encoding;
+        let Some((document, _)) = state.documents.get_mut(&key) else {
+            tracing::warn!("change to unknown document {key}");
+            return;
+        };
+        document.version = params.text_document.version;
+        for change in params.content_changes {
+            match change.range {
+                Some(range) => document.edit(
+                    (range.start.line, range.start.character),
+                    (range.end.line, range.end.character),
+                    &change.text,
+                    encoding,
+                ),
+                None => document.replace_all(change.text),
+            }
+        }
+    }
+
+    async fn did_close(&self, params: DidCloseTextDocumentParams) {
+        let key = params.text_document.uri.as_str().to_string();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.documents.remove(&key);
+        state.cache.close(&key);
+        if let Some(flag) = state.in_flight.remove(&key) {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
+    async fn did_change_configuration(&self, params: DidChangeConfigurationParams) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.settings = settings_from(&params.settings, &state.settings);
+        tracing::info!(settings = ?state.settings, "configuration changed");
+    }
+
+    async fn completion(&self, params: CompletionParams) -> Result<Option<CompletionResponse>> {
+        let at = params.text_document_position;
+        let span = self.span("completion", &at.text_document.uri, at.position);
+        let completion =
+            self.complete_at(&at.text_document.uri, at.position, Overrides::default()).instrument(span).await?;
+        Ok(completion.map(|c| {
+            let new_text = format!("{}{}", c.word, c.text);
+            let label: String =
+                new_text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().chars().take(60).collect();
+            CompletionResponse::Array(vec![CompletionItem {
+                label,
+                kind: Some(CompletionItemKind::TEXT),
+                detail: Some("wizard".into()),
+                preselect: Some(true),
+                filter_text: Some(new_text.clone()),
+                insert_text_format: Some(InsertTextFormat::PLAIN_TEXT),
+                text_edit: Some(CompletionTextEdit::Edit(TextEdit {
+                    range: Range::new(c.word_start, c.cursor),
+                    new_text,
+                })),
+                ..CompletionItem::default()
+            }])
+        }))
+    }
+}

@@ -1,0 +1,537 @@
+//! Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
+//! Decoding"): a cheap drafter proposes `gamma` tokens, the target scores all of them in one pass,
+//! and each is accepted with probability `min(1, p/q)`; on the first rejection the token is drawn
+//! from `norm(max(0, p - q))`, and when all are accepted one more comes from the target for free.
+//! The output has exactly the target's distribution (greedy: exactly the target's greedy tokens).
+//!
+//! Drafters: a smaller model with the same tokenizer, or prompt lookup (the tokens that followed the
+//! last occurrence of the current n-gram earlier in the sequence: a point-mass draft, free to make).
+//! Both KV caches hold every token but the newest; a rejection rolls them back with `truncate`.
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tch::{Device, Kind, Tensor};
+
+use crate::generate::{Finish, Generation, Sampling, StopCriterion};
+use crate::kv_cache::KvCache;
+use crate::model::GptBigCode;
+use crate::{PipelineError, Result};
+
+/// Where draft tokens come from.
+pub enum Drafter<'m> {
+    /// No drafting: one target pass per token (the baseline).
+    None,
+    /// A smaller model sharing the target's tokenizer.
+    Model(&'m GptBigCode),
+    /// Prompt lookup: continue the latest earlier match of the last `max_ngram` (down to 1) tokens.
+    PromptLookup {
+        /// The longest n-gram to match.
+        max_ngram: usize,
+    },
+}
+
+/// What to generate and how hard to speculate.
+#[derive(Debug, Clone)]
+pub struct SpeculativeConfig {
+    /// Most tokens to add.
+    pub max_new_tokens: usize,
+    /// Token picking; the output follows the target's distribution under these warpers.
+    pub sampling: Sampling,
+    /// Stop when this token is produced (not included in the output).
+    pub eos_token_id: Option<i64>,
+    /// Draft tokens per step at the start.
+    pub gamma: usize,
+    /// Upper bound of the adaptive gamma.
+    pub max_gamma: usize,
+    /// Grow gamma by 2 after a fully accepted draft, shrink it by 1 after a rejection.
+    pub adaptive: bool,
+}
+
+impl Default for SpeculativeConfig {
+    fn default() -> Self {
+        SpeculativeConfig {
+            max_new_tokens: 64,
+            sampling: Sampling::greedy(),
+            eos_token_id: None,
+            gamma: 4,
+            max_gamma: 12,
+            adaptive: true,
+        }
+    }
+}
+
+/// Counters of one generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpeculativeStats {
+    /// Forward passes of the target model (prefill included).
+    pub target_passes: usize,
+    /// Forward passes of the draft model (prefill included).
+    pub draft_passes: usize,
+    /// Draft tokens proposed.
+    pub drafted: usize,
+    /// Draft tokens accepted.
+    pub accepted: usize,
+}
+
+impl SpeculativeStats {
+    /// Accepted / drafted (0 when nothing was drafted).
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
+    }
+}
+
+/// One sequence's new tokens and the drafting counters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpeculativeGeneration {
+    /// Tokens and why they ended.
+    pub generation: Generation,
+    /// Drafting figures.
+    pub stats: SpeculativeStats,
+}
+
+/// Generates up to `max_new_tokens` after `prompt` with the target model, drafting with `drafter`.
+/// `stop` sees every accepted token one at a time, so it can end (or cancel) within one step.
+pub fn generate(
+    target: &GptBigCode,
+    drafter: &Drafter,
+    prompt: &[i64],
+    config: &SpeculativeConfig,
+    stop: &mut dyn StopCriterion,
+) -> Result<SpeculativeGeneration> {
+    let sampling = &config.sampling;
+    if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
+        return Err(PipelineError::Invalid(format!("temperature must be >= 0, got {}", sampling.temperature)));
+    }
+    if prompt.is_empty() {
+        return Err(PipelineError::Invalid("the prompt is empty".into()));
+    }
+    let mut context = target.config().n_positions;
+    if let Drafter::Model(draft) = drafter {
+        if draft.config().vocab_size != target.config().vocab_size {
+            return Err(PipelineError::Invalid(format!(
+                "the draft model's vocabulary ({}) differs from the target's ({})",
+                draft.config().vocab_size,
+                target.config().vocab_size
+            )));
+        }
+        context = context.min(draft.config().n_positions);
+    }
+    if prompt.len() as i64 >= context {
+        return Err(PipelineError::Invalid(format!(
+            "the prompt has {} tokens; the context (n_positions) is {context}",
+            prompt.len()
+        )));
+    }
+    let capacity = (prompt.len() + config.max_new_tokens + config.max_gamma + 1).min(context as usize) as i64;
+    tch::no_grad(|| {
+        let mut state = State {
+            target,
+            target_cache: target.new_cache(1, capacity)?,
+            draft_cache: match drafter {
+                Drafter::Model(draft) => Some(draft.new_cache(1, capacity)?),
+                _ => None,
+            },
+            seq: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            rng: StdRng::seed_from_u64(sampling.seed),
+            stats: SpeculativeStats::default(),
+        };
+        // Prefill everything but the newest token: each step feeds what the caches lack.
+        if prompt.len() > 1 {
+            let head = state.ids(&prompt[..prompt.len() - 1], target.device());
+            let _ = target.forward_next(&head, &mut state.target_cache)?;
+            state.stats.target_passes += 1;
+            if let (Drafter::Model(draft), Some(cache)) = (drafter, state.draft_cache.as_mut()) {
+                let _ = draft.forward_next(&head.to_device(draft.device()), cache)?;
+                state.stats.draft_passes += 1;
+            }
+        }
+        let mut gamma = config.gamma;
+        let finish = loop {
+            let generated = state.seq.len() - state.prompt_len;
+            let room = (capacity as usize).saturating_sub(state.seq.len());
+            if generated >= config.max_new_tokens || room == 0 {
+                break Finish::Length;
+            }
+            let budget = gamma.min(config.max_new_tokens - generated - 1).min(room - 1);
+            let draft = state.draft(drafter, budget, sampling)?;
+            let full = !draft.tokens.is_empty() && draft.tokens.len() == budget;
+            let (accepted, next) = state.verify(&draft, sampling)?;
+            if config.adaptive && !draft.tokens.is_empty() {
+                gamma = if accepted == draft.tokens.len() && full {
+                    (gamma + 2).min(config.max_gamma)
+                } else {
+                    gamma.saturating_sub(1).max(1)
+                };
+            }
+            let mut new = draft.tokens[..accepted].to_vec();
+            new.push(next);
+            if let Some(finish) = state.append(&new, config, stop) {
+                break finish;
+            }
+        };
+        let tokens = state.seq[state.prompt_len..].to_vec();
+        Ok(SpeculativeGeneration { generation: Generation { tokens, finish }, stats: state.stats })
+    })
+}
+
+/// Draft tokens and, for a model drafter, the distribution each was drawn from.
+struct Draft {
+    tokens: Vec<i64>,
+    /// `q_i` per token (warped probabilities); `None` for a point-mass draft (prompt lookup).
+    probs: Option<Vec<Vec<f64>>>,
+}
+
+struct State<'m> {
+    target: &'m GptBigCode,
+    target_cache: KvCache,
+    draft_cache: Option<KvCache>,
+    seq: Vec<i64>,
+    prompt_len: usize,
+    rng: StdRng,
+    stats: SpeculativeStats,
+}
+
+impl State<'_> {
+    fn ids(&self, ids: &[i64], device: Device) -> Tensor {
+        Tensor::from_slice(ids).to_device(device).unsqueeze(0)
+    }
+
+    fn draft(&mut self, drafter: &Drafter, budget: usize, sampling: &Sampling) -> Result<Draft> {
+        if budget == 0 {
+            return Ok(Draft { tokens: Vec::new(), probs: None });
+        }
+        match drafter {
+            Drafter::None => Ok(Draft { tokens: Vec::new(), probs: None }),
+            Drafter::PromptLookup { max_ngram } => {
+                let tokens = prompt_lookup(&self.seq, *max_ngram, budget);
+                self.stats.drafted += tokens.len();
+                Ok(Draft { tokens, probs: None })
+            }
+            Drafter::Model(model) => {
+                let cache = self.draft_cache.as_mut().expect("a model drafter has a cache");
+                let mut tokens = Vec::with_capacity(budget);
+                let mut probs = Vec::with_capacity(budget);
+                let mut feed = self.seq[cache.len() as usize..].to_vec();
+                for i in 0..budget {
+                    let input = Tensor::from_slice(&feed).to_device(model.device()).unsqueeze(0);
+                    let logits = row(&model.forward_next(&input, cache)?)?;
+                    self.stats.draft_passes += 1;
+                    let q = warped_probs(&logits, sampling);
+                    let token = draw(&q, &mut self.rng) as i64;
+                    tokens.push(token);
+                    probs.push(q);
+                    if i + 1 < budget {
+                        feed = vec![token];
+                    }
+                }
+                self.stats.drafted += tokens.len();
+                Ok(Draft { tokens, probs: Some(probs) })
+            }
+        }
+    }
+
+    /// Scores the draft in one target pass; returns how many draft tokens are kept and the token
+    /// after them (the correction, or the bonus token when all are kept). Rolls the caches back.
+    fn verify(&mut self, draft: &Draft, sampling: &Sampling) -> Result<(usize, i64)> {
+        let base = self.seq.len();
+        let mut feed = self.seq[self.target_cache.len() as usize..].to_vec();
+        let fed_before = feed.len();
+        feed.extend_from_slice(&draft.tokens);
+        let input = self.ids(&feed, self.target.device());
+        let logits = self.target.forward(&input, &mut self.target_cache)?;
+        self.stats.target_passes += 1;
+        // Rows fed_before-1 .. end: p_1 .. p_{gamma+1}.
+        let rows = logits.get(0).narrow(0, fed_before as i64 - 1, draft.tokens.len() as i64 + 1);
+        let rows = rows_to_vec(&rows)?;
+        let mut accepted = 0;
+        let mut next = None;
+        for (i, &token) in draft.tokens.iter().enumerate() {
+            let p = warped_probs(&rows[i], sampling);
+            let t = token as usize;
+            if sampling.temperature == 0.0 {
+                let best = argmax(&rows[i]);
+                if best == t {
+                    accepted += 1;
+                    continue;
+                }
+                next = Some(best as i64);
+                break;
+            }
+            let q_t = draft.probs.as_ref().map_or(1.0, |probs| probs[i][t]);
+            let ratio = if q_t > 0.0 { p[t] / q_t } else { 1.0 };
+            if self.rng.random::<f64>() < ratio.min(1.0) {
+                accepted += 1;
+                continue;
+            }
+            // Rejected: draw from norm(max(0, p - q)).
+            let residual: Vec<f64> = match &draft.probs {
+                Some(probs) => p.iter().zip(&probs[i]).map(|(p, q)| (p - q).max(0.0)).collect(),
+                None => p.iter().enumerate().map(|(j, &p)| if j == t { 0.0 } else { p }).collect(),
+            };
+            let total: f64 = residual.iter().sum();
+            next = Some(if total > 0.0 { draw(&residual, &mut self.rng) } else { draw(&p, &mut self.rng) } as i64);
+            break;
+        }
+        let next = match next {
+            Some(token) => token,
+            None => {
+                let last = &rows[draft.tokens.len()];
+                if sampling.temperature == 0.0 {
+                    argmax(last) as i64
+                } else {
+                    draw(&warped_probs(last, sampling), &mut self.rng) as i64
+                }
+            }
+        };
+        self.stats.accepted += accepted;
+        // Both caches keep everything but the newest token: base + accepted positions.
+        let keep = (base + accepted) as i64;
+        self.target_cache.truncate(keep);
+        if let Some(cache) = self.draft_cache.as_mut() {
+            cache.truncate(keep);
+        }
+        Ok((accepted, next))
+    }
+
+    /// Appends tokens one at a time, asking `stop` after each; returns why generation ended, if it did.
+    fn append(&mut self, new: &[i64], config: &SpeculativeConfig, stop: &mut dyn StopCriterion) -> Option<Finish> {
+        for &token in new {
+            if Some(token) == config.eos_token_id {
+                return Some(Finish::Eos);
+            }
+            self.seq.push(token);
+            if stop.should_stop(0, &self.seq[self.prompt_len..]) {
+                return Some(Finish::Stop);
+            }
+            if self.seq.len() - self.prompt_len >= config.max_new_tokens {
+                return Some(Finish::Length);
+            }
+        }
+        None
+    }
+}
+
+/// The tokens that followed the latest earlier occurrence of the sequence's last n tokens, for the
+/// largest `n <= max_ngram` that has one; at most `budget` of them.
+pub fn prompt_lookup(seq: &[i64], max_ngram: usize, budget: usize) -> Vec<i64> {
+    for n in (1..=max_ngram.min(seq.len().saturating_sub(1))).rev() {
+        let tail = &seq[seq.len() - n..];
+        // Latest start first; the match must end before the tail begins to propose anything.
+        for start in (0..seq.len() - n).rev() {
+            if &seq[start..start + n] == tail {
+                let from = start + n;
+                let end = (from + budget).min(seq.len());
+                if from < end {
+                    return seq[from..end].to_vec();
+                }
+            }
+        }
+    }
+    Vec::new()
+}
+
+fn row(logits: &Tensor) -> Result<Vec<f32>> {
+    Ok(Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).reshape([-1]))?)
+}
+
+fn rows_to_vec(rows: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let (n, vocab) = rows.size2()?;
+    let flat = row(rows)?;
+    Ok((0..n as usize).map(|i| flat[i * vocab as usize..(i + 1) * vocab as usize].to_vec()).collect())
+}
+
+fn argmax(row: &[f32]) -> usize {
+    // The first maximum, as torch's argmax picks.
+    let mut best = 0;
+    for (i, &value) in row.iter().enumerate() {
+        if value > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The distribution `generate` samples from: temperature, then top-k, then top-p, renormalised.
+/// Greedy (temperature 0) is a point mass on the argmax.
+pub fn warped_probs(logits: &[f32], sampling: &Sampling) -> Vec<f64> {
+    let mut probs = vec![0.0; logits.len()];
+    if sampling.temperature == 0.0 {
+        probs[argmax(logits)] = 1.0;
+        return probs;
+    }
+    let mut candidates: Vec<(usize, f64)> =
+        logits.iter().enumerate().map(|(i, &l)| (i, f64::from(l) / sampling.temperature)).collect();
+    candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if let Some(k) = sampling.top_k {
+        candidates.truncate(k.max(1));
+    }
+    let max = candidates[0].1;
+    let mut total = 0.0;
+    for candidate in candidates.iter_mut() {
+        candidate.1 = (candidate.1 - max).exp();
+        total += candidate.1;
+    }
+    if let Some(p) = sampling.top_p {
+        let mut cumulative = 0.0;
+        let keep = candidates
+            .iter()
+            .position(|c| {
+                cumulative += c.1 / total;
+                cumulative >= p
+            })
+            .map_or(candidates.len(), |last| last + 1);
+        candidates.truncate(keep);
+        total = candidates.iter().map(|c| c.1).sum();
+    }
+    for (token, weight) in candidates {
+        probs[token] = weight / total;
+    }
+    probs
+}
+
+/// Draws an index with probability proportional to `weights`.
+fn draw(weights: &[f64], rng: &mut StdRng) -> usize {
+    let total: f64 = weights.iter().sum();
+    let mut left = rng.random::<f64>() * total;
+    let mut last = 0;
+    for (i, &w) in weights.iter().enumerate() {
+        if w <= 0.0 {
+            continue;
+        }
+        last = i;
+        left -= w;
+        if left <= 0.0 {
+            return i;
+        }
+    }
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::generate::{generate as plain_generate, GenerateConfig, NoStop};
+
+    fn model(seed: i64, layers: i64, embd: i64, vocab: i64, std: f64) -> GptBigCode {
+        tch::manual_seed(seed);
+        let config = ModelConfig {
+            vocab_size: vocab,
+            n_positions: 256,
+            n_embd: embd,
+            n_layer: layers,
+            n_head: 2,
+            initializer_range: std,
+            bos_token_id: Some(0),
+            eos_token_id: Some(0),
+            ..ModelConfig::default()
+        };
+        GptBigCode::new(config, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn prompt_lookup_continues_the_latest_match() {
+        let check = |seq: &[i64], expected: &[i64]| assert_eq!(prompt_lookup(seq, 3, 4), expected, "{seq:?}");
+        check(&[1, 2, 3, 4, 5, 1, 2, 3], &[4, 5, 1, 2]);
+        check(&[1, 2, 9, 1, 2, 7, 1, 2], &[7, 1, 2]);
+        check(&[5, 6, 7], &[]);
+        check(&[4, 4], &[4]);
+        check(&[], &[]);
+    }
+
+    /// Greedy speculative output equals greedy target-only output, for every drafter.
+    #[test]
+    fn greedy_output_is_the_targets() {
+        let target = model(1, 3, 64, 97, 0.3);
+        let draft = model(2, 1, 32, 97, 0.3);
+        let prompts: [&[i64]; 3] = [&[5, 6, 7, 8, 5, 6, 7], &[1], &[10, 20, 30, 40, 50, 60, 10, 20]];
+        for prompt in prompts {
+            let plain =
+                GenerateConfig { max_new_tokens: 40, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
+            let expected = plain_generate(&target, prompt, &plain, &mut NoStop).unwrap().remove(0).tokens;
+            for drafter in [Drafter::None, Drafter::Model(&draft), Drafter::PromptLookup { max_ngram: 3 }] {
+                let config = SpeculativeConfig { max_new_tokens: 40, ..SpeculativeConfig::default() };
+                let out = generate(&target, &drafter, prompt, &config, &mut NoStop).unwrap();
+                assert_eq!(out.generation.tokens, expected, "prompt {prompt:?}, stats {:?}", out.stats);
+            }
+        }
+        // A draft equal to the target is always accepted.
+        let config = SpeculativeConfig { max_new_tokens: 30, ..SpeculativeConfig::default() };
+        let out = generate(&target, &Drafter::Model(&target), &[3, 4], &config, &mut NoStop).unwrap();
+        assert_eq!(out.stats.acceptance_rate(), 1.0, "{:?}", out.stats);
+        assert!(out.stats.target_passes < 15, "{:?}", out.stats);
+    }
+
+    /// Pearson's chi-square statistic of `counts` against `probs` over `n` draws, merging cells
+    /// with fewer than 5 expected draws into one.
+    fn chi_square(counts: &[usize], probs: &[f64], n: usize) -> (f64, usize) {
+        let (mut stat, mut cells, mut rest_count, mut rest_expected) = (0.0, 0, 0.0, 0.0);
+        for (&count, &p) in counts.iter().zip(probs) {
+            let expected = p * n as f64;
+            if expected < 5.0 {
+                rest_count += count as f64;
+                rest_expected += expected;
+            } else {
+                stat += (count as f64 - expected).powi(2) / expected;
+                cells += 1;
+            }
+        }
+        if rest_expected > 0.0 {
+            stat += (rest_count - rest_expected).powi(2) / rest_expected.max(1e-9);
+            cells += 1;
+        }
+        (stat, cells - 1)
+    }
+
+    /// Sampled speculative tokens follow the target's distribution: the joint distribution of the
+    /// first two tokens, over many seeds, passes a chi-square test against the exact target one.
+    #[test]
+    fn sampled_tokens_follow_the_targets_distribution() {
+        let vocab = 6;
+        let target = model(3, 2, 32, vocab, 1.0);
+        let draft = model(4, 1, 16, vocab, 1.0);
+        let sampling = Sampling { temperature: 1.0, top_k: None, top_p: None, seed: 0 };
+        // A repeating prompt, so that prompt lookup drafts too.
+        let prompt = [1i64, 2, 3, 1, 2];
+        // Exact p(a, b) = p(a | prompt) p(b | prompt, a).
+        let probs_after = |seq: &[i64]| -> Vec<f64> {
+            let logits = target.forward_full(&Tensor::from_slice(seq).unsqueeze(0), false).unwrap();
+            warped_probs(&row(&logits.get(0).get(-1)).unwrap(), &sampling)
+        };
+        let first = probs_after(&prompt);
+        let mut joint = Vec::new();
+        for a in 0..vocab {
+            let mut seq = prompt.to_vec();
+            seq.push(a);
+            let second = probs_after(&seq);
+            joint.extend(second.iter().map(|pb| first[a as usize] * pb));
+        }
+        let n = 3000;
+        for drafter in [Drafter::Model(&draft), Drafter::PromptLookup { max_ngram: 2 }] {
+            let mut counts = vec![0; joint.len()];
+            let mut stats = SpeculativeStats::default();
+            for seed in 0..n {
+                let config = SpeculativeConfig {
+                    // Four tokens, so three are drafted at once; the first two are counted.
+                    max_new_tokens: 4,
+                    sampling: Sampling { seed: seed as u64, ..sampling.clone() },
+                    gamma: 3,
+                    ..SpeculativeConfig::default()
+                };
+                let out = generate(&target, &drafter, &prompt, &config, &mut NoStop).unwrap();
+                let t = &out.generation.tokens;
+                counts[(t[0] * vocab + t[1]) as usize] += 1;
+                stats.drafted += out.stats.drafted;
+                stats.accepted += out.stats.accepted;
+            }
+            let (stat, dof) = chi_square(&counts, &joint, n);
+            // 99.9th percentile of chi-square with up to 35 degrees of freedom is below 67.
+            assert!(stat < 67.0, "chi-square {stat:.1} with {dof} dof; counts {counts:?}");
+            assert!(stats.drafted > 0 && stats.accepted > 0, "{stats:?}");
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The training loop: micro-batches with gradient accumulation, loss normalised by the global count
+//! of target tokens (so any rank count gives the same update), AdamW with ZeRO sharding, a cosine
+//! schedule with warmup, gradient clipping, metrics, eval loss and atomic, resumable checkpoints.
+pub mod data;
+pub mod fim;
+pub mod zero;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kernels::collectives::ProcessGroup;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::model::GptBigCode;
+use crate::{PipelineError, Result};
+use data::{Dataset, Example, IGNORE};
+use zero::{AdamW, MemoryReport, ZeroOptimizer};
+
+/// Loop settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoopConfig {
+    /// Optimizer steps in total.
+    pub steps: usize,
+    /// Sequences per micro-batch on each rank.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: usize,
+    /// The cosine decays to `lr * min_lr_ratio`.
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay (not on biases and LayerNorms).
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub max_grad_norm: f64,
+    /// Seeds dropout, per step.
+    pub seed: u64,
+    /// Save (and evaluate) every this many steps, and at the end.
+    pub save_every: usize,
+    /// ZeRO stage.
+    pub zero: u8,
+}
+
+/// Learning rate at `step` (0-based): linear warmup, then cosine to `min_lr_ratio * lr`.
+pub fn learning_rate(config: &LoopConfig, step: usize) -> f64 {
+    if step < config.warmup_steps {
+        return config.lr * (step + 1) as f64 / config.warmup_steps as f64;
+    }
+    let decay_steps = config.steps.saturating_sub(config.warmup_steps).max(1);
+    let progress = ((step - config.warmup_steps) as f64 / decay_steps as f64).min(1.0);
+    let floor = config.lr * config.min_lr_ratio;
+    floor + (config.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// Where this process sits in the data-parallel group.
+pub struct Rank {
+    /// The c10d group, absent when training alone.
+    pub group: Option<ProcessGroup>,
+    /// This rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+}
+
+impl Rank {
+    /// Training alone.
+    pub fn single() -> Rank {
+        Rank { group: None, rank: 0, world: 1 }
+    }
+
+    fn barrier(&self) -> Result<()> {
+        match &self.group {
+            Some(group) => Ok(group.barrier()?),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One optimizer step, as logged to `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// 1-based step.
+    pub step: usize,
+    /// Mean loss over the global batch's target tokens.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Target tokens per second across all ranks.
+    pub tokens_per_s: f64,
+    /// Model FLOPs utilisation against the measured matmul peak.
+    pub mfu: f64,
+    /// Held-out loss, on steps that save.
+    pub eval_loss: Option<f64>,
+}
+
+/// What the trainer saves beside the weights, to resume exactly.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Steps completed.
+    pub step: usize,
+    /// Ranks that wrote the checkpoint.
+    pub world: usize,
+    /// The loop settings.
+    pub config: LoopConfig,
+}
+
+/// The newest complete checkpoint under `out`, if any.
+pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
+    let pointer = out.join("latest");
+    match std::fs::read_to_string(&pointer) {
+        Ok(name) => Ok(Some(out.join("checkpoints").join(name.trim()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(PipelineError::io(pointer, e)),
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let partial = path.with_extension("partial");
+    let mut file = std::fs::File::create(&partial).map_err(|e| PipelineError::io(&partial, e))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(|e| PipelineError::io(&partial, e))?;
+    std::fs::rename(&partial, path).map_err(|e| PipelineError::io(path, e))
+}
+
+fn batch(examples: &[Example], start: usize, size: usize) -> (Tensor, Tensor) {
+    let picked: Vec<&Example> = (0..size).map(|i| &examples[(start + i) % examples.len()]).collect();
+    let seq = picked[0].input.len() as i64;
+    let input: Vec<i64> = picked.iter().flat_map(|e| e.input.iter().copied()).collect();
+    let labels: Vec<i64> = picked.iter().flat_map(|e| e.labels.iter().copied()).collect();
+    (Tensor::from_slice(&input).view([size as i64, seq]), Tensor::from_slice(&labels).view([size as i64, seq]))
+}
+
+fn target_tokens(examples: &[Example], start: usize, size: usize) -> usize {
+    (0..size).map(|i| examples[(start + i) % examples.len()].labels.iter().filter(|&&l| l != IGNORE).count()).sum()
+}
+
+fn loss_sum(model: &GptBigCode, input: &Tensor, labels: &Tensor, train: bool) -> Result<Tensor> {
+    let logits = model.forward_full(input, train)?;
+    let vocab = logits.size()[2];
+    Ok(logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::Sum, IGNORE, 0.0))
+}
+
+/// Mean loss over the held-out sequences.
+pub fn eval_loss(model: &GptBigCode, examples: &[Example], batch_size: usize) -> Result<f64> {
+    tch::no_grad(|| {
+        let (mut total, mut tokens) = (0.0, 0usize);
+        for start in (0..examples.len()).step_by(batch_size) {
+            let size = batch_size.min(examples.len() - start);
+            let (input, labels) = batch(examples, start, size);
+            total += loss_sum(model, &input, &labels, false)?.double_value(&[]);
+            tokens += target_tokens(examples, start, size);
+        }
+        Ok(total / tokens.max(1) as f64)
+    })
+}
+
+/// Dense fp32 matmul throughput of this machine, for MFU.
+pub fn measure_peak_flops() -> f64 {
+    tch::no_grad(|| {
+        let n = 1024;
+        let a = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
+        let _ = a.matmul(&b);
+        let start = Instant::now();
+        let mut rounds = 0;
+        while start.elapsed().as_secs_f64() < 0.3 {
+            let _ = a.matmul(&b);
+            rounds += 1;
+        }
+        2.0 * (n * n * n) as f64 * rounds as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+/// Does not decay: biases and LayerNorm parameters.
+fn decays(name: &str) -> bool {
+    !(name.ends_with(".bias") || name.contains(".ln_") || name.starts_with("transformer.ln_f"))
+}
+
+/// Everything the loop needs besides the model.
+pub struct Trainer<'a> {
+    /// Loop settings.
+    pub config: LoopConfig,
+    /// Output directory: `metrics.jsonl`, `loss.svg`, `checkpoints/`, `latest`.
+    pub out: &'a Path,
+    /// Tokenizer files copied into every checkpoint.
+    pub tokenizer_dir: &'a Path,
+    /// The data (identical on every rank).
+    pub data: &'a Dataset,
+    /// Data-parallel membership.
+    pub rank: Rank,
+    /// Resume from this checkpoint's trainer and optimizer state (the model was loaded from it).
+    pub resume_from: Option<PathBuf>,
+}
+
+impl Trainer<'_> {
+    /// Per-rank memory of the optimizer this run builds, for the start-up report.
+    pub fn memory_report(&self, model: &GptBigCode) -> Result<MemoryReport> {
+        Ok(self.optimizer(model)?.memory(self.rank.world))
+    }
+
+    fn optimizer(&self, model: &GptBigCode) -> Result<ZeroOptimizer> {
+        let mut named: Vec<(String, Tensor)> = model.vars().variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let decay: Vec<bool> = named.iter().map(|(name, _)| decays(name)).collect();
+        let hp = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: self.config.weight_decay };
+        ZeroOptimizer::new(
+            named.into_iter().map(|(_, t)| t).collect(),
+            decay,
+            self.config.zero,
+            self.rank.rank,
+            self.rank.world,
+            hp,
+        )
+    }
+
+    /// Trains `model`, calling `on_step` after every optimizer step (rank 0's view).
+    pub fn run(&self, model: &mut GptBigCode, on_step: &mut dyn FnMut(&StepMetrics)) -> Result<Vec<StepMetrics>> {
+        let config = &self.config;
+        let world = self.rank.world;
+        let mut optimizer = self.optimizer(model)?;
+        let mut start_step = 0;
+        if let Some(checkpoint) = &self.resume_from {
+            start_step = self.restore(checkpoint, &mut optimizer)?;
+        }
+        std::fs::create_dir_all(self.out.join("checkpoints")).map_err(|e| PipelineError::io(self.out, e))?;
+        let params: i64 = model.vars().variables().values().map(|t| t.numel() as i64).sum();
+        let peak = measure_peak_flops();
+        let global = world * config.batch_size;
+        let mut history = read_metrics(&self.out.join("metrics.jsonl"), start_step)?;
+        let train = &self.data.train;
+        for step in start_step..config.steps {
+            let started = Instant::now();
+            tch::manual_seed((config.seed as i64).wrapping_mul(1_000_003).wrapping_add(step as i64));
+            let lr = learning_rate(config, step);
+            let first = step * config.grad_accum * global;
+            let tokens = target_tokens(train, first, config.grad_accum * global);
+            let mut local_loss = 0.0;
+            for micro in 0..config.grad_accum {
+                let start = first + (micro * world + self.rank.rank) * config.batch_size;
+                let (input, labels) = batch(train, start, config.batch_size);
+                let loss = loss_sum(model, &input, &labels, true)?;
+                local_loss += loss.double_value(&[]);
+                (loss / tokens.max(1) as f64).backward();
+            }
+            let grad_norm = optimizer.step(lr, config.max_grad_norm, self.rank.group.as_ref())?;
+            let mut summed = Tensor::from_slice(&[local_loss]);
+            if let Some(group) = &self.rank.group {
+                group.all_reduce_sum(&mut summed)?;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            let tokens_per_s = (config.grad_accum * global * train[0].input.len()) as f64 / seconds;
+            let mut metrics = StepMetrics {
+                step: step + 1,
+                loss: summed.double_value(&[0]) / tokens.max(1) as f64,
+                lr,
+                grad_norm,
+                tokens_per_s,
+                mfu: 6.0 * params as f64 * tokens_per_s / (peak * world as f64),
+                eval_loss: None,
+            };
+            let saving = (step + 1) % config.save_every.max(1) == 0 || step + 1 == config.steps;
+            if saving {
+                if self.rank.rank == 0 && !self.data.eval.is_empty() {
+                    metrics.eval_loss = Some(eval_loss(model, &self.data.eval, config.batch_size)?);
+                }
+                self.save(model, &optimizer, step + 1)?;
+            }
+            if self.rank.rank == 0 {
+                append_metrics(&self.out.join("metrics.jsonl"), &metrics)?;
+                history.push(metrics.clone());
+                if saving {
+                    write_atomically(&self.out.join("loss.svg"), loss_curve_svg(&history).as_bytes())?;
+                }
+            }
+            on_step(&metrics);
+        }
+        model.refresh_inference_weights();
+        Ok(history)
+    }
+
+    fn save(&self, model: &GptBigCode, optimizer: &ZeroOptimizer, step: usize) -> Result<()> {
+        let name = format!("step-{step:06}");
+        let checkpoints = self.out.join("checkpoints");
+        let partial = checkpoints.join(format!(".{name}.partial"));
+        if self.rank.rank == 0 {
+            if partial.exists() {
+                std::fs::remove_dir_all(&partial).map_err(|e| PipelineError::io(&partial, e))?;
+            }
+            model.save(&partial, Kind::Float)?;
+            for file in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+                let source = self.tokenizer_dir.join(file);
+                if source.exists() {
+                    std::fs::copy(&source, partial.join(file)).map_err(|e| PipelineError::io(&source, e))?;
+                }
+            }
+        }
+        self.rank.barrier()?;
+        let optimizer_file = partial.join(format!("optimizer-rank{}.safetensors", self.rank.rank));
+        Tensor::write_safetensors(&optimizer.state(), &optimizer_file)?;
+        self.rank.barrier()?;
+        if self.rank.rank == 0 {
+            let state = TrainerState { step, world: self.rank.world, config: self.config.clone() };
+            let json = serde_json::to_vec_pretty(&state).expect("state serializes");
+            write_atomically(&partial.join("trainer_state.json"), &json)?;
+            let done = checkpoints.join(&name);
+            if done.exists() {
+                std::fs::remove_dir_all(&done).map_err(|e| PipelineError::io(&done, e))?;
+            }
+            std::fs::rename(&partial, &done).map_err(|e| PipelineError::io(&done, e))?;
+            // Only a complete checkpoint is ever named by `latest`.
+            write_atomically(&self.out.join("latest"), name.as_bytes())?;
+        }
+        self.rank.barrier()
+    }
+
+    fn restore(&self, checkpoint: &Path, optimizer: &mut ZeroOptimizer) -> Result<usize> {
+        let path = checkpoint.join("trainer_state.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| PipelineError::io(&path, e))?;
+        let state: TrainerState = serde_json::from_str(&text)
+            .map_err(|e| PipelineError::Json { path: path.clone(), message: e.to_string() })?;
+        let mut expected = self.config.clone();
+        expected.save_every = state.config.save_every;
+        if state.world != self.rank.world || state.config != expected {
+            return Err(PipelineError::Invalid(format!(
+                "{} was written by a run with {} rank(s) and {:?}; resume with the same settings",
+                path.display(),
+                state.world,
+                state.config
+            )));
+        }
+        let file = checkpoint.join(format!("optimizer-rank{}.safetensors", self.rank.rank));
+        optimizer.restore(Tensor::read_safetensors(&file)?)?;
+        Ok(state.step)
+    }
+}
+
+fn append_metrics(path: &Path, metrics: &StepMetrics) -> Result<()> {
+    let mut file =
+        std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| PipelineError::io(path, e))?;
+    writeln!(file, "{}", serde_json::to_string(metrics).expect("metrics serialize"))
+        .map_err(|e| PipelineError::io(path, e))
+}
+
+/// Metrics of steps up to `upto` (a resumed run drops what came after its checkpoint).
+fn read_metrics(path: &Path, upto: usize) -> Result<Vec<StepMetrics>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(PipelineError::io(path, e)),
+    };
+    let kept: Vec<StepMetrics> =
+        text.lines().filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok()).filter(|m| m.step <= upto).collect();
+    let rewritten: String = kept.iter().map(|m| serde_json::to_string(m).expect("serializes") + "\n").collect();
+    write_atomically(path, rewritten.as_bytes())?;
+    Ok(kept)
+}
+
+/// Training (and eval) loss against steps, as a small standalone SVG.
+pub fn loss_curve_svg(history: &[StepMetrics]) -> String {
+    let (width, height, pad) = (640.0, 360.0, 40.0);
+    let max_step = history.last().map_or(1, |m| m.step).max(1) as f64;
+    let losses = history.iter().map(|m| m.loss).chain(history.iter().filter_map(|m| m.eval_loss));
+    let (lo, hi) = losses.fold((f64::MAX, f64::MIN), |(lo, hi), l| (lo.min(l), hi.max(l)));
+    let span = (hi - lo).max(1e-9);
+    let point = |step: usize, loss: f64| {
+        let x = pad + (width - 2.0 * pad) * step as f64 / max_step;
+        let y = height - pad - (height - 2.0 * pad) * (loss - lo) / span;
+        format!("{x:.1},{y:.1}")
+    };
+    let train: Vec<String> = history.iter().map(|m| point(m.step, m.loss)).collect();
+    let eval: Vec<String> = history.iter().filter_map(|m| m.eval_loss.map(|l| point(m.step, l))).collect();
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\">\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
+         <text x=\"{pad}\" y=\"24\" font-family=\"sans-serif\" font-size=\"14\">loss (blue: train, orange: eval) {lo:.3}..{hi:.3}, {max_step} steps</text>\
+         <polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>\
+         <polyline fill=\"none\" stroke=\"#ff7f0e\" stroke-width=\"2\" points=\"{}\"/></svg>\n",
+        train.join(" "),
+        eval.join(" ")
+    )
+}

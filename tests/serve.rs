@@ -1,0 +1,469 @@
+//! `wizard serve` through a real LSP client over stdio: JSON-RPC with Content-Length framing, against
+//! the built binary. The model is a tiny GPTBigCode whose output is forced to one token ("x"), so
+//! completions are known in advance and decoding never ends early on its own.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use pipeline::config::ModelConfig;
+use pipeline::model::GptBigCode;
+use pipeline::tokenizer::Tokenizer;
+use serde_json::{json, Value};
+use tch::{Device, Kind};
+
+const WIZARD: &str = env!("CARGO_BIN_EXE_wizard");
+
+/// A model directory: our tokenizer plus a random model whose every prediction is `token`.
+fn make_model(dir: &Path, token: &str, n_embd: i64, n_layer: i64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let corpus = dir.join("corpus.py");
+    let code: String = (0..100)
+        .map(|i| format!("def function_{i}(value):\n    if value > {i}:\n        return value * {i}\n\n"))
+        .collect();
+    std::fs::write(&corpus, code).unwrap();
+    let trained = Command::new(WIZARD)
+        .args(["tokenizer", "train", "--vocab-size", "400", "--input"])
+        .arg(&corpus)
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    let tokenizer = Tokenizer::from_dir(dir).unwrap();
+    let id = tokenizer.token_id(token).unwrap() as i64;
+    tch::manual_seed(0);
+    let config = ModelConfig {
+        vocab_size: tokenizer.vocab_size() as i64,
+        n_positions: 1024,
+        n_embd,
+        n_layer,
+        n_head: 4,
+        bos_token_id: Some(0),
+        eos_token_id: Some(0),
+        ..ModelConfig::default()
+    };
+    let model = GptBigCode::new(config, Device::Cpu).unwrap();
+    // The final LayerNorm outputs wte[id] scaled up whatever comes in: the tied head then favours `id`.
+    tch::no_grad(|| {
+        let vars = model.vars().variables();
+        let wte = &vars["transformer.wte.weight"];
+        let _ = vars["transformer.ln_f.weight"].shallow_clone().fill_(0.0);
+        vars["transformer.ln_f.bias"].shallow_clone().copy_(&(wte.get(id) * 100.0));
+    });
+    model.save(dir, Kind::Float).unwrap();
+}
+
+fn model_dir() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let work = tempfile::tempdir().unwrap();
+        let dir = work.path().join("model");
+        make_model(&dir, "x", 128, 4);
+        (work, dir)
+    })
+    .1
+}
+
+/// A client speaking to a `wizard serve` child process.
+struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    messages: Receiver<Value>,
+    next_id: i64,
+    /// Notifications and other messages seen while waiting for responses.
+    seen: Vec<Value>,
+    log: tempfile::NamedTempFile,
+}
+
+impl Client {
+    fn start(model: &Path) -> Client {
+        Client::start_with(model, None)
+    }
+
+    fn start_with(model: &Path, draft: Option<&Path>) -> Client {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut command = Command::new(WIZARD);
+        command.arg("--log-file").arg(log.path()).args(["serve", "--device", "cpu", "--model"]).arg(model);
+        if let Some(draft) = draft {
+            command.arg("--draft").arg(draft);
+        }
+        let mut child = command
+            .env("WIZARD_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let (sender, messages) = mpsc::channel();
+        std::thread::spawn(move || loop {
+            let mut length = None;
+            loop {
+                let mut line = String::new();
+                if stdout.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let line = line.trim_end();
+                if line.is_empty() {
+                    break;
+                }
+                if let Some(value) = line.strip_prefix("Content-Length: ") {
+                    length = Some(value.parse::<usize>().unwrap());
+                }
+            }
+            let mut body = vec![0; length.expect("every message has a Content-Length")];
+            stdout.read_exact(&mut body).unwrap();
+            let message: Value = serde_json::from_slice(&body).expect("stdout carries only JSON-RPC");
+            if sender.send(message).is_err() {
+                return;
+            }
+        });
+        Client { child, stdin, messages, next_id: 0, seen: Vec::new(), log }
+    }
+
+    fn send(&mut self, message: Value) {
+        let body = message.to_string();
+        write!(self.stdin, "Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn notify(&mut self, method: &str, params: Value) {
+        self.send(json!({"jsonrpc": "2.0", "method": method, "params": params}));
+    }
+
+    /// Sends a request and returns its id without waiting.
+    fn request_async(&mut self, method: &str, params: Value) -> i64 {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        id
+    }
+
+    /// Waits for the response to `id`: `Ok(result)` or `Err(error)`.
+    fn response(&mut self, id: i64) -> Result<Value, Value> {
+        let is_response = |message: &Value| message.get("id") == Some(&json!(id)) && message.get("method").is_none();
+        let answer = |message: &Value| match message.get("error") {
+            Some(error) => Err(error.clone()),
+            None => Ok(message["result"].clone()),
+        };
+        // It may have come while another response was awaited.
+        if let Some(at) = self.seen.iter().position(is_response) {
+            return answer(&self.seen.remove(at));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let message = match self.messages.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(message) => message,
+                Err(RecvTimeoutError::Timeout) => panic!("no response to request {id} in 60 s"),
+                Err(RecvTimeoutError::Disconnected) => panic!("the server exited; log:\n{}", self.log_text()),
+            };
+            if is_response(&message) {
+                return answer(&message);
+            }
+            self.seen.push(message);
+        }
+    }
+
+    fn request(&mut self, method: &str, params: Value) -> Result<Value, Value> {
+        let id = self.request_async(method, params);
+        self.response(id)
+    }
+
+    fn initialize(&mut self, capabilities: Value, options: Value) -> Value {
+        let result = self
+            .request("initialize", json!({"processId": null, "rootUri": null, "capabilities": capabilities, "initializationOptions": options}))
+            .unwrap();
+        self.notify("initialized", json!({}));
+        result
+    }
+
+    fn open(&mut self, uri: &str, language: &str, text: &str) {
+        self.notify(
+            "textDocument/didOpen",
+            json!({"textDocument": {"uri": uri, "languageId": language, "version": 1, "text": text}}),
+        );
+    }
+
+    fn inline(&mut self, uri: &str, line: u32, character: u32) -> Result<Value, Value> {
+        self.request(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": character}, "context": {"triggerKind": 2}}),
+        )
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    fn exit(mut self) {
+        let _ = self.request("shutdown", Value::Null);
+        self.notify("exit", Value::Null);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        panic!("the server did not exit after `exit`");
+    }
+}
+
+/// The inline completion's text at `line:character`, or None for a null result.
+fn inline_text(result: &Value) -> Option<String> {
+    (!result.is_null()).then(|| result[0]["insertText"].as_str().unwrap().to_string())
+}
+
+const PY: &str = "file:///work/a.py";
+
+/// One request through every entry point a client may use: inline, completion, llm-ls.
+#[test]
+fn completions_through_every_method() {
+    let mut client = Client::start(model_dir());
+    let init = client.initialize(json!({}), json!({"maxTokens": 8}));
+    assert_eq!(init["capabilities"]["positionEncoding"], "utf-16");
+    assert_eq!(init["capabilities"]["inlineCompletionProvider"], true);
+    assert_eq!(init["capabilities"]["textDocumentSync"], 2, "incremental");
+    client.open(PY, "python", "def add(a, b):\n    \n\nvalue = ad\nname = value.up\n");
+    // An empty body: multi-line; the forced model writes "x" 8 times.
+    let text = inline_text(&client.inline(PY, 1, 4).unwrap());
+    assert_eq!(text.as_deref(), Some("xxxxxxxx"));
+    // textDocument/completion: the same, replacing the word before the cursor ("ad").
+    let items = client
+        .request(
+            "textDocument/completion",
+            json!({"textDocument": {"uri": PY}, "position": {"line": 3, "character": 10}}),
+        )
+        .unwrap();
+    let edit = &items[0]["textEdit"];
+    assert_eq!(edit["newText"], "adxxxxxxxx");
+    assert_eq!(edit["range"], json!({"start": {"line": 3, "character": 8}, "end": {"line": 3, "character": 10}}));
+    // llm-ls: camelCase params, snake_case result; tokensToClear removes text.
+    let llm = client
+        .request(
+            "llm-ls/getCompletions",
+            json!({"textDocument": {"uri": PY}, "position": {"line": 4, "character": 15}, "contextWindow": 256,
+                   "tokensToClear": ["xx"], "fim": {"enabled": true, "prefix": "<fim_prefix>", "middle": "<fim_middle>",
+                   "suffix": "<fim_suffix>"}, "requestBody": {"parameters": {"max_new_tokens": 5}}, "ide": "neovim"}),
+        )
+        .unwrap();
+    assert_eq!(llm["completions"], json!([{"generated_text": "x"}]), "{llm}");
+    assert!(llm["request_id"].is_string());
+    assert_eq!(
+        client.request(
+            "llm-ls/acceptCompletion",
+            json!({"request_id": llm["request_id"], "accepted_completion": 0, "shown_completions": [0]})
+        ),
+        Ok(Value::Null)
+    );
+    assert_eq!(
+        client.request("llm-ls/rejectCompletion", json!({"request_id": llm["request_id"], "shown_completions": [0]})),
+        Ok(Value::Null)
+    );
+    // Inside a word: no completion.
+    assert_eq!(client.inline(PY, 4, 14), Ok(Value::Null));
+    let llm = client
+        .request(
+            "llm-ls/getCompletions",
+            json!({"textDocument": {"uri": PY}, "position": {"line": 4, "character": 14}}),
+        )
+        .unwrap();
+    assert_eq!(llm["completions"], json!([]));
+    client.exit();
+}
+
+/// Incremental edits in each encoding, the cache, "typed as suggested", and configuration changes.
+#[test]
+fn edits_encodings_and_cache() {
+    for (offered, name, column) in
+        [(json!(["utf-8", "utf-16"]), "utf-8", 12), (json!(["utf-32"]), "utf-32", 8), (json!([]), "utf-16", 9)]
+    {
+        let mut client = Client::start(model_dir());
+        let init =
+            client.initialize(json!({"general": {"positionEncodings": offered}}), json!({"wizard": {"maxTokens": 6}}));
+        assert_eq!(init["capabilities"]["positionEncoding"], name);
+        // "é" is 2 bytes / 1 UTF-16 unit / 1 scalar; "😀" is 4 / 2 / 1. The cursor goes after `s = 'é😀' + `.
+        client.open(PY, "python", "s = 'é😀' + \n");
+        let changed = json!({"textDocument": {"uri": PY, "version": 2}, "contentChanges": [
+            {"range": {"start": {"line": 0, "character": column}, "end": {"line": 0, "character": column}}, "text": "y"}]});
+        client.notify("textDocument/didChange", changed);
+        // The edit landed after the emoji: the cursor after it is at column + 1.
+        let text = inline_text(&client.inline(PY, 0, column + 1).unwrap());
+        assert_eq!(text.as_deref(), Some("xxxxxx"), "{name}");
+        // Typing the start of the suggestion: the rest comes from the cache.
+        let typed = json!({"textDocument": {"uri": PY, "version": 3}, "contentChanges": [
+            {"range": {"start": {"line": 0, "character": column + 1}, "end": {"line": 0, "character": column + 1}}, "text": "xx"}]});
+        client.notify("textDocument/didChange", typed);
+        assert_eq!(inline_text(&client.inline(PY, 0, column + 3).unwrap()).as_deref(), Some("xxxx"));
+        // A full-text change and a new configuration.
+        client.notify("workspace/didChangeConfiguration", json!({"settings": {"wizard": {"maxTokens": 3}}}));
+        client.notify(
+            "textDocument/didChange",
+            json!({"textDocument": {"uri": PY, "version": 4}, "contentChanges": [{"text": "z = \n"}]}),
+        );
+        assert_eq!(inline_text(&client.inline(PY, 0, 4).unwrap()).as_deref(), Some("xxx"));
+        assert!(client.log_text().contains("completion served from the cache"), "{}", client.log_text());
+        client.exit();
+    }
+}
+
+/// `$/cancelRequest` and a newer request for the same document stop decoding within a step.
+#[test]
+fn cancellation() {
+    let mut client = Client::start(model_dir());
+    client.initialize(json!({}), json!({"maxTokens": 400, "gamma": 0}));
+    client.open(PY, "python", "x = \ny = \n");
+    // Time a whole 400-token completion first.
+    let started = Instant::now();
+    let full = inline_text(&client.inline(PY, 0, 4).unwrap()).unwrap();
+    let whole = started.elapsed();
+    assert_eq!(full.len(), 400);
+    // $/cancelRequest: the answer is RequestCancelled, and the engine is free again at once.
+    let started = Instant::now();
+    let id = client.request_async(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": PY}, "position": {"line": 1, "character": 4}, "context": {"triggerKind": 2}}),
+    );
+    std::thread::sleep(Duration::from_millis(30));
+    client.notify("$/cancelRequest", json!({"id": id}));
+    assert_eq!(client.response(id).unwrap_err()["code"], -32800);
+    // A newer request for the document cancels the one in flight.
+    client.notify("workspace/didChangeConfiguration", json!({"settings": {"maxTokens": 399}}));
+    let older = client.request_async(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": PY}, "position": {"line": 1, "character": 4}, "context": {"triggerKind": 2}}),
+    );
+    std::thread::sleep(Duration::from_millis(30));
+    client.notify("workspace/didChangeConfiguration", json!({"settings": {"maxTokens": 4}}));
+    let newer = client.inline(PY, 0, 3);
+    assert_eq!(client.response(older).unwrap_err()["code"], -32800);
+    assert_eq!(inline_text(&newer.unwrap()).as_deref(), Some("xxxx"));
+    let cancelled = started.elapsed();
+    assert!(
+        cancelled < whole,
+        "two cancelled completions and a short one took {cancelled:?}; one whole took {whole:?}"
+    );
+    client.exit();
+}
+
+/// Unknown documents, bad positions, huge and binary files, edit storms, and a model that fails to
+/// load: errors, never a crash.
+#[test]
+fn bad_input() {
+    let mut client = Client::start(model_dir());
+    client.initialize(json!({}), json!({"maxTokens": 4}));
+    let unknown = client.inline("file:///nowhere.py", 0, 0).unwrap_err();
+    assert_eq!(unknown["code"], -32602, "{unknown}");
+    client.open(PY, "python", "a😀b\n");
+    assert_eq!(client.inline(PY, 0, 2).unwrap_err()["code"], -32602, "inside a surrogate pair");
+    assert_eq!(client.inline(PY, 7, 0).unwrap_err()["code"], -32602, "past the last line");
+    // A 10 MB file: the prompt takes its budget from around the cursor.
+    let big: String = "value = value + 1\n".repeat(10 << 20 >> 4);
+    client.open("file:///work/big.py", "python", &format!("{big}z = \n"));
+    let lines = big.lines().count() as u32;
+    let started = Instant::now();
+    assert_eq!(inline_text(&client.inline("file:///work/big.py", lines, 4).unwrap()).as_deref(), Some("xxxx"));
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    client.notify("textDocument/didClose", json!({"textDocument": {"uri": "file:///work/big.py"}}));
+    // Binary content.
+    client.open("file:///work/blob.bin", "plaintext", "\u{0}\u{1}\u{fffd}\u{7f}ÿ\n\u{0}");
+    let _ = client.inline("file:///work/blob.bin", 0, 2);
+    // 1000 edits in a burst, then a request that sees all of them.
+    client.open("file:///work/c.py", "python", "\n");
+    for i in 0..1000 {
+        client.notify(
+            "textDocument/didChange",
+            json!({"textDocument": {"uri": "file:///work/c.py", "version": i + 2}, "contentChanges": [
+                {"range": {"start": {"line": 0, "character": 0}, "end": {"line": 0, "character": 0}}, "text": "#"}]}),
+        );
+    }
+    assert_eq!(inline_text(&client.inline("file:///work/c.py", 0, 1000).unwrap()).as_deref(), Some("xxxx"));
+    client.exit();
+
+    // A model directory that does not load: the server stays up and says why.
+    let missing = tempfile::tempdir().unwrap();
+    let mut client = Client::start(missing.path());
+    client.initialize(json!({}), json!({}));
+    client.open(PY, "python", "x = \n");
+    let error = client.inline(PY, 0, 4).unwrap_err();
+    assert!(error["message"].as_str().unwrap().contains("not available"), "{error}");
+    let shown = client.seen.iter().any(|m| m["method"] == "window/showMessage");
+    assert!(shown, "the client is told the model did not load: {:?}", client.seen);
+    client.exit();
+}
+
+/// Speculative decoding in the server: with a draft model the completions are the same.
+#[test]
+fn a_draft_model_gives_the_same_completions() {
+    let work = tempfile::tempdir().unwrap();
+    let draft = work.path().join("draft");
+    make_model(&draft, "x", 32, 1);
+    let mut client = Client::start_with(model_dir(), Some(&draft));
+    client.initialize(json!({}), json!({"maxTokens": 16}));
+    client.open(PY, "python", "x = \n");
+    assert_eq!(inline_text(&client.inline(PY, 0, 4).unwrap()).as_deref(), Some("xxxxxxxxxxxxxxxx"));
+    // The draft agrees with the target everywhere: most of the tokens came from it.
+    let log = client.log_text();
+    let accepted: usize = log
+        .split("accepted=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no accepted figure in the log:\n{log}"));
+    assert!(accepted >= 10, "accepted {accepted} of 16:\n{log}");
+    client.exit();
+}
+
+/// The Lua that drives Neovim: starts `wizard serve` as the buffer's language server and writes the
+/// completion result it receives to $OUT.
+const NEOVIM_SCRIPT: &str = r#"
+local ready = false
+local id = vim.lsp.start_client({
+  name = 'wizard',
+  cmd = { os.getenv('WIZARD'), 'serve', '--device', 'cpu', '--model', os.getenv('MODEL') },
+  root_dir = vim.fn.getcwd(),
+  init_options = { maxTokens = 6 },
+  on_init = function() ready = true end,
+})
+vim.lsp.buf_attach_client(0, id)
+assert(vim.wait(30000, function() return ready end, 20), 'the server did not initialize')
+local params = { textDocument = { uri = vim.uri_from_bufnr(0) }, position = { line = 1, character = 4 } }
+local results = vim.lsp.buf_request_sync(0, 'textDocument/completion', params, 30000)
+local text = 'no result'
+for _, response in pairs(results or {}) do
+  text = vim.fn.json_encode(response.result or response.err)
+end
+vim.fn.writefile({ text }, os.getenv('OUT'))
+vim.cmd('qa!')
+"#;
+
+/// A real editor: headless Neovim (Debian's, installed by scripts/setup.sh) opens a Python buffer
+/// with `wizard serve` as its language server and receives a completion.
+#[test]
+fn neovim_receives_a_completion() {
+    let work = tempfile::tempdir().unwrap();
+    let (file, script, out) = (work.path().join("a.py"), work.path().join("test.lua"), work.path().join("out.json"));
+    std::fs::write(&file, "def add(a, b):\n    \n").unwrap();
+    std::fs::write(&script, NEOVIM_SCRIPT).unwrap();
+    let status = Command::new("nvim")
+        .args(["--headless", "-u", "NONE", "-n"])
+        .arg(&file)
+        .arg("-c")
+        .arg(format!("luafile {}", script.display()))
+        .current_dir(work.path())
+        .env("WIZARD", WIZARD)
+        .env("MODEL", model_dir())
+        .env("OUT", &out)
+        .stdin(Stdio::null())
+        .status()
+        .expect("nvim is installed by scripts/setup.sh (apt-get install neovim)");
+    assert!(status.success(), "nvim: {status}");
+    let result: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let items = result.as_array().unwrap_or_else(|| panic!("{result}"));
+    assert_eq!(items[0]["textEdit"]["newText"], "xxxxxx", "{result}");
+}

@@ -1,0 +1,326 @@
+//! `wizard train` end to end: ZeRO stages over 2 Gloo ranks against one process, kill -9 and
+//! resume, fine-tuning a `transformers` checkpoint whose result `transformers` loads, bad input.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const WIZARD: &str = env!("CARGO_BIN_EXE_wizard");
+const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.wizard/python");
+
+/// A corpus, a tokenizer trained on it, and a dropout-free tiny model config.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let fixture = Fixture { dir: tempfile::tempdir().unwrap() };
+        let corpus = fixture.path("corpus");
+        std::fs::create_dir(&corpus).unwrap();
+        for i in 0..20 {
+            let code: String =
+                (0..15).map(|j| format!("def f_{i}_{j}(x):\n    return x * {j} + {i}\n\n")).collect();
+            std::fs::write(corpus.join(format!("m{i}.py")), code).unwrap();
+        }
+        let sft: String = (0..40)
+            .map(|i| {
+                serde_json::json!({"instruction": format!("Write f_{i}."), "output": format!("def f_{i}(x):\n    return x + {i}\n")})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(fixture.path("sft.jsonl"), sft).unwrap();
+        let out = wizard(&["tokenizer", "train", "--vocab-size", "400", "--input", corpus.to_str().unwrap(), "--out", fixture.path("tok").to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(
+            fixture.path("config.json"),
+            r#"{"model_type":"gpt_bigcode","vocab_size":400,"n_positions":128,"n_embd":64,"n_layer":2,"n_head":4,
+                "embd_pdrop":0.0,"attn_pdrop":0.0,"resid_pdrop":0.0,"bos_token_id":0,"eos_token_id":0}"#,
+        )
+        .unwrap();
+        fixture
+    })
+}
+
+fn wizard(args: &[&str]) -> Output {
+    Command::new(WIZARD).args(args).output().expect("wizard runs")
+}
+
+/// `wizard train` on the fixture with `extra` flags into `out`; returns the output, asserting success.
+fn check_train(out: &Path, extra: &[&str]) -> Output {
+    let f = fixture();
+    let (config, tok, corpus) = (f.path("config.json"), f.path("tok"), f.path("corpus"));
+    let mut args = vec![
+        "train",
+        "--model-config",
+        config.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--data",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--seq-len",
+        "64",
+    ];
+    args.extend(extra);
+    let output = wizard(&args);
+    assert!(output.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+fn params(checkpoint: &Path) -> Vec<f64> {
+    let mut tensors = tch::Tensor::read_safetensors(checkpoint.join("model.safetensors")).unwrap();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+        .iter()
+        .flat_map(|(_, t)| Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).reshape([-1])).unwrap())
+        .collect()
+}
+
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn zero_stages_on_two_ranks_match_one_process() {
+    let work = tempfile::tempdir().unwrap();
+    let steps = ["--steps", "3", "--save-every", "100", "--lr", "1e-3"];
+    let single = work.path().join("single");
+    check_train(&single, &[&steps[..], &["--batch-size", "4"]].concat());
+    let reference = params(&single.join("checkpoints/step-000003"));
+    let norm = reference.iter().map(|x| x * x).sum::<f64>().sqrt();
+    for zero in ["0", "1", "2"] {
+        let out = work.path().join(format!("zero{zero}"));
+        let output = check_train(&out, &[&steps[..], &["--batch-size", "2", "--nproc", "2", "--zero", zero]].concat());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&format!("rank 1/2 zero {zero}")), "{stderr}");
+        let got = params(&out.join("checkpoints/step-000003"));
+        let diff = got.iter().zip(&reference).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt() / norm;
+        assert!(diff < 1e-5, "zero {zero}: relative difference {diff}");
+        assert_ne!(got, params(&single.join("checkpoints/step-000003")).iter().map(|x| x + 1.0).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn zero_memory_report_follows_the_formulas() {
+    let work = tempfile::tempdir().unwrap();
+    let out =
+        check_train(&work.path().join("z2"), &["--steps", "1", "--batch-size", "1", "--nproc", "2", "--zero", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Stage 2 on 2 ranks: each rank holds half of the gradients and half of the optimizer state.
+    let line = stderr.lines().find(|l| l.starts_with("rank 0/2 zero 2")).unwrap();
+    let numbers: Vec<f64> = line
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|s| s.parse().ok())
+        .filter(|x: &f64| x.fract() != 0.0)
+        .collect();
+    let (params, grads, optimizer) = (numbers[0], numbers[1], numbers[2]);
+    assert!((grads - params / 2.0).abs() < 0.15, "{line}");
+    assert!((optimizer - params).abs() < 0.15, "two fp32 moments of half the parameters: {line}");
+}
+
+#[test]
+fn killed_and_resumed_run_has_the_same_losses() {
+    let work = tempfile::tempdir().unwrap();
+    let flags = ["--steps", "8", "--save-every", "2", "--batch-size", "2"];
+    let whole = work.path().join("whole");
+    check_train(&whole, &flags);
+    let expected = losses(&whole);
+    assert_eq!(expected.len(), 8);
+
+    let f = fixture();
+    let out = work.path().join("killed");
+    let args = |resume: bool| {
+        let mut args: Vec<String> = [
+            "train",
+            "--model-config",
+            f.path("config.json").to_str().unwrap(),
+            "--tokenizer",
+            f.path("tok").to_str().unwrap(),
+            "--data",
+            f.path("corpus").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--seq-len",
+            "64",
+        ]
+        .iter()
+        .chain(flags.iter())
+        .map(|s| s.to_string())
+        .collect();
+        if resume {
+            args.push("--resume".into());
+        }
+        args
+    };
+    let mut child = Command::new(WIZARD).args(args(false)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(out.join("latest")).map_or(true, |l| l.trim() < "step-000004") {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    let resumed = Command::new(WIZARD).args(args(true)).output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    let got = losses(&out);
+    assert_eq!(got.len(), 8, "{got:?}");
+    for (step, (a, b)) in got.iter().zip(&expected).enumerate() {
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "step {}: {a} vs {b}", step + 1);
+    }
+}
+
+const HF_LOGITS: &str = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)
+ids = torch.tensor([json.loads(sys.argv[2])])
+with torch.no_grad():
+    logits = model.eval()(ids).logits[0]
+print(json.dumps({"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]), "logits": logits.flatten().tolist()}))
+"#;
+
+const HF_MODEL: &str = r#"
+import sys, torch
+from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+torch.manual_seed(0)
+GPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=400, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+                                       bos_token_id=0, eos_token_id=0)).save_pretrained(sys.argv[1])
+"#;
+
+#[test]
+fn fine_tunes_a_transformers_checkpoint_that_transformers_loads_back() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let base = work.path().join("base");
+    let made = Command::new(PYTHON).args(["-c", HF_MODEL]).arg(&base).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    for file in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(f.path("tok").join(file), base.join(file)).unwrap();
+    }
+    let out = work.path().join("sft");
+    let output = wizard(&[
+        "train",
+        "--model",
+        base.to_str().unwrap(),
+        "--mode",
+        "sft",
+        "--data",
+        f.path("sft.jsonl").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--seq-len",
+        "256",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let checkpoint = PathBuf::from(String::from_utf8(output.stdout).unwrap().trim());
+    assert!(checkpoint.ends_with("step-000003"), "{checkpoint:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("data: 40 documents"), "{stderr}");
+
+    let ids: Vec<i64> = (1..30).collect();
+    let hf = Command::new(PYTHON)
+        .args(["-c", HF_LOGITS])
+        .arg(&checkpoint)
+        .arg(serde_json::to_string(&ids).unwrap())
+        .output()
+        .unwrap();
+    assert!(hf.status.success(), "{}", String::from_utf8_lossy(&hf.stderr));
+    let hf: Value = serde_json::from_slice(&hf.stdout).unwrap();
+    assert_eq!(hf["missing"], serde_json::json!([]));
+    assert_eq!(hf["unexpected"], serde_json::json!([]));
+    let model = pipeline::model::GptBigCode::load(&checkpoint, tch::Kind::Float, tch::Device::Cpu).unwrap();
+    let ours = tch::no_grad(|| model.forward_full(&tch::Tensor::from_slice(&ids).unsqueeze(0), false).unwrap());
+    let ours = Vec::<f64>::try_from(ours.to_kind(tch::Kind::Double).reshape([-1])).unwrap();
+    let theirs: Vec<f64> = hf["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(diff < 1e-4, "{diff}");
+    let base_model = pipeline::model::GptBigCode::load(&base, tch::Kind::Float, tch::Device::Cpu).unwrap();
+    let before = tch::no_grad(|| base_model.forward_full(&tch::Tensor::from_slice(&ids).unsqueeze(0), false).unwrap());
+    let moved = Vec::<f64>::try_from(before.to_kind(tch::Kind::Double).reshape([-1])).unwrap();
+    assert!(moved.iter().zip(&ours).any(|(a, b)| (a - b).abs() > 1e-3), "fine-tuning changed nothing");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let broken = work.path().join("broken.jsonl");
+    std::fs::write(
+        &broken,
+        "{\"instruction\":\"a\",\"output\":\"b\"}\n{\"instruction\":\"a\",\"output\":\"b\"}\n{\"instruction\": oops}\n",
+    )
+    .unwrap();
+    let empty = work.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let no_fim = work.path().join("no_fim");
+    std::fs::create_dir(&no_fim).unwrap();
+    for file in ["tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(f.path("tok").join(file), no_fim.join(file)).unwrap();
+    }
+    let json = std::fs::read_to_string(f.path("tok").join("tokenizer.json")).unwrap();
+    std::fs::write(no_fim.join("tokenizer.json"), json.replace("<fim_prefix>", "<fim_start>")).unwrap();
+
+    let (config, tok, corpus) = (f.path("config.json"), f.path("tok"), f.path("corpus"));
+    let out = work.path().join("out");
+    let base = |tokenizer: &Path, data: &Path| -> Vec<String> {
+        [
+            "train",
+            "--model-config",
+            config.to_str().unwrap(),
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            [base(&tok, &broken), vec!["--mode".into(), "sft".into(), "--seq-len".into(), "64".into()]].concat(),
+            "broken.jsonl: line 3",
+        ),
+        ([base(&tok, &empty), vec!["--seq-len".into(), "64".into()]].concat(), "no documents found"),
+        ([base(&no_fim, &corpus), vec!["--seq-len".into(), "64".into()]].concat(), "no <fim_prefix> token"),
+        (
+            [base(&tok, &corpus), vec!["--seq-len".into(), "500".into()]].concat(),
+            "--seq-len 500 is longer than the model's context (n_positions = 128)",
+        ),
+        ([base(&tok, &corpus), vec!["--seq-len".into(), "64".into(), "--zero".into(), "3".into()]].concat(), "stage 3"),
+    ];
+    for (args, expected) in cases {
+        let output = Command::new(WIZARD).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr}");
+    }
+}
