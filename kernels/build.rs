@@ -20,7 +20,8 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .flag_if_supported("-Wno-unused-parameter")
         .file("csrc/runtime.cpp")
-        .file("csrc/collectives.cpp");
+        .file("csrc/collectives.cpp")
+        .file("csrc/optim.cpp");
     if with_cuda {
         build.define("WIZARD_WITH_CUDA", None).include(&cuda_include);
     }

@@ -272,7 +272,7 @@ fn concurrency_and_rate_limits() {
     ))
     .unwrap();
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(700) && took < Duration::from_millis(1500), "{took:?}");
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(3), "{took:?}");
 }
 
 #[test]

@@ -247,7 +247,13 @@ impl Trainer<'_> {
                 local_loss += loss.double_value(&[]);
                 (loss / tokens.max(1) as f64).backward();
             }
+            let computed = started.elapsed().as_secs_f64();
             let grad_norm = optimizer.step(lr, config.max_grad_norm, self.rank.group.as_ref())?;
+            tracing::debug!(
+                "step {}: forward+backward {computed:.3} s, optimizer {:.3} s",
+                step + 1,
+                started.elapsed().as_secs_f64() - computed
+            );
             let mut summed = Tensor::from_slice(&[local_loss]);
             if let Some(group) = &self.rank.group {
                 group.all_reduce_sum(&mut summed)?;

@@ -4,6 +4,7 @@
 //! updated shards are all-gathered; stage 2 reduce-scatters the gradients so each rank only ever
 //! holds the summed gradient of its own shard. Collectives are c10d's (`kernels::collectives`).
 use kernels::collectives::ProcessGroup;
+use kernels::optim::{fused_adamw, AdamWStep};
 use tch::{Device, Kind, Tensor};
 
 use crate::{PipelineError, Result};
@@ -24,15 +25,20 @@ pub struct AdamW {
 /// Elements per all-reduce bucket (25 MB of fp32, like DDP's default bucket).
 const BUCKET: i64 = 25 * 1024 * 1024 / 4;
 
-/// The optimizer of one rank.
+/// The optimizer of one rank. Parameters live in one flat fp32 buffer (the model's variables are
+/// re-pointed at views of it), decayed parameters first, so the fused AdamW kernel updates a rank's
+/// range in at most two calls and all-gathers land directly in the model.
 pub struct ZeroOptimizer {
     stage: u8,
     params: Vec<Tensor>,
     numels: Vec<i64>,
+    offsets: Vec<i64>,
     padded: i64,
+    decay_end: i64,
     start: i64,
     len: i64,
-    decay_mask: Tensor,
+    flat_params: Tensor,
+    flat_grads: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: i64,
@@ -54,42 +60,44 @@ pub struct MemoryReport {
 
 impl ZeroOptimizer {
     /// `params` in a fixed order shared by all ranks; `decays[i]` says whether param i decays.
-    pub fn new(
-        params: Vec<Tensor>,
-        decays: Vec<bool>,
-        stage: u8,
-        rank: usize,
-        world: usize,
-        hp: AdamW,
-    ) -> Result<Self> {
+    pub fn new(params: Vec<Tensor>, decays: Vec<bool>, stage: u8, rank: usize, world: usize, hp: AdamW) -> Result<Self> {
         if stage > 2 {
             return Err(PipelineError::Invalid(format!(
                 "--zero {stage}: stage 3 (parameter partitioning) is not implemented yet; use 0, 1 or 2"
             )));
         }
+        // Decayed parameters first, each group in the given order.
+        let order: Vec<usize> = (0..params.len()).filter(|&i| decays[i]).chain((0..params.len()).filter(|&i| !decays[i])).collect();
+        let mut params: Vec<Tensor> = order.iter().map(|&i| params[i].shallow_clone()).collect();
         let numels: Vec<i64> = params.iter().map(|p| p.numel() as i64).collect();
+        let offsets: Vec<i64> = numels.iter().scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n))).collect();
         let total: i64 = numels.iter().sum();
+        let decay_end: i64 = order.iter().zip(&numels).filter(|(&i, _)| decays[i]).map(|(_, &n)| n).sum();
         let world_i = world as i64;
         let padded = (total + world_i - 1) / world_i * world_i;
         let (start, len) = if stage == 0 { (0, padded) } else { (rank as i64 * padded / world_i, padded / world_i) };
-        let mask: Vec<Tensor> = numels
-            .iter()
-            .zip(&decays)
-            .map(|(&n, &d)| Tensor::full([n], if d { 1.0 } else { 0.0 }, (Kind::Float, Device::Cpu)))
-            .chain([Tensor::zeros([padded - total], (Kind::Float, Device::Cpu))])
-            .collect();
-        let decay_mask = Tensor::cat(&mask, 0).narrow(0, start, len).contiguous();
-        let zeros = || Tensor::zeros([len], (Kind::Float, Device::Cpu));
+        let zeros = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu));
+        let flat_params = zeros(padded);
+        tch::no_grad(|| {
+            for ((param, &offset), &n) in params.iter_mut().zip(&offsets).zip(&numels) {
+                let slot = flat_params.narrow(0, offset, n);
+                slot.shallow_clone().copy_(&param.reshape([-1]));
+                param.set_data(&slot.view(param.size().as_slice()));
+            }
+        });
         Ok(ZeroOptimizer {
             stage,
             params,
             numels,
+            offsets,
             padded,
+            decay_end,
             start,
             len,
-            decay_mask,
-            exp_avg: zeros(),
-            exp_avg_sq: zeros(),
+            flat_params,
+            flat_grads: zeros(padded),
+            exp_avg: zeros(len),
+            exp_avg_sq: zeros(len),
             step: 0,
             hp,
         })
@@ -100,42 +108,36 @@ impl ZeroOptimizer {
         self.step
     }
 
-    fn flat(&self, pieces: impl Iterator<Item = Tensor>) -> Tensor {
-        let total: i64 = self.numels.iter().sum();
-        let pad = Tensor::zeros([self.padded - total], (Kind::Float, Device::Cpu));
-        let pieces: Vec<Tensor> = pieces.map(|t| t.to_kind(Kind::Float).reshape([-1])).chain([pad]).collect();
-        Tensor::cat(&pieces, 0)
-    }
-
     /// Combines gradients across ranks, clips them to `max_norm` (global norm), applies AdamW with
-    /// learning rate `lr`, and writes the updated parameters back. Returns the gradient norm.
+    /// learning rate `lr` (libtorch's fused kernel), and shares the updated parameters. Returns the
+    /// gradient norm before clipping.
     pub fn step(&mut self, lr: f64, max_norm: f64, group: Option<&ProcessGroup>) -> Result<f64> {
         tch::no_grad(|| -> Result<f64> {
-            let mut grads = self.flat(self.params.iter().zip(&self.numels).map(|(p, &n)| {
-                let grad = p.grad();
+            for ((param, &offset), &n) in self.params.iter().zip(&self.offsets).zip(&self.numels) {
+                let mut slot = self.flat_grads.narrow(0, offset, n);
+                let mut grad = param.grad();
                 if grad.defined() {
-                    grad
+                    slot.copy_(&grad.reshape([-1]));
+                    let _ = grad.zero_();
                 } else {
-                    Tensor::zeros([n], (Kind::Float, Device::Cpu))
+                    let _ = slot.zero_();
                 }
-            }));
+            }
             let mut local = match (group, self.stage) {
-                (None, _) => grads.narrow(0, self.start, self.len),
+                (None, _) => self.flat_grads.narrow(0, self.start, self.len),
                 (Some(group), 0 | 1) => {
                     for offset in (0..self.padded).step_by(BUCKET as usize) {
-                        let mut bucket = grads.narrow(0, offset, BUCKET.min(self.padded - offset));
+                        let mut bucket = self.flat_grads.narrow(0, offset, BUCKET.min(self.padded - offset));
                         group.all_reduce_sum(&mut bucket)?;
                     }
-                    grads.narrow(0, self.start, self.len)
+                    self.flat_grads.narrow(0, self.start, self.len)
                 }
                 (Some(group), _) => {
                     let mut shard = Tensor::zeros([self.len], (Kind::Float, Device::Cpu));
-                    group.reduce_scatter_sum(&mut shard, &grads)?;
-                    grads = Tensor::zeros([0], (Kind::Float, Device::Cpu)); // the full buffer is not kept
+                    group.reduce_scatter_sum(&mut shard, &self.flat_grads)?;
                     shard
                 }
             };
-            drop(grads);
             let mut norm_sq = local.square().sum(Kind::Double);
             // Stages 1 and 2 hold one shard each: the global norm sums the shards' squares.
             if let (Some(group), true) = (group, self.stage >= 1) {
@@ -149,35 +151,29 @@ impl ZeroOptimizer {
             }
 
             self.step += 1;
-            let (b1, b2) = (self.hp.beta1, self.hp.beta2);
-            let mut params = self.flat(self.params.iter().map(|p| p.shallow_clone())).narrow(0, self.start, self.len);
-            params *= (&self.decay_mask * (-lr * self.hp.weight_decay)) + 1.0;
-            self.exp_avg *= b1;
-            self.exp_avg += &local * (1.0 - b1);
-            self.exp_avg_sq *= b2;
-            self.exp_avg_sq += local.square() * (1.0 - b2);
-            let bias1 = 1.0 - b1.powi(self.step as i32);
-            let bias2 = 1.0 - b2.powi(self.step as i32);
-            let denom = (&self.exp_avg_sq / bias2).sqrt() + self.hp.eps;
-            params -= (&self.exp_avg / &denom) * (lr / bias1);
-
-            let full = match (group, self.stage) {
-                (Some(group), 1 | 2) => {
-                    let mut gathered = Tensor::zeros([self.padded], (Kind::Float, Device::Cpu));
-                    group.all_gather(&mut gathered, &params)?;
-                    gathered
+            let step = Tensor::from_slice(&[self.step as f32]);
+            let end = self.start + self.len;
+            // The rank's range splits at the end of the decayed parameters.
+            for (from, to, weight_decay) in
+                [(self.start, end.min(self.decay_end), self.hp.weight_decay), (self.start.max(self.decay_end), end, 0.0)]
+            {
+                if from >= to {
+                    continue;
                 }
-                _ => params,
-            };
-            let mut offset = 0;
-            for (param, &n) in self.params.iter().zip(&self.numels) {
-                let kind = param.kind();
-                param.shallow_clone().copy_(&full.narrow(0, offset, n).reshape(param.size()).to_kind(kind));
-                let mut grad = param.grad();
-                if grad.defined() {
-                    let _ = grad.zero_();
-                }
-                offset += n;
+                let (at, n) = (from - self.start, to - from);
+                let hp = AdamWStep { lr, beta1: self.hp.beta1, beta2: self.hp.beta2, weight_decay, eps: self.hp.eps };
+                fused_adamw(
+                    &self.flat_params.narrow(0, from, n),
+                    &local.narrow(0, at, n),
+                    &self.exp_avg.narrow(0, at, n),
+                    &self.exp_avg_sq.narrow(0, at, n),
+                    &step,
+                    hp,
+                )?;
+            }
+            if let (Some(group), 1 | 2) = (group, self.stage) {
+                let mine = self.flat_params.narrow(0, self.start, self.len).copy();
+                group.all_gather(&mut self.flat_params, &mine)?;
             }
             Ok(norm)
         })

@@ -1,0 +1,104 @@
+//! libtorch's fused AdamW kernel (`at::_fused_adamw_`), which tch does not bind.
+use std::ffi::{c_char, c_int, c_void};
+
+use tch::Tensor;
+
+use crate::KernelError;
+
+extern "C" {
+    fn wizard_optim_error(buf: *mut c_char, len: usize);
+    #[allow(clippy::too_many_arguments)]
+    fn wizard_fused_adamw(
+        param: *mut c_void,
+        grad: *mut c_void,
+        exp_avg: *mut c_void,
+        exp_avg_sq: *mut c_void,
+        step: *mut c_void,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> c_int;
+}
+
+/// AdamW hyper-parameters for one call.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+}
+
+/// Updates `param`, `exp_avg` and `exp_avg_sq` in place (all the same shape and dtype as `grad`);
+/// `step` is a one-element float tensor with the 1-based step number.
+pub fn fused_adamw(
+    param: &Tensor,
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    step: &Tensor,
+    hp: AdamWStep,
+) -> Result<(), KernelError> {
+    let handle = |t: &Tensor| t.as_ptr() as *mut c_void;
+    // SAFETY: the handles are live tch tensors for the duration of the call; the kernel writes only
+    // into param and the two moments, which the caller passes as tensors it owns.
+    let status = unsafe {
+        wizard_fused_adamw(
+            handle(param),
+            handle(grad),
+            handle(exp_avg),
+            handle(exp_avg_sq),
+            handle(step),
+            hp.lr,
+            hp.beta1,
+            hp.beta2,
+            hp.weight_decay,
+            hp.eps,
+        )
+    };
+    if status == 0 {
+        return Ok(());
+    }
+    let mut buf = vec![0 as c_char; 4096];
+    // SAFETY: writes at most `len` bytes, NUL-terminated.
+    unsafe { wizard_optim_error(buf.as_mut_ptr(), buf.len()) };
+    // SAFETY: NUL-terminated above.
+    let message = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+    Err(KernelError::Torch { operation: "fused AdamW", message })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// One fused step must equal AdamW written out op by op.
+    #[test]
+    fn fused_step_matches_the_formula() {
+        tch::manual_seed(1);
+        let opts = (Kind::Float, Device::Cpu);
+        let (param, grad) = (Tensor::randn([1000], opts), Tensor::randn([1000], opts));
+        let (m, v) = (Tensor::randn([1000], opts) * 0.1, Tensor::rand([1000], opts) * 0.01);
+        let hp = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, weight_decay: 0.1, eps: 1e-8 };
+        let step = 3.0;
+        let expected_m = &m * hp.beta1 + &grad * (1.0 - hp.beta1);
+        let expected_v = &v * hp.beta2 + grad.square() * (1.0 - hp.beta2);
+        let denom = (&expected_v / (1.0 - hp.beta2.powf(step))).sqrt() + hp.eps;
+        let expected =
+            &param * (1.0 - hp.lr * hp.weight_decay) - (&expected_m / denom) * (hp.lr / (1.0 - hp.beta1.powf(step)));
+        let (p, m2, v2) = (param.copy(), m.copy(), v.copy());
+        fused_adamw(&p, &grad, &m2, &v2, &Tensor::from_slice(&[step as f32]), hp).unwrap();
+        for (got, want) in [(&p, &expected), (&m2, &expected_m), (&v2, &expected_v)] {
+            let diff = (got - want).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{diff}");
+        }
+    }
+}
