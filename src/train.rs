@@ -13,7 +13,7 @@ use pipeline::model::GptBigCode;
 use pipeline::tokenizer::{Tokenizer, DEFAULT_EXTENSIONS};
 use pipeline::train::data::{self, DataConfig, Mode};
 use pipeline::train::fim::FimConfig;
-use pipeline::train::{latest_checkpoint, LoopConfig, Rank, Trainer};
+use pipeline::train::{latest_checkpoint, LoopConfig, Rank, TrainEvent, Trainer};
 use tch::{Device, Kind};
 
 #[derive(clap::Args, Clone)]
@@ -78,8 +78,8 @@ pub struct Args {
     /// Local ranks to start.
     #[arg(long, default_value_t = 1)]
     nproc: usize,
-    /// ZeRO stage: 0 replicated, 1 optimizer state sharded, 2 gradients too.
-    #[arg(long, default_value_t = 0)]
+    /// ZeRO stage: 0 replicated, 1 optimizer state sharded, 2 gradients too, 3 parameters too.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
     zero: u8,
     /// Save and evaluate every N steps (and at the end).
     #[arg(long, default_value_t = 100)]
@@ -126,6 +126,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.nproc > 1 && std::env::var_os("RANK").is_none() {
         return launch(&args);
     }
+    if let Some(parent) = std::env::var("WIZARD_LAUNCHER_PID").ok().and_then(|p| p.parse().ok()) {
+        kernels::process::die_with_parent(parent);
+    }
     let rank = match rank_from_env()? {
         Some((rank, world, host, port)) => {
             let group = ProcessGroup::gloo(&host, port, rank, world, Duration::from_secs(args.timeout))
@@ -152,6 +155,7 @@ fn launch(args: &Args) -> anyhow::Result<ExitCode> {
                 .env("WORLD_SIZE", args.nproc.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
+                .env("WIZARD_LAUNCHER_PID", std::process::id().to_string())
                 .spawn()
                 .with_context(|| format!("cannot start rank {rank}"))?;
             Ok((rank, child))
@@ -242,17 +246,7 @@ fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
     let world = rank.world;
     let this_rank = rank.rank;
     let trainer = Trainer { config, out: &args.out, tokenizer_dir: &tokenizer_dir, data: &dataset, rank, resume_from };
-    let memory = trainer.memory_report(&model)?;
     let mib = |bytes: i64| bytes as f64 / (1 << 20) as f64;
-    eprintln!(
-        "rank {this_rank}/{world} zero {}: params {:.1} MiB, grads {:.1} MiB, optimizer state {:.1} MiB (fp32); \
-         ZeRO formula for bf16 mixed precision: {:.1} MiB",
-        args.zero,
-        mib(memory.params),
-        mib(memory.grads),
-        mib(memory.optimizer),
-        mib(memory.mixed_precision_formula)
-    );
     if lead {
         let s = &dataset.stats;
         eprintln!(
@@ -268,18 +262,31 @@ fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
             .expect("static template"),
     );
-    let mut on_step = |m: &pipeline::train::StepMetrics| {
-        bar.set_position(m.step as u64);
-        bar.set_message(format!(
-            "loss {:.4} lr {:.2e} {:.0} tok/s MFU {:.1}%",
-            m.loss,
-            m.lr,
-            m.tokens_per_s,
-            100.0 * m.mfu
-        ));
-        tracing::info!(step = m.step, loss = m.loss, lr = m.lr, grad_norm = m.grad_norm, "step");
+    let zero = args.zero;
+    let mut on_event = |event: TrainEvent| {
+        match event {
+        TrainEvent::Memory(memory) => eprintln!(
+            "rank {this_rank}/{world} zero {zero}: params {:.1} MiB, grads {:.1} MiB, optimizer state {:.1} MiB (fp32); \
+             ZeRO formula for bf16 mixed precision: {:.1} MiB",
+            mib(memory.params),
+            mib(memory.grads),
+            mib(memory.optimizer),
+            mib(memory.mixed_precision_formula)
+        ),
+        TrainEvent::Step(m) => {
+            bar.set_position(m.step as u64);
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.0} tok/s MFU {:.1}%",
+                m.loss,
+                m.lr,
+                m.tokens_per_s,
+                100.0 * m.mfu
+            ));
+            tracing::info!(step = m.step, loss = m.loss, lr = m.lr, grad_norm = m.grad_norm, "step");
+        }
+    }
     };
-    trainer.run(&mut model, &mut on_step)?;
+    trainer.run(&mut model, &mut on_event)?;
     bar.finish_and_clear();
     if lead {
         if let Some(checkpoint) = latest_checkpoint(&args.out)? {

@@ -104,7 +104,7 @@ fn zero_stages_on_two_ranks_match_one_process() {
     check_train(&single, &[&steps[..], &["--batch-size", "4"]].concat());
     let reference = params(&single.join("checkpoints/step-000003"));
     let norm = reference.iter().map(|x| x * x).sum::<f64>().sqrt();
-    for zero in ["0", "1", "2"] {
+    for zero in ["0", "1", "2", "3"] {
         let out = work.path().join(format!("zero{zero}"));
         let output = check_train(&out, &[&steps[..], &["--batch-size", "2", "--nproc", "2", "--zero", zero]].concat());
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -132,12 +132,28 @@ fn zero_memory_report_follows_the_formulas() {
     let (params, grads, optimizer) = (numbers[0], numbers[1], numbers[2]);
     assert!((grads - params / 2.0).abs() < 0.15, "{line}");
     assert!((optimizer - params).abs() < 0.15, "two fp32 moments of half the parameters: {line}");
+
+    // Stage 3: parameters are partitioned too, and the formula is 16 bytes per parameter over N.
+    let out =
+        check_train(&work.path().join("z3"), &["--steps", "1", "--batch-size", "1", "--nproc", "2", "--zero", "3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().find(|l| l.starts_with("rank 1/2 zero 3")).unwrap();
+    let numbers: Vec<f64> = line
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|s| s.parse().ok())
+        .filter(|x: &f64| x.fract() != 0.0)
+        .collect();
+    let (params3, formula3) = (numbers[0], numbers[3]);
+    assert!((params3 - params / 2.0).abs() < 0.15, "{line}");
+    assert!((formula3 - 4.0 * params3).abs() < 0.3, "16/N bytes per parameter is 4x the fp32 shard: {line}");
 }
 
-#[test]
-fn killed_and_resumed_run_has_the_same_losses() {
+/// Trains 8 steps with `extra` flags uninterrupted, then again killed with SIGKILL (the whole
+/// process group) after the step-4 checkpoint and resumed: every step's loss must match.
+fn check_kill_and_resume(extra: &[&str]) {
     let work = tempfile::tempdir().unwrap();
-    let flags = ["--steps", "8", "--save-every", "2", "--batch-size", "2"];
+    let flags: Vec<&str> =
+        ["--steps", "8", "--save-every", "2", "--batch-size", "2"].iter().chain(extra).copied().collect();
     let whole = work.path().join("whole");
     check_train(&whole, &flags);
     let expected = losses(&whole);
@@ -168,7 +184,14 @@ fn killed_and_resumed_run_has_the_same_losses() {
         }
         args
     };
-    let mut child = Command::new(WIZARD).args(args(false)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(WIZARD)
+        .args(args(false))
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let start = Instant::now();
     while std::fs::read_to_string(out.join("latest")).map_or(true, |l| l.trim() < "step-000004") {
         assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
@@ -177,15 +200,26 @@ fn killed_and_resumed_run_has_the_same_losses() {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let _ = child.kill(); // SIGKILL
+    let killed = Command::new("kill").args(["-9", &format!("-{}", child.id())]).status().unwrap();
+    assert!(killed.success());
     let _ = child.wait();
     let resumed = Command::new(WIZARD).args(args(true)).output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     let got = losses(&out);
     assert_eq!(got.len(), 8, "{got:?}");
     for (step, (a, b)) in got.iter().zip(&expected).enumerate() {
-        assert!((a - b).abs() <= 1e-6 * b.abs(), "step {}: {a} vs {b}", step + 1);
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "{extra:?} step {}: {a} vs {b}", step + 1);
     }
+}
+
+#[test]
+fn killed_and_resumed_run_has_the_same_losses() {
+    check_kill_and_resume(&[]);
+}
+
+#[test]
+fn killed_and_resumed_zero3_run_on_two_ranks_has_the_same_losses() {
+    check_kill_and_resume(&["--nproc", "2", "--zero", "3"]);
 }
 
 const HF_LOGITS: &str = r#"
@@ -316,11 +350,104 @@ fn bad_input_is_a_clear_error() {
             [base(&tok, &corpus), vec!["--seq-len".into(), "500".into()]].concat(),
             "--seq-len 500 is longer than the model's context (n_positions = 128)",
         ),
-        ([base(&tok, &corpus), vec!["--seq-len".into(), "64".into(), "--zero".into(), "3".into()]].concat(), "stage 3"),
+        (
+            [base(&tok, &corpus), vec!["--seq-len".into(), "64".into(), "--zero".into(), "4".into()]].concat(),
+            "invalid value '4' for '--zero",
+        ),
     ];
     for (args, expected) in cases {
         let output = Command::new(WIZARD).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success() && stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr}");
     }
+}
+
+/// Pids of processes whose environment holds every `KEY=value` of `markers`.
+fn processes_with_env(markers: &[String]) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+                markers.iter().all(|m| vars.contains(&m.as_bytes()))
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_dying_rank_stops_the_others_with_a_clear_error() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let mut args: Vec<String> = [
+        "train",
+        "--model-config",
+        f.path("config.json").to_str().unwrap(),
+        "--tokenizer",
+        f.path("tok").to_str().unwrap(),
+        "--data",
+        f.path("corpus").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--seq-len",
+        "64",
+        "--steps",
+        "100000",
+        "--save-every",
+        "100000",
+        "--batch-size",
+        "1",
+        "--timeout",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+
+    // Ranks started by `--nproc`: the launcher stops the survivor and names the dead rank.
+    let mut launcher_args = args.clone();
+    launcher_args.extend(["--nproc".to_string(), "2".to_string()]);
+    let launcher =
+        Command::new(WIZARD).args(&launcher_args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let rank1 = [format!("WIZARD_LAUNCHER_PID={}", launcher.id()), "RANK=1".to_string()];
+    let start = Instant::now();
+    while !out.join("metrics.jsonl").exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "training never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let victims = processes_with_env(&rank1);
+    assert_eq!(victims.len(), 1, "{victims:?}");
+    Command::new("kill").args(["-9", &victims[0].to_string()]).status().unwrap();
+    let output = launcher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("rank 1 failed"), "{stderr}");
+    assert!(start.elapsed() < Duration::from_secs(60));
+
+    // torchrun-style ranks with no launcher: the survivor's collective fails within --timeout.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    args[8] = work.path().join("out2").to_str().unwrap().to_string();
+    let spawn = |rank: &str| {
+        Command::new(WIZARD)
+            .args(&args)
+            .envs([("RANK", rank), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let survivor = spawn("0");
+    let mut victim = spawn("1");
+    let start = Instant::now();
+    while !work.path().join("out2/metrics.jsonl").exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "training never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    victim.kill().unwrap();
+    let killed_at = Instant::now();
+    let output = survivor.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("wizard: error"), "{stderr}");
+    assert!(killed_at.elapsed() < Duration::from_secs(30), "{:?}", killed_at.elapsed());
 }

@@ -351,11 +351,27 @@ impl GptBigCode {
 
     /// Logits for whole sequences without a cache; dropout is active when `train` is set.
     pub fn forward_full(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
-        let mut hidden = self.embed(input_ids, 0, train)?;
-        for block in &self.blocks {
-            hidden = block.forward(&hidden, None, train);
+        let mut hidden = self.embed_tokens(input_ids, train)?;
+        for layer in 0..self.blocks.len() {
+            hidden = self.block_forward(layer, &hidden, train);
         }
-        Ok(self.head(&hidden, false))
+        Ok(self.training_logits(&hidden))
+    }
+
+    /// The pieces of [`forward_full`](Self::forward_full), for trainers that run (and recompute)
+    /// one block at a time: token plus position embeddings...
+    pub fn embed_tokens(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
+        self.embed(input_ids, 0, train)
+    }
+
+    /// ...one transformer block...
+    pub fn block_forward(&self, layer: usize, hidden: &Tensor, train: bool) -> Tensor {
+        self.blocks[layer].forward(hidden, None, train)
+    }
+
+    /// ...and the final LayerNorm with the vocabulary projection (through `wte` itself when tied).
+    pub fn training_logits(&self, hidden: &Tensor) -> Tensor {
+        self.head(hidden, false)
     }
 
     /// The SDPA backend the first layer's attention uses for this input after `cache`.

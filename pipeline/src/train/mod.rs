@@ -4,6 +4,7 @@
 pub mod data;
 pub mod fim;
 pub mod zero;
+pub mod zero3;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use crate::model::GptBigCode;
 use crate::{PipelineError, Result};
 use data::{Dataset, Example, IGNORE};
 use zero::{AdamW, MemoryReport, ZeroOptimizer};
+use zero3::Zero3;
 
 /// Loop settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -181,6 +183,57 @@ fn decays(name: &str) -> bool {
     !(name.ends_with(".bias") || name.contains(".ln_") || name.starts_with("transformer.ln_f"))
 }
 
+/// What the loop reports while it runs.
+pub enum TrainEvent<'a> {
+    /// Per-rank memory of the optimizer, once at the start.
+    Memory(MemoryReport),
+    /// After every optimizer step.
+    Step(&'a StepMetrics),
+}
+
+/// ZeRO 0-2 (parameters replicated) or ZeRO 3 (parameters partitioned).
+enum Engine {
+    Replicated(ZeroOptimizer),
+    Partitioned(Zero3),
+}
+
+impl Engine {
+    fn step(&mut self, lr: f64, max_norm: f64, group: Option<&ProcessGroup>) -> Result<f64> {
+        match self {
+            Engine::Replicated(optimizer) => optimizer.step(lr, max_norm, group),
+            Engine::Partitioned(zero3) => zero3.step(lr, max_norm, group),
+        }
+    }
+
+    fn state(&mut self) -> Vec<(String, Tensor)> {
+        match self {
+            Engine::Replicated(optimizer) => optimizer.state(),
+            Engine::Partitioned(zero3) => zero3.state(),
+        }
+    }
+
+    fn restore(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
+        match self {
+            Engine::Replicated(optimizer) => optimizer.restore(state),
+            Engine::Partitioned(zero3) => zero3.restore(state),
+        }
+    }
+
+    /// Makes every weight present (ZeRO 3 gathers them) for evaluation or saving.
+    fn materialize(&mut self, group: Option<&ProcessGroup>) -> Result<()> {
+        match self {
+            Engine::Replicated(_) => Ok(()),
+            Engine::Partitioned(zero3) => zero3.materialize(group),
+        }
+    }
+
+    fn release(&mut self) {
+        if let Engine::Partitioned(zero3) = self {
+            zero3.release();
+        }
+    }
+}
+
 /// Everything the loop needs besides the model.
 pub struct Trainer<'a> {
     /// Loop settings.
@@ -198,37 +251,34 @@ pub struct Trainer<'a> {
 }
 
 impl Trainer<'_> {
-    /// Per-rank memory of the optimizer this run builds, for the start-up report.
-    pub fn memory_report(&self, model: &GptBigCode) -> Result<MemoryReport> {
-        Ok(self.optimizer(model)?.memory(self.rank.world))
-    }
-
-    fn optimizer(&self, model: &GptBigCode) -> Result<ZeroOptimizer> {
+    fn engine(&self, model: &GptBigCode) -> Result<Engine> {
+        let hp = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: self.config.weight_decay };
+        let (rank, world) = (self.rank.rank, self.rank.world);
+        if self.config.zero == 3 {
+            return Ok(Engine::Partitioned(Zero3::new(model, decays, rank, world, hp)));
+        }
         let mut named: Vec<(String, Tensor)> = model.vars().variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let decay: Vec<bool> = named.iter().map(|(name, _)| decays(name)).collect();
-        let hp = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: self.config.weight_decay };
-        ZeroOptimizer::new(
-            named.into_iter().map(|(_, t)| t).collect(),
-            decay,
-            self.config.zero,
-            self.rank.rank,
-            self.rank.world,
-            hp,
-        )
+        let params = named.into_iter().map(|(_, t)| t).collect();
+        Ok(Engine::Replicated(ZeroOptimizer::new(params, decay, self.config.zero, rank, world, hp)?))
     }
 
-    /// Trains `model`, calling `on_step` after every optimizer step (rank 0's view).
-    pub fn run(&self, model: &mut GptBigCode, on_step: &mut dyn FnMut(&StepMetrics)) -> Result<Vec<StepMetrics>> {
+    /// Trains `model`, reporting memory once and every step (rank 0's view) to `on_event`.
+    pub fn run(&self, model: &mut GptBigCode, on_event: &mut dyn FnMut(TrainEvent)) -> Result<Vec<StepMetrics>> {
         let config = &self.config;
         let world = self.rank.world;
-        let mut optimizer = self.optimizer(model)?;
+        let params: i64 = model.vars().variables().values().map(|t| t.numel() as i64).sum();
+        let mut engine = self.engine(model)?;
+        on_event(TrainEvent::Memory(match &mut engine {
+            Engine::Replicated(optimizer) => optimizer.memory(world),
+            Engine::Partitioned(zero3) => zero3.memory(),
+        }));
         let mut start_step = 0;
         if let Some(checkpoint) = &self.resume_from {
-            start_step = self.restore(checkpoint, &mut optimizer)?;
+            start_step = self.restore(checkpoint, &mut engine)?;
         }
         std::fs::create_dir_all(self.out.join("checkpoints")).map_err(|e| PipelineError::io(self.out, e))?;
-        let params: i64 = model.vars().variables().values().map(|t| t.numel() as i64).sum();
         let peak = measure_peak_flops();
         let global = world * config.batch_size;
         let mut history = read_metrics(&self.out.join("metrics.jsonl"), start_step)?;
@@ -243,12 +293,21 @@ impl Trainer<'_> {
             for micro in 0..config.grad_accum {
                 let start = first + (micro * world + self.rank.rank) * config.batch_size;
                 let (input, labels) = batch(train, start, config.batch_size);
-                let loss = loss_sum(model, &input, &labels, true)?;
-                local_loss += loss.double_value(&[]);
-                (loss / tokens.max(1) as f64).backward();
+                match &mut engine {
+                    Engine::Replicated(_) => {
+                        let loss = loss_sum(model, &input, &labels, true)?;
+                        local_loss += loss.double_value(&[]);
+                        (loss / tokens.max(1) as f64).backward();
+                    }
+                    Engine::Partitioned(zero3) => {
+                        let seed = ((config.seed * 1_000 + step as u64) * 1_000 + micro as u64) as i64;
+                        let group = self.rank.group.as_ref();
+                        local_loss += zero3.micro_step(model, &input, &labels, tokens, true, seed, group)?;
+                    }
+                }
             }
             let computed = started.elapsed().as_secs_f64();
-            let grad_norm = optimizer.step(lr, config.max_grad_norm, self.rank.group.as_ref())?;
+            let grad_norm = engine.step(lr, config.max_grad_norm, self.rank.group.as_ref())?;
             tracing::debug!(
                 "step {}: forward+backward {computed:.3} s, optimizer {:.3} s",
                 step + 1,
@@ -271,10 +330,14 @@ impl Trainer<'_> {
             };
             let saving = (step + 1) % config.save_every.max(1) == 0 || step + 1 == config.steps;
             if saving {
+                engine.materialize(self.rank.group.as_ref())?;
                 if self.rank.rank == 0 && !self.data.eval.is_empty() {
                     metrics.eval_loss = Some(eval_loss(model, &self.data.eval, config.batch_size)?);
                 }
-                self.save(model, &optimizer, step + 1)?;
+                self.save(model, &mut engine, step + 1)?;
+                if step + 1 < config.steps {
+                    engine.release();
+                }
             }
             if self.rank.rank == 0 {
                 append_metrics(&self.out.join("metrics.jsonl"), &metrics)?;
@@ -283,13 +346,14 @@ impl Trainer<'_> {
                     write_atomically(&self.out.join("loss.svg"), loss_curve_svg(&history).as_bytes())?;
                 }
             }
-            on_step(&metrics);
+            on_event(TrainEvent::Step(&metrics));
         }
+        engine.materialize(self.rank.group.as_ref())?;
         model.refresh_inference_weights();
         Ok(history)
     }
 
-    fn save(&self, model: &GptBigCode, optimizer: &ZeroOptimizer, step: usize) -> Result<()> {
+    fn save(&self, model: &GptBigCode, engine: &mut Engine, step: usize) -> Result<()> {
         let name = format!("step-{step:06}");
         let checkpoints = self.out.join("checkpoints");
         let partial = checkpoints.join(format!(".{name}.partial"));
@@ -307,7 +371,7 @@ impl Trainer<'_> {
         }
         self.rank.barrier()?;
         let optimizer_file = partial.join(format!("optimizer-rank{}.safetensors", self.rank.rank));
-        Tensor::write_safetensors(&optimizer.state(), &optimizer_file)?;
+        Tensor::write_safetensors(&engine.state(), &optimizer_file)?;
         self.rank.barrier()?;
         if self.rank.rank == 0 {
             let state = TrainerState { step, world: self.rank.world, config: self.config.clone() };
@@ -324,7 +388,7 @@ impl Trainer<'_> {
         self.rank.barrier()
     }
 
-    fn restore(&self, checkpoint: &Path, optimizer: &mut ZeroOptimizer) -> Result<usize> {
+    fn restore(&self, checkpoint: &Path, engine: &mut Engine) -> Result<usize> {
         let path = checkpoint.join("trainer_state.json");
         let text = std::fs::read_to_string(&path).map_err(|e| PipelineError::io(&path, e))?;
         let state: TrainerState = serde_json::from_str(&text)
@@ -340,7 +404,7 @@ impl Trainer<'_> {
             )));
         }
         let file = checkpoint.join(format!("optimizer-rank{}.safetensors", self.rank.rank));
-        optimizer.restore(Tensor::read_safetensors(&file)?)?;
+        engine.restore(Tensor::read_safetensors(&file)?)?;
         Ok(state.step)
     }
 }

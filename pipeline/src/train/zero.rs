@@ -60,14 +60,20 @@ pub struct MemoryReport {
 
 impl ZeroOptimizer {
     /// `params` in a fixed order shared by all ranks; `decays[i]` says whether param i decays.
-    pub fn new(params: Vec<Tensor>, decays: Vec<bool>, stage: u8, rank: usize, world: usize, hp: AdamW) -> Result<Self> {
+    pub fn new(
+        params: Vec<Tensor>,
+        decays: Vec<bool>,
+        stage: u8,
+        rank: usize,
+        world: usize,
+        hp: AdamW,
+    ) -> Result<Self> {
         if stage > 2 {
-            return Err(PipelineError::Invalid(format!(
-                "--zero {stage}: stage 3 (parameter partitioning) is not implemented yet; use 0, 1 or 2"
-            )));
+            return Err(PipelineError::Invalid(format!("--zero {stage}: stages are 0, 1, 2 and 3 (zero3.rs)")));
         }
         // Decayed parameters first, each group in the given order.
-        let order: Vec<usize> = (0..params.len()).filter(|&i| decays[i]).chain((0..params.len()).filter(|&i| !decays[i])).collect();
+        let order: Vec<usize> =
+            (0..params.len()).filter(|&i| decays[i]).chain((0..params.len()).filter(|&i| !decays[i])).collect();
         let mut params: Vec<Tensor> = order.iter().map(|&i| params[i].shallow_clone()).collect();
         let numels: Vec<i64> = params.iter().map(|p| p.numel() as i64).collect();
         let offsets: Vec<i64> = numels.iter().scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n))).collect();
@@ -154,9 +160,10 @@ impl ZeroOptimizer {
             let step = Tensor::from_slice(&[self.step as f32]);
             let end = self.start + self.len;
             // The rank's range splits at the end of the decayed parameters.
-            for (from, to, weight_decay) in
-                [(self.start, end.min(self.decay_end), self.hp.weight_decay), (self.start.max(self.decay_end), end, 0.0)]
-            {
+            for (from, to, weight_decay) in [
+                (self.start, end.min(self.decay_end), self.hp.weight_decay),
+                (self.start.max(self.decay_end), end, 0.0),
+            ] {
                 if from >= to {
                     continue;
                 }

@@ -1,0 +1,14 @@
+//! Process plumbing that needs the OS directly.
+
+/// Makes the kernel send SIGKILL to this process when its parent dies (Linux), so ranks started by
+/// `wizard train --nproc` never outlive a launcher that was killed. `parent` is the launcher's pid
+/// as it knew it; if the launcher is already gone, this process exits at once.
+pub fn die_with_parent(parent: u32) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid take and return plain integers.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+        if libc::getppid() as u32 != parent {
+            libc::_exit(1);
+        }
+    }
+}
