@@ -87,6 +87,9 @@ pub struct Args {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    /// Count and skip JSONL lines that do not parse (the default stops at the first, naming it).
+    #[arg(long)]
+    skip_bad_lines: bool,
     /// Seconds a collective may wait for a peer before the rank gives up.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -228,6 +231,7 @@ fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         eval_fraction: args.eval_fraction,
         extensions: DEFAULT_EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+        skip_bad_lines: args.skip_bad_lines,
     };
     let dataset = data::build(&data_config, &tokenizer)?;
     let config = LoopConfig {
@@ -250,8 +254,9 @@ fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
     if lead {
         let s = &dataset.stats;
         eprintln!(
-            "data: {} documents, {} tokens, {} FIM-transformed, {} dropped as longer than {}, {} train / {} held-out sequences",
-            s.documents, s.tokens, s.fim_documents, s.dropped_too_long, args.seq_len, s.train, s.eval
+            "data: {} documents, {} tokens, {} FIM-transformed, {} dropped as longer than {}, {} bad lines skipped, \
+             {} train / {} held-out sequences",
+            s.documents, s.tokens, s.fim_documents, s.dropped_too_long, args.seq_len, s.skipped_lines, s.train, s.eval
         );
         if let Some(checkpoint) = &trainer.resume_from {
             eprintln!("resuming from {}", checkpoint.display());

@@ -360,6 +360,20 @@ fn bad_input_is_a_clear_error() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success() && stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr}");
     }
+    // --skip-bad-lines counts the broken line and trains on the rest.
+    let config256 = work.path().join("config256.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config256, text.replace("\"n_positions\":128", "\"n_positions\":256")).unwrap();
+    let mut skipping = [
+        base(&tok, &broken),
+        vec!["--mode".into(), "sft".into(), "--seq-len".into(), "256".into(), "--skip-bad-lines".into()],
+    ]
+    .concat();
+    skipping[2] = config256.to_str().unwrap().to_string();
+    let output = Command::new(WIZARD).args(&skipping).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("data: 2 documents") && stderr.contains("1 bad lines skipped"), "{stderr}");
 }
 
 /// Pids of processes whose environment holds every `KEY=value` of `markers`.

@@ -187,8 +187,14 @@ pub fn train_with_progress(
     let pre_tokenizer = ByteLevel::new(false, true, true);
     let mut stats = Stats::default();
     let mut failure = None;
-    let documents =
-        Documents { sources: sources.iter(), jsonl: None, stats: &mut stats, failure: &mut failure, on_event };
+    let documents = Documents {
+        sources: sources.iter(),
+        jsonl: None,
+        stats: &mut stats,
+        failure: &mut failure,
+        on_event,
+        skip_bad_lines: false,
+    };
     // The tokenizer has no added tokens yet, so this is exactly what `TokenizerImpl::train` feeds; feeding
     // ourselves lets a bad input line stop the run before any merges are learned.
     trainer
@@ -364,6 +370,7 @@ struct Stats {
     documents: usize,
     bytes: u64,
     skipped_non_utf8: usize,
+    skipped_lines: usize,
 }
 
 /// How often a JSONL file reports progress, in lines.
@@ -377,6 +384,8 @@ struct Documents<'a> {
     stats: &'a mut Stats,
     failure: &'a mut Option<PipelineError>,
     on_event: &'a mut (dyn FnMut(TrainEvent<'_>) + Send),
+    /// Count and skip JSONL lines that do not parse, instead of stopping.
+    skip_bad_lines: bool,
 }
 
 impl Documents<'_> {
@@ -411,6 +420,10 @@ impl Iterator for Documents<'_> {
                     Ok(None) => {
                         self.jsonl = None;
                         self.report(path);
+                    }
+                    Err(PipelineError::Json { path, message }) if self.skip_bad_lines => {
+                        tracing::warn!("skipping {}: {message}", path.display());
+                        self.stats.skipped_lines += 1;
                     }
                     Err(error) => {
                         *self.failure = Some(error);
@@ -454,9 +467,14 @@ impl Iterator for Documents<'_> {
     }
 }
 
-/// Every document of `inputs` (files, directories walked for `extensions`, JSONL files), in order:
-/// the corpus reader shared by tokenizer training and model training.
-pub(crate) fn read_documents(inputs: &[PathBuf], extensions: &[String]) -> Result<Vec<String>> {
+/// Every document of `inputs` (files, directories walked for `extensions`, JSONL files), in order,
+/// and how many bad JSONL lines were skipped (only with `skip_bad_lines`; otherwise the first one is
+/// an error): the corpus reader shared by tokenizer training and model training.
+pub(crate) fn read_documents(
+    inputs: &[PathBuf],
+    extensions: &[String],
+    skip_bad_lines: bool,
+) -> Result<(Vec<String>, usize)> {
     let extensions: HashSet<String> = extensions.iter().map(|e| e.to_ascii_lowercase()).collect();
     let mut sources = Vec::new();
     for input in inputs {
@@ -470,6 +488,7 @@ pub(crate) fn read_documents(inputs: &[PathBuf], extensions: &[String]) -> Resul
         stats: &mut stats,
         failure: &mut failure,
         on_event: &mut ignore,
+        skip_bad_lines,
     }
     .collect();
     match failure {
@@ -477,7 +496,7 @@ pub(crate) fn read_documents(inputs: &[PathBuf], extensions: &[String]) -> Resul
         None if documents.is_empty() => {
             Err(PipelineError::Invalid(format!("no documents found in {}", display_paths(inputs))))
         }
-        None => Ok(documents),
+        None => Ok((documents, stats.skipped_lines)),
     }
 }
 

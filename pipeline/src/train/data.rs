@@ -44,6 +44,8 @@ pub struct DataConfig {
     pub eval_fraction: f64,
     /// Source-file extensions taken from directories.
     pub extensions: Vec<String>,
+    /// Count and skip JSONL lines that do not parse, instead of stopping at the first.
+    pub skip_bad_lines: bool,
 }
 
 /// One training sequence.
@@ -66,6 +68,8 @@ pub struct DataStats {
     pub fim_documents: usize,
     /// Instruction examples longer than `seq_len`, dropped.
     pub dropped_too_long: usize,
+    /// JSONL lines that did not parse, skipped (with `skip_bad_lines`).
+    pub skipped_lines: usize,
     /// Training sequences.
     pub train: usize,
     /// Held-out sequences.
@@ -125,7 +129,8 @@ pub fn build(config: &DataConfig, tokenizer: &Tokenizer) -> Result<Dataset> {
 }
 
 fn pretrain_examples(config: &DataConfig, tokenizer: &Tokenizer) -> Result<(Vec<Example>, DataStats)> {
-    let documents = tokenizer::read_documents(&config.inputs, &config.extensions)?;
+    let (documents, skipped_lines) =
+        tokenizer::read_documents(&config.inputs, &config.extensions, config.skip_bad_lines)?;
     let fim_tokens = if config.fim.rate > 0.0 { Some(FimTokens::of(tokenizer)?) } else { None };
     let eos = tokenizer.eos_id();
     // Each document has its own RNG, so the result does not depend on rayon's scheduling.
@@ -143,7 +148,7 @@ fn pretrain_examples(config: &DataConfig, tokenizer: &Tokenizer) -> Result<(Vec<
         })
         .collect::<Result<_>>()?;
     let mut stream: Vec<i64> = Vec::new();
-    let mut stats = DataStats { documents: documents.len(), ..Default::default() };
+    let mut stats = DataStats { documents: documents.len(), skipped_lines, ..Default::default() };
     for (tokens, transformed) in encoded {
         stats.fim_documents += usize::from(transformed);
         stream.extend(tokens.into_iter().map(i64::from));
@@ -178,10 +183,19 @@ fn sft_examples(config: &DataConfig, tokenizer: &Tokenizer) -> Result<(Vec<Examp
             if line.trim().is_empty() {
                 continue;
             }
-            let item: InstructionLine = serde_json::from_str(&line).map_err(|e| PipelineError::Json {
-                path: path.clone(),
-                message: format!("line {}: {}", index + 1, e.to_string().split(" at line ").next().unwrap_or("")),
-            })?;
+            let item: InstructionLine = match serde_json::from_str(&line) {
+                Ok(item) => item,
+                Err(e) => {
+                    let message =
+                        format!("line {}: {}", index + 1, e.to_string().split(" at line ").next().unwrap_or(""));
+                    if config.skip_bad_lines {
+                        tracing::warn!("skipping {}: {message}", path.display());
+                        stats.skipped_lines += 1;
+                        continue;
+                    }
+                    return Err(PipelineError::Json { path: path.clone(), message });
+                }
+            };
             stats.documents += 1;
             let prompt = alpaca_prompt(&item.instruction, item.input.as_deref());
             let prompt_ids: Vec<i64> = tokenizer.encode(&prompt)?.into_iter().map(i64::from).collect();
