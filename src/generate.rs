@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use pipeline::complete::complete;
+use pipeline::complete::{complete, complete_speculative};
 use pipeline::generate::{GenerateConfig, Sampling};
 use pipeline::model::{parse_dtype, GptBigCode};
+use pipeline::speculative::{Drafter, SpeculativeConfig};
 use pipeline::tokenizer::Tokenizer;
 use tch::{Device, Kind, Tensor};
 
@@ -45,6 +46,12 @@ pub struct Args {
     /// Weight dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
+    /// Speculative decoding with this smaller model (same tokenizer) as the drafter.
+    #[arg(long, value_name = "DIR", conflicts_with = "prompt_lookup")]
+    draft: Option<PathBuf>,
+    /// Speculative decoding with drafts looked up in the prompt (n-gram match).
+    #[arg(long)]
+    prompt_lookup: bool,
 }
 
 pub fn parse_device(text: &str) -> anyhow::Result<Device> {
@@ -93,7 +100,30 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         sampling: Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
         eos_token_id: model.config().eos_token_id.or(Some(i64::from(tokenizer.eos_id()))),
     };
-    let completion = complete(&model, &tokenizer, &prompt, &config, &args.stops)?.remove(0);
+    let completion = if args.draft.is_some() || args.prompt_lookup {
+        let draft = args.draft.as_ref().map(|dir| GptBigCode::load(dir, kind, device)).transpose()?;
+        let drafter = match &draft {
+            Some(model) => Drafter::Model(model),
+            None => Drafter::PromptLookup { max_ngram: 3 },
+        };
+        let speculative = SpeculativeConfig {
+            max_new_tokens: config.max_new_tokens,
+            sampling: config.sampling.clone(),
+            eos_token_id: config.eos_token_id,
+            ..SpeculativeConfig::default()
+        };
+        let (completion, stats) =
+            complete_speculative(&model, &drafter, &tokenizer, &prompt, &speculative, &args.stops)?;
+        tracing::info!(
+            target_passes = stats.target_passes,
+            drafted = stats.drafted,
+            accepted = stats.accepted,
+            "speculative decoding"
+        );
+        completion
+    } else {
+        complete(&model, &tokenizer, &prompt, &config, &args.stops)?.remove(0)
+    };
     tracing::info!(tokens = completion.tokens, finish = ?completion.finish, "generated");
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(completion.text.as_bytes())?;

@@ -5,7 +5,9 @@ mod eval;
 mod evolve;
 mod generate;
 mod logging;
+mod pipeline;
 mod python;
+mod quickstart;
 mod serve;
 mod tokenizer;
 mod train;
@@ -39,6 +41,11 @@ enum Command {
     Evolve(evolve::Args),
     /// Complete a prompt with a model; prints only the completion.
     Generate(generate::Args),
+    /// WizardCoder's whole procedure from a TOML config: tokenizer, FIM pretraining, rounds of
+    /// evolve → SFT → pass@k while pass@1 rises, and a report. Resumable; re-runs only what changed.
+    Pipeline(pipeline::Args),
+    /// The pipeline at toy scale, offline, in minutes on CPU, then how to attach `wizard serve` to editors.
+    Quickstart(quickstart::Args),
     /// The language server: editor completions over stdio (or --port), with speculative decoding.
     Serve(serve::Args),
     /// Train a byte-level BPE tokenizer with StarCoder's special tokens.
@@ -59,6 +66,8 @@ fn main() -> ExitCode {
         Command::Eval(command) => eval::run(command),
         Command::Evolve(args) => evolve::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Pipeline(args) => pipeline::run(args),
+        Command::Quickstart(args) => quickstart::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Tokenizer(command) => tokenizer::run(command),
         Command::Train(args) => train::run(args),

@@ -32,6 +32,10 @@ pub struct Args {
     /// Most prompt tokens.
     #[arg(long, default_value_t = 1024)]
     context_budget: usize,
+    /// libtorch threads for inference (default: half the cores). An editor's machine is busy with
+    /// other work, and OpenMP threads that wait for a descheduled peer make latency spike.
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -51,7 +55,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let settings =
         lsp::Settings { max_tokens: args.max_tokens, context_budget: args.context_budget, ..lsp::Settings::default() };
     // The model loads on the inference thread; a failure is reported to the client, not fatal.
-    let engine = lsp::start_engine(lsp::ModelPaths { model: args.model, draft: args.draft, device, kind });
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = args.threads.unwrap_or((cores / 2).max(1));
+    let paths = lsp::ModelPaths { model: args.model, draft: args.draft, device, kind, threads };
+    let engine = lsp::start_engine(paths);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         match args.port {

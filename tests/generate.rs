@@ -88,6 +88,14 @@ fn greedy_completion_equals_transformers() {
 }
 
 #[test]
+fn speculative_decoding_gives_the_same_greedy_completion() {
+    let plain = check(&["--prompt", PROMPT, "--max-new-tokens", "40"]);
+    let model = model_dir().to_str().unwrap();
+    assert_eq!(check(&["--prompt", PROMPT, "--max-new-tokens", "40", "--draft", model]), plain);
+    assert_eq!(check(&["--prompt", PROMPT, "--max-new-tokens", "40", "--prompt-lookup"]), plain);
+}
+
+#[test]
 fn prompt_file_and_stop_sequences() {
     let full = check(&["--prompt", PROMPT, "--max-new-tokens", "40"]);
     let chars: Vec<char> = full.chars().collect();

@@ -467,3 +467,45 @@ fn neovim_receives_a_completion() {
     let items = result.as_array().unwrap_or_else(|| panic!("{result}"));
     assert_eq!(items[0]["textEdit"]["newText"], "xxxxxx", "{result}");
 }
+
+/// `--port`: the same protocol over TCP on loopback.
+#[test]
+fn serves_over_tcp() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(WIZARD)
+        .args(["serve", "--device", "cpu", "--port", &port.to_string(), "--model"])
+        .arg(model_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stream = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(error) => panic!("cannot connect to port {port}: {error}"),
+        }
+    };
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}}).to_string();
+    write!(stream, "Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some(value) = line.trim().strip_prefix("Content-Length: ") {
+            length = value.parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    let response: Value = serde_json::from_slice(&body).unwrap();
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(response["result"]["capabilities"]["inlineCompletionProvider"], true, "{response}");
+    assert!(output.stdout.is_empty(), "stdout is not used with --port: {:?}", String::from_utf8_lossy(&output.stdout));
+}

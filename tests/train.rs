@@ -459,6 +459,7 @@ fn a_dying_rank_stops_the_others_with_a_clear_error() {
         std::thread::sleep(Duration::from_millis(20));
     }
     victim.kill().unwrap();
+    victim.wait().unwrap();
     let killed_at = Instant::now();
     let output = survivor.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -225,6 +225,8 @@ pub struct ModelPaths {
     pub device: Device,
     /// Weight dtype.
     pub kind: Kind,
+    /// libtorch intra-op threads on the inference thread (0: libtorch's default, one per core).
+    pub threads: usize,
 }
 
 /// The real model: target, optional draft, tokenizer.
@@ -239,6 +241,9 @@ pub struct ModelBackend {
 impl ModelBackend {
     /// Loads the models and the tokenizer (call on the inference thread).
     pub fn load(paths: &ModelPaths) -> Result<ModelBackend, String> {
+        if paths.threads > 0 {
+            tch::set_num_threads(paths.threads as i32);
+        }
         let tokenizer = Tokenizer::from_dir(&paths.model).map_err(|e| e.to_string())?;
         let target = GptBigCode::load(&paths.model, paths.kind, paths.device).map_err(|e| e.to_string())?;
         let draft = match &paths.draft {

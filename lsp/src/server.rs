@@ -135,7 +135,7 @@ fn ceil_boundary(text: &str, mut at: usize) -> usize {
 impl Backend {
     async fn complete_at(&self, uri: &Uri, position: Position, overrides: Overrides) -> Result<Option<Completion>> {
         let key = uri.as_str().to_string();
-        let (job, full_prefix, suffix, fingerprint, word_start, word, encoding) = {
+        let (job, full_prefix, suffix, fingerprint, word_start, word) = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let encoding = state.encoding;
             let mut settings = state.settings.clone();
@@ -204,9 +204,8 @@ impl Backend {
                 return Ok(Some(Completion { text, cursor, word_start: word_start.into_position(), word }));
             }
             let job = Job { parts, decision, language, settings, fim, cancel };
-            (job, full_prefix, suffix, fingerprint, word_start, word, encoding)
+            (job, full_prefix, suffix, fingerprint, word_start, word)
         };
-        let _ = encoding;
         let guard = CancelOnDrop(job.cancel.clone());
         let result = self.engine.complete(job).await;
         drop(guard);

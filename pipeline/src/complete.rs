@@ -3,6 +3,7 @@
 //! sample ends on the step its stop sequence appears.
 use crate::generate::{generate, Finish, GenerateConfig, StopCriterion};
 use crate::model::GptBigCode;
+use crate::speculative::{self, Drafter, SpeculativeConfig, SpeculativeStats};
 use crate::tokenizer::Tokenizer;
 use crate::Result;
 
@@ -74,4 +75,24 @@ pub fn complete(
             Ok(TextCompletion { text: kept.to_string(), finish, tokens: ids.len() })
         })
         .collect()
+}
+
+/// One completion with speculative decoding (a draft model or prompt lookup), cut at the first stop
+/// sequence, with the drafting counters.
+pub fn complete_speculative(
+    target: &GptBigCode,
+    drafter: &Drafter,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    config: &SpeculativeConfig,
+    stops: &[String],
+) -> Result<(TextCompletion, SpeculativeStats)> {
+    let prompt_ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
+    let mut stop = StopSequences::new(tokenizer, stops);
+    let out = speculative::generate(target, drafter, &prompt_ids, config, &mut stop)?;
+    let ids: Vec<u32> = out.generation.tokens.iter().map(|&t| t as u32).collect();
+    let text = tokenizer.decode(&ids, false)?;
+    let (kept, stopped) = stop.cut(&text);
+    let finish = if stopped { Finish::Stop } else { out.generation.finish };
+    Ok((TextCompletion { text: kept.to_string(), finish, tokens: ids.len() }, out.stats))
 }

@@ -1,0 +1,127 @@
+//! The pipeline's stage table in SQLite: per stage, the fingerprint of the configuration it was run
+//! with (its own section plus its inputs' fingerprints), its status and its outputs as JSON.
+use std::path::Path;
+
+use anyhow::Context;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::Value;
+
+pub struct State {
+    conn: Connection,
+}
+
+/// What to do with a stage, given what the table holds.
+#[derive(Debug, PartialEq)]
+pub enum Plan {
+    /// Done with this fingerprint: reuse its outputs.
+    Skip(Value),
+    /// Started (or failed) with this fingerprint: the stage's own resumption continues it.
+    Resume,
+    /// Never run, or run with another configuration: start from nothing.
+    Fresh,
+}
+
+/// A stable 64-bit FNV-1a hash, as hex: the same text gives the same fingerprint on every machine.
+pub fn fingerprint(parts: &[&str]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.bytes().chain([0u8]) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl State {
+    pub fn open(path: &Path) -> anyhow::Result<State> {
+        let conn = Connection::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE IF NOT EXISTS stages (
+                 name TEXT PRIMARY KEY,
+                 fingerprint TEXT NOT NULL,
+                 status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+                 outputs TEXT,
+                 error TEXT,
+                 started_at INTEGER NOT NULL,
+                 finished_at INTEGER,
+                 pid INTEGER
+             );",
+        )
+        .with_context(|| format!("cannot set up {}", path.display()))?;
+        Ok(State { conn })
+    }
+
+    pub fn plan(&self, name: &str, fingerprint: &str) -> anyhow::Result<Plan> {
+        let row: Option<(String, String, Option<String>)> = self
+            .conn
+            .query_row("SELECT fingerprint, status, outputs FROM stages WHERE name = ?1", [name], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()?;
+        Ok(match row {
+            Some((stored, status, Some(outputs))) if stored == fingerprint && status == "done" => {
+                Plan::Skip(serde_json::from_str(&outputs)?)
+            }
+            Some((stored, _, _)) if stored == fingerprint => Plan::Resume,
+            _ => Plan::Fresh,
+        })
+    }
+
+    pub fn start(&self, name: &str, fingerprint: &str) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT INTO stages (name, fingerprint, status, started_at) VALUES (?1, ?2, 'running', ?3)
+             ON CONFLICT (name) DO UPDATE SET fingerprint = ?2, status = 'running', outputs = NULL, error = NULL,
+                                            started_at = ?3, finished_at = NULL, pid = NULL",
+            params![name, fingerprint, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    pub fn finish(&self, name: &str, outputs: &Value) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE stages SET status = 'done', outputs = ?2, finished_at = ?3 WHERE name = ?1",
+            params![name, outputs.to_string(), now_ms()],
+        )?;
+        Ok(())
+    }
+
+    pub fn fail(&self, name: &str, error: &str) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE stages SET status = 'failed', error = ?2, finished_at = ?3 WHERE name = ?1",
+            params![name, error, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Records the child process a running stage started.
+    pub fn set_pid(&self, name: &str, pid: u32) -> anyhow::Result<()> {
+        self.conn.execute("UPDATE stages SET pid = ?2 WHERE name = ?1", params![name, pid])?;
+        Ok(())
+    }
+
+    /// Stages marked running whose recorded child process is still alive as this same program:
+    /// a pipeline killed without its process group leaves such a child behind.
+    pub fn orphans(&self, exe: &Path) -> anyhow::Result<Vec<(String, u32)>> {
+        let mut statement =
+            self.conn.prepare("SELECT name, pid FROM stages WHERE status = 'running' AND pid IS NOT NULL")?;
+        let rows = statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?)))?;
+        let exe = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+        let mut alive = Vec::new();
+        for row in rows {
+            let (name, pid) = row?;
+            let running = std::fs::read_link(format!("/proc/{pid}/exe"))
+                .map(|p| p == exe || p.to_string_lossy().trim_end_matches(" (deleted)") == exe.to_string_lossy())
+                .unwrap_or(false);
+            if running {
+                alive.push((name, pid));
+            }
+        }
+        Ok(alive)
+    }
+}

@@ -1,0 +1,532 @@
+//! `wizard pipeline` end to end at tiny sizes: every stage and its artefact (the evolve database's
+//! rounds and lineage, a checkpoint that `transformers` loads, the pass@k reports, the report and its
+//! plots, an LSP answer from the produced model), skipping and re-running on a changed config, a kill
+//! in the middle of a stage followed by a re-run, a failing stage, and bad configurations.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const WIZARD: &str = env!("CARGO_BIN_EXE_wizard");
+const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.wizard/python");
+
+/// A corpus of small Python files and seeds that carry their answers (so round 0 needs no model).
+fn fixture(dir: &Path) {
+    let corpus = dir.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    for i in 0..12 {
+        let code: String = (0..12)
+            .map(|j| format!("def f_{i}_{j}(x):\n    \"\"\"Return x times {j}.\"\"\"\n    return x * {j} + {i}\n\n"))
+            .collect();
+        std::fs::write(corpus.join(format!("m{i}.py")), code).unwrap();
+    }
+    let tasks = [
+        ("Write a function that reverses a string.", "def rev(s):\n    return s[::-1]\n"),
+        ("Return the largest number in a list of integers.", "def top(xs):\n    return max(xs)\n"),
+        ("Count the vowels in a given sentence.", "def vowels(s):\n    return sum(c in 'aeiou' for c in s)\n"),
+        (
+            "Check whether a year is a leap year.",
+            "def leap(y):\n    return y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)\n",
+        ),
+        ("Compute the factorial of n recursively.", "def fact(n):\n    return 1 if n < 2 else n * fact(n - 1)\n"),
+        ("Merge two dictionaries into a new one.", "def merge(a, b):\n    return {**a, **b}\n"),
+    ];
+    let seeds: String = tasks.iter().map(|(i, o)| json!({"instruction": i, "output": o}).to_string() + "\n").collect();
+    std::fs::write(dir.join("seeds.jsonl"), seeds).unwrap();
+}
+
+/// The test configuration, with `extra` appended to the `[eval]` table (last in the file).
+fn config(dir: &Path, pretrain_steps: usize, extra_eval: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[run]
+out = "out"
+rounds = 2
+device = "cpu"
+
+[tokenizer]
+inputs = ["corpus"]
+vocab_size = 400
+
+[pretrain]
+model = {{ n_embd = 32, n_layer = 1, n_head = 2, n_positions = 1024 }}
+train = {{ steps = {pretrain_steps}, seq_len = 64, batch_size = 4, lr = 1e-3 }}
+
+[draft]
+model = {{ n_embd = 16, n_layer = 1, n_head = 2, n_positions = 1024 }}
+train = {{ steps = 8, seq_len = 64, batch_size = 4 }}
+
+[evolve]
+seeds = "seeds.jsonl"
+max_tokens = 12
+concurrency = 2
+decontaminate = false
+
+[sft]
+steps = 6
+seq_len = 384
+batch_size = 4
+
+[eval]
+limit = 2
+max_new_tokens = 8
+{extra_eval}
+"#
+    );
+    let path = dir.join("wizard.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn pipeline(config: &Path) -> Output {
+    Command::new(WIZARD).args(["pipeline", "--config"]).arg(config).env("WIZARD_PYTHON", PYTHON).output().unwrap()
+}
+
+fn check_pipeline(config: &Path) -> String {
+    let output = pipeline(config);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "wizard pipeline failed:\n{stderr}");
+    stderr
+}
+
+fn query(db: &Path, sql: &str) -> Vec<Vec<String>> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut statement = conn.prepare(sql).unwrap();
+    let columns = statement.column_count();
+    statement
+        .query_map([], |row| {
+            (0..columns)
+                .map(|i| {
+                    let value: rusqlite::types::Value = row.get(i)?;
+                    Ok(match value {
+                        rusqlite::types::Value::Integer(n) => n.to_string(),
+                        rusqlite::types::Value::Text(t) => t,
+                        rusqlite::types::Value::Real(r) => r.to_string(),
+                        rusqlite::types::Value::Null => "NULL".into(),
+                        rusqlite::types::Value::Blob(_) => "BLOB".into(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// `(stage, status)` rows of the pipeline's state, in run order.
+fn stages(out: &Path) -> Vec<(String, String)> {
+    query(&out.join("pipeline.sqlite"), "SELECT name, status FROM stages ORDER BY started_at, rowid")
+        .into_iter()
+        .map(|row| (row[0].clone(), row[1].clone()))
+        .collect()
+}
+
+const ALL_STAGES: &[&str] = &[
+    "tokenizer",
+    "pretrain",
+    "draft",
+    "evolve-1",
+    "export-1",
+    "sft-1",
+    "eval-1",
+    "evolve-2",
+    "export-2",
+    "sft-2",
+    "eval-2",
+];
+
+/// Which stages a run's stderr says it ran (`==> [..] NAME`) and which it skipped.
+fn ran_and_skipped(stderr: &str) -> (Vec<String>, Vec<String>) {
+    let (mut ran, mut skipped) = (Vec::new(), Vec::new());
+    for line in stderr.lines().filter_map(|l| l.strip_prefix("==> [")) {
+        let Some((_, rest)) = line.split_once("s] ") else { continue };
+        match rest.split_once(": done before") {
+            Some((name, _)) => skipped.push(name.to_string()),
+            None if !rest.starts_with("done:") => ran.push(rest.split(':').next().unwrap().to_string()),
+            None => {}
+        }
+    }
+    (ran, skipped)
+}
+
+fn check_transformers_loads(model: &Path) {
+    let script = r#"
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+ids = tokenizer("def add(a, b):", return_tensors="pt").input_ids
+logits = model(ids).logits
+assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+print(model.config.model_type, model.config.n_embd, logits.shape[1])
+"#;
+    let output = Command::new(PYTHON).args(["-c", script]).arg(model).env("HF_HUB_OFFLINE", "1").output().unwrap();
+    assert!(output.status.success(), "transformers: {}", String::from_utf8_lossy(&output.stderr));
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.starts_with("gpt_bigcode 32 "), "{printed}");
+}
+
+/// One `llm-ls/getCompletions` answer from `wizard serve` with the produced model and draft.
+fn check_lsp_answer(model: &Path, draft: &Path) {
+    let mut child = Command::new(WIZARD)
+        .args(["serve", "--device", "cpu", "--model"])
+        .arg(model)
+        .arg("--draft")
+        .arg(draft)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut send = |message: Value| {
+        let body = message.to_string();
+        write!(stdin, "Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        stdin.flush().unwrap();
+    };
+    let mut receive = || -> Value {
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "the server exited");
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some(value) = line.trim().strip_prefix("Content-Length: ") {
+                length = value.parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        stdout.read_exact(&mut body).unwrap();
+        serde_json::from_slice(&body).unwrap()
+    };
+    send(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"processId": null, "rootUri": null, "capabilities": {}, "initializationOptions": {"maxTokens": 6}}}),
+    );
+    let mut messages = Vec::new();
+    let init = loop {
+        let message = receive();
+        if message["id"] == 1 {
+            break message;
+        }
+        messages.push(message);
+    };
+    assert!(init["result"]["capabilities"].is_object(), "{init}");
+    send(json!({"jsonrpc": "2.0", "method": "initialized", "params": {}}));
+    let uri = "file:///work/a.py";
+    send(
+        json!({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": "def f_1_2(x):\n    \n"}}}),
+    );
+    send(json!({"jsonrpc": "2.0", "id": 2, "method": "llm-ls/getCompletions", "params": {"textDocument": {"uri": uri},
+        "position": {"line": 1, "character": 4}, "contextWindow": 256, "tokensToClear": [], "ide": "neovim",
+        "fim": {"enabled": true, "prefix": "<fim_prefix>", "middle": "<fim_middle>", "suffix": "<fim_suffix>"},
+        "requestBody": {"parameters": {"max_new_tokens": 6}}}}));
+    let answer = loop {
+        let message = receive();
+        if message["id"] == 2 {
+            break message;
+        }
+        messages.push(message);
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answer.get("error").is_none(), "{answer}");
+    let completions = answer["result"]["completions"].as_array().unwrap_or_else(|| panic!("{answer}"));
+    assert_eq!(completions.len(), 1, "{answer}");
+    assert!(completions[0]["generated_text"].is_string(), "{answer}");
+    let errors: Vec<&Value> =
+        messages.iter().filter(|m| m["method"] == "window/showMessage" && m["params"]["type"] == 1).collect();
+    assert!(errors.is_empty(), "the server reported errors: {errors:?}");
+}
+
+#[test]
+fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let config_file = config(dir.path(), 20, "");
+    let started = Instant::now();
+    let stderr = check_pipeline(&config_file);
+    let first_run = started.elapsed();
+    let out = dir.path().join("out");
+
+    // The stage table: every stage done, in order. Tiny models pass nothing, so pass@1 does not
+    // rise in round 2 and the cap of 2 is where it stops either way.
+    let expected: Vec<(String, String)> = ALL_STAGES.iter().map(|s| (s.to_string(), "done".to_string())).collect();
+    assert_eq!(stages(&out), expected, "{stderr}");
+    assert_eq!(ran_and_skipped(&stderr), (ALL_STAGES.iter().map(|s| s.to_string()).collect(), vec![]));
+
+    // The evolve database: rounds 0..2, every item accounted for, and lineage back to a seed.
+    let evolve_db = out.join("evolve.sqlite");
+    let rounds = query(&evolve_db, "SELECT DISTINCT round FROM items ORDER BY round");
+    assert_eq!(rounds, vec![vec!["0".to_string()], vec!["1".into()], vec!["2".into()]]);
+    assert_eq!(query(&evolve_db, "SELECT count(*) FROM items WHERE round = 0")[0][0], "6");
+    assert_eq!(
+        query(&evolve_db, "SELECT count(*) FROM items WHERE status NOT IN ('accepted','rejected','removed')")[0][0],
+        "0"
+    );
+    let leaf = &query(&evolve_db, "SELECT id FROM items WHERE round = 2 LIMIT 1")[0][0];
+    let lineage = Command::new(WIZARD).args(["evolve", "lineage", "--db"]).arg(&evolve_db).arg(leaf).output().unwrap();
+    let lineage = String::from_utf8_lossy(&lineage.stdout);
+    let heads: Vec<&str> = lineage.lines().filter(|l| l.starts_with('#')).collect();
+    // Seed first, the round-2 item last; a round-1 child only where round 1 accepted one.
+    assert!((2..=3).contains(&heads.len()), "{lineage}");
+    assert!(heads[0].contains("round 0 seed accepted"), "{lineage}");
+    assert!(heads[heads.len() - 1].starts_with(&format!("#{leaf} round 2 ")), "{lineage}");
+
+    // Exports: round 0 merged with the evolved rounds, as many lines as the store's accepted items.
+    for r in 1..=2 {
+        let lines = std::fs::read_to_string(out.join(format!("round-{r}/train.jsonl"))).unwrap().lines().count();
+        let accepted =
+            &query(&evolve_db, &format!("SELECT count(*) FROM items WHERE round <= {r} AND status = 'accepted'"))[0][0];
+        assert_eq!(lines.to_string(), *accepted, "round {r}");
+    }
+
+    // Checkpoints: transformers loads the best round's model (linked as `model`).
+    let model = std::fs::canonicalize(out.join("model")).unwrap();
+    assert!(model.starts_with(std::fs::canonicalize(&out).unwrap().join("round-1/sft/checkpoints")), "{model:?}");
+    check_transformers_loads(&model);
+
+    // pass@k reports, one per round, over the 2 problems asked for.
+    for r in 1..=2 {
+        let report: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("round-{r}/humaneval/report.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["problems"], 2, "{report}");
+        let pass1 = report["pass_at_k"]["pass@1"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&pass1));
+    }
+
+    // The report: Markdown with a row per round, the plots, and a JSON summary.
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("| round | items trained on | evolved | accepted | acceptance | SFT loss | HumanEval pass@1 |"),
+        "{md}"
+    );
+    assert!(md.contains("| 1 (best) |") && md.contains("\n| 2 |"), "{md}");
+    for plot in ["loss.svg", "pass1.svg"] {
+        let svg = std::fs::read_to_string(out.join(plot)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{plot}");
+    }
+    let loss = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    for series in ["pretrain", "draft", "sft round 1", "sft round 2"] {
+        assert!(loss.contains(&format!(">{series}</text>")), "{series} missing from loss.svg");
+    }
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(summary["best_round"], 1);
+    assert_eq!(summary["rounds"].as_array().unwrap().len(), 2);
+
+    // An LSP answer from the produced model with the draft.
+    let draft = PathBuf::from(summary["draft"].as_str().unwrap());
+    check_lsp_answer(&model, &draft);
+
+    // Unchanged: everything is skipped, quickly.
+    let started = Instant::now();
+    let again = check_pipeline(&config_file);
+    assert_eq!(ran_and_skipped(&again), (vec![], ALL_STAGES.iter().map(|s| s.to_string()).collect()));
+    assert!(started.elapsed() < first_run / 2, "{:?} vs {first_run:?}", started.elapsed());
+
+    // A changed [eval] re-runs only the evaluations; a changed [sft] the fine-tuning and what follows.
+    check_changed(&config_file, dir.path(), 20, "timeout = 5.0", &["eval-1", "eval-2"]);
+    let sft_changed = std::fs::read_to_string(&config_file).unwrap().replace("steps = 6", "steps = 7");
+    std::fs::write(&config_file, sft_changed).unwrap();
+    let (ran, _) = ran_and_skipped(&check_pipeline(&config_file));
+    assert_eq!(ran, ["sft-1", "eval-1", "sft-2", "eval-2"]);
+}
+
+fn check_changed(config_file: &Path, dir: &Path, steps: usize, extra: &str, expected: &[&str]) {
+    let text = std::fs::read_to_string(config(dir, steps, extra)).unwrap();
+    assert_eq!(text, std::fs::read_to_string(config_file).unwrap());
+    let (ran, skipped) = ran_and_skipped(&check_pipeline(config_file));
+    assert_eq!(ran, expected, "{extra}");
+    assert_eq!(ran.len() + skipped.len(), ALL_STAGES.len());
+}
+
+#[test]
+fn a_kill_in_the_middle_of_a_stage_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let config_file = config(dir.path(), 400, "");
+    let out = dir.path().join("out");
+    // Its own process group, so that the kill takes the stage's child process too, as a crash or
+    // Ctrl-C in a terminal would.
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(WIZARD)
+        .args(["pipeline", "--config"])
+        .arg(&config_file)
+        .env("WIZARD_PYTHON", PYTHON)
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once pretraining has saved its first checkpoint (of 4), in the middle of the stage.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !out.join("base/latest").exists() {
+        assert!(Instant::now() < deadline, "pretraining saved nothing in 120 s");
+        assert!(child.try_wait().unwrap().is_none(), "the pipeline ended before it was killed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status().unwrap();
+    assert!(killed.success());
+    let _ = child.wait();
+    let steps_done = std::fs::read_to_string(out.join("base/metrics.jsonl")).unwrap().lines().count();
+    assert!(steps_done < 400, "pretraining finished before the kill ({steps_done} steps)");
+    assert_eq!(stages(&out), [("tokenizer".to_string(), "done".to_string()), ("pretrain".into(), "running".into())]);
+
+    let stderr = check_pipeline(&config_file);
+    let (ran, skipped) = ran_and_skipped(&stderr);
+    assert_eq!(skipped, ["tokenizer"]);
+    assert_eq!(ran, &ALL_STAGES[1..], "{stderr}");
+    assert!(stderr.contains("pretrain: continuing where it stopped"), "{stderr}");
+    assert!(stderr.contains("resuming from"), "training resumed from its checkpoint:\n{stderr}");
+    let expected: Vec<(String, String)> = ALL_STAGES.iter().map(|s| (s.to_string(), "done".to_string())).collect();
+    assert_eq!(stages(&out), expected);
+    // Each step is in the metrics once: the resumed run continued from the checkpoint's step.
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("base/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=400).collect::<Vec<u64>>());
+    assert!(out.join("report.md").exists() && out.join("model/config.json").exists());
+}
+
+/// Only the pipeline process is killed: its trainer dies with it. A stage child that is still alive
+/// (here stood in for by another `wizard` process) makes a re-run refuse, naming the process, rather
+/// than start a second one on the same folder; once it is gone, the re-run finishes the stage.
+#[test]
+fn a_killed_pipeline_leaves_no_stage_running_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let config_file = config(dir.path(), 2000, "");
+    let out = dir.path().join("out");
+    let run = || {
+        Command::new(WIZARD)
+            .args(["pipeline", "--rounds", "1", "--config"])
+            .arg(&config_file)
+            .env("WIZARD_PYTHON", PYTHON)
+            .output()
+            .unwrap()
+    };
+    let mut child = Command::new(WIZARD)
+        .args(["pipeline", "--rounds", "1", "--config"])
+        .arg(&config_file)
+        .env("WIZARD_PYTHON", PYTHON)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !out.join("base/latest").exists() {
+        assert!(Instant::now() < deadline, "pretraining saved nothing in 120 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let db = out.join("pipeline.sqlite");
+    let trainer = query(&db, "SELECT pid FROM stages WHERE name = 'pretrain' AND status = 'running'")[0][0].clone();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Gone (or a zombie not yet reaped, which has no `exe`).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{trainer}/exe")).is_ok() {
+        assert!(Instant::now() < deadline, "the trainer {trainer} outlived its pipeline");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let mut stand_in = Command::new(WIZARD)
+        .args(["serve", "--model", "/nonexistent"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("UPDATE stages SET pid = ?1 WHERE name = 'pretrain'", [stand_in.id()])
+        .unwrap();
+    let output = run();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    let expected = format!("stage `pretrain` is still running in process {}", stand_in.id());
+    assert!(stderr.contains(&expected), "{stderr}");
+    stand_in.kill().unwrap();
+    stand_in.wait().unwrap();
+
+    let output = run();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("pretrain: continuing where it stopped"), "{stderr}");
+    let done: Vec<(String, String)> = ALL_STAGES[..7].iter().map(|s| (s.to_string(), "done".to_string())).collect();
+    assert_eq!(stages(&out), done);
+}
+
+#[test]
+fn a_failing_stage_stops_the_pipeline_and_keeps_what_was_done() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let config_file = config(dir.path(), 4, "");
+    let seeds = dir.path().join("seeds.jsonl");
+    let good = std::fs::read_to_string(&seeds).unwrap();
+    std::fs::write(&seeds, "{\"instruction\": 3}\n").unwrap();
+    let output = pipeline(&config_file);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("stage `evolve-1` failed"), "{stderr}");
+    assert!(stderr.contains("seeds.jsonl:1"), "the stage says why:\n{stderr}");
+    let out = dir.path().join("out");
+    let done = |name: &str| (name.to_string(), "done".to_string());
+    assert_eq!(
+        stages(&out),
+        [done("tokenizer"), done("pretrain"), done("draft"), ("evolve-1".into(), "failed".into())]
+    );
+    // Fixed, the same command continues after what was done.
+    std::fs::write(&seeds, good).unwrap();
+    let (ran, skipped) = ran_and_skipped(&check_pipeline(&config_file));
+    assert_eq!(skipped, ["tokenizer", "pretrain", "draft"]);
+    assert_eq!(ran, &ALL_STAGES[3..]);
+}
+
+/// `wizard pipeline` on the test config with its first `from` replaced by `to` fails with `expected`
+/// in its message, before anything runs.
+fn check_bad(from: &str, to: &str, expected: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let config_file = config(dir.path(), 4, "");
+    let text = std::fs::read_to_string(&config_file).unwrap();
+    assert!(text.contains(from), "{from}");
+    std::fs::write(&config_file, text.replacen(from, to, 1)).unwrap();
+    let output = pipeline(&config_file);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{expected}: accepted");
+    assert!(stderr.contains(expected), "expected {expected:?} in:\n{stderr}");
+    assert!(!dir.path().join("out").exists(), "{expected}: nothing may run on a bad config");
+}
+
+#[test]
+fn bad_configs_are_errors_naming_the_key() {
+    let cases = [
+        ("steps = 6", "stepz = 6", "unknown field `stepz`"),
+        ("[eval]\n", "[eval]\nbest_of = 3\n", "unknown field `best_of`"),
+        ("[run]\n", "[runs]\n", "unknown field `runs`"),
+        ("vocab_size = 400", "vocab_size = 100", "`tokenizer.vocab_size`: 100 is below 275"),
+        ("n_head = 2, n_positions", "n_head = 3, n_positions", "`pretrain.model.n_head`: 3 does not divide"),
+        ("seq_len = 384", "seq_len = 4096", "`sft.seq_len`: 4096 is longer than the model's n_positions"),
+        ("batch_size = 4 }", "batch_size = 0 }", "`draft.train.batch_size`: must be at least 1"),
+        ("rounds = 2", "rounds = 0", "`run.rounds`: must be at least 1"),
+        ("limit = 2", "limit = 2\nformat = \"chat\"", "`eval.format`: \"chat\""),
+        ("limit = 2", "limit = 2\nsamples = 4", "`eval.samples`: several samples"),
+        ("[sft]\n", "[sft]\nzero = 4\n", "`sft.zero`: stage 4 does not exist"),
+        ("concurrency = 2", "concurrency = 0", "`evolve.concurrency`"),
+        ("[evolve]\n", "[evolve]\nbase_url = \"http://127.0.0.1:9/v1\"\n", "`evolve.model`"),
+        ("[run]\n", "[base]\ncheckpoint = \"m\"\n[run]\n", "`base`: give either"),
+        ("rounds = 2", "rounds = \"two\"", "invalid type: string \"two\", expected u32"),
+    ];
+    for (from, to, expected) in cases {
+        check_bad(from, to, expected);
+    }
+    let output = Command::new(WIZARD).args(["pipeline", "--config", "/nonexistent/wizard.toml"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read /nonexistent/wizard.toml"));
+}
