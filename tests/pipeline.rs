@@ -402,7 +402,7 @@ fn a_kill_in_the_middle_of_a_stage_loses_nothing() {
 fn a_killed_pipeline_leaves_no_stage_running_twice() {
     let dir = tempfile::tempdir().unwrap();
     fixture(dir.path());
-    let config_file = config(dir.path(), 2000, "");
+    let config_file = config(dir.path(), 800, "");
     let out = dir.path().join("out");
     let run = || {
         Command::new(WIZARD)

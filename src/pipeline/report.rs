@@ -23,8 +23,15 @@ pub fn read_losses(path: &Path) -> anyhow::Result<Vec<(usize, f64)>> {
 
 const COLOURS: &[&str] = &["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
 
-/// A line chart of named series, with axes, ticks and a legend.
-pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+/// A line chart of named series, with axes, ticks and a legend; `probability` fixes the y axis at
+/// 0 below and at most 1 above.
+pub fn line_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    probability: bool,
+) -> String {
     let (w, h, left, right, top, bottom) = (720.0, 420.0, 70.0, 170.0, 40.0, 50.0);
     let points = series.iter().flat_map(|(_, p)| p.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -33,6 +40,9 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(String, 
     }
     if x0 > x1 {
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if probability {
+        (y0, y1) = (0.0, (y1 * 1.2).clamp(0.05, 1.0));
     }
     if x1 - x0 < 1e-9 {
         x1 = x0 + 1.0;
@@ -56,9 +66,14 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(String, 
         escape(title)
     );
     let _ = writeln!(svg, r#"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#);
-    for i in 0..=4 {
-        let fx = x0 + (x1 - x0) * i as f64 / 4.0;
-        let fy = y0 + (y1 - y0) * i as f64 / 4.0;
+    // Whole-number x values over a short span (rounds) get a tick each.
+    let whole = series.iter().flat_map(|(_, p)| p.iter()).all(|(x, _)| x.fract() == 0.0) && x1 - x0 <= 10.0;
+    let x_ticks: Vec<f64> = if whole {
+        (x0 as i64..=x1 as i64).map(|x| x as f64).collect()
+    } else {
+        (0..=4).map(|i| x0 + (x1 - x0) * i as f64 / 4.0).collect()
+    };
+    for fx in x_ticks {
         let _ = writeln!(
             svg,
             r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
@@ -66,6 +81,9 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(String, 
             top + ph + 16.0,
             tick(fx)
         );
+    }
+    for i in 0..=4 {
+        let fy = y0 + (y1 - y0) * i as f64 / 4.0;
         let _ = writeln!(
             svg,
             r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
@@ -158,7 +176,7 @@ pub fn write(
             series.push((name.clone(), points));
         }
     }
-    std::fs::write(out.join("loss.svg"), line_chart("Training loss", "step", "loss", &series))?;
+    std::fs::write(out.join("loss.svg"), line_chart("Training loss", "step", "loss", &series, false))?;
     let mut pass_series = vec![(
         "HumanEval pass@1".to_string(),
         rounds.iter().map(|r| (f64::from(r.round), r.pass1())).collect::<Vec<_>>(),
@@ -169,7 +187,7 @@ pub fn write(
             .map(|r| (f64::from(r.round), r.eval["mbpp"]["pass_at_k"]["pass@1"].as_f64().unwrap_or(f64::NAN)));
         pass_series.push(("MBPP pass@1".to_string(), points.collect()));
     }
-    std::fs::write(out.join("pass1.svg"), line_chart("pass@1 per round", "round", "pass@1", &pass_series))?;
+    std::fs::write(out.join("pass1.svg"), line_chart("pass@1 per round", "round", "pass@1", &pass_series, true))?;
 
     let link = out.join("model");
     if link.symlink_metadata().is_ok() {

@@ -54,6 +54,14 @@ impl State {
              );",
         )
         .with_context(|| format!("cannot set up {}", path.display()))?;
+        // Tables made before the `pid` column existed get it.
+        let has_pid: i64 =
+            conn.query_row("SELECT count(*) FROM pragma_table_info('stages') WHERE name = 'pid'", [], |row| {
+                row.get(0)
+            })?;
+        if has_pid == 0 {
+            conn.execute_batch("ALTER TABLE stages ADD COLUMN pid INTEGER")?;
+        }
         Ok(State { conn })
     }
 
