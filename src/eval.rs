@@ -138,6 +138,10 @@ pub struct ReportArgs {
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    // Started by `wizard pipeline`: do not outlive it.
+    if let Some(parent) = std::env::var("WIZARD_LAUNCHER_PID").ok().and_then(|p| p.parse().ok()) {
+        kernels::process::die_with_parent(parent);
+    }
     match command {
         Command::Run(args) => run_model(*args),
         Command::Score(args) => score(*args),

@@ -140,6 +140,10 @@ struct RunArgs {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Started by `wizard pipeline`: do not outlive it.
+    if let Some(parent) = std::env::var("WIZARD_LAUNCHER_PID").ok().and_then(|p| p.parse().ok()) {
+        kernels::process::die_with_parent(parent);
+    }
     match args.command {
         None => run_evolution(*args.run),
         Some(Command::Run(run)) => run_evolution(*run),
