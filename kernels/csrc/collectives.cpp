@@ -4,26 +4,14 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "guard.h"
+
 #include <chrono>
-#include <cstring>
 #include <string>
 
+using wizard::guarded;
+
 namespace {
-thread_local std::string collective_error;
-
-template <typename F>
-int guarded(F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    collective_error = e.what();
-  } catch (...) {
-    collective_error = "unknown C++ exception";
-  }
-  return -1;
-}
-
 at::Tensor& tensor(void* handle) { return *static_cast<at::Tensor*>(handle); }
 }  // namespace
 
@@ -34,13 +22,6 @@ struct WizardGroup {
 };
 
 extern "C" {
-
-void wizard_collective_error(char* buf, size_t len) {
-  if (len == 0) return;
-  size_t n = collective_error.size() < len - 1 ? collective_error.size() : len - 1;
-  std::memcpy(buf, collective_error.data(), n);
-  buf[n] = '\0';
-}
 
 // Rank 0 hosts the store at host:port; every rank connects to it, then Gloo rendezvous runs through it.
 int wizard_group_new_gloo(const char* host, int port, int rank, int size, long timeout_ms, WizardGroup** out) {

@@ -4,7 +4,8 @@
 #include <torch/cuda.h>
 #include <torch/headeronly/version.h>
 
-#include <cstring>
+#include "guard.h"
+
 #include <stdexcept>
 #include <string>
 
@@ -23,40 +24,19 @@ void* volatile torch_cuda_anchor = reinterpret_cast<void*>(&at::cuda::warp_size)
 }  // namespace
 #endif
 
-namespace {
-thread_local std::string last_error;
-
-void copy_out(const std::string& text, char* buf, size_t len) {
-  if (len == 0) return;
-  size_t n = text.size() < len - 1 ? text.size() : len - 1;
-  std::memcpy(buf, text.data(), n);
-  buf[n] = '\0';
-}
-
-template <typename F>
-int guarded(F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return -1;
-}
-}  // namespace
+using wizard::copy_out;
+using wizard::guarded;
 
 extern "C" {
 
-void wizard_last_error(char* buf, size_t len) { copy_out(last_error, buf, len); }
+void wizard_last_error(char* buf, size_t len) { copy_out(wizard::last_error(), buf, len); }
 
 void wizard_torch_version(char* buf, size_t len) { copy_out(TORCH_VERSION, buf, len); }
 
 int wizard_libtorch_path(char* buf, size_t len) {
   Dl_info info;
   if (dladdr(reinterpret_cast<void*>(&torch::cuda::is_available), &info) == 0 || info.dli_fname == nullptr) {
-    last_error = "dladdr found no shared object for libtorch";
+    wizard::last_error() = "dladdr found no shared object for libtorch";
     return -1;
   }
   copy_out(info.dli_fname, buf, len);
@@ -107,7 +87,7 @@ int wizard_cuda_device(int index, char* name, size_t name_len, unsigned long lon
     *total_memory = bytes;
   });
 #else
-  last_error = "wizard was built against a libtorch without CUDA";
+  wizard::last_error() = "wizard was built against a libtorch without CUDA";
   return -1;
 #endif
 }

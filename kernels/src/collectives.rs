@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tch::Tensor;
 
+use crate::ffi::check;
 use crate::KernelError;
 
 #[repr(C)]
@@ -14,7 +15,6 @@ struct WizardGroup {
 }
 
 extern "C" {
-    fn wizard_collective_error(buf: *mut c_char, len: usize);
     fn wizard_group_new_gloo(
         host: *const c_char,
         port: c_int,
@@ -29,18 +29,6 @@ extern "C" {
     fn wizard_allgather(group: *mut WizardGroup, output: *mut c_void, input: *mut c_void) -> c_int;
     fn wizard_broadcast(group: *mut WizardGroup, tensor: *mut c_void, root: c_int) -> c_int;
     fn wizard_barrier(group: *mut WizardGroup) -> c_int;
-}
-
-fn check(status: c_int, operation: &'static str) -> Result<(), KernelError> {
-    if status == 0 {
-        return Ok(());
-    }
-    let mut buf = vec![0 as c_char; 4096];
-    // SAFETY: writes at most `len` bytes, NUL-terminated.
-    unsafe { wizard_collective_error(buf.as_mut_ptr(), buf.len()) };
-    // SAFETY: NUL-terminated above.
-    let message = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
-    Err(KernelError::Torch { operation, message })
 }
 
 fn handle(tensor: &Tensor) -> *mut c_void {

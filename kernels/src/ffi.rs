@@ -33,7 +33,9 @@ fn read_text(fill: impl FnOnce(*mut c_char, usize)) -> String {
     unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
 }
 
-fn check(status: c_int, operation: &'static str) -> Result<(), KernelError> {
+/// Turns a shim status into a result, reading the message of a failure (every C++ entry point
+/// reports through the same `wizard_last_error`).
+pub(crate) fn check(status: c_int, operation: &'static str) -> Result<(), KernelError> {
     if status == 0 {
         return Ok(());
     }

@@ -1,12 +1,12 @@
 //! libtorch's fused AdamW kernel (`at::_fused_adamw_`), which tch does not bind.
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_int, c_void};
 
 use tch::Tensor;
 
+use crate::ffi::check;
 use crate::KernelError;
 
 extern "C" {
-    fn wizard_optim_error(buf: *mut c_char, len: usize);
     #[allow(clippy::too_many_arguments)]
     fn wizard_fused_adamw(
         param: *mut c_void,
@@ -64,15 +64,7 @@ pub fn fused_adamw(
             hp.eps,
         )
     };
-    if status == 0 {
-        return Ok(());
-    }
-    let mut buf = vec![0 as c_char; 4096];
-    // SAFETY: writes at most `len` bytes, NUL-terminated.
-    unsafe { wizard_optim_error(buf.as_mut_ptr(), buf.len()) };
-    // SAFETY: NUL-terminated above.
-    let message = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
-    Err(KernelError::Torch { operation: "fused AdamW", message })
+    check(status, "fused AdamW")
 }
 
 #[cfg(test)]

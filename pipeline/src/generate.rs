@@ -160,8 +160,10 @@ fn pick(logits: &Tensor, sampling: &Sampling, rngs: &mut [StdRng]) -> Result<Vec
         .collect())
 }
 
-/// Temperature, then top-k, then top-p (as `transformers` orders its warpers), then a draw.
-fn sample_row(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> usize {
+/// Temperature, then top-k, then top-p (as `transformers` orders its warpers): the surviving
+/// tokens with their renormalised probabilities, most likely first. Speculative decoding verifies
+/// against exactly this distribution.
+pub(crate) fn warped_candidates(logits: &[f32], sampling: &Sampling) -> Vec<(usize, f64)> {
     let mut candidates: Vec<(usize, f64)> =
         logits.iter().enumerate().map(|(i, &l)| (i, f64::from(l) / sampling.temperature)).collect();
     candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -186,9 +188,18 @@ fn sample_row(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> usize {
         candidates.truncate(keep);
         total = candidates.iter().map(|c| c.1).sum();
     }
-    let mut draw = rng.random::<f64>() * total;
-    for (token, weight) in &candidates {
-        draw -= weight;
+    for candidate in candidates.iter_mut() {
+        candidate.1 /= total;
+    }
+    candidates
+}
+
+/// One draw from the warped distribution of `logits`.
+fn sample_row(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> usize {
+    let candidates = warped_candidates(logits, sampling);
+    let mut draw = rng.random::<f64>();
+    for (token, probability) in &candidates {
+        draw -= probability;
         if draw <= 0.0 {
             return *token;
         }

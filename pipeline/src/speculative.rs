@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
-use crate::generate::{Finish, Generation, Sampling, StopCriterion};
+use crate::generate::{warped_candidates, Finish, Generation, Sampling, StopCriterion};
 use crate::kv_cache::KvCache;
 use crate::model::GptBigCode;
 use crate::{PipelineError, Result};
@@ -363,32 +363,8 @@ pub fn warped_probs(logits: &[f32], sampling: &Sampling) -> Vec<f64> {
         probs[argmax(logits)] = 1.0;
         return probs;
     }
-    let mut candidates: Vec<(usize, f64)> =
-        logits.iter().enumerate().map(|(i, &l)| (i, f64::from(l) / sampling.temperature)).collect();
-    candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if let Some(k) = sampling.top_k {
-        candidates.truncate(k.max(1));
-    }
-    let max = candidates[0].1;
-    let mut total = 0.0;
-    for candidate in candidates.iter_mut() {
-        candidate.1 = (candidate.1 - max).exp();
-        total += candidate.1;
-    }
-    if let Some(p) = sampling.top_p {
-        let mut cumulative = 0.0;
-        let keep = candidates
-            .iter()
-            .position(|c| {
-                cumulative += c.1 / total;
-                cumulative >= p
-            })
-            .map_or(candidates.len(), |last| last + 1);
-        candidates.truncate(keep);
-        total = candidates.iter().map(|c| c.1).sum();
-    }
-    for (token, weight) in candidates {
-        probs[token] = weight / total;
+    for (token, probability) in warped_candidates(logits, sampling) {
+        probs[token] = probability;
     }
     probs
 }
