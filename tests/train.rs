@@ -56,25 +56,30 @@ fn wizard(args: &[&str]) -> Output {
     Command::new(WIZARD).args(args).output().expect("wizard runs")
 }
 
+/// `wizard train` arguments for the fixture's config, tokenizer and corpus at `--seq-len 64`,
+/// writing to `out`, followed by `extra`.
+fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let f = fixture();
+    let mut args = vec!["train".to_string()];
+    for (flag, path) in
+        [("--model-config", f.path("config.json")), ("--tokenizer", f.path("tok")), ("--data", f.path("corpus"))]
+    {
+        args.extend([flag.to_string(), path.to_str().unwrap().to_string()]);
+    }
+    args.extend(["--out", out.to_str().unwrap(), "--seq-len", "64"].map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Replaces the value that follows `flag` in `args`.
+fn set_flag(args: &mut [String], flag: &str, value: impl AsRef<std::ffi::OsStr>) {
+    let at = args.iter().position(|a| a == flag).unwrap() + 1;
+    args[at] = value.as_ref().to_str().unwrap().to_string();
+}
+
 /// `wizard train` on the fixture with `extra` flags into `out`; returns the output, asserting success.
 fn check_train(out: &Path, extra: &[&str]) -> Output {
-    let f = fixture();
-    let (config, tok, corpus) = (f.path("config.json"), f.path("tok"), f.path("corpus"));
-    let mut args = vec![
-        "train",
-        "--model-config",
-        config.to_str().unwrap(),
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--data",
-        corpus.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--seq-len",
-        "64",
-    ];
-    args.extend(extra);
-    let output = wizard(&args);
+    let output = Command::new(WIZARD).args(train_args(out, extra)).output().unwrap();
     assert!(output.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&output.stderr));
     output
 }
@@ -159,26 +164,9 @@ fn check_kill_and_resume(extra: &[&str]) {
     let expected = losses(&whole);
     assert_eq!(expected.len(), 8);
 
-    let f = fixture();
     let out = work.path().join("killed");
     let args = |resume: bool| {
-        let mut args: Vec<String> = [
-            "train",
-            "--model-config",
-            f.path("config.json").to_str().unwrap(),
-            "--tokenizer",
-            f.path("tok").to_str().unwrap(),
-            "--data",
-            f.path("corpus").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--seq-len",
-            "64",
-        ]
-        .iter()
-        .chain(flags.iter())
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = train_args(&out, &flags);
         if resume {
             args.push("--resume".into());
         }
@@ -200,7 +188,8 @@ fn check_kill_and_resume(extra: &[&str]) {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let killed = Command::new("kill").args(["-9", &format!("-{}", child.id())]).status().unwrap();
+    // `kill -9 -PGID` is misread by procps 4.0.2 as a kill of every process; `--` avoids that.
+    let killed = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status().unwrap();
     assert!(killed.success());
     let _ = child.wait();
     let resumed = Command::new(WIZARD).args(args(true)).output().unwrap();
@@ -319,41 +308,22 @@ fn bad_input_is_a_clear_error() {
     let json = std::fs::read_to_string(f.path("tok").join("tokenizer.json")).unwrap();
     std::fs::write(no_fim.join("tokenizer.json"), json.replace("<fim_prefix>", "<fim_start>")).unwrap();
 
-    let (config, tok, corpus) = (f.path("config.json"), f.path("tok"), f.path("corpus"));
     let out = work.path().join("out");
-    let base = |tokenizer: &Path, data: &Path| -> Vec<String> {
-        [
-            "train",
-            "--model-config",
-            config.to_str().unwrap(),
-            "--tokenizer",
-            tokenizer.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--steps",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let base = |tokenizer: &Path, data: &Path, extra: &[&str]| {
+        let mut args = train_args(&out, &[&["--steps", "1"], extra].concat());
+        set_flag(&mut args, "--tokenizer", tokenizer);
+        set_flag(&mut args, "--data", data);
+        args
     };
-    let cases: Vec<(Vec<String>, &str)> = vec![
-        (
-            [base(&tok, &broken), vec!["--mode".into(), "sft".into(), "--seq-len".into(), "64".into()]].concat(),
-            "broken.jsonl: line 3",
-        ),
-        ([base(&tok, &empty), vec!["--seq-len".into(), "64".into()]].concat(), "no documents found"),
-        ([base(&no_fim, &corpus), vec!["--seq-len".into(), "64".into()]].concat(), "no <fim_prefix> token"),
-        (
-            [base(&tok, &corpus), vec!["--seq-len".into(), "500".into()]].concat(),
-            "--seq-len 500 is longer than the model's context (n_positions = 128)",
-        ),
-        (
-            [base(&tok, &corpus), vec!["--seq-len".into(), "64".into(), "--zero".into(), "4".into()]].concat(),
-            "invalid value '4' for '--zero",
-        ),
+    let (tok, corpus) = (f.path("tok"), f.path("corpus"));
+    let mut too_long = base(&tok, &corpus, &[]);
+    set_flag(&mut too_long, "--seq-len", "500");
+    let cases = [
+        (base(&tok, &broken, &["--mode", "sft"]), "broken.jsonl: line 3"),
+        (base(&tok, &empty, &[]), "no documents found"),
+        (base(&no_fim, &corpus, &[]), "no <fim_prefix> token"),
+        (too_long, "--seq-len 500 is longer than the model's context (n_positions = 128)"),
+        (base(&tok, &corpus, &["--zero", "4"]), "invalid value '4' for '--zero"),
     ];
     for (args, expected) in cases {
         let output = Command::new(WIZARD).args(&args).output().unwrap();
@@ -362,14 +332,11 @@ fn bad_input_is_a_clear_error() {
     }
     // --skip-bad-lines counts the broken line and trains on the rest.
     let config256 = work.path().join("config256.json");
-    let text = std::fs::read_to_string(&config).unwrap();
+    let text = std::fs::read_to_string(f.path("config.json")).unwrap();
     std::fs::write(&config256, text.replace("\"n_positions\":128", "\"n_positions\":256")).unwrap();
-    let mut skipping = [
-        base(&tok, &broken),
-        vec!["--mode".into(), "sft".into(), "--seq-len".into(), "256".into(), "--skip-bad-lines".into()],
-    ]
-    .concat();
-    skipping[2] = config256.to_str().unwrap().to_string();
+    let mut skipping = base(&tok, &broken, &["--mode", "sft", "--skip-bad-lines"]);
+    set_flag(&mut skipping, "--seq-len", "256");
+    set_flag(&mut skipping, "--model-config", &config256);
     let output = Command::new(WIZARD).args(&skipping).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
@@ -392,33 +359,10 @@ fn processes_with_env(markers: &[String]) -> Vec<u32> {
 
 #[test]
 fn a_dying_rank_stops_the_others_with_a_clear_error() {
-    let f = fixture();
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
-    let mut args: Vec<String> = [
-        "train",
-        "--model-config",
-        f.path("config.json").to_str().unwrap(),
-        "--tokenizer",
-        f.path("tok").to_str().unwrap(),
-        "--data",
-        f.path("corpus").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--seq-len",
-        "64",
-        "--steps",
-        "100000",
-        "--save-every",
-        "100000",
-        "--batch-size",
-        "1",
-        "--timeout",
-        "5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let flags = ["--steps", "100000", "--save-every", "100000", "--batch-size", "1", "--timeout", "5"];
+    let mut args = train_args(&out, &flags);
 
     // Ranks started by `--nproc`: the launcher stops the survivor and names the dead rank.
     let mut launcher_args = args.clone();
@@ -441,7 +385,7 @@ fn a_dying_rank_stops_the_others_with_a_clear_error() {
 
     // torchrun-style ranks with no launcher: the survivor's collective fails within --timeout.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
-    args[8] = work.path().join("out2").to_str().unwrap().to_string();
+    set_flag(&mut args, "--out", work.path().join("out2"));
     let spawn = |rank: &str| {
         Command::new(WIZARD)
             .args(&args)
