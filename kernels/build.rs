@@ -21,7 +21,8 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .file("csrc/runtime.cpp")
         .file("csrc/collectives.cpp")
-        .file("csrc/optim.cpp");
+        .file("csrc/optim.cpp")
+        .file("csrc/precision.cpp");
     if with_cuda {
         build.define("WIZARD_WITH_CUDA", None).include(&cuda_include);
     }

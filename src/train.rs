@@ -13,7 +13,7 @@ use pipeline::model::GptBigCode;
 use pipeline::tokenizer::{Tokenizer, DEFAULT_EXTENSIONS};
 use pipeline::train::data::{self, DataConfig, Mode};
 use pipeline::train::fim::FimConfig;
-use pipeline::train::{latest_checkpoint, LoopConfig, Rank, TrainEvent, Trainer};
+use pipeline::train::{latest_checkpoint, Compute, LoopConfig, Rank, TrainEvent, Trainer};
 use tch::{Device, Kind};
 
 #[derive(clap::Args, Clone)]
@@ -90,6 +90,12 @@ pub struct Args {
     /// Count and skip JSONL lines that do not parse (the default stops at the first, naming it).
     #[arg(long)]
     skip_bad_lines: bool,
+    /// cpu, cuda, cuda:N, or auto (GPU LOCAL_RANK when CUDA is available, else the CPU).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// fp32, or bf16 (autocast over fp32 master weights); auto is bf16 on CUDA and fp32 on the CPU.
+    #[arg(long, default_value = "auto")]
+    precision: String,
     /// Seconds a collective may wait for a peer before the rank gives up.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -123,6 +129,33 @@ fn rank_from_env() -> anyhow::Result<Option<(usize, usize, String, u16)>> {
     anyhow::ensure!(rank < world, "RANK {rank} is not below WORLD_SIZE {world}");
     let port: u16 = get("MASTER_PORT")?.parse().context("MASTER_PORT is not a port number")?;
     Ok(Some((rank, world, get("MASTER_ADDR")?, port)))
+}
+
+/// The device and precision `--device` and `--precision` ask for, checked against this machine.
+fn compute(device: &str, precision: &str) -> anyhow::Result<Compute> {
+    let gpus = tch::Cuda::device_count() as usize;
+    let local_rank: usize = std::env::var("LOCAL_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
+    let device = match device {
+        "auto" if gpus > 0 => Device::Cuda(local_rank % gpus),
+        "auto" | "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(local_rank % gpus.max(1)),
+        other => match other.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) {
+            Some(index) => Device::Cuda(index),
+            None => bail!("--device {other:?}: use auto, cpu, cuda or cuda:N"),
+        },
+    };
+    if let Device::Cuda(index) = device {
+        anyhow::ensure!(
+            index < gpus,
+            "--device cuda:{index}: this machine has {gpus} CUDA device(s) (`wizard doctor` shows what libtorch sees)"
+        );
+    }
+    let autocast = match (precision, device) {
+        ("auto", Device::Cuda(_)) | ("bf16", _) => Some(Kind::BFloat16),
+        ("auto" | "fp32", _) => None,
+        (other, _) => bail!("--precision {other:?}: use auto, fp32 or bf16"),
+    };
+    Ok(Compute { device, autocast })
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -188,6 +221,12 @@ fn launch(args: &Args) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Writes `line` to stderr in one write, so the lines of ranks sharing a terminal do not interleave.
+fn say_whole_line(line: String) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
 fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
     let lead = rank.rank == 0;
     let mode = match args.mode.as_str() {
@@ -201,14 +240,14 @@ fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
     let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
     let eos = i64::from(tokenizer.eos_id());
     let resume_from = if args.resume { latest_checkpoint(&args.out)? } else { None };
+    let compute = compute(&args.device, &args.precision)?;
+    let device = compute.device;
     tch::manual_seed(args.seed as i64); // every rank draws the same initial weights
     let mut model = match (&resume_from, &args.model, &args.model_config, &args.preset) {
-        (Some(checkpoint), ..) => GptBigCode::load(checkpoint, Kind::Float, Device::Cpu)?,
-        (None, Some(dir), ..) => GptBigCode::load(dir, Kind::Float, Device::Cpu)?,
-        (None, None, Some(path), _) => GptBigCode::new(ModelConfig::from_file(path)?, Device::Cpu)?,
-        (None, None, None, Some(name)) => {
-            GptBigCode::new(preset(name, tokenizer.vocab_size() as i64, eos)?, Device::Cpu)?
-        }
+        (Some(checkpoint), ..) => GptBigCode::load(checkpoint, Kind::Float, device)?,
+        (None, Some(dir), ..) => GptBigCode::load(dir, Kind::Float, device)?,
+        (None, None, Some(path), _) => GptBigCode::new(ModelConfig::from_file(path)?, device)?,
+        (None, None, None, Some(name)) => GptBigCode::new(preset(name, tokenizer.vocab_size() as i64, eos)?, device)?,
         (None, None, None, None) => bail!("give one of --model, --model-config or --preset"),
     };
     let n_positions = model.config().n_positions as usize;
@@ -249,7 +288,8 @@ fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
     };
     let world = rank.world;
     let this_rank = rank.rank;
-    let trainer = Trainer { config, out: &args.out, tokenizer_dir: &tokenizer_dir, data: &dataset, rank, resume_from };
+    let trainer =
+        Trainer { config, out: &args.out, tokenizer_dir: &tokenizer_dir, data: &dataset, rank, compute, resume_from };
     let mib = |bytes: i64| bytes as f64 / (1 << 20) as f64;
     if lead {
         let s = &dataset.stats;
@@ -258,6 +298,9 @@ fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
              {} train / {} held-out sequences",
             s.documents, s.tokens, s.fim_documents, s.dropped_too_long, args.seq_len, s.skipped_lines, s.train, s.eval
         );
+        let precision =
+            compute.autocast.map_or("fp32".to_string(), |kind| format!("{kind:?} autocast, fp32 master weights"));
+        eprintln!("compute: {device:?}, {precision}");
         if let Some(checkpoint) = &trainer.resume_from {
             eprintln!("resuming from {}", checkpoint.display());
         }
@@ -270,14 +313,14 @@ fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
     let zero = args.zero;
     let mut on_event = |event: TrainEvent| {
         match event {
-        TrainEvent::Memory(memory) => eprintln!(
+        TrainEvent::Memory(memory) => say_whole_line(format!(
             "rank {this_rank}/{world} zero {zero}: params {:.1} MiB, grads {:.1} MiB, optimizer state {:.1} MiB (fp32); \
              ZeRO formula for bf16 mixed precision: {:.1} MiB",
             mib(memory.params),
             mib(memory.grads),
             mib(memory.optimizer),
             mib(memory.mixed_precision_formula)
-        ),
+        )),
         TrainEvent::Step(m) => {
             bar.set_position(m.step as u64);
             bar.set_message(format!(
@@ -293,6 +336,14 @@ fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
     };
     trainer.run(&mut model, &mut on_event)?;
     bar.finish_and_clear();
+    if let Device::Cuda(index) = device {
+        let memory = kernels::precision::cuda_memory(index, false)?;
+        say_whole_line(format!(
+            "rank {this_rank}/{world} zero {zero}: peak CUDA memory {:.1} MiB allocated, {:.1} MiB reserved",
+            mib(memory.peak_allocated),
+            mib(memory.reserved)
+        ));
+    }
     if lead {
         if let Some(checkpoint) = latest_checkpoint(&args.out)? {
             println!("{}", checkpoint.display());

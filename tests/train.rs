@@ -121,6 +121,30 @@ fn zero_stages_on_two_ranks_match_one_process() {
     }
 }
 
+/// bf16 autocast over fp32 master weights (on the CPU here, on CUDA by default there): the losses
+/// follow the fp32 run closely without equalling it, and the checkpoint stays fp32.
+#[test]
+fn bf16_autocast_follows_fp32() {
+    let work = tempfile::tempdir().unwrap();
+    let steps = ["--steps", "4", "--save-every", "100", "--batch-size", "2", "--lr", "1e-3"];
+    let fp32 = work.path().join("fp32");
+    check_train(&fp32, &[&steps[..], &["--precision", "fp32"]].concat());
+    let bf16 = work.path().join("bf16");
+    let output = check_train(&bf16, &[&steps[..], &["--precision", "bf16"]].concat());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("compute: Cpu, BFloat16 autocast, fp32 master weights"), "{stderr}");
+    let (expected, got) = (losses(&fp32), losses(&bf16));
+    assert_eq!(got.len(), 4);
+    for (step, (a, b)) in got.iter().zip(&expected).enumerate() {
+        assert!((a - b).abs() < 0.02 * b, "step {}: bf16 {a} vs fp32 {b}", step + 1);
+    }
+    assert_ne!(got, expected, "autocast changed nothing");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(bf16.join("checkpoints/step-000004/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["dtype"], "float32");
+}
+
 #[test]
 fn zero_memory_report_follows_the_formulas() {
     let work = tempfile::tempdir().unwrap();
@@ -324,6 +348,9 @@ fn bad_input_is_a_clear_error() {
         (base(&no_fim, &corpus, &[]), "no <fim_prefix> token"),
         (too_long, "--seq-len 500 is longer than the model's context (n_positions = 128)"),
         (base(&tok, &corpus, &["--zero", "4"]), "invalid value '4' for '--zero"),
+        (base(&tok, &corpus, &["--device", "gpu"]), "--device \"gpu\": use auto, cpu, cuda or cuda:N"),
+        (base(&tok, &corpus, &["--device", "cuda:3"]), "--device cuda:3: this machine has"),
+        (base(&tok, &corpus, &["--precision", "fp8"]), "--precision \"fp8\": use auto, fp32 or bf16"),
     ];
     for (args, expected) in cases {
         let output = Command::new(WIZARD).args(&args).output().unwrap();

@@ -1,10 +1,10 @@
 //! Collectives through libtorch's own c10d engines: `ProcessGroupGloo` rendezvoused over a
-//! `TCPStore` (CPU tensors). Every call blocks until done or until the group's timeout, so a dead
-//! peer becomes an error instead of a hang.
+//! `TCPStore`. Gloo reduces host memory, so CUDA tensors travel through a host copy. Every call
+//! blocks until done or until the group's timeout, so a dead peer becomes an error instead of a hang.
 use std::ffi::{c_char, c_int, c_long, c_void, CString};
 use std::time::Duration;
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use crate::ffi::check;
 use crate::KernelError;
@@ -34,6 +34,27 @@ extern "C" {
 fn handle(tensor: &Tensor) -> *mut c_void {
     // tch's tensor handle is an `at::Tensor*`; the shim only reads inputs.
     tensor.as_ptr() as *mut c_void
+}
+
+/// `tensor` itself when it is in host memory, else a host copy.
+fn on_host(tensor: &Tensor) -> Tensor {
+    match tensor.device() {
+        Device::Cpu => tensor.shallow_clone(),
+        _ => tensor.to_device(Device::Cpu),
+    }
+}
+
+/// Runs `collective` on a host version of `tensor`, copying the result back when it was staged.
+fn in_place(
+    tensor: &mut Tensor,
+    collective: impl FnOnce(&Tensor) -> Result<(), KernelError>,
+) -> Result<(), KernelError> {
+    let host = on_host(tensor);
+    collective(&host)?;
+    if tensor.device() != Device::Cpu {
+        tensor.copy_(&host);
+    }
+    Ok(())
 }
 
 /// One rank's membership in a group of `size` ranks.
@@ -84,26 +105,30 @@ impl ProcessGroup {
     /// Sums `tensor` across ranks, in place.
     pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), KernelError> {
         // SAFETY: `raw` is live; the tensor handle is valid for the call.
-        check(unsafe { wizard_allreduce_sum(self.raw, handle(tensor)) }, "all-reduce")
+        in_place(tensor, |t| check(unsafe { wizard_allreduce_sum(self.raw, handle(t)) }, "all-reduce"))
     }
 
     /// `input` holds `size` equal chunks; `output` (one chunk long) gets the sum of every rank's
     /// chunk number `rank`.
     pub fn reduce_scatter_sum(&self, output: &mut Tensor, input: &Tensor) -> Result<(), KernelError> {
+        let input = on_host(input);
         // SAFETY: as above.
-        check(unsafe { wizard_reduce_scatter_sum(self.raw, handle(output), handle(input)) }, "reduce-scatter")
+        in_place(output, |out| {
+            check(unsafe { wizard_reduce_scatter_sum(self.raw, handle(out), handle(&input)) }, "reduce-scatter")
+        })
     }
 
     /// `output` (`size` chunks) gets every rank's `input`, in rank order.
     pub fn all_gather(&self, output: &mut Tensor, input: &Tensor) -> Result<(), KernelError> {
+        let input = on_host(input);
         // SAFETY: as above.
-        check(unsafe { wizard_allgather(self.raw, handle(output), handle(input)) }, "all-gather")
+        in_place(output, |out| check(unsafe { wizard_allgather(self.raw, handle(out), handle(&input)) }, "all-gather"))
     }
 
     /// Copies `root`'s `tensor` to every rank.
     pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), KernelError> {
         // SAFETY: as above.
-        check(unsafe { wizard_broadcast(self.raw, handle(tensor), root as c_int) }, "broadcast")
+        in_place(tensor, |t| check(unsafe { wizard_broadcast(self.raw, handle(t), root as c_int) }, "broadcast"))
     }
 
     /// Waits until every rank arrives.

@@ -8,6 +8,7 @@ pub mod collectives;
 mod error;
 mod ffi;
 pub mod optim;
+pub mod precision;
 pub mod process;
 pub mod runtime;
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine (see scripts/gpu/prepare.sh): the CUDA tests, parity where the
-# machine's Python has transformers, and the decode benchmark on the GPU in bf16 and fp32.
+# Runs on the lent GPU machine (see scripts/gpu/prepare.sh): the training benchmark (125M, bf16,
+# MFU, ZeRO-3 memory), the CUDA tests, and the decode benchmark on the GPU in bf16 and fp32.
 # Everything it prints is also written to $OUT/gpu-report.txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -14,19 +14,21 @@ export LD_LIBRARY_PATH=$torch_lib WIZARD_PYTHON=$python WIZARD_GPU_TESTS=1
 echo "== $(date -u) torch lib: $torch_lib"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 echo "== wizard doctor"; timeout 60 "$kit/wizard" doctor
-echo "== kernels tests";  timeout 120 "$kit/kernels-tests"
-echo "== CUDA tests";     timeout 180 "$kit/cuda-tests" --nocapture
+echo "== training 125M, bf16, wizard vs transformers (+ ZeRO-3 memory on 2 ranks)"
+timeout 240 "$python" scripts/bench/train.py --device cuda --model 125m --precision bf16 --batch-size 16 \
+    --seq-len 1024 --steps 20 --threads 4 --wizard "$kit/wizard" --zero3-ranks 2
+echo "== kernels tests";  timeout 60 "$kit/kernels-tests"
+echo "== CUDA tests";     timeout 120 "$kit/cuda-tests" --nocapture
 if "$python" -c 'import transformers' 2>/dev/null; then
-    echo "== parity with transformers (CPU)"; timeout 180 "$kit/parity-tests"
     for dtype in bfloat16 float32; do
         echo "== decode benchmark, cuda $dtype, wizard vs transformers"
-        timeout 240 "$python" scripts/bench/generate.py --device cuda --dtype "$dtype" --threads 4 --wizard-bench "$kit/generate-bench"
+        timeout 150 "$python" scripts/bench/generate.py --device cuda --dtype "$dtype" --threads 4 --wizard-bench "$kit/generate-bench"
     done
 else
     echo "== transformers is not installed here: wizard-only GPU benchmark"
     for dims in 384:6:6 768:12:12; do
         for dtype in bfloat16 float32; do
-            echo "random:$dims cuda $dtype: $(timeout 120 "$kit/generate-bench" "random:$dims" 128 128 4 cuda $dtype)"
+            echo "random:$dims cuda $dtype: $(timeout 60 "$kit/generate-bench" "random:$dims" 128 128 4 cuda $dtype)"
         done
     done
 fi

@@ -58,6 +58,59 @@ pub fn learning_rate(config: &LoopConfig, step: usize) -> f64 {
     floor + (config.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
+/// Where the model computes, and in what precision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Compute {
+    /// Device of the weights, optimizer state and batches.
+    pub device: Device,
+    /// Mixed precision: autocast to this dtype over fp32 master weights (None: fp32 throughout).
+    pub autocast: Option<Kind>,
+}
+
+impl Compute {
+    /// fp32 on the CPU.
+    pub fn cpu() -> Compute {
+        Compute { device: Device::Cpu, autocast: None }
+    }
+
+    /// Runs the forward computation `f` in this precision.
+    pub fn forward<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        match self.autocast {
+            Some(dtype) => Ok(kernels::precision::autocast(self.device, dtype, f)?),
+            None => Ok(f()),
+        }
+    }
+
+    /// Dense matmul throughput in this precision on this device, for MFU.
+    pub fn peak_flops(&self) -> f64 {
+        let (n, kind) = match self.device {
+            Device::Cuda(_) => (8192, self.autocast.unwrap_or(Kind::Float)),
+            _ => (1024, Kind::Float),
+        };
+        let sync = || {
+            if let Device::Cuda(index) = self.device {
+                tch::Cuda::synchronize(index as i64);
+            }
+        };
+        tch::no_grad(|| {
+            let a = Tensor::randn([n, n], (kind, self.device));
+            let b = Tensor::randn([n, n], (kind, self.device));
+            let _ = a.matmul(&b);
+            sync();
+            let start = Instant::now();
+            let mut rounds = 0;
+            while start.elapsed().as_secs_f64() < 0.3 {
+                for _ in 0..4 {
+                    let _ = a.matmul(&b);
+                }
+                sync();
+                rounds += 4;
+            }
+            2.0 * (n * n * n) as f64 * rounds as f64 / start.elapsed().as_secs_f64()
+        })
+    }
+}
+
 /// Where this process sits in the data-parallel group.
 pub struct Rank {
     /// The c10d group, absent when training alone.
@@ -129,52 +182,43 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&partial, path).map_err(|e| PipelineError::io(path, e))
 }
 
-fn batch(examples: &[Example], start: usize, size: usize) -> (Tensor, Tensor) {
+fn batch(examples: &[Example], start: usize, size: usize, device: Device) -> (Tensor, Tensor) {
     let picked: Vec<&Example> = (0..size).map(|i| &examples[(start + i) % examples.len()]).collect();
     let seq = picked[0].input.len() as i64;
     let input: Vec<i64> = picked.iter().flat_map(|e| e.input.iter().copied()).collect();
     let labels: Vec<i64> = picked.iter().flat_map(|e| e.labels.iter().copied()).collect();
-    (Tensor::from_slice(&input).view([size as i64, seq]), Tensor::from_slice(&labels).view([size as i64, seq]))
+    let shaped = |ids: &[i64]| Tensor::from_slice(ids).view([size as i64, seq]).to_device(device);
+    (shaped(&input), shaped(&labels))
 }
 
 fn target_tokens(examples: &[Example], start: usize, size: usize) -> usize {
     (0..size).map(|i| examples[(start + i) % examples.len()].labels.iter().filter(|&&l| l != IGNORE).count()).sum()
 }
 
-fn loss_sum(model: &GptBigCode, input: &Tensor, labels: &Tensor, train: bool) -> Result<Tensor> {
-    let logits = model.forward_full(input, train)?;
+/// Summed cross-entropy over the target tokens, in fp32 also when the logits come out in bf16.
+fn loss_sum(model: &GptBigCode, compute: &Compute, input: &Tensor, labels: &Tensor, train: bool) -> Result<Tensor> {
+    let logits = compute.forward(|| model.forward_full(input, train))??;
     let vocab = logits.size()[2];
-    Ok(logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::Sum, IGNORE, 0.0))
+    Ok(logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+        &labels.view([-1]),
+        None,
+        Reduction::Sum,
+        IGNORE,
+        0.0,
+    ))
 }
 
 /// Mean loss over the held-out sequences.
-pub fn eval_loss(model: &GptBigCode, examples: &[Example], batch_size: usize) -> Result<f64> {
+pub fn eval_loss(model: &GptBigCode, compute: &Compute, examples: &[Example], batch_size: usize) -> Result<f64> {
     tch::no_grad(|| {
         let (mut total, mut tokens) = (0.0, 0usize);
         for start in (0..examples.len()).step_by(batch_size) {
             let size = batch_size.min(examples.len() - start);
-            let (input, labels) = batch(examples, start, size);
-            total += loss_sum(model, &input, &labels, false)?.double_value(&[]);
+            let (input, labels) = batch(examples, start, size, compute.device);
+            total += loss_sum(model, compute, &input, &labels, false)?.double_value(&[]);
             tokens += target_tokens(examples, start, size);
         }
         Ok(total / tokens.max(1) as f64)
-    })
-}
-
-/// Dense fp32 matmul throughput of this machine, for MFU.
-pub fn measure_peak_flops() -> f64 {
-    tch::no_grad(|| {
-        let n = 1024;
-        let a = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
-        let b = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
-        let _ = a.matmul(&b);
-        let start = Instant::now();
-        let mut rounds = 0;
-        while start.elapsed().as_secs_f64() < 0.3 {
-            let _ = a.matmul(&b);
-            rounds += 1;
-        }
-        2.0 * (n * n * n) as f64 * rounds as f64 / start.elapsed().as_secs_f64()
     })
 }
 
@@ -246,6 +290,8 @@ pub struct Trainer<'a> {
     pub data: &'a Dataset,
     /// Data-parallel membership.
     pub rank: Rank,
+    /// Device and precision (the model is already on the device).
+    pub compute: Compute,
     /// Resume from this checkpoint's trainer and optimizer state (the model was loaded from it).
     pub resume_from: Option<PathBuf>,
 }
@@ -255,7 +301,7 @@ impl Trainer<'_> {
         let hp = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: self.config.weight_decay };
         let (rank, world) = (self.rank.rank, self.rank.world);
         if self.config.zero == 3 {
-            return Ok(Engine::Partitioned(Zero3::new(model, decays, rank, world, hp)));
+            return Ok(Engine::Partitioned(Zero3::new(model, self.compute, decays, rank, world, hp)));
         }
         let mut named: Vec<(String, Tensor)> = model.vars().variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
@@ -279,7 +325,7 @@ impl Trainer<'_> {
             start_step = self.restore(checkpoint, &mut engine)?;
         }
         std::fs::create_dir_all(self.out.join("checkpoints")).map_err(|e| PipelineError::io(self.out, e))?;
-        let peak = measure_peak_flops();
+        let peak = self.compute.peak_flops();
         let global = world * config.batch_size;
         let mut history = read_metrics(&self.out.join("metrics.jsonl"), start_step)?;
         let train = &self.data.train;
@@ -289,14 +335,15 @@ impl Trainer<'_> {
             let lr = learning_rate(config, step);
             let first = step * config.grad_accum * global;
             let tokens = target_tokens(train, first, config.grad_accum * global);
-            let mut local_loss = 0.0;
+            // Summed on the device: reading it per micro-batch would stall the queue of kernels.
+            let mut local_loss = Tensor::zeros([1], (Kind::Double, self.compute.device));
             for micro in 0..config.grad_accum {
                 let start = first + (micro * world + self.rank.rank) * config.batch_size;
-                let (input, labels) = batch(train, start, config.batch_size);
+                let (input, labels) = batch(train, start, config.batch_size, self.compute.device);
                 match &mut engine {
                     Engine::Replicated(_) => {
-                        let loss = loss_sum(model, &input, &labels, true)?;
-                        local_loss += loss.double_value(&[]);
+                        let loss = loss_sum(model, &self.compute, &input, &labels, true)?;
+                        local_loss += loss.detach().to_kind(Kind::Double);
                         (loss / tokens.max(1) as f64).backward();
                     }
                     Engine::Partitioned(zero3) => {
@@ -313,7 +360,7 @@ impl Trainer<'_> {
                 step + 1,
                 started.elapsed().as_secs_f64() - computed
             );
-            let mut summed = Tensor::from_slice(&[local_loss]);
+            let mut summed = local_loss.to_device(Device::Cpu);
             if let Some(group) = &self.rank.group {
                 group.all_reduce_sum(&mut summed)?;
             }
@@ -332,17 +379,21 @@ impl Trainer<'_> {
             if saving {
                 engine.materialize(self.rank.group.as_ref())?;
                 if self.rank.rank == 0 && !self.data.eval.is_empty() {
-                    metrics.eval_loss = Some(eval_loss(model, &self.data.eval, config.batch_size)?);
+                    metrics.eval_loss = Some(eval_loss(model, &self.compute, &self.data.eval, config.batch_size)?);
                 }
+            }
+            // Metrics before the checkpoint: a run killed in between resumes from the older
+            // checkpoint, which drops the newer lines, so every step is logged exactly once.
+            if self.rank.rank == 0 {
+                append_metrics(&self.out.join("metrics.jsonl"), &metrics)?;
+                history.push(metrics.clone());
+            }
+            if saving {
                 self.save(model, &mut engine, step + 1)?;
                 if step + 1 < config.steps {
                     engine.release();
                 }
-            }
-            if self.rank.rank == 0 {
-                append_metrics(&self.out.join("metrics.jsonl"), &metrics)?;
-                history.push(metrics.clone());
-                if saving {
+                if self.rank.rank == 0 {
                     write_atomically(&self.out.join("loss.svg"), loss_curve_svg(&history).as_bytes())?;
                 }
             }
@@ -371,7 +422,9 @@ impl Trainer<'_> {
         }
         self.rank.barrier()?;
         let optimizer_file = partial.join(format!("optimizer-rank{}.safetensors", self.rank.rank));
-        Tensor::write_safetensors(&engine.state(), &optimizer_file)?;
+        let state: Vec<(String, Tensor)> =
+            engine.state().into_iter().map(|(name, t)| (name, t.to_device(Device::Cpu))).collect();
+        Tensor::write_safetensors(&state, &optimizer_file)?;
         self.rank.barrier()?;
         if self.rank.rank == 0 {
             let state = TrainerState { step, world: self.rank.world, config: self.config.clone() };
@@ -404,7 +457,10 @@ impl Trainer<'_> {
             )));
         }
         let file = checkpoint.join(format!("optimizer-rank{}.safetensors", self.rank.rank));
-        engine.restore(Tensor::read_safetensors(&file)?)?;
+        let device = self.compute.device;
+        let tensors =
+            Tensor::read_safetensors(&file)?.into_iter().map(|(name, t)| (name, t.to_device(device))).collect();
+        engine.restore(tensors)?;
         Ok(state.step)
     }
 }

@@ -82,7 +82,8 @@ impl ZeroOptimizer {
         let world_i = world as i64;
         let padded = (total + world_i - 1) / world_i * world_i;
         let (start, len) = if stage == 0 { (0, padded) } else { (rank as i64 * padded / world_i, padded / world_i) };
-        let zeros = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu));
+        let device = params.first().map_or(Device::Cpu, |p| p.device());
+        let zeros = |n: i64| Tensor::zeros([n], (Kind::Float, device));
         let flat_params = zeros(padded);
         tch::no_grad(|| {
             for ((param, &offset), &n) in params.iter_mut().zip(&offsets).zip(&numels) {
@@ -139,7 +140,7 @@ impl ZeroOptimizer {
                     self.flat_grads.narrow(0, self.start, self.len)
                 }
                 (Some(group), _) => {
-                    let mut shard = Tensor::zeros([self.len], (Kind::Float, Device::Cpu));
+                    let mut shard = Tensor::zeros([self.len], (Kind::Float, self.flat_params.device()));
                     group.reduce_scatter_sum(&mut shard, &self.flat_grads)?;
                     shard
                 }
@@ -157,7 +158,7 @@ impl ZeroOptimizer {
             }
 
             self.step += 1;
-            let step = Tensor::from_slice(&[self.step as f32]);
+            let step = Tensor::from_slice(&[self.step as f32]).to_device(self.flat_params.device());
             let end = self.start + self.len;
             // The rank's range splits at the end of the decayed parameters.
             for (from, to, weight_decay) in [
@@ -227,8 +228,9 @@ impl ZeroOptimizer {
                 range[0], range[1], range[2], range[3], expected[0], expected[1], expected[2], expected[3]
             )));
         }
-        self.exp_avg = find("exp_avg")?.to_kind(Kind::Float);
-        self.exp_avg_sq = find("exp_avg_sq")?.to_kind(Kind::Float);
+        let device = self.flat_params.device();
+        self.exp_avg = find("exp_avg")?.to_kind(Kind::Float).to_device(device);
+        self.exp_avg_sq = find("exp_avg_sq")?.to_kind(Kind::Float).to_device(device);
         self.step = find("step")?.int64_value(&[0]);
         Ok(())
     }

@@ -9,6 +9,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use super::data::IGNORE;
 use super::zero::{AdamW, MemoryReport};
+use super::Compute;
 use crate::model::GptBigCode;
 use crate::{PipelineError, Result};
 
@@ -21,6 +22,7 @@ struct Unit {
     numels: Vec<i64>,
     padded: i64,
     decay_end: i64,
+    device: Device,
     shard: Tensor,
     grad_shard: Tensor,
     exp_avg: Tensor,
@@ -28,7 +30,7 @@ struct Unit {
 }
 
 impl Unit {
-    fn new(mut named: Vec<(String, Tensor, bool)>, rank: usize, world: usize) -> Unit {
+    fn new(mut named: Vec<(String, Tensor, bool)>, device: Device, rank: usize, world: usize) -> Unit {
         named.sort_by_key(|(_, _, decays)| !*decays); // decayed first (stable)
         let numels: Vec<i64> = named.iter().map(|(_, t, _)| t.numel() as i64).collect();
         let offsets: Vec<i64> = numels.iter().scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n))).collect();
@@ -36,13 +38,13 @@ impl Unit {
         let decay_end = named.iter().zip(&numels).filter(|((_, _, d), _)| *d).map(|(_, &n)| n).sum();
         let padded = (total + world as i64 - 1) / world as i64 * world as i64;
         let shard_len = padded / world as i64;
-        let full = Tensor::zeros([padded], (Kind::Float, Device::Cpu));
+        let full = Tensor::zeros([padded], (Kind::Float, device));
         tch::no_grad(|| {
             for ((_, param, _), (&offset, &n)) in named.iter().zip(offsets.iter().zip(&numels)) {
                 full.narrow(0, offset, n).copy_(&param.reshape([-1]));
             }
         });
-        let zeros = || Tensor::zeros([shard_len], (Kind::Float, Device::Cpu));
+        let zeros = || Tensor::zeros([shard_len], (Kind::Float, device));
         let mut unit = Unit {
             names: named.iter().map(|(n, _, _)| n.clone()).collect(),
             shapes: named.iter().map(|(_, t, _)| t.size()).collect(),
@@ -51,6 +53,7 @@ impl Unit {
             numels,
             padded,
             decay_end,
+            device,
             shard: full.narrow(0, rank as i64 * shard_len, shard_len).copy(),
             grad_shard: zeros(),
             exp_avg: zeros(),
@@ -68,7 +71,7 @@ impl Unit {
     fn gather(&mut self, group: Option<&ProcessGroup>) -> Result<()> {
         let full = match group {
             Some(group) => {
-                let mut full = Tensor::zeros([self.padded], (Kind::Float, Device::Cpu));
+                let mut full = Tensor::zeros([self.padded], (Kind::Float, self.device));
                 group.all_gather(&mut full, &self.shard)?;
                 full
             }
@@ -86,7 +89,7 @@ impl Unit {
 
     /// Frees the gathered parameters: the variables point at empty storage until the next gather.
     fn release(&mut self) {
-        let empty = Tensor::zeros([0], (Kind::Float, Device::Cpu));
+        let empty = Tensor::zeros([0], (Kind::Float, self.device));
         tch::no_grad(|| {
             for param in self.params.iter_mut() {
                 param.set_data(&empty);
@@ -96,7 +99,7 @@ impl Unit {
 
     /// Sums `grads` (one per parameter, undefined for unused ones) over ranks into this rank's shard.
     fn reduce_grads(&mut self, grads: &[(usize, Tensor)], group: Option<&ProcessGroup>) -> Result<()> {
-        let flat = Tensor::zeros([self.padded], (Kind::Float, Device::Cpu));
+        let flat = Tensor::zeros([self.padded], (Kind::Float, self.device));
         for (index, grad) in grads {
             if grad.defined() {
                 let mut slot = flat.narrow(0, self.offsets[*index], self.numels[*index]);
@@ -105,7 +108,7 @@ impl Unit {
         }
         match group {
             Some(group) => {
-                let mut mine = Tensor::zeros([self.shard_len()], (Kind::Float, Device::Cpu));
+                let mut mine = Tensor::zeros([self.shard_len()], (Kind::Float, self.device));
                 group.reduce_scatter_sum(&mut mine, &flat)?;
                 self.grad_shard += mine;
             }
@@ -125,6 +128,7 @@ pub struct Zero3 {
     blocks: Vec<Unit>,
     step: i64,
     hp: AdamW,
+    compute: Compute,
     rank: usize,
     world: usize,
 }
@@ -135,7 +139,14 @@ fn seed_for(base: i64, unit: i64) {
 
 impl Zero3 {
     /// Partitions `model`'s weights; they stay released until a unit is gathered.
-    pub fn new(model: &GptBigCode, decays: impl Fn(&str) -> bool, rank: usize, world: usize, hp: AdamW) -> Zero3 {
+    pub fn new(
+        model: &GptBigCode,
+        compute: Compute,
+        decays: impl Fn(&str) -> bool,
+        rank: usize,
+        world: usize,
+        hp: AdamW,
+    ) -> Zero3 {
         let layers = model.config().n_layer as usize;
         let mut per_block: Vec<Vec<(String, Tensor, bool)>> = (0..layers).map(|_| Vec::new()).collect();
         let mut globals = Vec::new();
@@ -151,10 +162,11 @@ impl Zero3 {
             }
         }
         Zero3 {
-            globals: Unit::new(globals, rank, world),
-            blocks: per_block.into_iter().map(|unit| Unit::new(unit, rank, world)).collect(),
+            globals: Unit::new(globals, compute.device, rank, world),
+            blocks: per_block.into_iter().map(|unit| Unit::new(unit, compute.device, rank, world)).collect(),
             step: 0,
             hp,
+            compute,
             rank,
             world,
         }
@@ -177,19 +189,20 @@ impl Zero3 {
         let embed_unit = layers as i64;
         self.globals.gather(group)?;
         seed_for(seed, embed_unit);
-        let mut saved = vec![tch::no_grad(|| model.embed_tokens(input, train))?];
+        let compute = self.compute;
+        let mut saved = vec![tch::no_grad(|| compute.forward(|| model.embed_tokens(input, train)))??];
         for layer in 0..layers {
             self.blocks[layer].gather(group)?;
             seed_for(seed, layer as i64);
-            let next = tch::no_grad(|| model.block_forward(layer, &saved[layer], train));
+            let next = tch::no_grad(|| compute.forward(|| model.block_forward(layer, &saved[layer], train)))?;
             saved.push(next);
             self.blocks[layer].release();
         }
 
         let head_input = saved[layers].detach().set_requires_grad(true);
-        let logits = model.training_logits(&head_input);
+        let logits = compute.forward(|| model.training_logits(&head_input))?;
         let vocab = logits.size()[2];
-        let loss = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(
+        let loss = logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
             &labels.view([-1]),
             None,
             Reduction::Sum,
@@ -206,7 +219,7 @@ impl Zero3 {
             self.blocks[layer].gather(group)?;
             let input = saved[layer].detach().set_requires_grad(true);
             seed_for(seed, layer as i64);
-            let out = model.block_forward(layer, &input, train);
+            let out = compute.forward(|| model.block_forward(layer, &input, train))?;
             let unit = &self.blocks[layer];
             let mut inputs = vec![input.shallow_clone()];
             inputs.extend(unit.params.iter().map(|p| p.shallow_clone()));
@@ -218,7 +231,7 @@ impl Zero3 {
         }
 
         seed_for(seed, embed_unit);
-        let embedded = model.embed_tokens(input, train)?;
+        let embedded = compute.forward(|| model.embed_tokens(input, train))??;
         let embed_params = ["transformer.wte.weight", "transformer.wpe.weight"];
         let params: Vec<(usize, Tensor)> = embed_params
             .iter()
@@ -259,7 +272,7 @@ impl Zero3 {
             let norm = norm_sq.double_value(&[0]).sqrt();
             let clip = if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
             self.step += 1;
-            let step = Tensor::from_slice(&[self.step as f32]);
+            let step = Tensor::from_slice(&[self.step as f32]).to_device(self.compute.device);
             let (rank, hp) = (self.rank as i64, self.hp);
             for unit in self.units_mut() {
                 unit.grad_shard *= clip;
@@ -354,9 +367,9 @@ impl Zero3 {
                     "ZeRO-3 checkpoint shards do not match this run's rank count".into(),
                 ));
             }
-            unit.shard = shard;
-            unit.exp_avg = m;
-            unit.exp_avg_sq = v;
+            unit.shard = shard.to_device(unit.device);
+            unit.exp_avg = m.to_device(unit.device);
+            unit.exp_avg_sq = v.to_device(unit.device);
         }
         Ok(())
     }
