@@ -30,7 +30,7 @@ torch.set_num_threads(args["threads"])
 torch.manual_seed(0)
 device = torch.device(args["device"])
 config.pop("model_type")
-model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**config), attn_implementation="sdpa").to(device).train()
+model = GPTBigCodeForCausalLM._from_config(GPTBigCodeConfig(**config), attn_implementation="sdpa").to(device).train()
 decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or ".ln_" in n)]
 rest = [p for n, p in model.named_parameters() if n.endswith("bias") or ".ln_" in n]
 opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=3e-4,
