@@ -228,6 +228,7 @@ fn say_whole_line(line: String) {
 }
 
 fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
+    kernels::process::keep_freed_memory();
     let lead = rank.rank == 0;
     let mode = match args.mode.as_str() {
         "pretrain" => Mode::Pretrain,
