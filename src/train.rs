@@ -96,6 +96,9 @@ pub struct Args {
     /// fp32, or bf16 (autocast over fp32 master weights); auto is bf16 on CUDA and fp32 on the CPU.
     #[arg(long, default_value = "auto")]
     precision: String,
+    /// Collective engine: gloo, nccl, or auto (NCCL when every local rank has a GPU of its own).
+    #[arg(long, default_value = "auto")]
+    backend: String,
     /// Seconds a collective may wait for a peer before the rank gives up.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -165,15 +168,34 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(parent) = std::env::var("WIZARD_LAUNCHER_PID").ok().and_then(|p| p.parse().ok()) {
         kernels::process::die_with_parent(parent);
     }
+    let compute = compute(&args.device, &args.precision)?;
+    anyhow::ensure!(
+        ["auto", "gloo", "nccl"].contains(&args.backend.as_str()),
+        "--backend {:?}: use auto, gloo or nccl",
+        args.backend
+    );
     let rank = match rank_from_env()? {
         Some((rank, world, host, port)) => {
-            let group = ProcessGroup::gloo(&host, port, rank, world, Duration::from_secs(args.timeout))
-                .with_context(|| format!("rank {rank} of {world} could not join the group at {host}:{port}"))?;
+            let timeout = Duration::from_secs(args.timeout);
+            let group = match (args.backend.as_str(), compute.device) {
+                ("nccl" | "auto", Device::Cuda(gpu)) if args.backend == "nccl" || gpu_per_rank(world) => {
+                    ProcessGroup::nccl(&host, port, rank, world, timeout, gpu)
+                }
+                ("nccl", Device::Cpu) => bail!("--backend nccl needs a GPU per rank (--device cuda)"),
+                _ => ProcessGroup::gloo(&host, port, rank, world, timeout),
+            }
+            .with_context(|| format!("rank {rank} of {world} could not join the group at {host}:{port}"))?;
             Rank { group: Some(group), rank, world }
         }
         None => Rank::single(),
     };
-    train(args, rank)
+    train(args, rank, compute)
+}
+
+/// Whether every rank on this machine (LOCAL_WORLD_SIZE, as torchrun and `--nproc` set it) has a GPU of its own.
+fn gpu_per_rank(world: usize) -> bool {
+    let local: usize = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|n| n.parse().ok()).unwrap_or(world);
+    tch::Cuda::device_count() as usize >= local
 }
 
 /// Starts `--nproc` ranks of this same command on this machine and waits for all of them; if one
@@ -189,6 +211,7 @@ fn launch(args: &Args) -> anyhow::Result<ExitCode> {
                 .env("RANK", rank.to_string())
                 .env("LOCAL_RANK", rank.to_string())
                 .env("WORLD_SIZE", args.nproc.to_string())
+                .env("LOCAL_WORLD_SIZE", args.nproc.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
                 .env("WIZARD_LAUNCHER_PID", std::process::id().to_string())
@@ -227,7 +250,7 @@ fn say_whole_line(line: String) {
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
-fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
+fn train(args: Args, rank: Rank, compute: Compute) -> anyhow::Result<ExitCode> {
     kernels::process::keep_freed_memory();
     let lead = rank.rank == 0;
     let mode = match args.mode.as_str() {
@@ -241,7 +264,6 @@ fn train(args: Args, rank: Rank) -> anyhow::Result<ExitCode> {
     let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
     let eos = i64::from(tokenizer.eos_id());
     let resume_from = if args.resume { latest_checkpoint(&args.out)? } else { None };
-    let compute = compute(&args.device, &args.precision)?;
     let device = compute.device;
     tch::manual_seed(args.seed as i64); // every rank draws the same initial weights
     let mut model = match (&resume_from, &args.model, &args.model_config, &args.preset) {

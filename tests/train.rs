@@ -350,6 +350,7 @@ fn bad_input_is_a_clear_error() {
         (base(&tok, &corpus, &["--zero", "4"]), "invalid value '4' for '--zero"),
         (base(&tok, &corpus, &["--device", "gpu"]), "--device \"gpu\": use auto, cpu, cuda or cuda:N"),
         (base(&tok, &corpus, &["--device", "cuda:3"]), "--device cuda:3: this machine has"),
+        (base(&tok, &corpus, &["--backend", "mpi"]), "--backend \"mpi\": use auto, gloo or nccl"),
         (base(&tok, &corpus, &["--precision", "fp8"]), "--precision \"fp8\": use auto, fp32 or bf16"),
     ];
     for (args, expected) in cases {
@@ -357,6 +358,14 @@ fn bad_input_is_a_clear_error() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success() && stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr}");
     }
+    // A torchrun-style rank asking for NCCL on the CPU.
+    let output = Command::new(WIZARD)
+        .args(base(&tok, &corpus, &["--backend", "nccl", "--device", "cpu"]))
+        .envs([("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29400")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("--backend nccl needs a GPU per rank"), "{stderr}");
     // --skip-bad-lines counts the broken line and trains on the rest.
     let config256 = work.path().join("config256.json");
     let text = std::fs::read_to_string(f.path("config.json")).unwrap();

@@ -1,13 +1,9 @@
-// c10d process groups from libtorch itself (ProcessGroupGloo over a TCPStore): wizard never
-// implements its own transport. Tensors arrive as tch's `at::Tensor*`. Every entry point catches
-// C++ exceptions (a peer that dies surfaces here as a timeout or connection error).
+// c10d process groups from libtorch itself (ProcessGroupGloo over a TCPStore; ProcessGroupNCCL in
+// nccl.cpp): wizard never implements its own transport. Tensors arrive as tch's `at::Tensor*`. Every
+// entry point catches C++ exceptions (a peer that dies surfaces here as a timeout or connection error).
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
-#include "guard.h"
-
-#include <chrono>
-#include <string>
+#include "group.h"
 
 using wizard::guarded;
 
@@ -15,29 +11,15 @@ namespace {
 at::Tensor& tensor(void* handle) { return *static_cast<at::Tensor*>(handle); }
 }  // namespace
 
-struct WizardGroup {
-  c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::Backend> backend;
-  std::chrono::milliseconds timeout;
-};
-
 extern "C" {
 
-// Rank 0 hosts the store at host:port; every rank connects to it, then Gloo rendezvous runs through it.
 int wizard_group_new_gloo(const char* host, int port, int rank, int size, long timeout_ms, WizardGroup** out) {
   return guarded([&] {
-    c10d::TCPStoreOptions options;
-    options.port = static_cast<std::uint16_t>(port);
-    options.isServer = rank == 0;
-    options.numWorkers = size;
-    options.waitWorkers = true;
-    options.timeout = std::chrono::milliseconds(timeout_ms);
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
+    auto store = wizard::rendezvous(host, port, rank, size, timeout_ms);
     auto gloo_options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
     gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
-    c10::intrusive_ptr<c10d::Store> base_store = store;
-    auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(base_store, rank, size, gloo_options);
-    *out = new WizardGroup{base_store, backend, std::chrono::milliseconds(timeout_ms)};
+    auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, gloo_options);
+    *out = new WizardGroup{store, backend, std::chrono::milliseconds(timeout_ms)};
   });
 }
 

@@ -1,6 +1,7 @@
-//! Collectives through libtorch's own c10d engines: `ProcessGroupGloo` rendezvoused over a
-//! `TCPStore`. Gloo reduces host memory, so CUDA tensors travel through a host copy. Every call
-//! blocks until done or until the group's timeout, so a dead peer becomes an error instead of a hang.
+//! Collectives through libtorch's own c10d engines, rendezvoused over a `TCPStore`:
+//! `ProcessGroupGloo` (host memory; CUDA tensors travel through a host copy) and `ProcessGroupNCCL`
+//! (one GPU per rank; host tensors travel through that GPU). Every call blocks until done or until
+//! the group's timeout, so a dead peer becomes an error instead of a hang.
 use std::ffi::{c_char, c_int, c_long, c_void, CString};
 use std::time::Duration;
 
@@ -23,6 +24,16 @@ extern "C" {
         timeout_ms: c_long,
         out: *mut *mut WizardGroup,
     ) -> c_int;
+    #[cfg(wizard_with_nccl)]
+    fn wizard_group_new_nccl(
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        size: c_int,
+        timeout_ms: c_long,
+        device: c_int,
+        out: *mut *mut WizardGroup,
+    ) -> c_int;
     fn wizard_group_free(group: *mut WizardGroup);
     fn wizard_allreduce_sum(group: *mut WizardGroup, tensor: *mut c_void) -> c_int;
     fn wizard_reduce_scatter_sum(group: *mut WizardGroup, output: *mut c_void, input: *mut c_void) -> c_int;
@@ -36,25 +47,13 @@ fn handle(tensor: &Tensor) -> *mut c_void {
     tensor.as_ptr() as *mut c_void
 }
 
-/// `tensor` itself when it is in host memory, else a host copy.
-fn on_host(tensor: &Tensor) -> Tensor {
-    match tensor.device() {
-        Device::Cpu => tensor.shallow_clone(),
-        _ => tensor.to_device(Device::Cpu),
+/// `tensor` itself when it is on `home`, else a copy there.
+fn at_home(tensor: &Tensor, home: Device) -> Tensor {
+    if tensor.device() == home {
+        tensor.shallow_clone()
+    } else {
+        tensor.to_device(home)
     }
-}
-
-/// Runs `collective` on a host version of `tensor`, copying the result back when it was staged.
-fn in_place(
-    tensor: &mut Tensor,
-    collective: impl FnOnce(&Tensor) -> Result<(), KernelError>,
-) -> Result<(), KernelError> {
-    let host = on_host(tensor);
-    collective(&host)?;
-    if tensor.device() != Device::Cpu {
-        tensor.copy_(&host);
-    }
-    Ok(())
 }
 
 /// One rank's membership in a group of `size` ranks.
@@ -62,6 +61,8 @@ pub struct ProcessGroup {
     raw: *mut WizardGroup,
     rank: usize,
     size: usize,
+    /// Where the engine's buffers live: the CPU for Gloo, the rank's GPU for NCCL.
+    home: Device,
 }
 
 // SAFETY: the group is used from one thread at a time (it is not Sync); c10d backends may be
@@ -71,25 +72,66 @@ unsafe impl Send for ProcessGroup {}
 impl ProcessGroup {
     /// Joins a Gloo group: rank 0 serves the TCP store at `host:port`, the others connect.
     pub fn gloo(host: &str, port: u16, rank: usize, size: usize, timeout: Duration) -> Result<Self, KernelError> {
-        let host_c = CString::new(host).map_err(|_| KernelError::Torch {
-            operation: "join process group",
-            message: format!("host {host:?} contains a NUL byte"),
+        let raw = join(host, timeout, |host, timeout_ms, raw| {
+            // SAFETY: `host` outlives the call; `raw` receives an owned pointer on success.
+            unsafe { wizard_group_new_gloo(host, c_int::from(port), rank as c_int, size as c_int, timeout_ms, raw) }
         })?;
-        let mut raw = std::ptr::null_mut();
-        let timeout_ms = timeout.as_millis().min(c_long::MAX as u128) as c_long;
-        // SAFETY: `host_c` outlives the call; `raw` receives an owned pointer on success.
-        let status = unsafe {
-            wizard_group_new_gloo(
-                host_c.as_ptr(),
-                c_int::from(port),
-                rank as c_int,
-                size as c_int,
-                timeout_ms,
-                &mut raw,
-            )
-        };
-        check(status, "join process group")?;
-        Ok(ProcessGroup { raw, rank, size })
+        Ok(ProcessGroup { raw, rank, size, home: Device::Cpu })
+    }
+
+    /// Joins an NCCL group whose rank works on CUDA device `gpu` (one GPU per rank); the
+    /// rendezvous is the same TCP store as for Gloo.
+    pub fn nccl(
+        host: &str,
+        port: u16,
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+        gpu: usize,
+    ) -> Result<Self, KernelError> {
+        #[cfg(wizard_with_nccl)]
+        {
+            let raw = join(host, timeout, |host, timeout_ms, raw| {
+                // SAFETY: as in `gloo`.
+                unsafe {
+                    wizard_group_new_nccl(
+                        host,
+                        c_int::from(port),
+                        rank as c_int,
+                        size as c_int,
+                        timeout_ms,
+                        gpu as c_int,
+                        raw,
+                    )
+                }
+            })?;
+            Ok(ProcessGroup { raw, rank, size, home: Device::Cuda(gpu) })
+        }
+        #[cfg(not(wizard_with_nccl))]
+        {
+            let _ = (host, port, rank, size, timeout, gpu);
+            Err(KernelError::Torch {
+                operation: "join process group",
+                message: "this build has no NCCL: the CUDA headers were missing when it was compiled \
+                          (run scripts/setup.sh, then rebuild)"
+                    .into(),
+            })
+        }
+    }
+
+    /// Runs `collective` on a version of `tensor` in the engine's memory, copying the result back
+    /// when it had to move.
+    fn in_place(
+        &self,
+        tensor: &mut Tensor,
+        collective: impl FnOnce(&Tensor) -> Result<(), KernelError>,
+    ) -> Result<(), KernelError> {
+        let staged = at_home(tensor, self.home);
+        collective(&staged)?;
+        if tensor.device() != self.home {
+            tensor.copy_(&staged);
+        }
+        Ok(())
     }
 
     /// This process's rank.
@@ -105,30 +147,32 @@ impl ProcessGroup {
     /// Sums `tensor` across ranks, in place.
     pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), KernelError> {
         // SAFETY: `raw` is live; the tensor handle is valid for the call.
-        in_place(tensor, |t| check(unsafe { wizard_allreduce_sum(self.raw, handle(t)) }, "all-reduce"))
+        self.in_place(tensor, |t| check(unsafe { wizard_allreduce_sum(self.raw, handle(t)) }, "all-reduce"))
     }
 
     /// `input` holds `size` equal chunks; `output` (one chunk long) gets the sum of every rank's
     /// chunk number `rank`.
     pub fn reduce_scatter_sum(&self, output: &mut Tensor, input: &Tensor) -> Result<(), KernelError> {
-        let input = on_host(input);
+        let input = at_home(input, self.home);
         // SAFETY: as above.
-        in_place(output, |out| {
+        self.in_place(output, |out| {
             check(unsafe { wizard_reduce_scatter_sum(self.raw, handle(out), handle(&input)) }, "reduce-scatter")
         })
     }
 
     /// `output` (`size` chunks) gets every rank's `input`, in rank order.
     pub fn all_gather(&self, output: &mut Tensor, input: &Tensor) -> Result<(), KernelError> {
-        let input = on_host(input);
+        let input = at_home(input, self.home);
         // SAFETY: as above.
-        in_place(output, |out| check(unsafe { wizard_allgather(self.raw, handle(out), handle(&input)) }, "all-gather"))
+        self.in_place(output, |out| {
+            check(unsafe { wizard_allgather(self.raw, handle(out), handle(&input)) }, "all-gather")
+        })
     }
 
     /// Copies `root`'s `tensor` to every rank.
     pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), KernelError> {
         // SAFETY: as above.
-        in_place(tensor, |t| check(unsafe { wizard_broadcast(self.raw, handle(t), root as c_int) }, "broadcast"))
+        self.in_place(tensor, |t| check(unsafe { wizard_broadcast(self.raw, handle(t), root as c_int) }, "broadcast"))
     }
 
     /// Waits until every rank arrives.
@@ -136,6 +180,22 @@ impl ProcessGroup {
         // SAFETY: `raw` is live.
         check(unsafe { wizard_barrier(self.raw) }, "barrier")
     }
+}
+
+/// Creates a group through `create(host, timeout_ms, &mut raw)`, checking its status.
+fn join(
+    host: &str,
+    timeout: Duration,
+    create: impl FnOnce(*const c_char, c_long, *mut *mut WizardGroup) -> c_int,
+) -> Result<*mut WizardGroup, KernelError> {
+    let host_c = CString::new(host).map_err(|_| KernelError::Torch {
+        operation: "join process group",
+        message: format!("host {host:?} contains a NUL byte"),
+    })?;
+    let mut raw = std::ptr::null_mut();
+    let timeout_ms = timeout.as_millis().min(c_long::MAX as u128) as c_long;
+    check(create(host_c.as_ptr(), timeout_ms, &mut raw), "join process group")?;
+    Ok(raw)
 }
 
 impl Drop for ProcessGroup {
@@ -203,5 +263,34 @@ mod tests {
         let result = ProcessGroup::gloo("127.0.0.1", free_port(), 0, 2, Duration::from_secs(2));
         assert!(result.is_err());
         assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+    }
+
+    /// NCCL needs a GPU per rank: without CUDA, joining is an error that says so; with one, a group
+    /// of one rank runs every collective on the GPU, staging host tensors through it.
+    #[test]
+    fn nccl_runs_on_the_gpu_or_says_why_not() {
+        let joined = ProcessGroup::nccl("127.0.0.1", free_port(), 0, 1, Duration::from_secs(20), 0);
+        if !tch::Cuda::is_available() {
+            let message = joined.err().expect("NCCL without a GPU").to_string();
+            assert!(message.contains("NCCL"), "{message}");
+            return;
+        }
+        let group = joined.unwrap();
+        let gpu = Device::Cuda(0);
+        let mut on_gpu = Tensor::from_slice(&[1.0f32, 2.0]).to_device(gpu);
+        group.all_reduce_sum(&mut on_gpu).unwrap();
+        let mut on_host = Tensor::from_slice(&[3.0f32]);
+        group.all_reduce_sum(&mut on_host).unwrap();
+        let mut gathered = Tensor::zeros([2], (Kind::Float, gpu));
+        group.all_gather(&mut gathered, &Tensor::from_slice(&[4.0f32, 5.0])).unwrap();
+        let mut scattered = Tensor::zeros([2], (Kind::Float, gpu));
+        group.reduce_scatter_sum(&mut scattered, &Tensor::from_slice(&[6.0f32, 7.0]).to_device(gpu)).unwrap();
+        group.broadcast(&mut on_host, 0).unwrap();
+        group.barrier().unwrap();
+        assert_eq!(on_gpu.device(), gpu);
+        assert_eq!(values(&on_gpu.to_device(Device::Cpu)), vec![1.0, 2.0]);
+        assert_eq!(values(&on_host), vec![3.0]);
+        assert_eq!(values(&gathered.to_device(Device::Cpu)), vec![4.0, 5.0]);
+        assert_eq!(values(&scattered.to_device(Device::Cpu)), vec![6.0, 7.0]);
     }
 }
