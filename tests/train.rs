@@ -235,6 +235,34 @@ fn killed_and_resumed_zero3_run_on_two_ranks_has_the_same_losses() {
     check_kill_and_resume(&["--nproc", "2", "--zero", "3"]);
 }
 
+/// A disk that fills up while a checkpoint is written (a file-size limit makes every write past
+/// 300 kB fail, as ENOSPC would): the run stops with an error naming the file, and `latest` still
+/// names the previous checkpoint, which loads and resumes.
+#[test]
+fn a_full_disk_while_saving_keeps_the_previous_checkpoint() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    check_train(&out, &["--steps", "4", "--save-every", "2", "--batch-size", "2"]);
+    std::fs::write(out.join("latest"), "step-000002").unwrap(); // as if step 4 had not happened
+    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
+    let args = train_args(&out, &["--steps", "4", "--save-every", "2", "--batch-size", "2", "--resume"]);
+    // An ignored SIGXFSZ survives exec, so writes past the limit fail with EFBIG instead of killing.
+    let output = Command::new("sh")
+        .args(["-c", "trap '' XFSZ; exec prlimit --fsize=300000 \"$@\"", "sh", WIZARD])
+        .args(&args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("step-000004.partial") && stderr.contains("File too large"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "step-000002");
+    let checkpoint = out.join("checkpoints/step-000002");
+    pipeline::model::GptBigCode::load(&checkpoint, tch::Kind::Float, tch::Device::Cpu).unwrap();
+    let resumed = Command::new(WIZARD).args(&args).output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "step-000004");
+}
+
 const HF_LOGITS: &str = r#"
 import json, sys, torch
 from transformers import AutoModelForCausalLM
