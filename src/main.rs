@@ -21,8 +21,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "wizard", version, about)]
 struct Cli {
-    /// Write logs to this file instead of stderr (filter with WIZARD_LOG, e.g. `WIZARD_LOG=debug`).
-    #[arg(long, global = true, value_name = "PATH")]
+    /// Write logs to this file instead of stderr (filter with WIZARD_LOG, e.g. `WIZARD_LOG=debug`);
+    /// the stages `wizard pipeline` starts append to the same file.
+    #[arg(long, global = true, value_name = "PATH", env = "WIZARD_LOG_FILE")]
     log_file: Option<PathBuf>,
 
     #[command(subcommand)]

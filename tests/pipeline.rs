@@ -35,6 +35,19 @@ fn fixture(dir: &Path) {
     ];
     let seeds: String = tasks.iter().map(|(i, o)| json!({"instruction": i, "output": o}).to_string() + "\n").collect();
     std::fs::write(dir.join("seeds.jsonl"), seeds).unwrap();
+    let mbpp: String = [
+        (11, "Write a function to add one.", "def add_one(x):\n    return x + 1", "assert add_one(1) == 2"),
+        (12, "Write a function to find the largest of a list.", "def largest(xs):\n    return max(xs)", "assert largest([1, 5]) == 5"),
+        (13, "Write a function to double a number.", "def double(x):\n    return 2 * x", "assert double(3) == 6"),
+    ]
+    .iter()
+    .map(|(id, text, code, test)| {
+        json!({"task_id": id, "text": text, "code": code, "test_list": [test], "test_setup_code": "", "challenge_test_list": []})
+            .to_string()
+            + "\n"
+    })
+    .collect();
+    std::fs::write(dir.join("mbpp.jsonl"), mbpp).unwrap();
 }
 
 /// The test configuration, with `extra` appended to the `[eval]` table (last in the file).
@@ -82,6 +95,24 @@ max_new_tokens = 8
 
 fn pipeline(config: &Path) -> Output {
     Command::new(WIZARD).args(["pipeline", "--config"]).arg(config).env("WIZARD_PYTHON", PYTHON).output().unwrap()
+}
+
+/// The pipeline, logging to `log`; the log must also hold what its `wizard train` stages logged.
+fn check_pipeline_logged(config: &Path, log: &Path) -> String {
+    let output = Command::new(WIZARD)
+        .arg("--log-file")
+        .arg(log)
+        .args(["pipeline", "--config"])
+        .arg(config)
+        .env("WIZARD_PYTHON", PYTHON)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "wizard pipeline failed:\n{stderr}");
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(log.contains("wizard::pipeline") && log.contains("running wizard train"), "{log}");
+    assert!(log.contains("wizard::train: step"), "no line from a train stage in the log:\n{log}");
+    stderr
 }
 
 fn check_pipeline(config: &Path) -> String {
@@ -246,9 +277,10 @@ fn check_lsp_answer(model: &Path, draft: &Path) {
 fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
     let dir = tempfile::tempdir().unwrap();
     fixture(dir.path());
-    let config_file = config(dir.path(), 20, "");
+    let mbpp = "mbpp = \"mbpp.jsonl\"";
+    let config_file = config(dir.path(), 20, mbpp);
     let started = Instant::now();
-    let stderr = check_pipeline(&config_file);
+    let stderr = check_pipeline_logged(&config_file, &dir.path().join("wizard.log"));
     let first_run = started.elapsed();
     let out = dir.path().join("out");
 
@@ -289,21 +321,25 @@ fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
     assert!(model.starts_with(std::fs::canonicalize(&out).unwrap().join("round-1/sft/checkpoints")), "{model:?}");
     check_transformers_loads(&model);
 
-    // pass@k reports, one per round, over the 2 problems asked for.
+    // pass@k reports, one per round and benchmark, over the 2 problems asked for.
     for r in 1..=2 {
-        let report: Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join(format!("round-{r}/humaneval/report.json"))).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(report["problems"], 2, "{report}");
-        let pass1 = report["pass_at_k"]["pass@1"].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&pass1));
+        for benchmark in ["humaneval", "mbpp"] {
+            let report: Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join(format!("round-{r}/{benchmark}/report.json"))).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(report["problems"], 2, "{benchmark}: {report}");
+            let pass1 = report["pass_at_k"]["pass@1"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&pass1));
+        }
     }
 
     // The report: Markdown with a row per round, the plots, and a JSON summary.
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
-        md.contains("| round | items trained on | evolved | accepted | acceptance | SFT loss | HumanEval pass@1 |"),
+        md.contains(
+            "| round | items trained on | evolved | accepted | acceptance | SFT loss | HumanEval pass@1 | MBPP pass@1 |"
+        ),
         "{md}"
     );
     assert!(md.contains("| 1 (best) |") && md.contains("\n| 2 |"), "{md}");
@@ -330,11 +366,21 @@ fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
     assert!(started.elapsed() < first_run / 2, "{:?} vs {first_run:?}", started.elapsed());
 
     // A changed [eval] re-runs only the evaluations; a changed [sft] the fine-tuning and what follows.
-    check_changed(&config_file, dir.path(), 20, "timeout = 5.0", &["eval-1", "eval-2"]);
+    check_changed(&config_file, dir.path(), 20, &format!("{mbpp}\ntimeout = 5.0"), &["eval-1", "eval-2"]);
     let sft_changed = std::fs::read_to_string(&config_file).unwrap().replace("steps = 6", "steps = 7");
     std::fs::write(&config_file, sft_changed).unwrap();
     let (ran, _) = ran_and_skipped(&check_pipeline(&config_file));
     assert_eq!(ran, ["sft-1", "eval-1", "sft-2", "eval-2"]);
+
+    // Edited inputs under unchanged paths: new MBPP problems re-run the evaluations, new seeds the rounds.
+    let problems = std::fs::read_to_string(dir.path().join("mbpp.jsonl")).unwrap();
+    std::fs::write(dir.path().join("mbpp.jsonl"), problems.replace("add one", "add 1")).unwrap();
+    let (ran, _) = ran_and_skipped(&check_pipeline(&config_file));
+    assert_eq!(ran, ["eval-1", "eval-2"]);
+    let seeds = std::fs::read_to_string(dir.path().join("seeds.jsonl")).unwrap();
+    std::fs::write(dir.path().join("seeds.jsonl"), seeds.replace("reverses a string", "reverses a list")).unwrap();
+    let (ran, _) = ran_and_skipped(&check_pipeline(&config_file));
+    assert_eq!(ran, ALL_STAGES[3..]);
 }
 
 fn check_changed(config_file: &Path, dir: &Path, steps: usize, extra: &str, expected: &[&str]) {

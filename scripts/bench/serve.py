@@ -1,6 +1,8 @@
 """`wizard serve` and speculative decoding on CPU, against transformers' assisted generation.
 
 Usage: .wizard/python scripts/bench/serve.py [--threads 2] [--steps 300] [--requests 40]
+                                            [--target 256:6:4] [--draft 96:2:2] [--new-tokens 32] [--train-only]
+(--target/--draft: width:layers:heads; each pair is cached in its own folder)
 
 1. Trains a tokenizer (`wizard tokenizer train`) on the repository's Rust sources, then a target
    GPTBigCode (~5M parameters) and a draft about 1/10 of its size on the same data with transformers
@@ -27,9 +29,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 WORK = REPO / "target" / "bench-serve"
 WIZARD = REPO / "target" / "release" / "wizard"
 SOURCES = ["pipeline/src", "lsp/src", "src", "eval/src", "evolve/src", "kernels/src"]
-TARGET = dict(n_embd=256, n_layer=6, n_head=4)
-DRAFT = dict(n_embd=96, n_layer=2, n_head=2)
-NEW_TOKENS = 32
+
+def dims(text):
+    n_embd, n_layer, n_head = map(int, text.split(":"))
+    return dict(n_embd=n_embd, n_layer=n_layer, n_head=n_head)
 
 
 def corpus_files():
@@ -40,7 +43,7 @@ def corpus_files():
 
 
 def train_tokenizer():
-    out = WORK / "tokenizer"
+    out = REPO / "target" / "bench-serve" / "tokenizer"
     if not (out / "tokenizer.json").exists():
         args = [str(WIZARD), "tokenizer", "train", "--vocab-size", "2048", "--out", str(out)]
         for directory in SOURCES:
@@ -168,7 +171,7 @@ def forced(model):
 
 def lsp_latency(model, requests):
     files = [p for p in corpus_files() if p.stat().st_size > 4000]
-    server = Lsp(model, {"maxTokens": NEW_TOKENS, "contextBudget": 384, "gamma": 0})
+    server = Lsp(model, {"maxTokens": 32, "contextBudget": 384, "gamma": 0})
     latencies, lengths = [], []
     rng = random.Random(1)
     for i in range(requests + 3):
@@ -247,12 +250,21 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--reuse-latency", action="store_true", help="report the last LSP latency run")
+    parser.add_argument("--target", default="256:6:4", help="width:layers:heads")
+    parser.add_argument("--draft", default="96:2:2", help="width:layers:heads")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--train-only", action="store_true")
     args = parser.parse_args()
+    global WORK
+    if (args.target, args.draft) != ("256:6:4", "96:2:2"):
+        WORK = WORK / f"{args.target.replace(':', 'x')}-{args.draft.replace(':', 'x')}"
     WORK.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HUB_OFFLINE"] = "1"
     tokenizer = train_tokenizer()
-    target = train("target", TARGET, tokenizer, args.steps, args.threads)
-    draft = train("draft", DRAFT, tokenizer, args.steps, args.threads)
+    target = train("target", dims(args.target), tokenizer, args.steps, args.threads)
+    draft = train("draft", dims(args.draft), tokenizer, args.steps, args.threads)
+    if args.train_only:
+        return
     sizes = {name: int((WORK / name / "params.txt").read_text()) for name in ("target", "draft")}
     prompts_file = WORK / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps(p) + "\n" for p in prompts()))
@@ -265,13 +277,13 @@ def main():
         (WORK / "latency.json").write_text(json.dumps([latency, natural]))
     ours = subprocess.run(
         ["cargo", "bench", "-q", "-p", "lsp", "--bench", "speculative", "--",
-         str(target), str(draft), str(prompts_file), str(NEW_TOKENS), str(args.threads)],
+         str(target), str(draft), str(prompts_file), str(args.new_tokens), str(args.threads)],
         check=True, capture_output=True, text=True, cwd=REPO,
     ).stdout
     (WORK / "wizard.jsonl").write_text(ours)
     print(ours, file=sys.stderr)
     theirs = subprocess.run(
-        [sys.executable, "-c", HF_ASSISTED, str(target), str(draft), str(prompts_file), str(NEW_TOKENS), str(args.threads)],
+        [sys.executable, "-c", HF_ASSISTED, str(target), str(draft), str(prompts_file), str(args.new_tokens), str(args.threads)],
         check=True, stdout=subprocess.PIPE, text=True,
     ).stdout
     (WORK / "transformers.jsonl").write_text(theirs)
@@ -279,7 +291,8 @@ def main():
     theirs = {(r["workload"], r["drafter"]): r for r in map(json.loads, theirs.splitlines()) if "error" not in r}
 
     print(f"target {sizes['target'] / 1e6:.1f}M parameters, draft {sizes['draft'] / 1e6:.2f}M "
-          f"({sizes['draft'] / sizes['target']:.2f} of the target), {args.threads} threads, CPU\n")
+          f"({sizes['draft'] / sizes['target']:.2f} of the target), {args.threads} threads, CPU, "
+          f"{args.new_tokens} new tokens\n")
     print("| LSP inlineCompletion, maxTokens 32 | requests | p50 | p95 | mean completion |")
     print("| --- | --- | --- | --- | --- |")
     for name, r in (("32 tokens (target's compute, forced output)", latency), ("trained target (block rules end early)", natural)):

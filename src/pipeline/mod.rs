@@ -22,7 +22,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 
 use config::{Config, Shape, TrainSettings};
-use state::{fingerprint, Plan, State};
+use state::{files_fingerprint, fingerprint, Plan, State};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -128,7 +128,11 @@ impl Runner {
             args.iter().map(|a| a.to_string_lossy().into_owned()).take_while(|a| !a.starts_with('-')).collect();
         let what = what.join(" ");
         tracing::info!(?args, "running wizard {what}");
-        let child = Command::new(&self.exe)
+        let mut command = Command::new(&self.exe);
+        if let Some(log) = crate::logging::file() {
+            command.env("WIZARD_LOG_FILE", log);
+        }
+        let child = command
             .args(&args)
             // `wizard train` then dies with this process (PR_SET_PDEATHSIG) instead of living on.
             .env("WIZARD_LAUNCHER_PID", std::process::id().to_string())
@@ -303,12 +307,18 @@ pub fn execute(config: &Config, rounds_cap: Option<u32>) -> anyhow::Result<Outco
     let (base_fp, base_checkpoint, corpus, tokenizer_dir, tokenizer_fp) =
         match (&config.base, &config.tokenizer, &config.pretrain) {
             (Some(base), ..) => {
-                let fp = fingerprint(&["base", &base.checkpoint.to_string_lossy()]);
+                let contents = files_fingerprint(std::slice::from_ref(&base.checkpoint));
+                let fp = fingerprint(&["base", &base.checkpoint.to_string_lossy(), &contents]);
                 (fp, base.checkpoint.clone(), Vec::new(), base.checkpoint.clone(), String::new())
             }
             (None, Some(tokenizer), Some(pre)) => {
                 let inputs = expand(&tokenizer.inputs)?;
-                let tokenizer_fp = fingerprint(&["tokenizer", &json_of(&inputs), &tokenizer.vocab_size.to_string()]);
+                let tokenizer_fp = fingerprint(&[
+                    "tokenizer",
+                    &json_of(&inputs),
+                    &files_fingerprint(&inputs),
+                    &tokenizer.vocab_size.to_string(),
+                ]);
                 let tokenizer_dir = out.join("tokenizer");
                 runner.stage("tokenizer", &tokenizer_fp, std::slice::from_ref(&tokenizer_dir), || {
                     let config = ::pipeline::tokenizer::TrainConfig::new(inputs.clone(), tokenizer.vocab_size);
@@ -324,7 +334,8 @@ pub fn execute(config: &Config, rounds_cap: Option<u32>) -> anyhow::Result<Outco
                     Some(inputs) => expand(inputs)?,
                     None => inputs,
                 };
-                let fp = fingerprint(&["pretrain", &tokenizer_fp, &json_of(&corpus), &json_of(pre)]);
+                let corpus_fp = fingerprint(&[&json_of(&corpus), &files_fingerprint(&corpus)]);
+                let fp = fingerprint(&["pretrain", &tokenizer_fp, &corpus_fp, &json_of(pre)]);
                 let dir = out.join("base");
                 let outputs = runner.stage("pretrain", &fp, std::slice::from_ref(&dir), || {
                     pretrain(&runner, &dir, &pre.model, &pre.train, pre.fim_rate, &tokenizer_dir, &corpus)
@@ -338,7 +349,8 @@ pub fn execute(config: &Config, rounds_cap: Option<u32>) -> anyhow::Result<Outco
 
     let draft = match (&config.draft, &config.pretrain) {
         (Some(draft), Some(pre)) => {
-            let fp = fingerprint(&["draft", &tokenizer_fp, &json_of(&corpus), &json_of(draft)]);
+            let corpus_fp = fingerprint(&[&json_of(&corpus), &files_fingerprint(&corpus)]);
+            let fp = fingerprint(&["draft", &tokenizer_fp, &corpus_fp, &json_of(draft)]);
             let dir = out.join("draft");
             let outputs = runner.stage("draft", &fp, std::slice::from_ref(&dir), || {
                 pretrain(&runner, &dir, &draft.model, &draft.train, pre.fim_rate, &tokenizer_dir, &corpus)
@@ -351,7 +363,9 @@ pub fn execute(config: &Config, rounds_cap: Option<u32>) -> anyhow::Result<Outco
 
     // Rounds: evolve → export → SFT → pass@k, while pass@1 rises.
     let evolve_db = out.join("evolve.sqlite");
-    let mut evolve_fp = fingerprint(&["evolve", &base_fp, &json_of(&config.evolve), &config.run.device]);
+    let seeds: Vec<PathBuf> = config.evolve.seeds.iter().cloned().collect();
+    let mut evolve_fp =
+        fingerprint(&["evolve", &base_fp, &json_of(&config.evolve), &files_fingerprint(&seeds), &config.run.device]);
     let mut rounds: Vec<Round> = Vec::new();
     let mut best: Option<usize> = None;
     for r in 1..=rounds_cap {
@@ -432,7 +446,9 @@ pub fn execute(config: &Config, rounds_cap: Option<u32>) -> anyhow::Result<Outco
         curves.push((format!("sft round {r}"), sft_dir.join("metrics.jsonl")));
         let checkpoint = PathBuf::from(sft["checkpoint"].as_str().context("sft outputs")?);
 
-        let eval_fp = fingerprint(&["eval", &sft_fp, &json_of(&config.eval), &config.run.device]);
+        let mbpp: Vec<PathBuf> = config.eval.mbpp.iter().cloned().collect();
+        let eval_fp =
+            fingerprint(&["eval", &sft_fp, &json_of(&config.eval), &files_fingerprint(&mbpp), &config.run.device]);
         let benchmarks: Vec<(&str, Option<PathBuf>)> =
             std::iter::once(("humaneval", None)).chain(config.eval.mbpp.clone().map(|p| ("mbpp", Some(p)))).collect();
         let clear: Vec<PathBuf> = benchmarks.iter().map(|(name, _)| round_dir.join(name)).collect();
