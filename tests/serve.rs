@@ -409,13 +409,16 @@ fn a_draft_model_gives_the_same_completions() {
     assert_eq!(inline_text(&client.inline(PY, 0, 4).unwrap()).as_deref(), Some("xxxxxxxxxxxxxxxx"));
     // The draft agrees with the target everywhere: most of the tokens came from it.
     let log = client.log_text();
-    let accepted: usize = log
-        .split("accepted=")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no accepted figure in the log:\n{log}"));
-    assert!(accepted >= 10, "accepted {accepted} of 16:\n{log}");
+    let figure = |name: &str| -> f64 {
+        log.split(&format!(" {name}="))
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !(c.is_ascii_digit() || c == '.')).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} figure in the log:\n{log}"))
+    };
+    assert!(figure("accepted") >= 10.0, "accepted {} of 16:\n{log}", figure("accepted"));
+    // The request's span has the prompt, prefill and decode figures too.
+    assert!(figure("prompt_tokens") > 1.0 && figure("prefill_ms") > 0.0 && figure("decode_ms") > 0.0, "{log}");
     client.exit();
 }
 

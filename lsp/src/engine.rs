@@ -99,6 +99,8 @@ pub struct Figures {
     pub prompt_tokens: usize,
     /// Generated tokens.
     pub tokens: usize,
+    /// Milliseconds of the prompt's prefill.
+    pub prefill_ms: f64,
     /// Milliseconds until the first token (prompt building + prefill + first step).
     pub first_token_ms: f64,
     /// Milliseconds in all.
@@ -338,6 +340,7 @@ impl CompletionModel for ModelBackend {
         let figures = Figures {
             prompt_tokens: prompt.len(),
             tokens: tokens.len(),
+            prefill_ms: out.stats.prefill_ms,
             first_token_ms,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
             drafted: out.stats.drafted,

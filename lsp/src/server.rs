@@ -214,7 +214,9 @@ impl Backend {
         tracing::info!(
             prompt_tokens = figures.prompt_tokens,
             tokens = figures.tokens,
+            prefill_ms = figures.prefill_ms,
             first_token_ms = figures.first_token_ms,
+            decode_ms = figures.total_ms - figures.first_token_ms,
             total_ms = figures.total_ms,
             drafted = figures.drafted,
             accepted = figures.accepted,

@@ -70,6 +70,8 @@ pub struct SpeculativeStats {
     pub drafted: usize,
     /// Draft tokens accepted.
     pub accepted: usize,
+    /// Milliseconds of the prompt's prefill (target and draft).
+    pub prefill_ms: f64,
 }
 
 impl SpeculativeStats {
@@ -141,13 +143,17 @@ pub fn generate(
         };
         // Prefill everything but the newest token: each step feeds what the caches lack.
         if prompt.len() > 1 {
+            let started = std::time::Instant::now();
             let head = state.ids(&prompt[..prompt.len() - 1], target.device());
-            let _ = target.forward_next(&head, &mut state.target_cache)?;
+            let mut last = target.forward_next(&head, &mut state.target_cache)?;
             state.stats.target_passes += 1;
             if let (Drafter::Model(draft), Some(cache)) = (drafter, state.draft_cache.as_mut()) {
-                let _ = draft.forward_next(&head.to_device(draft.device()), cache)?;
+                last = draft.forward_next(&head.to_device(draft.device()), cache)?;
                 state.stats.draft_passes += 1;
             }
+            // Reading one value waits for queued GPU work, so the figure is the prefill's own.
+            let _ = last.reshape([-1]).double_value(&[0]);
+            state.stats.prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         }
         let mut gamma = config.gamma;
         let finish = loop {
@@ -433,6 +439,8 @@ mod tests {
                 let config = SpeculativeConfig { max_new_tokens: 40, ..SpeculativeConfig::default() };
                 let out = generate(&target, &drafter, prompt, &config, &mut NoStop).unwrap();
                 assert_eq!(out.generation.tokens, expected, "prompt {prompt:?}, stats {:?}", out.stats);
+                // A one-token prompt has nothing to prefill: its token is fed by the first step.
+                assert_eq!(out.stats.prefill_ms > 0.0, prompt.len() > 1, "{:?}", out.stats);
             }
         }
         // A draft equal to the target is always accepted.
