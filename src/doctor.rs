@@ -132,6 +132,14 @@ fn print_text(
     println!("libtorch        {}", info.torch_version);
     println!("loaded from     {}", loaded_from.display());
     println!("CUDA            {}", cuda_line(info));
+    println!(
+        "NCCL            {}",
+        if info.built_with_nccl {
+            "built in (ProcessGroupNCCL for one GPU per rank)"
+        } else {
+            "not built: the CUDA headers were missing at build time (scripts/setup.sh, then cargo build)"
+        }
+    );
     for device in &info.cuda.devices {
         println!(
             "  cuda:{}        {} ({:.1} GiB, compute capability {}.{})",
@@ -176,6 +184,7 @@ fn print_json(
         "loaded_from": loaded_from,
         "linked_at_build": info.linked_at_build,
         "built_with_cuda": info.built_with_cuda,
+        "built_with_nccl": info.built_with_nccl,
         "cuda": {
             "available": info.cuda.available,
             "cudnn": info.cuda.cudnn,

@@ -178,7 +178,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some((rank, world, host, port)) => {
             let timeout = Duration::from_secs(args.timeout);
             let group = match (args.backend.as_str(), compute.device) {
-                ("nccl" | "auto", Device::Cuda(gpu)) if args.backend == "nccl" || gpu_per_rank(world) => {
+                ("nccl" | "auto", Device::Cuda(gpu)) if args.backend == "nccl" || gpu_per_rank(&args.device) => {
                     ProcessGroup::nccl(&host, port, rank, world, timeout, gpu)
                 }
                 ("nccl", Device::Cpu) => bail!("--backend nccl needs a GPU per rank (--device cuda)"),
@@ -192,10 +192,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     train(args, rank, compute)
 }
 
-/// Whether every rank on this machine (LOCAL_WORLD_SIZE, as torchrun and `--nproc` set it) has a GPU of its own.
-fn gpu_per_rank(world: usize) -> bool {
-    let local: usize = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|n| n.parse().ok()).unwrap_or(world);
-    tch::Cuda::device_count() as usize >= local
+/// Whether NCCL can serve these ranks: each took its GPU from LOCAL_RANK (`--device auto` or
+/// `cuda`), and this machine has a GPU for every local rank (LOCAL_WORLD_SIZE, as torchrun and
+/// `--nproc` set it). Otherwise ranks may share a GPU, which NCCL refuses.
+fn gpu_per_rank(device_flag: &str) -> bool {
+    let local = |name: &str| std::env::var(name).ok().and_then(|n| n.parse::<usize>().ok());
+    let (Some(_), Some(local_world)) = (local("LOCAL_RANK"), local("LOCAL_WORLD_SIZE")) else { return false };
+    ["auto", "cuda"].contains(&device_flag) && tch::Cuda::device_count() as usize >= local_world
 }
 
 /// Starts `--nproc` ranks of this same command on this machine and waits for all of them; if one

@@ -23,7 +23,11 @@ int wizard_group_new_gloo(const char* host, int port, int rank, int size, long t
   });
 }
 
-void wizard_group_free(WizardGroup* group) { delete group; }
+void wizard_group_free(WizardGroup* group) {
+  // NCCL tears its communicators down in shutdown(), not quietly in its destructor.
+  wizard::guarded([&] { group->backend->shutdown(); });
+  delete group;
+}
 
 int wizard_allreduce_sum(WizardGroup* group, void* handle) {
   return guarded([&] {

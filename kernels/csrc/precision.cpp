@@ -1,5 +1,6 @@
 // Autocast (mixed precision in a chosen dtype) and the CUDA caching allocator's statistics, which
 // tch does not bind. Device types and dtypes arrive as c10's enum values.
+#include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/CachingDeviceAllocator.h>
 
@@ -33,6 +34,8 @@ int wizard_autocast_exit(int device_type, int was_enabled, int previous_dtype) {
 // last reset), and has reserved from the driver; resets the peak afterwards when `reset` is set.
 int wizard_cuda_memory(int index, int reset, int64_t* allocated, int64_t* peak_allocated, int64_t* reserved) {
   return wizard::guarded([&] {
+    // The allocator's per-device state exists only once CUDA is initialised.
+    at::globalContext().lazyInitDevice(c10::DeviceType::CUDA);
     auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
     auto stats = allocator->getDeviceStats(static_cast<c10::DeviceIndex>(index));
     auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);

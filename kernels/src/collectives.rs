@@ -119,6 +119,22 @@ impl ProcessGroup {
         }
     }
 
+    /// Runs `collective` into a buffer in the engine's memory that only receives (all-gather and
+    /// reduce-scatter outputs: nothing to stage in), copying it into `output` when it had to move.
+    fn receive(
+        &self,
+        output: &mut Tensor,
+        collective: impl FnOnce(&Tensor) -> Result<(), KernelError>,
+    ) -> Result<(), KernelError> {
+        if output.device() == self.home {
+            return collective(output);
+        }
+        let staged = Tensor::empty(output.size(), (output.kind(), self.home));
+        collective(&staged)?;
+        output.copy_(&staged);
+        Ok(())
+    }
+
     /// Runs `collective` on a version of `tensor` in the engine's memory, copying the result back
     /// when it had to move.
     fn in_place(
@@ -155,7 +171,7 @@ impl ProcessGroup {
     pub fn reduce_scatter_sum(&self, output: &mut Tensor, input: &Tensor) -> Result<(), KernelError> {
         let input = at_home(input, self.home);
         // SAFETY: as above.
-        self.in_place(output, |out| {
+        self.receive(output, |out| {
             check(unsafe { wizard_reduce_scatter_sum(self.raw, handle(out), handle(&input)) }, "reduce-scatter")
         })
     }
@@ -164,7 +180,7 @@ impl ProcessGroup {
     pub fn all_gather(&self, output: &mut Tensor, input: &Tensor) -> Result<(), KernelError> {
         let input = at_home(input, self.home);
         // SAFETY: as above.
-        self.in_place(output, |out| {
+        self.receive(output, |out| {
             check(unsafe { wizard_allgather(self.raw, handle(out), handle(&input)) }, "all-gather")
         })
     }

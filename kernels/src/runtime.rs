@@ -14,6 +14,8 @@ pub struct RuntimeInfo {
     pub linked_at_build: PathBuf,
     /// Whether this build references libtorch_cuda (the CUDA wheel).
     pub built_with_cuda: bool,
+    /// Whether the shim was compiled with ProcessGroupNCCL (the CUDA headers were present).
+    pub built_with_nccl: bool,
     /// Threads used inside one op (`at::get_num_threads`).
     pub intra_op_threads: i32,
     /// Threads used across ops (`at::get_num_interop_threads`).
@@ -72,6 +74,7 @@ impl RuntimeInfo {
             loaded_from: PathBuf::from(ffi::libtorch_path()?),
             linked_at_build: PathBuf::from(env!("WIZARD_LIBTORCH_LIB")),
             built_with_cuda: cfg!(wizard_with_cuda),
+            built_with_nccl: cfg!(wizard_with_nccl),
             intra_op_threads: tch::get_num_threads(),
             inter_op_threads: tch::get_num_interop_threads(),
             cuda: CudaInfo { available: summary.available, cudnn: summary.cudnn, runtime_version, devices },

@@ -31,7 +31,13 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.matmul(&self.weight_t) + &self.bias
+        let product = x.matmul(&self.weight_t);
+        if product.kind() == self.bias.kind() {
+            return product + &self.bias;
+        }
+        // Under autocast the product is bf16: add the bias in bf16 too, as F.linear does.
+        let bias = self.bias.to_kind(product.kind());
+        product + bias
     }
 }
 

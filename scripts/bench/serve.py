@@ -52,7 +52,7 @@ def train_tokenizer():
     return out
 
 
-def train(name, dims, tokenizer_dir, steps, threads):
+def train(name, dims, tokenizer_dir, steps, threads, lr=2e-3):
     out = WORK / name
     if (out / "model.safetensors").exists():
         return out
@@ -68,8 +68,8 @@ def train(name, dims, tokenizer_dir, steps, threads):
     data = torch.tensor(ids)
     config = GPTBigCodeConfig(vocab_size=len(tokenizer), n_positions=512, bos_token_id=0, eos_token_id=0, **dims)
     model = GPTBigCodeForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     seq, batch = 128, 16
     started = time.time()
     for step in range(steps):
@@ -253,6 +253,8 @@ def main():
     parser.add_argument("--target", default="256:6:4", help="width:layers:heads")
     parser.add_argument("--draft", default="96:2:2", help="width:layers:heads")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--target-lr", type=float, default=2e-3)
+    parser.add_argument("--target-steps", type=int, help="default: --steps")
     parser.add_argument("--train-only", action="store_true")
     args = parser.parse_args()
     global WORK
@@ -261,7 +263,7 @@ def main():
     WORK.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HUB_OFFLINE"] = "1"
     tokenizer = train_tokenizer()
-    target = train("target", dims(args.target), tokenizer, args.steps, args.threads)
+    target = train("target", dims(args.target), tokenizer, args.target_steps or args.steps, args.threads, args.target_lr)
     draft = train("draft", dims(args.draft), tokenizer, args.steps, args.threads)
     if args.train_only:
         return

@@ -109,8 +109,8 @@ def main():
             out = work / f"out{round}"
             stderr = wizard_train(out, args.steps)
             metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            print(f"wizard run {round}: loss {metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}; "
-                  + stderr.strip().splitlines()[-1], flush=True)
+            last_line = (stderr.strip().splitlines() or [""])[-1]
+            print(f"wizard run {round}: loss {metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}; {last_line}", flush=True)
             metrics = metrics[skip:]
             memory = re.findall(r"peak CUDA memory ([\d.]+) MiB", stderr)
             return (statistics.median(m["tokens_per_s"] for m in metrics), statistics.median(m["mfu"] for m in metrics),
@@ -122,7 +122,7 @@ def main():
             out = subprocess.run([sys.executable, "-c", HF_LOOP, json.dumps(config), json.dumps(settings)],
                                  capture_output=True, text=True, env=env)
             if out.returncode != 0:
-                print(f"transformers loop failed: {out.stderr.strip().splitlines()[-1]}", flush=True)
+                print(f"transformers loop failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
                 return None
             result = json.loads(out.stdout)
             result["median"] = statistics.median(result["tokens_per_s"][skip:])

@@ -2,7 +2,7 @@
 # Builds, here, everything the GPU check needs and puts it in target/gpu-kit (stripped binaries, a
 # few MB), so that a session lent a GPU machine measures in one call:
 #   scripts/gpu/prepare.sh, then the device tool's run with carry ["target/gpu-kit"] and the command
-#   "bash scripts/gpu/check.sh", timeout_s 450. The report comes back as $OUT/gpu-report.txt.
+#   "bash scripts/gpu/check.sh", timeout_s 560. The report comes back as $OUT/gpu-report.txt.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 kit=target/gpu-kit

@@ -262,10 +262,9 @@ impl Zero3 {
     /// Clips by the global gradient norm and applies fused AdamW to every shard. Returns the norm.
     pub fn step(&mut self, lr: f64, max_norm: f64, group: Option<&ProcessGroup>) -> Result<f64> {
         tch::no_grad(|| {
-            let mut norm_sq = Tensor::from_slice(&[self
-                .units_mut()
-                .map(|u| u.grad_shard.square().sum(Kind::Double).double_value(&[]))
-                .sum::<f64>() as f32]);
+            // Summed on the device, read once: a read per unit would wait for the GPU each time.
+            let sums: Vec<Tensor> = self.units_mut().map(|u| u.grad_shard.square().sum(Kind::Double)).collect();
+            let mut norm_sq = Tensor::stack(&sums, 0).sum(Kind::Double).to_kind(Kind::Float).reshape([1]);
             if let Some(group) = group {
                 group.all_reduce_sum(&mut norm_sq)?;
             }
