@@ -55,6 +55,17 @@ int wizard_broadcast(WizardGroup* group, void* handle, int root) {
   });
 }
 
+// An all-gather left running (Gloo runs it on its own threads) until wizard_work_wait.
+int wizard_allgather_start(WizardGroup* group, void* output, void* input, WizardWork** out) {
+  return guarded([&] { *out = new WizardWork{group->backend->_allgather_base(tensor(output), tensor(input))}; });
+}
+
+int wizard_work_wait(WizardGroup* group, WizardWork* work) {
+  return guarded([&] { work->work->wait(group->timeout); });
+}
+
+void wizard_work_free(WizardWork* work) { delete work; }
+
 int wizard_barrier(WizardGroup* group) {
   return guarded([&] { group->backend->barrier()->wait(group->timeout); });
 }

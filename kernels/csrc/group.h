@@ -15,6 +15,11 @@ struct WizardGroup {
   std::chrono::milliseconds timeout;
 };
 
+// A collective in flight; the Work holds its tensors alive.
+struct WizardWork {
+  c10::intrusive_ptr<c10d::Work> work;
+};
+
 namespace wizard {
 
 // Rank 0 hosts the store at host:port and waits for the others to connect.

@@ -15,6 +15,11 @@ struct WizardGroup {
     _private: [u8; 0],
 }
 
+#[repr(C)]
+struct WizardWork {
+    _private: [u8; 0],
+}
+
 extern "C" {
     fn wizard_group_new_gloo(
         host: *const c_char,
@@ -39,6 +44,14 @@ extern "C" {
     fn wizard_reduce_scatter_sum(group: *mut WizardGroup, output: *mut c_void, input: *mut c_void) -> c_int;
     fn wizard_allgather(group: *mut WizardGroup, output: *mut c_void, input: *mut c_void) -> c_int;
     fn wizard_broadcast(group: *mut WizardGroup, tensor: *mut c_void, root: c_int) -> c_int;
+    fn wizard_allgather_start(
+        group: *mut WizardGroup,
+        output: *mut c_void,
+        input: *mut c_void,
+        out: *mut *mut WizardWork,
+    ) -> c_int;
+    fn wizard_work_wait(group: *mut WizardGroup, work: *mut WizardWork) -> c_int;
+    fn wizard_work_free(work: *mut WizardWork);
     fn wizard_barrier(group: *mut WizardGroup) -> c_int;
 }
 
@@ -185,6 +198,26 @@ impl ProcessGroup {
         })
     }
 
+    /// Starts [`all_gather`](Self::all_gather) and returns while it runs, so that computation can
+    /// overlap it; `output` holds the result once [`PendingCollective::wait`] returns.
+    pub fn all_gather_start<'g>(
+        &'g self,
+        output: &Tensor,
+        input: &Tensor,
+    ) -> Result<PendingCollective<'g>, KernelError> {
+        let input = at_home(input, self.home);
+        let staged = if output.device() == self.home {
+            output.shallow_clone()
+        } else {
+            Tensor::empty(output.size(), (output.kind(), self.home))
+        };
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: `raw` is live; the handles are valid for the call and the Work keeps its own
+        // references to both tensors until it completes.
+        check(unsafe { wizard_allgather_start(self.raw, handle(&staged), handle(&input), &mut raw) }, "all-gather")?;
+        Ok(PendingCollective { group: self, raw, staged, output: output.shallow_clone(), _input: input, waited: false })
+    }
+
     /// Copies `root`'s `tensor` to every rank.
     pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), KernelError> {
         // SAFETY: as above.
@@ -195,6 +228,42 @@ impl ProcessGroup {
     pub fn barrier(&self) -> Result<(), KernelError> {
         // SAFETY: `raw` is live.
         check(unsafe { wizard_barrier(self.raw) }, "barrier")
+    }
+}
+
+/// A collective started by [`ProcessGroup::all_gather_start`], not yet known to be complete.
+/// Dropping it waits for it (ignoring errors), so no buffer is freed while the engine writes it.
+pub struct PendingCollective<'g> {
+    group: &'g ProcessGroup,
+    raw: *mut WizardWork,
+    staged: Tensor,
+    output: Tensor,
+    _input: Tensor,
+    waited: bool,
+}
+
+impl PendingCollective<'_> {
+    /// Blocks until the collective completes (or the group's timeout passes).
+    pub fn wait(mut self) -> Result<(), KernelError> {
+        self.waited = true;
+        // SAFETY: both pointers are live: the work until Drop, the group for 'g.
+        check(unsafe { wizard_work_wait(self.group.raw, self.raw) }, "all-gather")?;
+        if self.output.device() != self.group.home {
+            self.output.copy_(&self.staged);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingCollective<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as in `wait`; the work is freed exactly once, here.
+        unsafe {
+            if !self.waited {
+                let _ = wizard_work_wait(self.group.raw, self.raw);
+            }
+            wizard_work_free(self.raw);
+        }
     }
 }
 
@@ -271,6 +340,27 @@ mod tests {
         assert_eq!(results[0].2, vec![1.0, -1.0, 2.0, -2.0]);
         assert_eq!(results[1].3, vec![2.0]);
         assert_eq!(results[0].3, vec![2.0]);
+    }
+
+    /// A started all-gather completes while the rank computes and runs other collectives.
+    #[test]
+    fn a_started_all_gather_overlaps_other_work() {
+        let results = check_ranks(2, |group| {
+            let r = group.rank() as f32 + 1.0;
+            let gathered = Tensor::zeros([4], (Kind::Float, Device::Cpu));
+            let pending = group.all_gather_start(&gathered, &Tensor::from_slice(&[r, 10.0 * r])).unwrap();
+            let product = Tensor::ones([64, 64], (Kind::Float, Device::Cpu))
+                .matmul(&Tensor::ones([64, 64], (Kind::Float, Device::Cpu)));
+            let mut summed = Tensor::from_slice(&[r]);
+            group.all_reduce_sum(&mut summed).unwrap();
+            pending.wait().unwrap();
+            (values(&gathered), values(&summed), product.double_value(&[0, 0]))
+        });
+        for (gathered, summed, product) in results {
+            assert_eq!(gathered, vec![1.0, 10.0, 2.0, 20.0]);
+            assert_eq!(summed, vec![3.0]);
+            assert_eq!(product, 64.0);
+        }
     }
 
     #[test]

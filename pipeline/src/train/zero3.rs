@@ -3,7 +3,8 @@
 //! just before its forward, released right after, gathered again before its backward, where the
 //! block is recomputed from its saved input, and released again once its gradients have been
 //! reduce-scattered to their owners. Dropout is reseeded per block so the recomputation matches.
-use kernels::collectives::ProcessGroup;
+//! The next block's all-gather runs on the engine's threads while the current block computes.
+use kernels::collectives::{PendingCollective, ProcessGroup};
 use kernels::optim::{fused_adamw, AdamWStep};
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -67,16 +68,20 @@ impl Unit {
         self.shard.numel() as i64
     }
 
-    /// All-gathers the full parameters and points the model's variables at them.
-    fn gather(&mut self, group: Option<&ProcessGroup>) -> Result<()> {
-        let full = match group {
+    /// Starts all-gathering the full parameters; [`Incoming::arrive`] waits for them.
+    fn start_gather<'g>(&self, group: Option<&'g ProcessGroup>) -> Result<Incoming<'g>> {
+        match group {
             Some(group) => {
-                let mut full = Tensor::zeros([self.padded], (Kind::Float, self.device));
-                group.all_gather(&mut full, &self.shard)?;
-                full
+                let full = Tensor::empty([self.padded], (Kind::Float, self.device));
+                let pending = group.all_gather_start(&full, &self.shard)?;
+                Ok(Incoming { full, pending: Some(pending) })
             }
-            None => self.shard.shallow_clone(),
-        };
+            None => Ok(Incoming { full: self.shard.shallow_clone(), pending: None }),
+        }
+    }
+
+    /// Points the model's variables at views of the gathered `full` parameters.
+    fn point_at(&mut self, full: &Tensor) {
         tch::no_grad(|| {
             for (param, ((&offset, &n), shape)) in
                 self.params.iter_mut().zip(self.offsets.iter().zip(&self.numels).zip(&self.shapes))
@@ -84,6 +89,12 @@ impl Unit {
                 param.set_data(&full.narrow(0, offset, n).view(shape.as_slice()));
             }
         });
+    }
+
+    /// All-gathers the full parameters and points the model's variables at them.
+    fn gather(&mut self, group: Option<&ProcessGroup>) -> Result<()> {
+        let full = self.start_gather(group)?.arrive()?;
+        self.point_at(&full);
         Ok(())
     }
 
@@ -131,6 +142,26 @@ pub struct Zero3 {
     compute: Compute,
     rank: usize,
     world: usize,
+}
+
+/// A unit's parameters on their way: gathered in the background while the block before computes.
+struct Incoming<'g> {
+    full: Tensor,
+    pending: Option<PendingCollective<'g>>,
+}
+
+impl Incoming<'_> {
+    fn arrive(self) -> Result<Tensor> {
+        if let Some(pending) = self.pending {
+            pending.wait()?;
+        }
+        Ok(self.full)
+    }
+}
+
+/// Starts gathering `unit` when there is one.
+fn prefetch<'g>(unit: Option<&Unit>, group: Option<&'g ProcessGroup>) -> Result<Option<Incoming<'g>>> {
+    unit.map(|unit| unit.start_gather(group)).transpose()
 }
 
 fn seed_for(base: i64, unit: i64) {
@@ -188,17 +219,22 @@ impl Zero3 {
         let layers = self.blocks.len();
         let embed_unit = layers as i64;
         self.globals.gather(group)?;
+        // Each block's gather runs while the block before it computes (ZeRO-3 prefetch).
+        let mut incoming = prefetch(self.blocks.first(), group)?;
         seed_for(seed, embed_unit);
         let compute = self.compute;
         let mut saved = vec![tch::no_grad(|| compute.forward(|| model.embed_tokens(input, train)))??];
         for layer in 0..layers {
-            self.blocks[layer].gather(group)?;
+            let full = incoming.take().expect("prefetched").arrive()?;
+            incoming = prefetch(self.blocks.get(layer + 1), group)?;
+            self.blocks[layer].point_at(&full);
             seed_for(seed, layer as i64);
             let next = tch::no_grad(|| compute.forward(|| model.block_forward(layer, &saved[layer], train)))?;
             saved.push(next);
             self.blocks[layer].release();
         }
 
+        incoming = prefetch(self.blocks.last(), group)?;
         let head_input = saved[layers].detach().set_requires_grad(true);
         let logits = compute.forward(|| model.training_logits(&head_input))?;
         let vocab = logits.size()[2];
@@ -216,7 +252,9 @@ impl Zero3 {
             self.backward(&(loss / tokens.max(1) as f64), &head_input, &head_params)?;
 
         for layer in (0..layers).rev() {
-            self.blocks[layer].gather(group)?;
+            let full = incoming.take().expect("prefetched").arrive()?;
+            incoming = prefetch(layer.checked_sub(1).and_then(|l| self.blocks.get(l)), group)?;
+            self.blocks[layer].point_at(&full);
             let input = saved[layer].detach().set_requires_grad(true);
             seed_for(seed, layer as i64);
             let out = compute.forward(|| model.block_forward(layer, &input, train))?;
