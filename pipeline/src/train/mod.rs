@@ -81,12 +81,10 @@ impl Compute {
         }
     }
 
-    /// Dense matmul throughput in this precision on this device, for MFU.
+    /// Dense matmul throughput in this precision (the autocast dtype) on this device, for MFU.
     pub fn peak_flops(&self) -> f64 {
-        let (n, kind) = match self.device {
-            Device::Cuda(_) => (8192, self.autocast.unwrap_or(Kind::Float)),
-            _ => (1024, Kind::Float),
-        };
+        let kind = self.autocast.unwrap_or(Kind::Float);
+        let n = if self.device.is_cuda() { 8192 } else { 1024 };
         let sync = || {
             if let Device::Cuda(index) = self.device {
                 tch::Cuda::synchronize(index as i64);
