@@ -2,8 +2,8 @@
 //! prompt lookup over the same prompts, whether the outputs are identical, and acceptance rates.
 //! Prints one JSON object per drafter and workload. Driven by `scripts/bench/serve.py`.
 //!
-//! `cargo bench -p lsp --bench speculative -- TARGET_DIR DRAFT_DIR PROMPTS_JSONL NEW_TOKENS THREADS`
-//! (each prompts line: `{"workload": "...", "prompt": "..."}`).
+//! `cargo bench -p lsp --bench speculative -- TARGET_DIR DRAFT_DIR PROMPTS_JSONL NEW_TOKENS THREADS [DTYPE]`
+//! (each prompts line: `{"workload": "...", "prompt": "..."}`; DTYPE float32 (default) or bfloat16).
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -16,15 +16,19 @@ use tch::{Device, Kind};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let [target_dir, draft_dir, prompts, new_tokens, threads] = args.as_slice() else {
-        eprintln!("usage: speculative TARGET_DIR DRAFT_DIR PROMPTS_JSONL NEW_TOKENS THREADS");
+    let (args, dtype) = match args.as_slice() {
+        [rest @ .., dtype] if rest.len() == 5 => (rest, pipeline::model::parse_dtype(dtype).unwrap()),
+        rest => (rest, Kind::Float),
+    };
+    let [target_dir, draft_dir, prompts, new_tokens, threads] = args else {
+        eprintln!("usage: speculative TARGET_DIR DRAFT_DIR PROMPTS_JSONL NEW_TOKENS THREADS [DTYPE]");
         std::process::exit(2);
     };
     tch::set_num_threads(threads.parse().unwrap());
     let new_tokens: usize = new_tokens.parse().unwrap();
     let tokenizer = Tokenizer::from_dir(Path::new(target_dir)).unwrap();
-    let target = GptBigCode::load(Path::new(target_dir), Kind::Float, Device::Cpu).unwrap();
-    let draft = GptBigCode::load(Path::new(draft_dir), Kind::Float, Device::Cpu).unwrap();
+    let target = GptBigCode::load(Path::new(target_dir), dtype, Device::Cpu).unwrap();
+    let draft = GptBigCode::load(Path::new(draft_dir), dtype, Device::Cpu).unwrap();
     let mut workloads: BTreeMap<String, Vec<Vec<i64>>> = BTreeMap::new();
     for line in std::fs::read_to_string(prompts).unwrap().lines() {
         let value: serde_json::Value = serde_json::from_str(line).unwrap();
