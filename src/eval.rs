@@ -11,11 +11,10 @@ use eval::problems::{Benchmark, LoadOptions, Problem, PromptFormat};
 use eval::sandbox::SandboxConfig;
 use eval::store::Store;
 use indicatif::{ProgressBar, ProgressStyle};
-use pipeline::model::{parse_dtype, GptBigCode};
+use pipeline::model::GptBigCode;
 use pipeline::tokenizer::Tokenizer;
-use tch::{Device, Kind};
 
-use crate::generate::parse_device;
+use crate::device::{checked_device, weight_kind};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -293,15 +292,8 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut store = Store::open(&args.out.join("eval.sqlite"), benchmark.name())?;
 
-    let device = parse_device(&args.device)?;
-    let kind = match &args.dtype {
-        Some(text) => parse_dtype(text)?,
-        None if device.is_cuda() => Kind::BFloat16,
-        None => Kind::Float,
-    };
-    if let Device::Cuda(index) = device {
-        anyhow::ensure!((index as i64) < tch::Cuda::device_count(), "--device cuda:{index}: no such CUDA device");
-    }
+    let device = checked_device(&args.device)?;
+    let kind = weight_kind(args.dtype.as_deref(), device)?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     let model = GptBigCode::load(&args.model, kind, device)?;
     let mut completer = ModelCompleter {

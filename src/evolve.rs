@@ -19,10 +19,8 @@ use ::evolve::store::{RoundStats, Store};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kernels::runtime::RuntimeInfo;
-use pipeline::model::parse_dtype;
-use tch::{Device, Kind};
 
-use crate::generate::parse_device;
+use crate::device::{checked_device, weight_kind};
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -183,15 +181,8 @@ fn benchmarks(args: &RunArgs) -> anyhow::Result<Vec<Benchmark>> {
 
 fn backends(args: &RunArgs) -> anyhow::Result<Backends> {
     if let Some(dir) = &args.local {
-        let device = parse_device(&args.device)?;
-        let kind = match &args.dtype {
-            Some(text) => parse_dtype(text)?,
-            None if device.is_cuda() => Kind::BFloat16,
-            None => Kind::Float,
-        };
-        if let Device::Cuda(index) = device {
-            anyhow::ensure!((index as i64) < tch::Cuda::device_count(), "--device cuda:{index}: no such CUDA device");
-        }
+        let device = checked_device(&args.device)?;
+        let kind = weight_kind(args.dtype.as_deref(), device)?;
         let config = LocalConfig { dir: dir.clone(), device, kind, max_new_tokens: args.max_tokens as usize };
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::start(config)?);
         return Ok(Backends { evolver: backend.clone(), responder: backend });

@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use pipeline::complete::{complete, complete_speculative};
 use pipeline::generate::{GenerateConfig, Sampling};
-use pipeline::model::{parse_dtype, GptBigCode};
+use pipeline::model::GptBigCode;
 use pipeline::speculative::{Drafter, SpeculativeConfig};
 use pipeline::tokenizer::Tokenizer;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
+
+use crate::device::{checked_device, weight_kind};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -54,18 +56,6 @@ pub struct Args {
     prompt_lookup: bool,
 }
 
-pub fn parse_device(text: &str) -> anyhow::Result<Device> {
-    Ok(match text {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(index) => Device::Cuda(index),
-            None => anyhow::bail!("--device {other:?}: use cpu, cuda, cuda:N or auto"),
-        },
-    })
-}
-
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(text), _) => text.clone(),
@@ -74,19 +64,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         (None, None) => unreachable!("clap requires one of them"),
     };
-    let device = parse_device(&args.device)?;
-    if let Device::Cuda(index) = device {
-        anyhow::ensure!(
-            (index as i64) < tch::Cuda::device_count(),
-            "--device cuda:{index}: libtorch sees {} CUDA device(s); `wizard doctor` says why",
-            tch::Cuda::device_count()
-        );
-    }
-    let kind = match &args.dtype {
-        Some(text) => parse_dtype(text)?,
-        None if device.is_cuda() => Kind::BFloat16,
-        None => Kind::Float,
-    };
+    let device = checked_device(&args.device)?;
+    let kind = weight_kind(args.dtype.as_deref(), device)?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     let model = GptBigCode::load(&args.model, kind, device)?;
     if tracing::enabled!(tracing::Level::INFO) {

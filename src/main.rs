@@ -1,5 +1,6 @@
 //! The `wizard` command line: parses arguments, sets up logging, and hands each subcommand to the
 //! library crate that does the work. Errors become a message on stderr and a non-zero exit code.
+mod device;
 mod doctor;
 mod eval;
 mod evolve;

@@ -3,10 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use pipeline::model::parse_dtype;
-use tch::{Device, Kind};
+use tch::Device;
 
-use crate::generate::parse_device;
+use crate::device::{parse_device, weight_kind};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,11 +39,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let device = parse_device(&args.device)?;
-    let kind = match &args.dtype {
-        Some(text) => parse_dtype(text)?,
-        None if device.is_cuda() => Kind::BFloat16,
-        None => Kind::Float,
-    };
+    let kind = weight_kind(args.dtype.as_deref(), device)?;
     let device = match device {
         Device::Cuda(index) if (index as i64) >= tch::Cuda::device_count() => {
             tracing::warn!("--device cuda:{index} is not available; serving on the CPU");

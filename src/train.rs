@@ -16,6 +16,8 @@ use pipeline::train::fim::FimConfig;
 use pipeline::train::{latest_checkpoint, Compute, LoopConfig, Rank, TrainEvent, Trainer};
 use tch::{Device, Kind};
 
+use crate::device::checked_device;
+
 #[derive(clap::Args, Clone)]
 pub struct Args {
     /// Start from this Hugging Face checkpoint (fine-tuning).
@@ -136,23 +138,7 @@ fn rank_from_env() -> anyhow::Result<Option<(usize, usize, String, u16)>> {
 
 /// The device and precision `--device` and `--precision` ask for, checked against this machine.
 fn compute(device: &str, precision: &str) -> anyhow::Result<Compute> {
-    let gpus = tch::Cuda::device_count() as usize;
-    let local_rank: usize = std::env::var("LOCAL_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
-    let device = match device {
-        "auto" if gpus > 0 => Device::Cuda(local_rank % gpus),
-        "auto" | "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(local_rank % gpus.max(1)),
-        other => match other.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) {
-            Some(index) => Device::Cuda(index),
-            None => bail!("--device {other:?}: use auto, cpu, cuda or cuda:N"),
-        },
-    };
-    if let Device::Cuda(index) = device {
-        anyhow::ensure!(
-            index < gpus,
-            "--device cuda:{index}: this machine has {gpus} CUDA device(s) (`wizard doctor` shows what libtorch sees)"
-        );
-    }
+    let device = checked_device(device)?;
     let autocast = match (precision, device) {
         ("auto", Device::Cuda(_)) | ("bf16", _) => Some(Kind::BFloat16),
         ("auto" | "fp32", _) => None,

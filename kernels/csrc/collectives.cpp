@@ -41,11 +41,6 @@ int wizard_reduce_scatter_sum(WizardGroup* group, void* output, void* input) {
   return guarded([&] { group->backend->_reduce_scatter_base(tensor(output), tensor(input))->wait(group->timeout); });
 }
 
-// `output` receives every rank's `input`, in rank order.
-int wizard_allgather(WizardGroup* group, void* output, void* input) {
-  return guarded([&] { group->backend->_allgather_base(tensor(output), tensor(input))->wait(group->timeout); });
-}
-
 int wizard_broadcast(WizardGroup* group, void* handle, int root) {
   return guarded([&] {
     std::vector<at::Tensor> tensors{tensor(handle)};
@@ -55,7 +50,8 @@ int wizard_broadcast(WizardGroup* group, void* handle, int root) {
   });
 }
 
-// An all-gather left running (Gloo runs it on its own threads) until wizard_work_wait.
+// `output` receives every rank's `input`, in rank order; the all-gather runs (on Gloo's own
+// threads) until wizard_work_wait.
 int wizard_allgather_start(WizardGroup* group, void* output, void* input, WizardWork** out) {
   return guarded([&] { *out = new WizardWork{group->backend->_allgather_base(tensor(output), tensor(input))}; });
 }

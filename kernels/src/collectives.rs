@@ -42,7 +42,6 @@ extern "C" {
     fn wizard_group_free(group: *mut WizardGroup);
     fn wizard_allreduce_sum(group: *mut WizardGroup, tensor: *mut c_void) -> c_int;
     fn wizard_reduce_scatter_sum(group: *mut WizardGroup, output: *mut c_void, input: *mut c_void) -> c_int;
-    fn wizard_allgather(group: *mut WizardGroup, output: *mut c_void, input: *mut c_void) -> c_int;
     fn wizard_broadcast(group: *mut WizardGroup, tensor: *mut c_void, root: c_int) -> c_int;
     fn wizard_allgather_start(
         group: *mut WizardGroup,
@@ -191,11 +190,7 @@ impl ProcessGroup {
 
     /// `output` (`size` chunks) gets every rank's `input`, in rank order.
     pub fn all_gather(&self, output: &mut Tensor, input: &Tensor) -> Result<(), KernelError> {
-        let input = at_home(input, self.home);
-        // SAFETY: as above.
-        self.receive(output, |out| {
-            check(unsafe { wizard_allgather(self.raw, handle(out), handle(&input)) }, "all-gather")
-        })
+        self.all_gather_start(output, input)?.wait()
     }
 
     /// Starts [`all_gather`](Self::all_gather) and returns while it runs, so that computation can

@@ -304,21 +304,16 @@ pub fn execute(config: &Config, rounds_cap: Option<u32>) -> anyhow::Result<Outco
     let mut curves: Vec<(String, PathBuf)> = Vec::new();
 
     // The base model and its tokenizer.
-    let (base_fp, base_checkpoint, corpus, tokenizer_dir, tokenizer_fp) =
+    let (base_fp, base_checkpoint, corpus, corpus_fp, tokenizer_dir, tokenizer_fp) =
         match (&config.base, &config.tokenizer, &config.pretrain) {
             (Some(base), ..) => {
-                let contents = files_fingerprint(std::slice::from_ref(&base.checkpoint));
-                let fp = fingerprint(&["base", &base.checkpoint.to_string_lossy(), &contents]);
-                (fp, base.checkpoint.clone(), Vec::new(), base.checkpoint.clone(), String::new())
+                let fp = fingerprint(&["base", &files_fingerprint(std::slice::from_ref(&base.checkpoint))]);
+                (fp, base.checkpoint.clone(), Vec::new(), String::new(), base.checkpoint.clone(), String::new())
             }
             (None, Some(tokenizer), Some(pre)) => {
                 let inputs = expand(&tokenizer.inputs)?;
-                let tokenizer_fp = fingerprint(&[
-                    "tokenizer",
-                    &json_of(&inputs),
-                    &files_fingerprint(&inputs),
-                    &tokenizer.vocab_size.to_string(),
-                ]);
+                let inputs_fp = files_fingerprint(&inputs);
+                let tokenizer_fp = fingerprint(&["tokenizer", &inputs_fp, &tokenizer.vocab_size.to_string()]);
                 let tokenizer_dir = out.join("tokenizer");
                 runner.stage("tokenizer", &tokenizer_fp, std::slice::from_ref(&tokenizer_dir), || {
                     let config = ::pipeline::tokenizer::TrainConfig::new(inputs.clone(), tokenizer.vocab_size);
@@ -330,11 +325,14 @@ pub fn execute(config: &Config, rounds_cap: Option<u32>) -> anyhow::Result<Outco
                     );
                     Ok(json!({ "dir": tokenizer_dir, "documents": report.documents, "vocab_size": report.vocab_size }))
                 })?;
-                let corpus = match &pre.inputs {
-                    Some(inputs) => expand(inputs)?,
-                    None => inputs,
+                let (corpus, corpus_fp) = match &pre.inputs {
+                    Some(inputs) => {
+                        let corpus = expand(inputs)?;
+                        let fp = files_fingerprint(&corpus);
+                        (corpus, fp)
+                    }
+                    None => (inputs, inputs_fp),
                 };
-                let corpus_fp = fingerprint(&[&json_of(&corpus), &files_fingerprint(&corpus)]);
                 let fp = fingerprint(&["pretrain", &tokenizer_fp, &corpus_fp, &json_of(pre)]);
                 let dir = out.join("base");
                 let outputs = runner.stage("pretrain", &fp, std::slice::from_ref(&dir), || {
@@ -342,14 +340,13 @@ pub fn execute(config: &Config, rounds_cap: Option<u32>) -> anyhow::Result<Outco
                 })?;
                 curves.push(("pretrain".into(), dir.join("metrics.jsonl")));
                 let checkpoint = PathBuf::from(outputs["checkpoint"].as_str().context("pretrain outputs")?);
-                (fp, checkpoint, corpus, tokenizer_dir, tokenizer_fp)
+                (fp, checkpoint, corpus, corpus_fp, tokenizer_dir, tokenizer_fp)
             }
             _ => unreachable!("validated: [base] or [tokenizer] with [pretrain]"),
         };
 
     let draft = match (&config.draft, &config.pretrain) {
         (Some(draft), Some(pre)) => {
-            let corpus_fp = fingerprint(&[&json_of(&corpus), &files_fingerprint(&corpus)]);
             let fp = fingerprint(&["draft", &tokenizer_fp, &corpus_fp, &json_of(draft)]);
             let dir = out.join("draft");
             let outputs = runner.stage("draft", &fp, std::slice::from_ref(&dir), || {

@@ -33,8 +33,8 @@ pub fn fingerprint(parts: &[&str]) -> String {
     format!("{hash:016x}")
 }
 
-/// What `paths` hold, as a fingerprint: every file under them (directories walked in name order)
-/// with its size and modification time, as make and cargo judge freshness, so that an edited input
+/// What `paths` name and hold, as a fingerprint: each path, and every file under them (directories
+/// walked in name order) with its size and modification time, as make and cargo judge freshness, so that an edited input
 /// re-runs its stages without hashing gigabytes of checkpoints. A missing path counts as missing;
 /// hidden entries and Python's bytecode caches (which importing the stdlib may write) do not count.
 pub fn files_fingerprint(paths: &[PathBuf]) -> String {
@@ -67,6 +67,7 @@ pub fn files_fingerprint(paths: &[PathBuf]) -> String {
     }
     let mut lines = Vec::new();
     for path in paths {
+        lines.push(path.display().to_string());
         walk(path, &mut lines);
     }
     fingerprint(&lines.iter().map(String::as_str).collect::<Vec<_>>())
