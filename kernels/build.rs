@@ -43,7 +43,12 @@ fn main() {
             .compile("wizard_nccl");
     }
     let mut build = base();
-    build.file("csrc/runtime.cpp").file("csrc/collectives.cpp").file("csrc/optim.cpp").file("csrc/precision.cpp");
+    build
+        .file("csrc/runtime.cpp")
+        .file("csrc/collectives.cpp")
+        .file("csrc/optim.cpp")
+        .file("csrc/precision.cpp")
+        .file("csrc/reducer.cpp");
     // ProcessGroupGloo.hpp includes gloo's headers, which the wheel does not ship; Debian's
     // libgloo-dev provides them (scripts/setup.sh installs it). Only declarations are used.
     build.define("USE_C10D_GLOO", None);

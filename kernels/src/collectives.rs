@@ -172,6 +172,15 @@ impl ProcessGroup {
         self.size
     }
 
+    /// Where the engine works: the CPU for Gloo, the rank's GPU for NCCL.
+    pub fn home(&self) -> Device {
+        self.home
+    }
+
+    pub(crate) fn raw(&self) -> *mut c_void {
+        self.raw.cast()
+    }
+
     /// Sums `tensor` across ranks, in place.
     pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), KernelError> {
         // SAFETY: `raw` is live; the tensor handle is valid for the call.
@@ -286,7 +295,7 @@ impl Drop for ProcessGroup {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tch::{Device, Kind};
 
@@ -295,7 +304,7 @@ mod tests {
     }
 
     /// Runs `body(group)` on `size` ranks, each a thread with its own group, and returns their results.
-    fn check_ranks<T: Send + 'static>(size: usize, body: fn(&ProcessGroup) -> T) -> Vec<T> {
+    pub(crate) fn check_ranks<T: Send + 'static>(size: usize, body: fn(&ProcessGroup) -> T) -> Vec<T> {
         let port = free_port();
         let threads: Vec<_> = (0..size)
             .map(|rank| {
@@ -308,7 +317,7 @@ mod tests {
         threads.into_iter().map(|t| t.join().unwrap()).collect()
     }
 
-    fn values(tensor: &Tensor) -> Vec<f32> {
+    pub(crate) fn values(tensor: &Tensor) -> Vec<f32> {
         Vec::<f32>::try_from(tensor).unwrap()
     }
 

@@ -10,6 +10,7 @@ mod ffi;
 pub mod optim;
 pub mod precision;
 pub mod process;
+pub mod reducer;
 pub mod runtime;
 
 pub use error::KernelError;

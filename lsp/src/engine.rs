@@ -16,7 +16,7 @@ use tch::{Device, Kind};
 use tokio::sync::{oneshot, watch};
 
 use crate::prompt::{self, Budget, PromptParts};
-use crate::syntax::{block_end, trim_suffix_overlap, Decision, Language, Mode};
+use crate::syntax::{trim_suffix_overlap, BlockEnd, Decision, Language, Mode};
 
 /// Why a job produced no completion.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -275,6 +275,7 @@ impl ModelBackend {
 struct LspStop<'a> {
     tokenizer: &'a Tokenizer,
     job: &'a Job,
+    block_end: BlockEnd,
     stop_ids: &'a [i64],
     started: Instant,
     first_token_ms: Option<f64>,
@@ -290,9 +291,7 @@ impl StopCriterion for LspStop<'_> {
             return true;
         }
         let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
-        self.tokenizer
-            .decode(&ids, true)
-            .is_ok_and(|text| block_end(self.job.decision, self.job.language, &text).is_some())
+        self.tokenizer.decode(&ids, true).is_ok_and(|text| self.block_end.cut(&text).is_some())
     }
 }
 
@@ -322,8 +321,14 @@ impl CompletionModel for ModelBackend {
             (Some(draft), _) => Drafter::Model(draft),
             (None, _) => Drafter::PromptLookup { max_ngram: 3 },
         };
-        let mut stop =
-            LspStop { tokenizer: &self.tokenizer, job, stop_ids: &self.stop_ids, started, first_token_ms: None };
+        let mut stop = LspStop {
+            tokenizer: &self.tokenizer,
+            job,
+            block_end: BlockEnd::new(job.decision, job.language, &job.parts.prefix),
+            stop_ids: &self.stop_ids,
+            started,
+            first_token_ms: None,
+        };
         let out = speculative::generate(&self.target, &drafter, &prompt, &config, &mut stop).map_err(model_error)?;
         let first_token_ms = stop.first_token_ms.unwrap_or(0.0);
         let mut tokens = out.generation.tokens;
@@ -332,7 +337,7 @@ impl CompletionModel for ModelBackend {
         }
         let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
         let text = self.tokenizer.decode(&ids, true).map_err(model_error)?;
-        let text = match block_end(job.decision, job.language, &text) {
+        let text = match stop.block_end.finish(&text) {
             Some(at) => &text[..at],
             None => text.as_str(),
         };

@@ -159,7 +159,12 @@ impl Backend {
                 return Ok(None);
             }
             let window = settings.context_budget.saturating_mul(8).max(64);
-            let prefix_start = ceil_boundary(text, offset.saturating_sub(window));
+            // From a line start, so that tree-sitter sees whole lines (see syntax::BlockEnd).
+            let window_start = ceil_boundary(text, offset.saturating_sub(window));
+            let prefix_start = match text[window_start..offset].find('\n') {
+                Some(at) if window_start > 0 => window_start + at + 1,
+                _ => window_start,
+            };
             let suffix_end = floor_boundary(text, offset.saturating_add(window).min(text.len()));
             let word_start_byte = text[..offset].trim_end_matches(is_word_char).len();
             let word = text[word_start_byte..offset].to_string();

@@ -1,8 +1,9 @@
 //! What kind of completion the cursor calls for, decided from the tree-sitter tree where the language
 //! has a grammar and from indentation elsewhere: none (the cursor is inside an identifier), the rest
 //! of the line, or a multi-line body (the cursor is in an empty block). Also the rules that end a
-//! multi-line completion once its block is complete, and the trimming of text that repeats the suffix.
-use tree_sitter::{Node, Parser, Tree};
+//! multi-line completion once its block is complete (indentation and brackets, with tree-sitter telling
+//! which of them are inside strings and comments), and the trimming of text that repeats the suffix.
+use tree_sitter::{InputEdit, Node, Parser, Point, Tree};
 
 /// A language the server knows by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -125,6 +126,9 @@ const TEXT_KINDS: &[&str] = &[
     "char_literal",
     "character_literal",
 ];
+
+/// Characters that may open a string or a comment in some grammar.
+const TEXT_OPENERS: [char; 5] = ['"', '\'', '`', '#', '/'];
 
 /// Node kinds that hold a block of statements or members.
 const BLOCK_KINDS: &[&str] = &[
@@ -273,10 +277,120 @@ fn block_is_empty(root: Node, offset: usize) -> bool {
     }
 }
 
-/// Where to cut a completion: after its first line for [`Mode::SingleLine`]; for
-/// [`Mode::MultiLine`], before the first later line with code indented less than the block, or
-/// before a closing bracket that closes the cursor's block. `None`: keep going.
-pub fn block_end(decision: Decision, language: Language, completion: &str) -> Option<usize> {
+/// Ends a completion where its block ends. Decoding calls [`cut`](Self::cut) after every token;
+/// where the completion holds a quote or comment marker, `prefix + completion` is parsed with
+/// tree-sitter (incrementally, as the completion grows) so that brackets and line starts inside
+/// strings and comments do not count.
+pub struct BlockEnd {
+    decision: Decision,
+    language: Language,
+    prefix: String,
+    parser: Option<Parser>,
+    /// The last parse and the completion it covered.
+    parsed: Option<(Tree, String)>,
+}
+
+impl BlockEnd {
+    /// The rule for a completion at the end of `prefix` (the text before the cursor).
+    pub fn new(decision: Decision, language: Language, prefix: &str) -> BlockEnd {
+        let multi_line = decision.mode == Mode::MultiLine;
+        let parser = if multi_line { language.parser() } else { None };
+        BlockEnd { decision, language, prefix: prefix.to_string(), parser, parsed: None }
+    }
+
+    /// Where to cut `completion` while it is still being decoded: after its first line for
+    /// [`Mode::SingleLine`]; for [`Mode::MultiLine`], before the first later line whose code starts
+    /// indented less than the block, or before a line holding the closing bracket of the cursor's
+    /// block. `None`: keep going. A last line that is still open is not judged where it may hold an
+    /// unfinished string or comment (tree-sitter cannot know yet).
+    pub fn cut(&mut self, completion: &str) -> Option<usize> {
+        if self.parser.is_none() || !completion.contains(TEXT_OPENERS) {
+            return block_end(self.decision, self.language, completion, None);
+        }
+        let judged = &completion[..completion.rfind('\n').map_or(0, |i| i + 1)];
+        let (mask, settled) = self.text_mask(judged)?;
+        // A string or comment still open parses as an error: wait until it closes.
+        settled.then(|| block_end(self.decision, self.language, judged, Some(&mask))).flatten()
+    }
+
+    /// Where to cut the whole, final `completion`.
+    pub fn finish(&mut self, completion: &str) -> Option<usize> {
+        let mask = self.text_mask(completion).map(|(mask, _)| mask);
+        block_end(self.decision, self.language, completion, mask.as_deref())
+    }
+
+    /// For each byte of `completion`, whether it lies inside a string or comment (after its opening
+    /// delimiter), and whether the completion parsed without errors; `None` when there is no grammar
+    /// or nothing that could open a string or comment.
+    fn text_mask(&mut self, completion: &str) -> Option<(Vec<bool>, bool)> {
+        let parser = self.parser.as_mut()?;
+        if !completion.contains(TEXT_OPENERS) {
+            return None;
+        }
+        let base = self.prefix.len();
+        let text = format!("{}{completion}", self.prefix);
+        let old = self.parsed.take().map(|(mut tree, old_completion)| {
+            // The completion grows at its end; decoding may also rewrite its last bytes.
+            let same = common_prefix_len(&old_completion, completion);
+            let start = base + same;
+            let old_text = format!("{}{old_completion}", self.prefix);
+            tree.edit(&InputEdit {
+                start_byte: start,
+                old_end_byte: base + old_completion.len(),
+                new_end_byte: text.len(),
+                start_position: point_at(&text, start),
+                old_end_position: point_at(&old_text, old_text.len()),
+                new_end_position: point_at(&text, text.len()),
+            });
+            tree
+        });
+        let tree = parser.parse(&text, old.as_ref())?;
+        let mut mask = vec![false; completion.len()];
+        let mut settled = true;
+        scan(tree.root_node(), base, &mut mask, &mut settled);
+        self.parsed = Some((tree, completion.to_string()));
+        Some((mask, settled))
+    }
+}
+
+/// Marks in `mask` (bytes from `base` on) the insides of string and comment nodes, and clears
+/// `settled` where an error node reaches past `base`.
+fn scan(node: Node, base: usize, mask: &mut [bool], settled: &mut bool) {
+    if node.end_byte() <= base {
+        return;
+    }
+    if node.is_error() {
+        *settled = false;
+    }
+    if TEXT_KINDS.contains(&node.kind()) {
+        let from = (node.start_byte() + 1).max(base) - base;
+        let to = (node.end_byte() - base).min(mask.len());
+        if from < to {
+            mask[from..to].fill(true);
+        }
+        return;
+    }
+    let mut cursor = node.walk();
+    for child in node.children(&mut cursor) {
+        scan(child, base, mask, settled);
+    }
+}
+
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    let same = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    floor_char_boundary(b, same)
+}
+
+fn point_at(text: &str, byte: usize) -> Point {
+    let before = &text[..byte];
+    let row = before.matches('\n').count();
+    let column = byte - before.rfind('\n').map_or(0, |i| i + 1);
+    Point { row, column }
+}
+
+/// [`BlockEnd::cut`] with the string/comment bytes of `completion` given (`None`: all is code).
+fn block_end(decision: Decision, language: Language, completion: &str, text_mask: Option<&[bool]>) -> Option<usize> {
+    let is_code = |at: usize| text_mask.is_none_or(|mask| !mask[at]);
     match decision.mode {
         Mode::Skip => Some(0),
         Mode::SingleLine => completion.find('\n'),
@@ -286,14 +400,18 @@ pub fn block_end(decision: Decision, language: Language, completion: &str) -> Op
             for (index, line) in completion.split_inclusive('\n').enumerate() {
                 let complete_line = line.ends_with('\n');
                 let code = line.trim();
-                if index > 0 && !code.is_empty() && complete_line_or_long(line, complete_line) {
+                let first = start + (line.len() - line.trim_start().len());
+                if index > 0 && !code.is_empty() && complete_line_or_long(line, complete_line) && is_code(first) {
                     let indent = indent_width(line);
                     if indent < decision.block_indent && !(depth > 0 && code.starts_with(['}', ')', ']'])) {
                         return Some(trim_blank_tail(completion, start));
                     }
                 }
                 if !language.indented() {
-                    for c in line.chars() {
+                    for (at, c) in line.char_indices() {
+                        if !is_code(start + at) {
+                            continue;
+                        }
                         match c {
                             '{' | '(' | '[' => depth += 1,
                             '}' | ')' | ']' => depth -= 1,
@@ -410,35 +528,73 @@ mod tests {
         }
     }
 
-    /// `completion` is cut where `block_end` says, for a cursor decided by `fixture`.
+    /// `completion` arrives a character at a time, as decoding produces it; it ends at the first
+    /// cut (or at its end), as the engine ends it.
     fn check_end(language: Language, fixture: &str, completion: &str, expected: &str) {
         let offset = fixture.find("$0").unwrap();
         let text = fixture.replace("$0", "");
         let tree = language.parser().map(|mut parser| parser.parse(&text, None).unwrap());
         let decision = decide(language, &text, tree.as_ref(), offset);
-        let cut = block_end(decision, language, completion).map_or(completion, |at| &completion[..at]);
+        let mut rule = BlockEnd::new(decision, language, &text[..offset]);
+        let ends = completion.char_indices().map(|(i, c)| i + c.len_utf8());
+        let cut = ends
+            .map(|end| &completion[..end])
+            .find_map(|so_far| rule.cut(so_far).map(|at| &so_far[..at]))
+            .unwrap_or_else(|| rule.finish(completion).map_or(completion, |at| &completion[..at]));
         assert_eq!(cut, expected, "{language:?} {decision:?}:\n{fixture}");
     }
 
     #[test]
     fn completions_end_with_their_block() {
         use Language::*;
-        check_end(
-            Python,
-            "def f(x):\n    $0\n",
-            "y = x + 1\n    return y\n\ndef g():\n    pass\n",
-            "y = x + 1\n    return y",
-        );
-        check_end(Python, "x = $0\n", "1 + 2\ny = 3\n", "1 + 2");
-        check_end(
-            Rust,
-            "fn f() {\n    $0\n}\n",
-            "let a = 1;\n    if a > 0 {\n        g();\n    }\n}\nfn h() {}\n",
-            "let a = 1;\n    if a > 0 {\n        g();\n    }",
-        );
-        check_end(C, "int f(void) {$0}\n", "\n    return 1;\n}\n", "\n    return 1;");
-        check_end(Go, "package p\n\nfunc f() {\n\t$0\n}\n", "x := 1\n\t_ = x\n}\n\nfunc g() {}\n", "x := 1\n\t_ = x");
-        check_end(Java, "class A {\n    void f() {\n        $0\n    }\n}\n", "g();\n    }\n}\n", "g();");
+        let cases: &[(Language, &str, &str, &str)] = &[
+            (
+                Python,
+                "def f(x):\n    $0\n",
+                "y = x + 1\n    return y\n\ndef g():\n    pass\n",
+                "y = x + 1\n    return y",
+            ),
+            (Python, "x = $0\n", "1 + 2\ny = 3\n", "1 + 2"),
+            (
+                Rust,
+                "fn f() {\n    $0\n}\n",
+                "let a = 1;\n    if a > 0 {\n        g();\n    }\n}\nfn h() {}\n",
+                "let a = 1;\n    if a > 0 {\n        g();\n    }",
+            ),
+            (C, "int f(void) {$0}\n", "\n    return 1;\n}\n", "\n    return 1;"),
+            (Go, "package p\n\nfunc f() {\n\t$0\n}\n", "x := 1\n\t_ = x\n}\n\nfunc g() {}\n", "x := 1\n\t_ = x"),
+            (Java, "class A {\n    void f() {\n        $0\n    }\n}\n", "g();\n    }\n}\n", "g();"),
+            // Brackets and line starts inside strings and comments do not end the block (tree-sitter).
+            (
+                Rust,
+                "fn f() {\n    $0\n}\n",
+                "let s = \"}\";\n    let c = '}';\n    // } closed?\n    g(s);\n}\n",
+                "let s = \"}\";\n    let c = '}';\n    // } closed?\n    g(s);",
+            ),
+            (
+                C,
+                "int f(void) {\n    $0\n}\n",
+                "printf(\"%s}\\n\", s); /* ) } */\n    return 0;\n}\n",
+                "printf(\"%s}\\n\", s); /* ) } */\n    return 0;",
+            ),
+            (
+                JavaScript,
+                "function f() {\n  $0\n}\n",
+                "const t = `a\n}\n`;\n  return t;\n}\n",
+                "const t = `a\n}\n`;\n  return t;",
+            ),
+            (
+                Python,
+                "def f():\n    $0\n",
+                "s = \"\"\"\nat column 0\n\"\"\"\n    return s\nprint(f())\n",
+                "s = \"\"\"\nat column 0\n\"\"\"\n    return s",
+            ),
+            // Without a grammar, indentation alone ends the block.
+            (Other, "proc f {} {\n    $0\n}\n", "puts \"}\"\n    g\n}\n", "puts \"}\"\n    g"),
+        ];
+        for &(language, fixture, completion, expected) in cases {
+            check_end(language, fixture, completion, expected);
+        }
     }
 
     #[test]

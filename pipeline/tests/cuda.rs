@@ -106,7 +106,7 @@ fn train_steps(dir: &std::path::Path, device: Device, autocast: Option<Kind>) ->
     let decay = vec![true; named.len()];
     let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let hp = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
-    let mut optimizer = ZeroOptimizer::new(params, decay, 0, 0, 1, hp).unwrap();
+    let mut optimizer = ZeroOptimizer::new(params, decay, 0, None, hp).unwrap();
     let ids: Vec<i64> = (0..128).map(|i| (i * 37) % 511 + 1).collect();
     let input = Tensor::from_slice(&ids).view([2, 64]).to_device(device);
     let mut losses = Vec::new();

@@ -225,6 +225,16 @@ fn decays(name: &str) -> bool {
     !(name.ends_with(".bias") || name.contains(".ln_") || name.starts_with("transformer.ln_f"))
 }
 
+/// Where a variable is used in the forward pass: embeddings, then block by block, then the head.
+fn forward_position(name: &str) -> usize {
+    let block = name.strip_prefix("transformer.h.").and_then(|rest| rest.split('.').next()?.parse::<usize>().ok());
+    match block {
+        Some(layer) => 1 + layer,
+        None if name.contains("wte") || name.contains("wpe") => 0,
+        None => usize::MAX,
+    }
+}
+
 /// What the loop reports while it runs.
 pub enum TrainEvent<'a> {
     /// Per-rank memory of the optimizer, once at the start.
@@ -302,10 +312,12 @@ impl Trainer<'_> {
             return Ok(Engine::Partitioned(Zero3::new(model, self.compute, decays, rank, world, hp)));
         }
         let mut named: Vec<(String, Tensor)> = model.vars().variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
+        // Backward's order (head first, embeddings last), so that the gradient buckets fill in turn
+        // and each can be reduced while backward goes on.
+        named.sort_by_key(|(name, _)| (std::cmp::Reverse(forward_position(name)), name.clone()));
         let decay: Vec<bool> = named.iter().map(|(name, _)| decays(name)).collect();
         let params = named.into_iter().map(|(_, t)| t).collect();
-        Ok(Engine::Replicated(ZeroOptimizer::new(params, decay, self.config.zero, rank, world, hp)?))
+        Ok(Engine::Replicated(ZeroOptimizer::new(params, decay, self.config.zero, self.rank.group.as_ref(), hp)?))
     }
 
     /// Trains `model`, reporting memory once and every step (rank 0's view) to `on_event`.
@@ -339,9 +351,12 @@ impl Trainer<'_> {
                 let start = first + (micro * world + self.rank.rank) * config.batch_size;
                 let (input, labels) = batch(train, start, config.batch_size, self.compute.device);
                 match &mut engine {
-                    Engine::Replicated(_) => {
+                    Engine::Replicated(optimizer) => {
                         let loss = loss_sum(model, &self.compute, &input, &labels, true)?;
                         local_loss += loss.detach().to_kind(Kind::Double);
+                        if micro + 1 == config.grad_accum {
+                            optimizer.before_last_backward();
+                        }
                         (loss / tokens.max(1) as f64).backward();
                     }
                     Engine::Partitioned(zero3) => {

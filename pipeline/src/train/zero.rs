@@ -2,9 +2,11 @@
 //! stage 0 all-reduces gradients and every rank updates everything; stage 1 all-reduces gradients
 //! but each rank keeps optimizer state for, and updates, only its 1/N of the parameters, then the
 //! updated shards are all-gathered; stage 2 reduce-scatters the gradients so each rank only ever
-//! holds the summed gradient of its own shard. Collectives are c10d's (`kernels::collectives`).
+//! holds the summed gradient of its own shard. Collectives are c10d's (`kernels::collectives`); with a
+//! group, gradients are reduced by buckets while backward runs (`kernels::reducer`).
 use kernels::collectives::ProcessGroup;
 use kernels::optim::{fused_adamw, AdamWStep};
+use kernels::reducer::{Bucket, GradientReducer};
 use tch::{Device, Kind, Tensor};
 
 use crate::{PipelineError, Result};
@@ -43,6 +45,9 @@ pub struct ZeroOptimizer {
     exp_avg_sq: Tensor,
     step: i64,
     hp: AdamW,
+    /// Reduces gradients during the last micro-batch's backward (absent alone, or when the
+    /// engine works elsewhere than the model and every collective must be staged).
+    reducer: Option<GradientReducer>,
 }
 
 /// Bytes per rank, as this run holds them and as ZeRO's formulas give them for bf16 mixed precision.
@@ -58,16 +63,31 @@ pub struct MemoryReport {
     pub mixed_precision_formula: i64,
 }
 
+/// Buckets of at most [`BUCKET`] elements over `0..padded`; with `shard` (ZeRO-2) they also split
+/// at shard boundaries and each is reduced to its shard's rank only.
+fn buckets(padded: i64, shard: Option<i64>) -> Vec<Bucket> {
+    let mut buckets = Vec::new();
+    let mut start = 0;
+    while start < padded {
+        let shard_end = shard.map_or(padded, |shard| (start / shard + 1) * shard);
+        let len = BUCKET.min(shard_end - start);
+        let owner = shard.map(|shard| (start / shard) as usize);
+        buckets.push(Bucket { start, len, owner });
+        start += len;
+    }
+    buckets
+}
+
 impl ZeroOptimizer {
     /// `params` in a fixed order shared by all ranks; `decays[i]` says whether param i decays.
     pub fn new(
         params: Vec<Tensor>,
         decays: Vec<bool>,
         stage: u8,
-        rank: usize,
-        world: usize,
+        group: Option<&ProcessGroup>,
         hp: AdamW,
     ) -> Result<Self> {
+        let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.size()));
         if stage > 2 {
             return Err(PipelineError::Invalid(format!("--zero {stage}: stages are 0, 1, 2 and 3 (zero3.rs)")));
         }
@@ -92,6 +112,15 @@ impl ZeroOptimizer {
                 param.set_data(&slot.view(param.size().as_slice()));
             }
         });
+        let flat_grads = zeros(padded);
+        let reducer = match group {
+            Some(group) if group.home() == device => {
+                let shard = padded / world_i;
+                let buckets = buckets(padded, if stage == 2 { Some(shard) } else { None });
+                Some(GradientReducer::new(group, &params, &offsets, &flat_grads, &buckets)?)
+            }
+            _ => None,
+        };
         Ok(ZeroOptimizer {
             stage,
             params,
@@ -102,12 +131,21 @@ impl ZeroOptimizer {
             start,
             len,
             flat_params,
-            flat_grads: zeros(padded),
+            flat_grads,
             exp_avg: zeros(len),
             exp_avg_sq: zeros(len),
             step: 0,
             hp,
+            reducer,
         })
+    }
+
+    /// Call before the backward of a step's last micro-batch: its gradients are then reduced as
+    /// autograd produces them, overlapping the rest of backward.
+    pub fn before_last_backward(&self) {
+        if let Some(reducer) = &self.reducer {
+            reducer.arm();
+        }
     }
 
     /// Steps taken.
@@ -120,30 +158,13 @@ impl ZeroOptimizer {
     /// gradient norm before clipping.
     pub fn step(&mut self, lr: f64, max_norm: f64, group: Option<&ProcessGroup>) -> Result<f64> {
         tch::no_grad(|| -> Result<f64> {
-            for ((param, &offset), &n) in self.params.iter().zip(&self.offsets).zip(&self.numels) {
-                let mut slot = self.flat_grads.narrow(0, offset, n);
-                let mut grad = param.grad();
-                if grad.defined() {
-                    slot.copy_(&grad.reshape([-1]));
-                    let _ = grad.zero_();
-                } else {
-                    let _ = slot.zero_();
-                }
-            }
-            let mut local = match (group, self.stage) {
-                (None, _) => self.flat_grads.narrow(0, self.start, self.len),
-                (Some(group), 0 | 1) => {
-                    for offset in (0..self.padded).step_by(BUCKET as usize) {
-                        let mut bucket = self.flat_grads.narrow(0, offset, BUCKET.min(self.padded - offset));
-                        group.all_reduce_sum(&mut bucket)?;
-                    }
+            let mut local = match (group, &self.reducer) {
+                (Some(_), Some(reducer)) => {
+                    let early = reducer.finish()?;
+                    tracing::debug!("{early} gradient buckets started during backward");
                     self.flat_grads.narrow(0, self.start, self.len)
                 }
-                (Some(group), _) => {
-                    let mut shard = Tensor::zeros([self.len], (Kind::Float, self.flat_params.device()));
-                    group.reduce_scatter_sum(&mut shard, &self.flat_grads)?;
-                    shard
-                }
+                _ => self.reduce_after_backward(group)?,
             };
             let mut norm_sq = local.square().sum(Kind::Double);
             // Stages 1 and 2 hold one shard each: the global norm sums the shards' squares.
@@ -184,6 +205,36 @@ impl ZeroOptimizer {
                 group.all_gather(&mut self.flat_params, &mine)?;
             }
             Ok(norm)
+        })
+    }
+
+    /// Moves the gradients into the flat buffer and reduces it in one go (no group, or one whose
+    /// engine works on another device); returns this rank's range of the summed gradients.
+    fn reduce_after_backward(&self, group: Option<&ProcessGroup>) -> Result<Tensor> {
+        for ((param, &offset), &n) in self.params.iter().zip(&self.offsets).zip(&self.numels) {
+            let mut slot = self.flat_grads.narrow(0, offset, n);
+            let mut grad = param.grad();
+            if grad.defined() {
+                slot.copy_(&grad.reshape([-1]));
+                let _ = grad.zero_();
+            } else {
+                let _ = slot.zero_();
+            }
+        }
+        Ok(match (group, self.stage) {
+            (None, _) => self.flat_grads.narrow(0, self.start, self.len),
+            (Some(group), 0 | 1) => {
+                for offset in (0..self.padded).step_by(BUCKET as usize) {
+                    let mut bucket = self.flat_grads.narrow(0, offset, BUCKET.min(self.padded - offset));
+                    group.all_reduce_sum(&mut bucket)?;
+                }
+                self.flat_grads.narrow(0, self.start, self.len)
+            }
+            (Some(group), _) => {
+                let mut shard = Tensor::zeros([self.len], (Kind::Float, self.flat_params.device()));
+                group.reduce_scatter_sum(&mut shard, &self.flat_grads)?;
+                shard
+            }
         })
     }
 
