@@ -436,6 +436,15 @@ fn a_draft_model_gives_the_same_completions() {
     assert!(figure("accepted") >= 10.0, "accepted {} of 16:\n{log}", figure("accepted"));
     // The request's span has the prompt, prefill and decode figures too.
     assert!(figure("prompt_tokens") > 1.0 && figure("prefill_ms") > 0.0 && figure("decode_ms") > 0.0, "{log}");
+    assert_eq!(figure("reused_tokens"), 0.0, "nothing to reuse in the first request");
+    // Typing on (not the suggestion): the next prompt starts like the last one, whose keys and values
+    // both models kept; the completion is the same as without them.
+    let typed = json!({"textDocument": {"uri": PY, "version": 2}, "contentChanges": [{"text": "x = 1 + \n"}]});
+    client.notify("textDocument/didChange", typed);
+    assert_eq!(inline_text(&client.inline(PY, 0, 8).unwrap()).as_deref(), Some("xxxxxxxxxxxxxxxx"));
+    let log = client.log_text();
+    let reused = log.rsplit(" reused_tokens=").next().and_then(|rest| rest.split(' ').next()).unwrap();
+    assert!(reused.parse::<usize>().unwrap() >= 3, "reused_tokens={reused}:\n{log}");
     client.exit();
 }
 

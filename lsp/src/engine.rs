@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use pipeline::generate::{Sampling, StopCriterion};
 use pipeline::model::GptBigCode;
-use pipeline::speculative::{self, Drafter, SpeculativeConfig};
+use pipeline::speculative::{self, Drafter, Session, SpeculativeConfig};
 use pipeline::tokenizer::Tokenizer;
 use tch::{Device, Kind};
 use tokio::sync::{oneshot, watch};
@@ -58,6 +58,9 @@ pub struct Settings {
     pub snippets: bool,
     /// Initial draft length for speculative decoding (0 turns drafting off).
     pub gamma: usize,
+    /// Keep the last request's keys and values, so the next prompt only prefills from where it
+    /// differs (typing on in the same document).
+    pub reuse_prefix: bool,
 }
 
 impl Default for Settings {
@@ -71,6 +74,7 @@ impl Default for Settings {
             languages: Vec::new(),
             snippets: true,
             gamma: 4,
+            reuse_prefix: true,
         }
     }
 }
@@ -101,6 +105,8 @@ pub struct Figures {
     pub tokens: usize,
     /// Milliseconds of the prompt's prefill.
     pub prefill_ms: f64,
+    /// Prompt tokens whose keys and values the previous request had computed.
+    pub reused_tokens: usize,
     /// Milliseconds until the first token (prompt building + prefill + first step).
     pub first_token_ms: f64,
     /// Milliseconds in all.
@@ -238,6 +244,8 @@ pub struct ModelBackend {
     tokenizer: Tokenizer,
     /// Tokens that end a completion besides EOS: FIM and file separators.
     stop_ids: Vec<i64>,
+    /// The last request's keys and values.
+    session: Option<Session>,
 }
 
 impl ModelBackend {
@@ -267,7 +275,7 @@ impl ModelBackend {
             .iter()
             .filter_map(|name| tokenizer.token_id(name).map(i64::from))
             .collect();
-        Ok(ModelBackend { target, draft, tokenizer, stop_ids })
+        Ok(ModelBackend { target, draft, tokenizer, stop_ids, session: None })
     }
 }
 
@@ -329,7 +337,18 @@ impl CompletionModel for ModelBackend {
             started,
             first_token_ms: None,
         };
-        let out = speculative::generate(&self.target, &drafter, &prompt, &config, &mut stop).map_err(model_error)?;
+        let out = if settings.reuse_prefix {
+            let session = match self.session.take() {
+                Some(session) => session,
+                None => Session::new(&self.target, &drafter).map_err(model_error)?,
+            };
+            let session = self.session.insert(session);
+            speculative::generate_in(session, &self.target, &drafter, &prompt, &config, &mut stop)
+        } else {
+            self.session = None;
+            speculative::generate(&self.target, &drafter, &prompt, &config, &mut stop)
+        };
+        let out = out.map_err(model_error)?;
         let first_token_ms = stop.first_token_ms.unwrap_or(0.0);
         let mut tokens = out.generation.tokens;
         if tokens.last().is_some_and(|t| self.stop_ids.contains(t)) {
@@ -346,6 +365,7 @@ impl CompletionModel for ModelBackend {
             prompt_tokens: prompt.len(),
             tokens: tokens.len(),
             prefill_ms: out.stats.prefill_ms,
+            reused_tokens: out.stats.reused_tokens,
             first_token_ms,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
             drafted: out.stats.drafted,

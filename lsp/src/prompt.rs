@@ -55,7 +55,11 @@ pub fn build(tokenizer: &Tokenizer, parts: &PromptParts, budget: Budget) -> pipe
     suffix.truncate(suffix_len);
     left -= suffix_len;
     if prefix.len() > left {
-        prefix.drain(..prefix.len() - left);
+        // Cut in steps, so that the prompt's start stays put while the user types on and the keys
+        // and values of the previous request stay reusable (engine `reuse_prefix`).
+        let step = (left / 16).clamp(1, 64);
+        let cut = (prefix.len() - left).div_ceil(step) * step;
+        prefix.drain(..cut.min(prefix.len()));
     }
     left -= prefix.len();
     let filename = filename.filter(|ids| ids.len() <= left);

@@ -159,8 +159,10 @@ impl Backend {
                 return Ok(None);
             }
             let window = settings.context_budget.saturating_mul(8).max(64);
-            // From a line start, so that tree-sitter sees whole lines (see syntax::BlockEnd).
-            let window_start = ceil_boundary(text, offset.saturating_sub(window));
+            // From a line start, so that tree-sitter sees whole lines (see syntax::BlockEnd), on a
+            // grid, so that typing on keeps the prompt's start (and its cached keys and values).
+            let grid = (window / 4).max(1);
+            let window_start = ceil_boundary(text, offset.saturating_sub(window) / grid * grid);
             let prefix_start = match text[window_start..offset].find('\n') {
                 Some(at) if window_start > 0 => window_start + at + 1,
                 _ => window_start,
@@ -220,6 +222,7 @@ impl Backend {
             prompt_tokens = figures.prompt_tokens,
             tokens = figures.tokens,
             prefill_ms = figures.prefill_ms,
+            reused_tokens = figures.reused_tokens,
             first_token_ms = figures.first_token_ms,
             decode_ms = figures.total_ms - figures.first_token_ms,
             total_ms = figures.total_ms,

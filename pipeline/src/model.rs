@@ -207,7 +207,11 @@ pub struct GptBigCode {
     /// "use `wte` directly".
     lm_head_t: Option<Tensor>,
     embd_pdrop: f64,
+    /// Unique in the process: tells whose keys and values a kept cache holds.
+    id: u64,
 }
+
+static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Buffers that old checkpoints carry and `transformers` ignores.
 fn is_ignored_buffer(name: &str) -> bool {
@@ -238,7 +242,8 @@ impl GptBigCode {
         let lm_head_t = (!config.tie_word_embeddings)
             .then(|| (&root / "lm_head").var("weight", &[config.n_embd, config.vocab_size], init));
         let embd_pdrop = config.embd_pdrop;
-        Ok(GptBigCode { config, vars, wte, wpe, blocks, ln_f, lm_head_t, embd_pdrop })
+        let id = NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(GptBigCode { config, vars, wte, wpe, blocks, ln_f, lm_head_t, embd_pdrop, id })
     }
 
     /// For a tied head, (re)makes the transposed copy of `wte` that decoding multiplies with; call
@@ -312,6 +317,11 @@ impl GptBigCode {
         checkpoint::save(dir, &tensors, kind)?;
         let config = dir.join("config.json");
         std::fs::write(&config, self.config.to_json(dtype_name(kind))).map_err(|e| PipelineError::io(&config, e))
+    }
+
+    /// This model's identity in the process (never reused).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The configuration.

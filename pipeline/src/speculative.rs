@@ -72,6 +72,8 @@ pub struct SpeculativeStats {
     pub accepted: usize,
     /// Milliseconds of the prompt's prefill (target and draft).
     pub prefill_ms: f64,
+    /// Prompt tokens whose keys and values came from the [`Session`] instead of a prefill.
+    pub reused_tokens: usize,
 }
 
 impl SpeculativeStats {
@@ -94,9 +96,85 @@ pub struct SpeculativeGeneration {
     pub stats: SpeculativeStats,
 }
 
+/// KV caches kept from one generation to the next: a prompt that starts like the sequence they hold
+/// (the same document, typed on) only prefills from where the two differ.
+pub struct Session {
+    target_cache: KvCache,
+    draft_cache: Option<KvCache>,
+    /// The tokens whose keys and values the caches hold, in order.
+    held: Vec<i64>,
+    /// Which target and draft model the caches were filled by ([`GptBigCode::id`]).
+    models: (u64, Option<u64>),
+}
+
+impl Session {
+    /// Caches for the target (and the draft model, if `drafter` is one) over their whole context.
+    pub fn new(target: &GptBigCode, drafter: &Drafter) -> Result<Session> {
+        let context = context(target, drafter)?;
+        Session::with_capacity(target, drafter, context)
+    }
+
+    fn with_capacity(target: &GptBigCode, drafter: &Drafter, capacity: i64) -> Result<Session> {
+        Ok(Session {
+            target_cache: target.new_cache(1, capacity)?,
+            draft_cache: match drafter {
+                Drafter::Model(draft) => Some(draft.new_cache(1, capacity)?),
+                _ => None,
+            },
+            held: Vec::new(),
+            models: Session::models(target, drafter),
+        })
+    }
+
+    fn models(target: &GptBigCode, drafter: &Drafter) -> (u64, Option<u64>) {
+        let draft = match drafter {
+            Drafter::Model(draft) => Some(draft.id()),
+            _ => None,
+        };
+        (target.id(), draft)
+    }
+
+    /// Whether this session's caches were made for `target` and `drafter`.
+    fn fits(&self, target: &GptBigCode, drafter: &Drafter) -> bool {
+        self.models == Session::models(target, drafter)
+    }
+}
+
+/// The positions both models can attend to.
+fn context(target: &GptBigCode, drafter: &Drafter) -> Result<i64> {
+    let mut context = target.config().n_positions;
+    if let Drafter::Model(draft) = drafter {
+        if draft.config().vocab_size != target.config().vocab_size {
+            return Err(PipelineError::Invalid(format!(
+                "the draft model's vocabulary ({}) differs from the target's ({})",
+                draft.config().vocab_size,
+                target.config().vocab_size
+            )));
+        }
+        context = context.min(draft.config().n_positions);
+    }
+    Ok(context)
+}
+
 /// Generates up to `max_new_tokens` after `prompt` with the target model, drafting with `drafter`.
 /// `stop` sees every accepted token one at a time, so it can end (or cancel) within one step.
 pub fn generate(
+    target: &GptBigCode,
+    drafter: &Drafter,
+    prompt: &[i64],
+    config: &SpeculativeConfig,
+    stop: &mut dyn StopCriterion,
+) -> Result<SpeculativeGeneration> {
+    let context = context(target, drafter)?;
+    let capacity = (prompt.len() + config.max_new_tokens + config.max_gamma + 1).min(context as usize) as i64;
+    let mut session = Session::with_capacity(target, drafter, capacity)?;
+    generate_in(&mut session, target, drafter, prompt, config, stop)
+}
+
+/// [`generate`] reusing (and then keeping) the keys and values in `session` for the longest start
+/// that `prompt` shares with the session's last sequence.
+pub fn generate_in(
+    session: &mut Session,
     target: &GptBigCode,
     drafter: &Drafter,
     prompt: &[i64],
@@ -110,44 +188,41 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(PipelineError::Invalid("the prompt is empty".into()));
     }
-    let mut context = target.config().n_positions;
-    if let Drafter::Model(draft) = drafter {
-        if draft.config().vocab_size != target.config().vocab_size {
-            return Err(PipelineError::Invalid(format!(
-                "the draft model's vocabulary ({}) differs from the target's ({})",
-                draft.config().vocab_size,
-                target.config().vocab_size
-            )));
-        }
-        context = context.min(draft.config().n_positions);
-    }
+    let context = context(target, drafter)?;
     if prompt.len() as i64 >= context {
         return Err(PipelineError::Invalid(format!(
             "the prompt has {} tokens; the context (n_positions) is {context}",
             prompt.len()
         )));
     }
-    let capacity = (prompt.len() + config.max_new_tokens + config.max_gamma + 1).min(context as usize) as i64;
+    if !session.fits(target, drafter) || session.target_cache.capacity() <= prompt.len() as i64 {
+        *session = Session::new(target, drafter)?;
+    }
+    let capacity = (prompt.len() + config.max_new_tokens + config.max_gamma + 1)
+        .min(session.target_cache.capacity() as usize) as i64;
+    // Everything the caches hold that the prompt repeats stays; the newest prompt token is always fed.
+    let reused = session.held.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+    session.held.clear();
+    session.target_cache.truncate(reused as i64);
+    if let Some(cache) = session.draft_cache.as_mut() {
+        cache.truncate(reused as i64);
+    }
     tch::no_grad(|| {
         let mut state = State {
             target,
-            target_cache: target.new_cache(1, capacity)?,
-            draft_cache: match drafter {
-                Drafter::Model(draft) => Some(draft.new_cache(1, capacity)?),
-                _ => None,
-            },
+            session,
             seq: prompt.to_vec(),
             prompt_len: prompt.len(),
             rng: StdRng::seed_from_u64(sampling.seed),
-            stats: SpeculativeStats::default(),
+            stats: SpeculativeStats { reused_tokens: reused, ..SpeculativeStats::default() },
         };
         // Prefill everything but the newest token: each step feeds what the caches lack.
-        if prompt.len() > 1 {
+        if prompt.len() - 1 > reused {
             let started = std::time::Instant::now();
-            let head = state.ids(&prompt[..prompt.len() - 1], target.device());
-            let mut last = target.forward_next(&head, &mut state.target_cache)?;
+            let head = state.ids(&prompt[reused..prompt.len() - 1], target.device());
+            let mut last = target.forward_next(&head, &mut state.session.target_cache)?;
             state.stats.target_passes += 1;
-            if let (Drafter::Model(draft), Some(cache)) = (drafter, state.draft_cache.as_mut()) {
+            if let (Drafter::Model(draft), Some(cache)) = (drafter, state.session.draft_cache.as_mut()) {
                 last = draft.forward_next(&head.to_device(draft.device()), cache)?;
                 state.stats.draft_passes += 1;
             }
@@ -179,6 +254,13 @@ pub fn generate(
                 break finish;
             }
         };
+        // The caches may hold accepted tokens after a stop: keep only what the sequence has.
+        let keep = (state.session.target_cache.len() as usize).min(state.seq.len());
+        state.session.target_cache.truncate(keep as i64);
+        if let Some(cache) = state.session.draft_cache.as_mut() {
+            cache.truncate(keep as i64);
+        }
+        state.session.held = state.seq[..keep].to_vec();
         let tokens = state.seq[state.prompt_len..].to_vec();
         Ok(SpeculativeGeneration { generation: Generation { tokens, finish }, stats: state.stats })
     })
@@ -193,8 +275,7 @@ struct Draft {
 
 struct State<'m> {
     target: &'m GptBigCode,
-    target_cache: KvCache,
-    draft_cache: Option<KvCache>,
+    session: &'m mut Session,
     seq: Vec<i64>,
     prompt_len: usize,
     rng: StdRng,
@@ -218,7 +299,7 @@ impl State<'_> {
                 Ok(Draft { tokens, probs: None })
             }
             Drafter::Model(model) => {
-                let cache = self.draft_cache.as_mut().expect("a model drafter has a cache");
+                let cache = self.session.draft_cache.as_mut().expect("a model drafter has a cache");
                 let mut tokens = Vec::with_capacity(budget);
                 let mut probs = Vec::with_capacity(budget);
                 let mut feed = self.seq[cache.len() as usize..].to_vec();
@@ -244,11 +325,11 @@ impl State<'_> {
     /// after them (the correction, or the bonus token when all are kept). Rolls the caches back.
     fn verify(&mut self, draft: &Draft, sampling: &Sampling) -> Result<(usize, i64)> {
         let base = self.seq.len();
-        let mut feed = self.seq[self.target_cache.len() as usize..].to_vec();
+        let mut feed = self.seq[self.session.target_cache.len() as usize..].to_vec();
         let fed_before = feed.len();
         feed.extend_from_slice(&draft.tokens);
         let input = self.ids(&feed, self.target.device());
-        let logits = self.target.forward(&input, &mut self.target_cache)?;
+        let logits = self.target.forward(&input, &mut self.session.target_cache)?;
         self.stats.target_passes += 1;
         // Rows fed_before-1 .. end: p_1 .. p_{gamma+1}.
         let rows = logits.get(0).narrow(0, fed_before as i64 - 1, draft.tokens.len() as i64 + 1);
@@ -296,8 +377,8 @@ impl State<'_> {
         self.stats.accepted += accepted;
         // Both caches keep everything but the newest token: base + accepted positions.
         let keep = (base + accepted) as i64;
-        self.target_cache.truncate(keep);
-        if let Some(cache) = self.draft_cache.as_mut() {
+        self.session.target_cache.truncate(keep);
+        if let Some(cache) = self.session.draft_cache.as_mut() {
             cache.truncate(keep);
         }
         Ok((accepted, next))
@@ -448,6 +529,42 @@ mod tests {
         let out = generate(&target, &Drafter::Model(&target), &[3, 4], &config, &mut NoStop).unwrap();
         assert_eq!(out.stats.acceptance_rate(), 1.0, "{:?}", out.stats);
         assert!(out.stats.target_passes < 15, "{:?}", out.stats);
+    }
+
+    /// A kept session prefills only where a prompt departs from the last sequence, and its output is
+    /// the fresh one's; a different drafter starts the session afresh.
+    #[test]
+    fn a_session_reuses_the_shared_start() {
+        let target = model(1, 3, 64, 97, 0.3);
+        let draft = model(2, 1, 32, 97, 0.3);
+        let first: Vec<i64> = (0..30).map(|i| (i * 7) % 97).collect();
+        let mut second = first[..20].to_vec();
+        second.extend([5, 6, 7]);
+        let config = SpeculativeConfig { max_new_tokens: 12, ..SpeculativeConfig::default() };
+        let fresh =
+            |prompt: &[i64], drafter: &Drafter| generate(&target, drafter, prompt, &config, &mut NoStop).unwrap();
+        for drafter in [Drafter::None, Drafter::Model(&draft), Drafter::PromptLookup { max_ngram: 3 }] {
+            let mut session = Session::new(&target, &drafter).unwrap();
+            let mut run =
+                |prompt: &[i64]| generate_in(&mut session, &target, &drafter, prompt, &config, &mut NoStop).unwrap();
+            let out = run(&first);
+            assert_eq!(out.stats.reused_tokens, 0);
+            let out = run(&second);
+            assert_eq!(out.stats.reused_tokens, 20, "{:?}", out.stats);
+            assert_eq!(out.generation.tokens, fresh(&second, &drafter).generation.tokens);
+            // Typing the suggestion: everything but the newest token is held already.
+            let mut typed = second.clone();
+            typed.extend(&out.generation.tokens);
+            let out = run(&typed);
+            assert_eq!(out.stats.reused_tokens, typed.len() - 1, "{:?}", out.stats);
+            assert_eq!(out.stats.prefill_ms, 0.0);
+            assert_eq!(out.generation.tokens, fresh(&typed, &drafter).generation.tokens);
+        }
+        let mut session = Session::new(&target, &Drafter::None).unwrap();
+        generate_in(&mut session, &target, &Drafter::None, &first, &config, &mut NoStop).unwrap();
+        let out = generate_in(&mut session, &target, &Drafter::Model(&draft), &first, &config, &mut NoStop).unwrap();
+        assert_eq!(out.stats.reused_tokens, 0, "the draft model's cache starts empty");
+        assert_eq!(out.generation.tokens, fresh(&first, &Drafter::None).generation.tokens);
     }
 
     /// Pearson's chi-square statistic of `counts` against `probs` over `n` draws, merging cells

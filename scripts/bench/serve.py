@@ -201,6 +201,51 @@ def lsp_latency(model, requests):
     return {"p50_ms": statistics.median(latencies), "p95_ms": p95, "mean_chars": statistics.mean(lengths), "requests": len(latencies)}
 
 
+def lsp_typing(model, lines_typed, reuse_options=({"reusePrefix": True}, {"reusePrefix": False})):
+    """Typing on in one document: a line of code typed a character at a time, a completion asked after
+    each one (as editors do), by two servers side by side that differ only in `options`; requests
+    alternate between them so both see the same machine. Returns per-server latencies and whether
+    their completions agreed."""
+    files = [p for p in corpus_files() if p.stat().st_size > 8000]
+    base = {"maxTokens": 32, "contextBudget": 1024, "gamma": 0}
+    servers = [Lsp(model, dict(base, **options)) for options in reuse_options]
+    latencies = [[] for _ in servers]
+    same = total = 0
+    rng = random.Random(2)
+    for i in range(lines_typed):
+        text = rng.choice(files).read_text(errors="replace")
+        lines = text.split("\n")
+        line = rng.choice([n for n in range(100, len(lines) - 20) if len(lines[n].strip()) > 20])
+        target_line = lines[line]
+        uri = f"file:///bench/typing{i}.rs"
+        for server in servers:
+            doc = "\n".join(lines[:line] + [""] + lines[line + 1 :])
+            server.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "rust", "version": 1, "text": doc}})
+        indent = len(target_line) - len(target_line.lstrip())
+        for k in range(indent + 1, len(target_line) + 1):
+            doc = "\n".join(lines[:line] + [target_line[:k]] + lines[line + 1 :])
+            change = {"textDocument": {"uri": uri, "version": k + 2}, "contentChanges": [{"text": doc}]}
+            column = len(target_line[:k].encode("utf-16-le")) // 2
+            params = {"textDocument": {"uri": uri}, "position": {"line": line, "character": column}, "context": {"triggerKind": 2}}
+            answers = []
+            for n, server in enumerate(servers):
+                server.notify("textDocument/didChange", change)
+                started = time.perf_counter()
+                answer = server.request("textDocument/inlineCompletion", params)
+                latencies[n].append((time.perf_counter() - started) * 1e3)
+                answers.append(json.dumps(answer.get("result")))
+            same += answers[0] == answers[1]
+            total += 1
+        for server in servers:
+            server.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
+    for server in servers:
+        server.close()
+    def summary(values):
+        values = sorted(values)
+        return {"p50_ms": statistics.median(values), "p95_ms": values[round(0.95 * (len(values) - 1))], "mean_ms": statistics.mean(values)}
+    return {"requests": total, "identical": same, "servers": [summary(v) for v in latencies]}
+
+
 HF_ASSISTED = r"""
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -256,6 +301,7 @@ def main():
     parser.add_argument("--target-lr", type=float, default=2e-3)
     parser.add_argument("--target-steps", type=int, help="default: --steps")
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--typing", type=int, metavar="LINES", help="only the typing benchmark: LINES lines typed")
     args = parser.parse_args()
     global WORK
     if (args.target, args.draft) != ("256:6:4", "96:2:2"):
@@ -266,6 +312,13 @@ def main():
     target = train("target", dims(args.target), tokenizer, args.target_steps or args.steps, args.threads, args.target_lr)
     draft = train("draft", dims(args.draft), tokenizer, args.steps, args.threads)
     if args.train_only:
+        return
+    if args.typing:
+        for name, model in (("32 tokens (forced output)", forced(target)), ("trained target", target)):
+            r = lsp_typing(model, args.typing)
+            (on, off) = r["servers"]
+            print(f"| {name} | {r['requests']} | {off['p50_ms']:.0f} / {off['p95_ms']:.0f} ms | {on['p50_ms']:.0f} / "
+                  f"{on['p95_ms']:.0f} ms | {off['mean_ms'] / on['mean_ms']:.2f}x | {r['identical']}/{r['requests']} |")
         return
     sizes = {name: int((WORK / name / "params.txt").read_text()) for name in ("target", "draft")}
     prompts_file = WORK / "prompts.jsonl"
