@@ -21,7 +21,6 @@ struct Bucket {
   int root;  // -1: all-reduce
   size_t params_in;
   size_t pending;
-  bool started;
 };
 
 struct ReducerState {
@@ -32,6 +31,9 @@ struct ReducerState {
   std::vector<std::vector<size_t>> buckets_of_param;
   std::vector<bool> moved;
   std::vector<Bucket> buckets;
+  // Buckets start strictly in index order (the layout follows backward's order), so every rank
+  // issues the same collectives in the same order whatever autograd's scheduling.
+  size_t next = 0;
   std::vector<c10::intrusive_ptr<c10d::Work>> works;
   at::Tensor flat_grads;
   std::mutex mutex;
@@ -39,7 +41,6 @@ struct ReducerState {
   std::string error;
 
   void move_grad(size_t index) {
-    if (moved[index]) return;
     moved[index] = true;
     auto& param = params[index];
     auto slot = flat_grads.narrow(0, offsets[index], param.numel());
@@ -52,26 +53,32 @@ struct ReducerState {
     }
   }
 
-  void start(Bucket& bucket) {
-    bucket.started = true;
-    std::vector<at::Tensor> tensors{flat_grads.narrow(0, bucket.start, bucket.len)};
-    if (bucket.root < 0) {
-      works.push_back(backend->allreduce(tensors));
-    } else {
-      c10d::ReduceOptions options;
-      options.rootRank = bucket.root;
-      works.push_back(backend->reduce(tensors, options));
+  void start_ready_buckets() {
+    while (next < buckets.size() && buckets[next].pending == 0) {
+      auto& bucket = buckets[next++];
+      std::vector<at::Tensor> tensors{flat_grads.narrow(0, bucket.start, bucket.len)};
+      if (bucket.root < 0) {
+        works.push_back(backend->allreduce(tensors));
+      } else {
+        c10d::ReduceOptions options;
+        options.rootRank = bucket.root;
+        works.push_back(backend->reduce(tensors, options));
+      }
     }
+  }
+
+  void deliver(size_t index) {
+    move_grad(index);
+    for (size_t b : buckets_of_param[index]) buckets[b].pending--;
   }
 
   void on_ready(size_t index) {
     std::lock_guard<std::mutex> lock(mutex);
     if (!armed || !error.empty()) return;
     try {
-      move_grad(index);
-      for (size_t b : buckets_of_param[index]) {
-        if (--buckets[b].pending == 0) start(buckets[b]);
-      }
+      if (moved[index]) throw std::runtime_error("a gradient arrived twice in one armed backward");
+      deliver(index);
+      start_ready_buckets();
     } catch (const std::exception& e) {
       // Thrown out of a hook it would abort backward; finish() reports it instead.
       error = e.what();
@@ -82,11 +89,9 @@ struct ReducerState {
     armed = false;
     error.clear();
     works.clear();
+    next = 0;
     std::fill(moved.begin(), moved.end(), false);
-    for (auto& bucket : buckets) {
-      bucket.pending = bucket.params_in;
-      bucket.started = false;
-    }
+    for (auto& bucket : buckets) bucket.pending = bucket.params_in;
   }
 };
 
@@ -115,7 +120,7 @@ int wizard_reducer_new(WizardGroup* group, void** params, const int64_t* offsets
     state->backend = group->backend;
     state->timeout = group->timeout;
     state->flat_grads = *static_cast<at::Tensor*>(flat_grads);
-    for (int64_t b = 0; b < n_buckets; ++b) state->buckets.push_back(Bucket{starts[b], lens[b], roots[b], 0, 0, false});
+    for (int64_t b = 0; b < n_buckets; ++b) state->buckets.push_back(Bucket{starts[b], lens[b], roots[b], 0, 0});
     for (int64_t i = 0; i < n_params; ++i) {
       auto& param = *static_cast<at::Tensor*>(params[i]);
       state->params.push_back(param);
@@ -146,22 +151,32 @@ void wizard_reducer_arm(WizardReducer* reducer) {
 }
 
 // Moves the gradients no hook delivered, starts the buckets still waiting (in order), and waits for
-// every collective; `*early` gets how many buckets had started during backward. Returns -1 with the
-// message of a failure inside a hook or a collective.
+// every collective; `*early` gets how many buckets had started during backward. Even after a failure
+// every bucket is started and waited for, so that the other ranks' collectives complete. Returns -1
+// with the first failure's message.
 int wizard_reducer_finish(WizardReducer* reducer, int64_t* early) {
   auto& state = *reducer->state;
   std::lock_guard<std::mutex> lock(state.mutex);
-  int status = guarded([&] {
-    if (!state.error.empty()) throw std::runtime_error("during backward: " + state.error);
-    *early = static_cast<int64_t>(state.works.size());
-    for (size_t i = 0; i < state.params.size(); ++i) state.move_grad(i);
-    for (auto& bucket : state.buckets) {
-      if (!bucket.started) state.start(bucket);
+  std::string failure = state.error.empty() ? "" : "during backward: " + state.error;
+  *early = static_cast<int64_t>(state.works.size());
+  auto remember = [&](int status) {
+    if (status != 0 && failure.empty()) failure = wizard::last_error();
+  };
+  remember(guarded([&] {
+    for (size_t i = 0; i < state.params.size(); ++i) {
+      if (!state.moved[i]) state.deliver(i);
     }
-    for (auto& work : state.works) work->wait(state.timeout);
-  });
+  }));
+  remember(guarded([&] {
+    // Whatever failed above, every bucket counts as ready now.
+    for (auto& bucket : state.buckets) bucket.pending = 0;
+    state.start_ready_buckets();
+  }));
+  for (auto& work : state.works) remember(guarded([&] { work->wait(state.timeout); }));
   state.reset();
-  return status;
+  if (failure.empty()) return 0;
+  wizard::last_error() = failure;
+  return -1;
 }
 
 void wizard_reducer_free(WizardReducer* reducer) {

@@ -56,12 +56,15 @@ pub fn build(tokenizer: &Tokenizer, parts: &PromptParts, budget: Budget) -> pipe
     left -= suffix_len;
     if prefix.len() > left {
         // Cut in steps, so that the prompt's start stays put while the user types on and the keys
-        // and values of the previous request stay reusable (engine `reuse_prefix`).
+        // and values of the previous request stay reusable (engine `reuse_prefix`). What a step
+        // leaves unused stays unused: lent to the file name or snippets, it would move the start.
         let step = (left / 16).clamp(1, 64);
         let cut = (prefix.len() - left).div_ceil(step) * step;
         prefix.drain(..cut.min(prefix.len()));
+        left = 0;
+    } else {
+        left -= prefix.len();
     }
-    left -= prefix.len();
     let filename = filename.filter(|ids| ids.len() <= left);
     left -= filename.as_ref().map_or(0, Vec::len);
     let mut context = Vec::new();
@@ -130,6 +133,31 @@ pub(crate) mod tests {
 
     fn parts(prefix: &str, suffix: &str) -> PromptParts {
         PromptParts { prefix: prefix.into(), suffix: suffix.into(), ..PromptParts::default() }
+    }
+
+    /// Typing on at the end of a long prefix keeps the prompt's first tokens, except when a step
+    /// of the cut is crossed.
+    #[test]
+    fn typing_on_keeps_the_start() {
+        let text: String = (0..40).map(|i| format!("def f_{i}(x):\n    return x + {i}\n\n")).collect();
+        let budget = Budget { tokens: 200, suffix_share: 0.25, fim: true };
+        let typed = "def g(x):\n    return f_1(x) + f_2(x) + f_3(x)";
+        let mut previous: Option<Vec<i64>> = None;
+        let (mut kept, mut moved) = (0, 0);
+        for end in 1..=typed.len() {
+            let parts = PromptParts { filename: Some("a.py".into()), ..parts(&format!("{text}{}", &typed[..end]), "") };
+            let ids = build(tokenizer(), &parts, budget).unwrap();
+            assert!(ids.len() <= budget.tokens);
+            if let Some(previous) = previous {
+                if ids[..100] == previous[..100] {
+                    kept += 1;
+                } else {
+                    moved += 1;
+                }
+            }
+            previous = Some(ids);
+        }
+        assert!(kept > 4 * moved, "the start moved {moved} times in {} keystrokes", kept + moved);
     }
 
     #[test]

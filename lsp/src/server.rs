@@ -17,7 +17,7 @@ use crate::cache::{Cache, Hit};
 use crate::document::{Document, Encoding};
 use crate::engine::{Engine, EngineError, Job, Settings, Status};
 use crate::prompt::PromptParts;
-use crate::syntax::{decide, Language, Mode};
+use crate::syntax::{decide, window_start, Language, Mode};
 
 /// Other open files put in the prompt, and how much of each.
 const SNIPPETS: usize = 3;
@@ -159,14 +159,12 @@ impl Backend {
                 return Ok(None);
             }
             let window = settings.context_budget.saturating_mul(8).max(64);
-            // From a line start, so that tree-sitter sees whole lines (see syntax::BlockEnd), on a
-            // grid, so that typing on keeps the prompt's start (and its cached keys and values).
+            // From a line start outside strings and comments, so that tree-sitter reads the window as
+            // the document (syntax::BlockEnd), near a point on a grid, so that typing on keeps the
+            // prompt's start (and its cached keys and values).
             let grid = (window / 4).max(1);
-            let window_start = ceil_boundary(text, offset.saturating_sub(window) / grid * grid);
-            let prefix_start = match text[window_start..offset].find('\n') {
-                Some(at) if window_start > 0 => window_start + at + 1,
-                _ => window_start,
-            };
+            let from = ceil_boundary(text, offset.saturating_sub(window) / grid * grid);
+            let prefix_start = window_start(text, document.tree(), from, offset);
             let suffix_end = floor_boundary(text, offset.saturating_add(window).min(text.len()));
             let word_start_byte = text[..offset].trim_end_matches(is_word_char).len();
             let word = text[word_start_byte..offset].to_string();

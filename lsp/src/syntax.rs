@@ -257,6 +257,37 @@ fn inside_text(root: Node, offset: usize) -> bool {
     }
 }
 
+/// Where a window of `text` that should begin near `from` (before `cursor`) starts: the first line
+/// start in the first half of `from..cursor` that is not inside a string or comment of `tree`, so
+/// that parsing the window alone sees what the document means; `from` itself when there is none.
+pub fn window_start(text: &str, tree: Option<&Tree>, from: usize, cursor: usize) -> usize {
+    if from == 0 {
+        return 0;
+    }
+    let limit = from + (cursor - from) / 2;
+    let mut at = from;
+    while let Some(newline) = text[at..limit].find('\n') {
+        at += newline + 1;
+        match tree.and_then(|tree| text_node_end(tree.root_node(), at)) {
+            Some(end) if end < limit => at = end,
+            Some(_) => break,
+            None => return at,
+        }
+    }
+    from
+}
+
+/// The end of the string or comment that `offset` lies strictly inside, if any.
+fn text_node_end(root: Node, offset: usize) -> Option<usize> {
+    let mut node = root.descendant_for_byte_range(offset, offset)?;
+    loop {
+        if TEXT_KINDS.contains(&node.kind()) && node.start_byte() < offset && offset < node.end_byte() {
+            return Some(node.end_byte());
+        }
+        node = node.parent()?;
+    }
+}
+
 /// Whether the innermost block around `offset` holds no statements (comments and errors aside).
 fn block_is_empty(root: Node, offset: usize) -> bool {
     let Some(mut node) = root.descendant_for_byte_range(offset, offset) else {
@@ -308,7 +339,9 @@ impl BlockEnd {
             return block_end(self.decision, self.language, completion, None);
         }
         let judged = &completion[..completion.rfind('\n').map_or(0, |i| i + 1)];
-        let (mask, settled) = self.text_mask(judged)?;
+        let Some((mask, settled)) = self.text_mask(judged) else {
+            return block_end(self.decision, self.language, judged, None);
+        };
         // A string or comment still open parses as an error: wait until it closes.
         settled.then(|| block_end(self.decision, self.language, judged, Some(&mask))).flatten()
     }
@@ -354,12 +387,13 @@ impl BlockEnd {
 }
 
 /// Marks in `mask` (bytes from `base` on) the insides of string and comment nodes, and clears
-/// `settled` where an error node reaches past `base`.
+/// `settled` where an error node starts at or after `base` (one from the prefix is not the
+/// completion's doing).
 fn scan(node: Node, base: usize, mask: &mut [bool], settled: &mut bool) {
     if node.end_byte() <= base {
         return;
     }
-    if node.is_error() {
+    if node.is_error() && node.start_byte() >= base {
         *settled = false;
     }
     if TEXT_KINDS.contains(&node.kind()) {
@@ -595,6 +629,27 @@ mod tests {
         for &(language, fixture, completion, expected) in cases {
             check_end(language, fixture, completion, expected);
         }
+    }
+
+    #[test]
+    fn windows_start_outside_strings_and_comments() {
+        let check = |language: Language, fixture: &str, expected: &str| {
+            // `$from` marks where the window would start, `$0` the cursor.
+            let from = fixture.find("$from").unwrap();
+            let text = fixture.replace("$from", "");
+            let cursor = text.find("$0").unwrap();
+            let text = text.replace("$0", "");
+            let tree = language.parser().map(|mut parser| parser.parse(&text, None).unwrap());
+            let start = window_start(&text, tree.as_ref(), from, cursor);
+            assert!(text[start..].starts_with(expected), "{language:?}: {:?}", &text[start..]);
+        };
+        let body = "x = 1\n".repeat(20);
+        check(Language::Python, &format!("a = 1\nb$from = 2\nc = 3\n{body}$0"), "c = 3");
+        check(Language::Python, &format!("s = \"\"\"\nd$fromoc\nstring\n\"\"\"\nc = 3\n{body}$0"), "c = 3");
+        check(Language::C, &format!("/* a\n b$from\n */ int c;\nint d;\n{body}$0"), "int d;");
+        check(Language::Other, &format!("a\nb$from\nc\n{body}$0"), "c");
+        // No line start in the first half of the window: the window starts where it was asked to.
+        check(Language::Python, &format!("abc$from{}\n$0", "x".repeat(100)), "xxx");
     }
 
     #[test]

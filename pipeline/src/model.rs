@@ -207,7 +207,8 @@ pub struct GptBigCode {
     /// "use `wte` directly".
     lm_head_t: Option<Tensor>,
     embd_pdrop: f64,
-    /// Unique in the process: tells whose keys and values a kept cache holds.
+    /// Unique per instance in the process: tells which model filled a kept cache (weights changed in
+    /// place keep the id; callers that train must not keep caches across steps).
     id: u64,
 }
 

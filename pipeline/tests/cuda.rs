@@ -104,8 +104,8 @@ fn train_steps(dir: &std::path::Path, device: Device, autocast: Option<Kind>) ->
     let mut named: Vec<(String, Tensor)> = model.vars().variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let decay = vec![true; named.len()];
-    let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
     let hp = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let params = named.iter().map(|(name, t)| (name.clone(), t.shallow_clone())).collect();
     let mut optimizer = ZeroOptimizer::new(params, decay, 0, None, hp).unwrap();
     let ids: Vec<i64> = (0..128).map(|i| (i * 37) % 511 + 1).collect();
     let input = Tensor::from_slice(&ids).view([2, 64]).to_device(device);

@@ -313,11 +313,11 @@ impl Trainer<'_> {
         }
         let mut named: Vec<(String, Tensor)> = model.vars().variables().into_iter().collect();
         // Backward's order (head first, embeddings last), so that the gradient buckets fill in turn
-        // and each can be reduced while backward goes on.
+        // and each can be reduced while backward goes on (the optimizer puts the decayed weights
+        // first: the biases and LayerNorms, a small tail, come in the last bucket).
         named.sort_by_key(|(name, _)| (std::cmp::Reverse(forward_position(name)), name.clone()));
         let decay: Vec<bool> = named.iter().map(|(name, _)| decays(name)).collect();
-        let params = named.into_iter().map(|(_, t)| t).collect();
-        Ok(Engine::Replicated(ZeroOptimizer::new(params, decay, self.config.zero, self.rank.group.as_ref(), hp)?))
+        Ok(Engine::Replicated(ZeroOptimizer::new(named, decay, self.config.zero, self.rank.group.as_ref(), hp)?))
     }
 
     /// Trains `model`, reporting memory once and every step (rank 0's view) to `on_event`.

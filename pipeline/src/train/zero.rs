@@ -45,6 +45,8 @@ pub struct ZeroOptimizer {
     exp_avg_sq: Tensor,
     step: i64,
     hp: AdamW,
+    /// Which parameter sits where in the flat buffers (checked on restore).
+    layout: i64,
     /// Reduces gradients during the last micro-batch's backward (absent alone, or when the
     /// engine works elsewhere than the model and every collective must be staged).
     reducer: Option<GradientReducer>,
@@ -63,6 +65,17 @@ pub struct MemoryReport {
     pub mixed_precision_formula: i64,
 }
 
+/// FNV-1a over the parameters' names and sizes in flat-buffer order: stable across builds.
+fn layout_fingerprint<'a>(params: impl Iterator<Item = (&'a str, &'a i64)>) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for (name, numel) in params {
+        for byte in name.bytes().chain([0]).chain(numel.to_le_bytes()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash as i64
+}
+
 /// Buckets of at most [`BUCKET`] elements over `0..padded`; with `shard` (ZeRO-2) they also split
 /// at shard boundaries and each is reduced to its shard's rank only.
 fn buckets(padded: i64, shard: Option<i64>) -> Vec<Bucket> {
@@ -79,9 +92,10 @@ fn buckets(padded: i64, shard: Option<i64>) -> Vec<Bucket> {
 }
 
 impl ZeroOptimizer {
-    /// `params` in a fixed order shared by all ranks; `decays[i]` says whether param i decays.
+    /// `named` parameters in a fixed order shared by all ranks (backward's order lets buckets start
+    /// early); `decays[i]` says whether parameter i decays.
     pub fn new(
-        params: Vec<Tensor>,
+        named: Vec<(String, Tensor)>,
         decays: Vec<bool>,
         stage: u8,
         group: Option<&ProcessGroup>,
@@ -93,9 +107,10 @@ impl ZeroOptimizer {
         }
         // Decayed parameters first, each group in the given order.
         let order: Vec<usize> =
-            (0..params.len()).filter(|&i| decays[i]).chain((0..params.len()).filter(|&i| !decays[i])).collect();
-        let mut params: Vec<Tensor> = order.iter().map(|&i| params[i].shallow_clone()).collect();
+            (0..named.len()).filter(|&i| decays[i]).chain((0..named.len()).filter(|&i| !decays[i])).collect();
+        let mut params: Vec<Tensor> = order.iter().map(|&i| named[i].1.shallow_clone()).collect();
         let numels: Vec<i64> = params.iter().map(|p| p.numel() as i64).collect();
+        let layout = layout_fingerprint(order.iter().map(|&i| named[i].0.as_str()).zip(&numels));
         let offsets: Vec<i64> = numels.iter().scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n))).collect();
         let total: i64 = numels.iter().sum();
         let decay_end: i64 = order.iter().zip(&numels).filter(|(&i, _)| decays[i]).map(|(_, &n)| n).sum();
@@ -136,6 +151,7 @@ impl ZeroOptimizer {
             exp_avg_sq: zeros(len),
             step: 0,
             hp,
+            layout,
             reducer,
         })
     }
@@ -158,13 +174,13 @@ impl ZeroOptimizer {
     /// gradient norm before clipping.
     pub fn step(&mut self, lr: f64, max_norm: f64, group: Option<&ProcessGroup>) -> Result<f64> {
         tch::no_grad(|| -> Result<f64> {
-            let mut local = match (group, &self.reducer) {
-                (Some(_), Some(reducer)) => {
+            let mut local = match &self.reducer {
+                Some(reducer) => {
                     let early = reducer.finish()?;
                     tracing::debug!("{early} gradient buckets started during backward");
                     self.flat_grads.narrow(0, self.start, self.len)
                 }
-                _ => self.reduce_after_backward(group)?,
+                None => self.reduce_after_backward(group)?,
             };
             let mut norm_sq = local.square().sum(Kind::Double);
             // Stages 1 and 2 hold one shard each: the global norm sums the shards' squares.
@@ -258,6 +274,7 @@ impl ZeroOptimizer {
             ("exp_avg_sq".into(), self.exp_avg_sq.shallow_clone()),
             ("step".into(), Tensor::from_slice(&[self.step])),
             ("range".into(), Tensor::from_slice(&[self.stage as i64, self.start, self.len, self.padded])),
+            ("layout".into(), Tensor::from_slice(&[self.layout])),
         ]
     }
 
@@ -279,10 +296,48 @@ impl ZeroOptimizer {
                 range[0], range[1], range[2], range[3], expected[0], expected[1], expected[2], expected[3]
             )));
         }
+        let layout = find("layout").map_err(|_| {
+            PipelineError::Invalid(
+                "the optimizer checkpoint does not say how its parameters are laid out \
+                 (written by an older wizard): start a new run from its model instead of resuming"
+                    .into(),
+            )
+        })?;
+        if layout.int64_value(&[0]) != self.layout {
+            return Err(PipelineError::Invalid(
+                "the optimizer checkpoint lays its parameters out differently from this model (another model, or \
+                 an older wizard): start a new run from its model instead of resuming"
+                    .into(),
+            ));
+        }
         let device = self.flat_params.device();
         self.exp_avg = find("exp_avg")?.to_kind(Kind::Float).to_device(device);
         self.exp_avg_sq = find("exp_avg_sq")?.to_kind(Kind::Float).to_device(device);
         self.step = find("step")?.int64_value(&[0]);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn optimizer(names: &[&str]) -> ZeroOptimizer {
+        let named =
+            names.iter().map(|name| (name.to_string(), Tensor::ones([3], (Kind::Float, Device::Cpu)))).collect();
+        let hp = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        ZeroOptimizer::new(named, vec![true; names.len()], 1, None, hp).unwrap()
+    }
+
+    /// Optimizer state only goes back onto the parameters it was saved for.
+    #[test]
+    fn restore_checks_the_layout() {
+        let saved = || optimizer(&["h.0.w", "h.1.w"]).state();
+        optimizer(&["h.0.w", "h.1.w"]).restore(saved()).unwrap();
+        let error = optimizer(&["h.1.w", "h.0.w"]).restore(saved()).unwrap_err().to_string();
+        assert!(error.contains("lays its parameters out differently"), "{error}");
+        let old: Vec<_> = saved().into_iter().filter(|(name, _)| name != "layout").collect();
+        let error = optimizer(&["h.0.w", "h.1.w"]).restore(old).unwrap_err().to_string();
+        assert!(error.contains("older wizard"), "{error}");
     }
 }
