@@ -53,18 +53,21 @@ struct ReducerState {
     }
   }
 
-  void start_ready_buckets() {
-    while (next < buckets.size() && buckets[next].pending == 0) {
-      auto& bucket = buckets[next++];
-      std::vector<at::Tensor> tensors{flat_grads.narrow(0, bucket.start, bucket.len)};
-      if (bucket.root < 0) {
-        works.push_back(backend->allreduce(tensors));
-      } else {
-        c10d::ReduceOptions options;
-        options.rootRank = bucket.root;
-        works.push_back(backend->reduce(tensors, options));
-      }
+  // Issues bucket `next` and moves on, even if issuing it throws (the error still propagates).
+  void start_next() {
+    auto& bucket = buckets[next++];
+    std::vector<at::Tensor> tensors{flat_grads.narrow(0, bucket.start, bucket.len)};
+    if (bucket.root < 0) {
+      works.push_back(backend->allreduce(tensors));
+    } else {
+      c10d::ReduceOptions options;
+      options.rootRank = bucket.root;
+      works.push_back(backend->reduce(tensors, options));
     }
+  }
+
+  void start_ready_buckets() {
+    while (next < buckets.size() && buckets[next].pending == 0) start_next();
   }
 
   void deliver(size_t index) {
@@ -167,11 +170,8 @@ int wizard_reducer_finish(WizardReducer* reducer, int64_t* early) {
       if (!state.moved[i]) state.deliver(i);
     }
   }));
-  remember(guarded([&] {
-    // Whatever failed above, every bucket counts as ready now.
-    for (auto& bucket : state.buckets) bucket.pending = 0;
-    state.start_ready_buckets();
-  }));
+  // Whatever failed above, every bucket is issued now, each on its own.
+  while (state.next < state.buckets.size()) remember(guarded([&] { state.start_next(); }));
   for (auto& work : state.works) remember(guarded([&] { work->wait(state.timeout); }));
   state.reset();
   if (failure.empty()) return 0;

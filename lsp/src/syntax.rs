@@ -264,7 +264,7 @@ pub fn window_start(text: &str, tree: Option<&Tree>, from: usize, cursor: usize)
     if from == 0 {
         return 0;
     }
-    let limit = from + (cursor - from) / 2;
+    let limit = floor_char_boundary(text, from + (cursor - from) / 2);
     let mut at = from;
     while let Some(newline) = text[at..limit].find('\n') {
         at += newline + 1;
@@ -387,13 +387,13 @@ impl BlockEnd {
 }
 
 /// Marks in `mask` (bytes from `base` on) the insides of string and comment nodes, and clears
-/// `settled` where an error node starts at or after `base` (one from the prefix is not the
-/// completion's doing).
+/// `settled` where an error node reaches past `base` (recovery often starts it at the enclosing
+/// statement, in the prefix).
 fn scan(node: Node, base: usize, mask: &mut [bool], settled: &mut bool) {
     if node.end_byte() <= base {
         return;
     }
-    if node.is_error() && node.start_byte() >= base {
+    if node.is_error() {
         *settled = false;
     }
     if TEXT_KINDS.contains(&node.kind()) {
@@ -650,6 +650,7 @@ mod tests {
         check(Language::Other, &format!("a\nb$from\nc\n{body}$0"), "c");
         // No line start in the first half of the window: the window starts where it was asked to.
         check(Language::Python, &format!("abc$from{}\n$0", "x".repeat(100)), "xxx");
+        check(Language::Python, &format!("a = 1\n$from{}\n$0", "é".repeat(51)), "éé");
     }
 
     #[test]
