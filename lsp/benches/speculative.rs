@@ -3,7 +3,8 @@
 //! Prints one JSON object per drafter and workload. Driven by `scripts/bench/serve.py`.
 //!
 //! `cargo bench -p lsp --bench speculative -- TARGET_DIR DRAFT_DIR PROMPTS_JSONL NEW_TOKENS THREADS [DTYPE]`
-//! (each prompts line: `{"workload": "...", "prompt": "..."}`; DTYPE float32 (default) or bfloat16).
+//! (each prompts line: `{"workload": "...", "prompt": "..."}`; DTYPE float32 (default) or bfloat16, or
+//! TARGET/DRAFT dtypes such as `bfloat16/float32`).
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -16,9 +17,13 @@ use tch::{Device, Kind};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let (args, dtype) = match args.as_slice() {
-        [rest @ .., dtype] if rest.len() == 5 => (rest, pipeline::model::parse_dtype(dtype).unwrap()),
-        rest => (rest, Kind::Float),
+    let (args, dtype, draft_dtype) = match args.as_slice() {
+        [rest @ .., dtypes] if rest.len() == 5 => {
+            let (target, draft) = dtypes.split_once('/').unwrap_or((dtypes, dtypes));
+            let parse = |text| pipeline::model::parse_dtype(text).unwrap();
+            (rest, parse(target), parse(draft))
+        }
+        rest => (rest, Kind::Float, Kind::Float),
     };
     let [target_dir, draft_dir, prompts, new_tokens, threads] = args else {
         eprintln!("usage: speculative TARGET_DIR DRAFT_DIR PROMPTS_JSONL NEW_TOKENS THREADS [DTYPE]");
@@ -28,7 +33,7 @@ fn main() {
     let new_tokens: usize = new_tokens.parse().unwrap();
     let tokenizer = Tokenizer::from_dir(Path::new(target_dir)).unwrap();
     let target = GptBigCode::load(Path::new(target_dir), dtype, Device::Cpu).unwrap();
-    let draft = GptBigCode::load(Path::new(draft_dir), dtype, Device::Cpu).unwrap();
+    let draft = GptBigCode::load(Path::new(draft_dir), draft_dtype, Device::Cpu).unwrap();
     let mut workloads: BTreeMap<String, Vec<Vec<i64>>> = BTreeMap::new();
     for line in std::fs::read_to_string(prompts).unwrap().lines() {
         let value: serde_json::Value = serde_json::from_str(line).unwrap();
