@@ -48,6 +48,7 @@ pub struct Bucket {
 /// Hooks on a model's parameters that reduce their gradients by buckets during backward.
 pub struct GradientReducer {
     raw: *mut WizardReducer,
+    buckets: usize,
 }
 
 // SAFETY: the reducer's state is behind a mutex in C++; Rust only hands the pointer around.
@@ -97,7 +98,12 @@ impl GradientReducer {
             },
             "gradient reducer",
         )?;
-        Ok(GradientReducer { raw })
+        Ok(GradientReducer { raw, buckets: buckets.len() })
+    }
+
+    /// How many buckets the gradients are reduced in.
+    pub fn buckets(&self) -> usize {
+        self.buckets
     }
 
     /// The next backward's gradients are reduced as they arrive (call before the last micro-batch's

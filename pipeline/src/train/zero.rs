@@ -177,7 +177,7 @@ impl ZeroOptimizer {
             let mut local = match &self.reducer {
                 Some(reducer) => {
                     let early = reducer.finish()?;
-                    tracing::debug!("{early} gradient buckets started during backward");
+                    tracing::debug!("{early} of {} gradient buckets started during backward", reducer.buckets());
                     self.flat_grads.narrow(0, self.start, self.len)
                 }
                 None => self.reduce_after_backward(group)?,
