@@ -234,27 +234,25 @@ fn next_code_line_indent(text: &str, from: usize) -> Option<usize> {
     text[from..].split('\n').skip(1).find(|line| !line.trim().is_empty()).map(indent_width)
 }
 
+/// The node at `offset` and its ancestors, innermost first.
+fn ancestors_at(root: Node, offset: usize) -> impl Iterator<Item = Node> {
+    std::iter::successors(root.descendant_for_byte_range(offset, offset), Node::parent)
+}
+
 fn inside_text(root: Node, offset: usize) -> bool {
-    let Some(mut node) = root.descendant_for_byte_range(offset, offset) else {
-        return false;
-    };
-    loop {
+    for node in ancestors_at(root, offset).filter(|node| TEXT_KINDS.contains(&node.kind())) {
         // The cursor right after a closing quote or at the end of a line comment is not inside.
-        if TEXT_KINDS.contains(&node.kind()) && node.start_byte() < offset && offset < node.end_byte() {
+        if node.start_byte() < offset && offset < node.end_byte() {
             return true;
         }
-        if TEXT_KINDS.contains(&node.kind())
-            && offset == node.end_byte()
+        if offset == node.end_byte()
             && node.kind().contains("comment")
             && !node.utf8_text(&[]).is_ok_and(|t| t.ends_with("*/"))
         {
             return node.kind() != "block_comment";
         }
-        match node.parent() {
-            Some(parent) => node = parent,
-            None => return false,
-        }
     }
+    false
 }
 
 /// Where a window of `text` that should begin near `from` (before `cursor`) starts: the first line
@@ -279,33 +277,21 @@ pub fn window_start(text: &str, tree: Option<&Tree>, from: usize, cursor: usize)
 
 /// The end of the string or comment that `offset` lies strictly inside, if any.
 fn text_node_end(root: Node, offset: usize) -> Option<usize> {
-    let mut node = root.descendant_for_byte_range(offset, offset)?;
-    loop {
-        if TEXT_KINDS.contains(&node.kind()) && node.start_byte() < offset && offset < node.end_byte() {
-            return Some(node.end_byte());
-        }
-        node = node.parent()?;
-    }
+    ancestors_at(root, offset)
+        .find(|node| TEXT_KINDS.contains(&node.kind()) && node.start_byte() < offset && offset < node.end_byte())
+        .map(|node| node.end_byte())
 }
 
 /// Whether the innermost block around `offset` holds no statements (comments and errors aside).
 fn block_is_empty(root: Node, offset: usize) -> bool {
-    let Some(mut node) = root.descendant_for_byte_range(offset, offset) else {
-        return false;
-    };
-    loop {
-        if BLOCK_KINDS.contains(&node.kind()) && node.start_byte() < offset && offset <= node.end_byte() {
-            let mut cursor = node.walk();
-            let has_code = node
-                .named_children(&mut cursor)
-                .any(|child| !child.kind().contains("comment") && child.kind() != "ERROR");
-            return !has_code;
-        }
-        match node.parent() {
-            Some(parent) => node = parent,
-            None => return false,
-        }
-    }
+    let block = ancestors_at(root, offset)
+        .find(|node| BLOCK_KINDS.contains(&node.kind()) && node.start_byte() < offset && offset <= node.end_byte());
+    block.is_some_and(|node| {
+        let mut cursor = node.walk();
+        let has_code =
+            node.named_children(&mut cursor).any(|child| !child.kind().contains("comment") && child.kind() != "ERROR");
+        !has_code
+    })
 }
 
 /// Ends a completion where its block ends. Decoding calls [`cut`](Self::cut) after every token;
@@ -316,6 +302,8 @@ pub struct BlockEnd {
     decision: Decision,
     language: Language,
     prefix: String,
+    /// Where the prefix ends, as tree-sitter counts rows and columns.
+    prefix_end: Point,
     parser: Option<Parser>,
     /// The last parse and the completion it covered.
     parsed: Option<(Tree, String)>,
@@ -326,7 +314,8 @@ impl BlockEnd {
     pub fn new(decision: Decision, language: Language, prefix: &str) -> BlockEnd {
         let multi_line = decision.mode == Mode::MultiLine;
         let parser = if multi_line { language.parser() } else { None };
-        BlockEnd { decision, language, prefix: prefix.to_string(), parser, parsed: None }
+        let prefix_end = end_point(Point { row: 0, column: 0 }, prefix);
+        BlockEnd { decision, language, prefix: prefix.to_string(), prefix_end, parser, parsed: None }
     }
 
     /// Where to cut `completion` while it is still being decoded: after its first line for
@@ -365,15 +354,14 @@ impl BlockEnd {
         let old = self.parsed.take().map(|(mut tree, old_completion)| {
             // The completion grows at its end; decoding may also rewrite its last bytes.
             let same = common_prefix_len(&old_completion, completion);
-            let start = base + same;
-            let old_text = format!("{}{old_completion}", self.prefix);
+            let start_position = end_point(self.prefix_end, &completion[..same]);
             tree.edit(&InputEdit {
-                start_byte: start,
+                start_byte: base + same,
                 old_end_byte: base + old_completion.len(),
                 new_end_byte: text.len(),
-                start_position: point_at(&text, start),
-                old_end_position: point_at(&old_text, old_text.len()),
-                new_end_position: point_at(&text, text.len()),
+                start_position,
+                old_end_position: end_point(start_position, &old_completion[same..]),
+                new_end_position: end_point(start_position, &completion[same..]),
             });
             tree
         });
@@ -415,11 +403,12 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
     floor_char_boundary(b, same)
 }
 
-fn point_at(text: &str, byte: usize) -> Point {
-    let before = &text[..byte];
-    let row = before.matches('\n').count();
-    let column = byte - before.rfind('\n').map_or(0, |i| i + 1);
-    Point { row, column }
+/// Where `text` ends when it starts at `start`.
+fn end_point(start: Point, text: &str) -> Point {
+    match text.rfind('\n') {
+        Some(last) => Point { row: start.row + text.matches('\n').count(), column: text.len() - last - 1 },
+        None => Point { row: start.row, column: start.column + text.len() },
+    }
 }
 
 /// [`BlockEnd::cut`] with the string/comment bytes of `completion` given (`None`: all is code).

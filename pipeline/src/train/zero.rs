@@ -240,9 +240,8 @@ impl ZeroOptimizer {
         Ok(match (group, self.stage) {
             (None, _) => self.flat_grads.narrow(0, self.start, self.len),
             (Some(group), 0 | 1) => {
-                for offset in (0..self.padded).step_by(BUCKET as usize) {
-                    let mut bucket = self.flat_grads.narrow(0, offset, BUCKET.min(self.padded - offset));
-                    group.all_reduce_sum(&mut bucket)?;
+                for bucket in buckets(self.padded, None) {
+                    group.all_reduce_sum(&mut self.flat_grads.narrow(0, bucket.start, bucket.len))?;
                 }
                 self.flat_grads.narrow(0, self.start, self.len)
             }
