@@ -7,6 +7,7 @@ pub mod attention;
 pub mod collectives;
 mod error;
 mod ffi;
+pub mod linear;
 pub mod optim;
 pub mod precision;
 pub mod process;

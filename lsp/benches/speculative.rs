@@ -4,7 +4,8 @@
 //!
 //! `cargo bench -p lsp --bench speculative -- TARGET_DIR DRAFT_DIR PROMPTS_JSONL NEW_TOKENS THREADS [DTYPE]`
 //! (each prompts line: `{"workload": "...", "prompt": "..."}`; DTYPE float32 (default) or bfloat16, or
-//! TARGET/DRAFT dtypes such as `bfloat16/float32`).
+//! TARGET/DRAFT dtypes such as `bfloat16/float32`). Environment: `GAMMA`, `MAX_GAMMA` set the draft
+//! length (start and adaptive bound), `FIXED=1` keeps it fixed. First lines: each model's pass costs.
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -40,17 +41,26 @@ fn main() {
         let ids = tokenizer.encode(value["prompt"].as_str().unwrap()).unwrap().into_iter().map(i64::from).collect();
         workloads.entry(value["workload"].as_str().unwrap().to_string()).or_default().push(ids);
     }
+    let defaults = SpeculativeConfig::default();
+    let from_env = |name: &str, default: usize| std::env::var(name).map_or(default, |value| value.parse().unwrap());
     let config = SpeculativeConfig {
         max_new_tokens: new_tokens,
         sampling: Sampling::greedy(),
         eos_token_id: None,
-        ..SpeculativeConfig::default()
+        gamma: from_env("GAMMA", defaults.gamma),
+        max_gamma: from_env("MAX_GAMMA", defaults.max_gamma),
+        adaptive: std::env::var_os("FIXED").is_none(),
     };
     let drafters = [
         ("none", Drafter::None),
         ("draft-model", Drafter::Model(&draft)),
         ("prompt-lookup", Drafter::PromptLookup { max_ngram: 3 }),
     ];
+    if let Some(prompt) = workloads.values().flatten().next() {
+        for (name, model) in [("target", &target), ("draft", &draft)] {
+            println!("{}", serde_json::json!({ "model": name, "pass_ms": pass_costs(model, prompt) }));
+        }
+    }
     for (workload, prompts) in &workloads {
         // Per drafter: best-of-3 seconds per prompt (interleaved, against noisy neighbours), figures.
         let mut seconds = [0.0f64; 3];
@@ -104,4 +114,29 @@ fn main() {
             );
         }
     }
+}
+
+/// Milliseconds of one forward pass over k = 1, 2, 3, 5, 8 new tokens after `prompt`, best of 20:
+/// what verifying k - 1 draft tokens costs against a one-token step.
+fn pass_costs(model: &GptBigCode, prompt: &[i64]) -> BTreeMap<i64, f64> {
+    tch::no_grad(|| {
+        let mut cache = model.new_cache(1, prompt.len() as i64 + 8).unwrap();
+        let _ = model.forward_next(&tch::Tensor::from_slice(prompt).unsqueeze(0), &mut cache).unwrap();
+        let held = cache.len();
+        [1i64, 2, 3, 5, 8]
+            .into_iter()
+            .map(|k| {
+                let input = tch::Tensor::from_slice(&prompt[..k as usize]).unsqueeze(0);
+                let mut best = f64::INFINITY;
+                for _ in 0..20 {
+                    let started = Instant::now();
+                    let logits = model.forward(&input, &mut cache).unwrap();
+                    let _ = logits.argmax(-1, false).int64_value(&[0, 0]);
+                    best = best.min(started.elapsed().as_secs_f64() * 1e3);
+                    cache.truncate(held);
+                }
+                (k, best)
+            })
+            .collect()
+    })
 }

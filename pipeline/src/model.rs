@@ -14,37 +14,23 @@ use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::{PipelineError, Result};
 
-/// A dense layer whose weight is stored `[in, out]`, transposed from the checkpoint's `[out, in]`:
-/// a one-row input times a row-major `[in, out]` matrix is up to twice as fast on CPU (the decode
-/// case). Loading and saving transpose (see [`stored_transposed`]).
+/// A dense layer in the checkpoint's `[out, in]` layout; see [`kernels::linear`] for decoding.
 struct Linear {
-    weight_t: Tensor,
+    weight: Tensor,
     bias: Tensor,
 }
 
 impl Linear {
     fn new(path: nn::Path, in_dim: i64, out_dim: i64, init: Init) -> Linear {
         Linear {
-            weight_t: path.var("weight", &[in_dim, out_dim], init),
+            weight: path.var("weight", &[out_dim, in_dim], init),
             bias: path.var("bias", &[out_dim], Init::Const(0.0)),
         }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let product = x.matmul(&self.weight_t);
-        if product.kind() == self.bias.kind() {
-            return product + &self.bias;
-        }
-        // Under autocast the product is bf16: add the bias in bf16 too, as F.linear does.
-        let bias = self.bias.to_kind(product.kind());
-        product + bias
+        kernels::linear::linear(x, &self.weight, Some(&self.bias))
     }
-}
-
-/// Whether a variable is kept transposed relative to its checkpoint tensor.
-fn stored_transposed(name: &str) -> bool {
-    name == "lm_head.weight"
-        || [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"].iter().any(|suffix| name.ends_with(suffix))
 }
 
 /// Initialisation: `transformers`' normal(0, std) for fresh models, zeros when weights will be loaded.
@@ -202,10 +188,8 @@ pub struct GptBigCode {
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    /// `[n_embd, vocab]`: the untied head's own variable, or for a tied head a transposed copy of
-    /// `wte` made for inference (see [`GptBigCode::refresh_inference_weights`]); `None` means
-    /// "use `wte` directly".
-    lm_head_t: Option<Tensor>,
+    /// The untied head's `[vocab, n_embd]` weight; `None` when tied to `wte`.
+    lm_head: Option<Tensor>,
     embd_pdrop: f64,
     /// Unique per instance in the process: tells which model filled a kept cache (weights changed in
     /// place keep the id; callers that train must not keep caches across steps).
@@ -240,19 +224,11 @@ impl GptBigCode {
         let wpe = (&transformer / "wpe").var("weight", &[config.n_positions, config.n_embd], init);
         let blocks = (0..config.n_layer).map(|i| Block::new(&transformer / "h" / i, &config, random)).collect();
         let ln_f = LayerNorm::new(&transformer / "ln_f", config.n_embd, config.layer_norm_epsilon);
-        let lm_head_t = (!config.tie_word_embeddings)
-            .then(|| (&root / "lm_head").var("weight", &[config.n_embd, config.vocab_size], init));
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| (&root / "lm_head").var("weight", &[config.vocab_size, config.n_embd], init));
         let embd_pdrop = config.embd_pdrop;
         let id = NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(GptBigCode { config, vars, wte, wpe, blocks, ln_f, lm_head_t, embd_pdrop, id })
-    }
-
-    /// For a tied head, (re)makes the transposed copy of `wte` that decoding multiplies with; call
-    /// it after training changes `wte`. Costs `vocab x n_embd` more memory; untied heads need none.
-    pub fn refresh_inference_weights(&mut self) {
-        if self.config.tie_word_embeddings {
-            self.lm_head_t = Some(tch::no_grad(|| self.wte.tr().contiguous()));
-        }
+        Ok(GptBigCode { config, vars, wte, wpe, blocks, ln_f, lm_head, embd_pdrop, id })
     }
 
     /// Loads a Hugging Face model directory (`config.json` + safetensors) in `kind` on `device`.
@@ -277,13 +253,8 @@ impl GptBigCode {
                         Err(tensor_error("is not part of a GPTBigCode model".into()))
                     };
                 };
-                let tensor = if stored_transposed(name) && tensor.dim() == 2 { tensor.tr() } else { tensor };
                 if tensor.size() != var.size() {
-                    let (mut found, mut expected) = (tensor.size(), var.size());
-                    if stored_transposed(name) {
-                        found.reverse();
-                        expected.reverse();
-                    }
+                    let (found, expected) = (tensor.size(), var.size());
                     return Err(tensor_error(format!("has shape {found:?}, config.json implies {expected:?}")));
                 }
                 var.shallow_clone().f_copy_(&tensor)?;
@@ -297,23 +268,13 @@ impl GptBigCode {
             let message = format!("missing from the checkpoint ({} missing in all)", missing.len());
             return Err(PipelineError::Tensor { path: file, tensor: first.clone(), message });
         }
-        let mut model = model;
-        model.refresh_inference_weights();
         Ok(model)
     }
 
     /// Writes `config.json` and `model.safetensors` in `kind` into `dir` (created if needed).
     pub fn save(&self, dir: &Path, kind: Kind) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| PipelineError::io(dir, e))?;
-        let mut tensors: Vec<(String, Tensor)> = self
-            .vars
-            .variables()
-            .into_iter()
-            .map(|(name, var)| {
-                let tensor = if stored_transposed(&name) { var.tr() } else { var };
-                (name, tensor)
-            })
-            .collect();
+        let mut tensors: Vec<(String, Tensor)> = self.vars.variables().into_iter().collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         checkpoint::save(dir, &tensors, kind)?;
         let config = dir.join("config.json");
@@ -348,13 +309,13 @@ impl GptBigCode {
     /// Logits `[batch, len, vocab]` (fp32) for `input_ids` `[batch, len]`, continuing after what
     /// `cache` holds and appending the new keys and values to it.
     pub fn forward(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(self.head(&self.decode(input_ids, cache)?, true))
+        Ok(self.head(&self.decode(input_ids, cache)?))
     }
 
     /// Logits `[batch, vocab]` of the last position only: what the next token is drawn from.
     /// Skips the vocabulary projection of every earlier position, the bulk of a prefill's cost.
     pub fn forward_next(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(self.head(&self.decode(input_ids, cache)?.select(1, -1), true))
+        Ok(self.head(&self.decode(input_ids, cache)?.select(1, -1)))
     }
 
     fn decode(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
@@ -388,7 +349,7 @@ impl GptBigCode {
 
     /// ...and the final LayerNorm with the vocabulary projection (through `wte` itself when tied).
     pub fn training_logits(&self, hidden: &Tensor) -> Tensor {
-        self.head(hidden, false)
+        self.head(hidden)
     }
 
     /// The SDPA backend the first layer's attention uses for this input after `cache`.
@@ -426,16 +387,10 @@ impl GptBigCode {
         Ok(hidden.dropout(self.embd_pdrop, train))
     }
 
-    /// Vocabulary logits. Decoding may use the transposed copy of a tied head; training must not,
-    /// since gradients have to reach `wte` itself.
-    fn head(&self, hidden: &Tensor, decoding: bool) -> Tensor {
-        let hidden = self.ln_f.forward(hidden);
-        let untied_or_decoding = !self.config.tie_word_embeddings || decoding;
-        let logits = match &self.lm_head_t {
-            Some(head_t) if untied_or_decoding => hidden.matmul(head_t),
-            _ => hidden.linear::<Tensor>(&self.wte, None),
-        };
-        logits.to_kind(Kind::Float)
+    /// Vocabulary logits, through `wte` itself when the head is tied.
+    fn head(&self, hidden: &Tensor) -> Tensor {
+        let weight = self.lm_head.as_ref().unwrap_or(&self.wte);
+        kernels::linear::linear(&self.ln_f.forward(hidden), weight, None).to_kind(Kind::Float)
     }
 }
 

@@ -1,7 +1,7 @@
 """`wizard serve` and speculative decoding on CPU, against transformers' assisted generation.
 
 Usage: .wizard/python scripts/bench/serve.py [--threads 2] [--steps 300] [--requests 40]
-                                            [--target 256:6:4] [--draft 96:2:2] [--new-tokens 32] [--train-only]
+                                            [--target 256:6:4] [--draft 96:2:2] [--new-tokens 32] [--train-only] [--distill]
 (--target/--draft: width:layers:heads; each pair is cached in its own folder)
 
 1. Trains a tokenizer (`wizard tokenizer train`) on the repository's Rust sources, then a target
@@ -52,7 +52,9 @@ def train_tokenizer():
     return out
 
 
-def train(name, dims, tokenizer_dir, steps, threads, lr=2e-3):
+def train(name, dims, tokenizer_dir, steps, threads, lr=2e-3, teacher=None):
+    """With `teacher` (a model directory), the model learns the teacher's next-token distributions on
+    the same batches (KL divergence, as DistillSpec does for drafts) instead of the data's next tokens."""
     out = WORK / name
     if (out / "model.safetensors").exists():
         return out
@@ -68,6 +70,7 @@ def train(name, dims, tokenizer_dir, steps, threads, lr=2e-3):
     data = torch.tensor(ids)
     config = GPTBigCodeConfig(vocab_size=len(tokenizer), n_positions=512, bos_token_id=0, eos_token_id=0, **dims)
     model = GPTBigCodeForCausalLM(config)
+    teacher = teacher and GPTBigCodeForCausalLM.from_pretrained(teacher).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     seq, batch = 128, 16
@@ -75,7 +78,13 @@ def train(name, dims, tokenizer_dir, steps, threads, lr=2e-3):
     for step in range(steps):
         starts = torch.randint(0, len(data) - seq - 1, (batch,))
         x = torch.stack([data[s : s + seq] for s in starts])
-        loss = model(x, labels=x).loss
+        if teacher is None:
+            loss = model(x, labels=x).loss
+        else:
+            with torch.no_grad():
+                wanted = torch.softmax(teacher(x).logits.float(), -1)
+            guessed = torch.log_softmax(model(x).logits, -1)
+            loss = torch.nn.functional.kl_div(guessed.flatten(0, 1), wanted.flatten(0, 1), reduction="batchmean")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -301,6 +310,7 @@ def main():
     parser.add_argument("--target-lr", type=float, default=2e-3)
     parser.add_argument("--target-steps", type=int, help="default: --steps")
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--distill", action="store_true", help="the draft learns the target's predictions")
     parser.add_argument("--typing", type=int, metavar="LINES", help="only the typing benchmark: LINES lines typed")
     args = parser.parse_args()
     global WORK
@@ -310,7 +320,10 @@ def main():
     os.environ["HF_HUB_OFFLINE"] = "1"
     tokenizer = train_tokenizer()
     target = train("target", dims(args.target), tokenizer, args.target_steps or args.steps, args.threads, args.target_lr)
-    draft = train("draft", dims(args.draft), tokenizer, args.steps, args.threads)
+    if args.distill:
+        draft = train("draft-distilled", dims(args.draft), tokenizer, args.steps, args.threads, teacher=target)
+    else:
+        draft = train("draft", dims(args.draft), tokenizer, args.steps, args.threads)
     if args.train_only:
         return
     if args.typing:
@@ -320,7 +333,7 @@ def main():
             print(f"| {name} | {r['requests']} | {off['p50_ms']:.0f} / {off['p95_ms']:.0f} ms | {on['p50_ms']:.0f} / "
                   f"{on['p95_ms']:.0f} ms | {off['mean_ms'] / on['mean_ms']:.2f}x | {r['identical']}/{r['requests']} |")
         return
-    sizes = {name: int((WORK / name / "params.txt").read_text()) for name in ("target", "draft")}
+    sizes = {name: int((path / "params.txt").read_text()) for name, path in (("target", target), ("draft", draft))}
     prompts_file = WORK / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps(p) + "\n" for p in prompts()))
 
@@ -343,6 +356,8 @@ def main():
     ).stdout
     (WORK / "transformers.jsonl").write_text(theirs)
     ours = [json.loads(l) for l in ours.splitlines() if l.startswith("{")]
+    passes = [r for r in ours if "pass_ms" in r]
+    ours = [r for r in ours if "workload" in r]
     theirs = {(r["workload"], r["drafter"]): r for r in map(json.loads, theirs.splitlines()) if "error" not in r}
 
     print(f"target {sizes['target'] / 1e6:.1f}M parameters, draft {sizes['draft'] / 1e6:.2f}M "
@@ -352,6 +367,11 @@ def main():
     print("| --- | --- | --- | --- | --- |")
     for name, r in (("32 tokens (target's compute, forced output)", latency), ("trained target (block rules end early)", natural)):
         print(f"| {name} | {r['requests']} | {r['p50_ms']:.0f} ms | {r['p95_ms']:.0f} ms | {r['mean_chars']:.1f} chars |")
+    print()
+    print("| model | one pass over k new tokens, ms: k = " + " / ".join(passes[0]["pass_ms"]) + " |")
+    print("| --- | --- |")
+    for r in passes:
+        print(f"| {r['model']} | " + " / ".join(f"{ms:.2f}" for ms in r["pass_ms"].values()) + " |")
     print()
     print("| workload | drafter | wizard s | speedup (wall) | speedup (decode) | identical | acceptance "
           "| transformers s | speedup (wall) | speedup (decode) |")

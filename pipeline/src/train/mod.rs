@@ -413,7 +413,6 @@ impl Trainer<'_> {
             on_event(TrainEvent::Step(&metrics));
         }
         engine.materialize(self.rank.group.as_ref())?;
-        model.refresh_inference_weights();
         Ok(history)
     }
 

@@ -65,15 +65,32 @@ pub struct MemoryReport {
     pub mixed_precision_formula: i64,
 }
 
-/// FNV-1a over the parameters' names and sizes in flat-buffer order: stable across builds.
-fn layout_fingerprint<'a>(params: impl Iterator<Item = (&'a str, &'a i64)>) -> i64 {
+/// FNV-1a over the parameters' names and shapes in flat-buffer order: stable across builds.
+pub(super) fn layout_fingerprint<'a>(params: impl Iterator<Item = (&'a str, &'a [i64])>) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for (name, numel) in params {
-        for byte in name.bytes().chain([0]).chain(numel.to_le_bytes()) {
+    for (name, shape) in params {
+        let dims = shape.iter().flat_map(|dim| dim.to_le_bytes());
+        for byte in name.bytes().chain([0]).chain(dims).chain([0xff]) {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
     }
     hash as i64
+}
+
+/// Refuses optimizer state whose saved `layout` (absent before it was recorded) is not `expected`.
+pub(super) fn check_layout(saved: Option<Tensor>, expected: i64) -> Result<()> {
+    let advice = "start a new run from its model instead of resuming";
+    match saved {
+        None => Err(PipelineError::Invalid(format!(
+            "the optimizer checkpoint does not say how its parameters are laid out (written by an older wizard): \
+             {advice}"
+        ))),
+        Some(layout) if layout.int64_value(&[0]) != expected => Err(PipelineError::Invalid(format!(
+            "the optimizer checkpoint lays its parameters out differently from this model (another model, or an \
+             older wizard): {advice}"
+        ))),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Buckets of at most [`BUCKET`] elements over `0..padded`; with `shard` (ZeRO-2) they also split
@@ -110,7 +127,9 @@ impl ZeroOptimizer {
             (0..named.len()).filter(|&i| decays[i]).chain((0..named.len()).filter(|&i| !decays[i])).collect();
         let mut params: Vec<Tensor> = order.iter().map(|&i| named[i].1.shallow_clone()).collect();
         let numels: Vec<i64> = params.iter().map(|p| p.numel() as i64).collect();
-        let layout = layout_fingerprint(order.iter().map(|&i| named[i].0.as_str()).zip(&numels));
+        let shapes: Vec<Vec<i64>> = params.iter().map(|p| p.size()).collect();
+        let layout =
+            layout_fingerprint(order.iter().map(|&i| named[i].0.as_str()).zip(shapes.iter().map(Vec::as_slice)));
         let offsets: Vec<i64> = numels.iter().scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n))).collect();
         let total: i64 = numels.iter().sum();
         let decay_end: i64 = order.iter().zip(&numels).filter(|(&i, _)| decays[i]).map(|(_, &n)| n).sum();
@@ -295,20 +314,7 @@ impl ZeroOptimizer {
                 range[0], range[1], range[2], range[3], expected[0], expected[1], expected[2], expected[3]
             )));
         }
-        let layout = find("layout").map_err(|_| {
-            PipelineError::Invalid(
-                "the optimizer checkpoint does not say how its parameters are laid out \
-                 (written by an older wizard): start a new run from its model instead of resuming"
-                    .into(),
-            )
-        })?;
-        if layout.int64_value(&[0]) != self.layout {
-            return Err(PipelineError::Invalid(
-                "the optimizer checkpoint lays its parameters out differently from this model (another model, or \
-                 an older wizard): start a new run from its model instead of resuming"
-                    .into(),
-            ));
-        }
+        check_layout(find("layout").ok(), self.layout)?;
         let device = self.flat_params.device();
         self.exp_avg = find("exp_avg")?.to_kind(Kind::Float).to_device(device);
         self.exp_avg_sq = find("exp_avg_sq")?.to_kind(Kind::Float).to_device(device);

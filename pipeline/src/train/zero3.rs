@@ -371,9 +371,19 @@ impl Zero3 {
         }
     }
 
+    /// Which parameter sits where in the units' flat buffers (checked on restore).
+    fn layout(&self) -> i64 {
+        let units = std::iter::once(&self.globals).chain(&self.blocks);
+        let params = units.flat_map(|unit| unit.names.iter().zip(&unit.shapes));
+        super::zero::layout_fingerprint(params.map(|(name, shape)| (name.as_str(), shape.as_slice())))
+    }
+
     /// Optimizer state and parameter shards, per unit.
     pub fn state(&mut self) -> Vec<(String, Tensor)> {
-        let mut state = vec![("step".to_string(), Tensor::from_slice(&[self.step]))];
+        let mut state = vec![
+            ("step".to_string(), Tensor::from_slice(&[self.step])),
+            ("layout".to_string(), Tensor::from_slice(&[self.layout()])),
+        ];
         for (i, unit) in self.units_mut().enumerate() {
             state.push((format!("unit{i}.shard"), unit.shard.shallow_clone()));
             state.push((format!("unit{i}.exp_avg"), unit.exp_avg.shallow_clone()));
@@ -389,6 +399,8 @@ impl Zero3 {
                 PipelineError::Invalid(format!("ZeRO-3 checkpoint has no `{name}` (saved with other settings?)"))
             })
         };
+        let expected = self.layout();
+        super::zero::check_layout(find("layout").ok(), expected)?;
         self.step = find("step")?.int64_value(&[0]);
         let mut fields = Vec::new();
         for i in 0..=self.blocks.len() {

@@ -1,0 +1,84 @@
+//! `x @ w^T + b` as `F.linear` computes it, with a kernel for the few rows of decoding: BLAS packs
+//! the weight on every multi-row call, so verifying a handful of draft tokens used to cost two to
+//! three one-token products on CPU. The kernel streams the weight once for up to four rows at a
+//! time, and each output element is one fixed-order dot product, so a row's result is the same
+//! whether it is computed alone or with others (speculative verification equals one-token steps).
+use std::ffi::c_void;
+use std::ptr;
+
+use tch::Tensor;
+
+use crate::ffi::check;
+
+extern "C" {
+    fn wizard_linear(x: *mut c_void, weight: *mut c_void, bias: *mut c_void, result: *mut *mut c_void) -> i32;
+}
+
+/// `x @ weight^T + bias` for `weight` `[out, in]` (the checkpoint's layout). fp32 CPU inputs of at
+/// most 16 rows that need no gradient take the kernel (when the CPU has AVX-512); everything else
+/// goes to `at::linear`. Panics on what `at::linear` rejects (mismatched shapes), as tch ops do.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    let handle = |t: &Tensor| t.as_ptr() as *mut c_void;
+    let mut result: *mut c_void = ptr::null_mut();
+    // SAFETY: the handles are live tch tensors for the duration of the call, which only reads them;
+    // on success `result` is a new heap `at::Tensor` whose ownership passes to the returned Tensor.
+    let status = unsafe { wizard_linear(handle(x), handle(weight), bias.map_or(ptr::null_mut(), handle), &mut result) };
+    if let Err(error) = check(status, "linear") {
+        panic!("{error}");
+    }
+    // SAFETY: see above; `result` is non-null after a successful call.
+    unsafe { Tensor::from_ptr(result as *mut torch_sys::C_tensor) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    struct Case {
+        rows: i64,
+        in_dim: i64,
+        out_dim: i64,
+        bias: bool,
+    }
+
+    /// Every row equals `at::linear`'s to fp32 rounding, and equals bit for bit the same row computed
+    /// alone (the property speculative decoding's greedy equality rests on).
+    fn check(case: Case) {
+        tch::manual_seed(case.rows * 1000 + case.in_dim);
+        let opts = (Kind::Float, Device::Cpu);
+        let x = Tensor::randn([1, case.rows, case.in_dim], opts);
+        let weight = Tensor::randn([case.out_dim, case.in_dim], opts);
+        let bias = case.bias.then(|| Tensor::randn([case.out_dim], opts));
+        let got = tch::no_grad(|| linear(&x, &weight, bias.as_ref()));
+        let expected = x.linear(&weight, bias.as_ref());
+        assert_eq!(got.size(), expected.size());
+        let error = (&got - &expected).abs().max().double_value(&[]);
+        let scale = expected.abs().max().double_value(&[]).max(1.0);
+        assert!(error <= 1e-5 * scale * (case.in_dim as f64).sqrt(), "rows {}: error {error}", case.rows);
+        // Beyond 16 rows at::linear (BLAS) runs instead, which promises no such thing.
+        for row in (0..case.rows).filter(|_| case.rows <= 16) {
+            let alone = tch::no_grad(|| linear(&x.narrow(1, row, 1).contiguous(), &weight, bias.as_ref()));
+            assert!(alone.equal(&got.narrow(1, row, 1)), "row {row} of {} differs when computed alone", case.rows);
+        }
+    }
+
+    #[test]
+    fn few_rows_match_at_linear_and_themselves() {
+        for rows in [1, 2, 3, 4, 5, 8, 9, 16] {
+            check(Case { rows, in_dim: 96, out_dim: 300, bias: true });
+        }
+        check(Case { rows: 5, in_dim: 100, out_dim: 37, bias: false }); // partial 16-lane chunk
+        check(Case { rows: 3, in_dim: 7, out_dim: 5, bias: true });
+        check(Case { rows: 40, in_dim: 64, out_dim: 64, bias: true }); // many rows: at::linear
+    }
+
+    #[test]
+    fn gradients_still_flow() {
+        let weight = Tensor::randn([8, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let x = Tensor::randn([2, 16], (Kind::Float, Device::Cpu));
+        linear(&x, &weight, None).sum(Kind::Float).backward();
+        let expected = x.sum_dim_intlist([0].as_slice(), false, Kind::Float).unsqueeze(0).expand([8, 16], false);
+        assert!(weight.grad().allclose(&expected, 1e-5, 1e-5, false));
+    }
+}
