@@ -86,8 +86,8 @@ bool kernel_applies(const at::Tensor& x, const at::Tensor& w, const c10::optiona
   };
   bool needs_grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w.requires_grad() || (bias && bias->requires_grad()));
-  return has_avx512 && !needs_grad && plain(x) && plain(w) && w.dim() == 2 && x.dim() >= 1 &&
-         x.size(-1) == w.size(1) && x.numel() / std::max<int64_t>(w.size(1), 1) <= kMaxRows &&
+  return has_avx512 && !needs_grad && plain(x) && plain(w) && w.dim() == 2 && w.size(1) > 0 && x.dim() >= 1 &&
+         x.size(-1) == w.size(1) && x.numel() / w.size(1) <= kMaxRows &&
          (!bias || (plain(*bias) && bias->dim() == 1 && bias->size(0) == w.size(0)));
 }
 
@@ -107,7 +107,7 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, void** resu
       *result = new at::Tensor(at::linear(x, w, bias));
       return;
     }
-    const int64_t in = w.size(1), out = w.size(0), rows = in == 0 ? 0 : x.numel() / in;
+    const int64_t in = w.size(1), out = w.size(0), rows = x.numel() / in;
     auto sizes = x.sizes().vec();
     sizes.back() = out;
     auto y = at::empty(sizes, x.options());

@@ -70,6 +70,7 @@ mod tests {
         }
         check(Case { rows: 5, in_dim: 100, out_dim: 37, bias: false }); // partial 16-lane chunk
         check(Case { rows: 3, in_dim: 7, out_dim: 5, bias: true });
+        check(Case { rows: 2, in_dim: 0, out_dim: 3, bias: true }); // empty products: the bias
         check(Case { rows: 40, in_dim: 64, out_dim: 64, bias: true }); // many rows: at::linear
     }
 
