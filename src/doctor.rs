@@ -151,6 +151,8 @@ fn print_text(
         );
     }
     println!("threads         {} intra-op, {} inter-op", info.intra_op_threads, info.inter_op_threads);
+    let kernel = if kernels::linear::few_row_kernel_available() { "few-row fp32 kernel" } else { "BLAS (no AVX2)" };
+    println!("CPU decoding    {kernel}");
     println!("python          {}", python.map_or_else(|| "not found".into(), |p| p.display().to_string()));
     for peer in peers {
         let state = match (&peer.version, &peer.error) {
@@ -195,6 +197,7 @@ fn print_json(
             })).collect::<Vec<_>>(),
         },
         "threads": { "intra_op": info.intra_op_threads, "inter_op": info.inter_op_threads },
+        "few_row_kernel": kernels::linear::few_row_kernel_available(),
         "python": python.map(PathBuf::from),
         "peers": peers.iter().map(|p| json!({"module": p.module, "version": p.version, "error": p.error})).collect::<Vec<_>>(),
         "problems": problems.iter().map(|p| json!({"what": p.what, "fix": p.fix})).collect::<Vec<_>>(),

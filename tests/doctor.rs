@@ -52,6 +52,7 @@ fn doctor_reports_torch_2_11_and_the_devices_it_sees() {
     let devices = report["cuda"]["devices"].as_array().unwrap();
     assert_eq!(report["cuda"]["available"], !devices.is_empty(), "{report}");
     assert!(report["threads"]["intra_op"].as_i64().unwrap() >= 1);
+    assert!(report["few_row_kernel"].is_boolean(), "{report}");
     assert!(Path::new(report["loaded_from"].as_str().unwrap()).ends_with("torch/lib/libtorch_cpu.so"));
     for peer in report["peers"].as_array().unwrap() {
         assert!(peer["version"].is_string(), "peer not importable: {peer}");

@@ -1,12 +1,13 @@
-// `x @ w^T + b` for the few rows of a decode step or a speculative verification pass, fp32 on CPU.
-// BLAS packs the weight for every call with more than one row, so scoring 5 tokens costs about 3
-// one-row products; this kernel streams each weight row once for up to 4 input rows at a time, so a
-// few rows cost little more than one. Every output element is one dot product accumulated in the
-// same order whatever the row count or thread split, so a row's result does not depend on how many
-// rows share the call: a verification pass gives exactly what one-token steps give.
+// `x @ w^T + b` for the few rows of a decode step or a speculative verification pass, fp32 on CPU
+// (AVX-512, or AVX2 with FMA). BLAS packs the weight for every call with more than one row, so
+// scoring 5 tokens cost about 3 one-row products; this kernel streams each weight row once for up to
+// 4 input rows at a time. Every output element is one dot product accumulated in the same order
+// whatever the row count or thread split, so a row's result does not depend on how many rows share
+// the call: the dense layers of a verification pass give exactly what one-token steps give.
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <immintrin.h>
 
 #include "guard.h"
@@ -19,74 +20,70 @@ namespace {
 
 constexpr int64_t kMaxRows = 16;
 
-// Lanes of the last, partial 16-float chunk of a row of `in` floats.
-__attribute__((target("avx512f"))) inline __mmask16 tail_mask(int64_t in) {
-  int64_t left = in % 16;
-  return left == 0 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+struct Lanes {
+  using V = __m512;
+  static constexpr int64_t kWidth = 16;
+  static constexpr int kWeightRows = 4;  // 16 accumulators of 32 registers
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+  static V fma(V a, V b, V acc) { return _mm512_fmadd_ps(a, b, acc); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#include "linear_kernel.h"
+}  // namespace avx512
+#pragma GCC pop_options
 
-// R input rows times J weight rows: R*J accumulators of 16 lanes, reduced at the end. Written as
-// one function so that GCC keeps the accumulators in registers.
-template <int R, int J>
-__attribute__((target("avx512f"))) inline void dots(const float* x, const float* w, const float* bias, float* y,
-                                                    int64_t in, int64_t out, int64_t j) {
-  __m512 acc[R][J];
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < J; c++) acc[r][c] = _mm512_setzero_ps();
-  const int64_t full = in / 16 * 16;
-  for (int64_t i = 0; i < full; i += 16) {
-    __m512 xv[R];
-    for (int r = 0; r < R; r++) xv[r] = _mm512_loadu_ps(x + r * in + i);
-    for (int c = 0; c < J; c++) {
-      __m512 wv = _mm512_loadu_ps(w + (j + c) * in + i);
-      for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(xv[r], wv, acc[r][c]);
-    }
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+struct Lanes {
+  using V = __m256;
+  static constexpr int64_t kWidth = 8;
+  static constexpr int kWeightRows = 2;  // 8 accumulators of 16 registers
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load_first(const float* p, int64_t n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane));
   }
-  if (full < in) {
-    const __mmask16 mask = tail_mask(in);
-    __m512 xv[R];
-    for (int r = 0; r < R; r++) xv[r] = _mm512_maskz_loadu_ps(mask, x + r * in + full);
-    for (int c = 0; c < J; c++) {
-      __m512 wv = _mm512_maskz_loadu_ps(mask, w + (j + c) * in + full);
-      for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(xv[r], wv, acc[r][c]);
-    }
+  static V fma(V a, V b, V acc) { return _mm256_fmadd_ps(a, b, acc); }
+  static float sum(V v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
   }
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < J; c++)
-      y[r * out + j + c] = _mm512_reduce_add_ps(acc[r][c]) + (bias ? bias[j + c] : 0.0f);
+};
+#include "linear_kernel.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+using RowsTimesWeight = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t,
+                                 int64_t);
+
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// The kernel for `isa` (0: the widest this CPU runs, 1: AVX2), or none.
+RowsTimesWeight kernel_for(int isa) {
+  static const RowsTimesWeight widest = __builtin_cpu_supports("avx512f") ? avx512::rows_times_weight
+                                        : has_avx2()                      ? avx2::rows_times_weight
+                                                                          : nullptr;
+  if (isa == 1) return has_avx2() ? avx2::rows_times_weight : nullptr;
+  return widest;
 }
 
-// Output columns [begin, end) for R rows, J weight rows at a time.
-template <int R>
-__attribute__((target("avx512f"))) void columns(const float* x, const float* w, const float* bias, float* y,
-                                                int64_t in, int64_t out, int64_t begin, int64_t end) {
-  constexpr int J = 4;
-  int64_t j = begin;
-  for (; j + J <= end; j += J) dots<R, J>(x, w, bias, y, in, out, j);
-  for (; j < end; j++) dots<R, 1>(x, w, bias, y, in, out, j);
-}
-
-__attribute__((target("avx512f"))) void rows_times_weight(const float* x, int64_t rows, const float* w,
-                                                          const float* bias, float* y, int64_t in, int64_t out,
-                                                          int64_t begin, int64_t end) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) columns<4>(x + r * in, w, bias, y + r * out, in, out, begin, end);
-  switch (rows - r) {
-    case 3: columns<3>(x + r * in, w, bias, y + r * out, in, out, begin, end); break;
-    case 2: columns<2>(x + r * in, w, bias, y + r * out, in, out, begin, end); break;
-    case 1: columns<1>(x + r * in, w, bias, y + r * out, in, out, begin, end); break;
-    default: break;
-  }
-}
-
-bool kernel_applies(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+bool kernel_applies(RowsTimesWeight kernel, const at::Tensor& x, const at::Tensor& w,
+                    const c10::optional<at::Tensor>& bias) {
   auto plain = [](const at::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.layout() == at::kStrided;
   };
   bool needs_grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w.requires_grad() || (bias && bias->requires_grad()));
-  return has_avx512 && !needs_grad && plain(x) && plain(w) && w.dim() == 2 && w.size(1) > 0 && x.dim() >= 1 &&
+  // Under CPU autocast at::linear computes in the autocast dtype; so must every linear.
+  return kernel && !needs_grad && !at::autocast::is_autocast_enabled(at::kCPU) && plain(x) && plain(w) && w.dim() == 2 && w.size(1) > 0 && x.dim() >= 1 &&
          x.size(-1) == w.size(1) && x.numel() / w.size(1) <= kMaxRows &&
          (!bias || (plain(*bias) && bias->dim() == 1 && bias->size(0) == w.size(0)));
 }
@@ -95,15 +92,20 @@ bool kernel_applies(const at::Tensor& x, const at::Tensor& w, const c10::optiona
 
 extern "C" {
 
+// Whether this CPU runs the few-row kernel for `isa` (as in wizard_linear).
+int wizard_linear_kernel_available(int isa) { return kernel_for(isa) != nullptr; }
+
 // `*result` = a new tch tensor holding x @ w^T + bias (bias may be null), as at::linear computes it;
-// this kernel when it applies, at::linear otherwise (training, other dtypes or devices, many rows).
-int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, void** result) {
+// the kernel for `isa` (0: the widest this CPU runs, 1: AVX2) when it applies, at::linear otherwise
+// (training, autocast, other dtypes or devices, many rows, no such kernel on this CPU).
+int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, void** result) {
   return wizard::guarded([&] {
     const auto& x = *static_cast<at::Tensor*>(x_handle);
     const auto& w = *static_cast<at::Tensor*>(w_handle);
     c10::optional<at::Tensor> bias;
     if (bias_handle) bias = *static_cast<at::Tensor*>(bias_handle);
-    if (!kernel_applies(x, w, bias)) {
+    const RowsTimesWeight kernel = kernel_for(isa);
+    if (!kernel_applies(kernel, x, w, bias)) {
       *result = new at::Tensor(at::linear(x, w, bias));
       return;
     }
@@ -118,7 +120,7 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, void** resu
     // About 64K multiply-adds per task: small layers stay on one thread.
     const int64_t grain = std::max<int64_t>(8, 65536 / std::max<int64_t>(in * std::max<int64_t>(rows, 1), 1));
     at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
-      rows_times_weight(xp, rows, wp, bp, yp, in, out, begin, end);
+      kernel(xp, rows, wp, bp, yp, in, out, begin, end);
     });
     *result = new at::Tensor(std::move(y));
   });

@@ -1,8 +1,9 @@
-//! `x @ w^T + b` as `F.linear` computes it, with a kernel for the few rows of decoding: BLAS packs
-//! the weight on every multi-row call, so verifying a handful of draft tokens used to cost two to
-//! three one-token products on CPU. The kernel streams the weight once for up to four rows at a
-//! time, and each output element is one fixed-order dot product, so a row's result is the same
-//! whether it is computed alone or with others (speculative verification equals one-token steps).
+//! `x @ w^T + b` as `F.linear` computes it, with a kernel for the few rows of decoding (AVX-512, or
+//! AVX2 with FMA): BLAS packs the weight on every multi-row call, so verifying a handful of draft
+//! tokens used to cost two to three one-token products on CPU. The kernel streams the weight once
+//! for up to four rows at a time, and each output element is one fixed-order dot product, so a
+//! row's result is the same whether it is computed alone or with others (the dense layers of a
+//! speculative verification pass equal one-token steps).
 use std::ffi::c_void;
 use std::ptr;
 
@@ -11,18 +12,45 @@ use tch::Tensor;
 use crate::ffi::check;
 
 extern "C" {
-    fn wizard_linear(x: *mut c_void, weight: *mut c_void, bias: *mut c_void, result: *mut *mut c_void) -> i32;
+    fn wizard_linear(x: *mut c_void, weight: *mut c_void, bias: *mut c_void, isa: i32, result: *mut *mut c_void)
+        -> i32;
+    fn wizard_linear_kernel_available(isa: i32) -> i32;
+}
+
+/// Which kernel: the widest this CPU runs, or AVX2 (to test it on AVX-512 machines too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Widest = 0,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Avx2 = 1,
 }
 
 /// `x @ weight^T + bias` for `weight` `[out, in]` (the checkpoint's layout). fp32 CPU inputs of at
-/// most 16 rows that need no gradient take the kernel (when the CPU has AVX-512); everything else
-/// goes to `at::linear`. Panics on what `at::linear` rejects (mismatched shapes), as tch ops do.
+/// most 16 rows that need no gradient, outside autocast, take the kernel (when the CPU has AVX-512
+/// or AVX2 with FMA); everything else goes to `at::linear`. Panics on what `at::linear` rejects
+/// (mismatched shapes), as tch ops do.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    linear_with(Isa::Widest, x, weight, bias)
+}
+
+/// Whether this CPU runs the few-row kernel.
+pub fn few_row_kernel_available() -> bool {
+    kernel_available(Isa::Widest)
+}
+
+fn kernel_available(isa: Isa) -> bool {
+    // SAFETY: an integer in, an integer out.
+    unsafe { wizard_linear_kernel_available(isa as i32) != 0 }
+}
+
+fn linear_with(isa: Isa, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let handle = |t: &Tensor| t.as_ptr() as *mut c_void;
     let mut result: *mut c_void = ptr::null_mut();
     // SAFETY: the handles are live tch tensors for the duration of the call, which only reads them;
     // on success `result` is a new heap `at::Tensor` whose ownership passes to the returned Tensor.
-    let status = unsafe { wizard_linear(handle(x), handle(weight), bias.map_or(ptr::null_mut(), handle), &mut result) };
+    let status = unsafe {
+        wizard_linear(handle(x), handle(weight), bias.map_or(ptr::null_mut(), handle), isa as i32, &mut result)
+    };
     if let Err(error) = check(status, "linear") {
         panic!("{error}");
     }
@@ -36,6 +64,7 @@ mod tests {
     use tch::{Device, Kind};
 
     struct Case {
+        isa: Isa,
         rows: i64,
         in_dim: i64,
         out_dim: i64,
@@ -50,28 +79,42 @@ mod tests {
         let x = Tensor::randn([1, case.rows, case.in_dim], opts);
         let weight = Tensor::randn([case.out_dim, case.in_dim], opts);
         let bias = case.bias.then(|| Tensor::randn([case.out_dim], opts));
-        let got = tch::no_grad(|| linear(&x, &weight, bias.as_ref()));
+        let got = tch::no_grad(|| linear_with(case.isa, &x, &weight, bias.as_ref()));
         let expected = x.linear(&weight, bias.as_ref());
         assert_eq!(got.size(), expected.size());
         let error = (&got - &expected).abs().max().double_value(&[]);
         let scale = expected.abs().max().double_value(&[]).max(1.0);
         assert!(error <= 1e-5 * scale * (case.in_dim as f64).sqrt(), "rows {}: error {error}", case.rows);
-        // Beyond 16 rows at::linear (BLAS) runs instead, which promises no such thing.
-        for row in (0..case.rows).filter(|_| case.rows <= 16) {
-            let alone = tch::no_grad(|| linear(&x.narrow(1, row, 1).contiguous(), &weight, bias.as_ref()));
+        // Without the kernel, or beyond 16 rows, at::linear (BLAS) runs, which promises no such thing.
+        let kernel_ran = kernel_available(case.isa) && case.rows <= 16;
+        for row in (0..case.rows).filter(|_| kernel_ran) {
+            let alone =
+                tch::no_grad(|| linear_with(case.isa, &x.narrow(1, row, 1).contiguous(), &weight, bias.as_ref()));
             assert!(alone.equal(&got.narrow(1, row, 1)), "row {row} of {} differs when computed alone", case.rows);
         }
     }
 
     #[test]
     fn few_rows_match_at_linear_and_themselves() {
-        for rows in [1, 2, 3, 4, 5, 8, 9, 16] {
-            check(Case { rows, in_dim: 96, out_dim: 300, bias: true });
+        for isa in [Isa::Widest, Isa::Avx2] {
+            for rows in [1, 2, 3, 4, 5, 8, 9, 16] {
+                check(Case { isa, rows, in_dim: 96, out_dim: 300, bias: true });
+            }
+            check(Case { isa, rows: 5, in_dim: 100, out_dim: 37, bias: false }); // partial chunk
+            check(Case { isa, rows: 3, in_dim: 7, out_dim: 5, bias: true });
+            check(Case { isa, rows: 2, in_dim: 0, out_dim: 3, bias: true }); // empty products: the bias
+            check(Case { isa, rows: 40, in_dim: 64, out_dim: 64, bias: true }); // many rows: at::linear
         }
-        check(Case { rows: 5, in_dim: 100, out_dim: 37, bias: false }); // partial 16-lane chunk
-        check(Case { rows: 3, in_dim: 7, out_dim: 5, bias: true });
-        check(Case { rows: 2, in_dim: 0, out_dim: 3, bias: true }); // empty products: the bias
-        check(Case { rows: 40, in_dim: 64, out_dim: 64, bias: true }); // many rows: at::linear
+    }
+
+    /// Under CPU autocast the result is in the autocast dtype, as at::linear gives it.
+    #[test]
+    fn autocast_is_respected() {
+        let x = Tensor::randn([2, 32], (Kind::Float, Device::Cpu));
+        let weight = Tensor::randn([8, 32], (Kind::Float, Device::Cpu));
+        let y = crate::precision::autocast(Device::Cpu, Kind::BFloat16, || tch::no_grad(|| linear(&x, &weight, None)))
+            .unwrap();
+        assert_eq!(y.kind(), Kind::BFloat16);
     }
 
     #[test]

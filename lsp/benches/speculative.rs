@@ -120,11 +120,12 @@ fn main() {
 /// what verifying k - 1 draft tokens costs against a one-token step.
 fn pass_costs(model: &GptBigCode, prompt: &[i64]) -> BTreeMap<i64, f64> {
     tch::no_grad(|| {
-        let mut cache = model.new_cache(1, prompt.len() as i64 + 8).unwrap();
+        let mut cache = model.new_cache(1, prompt.len() as i64 + 8).expect("prompt + 8 tokens fit the context");
         let _ = model.forward_next(&tch::Tensor::from_slice(prompt).unsqueeze(0), &mut cache).unwrap();
         let held = cache.len();
         [1i64, 2, 3, 5, 8]
             .into_iter()
+            .filter(|&k| k as usize <= prompt.len())
             .map(|k| {
                 let input = tch::Tensor::from_slice(&prompt[..k as usize]).unsqueeze(0);
                 let mut best = f64::INFINITY;

@@ -230,7 +230,7 @@ pub fn generate_in(
             let _ = last.reshape([-1]).double_value(&[0]);
             state.stats.prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         }
-        let mut gamma = config.gamma;
+        let mut gamma = config.gamma.min(config.max_gamma);
         let finish = loop {
             let generated = state.seq.len() - state.prompt_len;
             let room = (capacity as usize).saturating_sub(state.seq.len());

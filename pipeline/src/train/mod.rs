@@ -337,7 +337,13 @@ impl Trainer<'_> {
         std::fs::create_dir_all(self.out.join("checkpoints")).map_err(|e| PipelineError::io(self.out, e))?;
         let peak = self.compute.peak_flops();
         let global = world * config.batch_size;
-        let mut history = read_metrics(&self.out.join("metrics.jsonl"), start_step)?;
+        let metrics_path = self.out.join("metrics.jsonl");
+        let mut history = read_metrics(&metrics_path, start_step)?;
+        if self.rank.rank == 0 {
+            // One writer: ranks replacing the same file at once would race on its temporary name.
+            let kept: String = history.iter().map(|m| serde_json::to_string(m).expect("serializes") + "\n").collect();
+            write_atomically(&metrics_path, kept.as_bytes())?;
+        }
         let train = &self.data.train;
         for step in start_step..config.steps {
             let started = Instant::now();
@@ -491,11 +497,7 @@ fn read_metrics(path: &Path, upto: usize) -> Result<Vec<StepMetrics>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(PipelineError::io(path, e)),
     };
-    let kept: Vec<StepMetrics> =
-        text.lines().filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok()).filter(|m| m.step <= upto).collect();
-    let rewritten: String = kept.iter().map(|m| serde_json::to_string(m).expect("serializes") + "\n").collect();
-    write_atomically(path, rewritten.as_bytes())?;
-    Ok(kept)
+    Ok(text.lines().filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok()).filter(|m| m.step <= upto).collect())
 }
 
 /// Training (and eval) loss against steps, as a small standalone SVG.

@@ -328,8 +328,12 @@ mod tests {
     use super::*;
 
     fn optimizer(names: &[&str]) -> ZeroOptimizer {
+        optimizer_with_shape(names, &[2, 3])
+    }
+
+    fn optimizer_with_shape(names: &[&str], shape: &[i64]) -> ZeroOptimizer {
         let named =
-            names.iter().map(|name| (name.to_string(), Tensor::ones([3], (Kind::Float, Device::Cpu)))).collect();
+            names.iter().map(|name| (name.to_string(), Tensor::ones(shape, (Kind::Float, Device::Cpu)))).collect();
         let hp = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
         ZeroOptimizer::new(named, vec![true; names.len()], 1, None, hp).unwrap()
     }
@@ -340,6 +344,9 @@ mod tests {
         let saved = || optimizer(&["h.0.w", "h.1.w"]).state();
         optimizer(&["h.0.w", "h.1.w"]).restore(saved()).unwrap();
         let error = optimizer(&["h.1.w", "h.0.w"]).restore(saved()).unwrap_err().to_string();
+        assert!(error.contains("lays its parameters out differently"), "{error}");
+        // Same sizes, transposed shapes (as dense layers were stored before): refused too.
+        let error = optimizer_with_shape(&["h.0.w", "h.1.w"], &[3, 2]).restore(saved()).unwrap_err().to_string();
         assert!(error.contains("lays its parameters out differently"), "{error}");
         let old: Vec<_> = saved().into_iter().filter(|(name, _)| name != "layout").collect();
         let error = optimizer(&["h.0.w", "h.1.w"]).restore(old).unwrap_err().to_string();
