@@ -4,9 +4,8 @@
 // 4 input rows at a time. Every output element is one dot product accumulated in the same order
 // whatever the row count or thread split, so a row's result does not depend on how many rows share
 // the call: the dense layers of a verification pass give exactly what one-token steps give.
-#include <ATen/Parallel.h>
-#include <ATen/core/grad_mode.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <immintrin.h>
 
@@ -83,9 +82,9 @@ bool kernel_applies(RowsTimesWeight kernel, const at::Tensor& x, const at::Tenso
   bool needs_grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w.requires_grad() || (bias && bias->requires_grad()));
   // Under CPU autocast at::linear computes in the autocast dtype; so must every linear.
-  return kernel && !needs_grad && !at::autocast::is_autocast_enabled(at::kCPU) && plain(x) && plain(w) && w.dim() == 2 && w.size(1) > 0 && x.dim() >= 1 &&
-         x.size(-1) == w.size(1) && x.numel() / w.size(1) <= kMaxRows &&
-         (!bias || (plain(*bias) && bias->dim() == 1 && bias->size(0) == w.size(0)));
+  return kernel && !needs_grad && !at::autocast::is_autocast_enabled(at::kCPU) && plain(x) && plain(w) &&
+         w.dim() == 2 && w.size(1) > 0 && x.dim() >= 1 && x.size(-1) == w.size(1) &&
+         x.numel() / w.size(1) <= kMaxRows && (!bias || (plain(*bias) && bias->dim() == 1 && bias->size(0) == w.size(0)));
 }
 
 }  // namespace
@@ -118,7 +117,7 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
     const float* bp = bias ? bias->data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
     // About 64K multiply-adds per task: small layers stay on one thread.
-    const int64_t grain = std::max<int64_t>(8, 65536 / std::max<int64_t>(in * std::max<int64_t>(rows, 1), 1));
+    const int64_t grain = std::max<int64_t>(8, 65536 / (in * std::max<int64_t>(rows, 1)));
     at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
       kernel(xp, rows, wp, bp, yp, in, out, begin, end);
     });

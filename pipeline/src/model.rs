@@ -254,8 +254,8 @@ impl GptBigCode {
                     };
                 };
                 if tensor.size() != var.size() {
-                    let (found, expected) = (tensor.size(), var.size());
-                    return Err(tensor_error(format!("has shape {found:?}, config.json implies {expected:?}")));
+                    let message = format!("has shape {:?}, config.json implies {:?}", tensor.size(), var.size());
+                    return Err(tensor_error(message));
                 }
                 var.shallow_clone().f_copy_(&tensor)?;
                 Ok(())

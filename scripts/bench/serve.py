@@ -320,10 +320,8 @@ def main():
     os.environ["HF_HUB_OFFLINE"] = "1"
     tokenizer = train_tokenizer()
     target = train("target", dims(args.target), tokenizer, args.target_steps or args.steps, args.threads, args.target_lr)
-    if args.distill:
-        draft = train("draft-distilled", dims(args.draft), tokenizer, args.steps, args.threads, teacher=target)
-    else:
-        draft = train("draft", dims(args.draft), tokenizer, args.steps, args.threads)
+    name, teacher = ("draft-distilled", target) if args.distill else ("draft", None)
+    draft = train(name, dims(args.draft), tokenizer, args.steps, args.threads, teacher=teacher)
     if args.train_only:
         return
     if args.typing:
@@ -367,9 +365,9 @@ def main():
     print("| --- | --- | --- | --- | --- |")
     for name, r in (("32 tokens (target's compute, forced output)", latency), ("trained target (block rules end early)", natural)):
         print(f"| {name} | {r['requests']} | {r['p50_ms']:.0f} ms | {r['p95_ms']:.0f} ms | {r['mean_chars']:.1f} chars |")
-    for i, r in enumerate(passes):
-        if i == 0:
-            print("\n| model | one pass over k new tokens, ms: k = " + " / ".join(r["pass_ms"]) + " |\n| --- | --- |")
+    if passes:
+        print("\n| model | one pass over k new tokens, ms: k = " + " / ".join(passes[0]["pass_ms"]) + " |\n| --- | --- |")
+    for r in passes:
         print(f"| {r['model']} | " + " / ".join(f"{ms:.2f}" for ms in r["pass_ms"].values()) + " |")
     print()
     print("| workload | drafter | wizard s | speedup (wall) | speedup (decode) | identical | acceptance "

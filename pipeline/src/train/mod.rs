@@ -341,8 +341,7 @@ impl Trainer<'_> {
         let mut history = read_metrics(&metrics_path, start_step)?;
         if self.rank.rank == 0 {
             // One writer: ranks replacing the same file at once would race on its temporary name.
-            let kept: String = history.iter().map(|m| serde_json::to_string(m).expect("serializes") + "\n").collect();
-            write_atomically(&metrics_path, kept.as_bytes())?;
+            rewrite_metrics(&metrics_path, &history)?;
         }
         let train = &self.data.train;
         for step in start_step..config.steps {
@@ -488,6 +487,12 @@ fn append_metrics(path: &Path, metrics: &StepMetrics) -> Result<()> {
         std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| PipelineError::io(path, e))?;
     writeln!(file, "{}", serde_json::to_string(metrics).expect("metrics serialize"))
         .map_err(|e| PipelineError::io(path, e))
+}
+
+/// Replaces the file's lines with `history`.
+fn rewrite_metrics(path: &Path, history: &[StepMetrics]) -> Result<()> {
+    let text: String = history.iter().map(|m| serde_json::to_string(m).expect("metrics serialize") + "\n").collect();
+    write_atomically(path, text.as_bytes())
 }
 
 /// Metrics of steps up to `upto` (a resumed run drops what came after its checkpoint).

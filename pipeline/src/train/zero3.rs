@@ -399,8 +399,7 @@ impl Zero3 {
                 PipelineError::Invalid(format!("ZeRO-3 checkpoint has no `{name}` (saved with other settings?)"))
             })
         };
-        let expected = self.layout();
-        super::zero::check_layout(find("layout").ok(), expected)?;
+        super::zero::check_layout(find("layout").ok(), self.layout())?;
         self.step = find("step")?.int64_value(&[0]);
         let mut fields = Vec::new();
         for i in 0..=self.blocks.len() {
