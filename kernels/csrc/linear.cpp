@@ -1,9 +1,9 @@
 // `x @ w^T + b` for the few rows of a decode step or a speculative verification pass, fp32 on CPU
 // (AVX-512, or AVX2 with FMA). BLAS packs the weight for every call with more than one row, so
-// scoring 5 tokens cost about 3 one-row products; this kernel streams each weight row once for up to
-// 4 input rows at a time. Every output element is one dot product accumulated in the same order
-// whatever the row count or thread split, so a row's result does not depend on how many rows share
-// the call: the dense layers of a verification pass give exactly what one-token steps give.
+// scoring 5 tokens cost about 3 one-row products; this kernel streams the weight once for all rows.
+// Every output element is one dot product accumulated in the same order whatever the row count or
+// thread split, so a row's result does not depend on how many rows share the call: the dense layers
+// of a verification pass give exactly what one-token steps give.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
@@ -25,7 +25,6 @@ namespace avx512 {
 struct Lanes {
   using V = __m512;
   static constexpr int64_t kWidth = 16;
-  static constexpr int kWeightRows = 4;  // 16 accumulators of 32 registers
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
@@ -42,7 +41,6 @@ namespace avx2 {
 struct Lanes {
   using V = __m256;
   static constexpr int64_t kWidth = 8;
-  static constexpr int kWeightRows = 2;  // 8 accumulators of 16 registers
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) {

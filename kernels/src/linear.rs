@@ -1,7 +1,7 @@
 //! `x @ w^T + b` as `F.linear` computes it, with a kernel for the few rows of decoding (AVX-512, or
 //! AVX2 with FMA): BLAS packs the weight on every multi-row call, so verifying a handful of draft
 //! tokens used to cost two to three one-token products on CPU. The kernel streams the weight once
-//! for up to four rows at a time, and each output element is one fixed-order dot product, so a
+//! for all its rows (at most 16), and each output element is one fixed-order dot product, so a
 //! row's result is the same whether it is computed alone or with others (the dense layers of a
 //! speculative verification pass equal one-token steps).
 use std::ffi::c_void;
