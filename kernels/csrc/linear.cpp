@@ -25,6 +25,7 @@ namespace avx512 {
 struct Lanes {
   using V = __m512;
   static constexpr int64_t kWidth = 16;
+  static constexpr int kWeightRows = 4;  // 16 accumulators of 32 registers
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
@@ -41,6 +42,7 @@ namespace avx2 {
 struct Lanes {
   using V = __m256;
   static constexpr int64_t kWidth = 8;
+  static constexpr int kWeightRows = 2;  // 8 accumulators of 16 registers
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) {

@@ -5,7 +5,8 @@
 //! `cargo bench -p lsp --bench speculative -- TARGET_DIR DRAFT_DIR PROMPTS_JSONL NEW_TOKENS THREADS [DTYPE]`
 //! (each prompts line: `{"workload": "...", "prompt": "..."}`; DTYPE float32 (default) or bfloat16, or
 //! TARGET/DRAFT dtypes such as `bfloat16/float32`). Environment: `GAMMA`, `MAX_GAMMA` set the draft
-//! length (start and adaptive bound), `FIXED=1` keeps it fixed. First lines: each model's pass costs.
+//! length (start and adaptive bound), `FIXED=1` keeps it fixed, `DEVICE=cuda` runs both models on the
+//! first GPU (CPU otherwise). First lines: each model's pass costs.
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -33,8 +34,9 @@ fn main() {
     tch::set_num_threads(threads.parse().unwrap());
     let new_tokens: usize = new_tokens.parse().unwrap();
     let tokenizer = Tokenizer::from_dir(Path::new(target_dir)).unwrap();
-    let target = GptBigCode::load(Path::new(target_dir), dtype, Device::Cpu).unwrap();
-    let draft = GptBigCode::load(Path::new(draft_dir), draft_dtype, Device::Cpu).unwrap();
+    let device = if std::env::var("DEVICE").as_deref() == Ok("cuda") { Device::Cuda(0) } else { Device::Cpu };
+    let target = GptBigCode::load(Path::new(target_dir), dtype, device).unwrap();
+    let draft = GptBigCode::load(Path::new(draft_dir), draft_dtype, device).unwrap();
     let mut workloads: BTreeMap<String, Vec<Vec<i64>>> = BTreeMap::new();
     for line in std::fs::read_to_string(prompts).unwrap().lines() {
         let value: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -121,13 +123,14 @@ fn main() {
 fn pass_costs(model: &GptBigCode, prompt: &[i64]) -> BTreeMap<i64, f64> {
     tch::no_grad(|| {
         let mut cache = model.new_cache(1, prompt.len() as i64 + 8).expect("prompt + 8 tokens fit the context");
-        let _ = model.forward_next(&tch::Tensor::from_slice(prompt).unsqueeze(0), &mut cache).unwrap();
+        let ids = |tokens: &[i64]| tch::Tensor::from_slice(tokens).unsqueeze(0).to_device(model.device());
+        let _ = model.forward_next(&ids(prompt), &mut cache).unwrap();
         let held = cache.len();
         [1i64, 2, 3, 5, 8]
             .into_iter()
             .filter(|&k| k as usize <= prompt.len())
             .map(|k| {
-                let input = tch::Tensor::from_slice(&prompt[..k as usize]).unsqueeze(0);
+                let input = ids(&prompt[..k as usize]);
                 let mut best = f64::INFINITY;
                 for _ in 0..20 {
                     let started = Instant::now();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (see scripts/gpu/prepare.sh): the training benchmark (125M, bf16,
-# MFU, ZeRO-3 memory), the CUDA tests, and the decode benchmark on the GPU in bf16 and fp32.
-# Everything it prints is also written to $OUT/gpu-report.txt. Its timeouts add up to 525 s.
+# MFU, ZeRO-3 memory), the CUDA tests, the decode benchmark on the GPU in bf16 and fp32, and
+# speculative decoding on the small trained pair. Everything it prints is also written to
+# $OUT/gpu-report.txt. Its timeouts add up to 565 s.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 kit=target/gpu-kit
@@ -32,4 +33,7 @@ else
         done
     done
 fi
+echo "== speculative decoding, cuda bf16, small trained pair, 32 new tokens"
+DEVICE=cuda timeout 40 "$kit/speculative-bench" "$kit/pair/target" "$kit/pair/draft-distilled" \
+    "$kit/pair/prompts.jsonl" 32 4 bfloat16
 echo "== done"

@@ -2,7 +2,9 @@
 # Builds, here, everything the GPU check needs and puts it in target/gpu-kit (stripped binaries, a
 # few MB), so that a session lent a GPU machine measures in one call:
 #   scripts/gpu/prepare.sh, then the device tool's run with carry ["target/gpu-kit"] and the command
-#   "bash scripts/gpu/check.sh", timeout_s 560. The report comes back as $OUT/gpu-report.txt.
+#   "bash scripts/gpu/check.sh", timeout_s 590. The report comes back as $OUT/gpu-report.txt.
+# The speculative check uses the small trained pair of `scripts/bench/serve.py --distill --train-only`
+# (about 22 MB), trained here first when target/bench-serve lacks it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 kit=target/gpu-kit
@@ -15,5 +17,12 @@ cp target/release/wizard "$kit/wizard"
 cp "$(executable test --release -p pipeline --test cuda)" "$kit/cuda-tests"
 cp "$(executable test --release -p kernels --lib)" "$kit/kernels-tests"
 cp "$(executable bench -p pipeline --bench generate)" "$kit/generate-bench"
+cp "$(executable bench -p lsp --bench speculative)" "$kit/speculative-bench"
 strip "$kit"/*
+pair=target/bench-serve
+[ -f "$pair/draft-distilled/model.safetensors" ] || .wizard/python scripts/bench/serve.py --distill --train-only
+mkdir -p "$kit/pair"
+cp -r "$pair/target" "$pair/draft-distilled" "$kit/pair/"
+.wizard/python -c 'import sys; sys.path.insert(0, "scripts/bench"); import json, serve
+print("".join(json.dumps(p) + "\n" for p in serve.prompts()), end="")' > "$kit/pair/prompts.jsonl"
 du -sh "$kit"
