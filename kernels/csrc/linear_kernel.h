@@ -34,7 +34,7 @@ inline void dots(const float* x, const float* w, const float* bias, float* y, in
 }
 
 // Every input row against weight rows [j, j + J), four input rows at a time: the weight rows stay in
-// L1 while the groups meet them, so the weight is read once whatever the row count.
+// L1 or L2 while the groups meet them, so the weight comes from memory once whatever the row count.
 template <int J>
 inline void all_rows(const float* x, int64_t rows, const float* w, const float* bias, float* y, int64_t in,
                      int64_t out, int64_t j) {
