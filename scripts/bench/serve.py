@@ -322,6 +322,8 @@ def main():
     target = train("target", dims(args.target), tokenizer, args.target_steps or args.steps, args.threads, args.target_lr)
     name, teacher = ("draft-distilled", target) if args.distill else ("draft", None)
     draft = train(name, dims(args.draft), tokenizer, args.steps, args.threads, teacher=teacher)
+    prompts_file = WORK / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps(p) + "\n" for p in prompts()))
     if args.train_only:
         return
     if args.typing:
@@ -332,8 +334,6 @@ def main():
                   f"{on['p95_ms']:.0f} ms | {off['mean_ms'] / on['mean_ms']:.2f}x | {r['identical']}/{r['requests']} |")
         return
     sizes = {name: int((path / "params.txt").read_text()) for name, path in (("target", target), ("draft", draft))}
-    prompts_file = WORK / "prompts.jsonl"
-    prompts_file.write_text("".join(json.dumps(p) + "\n" for p in prompts()))
 
     if args.reuse_latency and (WORK / "latency.json").exists():
         latency, natural = json.loads((WORK / "latency.json").read_text())

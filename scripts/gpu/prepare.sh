@@ -20,9 +20,8 @@ cp "$(executable bench -p pipeline --bench generate)" "$kit/generate-bench"
 cp "$(executable bench -p lsp --bench speculative)" "$kit/speculative-bench"
 strip "$kit"/*
 pair=target/bench-serve
-[ -f "$pair/draft-distilled/model.safetensors" ] || .wizard/python scripts/bench/serve.py --distill --train-only
+[ -f "$pair/draft-distilled/model.safetensors" ] && [ -f "$pair/prompts.jsonl" ] ||
+    .wizard/python scripts/bench/serve.py --distill --train-only
 mkdir -p "$kit/pair"
-cp -r "$pair/target" "$pair/draft-distilled" "$kit/pair/"
-.wizard/python -c 'import sys; sys.path.insert(0, "scripts/bench"); import json, serve
-print("".join(json.dumps(p) + "\n" for p in serve.prompts()), end="")' > "$kit/pair/prompts.jsonl"
+cp -r "$pair/target" "$pair/draft-distilled" "$pair/prompts.jsonl" "$kit/pair/"
 du -sh "$kit"

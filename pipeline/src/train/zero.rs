@@ -126,8 +126,8 @@ impl ZeroOptimizer {
         let order: Vec<usize> =
             (0..named.len()).filter(|&i| decays[i]).chain((0..named.len()).filter(|&i| !decays[i])).collect();
         let mut params: Vec<Tensor> = order.iter().map(|&i| named[i].1.shallow_clone()).collect();
-        let numels: Vec<i64> = params.iter().map(|p| p.numel() as i64).collect();
         let shapes: Vec<Vec<i64>> = params.iter().map(|p| p.size()).collect();
+        let numels: Vec<i64> = shapes.iter().map(|shape| shape.iter().product()).collect();
         let layout =
             layout_fingerprint(order.iter().map(|&i| named[i].0.as_str()).zip(shapes.iter().map(Vec::as_slice)));
         let offsets: Vec<i64> = numels.iter().scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n))).collect();
