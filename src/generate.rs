@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use pipeline::complete::{complete, complete_speculative};
-use pipeline::generate::{GenerateConfig, Sampling};
+use pipeline::generate::GenerateConfig;
 use pipeline::model::GptBigCode;
+use pipeline::sampling::Sampling;
 use pipeline::speculative::{Drafter, SpeculativeConfig};
 use pipeline::tokenizer::Tokenizer;
 use tch::{Kind, Tensor};
@@ -64,6 +65,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         (None, None) => unreachable!("clap requires one of them"),
     };
+    let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    sampling.validate()?;
     let device = checked_device(&args.device)?;
     let kind = weight_kind(args.dtype.as_deref(), device)?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
@@ -76,7 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = GenerateConfig {
         max_new_tokens: args.max_new_tokens,
         num_samples: 1,
-        sampling: Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        sampling,
         eos_token_id: model.config().eos_token_id.or(Some(i64::from(tokenizer.eos_id()))),
     };
     let completion = if args.draft.is_some() || args.prompt_lookup {

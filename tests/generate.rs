@@ -1,22 +1,13 @@
 //! `wizard generate` as a user runs it: a tokenizer trained by `wizard tokenizer train`, a random
 //! GPTBigCode made by `transformers`, and our completion compared with `transformers`' own.
+mod common;
+
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
-const WIZARD: &str = env!("CARGO_BIN_EXE_wizard");
-const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.wizard/python");
-
-const MAKE_MODEL: &str = r#"
-import sys, torch
-from transformers import AutoTokenizer, GPTBigCodeConfig, GPTBigCodeForCausalLM
-directory = sys.argv[1]
-tokenizer = AutoTokenizer.from_pretrained(directory)
-torch.manual_seed(0)
-config = GPTBigCodeConfig(vocab_size=len(tokenizer), n_positions=96, n_embd=64, n_layer=2, n_head=4,
-                          bos_token_id=0, eos_token_id=0)
-GPTBigCodeForCausalLM(config).save_pretrained(directory)
-"#;
+use common::{check_failure, stdout_of, Shape};
 
 const HF_GREEDY: &str = r#"
 import sys, torch
@@ -31,18 +22,11 @@ while out and out[-1] == 0:
 sys.stdout.write(tokenizer.decode(out, skip_special_tokens=False, clean_up_tokenization_spaces=False))
 "#;
 
-fn python(script: &str, args: &[&str]) -> String {
-    let output = Command::new(PYTHON).args(["-c", script]).args(args).env("HF_HUB_OFFLINE", "1").output().unwrap();
-    assert!(output.status.success(), "python: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap()
-}
-
 /// A model directory shared by the tests: our tokenizer plus a random transformers model.
 fn model_dir() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &DIR.get_or_init(|| {
         let work = tempfile::tempdir().unwrap();
-        let corpus = work.path().join("corpus.py");
         let code: String = (0..200)
             .map(|i| {
                 format!(
@@ -50,31 +34,26 @@ fn model_dir() -> &'static Path {
                 )
             })
             .collect();
-        std::fs::write(&corpus, code).unwrap();
-        let model = work.path().join("model");
-        let trained = Command::new(WIZARD)
-            .args(["tokenizer", "train", "--vocab-size", "400", "--input"])
-            .arg(&corpus)
-            .arg("--out")
-            .arg(&model)
-            .output()
-            .unwrap();
-        assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
-        python(MAKE_MODEL, &[model.to_str().unwrap()]);
+        let shape = Shape { n_positions: 96, n_embd: 64, n_layer: 2, n_head: 4 };
+        let model = common::tiny_model(work.path(), &code, 400, shape);
         (work, model)
     })
     .1
 }
 
 fn generate(args: &[&str]) -> Output {
-    Command::new(WIZARD).arg("generate").arg("--model").arg(model_dir()).args(args).output().unwrap()
+    common::wizard_command(&["generate", "--model"]).arg(model_dir()).args(args).output().unwrap()
 }
 
 /// Runs `wizard generate` and returns stdout, asserting success.
 fn check(args: &[&str]) -> String {
-    let output = generate(args);
-    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap()
+    stdout_of(&generate(args), args)
+}
+
+/// What `transformers` generates greedily after `prompt`.
+fn transformers_greedy(prompt: &str, new_tokens: usize) -> String {
+    let new_tokens = new_tokens.to_string();
+    common::python(HF_GREEDY, &[model_dir().as_os_str(), OsStr::new(prompt), OsStr::new(&new_tokens)])
 }
 
 const PROMPT: &str = "def function_7(value):\n";
@@ -82,9 +61,8 @@ const PROMPT: &str = "def function_7(value):\n";
 #[test]
 fn greedy_completion_equals_transformers() {
     let ours = check(&["--prompt", PROMPT, "--max-new-tokens", "40", "--temperature", "0"]);
-    let theirs = python(HF_GREEDY, &[model_dir().to_str().unwrap(), PROMPT, "40"]);
-    assert!(!ours.is_empty());
-    assert_eq!(ours, theirs);
+    assert!(!ours.is_empty(), "an empty completion");
+    assert_eq!(ours, transformers_greedy(PROMPT, 40));
 }
 
 #[test]
@@ -141,12 +119,9 @@ fn bad_requests_are_clear_errors() {
     ];
     for (args, expected) in cases {
         let output = generate(args);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success() && stderr.contains(expected), "{args:?}: {stderr}");
-        assert!(output.stdout.is_empty());
+        check_failure(&output, args, &[expected]);
+        assert_eq!(common::text(&output.stdout), "", "{args:?}");
     }
-    let output =
-        Command::new(WIZARD).args(["generate", "--model", "/nonexistent/model", "--prompt", "x"]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("/nonexistent/model/tokenizer.json"), "{stderr}");
+    let output = common::wizard(&["generate", "--model", "/nonexistent/model", "--prompt", "x"]);
+    check_failure(&output, "--model /nonexistent/model", &["/nonexistent/model/tokenizer.json"]);
 }

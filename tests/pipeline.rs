@@ -2,15 +2,16 @@
 //! rounds and lineage, a checkpoint that `transformers` loads, the pass@k reports, the report and its
 //! plots, an LSP answer from the produced model), skipping and re-running on a changed config, a kill
 //! in the middle of a stage followed by a re-run, a failing stage, and bad configurations.
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::lsp::{inline_text, Client};
+use common::{check_failure, query, read_json, stdout_of, wait_until, PYTHON};
 use serde_json::{json, Value};
-
-const WIZARD: &str = env!("CARGO_BIN_EXE_wizard");
-const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.wizard/python");
 
 /// A corpus of small Python files and seeds that carry their answers (so round 0 needs no model).
 fn fixture(dir: &Path) {
@@ -93,57 +94,64 @@ max_new_tokens = 8
     path
 }
 
+/// A fresh directory with the fixture and the test configuration (`pretrain_steps`, `extra_eval`):
+/// (the directory, its wizard.toml, its output folder).
+fn workspace(pretrain_steps: usize, extra_eval: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path());
+    let config_file = config(dir.path(), pretrain_steps, extra_eval);
+    let out = dir.path().join("out");
+    (dir, config_file, out)
+}
+
+/// The first `n` stages, each `done`, as [`stages`] lists them.
+fn done(n: usize) -> Vec<(String, String)> {
+    ALL_STAGES[..n].iter().map(|s| (s.to_string(), "done".to_string())).collect()
+}
+
+/// `wizard [GLOBAL] pipeline [EXTRA] --config CONFIG` with the venv's Python for the stages.
+fn pipeline_command(global: &[&str], extra: &[&str], config: &Path) -> Command {
+    let mut command = common::wizard_command(global);
+    command.arg("pipeline").args(extra).arg("--config").arg(config).env("WIZARD_PYTHON", PYTHON);
+    command
+}
+
 fn pipeline(config: &Path) -> Output {
-    Command::new(WIZARD).args(["pipeline", "--config"]).arg(config).env("WIZARD_PYTHON", PYTHON).output().unwrap()
+    pipeline_command(&[], &[], config).output().unwrap()
+}
+
+/// The pipeline, asserting success; returns stderr (its stage lines).
+fn check_pipeline(config: &Path) -> String {
+    let output = pipeline(config);
+    stdout_of(&output, ("wizard pipeline --config", config));
+    common::text(&output.stderr)
 }
 
 /// The pipeline, logging to `log`; the log must also hold what its `wizard train` stages logged.
 fn check_pipeline_logged(config: &Path, log: &Path) -> String {
-    let output = Command::new(WIZARD)
-        .arg("--log-file")
-        .arg(log)
-        .args(["pipeline", "--config"])
-        .arg(config)
-        .env("WIZARD_PYTHON", PYTHON)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "wizard pipeline failed:\n{stderr}");
+    let output = pipeline_command(&["--log-file", log.to_str().unwrap()], &[], config).output().unwrap();
+    stdout_of(&output, "wizard --log-file LOG pipeline");
     let log = std::fs::read_to_string(log).unwrap();
-    assert!(log.contains("wizard::pipeline") && log.contains("running wizard train"), "{log}");
+    assert!(log.contains("running wizard train"), "no stage started in the log:\n{log}");
     assert!(log.contains("wizard::train: step"), "no line from a train stage in the log:\n{log}");
-    stderr
+    common::text(&output.stderr)
 }
 
-fn check_pipeline(config: &Path) -> String {
-    let output = pipeline(config);
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "wizard pipeline failed:\n{stderr}");
-    stderr
-}
-
-fn query(db: &Path, sql: &str) -> Vec<Vec<String>> {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    let mut statement = conn.prepare(sql).unwrap();
-    let columns = statement.column_count();
-    statement
-        .query_map([], |row| {
-            (0..columns)
-                .map(|i| {
-                    let value: rusqlite::types::Value = row.get(i)?;
-                    Ok(match value {
-                        rusqlite::types::Value::Integer(n) => n.to_string(),
-                        rusqlite::types::Value::Text(t) => t,
-                        rusqlite::types::Value::Real(r) => r.to_string(),
-                        rusqlite::types::Value::Null => "NULL".into(),
-                        rusqlite::types::Value::Blob(_) => "BLOB".into(),
-                    })
-                })
-                .collect()
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+/// Starts the pipeline (`extra` flags) and waits until pretraining has saved its first checkpoint,
+/// in the middle of the stage. In its own process group when `group`, so that a kill of the group
+/// takes the stage's child too, as a crash or Ctrl-C in a terminal would.
+fn start_until_pretraining_saves(config: &Path, extra: &[&str], group: bool) -> std::process::Child {
+    let mut command = pipeline_command(&[], extra, config);
+    if group {
+        command.process_group(0);
+    }
+    let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let latest = config.parent().unwrap().join("out/base/latest");
+    wait_until("pretraining saving a checkpoint", Duration::from_secs(120), || {
+        assert!(child.try_wait().unwrap().is_none(), "the pipeline ended before it was killed");
+        latest.exists()
+    });
+    child
 }
 
 /// `(stage, status)` rows of the pipeline's state, in run order.
@@ -168,15 +176,17 @@ const ALL_STAGES: &[&str] = &[
     "eval-2",
 ];
 
-/// Which stages a run's stderr says it ran (`==> [..] NAME`) and which it skipped.
+/// Which stages a run's stderr says it ran (`==> [..s] NAME`) and which it skipped.
 fn ran_and_skipped(stderr: &str) -> (Vec<String>, Vec<String>) {
     let (mut ran, mut skipped) = (Vec::new(), Vec::new());
     for line in stderr.lines().filter_map(|l| l.strip_prefix("==> [")) {
-        let Some((_, rest)) = line.split_once("s] ") else { continue };
+        let (_, rest) = line.split_once("s] ").unwrap_or_else(|| panic!("a stage line without its time: {line}"));
+        if rest.starts_with("done:") {
+            continue; // the summary at the end
+        }
         match rest.split_once(": done before") {
             Some((name, _)) => skipped.push(name.to_string()),
-            None if !rest.starts_with("done:") => ran.push(rest.split(':').next().unwrap().to_string()),
-            None => {}
+            None => ran.push(rest.split(':').next().unwrap().to_string()),
         }
     }
     (ran, skipped)
@@ -193,101 +203,52 @@ logits = model(ids).logits
 assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
 print(model.config.model_type, model.config.n_embd, logits.shape[1])
 "#;
-    let output = Command::new(PYTHON).args(["-c", script]).arg(model).env("HF_HUB_OFFLINE", "1").output().unwrap();
-    assert!(output.status.success(), "transformers: {}", String::from_utf8_lossy(&output.stderr));
-    let printed = String::from_utf8_lossy(&output.stdout);
+    let printed = common::python(script, &[model.as_os_str()]);
     assert!(printed.starts_with("gpt_bigcode 32 "), "{printed}");
 }
 
-/// One `llm-ls/getCompletions` answer from `wizard serve` with the produced model and draft.
+/// `wizard serve` with the produced model and draft answers `llm-ls/getCompletions` with one
+/// completion of at most the 6 tokens asked for, drafted by the draft model, the same as an inline
+/// completion at the same place; and reports no error to the client.
 fn check_lsp_answer(model: &Path, draft: &Path) {
-    let mut child = Command::new(WIZARD)
-        .args(["serve", "--device", "cpu", "--model"])
-        .arg(model)
-        .arg("--draft")
-        .arg(draft)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut send = |message: Value| {
-        let body = message.to_string();
-        write!(stdin, "Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-        stdin.flush().unwrap();
-    };
-    let mut receive = || -> Value {
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            assert!(stdout.read_line(&mut line).unwrap() > 0, "the server exited");
-            if line.trim().is_empty() {
-                break;
-            }
-            if let Some(value) = line.trim().strip_prefix("Content-Length: ") {
-                length = value.parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
-        stdout.read_exact(&mut body).unwrap();
-        serde_json::from_slice(&body).unwrap()
-    };
-    send(
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"processId": null, "rootUri": null, "capabilities": {}, "initializationOptions": {"maxTokens": 6}}}),
-    );
-    let mut messages = Vec::new();
-    let init = loop {
-        let message = receive();
-        if message["id"] == 1 {
-            break message;
-        }
-        messages.push(message);
-    };
-    assert!(init["result"]["capabilities"].is_object(), "{init}");
-    send(json!({"jsonrpc": "2.0", "method": "initialized", "params": {}}));
+    let mut client = Client::start_with(model, Some(draft));
+    let init = client.initialize(json!({}), json!({"maxTokens": 6}));
+    assert!(init["capabilities"].is_object(), "{init}");
     let uri = "file:///work/a.py";
-    send(
-        json!({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": "def f_1_2(x):\n    \n"}}}),
-    );
-    send(json!({"jsonrpc": "2.0", "id": 2, "method": "llm-ls/getCompletions", "params": {"textDocument": {"uri": uri},
-        "position": {"line": 1, "character": 4}, "contextWindow": 256, "tokensToClear": [], "ide": "neovim",
-        "fim": {"enabled": true, "prefix": "<fim_prefix>", "middle": "<fim_middle>", "suffix": "<fim_suffix>"},
-        "requestBody": {"parameters": {"max_new_tokens": 6}}}}));
-    let answer = loop {
-        let message = receive();
-        if message["id"] == 2 {
-            break message;
-        }
-        messages.push(message);
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(answer.get("error").is_none(), "{answer}");
-    let completions = answer["result"]["completions"].as_array().unwrap_or_else(|| panic!("{answer}"));
+    client.open(uri, "python", "def f_1_2(x):\n    \n");
+    let answer = client
+        .request(
+            "llm-ls/getCompletions",
+            json!({"textDocument": {"uri": uri}, "position": {"line": 1, "character": 4}, "contextWindow": 256,
+                   "tokensToClear": [], "ide": "neovim",
+                   "fim": {"enabled": true, "prefix": "<fim_prefix>", "middle": "<fim_middle>", "suffix": "<fim_suffix>"},
+                   "requestBody": {"parameters": {"max_new_tokens": 6}}}),
+        )
+        .unwrap_or_else(|error| panic!("getCompletions: {error}"));
+    let completions = answer["completions"].as_array().unwrap_or_else(|| panic!("{answer}"));
     assert_eq!(completions.len(), 1, "{answer}");
-    assert!(completions[0]["generated_text"].is_string(), "{answer}");
+    let text = completions[0]["generated_text"].as_str().unwrap_or_else(|| panic!("{answer}"));
+    let log = client.log_text();
+    let tokens = common::lsp::last_figure(&log, "tokens");
+    assert!((1.0..=6.0).contains(&tokens), "{tokens} tokens for at most 6:\n{log}");
+    assert!(common::lsp::last_figure(&log, "drafted") >= 1.0, "the draft model drafted nothing:\n{log}");
+    let inline = client.inline(uri, 1, 4).unwrap_or_else(|error| panic!("inlineCompletion: {error}"));
+    assert_eq!(inline_text(&inline).as_deref(), Some(text), "inline and llm-ls completions differ");
     let errors: Vec<&Value> =
-        messages.iter().filter(|m| m["method"] == "window/showMessage" && m["params"]["type"] == 1).collect();
+        client.seen.iter().filter(|m| m["method"] == "window/showMessage" && m["params"]["type"] == 1).collect();
     assert!(errors.is_empty(), "the server reported errors: {errors:?}");
+    client.exit();
 }
 
 #[test]
 fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
-    let dir = tempfile::tempdir().unwrap();
-    fixture(dir.path());
     let mbpp = "mbpp = \"mbpp.jsonl\"";
-    let config_file = config(dir.path(), 20, mbpp);
-    let started = Instant::now();
+    let (dir, config_file, out) = workspace(20, mbpp);
     let stderr = check_pipeline_logged(&config_file, &dir.path().join("wizard.log"));
-    let first_run = started.elapsed();
-    let out = dir.path().join("out");
 
     // The stage table: every stage done, in order. Tiny models pass nothing, so pass@1 does not
     // rise in round 2 and the cap of 2 is where it stops either way.
-    let expected: Vec<(String, String)> = ALL_STAGES.iter().map(|s| (s.to_string(), "done".to_string())).collect();
-    assert_eq!(stages(&out), expected, "{stderr}");
+    assert_eq!(stages(&out), done(ALL_STAGES.len()), "{stderr}");
     assert_eq!(ran_and_skipped(&stderr), (ALL_STAGES.iter().map(|s| s.to_string()).collect(), vec![]));
 
     // The evolve database: rounds 0..2, every item accounted for, and lineage back to a seed.
@@ -300,8 +261,7 @@ fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
         "0"
     );
     let leaf = &query(&evolve_db, "SELECT id FROM items WHERE round = 2 LIMIT 1")[0][0];
-    let lineage = Command::new(WIZARD).args(["evolve", "lineage", "--db"]).arg(&evolve_db).arg(leaf).output().unwrap();
-    let lineage = String::from_utf8_lossy(&lineage.stdout);
+    let lineage = common::check_wizard(&["evolve", "lineage", "--db", evolve_db.to_str().unwrap(), leaf]);
     let heads: Vec<&str> = lineage.lines().filter(|l| l.starts_with('#')).collect();
     // Seed first, the round-2 item last; a round-1 child only where round 1 accepted one.
     assert!((2..=3).contains(&heads.len()), "{lineage}");
@@ -322,15 +282,19 @@ fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
     check_transformers_loads(&model);
 
     // pass@k reports, one per round and benchmark, over the 2 problems asked for.
+    // Each pass@1 is the share of problems whose one sample passed, and the summary carries it.
+    let summary = read_json(&out.join("report.json"));
     for r in 1..=2 {
         for benchmark in ["humaneval", "mbpp"] {
-            let report: Value = serde_json::from_str(
-                &std::fs::read_to_string(out.join(format!("round-{r}/{benchmark}/report.json"))).unwrap(),
-            )
-            .unwrap();
+            let dir = out.join(format!("round-{r}/{benchmark}"));
+            let report = read_json(&dir.join("report.json"));
             assert_eq!(report["problems"], 2, "{benchmark}: {report}");
-            let pass1 = report["pass_at_k"]["pass@1"].as_f64().unwrap();
-            assert!((0.0..=1.0).contains(&pass1));
+            let results = common::read_lines(&dir.join("results.jsonl"));
+            assert_eq!(results.len(), 2, "one sample per problem: {results:?}");
+            let passed = results.iter().filter(|r| r["result"] == "passed").count();
+            assert_eq!(report["pass_at_k"]["pass@1"], json!(passed as f64 / 2.0), "round {r} {benchmark}: {report}");
+            let in_summary = &summary["rounds"][r - 1]["eval"][benchmark]["pass_at_k"]["pass@1"];
+            assert_eq!(*in_summary, report["pass_at_k"]["pass@1"], "round {r} {benchmark} in report.json");
         }
     }
 
@@ -351,7 +315,6 @@ fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
     for series in ["pretrain", "draft", "sft round 1", "sft round 2"] {
         assert!(loss.contains(&format!(">{series}</text>")), "{series} missing from loss.svg");
     }
-    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(summary["best_round"], 1);
     assert_eq!(summary["rounds"].as_array().unwrap().len(), 2);
 
@@ -359,11 +322,15 @@ fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
     let draft = PathBuf::from(summary["draft"].as_str().unwrap());
     check_lsp_answer(&model, &draft);
 
-    // Unchanged: everything is skipped, quickly.
-    let started = Instant::now();
+    // Unchanged: everything is skipped, and nothing recorded or trained changes.
+    let table = "SELECT name, fingerprint, status, outputs, started_at, finished_at FROM stages ORDER BY name";
+    let recorded = query(&out.join("pipeline.sqlite"), table);
+    let metrics = std::fs::read_to_string(out.join("base/metrics.jsonl")).unwrap();
     let again = check_pipeline(&config_file);
     assert_eq!(ran_and_skipped(&again), (vec![], ALL_STAGES.iter().map(|s| s.to_string()).collect()));
-    assert!(started.elapsed() < first_run / 2, "{:?} vs {first_run:?}", started.elapsed());
+    assert!(!again.contains(" done in "), "a stage ran:\n{again}");
+    assert_eq!(query(&out.join("pipeline.sqlite"), table), recorded);
+    assert_eq!(std::fs::read_to_string(out.join("base/metrics.jsonl")).unwrap(), metrics);
 
     // A changed [eval] re-runs only the evaluations; a changed [sft] the fine-tuning and what follows.
     check_changed(&config_file, dir.path(), 20, &format!("{mbpp}\ntimeout = 5.0"), &["eval-1", "eval-2"]);
@@ -393,35 +360,12 @@ fn check_changed(config_file: &Path, dir: &Path, steps: usize, extra: &str, expe
 
 #[test]
 fn a_kill_in_the_middle_of_a_stage_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    fixture(dir.path());
-    let config_file = config(dir.path(), 400, "");
-    let out = dir.path().join("out");
-    // Its own process group, so that the kill takes the stage's child process too, as a crash or
-    // Ctrl-C in a terminal would.
-    use std::os::unix::process::CommandExt;
-    let mut child = Command::new(WIZARD)
-        .args(["pipeline", "--config"])
-        .arg(&config_file)
-        .env("WIZARD_PYTHON", PYTHON)
-        .process_group(0)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Kill it once pretraining has saved its first checkpoint (of 4), in the middle of the stage.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !out.join("base/latest").exists() {
-        assert!(Instant::now() < deadline, "pretraining saved nothing in 120 s");
-        assert!(child.try_wait().unwrap().is_none(), "the pipeline ended before it was killed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let killed = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status().unwrap();
-    assert!(killed.success());
-    let _ = child.wait();
+    let (_dir, config_file, out) = workspace(400, "");
+    let mut child = start_until_pretraining_saves(&config_file, &[], true);
+    common::kill_group(&mut child);
     let steps_done = std::fs::read_to_string(out.join("base/metrics.jsonl")).unwrap().lines().count();
     assert!(steps_done < 400, "pretraining finished before the kill ({steps_done} steps)");
-    assert_eq!(stages(&out), [("tokenizer".to_string(), "done".to_string()), ("pretrain".into(), "running".into())]);
+    assert_eq!(stages(&out), [done(1), vec![("pretrain".into(), "running".into())]].concat());
 
     let stderr = check_pipeline(&config_file);
     let (ran, skipped) = ran_and_skipped(&stderr);
@@ -429,16 +373,14 @@ fn a_kill_in_the_middle_of_a_stage_loses_nothing() {
     assert_eq!(ran, &ALL_STAGES[1..], "{stderr}");
     assert!(stderr.contains("pretrain: continuing where it stopped"), "{stderr}");
     assert!(stderr.contains("resuming from"), "training resumed from its checkpoint:\n{stderr}");
-    let expected: Vec<(String, String)> = ALL_STAGES.iter().map(|s| (s.to_string(), "done".to_string())).collect();
-    assert_eq!(stages(&out), expected);
+    assert_eq!(stages(&out), done(ALL_STAGES.len()));
     // Each step is in the metrics once: the resumed run continued from the checkpoint's step.
-    let steps: Vec<u64> = std::fs::read_to_string(out.join("base/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap())
-        .collect();
+    let steps: Vec<u64> =
+        common::read_lines(&out.join("base/metrics.jsonl")).iter().map(|l| l["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=400).collect::<Vec<u64>>());
-    assert!(out.join("report.md").exists() && out.join("model/config.json").exists());
+    for file in ["report.md", "model/config.json"] {
+        assert!(out.join(file).exists(), "no {file} after the re-run");
+    }
 }
 
 /// Only the pipeline process is killed: its trainer dies with it. A stage child that is still alive
@@ -446,44 +388,19 @@ fn a_kill_in_the_middle_of_a_stage_loses_nothing() {
 /// than start a second one on the same folder; once it is gone, the re-run finishes the stage.
 #[test]
 fn a_killed_pipeline_leaves_no_stage_running_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    fixture(dir.path());
-    let config_file = config(dir.path(), 800, "");
-    let out = dir.path().join("out");
-    let run = || {
-        Command::new(WIZARD)
-            .args(["pipeline", "--rounds", "1", "--config"])
-            .arg(&config_file)
-            .env("WIZARD_PYTHON", PYTHON)
-            .output()
-            .unwrap()
-    };
-    let mut child = Command::new(WIZARD)
-        .args(["pipeline", "--rounds", "1", "--config"])
-        .arg(&config_file)
-        .env("WIZARD_PYTHON", PYTHON)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !out.join("base/latest").exists() {
-        assert!(Instant::now() < deadline, "pretraining saved nothing in 120 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (_dir, config_file, out) = workspace(800, "");
+    let run = || pipeline_command(&[], &["--rounds", "1"], &config_file).output().unwrap();
+    let mut child = start_until_pretraining_saves(&config_file, &["--rounds", "1"], false);
     let db = out.join("pipeline.sqlite");
     let trainer = query(&db, "SELECT pid FROM stages WHERE name = 'pretrain' AND status = 'running'")[0][0].clone();
     child.kill().unwrap();
     child.wait().unwrap();
     // Gone (or a zombie not yet reaped, which has no `exe`).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_link(format!("/proc/{trainer}/exe")).is_ok() {
-        assert!(Instant::now() < deadline, "the trainer {trainer} outlived its pipeline");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(&format!("the trainer {trainer} dying with its pipeline"), Duration::from_secs(10), || {
+        std::fs::read_link(format!("/proc/{trainer}/exe")).is_err()
+    });
 
-    let mut stand_in = Command::new(WIZARD)
-        .args(["serve", "--model", "/nonexistent"])
+    let mut stand_in = common::wizard_command(&["serve", "--model", "/nonexistent"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -493,41 +410,27 @@ fn a_killed_pipeline_leaves_no_stage_running_twice() {
         .unwrap()
         .execute("UPDATE stages SET pid = ?1 WHERE name = 'pretrain'", [stand_in.id()])
         .unwrap();
-    let output = run();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
     let expected = format!("stage `pretrain` is still running in process {}", stand_in.id());
-    assert!(stderr.contains(&expected), "{stderr}");
+    check_failure(&run(), "pipeline beside a stage's process", &[&expected]);
     stand_in.kill().unwrap();
     stand_in.wait().unwrap();
 
     let output = run();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
+    stdout_of(&output, "pipeline --rounds 1");
+    let stderr = common::text(&output.stderr);
     assert!(stderr.contains("pretrain: continuing where it stopped"), "{stderr}");
-    let done: Vec<(String, String)> = ALL_STAGES[..7].iter().map(|s| (s.to_string(), "done".to_string())).collect();
-    assert_eq!(stages(&out), done);
+    assert_eq!(stages(&out), done(7));
 }
 
 #[test]
 fn a_failing_stage_stops_the_pipeline_and_keeps_what_was_done() {
-    let dir = tempfile::tempdir().unwrap();
-    fixture(dir.path());
-    let config_file = config(dir.path(), 4, "");
+    let (dir, config_file, out) = workspace(4, "");
     let seeds = dir.path().join("seeds.jsonl");
     let good = std::fs::read_to_string(&seeds).unwrap();
     std::fs::write(&seeds, "{\"instruction\": 3}\n").unwrap();
-    let output = pipeline(&config_file);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(stderr.contains("stage `evolve-1` failed"), "{stderr}");
-    assert!(stderr.contains("seeds.jsonl:1"), "the stage says why:\n{stderr}");
-    let out = dir.path().join("out");
-    let done = |name: &str| (name.to_string(), "done".to_string());
-    assert_eq!(
-        stages(&out),
-        [done("tokenizer"), done("pretrain"), done("draft"), ("evolve-1".into(), "failed".into())]
-    );
+    // The stage says why.
+    check_failure(&pipeline(&config_file), "pipeline on bad seeds", &["stage `evolve-1` failed", "seeds.jsonl:1"]);
+    assert_eq!(stages(&out), [done(3), vec![("evolve-1".into(), "failed".into())]].concat());
     // Fixed, the same command continues after what was done.
     std::fs::write(&seeds, good).unwrap();
     let (ran, skipped) = ran_and_skipped(&check_pipeline(&config_file));
@@ -538,17 +441,12 @@ fn a_failing_stage_stops_the_pipeline_and_keeps_what_was_done() {
 /// `wizard pipeline` on the test config with its first `from` replaced by `to` fails with `expected`
 /// in its message, before anything runs.
 fn check_bad(from: &str, to: &str, expected: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    fixture(dir.path());
-    let config_file = config(dir.path(), 4, "");
+    let (_dir, config_file, out) = workspace(4, "");
     let text = std::fs::read_to_string(&config_file).unwrap();
     assert!(text.contains(from), "{from}");
     std::fs::write(&config_file, text.replacen(from, to, 1)).unwrap();
-    let output = pipeline(&config_file);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{expected}: accepted");
-    assert!(stderr.contains(expected), "expected {expected:?} in:\n{stderr}");
-    assert!(!dir.path().join("out").exists(), "{expected}: nothing may run on a bad config");
+    check_failure(&pipeline(&config_file), (from, to), &[expected]);
+    assert!(!out.exists(), "{expected}: nothing may run on a bad config");
 }
 
 #[test]
@@ -573,6 +471,6 @@ fn bad_configs_are_errors_naming_the_key() {
     for (from, to, expected) in cases {
         check_bad(from, to, expected);
     }
-    let output = Command::new(WIZARD).args(["pipeline", "--config", "/nonexistent/wizard.toml"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read /nonexistent/wizard.toml"));
+    let output = common::wizard(&["pipeline", "--config", "/nonexistent/wizard.toml"]);
+    check_failure(&output, "--config /nonexistent/wizard.toml", &["cannot read /nonexistent/wizard.toml"]);
 }

@@ -1,4 +1,6 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use pipeline::jsonl::LineError;
 
 use thiserror::Error;
 
@@ -61,4 +63,14 @@ pub type Result<T, E = EvalError> = std::result::Result<T, E>;
 pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> EvalError {
     let path = path.into();
     move |error| EvalError::Io { path, error }
+}
+
+/// A JSON Lines read error as an [`EvalError`] naming the file: a line that does not parse is bad JSON.
+pub(crate) fn line_error(path: &Path) -> impl Fn(LineError) -> EvalError + '_ {
+    move |error| match error {
+        LineError::Io(error) => EvalError::Io { path: path.into(), error },
+        LineError::Bad { line, message } => {
+            EvalError::Line { path: path.into(), line, message: format!("bad JSON: {message}") }
+        }
+    }
 }

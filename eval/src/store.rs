@@ -2,7 +2,8 @@
 //! scores. A run that is interrupted and started again finds what is done here and does only the rest.
 use std::path::{Path, PathBuf};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{params, Connection, OptionalExtension, ToSql};
 
 use crate::error::{EvalError, Result};
 use crate::samples::Sample;
@@ -19,6 +20,23 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE TABLE IF NOT EXISTS problems (task_id TEXT PRIMARY KEY, n INTEGER NOT NULL, passed INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS scores (k INTEGER PRIMARY KEY, pass_at_k REAL NOT NULL);
 ";
+
+/// A result's status is stored as its name.
+impl ToSql for Status {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(self.name().into())
+    }
+}
+
+impl FromSql for Status {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let name = value.as_str()?;
+        [Status::Passed, Status::Failed, Status::TimedOut]
+            .into_iter()
+            .find(|status| status.name() == name)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown result status {name:?}").into()))
+    }
+}
 
 /// An open evaluation database.
 pub struct Store {
@@ -157,17 +175,9 @@ impl Store {
         let rows = statement.query_map([], |row| {
             let sample =
                 Sample { task_id: row.get(0)?, index: row.get::<_, i64>(1)? as usize, completion: row.get(2)? };
-            let status: Option<String> = row.get(3)?;
+            let status: Option<Status> = row.get(3)?;
             let outcome = match status {
-                Some(status) => Some(Outcome {
-                    status: match status.as_str() {
-                        "passed" => Status::Passed,
-                        "timed out" => Status::TimedOut,
-                        _ => Status::Failed,
-                    },
-                    result: row.get(4)?,
-                    seconds: row.get(5)?,
-                }),
+                Some(status) => Some(Outcome { status, result: row.get(4)?, seconds: row.get(5)? }),
                 None => None,
             };
             Ok((sample, outcome))
@@ -180,7 +190,7 @@ impl Store {
     pub fn record(&self, sample: &Sample, outcome: &Outcome) -> Result<()> {
         self.sql(self.connection.execute(
             "INSERT OR REPLACE INTO results (task_id, idx, status, result, seconds) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![sample.task_id, sample.index as i64, outcome.status.name(), outcome.result, outcome.seconds],
+            params![sample.task_id, sample.index as i64, outcome.status, outcome.result, outcome.seconds],
         ))
         .map(drop)
     }

@@ -2,9 +2,9 @@
 //! benchmark problems (HumanEval, MBPP) as BigCode did it: a case-insensitive substring match of the
 //! benchmark's prompts, docstrings and solutions, plus a Jaccard similarity of 5-gram shingles of at least 0.58.
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 
+use pipeline::jsonl::Lines;
 use serde_json::Value;
 
 use crate::minhash::{jaccard, shingles, Index, Shingles};
@@ -41,30 +41,20 @@ fn docstring(prompt: &str) -> Option<&str> {
     Some(&prompt[start..end])
 }
 
-/// Reads a benchmark in JSONL (or `.jsonl.gz`): HumanEval lines (`task_id`, `prompt`,
+/// Reads a benchmark in JSONL (gzipped or not): HumanEval lines (`task_id`, `prompt`,
 /// `canonical_solution`) and MBPP lines (`task_id`, `text`, `code`) are both understood.
 pub fn load_benchmark(path: &Path) -> Result<Benchmark> {
-    let bytes = std::fs::read(path).map_err(|e| EvolveError::io(path, e))?;
-    let text = if path.extension().is_some_and(|e| e == "gz") {
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(&bytes[..]).read_to_string(&mut text).map_err(|e| EvolveError::io(path, e))?;
-        text
-    } else {
-        String::from_utf8(bytes).map_err(|e| EvolveError::io(path, std::io::Error::other(e)))?
-    };
     let name = path.display().to_string();
+    let mut lines = Lines::open(path).map_err(|e| EvolveError::io(path, e))?;
     let mut benchmark = Benchmark { name: name.clone(), needles: Vec::new(), statements: Vec::new() };
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |message: String| EvolveError::BadLine { path: name.clone(), line: index + 1, message };
-        let value: Value = serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
+    while let Some(value) = lines.read::<Value>().map_err(|e| EvolveError::line(&name, e, "not JSON"))? {
+        let line = lines.line();
+        let bad = |message: String| EvolveError::BadLine { path: name.clone(), line, message };
         let field = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_string);
         let id = match value.get("task_id") {
             Some(Value::String(id)) => id.clone(),
             Some(other) => other.to_string(),
-            None => format!("line {}", index + 1),
+            None => format!("line {line}"),
         };
         let statement = field("prompt").or(field("text"));
         let Some(statement) = statement else {

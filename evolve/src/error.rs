@@ -1,6 +1,8 @@
 //! The errors of the evolve crate.
 use std::path::PathBuf;
 
+use pipeline::jsonl::LineError;
+
 use crate::backend::BackendError;
 
 /// `Result` with [`EvolveError`].
@@ -68,5 +70,15 @@ pub enum EvolveError {
 impl EvolveError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         EvolveError::Io { path: path.into(), source }
+    }
+
+    /// A JSON Lines error of `path`; `what` says what a line that does not parse should have been.
+    pub(crate) fn line(path: &str, error: LineError, what: &str) -> Self {
+        match error {
+            LineError::Io(source) => EvolveError::io(path, source),
+            LineError::Bad { line, message } => {
+                EvolveError::BadLine { path: path.to_string(), line, message: format!("{what}: {message}") }
+            }
+        }
     }
 }

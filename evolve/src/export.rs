@@ -51,17 +51,8 @@ pub fn export(store: &Store, rounds: Option<&[u32]>, out: &Path) -> Result<usize
         let mut stdout = std::io::stdout().lock();
         stdout.write_all(text.as_bytes()).map_err(io)?;
         stdout.flush().map_err(io)?;
-    } else if out.starts_with("/dev") {
-        std::fs::write(out, &text).map_err(io)?;
     } else {
-        let partial = out.with_extension("jsonl.partial");
-        let written = std::fs::File::create(&partial)
-            .and_then(|mut file| file.write_all(text.as_bytes()).and_then(|()| file.sync_all()))
-            .and_then(|()| std::fs::rename(&partial, out));
-        if let Err(error) = written {
-            let _ = std::fs::remove_file(&partial);
-            return Err(io(error));
-        }
+        pipeline::files::write_atomically(out, text.as_bytes()).map_err(io)?;
     }
     Ok(items.len())
 }

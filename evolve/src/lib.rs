@@ -10,6 +10,7 @@
 //! killed run resumes without losing, duplicating or re-asking anything. [`export`] writes the
 //! result as instruction-tuning JSONL. [`fake`] is a Chat Completions server for tests and benchmarks.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod clean;

@@ -1,6 +1,7 @@
 //! Seed instructions in Code Alpaca JSONL form: `{"instruction", "input"?, "output"?}` per line.
 use std::path::Path;
 
+use pipeline::jsonl::Lines;
 use serde::Deserialize;
 
 use crate::{EvolveError, Result};
@@ -31,15 +32,12 @@ struct Line {
 
 /// Parses JSONL seeds; blank lines are skipped and errors name the 1-based line.
 pub fn parse(text: &str, source: &str) -> Result<Vec<Seed>> {
+    let mut lines = Lines::new(text.as_bytes());
     let mut seeds = Vec::new();
-    for (index, raw) in text.lines().enumerate() {
-        if raw.trim().is_empty() {
-            continue;
-        }
-        let bad = |message: String| EvolveError::BadLine { path: source.to_string(), line: index + 1, message };
-        let line: Line = serde_json::from_str(raw).map_err(|e| bad(format!("not a seed object: {e}")))?;
+    while let Some(line) = lines.read::<Line>().map_err(|e| EvolveError::line(source, e, "not a seed object"))? {
         if line.instruction.trim().is_empty() {
-            return Err(bad("empty \"instruction\"".into()));
+            let message = "empty \"instruction\"".into();
+            return Err(EvolveError::BadLine { path: source.to_string(), line: lines.line(), message });
         }
         seeds.push(Seed {
             instruction: line.instruction.trim().to_string(),
@@ -81,10 +79,10 @@ mod tests {
         check("{\"instruction\": \"a\"}\n\n{\"instruction\": \"b\", \"input\": \"x\", \"output\": \"y\"}\n", Ok(2));
         check(
             "{\"instruction\": \"a\"}\n{\"instruction\": \"b\"\n",
-            Err("seeds.jsonl:2: not a seed object: EOF while parsing an object at line 1 column 19"),
+            Err("seeds.jsonl:2: not a seed object: EOF while parsing an object at column 19"),
         );
         check("\n{\"instruction\": \"  \"}", Err("seeds.jsonl:2: empty \"instruction\""));
-        check("{\"instruction\": \"a\", \"answer\": 1}", Err("seeds.jsonl:1: not a seed object: unknown field `answer`, expected one of `instruction`, `input`, `output` at line 1 column 29"));
+        check("{\"instruction\": \"a\", \"answer\": 1}", Err("seeds.jsonl:1: not a seed object: unknown field `answer`, expected one of `instruction`, `input`, `output` at column 29"));
         check("\n\n", Err("seeds.jsonl: no seeds"));
     }
 

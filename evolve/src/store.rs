@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::SeedableRng;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{params, Connection, OptionalExtension, ToSql};
 
 use crate::backend::Reply;
 use crate::clean::{Decontaminator, Deduper};
@@ -90,6 +91,52 @@ impl Stage {
     }
 }
 
+/// Where an item is in its round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Not yet through the backend.
+    Pending,
+    /// Through the rules, waiting for clean-up.
+    Passed,
+    /// Eliminated by a rule.
+    Rejected,
+    /// Kept by clean-up.
+    Accepted,
+    /// Removed by dedup or decontamination.
+    Removed,
+}
+
+impl Status {
+    const ALL: [Status; 5] = [Status::Pending, Status::Passed, Status::Rejected, Status::Accepted, Status::Removed];
+
+    /// The name stored in `items.status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Passed => "passed",
+            Status::Rejected => "rejected",
+            Status::Accepted => "accepted",
+            Status::Removed => "removed",
+        }
+    }
+}
+
+impl ToSql for Status {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl FromSql for Status {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let name = value.as_str()?;
+        Status::ALL
+            .into_iter()
+            .find(|status| status.as_str() == name)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown item status {name:?}").into()))
+    }
+}
+
 /// An item still to be processed, with whatever answers it already has.
 #[derive(Debug, Clone)]
 pub struct Work {
@@ -132,7 +179,7 @@ pub struct Item {
     pub verdict: Option<String>,
     /// Response.
     pub response: Option<String>,
-    /// `pending`, `passed`, `accepted`, `rejected` or `removed`.
+    /// Its [`Status`], by name.
     pub status: String,
     /// Rejection or removal reason code.
     pub reason: Option<String>,
@@ -251,7 +298,7 @@ impl Store {
         let tx = self.conn.transaction()?;
         let now = now_ms();
         for seed in seeds {
-            let status = if seed.output.is_some() { "passed" } else { "pending" };
+            let status = if seed.output.is_some() { Status::Passed } else { Status::Pending };
             tx.execute(
                 "INSERT INTO items (root_id, round, method, instruction, input, response, finish, status, created_at, updated_at)
                  VALUES (0, 0, 'seed', ?1, ?2, ?3, 'seed', ?4, ?5, ?5)",
@@ -272,11 +319,11 @@ impl Store {
         let tx = self.conn.transaction()?;
         let parents: Vec<(i64, i64)> = {
             let mut statement = tx.prepare(
-                "SELECT id, root_id FROM items AS i WHERE status = 'accepted' AND round = (
-                     SELECT max(round) FROM items AS j WHERE j.root_id = i.root_id AND j.status = 'accepted' AND j.round < ?1)
+                "SELECT id, root_id FROM items AS i WHERE status = ?2 AND round = (
+                     SELECT max(round) FROM items AS j WHERE j.root_id = i.root_id AND j.status = ?2 AND j.round < ?1)
                  ORDER BY root_id",
             )?;
-            let rows = statement.query_map([round], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            let rows = statement.query_map(params![round, Status::Accepted], |row| Ok((row.get(0)?, row.get(1)?)))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         let now = now_ms();
@@ -285,8 +332,8 @@ impl Store {
             let method = Method::pick(&mut rand::rngs::StdRng::seed_from_u64(mix));
             tx.execute(
                 "INSERT INTO items (parent_id, root_id, round, method, status, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5)",
-                params![parent, root, round, method.name(), now],
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                params![parent, root, round, method.name(), Status::Pending, now],
             )?;
         }
         tx.execute("INSERT INTO rounds (round, planned_at) VALUES (?1, ?2)", params![round, now])?;
@@ -299,9 +346,9 @@ impl Store {
         let mut statement = self.conn.prepare(
             "SELECT i.id, i.method, p.instruction, p.input, i.instruction, i.input, i.verdict, i.response, i.finish
              FROM items AS i LEFT JOIN items AS p ON p.id = i.parent_id
-             WHERE i.round = ?1 AND i.status = 'pending' ORDER BY i.id",
+             WHERE i.round = ?1 AND i.status = ?2 ORDER BY i.id",
         )?;
-        let rows = statement.query_map([round], |row| {
+        let rows = statement.query_map(params![round, Status::Pending], |row| {
             let parent: Option<String> = row.get(2)?;
             let parent_input: Option<String> = row.get(3)?;
             let response: Option<String> = row.get(7)?;
@@ -333,6 +380,8 @@ impl Store {
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
         let now = now_ms();
+        let (prompt_tokens, completion_tokens) = (reply.prompt_tokens as i64, reply.completion_tokens as i64);
+        let latency_ms = answer.latency.as_millis() as i64;
         tx.execute(
             "INSERT INTO answers (item_id, stage, prompt, answer, finish, backend, model, prompt_tokens,
                                   completion_tokens, latency_ms, attempts, seed, created_at)
@@ -345,9 +394,9 @@ impl Store {
                 reply.finish,
                 answer.backend,
                 answer.model,
-                reply.prompt_tokens as i64,
-                reply.completion_tokens as i64,
-                answer.latency.as_millis() as i64,
+                prompt_tokens,
+                completion_tokens,
+                latency_ms,
                 reply.attempts,
                 answer.seed as i64,
                 now
@@ -371,9 +420,9 @@ impl Store {
                 reply.finish,
                 answer.backend,
                 answer.model,
-                reply.prompt_tokens as i64,
-                reply.completion_tokens as i64,
-                answer.latency.as_millis() as i64,
+                prompt_tokens,
+                completion_tokens,
+                latency_ms,
                 now
             ],
         )?;
@@ -383,10 +432,17 @@ impl Store {
 
     /// Ends an item's processing: `passed` (waiting for clean-up) or `rejected` with the reason.
     pub fn finish_item(&mut self, item: i64, rejection: Option<&Rejection>) -> Result<()> {
-        let status = if rejection.is_some() { "rejected" } else { "passed" };
+        let status = if rejection.is_some() { Status::Rejected } else { Status::Passed };
         self.conn.execute(
-            "UPDATE items SET status = ?2, reason = ?3, detail = ?4, updated_at = ?5 WHERE id = ?1 AND status = 'pending'",
-            params![item, status, rejection.map(|r| r.reason), rejection.map(|r| r.detail.as_str()), now_ms()],
+            "UPDATE items SET status = ?2, reason = ?3, detail = ?4, updated_at = ?5 WHERE id = ?1 AND status = ?6",
+            params![
+                item,
+                status,
+                rejection.map(|r| r.reason),
+                rejection.map(|r| r.detail.as_str()),
+                now_ms(),
+                Status::Pending
+            ],
         )?;
         Ok(())
     }
@@ -399,8 +455,8 @@ impl Store {
         let mut deduper = Deduper::default();
         {
             let mut kept =
-                tx.prepare("SELECT id, root_id, instruction, input FROM items WHERE status = 'accepted' ORDER BY id")?;
-            let rows = kept.query_map([], |row| {
+                tx.prepare("SELECT id, root_id, instruction, input FROM items WHERE status = ?1 ORDER BY id")?;
+            let rows = kept.query_map([Status::Accepted], |row| {
                 Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?))
             })?;
             for row in rows {
@@ -411,10 +467,11 @@ impl Store {
         let passed: Vec<(i64, i64, String, String, String)> = {
             let mut statement = tx.prepare(
                 "SELECT id, root_id, instruction, input, coalesce(response, '') FROM items
-                 WHERE round = ?1 AND status = 'passed' ORDER BY id",
+                 WHERE round = ?1 AND status = ?2 ORDER BY id",
             )?;
-            let rows = statement
-                .query_map([round], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)))?;
+            let rows = statement.query_map(params![round, Status::Passed], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+            })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         let now = now_ms();
@@ -422,7 +479,7 @@ impl Store {
             let question = question(&instruction, &input);
             let removal =
                 decontaminator.check(&question, &response).or_else(|| deduper.check_and_keep(id, root, &question));
-            let status = if removal.is_some() { "removed" } else { "accepted" };
+            let status = if removal.is_some() { Status::Removed } else { Status::Accepted };
             tx.execute(
                 "UPDATE items SET status = ?2, reason = ?3, detail = ?4, updated_at = ?5 WHERE id = ?1",
                 params![
@@ -455,14 +512,14 @@ impl Store {
         let mut rows = statement.query([round])?;
         let (mut instruction_words, mut response_words) = (0usize, 0usize);
         while let Some(row) = rows.next()? {
-            let status: String = row.get(0)?;
+            let status: Status = row.get(0)?;
             stats.items += 1;
-            match status.as_str() {
-                "pending" => stats.pending += 1,
-                "passed" => stats.passed += 1,
-                "accepted" => stats.accepted += 1,
-                "rejected" => stats.rejected += 1,
-                _ => stats.removed += 1,
+            match status {
+                Status::Pending => stats.pending += 1,
+                Status::Passed => stats.passed += 1,
+                Status::Accepted => stats.accepted += 1,
+                Status::Rejected => stats.rejected += 1,
+                Status::Removed => stats.removed += 1,
             }
             if let Some(reason) = row.get::<_, Option<String>>(1)? {
                 *stats.reasons.entry(reason).or_default() += 1;
@@ -470,7 +527,7 @@ impl Store {
             if row.get::<_, Option<String>>(2)?.as_deref() == Some("unclear") {
                 stats.unclear_verdicts += 1;
             }
-            if status == "accepted" {
+            if status == Status::Accepted {
                 instruction_words += row.get::<_, Option<String>>(3)?.unwrap_or_default().split_whitespace().count();
                 response_words += row.get::<_, Option<String>>(4)?.unwrap_or_default().split_whitespace().count();
             }
@@ -500,7 +557,7 @@ impl Store {
             input: row.get(6)?,
             verdict: row.get(7)?,
             response: row.get(8)?,
-            status: row.get(9)?,
+            status: row.get::<_, Status>(9)?.as_str().to_string(),
             reason: row.get(10)?,
             detail: row.get(11)?,
         })
@@ -536,10 +593,10 @@ impl Store {
     /// Accepted items with a response from round 0 and the given rounds, by round then id.
     pub fn exportable(&self, rounds: &[u32]) -> Result<Vec<Item>> {
         let mut statement = self.conn.prepare(&format!(
-            "SELECT {} FROM items WHERE status = 'accepted' AND response IS NOT NULL ORDER BY round, id",
+            "SELECT {} FROM items WHERE status = ?1 AND response IS NOT NULL ORDER BY round, id",
             Store::ITEM_COLUMNS
         ))?;
-        let rows = statement.query_map([], Store::item_from_row)?;
+        let rows = statement.query_map([Status::Accepted], Store::item_from_row)?;
         let mut items = Vec::new();
         for item in rows {
             let item = item?;

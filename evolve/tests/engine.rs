@@ -10,7 +10,7 @@ use evolve::engine::{run, Backends, EngineConfig, Quiet};
 use evolve::fake::{fault_for, FakeConfig, FakeServer};
 use evolve::http::{HttpBackend, HttpConfig};
 use evolve::seeds::{self, Seed};
-use evolve::store::{Item, Store};
+use evolve::store::{Item, RoundStats, Store};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -28,6 +28,17 @@ fn http(server: &FakeServer, tweak: impl FnOnce(&mut HttpConfig)) -> HttpBackend
 fn backends(backend: impl Backend + 'static) -> Backends {
     let backend: Arc<dyn Backend> = Arc::new(backend);
     Backends { evolver: backend.clone(), responder: backend }
+}
+
+/// Runs (or resumes) the engine on the store `db` to the end of `config.rounds`.
+fn evolve(
+    rt: &tokio::runtime::Runtime,
+    db: &std::path::Path,
+    seeds: &[Seed],
+    config: EngineConfig,
+    backends: Backends,
+) -> evolve::Result<Vec<RoundStats>> {
+    rt.block_on(run(Store::open(db).unwrap(), seeds, config, backends, Arc::new(Quiet)))
 }
 
 fn config(rounds: u32) -> EngineConfig {
@@ -68,14 +79,12 @@ fn three_rounds_under_faults_account_for_every_item() {
             ..FakeConfig::default()
         }))
         .unwrap();
-    let stats = rt
-        .block_on(run(Store::open(&db).unwrap(), &seeds, config(3), backends(http(&server, |_| {})), Arc::new(Quiet)))
-        .unwrap();
+    let stats = evolve(&rt, &db, &seeds, config(3), backends(http(&server, |_| {}))).unwrap();
     let store = Store::open(&db).unwrap();
     let items = store.items().unwrap();
     // Round sizes: all seeds, then one child per live lineage.
-    assert_eq!(stats.len(), 4);
-    assert_eq!(stats[0].items as usize, seeds.len());
+    assert_eq!(stats.len(), 4, "{stats:?}");
+    assert_eq!(stats[0].items as usize, seeds.len(), "{:?}", stats[0]);
     for pair in stats.windows(2) {
         let live_roots: std::collections::HashSet<i64> =
             items.iter().filter(|i| i.status == "accepted" && i.round < pair[1].round).map(|i| i.root_id).collect();
@@ -94,17 +103,18 @@ fn three_rounds_under_faults_account_for_every_item() {
     for kind in ["429", "500", "slow", "truncated", "empty-choices"] {
         assert!(seen.faults.get(kind).copied().unwrap_or(0) > 0, "{kind}: {:?}", seen.faults);
     }
-    assert_eq!(seen.answered, store.answer_count().unwrap());
-    assert!(seen.answers_per_request.values().all(|n| *n == 1));
+    assert_eq!(seen.answered, store.answer_count().unwrap(), "answers sent vs stored");
+    let repeated: Vec<_> = seen.answers_per_request.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(repeated.is_empty(), "(request, times answered): {repeated:?}");
     let counts = reasons(&items);
     for reason in ["equal-to-parent", "copies-prompt", "sorry-short", "no-content", "accepted"] {
         assert!(counts.contains_key(reason), "{reason}: {counts:?}");
     }
     // A completed run resumed does nothing.
     let before = server.stats().requests;
-    rt.block_on(run(Store::open(&db).unwrap(), &[], config(3), backends(http(&server, |_| {})), Arc::new(Quiet)))
-        .unwrap();
-    assert_eq!(server.stats().requests, before);
+    let again = evolve(&rt, &db, &[], config(3), backends(http(&server, |_| {}))).unwrap();
+    assert_eq!(server.stats().requests, before, "a completed run resumed sent requests");
+    assert_eq!(again, stats, "a completed run resumed changed its rounds");
     assert_eq!(outcome(&Store::open(&db).unwrap().items().unwrap()), outcome(&items));
 }
 
@@ -151,29 +161,24 @@ fn interrupted_runs_resume_to_the_same_items() {
     let seeds: Vec<Seed> = seeds::load(None).unwrap().into_iter().take(20).collect();
     let server = rt.block_on(FakeServer::start(FakeConfig::default())).unwrap();
     let whole = dir.path().join("whole.db");
-    rt.block_on(run(Store::open(&whole).unwrap(), &seeds, config(2), backends(http(&server, |_| {})), Arc::new(Quiet)))
-        .unwrap();
+    evolve(&rt, &whole, &seeds, config(2), backends(http(&server, |_| {}))).unwrap();
     let expected = outcome(&Store::open(&whole).unwrap().items().unwrap());
 
     let broken = dir.path().join("broken.db");
     let mut stops = 0;
     loop {
         let dying = Dying { inner: http(&server, |_| {}), left: AtomicU32::new(9), db: broken.clone() };
-        let result =
-            rt.block_on(run(Store::open(&broken).unwrap(), &seeds, config(2), backends(dying), Arc::new(Quiet)));
-        match result {
+        match evolve(&rt, &broken, &seeds, config(2), backends(dying)) {
             Ok(_) => break,
             Err(error) => assert!(error.to_string().contains("killed"), "{error}"),
         }
         stops += 1;
         assert!(stops < 100, "no progress");
     }
-    assert!(stops > 5, "{stops}");
+    assert!(stops > 5, "the run ended after {stops} stops");
     assert_eq!(outcome(&Store::open(&broken).unwrap().items().unwrap()), expected);
-    assert_eq!(
-        Store::open(&broken).unwrap().answer_count().unwrap(),
-        Store::open(&whole).unwrap().answer_count().unwrap()
-    );
+    let answers = |db: &std::path::Path| Store::open(db).unwrap().answer_count().unwrap();
+    assert_eq!(answers(&broken), answers(&whole), "answers stored by the interrupted and the whole run");
 }
 
 /// Sends one request with `text` through an HTTP backend made by `tweak` against a server made
@@ -200,35 +205,44 @@ fn text_with_fault(fault: Option<&str>) -> String {
 #[test]
 fn http_faults_and_errors() {
     let faults = || FakeConfig { faults: true, slow: Duration::from_millis(900), ..FakeConfig::default() };
-    // Each fault costs one retry; 429 waits for its Retry-After of one second.
+    // Each fault costs one retry; 429 waits for its Retry-After of one second, longer than any
+    // backoff here can be (a lower bound only: how soon the other retries come depends on the machine).
     for fault in ["429", "500", "slow", "truncated", "empty-choices"] {
-        let (result, took, requests) = check(faults(), &text_with_fault(Some(fault)), |_| {});
+        let tweak = |c: &mut HttpConfig| c.max_backoff = Duration::from_millis(100);
+        let (result, took, requests) = check(faults(), &text_with_fault(Some(fault)), tweak);
         let reply = result.unwrap_or_else(|e| panic!("{fault}: {e}"));
-        assert_eq!((reply.attempts, requests), (2, 2), "{fault}");
+        assert_eq!((reply.attempts, requests), (2, 2), "{fault}: (attempts, requests the server saw)");
         assert!(reply.text.contains("def solve"), "{fault}: {reply:?}");
-        assert_eq!(took >= Duration::from_secs(1), fault == "429", "{fault}: {took:?}");
+        if fault == "429" {
+            assert!(took >= Duration::from_secs(1), "429 retried after {took:?}, before its Retry-After");
+        }
     }
     // 401 stops at once.
     let keyed = FakeConfig { api_key: Some("right".into()), ..FakeConfig::default() };
     let (result, _, requests) = check(keyed.clone(), "hi", |c| c.api_key = Some("wrong".into()));
     let error = result.unwrap_err();
-    assert!(matches!(error, BackendError::Unauthorized { status: 401, .. }) && requests == 1, "{error}");
+    assert!(matches!(error, BackendError::Unauthorized { status: 401, .. }), "{error:?}");
+    assert_eq!(requests, 1, "a refused key is not retried: {error}");
     assert!(
         error
             .to_string()
             .contains("refused the API key (HTTP 401: {\"error\": {\"message\": \"Incorrect API key provided\""),
         "{error}"
     );
-    let (result, _, _) = check(keyed, "hi", |c| c.api_key = Some("right".into()));
-    assert!(result.is_ok());
+    let (result, _, requests) = check(keyed, "hi", |c| c.api_key = Some("right".into()));
+    let reply = result.unwrap_or_else(|e| panic!("the right key: {e}"));
+    assert_eq!((reply.attempts, requests), (1, 1), "{reply:?}");
+    assert_eq!(reply.text, evolve::fake::answer("hi"), "{reply:?}");
     // A wrong base URL is a 404, not retried.
     let (result, _, requests) = check(FakeConfig::default(), "hi", |c| c.base_url.push_str("/v2"));
-    assert!(matches!(result, Err(BackendError::NotFound { .. })) && requests == 0, "{result:?}");
+    assert!(matches!(result, Err(BackendError::NotFound { .. })), "{result:?}");
+    assert_eq!(requests, 0, "no chat completion reached the fake server: {result:?}");
     // An unreachable backend: a clear error after the retries.
-    let (result, _, _) = check(FakeConfig::default(), "hi", |c| {
+    let (result, _, requests) = check(FakeConfig::default(), "hi", |c| {
         c.base_url = "http://127.0.0.1:9/v1".into();
         c.max_attempts = 3;
     });
+    assert_eq!(requests, 0, "the fake server was asked");
     let error = result.unwrap_err().to_string();
     assert!(error.starts_with("the backend at http://127.0.0.1:9/v1/chat/completions failed 3 attempts, the last with: error sending request"), "{error}");
     // Retries give up: a server always slower than the timeout.
@@ -238,7 +252,8 @@ fn http_faults_and_errors() {
         c.max_attempts = 2;
     });
     let error = result.unwrap_err().to_string();
-    assert!(error.ends_with("failed 2 attempts, the last with: timed out after 0.1 s") && requests == 2, "{error}");
+    assert!(error.ends_with("failed 2 attempts, the last with: timed out after 0.1 s"), "{error}");
+    assert_eq!(requests, 2, "{error}");
 }
 
 #[test]
@@ -250,29 +265,18 @@ fn concurrency_and_rate_limits() {
         .block_on(FakeServer::start(FakeConfig { latency: Duration::from_millis(50), ..FakeConfig::default() }))
         .unwrap();
     let limited = EngineConfig { concurrency: 5, ..config(0) };
-    rt.block_on(run(
-        Store::open(&dir.path().join("a.db")).unwrap(),
-        &seeds,
-        limited,
-        backends(http(&server, |_| {})),
-        Arc::new(Quiet),
-    ))
-    .unwrap();
-    assert_eq!(server.stats().max_in_flight, 5);
-    // 600 requests per minute: one every 100 ms, whatever the concurrency.
-    let started = Instant::now();
+    evolve(&rt, &dir.path().join("a.db"), &seeds, limited, backends(http(&server, |_| {}))).unwrap();
+    let seen = server.stats();
+    assert_eq!(seen.max_in_flight, 5, "{seen:?}");
+    // 600 requests per minute: one every 100 ms, whatever the concurrency, so the 8 requests take at
+    // least 700 ms (a lower bound the limiter guarantees; how much longer depends on the machine).
     let rpm = |c: &mut HttpConfig| c.requests_per_minute = Some(600);
-    let seeds = &seeds[..8];
-    rt.block_on(run(
-        Store::open(&dir.path().join("b.db")).unwrap(),
-        seeds,
-        config(0),
-        backends(http(&server, rpm)),
-        Arc::new(Quiet),
-    ))
-    .unwrap();
+    let before = server.stats().requests;
+    let started = Instant::now();
+    evolve(&rt, &dir.path().join("b.db"), &seeds[..8], config(0), backends(http(&server, rpm))).unwrap();
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(server.stats().requests - before, 8, "one request per seed");
+    assert!(took >= Duration::from_millis(700), "8 requests in {took:?} at 600 per minute");
 }
 
 #[test]
@@ -296,14 +300,7 @@ fn clean_up_removes_duplicates_and_contamination() {
     let seeds = seeds::parse(&lines.join("\n"), "test").unwrap();
     let server = rt.block_on(FakeServer::start(FakeConfig::default())).unwrap();
     let cfg = EngineConfig { benchmarks: vec![evolve::clean::load_benchmark(&bench).unwrap()], ..config(0) };
-    rt.block_on(run(
-        Store::open(&dir.path().join("c.db")).unwrap(),
-        &seeds,
-        cfg,
-        backends(http(&server, |_| {})),
-        Arc::new(Quiet),
-    ))
-    .unwrap();
+    evolve(&rt, &dir.path().join("c.db"), &seeds, cfg, backends(http(&server, |_| {}))).unwrap();
     let items = Store::open(&dir.path().join("c.db")).unwrap().items().unwrap();
     let got: Vec<(&str, Option<&str>)> = items.iter().map(|i| (i.status.as_str(), i.detail.as_deref())).collect();
     assert_eq!(

@@ -30,9 +30,9 @@ int wizard_autocast_exit(int device_type, int was_enabled, int previous_dtype) {
   });
 }
 
-// Bytes the CUDA caching allocator holds for tensors on device `index` now and at peak (since the
-// last reset), and has reserved from the driver; resets the peak afterwards when `reset` is set.
-int wizard_cuda_memory(int index, int reset, int64_t* allocated, int64_t* peak_allocated, int64_t* reserved) {
+// Bytes the CUDA caching allocator holds for tensors on device `index` now and at peak, and has
+// reserved from the driver.
+int wizard_cuda_memory(int index, int64_t* allocated, int64_t* peak_allocated, int64_t* reserved) {
   return wizard::guarded([&] {
     // The allocator's per-device state exists only once CUDA is initialised.
     at::globalContext().lazyInitDevice(c10::DeviceType::CUDA);
@@ -42,7 +42,6 @@ int wizard_cuda_memory(int index, int reset, int64_t* allocated, int64_t* peak_a
     *allocated = stats.allocated_bytes[all].current;
     *peak_allocated = stats.allocated_bytes[all].peak;
     *reserved = stats.reserved_bytes[all].current;
-    if (reset) allocator->resetPeakStats(static_cast<c10::DeviceIndex>(index));
   });
 }
 }

@@ -2,62 +2,13 @@
 //! `ProcessGroupGloo` (host memory; CUDA tensors travel through a host copy) and `ProcessGroupNCCL`
 //! (one GPU per rank; host tensors travel through that GPU). Every call blocks until done or until
 //! the group's timeout, so a dead peer becomes an error instead of a hang.
-use std::ffi::{c_char, c_int, c_long, c_void, CString};
+use std::ffi::{c_char, c_int, c_long, CString};
 use std::time::Duration;
 
 use tch::{Device, Tensor};
 
-use crate::ffi::check;
+use crate::ffi::{self, check, WizardGroup, WizardWork};
 use crate::KernelError;
-
-#[repr(C)]
-struct WizardGroup {
-    _private: [u8; 0],
-}
-
-#[repr(C)]
-struct WizardWork {
-    _private: [u8; 0],
-}
-
-extern "C" {
-    fn wizard_group_new_gloo(
-        host: *const c_char,
-        port: c_int,
-        rank: c_int,
-        size: c_int,
-        timeout_ms: c_long,
-        out: *mut *mut WizardGroup,
-    ) -> c_int;
-    #[cfg(wizard_with_nccl)]
-    fn wizard_group_new_nccl(
-        host: *const c_char,
-        port: c_int,
-        rank: c_int,
-        size: c_int,
-        timeout_ms: c_long,
-        device: c_int,
-        out: *mut *mut WizardGroup,
-    ) -> c_int;
-    fn wizard_group_free(group: *mut WizardGroup);
-    fn wizard_allreduce_sum(group: *mut WizardGroup, tensor: *mut c_void) -> c_int;
-    fn wizard_reduce_scatter_sum(group: *mut WizardGroup, output: *mut c_void, input: *mut c_void) -> c_int;
-    fn wizard_broadcast(group: *mut WizardGroup, tensor: *mut c_void, root: c_int) -> c_int;
-    fn wizard_allgather_start(
-        group: *mut WizardGroup,
-        output: *mut c_void,
-        input: *mut c_void,
-        out: *mut *mut WizardWork,
-    ) -> c_int;
-    fn wizard_work_wait(group: *mut WizardGroup, work: *mut WizardWork) -> c_int;
-    fn wizard_work_free(work: *mut WizardWork);
-    fn wizard_barrier(group: *mut WizardGroup) -> c_int;
-}
-
-fn handle(tensor: &Tensor) -> *mut c_void {
-    // tch's tensor handle is an `at::Tensor*`; the shim only reads inputs.
-    tensor.as_ptr() as *mut c_void
-}
 
 /// `tensor` itself when it is on `home`, else a copy there.
 fn at_home(tensor: &Tensor, home: Device) -> Tensor {
@@ -86,7 +37,9 @@ impl ProcessGroup {
     pub fn gloo(host: &str, port: u16, rank: usize, size: usize, timeout: Duration) -> Result<Self, KernelError> {
         let raw = join(host, timeout, |host, timeout_ms, raw| {
             // SAFETY: `host` outlives the call; `raw` receives an owned pointer on success.
-            unsafe { wizard_group_new_gloo(host, c_int::from(port), rank as c_int, size as c_int, timeout_ms, raw) }
+            unsafe {
+                ffi::wizard_group_new_gloo(host, c_int::from(port), rank as c_int, size as c_int, timeout_ms, raw)
+            }
         })?;
         Ok(ProcessGroup { raw, rank, size, home: Device::Cpu })
     }
@@ -106,7 +59,7 @@ impl ProcessGroup {
             let raw = join(host, timeout, |host, timeout_ms, raw| {
                 // SAFETY: as in `gloo`.
                 unsafe {
-                    wizard_group_new_nccl(
+                    ffi::wizard_group_new_nccl(
                         host,
                         c_int::from(port),
                         rank as c_int,
@@ -177,14 +130,14 @@ impl ProcessGroup {
         self.home
     }
 
-    pub(crate) fn raw(&self) -> *mut c_void {
-        self.raw.cast()
+    pub(crate) fn raw(&self) -> *mut WizardGroup {
+        self.raw
     }
 
     /// Sums `tensor` across ranks, in place.
     pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), KernelError> {
         // SAFETY: `raw` is live; the tensor handle is valid for the call.
-        self.in_place(tensor, |t| check(unsafe { wizard_allreduce_sum(self.raw, handle(t)) }, "all-reduce"))
+        self.in_place(tensor, |t| check(unsafe { ffi::wizard_allreduce_sum(self.raw, ffi::tensor(t)) }, "all-reduce"))
     }
 
     /// `input` holds `size` equal chunks; `output` (one chunk long) gets the sum of every rank's
@@ -193,7 +146,10 @@ impl ProcessGroup {
         let input = at_home(input, self.home);
         // SAFETY: as above.
         self.receive(output, |out| {
-            check(unsafe { wizard_reduce_scatter_sum(self.raw, handle(out), handle(&input)) }, "reduce-scatter")
+            check(
+                unsafe { ffi::wizard_reduce_scatter_sum(self.raw, ffi::tensor(out), ffi::tensor(&input)) },
+                "reduce-scatter",
+            )
         })
     }
 
@@ -218,20 +174,25 @@ impl ProcessGroup {
         let mut raw = std::ptr::null_mut();
         // SAFETY: `raw` is live; the handles are valid for the call and the Work keeps its own
         // references to both tensors until it completes.
-        check(unsafe { wizard_allgather_start(self.raw, handle(&staged), handle(&input), &mut raw) }, "all-gather")?;
+        check(
+            unsafe { ffi::wizard_allgather_start(self.raw, ffi::tensor(&staged), ffi::tensor(&input), &mut raw) },
+            "all-gather",
+        )?;
         Ok(PendingCollective { group: self, raw, staged, output: output.shallow_clone(), _input: input, waited: false })
     }
 
     /// Copies `root`'s `tensor` to every rank.
     pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), KernelError> {
         // SAFETY: as above.
-        self.in_place(tensor, |t| check(unsafe { wizard_broadcast(self.raw, handle(t), root as c_int) }, "broadcast"))
+        self.in_place(tensor, |t| {
+            check(unsafe { ffi::wizard_broadcast(self.raw, ffi::tensor(t), root as c_int) }, "broadcast")
+        })
     }
 
     /// Waits until every rank arrives.
     pub fn barrier(&self) -> Result<(), KernelError> {
         // SAFETY: `raw` is live.
-        check(unsafe { wizard_barrier(self.raw) }, "barrier")
+        check(unsafe { ffi::wizard_barrier(self.raw) }, "barrier")
     }
 }
 
@@ -251,7 +212,7 @@ impl PendingCollective<'_> {
     pub fn wait(mut self) -> Result<(), KernelError> {
         self.waited = true;
         // SAFETY: both pointers are live: the work until Drop, the group for 'g.
-        check(unsafe { wizard_work_wait(self.group.raw, self.raw) }, "all-gather")?;
+        check(unsafe { ffi::wizard_work_wait(self.group.raw, self.raw) }, "all-gather")?;
         if self.output.device() != self.group.home {
             self.output.copy_(&self.staged);
         }
@@ -264,9 +225,9 @@ impl Drop for PendingCollective<'_> {
         // SAFETY: as in `wait`; the work is freed exactly once, here.
         unsafe {
             if !self.waited {
-                let _ = wizard_work_wait(self.group.raw, self.raw);
+                let _ = ffi::wizard_work_wait(self.group.raw, self.raw);
             }
-            wizard_work_free(self.raw);
+            ffi::wizard_work_free(self.raw);
         }
     }
 }
@@ -290,7 +251,7 @@ fn join(
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         // SAFETY: `raw` came from wizard_group_new_gloo and is freed once.
-        unsafe { wizard_group_free(self.raw) }
+        unsafe { ffi::wizard_group_free(self.raw) }
     }
 }
 

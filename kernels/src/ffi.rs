@@ -1,9 +1,40 @@
-//! Raw declarations of the shim in `csrc/`, and the helpers that make them safe to call.
-use std::ffi::{c_char, c_int, c_long, c_ulonglong, CStr};
+//! Raw declarations of the shim in `csrc/`, every one of them, and the helpers that make them safe
+//! to call. Other modules reach C++ only through what is declared here.
+use std::ffi::{c_char, c_int, c_long, c_ulonglong, c_void, CStr};
+
+use tch::Tensor;
 
 use crate::KernelError;
 
+/// A tensor as the shim takes it: tch's `at::Tensor*`. The shim only writes into tensors that are
+/// documented as outputs.
+pub(crate) type TensorHandle = *mut c_void;
+
+/// The handle of `tensor`, valid while `tensor` lives.
+pub(crate) fn tensor(tensor: &Tensor) -> TensorHandle {
+    tensor.as_ptr() as TensorHandle
+}
+
+/// A c10d process group (`csrc/group.h`).
+#[repr(C)]
+pub(crate) struct WizardGroup {
+    _private: [u8; 0],
+}
+
+/// A collective in flight (`csrc/group.h`).
+#[repr(C)]
+pub(crate) struct WizardWork {
+    _private: [u8; 0],
+}
+
+/// The gradient reducer's hooks and buckets (`csrc/reducer.cpp`).
+#[repr(C)]
+pub(crate) struct WizardReducer {
+    _private: [u8; 0],
+}
+
 extern "C" {
+    // csrc/runtime.cpp
     fn wizard_last_error(buf: *mut c_char, len: usize);
     fn wizard_torch_version(buf: *mut c_char, len: usize);
     fn wizard_libtorch_path(buf: *mut c_char, len: usize) -> c_int;
@@ -20,6 +51,101 @@ extern "C" {
         total_memory: *mut c_ulonglong,
         major: *mut c_int,
         minor: *mut c_int,
+    ) -> c_int;
+
+    // csrc/collectives.cpp and csrc/nccl.cpp
+    pub(crate) fn wizard_group_new_gloo(
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        size: c_int,
+        timeout_ms: c_long,
+        out: *mut *mut WizardGroup,
+    ) -> c_int;
+    #[cfg(wizard_with_nccl)]
+    pub(crate) fn wizard_group_new_nccl(
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        size: c_int,
+        timeout_ms: c_long,
+        device: c_int,
+        out: *mut *mut WizardGroup,
+    ) -> c_int;
+    pub(crate) fn wizard_group_free(group: *mut WizardGroup);
+    pub(crate) fn wizard_allreduce_sum(group: *mut WizardGroup, tensor: TensorHandle) -> c_int;
+    pub(crate) fn wizard_reduce_scatter_sum(
+        group: *mut WizardGroup,
+        output: TensorHandle,
+        input: TensorHandle,
+    ) -> c_int;
+    pub(crate) fn wizard_broadcast(group: *mut WizardGroup, tensor: TensorHandle, root: c_int) -> c_int;
+    pub(crate) fn wizard_allgather_start(
+        group: *mut WizardGroup,
+        output: TensorHandle,
+        input: TensorHandle,
+        out: *mut *mut WizardWork,
+    ) -> c_int;
+    pub(crate) fn wizard_work_wait(group: *mut WizardGroup, work: *mut WizardWork) -> c_int;
+    pub(crate) fn wizard_work_free(work: *mut WizardWork);
+    pub(crate) fn wizard_barrier(group: *mut WizardGroup) -> c_int;
+
+    // csrc/reducer.cpp
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn wizard_reducer_new(
+        group: *mut WizardGroup,
+        params: *const TensorHandle,
+        offsets: *const i64,
+        n_params: i64,
+        flat_grads: TensorHandle,
+        starts: *const i64,
+        lens: *const i64,
+        roots: *const c_int,
+        n_buckets: i64,
+        out: *mut *mut WizardReducer,
+    ) -> c_int;
+    pub(crate) fn wizard_reducer_arm(reducer: *mut WizardReducer);
+    pub(crate) fn wizard_reducer_finish(reducer: *mut WizardReducer, early: *mut i64) -> c_int;
+    pub(crate) fn wizard_reducer_free(reducer: *mut WizardReducer);
+
+    // csrc/linear.cpp
+    pub(crate) fn wizard_linear(
+        x: TensorHandle,
+        weight: TensorHandle,
+        bias: TensorHandle,
+        isa: c_int,
+        result: *mut TensorHandle,
+    ) -> c_int;
+    pub(crate) fn wizard_linear_kernel_available(isa: c_int) -> c_int;
+
+    // csrc/optim.cpp
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn wizard_fused_adamw(
+        param: TensorHandle,
+        grad: TensorHandle,
+        exp_avg: TensorHandle,
+        exp_avg_sq: TensorHandle,
+        step: TensorHandle,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> c_int;
+
+    // csrc/precision.cpp
+    pub(crate) fn wizard_autocast_enter(
+        device_type: c_int,
+        dtype: c_int,
+        was_enabled: *mut c_int,
+        previous: *mut c_int,
+    ) -> c_int;
+    pub(crate) fn wizard_autocast_exit(device_type: c_int, was_enabled: c_int, previous: c_int) -> c_int;
+    pub(crate) fn wizard_cuda_memory(
+        index: c_int,
+        allocated: *mut i64,
+        peak_allocated: *mut i64,
+        reserved: *mut i64,
     ) -> c_int;
 }
 

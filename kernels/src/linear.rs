@@ -4,18 +4,11 @@
 //! for all its rows (at most 16), and each output element is one fixed-order dot product, so a
 //! row's result is the same whether it is computed alone or with others (the dense layers of a
 //! speculative verification pass equal one-token steps).
-use std::ffi::c_void;
 use std::ptr;
 
 use tch::Tensor;
 
-use crate::ffi::check;
-
-extern "C" {
-    fn wizard_linear(x: *mut c_void, weight: *mut c_void, bias: *mut c_void, isa: i32, result: *mut *mut c_void)
-        -> i32;
-    fn wizard_linear_kernel_available(isa: i32) -> i32;
-}
+use crate::ffi::{self, check};
 
 /// Which kernel: the widest this CPU runs, or AVX2 (to test it on AVX-512 machines too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,16 +33,21 @@ pub fn few_row_kernel_available() -> bool {
 
 fn kernel_available(isa: Isa) -> bool {
     // SAFETY: an integer in, an integer out.
-    unsafe { wizard_linear_kernel_available(isa as i32) != 0 }
+    unsafe { ffi::wizard_linear_kernel_available(isa as i32) != 0 }
 }
 
 fn linear_with(isa: Isa, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
-    let handle = |t: &Tensor| t.as_ptr() as *mut c_void;
-    let mut result: *mut c_void = ptr::null_mut();
+    let mut result = ptr::null_mut();
     // SAFETY: the handles are live tch tensors for the duration of the call, which only reads them;
     // on success `result` is a new heap `at::Tensor` whose ownership passes to the returned Tensor.
     let status = unsafe {
-        wizard_linear(handle(x), handle(weight), bias.map_or(ptr::null_mut(), handle), isa as i32, &mut result)
+        ffi::wizard_linear(
+            ffi::tensor(x),
+            ffi::tensor(weight),
+            bias.map_or(ptr::null_mut(), ffi::tensor),
+            isa as i32,
+            &mut result,
+        )
     };
     if let Err(error) = check(status, "linear") {
         panic!("{error}");

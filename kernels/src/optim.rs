@@ -1,26 +1,8 @@
 //! libtorch's fused AdamW kernel (`at::_fused_adamw_`), which tch does not bind.
-use std::ffi::{c_int, c_void};
-
 use tch::Tensor;
 
-use crate::ffi::check;
+use crate::ffi::{self, check};
 use crate::KernelError;
-
-extern "C" {
-    #[allow(clippy::too_many_arguments)]
-    fn wizard_fused_adamw(
-        param: *mut c_void,
-        grad: *mut c_void,
-        exp_avg: *mut c_void,
-        exp_avg_sq: *mut c_void,
-        step: *mut c_void,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-    ) -> c_int;
-}
 
 /// AdamW hyper-parameters for one call.
 #[derive(Debug, Clone, Copy)]
@@ -47,16 +29,15 @@ pub fn fused_adamw(
     step: &Tensor,
     hp: AdamWStep,
 ) -> Result<(), KernelError> {
-    let handle = |t: &Tensor| t.as_ptr() as *mut c_void;
     // SAFETY: the handles are live tch tensors for the duration of the call; the kernel writes only
     // into param and the two moments, which the caller passes as tensors it owns.
     let status = unsafe {
-        wizard_fused_adamw(
-            handle(param),
-            handle(grad),
-            handle(exp_avg),
-            handle(exp_avg_sq),
-            handle(step),
+        ffi::wizard_fused_adamw(
+            ffi::tensor(param),
+            ffi::tensor(grad),
+            ffi::tensor(exp_avg),
+            ffi::tensor(exp_avg_sq),
+            ffi::tensor(step),
             hp.lr,
             hp.beta1,
             hp.beta2,

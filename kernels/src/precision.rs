@@ -4,20 +4,8 @@ use std::ffi::c_int;
 
 use tch::{Device, Kind};
 
-use crate::ffi::check;
+use crate::ffi::{self, check};
 use crate::KernelError;
-
-extern "C" {
-    fn wizard_autocast_enter(device_type: c_int, dtype: c_int, was_enabled: *mut c_int, previous: *mut c_int) -> c_int;
-    fn wizard_autocast_exit(device_type: c_int, was_enabled: c_int, previous: c_int) -> c_int;
-    fn wizard_cuda_memory(
-        index: c_int,
-        reset: c_int,
-        allocated: *mut i64,
-        peak_allocated: *mut i64,
-        reserved: *mut i64,
-    ) -> c_int;
-}
 
 /// c10::DeviceType of a tch device.
 fn device_type(device: Device) -> c_int {
@@ -45,10 +33,13 @@ pub fn autocast<T>(device: Device, dtype: Kind, f: impl FnOnce() -> T) -> Result
     let (mut was_enabled, mut previous) = (0, 0);
     let kind = device_type(device);
     // SAFETY: plain integers in and out; the out-pointers are live locals.
-    check(unsafe { wizard_autocast_enter(kind, scalar_type(dtype)?, &mut was_enabled, &mut previous) }, "autocast")?;
+    check(
+        unsafe { ffi::wizard_autocast_enter(kind, scalar_type(dtype)?, &mut was_enabled, &mut previous) },
+        "autocast",
+    )?;
     let result = f();
     // SAFETY: as above.
-    check(unsafe { wizard_autocast_exit(kind, was_enabled, previous) }, "autocast")?;
+    check(unsafe { ffi::wizard_autocast_exit(kind, was_enabled, previous) }, "autocast")?;
     Ok(result)
 }
 
@@ -57,19 +48,17 @@ pub fn autocast<T>(device: Device, dtype: Kind, f: impl FnOnce() -> T) -> Result
 pub struct CudaMemory {
     /// Held by live tensors now.
     pub allocated: i64,
-    /// Most held by live tensors since the last reset.
+    /// Most held by live tensors since the process started.
     pub peak_allocated: i64,
     /// Reserved from the driver (allocated plus cached).
     pub reserved: i64,
 }
 
-/// Memory statistics of CUDA device `index`; `reset_peak` starts a new peak afterwards.
-pub fn cuda_memory(index: usize, reset_peak: bool) -> Result<CudaMemory, KernelError> {
+/// Memory statistics of CUDA device `index`.
+pub fn cuda_memory(index: usize) -> Result<CudaMemory, KernelError> {
     let (mut allocated, mut peak_allocated, mut reserved) = (0, 0, 0);
     // SAFETY: integers in, out-pointers to live locals.
-    let status = unsafe {
-        wizard_cuda_memory(index as c_int, reset_peak as c_int, &mut allocated, &mut peak_allocated, &mut reserved)
-    };
+    let status = unsafe { ffi::wizard_cuda_memory(index as c_int, &mut allocated, &mut peak_allocated, &mut reserved) };
     check(status, "CUDA memory statistics")?;
     Ok(CudaMemory { allocated, peak_allocated, reserved })
 }
@@ -95,7 +84,7 @@ mod tests {
 
     #[test]
     fn cuda_memory_is_an_error_without_cuda_or_counts_bytes() {
-        match cuda_memory(0, false) {
+        match cuda_memory(0) {
             Ok(memory) => assert!(memory.reserved >= memory.allocated && memory.peak_allocated >= memory.allocated),
             Err(e) => assert!(!tch::Cuda::is_available(), "{e}"),
         }

@@ -2,37 +2,13 @@
 //! parameter moves its gradient into a flat buffer as soon as autograd has it, and every bucket's
 //! collective starts on the engine's threads once its last gradient is in, while backward goes on
 //! with earlier layers (what DDP's Reducer does; tch exposes no gradient hooks, so this is C++).
-use std::ffi::{c_int, c_void};
+use std::ffi::c_int;
 
 use tch::Tensor;
 
 use crate::collectives::ProcessGroup;
-use crate::ffi::check;
+use crate::ffi::{self, check, TensorHandle, WizardReducer};
 use crate::KernelError;
-
-#[repr(C)]
-struct WizardReducer {
-    _private: [u8; 0],
-}
-
-extern "C" {
-    #[allow(clippy::too_many_arguments)]
-    fn wizard_reducer_new(
-        group: *mut c_void,
-        params: *const *mut c_void,
-        offsets: *const i64,
-        n_params: i64,
-        flat_grads: *mut c_void,
-        starts: *const i64,
-        lens: *const i64,
-        roots: *const c_int,
-        n_buckets: i64,
-        out: *mut *mut WizardReducer,
-    ) -> c_int;
-    fn wizard_reducer_arm(reducer: *mut WizardReducer);
-    fn wizard_reducer_finish(reducer: *mut WizardReducer, early: *mut i64) -> c_int;
-    fn wizard_reducer_free(reducer: *mut WizardReducer);
-}
 
 /// A range of the flat gradient buffer reduced by one collective.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +50,7 @@ impl GradientReducer {
                 ),
             });
         }
-        let handles: Vec<*mut c_void> = params.iter().map(|p| p.as_ptr() as *mut c_void).collect();
+        let handles: Vec<TensorHandle> = params.iter().map(ffi::tensor).collect();
         let starts: Vec<i64> = buckets.iter().map(|b| b.start).collect();
         let lens: Vec<i64> = buckets.iter().map(|b| b.len).collect();
         let roots: Vec<c_int> = buckets.iter().map(|b| b.owner.map_or(-1, |r| r as c_int)).collect();
@@ -83,12 +59,12 @@ impl GradientReducer {
         // and to the group's engine.
         check(
             unsafe {
-                wizard_reducer_new(
+                ffi::wizard_reducer_new(
                     group.raw(),
                     handles.as_ptr(),
                     offsets.as_ptr(),
                     params.len() as i64,
-                    flat_grads.as_ptr() as *mut c_void,
+                    ffi::tensor(flat_grads),
                     starts.as_ptr(),
                     lens.as_ptr(),
                     roots.as_ptr(),
@@ -110,7 +86,7 @@ impl GradientReducer {
     /// backward; earlier ones accumulate in the parameters' own gradients as usual).
     pub fn arm(&self) {
         // SAFETY: `raw` is live.
-        unsafe { wizard_reducer_arm(self.raw) }
+        unsafe { ffi::wizard_reducer_arm(self.raw) }
     }
 
     /// Moves any gradient no hook delivered, starts the buckets still waiting, and waits for all of
@@ -120,7 +96,7 @@ impl GradientReducer {
     pub fn finish(&self) -> Result<usize, KernelError> {
         let mut early = 0;
         // SAFETY: `raw` is live; `early` is written before return.
-        check(unsafe { wizard_reducer_finish(self.raw, &mut early) }, "gradient reduction")?;
+        check(unsafe { ffi::wizard_reducer_finish(self.raw, &mut early) }, "gradient reduction")?;
         Ok(early as usize)
     }
 }
@@ -128,7 +104,7 @@ impl GradientReducer {
 impl Drop for GradientReducer {
     fn drop(&mut self) {
         // SAFETY: `raw` came from wizard_reducer_new and is freed once; this also removes the hooks.
-        unsafe { wizard_reducer_free(self.raw) }
+        unsafe { ffi::wizard_reducer_free(self.raw) }
     }
 }
 

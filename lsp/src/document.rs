@@ -4,6 +4,7 @@
 use tree_sitter::{InputEdit, Parser, Point, Tree};
 
 use crate::syntax::Language;
+use crate::text::floor_char_boundary;
 
 /// Documents larger than this are not parsed (indentation rules only), to keep edits cheap.
 pub const MAX_PARSED_BYTES: usize = 1 << 20;
@@ -149,11 +150,8 @@ impl Document {
             Err(_) if position.0 as usize >= self.line_starts.len() => self.text.len(),
             // Inside a character: its start.
             Err(_) => {
-                let mut offset = self.offset((position.0, position.1.saturating_sub(1)), encoding).unwrap_or(0);
-                while !self.text.is_char_boundary(offset) {
-                    offset -= 1;
-                }
-                offset
+                let offset = self.offset((position.0, position.1.saturating_sub(1)), encoding).unwrap_or(0);
+                floor_char_boundary(&self.text, offset)
             }
         }
     }

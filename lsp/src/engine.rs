@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use pipeline::generate::{Sampling, StopCriterion};
+use pipeline::generate::StopCriterion;
 use pipeline::model::GptBigCode;
+use pipeline::sampling::Sampling;
 use pipeline::speculative::{self, Drafter, Session, SpeculativeConfig};
 use pipeline::tokenizer::Tokenizer;
 use tch::{Device, Kind};
@@ -48,6 +49,8 @@ pub struct Settings {
     pub temperature: f64,
     /// Nucleus sampling when temperature > 0.
     pub top_p: Option<f64>,
+    /// Keep only the k most likely tokens when temperature > 0.
+    pub top_k: Option<usize>,
     /// Most prompt tokens.
     pub context_budget: usize,
     /// Share of the budget the suffix may take.
@@ -69,6 +72,7 @@ impl Default for Settings {
             max_tokens: 64,
             temperature: 0.0,
             top_p: None,
+            top_k: None,
             context_budget: 1024,
             suffix_share: 0.25,
             languages: Vec::new(),
@@ -76,6 +80,13 @@ impl Default for Settings {
             gamma: 4,
             reuse_prefix: true,
         }
+    }
+}
+
+impl Settings {
+    /// How completions pick their tokens (seed 0: the same request gives the same completion).
+    pub fn sampling(&self) -> Sampling {
+        Sampling { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: 0 }
     }
 }
 
@@ -319,7 +330,7 @@ impl CompletionModel for ModelBackend {
         let max_new_tokens = settings.max_tokens.min(context.saturating_sub(prompt.len() + 1));
         let config = SpeculativeConfig {
             max_new_tokens,
-            sampling: Sampling { temperature: settings.temperature, top_k: None, top_p: settings.top_p, seed: 0 },
+            sampling: settings.sampling(),
             eos_token_id: Some(i64::from(self.tokenizer.eos_id())),
             gamma: settings.gamma.max(1),
             ..SpeculativeConfig::default()

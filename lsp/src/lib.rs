@@ -6,8 +6,10 @@
 //! - `syntax`: whether and how much to complete, and when a completion's block is complete;
 //! - `prompt`: the FIM prompt under a token budget;
 //! - `engine`: the inference thread, cancellation, `catch_unwind` per request;
-//! - `cache`: the LRU of completions and "typed as suggested" reuse.
+//! - `cache`: the LRU of completions and "typed as suggested" reuse;
+//! - `text`: word and character-boundary helpers on UTF-8 text.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod cache;
 pub mod document;
@@ -15,6 +17,7 @@ pub mod engine;
 pub mod prompt;
 mod server;
 pub mod syntax;
+pub mod text;
 
 use std::net::{Ipv4Addr, SocketAddr};
 

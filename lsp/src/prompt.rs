@@ -1,8 +1,41 @@
 //! The StarCoder fill-in-the-middle prompt, `<fim_prefix>prefix<fim_suffix>suffix<fim_middle>`, built
 //! in token ids under a token budget counted after templating: the FIM tokens always stay; the budget
 //! left is split between the end of the prefix and the start of the suffix (what one side does not
-//! use goes to the other); `<filename>` and snippets of other open files come in when room is left.
+//! use goes to the other); `<filename>` and snippets of other open files take at most a fixed share.
 use pipeline::tokenizer::Tokenizer;
+
+use crate::text::floor_char_boundary;
+
+/// Share of the budget (after the template) that the file name and snippets may take. It is decided
+/// before the prefix, so that typing on never drops a snippet, which would move the prompt's start.
+const CONTEXT_SHARE: f64 = 0.25;
+
+/// Other open files put in the prompt, and how much of each.
+const SNIPPETS: usize = 3;
+const SNIPPET_BYTES: usize = 1500;
+
+/// An open document that may lend a snippet.
+pub struct SnippetSource<'a> {
+    /// Its path.
+    pub path: String,
+    /// Its text.
+    pub text: &'a str,
+    /// When it was last opened or edited (larger is later).
+    pub touched: u64,
+}
+
+/// The snippets for a prompt: the most recently touched documents first, ties by path, so the
+/// choice does not depend on the order documents are held in and stays put while the user types in
+/// the current document; the start of each, cut at a character boundary.
+pub fn choose_snippets<'a>(sources: impl IntoIterator<Item = SnippetSource<'a>>) -> Vec<(String, String)> {
+    let mut sources: Vec<SnippetSource> = sources.into_iter().collect();
+    sources.sort_by(|a, b| b.touched.cmp(&a.touched).then_with(|| a.path.cmp(&b.path)));
+    sources
+        .into_iter()
+        .take(SNIPPETS)
+        .map(|source| (source.path, source.text[..floor_char_boundary(source.text, SNIPPET_BYTES)].to_string()))
+        .collect()
+}
 
 /// What goes around the cursor.
 #[derive(Debug, Clone, Default)]
@@ -39,14 +72,31 @@ pub fn build(tokenizer: &Tokenizer, parts: &PromptParts, budget: Budget) -> pipe
     };
     let template = if fim.is_some() { 3 } else { 0 };
     let mut left = budget.tokens.saturating_sub(template);
+    // The file name, then snippets, within their share; what they leave goes to the prefix and suffix.
+    let mut context_left = (left as f64 * CONTEXT_SHARE) as usize;
     let filename = match (special("<filename>"), &parts.filename) {
         (Some(id), Some(name)) => {
             let mut ids = vec![id];
             ids.extend(encode(&format!("{name}\n"))?);
-            Some(ids)
+            Some(ids).filter(|ids| ids.len() <= context_left)
         }
         _ => None,
     };
+    context_left -= filename.as_ref().map_or(0, Vec::len);
+    let mut context = Vec::new();
+    if let (Some(file_id), Some(eos)) = (special("<filename>"), special("<|endoftext|>")) {
+        for (path, text) in &parts.snippets {
+            let mut ids = vec![file_id];
+            ids.extend(encode(&format!("{path}\n"))?);
+            ids.extend(encode(text)?);
+            ids.push(eos);
+            if ids.len() <= context_left {
+                context_left -= ids.len();
+                context.extend(ids);
+            }
+        }
+    }
+    left -= context.len() + filename.as_ref().map_or(0, Vec::len);
     let mut prefix = encode(&parts.prefix)?;
     let mut suffix = if fim.is_some() { encode(&parts.suffix)? } else { Vec::new() };
     // The suffix's quota, then whatever the prefix leaves.
@@ -56,30 +106,10 @@ pub fn build(tokenizer: &Tokenizer, parts: &PromptParts, budget: Budget) -> pipe
     left -= suffix_len;
     if prefix.len() > left {
         // Cut in steps, so that the prompt's start stays put while the user types on and the keys
-        // and values of the previous request stay reusable (engine `reuse_prefix`). What a step
-        // leaves unused stays unused: lent to the file name or snippets, it would move the start.
+        // and values of the previous request stay reusable (engine `reuse_prefix`).
         let step = (left / 16).clamp(1, 64);
         let cut = (prefix.len() - left).div_ceil(step) * step;
         prefix.drain(..cut.min(prefix.len()));
-        left = 0;
-    } else {
-        left -= prefix.len();
-    }
-    let filename = filename.filter(|ids| ids.len() <= left);
-    left -= filename.as_ref().map_or(0, Vec::len);
-    let mut context = Vec::new();
-    if let (Some(file_id), Some(eos)) = (special("<filename>"), special("<|endoftext|>")) {
-        for (path, text) in &parts.snippets {
-            let mut ids = vec![file_id];
-            ids.extend(encode(&format!("{path}\n"))?);
-            ids.extend(encode(text)?);
-            ids.push(eos);
-            if ids.len() > left {
-                continue;
-            }
-            left -= ids.len();
-            context.extend(ids);
-        }
     }
     let mut out = context;
     match fim {
@@ -158,6 +188,50 @@ pub(crate) mod tests {
             previous = Some(ids);
         }
         assert!(kept > 4 * moved, "the start moved {moved} times in {} keystrokes", kept + moved);
+    }
+
+    /// Snippets and the file name stay in the prompt, unchanged, while the prefix grows past the
+    /// budget: the prompt's start does not move as the user types.
+    #[test]
+    fn snippets_stay_while_typing() {
+        let budget = Budget { tokens: 200, suffix_share: 0.25, fim: true };
+        let snippets = vec![("b.py".to_string(), "x = 1\n".to_string()), ("c.py".to_string(), "y = 2\n".to_string())];
+        let mut prefix = String::new();
+        for i in 0..60 {
+            prefix.push_str(&format!("z_{i} = {i}\n"));
+            let parts = PromptParts {
+                filename: Some("a.py".into()),
+                snippets: snippets.clone(),
+                ..parts(&prefix, "\nw = 3\n")
+            };
+            let ids = build(tokenizer(), &parts, budget).unwrap();
+            assert!(ids.len() <= budget.tokens, "{} tokens", ids.len());
+            let ids: Vec<u32> = ids.into_iter().map(|id| id as u32).collect();
+            let text = tokenizer().decode(&ids, false).unwrap();
+            let start =
+                "<filename>b.py\nx = 1\n<|endoftext|><filename>c.py\ny = 2\n<|endoftext|><fim_prefix><filename>a.py\n";
+            assert!(text.starts_with(start), "after {i} lines: {text:?}");
+        }
+    }
+
+    /// The same documents give the same snippets whatever order they are held in: latest first.
+    #[test]
+    fn snippets_are_chosen_deterministically() {
+        let documents = [("/d.py", 4), ("/a.py", 1), ("/c.py", 3), ("/b.py", 3), ("/e.py", 0)];
+        let long = format!("x{}", "é".repeat(SNIPPET_BYTES));
+        let chosen = |order: &[usize]| {
+            choose_snippets(order.iter().map(|&i| SnippetSource {
+                path: documents[i].0.to_string(),
+                text: if i == 0 { &long } else { "x" },
+                touched: documents[i].1,
+            }))
+        };
+        let expected: Vec<&str> = vec!["/d.py", "/b.py", "/c.py"];
+        for order in [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 4, 0, 3, 1]] {
+            let snippets = chosen(&order);
+            assert_eq!(snippets.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), expected, "order {order:?}");
+            assert_eq!(snippets[0].1.len(), SNIPPET_BYTES - 1, "cut at the character boundary before the limit");
+        }
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! offsets, [`Job`]s) and back. Document state sits behind a mutex that is never held across an
 //! await; completions are computed by the [`Engine`] on its own thread.
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -13,18 +12,24 @@ use tower_lsp_server::lsp_types::*;
 use tower_lsp_server::{Client, LanguageServer, LspService};
 use tracing::Instrument;
 
-use crate::cache::{Cache, Hit};
+use crate::cache::{fingerprint, Cache, Hit};
 use crate::document::{Document, Encoding};
 use crate::engine::{Engine, EngineError, Job, Settings, Status};
-use crate::prompt::PromptParts;
+use crate::prompt::{choose_snippets, PromptParts, SnippetSource};
 use crate::syntax::{decide, window_start, Language, Mode};
+use crate::text::{ceil_char_boundary, floor_char_boundary, is_word_char};
 
-/// Other open files put in the prompt, and how much of each.
-const SNIPPETS: usize = 3;
-const SNIPPET_BYTES: usize = 1500;
+/// An open document, its LSP language id, and when it was last opened or edited.
+struct OpenDocument {
+    document: Document,
+    language_id: String,
+    touched: u64,
+}
 
 struct State {
-    documents: HashMap<String, (Document, String)>,
+    documents: HashMap<String, OpenDocument>,
+    /// Counts opens and edits, to order snippet sources.
+    clock: u64,
     encoding: Encoding,
     settings: Settings,
     cache: Cache,
@@ -46,6 +51,7 @@ pub fn service(engine: Engine, settings: Settings) -> (LspService<Backend>, towe
         engine,
         state: Mutex::new(State {
             documents: HashMap::new(),
+            clock: 0,
             encoding: Encoding::Utf16,
             settings,
             cache: Cache::new(256),
@@ -77,6 +83,7 @@ struct Overrides {
     max_tokens: Option<usize>,
     temperature: Option<f64>,
     top_p: Option<f64>,
+    top_k: Option<usize>,
 }
 
 /// A completion ready to be turned into protocol items.
@@ -87,10 +94,12 @@ struct Completion {
     word: String,
 }
 
-fn settings_from(value: &Value, current: &Settings) -> Settings {
+/// `current` with the fields of a client's settings object (under `wizard` or at the top) applied;
+/// an error says which value is wrong, and nothing is applied.
+fn settings_from(value: &Value, current: &Settings) -> std::result::Result<Settings, String> {
     let value = value.get("wizard").unwrap_or(value);
     let Some(object) = value.as_object() else {
-        return current.clone();
+        return Ok(current.clone());
     };
     let mut merged = serde_json::to_value(current).unwrap_or(Value::Null);
     if let Some(target) = merged.as_object_mut() {
@@ -98,13 +107,9 @@ fn settings_from(value: &Value, current: &Settings) -> Settings {
             target.insert(key.clone(), value.clone());
         }
     }
-    match serde_json::from_value(merged) {
-        Ok(settings) => settings,
-        Err(error) => {
-            tracing::warn!("ignoring invalid settings {value}: {error}");
-            current.clone()
-        }
-    }
+    let settings: Settings = serde_json::from_value(merged).map_err(|e| format!("invalid settings {value}: {e}"))?;
+    settings.sampling().validate().map_err(|e| format!("invalid settings {value}: {e}"))?;
+    Ok(settings)
 }
 
 fn engine_error(error: EngineError) -> Error {
@@ -112,24 +117,6 @@ fn engine_error(error: EngineError) -> Error {
         EngineError::Cancelled => Error::request_cancelled(),
         other => Error { code: ErrorCode::InternalError, message: other.to_string().into(), data: None },
     }
-}
-
-fn is_word_char(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
-}
-
-fn floor_boundary(text: &str, mut at: usize) -> usize {
-    while !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    at
-}
-
-fn ceil_boundary(text: &str, mut at: usize) -> usize {
-    while !text.is_char_boundary(at) {
-        at += 1;
-    }
-    at
 }
 
 impl Backend {
@@ -143,10 +130,13 @@ impl Backend {
             settings.max_tokens = overrides.max_tokens.unwrap_or(settings.max_tokens);
             settings.temperature = overrides.temperature.unwrap_or(settings.temperature);
             settings.top_p = overrides.top_p.or(settings.top_p);
-            let Some((document, language_id)) = state.documents.get(&key) else {
+            settings.top_k = overrides.top_k.or(settings.top_k);
+            settings.sampling().validate().map_err(|e| Error::invalid_params(e.to_string()))?;
+            let Some(open) = state.documents.get(&key) else {
                 return Err(Error::invalid_params(format!("unknown document {key}")));
             };
-            if !settings.languages.is_empty() && !settings.languages.contains(language_id) {
+            let document = &open.document;
+            if !settings.languages.is_empty() && !settings.languages.contains(&open.language_id) {
                 return Ok(None);
             }
             let offset = document
@@ -163,36 +153,35 @@ impl Backend {
             // the document (syntax::BlockEnd), near a point on a grid, so that typing on keeps the
             // prompt's start (and its cached keys and values).
             let grid = (window / 4).max(1);
-            let from = ceil_boundary(text, offset.saturating_sub(window) / grid * grid);
+            let from = ceil_char_boundary(text, offset.saturating_sub(window) / grid * grid);
             let prefix_start = window_start(text, document.tree(), from, offset);
-            let suffix_end = floor_boundary(text, offset.saturating_add(window).min(text.len()));
+            let suffix_end = floor_char_boundary(text, offset.saturating_add(window).min(text.len()));
             let word_start_byte = text[..offset].trim_end_matches(is_word_char).len();
             let word = text[word_start_byte..offset].to_string();
             let word_start = document.position(word_start_byte, encoding);
             let snippets = if settings.snippets {
-                state
-                    .documents
-                    .iter()
-                    .filter(|(other, (doc, _))| **other != key && doc.language == document.language)
-                    .take(SNIPPETS)
-                    .map(|(other, (doc, _))| {
-                        let end = floor_boundary(doc.text(), SNIPPET_BYTES.min(doc.text().len()));
-                        (path_of(other), doc.text()[..end].to_string())
-                    })
-                    .collect()
+                choose_snippets(
+                    state
+                        .documents
+                        .iter()
+                        .filter(|(other, open)| **other != key && open.document.language == document.language)
+                        .map(|(other, open)| SnippetSource {
+                            path: path_of(other),
+                            text: open.document.text(),
+                            touched: open.touched,
+                        }),
+                )
             } else {
                 Vec::new()
             };
             let fim = overrides.fim.unwrap_or(true);
-            let mut hasher = DefaultHasher::new();
-            (fim, settings.max_tokens, settings.context_budget, settings.temperature.to_bits()).hash(&mut hasher);
-            let fingerprint = hasher.finish();
             let parts = PromptParts {
                 prefix: text[prefix_start..offset].to_string(),
                 suffix: text[offset..suffix_end].to_string(),
                 filename: Some(path_of(&key)),
                 snippets,
             };
+            let fingerprint = fingerprint(&settings, fim, &parts);
             let full_prefix = text[..offset].to_string();
             let suffix = parts.suffix.clone();
             let language = document.language;
@@ -238,6 +227,13 @@ impl Backend {
         Ok(Some(Completion { text: output.text, cursor: position, word_start: word_start.into_position(), word }))
     }
 
+    /// Tells the user which setting was refused; the settings in force do not change.
+    async fn refuse_settings(&self, message: String) {
+        tracing::warn!("{message}; the settings stay as they were");
+        let message = format!("wizard: {message}; the settings stay as they were");
+        self.client.show_message(MessageType::WARNING, message).await;
+    }
+
     fn span(&self, method: &str, uri: &Uri, position: Position) -> tracing::Span {
         let id = self.requests.fetch_add(1, Ordering::Relaxed);
         tracing::info_span!(
@@ -278,6 +274,7 @@ impl Backend {
             max_tokens: number("max_new_tokens").map(|n| n as usize),
             temperature: number("temperature"),
             top_p: number("top_p"),
+            top_k: number("top_k").map(|k| k as usize),
         };
         let completion =
             self.complete_at(&params.text_document.uri, params.position, overrides).instrument(span).await?;
@@ -351,7 +348,7 @@ pub struct GetCompletionsParams {
     /// Strings removed from the completion.
     #[serde(default)]
     pub tokens_to_clear: Vec<String>,
-    /// `{"parameters": {"max_new_tokens", "temperature", "top_p"}}`.
+    /// `{"parameters": {"max_new_tokens", "temperature", "top_p", "top_k"}}`.
     #[serde(default)]
     pub request_body: Option<Value>,
 }
@@ -384,13 +381,23 @@ impl LanguageServer for Backend {
                 _ => None,
             })
             .unwrap_or(Encoding::Utf16);
-        {
+        let refused = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state.encoding = encoding;
-            if let Some(options) = &params.initialization_options {
-                state.settings = settings_from(options, &state.settings);
-            }
+            let options = params.initialization_options.as_ref().map(|options| settings_from(options, &state.settings));
+            let refused = match options {
+                Some(Ok(settings)) => {
+                    state.settings = settings;
+                    None
+                }
+                Some(Err(message)) => Some(message),
+                None => None,
+            };
             tracing::info!(?encoding, settings = ?state.settings, "initialized");
+            refused
+        };
+        if let Some(message) = refused {
+            self.refuse_settings(message).await;
         }
         let kind = match encoding {
             Encoding::Utf8 => PositionEncodingKind::UTF8,
@@ -429,17 +436,23 @@ impl LanguageServer for Backend {
         let language = Language::detect(&item.language_id, item.uri.as_str());
         let document = Document::new(item.text, language, item.version);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.documents.insert(item.uri.as_str().to_string(), (document, item.language_id));
+        state.clock += 1;
+        let open = OpenDocument { document, language_id: item.language_id, touched: state.clock };
+        state.documents.insert(item.uri.as_str().to_string(), open);
     }
 
     async fn did_change(&self, params: DidChangeTextDocumentParams) {
         let key = params.text_document.uri.as_str().to_string();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let encoding = state.encoding;
-        let Some((document, _)) = state.documents.get_mut(&key) else {
+        state.clock += 1;
+        let clock = state.clock;
+        let Some(open) = state.documents.get_mut(&key) else {
             tracing::warn!("change to unknown document {key}");
             return;
         };
+        open.touched = clock;
+        let document = &mut open.document;
         document.version = params.text_document.version;
         for change in params.content_changes {
             match change.range {
@@ -465,9 +478,20 @@ impl LanguageServer for Backend {
     }
 
     async fn did_change_configuration(&self, params: DidChangeConfigurationParams) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.settings = settings_from(&params.settings, &state.settings);
-        tracing::info!(settings = ?state.settings, "configuration changed");
+        let refused = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            match settings_from(&params.settings, &state.settings) {
+                Ok(settings) => {
+                    state.settings = settings;
+                    tracing::info!(settings = ?state.settings, "configuration changed");
+                    None
+                }
+                Err(message) => Some(message),
+            }
+        };
+        if let Some(message) = refused {
+            self.refuse_settings(message).await;
+        }
     }
 
     async fn completion(&self, params: CompletionParams) -> Result<Option<CompletionResponse>> {

@@ -5,6 +5,8 @@
 //! which of them are inside strings and comments), and the trimming of text that repeats the suffix.
 use tree_sitter::{InputEdit, Node, Parser, Point, Tree};
 
+use crate::text::{floor_char_boundary, is_word_char};
+
 /// A language the server knows by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Language {
@@ -190,18 +192,6 @@ pub fn decide(language: Language, text: &str, tree: Option<&Tree>, offset: usize
         }
     }
     single
-}
-
-fn is_word_char(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
-}
-
-fn floor_char_boundary(text: &str, mut offset: usize) -> usize {
-    offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    offset
 }
 
 /// Columns of leading whitespace (a tab counts as 4).

@@ -10,7 +10,7 @@ use safetensors::{Dtype, View};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::{PipelineError, Result};
+use crate::{files, PipelineError, Result};
 
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
@@ -171,7 +171,7 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
     })
 }
 
-/// Writes `model.safetensors` atomically (a temporary file renamed into place), with the
+/// Writes `model.safetensors` atomically, with the
 /// `{"format": "pt"}` metadata that `transformers` expects.
 pub fn save(dir: &Path, tensors: &[(String, Tensor)], kind: Kind) -> Result<()> {
     let dtype = dtype_of(kind)?;
@@ -185,10 +185,10 @@ pub fn save(dir: &Path, tensors: &[(String, Tensor)], kind: Kind) -> Result<()> 
         host.insert(name.clone(), HostTensor { dtype, shape, bytes });
     }
     let target = dir.join(SINGLE);
-    let partial = dir.join(format!(".{SINGLE}.partial"));
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize_to_file(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &partial)
-        .map_err(|e| PipelineError::Safetensors { path: partial.clone(), message: e.to_string() })?;
-    std::fs::rename(&partial, &target).map_err(|e| PipelineError::io(&target, e))?;
-    Ok(())
+    files::replace_with(&target, |temporary| {
+        safetensors::serialize_to_file(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), temporary)
+            .map_err(std::io::Error::other)
+    })
+    .map_err(|e| PipelineError::io(&target, e))
 }

@@ -2,6 +2,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use crate::jsonl::LineError;
+
 /// Everything that can go wrong in the model pipeline. Each variant names the file, field or tensor.
 #[derive(Debug, Error)]
 pub enum PipelineError {
@@ -75,5 +77,13 @@ impl PipelineError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         PipelineError::Io { path: path.into(), error: source }
+    }
+
+    /// Wraps an error of a JSON Lines file with the file's path.
+    pub(crate) fn jsonl(path: impl Into<PathBuf>, error: LineError) -> Self {
+        match error {
+            LineError::Io(error) => PipelineError::io(path, error),
+            bad @ LineError::Bad { .. } => PipelineError::Json { path: path.into(), message: bad.to_string() },
+        }
     }
 }

@@ -2,14 +2,21 @@
 //! fill-in-the-middle, instruction format), the training loop with ZeRO, and generation
 //! (KV cache, sampling, speculative decoding). Tensor work below tch lives in `kernels`.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
+pub mod chart;
 pub mod checkpoint;
 pub mod complete;
 pub mod config;
+pub mod corpus;
 mod error;
+pub mod files;
 pub mod generate;
+pub mod jsonl;
 pub mod kv_cache;
+mod load;
 pub mod model;
+pub mod sampling;
 pub mod speculative;
 pub mod tokenizer;
 pub mod train;

@@ -2,14 +2,11 @@
 //! learned absolute positions, pre-LayerNorm blocks, multi-query (one shared K/V head) or multi-head
 //! attention, a GELU MLP, and an `lm_head` that is tied to `wte` unless the config says otherwise.
 //! Variable names mirror the checkpoint (`transformer.h.0.attn.c_attn.weight`, ...), so loading and
-//! saving are name-for-name copies.
-use std::path::Path;
-
+//! saving (in `load.rs`) are name-for-name copies.
 use kernels::attention::{self, SdpaBackend};
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint;
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::{PipelineError, Result};
@@ -33,12 +30,20 @@ impl Linear {
     }
 }
 
-/// Initialisation: `transformers`' normal(0, std) for fresh models, zeros when weights will be loaded.
-fn normal(std: f64, random: bool) -> Init {
-    if random {
-        Init::Randn { mean: 0.0, stdev: std }
-    } else {
-        Init::Const(0.0)
+/// How a new model's weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Weights {
+    /// `transformers`' initialisation, for a model to train from scratch.
+    Random,
+    /// Zeros, for weights about to be loaded.
+    Zeros,
+}
+
+/// `transformers`' normal(0, std) for a fresh model.
+fn normal(std: f64, weights: Weights) -> Init {
+    match weights {
+        Weights::Random => Init::Randn { mean: 0.0, stdev: std },
+        Weights::Zeros => Init::Const(0.0),
     }
 }
 
@@ -75,13 +80,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(path: nn::Path, config: &ModelConfig, random: bool) -> Attention {
+    fn new(path: nn::Path, config: &ModelConfig, weights: Weights) -> Attention {
         let (d, head_dim, kv_heads) = (config.n_embd, config.head_dim(), config.kv_heads());
         let proj_std = config.initializer_range / (2.0 * config.n_layer as f64).sqrt();
         let qkv_dim = d + 2 * kv_heads * head_dim;
         Attention {
-            c_attn: Linear::new(&path / "c_attn", d, qkv_dim, normal(config.initializer_range, random)),
-            c_proj: Linear::new(&path / "c_proj", d, d, normal(proj_std, random)),
+            c_attn: Linear::new(&path / "c_attn", d, qkv_dim, normal(config.initializer_range, weights)),
+            c_proj: Linear::new(&path / "c_proj", d, d, normal(proj_std, weights)),
             n_head: config.n_head,
             kv_heads,
             head_dim,
@@ -140,12 +145,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(path: nn::Path, config: &ModelConfig, random: bool) -> Mlp {
+    fn new(path: nn::Path, config: &ModelConfig, weights: Weights) -> Mlp {
         let proj_std = config.initializer_range / (2.0 * config.n_layer as f64).sqrt();
         let (d, inner) = (config.n_embd, config.inner_dim());
         Mlp {
-            c_fc: Linear::new(&path / "c_fc", d, inner, normal(config.initializer_range, random)),
-            c_proj: Linear::new(&path / "c_proj", inner, d, normal(proj_std, random)),
+            c_fc: Linear::new(&path / "c_fc", d, inner, normal(config.initializer_range, weights)),
+            c_proj: Linear::new(&path / "c_proj", inner, d, normal(proj_std, weights)),
             approximate: config.activation_function.approximate(),
             resid_pdrop: config.resid_pdrop,
         }
@@ -164,13 +169,13 @@ struct Block {
 }
 
 impl Block {
-    fn new(path: nn::Path, config: &ModelConfig, random: bool) -> Block {
+    fn new(path: nn::Path, config: &ModelConfig, weights: Weights) -> Block {
         let eps = config.layer_norm_epsilon;
         Block {
             ln_1: LayerNorm::new(&path / "ln_1", config.n_embd, eps),
-            attn: Attention::new(&path / "attn", config, random),
+            attn: Attention::new(&path / "attn", config, weights),
             ln_2: LayerNorm::new(&path / "ln_2", config.n_embd, eps),
-            mlp: Mlp::new(&path / "mlp", config, random),
+            mlp: Mlp::new(&path / "mlp", config, weights),
         }
     }
 
@@ -198,18 +203,13 @@ pub struct GptBigCode {
 
 static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Buffers that old checkpoints carry and `transformers` ignores.
-fn is_ignored_buffer(name: &str) -> bool {
-    name.ends_with(".attn.masked_bias") || name.ends_with(".attn.bias")
-}
-
 impl GptBigCode {
     /// A model with freshly initialised weights (`transformers`' initialisation), in fp32.
     pub fn new(config: ModelConfig, device: Device) -> Result<GptBigCode> {
-        GptBigCode::build(config, device, Kind::Float, true)
+        GptBigCode::build(config, device, Kind::Float, Weights::Random)
     }
 
-    fn build(config: ModelConfig, device: Device, kind: Kind, random: bool) -> Result<GptBigCode> {
+    pub(crate) fn build(config: ModelConfig, device: Device, kind: Kind, weights: Weights) -> Result<GptBigCode> {
         config.validate().map_err(|(field, message)| PipelineError::Config {
             path: "<model config>".into(),
             field: field.into(),
@@ -219,66 +219,16 @@ impl GptBigCode {
         vars.set_kind(kind); // before any variable exists: every one is created in `kind`
         let root = vars.root();
         let transformer = &root / "transformer";
-        let init = normal(config.initializer_range, random);
+        let init = normal(config.initializer_range, weights);
         let wte = (&transformer / "wte").var("weight", &[config.vocab_size, config.n_embd], init);
         let wpe = (&transformer / "wpe").var("weight", &[config.n_positions, config.n_embd], init);
-        let blocks = (0..config.n_layer).map(|i| Block::new(&transformer / "h" / i, &config, random)).collect();
+        let blocks = (0..config.n_layer).map(|i| Block::new(&transformer / "h" / i, &config, weights)).collect();
         let ln_f = LayerNorm::new(&transformer / "ln_f", config.n_embd, config.layer_norm_epsilon);
         let lm_head = (!config.tie_word_embeddings)
             .then(|| (&root / "lm_head").var("weight", &[config.vocab_size, config.n_embd], init));
         let embd_pdrop = config.embd_pdrop;
         let id = NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(GptBigCode { config, vars, wte, wpe, blocks, ln_f, lm_head, embd_pdrop, id })
-    }
-
-    /// Loads a Hugging Face model directory (`config.json` + safetensors) in `kind` on `device`.
-    /// Tensors stream from the memory-mapped files straight into the weights.
-    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<GptBigCode> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let model = GptBigCode::build(config, device, kind, false)?;
-        let mut pending = model.vars.variables();
-        let tied = model.config.tie_word_embeddings;
-        tch::no_grad(|| {
-            checkpoint::for_each_tensor(dir, |name, tensor, file| {
-                let tensor_error = |message: String| PipelineError::Tensor {
-                    path: file.to_path_buf(),
-                    tensor: name.to_string(),
-                    message,
-                };
-                let Some(var) = pending.remove(name) else {
-                    let tied_head = name == "lm_head.weight" && tied;
-                    return if tied_head || is_ignored_buffer(name) {
-                        Ok(())
-                    } else {
-                        Err(tensor_error("is not part of a GPTBigCode model".into()))
-                    };
-                };
-                if tensor.size() != var.size() {
-                    let message = format!("has shape {:?}, config.json implies {:?}", tensor.size(), var.size());
-                    return Err(tensor_error(message));
-                }
-                var.shallow_clone().f_copy_(&tensor)?;
-                Ok(())
-            })
-        })?;
-        let mut missing: Vec<String> = pending.into_keys().collect();
-        missing.sort();
-        if let Some(first) = missing.first() {
-            let file = checkpoint::weight_files(dir)?.remove(0);
-            let message = format!("missing from the checkpoint ({} missing in all)", missing.len());
-            return Err(PipelineError::Tensor { path: file, tensor: first.clone(), message });
-        }
-        Ok(model)
-    }
-
-    /// Writes `config.json` and `model.safetensors` in `kind` into `dir` (created if needed).
-    pub fn save(&self, dir: &Path, kind: Kind) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| PipelineError::io(dir, e))?;
-        let mut tensors: Vec<(String, Tensor)> = self.vars.variables().into_iter().collect();
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        checkpoint::save(dir, &tensors, kind)?;
-        let config = dir.join("config.json");
-        std::fs::write(&config, self.config.to_json(dtype_name(kind))).map_err(|e| PipelineError::io(&config, e))
     }
 
     /// This model's identity in the process (never reused).

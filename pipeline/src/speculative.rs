@@ -11,9 +11,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
-use crate::generate::{warped_candidates, Finish, Generation, Sampling, StopCriterion};
+use crate::generate::{Finish, Generation, StopCriterion};
 use crate::kv_cache::KvCache;
 use crate::model::GptBigCode;
+use crate::sampling::{argmax, draw, Sampling};
 use crate::{PipelineError, Result};
 
 /// Where draft tokens come from.
@@ -182,9 +183,7 @@ pub fn generate_in(
     stop: &mut dyn StopCriterion,
 ) -> Result<SpeculativeGeneration> {
     let sampling = &config.sampling;
-    if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
-        return Err(PipelineError::Invalid(format!("temperature must be >= 0, got {}", sampling.temperature)));
-    }
+    sampling.validate()?;
     if prompt.is_empty() {
         return Err(PipelineError::Invalid("the prompt is empty".into()));
     }
@@ -309,7 +308,7 @@ impl State<'_> {
                     let input = Tensor::from_slice(&feed).to_device(model.device()).unsqueeze(0);
                     let logits = row(&model.forward_next(&input, cache)?)?;
                     self.stats.draft_passes += 1;
-                    let q = warped_probs(&logits, sampling);
+                    let q = sampling.probabilities(&logits);
                     let token = draw(&q, &mut self.rng) as i64;
                     tokens.push(token);
                     probs.push(q);
@@ -339,9 +338,9 @@ impl State<'_> {
         let mut accepted = 0;
         let mut next = None;
         for (i, &token) in draft.tokens.iter().enumerate() {
-            let p = warped_probs(&rows[i], sampling);
+            let p = sampling.probabilities(&rows[i]);
             let t = token as usize;
-            if sampling.temperature == 0.0 {
+            if sampling.is_greedy() {
                 let best = argmax(&rows[i]);
                 if best == t {
                     accepted += 1;
@@ -369,11 +368,7 @@ impl State<'_> {
             Some(token) => token,
             None => {
                 let last = &rows[draft.tokens.len()];
-                if sampling.temperature == 0.0 {
-                    argmax(last) as i64
-                } else {
-                    draw(&warped_probs(last, sampling), &mut self.rng) as i64
-                }
+                draw(&sampling.probabilities(last), &mut self.rng) as i64
             }
         };
         self.stats.accepted += accepted;
@@ -431,49 +426,6 @@ fn rows_to_vec(rows: &Tensor) -> Result<Vec<Vec<f32>>> {
     let (n, vocab) = rows.size2()?;
     let flat = row(rows)?;
     Ok((0..n as usize).map(|i| flat[i * vocab as usize..(i + 1) * vocab as usize].to_vec()).collect())
-}
-
-fn argmax(row: &[f32]) -> usize {
-    // The first maximum, as torch's argmax picks.
-    let mut best = 0;
-    for (i, &value) in row.iter().enumerate() {
-        if value > row[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-/// The distribution `generate` samples from: temperature, then top-k, then top-p, renormalised.
-/// Greedy (temperature 0) is a point mass on the argmax.
-pub fn warped_probs(logits: &[f32], sampling: &Sampling) -> Vec<f64> {
-    let mut probs = vec![0.0; logits.len()];
-    if sampling.temperature == 0.0 {
-        probs[argmax(logits)] = 1.0;
-        return probs;
-    }
-    for (token, probability) in warped_candidates(logits, sampling) {
-        probs[token] = probability;
-    }
-    probs
-}
-
-/// Draws an index with probability proportional to `weights`.
-fn draw(weights: &[f64], rng: &mut StdRng) -> usize {
-    let total: f64 = weights.iter().sum();
-    let mut left = rng.random::<f64>() * total;
-    let mut last = 0;
-    for (i, &w) in weights.iter().enumerate() {
-        if w <= 0.0 {
-            continue;
-        }
-        last = i;
-        left -= w;
-        if left <= 0.0 {
-            return i;
-        }
-    }
-    last
 }
 
 #[cfg(test)]
@@ -599,51 +551,98 @@ mod tests {
         (stat, cells - 1)
     }
 
-    /// Sampled speculative tokens follow the target's distribution: the joint distribution of the
-    /// first two tokens, over many seeds, passes a chi-square test against the exact target one.
+    /// Sampled speculative tokens follow the target's distribution under every warper: the joint
+    /// distribution of the first two tokens, over many seeds, passes a chi-square test against the
+    /// exact target one.
     #[test]
     fn sampled_tokens_follow_the_targets_distribution() {
         let vocab = 6;
         let target = model(3, 2, 32, vocab, 1.0);
         let draft = model(4, 1, 16, vocab, 1.0);
-        let sampling = Sampling { temperature: 1.0, top_k: None, top_p: None, seed: 0 };
         // A repeating prompt, so that prompt lookup drafts too.
         let prompt = [1i64, 2, 3, 1, 2];
-        // Exact p(a, b) = p(a | prompt) p(b | prompt, a).
-        let probs_after = |seq: &[i64]| -> Vec<f64> {
-            let logits = target.forward_full(&Tensor::from_slice(seq).unsqueeze(0), false).unwrap();
-            warped_probs(&row(&logits.get(0).get(-1)).unwrap(), &sampling)
-        };
-        let first = probs_after(&prompt);
-        let mut joint = Vec::new();
-        for a in 0..vocab {
-            let mut seq = prompt.to_vec();
-            seq.push(a);
-            let second = probs_after(&seq);
-            joint.extend(second.iter().map(|pb| first[a as usize] * pb));
-        }
-        let n = 3000;
-        for drafter in [Drafter::Model(&draft), Drafter::PromptLookup { max_ngram: 2 }] {
-            let mut counts = vec![0; joint.len()];
-            let mut stats = SpeculativeStats::default();
-            for seed in 0..n {
-                let config = SpeculativeConfig {
-                    // Four tokens, so three are drafted at once; the first two are counted.
-                    max_new_tokens: 4,
-                    sampling: Sampling { seed: seed as u64, ..sampling.clone() },
-                    gamma: 3,
-                    ..SpeculativeConfig::default()
-                };
-                let out = generate(&target, &drafter, &prompt, &config, &mut NoStop).unwrap();
-                let t = &out.generation.tokens;
-                counts[(t[0] * vocab + t[1]) as usize] += 1;
-                stats.drafted += out.stats.drafted;
-                stats.accepted += out.stats.accepted;
+        let check = |sampling: Sampling, n: usize| {
+            // Exact p(a, b) = p(a | prompt) p(b | prompt, a).
+            let probs_after = |seq: &[i64]| -> Vec<f64> {
+                let logits = target.forward_full(&Tensor::from_slice(seq).unsqueeze(0), false).unwrap();
+                sampling.probabilities(&row(&logits.get(0).get(-1)).unwrap())
+            };
+            let first = probs_after(&prompt);
+            let mut joint = Vec::new();
+            for a in 0..vocab {
+                let mut seq = prompt.to_vec();
+                seq.push(a);
+                let second = probs_after(&seq);
+                joint.extend(second.iter().map(|pb| first[a as usize] * pb));
             }
-            let (stat, dof) = chi_square(&counts, &joint, n);
-            // 99.9th percentile of chi-square with up to 35 degrees of freedom is below 67.
-            assert!(stat < 67.0, "chi-square {stat:.1} with {dof} dof; counts {counts:?}");
-            assert!(stats.drafted > 0 && stats.accepted > 0, "{stats:?}");
+            let mut accepted = 0;
+            for drafter in [Drafter::Model(&draft), Drafter::PromptLookup { max_ngram: 2 }] {
+                let mut counts = vec![0; joint.len()];
+                let mut stats = SpeculativeStats::default();
+                for seed in 0..n {
+                    let config = SpeculativeConfig {
+                        // Four tokens, so three are drafted at once; the first two are counted.
+                        max_new_tokens: 4,
+                        sampling: Sampling { seed: seed as u64, ..sampling.clone() },
+                        gamma: 3,
+                        ..SpeculativeConfig::default()
+                    };
+                    let out = generate(&target, &drafter, &prompt, &config, &mut NoStop).unwrap();
+                    let t = &out.generation.tokens;
+                    counts[(t[0] * vocab + t[1]) as usize] += 1;
+                    stats.drafted += out.stats.drafted;
+                    stats.accepted += out.stats.accepted;
+                }
+                let outside: usize = counts.iter().zip(&joint).filter(|(_, &p)| p == 0.0).map(|(c, _)| c).sum();
+                assert_eq!(outside, 0, "{sampling:?}: {outside} draws outside the warped support");
+                let (stat, dof) = chi_square(&counts, &joint, n);
+                // 99.9th percentile of chi-square with up to 35 degrees of freedom is below 67.
+                assert!(stat < 67.0, "{sampling:?}: chi-square {stat:.1} with {dof} dof; counts {counts:?}");
+                assert!(stats.drafted > 0, "{sampling:?}: {stats:?}");
+                accepted += stats.accepted;
+            }
+            // Prompt lookup's fixed draft may lie outside a narrow support; the draft model's does not.
+            assert!(accepted > 0, "{sampling:?}: no draft token was ever accepted");
+        };
+        check(Sampling { temperature: 1.0, top_k: None, top_p: None, seed: 0 }, 2000);
+        check(Sampling { temperature: 1.0, top_k: Some(3), top_p: None, seed: 0 }, 1500);
+        check(Sampling { temperature: 1.3, top_k: None, top_p: Some(0.8), seed: 0 }, 1500);
+        check(Sampling { temperature: 0.8, top_k: Some(4), top_p: Some(0.7), seed: 0 }, 1500);
+    }
+
+    /// Settings that plain generation refuses are refused by every drafter, before any work.
+    #[test]
+    fn bad_sampling_is_refused_by_every_path() {
+        let target = model(1, 1, 32, 97, 0.3);
+        let draft = model(2, 1, 32, 97, 0.3);
+        let bad = [
+            (Some(0), None, "top-k"),
+            (None, Some(0.0), "top-p"),
+            (None, Some(1.5), "top-p"),
+            (None, Some(f64::NAN), "top-p"),
+        ];
+        for temperature in [0.0, 0.8] {
+            for (top_k, top_p, named) in bad {
+                let sampling = Sampling { temperature, top_k, top_p, seed: 0 };
+                let plain = GenerateConfig {
+                    max_new_tokens: 4,
+                    num_samples: 1,
+                    sampling: sampling.clone(),
+                    eos_token_id: None,
+                };
+                let error = plain_generate(&target, &[1, 2], &plain, &mut NoStop).expect_err("plain accepted it");
+                assert!(error.to_string().contains(named), "{sampling:?}: {error}");
+                for drafter in [Drafter::None, Drafter::Model(&draft), Drafter::PromptLookup { max_ngram: 3 }] {
+                    let config = SpeculativeConfig {
+                        max_new_tokens: 4,
+                        sampling: sampling.clone(),
+                        ..SpeculativeConfig::default()
+                    };
+                    let error = generate(&target, &drafter, &[1, 2], &config, &mut NoStop)
+                        .expect_err(&format!("{sampling:?} accepted by speculative decoding"));
+                    assert!(error.to_string().contains(named), "{sampling:?}: {error}");
+                }
+            }
         }
     }
 }

@@ -6,12 +6,9 @@
 //! regex, no prefix space), a BPE model whose alphabet is all 256 byte symbols (so every input is
 //! encodable and nothing is ever unknown), a ByteLevel post-processor that adds nothing, and a
 //! ByteLevel decoder. The 19 special tokens of [`SPECIAL_TOKENS`] hold ids 0..=18, as in StarCoder.
-use std::collections::HashSet;
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
+use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -20,7 +17,8 @@ use tokenizers::{
     Trainer,
 };
 
-use crate::{PipelineError, Result};
+use crate::corpus::{self, DEFAULT_EXTENSIONS};
+use crate::{files, PipelineError, Result};
 
 /// StarCoder's special tokens; the token at index `i` has id `i`.
 pub const SPECIAL_TOKENS: [&str; 19] = [
@@ -50,15 +48,6 @@ pub const EOS_TOKEN: &str = SPECIAL_TOKENS[0];
 
 /// The smallest vocabulary: the special tokens plus one token per byte.
 pub const MIN_VOCAB_SIZE: usize = SPECIAL_TOKENS.len() + 256;
-
-/// File extensions taken from directories when [`TrainConfig::extensions`] is left at its default.
-/// `.jsonl` files are always taken.
-pub const DEFAULT_EXTENSIONS: &[&str] = &[
-    "py", "pyi", "rs", "js", "mjs", "cjs", "jsx", "ts", "tsx", "go", "c", "h", "cc", "cpp", "cxx", "hpp", "hh", "hxx",
-    "cu", "cuh", "java", "kt", "kts", "scala", "cs", "fs", "swift", "m", "mm", "rb", "php", "lua", "pl", "pm", "r",
-    "jl", "hs", "ml", "mli", "ex", "exs", "erl", "clj", "dart", "zig", "nim", "sh", "bash", "zsh", "ps1", "sql",
-    "html", "css", "scss", "vue", "svelte", "md", "rst", "tex", "toml", "yaml", "yml", "xml", "proto", "cmake",
-];
 
 /// The context length StarCoder was trained with; written as `model_max_length`.
 pub const DEFAULT_MODEL_MAX_LENGTH: usize = 8192;
@@ -161,16 +150,11 @@ pub fn train_with_progress(
     if config.inputs.is_empty() {
         return Err(PipelineError::Invalid("no inputs to train the tokenizer on".into()));
     }
-    let extensions: HashSet<String> =
-        config.extensions.iter().map(|e| e.trim_start_matches('.').to_ascii_lowercase()).collect();
-    let mut sources = Vec::new();
-    for input in &config.inputs {
-        collect_sources(input, &extensions, true, &mut sources)?;
-    }
+    let sources = corpus::sources(&config.inputs, &config.extensions)?;
     if sources.is_empty() {
         return Err(PipelineError::Invalid(format!(
             "no source files under {} (looked for .jsonl and .{})",
-            display_paths(&config.inputs),
+            corpus::display_paths(&config.inputs),
             config.extensions.join(", .")
         )));
     }
@@ -185,20 +169,14 @@ pub fn train_with_progress(
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let pre_tokenizer = ByteLevel::new(false, true, true);
-    let mut stats = Stats::default();
-    let mut failure = None;
-    let documents = Documents {
-        sources: sources.iter(),
-        jsonl: None,
-        stats: &mut stats,
-        failure: &mut failure,
-        on_event,
-        skip_bad_lines: false,
+    let mut on_read = |path: &Path, stats: &corpus::Stats| {
+        on_event(TrainEvent::Read { path, documents: stats.documents, bytes: stats.bytes })
     };
+    let mut documents = corpus::Documents::new(&sources, false, &mut on_read);
     // The tokenizer has no added tokens yet, so this is exactly what `TokenizerImpl::train` feeds; feeding
     // ourselves lets a bad input line stop the run before any merges are learned.
     trainer
-        .feed(documents, |text| {
+        .feed(&mut documents, |text| {
             let mut pre_tokenized = PreTokenizedString::from(text);
             pre_tokenizer.pre_tokenize(&mut pre_tokenized)?;
             Ok(pre_tokenized
@@ -208,16 +186,7 @@ pub fn train_with_progress(
                 .collect())
         })
         .map_err(|e| tokenizer_error(out_dir, format!("could not pre-tokenize the corpus: {e}")))?;
-    if let Some(error) = failure {
-        return Err(error);
-    }
-    if stats.documents == 0 {
-        return Err(PipelineError::Invalid(format!(
-            "no documents in {} ({} non-UTF-8 files skipped)",
-            display_paths(&config.inputs),
-            stats.skipped_non_utf8
-        )));
-    }
+    let stats = documents.finish(&config.inputs)?;
 
     on_event(TrainEvent::Merging { documents: stats.documents });
     let mut model = BPE::default();
@@ -317,244 +286,6 @@ fn tokenizer_error(path: &Path, message: impl Into<String>) -> PipelineError {
     PipelineError::Tokenizer { path: path.to_path_buf(), message: message.into() }
 }
 
-fn display_paths(paths: &[PathBuf]) -> String {
-    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-}
-
-/// A file to read documents from.
-struct Source {
-    path: PathBuf,
-    jsonl: bool,
-}
-
-fn is_jsonl(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("jsonl"))
-}
-
-/// Adds `path` to `out`: a file named by the user always, a file found in a directory if its extension
-/// is wanted; directories recursively, in name order, skipping hidden entries and symlinked directories.
-fn collect_sources(path: &Path, extensions: &HashSet<String>, named: bool, out: &mut Vec<Source>) -> Result<()> {
-    let metadata = fs::metadata(path).map_err(|e| PipelineError::io(path, e))?;
-    if metadata.is_file() {
-        let wanted = named
-            || is_jsonl(path)
-            || path.extension().and_then(|e| e.to_str()).is_some_and(|e| extensions.contains(&e.to_ascii_lowercase()));
-        if wanted {
-            out.push(Source { path: path.to_path_buf(), jsonl: is_jsonl(path) });
-        }
-        return Ok(());
-    }
-    if !metadata.is_dir() {
-        return Ok(());
-    }
-    let mut entries = fs::read_dir(path)
-        .and_then(|entries| entries.collect::<std::io::Result<Vec<_>>>())
-        .map_err(|e| PipelineError::io(path, e))?;
-    entries.sort_by_key(|entry| entry.file_name());
-    for entry in entries {
-        if entry.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let file_type = entry.file_type().map_err(|e| PipelineError::io(entry.path(), e))?;
-        if file_type.is_symlink() && entry.path().is_dir() {
-            continue;
-        }
-        collect_sources(&entry.path(), extensions, false, out)?;
-    }
-    Ok(())
-}
-
-#[derive(Default)]
-struct Stats {
-    files: usize,
-    documents: usize,
-    bytes: u64,
-    skipped_non_utf8: usize,
-    skipped_lines: usize,
-}
-
-/// How often a JSONL file reports progress, in lines.
-const JSONL_PROGRESS_EVERY: usize = 4096;
-
-/// The documents of all sources, read lazily. The first error ends the iteration and is kept in
-/// `failure`, since the trainer's iterator cannot fail.
-struct Documents<'a> {
-    sources: std::slice::Iter<'a, Source>,
-    jsonl: Option<JsonlReader<'a>>,
-    stats: &'a mut Stats,
-    failure: &'a mut Option<PipelineError>,
-    on_event: &'a mut (dyn FnMut(TrainEvent<'_>) + Send),
-    /// Count and skip JSONL lines that do not parse, instead of stopping.
-    skip_bad_lines: bool,
-}
-
-impl Documents<'_> {
-    fn counted(&mut self, document: String) -> String {
-        self.stats.documents += 1;
-        self.stats.bytes += document.len() as u64;
-        document
-    }
-
-    fn report(&mut self, path: &Path) {
-        (self.on_event)(TrainEvent::Read { path, documents: self.stats.documents, bytes: self.stats.bytes });
-    }
-}
-
-impl Iterator for Documents<'_> {
-    type Item = String;
-
-    fn next(&mut self) -> Option<String> {
-        if self.failure.is_some() {
-            return None;
-        }
-        loop {
-            if let Some(reader) = &mut self.jsonl {
-                let path = reader.path;
-                match reader.next_document() {
-                    Ok(Some(document)) => {
-                        if reader.line % JSONL_PROGRESS_EVERY == 0 {
-                            self.report(path);
-                        }
-                        return Some(self.counted(document));
-                    }
-                    Ok(None) => {
-                        self.jsonl = None;
-                        self.report(path);
-                    }
-                    Err(PipelineError::Json { path, message }) if self.skip_bad_lines => {
-                        tracing::warn!("skipping {}: {message}", path.display());
-                        self.stats.skipped_lines += 1;
-                    }
-                    Err(error) => {
-                        *self.failure = Some(error);
-                        return None;
-                    }
-                }
-            }
-            let source = self.sources.next()?;
-            if source.jsonl {
-                match JsonlReader::open(&source.path) {
-                    Ok(reader) => {
-                        self.stats.files += 1;
-                        self.jsonl = Some(reader);
-                    }
-                    Err(error) => {
-                        *self.failure = Some(error);
-                        return None;
-                    }
-                }
-                continue;
-            }
-            match fs::read(&source.path) {
-                Ok(bytes) => match String::from_utf8(bytes) {
-                    Ok(text) => {
-                        self.stats.files += 1;
-                        let document = self.counted(text);
-                        self.report(&source.path);
-                        return Some(document);
-                    }
-                    Err(_) => {
-                        tracing::warn!("skipping {}: not UTF-8", source.path.display());
-                        self.stats.skipped_non_utf8 += 1;
-                    }
-                },
-                Err(error) => {
-                    *self.failure = Some(PipelineError::io(&source.path, error));
-                    return None;
-                }
-            }
-        }
-    }
-}
-
-/// Every document of `inputs` (files, directories walked for `extensions`, JSONL files), in order,
-/// and how many bad JSONL lines were skipped (only with `skip_bad_lines`; otherwise the first one is
-/// an error): the corpus reader shared by tokenizer training and model training.
-pub(crate) fn read_documents(
-    inputs: &[PathBuf],
-    extensions: &[String],
-    skip_bad_lines: bool,
-) -> Result<(Vec<String>, usize)> {
-    let extensions: HashSet<String> = extensions.iter().map(|e| e.to_ascii_lowercase()).collect();
-    let mut sources = Vec::new();
-    for input in inputs {
-        collect_sources(input, &extensions, true, &mut sources)?;
-    }
-    let (mut stats, mut failure) = (Stats::default(), None);
-    let mut ignore = |_: TrainEvent<'_>| {};
-    let documents: Vec<String> = Documents {
-        sources: sources.iter(),
-        jsonl: None,
-        stats: &mut stats,
-        failure: &mut failure,
-        on_event: &mut ignore,
-        skip_bad_lines,
-    }
-    .collect();
-    match failure {
-        Some(error) => Err(error),
-        None if documents.is_empty() => {
-            Err(PipelineError::Invalid(format!("no documents found in {}", display_paths(inputs))))
-        }
-        None => Ok((documents, stats.skipped_lines)),
-    }
-}
-
-/// One line of a JSONL corpus: the document is `content` (The Stack's name) or else `text`.
-#[derive(Deserialize)]
-struct JsonlLine {
-    content: Option<String>,
-    text: Option<String>,
-}
-
-struct JsonlReader<'a> {
-    path: &'a Path,
-    reader: BufReader<File>,
-    /// 1-based number of the line last read.
-    line: usize,
-    buffer: Vec<u8>,
-}
-
-impl<'a> JsonlReader<'a> {
-    fn open(path: &'a Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| PipelineError::io(path, e))?;
-        Ok(JsonlReader { path, reader: BufReader::new(file), line: 0, buffer: Vec::new() })
-    }
-
-    /// The next document; blank lines are skipped.
-    fn next_document(&mut self) -> Result<Option<String>> {
-        loop {
-            self.buffer.clear();
-            let read = self.reader.read_until(b'\n', &mut self.buffer).map_err(|e| PipelineError::io(self.path, e))?;
-            if read == 0 {
-                return Ok(None);
-            }
-            self.line += 1;
-            let line = std::str::from_utf8(&self.buffer).map_err(|e| self.error(0, format!("not UTF-8: {e}")))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let parsed: JsonlLine = serde_json::from_str(line).map_err(|e| {
-                // serde_json counts lines within this one line; keep its column, drop its line.
-                let message = e.to_string();
-                let bare = message.rsplit_once(" at line ").map_or(message.as_str(), |(bare, _)| bare);
-                self.error(e.column(), bare.to_string())
-            })?;
-            return match parsed.content.or(parsed.text) {
-                Some(document) => Ok(Some(document)),
-                None => Err(self.error(0, "no string field `content` or `text`".into())),
-            };
-        }
-    }
-
-    /// An error at the current line and, unless 0, at `column` within it.
-    fn error(&self, column: usize, message: String) -> PipelineError {
-        let at =
-            if column == 0 { format!("line {}", self.line) } else { format!("line {}, column {column}", self.line) };
-        PipelineError::Json { path: self.path.to_path_buf(), message: format!("{at}: {message}") }
-    }
-}
-
 /// Writes the Hugging Face tokenizer files, `tokenizer.json` last.
 fn write_tokenizer_dir(tokenizer: &tokenizers::Tokenizer, config: &TrainConfig, dir: &Path) -> Result<Vec<PathBuf>> {
     fs::create_dir_all(dir).map_err(|e| PipelineError::io(dir, e))?;
@@ -595,7 +326,7 @@ fn write_tokenizer_dir(tokenizer: &tokenizers::Tokenizer, config: &TrainConfig, 
     let mut written = Vec::new();
     for (name, contents) in files {
         let path = dir.join(name);
-        write_atomically(&path, contents.as_bytes())?;
+        files::write_atomically(&path, contents.as_bytes()).map_err(|e| PipelineError::io(&path, e))?;
         written.push(path);
     }
     Ok(written)
@@ -605,20 +336,6 @@ fn pretty(value: &Value) -> String {
     let mut text = serde_json::to_string_pretty(value).expect("a JSON value serializes");
     text.push('\n');
     text
-}
-
-/// Writes `contents` to a temporary file beside `path`, flushes it to disk and renames it over `path`,
-/// so that readers see either the old file or the whole new one.
-fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
-    let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let temporary = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let written = File::create(&temporary)
-        .and_then(|mut file| file.write_all(contents).and_then(|()| file.sync_all()))
-        .and_then(|()| fs::rename(&temporary, path));
-    written.map_err(|e| {
-        let _ = fs::remove_file(&temporary);
-        PipelineError::io(path, e)
-    })
 }
 
 #[cfg(test)]
@@ -765,22 +482,22 @@ fn main() {
         check_error(
             &[("data.jsonl", b"{\"content\": \"x\"}\n\n{\"content\": \"y\"}\n{\"content\": ]\n")],
             400,
-            &["data.jsonl: line 4, column 13: expected value"],
+            &["data.jsonl: line 4: expected value at column 13"],
         );
         check_error(
             &[("data.jsonl", b"{\"content\": \"x\"}\n{\"content\": ")],
             400,
-            &["data.jsonl: line 2, column 12: EOF while parsing a value"],
+            &["data.jsonl: line 2: EOF while parsing a value at column 12"],
         );
         check_error(
             &[("data.jsonl", b"{\"content\": \"x\"}\n{\"code\": \"y\"}\n")],
             400,
             &["data.jsonl: line 2: no string field `content` or `text`"],
         );
-        check_error(&[("data.jsonl", b"{\"content\": 5}\n")], 400, &["data.jsonl: line 1, column", "invalid type"]);
+        check_error(&[("data.jsonl", b"{\"content\": 5}\n")], 400, &["data.jsonl: line 1: invalid type", "at column"]);
         check_error(&[("data.jsonl", b"{\"content\": \"\xff\"}\n")], 400, &["data.jsonl: line 1: not UTF-8"]);
         check_error(&[("notes.unknown-extension", py)], 400, &["no source files under", "corpus"]);
-        check_error(&[("latin1.py", b"caf\xe9\n")], 400, &["no documents in", "1 non-UTF-8 files skipped"]);
+        check_error(&[("latin1.py", b"caf\xe9\n")], 400, &["no documents found in", "1 non-UTF-8 files skipped"]);
         check_error(&[], 400, &["no source files under"]);
     }
 

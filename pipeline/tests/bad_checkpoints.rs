@@ -42,6 +42,14 @@ fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
     Tensor::write_safetensors(&tensors, &file).unwrap();
 }
 
+/// Rewrites the weights with the tensor `name` replaced by `replace(tensor)`.
+fn replace_tensor(dir: &Path, name: &str, replace: impl Fn(&Tensor) -> Tensor) {
+    rewrite_weights(dir, |tensors| {
+        let (_, tensor) = tensors.iter_mut().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}"));
+        *tensor = replace(tensor);
+    })
+}
+
 fn edit_config(dir: &Path, from: &str, to: &str) {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -93,27 +101,11 @@ fn wrong_tensors() {
         &["model.safetensors", "transformer.h.0.mlp.c_fc.bias", "missing"],
     );
     check(
-        |d| {
-            rewrite_weights(d, |t| {
-                for (name, tensor) in t.iter_mut() {
-                    if name == "transformer.wpe.weight" {
-                        *tensor = Tensor::zeros([8, 16], (Kind::Float, Device::Cpu));
-                    }
-                }
-            })
-        },
+        |d| replace_tensor(d, "transformer.wpe.weight", |_| Tensor::zeros([8, 16], (Kind::Float, Device::Cpu))),
         &["transformer.wpe.weight", "shape [8, 16]", "[16, 16]"],
     );
     check(
-        |d| {
-            rewrite_weights(d, |t| {
-                for (name, tensor) in t.iter_mut() {
-                    if name == "transformer.ln_f.bias" {
-                        *tensor = tensor.to_kind(Kind::Int64);
-                    }
-                }
-            })
-        },
+        |d| replace_tensor(d, "transformer.ln_f.bias", |t| t.to_kind(Kind::Int64)),
         &["transformer.ln_f.bias", "I64", "not a floating-point"],
     );
     check(
@@ -149,5 +141,5 @@ fn prompt_longer_than_the_context_is_an_error() {
     assert!(error.contains("17 tokens exceed") && error.contains("n_positions = 16"), "{error}");
     // Generation stops at the context instead of overflowing the cache.
     let out = generate(&model, &[1; 10], &GenerateConfig { max_new_tokens: 50, ..config }, &mut NoStop).unwrap();
-    assert_eq!(out[0].tokens.len(), 6);
+    assert_eq!(out[0].tokens.len(), 6, "10 prompt tokens + 6 new fill the 16 positions");
 }

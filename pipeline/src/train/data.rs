@@ -2,7 +2,6 @@
 //! with `<|endoftext|>` and packed into fixed-length sequences) or instruction data in WizardCoder's
 //! Alpaca format (loss on the response and EOS only). Order is shuffled with a seed; a slice is held
 //! out for eval loss.
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 
 use rand::rngs::StdRng;
@@ -12,7 +11,9 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use super::fim::{self, FimConfig, FimTokens};
-use crate::tokenizer::{self, Tokenizer};
+use crate::corpus;
+use crate::jsonl::{LineError, Lines};
+use crate::tokenizer::Tokenizer;
 use crate::{PipelineError, Result};
 
 /// Label value that the loss ignores.
@@ -129,8 +130,7 @@ pub fn build(config: &DataConfig, tokenizer: &Tokenizer) -> Result<Dataset> {
 }
 
 fn pretrain_examples(config: &DataConfig, tokenizer: &Tokenizer) -> Result<(Vec<Example>, DataStats)> {
-    let (documents, skipped_lines) =
-        tokenizer::read_documents(&config.inputs, &config.extensions, config.skip_bad_lines)?;
+    let (documents, skipped_lines) = corpus::read_documents(&config.inputs, &config.extensions, config.skip_bad_lines)?;
     let fim_tokens = if config.fim.rate > 0.0 { Some(FimTokens::of(tokenizer)?) } else { None };
     let eos = tokenizer.eos_id();
     // Each document has its own RNG, so the result does not depend on rayon's scheduling.
@@ -177,24 +177,17 @@ fn sft_examples(config: &DataConfig, tokenizer: &Tokenizer) -> Result<(Vec<Examp
     let mut stats = DataStats::default();
     let mut examples = Vec::new();
     for path in &config.inputs {
-        let file = std::fs::File::open(path).map_err(|e| PipelineError::io(path, e))?;
-        for (index, line) in BufReader::new(file).lines().enumerate() {
-            let line = line.map_err(|e| PipelineError::io(path, e))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let item: InstructionLine = match serde_json::from_str(&line) {
-                Ok(item) => item,
-                Err(e) => {
-                    let message =
-                        format!("line {}: {}", index + 1, e.to_string().split(" at line ").next().unwrap_or(""));
-                    if config.skip_bad_lines {
-                        tracing::warn!("skipping {}: {message}", path.display());
-                        stats.skipped_lines += 1;
-                        continue;
-                    }
-                    return Err(PipelineError::Json { path: path.clone(), message });
+        let mut lines = Lines::open(path).map_err(|e| PipelineError::io(path, e))?;
+        loop {
+            let item: InstructionLine = match lines.read() {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(LineError::Bad { line, message }) if config.skip_bad_lines => {
+                    tracing::warn!("skipping {}: line {line}: {message}", path.display());
+                    stats.skipped_lines += 1;
+                    continue;
                 }
+                Err(error) => return Err(PipelineError::jsonl(path, error)),
             };
             stats.documents += 1;
             let prompt = alpaca_prompt(&item.instruction, item.input.as_deref());

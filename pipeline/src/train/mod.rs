@@ -3,10 +3,10 @@
 //! schedule with warmup, gradient clipping, metrics, eval loss and atomic, resumable checkpoints.
 pub mod data;
 pub mod fim;
+pub mod metrics;
 pub mod zero;
 pub mod zero3;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::model::GptBigCode;
-use crate::{PipelineError, Result};
+use crate::{files, PipelineError, Result};
 use data::{Dataset, Example, IGNORE};
+use metrics::StepMetrics;
 use zero::{AdamW, MemoryReport, ZeroOptimizer};
 use zero3::Zero3;
 
@@ -133,25 +134,6 @@ impl Rank {
     }
 }
 
-/// One optimizer step, as logged to `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StepMetrics {
-    /// 1-based step.
-    pub step: usize,
-    /// Mean loss over the global batch's target tokens.
-    pub loss: f64,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Target tokens per second across all ranks.
-    pub tokens_per_s: f64,
-    /// Model FLOPs utilisation against the measured matmul peak.
-    pub mfu: f64,
-    /// Held-out loss, on steps that save.
-    pub eval_loss: Option<f64>,
-}
-
 /// What the trainer saves beside the weights, to resume exactly.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -173,11 +155,9 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     }
 }
 
+/// [`files::write_atomically`] with the error naming `path`.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let partial = path.with_extension("partial");
-    let mut file = std::fs::File::create(&partial).map_err(|e| PipelineError::io(&partial, e))?;
-    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(|e| PipelineError::io(&partial, e))?;
-    std::fs::rename(&partial, path).map_err(|e| PipelineError::io(path, e))
+    files::write_atomically(path, bytes).map_err(|e| PipelineError::io(path, e))
 }
 
 fn batch(examples: &[Example], start: usize, size: usize, device: Device) -> (Tensor, Tensor) {
@@ -338,10 +318,10 @@ impl Trainer<'_> {
         let peak = self.compute.peak_flops();
         let global = world * config.batch_size;
         let metrics_path = self.out.join("metrics.jsonl");
-        let mut history = read_metrics(&metrics_path, start_step)?;
+        let mut history = metrics::read(&metrics_path, Some(start_step))?;
         if self.rank.rank == 0 {
             // One writer: ranks replacing the same file at once would race on its temporary name.
-            rewrite_metrics(&metrics_path, &history)?;
+            metrics::rewrite(&metrics_path, &history)?;
         }
         let train = &self.data.train;
         for step in start_step..config.steps {
@@ -403,7 +383,7 @@ impl Trainer<'_> {
             // Metrics before the checkpoint: a run killed in between resumes from the older
             // checkpoint, which drops the newer lines, so every step is logged exactly once.
             if self.rank.rank == 0 {
-                append_metrics(&self.out.join("metrics.jsonl"), &metrics)?;
+                metrics::append(&self.out.join("metrics.jsonl"), &metrics)?;
                 history.push(metrics.clone());
             }
             if saving {
@@ -412,7 +392,7 @@ impl Trainer<'_> {
                     engine.release();
                 }
                 if self.rank.rank == 0 {
-                    write_atomically(&self.out.join("loss.svg"), loss_curve_svg(&history).as_bytes())?;
+                    write_atomically(&self.out.join("loss.svg"), metrics::loss_chart(&history).as_bytes())?;
                 }
             }
             on_event(TrainEvent::Step(&metrics));
@@ -480,52 +460,4 @@ impl Trainer<'_> {
         engine.restore(tensors)?;
         Ok(state.step)
     }
-}
-
-fn append_metrics(path: &Path, metrics: &StepMetrics) -> Result<()> {
-    let mut file =
-        std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| PipelineError::io(path, e))?;
-    writeln!(file, "{}", serde_json::to_string(metrics).expect("metrics serialize"))
-        .map_err(|e| PipelineError::io(path, e))
-}
-
-/// Replaces the file's lines with `history`.
-fn rewrite_metrics(path: &Path, history: &[StepMetrics]) -> Result<()> {
-    let text: String = history.iter().map(|m| serde_json::to_string(m).expect("metrics serialize") + "\n").collect();
-    write_atomically(path, text.as_bytes())
-}
-
-/// Metrics of steps up to `upto` (a resumed run drops what came after its checkpoint).
-fn read_metrics(path: &Path, upto: usize) -> Result<Vec<StepMetrics>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(PipelineError::io(path, e)),
-    };
-    Ok(text.lines().filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok()).filter(|m| m.step <= upto).collect())
-}
-
-/// Training (and eval) loss against steps, as a small standalone SVG.
-pub fn loss_curve_svg(history: &[StepMetrics]) -> String {
-    let (width, height, pad) = (640.0, 360.0, 40.0);
-    let max_step = history.last().map_or(1, |m| m.step).max(1) as f64;
-    let losses = history.iter().map(|m| m.loss).chain(history.iter().filter_map(|m| m.eval_loss));
-    let (lo, hi) = losses.fold((f64::MAX, f64::MIN), |(lo, hi), l| (lo.min(l), hi.max(l)));
-    let span = (hi - lo).max(1e-9);
-    let point = |step: usize, loss: f64| {
-        let x = pad + (width - 2.0 * pad) * step as f64 / max_step;
-        let y = height - pad - (height - 2.0 * pad) * (loss - lo) / span;
-        format!("{x:.1},{y:.1}")
-    };
-    let train: Vec<String> = history.iter().map(|m| point(m.step, m.loss)).collect();
-    let eval: Vec<String> = history.iter().filter_map(|m| m.eval_loss.map(|l| point(m.step, l))).collect();
-    format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\">\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
-         <text x=\"{pad}\" y=\"24\" font-family=\"sans-serif\" font-size=\"14\">loss (blue: train, orange: eval) {lo:.3}..{hi:.3}, {max_step} steps</text>\
-         <polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>\
-         <polyline fill=\"none\" stroke=\"#ff7f0e\" stroke-width=\"2\" points=\"{}\"/></svg>\n",
-        train.join(" "),
-        eval.join(" ")
-    )
 }

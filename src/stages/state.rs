@@ -10,6 +10,37 @@ pub struct State {
     conn: Connection,
 }
 
+/// Where a stage stands, stored as its name in the `status` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Running,
+    Done,
+    Failed,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Done => "done",
+            Status::Failed => "failed",
+        }
+    }
+
+    fn parse(text: &str) -> anyhow::Result<Status> {
+        [Status::Running, Status::Done, Status::Failed]
+            .into_iter()
+            .find(|status| status.as_str() == text)
+            .with_context(|| format!("unknown stage status `{text}` in the stage table"))
+    }
+}
+
+impl rusqlite::ToSql for Status {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        self.as_str().to_sql()
+    }
+}
+
 /// What to do with a stage, given what the table holds.
 #[derive(Debug, PartialEq)]
 pub enum Plan {
@@ -112,37 +143,38 @@ impl State {
                 Ok((row.get(0)?, row.get(1)?, row.get(2)?))
             })
             .optional()?;
-        Ok(match row {
-            Some((stored, status, Some(outputs))) if stored == fingerprint && status == "done" => {
-                Plan::Skip(serde_json::from_str(&outputs)?)
-            }
-            Some((stored, _, _)) if stored == fingerprint => Plan::Resume,
-            _ => Plan::Fresh,
+        let Some((stored, status, outputs)) = row else {
+            return Ok(Plan::Fresh);
+        };
+        Ok(match (Status::parse(&status)?, outputs) {
+            _ if stored != fingerprint => Plan::Fresh,
+            (Status::Done, Some(outputs)) => Plan::Skip(serde_json::from_str(&outputs)?),
+            _ => Plan::Resume,
         })
     }
 
     pub fn start(&self, name: &str, fingerprint: &str) -> anyhow::Result<()> {
         self.conn.execute(
-            "INSERT INTO stages (name, fingerprint, status, started_at) VALUES (?1, ?2, 'running', ?3)
-             ON CONFLICT (name) DO UPDATE SET fingerprint = ?2, status = 'running', outputs = NULL, error = NULL,
+            "INSERT INTO stages (name, fingerprint, status, started_at) VALUES (?1, ?2, ?4, ?3)
+             ON CONFLICT (name) DO UPDATE SET fingerprint = ?2, status = ?4, outputs = NULL, error = NULL,
                                             started_at = ?3, finished_at = NULL, pid = NULL",
-            params![name, fingerprint, now_ms()],
+            params![name, fingerprint, now_ms(), Status::Running],
         )?;
         Ok(())
     }
 
     pub fn finish(&self, name: &str, outputs: &Value) -> anyhow::Result<()> {
         self.conn.execute(
-            "UPDATE stages SET status = 'done', outputs = ?2, finished_at = ?3 WHERE name = ?1",
-            params![name, outputs.to_string(), now_ms()],
+            "UPDATE stages SET status = ?4, outputs = ?2, finished_at = ?3 WHERE name = ?1",
+            params![name, outputs.to_string(), now_ms(), Status::Done],
         )?;
         Ok(())
     }
 
     pub fn fail(&self, name: &str, error: &str) -> anyhow::Result<()> {
         self.conn.execute(
-            "UPDATE stages SET status = 'failed', error = ?2, finished_at = ?3 WHERE name = ?1",
-            params![name, error, now_ms()],
+            "UPDATE stages SET status = ?4, error = ?2, finished_at = ?3 WHERE name = ?1",
+            params![name, error, now_ms(), Status::Failed],
         )?;
         Ok(())
     }
@@ -156,9 +188,9 @@ impl State {
     /// Stages marked running whose recorded child process is still alive as this same program:
     /// a pipeline killed without its process group leaves such a child behind.
     pub fn orphans(&self, exe: &Path) -> anyhow::Result<Vec<(String, u32)>> {
-        let mut statement =
-            self.conn.prepare("SELECT name, pid FROM stages WHERE status = 'running' AND pid IS NOT NULL")?;
-        let rows = statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?)))?;
+        let mut statement = self.conn.prepare("SELECT name, pid FROM stages WHERE status = ?1 AND pid IS NOT NULL")?;
+        let rows =
+            statement.query_map([Status::Running], |row| Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?)))?;
         let exe = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
         let mut alive = Vec::new();
         for row in rows {

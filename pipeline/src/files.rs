@@ -1,0 +1,91 @@
+//! Files as whole units: written so that readers see the old contents or all of the new, never a
+//! torn write; read with gzip undone. Every crate of wizard writes and reads its files through here.
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Replaces `path` with `bytes` atomically.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_with(path, |temporary| fs::write(temporary, bytes))
+}
+
+/// Replaces `path` atomically with what `write` puts at the path it is given: a fresh temporary file
+/// beside `path` (same file system, so the rename is atomic), flushed to disk and renamed over
+/// `path`, or removed if anything fails. A device or pipe (`/dev/stdout`) is written in place, since
+/// a rename would replace it.
+pub fn replace_with(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<()> {
+    if fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        return write(path);
+    }
+    let temporary = temporary_beside(path);
+    let result =
+        write(&temporary).and_then(|()| File::open(&temporary)?.sync_all()).and_then(|()| fs::rename(&temporary, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    result
+}
+
+/// `.name.<pid>.<n>.tmp` beside `path`: unique across processes and across threads of this one.
+fn temporary_beside(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
+/// Opens `path` for buffered reading, decompressing it if it is gzip (recognised by its magic bytes,
+/// whatever the file is called).
+pub fn open(path: &Path) -> io::Result<Box<dyn BufRead + Send>> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let gzip = reader.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+    Ok(if gzip { Box::new(BufReader::new(flate2::bufread::MultiGzDecoder::new(reader))) } else { Box::new(reader) })
+}
+
+/// The whole of `path` as bytes, gzip undone.
+pub fn read(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn a_replaced_file_is_whole_and_no_temporary_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_atomically(&path, b"old").unwrap();
+        write_atomically(&path, b"new").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        let failed = replace_with(&path, |temporary| {
+            fs::write(temporary, b"half")?;
+            Err(io::Error::other("disk full"))
+        });
+        assert_eq!(failed.unwrap_err().to_string(), "disk full");
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["state.json"], "temporary files left behind");
+        write_atomically(Path::new("/dev/null"), b"in place").unwrap();
+        let full = write_atomically(Path::new("/dev/full"), b"in place").unwrap_err();
+        assert_eq!(full.kind(), io::ErrorKind::StorageFull, "{full}");
+    }
+
+    #[test]
+    fn gzip_is_undone_by_content_not_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain.gz");
+        fs::write(&plain, b"text\n").unwrap();
+        let packed = dir.path().join("packed.jsonl");
+        let mut encoder = flate2::write::GzEncoder::new(File::create(&packed).unwrap(), flate2::Compression::fast());
+        encoder.write_all(b"text\n").unwrap();
+        encoder.finish().unwrap();
+        assert_eq!(read(&plain).unwrap(), b"text\n");
+        assert_eq!(read(&packed).unwrap(), b"text\n");
+    }
+}

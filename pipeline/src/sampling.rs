@@ -1,0 +1,207 @@
+//! How the next token is picked: temperature, top-k and top-p, their validation, and the filtered
+//! distribution they leave. Plain and speculative generation both go through here, so a setting
+//! means the same thing, and is refused the same way, on every path.
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use crate::{PipelineError, Result};
+
+/// How the next token is picked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// 0 means greedy (argmax); otherwise logits are divided by it.
+    pub temperature: f64,
+    /// Keep only the k most likely tokens.
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches p.
+    pub top_p: Option<f64>,
+    /// Seed of sample 0; sample i uses `seed + i`.
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// Argmax decoding.
+    pub fn greedy() -> Sampling {
+        Sampling { temperature: 0.0, top_k: None, top_p: None, seed: 0 }
+    }
+
+    /// Whether the settings describe a distribution: a finite temperature >= 0, top-k >= 1 and
+    /// top-p in (0, 1]. Nothing is clamped: a value outside these ranges is refused.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(PipelineError::Invalid(format!("temperature must be >= 0, got {}", self.temperature)));
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return Err(PipelineError::Invalid(format!("top-p must be in (0, 1], got {p}")));
+        }
+        if self.top_k == Some(0) {
+            return Err(PipelineError::Invalid("top-k must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether tokens are picked by argmax.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// Temperature, then top-k, then top-p (as `transformers` orders its warpers): the surviving
+    /// tokens with their renormalised probabilities, most likely first. Call on validated settings
+    /// with a temperature above 0.
+    fn candidates(&self, logits: &[f32]) -> Vec<(usize, f64)> {
+        let mut candidates: Vec<(usize, f64)> =
+            logits.iter().enumerate().map(|(i, &l)| (i, f64::from(l) / self.temperature)).collect();
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if let Some(k) = self.top_k {
+            candidates.truncate(k);
+        }
+        let max = candidates[0].1;
+        let mut total = 0.0;
+        for candidate in candidates.iter_mut() {
+            candidate.1 = (candidate.1 - max).exp();
+            total += candidate.1;
+        }
+        if let Some(p) = self.top_p {
+            let mut cumulative = 0.0;
+            let keep = candidates
+                .iter()
+                .position(|c| {
+                    cumulative += c.1 / total;
+                    cumulative >= p
+                })
+                .map_or(candidates.len(), |last| last + 1);
+            candidates.truncate(keep);
+            total = candidates.iter().map(|c| c.1).sum();
+        }
+        for candidate in candidates.iter_mut() {
+            candidate.1 /= total;
+        }
+        candidates
+    }
+
+    /// The distribution tokens are drawn from, over the whole vocabulary; greedy is a point mass on
+    /// the argmax. Speculative decoding verifies against exactly this distribution.
+    pub fn probabilities(&self, logits: &[f32]) -> Vec<f64> {
+        let mut probs = vec![0.0; logits.len()];
+        if self.is_greedy() {
+            probs[argmax(logits)] = 1.0;
+            return probs;
+        }
+        for (token, probability) in self.candidates(logits) {
+            probs[token] = probability;
+        }
+        probs
+    }
+
+    /// The next token after `logits`: the argmax, or one draw from [`Sampling::probabilities`].
+    pub fn pick(&self, logits: &[f32], rng: &mut StdRng) -> usize {
+        if self.is_greedy() {
+            return argmax(logits);
+        }
+        let candidates = self.candidates(logits);
+        let mut draw = rng.random::<f64>();
+        for (token, probability) in &candidates {
+            draw -= probability;
+            if draw <= 0.0 {
+                return *token;
+            }
+        }
+        candidates.last().map_or(0, |c| c.0)
+    }
+}
+
+/// The first maximum, as torch's argmax picks.
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &value) in row.iter().enumerate() {
+        if value > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Draws an index with probability proportional to `weights` (which need not sum to 1).
+pub fn draw(weights: &[f64], rng: &mut StdRng) -> usize {
+    let total: f64 = weights.iter().sum();
+    let mut left = rng.random::<f64>() * total;
+    let mut last = 0;
+    for (i, &w) in weights.iter().enumerate() {
+        if w <= 0.0 {
+            continue;
+        }
+        last = i;
+        left -= w;
+        if left <= 0.0 {
+            return i;
+        }
+    }
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    /// Draws many times from `logits` and returns how often each token came up.
+    fn check(logits: &[f32], sampling: Sampling, expected_support: &[usize]) -> Vec<usize> {
+        let mut rng = StdRng::seed_from_u64(sampling.seed);
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..4000 {
+            counts[sampling.pick(logits, &mut rng)] += 1;
+        }
+        let support: Vec<usize> = (0..logits.len()).filter(|&i| counts[i] > 0).collect();
+        assert_eq!(support, expected_support, "{sampling:?}: counts {counts:?}");
+        let exact: Vec<usize> = (0..logits.len()).filter(|&i| sampling.probabilities(logits)[i] > 0.0).collect();
+        assert_eq!(exact, expected_support, "{sampling:?}: the distribution's support");
+        counts
+    }
+
+    fn sampling(temperature: f64, top_k: Option<usize>, top_p: Option<f64>) -> Sampling {
+        Sampling { temperature, top_k, top_p, seed: 11 }
+    }
+
+    #[test]
+    fn warpers_restrict_the_support() {
+        let logits = [2.0, 1.0, 0.0, -1.0, 3.0];
+        check(&logits, sampling(1.0, None, None), &[0, 1, 2, 3, 4]);
+        check(&logits, sampling(1.0, Some(2), None), &[0, 4]);
+        check(&logits, sampling(1.0, Some(1), None), &[4]);
+        // Probabilities ≈ [.23, .09, .03, .01, .64]: 0.64 + 0.23 reaches 0.8.
+        check(&logits, sampling(1.0, None, Some(0.8)), &[0, 4]);
+        check(&logits, sampling(1.0, None, Some(0.5)), &[4]);
+        check(&logits, sampling(1.0, None, Some(1.0)), &[0, 1, 2, 3, 4]);
+        check(&logits, sampling(1.0, Some(3), Some(0.99)), &[0, 1, 4]);
+        check(&logits, sampling(0.0, Some(3), Some(0.5)), &[4]);
+    }
+
+    #[test]
+    fn frequencies_follow_the_softmax() {
+        let counts = check(&[0.0, (3.0f32).ln()], sampling(1.0, None, None), &[0, 1]);
+        let share = counts[1] as f64 / 4000.0;
+        assert!((share - 0.75).abs() < 0.03, "{share}");
+        // Temperature 2 flattens 1:3 into 1:sqrt(3).
+        let counts = check(&[0.0, (3.0f32).ln()], sampling(2.0, None, None), &[0, 1]);
+        let share = counts[1] as f64 / 4000.0;
+        let expected = 3f64.sqrt() / (1.0 + 3f64.sqrt());
+        assert!((share - expected).abs() < 0.03, "{share} vs {expected}");
+    }
+
+    #[test]
+    fn bad_settings_are_rejected() {
+        let refused = |s: Sampling| s.validate().expect_err(&format!("{s:?} was accepted")).to_string();
+        assert!(refused(sampling(-1.0, None, None)).contains("temperature"));
+        assert!(refused(sampling(f64::NAN, None, None)).contains("temperature"));
+        assert!(refused(sampling(f64::INFINITY, None, None)).contains("temperature"));
+        assert!(refused(sampling(1.0, Some(0), None)).contains("top-k"));
+        for p in [0.0, -0.1, 1.5, f64::NAN] {
+            assert!(refused(sampling(1.0, None, Some(p))).contains("top-p"), "top-p {p}");
+        }
+        // Greedy settings are validated too: the flags mean the same whatever the temperature.
+        assert!(refused(sampling(0.0, Some(0), None)).contains("top-k"));
+        sampling(0.7, Some(40), Some(0.95)).validate().expect("valid settings");
+        sampling(0.0, None, Some(1.0)).validate().expect("valid settings");
+    }
+}

@@ -1,0 +1,122 @@
+//! The pipeline's end report: `report.md` (a summary and a table of rounds), `report.json`, and two
+//! plots drawn as SVG by hand: `loss.svg` (every training run's loss curve) and `pass1.svg`
+//! (HumanEval pass@1 per round). `model` links to the best round's checkpoint.
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use pipeline::chart::{line_chart, YAxis};
+use pipeline::train::metrics;
+use serde_json::json;
+
+use super::round::Round;
+
+fn cell(value: Option<f64>, digits: usize) -> String {
+    value.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
+}
+
+/// Writes `report.md`, `report.json`, `loss.svg` and `pass1.svg` into `out` and links `out/model` to
+/// the best checkpoint; returns the Markdown file.
+pub fn write(
+    out: &Path,
+    rounds: &[Round],
+    best: u32,
+    curves: &[(String, PathBuf)],
+    model: &Path,
+    draft: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
+    let mut series = Vec::new();
+    for (name, path) in curves {
+        if path.exists() {
+            let points = metrics::read(path, None)?.iter().map(|m| (m.step as f64, m.loss)).collect();
+            series.push((name.clone(), points));
+        }
+    }
+    std::fs::write(out.join("loss.svg"), line_chart("Training loss", "step", "loss", &series, YAxis::Fit))?;
+    let mut pass_series = vec![(
+        "HumanEval pass@1".to_string(),
+        rounds.iter().map(|r| (f64::from(r.round), r.pass1())).collect::<Vec<_>>(),
+    )];
+    let mbpp = rounds.iter().any(|r| r.eval.mbpp.is_some());
+    if mbpp {
+        let points = rounds.iter().map(|r| (f64::from(r.round), r.eval.mbpp.as_ref().map_or(f64::NAN, |m| m.pass1())));
+        pass_series.push(("MBPP pass@1".to_string(), points.collect()));
+    }
+    std::fs::write(
+        out.join("pass1.svg"),
+        line_chart("pass@1 per round", "round", "pass@1", &pass_series, YAxis::Probability),
+    )?;
+
+    let link = out.join("model");
+    if link.symlink_metadata().is_ok() {
+        std::fs::remove_file(&link).with_context(|| format!("cannot replace {}", link.display()))?;
+    }
+    let absolute = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());
+    std::os::unix::fs::symlink(&absolute, &link).with_context(|| format!("cannot link {}", link.display()))?;
+
+    let ks: Vec<String> = {
+        let mut ks: Vec<String> = rounds.iter().flat_map(|r| r.eval.humaneval.pass_at_k.keys().cloned()).collect();
+        ks.sort_by_key(|k| k.trim_start_matches("pass@").parse::<u32>().unwrap_or(0));
+        ks.dedup();
+        ks
+    };
+    let mut md = String::from("# wizard pipeline report\n\n");
+    let best_round = rounds.iter().find(|r| r.round == best).expect("best is a run round");
+    let _ = writeln!(
+        md,
+        "Best round: **{best}**, HumanEval pass@1 **{:.4}** on {} problems; its model: `{}` (linked as `model`).",
+        best_round.pass1(),
+        best_round.eval.humaneval.problems,
+        absolute.display()
+    );
+    if let Some(draft) = draft {
+        let _ = writeln!(md, "Draft model for speculative decoding: `{}`.", draft.display());
+    }
+    let last = rounds.last().expect("at least one round");
+    if rounds.len() > 1 && last.round != best {
+        let _ = writeln!(md, "\nRound {} did not raise pass@1 above round {best}'s; round {best} is kept.", last.round);
+    }
+    md.push_str("\n| round | items trained on | evolved | accepted | acceptance | SFT loss |");
+    for k in &ks {
+        let _ = write!(md, " HumanEval {k} |");
+    }
+    if mbpp {
+        md.push_str(" MBPP pass@1 |");
+    }
+    md.push_str("\n|---|---|---|---|---|---|");
+    md.push_str(&"---|".repeat(ks.len() + usize::from(mbpp)));
+    md.push('\n');
+    let mut json_rounds = Vec::new();
+    for r in rounds {
+        let marker = if r.round == best { " (best)" } else { "" };
+        let _ = write!(
+            md,
+            "| {}{marker} | {} | {} | {} | {:.1}% | {:.4} |",
+            r.round,
+            r.export.items,
+            r.evolve.items,
+            r.evolve.accepted,
+            100.0 * r.evolve.acceptance,
+            r.sft.loss
+        );
+        for k in &ks {
+            let _ = write!(md, " {} |", cell(r.eval.humaneval.pass_at_k.get(k).copied(), 4));
+        }
+        if mbpp {
+            let _ = write!(md, " {} |", cell(r.eval.mbpp.as_ref().map(|m| m.pass1()), 4));
+        }
+        md.push('\n');
+        json_rounds
+            .push(json!({ "round": r.round, "evolve": r.evolve, "export": r.export, "sft": r.sft, "eval": r.eval }));
+    }
+    md.push_str("\n\"items trained on\" is round 0 (the seeds) merged with the evolved rounds up to this one; \"evolved\" and\n");
+    md.push_str(
+        "\"accepted\" count this round's items in `evolve.sqlite` (`wizard evolve status --db evolve.sqlite`).\n",
+    );
+    md.push_str("\n![training loss](loss.svg)\n\n![pass@1 per round](pass1.svg)\n");
+    let report = out.join("report.md");
+    std::fs::write(&report, md)?;
+    let summary = json!({ "best_round": best, "model": absolute, "draft": draft, "rounds": json_rounds });
+    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    Ok(report)
+}
