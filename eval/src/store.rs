@@ -211,3 +211,25 @@ impl Store {
         tx.commit().map_err(error)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Outcomes are stored with their status by name and read back; an unknown name is an error.
+    #[test]
+    fn statuses_round_trip_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("eval.sqlite"), "humaneval").unwrap();
+        let sample = Sample { task_id: "T/0".into(), index: 0, completion: "pass".into() };
+        store.replace_samples(std::slice::from_ref(&sample)).unwrap();
+        for status in [Status::Passed, Status::Failed, Status::TimedOut] {
+            let outcome = Outcome { status, result: status.name().into(), seconds: 0.5 };
+            store.record(&sample, &outcome).unwrap();
+            assert_eq!(store.scored().unwrap(), [(sample.clone(), Some(outcome))]);
+        }
+        store.connection.execute("UPDATE results SET status = 'lost'", []).unwrap();
+        let error = store.scored().unwrap_err().to_string();
+        assert!(error.contains("unknown result status \"lost\""), "{error}");
+    }
+}

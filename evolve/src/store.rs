@@ -379,9 +379,6 @@ impl Store {
         answer: Answer,
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
-        let now = now_ms();
-        let (prompt_tokens, completion_tokens) = (reply.prompt_tokens as i64, reply.completion_tokens as i64);
-        let latency_ms = answer.latency.as_millis() as i64;
         tx.execute(
             "INSERT INTO answers (item_id, stage, prompt, answer, finish, backend, model, prompt_tokens,
                                   completion_tokens, latency_ms, attempts, seed, created_at)
@@ -394,37 +391,31 @@ impl Store {
                 reply.finish,
                 answer.backend,
                 answer.model,
-                prompt_tokens,
-                completion_tokens,
-                latency_ms,
+                reply.prompt_tokens as i64,
+                reply.completion_tokens as i64,
+                answer.latency.as_millis() as i64,
                 reply.attempts,
                 answer.seed as i64,
-                now
+                now_ms()
             ],
         )?;
+        // The item takes the rest of its column and its usage from the answer row just written.
         let column = match stage {
-            Stage::Evolve => "instruction = ?2, backend = ?4, model = ?5",
+            Stage::Evolve => "instruction = ?2, backend = a.backend, model = a.model",
             Stage::Judge => "verdict = ?2",
             Stage::Respond => {
-                "response = ?2, finish = ?3, backend = coalesce(backend, ?4), model = coalesce(model, ?5)"
+                "response = ?2, finish = a.finish, backend = coalesce(items.backend, a.backend),
+                 model = coalesce(items.model, a.model)"
             }
         };
         tx.execute(
             &format!(
-                "UPDATE items SET {column}, prompt_tokens = prompt_tokens + ?6, completion_tokens = completion_tokens + ?7,
-                 latency_ms = latency_ms + ?8, updated_at = ?9 WHERE id = ?1"
+                "UPDATE items SET {column}, prompt_tokens = items.prompt_tokens + a.prompt_tokens,
+                 completion_tokens = items.completion_tokens + a.completion_tokens,
+                 latency_ms = items.latency_ms + a.latency_ms, updated_at = a.created_at
+                 FROM answers AS a WHERE items.id = ?1 AND a.item_id = ?1 AND a.stage = ?3"
             ),
-            params![
-                item,
-                value,
-                reply.finish,
-                answer.backend,
-                answer.model,
-                prompt_tokens,
-                completion_tokens,
-                latency_ms,
-                now
-            ],
+            params![item, value, stage.name()],
         )?;
         tx.commit()?;
         Ok(())
@@ -649,6 +640,36 @@ mod tests {
         Connection::open(&other).unwrap().execute_batch("CREATE TABLE x (y)").unwrap();
         let error = Store::open(&other).err().unwrap().to_string();
         assert!(error.ends_with("is a SQLite database, but not one of wizard evolve"), "{error}");
+    }
+
+    /// Each answer fills its column of the item, and the item adds up the usage of all its answers.
+    #[test]
+    fn answers_fill_their_column_and_add_up_usage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db")).unwrap();
+        let seed = Seed { instruction: "Sort a list.".into(), input: String::new(), output: None };
+        store.import_seeds(&[seed]).unwrap();
+        let id = store.pending(0).unwrap()[0].id;
+        let answer = Answer { backend: "fake", model: "m", latency: Duration::from_millis(30), seed: 1 };
+        let reply = |text: &str, tokens: u64| Reply {
+            text: text.into(),
+            finish: "stop".into(),
+            prompt_tokens: tokens,
+            completion_tokens: 2 * tokens,
+            attempts: 1,
+        };
+        store.save_answer(id, Stage::Judge, "p", &reply("Equal.", 3), "equal", answer.clone()).unwrap();
+        store.save_answer(id, Stage::Respond, "p", &reply("sorted(x)", 5), "sorted(x)", answer).unwrap();
+        let work = &store.pending(0).unwrap()[0];
+        assert_eq!(work.verdict.as_deref(), Some("equal"));
+        assert_eq!(work.response, Some(("sorted(x)".to_string(), "stop".to_string())));
+        let stats = store.round_stats(0).unwrap();
+        assert_eq!((stats.prompt_tokens, stats.completion_tokens, stats.pending), (8, 16, 1), "{stats:?}");
+        assert_eq!(store.answer_count().unwrap(), 2);
+        // Statuses are stored by name; a name this build does not know is an error, not a guess.
+        store.conn.execute("UPDATE items SET status = 'lost'", []).unwrap();
+        let error = store.round_stats(0).unwrap_err().to_string();
+        assert!(error.contains("unknown item status \"lost\""), "{error}");
     }
 
     #[test]
