@@ -1,6 +1,6 @@
 //! `--device` and `--dtype` as every command takes them.
 use anyhow::bail;
-use pipeline::model::parse_dtype;
+use model::gpt_bigcode::parse_dtype;
 use tch::{Device, Kind};
 
 /// `cpu`, `cuda`, `cuda:N` or `auto` (a GPU when libtorch sees one). `auto` and `cuda` pick GPU

@@ -11,8 +11,8 @@ use eval::problems::{Benchmark, LoadOptions, Problem, PromptFormat};
 use eval::sandbox::SandboxConfig;
 use eval::store::Store;
 use indicatif::{ProgressBar, ProgressStyle};
-use pipeline::model::GptBigCode;
-use pipeline::tokenizer::Tokenizer;
+use model::gpt_bigcode::GptBigCode;
+use model::tokenizer::Tokenizer;
 
 use crate::device::{checked_device, weight_kind};
 

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use pipeline::complete::{complete, complete_speculative};
-use pipeline::generate::GenerateConfig;
-use pipeline::model::GptBigCode;
-use pipeline::sampling::Sampling;
-use pipeline::speculative::{Drafter, SpeculativeConfig};
-use pipeline::tokenizer::Tokenizer;
+use model::complete::{complete, complete_speculative};
+use model::generate::GenerateConfig;
+use model::gpt_bigcode::GptBigCode;
+use model::sampling::Sampling;
+use model::speculative::{Drafter, SpeculativeConfig};
+use model::tokenizer::Tokenizer;
 use tch::{Kind, Tensor};
 
 use crate::device::{checked_device, weight_kind};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use indicatif::{HumanBytes, ProgressBar};
-use pipeline::tokenizer::{self, TrainConfig, TrainEvent, DEFAULT_MODEL_MAX_LENGTH, MIN_VOCAB_SIZE, SPECIAL_TOKENS};
+use model::tokenizer::{self, TrainConfig, TrainEvent, DEFAULT_MODEL_MAX_LENGTH, MIN_VOCAB_SIZE, SPECIAL_TOKENS};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -82,7 +82,7 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         TrainEvent::Writing { dir } => progress.set_message(format!("writing {}", dir.display())),
     });
     spinner.finish_and_clear();
-    // The message, not the error: `PipelineError::Io` already prints its source, which `{:#}` would repeat.
+    // The message, not the error: `ModelError::Io` already prints its source, which `{:#}` would repeat.
     let report = report.map_err(|error| anyhow::anyhow!("cannot train the tokenizer: {error}"))?;
 
     let skipped = match report.skipped_non_utf8 {

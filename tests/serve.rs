@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use common::lsp::{figures, inline_text, last_figure, read_message, write_message, Client};
 use common::WIZARD;
-use pipeline::config::ModelConfig;
-use pipeline::model::GptBigCode;
-use pipeline::tokenizer::Tokenizer;
+use model::config::ModelConfig;
+use model::gpt_bigcode::GptBigCode;
+use model::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use tch::{Device, Kind};
 

@@ -1,7 +1,7 @@
 //! `wizard tokenizer train` run as a user would run it: the built binary on a directory of source files
 //! and a JSONL corpus, its output loaded by Hugging Face `transformers` and by our Rust tokenizer.
 mod common;
-#[path = "../pipeline/tests/shared/tokenizer_fixture.rs"]
+#[path = "../model/tests/shared/tokenizer_fixture.rs"]
 mod tokenizer_fixture;
 
 use std::fs;

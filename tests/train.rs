@@ -241,7 +241,7 @@ fn a_full_disk_while_saving_keeps_the_previous_checkpoint() {
     check_failure(&output, "wizard train under prlimit --fsize", &["step-000004.partial", "File too large"]);
     assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "step-000002");
     let checkpoint = out.join("checkpoints/step-000002");
-    pipeline::model::GptBigCode::load(&checkpoint, tch::Kind::Float, tch::Device::Cpu).unwrap();
+    model::gpt_bigcode::GptBigCode::load(&checkpoint, tch::Kind::Float, tch::Device::Cpu).unwrap();
     stdout_of(&common::wizard(&args), "--resume");
     assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "step-000004");
 }
@@ -283,14 +283,18 @@ fn fine_tunes_a_transformers_checkpoint_that_transformers_loads_back() {
         serde_json::from_str(&common::python(HF_LOGITS, &[checkpoint.as_os_str(), ids_json.as_ref()])).unwrap();
     assert_eq!(hf["missing"], serde_json::json!([]));
     assert_eq!(hf["unexpected"], serde_json::json!([]));
-    let model = pipeline::model::GptBigCode::load(&checkpoint, tch::Kind::Float, tch::Device::Cpu).unwrap();
-    let ours = tch::no_grad(|| model.forward_full(&tch::Tensor::from_slice(&ids).unsqueeze(0), false).unwrap());
+    let model = model::gpt_bigcode::GptBigCode::load(&checkpoint, tch::Kind::Float, tch::Device::Cpu).unwrap();
+    let ours = tch::no_grad(|| {
+        model.forward_full(&tch::Tensor::from_slice(&ids).unsqueeze(0), model::gpt_bigcode::Dropout::Off).unwrap()
+    });
     let ours = Vec::<f64>::try_from(ours.to_kind(tch::Kind::Double).reshape([-1])).unwrap();
     let theirs: Vec<f64> = hf["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(diff < 1e-4, "{diff}");
-    let base_model = pipeline::model::GptBigCode::load(&base, tch::Kind::Float, tch::Device::Cpu).unwrap();
-    let before = tch::no_grad(|| base_model.forward_full(&tch::Tensor::from_slice(&ids).unsqueeze(0), false).unwrap());
+    let base_model = model::gpt_bigcode::GptBigCode::load(&base, tch::Kind::Float, tch::Device::Cpu).unwrap();
+    let before = tch::no_grad(|| {
+        base_model.forward_full(&tch::Tensor::from_slice(&ids).unsqueeze(0), model::gpt_bigcode::Dropout::Off).unwrap()
+    });
     let moved = Vec::<f64>::try_from(before.to_kind(tch::Kind::Double).reshape([-1])).unwrap();
     assert!(moved.iter().zip(&ours).any(|(a, b)| (a - b).abs() > 1e-3), "fine-tuning changed nothing");
 }

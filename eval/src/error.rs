@@ -1,6 +1,6 @@
 use std::path::{Path, PathBuf};
 
-use pipeline::jsonl::LineError;
+use model::jsonl::LineError;
 
 use thiserror::Error;
 
@@ -51,7 +51,7 @@ pub enum EvalError {
     },
     /// Generation failed.
     #[error("generation: {0}")]
-    Generation(#[from] pipeline::PipelineError),
+    Generation(#[from] model::ModelError),
     /// An impossible setting (e.g. zero samples).
     #[error("{0}")]
     Invalid(String),

@@ -1,9 +1,9 @@
 //! Sample generation: n samples per problem from a [`Completer`], stored per problem as soon as they
 //! exist, so an interrupted run resumes at the first problem that lacks samples.
-use pipeline::complete::complete;
-use pipeline::generate::{GenerateConfig, Sampling};
-use pipeline::model::GptBigCode;
-use pipeline::tokenizer::Tokenizer;
+use model::complete::complete;
+use model::generate::{GenerateConfig, Sampling};
+use model::gpt_bigcode::GptBigCode;
+use model::tokenizer::Tokenizer;
 
 use crate::error::Result;
 use crate::problems::{extract_code, Benchmark, Problem, PromptFormat};

@@ -174,7 +174,7 @@ impl Report {
 /// (`task_id`, `completion`, `result`, `passed`), replacing `path` atomically.
 pub fn write_results(store: &Store, path: &Path) -> Result<()> {
     let scored = store.scored()?;
-    pipeline::files::replace_with(path, |temporary| {
+    model::files::replace_with(path, |temporary| {
         let mut out = std::io::BufWriter::new(std::fs::File::create(temporary)?);
         for (sample, outcome) in scored {
             let Some(outcome) = outcome else { continue };

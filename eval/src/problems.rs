@@ -2,8 +2,8 @@
 //! each problem with its prompts, its reference solution and the program that tests a completion.
 use std::path::Path;
 
-use pipeline::files;
-use pipeline::jsonl::Lines;
+use model::files;
+use model::jsonl::Lines;
 use serde_json::{Map, Value};
 
 use crate::error::{io, line_error, EvalError, Result};

@@ -4,8 +4,8 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 
-use pipeline::files;
-use pipeline::jsonl::Lines;
+use model::files;
+use model::jsonl::Lines;
 use serde_json::Value;
 
 use crate::error::{io, line_error, EvalError, Result};

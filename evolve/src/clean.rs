@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use pipeline::jsonl::Lines;
+use model::jsonl::Lines;
 use serde_json::Value;
 
 use crate::minhash::{jaccard, shingles, Index, Shingles};

@@ -1,7 +1,7 @@
 //! The errors of the evolve crate.
 use std::path::PathBuf;
 
-use pipeline::jsonl::LineError;
+use model::jsonl::LineError;
 
 use crate::backend::BackendError;
 
@@ -61,7 +61,7 @@ pub enum EvolveError {
     Backend(#[from] BackendError),
     /// The local model could not be loaded or run.
     #[error("local model: {0}")]
-    Pipeline(#[from] pipeline::PipelineError),
+    Pipeline(#[from] model::ModelError),
     /// A setting or argument that cannot work.
     #[error("{0}")]
     Invalid(String),

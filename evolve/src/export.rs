@@ -52,7 +52,7 @@ pub fn export(store: &Store, rounds: Option<&[u32]>, out: &Path) -> Result<usize
         stdout.write_all(text.as_bytes()).map_err(io)?;
         stdout.flush().map_err(io)?;
     } else {
-        pipeline::files::write_atomically(out, text.as_bytes()).map_err(io)?;
+        model::files::write_atomically(out, text.as_bytes()).map_err(io)?;
     }
     Ok(items.len())
 }

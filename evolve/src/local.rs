@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 use std::sync::mpsc;
 
-use pipeline::complete::complete;
-use pipeline::generate::{Finish, GenerateConfig, Sampling};
-use pipeline::model::GptBigCode;
-use pipeline::tokenizer::Tokenizer;
+use model::complete::complete;
+use model::generate::{Finish, GenerateConfig, Sampling};
+use model::gpt_bigcode::GptBigCode;
+use model::tokenizer::Tokenizer;
 use tch::{Device, Kind};
 use tokio::sync::oneshot;
 
@@ -55,7 +55,7 @@ struct Engine {
 }
 
 impl Engine {
-    fn answer(&self, request: &ChatRequest) -> pipeline::Result<Reply> {
+    fn answer(&self, request: &ChatRequest) -> model::Result<Reply> {
         let positions = usize::try_from(self.model.config().n_positions).unwrap_or(usize::MAX);
         let max_new = (request.max_tokens as usize).min(self.max_new_tokens).min(positions / 2).max(1);
         let budget = positions - max_new;

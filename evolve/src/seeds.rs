@@ -1,7 +1,7 @@
 //! Seed instructions in Code Alpaca JSONL form: `{"instruction", "input"?, "output"?}` per line.
 use std::path::Path;
 
-use pipeline::jsonl::Lines;
+use model::jsonl::Lines;
 use serde::Deserialize;
 
 use crate::{EvolveError, Result};

@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use pipeline::generate::{NoStop, Sampling};
-use pipeline::model::GptBigCode;
-use pipeline::speculative::{generate, Drafter, SpeculativeConfig};
-use pipeline::tokenizer::Tokenizer;
+use model::generate::{NoStop, Sampling};
+use model::gpt_bigcode::GptBigCode;
+use model::speculative::{generate, Drafter, SpeculativeConfig};
+use model::tokenizer::Tokenizer;
 use tch::{Device, Kind};
 
 fn main() {
@@ -22,7 +22,7 @@ fn main() {
     let (args, dtype, draft_dtype) = match args.as_slice() {
         [rest @ .., dtypes] if rest.len() == 5 => {
             let (target, draft) = dtypes.split_once('/').unwrap_or((dtypes, dtypes));
-            let parse = |text| pipeline::model::parse_dtype(text).unwrap();
+            let parse = |text| model::gpt_bigcode::parse_dtype(text).unwrap();
             (rest, parse(target), parse(draft))
         }
         rest => (rest, Kind::Float, Kind::Float),

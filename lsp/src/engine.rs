@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use pipeline::generate::StopCriterion;
-use pipeline::model::GptBigCode;
-use pipeline::sampling::Sampling;
-use pipeline::speculative::{self, Drafter, Session, SpeculativeConfig};
-use pipeline::tokenizer::Tokenizer;
+use model::generate::StopCriterion;
+use model::gpt_bigcode::GptBigCode;
+use model::sampling::Sampling;
+use model::speculative::{self, Drafter, Session, SpeculativeConfig};
+use model::tokenizer::Tokenizer;
 use tch::{Device, Kind};
 use tokio::sync::{oneshot, watch};
 
@@ -322,7 +322,7 @@ impl CompletionModel for ModelBackend {
         let room = context.saturating_sub(settings.max_tokens + 1).max(8);
         let budget =
             Budget { tokens: settings.context_budget.min(room), suffix_share: settings.suffix_share, fim: job.fim };
-        let model_error = |e: pipeline::PipelineError| EngineError::Model(e.to_string());
+        let model_error = |e: model::ModelError| EngineError::Model(e.to_string());
         let prompt = prompt::build(&self.tokenizer, &job.parts, budget).map_err(model_error)?;
         if prompt.is_empty() || job.decision.mode == Mode::Skip {
             return Ok(Output { text: String::new(), figures: Figures::default() });

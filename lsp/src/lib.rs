@@ -1,4 +1,4 @@
-//! The language server: the only crate that knows LSP types. Completions come from `pipeline`
+//! The language server: the only crate that knows LSP types. Completions come from `model`
 //! generation running on a dedicated inference thread, never on the async runtime.
 //!
 //! - `server`: the protocol edge (tower-lsp-server handlers, llm-ls compatible methods);

@@ -2,7 +2,7 @@
 //! in token ids under a token budget counted after templating: the FIM tokens always stay; the budget
 //! left is split between the end of the prefix and the start of the suffix (what one side does not
 //! use goes to the other); `<filename>` and snippets of other open files take at most a fixed share.
-use pipeline::tokenizer::Tokenizer;
+use model::tokenizer::Tokenizer;
 
 use crate::text::floor_char_boundary;
 
@@ -62,10 +62,10 @@ pub struct Budget {
 }
 
 /// Token ids of the prompt (all within `budget.tokens`, unless the template alone exceeds it).
-pub fn build(tokenizer: &Tokenizer, parts: &PromptParts, budget: Budget) -> pipeline::Result<Vec<i64>> {
+pub fn build(tokenizer: &Tokenizer, parts: &PromptParts, budget: Budget) -> model::Result<Vec<i64>> {
     let special = |name: &str| tokenizer.token_id(name).map(i64::from);
     let encode =
-        |text: &str| -> pipeline::Result<Vec<i64>> { Ok(tokenizer.encode(text)?.into_iter().map(i64::from).collect()) };
+        |text: &str| -> model::Result<Vec<i64>> { Ok(tokenizer.encode(text)?.into_iter().map(i64::from).collect()) };
     let fim = match (special("<fim_prefix>"), special("<fim_suffix>"), special("<fim_middle>")) {
         (Some(p), Some(s), Some(m)) if budget.fim => Some((p, s, m)),
         _ => None,
@@ -133,7 +133,7 @@ pub fn build(tokenizer: &Tokenizer, parts: &PromptParts, budget: Budget) -> pipe
 pub(crate) mod tests {
     use std::sync::OnceLock;
 
-    use pipeline::tokenizer::{train, TrainConfig};
+    use model::tokenizer::{train, TrainConfig};
 
     use super::*;
 

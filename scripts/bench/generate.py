@@ -4,7 +4,7 @@ Usage: .wizard/python scripts/bench/generate.py [--threads N] [--prompt-tokens P
 
 Builds two random GPTBigCode checkpoints (about 30M and 120M parameters, StarCoder's vocabulary of
 49152 and multi-query attention) under target/bench-models, times transformers in a subprocess and
-wizard's `pipeline` bench binary in another, both fp32 on CPU with the same thread count, and
+wizard's `model` bench binary in another, both fp32 on CPU with the same thread count, and
 prints a Markdown table with the ratios.
 """
 import argparse
@@ -81,8 +81,8 @@ def main():
     if args.wizard_bench:
         wizard = [args.wizard_bench]
     else:
-        subprocess.run(["cargo", "bench", "-p", "pipeline", "--bench", "generate", "--no-run"], check=True, cwd=REPO)
-        wizard = ["cargo", "bench", "-q", "-p", "pipeline", "--bench", "generate", "--"]
+        subprocess.run(["cargo", "bench", "-p", "model", "--bench", "generate", "--no-run"], check=True, cwd=REPO)
+        wizard = ["cargo", "bench", "-q", "-p", "model", "--bench", "generate", "--"]
     shape = [str(args.prompt_tokens), str(args.new_tokens), str(args.threads)]
     placement = [args.device, args.dtype]
     print(f"threads={args.threads} prompt={args.prompt_tokens} new={args.new_tokens} {args.dtype} {args.device}\n")

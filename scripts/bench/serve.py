@@ -28,7 +28,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[2]
 WORK = REPO / "target" / "bench-serve"
 WIZARD = REPO / "target" / "release" / "wizard"
-SOURCES = ["pipeline/src", "lsp/src", "src", "eval/src", "evolve/src", "kernels/src"]
+SOURCES = ["model/src", "lsp/src", "src", "eval/src", "evolve/src", "kernels/src"]
 
 def dims(text):
     n_embd, n_layer, n_head = map(int, text.split(":"))

@@ -14,9 +14,9 @@ executable() { # the test or bench binary cargo reports for a target
     cargo "$@" --no-run 2>&1 | sed -n 's/.*Executable .*(\(target\/release\/deps\/[^)]*\)).*/\1/p' | tail -1
 }
 cp target/release/wizard "$kit/wizard"
-cp "$(executable test --release -p pipeline --test cuda)" "$kit/cuda-tests"
+cp "$(executable test --release -p model --test cuda)" "$kit/cuda-tests"
 cp "$(executable test --release -p kernels --lib)" "$kit/kernels-tests"
-cp "$(executable bench -p pipeline --bench generate)" "$kit/generate-bench"
+cp "$(executable bench -p model --bench generate)" "$kit/generate-bench"
 cp "$(executable bench -p lsp --bench speculative)" "$kit/speculative-bench"
 strip "$kit"/*
 pair=target/bench-serve

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context;
-use pipeline::train::metrics;
+use model::train::metrics;
 use serde::{Deserialize, Serialize};
 
 use super::config::{Config, Shape, TrainSettings};
@@ -111,9 +111,9 @@ pub fn draft(
 }
 
 fn train_tokenizer(inputs: &[PathBuf], vocab_size: usize, dir: &Path) -> anyhow::Result<TrainedTokenizer> {
-    let config = pipeline::tokenizer::TrainConfig::new(inputs.to_vec(), vocab_size);
+    let config = model::tokenizer::TrainConfig::new(inputs.to_vec(), vocab_size);
     let report =
-        pipeline::tokenizer::train(&config, dir).map_err(|e| anyhow::anyhow!("cannot train the tokenizer: {e}"))?;
+        model::tokenizer::train(&config, dir).map_err(|e| anyhow::anyhow!("cannot train the tokenizer: {e}"))?;
     eprintln!("    {} documents, {} bytes, vocab {}", report.documents, report.bytes, report.vocab_size);
     Ok(TrainedTokenizer { dir: dir.to_path_buf(), documents: report.documents, vocab_size: report.vocab_size })
 }
@@ -129,9 +129,9 @@ fn pretrain(
     data: &[PathBuf],
 ) -> anyhow::Result<Trained> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tok = pipeline::tokenizer::Tokenizer::from_dir(tokenizer)?;
+    let tok = model::tokenizer::Tokenizer::from_dir(tokenizer)?;
     let eos = i64::from(tok.eos_id());
-    let model = pipeline::config::ModelConfig {
+    let model = model::config::ModelConfig {
         vocab_size: tok.vocab_size() as i64,
         n_positions: shape.n_positions,
         n_embd: shape.n_embd,
@@ -174,7 +174,7 @@ pub fn train_flags(settings: &TrainSettings) -> Vec<std::ffi::OsString> {
 /// The trained checkpoint in `dir` and its loss curve.
 pub fn trained(dir: &Path) -> anyhow::Result<Trained> {
     let checkpoint =
-        pipeline::train::latest_checkpoint(dir)?.with_context(|| format!("no checkpoint in {}", dir.display()))?;
+        model::train::latest_checkpoint(dir)?.with_context(|| format!("no checkpoint in {}", dir.display()))?;
     let metrics_file = dir.join("metrics.jsonl");
     let steps = metrics::read(&metrics_file, None)?;
     let tail = &steps[steps.len().saturating_sub(10)..];

@@ -251,7 +251,7 @@ impl Config {
             (None, Some(_), None) => return fail("pretrain", "missing: [tokenizer] needs [pretrain]".into()),
         }
         if let Some(tokenizer) = &self.tokenizer {
-            let min = pipeline::tokenizer::MIN_VOCAB_SIZE;
+            let min = model::tokenizer::MIN_VOCAB_SIZE;
             if tokenizer.vocab_size < min {
                 return fail(
                     "tokenizer.vocab_size",

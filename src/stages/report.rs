@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use pipeline::chart::{line_chart, YAxis};
-use pipeline::train::metrics;
+use model::chart::{line_chart, YAxis};
+use model::train::metrics;
 use serde_json::json;
 
 use super::round::Round;

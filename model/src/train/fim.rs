@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use crate::tokenizer::Tokenizer;
-use crate::{PipelineError, Result};
+use crate::{ModelError, Result};
 
 /// Ids of the four FIM tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +27,7 @@ impl FimTokens {
     pub fn of(tokenizer: &Tokenizer) -> Result<FimTokens> {
         let id = |token: &str| {
             tokenizer.token_id(token).ok_or_else(|| {
-                PipelineError::Invalid(format!(
+                ModelError::Invalid(format!(
                     "the tokenizer has no {token} token, which FIM needs (train one with `wizard tokenizer train`, or pass --fim-rate 0)"
                 ))
             })

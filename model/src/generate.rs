@@ -5,9 +5,9 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tch::{Kind, Tensor};
 
-use crate::model::GptBigCode;
+use crate::gpt_bigcode::GptBigCode;
 pub use crate::sampling::Sampling;
-use crate::{PipelineError, Result};
+use crate::{ModelError, Result};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -66,12 +66,12 @@ pub fn generate(
 ) -> Result<Vec<Generation>> {
     config.sampling.validate()?;
     if prompt.is_empty() {
-        return Err(PipelineError::Invalid("the prompt is empty".into()));
+        return Err(ModelError::Invalid("the prompt is empty".into()));
     }
     let context = model.config().n_positions;
     let prompt_len = prompt.len() as i64;
     if prompt_len >= context {
-        return Err(PipelineError::Invalid(format!(
+        return Err(ModelError::Invalid(format!(
             "the prompt has {prompt_len} tokens; the model's context (n_positions) is {context}"
         )));
     }

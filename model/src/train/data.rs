@@ -14,7 +14,7 @@ use super::fim::{self, FimConfig, FimTokens};
 use crate::corpus;
 use crate::jsonl::{LineError, Lines};
 use crate::tokenizer::Tokenizer;
-use crate::{PipelineError, Result};
+use crate::{ModelError, Result};
 
 /// Label value that the loss ignores.
 pub const IGNORE: i64 = -100;
@@ -105,14 +105,14 @@ pub fn alpaca_prompt(instruction: &str, input: Option<&str>) -> String {
 /// Reads, tokenizes, packs, shuffles and splits.
 pub fn build(config: &DataConfig, tokenizer: &Tokenizer) -> Result<Dataset> {
     if config.seq_len < 2 {
-        return Err(PipelineError::Invalid(format!("--seq-len must be at least 2, got {}", config.seq_len)));
+        return Err(ModelError::Invalid(format!("--seq-len must be at least 2, got {}", config.seq_len)));
     }
     let (mut examples, mut stats) = match config.mode {
         Mode::Pretrain => pretrain_examples(config, tokenizer)?,
         Mode::Sft => sft_examples(config, tokenizer)?,
     };
     if examples.is_empty() {
-        return Err(PipelineError::Invalid(format!(
+        return Err(ModelError::Invalid(format!(
             "the data gives no training sequence of {} tokens ({} documents, {} tokens, {} dropped as too long)",
             config.seq_len, stats.documents, stats.tokens, stats.dropped_too_long
         )));
@@ -177,7 +177,7 @@ fn sft_examples(config: &DataConfig, tokenizer: &Tokenizer) -> Result<(Vec<Examp
     let mut stats = DataStats::default();
     let mut examples = Vec::new();
     for path in &config.inputs {
-        let mut lines = Lines::open(path).map_err(|e| PipelineError::io(path, e))?;
+        let mut lines = Lines::open(path).map_err(|e| ModelError::io(path, e))?;
         loop {
             let item: InstructionLine = match lines.read() {
                 Ok(Some(item)) => item,
@@ -187,7 +187,7 @@ fn sft_examples(config: &DataConfig, tokenizer: &Tokenizer) -> Result<(Vec<Examp
                     stats.skipped_lines += 1;
                     continue;
                 }
-                Err(error) => return Err(PipelineError::jsonl(path, error)),
+                Err(error) => return Err(ModelError::jsonl(path, error)),
             };
             stats.documents += 1;
             let prompt = alpaca_prompt(&item.instruction, item.input.as_deref());

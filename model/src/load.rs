@@ -7,8 +7,8 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint;
 use crate::config::ModelConfig;
 use crate::files;
-use crate::model::{dtype_name, GptBigCode, Weights};
-use crate::{PipelineError, Result};
+use crate::gpt_bigcode::{dtype_name, GptBigCode, Weights};
+use crate::{ModelError, Result};
 
 /// Buffers that old checkpoints carry and `transformers` ignores.
 fn is_ignored_buffer(name: &str) -> bool {
@@ -25,7 +25,7 @@ impl GptBigCode {
         let mut pending = model.vars().variables();
         tch::no_grad(|| {
             checkpoint::for_each_tensor(dir, |name, tensor, file| {
-                let tensor_error = |message: String| PipelineError::Tensor {
+                let tensor_error = |message: String| ModelError::Tensor {
                     path: file.to_path_buf(),
                     tensor: name.to_string(),
                     message,
@@ -51,7 +51,7 @@ impl GptBigCode {
         if let Some(first) = missing.first() {
             let file = checkpoint::weight_files(dir)?.remove(0);
             let message = format!("missing from the checkpoint ({} missing in all)", missing.len());
-            return Err(PipelineError::Tensor { path: file, tensor: first.clone(), message });
+            return Err(ModelError::Tensor { path: file, tensor: first.clone(), message });
         }
         Ok(model)
     }
@@ -59,12 +59,12 @@ impl GptBigCode {
     /// Writes `config.json` and `model.safetensors` in `kind` into `dir` (created if needed), each
     /// replaced atomically.
     pub fn save(&self, dir: &Path, kind: Kind) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| PipelineError::io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         let mut tensors: Vec<(String, Tensor)> = self.vars().variables().into_iter().collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         checkpoint::save(dir, &tensors, kind)?;
         let config = dir.join("config.json");
         files::write_atomically(&config, self.config().to_json(dtype_name(kind)).as_bytes())
-            .map_err(|e| PipelineError::io(&config, e))
+            .map_err(|e| ModelError::io(&config, e))
     }
 }

@@ -12,10 +12,10 @@ use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
 use crate::generate::{Finish, Generation, StopCriterion};
+use crate::gpt_bigcode::GptBigCode;
 use crate::kv_cache::KvCache;
-use crate::model::GptBigCode;
 use crate::sampling::{argmax, draw, Sampling};
-use crate::{PipelineError, Result};
+use crate::{ModelError, Result};
 
 /// Where draft tokens come from.
 pub enum Drafter<'m> {
@@ -146,7 +146,7 @@ fn context(target: &GptBigCode, drafter: &Drafter) -> Result<i64> {
     let mut context = target.config().n_positions;
     if let Drafter::Model(draft) = drafter {
         if draft.config().vocab_size != target.config().vocab_size {
-            return Err(PipelineError::Invalid(format!(
+            return Err(ModelError::Invalid(format!(
                 "the draft model's vocabulary ({}) differs from the target's ({})",
                 draft.config().vocab_size,
                 target.config().vocab_size
@@ -185,11 +185,11 @@ pub fn generate_in(
     let sampling = &config.sampling;
     sampling.validate()?;
     if prompt.is_empty() {
-        return Err(PipelineError::Invalid("the prompt is empty".into()));
+        return Err(ModelError::Invalid("the prompt is empty".into()));
     }
     let context = context(target, drafter)?;
     if prompt.len() as i64 >= context {
-        return Err(PipelineError::Invalid(format!(
+        return Err(ModelError::Invalid(format!(
             "the prompt has {} tokens; the context (n_positions) is {context}",
             prompt.len()
         )));
@@ -564,7 +564,9 @@ mod tests {
         let check = |sampling: Sampling, n: usize| {
             // Exact p(a, b) = p(a | prompt) p(b | prompt, a).
             let probs_after = |seq: &[i64]| -> Vec<f64> {
-                let logits = target.forward_full(&Tensor::from_slice(seq).unsqueeze(0), false).unwrap();
+                let logits = target
+                    .forward_full(&Tensor::from_slice(seq).unsqueeze(0), crate::gpt_bigcode::Dropout::Off)
+                    .unwrap();
                 sampling.probabilities(&row(&logits.get(0).get(-1)).unwrap())
             };
             let first = probs_after(&prompt);

@@ -1,9 +1,9 @@
-//! A tokenizer trained by `pipeline::tokenizer::train` encodes and decodes exactly like the same files
+//! A tokenizer trained by `model::tokenizer::train` encodes and decodes exactly like the same files
 //! loaded by Hugging Face `transformers.AutoTokenizer` and by `tokenizers.Tokenizer.from_file`.
 #[path = "shared/tokenizer_fixture.rs"]
 mod tokenizer_fixture;
 
-use pipeline::tokenizer::{self, TrainConfig};
+use model::tokenizer::{self, TrainConfig};
 
 /// The venv interpreter that `scripts/setup.sh` installs, with `transformers` and `tokenizers`.
 const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../.wizard/python");

@@ -18,7 +18,7 @@ use tokenizers::{
 };
 
 use crate::corpus::{self, DEFAULT_EXTENSIONS};
-use crate::{files, PipelineError, Result};
+use crate::{files, ModelError, Result};
 
 /// StarCoder's special tokens; the token at index `i` has id `i`.
 pub const SPECIAL_TOKENS: [&str; 19] = [
@@ -141,18 +141,18 @@ pub fn train_with_progress(
 ) -> Result<TrainReport> {
     let _span = tracing::info_span!("tokenizer_train", vocab_size = config.vocab_size).entered();
     if config.vocab_size < MIN_VOCAB_SIZE {
-        return Err(PipelineError::Invalid(format!(
+        return Err(ModelError::Invalid(format!(
             "`vocab_size` is {}, but it must be at least {MIN_VOCAB_SIZE} ({} special tokens + 256 byte tokens)",
             config.vocab_size,
             SPECIAL_TOKENS.len()
         )));
     }
     if config.inputs.is_empty() {
-        return Err(PipelineError::Invalid("no inputs to train the tokenizer on".into()));
+        return Err(ModelError::Invalid("no inputs to train the tokenizer on".into()));
     }
     let sources = corpus::sources(&config.inputs, &config.extensions)?;
     if sources.is_empty() {
-        return Err(PipelineError::Invalid(format!(
+        return Err(ModelError::Invalid(format!(
             "no source files under {} (looked for .jsonl and .{})",
             corpus::display_paths(&config.inputs),
             config.extensions.join(", .")
@@ -254,7 +254,7 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         let size = self.vocab_size();
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= size) {
-            return Err(PipelineError::Invalid(format!(
+            return Err(ModelError::Invalid(format!(
                 "token id {bad} is outside the vocabulary of {} ({size} tokens)",
                 self.path.display()
             )));
@@ -282,13 +282,13 @@ fn special_token(content: &str) -> AddedToken {
     AddedToken::from(content, true)
 }
 
-fn tokenizer_error(path: &Path, message: impl Into<String>) -> PipelineError {
-    PipelineError::Tokenizer { path: path.to_path_buf(), message: message.into() }
+fn tokenizer_error(path: &Path, message: impl Into<String>) -> ModelError {
+    ModelError::Tokenizer { path: path.to_path_buf(), message: message.into() }
 }
 
 /// Writes the Hugging Face tokenizer files, `tokenizer.json` last.
 fn write_tokenizer_dir(tokenizer: &tokenizers::Tokenizer, config: &TrainConfig, dir: &Path) -> Result<Vec<PathBuf>> {
-    fs::create_dir_all(dir).map_err(|e| PipelineError::io(dir, e))?;
+    fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let special = |token: &str| {
         json!({
             "content": token, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": true,
@@ -326,7 +326,7 @@ fn write_tokenizer_dir(tokenizer: &tokenizers::Tokenizer, config: &TrainConfig, 
     let mut written = Vec::new();
     for (name, contents) in files {
         let path = dir.join(name);
-        files::write_atomically(&path, contents.as_bytes()).map_err(|e| PipelineError::io(&path, e))?;
+        files::write_atomically(&path, contents.as_bytes()).map_err(|e| ModelError::io(&path, e))?;
         written.push(path);
     }
     Ok(written)
@@ -532,7 +532,7 @@ fn main() {
             fs::write(dir.path().join("tokenizer.json"), contents).unwrap();
         }
         let error = Tokenizer::from_dir(dir.path()).unwrap_err();
-        assert!(matches!(error, PipelineError::Tokenizer { .. }), "{error:?}");
+        assert!(matches!(error, ModelError::Tokenizer { .. }), "{error:?}");
         let message = error.to_string();
         assert!(message.contains(&dir.path().join("tokenizer.json").display().to_string()), "{message}");
         assert!(message.contains(expected), "{message:?} should contain {expected:?}");

@@ -4,9 +4,9 @@ use thiserror::Error;
 
 use crate::jsonl::LineError;
 
-/// Everything that can go wrong in the model pipeline. Each variant names the file, field or tensor.
+/// Everything that can go wrong in the model crate. Each variant names the file, field or tensor.
 #[derive(Debug, Error)]
-pub enum PipelineError {
+pub enum ModelError {
     /// A file could not be read or written.
     #[error("{path}: {error}")]
     Io {
@@ -71,19 +71,19 @@ pub enum PipelineError {
 }
 
 /// Shorthand for results in this crate.
-pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
-impl PipelineError {
+impl ModelError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        PipelineError::Io { path: path.into(), error: source }
+        ModelError::Io { path: path.into(), error: source }
     }
 
     /// Wraps an error of a JSON Lines file with the file's path.
     pub(crate) fn jsonl(path: impl Into<PathBuf>, error: LineError) -> Self {
         match error {
-            LineError::Io(error) => PipelineError::io(path, error),
-            bad @ LineError::Bad { .. } => PipelineError::Json { path: path.into(), message: bad.to_string() },
+            LineError::Io(error) => ModelError::io(path, error),
+            bad @ LineError::Bad { .. } => ModelError::Json { path: path.into(), message: bad.to_string() },
         }
     }
 }

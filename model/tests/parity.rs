@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use pipeline::generate::{generate, GenerateConfig, NoStop, Sampling};
-use pipeline::model::GptBigCode;
+use model::generate::{generate, GenerateConfig, NoStop, Sampling};
+use model::gpt_bigcode::{Dropout, GptBigCode};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -23,7 +23,7 @@ fn script() -> PathBuf {
     if built.exists() {
         built
     } else {
-        PathBuf::from("pipeline/tests/python/hf_reference.py")
+        PathBuf::from("model/tests/python/hf_reference.py")
     }
 }
 const TOLERANCE: f64 = 1e-4;
@@ -128,7 +128,7 @@ fn check(body: impl Fn(&Case, &GptBigCode) -> Result<(), String>) {
 }
 
 fn full_logits(model: &GptBigCode, ids: &[i64]) -> Tensor {
-    tch::no_grad(|| model.forward_full(&Tensor::from_slice(ids).unsqueeze(0), false).unwrap().squeeze_dim(0))
+    tch::no_grad(|| model.forward_full(&Tensor::from_slice(ids).unsqueeze(0), Dropout::Off).unwrap().squeeze_dim(0))
 }
 
 #[test]
@@ -143,7 +143,7 @@ fn logits_match_transformers_at_every_position() {
 fn sharded_checkpoints_are_read_through_their_index() {
     let sharded = fixture().dir.path().join("mqa_gelu_untied");
     assert!(sharded.join("model.safetensors.index.json").exists());
-    assert!(pipeline::checkpoint::weight_files(&sharded).unwrap().len() > 1);
+    assert!(model::checkpoint::weight_files(&sharded).unwrap().len() > 1);
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn reduced_precision_round_trips() {
         let out = tempfile::tempdir().unwrap();
         model.save(out.path(), kind).unwrap();
         let config = std::fs::read_to_string(out.path().join("config.json")).unwrap();
-        assert!(config.contains(pipeline::model::dtype_name(kind)), "{config}");
+        assert!(config.contains(model::gpt_bigcode::dtype_name(kind)), "{config}");
         let again = GptBigCode::load(out.path(), Kind::Float, Device::Cpu).unwrap();
         let diff = max_diff(&full_logits(&again, &case.ids), &reference);
         assert!(diff > 0.0 && diff < 0.1, "{kind:?}: {diff}");

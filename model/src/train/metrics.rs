@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::chart::{line_chart, YAxis};
-use crate::{PipelineError, Result};
+use crate::{ModelError, Result};
 
 /// One optimizer step, as logged to `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,9 +30,9 @@ pub struct StepMetrics {
 /// Appends one step's line.
 pub fn append(path: &Path, metrics: &StepMetrics) -> Result<()> {
     let mut file =
-        std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| PipelineError::io(path, e))?;
+        std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| ModelError::io(path, e))?;
     writeln!(file, "{}", serde_json::to_string(metrics).expect("metrics serialize"))
-        .map_err(|e| PipelineError::io(path, e))
+        .map_err(|e| ModelError::io(path, e))
 }
 
 /// Replaces the file's lines with `history`.
@@ -47,7 +47,7 @@ pub fn read(path: &Path, upto: Option<usize>) -> Result<Vec<StepMetrics>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(PipelineError::io(path, e)),
+        Err(e) => return Err(ModelError::io(path, e)),
     };
     let steps = text.lines().filter_map(|line| serde_json::from_str::<StepMetrics>(line).ok());
     Ok(steps.filter(|m| upto.is_none_or(|upto| m.step <= upto)).collect())

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::jsonl::{LineError, Lines};
-use crate::{PipelineError, Result};
+use crate::{ModelError, Result};
 
 /// File extensions taken from directories when none are given. `.jsonl` files are always taken.
 pub const DEFAULT_EXTENSIONS: &[&str] = &[
@@ -64,7 +64,7 @@ fn is_jsonl(path: &Path) -> bool {
 /// Adds `path` to `out`: a file `named` by the user always, a file found in a directory if its
 /// extension is wanted; directories recursively.
 fn collect(path: &Path, extensions: &HashSet<String>, named: bool, out: &mut Vec<Source>) -> Result<()> {
-    let metadata = fs::metadata(path).map_err(|e| PipelineError::io(path, e))?;
+    let metadata = fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     if metadata.is_file() {
         let wanted = named
             || is_jsonl(path)
@@ -79,13 +79,13 @@ fn collect(path: &Path, extensions: &HashSet<String>, named: bool, out: &mut Vec
     }
     let mut entries = fs::read_dir(path)
         .and_then(|entries| entries.collect::<std::io::Result<Vec<_>>>())
-        .map_err(|e| PipelineError::io(path, e))?;
+        .map_err(|e| ModelError::io(path, e))?;
     entries.sort_by_key(|entry| entry.file_name());
     for entry in entries {
         if entry.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
-        let file_type = entry.file_type().map_err(|e| PipelineError::io(entry.path(), e))?;
+        let file_type = entry.file_type().map_err(|e| ModelError::io(entry.path(), e))?;
         if file_type.is_symlink() && entry.path().is_dir() {
             continue;
         }
@@ -107,7 +107,7 @@ pub(crate) struct Documents<'a> {
     sources: std::slice::Iter<'a, Source>,
     jsonl: Option<(&'a Path, Lines<Box<dyn BufRead + Send>>)>,
     stats: Stats,
-    failure: Option<PipelineError>,
+    failure: Option<ModelError>,
     /// Called after each file, and every few thousand JSONL lines, with the file being read.
     on_read: &'a mut (dyn FnMut(&Path, &Stats) + Send),
     /// Count and skip JSONL lines that do not parse, instead of stopping.
@@ -136,7 +136,7 @@ impl<'a> Documents<'a> {
             return Err(error);
         }
         if self.stats.documents == 0 {
-            return Err(PipelineError::Invalid(format!(
+            return Err(ModelError::Invalid(format!(
                 "no documents found in {} ({} non-UTF-8 files skipped)",
                 display_paths(inputs),
                 self.stats.skipped_non_utf8
@@ -159,7 +159,7 @@ impl<'a> Documents<'a> {
                     self.stats.files += 1;
                     self.jsonl = Some((&source.path, lines));
                 }
-                Err(error) => self.failure = Some(PipelineError::io(&source.path, error)),
+                Err(error) => self.failure = Some(ModelError::io(&source.path, error)),
             }
             return None;
         }
@@ -176,7 +176,7 @@ impl<'a> Documents<'a> {
                 None
             }
             Err(error) => {
-                self.failure = Some(PipelineError::io(&source.path, error));
+                self.failure = Some(ModelError::io(&source.path, error));
                 None
             }
         }
@@ -220,7 +220,7 @@ impl Iterator for Documents<'_> {
                     tracing::warn!("skipping {}: line {line}: {message}", path.display());
                     self.stats.skipped_lines += 1;
                 }
-                Err(error) => self.failure = Some(PipelineError::jsonl(path, error)),
+                Err(error) => self.failure = Some(ModelError::jsonl(path, error)),
             }
         }
         None

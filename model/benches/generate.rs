@@ -1,13 +1,13 @@
-//! Prefill and decode speed of `pipeline::generate` on a model directory, as one JSON line.
+//! Prefill and decode speed of `model::generate` on a model directory, as one JSON line.
 //! Driven by `scripts/bench/generate.py`, which runs transformers on the same model in the same run.
 //!
-//! `cargo bench -p pipeline --bench generate -- MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE]`
+//! `cargo bench -p model --bench generate -- MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE]`
 //! (DEVICE `cpu` or `cuda`, DTYPE `float32` or `bfloat16`; defaults cpu, float32).
 use std::path::Path;
 use std::time::Instant;
 
-use pipeline::generate::{generate, GenerateConfig, NoStop, Sampling};
-use pipeline::model::GptBigCode;
+use model::generate::{generate, GenerateConfig, NoStop, Sampling};
+use model::gpt_bigcode::GptBigCode;
 use tch::{Device, Tensor};
 
 fn peak_rss_mib() -> f64 {
@@ -32,7 +32,7 @@ fn main() {
         }
     };
     let device = if device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
-    let kind = pipeline::model::parse_dtype(dtype).expect("dtype");
+    let kind = model::gpt_bigcode::parse_dtype(dtype).expect("dtype");
     let (prompt_tokens, new_tokens): (usize, usize) = (prompt_tokens.parse().unwrap(), new_tokens.parse().unwrap());
     tch::set_num_threads(threads.parse().unwrap());
     // `random:EMBD:LAYERS:HEADS` makes a random StarCoder-shaped model (for machines without transformers).
@@ -40,7 +40,7 @@ fn main() {
     let dir = match dir.strip_prefix("random:") {
         Some(dims) => {
             let dims: Vec<i64> = dims.split(':').map(|d| d.parse().expect("random:EMBD:LAYERS:HEADS")).collect();
-            let config = pipeline::config::ModelConfig {
+            let config = model::config::ModelConfig {
                 vocab_size: 49152,
                 n_positions: 2048,
                 n_embd: dims[0],

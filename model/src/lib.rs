@@ -1,4 +1,4 @@
-//! The model pipeline: the GPTBigCode model, its tokenizer, training data (corpus, packing,
+//! The model: GPTBigCode, its tokenizer, training data (corpus, packing,
 //! fill-in-the-middle, instruction format), the training loop with ZeRO, and generation
 //! (KV cache, sampling, speculative decoding). Tensor work below tch lives in `kernels`.
 #![deny(missing_docs)]
@@ -12,13 +12,13 @@ pub mod corpus;
 mod error;
 pub mod files;
 pub mod generate;
+pub mod gpt_bigcode;
 pub mod jsonl;
 pub mod kv_cache;
 mod load;
-pub mod model;
 pub mod sampling;
 pub mod speculative;
 pub mod tokenizer;
 pub mod train;
 
-pub use error::{PipelineError, Result};
+pub use error::{ModelError, Result};

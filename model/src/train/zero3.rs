@@ -11,8 +11,8 @@ use tch::{Device, Kind, Reduction, Tensor};
 use super::data::IGNORE;
 use super::zero::{AdamW, MemoryReport};
 use super::Compute;
-use crate::model::GptBigCode;
-use crate::{PipelineError, Result};
+use crate::gpt_bigcode::{Dropout, GptBigCode};
+use crate::{ModelError, Result};
 
 /// One partitioned group of parameters.
 struct Unit {
@@ -212,7 +212,7 @@ impl Zero3 {
         input: &Tensor,
         labels: &Tensor,
         tokens: usize,
-        train: bool,
+        dropout: Dropout,
         seed: i64,
         group: Option<&ProcessGroup>,
     ) -> Result<f64> {
@@ -223,13 +223,13 @@ impl Zero3 {
         let mut incoming = prefetch(self.blocks.first(), group)?;
         seed_for(seed, embed_unit);
         let compute = self.compute;
-        let mut saved = vec![tch::no_grad(|| compute.forward(|| model.embed_tokens(input, train)))??];
+        let mut saved = vec![tch::no_grad(|| compute.forward(|| model.embed_tokens(input, dropout)))??];
         for layer in 0..layers {
             let full = incoming.take().expect("prefetched").arrive()?;
             incoming = prefetch(self.blocks.get(layer + 1), group)?;
             self.blocks[layer].point_at(&full);
             seed_for(seed, layer as i64);
-            let next = tch::no_grad(|| compute.forward(|| model.block_forward(layer, &saved[layer], train)))?;
+            let next = tch::no_grad(|| compute.forward(|| model.block_forward(layer, &saved[layer], dropout)))?;
             saved.push(next);
             self.blocks[layer].release();
         }
@@ -257,7 +257,7 @@ impl Zero3 {
             self.blocks[layer].point_at(&full);
             let input = saved[layer].detach().set_requires_grad(true);
             seed_for(seed, layer as i64);
-            let out = compute.forward(|| model.block_forward(layer, &input, train))?;
+            let out = compute.forward(|| model.block_forward(layer, &input, dropout))?;
             let unit = &self.blocks[layer];
             let mut inputs = vec![input.shallow_clone()];
             inputs.extend(unit.params.iter().map(|p| p.shallow_clone()));
@@ -269,7 +269,7 @@ impl Zero3 {
         }
 
         seed_for(seed, embed_unit);
-        let embedded = compute.forward(|| model.embed_tokens(input, train))??;
+        let embedded = compute.forward(|| model.embed_tokens(input, dropout))??;
         let embed_params = ["transformer.wte.weight", "transformer.wpe.weight"];
         let params: Vec<(usize, Tensor)> = embed_params
             .iter()
@@ -396,7 +396,7 @@ impl Zero3 {
     pub fn restore(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
         let find = |name: &str| {
             state.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone()).ok_or_else(|| {
-                PipelineError::Invalid(format!("ZeRO-3 checkpoint has no `{name}` (saved with other settings?)"))
+                ModelError::Invalid(format!("ZeRO-3 checkpoint has no `{name}` (saved with other settings?)"))
             })
         };
         super::zero::check_layout(find("layout").ok(), self.layout())?;
@@ -411,9 +411,7 @@ impl Zero3 {
         }
         for (unit, (shard, m, v)) in self.units_mut().zip(fields) {
             if shard.size() != unit.shard.size() {
-                return Err(PipelineError::Invalid(
-                    "ZeRO-3 checkpoint shards do not match this run's rank count".into(),
-                ));
+                return Err(ModelError::Invalid("ZeRO-3 checkpoint shards do not match this run's rank count".into()));
             }
             unit.shard = shard.to_device(unit.device);
             unit.exp_avg = m.to_device(unit.device);

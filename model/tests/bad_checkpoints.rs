@@ -1,9 +1,9 @@
 //! Broken model directories: every error names the file, tensor or field, and nothing panics.
 use std::path::Path;
 
-use pipeline::config::ModelConfig;
-use pipeline::generate::{generate, GenerateConfig, NoStop, Sampling};
-use pipeline::model::GptBigCode;
+use model::config::ModelConfig;
+use model::generate::{generate, GenerateConfig, NoStop, Sampling};
+use model::gpt_bigcode::{Dropout, GptBigCode};
 use tch::{Device, Kind, Tensor};
 
 fn tiny_config() -> ModelConfig {
@@ -134,7 +134,7 @@ fn prompt_longer_than_the_context_is_an_error() {
     let config = GenerateConfig { max_new_tokens: 4, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
     let error = generate(&model, &[1; 20], &config, &mut NoStop).unwrap_err().to_string();
     assert!(error.contains("20 tokens") && error.contains("n_positions") && error.contains("16"), "{error}");
-    let error = tch::no_grad(|| model.forward_full(&Tensor::ones([1, 17], (Kind::Int64, Device::Cpu)), false))
+    let error = tch::no_grad(|| model.forward_full(&Tensor::ones([1, 17], (Kind::Int64, Device::Cpu)), Dropout::Off))
         .err()
         .unwrap()
         .to_string();

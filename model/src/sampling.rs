@@ -4,7 +4,7 @@
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use crate::{PipelineError, Result};
+use crate::{ModelError, Result};
 
 /// How the next token is picked.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,13 +29,13 @@ impl Sampling {
     /// top-p in (0, 1]. Nothing is clamped: a value outside these ranges is refused.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(PipelineError::Invalid(format!("temperature must be >= 0, got {}", self.temperature)));
+            return Err(ModelError::Invalid(format!("temperature must be >= 0, got {}", self.temperature)));
         }
         if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
-            return Err(PipelineError::Invalid(format!("top-p must be in (0, 1], got {p}")));
+            return Err(ModelError::Invalid(format!("top-p must be in (0, 1], got {p}")));
         }
         if self.top_k == Some(0) {
-            return Err(PipelineError::Invalid("top-k must be at least 1".into()));
+            return Err(ModelError::Invalid("top-k must be at least 1".into()));
         }
         Ok(())
     }

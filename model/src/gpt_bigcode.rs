@@ -9,7 +9,22 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
-use crate::{PipelineError, Result};
+use crate::{ModelError, Result};
+
+/// Whether dropout layers drop (training) or pass everything through (evaluation, generation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropout {
+    /// Training: each dropout layer drops with its configured probability.
+    Active,
+    /// Evaluation and generation.
+    Off,
+}
+
+impl Dropout {
+    fn active(self) -> bool {
+        self == Dropout::Active
+    }
+}
 
 /// A dense layer in the checkpoint's `[out, in]` layout; see [`kernels::linear`] for decoding.
 struct Linear {
@@ -114,17 +129,17 @@ impl Attention {
         }
     }
 
-    fn forward(&self, x: &Tensor, cache: Option<(&mut KvCache, usize)>, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, cache: Option<(&mut KvCache, usize)>, dropout: Dropout) -> Tensor {
         let (batch, len, d) = x.size3().expect("hidden states are [batch, len, d]");
         let (q, k, v) = self.qkv(x);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.store(layer, &k, &v),
             None => (k, v),
         };
-        let dropout = if train { self.attn_pdrop } else { 0.0 };
-        let out = attention::causal_attention(&q, &k, &v, self.scale, dropout);
+        let attn_dropout = if dropout.active() { self.attn_pdrop } else { 0.0 };
+        let out = attention::causal_attention(&q, &k, &v, self.scale, attn_dropout);
         let out = out.transpose(1, 2).reshape([batch, len, d]);
-        self.c_proj.forward(&out).dropout(self.resid_pdrop, train)
+        self.c_proj.forward(&out).dropout(self.resid_pdrop, dropout.active())
     }
 
     fn backend(&self, x: &Tensor, past: Option<(&KvCache, usize)>) -> SdpaBackend {
@@ -156,8 +171,8 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        self.c_proj.forward(&self.c_fc.forward(x).gelu(self.approximate)).dropout(self.resid_pdrop, train)
+    fn forward(&self, x: &Tensor, dropout: Dropout) -> Tensor {
+        self.c_proj.forward(&self.c_fc.forward(x).gelu(self.approximate)).dropout(self.resid_pdrop, dropout.active())
     }
 }
 
@@ -179,9 +194,9 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: &Tensor, cache: Option<(&mut KvCache, usize)>, train: bool) -> Tensor {
-        let x = x + self.attn.forward(&self.ln_1.forward(x), cache, train);
-        &x + self.mlp.forward(&self.ln_2.forward(&x), train)
+    fn forward(&self, x: &Tensor, cache: Option<(&mut KvCache, usize)>, dropout: Dropout) -> Tensor {
+        let x = x + self.attn.forward(&self.ln_1.forward(x), cache, dropout);
+        &x + self.mlp.forward(&self.ln_2.forward(&x), dropout)
     }
 }
 
@@ -210,7 +225,7 @@ impl GptBigCode {
     }
 
     pub(crate) fn build(config: ModelConfig, device: Device, kind: Kind, weights: Weights) -> Result<GptBigCode> {
-        config.validate().map_err(|(field, message)| PipelineError::Config {
+        config.validate().map_err(|(field, message)| ModelError::Config {
             path: "<model config>".into(),
             field: field.into(),
             message,
@@ -269,32 +284,32 @@ impl GptBigCode {
     }
 
     fn decode(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let mut hidden = self.embed(input_ids, cache.len(), false)?;
+        let mut hidden = self.embed(input_ids, cache.len(), Dropout::Off)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            hidden = block.forward(&hidden, Some((&mut *cache, layer)), false);
+            hidden = block.forward(&hidden, Some((&mut *cache, layer)), Dropout::Off);
         }
         cache.advance(input_ids.size()[1]);
         Ok(hidden)
     }
 
-    /// Logits for whole sequences without a cache; dropout is active when `train` is set.
-    pub fn forward_full(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
-        let mut hidden = self.embed_tokens(input_ids, train)?;
+    /// Logits for whole sequences without a cache.
+    pub fn forward_full(&self, input_ids: &Tensor, dropout: Dropout) -> Result<Tensor> {
+        let mut hidden = self.embed_tokens(input_ids, dropout)?;
         for layer in 0..self.blocks.len() {
-            hidden = self.block_forward(layer, &hidden, train);
+            hidden = self.block_forward(layer, &hidden, dropout);
         }
         Ok(self.training_logits(&hidden))
     }
 
     /// The pieces of [`forward_full`](Self::forward_full), for trainers that run (and recompute)
     /// one block at a time: token plus position embeddings...
-    pub fn embed_tokens(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
-        self.embed(input_ids, 0, train)
+    pub fn embed_tokens(&self, input_ids: &Tensor, dropout: Dropout) -> Result<Tensor> {
+        self.embed(input_ids, 0, dropout)
     }
 
     /// ...one transformer block...
-    pub fn block_forward(&self, layer: usize, hidden: &Tensor, train: bool) -> Tensor {
-        self.blocks[layer].forward(hidden, None, train)
+    pub fn block_forward(&self, layer: usize, hidden: &Tensor, dropout: Dropout) -> Tensor {
+        self.blocks[layer].forward(hidden, None, dropout)
     }
 
     /// ...and the final LayerNorm with the vocabulary projection (through `wte` itself when tied).
@@ -304,7 +319,7 @@ impl GptBigCode {
 
     /// The SDPA backend the first layer's attention uses for this input after `cache`.
     pub fn attention_backend(&self, input_ids: &Tensor, cache: &KvCache) -> Result<SdpaBackend> {
-        let hidden = self.embed(input_ids, cache.len(), false)?;
+        let hidden = self.embed(input_ids, cache.len(), Dropout::Off)?;
         let block = &self.blocks[0];
         let past = (!cache.is_empty()).then_some((cache, 0));
         Ok(block.attn.backend(&block.ln_1.forward(&hidden), past))
@@ -314,7 +329,7 @@ impl GptBigCode {
     /// the model's context.
     pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
         if capacity > self.config.n_positions {
-            return Err(PipelineError::Invalid(format!(
+            return Err(ModelError::Invalid(format!(
                 "{capacity} tokens do not fit the model's context of n_positions = {}",
                 self.config.n_positions
             )));
@@ -322,10 +337,10 @@ impl GptBigCode {
         Ok(KvCache::new(&self.config, batch, capacity, self.kind(), self.device()))
     }
 
-    fn embed(&self, input_ids: &Tensor, past: i64, train: bool) -> Result<Tensor> {
+    fn embed(&self, input_ids: &Tensor, past: i64, dropout: Dropout) -> Result<Tensor> {
         let len = input_ids.size().get(1).copied().unwrap_or(0);
         if past + len > self.config.n_positions {
-            return Err(PipelineError::Invalid(format!(
+            return Err(ModelError::Invalid(format!(
                 "{} tokens exceed the model's context of n_positions = {}",
                 past + len,
                 self.config.n_positions
@@ -334,7 +349,7 @@ impl GptBigCode {
         let positions = Tensor::arange_start(past, past + len, (Kind::Int64, self.device()));
         let hidden = Tensor::embedding(&self.wte, input_ids, -1, false, false)
             + Tensor::embedding(&self.wpe, &positions, -1, false, false);
-        Ok(hidden.dropout(self.embd_pdrop, train))
+        Ok(hidden.dropout(self.embd_pdrop, dropout.active()))
     }
 
     /// Vocabulary logits, through `wte` itself when the head is tied.
@@ -359,6 +374,6 @@ pub fn parse_dtype(text: &str) -> Result<Kind> {
         "float32" | "fp32" | "f32" => Ok(Kind::Float),
         "bfloat16" | "bf16" => Ok(Kind::BFloat16),
         "float16" | "fp16" | "f16" | "half" => Ok(Kind::Half),
-        other => Err(PipelineError::Invalid(format!("unknown dtype `{other}`: use float32, bfloat16 or float16"))),
+        other => Err(ModelError::Invalid(format!("unknown dtype `{other}`: use float32, bfloat16 or float16"))),
     }
 }

@@ -9,7 +9,7 @@ use kernels::optim::{fused_adamw, AdamWStep};
 use kernels::reducer::{Bucket, GradientReducer};
 use tch::{Device, Kind, Tensor};
 
-use crate::{PipelineError, Result};
+use crate::{ModelError, Result};
 
 /// AdamW hyper-parameters (torch's defaults but the decay).
 #[derive(Debug, Clone, Copy)]
@@ -81,11 +81,11 @@ pub(super) fn layout_fingerprint<'a>(params: impl Iterator<Item = (&'a str, &'a 
 pub(super) fn check_layout(saved: Option<Tensor>, expected: i64) -> Result<()> {
     let advice = "start a new run from its model instead of resuming";
     match saved {
-        None => Err(PipelineError::Invalid(format!(
+        None => Err(ModelError::Invalid(format!(
             "the optimizer checkpoint does not say how its parameters are laid out (written by an older wizard): \
              {advice}"
         ))),
-        Some(layout) if layout.int64_value(&[0]) != expected => Err(PipelineError::Invalid(format!(
+        Some(layout) if layout.int64_value(&[0]) != expected => Err(ModelError::Invalid(format!(
             "the optimizer checkpoint lays its parameters out differently from this model (another model, or an \
              older wizard): {advice}"
         ))),
@@ -120,7 +120,7 @@ impl ZeroOptimizer {
     ) -> Result<Self> {
         let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.size()));
         if stage > 2 {
-            return Err(PipelineError::Invalid(format!("--zero {stage}: stages are 0, 1, 2 and 3 (zero3.rs)")));
+            return Err(ModelError::Invalid(format!("--zero {stage}: stages are 0, 1, 2 and 3 (zero3.rs)")));
         }
         // Decayed parameters first, each group in the given order.
         let order: Vec<usize> =
@@ -303,12 +303,12 @@ impl ZeroOptimizer {
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, t)| t.shallow_clone())
-                .ok_or_else(|| PipelineError::Invalid(format!("optimizer checkpoint has no `{name}`")))
+                .ok_or_else(|| ModelError::Invalid(format!("optimizer checkpoint has no `{name}`")))
         };
         let range = Vec::<i64>::try_from(find("range")?)?;
         let expected = vec![self.stage as i64, self.start, self.len, self.padded];
         if range != expected {
-            return Err(PipelineError::Invalid(format!(
+            return Err(ModelError::Invalid(format!(
                 "the optimizer checkpoint was saved with ZeRO stage {} and shard {}+{} of {}; this run has stage {} and \
                  shard {}+{} of {} (resume with the same --nproc and --zero)",
                 range[0], range[1], range[2], range[3], expected[0], expected[1], expected[2], expected[3]

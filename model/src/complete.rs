@@ -2,7 +2,7 @@
 //! sequence. Stop sequences are checked inside the decode loop on the newest tokens only, so a
 //! sample ends on the step its stop sequence appears.
 use crate::generate::{generate, Finish, GenerateConfig, StopCriterion};
-use crate::model::GptBigCode;
+use crate::gpt_bigcode::GptBigCode;
 use crate::speculative::{self, Drafter, SpeculativeConfig, SpeculativeStats};
 use crate::tokenizer::Tokenizer;
 use crate::Result;

@@ -14,8 +14,8 @@ use kernels::collectives::ProcessGroup;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::model::GptBigCode;
-use crate::{files, PipelineError, Result};
+use crate::gpt_bigcode::{Dropout, GptBigCode};
+use crate::{files, ModelError, Result};
 use data::{Dataset, Example, IGNORE};
 use metrics::StepMetrics;
 use zero::{AdamW, MemoryReport, ZeroOptimizer};
@@ -151,13 +151,13 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     match std::fs::read_to_string(&pointer) {
         Ok(name) => Ok(Some(out.join("checkpoints").join(name.trim()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(PipelineError::io(pointer, e)),
+        Err(e) => Err(ModelError::io(pointer, e)),
     }
 }
 
 /// [`files::write_atomically`] with the error naming `path`.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    files::write_atomically(path, bytes).map_err(|e| PipelineError::io(path, e))
+    files::write_atomically(path, bytes).map_err(|e| ModelError::io(path, e))
 }
 
 fn batch(examples: &[Example], start: usize, size: usize, device: Device) -> (Tensor, Tensor) {
@@ -174,8 +174,14 @@ fn target_tokens(examples: &[Example], start: usize, size: usize) -> usize {
 }
 
 /// Summed cross-entropy over the target tokens, in fp32 also when the logits come out in bf16.
-fn loss_sum(model: &GptBigCode, compute: &Compute, input: &Tensor, labels: &Tensor, train: bool) -> Result<Tensor> {
-    let logits = compute.forward(|| model.forward_full(input, train))??;
+fn loss_sum(
+    model: &GptBigCode,
+    compute: &Compute,
+    input: &Tensor,
+    labels: &Tensor,
+    dropout: Dropout,
+) -> Result<Tensor> {
+    let logits = compute.forward(|| model.forward_full(input, dropout))??;
     let vocab = logits.size()[2];
     Ok(logits.view([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
         &labels.view([-1]),
@@ -193,7 +199,7 @@ pub fn eval_loss(model: &GptBigCode, compute: &Compute, examples: &[Example], ba
         for start in (0..examples.len()).step_by(batch_size) {
             let size = batch_size.min(examples.len() - start);
             let (input, labels) = batch(examples, start, size, compute.device);
-            total += loss_sum(model, compute, &input, &labels, false)?.double_value(&[]);
+            total += loss_sum(model, compute, &input, &labels, Dropout::Off)?.double_value(&[]);
             tokens += target_tokens(examples, start, size);
         }
         Ok(total / tokens.max(1) as f64)
@@ -314,7 +320,7 @@ impl Trainer<'_> {
         if let Some(checkpoint) = &self.resume_from {
             start_step = self.restore(checkpoint, &mut engine)?;
         }
-        std::fs::create_dir_all(self.out.join("checkpoints")).map_err(|e| PipelineError::io(self.out, e))?;
+        std::fs::create_dir_all(self.out.join("checkpoints")).map_err(|e| ModelError::io(self.out, e))?;
         let peak = self.compute.peak_flops();
         let global = world * config.batch_size;
         let metrics_path = self.out.join("metrics.jsonl");
@@ -337,7 +343,7 @@ impl Trainer<'_> {
                 let (input, labels) = batch(train, start, config.batch_size, self.compute.device);
                 match &mut engine {
                     Engine::Replicated(optimizer) => {
-                        let loss = loss_sum(model, &self.compute, &input, &labels, true)?;
+                        let loss = loss_sum(model, &self.compute, &input, &labels, Dropout::Active)?;
                         local_loss += loss.detach().to_kind(Kind::Double);
                         if micro + 1 == config.grad_accum {
                             optimizer.before_last_backward();
@@ -347,7 +353,7 @@ impl Trainer<'_> {
                     Engine::Partitioned(zero3) => {
                         let seed = ((config.seed * 1_000 + step as u64) * 1_000 + micro as u64) as i64;
                         let group = self.rank.group.as_ref();
-                        local_loss += zero3.micro_step(model, &input, &labels, tokens, true, seed, group)?;
+                        local_loss += zero3.micro_step(model, &input, &labels, tokens, Dropout::Active, seed, group)?;
                     }
                 }
             }
@@ -407,13 +413,13 @@ impl Trainer<'_> {
         let partial = checkpoints.join(format!(".{name}.partial"));
         if self.rank.rank == 0 {
             if partial.exists() {
-                std::fs::remove_dir_all(&partial).map_err(|e| PipelineError::io(&partial, e))?;
+                std::fs::remove_dir_all(&partial).map_err(|e| ModelError::io(&partial, e))?;
             }
             model.save(&partial, Kind::Float)?;
             for file in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
                 let source = self.tokenizer_dir.join(file);
                 if source.exists() {
-                    std::fs::copy(&source, partial.join(file)).map_err(|e| PipelineError::io(&source, e))?;
+                    std::fs::copy(&source, partial.join(file)).map_err(|e| ModelError::io(&source, e))?;
                 }
             }
         }
@@ -429,9 +435,9 @@ impl Trainer<'_> {
             write_atomically(&partial.join("trainer_state.json"), &json)?;
             let done = checkpoints.join(&name);
             if done.exists() {
-                std::fs::remove_dir_all(&done).map_err(|e| PipelineError::io(&done, e))?;
+                std::fs::remove_dir_all(&done).map_err(|e| ModelError::io(&done, e))?;
             }
-            std::fs::rename(&partial, &done).map_err(|e| PipelineError::io(&done, e))?;
+            std::fs::rename(&partial, &done).map_err(|e| ModelError::io(&done, e))?;
             // Only a complete checkpoint is ever named by `latest`.
             write_atomically(&self.out.join("latest"), name.as_bytes())?;
         }
@@ -440,13 +446,13 @@ impl Trainer<'_> {
 
     fn restore(&self, checkpoint: &Path, engine: &mut Engine) -> Result<usize> {
         let path = checkpoint.join("trainer_state.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| PipelineError::io(&path, e))?;
-        let state: TrainerState = serde_json::from_str(&text)
-            .map_err(|e| PipelineError::Json { path: path.clone(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let state: TrainerState =
+            serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.clone(), message: e.to_string() })?;
         let mut expected = self.config.clone();
         expected.save_every = state.config.save_every;
         if state.world != self.rank.world || state.config != expected {
-            return Err(PipelineError::Invalid(format!(
+            return Err(ModelError::Invalid(format!(
                 "{} was written by a run with {} rank(s) and {:?}; resume with the same settings",
                 path.display(),
                 state.world,

@@ -10,7 +10,7 @@ use safetensors::{Dtype, View};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::{files, PipelineError, Result};
+use crate::{files, ModelError, Result};
 
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
@@ -28,7 +28,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         } else {
             ""
         };
-        return Err(PipelineError::io(
+        return Err(ModelError::io(
             &single,
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
@@ -36,16 +36,16 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             ),
         ));
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| PipelineError::io(&index, e))?;
+    let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
     let parsed: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| PipelineError::Json { path: index.clone(), message: e.to_string() })?;
+        serde_json::from_str(&text).map_err(|e| ModelError::Json { path: index.clone(), message: e.to_string() })?;
     let map = parsed
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| PipelineError::Json { path: index.clone(), message: "no `weight_map` object".into() })?;
+        .ok_or_else(|| ModelError::Json { path: index.clone(), message: "no `weight_map` object".into() })?;
     let mut files: Vec<PathBuf> = Vec::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| PipelineError::Tensor {
+        let file = file.as_str().ok_or_else(|| ModelError::Tensor {
             path: index.clone(),
             tensor: tensor.clone(),
             message: "its shard is not a file name".into(),
@@ -78,8 +78,8 @@ struct HeaderEntry {
 
 /// Reads a safetensors header: the entries by name, and where the data section starts.
 fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry>, u64)> {
-    let invalid = |message: String| PipelineError::Safetensors { path: path.to_path_buf(), message };
-    let file_len = file.metadata().map_err(|e| PipelineError::io(path, e))?.len();
+    let invalid = |message: String| ModelError::Safetensors { path: path.to_path_buf(), message };
+    let file_len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
     let mut len_bytes = [0u8; 8];
     file.read_exact_at(&mut len_bytes, 0).map_err(|_| invalid("shorter than its 8-byte header length".into()))?;
     let header_len = u64::from_le_bytes(len_bytes);
@@ -87,7 +87,7 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
         return Err(invalid(format!("header length {header_len} does not fit a file of {file_len} bytes")));
     }
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut header, 8).map_err(|e| PipelineError::io(path, e))?;
+    file.read_exact_at(&mut header, 8).map_err(|e| ModelError::io(path, e))?;
     let mut entries: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
     entries.remove("__metadata__");
@@ -100,7 +100,7 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
             let (begin, end) = entry.data_offsets;
             let expected = entry.shape.iter().product::<usize>() * entry.dtype.bitsize() / 8;
             if end < begin || end - begin != expected || data_start + end as u64 > file_len {
-                return Err(PipelineError::Tensor {
+                return Err(ModelError::Tensor {
                     path: path.to_path_buf(),
                     tensor: name,
                     message: format!(
@@ -120,16 +120,16 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
 /// twice the largest tensor, never a whole file.
 pub fn for_each_tensor(dir: &Path, mut visit: impl FnMut(&str, Tensor, &Path) -> Result<()>) -> Result<()> {
     for path in weight_files(dir)? {
-        let file = File::open(&path).map_err(|e| PipelineError::io(&path, e))?;
+        let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
         let (entries, data_start) = read_header(&file, &path)?;
         for (name, entry) in entries {
             let tensor_error =
-                |message: String| PipelineError::Tensor { path: path.clone(), tensor: name.clone(), message };
+                |message: String| ModelError::Tensor { path: path.clone(), tensor: name.clone(), message };
             let kind = kind_of(entry.dtype)
                 .ok_or_else(|| tensor_error(format!("dtype {:?} is not a floating-point weight type", entry.dtype)))?;
             let (begin, end) = entry.data_offsets;
             let mut bytes = vec![0u8; end - begin];
-            file.read_exact_at(&mut bytes, data_start + begin as u64).map_err(|e| PipelineError::io(&path, e))?;
+            file.read_exact_at(&mut bytes, data_start + begin as u64).map_err(|e| ModelError::io(&path, e))?;
             let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
             let tensor = Tensor::f_from_data_size(&bytes, &shape, kind).map_err(|e| tensor_error(e.to_string()))?;
             drop(bytes);
@@ -167,7 +167,7 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
         Kind::Half => Dtype::F16,
         Kind::BFloat16 => Dtype::BF16,
         Kind::Double => Dtype::F64,
-        other => return Err(PipelineError::Invalid(format!("cannot save weights of kind {other:?}"))),
+        other => return Err(ModelError::Invalid(format!("cannot save weights of kind {other:?}"))),
     })
 }
 
@@ -190,5 +190,5 @@ pub fn save(dir: &Path, tensors: &[(String, Tensor)], kind: Kind) -> Result<()> 
         safetensors::serialize_to_file(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), temporary)
             .map_err(std::io::Error::other)
     })
-    .map_err(|e| PipelineError::io(&target, e))
+    .map_err(|e| ModelError::io(&target, e))
 }

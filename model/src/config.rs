@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::{PipelineError, Result};
+use crate::{ModelError, Result};
 
 /// The MLP activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,19 +145,19 @@ const ALIASES: &[(&str, &str)] = &[
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         Self::from_json(&text, path)
     }
 
     /// Parses and validates config JSON; `path` is only used in error messages.
     pub fn from_json(text: &str, path: &Path) -> Result<ModelConfig> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| PipelineError::Json { path: path.into(), message: e.to_string() })?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| ModelError::Json { path: path.into(), message: e.to_string() })?;
         let Value::Object(mut fields) = value else {
-            return Err(PipelineError::Json { path: path.into(), message: "expected a JSON object".into() });
+            return Err(ModelError::Json { path: path.into(), message: "expected a JSON object".into() });
         };
         let field_error =
-            |field: &str, message: String| PipelineError::Config { path: path.into(), field: field.into(), message };
+            |field: &str, message: String| ModelError::Config { path: path.into(), field: field.into(), message };
         match fields.remove("model_type") {
             Some(Value::String(kind)) if kind == "gpt_bigcode" => {}
             Some(other) => {

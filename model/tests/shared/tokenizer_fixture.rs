@@ -1,4 +1,4 @@
-//! One tokenizer fixture for two test crates: `pipeline/tests/tokenizer_parity.rs` (the library's
+//! One tokenizer fixture for two test crates: `model/tests/tokenizer_parity.rs` (the library's
 //! trainer) and `tests/tokenizer.rs` (`wizard tokenizer train`) include this file by path. It holds
 //! a corpus to train on, texts that probe byte-level BPE and the special tokens, and the check that
 //! Hugging Face `transformers.AutoTokenizer` and `tokenizers.Tokenizer` load the trained files and
@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use pipeline::tokenizer::{Tokenizer, SPECIAL_TOKENS};
+use model::tokenizer::{Tokenizer, SPECIAL_TOKENS};
 use serde_json::{json, Value};
 
 /// Code, prose, special tokens alone and in text, near-special text, Unicode, control bytes.

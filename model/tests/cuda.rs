@@ -1,9 +1,9 @@
 //! The CUDA paths: bf16 and fp32 weights on the GPU against the CPU fp32 reference, and the fused
 //! SDPA backend on the GPU. Runs when WIZARD_GPU_TESTS=1 (scripts/gpu/check.sh sets it); without it
 //! the tests report that they were skipped, since CI machines have no GPU.
-use pipeline::config::ModelConfig;
-use pipeline::generate::{generate, GenerateConfig, NoStop, Sampling};
-use pipeline::model::GptBigCode;
+use model::config::ModelConfig;
+use model::generate::{generate, GenerateConfig, NoStop, Sampling};
+use model::gpt_bigcode::{Dropout, GptBigCode};
 use tch::{Device, Kind, Tensor};
 
 fn gpu() -> Option<Device> {
@@ -39,7 +39,7 @@ fn saved_model(multi_query: bool) -> tempfile::TempDir {
 
 fn logits(model: &GptBigCode, ids: &[i64]) -> Tensor {
     let input = Tensor::from_slice(ids).unsqueeze(0).to_device(model.device());
-    tch::no_grad(|| model.forward_full(&input, false).unwrap().to_device(Device::Cpu))
+    tch::no_grad(|| model.forward_full(&input, Dropout::Off).unwrap().to_device(Device::Cpu))
 }
 
 /// Loads the model on the GPU in `kind` and compares its logits with the CPU fp32 ones.
@@ -98,9 +98,9 @@ fn gpu_greedy_generation_matches_cpu() {
 /// Losses of four AdamW steps (libtorch's fused kernel, ZeRO-0 flat buffers) and the final weights,
 /// trained on `device` with `autocast` from the saved model.
 fn train_steps(dir: &std::path::Path, device: Device, autocast: Option<Kind>) -> (Vec<f64>, Tensor) {
-    use pipeline::train::zero::{AdamW, ZeroOptimizer};
+    use model::train::zero::{AdamW, ZeroOptimizer};
     let model = GptBigCode::load(dir, Kind::Float, device).unwrap();
-    let compute = pipeline::train::Compute { device, autocast };
+    let compute = model::train::Compute { device, autocast };
     let mut named: Vec<(String, Tensor)> = model.vars().variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let decay = vec![true; named.len()];
@@ -111,7 +111,7 @@ fn train_steps(dir: &std::path::Path, device: Device, autocast: Option<Kind>) ->
     let input = Tensor::from_slice(&ids).view([2, 64]).to_device(device);
     let mut losses = Vec::new();
     for _ in 0..4 {
-        let logits = compute.forward(|| model.forward_full(&input, true)).unwrap().unwrap();
+        let logits = compute.forward(|| model.forward_full(&input, Dropout::Active)).unwrap().unwrap();
         let loss = logits.view([-1, 512]).to_kind(Kind::Float).cross_entropy_for_logits(&input.view([-1]));
         losses.push(loss.double_value(&[]));
         loss.backward();
