@@ -125,3 +125,26 @@ fn bad_requests_are_clear_errors() {
     let output = common::wizard(&["generate", "--model", "/nonexistent/model", "--prompt", "x"]);
     check_failure(&output, "--model /nonexistent/model", &["/nonexistent/model/tokenizer.json"]);
 }
+
+/// Sampling settings mean the same on every path: what plain generation refuses, speculative
+/// decoding (draft model or prompt lookup) refuses with the same message, before loading anything.
+#[test]
+fn bad_sampling_is_refused_on_every_path() {
+    let model = model_dir().to_str().unwrap();
+    let paths: [&[&str]; 3] = [&[], &["--prompt-lookup"], &["--draft", model]];
+    let cases: [(&[&str], &str); 5] = [
+        (&["--top-k", "0"], "top-k must be at least 1"),
+        (&["--top-p", "0"], "top-p must be in (0, 1], got 0"),
+        (&["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
+        (&["--top-p", "nan"], "top-p must be in (0, 1], got NaN"),
+        (&["--temperature=-1"], "temperature must be >= 0"),
+    ];
+    for path in paths {
+        for (setting, expected) in cases {
+            let args: Vec<&str> = ["--prompt", PROMPT].iter().chain(setting).chain(path).copied().collect();
+            let output = generate(&args);
+            check_failure(&output, &args, &[expected]);
+            assert_eq!(common::text(&output.stdout), "", "{args:?}");
+        }
+    }
+}

@@ -156,6 +156,70 @@ fn edits_encodings_and_cache() {
     }
 }
 
+/// Every setting that shapes a completion keys the cache, the "typed as suggested" path too: after a
+/// configuration change the model runs again. Bad sampling values are refused whole (the settings in
+/// force stay, and the editor is told), and a request carrying one answers an error.
+#[test]
+fn settings_key_the_cache_and_bad_sampling_is_refused() {
+    let mut client = Client::start(model_dir());
+    client.initialize(json!({}), json!({"maxTokens": 4, "topK": 0}));
+    let refused = client.notification("window/showMessage");
+    assert!(refused["params"]["message"].as_str().is_some_and(|m| m.contains("top-k must be at least 1")), "{refused}");
+    client.open(PY, "python", "x = \n");
+    let model_runs = |client: &Client| figures(&client.log_text(), "tokens").len();
+    let cache_hits = |client: &Client| client.log_text().matches("completion served from the cache").count();
+    let inline = |client: &mut Client, line, character| inline_text(&client.inline(PY, line, character).unwrap());
+    // Refused whole: maxTokens stayed at its default of 64.
+    assert_eq!(inline(&mut client, 0, 4).map(|text| text.len()), Some(64));
+    client.notify("workspace/didChangeConfiguration", json!({"settings": {"maxTokens": 4}}));
+    assert_eq!(inline(&mut client, 0, 4).as_deref(), Some("xxxx"));
+    assert_eq!(inline(&mut client, 0, 4).as_deref(), Some("xxxx"));
+    assert_eq!((model_runs(&client), cache_hits(&client)), (2, 1), "the same request again: from the cache");
+    // Each change below alters the completion's settings: the model runs again, nothing from the cache.
+    let changes = [json!({"temperature": 0.7}), json!({"topP": 0.9}), json!({"topK": 3}), json!({"suffixShare": 0.5})];
+    for (i, change) in changes.iter().enumerate() {
+        client.notify("workspace/didChangeConfiguration", json!({"settings": change}));
+        assert!(inline(&mut client, 0, 4).is_some(), "{change}");
+        assert_eq!((model_runs(&client), cache_hits(&client)), (i + 3, 1), "after {change}: {}", client.log_text());
+    }
+    client.notify("workspace/didChangeConfiguration", json!({"settings": {"temperature": 0}}));
+    assert_eq!(inline(&mut client, 0, 4).as_deref(), Some("xxxx"));
+    // Typed as suggested, then a new setting: the rest is computed, not taken from the shown completion.
+    let typed = json!({"textDocument": {"uri": PY, "version": 2}, "contentChanges": [
+        {"range": {"start": {"line": 0, "character": 4}, "end": {"line": 0, "character": 4}}, "text": "xx"}]});
+    client.notify("textDocument/didChange", typed);
+    client.notify("workspace/didChangeConfiguration", json!({"settings": {"snippets": false}}));
+    assert_eq!(inline(&mut client, 0, 6).as_deref(), Some("xxxx"));
+    assert_eq!((model_runs(&client), cache_hits(&client)), (8, 1), "{}", client.log_text());
+    // A configuration with a bad value changes nothing: the last completion comes from the cache.
+    for (bad, message) in [
+        (json!({"topP": 1.5, "maxTokens": 2}), "top-p must be in (0, 1], got 1.5"),
+        (json!({"temperature": -1}), "temperature"),
+    ] {
+        client.notify("workspace/didChangeConfiguration", json!({"settings": {"wizard": bad}}));
+        let shown = client.notification("window/showMessage");
+        assert!(shown["params"]["message"].as_str().is_some_and(|m| m.contains(message)), "{bad}: {shown}");
+        assert_eq!(inline(&mut client, 0, 6).as_deref(), Some("xxxx"), "{bad}");
+    }
+    assert_eq!((model_runs(&client), cache_hits(&client)), (8, 3), "{}", client.log_text());
+    // llm-ls parameters are checked the same way.
+    for (parameters, message) in [
+        (json!({"top_p": 0.0}), "top-p"),
+        (json!({"top_k": 0}), "top-k"),
+        (json!({"temperature": -0.5}), "temperature"),
+    ] {
+        let error = client
+            .request(
+                "llm-ls/getCompletions",
+                json!({"textDocument": {"uri": PY}, "position": {"line": 0, "character": 6}, "requestBody": {"parameters": parameters}}),
+            )
+            .unwrap_err();
+        assert_eq!(error["code"], -32602, "{parameters}: {error}");
+        assert!(error["message"].as_str().is_some_and(|m| m.contains(message)), "{parameters}: {error}");
+    }
+    client.exit();
+}
+
 /// `$/cancelRequest` and a newer request for the same document cancel the completion in flight: it is
 /// answered RequestCancelled (before the newer request is), finishes no completion, and the engine
 /// serves the next request. That decoding stops within a step of the flag is the engine's own test.
