@@ -339,7 +339,7 @@ fn lineage(db: &Path, id: i64) -> anyhow::Result<ExitCode> {
     for item in store.lineage(id)? {
         let outcome = match (&item.reason, &item.detail) {
             (Some(reason), Some(detail)) => format!("{} ({reason}: {detail})", item.status),
-            _ => item.status.clone(),
+            _ => item.status.to_string(),
         };
         println!("#{} round {} {} {}", item.id, item.round, item.method, outcome);
         let question =

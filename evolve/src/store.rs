@@ -121,6 +121,12 @@ impl Status {
     }
 }
 
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl ToSql for Status {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         Ok(self.as_str().into())
@@ -180,7 +186,7 @@ pub struct Item {
     /// Response.
     pub response: Option<String>,
     /// Its [`Status`], by name.
-    pub status: String,
+    pub status: Status,
     /// Rejection or removal reason code.
     pub reason: Option<String>,
     /// Its particulars.
@@ -548,7 +554,7 @@ impl Store {
             input: row.get(6)?,
             verdict: row.get(7)?,
             response: row.get(8)?,
-            status: row.get::<_, Status>(9)?.as_str().to_string(),
+            status: row.get(9)?,
             reason: row.get(10)?,
             detail: row.get(11)?,
         })

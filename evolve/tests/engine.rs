@@ -10,7 +10,7 @@ use evolve::engine::{run, Backends, EngineConfig, Quiet};
 use evolve::fake::{fault_for, FakeConfig, FakeServer};
 use evolve::http::{HttpBackend, HttpConfig};
 use evolve::seeds::{self, Seed};
-use evolve::store::{Item, RoundStats, Store};
+use evolve::store::{Item, RoundStats, Status, Store};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -61,7 +61,7 @@ fn outcome(items: &[Item]) -> Vec<String> {
 fn reasons(items: &[Item]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for item in items {
-        *counts.entry(item.reason.clone().unwrap_or_else(|| item.status.clone())).or_default() += 1;
+        *counts.entry(item.reason.clone().unwrap_or_else(|| item.status.to_string())).or_default() += 1;
     }
     counts
 }
@@ -86,8 +86,11 @@ fn three_rounds_under_faults_account_for_every_item() {
     assert_eq!(stats.len(), 4, "{stats:?}");
     assert_eq!(stats[0].items as usize, seeds.len(), "{:?}", stats[0]);
     for pair in stats.windows(2) {
-        let live_roots: std::collections::HashSet<i64> =
-            items.iter().filter(|i| i.status == "accepted" && i.round < pair[1].round).map(|i| i.root_id).collect();
+        let live_roots: std::collections::HashSet<i64> = items
+            .iter()
+            .filter(|i| i.status == Status::Accepted && i.round < pair[1].round)
+            .map(|i| i.root_id)
+            .collect();
         assert_eq!(pair[1].items as usize, live_roots.len(), "round {}", pair[1].round);
     }
     for round in &stats {
@@ -95,8 +98,8 @@ fn three_rounds_under_faults_account_for_every_item() {
         assert_eq!(round.items, round.accepted + round.rejected + round.removed, "{round:?}");
     }
     for item in &items {
-        assert!(["accepted", "rejected", "removed"].contains(&item.status.as_str()), "{item:?}");
-        assert_eq!(item.reason.is_some(), item.status != "accepted", "{item:?}");
+        assert!([Status::Accepted, Status::Rejected, Status::Removed].contains(&item.status), "{item:?}");
+        assert_eq!(item.reason.is_some(), item.status != Status::Accepted, "{item:?}");
     }
     // Every fault kind happened, every answer was stored once, nothing was asked twice.
     let seen = server.stats();
