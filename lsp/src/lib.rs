@@ -5,6 +5,8 @@
 //! - `document`: open documents, edits in UTF-8/16/32 positions, incremental tree-sitter trees;
 //! - `syntax`: whether and how much to complete, and when a completion's block is complete;
 //! - `prompt`: the FIM prompt under a token budget;
+//! - `request`: a request at a cursor as a job (window, decision), and [`complete_text`], the server's
+//!   completion for a document text and byte offset without LSP types (`wizard eval --prompt-mode editor`);
 //! - `engine`: the inference thread, cancellation, `catch_unwind` per request;
 //! - `cache`: the LRU of completions and "typed as suggested" reuse;
 //! - `text`: word and character-boundary helpers on UTF-8 text.
@@ -15,6 +17,7 @@ pub mod cache;
 pub mod document;
 pub mod engine;
 pub mod prompt;
+pub mod request;
 mod server;
 pub mod syntax;
 pub mod text;
@@ -22,6 +25,7 @@ pub mod text;
 use std::net::{Ipv4Addr, SocketAddr};
 
 pub use engine::{Engine, ModelBackend, ModelPaths, Settings};
+pub use request::complete_text;
 use tower_lsp_server::Server;
 
 /// Starts the inference thread, loading the models on it. A failure to load leaves the server up:

@@ -14,10 +14,11 @@ use tracing::Instrument;
 
 use crate::cache::{fingerprint, Cache, Hit};
 use crate::document::{Document, Encoding};
-use crate::engine::{Engine, EngineError, Job, Settings, Status};
-use crate::prompt::{choose_snippets, PromptParts, SnippetSource};
-use crate::syntax::{decide, window_start, Language, Mode};
-use crate::text::{ceil_char_boundary, floor_char_boundary, is_word_char};
+use crate::engine::{Engine, EngineError, Settings, Status};
+use crate::prompt::{choose_snippets, SnippetSource};
+use crate::request::{job_at, Request};
+use crate::syntax::Language;
+use crate::text::is_word_char;
 
 /// An open document, its LSP language id, and when it was last opened or edited.
 struct OpenDocument {
@@ -143,23 +144,18 @@ impl Backend {
                 .offset((position.line, position.character), encoding)
                 .map_err(|e| Error::invalid_params(e.0))?;
             let text = document.text();
-            let decision = decide(document.language, text, document.tree(), offset);
-            if decision.mode == Mode::Skip {
-                tracing::debug!("no completion inside a word");
-                return Ok(None);
-            }
-            let window = settings.context_budget.saturating_mul(8).max(64);
-            // From a line start outside strings and comments, so that tree-sitter reads the window as
-            // the document (syntax::BlockEnd), near a point on a grid, so that typing on keeps the
-            // prompt's start (and its cached keys and values).
-            let grid = (window / 4).max(1);
-            let from = ceil_char_boundary(text, offset.saturating_sub(window) / grid * grid);
-            let prefix_start = window_start(text, document.tree(), from, offset);
-            let suffix_end = floor_char_boundary(text, offset.saturating_add(window).min(text.len()));
             let word_start_byte = text[..offset].trim_end_matches(is_word_char).len();
             let word = text[word_start_byte..offset].to_string();
             let word_start = document.position(word_start_byte, encoding);
-            let snippets = if settings.snippets {
+            let cancel = Arc::new(AtomicBool::new(false));
+            let request = Request {
+                settings,
+                fim: overrides.fim.unwrap_or(true),
+                filename: Some(path_of(&key)),
+                seed: 0,
+                cancel: cancel.clone(),
+            };
+            let snippets = || {
                 choose_snippets(
                     state
                         .documents
@@ -171,21 +167,13 @@ impl Backend {
                             touched: open.touched,
                         }),
                 )
-            } else {
-                Vec::new()
             };
-            let fim = overrides.fim.unwrap_or(true);
-            let parts = PromptParts {
-                prefix: text[prefix_start..offset].to_string(),
-                suffix: text[offset..suffix_end].to_string(),
-                filename: Some(path_of(&key)),
-                snippets,
+            let Some(job) = job_at(document, offset, request, snippets) else {
+                return Ok(None);
             };
-            let fingerprint = fingerprint(&settings, fim, &parts);
+            let fingerprint = fingerprint(&job.settings, job.fim, &job.parts);
             let full_prefix = text[..offset].to_string();
-            let suffix = parts.suffix.clone();
-            let language = document.language;
-            let cancel = Arc::new(AtomicBool::new(false));
+            let suffix = job.parts.suffix.clone();
             if let Some(previous) = state.in_flight.insert(key.clone(), cancel.clone()) {
                 previous.store(true, Ordering::Relaxed);
             }
@@ -197,7 +185,6 @@ impl Backend {
                 let cursor = position;
                 return Ok(Some(Completion { text, cursor, word_start: word_start.into_position(), word }));
             }
-            let job = Job { parts, decision, language, settings, fim, cancel };
             (job, full_prefix, suffix, fingerprint, word_start, word)
         };
         let guard = CancelOnDrop(job.cancel.clone());

@@ -6,7 +6,9 @@ gets the same result string and that pass@k agrees. Prints one JSON object; exit
 
     .wizard/python scripts/bench/eval_score.py target/release/wizard /tmp/bench --problems 164 --samples 10
 
-The official harness runs with as many workers as we do (the number of cores unless --workers).
+The official harness runs with as many workers as we do (the number of cores unless --workers). Ours
+runs with isolation on (namespaces, new root, sealed verdicts); the summary says what the sandbox had and
+the machine's CPU, and the script fails if the run was not isolated.
 """
 import argparse
 import json
@@ -42,6 +44,14 @@ def samples_for(index, problem, per_problem):
     return out
 
 
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("wizard")
@@ -63,12 +73,14 @@ def main():
     ks = [k for k in (1, 10, 100) if k <= args.samples]
 
     start = time.perf_counter()
-    subprocess.run(
+    run = subprocess.run(
         [args.wizard, "eval", "score", "--benchmark", "humaneval", "--data", problem_file, "--samples", ours,
          "--workers", str(args.workers), "--results", ours + "_results.jsonl", "--json", ours + ".report.json"],
-        check=True, stdout=subprocess.DEVNULL,
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     wizard_s = time.perf_counter() - start
+    sandbox = next((line.split("(sandbox: ", 1)[1].rstrip(")") for line in run.stderr.splitlines()
+                    if "(sandbox: " in line), "?")
 
     start = time.perf_counter()
     official = evaluate_functional_correctness(theirs, ks, args.workers, 3.0, problem_file)
@@ -88,18 +100,22 @@ def main():
     pass_at_k = {k: [report["pass_at_k"].get(k), float(v)] for k, v in official.items()}
     same_scores = set(report["pass_at_k"]) == set(official) and all(abs(a - b) < 1e-12 for a, b in pass_at_k.values())
     summary = {
+        "cpu": cpu_model(),
+        "sandbox": sandbox,
+        "isolated": "private root: yes" in sandbox and "NOT ISOLATED" not in sandbox,
         "samples": len(samples),
         "workers": args.workers,
         "wizard_s": round(wizard_s, 2),
         "official_s": round(official_s, 2),
         "speedup": round(official_s / wizard_s, 2),
+        "samples_per_s": [round(len(samples) / wizard_s, 1), round(len(samples) / official_s, 1)],
         "pass_at_k": pass_at_k,
         "outcomes": {s: sum(r["result"].startswith(s) for r in mine) for s in ("passed", "failed", "timed out")},
         "identical": not mismatches and same_scores,
         "mismatches": mismatches[:10],
     }
     print(json.dumps(summary))
-    sys.exit(0 if summary["identical"] else 1)
+    sys.exit(0 if summary["identical"] and summary["isolated"] else 1)
 
 
 if __name__ == "__main__":

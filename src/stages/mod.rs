@@ -1,7 +1,8 @@
 //! `wizard pipeline --config wizard.toml`: WizardCoder's procedure as resumable stages. A tokenizer and
 //! FIM pretraining (or an existing checkpoint), an optional draft model, then rounds of
 //! evolve → export (round 0..r merged) → SFT from the base checkpoint → HumanEval (and MBPP) pass@k,
-//! continuing while pass@1 rises; the best round is kept. Stage state lives in `pipeline.sqlite`: a
+//! continuing while pass@1 rises (ties broken by the reference solutions' log-likelihood, which moves
+//! where a small model's pass@1 stays 0); the best round is kept. Stage state lives in `pipeline.sqlite`: a
 //! stage whose configuration fingerprint is unchanged and done is skipped, an interrupted one is
 //! continued by its own resumption (train `--resume`, the evolve and eval stores), a changed one
 //! starts again, and everything downstream of it follows through the chained fingerprints.
@@ -74,15 +75,19 @@ pub fn execute(config: &Config, rounds_cap: Option<u32>) -> anyhow::Result<Outco
         eprintln!("==> round {r} of at most {rounds_cap}");
         let round = round::run(&runner, config, &base, &mut chain, r)?;
         curves.push((format!("sft round {r}"), round.sft.metrics.clone()));
-        let pass1 = round.pass1();
         rounds.push(round);
-        match best {
-            Some(b) if pass1 <= rounds[b].pass1() => {
+        let (round, kept) = (&rounds[rounds.len() - 1], best.map(|b| &rounds[b]));
+        match kept {
+            Some(kept) if !round.beats(kept) => {
                 eprintln!(
-                    "    pass@1 {pass1:.4} did not rise above round {}'s {:.4}: stopping (round {} is kept)",
-                    rounds[b].round,
-                    rounds[b].pass1(),
-                    rounds[b].round
+                    "    pass@1 {:.4} (reference log-likelihood {:.4}) did not beat round {}'s {:.4} ({:.4}): \
+                     stopping (round {} is kept)",
+                    round.pass1(),
+                    round.reference_loglik(),
+                    kept.round,
+                    kept.pass1(),
+                    kept.reference_loglik(),
+                    kept.round
                 );
                 break;
             }

@@ -1,6 +1,6 @@
 //! The pipeline's end report: `report.md` (a summary and a table of rounds), `report.json`, and two
-//! plots drawn as SVG by hand: `loss.svg` (every training run's loss curve) and `pass1.svg`
-//! (HumanEval pass@1 per round). `model` links to the best round's checkpoint.
+//! plots drawn as SVG by hand: `loss.svg` (every training run's loss curve), `pass1.svg` (HumanEval
+//! pass@1 per round) and `loglik.svg` (the reference solutions' log-likelihood per round). `model` links to the best round's checkpoint.
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -9,13 +9,13 @@ use model::chart::{line_chart, YAxis};
 use model::train::metrics;
 use serde_json::json;
 
-use super::round::Round;
+use super::round::{Benchmark, Round};
 
 fn cell(value: Option<f64>, digits: usize) -> String {
     value.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
 }
 
-/// Writes `report.md`, `report.json`, `loss.svg` and `pass1.svg` into `out` and links `out/model` to
+/// Writes `report.md`, `report.json`, `loss.svg`, `pass1.svg` and `loglik.svg` into `out` and links `out/model` to
 /// the best checkpoint; returns the Markdown file.
 pub fn write(
     out: &Path,
@@ -46,6 +46,17 @@ pub fn write(
         out.join("pass1.svg"),
         line_chart("pass@1 per round", "round", "pass@1", &pass_series, YAxis::Probability),
     )?;
+    let loglik = |benchmark: Option<&Benchmark>| benchmark.and_then(|b| b.reference_loglik).unwrap_or(f64::NAN);
+    let mut loglik_series = vec![(
+        "HumanEval".to_string(),
+        rounds.iter().map(|r| (f64::from(r.round), loglik(Some(&r.eval.humaneval)))).collect::<Vec<_>>(),
+    )];
+    if mbpp {
+        let points = rounds.iter().map(|r| (f64::from(r.round), loglik(r.eval.mbpp.as_ref())));
+        loglik_series.push(("MBPP".to_string(), points.collect()));
+    }
+    let title = "Reference solutions: mean log-likelihood per token";
+    std::fs::write(out.join("loglik.svg"), line_chart(title, "round", "log-likelihood", &loglik_series, YAxis::Fit))?;
 
     let link = out.join("model");
     if link.symlink_metadata().is_ok() {
@@ -74,16 +85,20 @@ pub fn write(
     }
     let last = rounds.last().expect("at least one round");
     if rounds.len() > 1 && last.round != best {
-        let _ = writeln!(md, "\nRound {} did not raise pass@1 above round {best}'s; round {best} is kept.", last.round);
+        let _ = writeln!(
+            md,
+            "\nRound {} did not beat round {best}'s pass@1 (or, tied, its reference log-likelihood); round {best} is kept.",
+            last.round
+        );
     }
-    md.push_str("\n| round | items trained on | evolved | accepted | acceptance | SFT loss |");
+    md.push_str("\n| round | items trained on | evolved | accepted | acceptance | SFT loss | ref log-likelihood |");
     for k in &ks {
         let _ = write!(md, " HumanEval {k} |");
     }
     if mbpp {
         md.push_str(" MBPP pass@1 |");
     }
-    md.push_str("\n|---|---|---|---|---|---|");
+    md.push_str("\n|---|---|---|---|---|---|---|");
     md.push_str(&"---|".repeat(ks.len() + usize::from(mbpp)));
     md.push('\n');
     let mut json_rounds = Vec::new();
@@ -99,6 +114,7 @@ pub fn write(
             100.0 * r.evolve.acceptance,
             r.sft.loss
         );
+        let _ = write!(md, " {} |", cell(r.eval.humaneval.reference_loglik, 4));
         for k in &ks {
             let _ = write!(md, " {} |", cell(r.eval.humaneval.pass_at_k.get(k).copied(), 4));
         }
@@ -113,7 +129,9 @@ pub fn write(
     md.push_str(
         "\"accepted\" count this round's items in `evolve.sqlite` (`wizard evolve status --db evolve.sqlite`).\n",
     );
-    md.push_str("\n![training loss](loss.svg)\n\n![pass@1 per round](pass1.svg)\n");
+    md.push_str("\"ref log-likelihood\" is HumanEval's canonical solutions' mean log-likelihood per token given their prompts:\n");
+    md.push_str("it moves with training where pass@1 stays at 0, and breaks pass@1 ties between rounds.\n");
+    md.push_str("\n![training loss](loss.svg)\n\n![pass@1 per round](pass1.svg)\n\n![reference log-likelihood per round](loglik.svg)\n");
     let report = out.join("report.md");
     std::fs::write(&report, md)?;
     let summary = json!({ "best_round": best, "model": absolute, "draft": draft, "rounds": json_rounds });

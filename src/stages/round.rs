@@ -27,6 +27,17 @@ impl Round {
     pub fn pass1(&self) -> f64 {
         self.eval.humaneval.pass1()
     }
+
+    /// HumanEval's mean log-likelihood per token of the reference solutions (-inf when unknown).
+    pub fn reference_loglik(&self) -> f64 {
+        self.eval.humaneval.reference_loglik.unwrap_or(f64::NEG_INFINITY)
+    }
+
+    /// Whether this round is better than `other`: a higher pass@1, or the same pass@1 (a tiny model's
+    /// 0 every round) and references the model finds more likely.
+    pub fn beats(&self, other: &Round) -> bool {
+        (self.pass1(), self.reference_loglik()) > (other.pass1(), other.reference_loglik())
+    }
 }
 
 /// `evolve-N` stage output: this round's items in `evolve.sqlite`.
@@ -63,6 +74,9 @@ pub struct Benchmark {
     pub dir: PathBuf,
     pub problems: usize,
     pub pass_at_k: BTreeMap<String, f64>,
+    /// Mean log-likelihood per token of the reference solutions given their prompts.
+    #[serde(default)]
+    pub reference_loglik: Option<f64>,
     /// The report's other counts (samples, passed, failed, timed out...).
     #[serde(flatten)]
     pub counts: serde_json::Map<String, Value>,
