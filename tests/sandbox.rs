@@ -54,6 +54,10 @@ fn check(dir: &Path, cases: &[(&str, String)], extra: &[&str]) -> (String, Strin
 /// descriptor a sample might hold.
 const FORGE: &str = "import posix\nfor fd in range(256):\n    for message in (b'passed\\n', b'{\"result\": \"passed\"}\\n', b'0' * 32 + b'000006passed'):\n        try:\n            posix.write(fd, message)\n        except OSError:\n            pass\n";
 
+/// Finds the harness's channel (the only socket), keeps a copy, puts a socket pair's end under its
+/// number, and forks a child that reads what the harness sends there and sends it on as a pass.
+const STEAL: &str = "import posix, socket, stat\ndef is_socket(n):\n    try:\n        return stat.S_ISSOCK(posix.fstat(n).st_mode)\n    except OSError:\n        return False\nfd = next(n for n in range(3, 64) if is_socket(n))\noriginal = posix.dup(fd)\nours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\nposix.dup2(ours.fileno(), fd)\nif posix.fork() == 0:\n    sealed = theirs.recv(65536)\n    posix.write(original, sealed[:32] + b'000006passed')\n    posix._exit(0)\n";
+
 /// A completion that fails its test, then runs `top_level` before the tests.
 fn failing(top_level: &str) -> String {
     format!("    return 2\n{top_level}")
@@ -99,8 +103,12 @@ fn a_failing_sample_cannot_be_counted_as_passed() {
         ("failed: the sandbox refuses to import ctypes", "    import ctypes\n    return 2\n".into()),
         ("failed: the sandbox refuses to import _ctypes", "    import importlib.util\n    importlib.util.module_from_spec(importlib.util.find_spec('_ctypes'))\n    return 2\n".into()),
         ("failed: [Errno 2] No such file or directory: '/proc/self/mem'", "    open('/proc/self/mem', 'rb')\n    return 2\n".into()),
-        // A thread forging verdicts while the test fails.
-        ("failed: *", failing("import threading, posix\ndef spam():\n    while True:\n        for fd in range(3, 16):\n            try:\n                posix.write(fd, b'0' * 32 + b'000006passed')\n            except OSError:\n                pass\nthreading.Thread(target=spam, daemon=True).start()\n")),
+        // A thread that would forge verdicts while the test fails, or swap the harness's channel.
+        ("failed: the sandbox refuses threads", failing("import threading, posix\ndef spam():\n    while True:\n        for fd in range(3, 16):\n            try:\n                posix.write(fd, b'0' * 32 + b'000006passed')\n            except OSError:\n                pass\nthreading.Thread(target=spam, daemon=True).start()\n")),
+        ("failed: the sandbox refuses to import _thread", failing("import sys\ndel sys.modules['_thread']\nimport _thread\n")),
+        // Putting its own socket under the channel's number, to read the sealed result in a child
+        // and send it on, turned into a pass, through the original.
+        ("failed: the program ended (status 3) before its tests did", failing(STEAL)),
         // Killing its parent, every process it can, and init of its namespace (itself).
         ("failed: *", "    import posix, signal\n    for pid in (posix.getppid(), -1, 1):\n        try:\n            posix.kill(pid, signal.SIGKILL)\n        except OSError:\n            pass\n    return 2\n".into()),
         // Crashes and timeouts stay apart from failures.
@@ -190,4 +198,46 @@ fn without_isolation_the_run_says_so_and_still_seals_the_verdict() {
     let (stderr, results) = check(dir.path(), &cases, &["--no-isolation", "--workers", "1"]);
     assert!(stderr.contains("WARNING: --no-isolation") && stderr.contains("NOT ISOLATED"), "{stderr}");
     assert!(!results.contains(API_KEY), "{results}");
+}
+
+#[test]
+fn where_namespaces_are_refused_the_run_is_refused_unless_told() {
+    // A machine without namespaces, made here: an interpreter in a user namespace that may create no
+    // further one (the outer namespace allows one child, which it is).
+    let can_take_away = std::process::Command::new("unshare").args(["--user", "--map-root-user", "true"]).status();
+    if !can_take_away.is_ok_and(|status| status.success()) {
+        eprintln!("no user namespaces here to take away: nothing to check");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let python = dir.path().join("python-without-namespaces");
+    let script = format!(
+        "#!/bin/sh\nexec unshare --user --map-root-user sh -c 'echo 1 > /proc/sys/user/max_user_namespaces && exec unshare --user --map-user=1000 --map-group=1000 \"$0\" \"$@\"' {:?} \"$@\"\n",
+        common::PYTHON
+    );
+    std::fs::write(&python, script).unwrap();
+    common::python(&format!("import os; os.chmod({:?}, 0o755)", python.to_str().unwrap()), &[]);
+    let data = one_problem(dir.path());
+    let samples = dir.path().join("samples.jsonl");
+    write_lines(&samples, &[json!({"task_id": "T/0", "completion": "    return 1\n"})]);
+    let args = [
+        "eval",
+        "score",
+        "--benchmark",
+        "humaneval",
+        "--data",
+        data.to_str().unwrap(),
+        "--samples",
+        samples.to_str().unwrap(),
+        "--python",
+        python.to_str().unwrap(),
+    ];
+    let refused = common::wizard(&args);
+    common::check_failure(&refused, args, &["the sandbox cannot isolate samples here", "--no-isolation"]);
+    let cases: Vec<(&str, String)> = vec![
+        ("passed", "    return 1\n".into()),
+        ("failed: the program ended (status 0) before its tests did", failing(&format!("{FORGE}posix._exit(0)\n"))),
+    ];
+    let (stderr, _) = check(dir.path(), &cases, &["--no-isolation", "--python", python.to_str().unwrap()]);
+    assert!(stderr.contains("WARNING: --no-isolation") && stderr.contains("NOT ISOLATED"), "{stderr}");
 }

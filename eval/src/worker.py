@@ -62,6 +62,10 @@ ISOLATED = True
 DROP_TO_NOBODY = False
 SECRET_BYTES = 16
 GUARDS = ()
+# Computed once in the worker, so that samples do not touch (and copy) what they are made of.
+CTYPES_MODULES = ()
+PRISTINE_BUILTINS = ()
+SIGNALS = ()
 ACK = b"k"
 
 
@@ -261,7 +265,7 @@ def drop_capabilities():
 
 NATIVE = frozenset({"ctypes", "_ctypes", "cffi", "_cffi_backend", "_testcapi", "_testinternalcapi", "_testbuffer",
                     "_testmultiphase", "_testsinglephase", "_xxsubinterpreters", "_xxinterpchannels", "_interpreters",
-                    "_interpchannels", "_interpqueues", "_imp"})
+                    "_interpchannels", "_interpqueues", "_imp", "_thread"})
 
 
 def guard_native_imports():
@@ -291,11 +295,20 @@ def guard_native_imports():
 
 
 def forget_native_access():
-    """Removes every path from Python objects to ctypes; importing it again is refused."""
-    for name in [n for n in sys.modules if n == "ctypes" or n.startswith(("ctypes.", "_ctypes"))]:
-        del sys.modules[name]
+    """Removes every path from Python objects to ctypes (importing it again is refused), and refuses new
+    threads: a thread could change what a descriptor number refers to between the harness's check of
+    its channel and its write (making `_thread` again is refused too)."""
+    for name in CTYPES_MODULES:
+        sys.modules.pop(name, None)
     for name in ("ctypes", "LIBC"):
         globals().pop(name, None)
+    import _thread
+    import threading
+
+    def refuse_threads(*args, **kwargs):
+        raise PermissionError("the sandbox refuses threads")
+
+    _thread.start_new_thread = _thread.start_new = threading._start_new_thread = refuse_threads
 
 
 def seal(protected):
@@ -426,9 +439,14 @@ def execute(program, timeout, tools):
     return result
 
 
-def finish(write, channel, secret, result, exit_):
-    """Sends the sealed result and ends the process. Uses only its arguments."""
+def finish(write, fstat, channel, identity, secret, result, exit_):
+    """Sends the sealed result and ends the process. Uses only its arguments. The program may have put
+    something else under the channel's number (dup2) to read the secret from: then nothing is sent. No
+    other thread exists, so nothing changes the descriptor table between the check and the write."""
     body = result.encode("utf-8", "replace")[:3800]
+    found = fstat(channel)
+    if (found.st_dev, found.st_ino) != identity:
+        exit_(3)
     write(channel, secret + b"%06d" % body.__len__() + body)
     exit_(0)
 
@@ -443,15 +461,18 @@ def run_sample(job, channel):
 
         tools = (
             exec, _signal.setitimer, _signal.ITIMER_REAL, _signal.signal, _signal.SIGALRM, CappedSink(), sys,
-            TimeoutException, BaseException, builtins.__dict__, tuple(builtins.__dict__.items()), gc.disable,
-            tuple(_signal.valid_signals()), _signal.SIG_IGN, _signal.pthread_sigmask, _signal.SIG_BLOCK,
+            TimeoutException, BaseException, builtins.__dict__, PRISTINE_BUILTINS, gc.disable,
+            SIGNALS, _signal.SIG_IGN, _signal.pthread_sigmask, _signal.SIG_BLOCK,
             (_signal.SIGKILL, _signal.SIGSTOP),
         )
-        program, timeout, urandom = job["program"], float(job["timeout"]), os.urandom
-        del job
+        program, timeout, urandom, fstat = job["program"], float(job["timeout"]), os.urandom, os.fstat
+        found = fstat(channel)
+        identity = (found.st_dev, found.st_ino)
+        del job, found
         seal(GUARDS)
         # The secret exists only as an operand on this frame's value stack while the program runs.
-        finish(write, channel, handshake(write, read, channel, urandom), execute(program, timeout, tools), exit_)
+        finish(write, fstat, channel, identity, handshake(write, read, channel, urandom),
+               execute(program, timeout, tools), exit_)
     except BaseException as e:
         # Before the handshake the supervisor reports a set-up failure; after it, nothing here counts.
         try:
@@ -608,9 +629,14 @@ def run_job(job, pid_namespace, supervisors):
 
 def main():
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    global DROP_TO_NOBODY, ISOLATED, GUARDS
+    global DROP_TO_NOBODY, ISOLATED, GUARDS, CTYPES_MODULES, PRISTINE_BUILTINS, SIGNALS
     ISOLATED = "--no-isolation" not in sys.argv
     GUARDS = guard_native_imports()
+    CTYPES_MODULES = tuple(n for n in sys.modules if n == "ctypes" or n.startswith(("ctypes.", "_ctypes")))
+    # The builtins as the official guard leaves them (it sets these three to None in each sample).
+    builtins.exit = builtins.quit = builtins.help = None
+    PRISTINE_BUILTINS = tuple(builtins.__dict__.items())
+    SIGNALS = tuple(signal.valid_signals())
     errors = []
     network = mounts = pid_namespace = False
     if ISOLATED:
@@ -645,6 +671,12 @@ def main():
     out.flush()
     if ISOLATED and errors:
         return
+    # What the worker holds is never collected by a sample's collections: they would touch (and so copy)
+    # every page of it after each fork.
+    import gc
+
+    gc.collect()
+    gc.freeze()
     supervisors = set()
     for line in sys.stdin.buffer:
         if not line.strip():
