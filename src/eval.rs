@@ -371,7 +371,9 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
         problems.iter().map(|problem| (problem.prompt_for(format), problem.reference.clone())).collect::<Vec<_>>();
     let likelihood =
         eval::likelihood::reference_likelihood(model, tokenizer, pairs.iter().map(|(p, r)| (p.as_str(), r.as_str())))?;
-    store.set_meta(eval::REFERENCE_LOGLIK, &likelihood.per_token().to_string())?;
+    if let Some(loglik) = likelihood.per_token() {
+        store.set_meta(eval::REFERENCE_LOGLIK, &loglik.to_string())?;
+    }
     let stored: Vec<eval::samples::Sample> = store.scored()?.into_iter().map(|(sample, _)| sample).collect();
     eval::samples::write(&args.out.join("samples.jsonl"), &stored)?;
     execute_and_report(&mut store, &problems, &sandbox, Some(&args.out.join("report.json")), args.per_problem)?;

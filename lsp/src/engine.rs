@@ -88,6 +88,19 @@ impl Settings {
     pub fn sampling(&self) -> Sampling {
         Sampling { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: 0 }
     }
+
+    /// Refuses values that would not make a completion: sampling out of range, a suffix share outside
+    /// [0, 1], an empty budget.
+    pub fn validate(&self) -> Result<(), String> {
+        self.sampling().validate().map_err(|e| e.to_string())?;
+        if !(0.0..=1.0).contains(&self.suffix_share) {
+            return Err(format!("suffixShare must be in [0, 1], got {}", self.suffix_share));
+        }
+        if self.context_budget == 0 {
+            return Err("contextBudget must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// One completion to compute.

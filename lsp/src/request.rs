@@ -74,7 +74,7 @@ pub fn complete_text(
     settings: &Settings,
     seed: u64,
 ) -> Result<String, EngineError> {
-    settings.sampling().validate().map_err(|e| EngineError::Model(e.to_string()))?;
+    settings.validate().map_err(EngineError::Model)?;
     let document = Document::new(text.to_string(), language, 0);
     let request = Request {
         settings: settings.clone(),

@@ -109,7 +109,7 @@ fn settings_from(value: &Value, current: &Settings) -> std::result::Result<Setti
         }
     }
     let settings: Settings = serde_json::from_value(merged).map_err(|e| format!("invalid settings {value}: {e}"))?;
-    settings.sampling().validate().map_err(|e| format!("invalid settings {value}: {e}"))?;
+    settings.validate().map_err(|e| format!("invalid settings {value}: {e}"))?;
     Ok(settings)
 }
 
@@ -132,7 +132,7 @@ impl Backend {
             settings.temperature = overrides.temperature.unwrap_or(settings.temperature);
             settings.top_p = overrides.top_p.or(settings.top_p);
             settings.top_k = overrides.top_k.or(settings.top_k);
-            settings.sampling().validate().map_err(|e| Error::invalid_params(e.to_string()))?;
+            settings.validate().map_err(Error::invalid_params)?;
             let Some(open) = state.documents.get(&key) else {
                 return Err(Error::invalid_params(format!("unknown document {key}")));
             };
@@ -261,7 +261,12 @@ impl Backend {
             max_tokens: number("max_new_tokens").map(|n| n as usize),
             temperature: number("temperature"),
             top_p: number("top_p"),
-            top_k: number("top_k").map(|k| k as usize),
+            top_k: match number("top_k") {
+                Some(k) if k.fract() != 0.0 || !(0.0..=u32::MAX as f64).contains(&k) => {
+                    return Err(Error::invalid_params(format!("top_k must be a whole number >= 1, got {k}")));
+                }
+                k => k.map(|k| k as usize),
+            },
         };
         let completion =
             self.complete_at(&params.text_document.uri, params.position, overrides).instrument(span).await?;

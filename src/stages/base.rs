@@ -177,6 +177,7 @@ pub fn trained(dir: &Path) -> anyhow::Result<Trained> {
         model::train::latest_checkpoint(dir)?.with_context(|| format!("no checkpoint in {}", dir.display()))?;
     let metrics_file = dir.join("metrics.jsonl");
     let steps = metrics::read(&metrics_file, None)?;
+    anyhow::ensure!(!steps.is_empty(), "{} holds no training step", metrics_file.display());
     let tail = &steps[steps.len().saturating_sub(10)..];
     let loss = tail.iter().map(|m| m.loss).sum::<f64>() / tail.len().max(1) as f64;
     Ok(Trained { checkpoint, metrics: metrics_file, loss })
