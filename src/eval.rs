@@ -341,7 +341,8 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
                 top_p: args.top_p,
                 ..lsp::Settings::default()
             };
-            settings.sampling().validate()?;
+            // Refused before any generation (complete_text checks again on every call).
+            settings.validate().map_err(anyhow::Error::msg)?;
             Box::new(EditorCompleter { backend: &mut backend, settings })
         }
         _ => Box::new(ModelCompleter {
@@ -367,10 +368,9 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
         problems.len() - generated
     );
     // Stored with the samples, so `wizard eval report` shows it too.
-    let pairs =
-        problems.iter().map(|problem| (problem.prompt_for(format), problem.reference.clone())).collect::<Vec<_>>();
-    let likelihood =
-        eval::likelihood::reference_likelihood(model, tokenizer, pairs.iter().map(|(p, r)| (p.as_str(), r.as_str())))?;
+    let prompts: Vec<String> = problems.iter().map(|problem| problem.prompt_for(format)).collect();
+    let pairs = prompts.iter().zip(&problems).map(|(prompt, problem)| (prompt.as_str(), problem.reference.as_str()));
+    let likelihood = eval::likelihood::reference_likelihood(model, tokenizer, pairs)?;
     if let Some(loglik) = likelihood.per_token() {
         store.set_meta(eval::REFERENCE_LOGLIK, &loglik.to_string())?;
     }

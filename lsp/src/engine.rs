@@ -344,20 +344,6 @@ impl StopCriterion for LspStop<'_> {
     }
 }
 
-/// The decoded `text` as the client gets it: cut where its block ends, and without the end that repeats
-/// the suffix.
-pub fn finish<'t>(job: &Job, block_end: &mut BlockEnd, text: &'t str) -> &'t str {
-    let text = match block_end.finish(text) {
-        Some(at) => &text[..at],
-        None => text,
-    };
-    if job.fim {
-        trim_suffix_overlap(text, &job.parts.suffix)
-    } else {
-        text
-    }
-}
-
 impl CompletionModel for ModelBackend {
     fn complete(&mut self, job: &Job) -> Result<Output, EngineError> {
         let started = Instant::now();
@@ -411,7 +397,11 @@ impl CompletionModel for ModelBackend {
         }
         let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
         let text = self.tokenizer.decode(&ids, true).map_err(model_error)?;
-        let text = finish(job, &mut stop.block_end, &text);
+        let text = match stop.block_end.finish(&text) {
+            Some(at) => &text[..at],
+            None => text.as_str(),
+        };
+        let text = if job.fim { trim_suffix_overlap(text, &job.parts.suffix) } else { text };
         let figures = Figures {
             prompt_tokens: prompt.len(),
             tokens: tokens.len(),
