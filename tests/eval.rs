@@ -246,7 +246,10 @@ fn interrupted_scoring_resumes() {
     let extra = ["--db", db.to_str().unwrap(), "--workers", "1"];
     let args = [&["eval"][..], &score_args("humaneval", Some(&data), &samples, &extra)].concat();
     let mut child = common::wizard_command(&args).stdout(Stdio::null()).spawn().unwrap();
-    let done = || if db.exists() { common::count(&db, "SELECT COUNT(*) FROM results") } else { 0 };
+    // The file exists a moment before its tables do: until then nothing is scored.
+    let has_results =
+        || db.exists() && common::count(&db, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'results'") == 1;
+    let done = || if has_results() { common::count(&db, "SELECT COUNT(*) FROM results") } else { 0 };
     common::wait_until("3 samples scored", Duration::from_secs(60), || done() >= 3);
     child.kill().unwrap();
     child.wait().unwrap();
