@@ -142,6 +142,24 @@ impl Attention {
         self.c_proj.forward(&out).dropout(self.resid_pdrop, dropout.active())
     }
 
+    /// One new position per sequence, each with its own cache: the projections run for all rows
+    /// at once, attention per sequence (their lengths differ).
+    fn forward_ragged(&self, x: &Tensor, caches: &mut [&mut KvCache], layer: usize) -> Tensor {
+        let (batch, _, d) = x.size3().expect("hidden states are [batch, 1, d]");
+        let (q, k, v) = self.qkv(x);
+        let outs: Vec<Tensor> = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(row, cache)| {
+                let row = row as i64;
+                let (keys, values) = cache.store(layer, &k.narrow(0, row, 1), &v.narrow(0, row, 1));
+                attention::causal_attention(&q.narrow(0, row, 1), &keys, &values, self.scale, 0.0)
+            })
+            .collect();
+        let out = Tensor::cat(&outs, 0).transpose(1, 2).reshape([batch, 1, d]);
+        self.c_proj.forward(&out)
+    }
+
     fn backend(&self, x: &Tensor, past: Option<(&KvCache, usize)>) -> SdpaBackend {
         let (q, k, v) = self.qkv(x);
         let (k, v) = match past {
@@ -192,6 +210,11 @@ impl Block {
             ln_2: LayerNorm::new(&path / "ln_2", config.n_embd, eps),
             mlp: Mlp::new(&path / "mlp", config, weights),
         }
+    }
+
+    fn forward_ragged(&self, x: &Tensor, caches: &mut [&mut KvCache], layer: usize) -> Tensor {
+        let x = x + self.attn.forward_ragged(&self.ln_1.forward(x), caches, layer);
+        &x + self.mlp.forward(&self.ln_2.forward(&x), Dropout::Off)
     }
 
     fn forward(&self, x: &Tensor, cache: Option<(&mut KvCache, usize)>, dropout: Dropout) -> Tensor {
@@ -281,6 +304,40 @@ impl GptBigCode {
     /// Skips the vocabulary projection of every earlier position, the bulk of a prefill's cost.
     pub fn forward_next(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         Ok(self.head(&self.decode(input_ids, cache)?.select(1, -1)))
+    }
+
+    /// Logits `[rows, vocab]` of one new token per sequence, each continuing its own cache (which
+    /// may hold a different length): the continuous-batching step. Row i's logits do not depend on
+    /// the other rows where the dense layers take the few-row kernel (fp32 on CPU).
+    pub fn forward_batch(&self, tokens: &[i64], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            return Err(ModelError::Invalid(format!("{} tokens for {} caches", tokens.len(), caches.len())));
+        }
+        let mut positions = Vec::with_capacity(caches.len());
+        for cache in caches.iter() {
+            if cache.len() >= self.config.n_positions || cache.len() >= cache.capacity() {
+                return Err(ModelError::Invalid(format!(
+                    "a sequence of {} tokens is full (context {}, cache {})",
+                    cache.len(),
+                    self.config.n_positions,
+                    cache.capacity()
+                )));
+            }
+            positions.push(cache.len());
+        }
+        let rows = tokens.len() as i64;
+        let device = self.device();
+        let ids = Tensor::from_slice(tokens).to_device(device).view([rows, 1]);
+        let positions = Tensor::from_slice(&positions).to_device(device).view([rows, 1]);
+        let mut hidden = Tensor::embedding(&self.wte, &ids, -1, false, false)
+            + Tensor::embedding(&self.wpe, &positions, -1, false, false);
+        for (layer, block) in self.blocks.iter().enumerate() {
+            hidden = block.forward_ragged(&hidden, caches, layer);
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        Ok(self.head(&hidden.select(1, 0)))
     }
 
     fn decode(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {

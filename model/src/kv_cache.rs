@@ -44,6 +44,12 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// A copy with its own buffers (one prompt's prefill shared by several samples).
+    pub fn duplicate(&self) -> KvCache {
+        let copy = |tensors: &[Tensor]| tensors.iter().map(Tensor::copy).collect();
+        KvCache { keys: copy(&self.keys), values: copy(&self.values), len: self.len, capacity: self.capacity }
+    }
+
     /// Repeats every sequence `times` times along the batch (one prompt, many samples).
     pub fn repeat_batch(&mut self, times: i64) {
         for tensor in self.keys.iter_mut().chain(self.values.iter_mut()) {

@@ -1,0 +1,585 @@
+//! The inference engine every caller shares (HTTP server, language server, eval, evolve): one
+//! dedicated thread owns the model and runs continuous batching. Sequences join and leave the
+//! running batch at every step; each keeps its own KV cache (ragged: attention runs per sequence,
+//! the dense layers run once for all rows); a newcomer's prompt is prefilled one chunk per step, so
+//! running sequences keep decoding; the `n` samples of a prompt share its prefill.
+//!
+//! Greedy output does not depend on the batch: fp32 CPU dense layers go through the few-row kernel,
+//! whose every row is one fixed-order dot product, and everything else is per row or per sequence.
+//! Requests are cancelled when their event receiver is dropped (a client went away) or their cancel
+//! flag is set, within one step. A panic while serving a request fails that request only.
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tch::{Kind, Tensor};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::generate::{Finish, StopCriterion};
+use crate::gpt_bigcode::GptBigCode;
+use crate::kv_cache::KvCache;
+use crate::sampling::Sampling;
+use crate::{ModelError, Result};
+
+/// How much the engine takes on.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences decoding together (the rows of one step).
+    pub max_batch: usize,
+    /// Most requests waiting for a place in the batch; beyond it [`Engine::submit`] refuses.
+    pub max_waiting: usize,
+    /// Prompt tokens prefilled per step while other sequences decode.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_batch: 16, max_waiting: 64, prefill_chunk: 512 }
+    }
+}
+
+/// Stops one sample; runs on the engine thread.
+pub type Stop = Box<dyn StopCriterion + Send>;
+
+/// One prompt to continue, `n` times.
+pub struct Request {
+    /// Prompt token ids (not empty, shorter than the context).
+    pub prompt: Vec<i64>,
+    /// Most new tokens per sample; cut to what the context leaves.
+    pub max_new_tokens: usize,
+    /// Samples; sample i draws with seed `sampling.seed + i`.
+    pub n: usize,
+    /// Token picking.
+    pub sampling: Sampling,
+    /// Tokens that end a sample (not included in it).
+    pub stop_tokens: Vec<i64>,
+    /// Ends a sample early (e.g. a stop sequence or a complete block).
+    pub stop: Option<Stop>,
+    /// Alternatives per token to report with their log-probabilities (0: only the chosen token's).
+    pub top_logprobs: usize,
+    /// Set to stop the request.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Request {
+    /// A request with one greedy sample, no stops, and a fresh cancel flag.
+    pub fn new(prompt: Vec<i64>, max_new_tokens: usize) -> Request {
+        Request {
+            prompt,
+            max_new_tokens,
+            n: 1,
+            sampling: Sampling::greedy(),
+            stop_tokens: Vec::new(),
+            stop: None,
+            top_logprobs: 0,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// A new token's log-probability under the model (before temperature and filtering), with the
+/// most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The chosen token's.
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens and theirs, most likely first.
+    pub top: Vec<(i64, f32)>,
+}
+
+/// What a request hears, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The prompt is prefilled; decoding starts.
+    Started {
+        /// Milliseconds the request waited for a place in the batch.
+        queued_ms: f64,
+    },
+    /// Sample `sample` has a new token.
+    Token {
+        /// Which sample.
+        sample: usize,
+        /// The token id.
+        token: i64,
+        /// Its log-probability.
+        logprob: TokenLogprob,
+    },
+    /// Sample `sample` ended (its stop token is not reported).
+    Finished {
+        /// Which sample.
+        sample: usize,
+        /// Why.
+        finish: Finish,
+    },
+    /// The request failed; no more events follow.
+    Failed(String),
+}
+
+/// Why a request was not taken.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full: try again later.
+    #[error("the server is busy: {0} requests are waiting")]
+    Busy(usize),
+    /// The request cannot be served (empty prompt, bad sampling, too long).
+    #[error("{0}")]
+    Invalid(String),
+    /// The engine thread is gone.
+    #[error("the inference engine has stopped")]
+    Stopped,
+}
+
+/// Counters the engine keeps for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests waiting for a place in the batch.
+    pub waiting: AtomicUsize,
+    /// Sequences in the running batch.
+    pub running: AtomicUsize,
+    /// Decode steps run.
+    pub steps: AtomicUsize,
+    /// Rows over all decode steps (steps / rows is the mean batch).
+    pub step_rows: AtomicUsize,
+    /// Tokens generated.
+    pub generated_tokens: AtomicUsize,
+    /// Prompt tokens prefilled.
+    pub prompt_tokens: AtomicUsize,
+}
+
+struct Envelope {
+    request: Request,
+    events: UnboundedSender<Event>,
+    submitted: Instant,
+}
+
+/// The handle callers hold; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inbox: mpsc::Sender<Envelope>,
+    config: EngineConfig,
+    context: usize,
+    counters: Arc<Counters>,
+    /// Requests submitted and not finished (waiting + running).
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Engine {
+    /// Starts the engine thread around `model` (built on that thread by `load`); returns once the
+    /// model is loaded, or the loading error.
+    pub fn start<F>(config: EngineConfig, load: F) -> Result<Engine>
+    where
+        F: FnOnce() -> Result<GptBigCode> + Send + 'static,
+    {
+        let (inbox, receiver) = mpsc::channel::<Envelope>();
+        let (ready, loaded) = mpsc::channel::<Result<usize>>();
+        let counters = Arc::new(Counters::default());
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (thread_counters, thread_in_flight, thread_config) = (counters.clone(), in_flight.clone(), config.clone());
+        std::thread::Builder::new()
+            .name("inference".into())
+            .spawn(move || {
+                let model = match catch_unwind(AssertUnwindSafe(load)) {
+                    Ok(Ok(model)) => model,
+                    Ok(Err(error)) => return drop(ready.send(Err(error))),
+                    Err(panic) => return drop(ready.send(Err(ModelError::Invalid(panic_message(&panic))))),
+                };
+                let _ = ready.send(Ok(model.config().n_positions as usize));
+                let mut batcher = Batcher {
+                    model: &model,
+                    config: thread_config,
+                    counters: thread_counters,
+                    in_flight: thread_in_flight,
+                    waiting: VecDeque::new(),
+                    prefilling: None,
+                    running: Vec::new(),
+                };
+                tch::no_grad(|| batcher.run(receiver));
+            })
+            .map_err(|e| ModelError::Invalid(format!("cannot start the inference thread: {e}")))?;
+        let context =
+            loaded.recv().map_err(|_| ModelError::Invalid("the inference thread died while loading".into()))??;
+        Ok(Engine { inbox, config, context, counters, in_flight })
+    }
+
+    /// The model's context (n_positions).
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// The engine's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The engine's limits.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Queues `request`; its events arrive on the returned receiver. Dropping the receiver cancels it.
+    pub fn submit(&self, request: Request) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
+        self.check(&request)?;
+        let limit = self.config.max_batch + self.config.max_waiting;
+        let taken = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if taken >= limit {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Busy(taken));
+        }
+        let (events, receiver) = unbounded_channel();
+        let envelope = Envelope { request, events, submitted: Instant::now() };
+        if self.inbox.send(envelope).is_err() {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(receiver)
+    }
+
+    fn check(&self, request: &Request) -> std::result::Result<(), SubmitError> {
+        request.sampling.validate().map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        if request.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if request.prompt.len() >= self.context {
+            return Err(SubmitError::Invalid(format!(
+                "the prompt has {} tokens; the model's context is {} tokens",
+                request.prompt.len(),
+                self.context
+            )));
+        }
+        if request.n == 0 || request.n > self.config.max_batch {
+            return Err(SubmitError::Invalid(format!(
+                "n must be between 1 and {} (the batch), got {}",
+                self.config.max_batch, request.n
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `request` to the end and returns each sample's tokens and finish (blocking: call from a
+    /// thread that may wait, never from async code).
+    pub fn generate(&self, request: Request) -> std::result::Result<Vec<(Vec<i64>, Finish)>, SubmitError> {
+        let n = request.n;
+        let mut events = self.submit(request)?;
+        let mut samples = vec![(Vec::new(), Finish::Length); n];
+        let mut open = n;
+        while open > 0 {
+            match events.blocking_recv() {
+                Some(Event::Token { sample, token, .. }) => samples[sample].0.push(token),
+                Some(Event::Finished { sample, finish }) => {
+                    samples[sample].1 = finish;
+                    open -= 1;
+                }
+                Some(Event::Started { .. }) => {}
+                Some(Event::Failed(message)) => return Err(SubmitError::Invalid(message)),
+                None => return Err(SubmitError::Stopped),
+            }
+        }
+        Ok(samples)
+    }
+}
+
+/// A request's shared part while its samples run.
+struct Shared {
+    request: Request,
+    events: UnboundedSender<Event>,
+    max_new_tokens: usize,
+    open_samples: usize,
+}
+
+impl Shared {
+    fn cancelled(&self) -> bool {
+        self.request.cancel.load(Ordering::Relaxed) || self.events.is_closed()
+    }
+}
+
+type SharedRef = std::rc::Rc<std::cell::RefCell<Shared>>;
+
+/// A request whose prompt is being prefilled.
+struct Prefill {
+    shared: SharedRef,
+    cache: KvCache,
+    started: Instant,
+    queued_ms: f64,
+}
+
+/// One sample in the running batch.
+struct Sequence {
+    shared: SharedRef,
+    sample: usize,
+    cache: KvCache,
+    tokens: Vec<i64>,
+    rng: StdRng,
+    /// Logits of the next token.
+    logits: Vec<f32>,
+}
+
+struct Batcher<'m> {
+    model: &'m GptBigCode,
+    config: EngineConfig,
+    counters: Arc<Counters>,
+    in_flight: Arc<AtomicUsize>,
+    waiting: VecDeque<Envelope>,
+    prefilling: Option<Prefill>,
+    running: Vec<Sequence>,
+}
+
+impl Batcher<'_> {
+    fn run(&mut self, inbox: mpsc::Receiver<Envelope>) {
+        loop {
+            let idle = self.running.is_empty() && self.prefilling.is_none() && self.waiting.is_empty();
+            if idle {
+                match inbox.recv() {
+                    Ok(envelope) => self.waiting.push_back(envelope),
+                    Err(_) => return,
+                }
+            }
+            self.waiting.extend(inbox.try_iter());
+            self.counters.waiting.store(self.waiting.len(), Ordering::Relaxed);
+            // Up to one chunk's worth of prompt tokens per step, over as many newcomers as it covers.
+            let mut budget = self.config.prefill_chunk.max(1);
+            while budget > 0 {
+                self.admit();
+                match self.prefill_chunk() {
+                    0 => break,
+                    done => budget = budget.saturating_sub(done),
+                }
+            }
+            self.step();
+            self.counters.running.store(self.running.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Moves the oldest waiting request into prefill when its samples fit the batch.
+    fn admit(&mut self) {
+        while self.prefilling.is_none() {
+            let Some(front) = self.waiting.front() else { return };
+            if front.request.cancel.load(Ordering::Relaxed) || front.events.is_closed() {
+                self.waiting.pop_front();
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+            if self.running.len() + front.request.n > self.config.max_batch {
+                return;
+            }
+            let Some(envelope) = self.waiting.pop_front() else { return };
+            let queued_ms = envelope.submitted.elapsed().as_secs_f64() * 1e3;
+            let context = self.model.config().n_positions as usize;
+            let prompt_len = envelope.request.prompt.len();
+            let max_new_tokens = envelope.request.max_new_tokens.min(context.saturating_sub(prompt_len));
+            let capacity = (prompt_len + max_new_tokens) as i64;
+            let open_samples = envelope.request.n;
+            let shared = Shared { request: envelope.request, events: envelope.events, max_new_tokens, open_samples };
+            match self.model.new_cache(1, capacity) {
+                Ok(cache) => {
+                    let shared = std::rc::Rc::new(std::cell::RefCell::new(shared));
+                    self.prefilling = Some(Prefill { shared, cache, started: Instant::now(), queued_ms });
+                }
+                Err(error) => {
+                    let _ = shared.events.send(Event::Failed(error.to_string()));
+                    self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Prefills the next chunk of the request in prefill; when the prompt is done, its samples join
+    /// the batch. Chunks start at fixed offsets, so a prompt's keys and values do not depend on load.
+    /// Returns the prompt tokens it prefilled (1 for a cancelled or failed request, so the caller
+    /// moves on).
+    fn prefill_chunk(&mut self) -> usize {
+        let Some(mut prefill) = self.prefilling.take() else { return 0 };
+        if prefill.shared.borrow().cancelled() {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return 1;
+        }
+        let done = prefill.cache.len() as usize;
+        let prompt_len = prefill.shared.borrow().request.prompt.len();
+        let chunk = self.config.prefill_chunk.max(1).min(prompt_len - done);
+        let result = catch_unwind(AssertUnwindSafe(|| -> Result<Tensor> {
+            let ids = Tensor::from_slice(&prefill.shared.borrow().request.prompt[done..done + chunk])
+                .to_device(self.model.device())
+                .unsqueeze(0);
+            self.model.forward_next(&ids, &mut prefill.cache)
+        }));
+        let logits = match flatten_panic(result) {
+            Ok(logits) => logits,
+            Err(message) => {
+                let _ = prefill.shared.borrow().events.send(Event::Failed(message));
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                return chunk;
+            }
+        };
+        self.counters.prompt_tokens.fetch_add(chunk, Ordering::Relaxed);
+        if done + chunk < prompt_len {
+            self.prefilling = Some(prefill);
+            return chunk;
+        }
+        let logits = match row_vec(&logits) {
+            Ok(logits) => logits,
+            Err(error) => {
+                let _ = prefill.shared.borrow().events.send(Event::Failed(error.to_string()));
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                return chunk;
+            }
+        };
+        let (n, seed) = {
+            let shared = prefill.shared.borrow();
+            let _ = shared.events.send(Event::Started { queued_ms: prefill.queued_ms });
+            (shared.request.n, shared.request.sampling.seed)
+        };
+        tracing::debug!(prompt = prompt_len, ms = prefill.started.elapsed().as_secs_f64() * 1e3, "prefilled");
+        let mut last = Some(prefill.cache);
+        for sample in 0..n {
+            let cache = match (sample + 1 == n, last.as_ref()) {
+                (false, Some(cache)) => cache.duplicate(),
+                _ => last.take().expect("the last sample takes the prefilled cache"),
+            };
+            self.running.push(Sequence {
+                shared: prefill.shared.clone(),
+                sample,
+                cache,
+                tokens: Vec::new(),
+                rng: StdRng::seed_from_u64(seed.wrapping_add(sample as u64)),
+                logits: logits.clone(),
+            });
+        }
+        chunk
+    }
+
+    /// Picks every running sequence's next token, retires those that ended, and runs one batched
+    /// forward pass for the rest.
+    fn step(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let mut keep = Vec::with_capacity(self.running.len());
+        for mut sequence in std::mem::take(&mut self.running) {
+            match catch_unwind(AssertUnwindSafe(|| advance(&mut sequence))) {
+                Ok(None) => keep.push(sequence),
+                Ok(Some(finish)) => self.retire(&sequence, finish),
+                Err(panic) => self.fail(&sequence, panic_message(&panic)),
+            }
+        }
+        if keep.is_empty() {
+            return;
+        }
+        let tokens: Vec<i64> = keep.iter().map(|s| *s.tokens.last().expect("a kept sequence has a token")).collect();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let mut caches: Vec<&mut KvCache> = keep.iter_mut().map(|s| &mut s.cache).collect();
+            self.model.forward_batch(&tokens, &mut caches).and_then(|logits| rows_vec(&logits))
+        }));
+        match flatten_panic(result) {
+            Ok(rows) => {
+                for (sequence, row) in keep.iter_mut().zip(rows) {
+                    sequence.logits = row;
+                }
+                self.counters.steps.fetch_add(1, Ordering::Relaxed);
+                self.counters.step_rows.fetch_add(keep.len(), Ordering::Relaxed);
+                self.running = keep;
+            }
+            Err(message) => {
+                tracing::error!("a batched step failed: {message}");
+                for sequence in &keep {
+                    self.fail(sequence, message.clone());
+                }
+            }
+        }
+    }
+
+    fn retire(&self, sequence: &Sequence, finish: Finish) {
+        let mut shared = sequence.shared.borrow_mut();
+        let _ = shared.events.send(Event::Finished { sample: sequence.sample, finish });
+        shared.open_samples -= 1;
+        if shared.open_samples == 0 {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn fail(&self, sequence: &Sequence, message: String) {
+        let mut shared = sequence.shared.borrow_mut();
+        let _ = shared.events.send(Event::Failed(message));
+        shared.request.cancel.store(true, Ordering::Relaxed);
+        shared.open_samples -= 1;
+        if shared.open_samples == 0 {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Picks the sequence's next token from its logits and reports it; `Some` when the sample ends.
+fn advance(sequence: &mut Sequence) -> Option<Finish> {
+    let mut shared = sequence.shared.borrow_mut();
+    if shared.cancelled() {
+        return Some(Finish::Stop);
+    }
+    if sequence.tokens.len() >= shared.max_new_tokens {
+        return Some(Finish::Length);
+    }
+    let request = &shared.request;
+    let token = if request.sampling.is_greedy() {
+        crate::sampling::argmax(&sequence.logits)
+    } else {
+        request.sampling.pick(&sequence.logits, &mut sequence.rng)
+    } as i64;
+    if request.stop_tokens.contains(&token) {
+        return Some(Finish::Eos);
+    }
+    let logprob = logprob_of(&sequence.logits, token, request.top_logprobs);
+    sequence.tokens.push(token);
+    let _ = shared.events.send(Event::Token { sample: sequence.sample, token, logprob });
+    let sample = sequence.sample;
+    if shared.request.stop.as_mut().is_some_and(|stop| stop.should_stop(sample, &sequence.tokens)) {
+        return Some(Finish::Stop);
+    }
+    if sequence.tokens.len() >= shared.max_new_tokens {
+        return Some(Finish::Length);
+    }
+    None
+}
+
+/// `token`'s log-softmax in `logits`, and the `top` most likely tokens' (ties to the lower id).
+fn logprob_of(logits: &[f32], token: i64, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let log_total = total.ln() as f32 + max;
+    let mut best: Vec<(i64, f32)> = Vec::new();
+    if top > 0 {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        let top = top.min(order.len());
+        order.select_nth_unstable_by(top - 1, |&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        order.truncate(top);
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        best = order.into_iter().map(|i| (i as i64, logits[i] - log_total)).collect();
+    }
+    TokenLogprob { logprob: logits[token as usize] - log_total, top: best }
+}
+
+fn row_vec(logits: &Tensor) -> Result<Vec<f32>> {
+    Ok(Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(tch::Device::Cpu).reshape([-1]))?)
+}
+
+fn rows_vec(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let (_, vocab) = logits.size2()?;
+    let flat = row_vec(logits)?;
+    Ok(flat.chunks(vocab as usize).map(<[f32]>::to_vec).collect())
+}
+
+fn flatten_panic<T>(result: std::thread::Result<Result<T>>) -> std::result::Result<T, String> {
+    match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(panic) => Err(panic_message(&panic)),
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the request panicked".into())
+}

@@ -1,0 +1,147 @@
+//! The shared inference engine: batch-invariant greedy output, samples that share a prefill,
+//! cancellation, a bounded queue, and a failing request that leaves the others running.
+use std::sync::atomic::Ordering;
+
+use model::config::ModelConfig;
+use model::engine::{Engine, EngineConfig, Event, Request, SubmitError};
+use model::generate::{generate, Finish, GenerateConfig, NoStop, StopCriterion};
+use model::gpt_bigcode::GptBigCode;
+use model::sampling::Sampling;
+use tch::Device;
+
+fn tiny_model() -> model::Result<GptBigCode> {
+    tch::manual_seed(7);
+    let config = ModelConfig {
+        vocab_size: 97,
+        n_positions: 128,
+        n_embd: 64,
+        n_layer: 3,
+        n_head: 4,
+        initializer_range: 0.3,
+        bos_token_id: Some(0),
+        eos_token_id: Some(0),
+        ..ModelConfig::default()
+    };
+    GptBigCode::new(config, Device::Cpu)
+}
+
+fn engine(config: EngineConfig) -> Engine {
+    Engine::start(config, tiny_model).unwrap()
+}
+
+fn prompt(i: usize) -> Vec<i64> {
+    (0..3 + 5 * i).map(|j| ((j * 31 + i * 17) % 96 + 1) as i64).collect()
+}
+
+fn request(prompt: Vec<i64>, sampling: Sampling, n: usize) -> Request {
+    Request { n, sampling, ..Request::new(prompt, 24) }
+}
+
+/// Collects every sample's tokens from a submitted request.
+fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usize) -> Vec<Vec<i64>> {
+    let mut samples = vec![Vec::new(); n];
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            Event::Token { sample, token, .. } => samples[sample].push(token),
+            Event::Failed(message) => panic!("{message}"),
+            _ => {}
+        }
+    }
+    samples
+}
+
+/// Greedy tokens of 16 requests are the same alone, all in one batch, and from `generate`.
+#[test]
+fn greedy_output_does_not_depend_on_the_batch() {
+    let engine = engine(EngineConfig { prefill_chunk: 32, ..EngineConfig::default() });
+    let alone: Vec<Vec<i64>> =
+        (0..16).map(|i| engine.generate(request(prompt(i), Sampling::greedy(), 1)).unwrap().remove(0).0).collect();
+    let counter = |c: &std::sync::atomic::AtomicUsize| c.load(Ordering::Relaxed);
+    let (steps, rows) = (counter(&engine.counters().steps), counter(&engine.counters().step_rows));
+    let submitted: Vec<_> =
+        (0..16).map(|i| engine.submit(request(prompt(i), Sampling::greedy(), 1)).unwrap()).collect();
+    let together: Vec<Vec<i64>> = submitted.into_iter().map(|events| collect(events, 1).remove(0)).collect();
+    assert_eq!(together, alone);
+    let (steps, rows) = (counter(&engine.counters().steps) - steps, counter(&engine.counters().step_rows) - rows);
+    assert!(rows > 8 * steps, "16 requests ran {rows} rows in {steps} steps");
+    assert!(alone.iter().all(|tokens| tokens.len() == 24));
+    // Chunks of 32 follow the same path as one-shot prefill where the prompt fits a chunk.
+    let model = tiny_model().unwrap();
+    let config =
+        GenerateConfig { max_new_tokens: 24, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
+    let expected = generate(&model, &prompt(1), &config, &mut NoStop).unwrap().remove(0).tokens;
+    assert_eq!(alone[1], expected);
+}
+
+/// n samples share one prefill and equal n single requests with the seeds they imply.
+#[test]
+fn samples_share_a_prefill_and_keep_their_seeds() {
+    let engine = engine(EngineConfig::default());
+    let sampling = Sampling { temperature: 1.0, top_k: Some(20), top_p: Some(0.9), seed: 40 };
+    let together = collect(engine.submit(request(prompt(3), sampling.clone(), 4)).unwrap(), 4);
+    for (i, tokens) in together.iter().enumerate() {
+        let single = Sampling { seed: 40 + i as u64, ..sampling.clone() };
+        assert_eq!(&engine.generate(request(prompt(3), single, 1)).unwrap()[0].0, tokens, "sample {i}");
+    }
+    assert_ne!(together[0], together[1], "different seeds drew the same 24 tokens");
+}
+
+/// Stops after `after` tokens, or panics there when `panic` is set.
+struct After {
+    after: usize,
+    panic: bool,
+}
+
+impl StopCriterion for After {
+    fn should_stop(&mut self, _: usize, tokens: &[i64]) -> bool {
+        assert!(!(self.panic && tokens.len() == self.after), "stop criterion panic");
+        tokens.len() >= self.after
+    }
+}
+
+#[test]
+fn stops_panics_cancellation_and_a_full_queue() {
+    let engine = engine(EngineConfig { max_batch: 2, max_waiting: 1, prefill_chunk: 64 });
+    let stopped =
+        Request { stop: Some(Box::new(After { after: 5, panic: false })), ..request(prompt(2), Sampling::greedy(), 1) };
+    let out = engine.generate(stopped).unwrap();
+    assert_eq!((out[0].0.len(), out[0].1), (5, Finish::Stop));
+    let eos = engine.generate(request(prompt(2), Sampling::greedy(), 1)).unwrap()[0].0[3];
+    let ended = Request { stop_tokens: vec![eos], ..request(prompt(2), Sampling::greedy(), 1) };
+    let out = engine.generate(ended).unwrap();
+    assert_eq!(out[0].1, Finish::Eos);
+    assert!(!out[0].0.contains(&eos) && out[0].0.len() <= 3);
+
+    // A panicking request fails alone; its neighbour finishes.
+    let panicking =
+        Request { stop: Some(Box::new(After { after: 3, panic: true })), ..request(prompt(4), Sampling::greedy(), 1) };
+    let neighbour = engine.submit(request(prompt(5), Sampling::greedy(), 1)).unwrap();
+    let failed = engine.generate(panicking);
+    assert!(matches!(failed, Err(SubmitError::Invalid(ref m)) if m.contains("stop criterion panic")), "{failed:?}");
+    assert_eq!(collect(neighbour, 1)[0].len(), 24);
+
+    // Batch 2 + 1 waiting: the fourth is refused; dropping receivers frees the places.
+    let long = |i| Request { max_new_tokens: 100, ..request(prompt(i), Sampling::greedy(), 1) };
+    let held: Vec<_> = (0..3).map(|i| engine.submit(long(i)).unwrap()).collect();
+    assert!(matches!(engine.submit(long(3)), Err(SubmitError::Busy(3))));
+    drop(held);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let answer = loop {
+        match engine.submit(request(prompt(1), Sampling::greedy(), 1)) {
+            Err(SubmitError::Busy(_)) if std::time::Instant::now() < deadline => std::thread::yield_now(),
+            other => break other,
+        }
+    };
+    assert_eq!(collect(answer.unwrap(), 1)[0].len(), 24);
+
+    // Refused before queueing: an empty prompt, n = 0, a prompt as long as the context, bad sampling.
+    for (bad, message) in [
+        (request(Vec::new(), Sampling::greedy(), 1), "empty"),
+        (request(prompt(1), Sampling::greedy(), 0), "n must be"),
+        (request(vec![1; 128], Sampling::greedy(), 1), "context"),
+        (request(prompt(1), Sampling { temperature: -1.0, ..Sampling::greedy() }, 1), "temperature"),
+    ] {
+        let refused = engine.submit(bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains(message), "{refused}");
+    }
+}
