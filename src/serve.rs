@@ -1,5 +1,6 @@
-//! `wizard serve`: the language server, over stdio (the default) or TCP on loopback. stdout is the
-//! protocol, so nothing else is ever printed to it: logs go to stderr or `--log-file`.
+//! `wizard serve`: the language server, over stdio (the default) or TCP on loopback, or with
+//! `--http` the OpenAI-compatible HTTP API over the batching engine. stdout may be the protocol, so
+//! nothing else is ever printed to it: logs go to stderr or `--log-file`.
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,6 +32,25 @@ pub struct Args {
     /// Most prompt tokens.
     #[arg(long, default_value_t = 1024)]
     context_budget: usize,
+    /// Serve the OpenAI-compatible HTTP API on [ADDR:]PORT (default address 127.0.0.1) instead of
+    /// the language server.
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    http: Option<String>,
+    /// Name of an environment variable holding the API key HTTP clients must send as a bearer token.
+    #[arg(long, value_name = "NAME")]
+    api_key_env: Option<String>,
+    /// Sequences decoding together (HTTP).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Requests waiting for a place in the batch before new ones get 429 (HTTP).
+    #[arg(long, default_value_t = 64)]
+    max_waiting: usize,
+    /// Largest HTTP request body in bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    /// Most new tokens one HTTP request may ask for (default: the model's context).
+    #[arg(long)]
+    max_tokens_limit: Option<usize>,
     /// libtorch threads for inference (default: half the cores). An editor's machine is busy with
     /// other work, and OpenMP threads that wait for a descheduled peer make latency spike.
     #[arg(long)]
@@ -38,6 +58,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.http.is_some() {
+        return run_http(args);
+    }
     let device = parse_device(&args.device)?;
     let kind = weight_kind(args.dtype.as_deref(), device)?;
     let device = match device {
@@ -66,4 +89,61 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     })?;
     // The inference thread may be mid-request; the process ends without waiting for it.
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--http`: the model loads before the port opens, so `/health` answering means ready.
+fn run_http(args: Args) -> anyhow::Result<ExitCode> {
+    let address = http_address(args.http.as_deref().unwrap_or_default())?;
+    let api_key = match &args.api_key_env {
+        Some(name) => match std::env::var(name) {
+            Ok(key) if !key.trim().is_empty() => Some(key.trim().to_string()),
+            _ => anyhow::bail!("--api-key-env {name}: the environment variable is unset or empty"),
+        },
+        None => None,
+    };
+    anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
+    let device = crate::device::checked_device(&args.device)?;
+    let kind = weight_kind(args.dtype.as_deref(), device)?;
+    let tokenizer = std::sync::Arc::new(model::tokenizer::Tokenizer::from_dir(&args.model)?);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = args.threads.unwrap_or(cores) as i32;
+    let config = model::engine::EngineConfig {
+        max_batch: args.max_batch,
+        max_waiting: args.max_waiting,
+        ..model::engine::EngineConfig::default()
+    };
+    let dir = args.model.clone();
+    let engine = model::engine::Engine::start(config, move || {
+        tch::set_num_threads(threads);
+        model::gpt_bigcode::GptBigCode::load(&dir, kind, device)
+    })?;
+    let context = engine.context();
+    let server = api::ServerConfig {
+        model_name: args.model.file_name().map_or("wizard".into(), |n| n.to_string_lossy().into_owned()),
+        api_key,
+        max_body_bytes: args.max_body_bytes,
+        limits: api::Limits {
+            max_tokens: args.max_tokens_limit.unwrap_or(context),
+            default_max_tokens: args.max_tokens,
+        },
+    };
+    let app = api::App::new(engine, tokenizer, server);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| anyhow::anyhow!("--http {address}: cannot listen: {e}"))?;
+        tracing::info!("serving the HTTP API on http://{}", listener.local_addr()?);
+        api::serve(listener, app).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `PORT` (on loopback) or `ADDR:PORT`.
+fn http_address(text: &str) -> anyhow::Result<std::net::SocketAddr> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse().map_err(|_| anyhow::anyhow!("--http {text:?}: use PORT or ADDR:PORT, e.g. 8080 or 0.0.0.0:8080"))
 }

@@ -215,6 +215,11 @@ impl Engine {
         &self.counters
     }
 
+    /// Requests submitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
     /// The engine's limits.
     pub fn config(&self) -> &EngineConfig {
         &self.config
@@ -338,7 +343,6 @@ impl Batcher<'_> {
                 }
             }
             self.waiting.extend(inbox.try_iter());
-            self.counters.waiting.store(self.waiting.len(), Ordering::Relaxed);
             // Up to one chunk's worth of prompt tokens per step, over as many newcomers as it covers.
             let mut budget = self.config.prefill_chunk.max(1);
             while budget > 0 {
@@ -349,6 +353,7 @@ impl Batcher<'_> {
                 }
             }
             self.step();
+            self.counters.waiting.store(self.waiting.len(), Ordering::Relaxed);
             self.counters.running.store(self.running.len(), Ordering::Relaxed);
         }
     }
@@ -379,8 +384,8 @@ impl Batcher<'_> {
                     self.prefilling = Some(Prefill { shared, cache, started: Instant::now(), queued_ms });
                 }
                 Err(error) => {
-                    let _ = shared.events.send(Event::Failed(error.to_string()));
                     self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    let _ = shared.events.send(Event::Failed(error.to_string()));
                 }
             }
         }
@@ -408,8 +413,8 @@ impl Batcher<'_> {
         let logits = match flatten_panic(result) {
             Ok(logits) => logits,
             Err(message) => {
-                let _ = prefill.shared.borrow().events.send(Event::Failed(message));
                 self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                let _ = prefill.shared.borrow().events.send(Event::Failed(message));
                 return chunk;
             }
         };
@@ -421,8 +426,8 @@ impl Batcher<'_> {
         let logits = match row_vec(&logits) {
             Ok(logits) => logits,
             Err(error) => {
-                let _ = prefill.shared.borrow().events.send(Event::Failed(error.to_string()));
                 self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                let _ = prefill.shared.borrow().events.send(Event::Failed(error.to_string()));
                 return chunk;
             }
         };
@@ -458,7 +463,10 @@ impl Batcher<'_> {
         }
         let mut keep = Vec::with_capacity(self.running.len());
         for mut sequence in std::mem::take(&mut self.running) {
-            match catch_unwind(AssertUnwindSafe(|| advance(&mut sequence))) {
+            let before = sequence.tokens.len();
+            let advanced = catch_unwind(AssertUnwindSafe(|| advance(&mut sequence)));
+            self.counters.generated_tokens.fetch_add(sequence.tokens.len() - before, Ordering::Relaxed);
+            match advanced {
                 Ok(None) => keep.push(sequence),
                 Ok(Some(finish)) => self.retire(&sequence, finish),
                 Err(panic) => self.fail(&sequence, panic_message(&panic)),
@@ -492,21 +500,22 @@ impl Batcher<'_> {
 
     fn retire(&self, sequence: &Sequence, finish: Finish) {
         let mut shared = sequence.shared.borrow_mut();
-        let _ = shared.events.send(Event::Finished { sample: sequence.sample, finish });
+        // The place is free before the caller hears that its request is done.
         shared.open_samples -= 1;
         if shared.open_samples == 0 {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
+        let _ = shared.events.send(Event::Finished { sample: sequence.sample, finish });
     }
 
     fn fail(&self, sequence: &Sequence, message: String) {
         let mut shared = sequence.shared.borrow_mut();
-        let _ = shared.events.send(Event::Failed(message));
         shared.request.cancel.store(true, Ordering::Relaxed);
         shared.open_samples -= 1;
         if shared.open_samples == 0 {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
+        let _ = shared.events.send(Event::Failed(message));
     }
 }
 

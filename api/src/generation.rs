@@ -1,0 +1,296 @@
+//! From a validated request to the engine and back: prompts in tokens, the engine requests, the
+//! merged event stream, and each sample's text as it grows (held back while it could still become
+//! a stop sequence or an unfinished UTF-8 character).
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use model::engine::{Engine, Event, Request, SubmitError, TokenLogprob};
+use model::generate::{Finish, StopCriterion};
+use model::sampling::Sampling;
+use model::tokenizer::Tokenizer;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::error::ApiError;
+use crate::schema::Knobs;
+
+/// What one request asks the engine for, checked.
+pub struct Plan {
+    /// Token ids of each prompt.
+    pub prompts: Vec<Vec<i64>>,
+    /// Most new tokens per sample.
+    pub max_new_tokens: usize,
+    /// Samples per prompt.
+    pub n: usize,
+    /// Token picking (seed of sample 0 of prompt 0).
+    pub sampling: Sampling,
+    /// Stop sequences.
+    pub stops: Vec<String>,
+    /// Tokens that end a sample.
+    pub stop_tokens: Vec<i64>,
+    /// Alternatives to report per token, when log-probabilities are asked for.
+    pub logprobs: Option<usize>,
+}
+
+impl Plan {
+    /// Prompt tokens in all.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompts.iter().map(Vec::len).sum()
+    }
+}
+
+/// Limits the server enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most new tokens a request may ask for.
+    pub max_tokens: usize,
+    /// Tokens when a request does not say.
+    pub default_max_tokens: usize,
+}
+
+static NEXT_SEED: AtomicU64 = AtomicU64::new(0x5eed);
+
+/// Sampling from the shared knobs; every value is checked, none clamped.
+pub fn sampling(knobs: &Knobs) -> Result<Sampling, ApiError> {
+    let temperature = knobs.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            Some("temperature"),
+            format!("temperature must be in [0, 2], got {temperature}"),
+        ));
+    }
+    let top_k = match knobs.top_k {
+        None | Some(0) => None,
+        Some(k) if k > 0 => Some(k as usize),
+        Some(k) => return Err(ApiError::invalid(Some("top_k"), format!("top_k must be >= 0, got {k}"))),
+    };
+    // Without a seed, each request draws differently (as OpenAI does).
+    let seed = knobs.seed.unwrap_or_else(|| NEXT_SEED.fetch_add(0x9e37_79b9, Ordering::Relaxed));
+    let sampling = Sampling { temperature, top_k, top_p: knobs.top_p, seed };
+    sampling.validate().map_err(|e| ApiError::invalid(Some("top_p"), e.to_string()))?;
+    Ok(sampling)
+}
+
+/// `n` (1 up to the batch).
+pub fn samples(knobs: &Knobs, max_batch: usize) -> Result<usize, ApiError> {
+    match knobs.n.unwrap_or(1) {
+        n if n >= 1 && n as usize <= max_batch => Ok(n as usize),
+        n => Err(ApiError::invalid(Some("n"), format!("n must be between 1 and {max_batch}, got {n}"))),
+    }
+}
+
+/// Stop sequences: at most 4, none empty.
+pub fn stops(knobs: &Knobs) -> Result<Vec<String>, ApiError> {
+    let stops = knobs.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stops.len() > 4 {
+        return Err(ApiError::invalid(Some("stop"), format!("at most 4 stop sequences, got {}", stops.len())));
+    }
+    Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+/// The new-token budget: asked (or the default), within the limit and what the context leaves.
+pub fn max_new_tokens(
+    asked: Option<i64>,
+    limits: &Limits,
+    context: usize,
+    longest_prompt: usize,
+) -> Result<usize, ApiError> {
+    let asked = match asked {
+        None => limits.default_max_tokens.min(context.saturating_sub(longest_prompt)),
+        Some(m) if m < 0 => {
+            return Err(ApiError::invalid(Some("max_tokens"), format!("max_tokens must be >= 0, got {m}")))
+        }
+        Some(m) => m as usize,
+    };
+    if asked > limits.max_tokens {
+        return Err(ApiError::invalid(
+            Some("max_tokens"),
+            format!("max_tokens is {asked}; this server allows at most {}", limits.max_tokens),
+        ));
+    }
+    if longest_prompt >= context || longest_prompt + asked > context {
+        return Err(ApiError::context(format!(
+            "This model's maximum context length is {context} tokens, however you requested {} tokens \
+             ({longest_prompt} in your prompt; {asked} for the completion)",
+            longest_prompt + asked
+        )));
+    }
+    Ok(asked)
+}
+
+/// Token ids of `text` (on a blocking thread: a prompt may be megabytes).
+pub async fn encode(tokenizer: &Arc<Tokenizer>, texts: Vec<String>) -> Result<Vec<Vec<i64>>, ApiError> {
+    let tokenizer = tokenizer.clone();
+    tokio::task::spawn_blocking(move || {
+        texts
+            .iter()
+            .map(|text| Ok(tokenizer.encode(text)?.into_iter().map(i64::from).collect()))
+            .collect::<model::Result<Vec<Vec<i64>>>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))
+}
+
+/// Ends a sample once its text contains a stop sequence (runs on the engine thread).
+struct TextStops {
+    tokenizer: Arc<Tokenizer>,
+    stops: Vec<String>,
+}
+
+impl StopCriterion for TextStops {
+    fn should_stop(&mut self, sample: usize, tokens: &[i64]) -> bool {
+        model::complete::StopSequences::new(&self.tokenizer, &self.stops).should_stop(sample, tokens)
+    }
+}
+
+/// An event of one of the request's prompts; sample indices are choice indices
+/// (`prompt * n + sample`).
+pub type Merged = UnboundedReceiver<Event>;
+
+/// Submits one engine request per prompt and merges their events; dropping the receiver cancels
+/// them all within a step.
+pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result<Merged, ApiError> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut receivers = Vec::new();
+    for (index, prompt) in plan.prompts.iter().enumerate() {
+        let request = Request {
+            prompt: prompt.clone(),
+            max_new_tokens: plan.max_new_tokens,
+            n: plan.n,
+            sampling: Sampling {
+                seed: plan.sampling.seed.wrapping_add((index * plan.n) as u64),
+                ..plan.sampling.clone()
+            },
+            stop_tokens: plan.stop_tokens.clone(),
+            stop: (!plan.stops.is_empty())
+                .then(|| Box::new(TextStops { tokenizer: tokenizer.clone(), stops: plan.stops.clone() }) as _),
+            top_logprobs: plan.logprobs.unwrap_or(0),
+            cancel: cancel.clone(),
+        };
+        match engine.submit(request) {
+            Ok(events) => receivers.push((index * plan.n, events)),
+            Err(error) => {
+                cancel.store(true, Ordering::Relaxed);
+                return Err(match error {
+                    SubmitError::Busy(_) => ApiError::busy(error.to_string()),
+                    SubmitError::Invalid(message) => ApiError::invalid(None, message),
+                    SubmitError::Stopped => ApiError::unavailable(error.to_string()),
+                });
+            }
+        }
+    }
+    if receivers.len() == 1 {
+        return Ok(receivers.pop().expect("one receiver").1);
+    }
+    let (merged, out) = unbounded_channel();
+    for (offset, mut events) in receivers {
+        let merged = merged.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let event = match event {
+                    Event::Token { sample, token, logprob } => Event::Token { sample: sample + offset, token, logprob },
+                    Event::Finished { sample, finish } => Event::Finished { sample: sample + offset, finish },
+                    other => other,
+                };
+                if merged.send(event).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// One sample's text as its tokens arrive.
+#[derive(Debug, Default)]
+pub struct SampleText {
+    /// Its tokens.
+    pub tokens: Vec<u32>,
+    /// Their log-probabilities, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    /// Bytes of the decoded text already handed out.
+    sent: usize,
+    /// What was handed out: the answer, streamed or whole, is exactly this.
+    output: String,
+    /// A stop sequence was found.
+    pub stopped: bool,
+    /// Why it ended, once it has.
+    pub finish: Option<Finish>,
+}
+
+impl SampleText {
+    /// Adds a token; returns the text that became final.
+    pub fn push(&mut self, token: i64, logprob: TokenLogprob, tokenizer: &Tokenizer, stops: &[String]) -> String {
+        self.tokens.push(token as u32);
+        self.logprobs.push(logprob);
+        self.take(tokenizer, stops, false)
+    }
+
+    /// The sample ended: the rest of its text.
+    pub fn end(&mut self, finish: Finish, tokenizer: &Tokenizer, stops: &[String]) -> String {
+        self.finish = Some(finish);
+        self.take(tokenizer, stops, true)
+    }
+
+    /// The text handed out so far (all of it once the sample ended), cut before any stop sequence.
+    pub fn text(&self) -> &str {
+        &self.output
+    }
+
+    /// `finish_reason` as OpenAI spells it.
+    pub fn finish_reason(&self) -> &'static str {
+        match (self.stopped, self.finish) {
+            (_, Some(Finish::Length)) if !self.stopped => "length",
+            _ => "stop",
+        }
+    }
+
+    fn take(&mut self, tokenizer: &Tokenizer, stops: &[String], last: bool) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        let text = tokenizer.decode(&self.tokens, true).unwrap_or_default();
+        let (mut end, stopped) = cut(&text, stops);
+        self.stopped = stopped;
+        if !stopped && !last {
+            // Hold back an unfinished character and what could still grow into a stop sequence.
+            end = text.trim_end_matches('\u{fffd}').len();
+            let held = stops
+                .iter()
+                .flat_map(|stop| (1..stop.len()).filter(|&k| stop.is_char_boundary(k)).map(move |k| &stop[..k]))
+                .filter(|start| text[..end].ends_with(start))
+                .map(str::len)
+                .max()
+                .unwrap_or(0);
+            end -= held;
+        }
+        if end <= self.sent {
+            return String::new();
+        }
+        let piece = text[self.sent..end].to_string();
+        self.sent = end;
+        self.output.push_str(&piece);
+        piece
+    }
+}
+
+/// Where the first stop sequence starts (or the end), and whether there was one.
+fn cut(text: &str, stops: &[String]) -> (usize, bool) {
+    match stops.iter().filter_map(|stop| text.find(stop.as_str())).min() {
+        Some(at) => (at, true),
+        None => (text.len(), false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut;
+
+    #[test]
+    fn stops_cut_at_the_earliest() {
+        let stops = vec!["\n\n".to_string(), "def".to_string()];
+        assert_eq!(cut("a = 1\ndef f", &stops), (6, true));
+        assert_eq!(cut("a\n\nb def", &stops), (1, true));
+        assert_eq!(cut("abc", &stops), (3, false));
+    }
+}

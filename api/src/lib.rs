@@ -1,0 +1,118 @@
+//! The OpenAI-compatible HTTP API over the shared inference engine ([`model::engine`]):
+//! `/v1/completions` (with `suffix` for fill-in-the-middle), `/v1/chat/completions`, llama.cpp's
+//! `/infill`, `/v1/models`, `/health` and `/metrics`. Handlers only parse, check and format: the
+//! model runs on the engine's thread, tokenization of prompts on blocking threads.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod error;
+mod generation;
+mod metrics;
+mod routes;
+mod schema;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use model::engine::Engine;
+use model::tokenizer::Tokenizer;
+
+pub use error::ApiError;
+pub use generation::Limits;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The name `/v1/models` reports and responses carry.
+    pub model_name: String,
+    /// When set, every endpoint but `/health` wants `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Token limits.
+    pub limits: Limits,
+}
+
+/// What every handler shares.
+pub struct App {
+    engine: Engine,
+    tokenizer: Arc<Tokenizer>,
+    config: ServerConfig,
+    metrics: metrics::Metrics,
+    /// `<fim_prefix>`, `<fim_suffix>`, `<fim_middle>`, when the tokenizer has them.
+    fim: Option<[i64; 3]>,
+    /// Tokens that end any completion: end of text.
+    eos: Vec<i64>,
+    /// Tokens that also end a fill-in-the-middle completion.
+    fim_stops: Vec<i64>,
+}
+
+impl App {
+    /// The application around a running engine and its model's tokenizer.
+    pub fn new(engine: Engine, tokenizer: Arc<Tokenizer>, config: ServerConfig) -> Arc<App> {
+        let id = |name: &str| tokenizer.token_id(name).map(i64::from);
+        let fim = match (id("<fim_prefix>"), id("<fim_suffix>"), id("<fim_middle>")) {
+            (Some(p), Some(s), Some(m)) => Some([p, s, m]),
+            _ => None,
+        };
+        let eos = vec![i64::from(tokenizer.eos_id())];
+        let fim_stops = ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>", "<file_sep>"]
+            .iter()
+            .filter_map(|name| id(name))
+            .chain(eos.iter().copied())
+            .collect();
+        Arc::new(App { engine, tokenizer, config, metrics: metrics::Metrics::default(), fim, eos, fim_stops })
+    }
+}
+
+/// The routes, with the body limit and the API key check.
+pub fn router(app: Arc<App>) -> Router {
+    let limit = app.config.max_body_bytes;
+    let guarded = Router::new()
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/chat/completions", post(routes::chat))
+        .route("/infill", post(routes::infill))
+        .route("/v1/models", get(routes::models))
+        .route("/metrics", get(routes::metrics))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_key))
+        .route_layer(middleware::from_fn_with_state(app.clone(), refuse_large_bodies));
+    Router::new()
+        .route("/health", get(routes::health))
+        .merge(guarded)
+        .fallback(|| async {
+            ApiError { status: axum::http::StatusCode::NOT_FOUND, ..ApiError::invalid(None, "no such endpoint") }
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+async fn require_key(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if let Some(key) = &app.config.api_key {
+        let given = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if given.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim) != Some(key.as_str()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Answers 413 from the Content-Length header, before a byte of an oversized body is read (the
+/// body limit alone would wait for the body to arrive).
+async fn refuse_large_bodies(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let length =
+        request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if length.is_some_and(|length| length > app.config.max_body_bytes as u64) {
+        return ApiError::too_large(app.config.max_body_bytes).into_response();
+    }
+    next.run(request).await
+}
+
+/// Serves on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) -> std::io::Result<()> {
+    axum::serve(listener, router(app)).await
+}

@@ -1,0 +1,530 @@
+//! The handlers: parse and check the body, plan the generation, then answer in one JSON object or
+//! as server-sent events (OpenAI's chunks ending with `[DONE]`; llama.cpp's for `/infill`).
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream};
+use model::engine::Event;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::generation::{self, Merged, Plan, SampleText};
+use crate::schema::{ChatRequest, CompletionRequest, InfillRequest, Knobs, Prompt};
+use crate::App;
+
+/// The three generating endpoints differ only in how they shape their answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Completion,
+    Chat,
+    Infill,
+}
+
+impl Shape {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Shape::Completion => "/v1/completions",
+            Shape::Chat => "/v1/chat/completions",
+            Shape::Infill => "/infill",
+        }
+    }
+}
+
+fn parse(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(app.config.max_body_bytes),
+        _ => ApiError::invalid(None, rejection.body_text()),
+    })?;
+    match serde_json::from_slice(&body) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        Ok(_) => Err(ApiError::invalid(None, "the body must be a JSON object")),
+        Err(e) => Err(ApiError::invalid(None, format!("invalid JSON body: {e}"))),
+    }
+}
+
+/// `T` from the body, or an error naming the field that does not fit.
+fn fields<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|error| {
+        let path = error.path().to_string();
+        ApiError::invalid(Some(&path), format!("`{path}`: {}", error.inner()))
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn request_id(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    format!("{prefix}-{:x}{:06x}", now(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// What a generating request became: the plan, plus what the answer needs.
+struct Job {
+    shape: Shape,
+    plan: Plan,
+    stream: bool,
+    include_usage: bool,
+    /// Prompt texts to put before the completions (`echo`).
+    echo: Vec<String>,
+    started: Instant,
+}
+
+pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let job = async {
+        let body = parse(&app, body)?;
+        let (request, knobs): (CompletionRequest, Knobs) = (fields(&body)?, fields(&body)?);
+        let prompts = crate::schema::prompts(&request.prompt).map_err(|e| ApiError::invalid(Some("prompt"), e))?;
+        let logprobs = match request.logprobs {
+            None => None,
+            Some(k @ 0..=5) => Some(k as usize),
+            Some(k) => return Err(ApiError::invalid(Some("logprobs"), format!("logprobs must be in 0..=5, got {k}"))),
+        };
+        let vocab = app.tokenizer.vocab_size() as i64;
+        let mut ids = Vec::with_capacity(prompts.len());
+        let mut echo = Vec::new();
+        for prompt in prompts {
+            let tokens = match prompt {
+                Prompt::Text(text) => generation::encode(&app.tokenizer, vec![text]).await?.remove(0),
+                Prompt::Tokens(tokens) => tokens,
+            };
+            if let Some(bad) = tokens.iter().find(|&&t| !(0..vocab).contains(&t)) {
+                return Err(ApiError::invalid(
+                    Some("prompt"),
+                    format!("token id {bad} is outside the vocabulary of {vocab}"),
+                ));
+            }
+            if request.echo {
+                let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+                echo.push(app.tokenizer.decode(&ids, false).map_err(|e| ApiError::internal(e.to_string()))?);
+            }
+            ids.push(tokens);
+        }
+        let mut stop_tokens = app.eos.clone();
+        if let Some(suffix) = &request.suffix {
+            let [prefix_id, suffix_id, middle_id] =
+                app.fim.ok_or_else(|| ApiError::invalid(Some("suffix"), "this model's tokenizer has no FIM tokens"))?;
+            let suffix_ids = generation::encode(&app.tokenizer, vec![suffix.clone()]).await?.remove(0);
+            for prompt in &mut ids {
+                let mut fim = vec![prefix_id];
+                fim.append(prompt);
+                fim.push(suffix_id);
+                fim.extend(&suffix_ids);
+                fim.push(middle_id);
+                *prompt = fim;
+            }
+            stop_tokens = app.fim_stops.clone();
+        }
+        let plan = plan(&app, &knobs, knobs.max_tokens, ids, stop_tokens, logprobs)?;
+        Ok(Job {
+            shape: Shape::Completion,
+            plan,
+            stream: knobs.stream,
+            include_usage: include_usage(&knobs),
+            echo,
+            started,
+        })
+    };
+    answer(app.clone(), job.await).await
+}
+
+pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let job = async {
+        let body = parse(&app, body)?;
+        let (request, knobs): (ChatRequest, Knobs) = (fields(&body)?, fields(&body)?);
+        if request.messages.iter().all(|m| m.content.trim().is_empty()) {
+            return Err(ApiError::invalid(Some("messages"), "the conversation has no text"));
+        }
+        if let Some(bad) = request.messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+        {
+            return Err(ApiError::invalid(Some("messages"), format!("unknown role `{}`", bad.role)));
+        }
+        let ids = generation::encode(&app.tokenizer, vec![chat_prompt(&request)]).await?;
+        let max_tokens = request.max_completion_tokens.or(knobs.max_tokens);
+        let plan = plan(&app, &knobs, max_tokens, ids, app.eos.clone(), None)?;
+        Ok(Job {
+            shape: Shape::Chat,
+            plan,
+            stream: knobs.stream,
+            include_usage: include_usage(&knobs),
+            echo: Vec::new(),
+            started,
+        })
+    };
+    answer(app.clone(), job.await).await
+}
+
+pub(crate) async fn infill(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let job = async {
+        let request: InfillRequest = fields(&parse(&app, body)?)?;
+        if app.fim.is_none() {
+            return Err(ApiError::invalid(None, "this model's tokenizer has no FIM tokens"));
+        }
+        let knobs = Knobs {
+            temperature: Some(request.temperature.unwrap_or(0.0)),
+            top_p: request.top_p,
+            top_k: request.top_k,
+            seed: request.seed,
+            stop: request.stop.clone().map(crate::schema::OneOrMany::Many),
+            stream: request.stream,
+            ..Knobs::default()
+        };
+        let asked = request.n_predict.filter(|&n| n >= 0);
+        let room =
+            app.engine.context().saturating_sub(asked.unwrap_or(app.config.limits.default_max_tokens as i64) as usize);
+        let parts = lsp::prompt::PromptParts {
+            prefix: format!("{}{}", request.input_prefix, request.prompt),
+            suffix: request.input_suffix.clone(),
+            filename: None,
+            snippets: request.input_extra.iter().map(|f| (f.filename.clone(), f.text.clone())).collect(),
+        };
+        let budget = lsp::prompt::Budget { tokens: room.saturating_sub(1), suffix_share: 0.25, fim: true };
+        let tokenizer = app.tokenizer.clone();
+        let ids = tokio::task::spawn_blocking(move || lsp::prompt::build(&tokenizer, &parts, budget))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::invalid(Some("input_prefix"), e.to_string()))?;
+        let plan = plan(&app, &knobs, asked, vec![ids], app.fim_stops.clone(), None)?;
+        Ok(Job { shape: Shape::Infill, plan, stream: request.stream, include_usage: false, echo: Vec::new(), started })
+    };
+    answer(app.clone(), job.await).await
+}
+
+/// WizardCoder's Alpaca template around the conversation's user turns (system text first).
+fn chat_prompt(request: &ChatRequest) -> String {
+    let text: Vec<&str> =
+        request.messages.iter().filter(|m| m.role != "assistant").map(|m| m.content.as_str()).collect();
+    model::train::data::alpaca_prompt(&text.join("\n\n"), None)
+}
+
+fn include_usage(knobs: &Knobs) -> bool {
+    knobs.stream_options.as_ref().is_some_and(|o| o.include_usage)
+}
+
+fn plan(
+    app: &App,
+    knobs: &Knobs,
+    max_tokens: Option<i64>,
+    prompts: Vec<Vec<i64>>,
+    stop_tokens: Vec<i64>,
+    logprobs: Option<usize>,
+) -> Result<Plan, ApiError> {
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let max_new_tokens = generation::max_new_tokens(max_tokens, &app.config.limits, app.engine.context(), longest)?;
+    let n = generation::samples(knobs, app.engine.config().max_batch)?;
+    if prompts.len() * n > app.engine.config().max_batch {
+        return Err(ApiError::invalid(
+            Some("n"),
+            format!("{} prompts x n = {n} is more than the batch of {}", prompts.len(), app.engine.config().max_batch),
+        ));
+    }
+    Ok(Plan {
+        prompts,
+        max_new_tokens,
+        n,
+        sampling: generation::sampling(knobs)?,
+        stops: generation::stops(knobs)?,
+        stop_tokens,
+        logprobs,
+    })
+}
+
+/// Starts the job on the engine and answers, counting the request in the metrics.
+async fn answer(app: Arc<App>, job: Result<Job, ApiError>) -> Response {
+    let shape_of = |job: &Result<Job, ApiError>| job.as_ref().map_or("/v1/completions", |j| j.shape.endpoint());
+    let endpoint = shape_of(&job);
+    let started = job.as_ref().ok().map(|j| j.started);
+    let response = match job
+        .and_then(|job| generation::start(&app.engine, &app.tokenizer, &job.plan).map(|events| (job, events)))
+    {
+        Err(error) => error.into_response(),
+        Ok((job, events)) if job.stream => stream_answer(app.clone(), job, events).into_response(),
+        Ok((job, events)) => whole_answer(&app, job, events).await,
+    };
+    app.metrics.request(endpoint, response.status().as_u16());
+    if let Some(started) = started {
+        if !response.headers().contains_key(axum::http::header::CONTENT_TYPE)
+            || response.headers()[axum::http::header::CONTENT_TYPE] != "text/event-stream"
+        {
+            app.metrics.latency.observe(started.elapsed());
+        }
+    }
+    response
+}
+
+/// Every choice's text, its end, and the token count, once all samples are done.
+struct Outcome {
+    samples: Vec<SampleText>,
+    completion_tokens: usize,
+}
+
+async fn whole_answer(app: &App, job: Job, mut events: Merged) -> Response {
+    let choices = job.plan.prompts.len() * job.plan.n;
+    let mut outcome = Outcome { samples: (0..choices).map(|_| SampleText::default()).collect(), completion_tokens: 0 };
+    let mut open = choices;
+    let mut first = true;
+    while open > 0 {
+        match events.recv().await {
+            Some(Event::Token { sample, token, logprob }) => {
+                if std::mem::take(&mut first) {
+                    app.metrics.first_token.observe(job.started.elapsed());
+                }
+                outcome.completion_tokens += 1;
+                outcome.samples[sample].push(token, logprob, &app.tokenizer, &job.plan.stops);
+            }
+            Some(Event::Finished { sample, finish }) => {
+                let text = &mut outcome.samples[sample];
+                text.end(finish, &app.tokenizer, &job.plan.stops);
+                open -= 1;
+            }
+            Some(Event::Started { .. }) => {}
+            Some(Event::Failed(message)) => return ApiError::internal(message).into_response(),
+            None => return ApiError::unavailable("the inference engine stopped").into_response(),
+        }
+    }
+    Json(whole_body(app, &job, &outcome)).into_response()
+}
+
+fn usage(job: &Job, completion_tokens: usize) -> Value {
+    let prompt_tokens = job.plan.prompt_tokens();
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
+}
+
+fn whole_body(app: &App, job: &Job, outcome: &Outcome) -> Value {
+    let model = &app.config.model_name;
+    match job.shape {
+        Shape::Completion => {
+            let choices: Vec<Value> = outcome
+                .samples
+                .iter()
+                .enumerate()
+                .map(|(index, sample)| {
+                    let echo = job.echo.get(index / job.plan.n).map_or("", String::as_str);
+                    let text = format!("{echo}{}", sample.text());
+                    let logprobs = job.plan.logprobs.map(|_| logprobs_body(app, sample, echo.len()));
+                    json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": sample.finish_reason()})
+                })
+                .collect();
+            json!({"id": request_id("cmpl"), "object": "text_completion", "created": now(), "model": model,
+                   "choices": choices, "usage": usage(job, outcome.completion_tokens)})
+        }
+        Shape::Chat => {
+            let choices: Vec<Value> = outcome
+                .samples
+                .iter()
+                .enumerate()
+                .map(|(index, sample)| {
+                    json!({"index": index, "message": {"role": "assistant", "content": sample.text()},
+                           "logprobs": null, "finish_reason": sample.finish_reason()})
+                })
+                .collect();
+            json!({"id": request_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
+                   "choices": choices, "usage": usage(job, outcome.completion_tokens)})
+        }
+        Shape::Infill => {
+            let sample = &outcome.samples[0];
+            infill_body(app, job, sample.text().to_string(), sample, outcome.completion_tokens, true)
+        }
+    }
+}
+
+fn infill_body(app: &App, job: &Job, content: String, sample: &SampleText, predicted: usize, stop: bool) -> Value {
+    let stop_type = match (sample.stopped, sample.finish) {
+        (true, _) => "word",
+        (false, Some(model::generate::Finish::Length)) => "limit",
+        _ => "eos",
+    };
+    let mut body = json!({"content": content, "stop": stop, "model": app.config.model_name});
+    if stop {
+        body["stop_type"] = json!(stop_type);
+        body["tokens_predicted"] = json!(predicted);
+        body["tokens_evaluated"] = json!(job.plan.prompt_tokens());
+        body["timings"] = json!({"total_ms": job.started.elapsed().as_secs_f64() * 1e3});
+    }
+    body
+}
+
+/// OpenAI's legacy `logprobs` object for the generated tokens (offsets count the echoed prompt).
+fn logprobs_body(app: &App, sample: &SampleText, offset: usize) -> Value {
+    let piece = |id: u32| app.tokenizer.decode(&[id], false).unwrap_or_default();
+    let mut text_offset = Vec::new();
+    let mut at = offset;
+    let tokens: Vec<String> = sample
+        .tokens
+        .iter()
+        .map(|&id| {
+            let text = piece(id);
+            text_offset.push(at);
+            at += text.len();
+            text
+        })
+        .collect();
+    let token_logprobs: Vec<f32> = sample.logprobs.iter().map(|l| l.logprob).collect();
+    let top: Vec<Value> = sample
+        .logprobs
+        .iter()
+        .map(|l| Value::Object(l.top.iter().map(|&(id, lp)| (piece(id as u32), json!(lp))).collect()))
+        .collect();
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset})
+}
+
+/// Server-sent events: a chunk per new piece of text, a chunk with each choice's finish reason,
+/// the usage when asked, then `[DONE]`. The stream ends, and the engine drops the request within a
+/// step, when the client goes away.
+fn stream_answer(app: Arc<App>, job: Job, events: Merged) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let choices = job.plan.prompts.len() * job.plan.n;
+    let id = request_id(if job.shape == Shape::Chat { "chatcmpl" } else { "cmpl" });
+    let state = StreamState {
+        app,
+        job,
+        events,
+        id,
+        samples: (0..choices).map(|_| SampleText::default()).collect(),
+        open: choices,
+        completion_tokens: 0,
+        pending: std::collections::VecDeque::new(),
+        finished: false,
+        first: true,
+    };
+    Sse::new(stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(event) = state.pending.pop_front() {
+                return Some((Ok(event), state));
+            }
+            if state.finished {
+                return None;
+            }
+            state.next().await;
+        }
+    }))
+}
+
+struct StreamState {
+    app: Arc<App>,
+    job: Job,
+    events: Merged,
+    id: String,
+    samples: Vec<SampleText>,
+    open: usize,
+    completion_tokens: usize,
+    pending: std::collections::VecDeque<SseEvent>,
+    finished: bool,
+    first: bool,
+}
+
+impl StreamState {
+    fn chunk(&self, choice: usize, text: &str, finish: Option<&str>) -> Value {
+        let model = &self.app.config.model_name;
+        match self.job.shape {
+            Shape::Completion => json!({"id": self.id, "object": "text_completion", "created": now(), "model": model,
+                "choices": [{"index": choice, "text": text, "logprobs": null, "finish_reason": finish}]}),
+            Shape::Chat => {
+                let delta = if finish.is_some() { json!({}) } else { json!({"content": text}) };
+                json!({"id": self.id, "object": "chat.completion.chunk", "created": now(), "model": model,
+                       "choices": [{"index": choice, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+            }
+            Shape::Infill => json!({"content": text, "stop": false}),
+        }
+    }
+
+    fn push(&mut self, value: Value) {
+        self.pending.push_back(SseEvent::default().data(value.to_string()));
+    }
+
+    /// Waits for the engine's next event and queues what it means for the client.
+    async fn next(&mut self) {
+        let stops = self.job.plan.stops.clone();
+        match self.events.recv().await {
+            Some(Event::Started { .. }) => {
+                if self.job.shape == Shape::Chat {
+                    for choice in 0..self.samples.len() {
+                        let mut chunk = self.chunk(choice, "", None);
+                        chunk["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+                        self.push(chunk);
+                    }
+                }
+            }
+            Some(Event::Token { sample, token, logprob }) => {
+                if std::mem::take(&mut self.first) {
+                    self.app.metrics.first_token.observe(self.job.started.elapsed());
+                }
+                self.completion_tokens += 1;
+                let text = self.samples[sample].push(token, logprob, &self.app.tokenizer, &stops);
+                if !text.is_empty() {
+                    let chunk = self.chunk(sample, &text, None);
+                    self.push(chunk);
+                }
+            }
+            Some(Event::Finished { sample, finish }) => {
+                let text = self.samples[sample].end(finish, &self.app.tokenizer, &stops);
+                if !text.is_empty() {
+                    let chunk = self.chunk(sample, &text, None);
+                    self.push(chunk);
+                }
+                let last = if self.job.shape == Shape::Infill {
+                    let sample = &self.samples[sample];
+                    infill_body(&self.app, &self.job, String::new(), sample, self.completion_tokens, true)
+                } else {
+                    self.chunk(sample, "", Some(self.samples[sample].finish_reason()))
+                };
+                self.push(last);
+                self.open -= 1;
+                if self.open == 0 {
+                    self.close();
+                }
+            }
+            Some(Event::Failed(message)) => {
+                self.push(ApiError::internal(message).body());
+                self.close();
+            }
+            None => {
+                self.push(ApiError::unavailable("the inference engine stopped").body());
+                self.close();
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        if self.job.include_usage {
+            let mut last = self.chunk(0, "", None);
+            last["choices"] = json!([]);
+            last["usage"] = usage(&self.job, self.completion_tokens);
+            self.push(last);
+        }
+        if self.job.shape != Shape::Infill {
+            self.pending.push_back(SseEvent::default().data("[DONE]"));
+        }
+        self.app.metrics.latency.observe(self.job.started.elapsed());
+        self.finished = true;
+    }
+}
+
+pub(crate) async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(
+        json!({"object": "list", "data": [{"id": app.config.model_name, "object": "model", "created": 0, "owned_by": "wizard"}]}),
+    )
+}
+
+pub(crate) async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let text = app.metrics.render(app.engine.counters(), app.engine.in_flight());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

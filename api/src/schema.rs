@@ -1,0 +1,159 @@
+//! Request bodies as OpenAI and llama.cpp define them. Unknown fields are ignored (as OpenAI does);
+//! a field of the wrong type is refused with serde's message and the field's path. The shared
+//! [`Knobs`] are read from the same body as the endpoint's own fields (not flattened into them, so
+//! that errors keep naming the field).
+use serde::Deserialize;
+
+/// One string or several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// `"text"`.
+    One(String),
+    /// `["a", "b"]`.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The strings.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(text) => vec![text],
+            OneOrMany::Many(texts) => texts,
+        }
+    }
+}
+
+/// A prompt as text or as token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Text to tokenize.
+    Text(String),
+    /// Token ids as given.
+    Tokens(Vec<i64>),
+}
+
+/// The prompts of a `prompt` field, or why it is not one.
+pub fn prompts(value: &serde_json::Value) -> Result<Vec<Prompt>, String> {
+    use serde_json::Value;
+    let tokens = |items: &[Value]| items.iter().map(Value::as_i64).collect::<Option<Vec<i64>>>();
+    let bad = || "prompt must be a string, an array of strings, an array of token ids or an array of those".to_string();
+    match value {
+        Value::String(text) => Ok(vec![Prompt::Text(text.clone())]),
+        Value::Array(items) if items.iter().all(Value::is_string) && !items.is_empty() => {
+            Ok(items.iter().filter_map(Value::as_str).map(|s| Prompt::Text(s.to_string())).collect())
+        }
+        Value::Array(items) if items.iter().all(Value::is_array) && !items.is_empty() => items
+            .iter()
+            .map(|item| item.as_array().and_then(|ids| tokens(ids)).map(Prompt::Tokens).ok_or_else(bad))
+            .collect(),
+        Value::Array(items) => tokens(items).map(|ids| vec![Prompt::Tokens(ids)]).ok_or_else(bad),
+        _ => Err(bad()),
+    }
+}
+
+/// Sampling and length settings every endpoint shares.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct Knobs {
+    /// Most new tokens.
+    pub max_tokens: Option<i64>,
+    /// 0 is greedy.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling.
+    pub top_p: Option<f64>,
+    /// Keep the k most likely tokens (an extension OpenAI does not have; llama.cpp and vLLM do).
+    pub top_k: Option<i64>,
+    /// Samples per prompt.
+    pub n: Option<i64>,
+    /// Stop sequences (at most 4).
+    pub stop: Option<OneOrMany>,
+    /// Seed of the first sample.
+    pub seed: Option<u64>,
+    /// Server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Only `include_usage`.
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct StreamOptions {
+    /// Send a last chunk with the usage.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// The text to continue: a string, strings, token ids, or lists of token ids.
+    pub prompt: serde_json::Value,
+    /// Text after the insertion point: fill-in-the-middle.
+    pub suffix: Option<String>,
+    /// Include the prompt in the answer.
+    #[serde(default)]
+    pub echo: bool,
+    /// Log-probabilities of the chosen token and this many alternatives (0-5).
+    pub logprobs: Option<i64>,
+}
+
+/// A chat message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Its text.
+    pub content: String,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// OpenAI's newer name for max_tokens.
+    pub max_completion_tokens: Option<i64>,
+}
+
+/// One file of `input_extra`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExtraFile {
+    /// Its path.
+    #[serde(default)]
+    pub filename: String,
+    /// Its text.
+    pub text: String,
+}
+
+/// `POST /infill`, as llama.cpp's server takes it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct InfillRequest {
+    /// Text before the cursor.
+    #[serde(default)]
+    pub input_prefix: String,
+    /// Text after the cursor.
+    #[serde(default)]
+    pub input_suffix: String,
+    /// Other files for context.
+    #[serde(default)]
+    pub input_extra: Vec<ExtraFile>,
+    /// Text added after the prefix.
+    #[serde(default)]
+    pub prompt: String,
+    /// Most new tokens (-1: as many as the limit allows).
+    pub n_predict: Option<i64>,
+    /// 0 is greedy.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling.
+    pub top_p: Option<f64>,
+    /// Top-k (0: off, as in llama.cpp).
+    pub top_k: Option<i64>,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Option<Vec<String>>,
+    /// Server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+}

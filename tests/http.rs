@@ -1,0 +1,398 @@
+//! `wizard serve --http` through real HTTP clients: OpenAI's completion, chat and streaming shapes,
+//! llama.cpp's /infill, batch-invariant greedy output, the API key, the bounded queue, client
+//! disconnects, hostile bodies, `wizard evolve --base-url` and the `openai` Python package.
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use model::config::ModelConfig;
+use model::gpt_bigcode::GptBigCode;
+use model::tokenizer::Tokenizer;
+use serde_json::{json, Value};
+use tch::{Device, Kind};
+
+/// A random model (context 256) with our tokenizer, which has StarCoder's FIM tokens.
+fn model_dir() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| make_model(64, 2)).1
+}
+
+/// The same with bigger layers: a few milliseconds per token, so requests stay in flight a while.
+fn slow_model_dir() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| make_model(512, 8)).1
+}
+
+fn make_model(n_embd: i64, n_layer: i64) -> (tempfile::TempDir, PathBuf) {
+    {
+        let work = tempfile::tempdir().unwrap();
+        let dir = work.path().join("model");
+        std::fs::create_dir_all(&dir).unwrap();
+        let corpus = dir.join("corpus.py");
+        let code: String =
+            (0..100).map(|i| format!("def function_{i}(value):\n    return value * {i} + é\n\n")).collect();
+        std::fs::write(&corpus, code).unwrap();
+        common::train_tokenizer(&corpus, 400, &dir);
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        tch::manual_seed(3);
+        let config = ModelConfig {
+            vocab_size: tokenizer.vocab_size() as i64,
+            n_positions: 256,
+            n_embd,
+            n_layer,
+            n_head: 4,
+            initializer_range: 0.2,
+            bos_token_id: Some(0),
+            eos_token_id: Some(0),
+            ..ModelConfig::default()
+        };
+        GptBigCode::new(config, Device::Cpu).unwrap().save(&dir, Kind::Float).unwrap();
+        (work, dir)
+    }
+}
+
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        common::kill_group(&mut self.child);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `wizard serve --http` on a free port with `extra` flags, once `/health` answers.
+fn start(extra: &[&str]) -> Server {
+    start_with(model_dir(), extra)
+}
+
+fn start_with(model: &Path, extra: &[&str]) -> Server {
+    let port = free_port();
+    let mut command = common::wizard_command(&["serve", "--http", &port.to_string(), "--model"]);
+    command.arg(model).args(extra).env("WIZARD_TEST_KEY", "sekret").stdout(Stdio::null()).stderr(Stdio::null());
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let server = Server { child: command.spawn().unwrap(), address: format!("127.0.0.1:{port}") };
+    common::wait_until("the server answers /health", Duration::from_secs(60), || {
+        raw(&server.address, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").0 == 200
+    });
+    server
+}
+
+/// Sends `request` bytes as they are; the status and body (an unreachable server is status 0).
+fn raw(address: &str, request: &str) -> (u16, String) {
+    raw_bytes(address, request.as_bytes())
+}
+
+fn raw_bytes(address: &str, request: &[u8]) -> (u16, String) {
+    let Ok(mut stream) = TcpStream::connect(address) else { return (0, String::new()) };
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let _ = stream.write_all(request);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map_or(String::new(), |(_, body)| body.to_string());
+    (status, body)
+}
+
+fn post_request(path: &str, body: &[u8], key: Option<&str>) -> Vec<u8> {
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+/// POSTs JSON; the status and the body (chunked transfer is undone for JSON answers by reading the
+/// whole stream: the server sends JSON with a Content-Length).
+fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = raw_bytes(&server.address, &post_request(path, body.to_string().as_bytes(), None));
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}")))
+}
+
+/// POSTs a streaming request; the status and the `data:` payloads in order.
+fn post_stream(server: &Server, path: &str, body: &Value) -> (u16, Vec<String>) {
+    let (status, text) = raw_bytes(&server.address, &post_request(path, body.to_string().as_bytes(), None));
+    let data = text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect();
+    (status, data)
+}
+
+fn completion_text(body: &Value) -> String {
+    body["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("no text in {body}")).to_string()
+}
+
+#[test]
+fn openai_shapes_streaming_and_batch_invariance() {
+    let server = start(&[]);
+    let prompt = "def function_7(value):\n";
+    let greedy = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 2, "unknown_field": [1]});
+    let (status, whole) = post(&server, "/v1/completions", &greedy);
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["object"], "text_completion");
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert_eq!(whole["usage"]["completion_tokens"], 24);
+    let logprobs = &whole["choices"][0]["logprobs"];
+    assert_eq!(logprobs["token_logprobs"].as_array().unwrap().len(), 24);
+    assert!(logprobs["token_logprobs"].as_array().unwrap().iter().all(|l| l.as_f64().unwrap() <= 0.0));
+    assert_eq!(logprobs["tokens"].as_array().unwrap().len(), 24);
+    let text = completion_text(&whole);
+
+    // Streamed: the same text in pieces, a finish reason, the usage, then [DONE].
+    let streamed = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": true,
+                          "stream_options": {"include_usage": true}});
+    let (status, chunks) = post_stream(&server, "/v1/completions", &streamed);
+    assert_eq!(status, 200);
+    assert_eq!(chunks.last().map(String::as_str), Some("[DONE]"));
+    let values: Vec<Value> = chunks[..chunks.len() - 1].iter().map(|c| serde_json::from_str(c).unwrap()).collect();
+    let pieces: String = values.iter().filter_map(|v| v["choices"][0]["text"].as_str()).collect();
+    assert_eq!(pieces, text);
+    assert!(values.iter().any(|v| v["choices"][0]["finish_reason"] == "length"));
+    assert_eq!(values.last().unwrap()["usage"]["completion_tokens"], 24);
+
+    // A stop sequence taken from the greedy text cuts it there, streamed or not.
+    let stop: String = text.chars().skip(3).take(2).collect();
+    let cut = &text[..text.find(&stop).unwrap()];
+    let with_stop = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": [stop]});
+    let (_, body) = post(&server, "/v1/completions", &with_stop);
+    assert_eq!((completion_text(&body).as_str(), body["choices"][0]["finish_reason"].as_str()), (cut, Some("stop")));
+    let mut streamed_stop = with_stop.clone();
+    streamed_stop["stream"] = json!(true);
+    let (_, chunks) = post_stream(&server, "/v1/completions", &streamed_stop);
+    let pieces: String = chunks
+        .iter()
+        .filter_map(|c| serde_json::from_str::<Value>(c).ok())
+        .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(pieces, cut);
+
+    // 16 clients at once get what each gets alone (greedy, different prompts).
+    let prompts: Vec<String> = (0..16).map(|i| format!("def function_{i}(value):\n    return")).collect();
+    let request = |p: &String| json!({"prompt": p, "max_tokens": 16, "temperature": 0});
+    let alone: Vec<String> =
+        prompts.iter().map(|p| completion_text(&post(&server, "/v1/completions", &request(p)).1)).collect();
+    let together: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| scope.spawn(|| completion_text(&post(&server, "/v1/completions", &request(p)).1)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    let (_, metrics) = raw(&server.address, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mean_batch: f64 = metric(&metrics, "wizard_mean_batch_size");
+    assert!(mean_batch > 1.0, "{metrics}");
+    assert!(metrics.contains("wizard_requests_total{endpoint=\"/v1/completions\",status=\"200\"}"), "{metrics}");
+    assert!(metrics.contains("wizard_time_to_first_token_seconds_count"), "{metrics}");
+
+    // n samples with a seed are reproducible; token-id prompts and echo; chat; /infill; /v1/models.
+    let sampled = json!({"prompt": prompt, "max_tokens": 12, "temperature": 1.0, "n": 3, "seed": 9});
+    let (_, first) = post(&server, "/v1/completions", &sampled);
+    let (_, second) = post(&server, "/v1/completions", &sampled);
+    assert_eq!(first["choices"], second["choices"]);
+    assert_eq!(first["choices"].as_array().unwrap().len(), 3);
+    let (status, echoed) =
+        post(&server, "/v1/completions", &json!({"prompt": [5, 6, 7], "max_tokens": 3, "echo": true}));
+    assert_eq!((status, echoed["usage"]["prompt_tokens"].as_u64()), (200, Some(3)), "{echoed}");
+    let (status, chat) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Write a function."}], "max_tokens": 5}),
+    );
+    assert_eq!((status, chat["object"].as_str()), (200, Some("chat.completion")), "{chat}");
+    assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
+    let (_, chunks) = post_stream(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": true}),
+    );
+    assert!(chunks[0].contains("\"role\":\"assistant\"") && chunks.last().unwrap() == "[DONE]", "{chunks:?}");
+    let (status, infill) = post(
+        &server,
+        "/infill",
+        &json!({"input_prefix": "def f(x):\n    ", "input_suffix": "\n    return y\n",
+        "input_extra": [{"filename": "b.py", "text": "y = 2\n"}], "n_predict": 6}),
+    );
+    assert_eq!((status, infill["stop"].as_bool()), (200, Some(true)), "{infill}");
+    assert!(infill["content"].is_string() && infill["tokens_predicted"].as_u64().unwrap() <= 6, "{infill}");
+    let (status, models) = raw(&server.address, "GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(status == 200 && models.contains("\"object\":\"list\""), "{models}");
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+}
+
+/// Every bad body answers a 4xx with OpenAI's error object naming the field, and the server goes on.
+#[test]
+fn bad_requests_get_openai_errors() {
+    let server = start(&["--max-body-bytes", "1000000"]);
+    let check = |body: &[u8], status: u16, expected: &str| {
+        let (got, text) = raw_bytes(&server.address, &post_request("/v1/completions", body, None));
+        assert_eq!(got, status, "{}: {text}", String::from_utf8_lossy(body));
+        let error: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{}: {message}", String::from_utf8_lossy(body));
+    };
+    let long_prompt = "value ".repeat(400);
+    check(b"{\"prompt\": ", 400, "invalid JSON");
+    check(b"{\"prompt\": \"x\", \"max_tokens\": \"many\"}", 400, "`max_tokens`: invalid type");
+    check(b"{\"prompt\": 3}", 400, "prompt must be");
+    check(b"{\"prompt\": \"x\", \"n\": 0}", 400, "n must be between 1 and 16");
+    check(b"{\"prompt\": \"\"}", 400, "empty");
+    check(b"{\"prompt\": [1, 99999]}", 400, "outside the vocabulary");
+    check(
+        b"{\"prompt\": \"def function_1(value): return\", \"max_tokens\": 250}",
+        400,
+        "maximum context length is 256",
+    );
+    check(b"{\"prompt\": \"x\", \"max_tokens\": 300}", 400, "at most 256");
+    check(format!("{{\"prompt\": \"{long_prompt}\", \"max_tokens\": 1}}").as_bytes(), 400, "maximum context length");
+    check(b"{\"prompt\": \"x\", \"temperature\": -1}", 400, "temperature");
+    check(b"{\"prompt\": \"x\", \"top_p\": 1.5}", 400, "top-p");
+    check(b"{\"prompt\": \"x\", \"stop\": [\"a\", \"b\", \"c\", \"d\", \"e\"]}", 400, "at most 4");
+    check(b"{\"prompt\": \"x\", \"logprobs\": 9}", 400, "logprobs");
+    check(b"{\"prompt\": \"\xff\xfe\"}", 400, "invalid JSON");
+    // A body over the limit is refused from its Content-Length, before it is read.
+    let (status, text) =
+        raw(&server.address, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n\r\n{");
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("larger than 1000000 bytes"), "{text}");
+    let (status, text) = raw(&server.address, "GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(status, 404, "{text}");
+    // Still serving.
+    assert_eq!(post(&server, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2})).0, 200);
+}
+
+/// The key guards every endpoint but /health; a full queue answers 429; a client that goes away
+/// frees its place within a step; a thousand connections at once leave the server serving.
+#[test]
+fn key_queue_disconnects_and_a_thousand_connections() {
+    let server =
+        start_with(slow_model_dir(), &["--api-key-env", "WIZARD_TEST_KEY", "--max-batch", "2", "--max-waiting", "1"]);
+    let body = json!({"prompt": "def f():", "max_tokens": 4}).to_string();
+    let status = |key| raw_bytes(&server.address, &post_request("/v1/completions", body.as_bytes(), key)).0;
+    assert_eq!((status(None), status(Some("wrong")), status(Some("sekret"))), (401, 401, 200));
+    assert_eq!(raw(&server.address, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").0, 401);
+
+    // Three long streams fill batch 2 + 1 waiting: the fourth request is refused.
+    let long = json!({"prompt": "def f():", "max_tokens": 240, "stream": true}).to_string();
+    let open_stream = || {
+        let mut stream = TcpStream::connect(&server.address).unwrap();
+        stream.write_all(&post_request("/v1/completions", long.as_bytes(), Some("sekret"))).unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        stream
+    };
+    let held: Vec<TcpStream> = (0..3).map(|_| open_stream()).collect();
+    assert_eq!(status(Some("sekret")), 429);
+    // Gone clients free their places: their sequences stop long before their 3 x 240 tokens.
+    drop(held);
+    let metrics = || {
+        raw(
+            &server.address,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekret\r\nConnection: close\r\n\r\n",
+        )
+        .1
+    };
+    common::wait_until("the gone clients' sequences end", Duration::from_secs(30), || {
+        metric(&metrics(), "wizard_requests_in_flight") == 0.0
+    });
+    let generated = metric(&metrics(), "wizard_generated_tokens_total");
+    assert!(generated < 600.0, "{generated} tokens generated for clients that left");
+    assert_eq!(status(Some("sekret")), 200);
+
+    // A thousand connections at once: each gets an answer (200 or 429), none hangs; then it serves.
+    let answers: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..1000).map(|_| scope.spawn(|| status(Some("sekret")))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        answers.iter().all(|s| *s == 200 || *s == 429),
+        "{:?}",
+        answers.iter().filter(|s| !matches!(s, 200 | 429)).collect::<Vec<_>>()
+    );
+    assert!(answers.contains(&429) && answers.contains(&200));
+    common::wait_until("the burst drains", Duration::from_secs(30), || {
+        metric(&metrics(), "wizard_requests_in_flight") == 0.0
+    });
+    let (code, text) = raw_bytes(&server.address, &post_request("/v1/completions", body.as_bytes(), Some("sekret")));
+    assert_eq!(code, 200, "{text}\n{}", metrics());
+}
+
+/// `wizard evolve --base-url` and the `openai` package are real clients of the server.
+#[test]
+fn evolve_and_the_openai_package_as_clients() {
+    let server = start(&[]);
+    let base = format!("http://{}/v1", server.address);
+    let work = tempfile::tempdir().unwrap();
+    let seeds = work.path().join("seeds.jsonl");
+    let shipped: Vec<&str> = evolve::seeds::DEFAULT_SEEDS.lines().take(3).collect();
+    std::fs::write(&seeds, shipped.join("\n")).unwrap();
+    let db = work.path().join("run.db");
+    let args = [
+        "evolve",
+        "--db",
+        db.to_str().unwrap(),
+        "--base-url",
+        &base,
+        "--model",
+        "tiny",
+        "--rounds",
+        "1",
+        "--seeds",
+        seeds.to_str().unwrap(),
+        "--no-decontaminate",
+        "--max-tokens",
+        "16",
+        "--concurrency",
+        "4",
+    ];
+    let output = common::wizard_command(&args).env_remove("OPENAI_API_KEY").output().unwrap();
+    let table = common::stdout_of(&output, args);
+    assert!(table.contains("round"), "{table}");
+    assert_eq!(
+        common::count(&db, "SELECT count(*) FROM items WHERE status NOT IN ('accepted', 'rejected', 'removed')"),
+        0
+    );
+    // Every seed's evolution was answered by the server (random text then fails the rules).
+    let answers = common::count(&db, "SELECT count(*) FROM answers");
+    assert!(answers >= 3, "{answers} answers\n{table}");
+    let (_, metrics) = raw(&server.address, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let served = metric(&metrics, "wizard_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}");
+    assert!(served >= answers as f64, "{metrics}");
+
+    let script = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="unused")
+whole = client.completions.create(model="tiny", prompt="def f():", max_tokens=8, temperature=0)
+streamed = "".join(c.choices[0].text for c in client.completions.create(model="tiny", prompt="def f():", max_tokens=8, temperature=0, stream=True) if c.choices)
+assert whole.choices[0].text == streamed, (whole.choices[0].text, streamed)
+assert whole.usage.completion_tokens == 8, whole.usage
+chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+assert chat.choices[0].message.role == "assistant"
+try:
+    client.completions.create(model="tiny", prompt="x", max_tokens=4, n=0)
+    raise SystemExit("n = 0 was accepted")
+except openai.BadRequestError as error:
+    assert "n must be" in str(error), error
+print("ok")
+"#;
+    assert_eq!(common::python(script, &[std::ffi::OsStr::new(&base)]).trim(), "ok");
+}
