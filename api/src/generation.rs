@@ -164,7 +164,8 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
             stop_tokens: plan.stop_tokens.clone(),
             stop: (!plan.stops.is_empty())
                 .then(|| Box::new(TextStops { tokenizer: tokenizer.clone(), stops: plan.stops.clone() }) as _),
-            top_logprobs: plan.logprobs.unwrap_or(0),
+            logprobs: plan.logprobs,
+            speculation: None,
             cancel: cancel.clone(),
         };
         match engine.submit(request) {
@@ -220,9 +221,15 @@ pub struct SampleText {
 
 impl SampleText {
     /// Adds a token; returns the text that became final.
-    pub fn push(&mut self, token: i64, logprob: TokenLogprob, tokenizer: &Tokenizer, stops: &[String]) -> String {
+    pub fn push(
+        &mut self,
+        token: i64,
+        logprob: Option<TokenLogprob>,
+        tokenizer: &Tokenizer,
+        stops: &[String],
+    ) -> String {
         self.tokens.push(token as u32);
-        self.logprobs.push(logprob);
+        self.logprobs.extend(logprob);
         self.take(tokenizer, stops, false)
     }
 

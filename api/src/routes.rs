@@ -292,7 +292,7 @@ async fn whole_answer(app: &App, job: Job, mut events: Merged) -> Response {
                 text.end(finish, &app.tokenizer, &job.plan.stops);
                 open -= 1;
             }
-            Some(Event::Started { .. }) => {}
+            Some(Event::Started { .. } | Event::Speculated(_)) => {}
             Some(Event::Failed(message)) => return ApiError::internal(message).into_response(),
             None => return ApiError::unavailable("the inference engine stopped").into_response(),
         }
@@ -450,6 +450,7 @@ impl StreamState {
     async fn next(&mut self) {
         let stops = self.job.plan.stops.clone();
         match self.events.recv().await {
+            Some(Event::Speculated(_)) => {}
             Some(Event::Started { .. }) => {
                 if self.job.shape == Shape::Chat {
                     for choice in 0..self.samples.len() {

@@ -6,6 +6,10 @@
 //!
 //! Greedy output does not depend on the batch: fp32 CPU dense layers go through the few-row kernel,
 //! whose every row is one fixed-order dot product, and everything else is per row or per sequence.
+//! A request that asks for speculation and finds the engine idle is decoded alone with speculative
+//! decoding (the draft model, or prompt lookup) and the kept prefix of the last such request: alone,
+//! speculation pays; in a batch, batching does, so there it joins the batch like any other.
+//!
 //! Requests are cancelled when their event receiver is dropped (a client went away) or their cancel
 //! flag is set, within one step. A panic while serving a request fails that request only.
 use std::collections::VecDeque;
@@ -23,6 +27,7 @@ use crate::generate::{Finish, StopCriterion};
 use crate::gpt_bigcode::GptBigCode;
 use crate::kv_cache::KvCache;
 use crate::sampling::Sampling;
+use crate::speculative::{self, Drafter, Session, SpeculativeConfig};
 use crate::{ModelError, Result};
 
 /// How much the engine takes on.
@@ -59,8 +64,10 @@ pub struct Request {
     pub stop_tokens: Vec<i64>,
     /// Ends a sample early (e.g. a stop sequence or a complete block).
     pub stop: Option<Stop>,
-    /// Alternatives per token to report with their log-probabilities (0: only the chosen token's).
-    pub top_logprobs: usize,
+    /// Report each token's log-probability with this many alternatives (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
+    /// Decode alone with speculative decoding when the engine is idle.
+    pub speculation: Option<Speculation>,
     /// Set to stop the request.
     pub cancel: Arc<AtomicBool>,
 }
@@ -75,10 +82,34 @@ impl Request {
             sampling: Sampling::greedy(),
             stop_tokens: Vec::new(),
             stop: None,
-            top_logprobs: 0,
+            logprobs: None,
+            speculation: None,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
+}
+
+/// How a request alone is decoded speculatively.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Speculation {
+    /// Draft tokens per step at the start (adaptive after that); 0 decodes without drafting.
+    pub gamma: usize,
+    /// Keep this request's keys and values for the next speculative request, which then only
+    /// prefills from where its prompt departs from this one (an editor typing on).
+    pub reuse_prefix: bool,
+}
+
+/// How a speculative request went.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpeculationFigures {
+    /// Milliseconds of the prompt's prefill.
+    pub prefill_ms: f64,
+    /// Prompt tokens whose keys and values the last request had computed.
+    pub reused_tokens: usize,
+    /// Draft tokens proposed.
+    pub drafted: usize,
+    /// Draft tokens accepted.
+    pub accepted: usize,
 }
 
 /// A new token's log-probability under the model (before temperature and filtering), with the
@@ -105,9 +136,11 @@ pub enum Event {
         sample: usize,
         /// The token id.
         token: i64,
-        /// Its log-probability.
-        logprob: TokenLogprob,
+        /// Its log-probability, when asked for.
+        logprob: Option<TokenLogprob>,
     },
+    /// The request was decoded speculatively; sent before its `Finished`.
+    Speculated(SpeculationFigures),
     /// Sample `sample` ended (its stop token is not reported).
     Finished {
         /// Which sample.
@@ -174,6 +207,14 @@ impl Engine {
     where
         F: FnOnce() -> Result<GptBigCode> + Send + 'static,
     {
+        Engine::start_with_draft(config, move || Ok((load()?, None)))
+    }
+
+    /// [`start`](Self::start) with a draft model for speculative requests (`load` gives both).
+    pub fn start_with_draft<F>(config: EngineConfig, load: F) -> Result<Engine>
+    where
+        F: FnOnce() -> Result<(GptBigCode, Option<GptBigCode>)> + Send + 'static,
+    {
         let (inbox, receiver) = mpsc::channel::<Envelope>();
         let (ready, loaded) = mpsc::channel::<Result<usize>>();
         let counters = Arc::new(Counters::default());
@@ -182,14 +223,16 @@ impl Engine {
         std::thread::Builder::new()
             .name("inference".into())
             .spawn(move || {
-                let model = match catch_unwind(AssertUnwindSafe(load)) {
-                    Ok(Ok(model)) => model,
+                let (model, draft) = match catch_unwind(AssertUnwindSafe(load)) {
+                    Ok(Ok(models)) => models,
                     Ok(Err(error)) => return drop(ready.send(Err(error))),
                     Err(panic) => return drop(ready.send(Err(ModelError::Invalid(panic_message(&panic))))),
                 };
                 let _ = ready.send(Ok(model.config().n_positions as usize));
                 let mut batcher = Batcher {
                     model: &model,
+                    draft: draft.as_ref(),
+                    session: None,
                     config: thread_config,
                     counters: thread_counters,
                     in_flight: thread_in_flight,
@@ -278,7 +321,7 @@ impl Engine {
                     samples[sample].1 = finish;
                     open -= 1;
                 }
-                Some(Event::Started { .. }) => {}
+                Some(Event::Started { .. } | Event::Speculated(_)) => {}
                 Some(Event::Failed(message)) => return Err(SubmitError::Invalid(message)),
                 None => return Err(SubmitError::Stopped),
             }
@@ -324,6 +367,9 @@ struct Sequence {
 
 struct Batcher<'m> {
     model: &'m GptBigCode,
+    draft: Option<&'m GptBigCode>,
+    /// The last speculative request's keys and values.
+    session: Option<Session>,
     config: EngineConfig,
     counters: Arc<Counters>,
     in_flight: Arc<AtomicUsize>,
@@ -371,6 +417,10 @@ impl Batcher<'_> {
                 return;
             }
             let Some(envelope) = self.waiting.pop_front() else { return };
+            if envelope.request.speculation.is_some() && envelope.request.n == 1 && self.running.is_empty() {
+                self.run_alone(envelope);
+                continue;
+            }
             let queued_ms = envelope.submitted.elapsed().as_secs_f64() * 1e3;
             let context = self.model.config().n_positions as usize;
             let prompt_len = envelope.request.prompt.len();
@@ -498,6 +548,69 @@ impl Batcher<'_> {
         }
     }
 
+    /// Decodes one request speculatively, to its end, while nothing else runs.
+    fn run_alone(&mut self, envelope: Envelope) {
+        let Envelope { mut request, events, submitted } = envelope;
+        let _ = events.send(Event::Started { queued_ms: submitted.elapsed().as_secs_f64() * 1e3 });
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.speculate(&mut request, &events)));
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        match flatten_panic(outcome) {
+            Ok((finish, figures)) => {
+                let _ = events.send(Event::Speculated(figures));
+                let _ = events.send(Event::Finished { sample: 0, finish });
+            }
+            Err(message) => {
+                self.session = None;
+                let _ = events.send(Event::Failed(message));
+            }
+        }
+    }
+
+    fn speculate(
+        &mut self,
+        request: &mut Request,
+        events: &UnboundedSender<Event>,
+    ) -> Result<(Finish, SpeculationFigures)> {
+        let speculation = request.speculation.clone().unwrap_or(Speculation { gamma: 0, reuse_prefix: false });
+        let drafter = match (self.draft, speculation.gamma) {
+            (_, 0) => Drafter::None,
+            (Some(draft), _) => Drafter::Model(draft),
+            (None, _) => Drafter::PromptLookup { max_ngram: 3 },
+        };
+        let context = self.model.config().n_positions as usize;
+        let config = SpeculativeConfig {
+            max_new_tokens: request.max_new_tokens.min(context.saturating_sub(request.prompt.len())),
+            sampling: request.sampling.clone(),
+            eos_token_id: None,
+            gamma: speculation.gamma.max(1),
+            ..SpeculativeConfig::default()
+        };
+        let prompt = std::mem::take(&mut request.prompt);
+        let mut stop =
+            Streamed { request, events, sent: 0, stop_token: false, generated: &self.counters.generated_tokens };
+        let out = if speculation.reuse_prefix {
+            let session = match self.session.take() {
+                Some(session) => session,
+                None => Session::new(self.model, &drafter)?,
+            };
+            let session = self.session.insert(session);
+            speculative::generate_in(session, self.model, &drafter, &prompt, &config, &mut stop)?
+        } else {
+            self.session = None;
+            speculative::generate(self.model, &drafter, &prompt, &config, &mut stop)?
+        };
+        self.counters.prompt_tokens.fetch_add(prompt.len() - out.stats.reused_tokens, Ordering::Relaxed);
+        let finish = if stop.stop_token { Finish::Eos } else { out.generation.finish };
+        let stats = out.stats;
+        let figures = SpeculationFigures {
+            prefill_ms: stats.prefill_ms,
+            reused_tokens: stats.reused_tokens,
+            drafted: stats.drafted,
+            accepted: stats.accepted,
+        };
+        Ok((finish, figures))
+    }
+
     fn retire(&self, sequence: &Sequence, finish: Finish) {
         let mut shared = sequence.shared.borrow_mut();
         // The place is free before the caller hears that its request is done.
@@ -519,6 +632,35 @@ impl Batcher<'_> {
     }
 }
 
+/// The stop criterion of a speculative request: reports each accepted token as it comes, ends on a
+/// stop token (not reported), on cancellation, and where the request's own criterion says.
+struct Streamed<'r> {
+    request: &'r mut Request,
+    events: &'r UnboundedSender<Event>,
+    sent: usize,
+    stop_token: bool,
+    generated: &'r AtomicUsize,
+}
+
+impl StopCriterion for Streamed<'_> {
+    fn should_stop(&mut self, sample: usize, tokens: &[i64]) -> bool {
+        let Some(&last) = tokens.last() else { return false };
+        if self.request.stop_tokens.contains(&last) {
+            self.stop_token = true;
+            return true;
+        }
+        for &token in &tokens[self.sent..] {
+            let _ = self.events.send(Event::Token { sample: 0, token, logprob: None });
+        }
+        self.generated.fetch_add(tokens.len() - self.sent, Ordering::Relaxed);
+        self.sent = tokens.len();
+        if self.request.cancel.load(Ordering::Relaxed) || self.events.is_closed() {
+            return true;
+        }
+        self.request.stop.as_mut().is_some_and(|stop| stop.should_stop(sample, tokens))
+    }
+}
+
 /// Picks the sequence's next token from its logits and reports it; `Some` when the sample ends.
 fn advance(sequence: &mut Sequence) -> Option<Finish> {
     let mut shared = sequence.shared.borrow_mut();
@@ -537,7 +679,7 @@ fn advance(sequence: &mut Sequence) -> Option<Finish> {
     if request.stop_tokens.contains(&token) {
         return Some(Finish::Eos);
     }
-    let logprob = logprob_of(&sequence.logits, token, request.top_logprobs);
+    let logprob = request.logprobs.map(|top| logprob_of(&sequence.logits, token, top));
     sequence.tokens.push(token);
     let _ = shared.events.send(Event::Token { sample: sequence.sample, token, logprob });
     let sample = sequence.sample;

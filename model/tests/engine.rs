@@ -3,13 +3,16 @@
 use std::sync::atomic::Ordering;
 
 use model::config::ModelConfig;
-use model::engine::{Engine, EngineConfig, Event, Request, SubmitError};
+use model::engine::{Engine, EngineConfig, Event, Request, Speculation, SubmitError};
 use model::generate::{generate, Finish, GenerateConfig, NoStop, StopCriterion};
 use model::gpt_bigcode::GptBigCode;
 use model::sampling::Sampling;
 use tch::Device;
 
+/// The same random model every time (tests run in parallel; libtorch's generator is global).
 fn tiny_model() -> model::Result<GptBigCode> {
+    static SEEDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _seeding = SEEDING.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(7);
     let config = ModelConfig {
         vocab_size: 97,
@@ -144,4 +147,45 @@ fn stops_panics_cancellation_and_a_full_queue() {
         let refused = engine.submit(bad).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(refused.contains(message), "{refused}");
     }
+}
+
+/// A speculative request alone is decoded speculatively (with the kept prefix of the last one) and
+/// gives the plain greedy tokens; beside others it joins the batch, with the same tokens.
+#[test]
+fn speculation_alone_and_in_a_batch() {
+    let engine = engine(EngineConfig::default());
+    let speculative = |i: usize| Request {
+        speculation: Some(Speculation { gamma: 4, reuse_prefix: true }),
+        ..request(prompt(i), Sampling::greedy(), 1)
+    };
+    for i in [2, 2, 5] {
+        let expected = engine.generate(request(prompt(i), Sampling::greedy(), 1)).unwrap().remove(0).0;
+        let mut events = engine.submit(speculative(i)).unwrap();
+        let (mut tokens, mut figures) = (Vec::new(), None);
+        while let Some(event) = events.blocking_recv() {
+            match event {
+                Event::Token { token, .. } => tokens.push(token),
+                Event::Speculated(f) => figures = Some(f),
+                Event::Failed(message) => panic!("{message}"),
+                _ => {}
+            }
+        }
+        assert_eq!(tokens, expected, "prompt {i}");
+        let figures = figures.expect("decoded speculatively");
+        assert!(figures.drafted > 0, "{figures:?}");
+    }
+    // Beside a running request, it is batched.
+    let long = engine.submit(Request { max_new_tokens: 100, ..request(prompt(1), Sampling::greedy(), 1) }).unwrap();
+    let expected = engine.generate(request(prompt(3), Sampling::greedy(), 1)).unwrap().remove(0).0;
+    let mut events = engine.submit(speculative(3)).unwrap();
+    let mut tokens = Vec::new();
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            Event::Token { token, .. } => tokens.push(token),
+            Event::Speculated(_) => panic!("speculated beside a running request"),
+            _ => {}
+        }
+    }
+    assert_eq!(tokens, expected);
+    drop(long);
 }
