@@ -49,7 +49,8 @@ fn main() {
         .file("csrc/optim.cpp")
         .file("csrc/precision.cpp")
         .file("csrc/reducer.cpp")
-        .file("csrc/linear.cpp");
+        .file("csrc/linear.cpp")
+        .file("csrc/int8.cpp");
     // ProcessGroupGloo.hpp includes gloo's headers, which the wheel does not ship; Debian's
     // libgloo-dev provides them (scripts/setup.sh installs it). Only declarations are used.
     build.define("USE_C10D_GLOO", None);

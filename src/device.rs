@@ -1,6 +1,9 @@
 //! `--device` and `--dtype` as every command takes them.
 use anyhow::bail;
-use model::gpt_bigcode::parse_dtype;
+use std::path::Path;
+
+use anyhow::Context;
+use model::gpt_bigcode::{parse_precision, GptBigCode, Precision};
 use tch::{Device, Kind};
 
 /// `cpu`, `cuda`, `cuda:N` or `auto` (a GPU when libtorch sees one). `auto` and `cuda` pick GPU
@@ -32,11 +35,31 @@ pub fn checked_device(text: &str) -> anyhow::Result<Device> {
     Ok(device)
 }
 
-/// `--dtype` of the weights: as given, else bf16 on a GPU and fp32 on the CPU.
-pub fn weight_kind(dtype: Option<&str>, device: Device) -> anyhow::Result<Kind> {
-    match dtype {
-        Some(text) => Ok(parse_dtype(text)?),
-        None if device.is_cuda() => Ok(Kind::BFloat16),
-        None => Ok(Kind::Float),
+/// `--dtype` of the weights: as given (`int8` on the CPU only), else bf16 on a GPU and fp32 on the CPU.
+pub fn weight_precision(dtype: Option<&str>, device: Device) -> anyhow::Result<Precision> {
+    let precision = match dtype {
+        Some(text) => parse_precision(text)?,
+        None if device.is_cuda() => Precision::Dense(Kind::BFloat16),
+        None => Precision::Dense(Kind::Float),
+    };
+    if precision == Precision::Int8 && device.is_cuda() {
+        bail!("--dtype int8 runs on the CPU; on a GPU use bfloat16");
     }
+    Ok(precision)
+}
+
+/// Loads a model directory in `precision`, with a progress bar while int8 layers are quantized.
+pub fn load_model(dir: &Path, precision: Precision, device: Device) -> anyhow::Result<GptBigCode> {
+    let bar = indicatif::ProgressBar::hidden();
+    let model = GptBigCode::load_as(dir, precision, device, |done, total| {
+        if bar.is_hidden() {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            bar.set_length(total as u64);
+            bar.set_message("quantizing to int8");
+        }
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    bar.finish_and_clear();
+    Ok(model)
 }

@@ -152,7 +152,7 @@ fn print_text(
     }
     println!("threads         {} intra-op, {} inter-op", info.intra_op_threads, info.inter_op_threads);
     let kernel = if kernels::linear::few_row_kernel_available() { "few-row fp32 kernel" } else { "BLAS (no AVX2)" };
-    println!("CPU decoding    {kernel}");
+    println!("CPU decoding    {kernel}; int8 kernel: {}", kernels::int8::int8_kernel_isa());
     println!("python          {}", python.map_or_else(|| "not found".into(), |p| p.display().to_string()));
     for peer in peers {
         let state = match (&peer.version, &peer.error) {
@@ -198,6 +198,7 @@ fn print_json(
         },
         "threads": { "intra_op": info.intra_op_threads, "inter_op": info.inter_op_threads },
         "few_row_kernel": kernels::linear::few_row_kernel_available(),
+        "int8_kernel": kernels::int8::int8_kernel_isa(),
         "python": python.map(PathBuf::from),
         "peers": peers.iter().map(|p| json!({"module": p.module, "version": p.version, "error": p.error})).collect::<Vec<_>>(),
         "problems": problems.iter().map(|p| json!({"what": p.what, "fix": p.fix})).collect::<Vec<_>>(),

@@ -5,6 +5,7 @@
 //! Everything is kept in a SQLite store, so an interrupted command resumes.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -13,10 +14,10 @@ use eval::problems::{Benchmark, LoadOptions, Problem, PromptFormat, Split};
 use eval::sandbox::SandboxConfig;
 use eval::store::Store;
 use indicatif::{ProgressBar, ProgressStyle};
-use model::gpt_bigcode::GptBigCode;
+use model::engine::{Engine, EngineConfig};
 use model::tokenizer::Tokenizer;
 
-use crate::device::{checked_device, weight_kind};
+use crate::device::{checked_device, load_model, weight_precision};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -116,6 +117,15 @@ pub struct RunArgs {
     /// Also print one line per problem.
     #[arg(long)]
     per_problem: bool,
+    /// Samples decoded together: the inference engine's batch, filled from as many problems as it
+    /// takes (1: one sequence at a time). Not the editor mode, which answers one cursor at a time as
+    /// `wizard serve` does.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    max_batch: usize,
+    /// libtorch threads (default: libtorch's, one per core). On a busy machine fewer can be much faster:
+    /// OpenMP threads spin waiting for a descheduled peer.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -305,6 +315,8 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Fail on a missing interpreter before spending time on generation.
     eval::sandbox::probe(&sandbox)?;
     anyhow::ensure!(args.samples > 0, "--samples must be at least 1");
+    anyhow::ensure!(args.max_batch > 0, "--max-batch must be at least 1");
+    anyhow::ensure!(args.threads != Some(0), "--threads must be at least 1");
     let (benchmark, mut problems) = load(&args.benchmark, &sandbox.python)?;
     let format = match (&args.format, benchmark) {
         (Some(name), _) => PromptFormat::parse(name)?,
@@ -328,12 +340,39 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     let device = checked_device(&args.device)?;
-    let kind = weight_kind(args.dtype.as_deref(), device)?;
+    let precision = weight_precision(args.dtype.as_deref(), device)?;
+    // libtorch keeps the setting per thread: here, and again on the engine's thread.
+    let threads = args.threads.map(|n| n as i32);
+    if let Some(threads) = threads {
+        tch::set_num_threads(threads);
+    }
     let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let model = GptBigCode::load(&args.model, kind, device)?;
-    // The editor path runs the language server's backend, which owns the model; the other modes borrow it.
-    let mut backend = lsp::ModelBackend::new(model, None, tokenizer);
-    let mut completer: Box<dyn Completer + '_> = match format {
+    let model = load_model(&args.model, precision, device)?;
+    // Stored with the samples, so `wizard eval report` shows it too; scored before generation, which
+    // takes the model.
+    let prompts: Vec<String> = problems.iter().map(|problem| problem.prompt_for(format)).collect();
+    let pairs = prompts.iter().zip(&problems).map(|(prompt, problem)| (prompt.as_str(), problem.reference.as_str()));
+    let likelihood = eval::likelihood::reference_likelihood(&model, &tokenizer, pairs)?;
+    if let Some(loglik) = likelihood.per_token() {
+        store.set_meta(eval::REFERENCE_LOGLIK, &loglik.to_string())?;
+    }
+
+    let config = GenerationConfig { benchmark, format, samples: args.samples, seed: args.seed };
+    let bar = progress_bar(problems.len(), "generating");
+    let start = Instant::now();
+    let mut progress = |done: usize, _: usize| bar.set_position(done as u64);
+    // One engine for either path, on its own thread.
+    let eos_token_id = model.config().eos_token_id.unwrap_or(i64::from(tokenizer.eos_id()));
+    let engine_config = EngineConfig { max_batch: args.max_batch, ..EngineConfig::default() };
+    let engine = Engine::start(engine_config, move || {
+        if let Some(threads) = threads {
+            tch::set_num_threads(threads);
+        }
+        Ok(model)
+    })?;
+    let tokenizer = Arc::new(tokenizer);
+    let generated = match format {
+        // The editor path runs the language server's backend over the engine, one cursor at a time.
         PromptFormat::Editor => {
             let settings = lsp::Settings {
                 max_tokens: args.max_new_tokens.unwrap_or(lsp::Settings::default().max_tokens),
@@ -343,37 +382,29 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
             };
             // Refused before any generation (complete_text checks again on every call).
             settings.validate().map_err(anyhow::Error::msg)?;
-            Box::new(EditorCompleter { backend: &mut backend, settings })
+            let backend = lsp::ModelBackend::new(engine, tokenizer);
+            let mut completer = EditorCompleter { backend: &backend, settings };
+            eval::generate::generate(&mut completer, &problems, &config, &mut store, &mut progress)?
         }
-        _ => Box::new(ModelCompleter {
-            model: backend.target(),
-            tokenizer: backend.tokenizer(),
-            max_new_tokens: args.max_new_tokens.unwrap_or(512),
-            temperature: args.temperature,
-            top_p: args.top_p,
-        }),
+        // The other modes submit many problems at once.
+        _ => {
+            let mut completer = ModelCompleter {
+                engine,
+                tokenizer,
+                max_new_tokens: args.max_new_tokens.unwrap_or(512),
+                temperature: args.temperature,
+                top_p: args.top_p,
+                eos_token_id,
+            };
+            eval::generate::generate(&mut completer, &problems, &config, &mut store, &mut progress)?
+        }
     };
-    let config = GenerationConfig { benchmark, format, samples: args.samples, seed: args.seed };
-    let bar = progress_bar(problems.len(), "generating");
-    let start = Instant::now();
-    let generated = eval::generate::generate(completer.as_mut(), &problems, &config, &mut store, |done, _| {
-        bar.set_position(done as u64)
-    })?;
-    drop(completer);
-    let (model, tokenizer) = (backend.target(), backend.tokenizer());
     bar.finish_and_clear();
     eprintln!(
         "generated samples for {generated} problems in {:.1} s ({} were already stored)",
         start.elapsed().as_secs_f64(),
         problems.len() - generated
     );
-    // Stored with the samples, so `wizard eval report` shows it too.
-    let prompts: Vec<String> = problems.iter().map(|problem| problem.prompt_for(format)).collect();
-    let pairs = prompts.iter().zip(&problems).map(|(prompt, problem)| (prompt.as_str(), problem.reference.as_str()));
-    let likelihood = eval::likelihood::reference_likelihood(model, tokenizer, pairs)?;
-    if let Some(loglik) = likelihood.per_token() {
-        store.set_meta(eval::REFERENCE_LOGLIK, &loglik.to_string())?;
-    }
     let stored: Vec<eval::samples::Sample> = store.scored()?.into_iter().map(|(sample, _)| sample).collect();
     eval::samples::write(&args.out.join("samples.jsonl"), &stored)?;
     execute_and_report(&mut store, &problems, &sandbox, Some(&args.out.join("report.json")), args.per_problem)?;
@@ -399,7 +430,7 @@ const EDITOR_FILE: &str = "/main.py";
 /// and the suffix of a one-document Python file, through the language server's own request path
 /// (`lsp::complete_text`: window, decision, prompt, stop rules, suffix trimming).
 struct EditorCompleter<'b> {
-    backend: &'b mut lsp::ModelBackend,
+    backend: &'b lsp::ModelBackend,
     settings: lsp::Settings,
 }
 

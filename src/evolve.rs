@@ -19,7 +19,7 @@ use ::evolve::store::{RoundStats, Store};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::device::{checked_device, weight_kind};
+use crate::device::{checked_device, weight_precision};
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -170,8 +170,8 @@ fn benchmarks(args: &RunArgs) -> anyhow::Result<Vec<Benchmark>> {
 fn backends(args: &RunArgs) -> anyhow::Result<Backends> {
     if let Some(dir) = &args.local {
         let device = checked_device(&args.device)?;
-        let kind = weight_kind(args.dtype.as_deref(), device)?;
-        let config = LocalConfig { dir: dir.clone(), device, kind, max_new_tokens: args.max_tokens as usize };
+        let precision = weight_precision(args.dtype.as_deref(), device)?;
+        let config = LocalConfig { dir: dir.clone(), device, precision, max_new_tokens: args.max_tokens as usize };
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::start(config)?);
         return Ok(Backends { evolver: backend.clone(), responder: backend });
     }

@@ -6,13 +6,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use model::complete::{complete, complete_speculative};
 use model::generate::GenerateConfig;
-use model::gpt_bigcode::GptBigCode;
 use model::sampling::Sampling;
 use model::speculative::{Drafter, SpeculativeConfig};
 use model::tokenizer::Tokenizer;
 use tch::{Kind, Tensor};
 
-use crate::device::{checked_device, weight_kind};
+use crate::device::{checked_device, load_model, weight_precision};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,7 +45,7 @@ pub struct Args {
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU).
+    /// Weight dtype: float32, bfloat16, float16 or int8 (default: bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
     /// Speculative decoding with this smaller model (same tokenizer) as the drafter.
@@ -68,9 +67,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     sampling.validate()?;
     let device = checked_device(&args.device)?;
-    let kind = weight_kind(args.dtype.as_deref(), device)?;
+    let precision = weight_precision(args.dtype.as_deref(), device)?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let model = GptBigCode::load(&args.model, kind, device)?;
+    let model = load_model(&args.model, precision, device)?;
     if tracing::enabled!(tracing::Level::INFO) {
         let probe = Tensor::zeros([1, 8], (Kind::Int64, device));
         let cache = model.new_cache(1, 8)?;
@@ -83,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         eos_token_id: model.config().eos_token_id.or(Some(i64::from(tokenizer.eos_id()))),
     };
     let completion = if args.draft.is_some() || args.prompt_lookup {
-        let draft = args.draft.as_ref().map(|dir| GptBigCode::load(dir, kind, device)).transpose()?;
+        let draft = args.draft.as_ref().map(|dir| load_model(dir, precision, device)).transpose()?;
         let drafter = match &draft {
             Some(model) => Drafter::Model(model),
             None => Drafter::PromptLookup { max_ngram: 3 },

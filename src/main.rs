@@ -8,6 +8,7 @@ mod evolve;
 mod generate;
 mod logging;
 mod python;
+mod quantize;
 mod quickstart;
 mod serve;
 mod stages;
@@ -47,9 +48,11 @@ enum Command {
     /// WizardCoder's whole procedure from a TOML config: tokenizer, FIM pretraining, rounds of
     /// evolve → SFT → pass@k while pass@1 rises, and a report. Resumable; re-runs only what changed.
     Pipeline(stages::Args),
+    /// Write a model directory with int8 weights (blocks of 32, fp32 scales) and report each layer's error.
+    Quantize(quantize::Args),
     /// The pipeline at toy scale, offline, in minutes on CPU, then how to attach `wizard serve` to editors.
     Quickstart(quickstart::Args),
-    /// The language server: editor completions over stdio (or --port), with speculative decoding.
+    /// The language server (stdio or --port), and with --http the OpenAI-compatible HTTP API.
     Serve(serve::Args),
     /// Train a byte-level BPE tokenizer with StarCoder's special tokens.
     #[command(subcommand)]
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Evolve(args) => evolve::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Pipeline(args) => stages::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Quickstart(args) => quickstart::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Tokenizer(command) => tokenizer::run(command),

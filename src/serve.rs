@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use tch::Device;
 
-use crate::device::{parse_device, weight_kind};
+use crate::device::{parse_device, weight_precision};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,7 +23,7 @@ pub struct Args {
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU).
+    /// Weight dtype: float32, bfloat16, float16 or int8 (default: bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
     /// Most tokens per completion (clients can change it through initializationOptions).
@@ -32,8 +32,8 @@ pub struct Args {
     /// Most prompt tokens.
     #[arg(long, default_value_t = 1024)]
     context_budget: usize,
-    /// Serve the OpenAI-compatible HTTP API on [ADDR:]PORT (default address 127.0.0.1) instead of
-    /// the language server.
+    /// Serve the OpenAI-compatible HTTP API on [ADDR:]PORT (default address 127.0.0.1); with --port
+    /// the language server runs beside it over TCP, on the same engine.
     #[arg(long, value_name = "[ADDR:]PORT")]
     http: Option<String>,
     /// Name of an environment variable holding the API key HTTP clients must send as a bearer token.
@@ -62,7 +62,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return run_http(args);
     }
     let device = parse_device(&args.device)?;
-    let kind = weight_kind(args.dtype.as_deref(), device)?;
+    let precision = weight_precision(args.dtype.as_deref(), device)?;
     let device = match device {
         Device::Cuda(index) if (index as i64) >= tch::Cuda::device_count() => {
             tracing::warn!("--device cuda:{index} is not available; serving on the CPU");
@@ -75,7 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The model loads on the inference thread; a failure is reported to the client, not fatal.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args.threads.unwrap_or((cores / 2).max(1));
-    let paths = lsp::ModelPaths { model: args.model, draft: args.draft, device, kind, threads };
+    let paths = lsp::ModelPaths { model: args.model, draft: args.draft, device, precision, threads };
     let engine = lsp::start_engine(paths);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
@@ -103,30 +103,38 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
     };
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
     let device = crate::device::checked_device(&args.device)?;
-    let kind = weight_kind(args.dtype.as_deref(), device)?;
+    let precision = weight_precision(args.dtype.as_deref(), device)?;
     let tokenizer = std::sync::Arc::new(model::tokenizer::Tokenizer::from_dir(&args.model)?);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = args.threads.unwrap_or(cores) as i32;
+    let threads = args.threads.unwrap_or(cores);
     let config = model::engine::EngineConfig {
         max_batch: args.max_batch,
         max_waiting: args.max_waiting,
         ..model::engine::EngineConfig::default()
     };
-    let dir = args.model.clone();
-    let engine = model::engine::Engine::start(config, move || {
-        tch::set_num_threads(threads);
-        model::gpt_bigcode::GptBigCode::load(&dir, kind, device)
-    })?;
+    let paths = lsp::ModelPaths { model: args.model.clone(), draft: args.draft.clone(), device, precision, threads };
+    let engine = model::engine::Engine::start_with_draft(config, move || paths.load_models())?;
     let context = engine.context();
     let server = api::ServerConfig {
         model_name: args.model.file_name().map_or("wizard".into(), |n| n.to_string_lossy().into_owned()),
         api_key,
         max_body_bytes: args.max_body_bytes,
+        chat_template: api::chat_template(&args.model).map_err(anyhow::Error::msg)?,
         limits: api::Limits {
             max_tokens: args.max_tokens_limit.unwrap_or(context),
             default_max_tokens: args.max_tokens,
         },
     };
+    // With --port, editors' language-server sessions share the engine (and the batch) with HTTP.
+    let language_server = args.port.map(|port| {
+        let backend = lsp::ModelBackend::new(engine.clone(), tokenizer.clone());
+        let settings = lsp::Settings {
+            max_tokens: args.max_tokens,
+            context_budget: args.context_budget,
+            ..lsp::Settings::default()
+        };
+        (lsp::Engine::with_model(std::sync::Arc::new(backend)), settings, port)
+    });
     let app = api::App::new(engine, tokenizer, server);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
@@ -134,7 +142,12 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
             .await
             .map_err(|e| anyhow::anyhow!("--http {address}: cannot listen: {e}"))?;
         tracing::info!("serving the HTTP API on http://{}", listener.local_addr()?);
-        api::serve(listener, app).await?;
+        match language_server {
+            Some((engine, settings, port)) => {
+                tokio::try_join!(api::serve(listener, app), lsp::serve_tcp(engine, settings, port))?;
+            }
+            None => api::serve(listener, app).await?,
+        }
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

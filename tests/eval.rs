@@ -263,7 +263,9 @@ fn interrupted_scoring_resumes() {
 }
 
 /// `wizard eval run` with a random tiny model on the MBPP-format file: the pipeline runs end to end,
-/// writes its files, and a second run finds everything done.
+/// writes its files, and a second run finds everything done; a problem whose samples are gone is
+/// generated again to the same samples; the engine's batch (one sequence at a time, or 2 rows: a
+/// problem's 3 samples over two requests, beside the other problem's) does not change them.
 #[test]
 fn run_generates_executes_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -279,9 +281,14 @@ fn run_generates_executes_and_resumes() {
         ],
     );
     let out = dir.path().join("out");
-    let (model, data, out_str) = (model.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
-    let args = ["run", "--model", model, "--benchmark", "mbpp", "--data", data, "--out", out_str, "--samples", "3"];
-    let args = [&args[..], &["--temperature", "0.8", "--max-new-tokens", "12", "--device", "cpu"]].concat();
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let run_args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let args = ["run", "--model", model, "--benchmark", "mbpp", "--data", data, "--out", out.to_str().unwrap()];
+        let flags = ["--samples", "3", "--temperature", "0.8", "--max-new-tokens", "12", "--device", "cpu"];
+        [&args[..], &flags, extra].concat().into_iter().map(String::from).collect()
+    };
+    let args = run_args(&out, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let table = check_eval(&args);
     assert_eq!(field(&table, "samples"), "6", "{table}");
     let samples = read_lines(&out.join("samples.jsonl"));
@@ -295,6 +302,22 @@ fn run_generates_executes_and_resumes() {
     let stderr = common::text(&again.stderr);
     assert!(stderr.contains("generated samples for 0 problems") && stderr.contains("executed 0 samples"), "{stderr}");
     assert_eq!(read_lines(&out.join("samples.jsonl")), samples, "the second run rewrote the samples");
+
+    let db = rusqlite::Connection::open(out.join("eval.sqlite")).unwrap();
+    db.execute_batch("DELETE FROM samples WHERE task_id = '12'; DELETE FROM results WHERE task_id = '12';").unwrap();
+    drop(db);
+    let again = eval(&args);
+    assert_eq!(stdout_of(&again, &args), table);
+    let stderr = common::text(&again.stderr);
+    assert!(stderr.contains("generated samples for 1 problems"), "{stderr}");
+    assert_eq!(read_lines(&out.join("samples.jsonl")), samples, "problem 12 regenerated");
+    for max_batch in ["1", "2"] {
+        let other = dir.path().join(format!("batch-{max_batch}"));
+        let args = run_args(&other, &["--max-batch", max_batch]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(check_eval(&args), table, "--max-batch {max_batch}");
+        assert_eq!(read_lines(&other.join("samples.jsonl")), samples, "--max-batch {max_batch}");
+    }
 }
 
 /// The shipped benchmark files (eval/data/).

@@ -396,3 +396,66 @@ print("ok")
 "#;
     assert_eq!(common::python(script, &[std::ffi::OsStr::new(&base)]).trim(), "ok");
 }
+
+/// With `--port`, an editor's language-server session runs beside HTTP on the same engine.
+#[test]
+fn language_server_beside_http_shares_the_engine() {
+    let lsp_port = free_port();
+    let server = start(&["--port", &lsp_port.to_string()]);
+    let stream = TcpStream::connect(("127.0.0.1", lsp_port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let uri = "file:///work/a.py";
+    let answer_to = |id: i64, reader: &mut std::io::BufReader<TcpStream>| loop {
+        let message = common::lsp::read_message(reader).expect("the server answers");
+        if message["id"] == id {
+            break message;
+        }
+    };
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}});
+    common::lsp::write_message(&mut writer, &initialize);
+    answer_to(1, &mut reader);
+    let messages = [
+        json!({"jsonrpc": "2.0", "method": "initialized", "params": {}}),
+        json!({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument":
+            {"uri": uri, "languageId": "python", "version": 1, "text": "def function_3(value):\n    "}}}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "textDocument/inlineCompletion", "params": {
+            "textDocument": {"uri": uri}, "position": {"line": 1, "character": 4}, "context": {"triggerKind": 1}}}),
+    ];
+    for message in &messages {
+        common::lsp::write_message(&mut writer, message);
+    }
+    let answer = answer_to(2, &mut reader);
+    assert!(answer["result"][0]["insertText"].is_string(), "{answer}");
+    let (_, metrics) = raw(&server.address, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(metric(&metrics, "wizard_generated_tokens_total") > 0.0, "{metrics}");
+    assert!(!metrics.contains("wizard_requests_total{endpoint"), "no HTTP completion was asked for:\n{metrics}");
+}
+
+/// A model directory whose tokenizer_config.json has a chat template is prompted with it.
+#[test]
+fn the_tokenizers_chat_template() {
+    let work = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(model_dir()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), work.path().join(entry.file_name())).unwrap();
+    }
+    let template = "{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}### assistant:{% endif %}";
+    std::fs::write(work.path().join("tokenizer_config.json"), json!({"chat_template": template}).to_string()).unwrap();
+    let server = start_with(work.path(), &[]);
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f"}]);
+    let (status, chat) = post(&server, "/v1/chat/completions", &json!({"messages": messages, "max_tokens": 2}));
+    assert_eq!(status, 200, "{chat}");
+    let rendered = "### system: Be brief.\n### user: def f\n### assistant:";
+    let (_, plain) = post(&server, "/v1/completions", &json!({"prompt": rendered, "max_tokens": 2}));
+    assert_eq!(chat["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"]);
+    // A template that raises answers 400 naming it.
+    let raising = "{{ raise_exception('only user turns') }}";
+    std::fs::write(work.path().join("tokenizer_config.json"), json!({"chat_template": raising}).to_string()).unwrap();
+    drop(server);
+    let server = start_with(work.path(), &[]);
+    let (status, error) = post(&server, "/v1/chat/completions", &json!({"messages": messages, "max_tokens": 2}));
+    assert_eq!(status, 400, "{error}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("only user turns"), "{error}");
+}

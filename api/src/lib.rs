@@ -36,6 +36,17 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Token limits.
     pub limits: Limits,
+    /// The tokenizer's chat template (`tokenizer_config.json`), used instead of WizardCoder's.
+    pub chat_template: Option<String>,
+}
+
+/// The `chat_template` of `tokenizer_config.json` in `model_dir`, if it has one (a missing file is
+/// none; a file that is not JSON is an error naming it).
+pub fn chat_template(model_dir: &std::path::Path) -> Result<Option<String>, String> {
+    let path = model_dir.join("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(config.get("chat_template").and_then(|t| t.as_str()).map(str::to_string))
 }
 
 /// What every handler shares.

@@ -150,7 +150,7 @@ pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
         {
             return Err(ApiError::invalid(Some("messages"), format!("unknown role `{}`", bad.role)));
         }
-        let ids = generation::encode(&app.tokenizer, vec![chat_prompt(&request)]).await?;
+        let ids = generation::encode(&app.tokenizer, vec![chat_prompt(&app, &request)?]).await?;
         let max_tokens = request.max_completion_tokens.or(knobs.max_tokens);
         let plan = plan(&app, &knobs, max_tokens, ids, app.eos.clone(), None)?;
         Ok(Job {
@@ -202,11 +202,25 @@ pub(crate) async fn infill(State(app): State<Arc<App>>, body: Result<Bytes, Byte
     answer(app.clone(), job.await).await
 }
 
-/// WizardCoder's Alpaca template around the conversation's user turns (system text first).
-fn chat_prompt(request: &ChatRequest) -> String {
+/// The tokenizer's chat template when the model has one; else WizardCoder's Alpaca template around
+/// the conversation's user turns (system text first).
+fn chat_prompt(app: &App, request: &ChatRequest) -> Result<String, ApiError> {
+    if let Some(template) = &app.config.chat_template {
+        let messages: Vec<Value> =
+            request.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect();
+        let eos = app.tokenizer.decode(&[app.tokenizer.eos_id()], false).unwrap_or_default();
+        let mut environment = minijinja::Environment::new();
+        environment.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+        });
+        let context = json!({"messages": messages, "add_generation_prompt": true, "bos_token": "", "eos_token": eos});
+        return environment
+            .render_str(template, context)
+            .map_err(|e| ApiError::invalid(Some("messages"), format!("the model's chat template: {e}")));
+    }
     let text: Vec<&str> =
         request.messages.iter().filter(|m| m.role != "assistant").map(|m| m.content.as_str()).collect();
-    model::train::data::alpaca_prompt(&text.join("\n\n"), None)
+    Ok(model::train::data::alpaca_prompt(&text.join("\n\n"), None))
 }
 
 fn include_usage(knobs: &Knobs) -> bool {

@@ -58,6 +58,9 @@ pub enum EvalError {
     /// Generation failed.
     #[error("generation: {0}")]
     Generation(#[from] model::ModelError),
+    /// The inference engine refused or failed a request.
+    #[error("generation: {0}")]
+    Engine(#[from] model::engine::SubmitError),
     /// An impossible setting (e.g. zero samples).
     #[error("{0}")]
     Invalid(String),

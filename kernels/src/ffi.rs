@@ -118,6 +118,30 @@ extern "C" {
     ) -> c_int;
     pub(crate) fn wizard_linear_kernel_available(isa: c_int) -> c_int;
 
+    // csrc/int8.cpp
+    pub(crate) fn wizard_int8_quantize(
+        weight: TensorHandle,
+        values: *mut TensorHandle,
+        scales: *mut TensorHandle,
+    ) -> c_int;
+    pub(crate) fn wizard_int8_dequantize(
+        values: TensorHandle,
+        scales: TensorHandle,
+        in_features: i64,
+        result: *mut TensorHandle,
+    ) -> c_int;
+    pub(crate) fn wizard_int8_linear(
+        x: TensorHandle,
+        values: TensorHandle,
+        scales: TensorHandle,
+        in_features: i64,
+        bias: TensorHandle,
+        isa: c_int,
+        result: *mut TensorHandle,
+    ) -> c_int;
+    pub(crate) fn wizard_int8_kernel_available(isa: c_int) -> c_int;
+    pub(crate) fn wizard_int8_kernel_isa() -> c_int;
+
     // csrc/optim.cpp
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn wizard_fused_adamw(

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod collectives;
 mod error;
 mod ffi;
+pub mod int8;
 pub mod linear;
 pub mod optim;
 pub mod precision;

@@ -1,20 +1,21 @@
-//! The inference thread: the model (and the tokenizer) live on one dedicated OS thread fed by a
-//! channel, so no tensor work or tokenization runs on the async runtime. Each job carries a cancel
-//! flag that the decode loop reads after every token; each job runs under `catch_unwind`, so a
-//! panicking request answers with an error and the thread goes on serving.
+//! Completions for the server: each job builds its prompt and waits for the shared batching engine
+//! ([`model::engine`]) on a blocking thread, so no tensor work or tokenization runs on the async
+//! runtime and many editors' requests batch. Each job carries a cancel flag that the engine reads
+//! every step; each job runs under `catch_unwind`, so a panicking request answers with an error and
+//! the server goes on.
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use model::engine::{EngineConfig, Event, Request, Speculation};
 use model::generate::StopCriterion;
-use model::gpt_bigcode::GptBigCode;
+use model::gpt_bigcode::{GptBigCode, Precision};
 use model::sampling::Sampling;
-use model::speculative::{self, Drafter, Session, SpeculativeConfig};
 use model::tokenizer::Tokenizer;
-use tch::{Device, Kind};
-use tokio::sync::{oneshot, watch};
+use tch::Device;
+use tokio::sync::watch;
 
 use crate::prompt::{self, Budget, PromptParts};
 use crate::syntax::{trim_suffix_overlap, BlockEnd, Decision, Language, Mode};
@@ -152,10 +153,11 @@ pub struct Output {
     pub figures: Figures,
 }
 
-/// A completion model: the real one, or a stand-in in tests.
-pub trait CompletionModel: Send {
-    /// Computes a completion; reads `job.cancel` after each token.
-    fn complete(&mut self, job: &Job) -> Result<Output, EngineError>;
+/// A completion model: the real one, or a stand-in in tests. Called on blocking threads, several at
+/// once (the real one batches them).
+pub trait CompletionModel: Send + Sync {
+    /// Computes a completion; stops soon after `job.cancel` is set.
+    fn complete(&self, job: &Job) -> Result<Output, EngineError>;
 }
 
 /// Whether the model is usable.
@@ -169,74 +171,75 @@ pub enum Status {
     Failed(String),
 }
 
-struct Envelope {
-    job: Job,
-    reply: oneshot::Sender<Result<Output, EngineError>>,
-}
-
-/// The handle the async side holds: sends jobs to the inference thread.
+/// The handle the async side holds: runs jobs on blocking threads against the loaded model.
 #[derive(Clone)]
 pub struct Engine {
-    sender: mpsc::Sender<Envelope>,
+    model: Arc<OnceLock<Arc<dyn CompletionModel>>>,
     status: watch::Receiver<Status>,
 }
 
 impl Engine {
-    /// Starts the inference thread; `load` runs on it (a failure leaves the server up, answering errors).
+    /// Loads the model with `load` on a loading thread; a failure leaves the server up, answering errors.
     pub fn start<F>(load: F) -> Engine
     where
         F: FnOnce() -> Result<Box<dyn CompletionModel>, String> + Send + 'static,
     {
-        let (sender, receiver) = mpsc::channel::<Envelope>();
         let (status_sender, status) = watch::channel(Status::Loading);
+        let model = Arc::new(OnceLock::new());
+        let slot = model.clone();
         std::thread::Builder::new()
-            .name("inference".into())
+            .name("model-loader".into())
             .spawn(move || {
-                let model = catch_unwind(AssertUnwindSafe(load)).unwrap_or_else(|panic| Err(panic_message(&panic)));
-                let mut model = match model {
-                    Ok(model) => {
+                match catch_unwind(AssertUnwindSafe(load)).unwrap_or_else(|panic| Err(panic_message(&panic))) {
+                    Ok(loaded) => {
+                        let _ = slot.set(Arc::from(loaded));
                         let _ = status_sender.send(Status::Ready);
-                        Ok(model)
                     }
                     Err(message) => {
                         tracing::error!("model failed to load: {message}");
-                        let _ = status_sender.send(Status::Failed(message.clone()));
-                        Err(message)
+                        let _ = status_sender.send(Status::Failed(message));
                     }
-                };
-                for Envelope { job, reply } in receiver {
-                    if reply.is_closed() || job.cancel.load(Ordering::Relaxed) {
-                        let _ = reply.send(Err(EngineError::Cancelled));
-                        continue;
-                    }
-                    let result = match model.as_mut() {
-                        Err(message) => Err(EngineError::Unavailable(message.clone())),
-                        Ok(model) => catch_unwind(AssertUnwindSafe(|| model.complete(&job)))
-                            .unwrap_or_else(|panic| Err(EngineError::Panicked(panic_message(&panic)))),
-                    };
-                    let result = match result {
-                        Ok(_) if job.cancel.load(Ordering::Relaxed) => Err(EngineError::Cancelled),
-                        other => other,
-                    };
-                    let _ = reply.send(result);
                 }
             })
-            .expect("the inference thread starts");
-        Engine { sender, status }
+            .expect("the loading thread starts");
+        Engine { model, status }
+    }
+
+    /// An engine around a model that is already loaded (one shared with the HTTP API).
+    pub fn with_model(model: Arc<dyn CompletionModel>) -> Engine {
+        let (_, status) = watch::channel(Status::Ready);
+        let slot = OnceLock::new();
+        let _ = slot.set(model);
+        Engine { model: Arc::new(slot), status }
     }
 
     /// The model's status, waiting while it loads.
     pub async fn ready(&self) -> Status {
         let mut status = self.status.clone();
         let result = status.wait_for(|s| *s != Status::Loading).await.map(|s| s.clone());
-        result.unwrap_or(Status::Failed("the inference thread has stopped".into()))
+        result.unwrap_or(Status::Failed("the loading thread has stopped".into()))
     }
 
-    /// Runs `job` on the inference thread.
+    /// Runs `job` on a blocking thread; a panic answers an error and the server goes on.
     pub async fn complete(&self, job: Job) -> Result<Output, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.sender.send(Envelope { job, reply }).map_err(|_| EngineError::Stopped)?;
-        answer.await.unwrap_or(Err(EngineError::Stopped))
+        if let Status::Failed(message) = self.ready().await {
+            return Err(EngineError::Unavailable(message));
+        }
+        let model = self.model.get().cloned().ok_or(EngineError::Stopped)?;
+        if job.cancel.load(Ordering::Relaxed) {
+            return Err(EngineError::Cancelled);
+        }
+        let cancel = job.cancel.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            catch_unwind(AssertUnwindSafe(|| model.complete(&job)))
+                .unwrap_or_else(|panic| Err(EngineError::Panicked(panic_message(&panic))))
+        })
+        .await
+        .unwrap_or(Err(EngineError::Stopped));
+        match result {
+            Ok(_) if cancel.load(Ordering::Relaxed) => Err(EngineError::Cancelled),
+            other => other,
+        }
     }
 }
 
@@ -257,61 +260,65 @@ pub struct ModelPaths {
     pub draft: Option<PathBuf>,
     /// Device.
     pub device: Device,
-    /// Weight dtype.
-    pub kind: Kind,
+    /// Weight dtype (or int8).
+    pub precision: Precision,
     /// libtorch intra-op threads on the inference thread (0: libtorch's default, one per core).
     pub threads: usize,
 }
 
-/// The real model: target, optional draft, tokenizer.
-pub struct ModelBackend {
-    target: GptBigCode,
-    draft: Option<GptBigCode>,
-    tokenizer: Tokenizer,
-    /// Tokens that end a completion besides EOS: FIM and file separators.
-    stop_ids: Vec<i64>,
-    /// The last request's keys and values.
-    session: Option<Session>,
-}
-
-impl ModelBackend {
-    /// Loads the models and the tokenizer (call on the inference thread).
-    pub fn load(paths: &ModelPaths) -> Result<ModelBackend, String> {
-        if paths.threads > 0 {
-            tch::set_num_threads(paths.threads as i32);
+impl ModelPaths {
+    /// Loads the target and the draft (call on the inference thread).
+    pub fn load_models(&self) -> model::Result<(GptBigCode, Option<GptBigCode>)> {
+        if self.threads > 0 {
+            tch::set_num_threads(self.threads as i32);
         }
-        let tokenizer = Tokenizer::from_dir(&paths.model).map_err(|e| e.to_string())?;
-        let target = GptBigCode::load(&paths.model, paths.kind, paths.device).map_err(|e| e.to_string())?;
-        let draft = match &paths.draft {
+        let target = GptBigCode::load_as(&self.model, self.precision, self.device, |_, _| {})?;
+        let draft = match &self.draft {
             Some(dir) => {
-                let draft = GptBigCode::load(dir, paths.kind, paths.device).map_err(|e| e.to_string())?;
+                let draft = GptBigCode::load_as(dir, self.precision, self.device, |_, _| {})?;
                 if draft.config().vocab_size != target.config().vocab_size {
-                    return Err(format!(
+                    return Err(model::ModelError::Invalid(format!(
                         "{}: the draft's vocabulary ({}) differs from the target's ({})",
                         dir.display(),
                         draft.config().vocab_size,
                         target.config().vocab_size
-                    ));
+                    )));
                 }
                 Some(draft)
             }
             None => None,
         };
-        Ok(ModelBackend::new(target, draft, tokenizer))
+        Ok((target, draft))
+    }
+}
+
+/// The real model: requests go to the shared batching engine ([`model::engine`]); alone, an editor's
+/// request is decoded speculatively with the kept prefix of the last one.
+pub struct ModelBackend {
+    engine: model::engine::Engine,
+    tokenizer: Arc<Tokenizer>,
+    /// Tokens that end a completion: EOS, FIM and file separators.
+    stop_ids: Vec<i64>,
+}
+
+impl ModelBackend {
+    /// Loads the tokenizer, then the models on a new engine thread.
+    pub fn load(paths: &ModelPaths) -> Result<ModelBackend, String> {
+        let tokenizer = Arc::new(Tokenizer::from_dir(&paths.model).map_err(|e| e.to_string())?);
+        let models = paths.clone();
+        let engine = model::engine::Engine::start_with_draft(EngineConfig::default(), move || models.load_models())
+            .map_err(|e| e.to_string())?;
+        Ok(ModelBackend::new(engine, tokenizer))
     }
 
-    /// A backend around models already loaded (the draft must share the target's vocabulary).
-    pub fn new(target: GptBigCode, draft: Option<GptBigCode>, tokenizer: Tokenizer) -> ModelBackend {
+    /// A backend over a running engine (whose model `tokenizer` belongs to).
+    pub fn new(engine: model::engine::Engine, tokenizer: Arc<Tokenizer>) -> ModelBackend {
         let stop_ids = ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>", "<file_sep>"]
             .iter()
             .filter_map(|name| tokenizer.token_id(name).map(i64::from))
+            .chain([i64::from(tokenizer.eos_id())])
             .collect();
-        ModelBackend { target, draft, tokenizer, stop_ids, session: None }
-    }
-
-    /// The target model.
-    pub fn target(&self) -> &GptBigCode {
-        &self.target
+        ModelBackend { engine, tokenizer, stop_ids }
     }
 
     /// The tokenizer.
@@ -320,35 +327,24 @@ impl ModelBackend {
     }
 }
 
-/// Ends decoding on cancellation, on a FIM token, and when the block is complete.
-struct LspStop<'a> {
-    tokenizer: &'a Tokenizer,
-    job: &'a Job,
+/// Ends decoding when the completion's block is complete (runs on the engine thread).
+struct BlockStop {
+    tokenizer: Arc<Tokenizer>,
     block_end: BlockEnd,
-    stop_ids: &'a [i64],
-    started: Instant,
-    first_token_ms: Option<f64>,
 }
 
-impl StopCriterion for LspStop<'_> {
+impl StopCriterion for BlockStop {
     fn should_stop(&mut self, _: usize, tokens: &[i64]) -> bool {
-        self.first_token_ms.get_or_insert_with(|| self.started.elapsed().as_secs_f64() * 1e3);
-        if self.job.cancel.load(Ordering::Relaxed) {
-            return true;
-        }
-        if tokens.last().is_some_and(|t| self.stop_ids.contains(t)) {
-            return true;
-        }
         let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
         self.tokenizer.decode(&ids, true).is_ok_and(|text| self.block_end.cut(&text).is_some())
     }
 }
 
 impl CompletionModel for ModelBackend {
-    fn complete(&mut self, job: &Job) -> Result<Output, EngineError> {
+    fn complete(&self, job: &Job) -> Result<Output, EngineError> {
         let started = Instant::now();
         let settings = &job.settings;
-        let context = self.target.config().n_positions as usize;
+        let context = self.engine.context();
         let room = context.saturating_sub(settings.max_tokens + 1).max(8);
         let budget =
             Budget { tokens: settings.context_budget.min(room), suffix_share: settings.suffix_share, fim: job.fim };
@@ -357,61 +353,49 @@ impl CompletionModel for ModelBackend {
         if prompt.is_empty() || job.decision.mode == Mode::Skip {
             return Ok(Output { text: String::new(), figures: Figures::default() });
         }
-        let max_new_tokens = settings.max_tokens.min(context.saturating_sub(prompt.len() + 1));
-        let config = SpeculativeConfig {
-            max_new_tokens,
+        let prompt_tokens = prompt.len();
+        let block_end = || BlockEnd::new(job.decision, job.language, &job.parts.prefix);
+        let request = Request {
+            max_new_tokens: settings.max_tokens.min(context.saturating_sub(prompt.len() + 1)),
             sampling: Sampling { seed: job.seed, ..settings.sampling() },
-            eos_token_id: Some(i64::from(self.tokenizer.eos_id())),
-            gamma: settings.gamma.max(1),
-            ..SpeculativeConfig::default()
+            stop_tokens: self.stop_ids.clone(),
+            stop: Some(Box::new(BlockStop { tokenizer: self.tokenizer.clone(), block_end: block_end() })),
+            speculation: Some(Speculation { gamma: settings.gamma, reuse_prefix: settings.reuse_prefix }),
+            cancel: job.cancel.clone(),
+            ..Request::new(prompt, 0)
         };
-        let drafter = match (&self.draft, settings.gamma) {
-            (_, 0) => Drafter::None,
-            (Some(draft), _) => Drafter::Model(draft),
-            (None, _) => Drafter::PromptLookup { max_ngram: 3 },
-        };
-        let mut stop = LspStop {
-            tokenizer: &self.tokenizer,
-            job,
-            block_end: BlockEnd::new(job.decision, job.language, &job.parts.prefix),
-            stop_ids: &self.stop_ids,
-            started,
-            first_token_ms: None,
-        };
-        let out = if settings.reuse_prefix {
-            let session = match self.session.take() {
-                Some(session) => session,
-                None => Session::new(&self.target, &drafter).map_err(model_error)?,
-            };
-            let session = self.session.insert(session);
-            speculative::generate_in(session, &self.target, &drafter, &prompt, &config, &mut stop)
-        } else {
-            self.session = None;
-            speculative::generate(&self.target, &drafter, &prompt, &config, &mut stop)
-        };
-        let out = out.map_err(model_error)?;
-        let first_token_ms = stop.first_token_ms.unwrap_or(0.0);
-        let mut tokens = out.generation.tokens;
-        if tokens.last().is_some_and(|t| self.stop_ids.contains(t)) {
-            tokens.pop();
+        let mut events = self.engine.submit(request).map_err(|e| EngineError::Model(e.to_string()))?;
+        let mut tokens = Vec::new();
+        let mut figures = Figures { prompt_tokens, ..Figures::default() };
+        loop {
+            match events.blocking_recv() {
+                Some(Event::Token { token, .. }) => {
+                    if tokens.is_empty() {
+                        figures.first_token_ms = started.elapsed().as_secs_f64() * 1e3;
+                    }
+                    tokens.push(token);
+                }
+                Some(Event::Speculated(speculated)) => {
+                    figures.prefill_ms = speculated.prefill_ms;
+                    figures.reused_tokens = speculated.reused_tokens;
+                    figures.drafted = speculated.drafted;
+                    figures.accepted = speculated.accepted;
+                }
+                Some(Event::Finished { .. }) => break,
+                Some(Event::Started { .. }) => {}
+                Some(Event::Failed(message)) => return Err(EngineError::Model(message)),
+                None => return Err(EngineError::Stopped),
+            }
         }
         let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
         let text = self.tokenizer.decode(&ids, true).map_err(model_error)?;
-        let text = match stop.block_end.finish(&text) {
+        let text = match block_end().finish(&text) {
             Some(at) => &text[..at],
             None => text.as_str(),
         };
         let text = if job.fim { trim_suffix_overlap(text, &job.parts.suffix) } else { text };
-        let figures = Figures {
-            prompt_tokens: prompt.len(),
-            tokens: tokens.len(),
-            prefill_ms: out.stats.prefill_ms,
-            reused_tokens: out.stats.reused_tokens,
-            first_token_ms,
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
-            drafted: out.stats.drafted,
-            accepted: out.stats.accepted,
-        };
+        figures.tokens = tokens.len();
+        figures.total_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(Output { text: text.to_string(), figures })
     }
 }
@@ -430,7 +414,7 @@ pub(crate) mod tests {
     }
 
     impl CompletionModel for Mock {
-        fn complete(&mut self, job: &Job) -> Result<Output, EngineError> {
+        fn complete(&self, job: &Job) -> Result<Output, EngineError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if job.parts.prefix.ends_with("panic") {
                 panic!("mock panic");

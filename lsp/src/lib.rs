@@ -1,5 +1,5 @@
-//! The language server: the only crate that knows LSP types. Completions come from `model`
-//! generation running on a dedicated inference thread, never on the async runtime.
+//! The language server: the only crate that knows LSP types. Completions come from the shared
+//! batching engine (`model::engine`) on its own thread, never from the async runtime.
 //!
 //! - `server`: the protocol edge (tower-lsp-server handlers, llm-ls compatible methods);
 //! - `document`: open documents, edits in UTF-8/16/32 positions, incremental tree-sitter trees;
@@ -7,7 +7,7 @@
 //! - `prompt`: the FIM prompt under a token budget;
 //! - `request`: a request at a cursor as a job (window, decision), and [`complete_text`], the server's
 //!   completion for a document text and byte offset without LSP types (`wizard eval --prompt-mode editor`);
-//! - `engine`: the inference thread, cancellation, `catch_unwind` per request;
+//! - `engine`: jobs against the shared engine, cancellation, `catch_unwind` per request;
 //! - `cache`: the LRU of completions and "typed as suggested" reuse;
 //! - `text`: word and character-boundary helpers on UTF-8 text.
 #![deny(missing_docs)]
@@ -28,7 +28,7 @@ pub use engine::{Engine, ModelBackend, ModelPaths, Settings};
 pub use request::complete_text;
 use tower_lsp_server::Server;
 
-/// Starts the inference thread, loading the models on it. A failure to load leaves the server up:
+/// Starts the engine thread, loading the models on it. A failure to load leaves the server up:
 /// requests answer with the error and the client is shown it.
 pub fn start_engine(paths: ModelPaths) -> Engine {
     Engine::start(move || {

@@ -66,7 +66,7 @@ pub fn job_at(
 /// decision, prompt, stop rules and suffix trimming as the server, through `model`. Empty where the
 /// server answers no completion.
 pub fn complete_text(
-    model: &mut dyn CompletionModel,
+    model: &dyn CompletionModel,
     text: &str,
     offset: usize,
     language: Language,
@@ -98,7 +98,7 @@ mod tests {
     struct Echo;
 
     impl CompletionModel for Echo {
-        fn complete(&mut self, job: &Job) -> Result<Output, EngineError> {
+        fn complete(&self, job: &Job) -> Result<Output, EngineError> {
             let text = format!(
                 "{:?} prefix={:?} suffix={:?} file={:?} seed={}",
                 job.decision.mode, job.parts.prefix, job.parts.suffix, job.parts.filename, job.seed
@@ -112,7 +112,7 @@ mod tests {
         let offset = text.find('|').unwrap();
         let text = text.replacen('|', "", 1);
         let settings = Settings { context_budget: budget, ..Settings::default() };
-        let got = complete_text(&mut Echo, &text, offset, Language::Python, Some("a.py"), &settings, 7).unwrap();
+        let got = complete_text(&Echo, &text, offset, Language::Python, Some("a.py"), &settings, 7).unwrap();
         assert_eq!(got, expect);
     }
 

@@ -64,6 +64,7 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
         Dtype::F16 => Kind::Half,
         Dtype::BF16 => Kind::BFloat16,
         Dtype::F64 => Kind::Double,
+        Dtype::I8 => Kind::Int8,
         _ => return None,
     })
 }
@@ -167,6 +168,7 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
         Kind::Half => Dtype::F16,
         Kind::BFloat16 => Dtype::BF16,
         Kind::Double => Dtype::F64,
+        Kind::Int8 => Dtype::I8,
         other => return Err(ModelError::Invalid(format!("cannot save weights of kind {other:?}"))),
     })
 }
@@ -174,10 +176,17 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
 /// Writes `model.safetensors` atomically, with the
 /// `{"format": "pt"}` metadata that `transformers` expects.
 pub fn save(dir: &Path, tensors: &[(String, Tensor)], kind: Kind) -> Result<()> {
-    let dtype = dtype_of(kind)?;
+    let converted: Vec<(String, Tensor)> = tensors.iter().map(|(name, t)| (name.clone(), t.to_kind(kind))).collect();
+    save_as_they_are(dir, &converted)
+}
+
+/// [`save`] keeping each tensor's own dtype (a quantized model's int8 values beside fp32 scales).
+pub fn save_as_they_are(dir: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut host: BTreeMap<String, HostTensor> = BTreeMap::new();
     for (name, tensor) in tensors {
-        let tensor = tensor.detach().to_device(Device::Cpu).to_kind(kind).contiguous();
+        let kind = tensor.kind();
+        let dtype = dtype_of(kind)?;
+        let tensor = tensor.detach().to_device(Device::Cpu).contiguous();
         let numel = tensor.numel();
         let mut bytes = vec![0u8; numel * kind.elt_size_in_bytes()];
         tensor.f_copy_data_u8(&mut bytes, numel)?;

@@ -102,6 +102,7 @@ impl Default for ModelConfig {
 /// Fields that do not change GPTBigCode's computation in `transformers` either.
 const IGNORED: &[&str] = &[
     "_name_or_path",
+    "quantization_config",
     "architectures",
     "auto_map",
     "dtype",

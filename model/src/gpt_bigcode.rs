@@ -4,6 +4,7 @@
 //! Variable names mirror the checkpoint (`transformer.h.0.attn.c_attn.weight`, ...), so loading and
 //! saving (in `load.rs`) are name-for-name copies.
 use kernels::attention::{self, SdpaBackend};
+use kernels::int8::Int8Weight;
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
@@ -26,10 +27,12 @@ impl Dropout {
     }
 }
 
-/// A dense layer in the checkpoint's `[out, in]` layout; see [`kernels::linear`] for decoding.
+/// A dense layer in the checkpoint's `[out, in]` layout; see [`kernels::linear`] for decoding. An
+/// int8 layer ([`Precision::Int8`]) keeps only its blocks and scales: the fp32 weight is emptied.
 struct Linear {
     weight: Tensor,
     bias: Tensor,
+    int8: Option<Int8Weight>,
 }
 
 impl Linear {
@@ -37,11 +40,21 @@ impl Linear {
         Linear {
             weight: path.var("weight", &[out_dim, in_dim], init),
             bias: path.var("bias", &[out_dim], Init::Const(0.0)),
+            int8: None,
         }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        kernels::linear::linear(x, &self.weight, Some(&self.bias))
+        match &self.int8 {
+            Some(weight) => kernels::int8::linear(x, weight, Some(&self.bias)),
+            None => kernels::linear::linear(x, &self.weight, Some(&self.bias)),
+        }
+    }
+
+    /// Replaces the fp32 weight by `int8` (the fp32 storage is freed).
+    fn set_int8(&mut self, int8: Int8Weight) {
+        self.weight.set_data(&Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+        self.int8 = Some(int8);
     }
 }
 
@@ -233,6 +246,8 @@ pub struct GptBigCode {
     ln_f: LayerNorm,
     /// The untied head's `[vocab, n_embd]` weight; `None` when tied to `wte`.
     lm_head: Option<Tensor>,
+    /// The head in int8 ([`Precision::Int8`]); `wte` stays for the embedding.
+    head_int8: Option<Int8Weight>,
     embd_pdrop: f64,
     /// Unique per instance in the process: tells which model filled a kept cache (weights changed in
     /// place keep the id; callers that train must not keep caches across steps).
@@ -266,7 +281,7 @@ impl GptBigCode {
             .then(|| (&root / "lm_head").var("weight", &[config.vocab_size, config.n_embd], init));
         let embd_pdrop = config.embd_pdrop;
         let id = NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(GptBigCode { config, vars, wte, wpe, blocks, ln_f, lm_head, embd_pdrop, id })
+        Ok(GptBigCode { config, vars, wte, wpe, blocks, ln_f, lm_head, head_int8: None, embd_pdrop, id })
     }
 
     /// This model's identity in the process (never reused).
@@ -411,8 +426,127 @@ impl GptBigCode {
 
     /// Vocabulary logits, through `wte` itself when the head is tied.
     fn head(&self, hidden: &Tensor) -> Tensor {
+        let hidden = self.ln_f.forward(hidden);
+        if let Some(int8) = &self.head_int8 {
+            return kernels::int8::linear(&hidden, int8, None);
+        }
         let weight = self.lm_head.as_ref().unwrap_or(&self.wte);
-        kernels::linear::linear(&self.ln_f.forward(hidden), weight, None).to_kind(Kind::Float)
+        kernels::linear::linear(&hidden, weight, None).to_kind(Kind::Float)
+    }
+
+    /// `[out, in]` of the dense layer (or head) `name`, as [`int8_layers`](Self::int8_layers) names it.
+    pub(crate) fn dense_shape(&self, name: &str) -> Option<(i64, i64)> {
+        let (vocab, d) = (self.config.vocab_size, self.config.n_embd);
+        if name == "lm_head.weight" {
+            return Some((vocab, d));
+        }
+        let rest = name.strip_prefix("transformer.h.")?;
+        let (index, layer) = rest.split_once('.')?;
+        let block = self.blocks.get(index.parse::<usize>().ok()?)?;
+        let linear = match layer {
+            "attn.c_attn.weight" => &block.attn.c_attn,
+            "attn.c_proj.weight" => &block.attn.c_proj,
+            "mlp.c_fc.weight" => &block.mlp.c_fc,
+            "mlp.c_proj.weight" => &block.mlp.c_proj,
+            _ => return None,
+        };
+        let size = linear.bias.size();
+        let out = size[0];
+        let inputs = match layer {
+            "mlp.c_proj.weight" => self.config.inner_dim(),
+            _ => d,
+        };
+        Some((out, inputs))
+    }
+
+    /// The head's weight: `lm_head`, or `wte` when tied (empty once the head is int8 and untied).
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.wte)
+    }
+
+    /// The int8 layer `name` (`….weight` of a dense layer, or `lm_head.weight`).
+    pub fn int8_weight(&self, name: &str) -> Option<&Int8Weight> {
+        self.int8_layers().into_iter().find(|(layer, _)| layer == name).map(|(_, weight)| weight)
+    }
+
+    /// Whether the dense layers and the head are int8.
+    pub fn is_int8(&self) -> bool {
+        self.head_int8.is_some()
+    }
+
+    /// Converts every dense layer and the head to int8 blocks ([`Precision::Int8`]); an fp32 CPU
+    /// model only. `progress` hears (done, total) layers.
+    pub fn quantize_int8(&mut self, mut progress: impl FnMut(usize, usize)) -> Result<()> {
+        if self.kind() != Kind::Float || self.device() != Device::Cpu {
+            return Err(ModelError::Invalid("int8 weights are for fp32 models on the CPU".into()));
+        }
+        let total = self.blocks.len() * 4 + 1;
+        let mut done = 0;
+        tch::no_grad(|| -> Result<()> {
+            for block in &mut self.blocks {
+                for linear in
+                    [&mut block.attn.c_attn, &mut block.attn.c_proj, &mut block.mlp.c_fc, &mut block.mlp.c_proj]
+                {
+                    let int8 = Int8Weight::quantize(&linear.weight).map_err(|e| ModelError::Invalid(e.to_string()))?;
+                    linear.set_int8(int8);
+                    done += 1;
+                    progress(done, total);
+                }
+            }
+            let head = self.lm_head.as_ref().unwrap_or(&self.wte);
+            self.head_int8 = Some(Int8Weight::quantize(head).map_err(|e| ModelError::Invalid(e.to_string()))?);
+            if let Some(lm_head) = &self.lm_head {
+                lm_head.shallow_clone().set_data(&Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+            }
+            progress(total, total);
+            Ok(())
+        })
+    }
+
+    /// The int8 layers by checkpoint name (`….weight`, and `lm_head.weight` for the head).
+    pub(crate) fn int8_layers(&self) -> Vec<(String, &Int8Weight)> {
+        let mut layers = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let named = [
+                ("attn.c_attn", &block.attn.c_attn),
+                ("attn.c_proj", &block.attn.c_proj),
+                ("mlp.c_fc", &block.mlp.c_fc),
+                ("mlp.c_proj", &block.mlp.c_proj),
+            ];
+            for (name, linear) in named {
+                if let Some(int8) = &linear.int8 {
+                    layers.push((format!("transformer.h.{i}.{name}.weight"), int8));
+                }
+            }
+        }
+        if let Some(head) = &self.head_int8 {
+            layers.push(("lm_head.weight".to_string(), head));
+        }
+        layers
+    }
+
+    /// Sets the int8 layer `name` (as [`int8_layers`](Self::int8_layers) names it); false if no
+    /// dense layer has that name.
+    pub(crate) fn set_int8_layer(&mut self, name: &str, int8: Int8Weight) -> bool {
+        if name == "lm_head.weight" {
+            self.head_int8 = Some(int8);
+            if let Some(lm_head) = &self.lm_head {
+                lm_head.shallow_clone().set_data(&Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+            }
+            return true;
+        }
+        let Some(rest) = name.strip_prefix("transformer.h.") else { return false };
+        let Some((index, layer)) = rest.split_once('.') else { return false };
+        let Some(block) = index.parse::<usize>().ok().and_then(|i| self.blocks.get_mut(i)) else { return false };
+        let linear = match layer {
+            "attn.c_attn.weight" => &mut block.attn.c_attn,
+            "attn.c_proj.weight" => &mut block.attn.c_proj,
+            "mlp.c_fc.weight" => &mut block.mlp.c_fc,
+            "mlp.c_proj.weight" => &mut block.mlp.c_proj,
+            _ => return false,
+        };
+        linear.set_int8(int8);
+        true
     }
 }
 
@@ -422,6 +556,36 @@ pub fn dtype_name(kind: Kind) -> &'static str {
         Kind::BFloat16 => "bfloat16",
         Kind::Half => "float16",
         _ => "float32",
+    }
+}
+
+/// How the weights are held: dense in a dtype, or the dense layers and the head in int8 blocks of 32
+/// with fp32 scales (activations quantized per block on the fly; everything else fp32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// Every weight in this dtype.
+    Dense(Kind),
+    /// int8 dense layers and head, on the CPU.
+    Int8,
+}
+
+impl Precision {
+    /// The dtype the model computes in.
+    pub fn kind(self) -> Kind {
+        match self {
+            Precision::Dense(kind) => kind,
+            Precision::Int8 => Kind::Float,
+        }
+    }
+}
+
+/// [`parse_dtype`], and `int8` (or `q8_0`).
+pub fn parse_precision(text: &str) -> Result<Precision> {
+    match text {
+        "int8" | "q8_0" | "i8" => Ok(Precision::Int8),
+        other => parse_dtype(other).map(Precision::Dense).map_err(|_| {
+            ModelError::Invalid(format!("unknown dtype `{other}`: use float32, bfloat16, float16 or int8"))
+        }),
     }
 }
 

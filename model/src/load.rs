@@ -1,14 +1,39 @@
 //! A [`GptBigCode`] to and from a Hugging Face model directory (`config.json` and safetensors):
 //! tensors are copied name for name into and out of the model's variables.
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
+use kernels::int8::Int8Weight;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
 use crate::config::ModelConfig;
 use crate::files;
-use crate::gpt_bigcode::{dtype_name, GptBigCode, Weights};
+use crate::gpt_bigcode::{dtype_name, GptBigCode, Precision, Weights};
 use crate::{ModelError, Result};
+
+/// `quantization_config.quant_method` of a directory written by [`GptBigCode::save_int8`].
+pub const INT8_METHOD: &str = "wizard_int8";
+
+/// The suffix of an int8 layer's scales tensor.
+const SCALE_SUFFIX: &str = "_scale";
+
+/// Whether `dir`'s config.json says its dense layers are int8 (another quantization is refused).
+fn is_int8_directory(dir: &Path) -> Result<bool> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.clone(), message: e.to_string() })?;
+    match config.get("quantization_config").map(|q| q.get("quant_method").and_then(|m| m.as_str())) {
+        None => Ok(false),
+        Some(Some(INT8_METHOD)) => Ok(true),
+        Some(other) => Err(ModelError::Config {
+            path,
+            field: "quantization_config".into(),
+            message: format!("quant_method {other:?} is not supported (only {INT8_METHOD})"),
+        }),
+    }
+}
 
 /// Buffers that old checkpoints carry and `transformers` ignores.
 fn is_ignored_buffer(name: &str) -> bool {
@@ -20,9 +45,18 @@ impl GptBigCode {
     /// Tensors are read one at a time straight into the weights.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<GptBigCode> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let quantized = is_int8_directory(dir)?;
+        if quantized && (kind != Kind::Float || device != Device::Cpu) {
+            return Err(ModelError::Invalid(format!(
+                "{} holds int8 weights: load it with --dtype int8 on the CPU",
+                dir.display()
+            )));
+        }
         let tied = config.tie_word_embeddings;
-        let model = GptBigCode::build(config, device, kind, Weights::Zeros)?;
+        let mut model = GptBigCode::build(config, device, kind, Weights::Zeros)?;
         let mut pending = model.vars().variables();
+        // int8 layers: name -> (values, scales, the file they came from).
+        let mut int8: BTreeMap<String, (Option<Tensor>, Option<Tensor>, PathBuf)> = BTreeMap::new();
         tch::no_grad(|| {
             checkpoint::for_each_tensor(dir, |name, tensor, file| {
                 let tensor_error = |message: String| ModelError::Tensor {
@@ -30,6 +64,19 @@ impl GptBigCode {
                     tensor: name.to_string(),
                     message,
                 };
+                if quantized {
+                    if let Some(layer) = name.strip_suffix(SCALE_SUFFIX) {
+                        int8.entry(layer.to_string()).or_insert((None, None, file.to_path_buf())).1 = Some(tensor);
+                        return Ok(());
+                    }
+                    if tensor.kind() == Kind::Int8 {
+                        if name != "lm_head.weight" && pending.remove(name).is_none() {
+                            return Err(tensor_error("is not a dense layer of a GPTBigCode model".into()));
+                        }
+                        int8.entry(name.to_string()).or_insert((None, None, file.to_path_buf())).0 = Some(tensor);
+                        return Ok(());
+                    }
+                }
                 let Some(var) = pending.remove(name) else {
                     let tied_head = name == "lm_head.weight" && tied;
                     return if tied_head || is_ignored_buffer(name) {
@@ -46,14 +93,89 @@ impl GptBigCode {
                 Ok(())
             })
         })?;
-        let mut missing: Vec<String> = pending.into_keys().collect();
+        let untied_head = !tied && int8.contains_key("lm_head.weight");
+        let mut missing: Vec<String> =
+            pending.into_keys().filter(|name| !(untied_head && name == "lm_head.weight")).collect();
         missing.sort();
         if let Some(first) = missing.first() {
             let file = checkpoint::weight_files(dir)?.remove(0);
             let message = format!("missing from the checkpoint ({} missing in all)", missing.len());
             return Err(ModelError::Tensor { path: file, tensor: first.clone(), message });
         }
+        if quantized && !int8.contains_key("lm_head.weight") {
+            let file = checkpoint::weight_files(dir)?.remove(0);
+            let message = "missing from an int8 checkpoint (the head is int8 there)".to_string();
+            return Err(ModelError::Tensor { path: file, tensor: "lm_head.weight".into(), message });
+        }
+        for (name, (values, scales, file)) in int8 {
+            let error = |message: String| ModelError::Tensor { path: file.clone(), tensor: name.clone(), message };
+            let values =
+                values.ok_or_else(|| error(format!("has a scale ({name}{SCALE_SUFFIX}) but no int8 values")))?;
+            let scales = scales.ok_or_else(|| error(format!("has no scale tensor {name}{SCALE_SUFFIX}")))?;
+            let (out, in_features) = model.dense_shape(&name).ok_or_else(|| error("is not a dense layer".into()))?;
+            if values.size().first() != Some(&out) {
+                return Err(error(format!("has {:?} rows, config.json implies {out}", values.size())));
+            }
+            let weight = Int8Weight::from_parts(values, scales, in_features).map_err(|e| error(e.to_string()))?;
+            model.set_int8_layer(&name, weight);
+        }
         Ok(model)
+    }
+
+    /// Loads `dir` in `precision`: a dense dtype, or int8 (quantized here unless the directory
+    /// already holds int8 weights, from `wizard quantize`). `progress` hears (done, total) layers.
+    pub fn load_as(
+        dir: &Path,
+        precision: Precision,
+        device: Device,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<GptBigCode> {
+        let mut model = GptBigCode::load(dir, precision.kind(), device)?;
+        if precision != Precision::Int8 && model.is_int8() {
+            return Err(ModelError::Invalid(format!(
+                "{} holds int8 weights (from `wizard quantize`): load it with --dtype int8",
+                dir.display()
+            )));
+        }
+        if precision == Precision::Int8 && !model.is_int8() {
+            model.quantize_int8(progress)?;
+        }
+        Ok(model)
+    }
+
+    /// Writes an int8 model (from [`quantize_int8`](Self::quantize_int8)) into `dir`: the int8 values
+    /// under each dense layer's name, their fp32 scales under `NAME_scale`, the rest in fp32, and
+    /// config.json with a `quantization_config`.
+    pub fn save_int8(&self, dir: &Path) -> Result<()> {
+        if !self.is_int8() {
+            return Err(ModelError::Invalid("the model is not int8".into()));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let layers = self.int8_layers();
+        let mut tensors: Vec<(String, Tensor)> = self
+            .vars()
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| !layers.iter().any(|(layer, _)| layer == name))
+            .collect();
+        for (name, weight) in layers {
+            tensors.push((format!("{name}{SCALE_SUFFIX}"), weight.scales().shallow_clone()));
+            tensors.push((name, weight.values().shallow_clone()));
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        checkpoint::save_as_they_are(dir, &tensors)?;
+        let mut config: serde_json::Value =
+            serde_json::from_str(&self.config().to_json(dtype_name(Kind::Float))).expect("config is JSON");
+        config["quantization_config"] = serde_json::json!({
+            "quant_method": INT8_METHOD,
+            "bits": 8,
+            "block_size": kernels::int8::BLOCK,
+            "scales": "float32, one per block of 32 input features of each output row, in NAME_scale",
+            "modules": "every attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj and lm_head",
+        });
+        let path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&config).expect("config serializes");
+        files::write_atomically(&path, text.as_bytes()).map_err(|e| ModelError::io(&path, e))
     }
 
     /// Writes `config.json` and `model.safetensors` in `kind` into `dir` (created if needed), each

@@ -1,0 +1,494 @@
+//! Int8 weights in blocks of 32 along `in` (llama.cpp's q8_0, with fp32 scales: per-block scales keep
+//! the error of each block proportional to its own largest value), and `x @ w^T + b` over them.
+//!
+//! A weight `[out, in]` is stored as int8 values `[out, padded]` (`in` rounded up to a multiple of 32,
+//! zeros after `in`) and fp32 scales `[out, padded / 32]`; per block, scale = max|w| / 127 and
+//! q = round(w / scale), ties to even, so every value is in -127..=127.
+//!
+//! For the few rows of decoding (at most 16, fp32 on CPU, no gradient) a kernel quantizes each
+//! activation row the same way on the fly and sums, per output, (int32 block dot) * (weight scale *
+//! activation scale) over the blocks, reading the weight once for all rows (AVX-512 VNNI, AVX2, or
+//! portable code). The fp32 sums run in one fixed order, so a row's result is the same bits alone or
+//! with others, whatever the thread split, and on every kernel. Anything else dequantizes the weight
+//! and calls `at::linear`.
+use std::ptr;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::ffi::{self, check};
+use crate::KernelError;
+
+/// Values per block: each block of a weight row has its own scale.
+pub const BLOCK: i64 = 32;
+
+/// A weight `[out, in]` as int8 blocks of 32 along `in` with one fp32 scale each, on the CPU.
+#[derive(Debug)]
+pub struct Int8Weight {
+    values: Tensor,
+    scales: Tensor,
+    in_features: i64,
+}
+
+/// Which kernel: the widest this CPU runs, or a narrower one (to test them all on one machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Widest = 0,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Avx2 = 1,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Scalar = 2,
+}
+
+fn invalid<T>(reason: String) -> Result<T, KernelError> {
+    Err(KernelError::Int8Weight(reason))
+}
+
+/// `in_features` rounded up to whole blocks.
+fn padded(in_features: i64) -> i64 {
+    (in_features + BLOCK - 1) / BLOCK * BLOCK
+}
+
+/// A new tensor handed over by the shim.
+///
+/// # Safety
+/// `handle` must be a heap `at::Tensor` that the shim just created and nothing else owns.
+unsafe fn owned(handle: ffi::TensorHandle) -> Tensor {
+    // SAFETY: see above; the returned Tensor frees it.
+    unsafe { Tensor::from_ptr(handle as *mut torch_sys::C_tensor) }
+}
+
+impl Int8Weight {
+    /// Quantizes a floating-point weight `[out, in]` (fp32, bf16, ..., on any device) into blocks on
+    /// the CPU. Refuses other shapes and dtypes, and NaN or infinite values.
+    pub fn quantize(weight: &Tensor) -> Result<Int8Weight, KernelError> {
+        if weight.dim() != 2 {
+            return invalid(format!("expected a weight [out, in] to quantize, got shape {:?}", weight.size()));
+        }
+        if !weight.is_floating_point() {
+            return invalid(format!("expected a floating-point weight to quantize, got {:?}", weight.kind()));
+        }
+        let weight = weight.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+        if weight.isfinite().all().int64_value(&[]) == 0 {
+            return invalid("the weight to quantize holds NaN or infinite values".into());
+        }
+        let (mut values, mut scales) = (ptr::null_mut(), ptr::null_mut());
+        // SAFETY: the weight is a live tch tensor for the duration of the call, which only reads it;
+        // on success both outputs are new heap tensors whose ownership passes to us.
+        let status = unsafe { ffi::wizard_int8_quantize(ffi::tensor(&weight), &mut values, &mut scales) };
+        check(status, "int8 quantize")?;
+        // SAFETY: see above.
+        let (values, scales) = unsafe { (owned(values), owned(scales)) };
+        Ok(Int8Weight { values, scales, in_features: weight.size()[1] })
+    }
+
+    /// A weight from its stored parts: int8 `values` `[out, padded]` with `padded` the multiple of 32
+    /// at or above `in_features`, fp32 `scales` `[out, padded / 32]`. They come from files users give,
+    /// so every mismatch is refused with what was expected; values of -128 (which symmetric blocks
+    /// never hold) and NaN or infinite scales too. The parts are moved to the CPU.
+    pub fn from_parts(values: Tensor, scales: Tensor, in_features: i64) -> Result<Int8Weight, KernelError> {
+        if values.kind() != Kind::Int8 {
+            return invalid(format!("values must be int8, got {:?}", values.kind()));
+        }
+        if scales.kind() != Kind::Float {
+            return invalid(format!("scales must be float32, got {:?}", scales.kind()));
+        }
+        if values.dim() != 2 {
+            return invalid(format!("values must be a matrix [out, padded in], got shape {:?}", values.size()));
+        }
+        if scales.dim() != 2 {
+            return invalid(format!("scales must be a matrix [out, blocks], got shape {:?}", scales.size()));
+        }
+        if in_features < 0 {
+            return invalid(format!("in_features must not be negative, got {in_features}"));
+        }
+        let (out, columns, expected) = (values.size()[0], values.size()[1], padded(in_features));
+        if columns != expected {
+            return invalid(format!(
+                "values have {columns} columns, but {in_features} input features padded to a multiple of \
+                 {BLOCK} make {expected}"
+            ));
+        }
+        if scales.size() != [out, expected / BLOCK] {
+            return invalid(format!(
+                "scales have shape {:?}, but values [{out}, {expected}] need [{out}, {}] (one per block of {BLOCK})",
+                scales.size(),
+                expected / BLOCK
+            ));
+        }
+        let values = values.to_device(Device::Cpu).contiguous();
+        let scales = scales.detach().to_device(Device::Cpu).contiguous();
+        if values.numel() > 0 && values.min().int64_value(&[]) < -127 {
+            return invalid("values hold -128, which symmetric blocks never do (they are in -127..=127)".into());
+        }
+        if scales.isfinite().all().int64_value(&[]) == 0 {
+            return invalid("scales hold NaN or infinite values".into());
+        }
+        Ok(Int8Weight { values, scales, in_features })
+    }
+
+    /// The int8 values `[out, padded]`, zeros after `in_features` in each row.
+    pub fn values(&self) -> &Tensor {
+        &self.values
+    }
+
+    /// The fp32 scales `[out, padded / 32]`, one per block.
+    pub fn scales(&self) -> &Tensor {
+        &self.scales
+    }
+
+    /// `in` of the weight `[out, in]` these blocks stand for.
+    pub fn in_features(&self) -> i64 {
+        self.in_features
+    }
+
+    /// `out` of the weight `[out, in]` these blocks stand for.
+    pub fn out_features(&self) -> i64 {
+        self.values.size()[0]
+    }
+
+    /// The fp32 weight `[out, in]` these blocks stand for: value times its block's scale.
+    pub fn dequantize(&self) -> Tensor {
+        let mut result = ptr::null_mut();
+        // SAFETY: the handles are live tch tensors for the duration of the call, which only reads
+        // them; on success `result` is a new heap tensor whose ownership passes to us.
+        let status = unsafe {
+            ffi::wizard_int8_dequantize(
+                ffi::tensor(&self.values),
+                ffi::tensor(&self.scales),
+                self.in_features,
+                &mut result,
+            )
+        };
+        if let Err(error) = check(status, "int8 dequantize") {
+            panic!("{error}");
+        }
+        // SAFETY: see above.
+        unsafe { owned(result) }
+    }
+}
+
+/// `x @ dequantize(weight)^T + bias` for `x` `[..., in]`. At most 16 fp32 CPU rows that need no
+/// gradient, outside autocast, take the kernel (activations quantized per block of 32, so the result
+/// differs from the dequantized product by a fraction of a percent); everything else (prefill, other
+/// dtypes or devices, training) dequantizes the weight for the call and goes to `at::linear`.
+/// Panics on what `at::linear` rejects (mismatched shapes), as tch ops do.
+pub fn linear(x: &Tensor, weight: &Int8Weight, bias: Option<&Tensor>) -> Tensor {
+    linear_with(Isa::Widest, x, weight, bias)
+}
+
+/// The kernel this CPU runs, as `wizard doctor` reports it: `avx512-vnni`, `avx2`, or `scalar`
+/// (portable code, slower than `at::linear` over the dequantized weight but in the same fixed order).
+pub fn int8_kernel_isa() -> &'static str {
+    // SAFETY: no arguments, an integer out.
+    match unsafe { ffi::wizard_int8_kernel_isa() } {
+        2 => "avx512-vnni",
+        1 => "avx2",
+        _ => "scalar",
+    }
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+fn kernel_available(isa: Isa) -> bool {
+    // SAFETY: an integer in, an integer out.
+    unsafe { ffi::wizard_int8_kernel_available(isa as i32) != 0 }
+}
+
+fn linear_with(isa: Isa, x: &Tensor, weight: &Int8Weight, bias: Option<&Tensor>) -> Tensor {
+    let mut result = ptr::null_mut();
+    // SAFETY: the handles are live tch tensors for the duration of the call, which only reads them;
+    // on success `result` is a new heap tensor whose ownership passes to the returned Tensor.
+    let status = unsafe {
+        ffi::wizard_int8_linear(
+            ffi::tensor(x),
+            ffi::tensor(&weight.values),
+            ffi::tensor(&weight.scales),
+            weight.in_features,
+            bias.map_or(ptr::null_mut(), ffi::tensor),
+            isa as i32,
+            &mut result,
+        )
+    };
+    if let Err(error) = check(status, "int8 linear") {
+        panic!("{error}");
+    }
+    // SAFETY: see above.
+    unsafe { owned(result) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISAS: [Isa; 3] = [Isa::Widest, Isa::Avx2, Isa::Scalar];
+
+    #[derive(Clone, Copy)]
+    enum Weights {
+        Random,
+        /// Every third output row all zeros (zero scales).
+        ZeroRows,
+        AllZero,
+    }
+
+    struct Case {
+        rows: i64,
+        in_dim: i64,
+        out_dim: i64,
+        bias: bool,
+        weights: Weights,
+    }
+
+    /// Per element, |w - dequantize(quantize(w))| is at most half its block's scale.
+    fn check_quantized(weight: &Tensor, q: &Int8Weight) {
+        let (out, in_dim) = (weight.size()[0], weight.size()[1]);
+        assert_eq!((q.out_features(), q.in_features()), (out, in_dim));
+        let scale = q.scales().repeat_interleave_self_int(BLOCK, Some(1), None).narrow(1, 0, in_dim);
+        let error = (weight.to_kind(Kind::Float) - q.dequantize()).abs();
+        let slack = &scale * 0.5 * (1.0 + 1e-5) + weight.to_kind(Kind::Float).abs() * 1e-6;
+        assert!(error.le_tensor(&slack).all().int64_value(&[]) == 1, "[{out}, {in_dim}]: error beyond scale / 2");
+        if padded(in_dim) > in_dim {
+            let padding = q.values().narrow(1, in_dim, padded(in_dim) - in_dim);
+            assert_eq!(padding.abs().sum(Kind::Int64).int64_value(&[]), 0, "padding is not zeros");
+        }
+    }
+
+    /// The kernel against `x.linear(dequantize(w))` within the error of quantizing activations (at
+    /// most half an activation scale per element, weighed by |w|, plus fp32 rounding; under 1% of
+    /// the result's norm); every kernel
+    /// this CPU runs gives the same bits; every row gives the same bits computed alone. The first
+    /// block of the first row is zero (a zero activation scale).
+    fn check(case: Case) {
+        let Case { rows, in_dim, out_dim, bias, weights } = case;
+        tch::manual_seed(rows * 1000 + in_dim * 7 + out_dim);
+        let opts = (Kind::Float, Device::Cpu);
+        let x = Tensor::randn([1, rows, in_dim], opts);
+        if rows > 0 {
+            let _ = x.narrow(1, 0, 1).narrow(2, 0, in_dim.min(BLOCK)).zero_();
+        }
+        let mut weight = Tensor::randn([out_dim, in_dim], opts) * 0.1;
+        match weights {
+            Weights::Random => {}
+            Weights::ZeroRows => {
+                let _ =
+                    weight.index_fill_(0, &Tensor::arange_start_step(0, out_dim, 3, (Kind::Int64, Device::Cpu)), 0.0);
+            }
+            Weights::AllZero => weight = weight.zeros_like(),
+        }
+        let bias = bias.then(|| Tensor::randn([out_dim], opts));
+        let q = Int8Weight::quantize(&weight).unwrap();
+        check_quantized(&weight, &q);
+
+        let dequantized = q.dequantize();
+        let expected = x.linear(&dequantized, bias.as_ref());
+        // Σ_blocks (activation scale / 2) * Σ_block |w|, per row and output.
+        let pad = padded(in_dim) - in_dim;
+        let blocks = padded(in_dim) / BLOCK;
+        let x_scale = x
+            .reshape([rows, in_dim])
+            .constant_pad_nd([0, pad])
+            .reshape([rows, blocks, BLOCK])
+            .abs()
+            .amax([2].as_slice(), false)
+            / 127.0;
+        let w_l1 = dequantized.abs().constant_pad_nd([0, pad]).reshape([out_dim, blocks, BLOCK]).sum_dim_intlist(
+            [2].as_slice(),
+            false,
+            Kind::Float,
+        );
+        let magnitude = x.reshape([rows, in_dim]).abs().matmul(&dequantized.abs().tr());
+        let bound = (x_scale * 0.5).matmul(&w_l1.tr()) * (1.0 + 1e-4) + magnitude * 1e-5 + 1e-6;
+
+        let kernel_ran = rows <= 16 && in_dim > 0;
+        let mut first: Option<Tensor> = None;
+        for isa in ISAS.into_iter().filter(|&isa| kernel_available(isa)) {
+            let got = tch::no_grad(|| linear_with(isa, &x, &q, bias.as_ref()));
+            assert_eq!(got.size(), expected.size());
+            let error = (&got - &expected).abs().reshape([rows, out_dim]);
+            assert!(
+                error.le_tensor(&bound).all().int64_value(&[]) == 1,
+                "{isa:?} rows {rows} [{out_dim}, {in_dim}]: error {} beyond the bound",
+                error.max().double_value(&[])
+            );
+            let relative = (&got - &expected).norm().double_value(&[]) / expected.norm().double_value(&[]).max(1e-30);
+            assert!(relative < 1e-2, "{isa:?} rows {rows} [{out_dim}, {in_dim}]: relative error {relative}");
+            if !kernel_ran {
+                continue;
+            }
+            if let Some(first) = &first {
+                assert!(got.equal(first), "{isa:?} rows {rows} [{out_dim}, {in_dim}]: differs from {:?}", ISAS[0]);
+            }
+            for row in 0..rows {
+                let alone = tch::no_grad(|| linear_with(isa, &x.narrow(1, row, 1).contiguous(), &q, bias.as_ref()));
+                assert!(alone.equal(&got.narrow(1, row, 1)), "{isa:?}: row {row} of {rows} differs when alone");
+            }
+            first.get_or_insert(got);
+        }
+    }
+
+    #[test]
+    fn kernel_matches_the_dequantized_product_and_itself() {
+        for rows in 1..=16 {
+            // 3 blocks: a lone last block after a pair; 300 outputs: not a multiple of the unroll.
+            check(Case { rows, in_dim: 96, out_dim: 300, bias: true, weights: Weights::Random });
+        }
+        check(Case { rows: 5, in_dim: 100, out_dim: 37, bias: false, weights: Weights::Random }); // partial block
+        check(Case { rows: 3, in_dim: 7, out_dim: 5, bias: true, weights: Weights::Random }); // in < 32
+        check(Case { rows: 4, in_dim: 64, out_dim: 64, bias: false, weights: Weights::Random });
+        check(Case { rows: 16, in_dim: 768, out_dim: 67, bias: true, weights: Weights::Random });
+        check(Case { rows: 6, in_dim: 200, out_dim: 31, bias: true, weights: Weights::ZeroRows });
+        check(Case { rows: 3, in_dim: 40, out_dim: 9, bias: true, weights: Weights::AllZero });
+        check(Case { rows: 0, in_dim: 64, out_dim: 8, bias: true, weights: Weights::Random }); // no rows
+        check(Case { rows: 2, in_dim: 0, out_dim: 3, bias: true, weights: Weights::Random }); // empty products
+        check(Case { rows: 40, in_dim: 64, out_dim: 64, bias: true, weights: Weights::Random });
+        // prefill
+    }
+
+    /// Ties round to even, the largest magnitude maps to ±127, and a block of zeros has scale 0.
+    #[test]
+    fn quantize_follows_the_format() {
+        let mut row = vec![0.0f32; 40];
+        row[..5].copy_from_slice(&[0.5, 1.5, 2.5, -2.5, -127.0]);
+        row[32] = 3.0;
+        let weight = Tensor::from_slice(&row).reshape([1, 40]);
+        let zeros = Tensor::zeros([1, 40], (Kind::Float, Device::Cpu));
+        let q = Int8Weight::quantize(&Tensor::cat(&[weight, zeros], 0)).unwrap();
+        assert_eq!(q.values().size(), [2, 64]);
+        let values = Vec::<i64>::try_from(q.values().narrow(1, 0, 33).reshape([-1]).to_kind(Kind::Int64)).unwrap();
+        assert_eq!(values[..5], [0, 2, 2, -2, -127]);
+        assert_eq!(values[32], 127);
+        assert!(values[33..].iter().all(|&v| v == 0));
+        let scales = Vec::<f32>::try_from(q.scales().reshape([-1])).unwrap();
+        assert_eq!(scales, [1.0, 3.0 / 127.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn quantize_takes_bf16_on_any_device_and_refuses_what_it_cannot() {
+        let weight = (Tensor::randn([10, 70], (Kind::Float, Device::Cpu)) * 3.0).to_kind(Kind::BFloat16);
+        let q = Int8Weight::quantize(&weight).unwrap();
+        check_quantized(&weight, &q);
+        assert_eq!(q.values().device(), Device::Cpu);
+
+        let nan = Tensor::from_slice(&[1.0f32, f32::NAN]).reshape([1, 2]);
+        for (weight, message) in [
+            (nan, "NaN or infinite"),
+            (Tensor::ones([4], (Kind::Float, Device::Cpu)), "got shape [4]"),
+            (Tensor::ones([2, 2], (Kind::Int64, Device::Cpu)), "floating-point"),
+        ] {
+            let error = Int8Weight::quantize(&weight).unwrap_err().to_string();
+            assert!(error.contains(message), "{error}");
+        }
+    }
+
+    #[test]
+    fn from_parts_refuses_parts_that_do_not_fit() {
+        let cpu = Device::Cpu;
+        let values = |out: i64, cols: i64| Tensor::zeros([out, cols], (Kind::Int8, cpu));
+        let scales = |out: i64, blocks: i64| Tensor::ones([out, blocks], (Kind::Float, cpu));
+        let cases = [
+            (values(4, 64).to_kind(Kind::Float), scales(4, 2), 64, "values must be int8, got Float"),
+            (values(4, 64), scales(4, 2).to_kind(Kind::Half), 64, "scales must be float32, got Half"),
+            (values(4, 64).reshape([256]), scales(4, 2), 64, "values must be a matrix"),
+            (values(4, 64), scales(4, 2).reshape([8]), 64, "scales must be a matrix"),
+            (values(4, 64), scales(4, 2), -1, "must not be negative"),
+            (values(4, 60), scales(4, 2), 60, "values have 60 columns, but 60 input features"),
+            (values(4, 64), scales(4, 2), 30, "values have 64 columns, but 30 input features"),
+            (values(4, 64), scales(4, 3), 64, "scales have shape [4, 3], but values [4, 64] need [4, 2]"),
+            (values(4, 64), scales(3, 2), 64, "scales have shape [3, 2]"),
+            (values(4, 64).fill(-128), scales(4, 2), 64, "values hold -128"),
+            (values(4, 64), scales(4, 2).fill(f64::INFINITY), 64, "NaN or infinite"),
+        ];
+        for (values, scales, in_features, message) in cases {
+            let error = Int8Weight::from_parts(values, scales, in_features).unwrap_err().to_string();
+            assert!(error.starts_with("int8 weight: ") && error.contains(message), "{error}");
+        }
+        // Parts that fit: the same weight back.
+        let weight = Tensor::randn([5, 50], (Kind::Float, cpu));
+        let q = Int8Weight::quantize(&weight).unwrap();
+        let again =
+            Int8Weight::from_parts(q.values().shallow_clone(), q.scales().shallow_clone(), q.in_features()).unwrap();
+        assert!(again.dequantize().equal(&q.dequantize()));
+        let x = Tensor::randn([2, 50], (Kind::Float, cpu));
+        assert!(tch::no_grad(|| linear(&x, &again, None).equal(&linear(&x, &q, None))));
+    }
+
+    /// A NaN in a block makes every output of its row NaN, as it would without quantization.
+    #[test]
+    fn non_finite_activations_give_nan() {
+        let q = Int8Weight::quantize(&Tensor::randn([6, 64], (Kind::Float, Device::Cpu))).unwrap();
+        let x = Tensor::randn([2, 64], (Kind::Float, Device::Cpu));
+        let _ = x.get(1).get(40).fill_(f64::INFINITY);
+        for isa in ISAS.into_iter().filter(|&isa| kernel_available(isa)) {
+            let y = tch::no_grad(|| linear_with(isa, &x, &q, None));
+            assert_eq!(y.get(0).isfinite().all().int64_value(&[]), 1, "{isa:?}");
+            assert_eq!(y.get(1).isnan().all().int64_value(&[]), 1, "{isa:?}");
+        }
+    }
+
+    /// Training goes to at::linear over the dequantized weight, so gradients reach x; under CPU
+    /// autocast the result is in the autocast dtype.
+    #[test]
+    fn gradients_and_autocast_take_at_linear() {
+        let weight = Tensor::randn([8, 16], (Kind::Float, Device::Cpu));
+        let q = Int8Weight::quantize(&weight).unwrap();
+        let x = Tensor::randn([2, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        linear(&x, &q, None).sum(Kind::Float).backward();
+        let expected =
+            q.dequantize().sum_dim_intlist([0].as_slice(), false, Kind::Float).unsqueeze(0).expand([2, 16], false);
+        assert!(x.grad().allclose(&expected, 1e-5, 1e-5, false));
+
+        let x = Tensor::randn([2, 16], (Kind::Float, Device::Cpu));
+        let y =
+            crate::precision::autocast(Device::Cpu, Kind::BFloat16, || tch::no_grad(|| linear(&x, &q, None))).unwrap();
+        assert_eq!(y.kind(), Kind::BFloat16);
+    }
+
+    /// Timings against the fp32 kernel and at::linear on 2 threads, printed; run with
+    /// `WIZARD_INT8_TIMINGS=1 cargo test --release -p kernels int8::tests::timings -- --nocapture`.
+    /// "hot" repeats one weight (it stays in cache); "cold" cycles through copies that overflow the
+    /// last-level cache, as the layers of a model do.
+    #[test]
+    fn timings() {
+        if std::env::var_os("WIZARD_INT8_TIMINGS").is_none() {
+            return;
+        }
+        tch::set_num_threads(2);
+        let time = |calls: usize, f: &mut dyn FnMut(usize)| {
+            f(0);
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let start = std::time::Instant::now();
+                for call in 0..calls {
+                    f(call);
+                }
+                best = best.min(start.elapsed().as_secs_f64() * 1e6 / calls as f64);
+            }
+            best
+        };
+        println!("int8 kernel: {}", int8_kernel_isa());
+        println!(
+            "{:>12} {:>4} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8}",
+            "out x in", "rows", "cache", "int8 us", "fp32 us", "at us", "fp32/i8", "at/i8"
+        );
+        for (out, inp) in [(768, 768), (3072, 768), (768, 3072), (4000, 768)] {
+            let copies = (256 << 20) / (out * inp * 4) as usize + 1;
+            let weights: Vec<Tensor> =
+                (0..copies).map(|_| Tensor::randn([out, inp], (Kind::Float, Device::Cpu))).collect();
+            let quantized: Vec<Int8Weight> = weights.iter().map(|w| Int8Weight::quantize(w).unwrap()).collect();
+            for rows in [1, 4] {
+                let x = Tensor::randn([rows, inp], (Kind::Float, Device::Cpu));
+                for (cache, n) in [("hot", 1), ("cold", copies)] {
+                    let calls = copies.max(200);
+                    let _guard = tch::no_grad_guard();
+                    let int8 = time(calls, &mut |c| drop(linear(&x, &quantized[c % n], None)));
+                    let fp32 = time(calls, &mut |c| drop(crate::linear::linear(&x, &weights[c % n], None)));
+                    let at = time(calls, &mut |c| drop(x.linear::<Tensor>(&weights[c % n], None)));
+                    println!(
+                        "{:>12} {rows:>4} {cache:>5} | {int8:>8.1} {fp32:>8.1} {at:>8.1} | {:>8.2} {:>8.2}",
+                        format!("{out}x{inp}"),
+                        fp32 / int8,
+                        at / int8
+                    );
+                }
+            }
+        }
+    }
+}

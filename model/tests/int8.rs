@@ -1,0 +1,132 @@
+//! int8 weights: perplexity and greedy tokens close to fp32's, a saved int8 directory that loads to
+//! the same model, and damaged int8 directories refused with the file and tensor named.
+use std::path::Path;
+
+use model::config::ModelConfig;
+use model::generate::{generate, GenerateConfig, NoStop};
+use model::gpt_bigcode::{Dropout, GptBigCode, Precision};
+use model::sampling::Sampling;
+use tch::{Device, Kind, Tensor};
+
+/// A random model saved in `dir` (tests run in parallel; libtorch's generator is global).
+fn save_random(dir: &Path, n_embd: i64, std: f64) {
+    static SEEDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _seeding = SEEDING.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(11);
+    let config = ModelConfig {
+        vocab_size: 300,
+        n_positions: 128,
+        n_embd,
+        n_layer: 3,
+        n_head: 4,
+        initializer_range: std,
+        bos_token_id: Some(0),
+        eos_token_id: Some(0),
+        ..ModelConfig::default()
+    };
+    GptBigCode::new(config, Device::Cpu).unwrap().save(dir, Kind::Float).unwrap();
+}
+
+fn load(dir: &Path, precision: Precision) -> GptBigCode {
+    GptBigCode::load_as(dir, precision, Device::Cpu, |_, _| {}).unwrap()
+}
+
+/// Perplexity of `model` on `text` (token ids) and the next-token argmax at every position.
+fn score(model: &GptBigCode, text: &Tensor) -> (f64, Tensor) {
+    tch::no_grad(|| {
+        let logits = model.forward_full(&text.narrow(1, 0, text.size()[1] - 1), Dropout::Off).unwrap();
+        let (batch, len, vocab) = logits.size3().unwrap();
+        let targets = text.narrow(1, 1, len).reshape([batch * len]);
+        let flat = logits.reshape([batch * len, vocab]);
+        (flat.cross_entropy_for_logits(&targets).exp().double_value(&[]), flat.argmax(-1, false))
+    })
+}
+
+/// (perplexity ratio int8 / fp32, share of positions where the greedy next token is fp32's) on held-out
+/// text, and whether a greedy generation starts alike, on a random model of width `n_embd`.
+fn check(n_embd: i64, std: f64) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    save_random(dir.path(), n_embd, std);
+    let (dense, int8) = (load(dir.path(), Precision::Dense(Kind::Float)), load(dir.path(), Precision::Int8));
+    assert!(int8.is_int8() && !dense.is_int8());
+    let text = Tensor::from_slice(&(0..4 * 96).map(|i| (i * 37 + i / 7) % 299 + 1).collect::<Vec<i64>>()).view([4, 96]);
+    let ((dense_ppl, dense_next), (int8_ppl, int8_next)) = (score(&dense, &text), score(&int8, &text));
+    let agreement = dense_next.eq_tensor(&int8_next).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    let config = GenerateConfig { max_new_tokens: 8, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
+    let prompt = [3i64, 4, 5];
+    let a = generate(&dense, &prompt, &config, &mut NoStop).unwrap().remove(0).tokens;
+    let b = generate(&int8, &prompt, &config, &mut NoStop).unwrap().remove(0).tokens;
+    assert_eq!(a[0], b[0], "the first greedy token differs");
+    (int8_ppl / dense_ppl, agreement)
+}
+
+#[test]
+fn int8_stays_close_to_fp32() {
+    for (n_embd, std) in [(128, 0.02), (128, 0.1), (256, 0.02), (256, 0.1)] {
+        let (ratio, agreement) = check(n_embd, std);
+        eprintln!("d{n_embd}: perplexity int8/fp32 {ratio:.5}, greedy agreement {agreement:.3}");
+        assert!((ratio - 1.0).abs() < 0.01, "d{n_embd}: perplexity ratio {ratio}");
+        assert!(agreement >= 0.95, "d{n_embd}: greedy agreement {agreement}");
+    }
+}
+
+/// A saved int8 directory loads without quantizing again, to the same logits.
+#[test]
+fn saved_int8_loads_to_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    save_random(dir.path(), 64, 0.2);
+    let quantized = load(dir.path(), Precision::Int8);
+    let out = dir.path().join("int8");
+    quantized.save_int8(&out).unwrap();
+    let reloaded = load(&out, Precision::Int8);
+    let ids = Tensor::from_slice(&[5i64, 6, 7, 8]).view([1, 4]);
+    let logits = |m: &GptBigCode| tch::no_grad(|| m.forward_full(&ids, Dropout::Off).unwrap());
+    assert!(logits(&quantized).equal(&logits(&reloaded)));
+    // fp32 of an int8 directory is refused: its weights are int8.
+    let error =
+        GptBigCode::load_as(&out, Precision::Dense(Kind::Float), Device::Cpu, |_, _| {}).err().unwrap().to_string();
+    assert!(error.contains("holds int8 weights"), "{error}");
+}
+
+/// Damaged int8 directories: the error names the file and the tensor.
+#[test]
+fn damaged_int8_directories_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    save_random(dir.path(), 64, 0.2);
+    let out = dir.path().join("int8");
+    load(dir.path(), Precision::Int8).save_int8(&out).unwrap();
+    let weights = out.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let rewrite = |edit: &dyn Fn(&mut Vec<(String, Tensor)>)| {
+        let mut tensors = Tensor::read_safetensors(&weights).unwrap();
+        edit(&mut tensors);
+        let damaged = dir.path().join("damaged");
+        std::fs::create_dir_all(&damaged).unwrap();
+        std::fs::copy(out.join("config.json"), damaged.join("config.json")).unwrap();
+        Tensor::write_safetensors(&tensors, damaged.join("model.safetensors")).unwrap();
+        damaged
+    };
+    let cases: [(&dyn Fn(&mut Vec<(String, Tensor)>), &str); 2] = [
+        (&|t| t.retain(|(n, _)| n != "transformer.h.1.mlp.c_fc.weight_scale"), "transformer.h.1.mlp.c_fc.weight"),
+        (
+            &|t| {
+                for (name, tensor) in t.iter_mut() {
+                    if name == "transformer.h.0.attn.c_proj.weight" {
+                        *tensor = tensor.narrow(0, 0, 10).copy();
+                    }
+                }
+            },
+            "transformer.h.0.attn.c_proj.weight",
+        ),
+    ];
+    for (edit, tensor) in cases {
+        let damaged = rewrite(edit);
+        let error = GptBigCode::load_as(&damaged, Precision::Int8, Device::Cpu, |_, _| {}).err().unwrap().to_string();
+        assert!(error.contains(tensor) && error.contains("model.safetensors"), "{error}");
+        std::fs::remove_dir_all(&damaged).unwrap();
+    }
+    // A truncated file.
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let error = GptBigCode::load_as(&out, Precision::Int8, Device::Cpu, |_, _| {}).err().unwrap().to_string();
+    assert!(error.contains("model.safetensors"), "{error}");
+}

@@ -1,0 +1,70 @@
+//! `wizard quantize`: a model directory to an int8 one (dense layers and head in blocks of 32 with
+//! fp32 scales) that loads without quantizing again, with each layer's error.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use model::gpt_bigcode::{parse_precision, GptBigCode, Precision};
+use tch::{Device, Kind};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory in Hugging Face format (config.json, safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// The format to write: int8.
+    #[arg(long, default_value = "int8")]
+    dtype: String,
+    /// Where to write the quantized directory (created; files in it are replaced).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+/// Files beside the weights that a model directory carries over unchanged.
+const CARRIED: [&str; 5] =
+    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "vocab.json"];
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if parse_precision(&args.dtype)? != Precision::Int8 {
+        anyhow::bail!(
+            "--dtype {}: wizard quantize writes int8 (other dtypes load from the original directory)",
+            args.dtype
+        );
+    }
+    anyhow::ensure!(args.out != args.model, "--out must differ from --model");
+    let original = GptBigCode::load(&args.model, Kind::Float, Device::Cpu)?;
+    let dense: Vec<(String, tch::Tensor)> = original
+        .vars()
+        .variables()
+        .into_iter()
+        .filter(|(name, _)| name.ends_with(".weight") && (name.contains(".attn.c_") || name.contains(".mlp.c_")))
+        .map(|(name, tensor)| (name, tensor.copy()))
+        .collect();
+    let head = original.head_weight().copy();
+    drop(original);
+    let model = crate::device::load_model(&args.model, Precision::Int8, Device::Cpu)?;
+    model.save_int8(&args.out)?;
+    for name in CARRIED {
+        let from = args.model.join(name);
+        if from.exists() {
+            std::fs::copy(&from, args.out.join(name))
+                .with_context(|| format!("cannot copy {} into {}", from.display(), args.out.display()))?;
+        }
+    }
+    // Each layer's error: relative Frobenius norm and the largest element, dequantized against the original.
+    let quantized = GptBigCode::load_as(&args.out, Precision::Int8, Device::Cpu, |_, _| {})?;
+    println!("{:<36} {:>14} {:>12} {:>12}", "tensor", "shape", "rel. error", "max error");
+    let mut originals = dense;
+    originals.sort_by(|a, b| a.0.cmp(&b.0));
+    originals.push(("lm_head.weight".into(), head));
+    for (name, weight) in originals {
+        let restored = quantized.int8_weight(&name).context("a quantized layer is missing")?.dequantize();
+        let difference = &restored - &weight;
+        let relative = difference.norm().double_value(&[]) / weight.norm().double_value(&[]).max(f64::MIN_POSITIVE);
+        let largest = difference.abs().max().double_value(&[]);
+        let shape = format!("{:?}", weight.size());
+        println!("{name:<36} {shape:>14} {relative:>12.2e} {largest:>12.2e}");
+    }
+    eprintln!("wrote {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
