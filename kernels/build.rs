@@ -54,7 +54,13 @@ fn main() {
     // ProcessGroupGloo.hpp includes gloo's headers, which the wheel does not ship; Debian's
     // libgloo-dev provides them (scripts/setup.sh installs it). Only declarations are used.
     build.define("USE_C10D_GLOO", None);
+    // at::parallel_for is inline code that runs in parallel only where it is compiled with OpenMP
+    // (libtorch's backend); without the flag the kernels' parallel_for runs on one thread. The
+    // GOMP calls resolve to the libgomp.so.1 that libtorch_cpu loads from the wheel (same soname,
+    // found first through the rpath), so there is one OpenMP runtime in the process.
+    build.flag("-fopenmp");
     build.compile("wizard_kernels");
+    println!("cargo:rustc-link-lib=dylib=gomp");
 
     println!("cargo:rustc-env=WIZARD_LIBTORCH_LIB={}", lib.display());
     println!("cargo:rustc-check-cfg=cfg(wizard_with_cuda)");
