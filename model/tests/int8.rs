@@ -88,6 +88,9 @@ fn saved_int8_loads_to_the_same_model() {
     assert!(error.contains("holds int8 weights"), "{error}");
 }
 
+/// A change to a checkpoint's tensors.
+type Edit = dyn Fn(&mut Vec<(String, Tensor)>);
+
 /// Damaged int8 directories: the error names the file and the tensor.
 #[test]
 fn damaged_int8_directories_are_refused() {
@@ -97,7 +100,7 @@ fn damaged_int8_directories_are_refused() {
     load(dir.path(), Precision::Int8).save_int8(&out).unwrap();
     let weights = out.join("model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
-    let rewrite = |edit: &dyn Fn(&mut Vec<(String, Tensor)>)| {
+    let rewrite = |edit: &Edit| {
         let mut tensors = Tensor::read_safetensors(&weights).unwrap();
         edit(&mut tensors);
         let damaged = dir.path().join("damaged");
@@ -106,7 +109,7 @@ fn damaged_int8_directories_are_refused() {
         Tensor::write_safetensors(&tensors, damaged.join("model.safetensors")).unwrap();
         damaged
     };
-    let cases: [(&dyn Fn(&mut Vec<(String, Tensor)>), &str); 2] = [
+    let cases: [(&Edit, &str); 2] = [
         (&|t| t.retain(|(n, _)| n != "transformer.h.1.mlp.c_fc.weight_scale"), "transformer.h.1.mlp.c_fc.weight"),
         (
             &|t| {
