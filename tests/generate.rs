@@ -114,7 +114,7 @@ fn bad_requests_are_clear_errors() {
         (&["--prompt", &"x = 1\n".repeat(60)], "n_positions"),
         (&["--prompt", "x", "--top-p", "1.5"], "top-p must be in (0, 1]"),
         (&["--prompt", "x", "--device", "tpu"], "--device \"tpu\""),
-        (&["--prompt", "x", "--dtype", "int8"], "unknown dtype `int8`"),
+        (&["--prompt", "x", "--dtype", "int4"], "unknown dtype `int4`: use float32, bfloat16, float16 or int8"),
         (&["--prompt-file", "/nonexistent/prompt.txt"], "/nonexistent/prompt.txt"),
     ];
     for (args, expected) in cases {
