@@ -32,17 +32,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     anyhow::ensure!(args.out != args.model, "--out must differ from --model");
-    let original = GptBigCode::load(&args.model, Kind::Float, Device::Cpu)?;
-    let dense: Vec<(String, tch::Tensor)> = original
+    let mut model = GptBigCode::load(&args.model, Kind::Float, Device::Cpu)?;
+    // The fp32 weights, for each layer's error (quantizing frees them).
+    let mut originals: Vec<(String, tch::Tensor)> = model
         .vars()
         .variables()
         .into_iter()
         .filter(|(name, _)| name.ends_with(".weight") && (name.contains(".attn.c_") || name.contains(".mlp.c_")))
         .map(|(name, tensor)| (name, tensor.copy()))
         .collect();
-    let head = original.head_weight().copy();
-    drop(original);
-    let model = crate::device::load_model(&args.model, Precision::Int8, Device::Cpu)?;
+    originals.sort_by(|a, b| a.0.cmp(&b.0));
+    originals.push(("lm_head.weight".into(), model.head_weight().copy()));
+    crate::device::with_quantizing_bar(|progress| model.quantize_int8(progress))?;
     model.save_int8(&args.out)?;
     for name in CARRIED {
         let from = args.model.join(name);
@@ -52,13 +53,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     // Each layer's error: relative Frobenius norm and the largest element, dequantized against the original.
-    let quantized = GptBigCode::load_as(&args.out, Precision::Int8, Device::Cpu, |_, _| {})?;
     println!("{:<36} {:>14} {:>12} {:>12}", "tensor", "shape", "rel. error", "max error");
-    let mut originals = dense;
-    originals.sort_by(|a, b| a.0.cmp(&b.0));
-    originals.push(("lm_head.weight".into(), head));
     for (name, weight) in originals {
-        let restored = quantized.int8_weight(&name).context("a quantized layer is missing")?.dequantize();
+        let restored = model.int8_weight(&name).context("a quantized layer is missing")?.dequantize();
         let difference = &restored - &weight;
         let relative = difference.norm().double_value(&[]) / weight.norm().double_value(&[]).max(f64::MIN_POSITIVE);
         let largest = difference.abs().max().double_value(&[]);

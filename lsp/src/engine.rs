@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use model::engine::{EngineConfig, Event, Request, Speculation};
+use model::engine::{panic_message, EngineConfig, Event, Request, Speculation};
 use model::generate::StopCriterion;
 use model::gpt_bigcode::{GptBigCode, Precision};
 use model::sampling::Sampling;
@@ -241,14 +241,6 @@ impl Engine {
             other => other,
         }
     }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
 }
 
 /// Where the models come from.

@@ -727,7 +727,8 @@ fn flatten_panic<T>(result: std::thread::Result<Result<T>>) -> std::result::Resu
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+/// What a caught panic said (its `&str` or `String` payload).
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
