@@ -1,9 +1,9 @@
-// `x @ w^T + b` for the few rows of a decode step or a speculative verification pass, fp32 on CPU
-// (AVX-512, or AVX2 with FMA). BLAS packs the weight for every call with more than one row, so
-// scoring 5 tokens cost about 3 one-row products; this kernel streams the weight once for all rows.
-// Every output element is one dot product accumulated in the same order whatever the row count or
-// thread split, so a row's result does not depend on how many rows share the call: the dense layers
-// of a verification pass give exactly what one-token steps give.
+// `x @ w^T + b` for inference, fp32 on CPU (AVX-512, or AVX2 with FMA), at any row count: a decode
+// step, a batch of sequences, a verification pass, a prefill chunk. Every output element is one dot
+// product accumulated in the same order whatever the row count or thread split, so a row's result
+// does not depend on how many rows share the call: the dense layers of a verification pass give
+// exactly what one-token steps give, and a sequence decoded beside 15 others gets the tokens it gets
+// alone. (BLAS gives neither, and measured slower at every row count on the machines we bench.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
@@ -17,15 +17,14 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 16;
-
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 namespace avx512 {
 struct Lanes {
   using V = __m512;
   static constexpr int64_t kWidth = 16;
-  static constexpr int kWeightRows = 4;  // 16 accumulators of 32 registers
+  static constexpr int kRows = 4;        // 24 accumulators, 6 weight vectors and 1 input vector
+  static constexpr int kWeightRows = 6;  // of 32 registers
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
@@ -42,7 +41,8 @@ namespace avx2 {
 struct Lanes {
   using V = __m256;
   static constexpr int64_t kWidth = 8;
-  static constexpr int kWeightRows = 2;  // 8 accumulators of 16 registers
+  static constexpr int kRows = 4;        // 8 accumulators, 2 weight vectors and 1 input vector
+  static constexpr int kWeightRows = 2;  // of 16 registers
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) {
@@ -84,7 +84,7 @@ bool kernel_applies(RowsTimesWeight kernel, const at::Tensor& x, const at::Tenso
   // Under CPU autocast at::linear computes in the autocast dtype; so must every linear.
   return kernel && !needs_grad && !at::autocast::is_autocast_enabled(at::kCPU) && plain(x) && plain(w) &&
          w.dim() == 2 && w.size(1) > 0 && x.dim() >= 1 && x.size(-1) == w.size(1) &&
-         x.numel() / w.size(1) <= kMaxRows && (!bias || (plain(*bias) && bias->dim() == 1 && bias->size(0) == w.size(0)));
+         (!bias || (plain(*bias) && bias->dim() == 1 && bias->size(0) == w.size(0)));
 }
 
 }  // namespace
@@ -96,7 +96,7 @@ int wizard_linear_kernel_available(int isa) { return kernel_for(isa) != nullptr;
 
 // `*result` = a new tch tensor holding x @ w^T + bias (bias may be null), as at::linear computes it;
 // the kernel for `isa` (0: the widest this CPU runs, 1: AVX2) when it applies, at::linear otherwise
-// (training, autocast, other dtypes or devices, many rows, no such kernel on this CPU).
+// (training, autocast, other dtypes or devices, no such kernel on this CPU).
 int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, void** result) {
   return wizard::guarded([&] {
     const auto& x = *static_cast<at::Tensor*>(x_handle);
@@ -117,7 +117,7 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
     const float* bp = bias ? bias->data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
     // About 64K multiply-adds per task: small layers stay on one thread.
-    const int64_t grain = std::max<int64_t>(8, 65536 / (in * std::max<int64_t>(rows, 1)));
+    const int64_t grain = std::max<int64_t>(12, 65536 / (in * std::max<int64_t>(rows, 1)));
     at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
       kernel(xp, rows, wp, bp, yp, in, out, begin, end);
     });

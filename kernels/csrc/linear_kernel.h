@@ -1,9 +1,11 @@
-// The few-row kernel's body, included once per instruction set inside a namespace that defines
-// `Lanes` (vector type, width, loads, fused multiply-add, lane sum) and under a matching
+// The dense kernel's body, included once per instruction set inside a namespace that defines
+// `Lanes` (vector type, width, loads, fused multiply-add, lane sum, tile shape) and under a matching
 // `#pragma GCC target`. No include guard: it is meant to be included more than once.
 
-// R input rows times J weight rows: R*J accumulators, each summed across its lanes at the end, in an
-// order that depends on neither R nor J. One function, so that GCC keeps the accumulators in registers.
+// R input rows times J weight rows: R*J accumulators, each summed across its lanes at the end. Every
+// accumulator sees the same products in the same order whatever R and J are, so an output element
+// does not depend on the tile it was computed in. One function, so that GCC keeps the accumulators
+// in registers; the loop loads R + J vectors for R*J multiply-adds.
 template <int R, int J>
 inline void dots(const float* x, const float* w, const float* bias, float* y, int64_t in, int64_t out, int64_t j) {
   using V = Lanes::V;
@@ -11,48 +13,48 @@ inline void dots(const float* x, const float* w, const float* bias, float* y, in
   V acc[R][J];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < J; c++) acc[r][c] = Lanes::zero();
+  const float* rows = w + j * in;
   const int64_t full = in / N * N;
-  // Weight row by weight row, so the weight is read as one sequential stream (what the hardware
-  // prefetcher follows best when it comes from DRAM); the few input rows stay in L1.
-  for (int c = 0; c < J; c++) {
-    const float* row = w + (j + c) * in;
-    for (int64_t i = 0; i < full; i += N) {
-      V wv = Lanes::load(row + i);
-      for (int r = 0; r < R; r++) acc[r][c] = Lanes::fma(Lanes::load(x + r * in + i), wv, acc[r][c]);
+  for (int64_t i = 0; i < full; i += N) {
+    V wv[J];
+    for (int c = 0; c < J; c++) wv[c] = Lanes::load(rows + c * in + i);
+    for (int r = 0; r < R; r++) {
+      const V xv = Lanes::load(x + r * in + i);
+      for (int c = 0; c < J; c++) acc[r][c] = Lanes::fma(xv, wv[c], acc[r][c]);
     }
   }
   if (full < in) {
-    V xv[R];
-    for (int r = 0; r < R; r++) xv[r] = Lanes::load_first(x + r * in + full, in - full);
-    for (int c = 0; c < J; c++) {
-      V wv = Lanes::load_first(w + (j + c) * in + full, in - full);
-      for (int r = 0; r < R; r++) acc[r][c] = Lanes::fma(xv[r], wv, acc[r][c]);
+    V wv[J];
+    for (int c = 0; c < J; c++) wv[c] = Lanes::load_first(rows + c * in + full, in - full);
+    for (int r = 0; r < R; r++) {
+      const V xv = Lanes::load_first(x + r * in + full, in - full);
+      for (int c = 0; c < J; c++) acc[r][c] = Lanes::fma(xv, wv[c], acc[r][c]);
     }
   }
   for (int r = 0; r < R; r++)
     for (int c = 0; c < J; c++) y[r * out + j + c] = Lanes::sum(acc[r][c]) + (bias ? bias[j + c] : 0.0f);
 }
 
-// Every input row against weight rows [j, j + J), four input rows at a time: the weight rows stay in
-// L1 or L2 while the groups meet them, so the weight comes from memory once whatever the row count.
+// Input rows [first, last) against weight rows [j, j + J), kRows input rows at a time.
 template <int J>
-inline void all_rows(const float* x, int64_t rows, const float* w, const float* bias, float* y, int64_t in,
-                     int64_t out, int64_t j) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) dots<4, J>(x + r * in, w, bias, y + r * out, in, out, j);
-  switch (rows - r) {
-    case 3: dots<3, J>(x + r * in, w, bias, y + r * out, in, out, j); break;
-    case 2: dots<2, J>(x + r * in, w, bias, y + r * out, in, out, j); break;
-    case 1: dots<1, J>(x + r * in, w, bias, y + r * out, in, out, j); break;
-    default: break;
-  }
+inline void row_block(const float* x, int64_t first, int64_t last, const float* w, const float* bias, float* y,
+                      int64_t in, int64_t out, int64_t j) {
+  constexpr int R = Lanes::kRows;
+  int64_t r = first;
+  for (; r + R <= last; r += R) dots<R, J>(x + r * in, w, bias, y + r * out, in, out, j);
+  for (; r < last; r++) dots<1, J>(x + r * in, w, bias, y + r * out, in, out, j);
 }
 
-// Output columns [begin, end), Lanes::kWeightRows weight rows at a time.
+// Output columns [begin, end) for every input row. Rows go in blocks that stay in L2 while the
+// columns' weight rows stream past them, so a weight is read from memory once per block.
 inline void rows_times_weight(const float* x, int64_t rows, const float* w, const float* bias, float* y, int64_t in,
                               int64_t out, int64_t begin, int64_t end) {
   constexpr int J = Lanes::kWeightRows;
-  int64_t j = begin;
-  for (; j + J <= end; j += J) all_rows<J>(x, rows, w, bias, y, in, out, j);
-  for (; j < end; j++) all_rows<1>(x, rows, w, bias, y, in, out, j);
+  const int64_t block = std::max<int64_t>(Lanes::kRows, 98304 / in / Lanes::kRows * Lanes::kRows);
+  for (int64_t first = 0; first < rows; first += block) {
+    const int64_t last = std::min(rows, first + block);
+    int64_t j = begin;
+    for (; j + J <= end; j += J) row_block<J>(x, first, last, w, bias, y, in, out, j);
+    for (; j < end; j++) row_block<1>(x, first, last, w, bias, y, in, out, j);
+  }
 }
