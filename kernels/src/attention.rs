@@ -4,7 +4,9 @@
 //! the heads into the query length, prefill uses SDPA's grouped-query mode.
 use std::fmt;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+use crate::ffi::{self, check};
 
 /// The SDPA backend libtorch chooses for a call (`at::_fused_sdp_choice`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +98,55 @@ pub fn causal_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64
     }
 }
 
+/// Whether [`decode_attention`] takes this query (fp32 on CPU); elsewhere SDPA does the work.
+pub fn decode_kernel_applies(query: &Tensor) -> bool {
+    query.device() == Device::Cpu && query.kind() == Kind::Float
+}
+
+/// One decode step's attention for sequences with caches of different lengths, in one call.
+/// `key_caches[i]`/`value_caches[i]` are contiguous `[b_i, kv_heads, capacity, head_dim]` buffers
+/// holding `lens[i]` positions; the query rows are their sequences in order. Stores `new_keys` and
+/// `new_values` (`[batch, kv_heads, 1, head_dim]`) at position `lens[i]` (the caller advances the
+/// lengths) and returns the attention of `query` (`[batch, heads, 1, head_dim]`) over positions
+/// `0..=lens[i]` as `[batch, 1, heads * head_dim]`. Each sequence and head is computed in a fixed
+/// order, the same whatever else is in the batch. Panics on what the kernel rejects (shapes, a full
+/// cache, not fp32 on CPU: see [`decode_kernel_applies`]), as tch ops do.
+pub fn decode_attention(
+    query: &Tensor,
+    new_keys: &Tensor,
+    new_values: &Tensor,
+    key_caches: &[&Tensor],
+    value_caches: &[&Tensor],
+    lens: &[i64],
+    scale: f64,
+) -> Tensor {
+    assert!(key_caches.len() == lens.len() && value_caches.len() == lens.len(), "one length per cache");
+    let keys: Vec<ffi::TensorHandle> = key_caches.iter().map(|t| ffi::tensor(t)).collect();
+    let values: Vec<ffi::TensorHandle> = value_caches.iter().map(|t| ffi::tensor(t)).collect();
+    let mut result = std::ptr::null_mut();
+    // SAFETY: every handle is a live tch tensor for the duration of the call; the arrays hold
+    // `lens.len()` entries. The shim writes only into the caches' buffers (position lens[i]) and, on
+    // success, sets `result` to a new heap `at::Tensor` whose ownership passes to the returned Tensor.
+    let status = unsafe {
+        ffi::wizard_decode_attention(
+            ffi::tensor(query),
+            ffi::tensor(new_keys),
+            ffi::tensor(new_values),
+            keys.as_ptr(),
+            values.as_ptr(),
+            lens.as_ptr(),
+            lens.len() as i64,
+            scale,
+            &mut result,
+        )
+    };
+    if let Err(error) = check(status, "decode attention") {
+        panic!("{error}");
+    }
+    // SAFETY: see above; `result` is non-null after a successful call.
+    unsafe { Tensor::from_ptr(result as *mut torch_sys::C_tensor) }
+}
+
 /// The backend [`causal_attention`] gets for these inputs.
 pub fn backend_for(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -> SdpaBackend {
     let plan = plan(query, key);
@@ -174,6 +225,88 @@ mod tests {
         check(Case { heads: 4, kv_heads: 4, q_len: 9, k_len: 9 }); // MHA prefill
         check(Case { heads: 4, kv_heads: 4, q_len: 1, k_len: 9 }); // MHA decode
         check(Case { heads: 4, kv_heads: 4, q_len: 5, k_len: 12 }); // MHA after a cache
+    }
+
+    struct DecodeCase {
+        heads: i64,
+        kv_heads: i64,
+        head_dim: i64,
+        /// Per cache: its sequences and the positions they already hold.
+        caches: Vec<(i64, i64)>,
+    }
+
+    /// The decode kernel stores the new keys and values where they belong, matches the reference on
+    /// every sequence, and gives each sequence bit for bit what it gets alone.
+    fn check_decode(case: DecodeCase) {
+        tch::manual_seed(case.head_dim);
+        let opts = (Kind::Float, Device::Cpu);
+        let capacity = 40;
+        let batch: i64 = case.caches.iter().map(|(b, _)| b).sum();
+        let query = Tensor::randn([batch, case.heads, 1, case.head_dim], opts);
+        let new_keys = Tensor::randn([batch, case.kv_heads, 1, case.head_dim], opts);
+        let new_values = Tensor::randn([batch, case.kv_heads, 1, case.head_dim], opts);
+        let buffer = |b| Tensor::randn([b, case.kv_heads, capacity, case.head_dim], opts);
+        let keys: Vec<Tensor> = case.caches.iter().map(|&(b, _)| buffer(b)).collect();
+        let values: Vec<Tensor> = case.caches.iter().map(|&(b, _)| buffer(b)).collect();
+        let lens: Vec<i64> = case.caches.iter().map(|&(_, len)| len).collect();
+        let (key_refs, value_refs): (Vec<&Tensor>, Vec<&Tensor>) = (keys.iter().collect(), values.iter().collect());
+        let scale = 1.0 / (case.head_dim as f64).sqrt();
+        let out = decode_attention(&query, &new_keys, &new_values, &key_refs, &value_refs, &lens, scale);
+        assert_eq!(out.size(), [batch, 1, case.heads * case.head_dim]);
+        let mut row = 0;
+        for (i, &(b, len)) in case.caches.iter().enumerate() {
+            for j in 0..b {
+                let stored = keys[i].narrow(0, j, 1).narrow(2, len, 1);
+                assert!(stored.equal(&new_keys.narrow(0, row, 1)), "cache {i} sequence {j}: key not stored");
+                let stored = values[i].narrow(0, j, 1).narrow(2, len, 1);
+                assert!(stored.equal(&new_values.narrow(0, row, 1)), "cache {i} sequence {j}: value not stored");
+                let (k, v) =
+                    (keys[i].narrow(0, j, 1).narrow(2, 0, len + 1), values[i].narrow(0, j, 1).narrow(2, 0, len + 1));
+                let q = query.narrow(0, row, 1);
+                let expected = reference_attention(&q, &k, &v, scale).reshape([1, 1, -1]);
+                let got = out.narrow(0, row, 1);
+                let diff = (&got - expected).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "cache {i} sequence {j} (len {len}): max diff {diff}");
+                // Alone: the same cache state (the position is rewritten with the same key and value).
+                let (k1, v1) = (keys[i].narrow(0, j, 1).contiguous(), values[i].narrow(0, j, 1).contiguous());
+                let alone = decode_attention(
+                    &q,
+                    &new_keys.narrow(0, row, 1),
+                    &new_values.narrow(0, row, 1),
+                    &[&k1],
+                    &[&v1],
+                    &[len],
+                    scale,
+                );
+                assert!(alone.equal(&got), "cache {i} sequence {j}: differs alone");
+                row += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn decode_kernel_matches_reference_and_itself_alone() {
+        check_decode(DecodeCase {
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 64,
+            caches: vec![(1, 0), (1, 17), (1, 39), (1, 5)],
+        });
+        check_decode(DecodeCase { heads: 6, kv_heads: 2, head_dim: 20, caches: vec![(3, 9), (1, 1)] }); // groups
+        check_decode(DecodeCase { heads: 3, kv_heads: 3, head_dim: 7, caches: vec![(2, 30)] });
+        // MHA, short head
+    }
+
+    #[test]
+    fn decode_kernel_refuses_a_full_cache() {
+        let opts = (Kind::Float, Device::Cpu);
+        let query = Tensor::randn([1, 2, 1, 8], opts);
+        let new = Tensor::randn([1, 1, 1, 8], opts);
+        let cache = Tensor::zeros([1, 1, 4, 8], opts);
+        let full = std::panic::catch_unwind(|| decode_attention(&query, &new, &new, &[&cache], &[&cache], &[4], 1.0));
+        let message = full.map(|_| String::new()).unwrap_err();
+        let message = message.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(message.contains("full"), "{message}");
     }
 
     #[test]

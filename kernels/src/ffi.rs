@@ -108,6 +108,20 @@ extern "C" {
     pub(crate) fn wizard_reducer_finish(reducer: *mut WizardReducer, early: *mut i64) -> c_int;
     pub(crate) fn wizard_reducer_free(reducer: *mut WizardReducer);
 
+    // csrc/attention.cpp
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn wizard_decode_attention(
+        query: TensorHandle,
+        new_keys: TensorHandle,
+        new_values: TensorHandle,
+        key_caches: *const TensorHandle,
+        value_caches: *const TensorHandle,
+        lens: *const i64,
+        count: i64,
+        scale: f64,
+        result: *mut TensorHandle,
+    ) -> c_int;
+
     // csrc/linear.cpp
     pub(crate) fn wizard_linear(
         x: TensorHandle,

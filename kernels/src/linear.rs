@@ -101,7 +101,8 @@ mod tests {
             check(Case { isa, rows: 3, in_dim: 7, out_dim: 5, bias: true });
             check(Case { isa, rows: 2, in_dim: 0, out_dim: 3, bias: true }); // empty products: the bias
             check(Case { isa, rows: 40, in_dim: 64, out_dim: 64, bias: true });
-            check(Case { isa, rows: 203, in_dim: 1030, out_dim: 19, bias: true }); // several row blocks
+            check(Case { isa, rows: 203, in_dim: 1030, out_dim: 19, bias: true });
+            // several row blocks
         }
     }
 

@@ -145,6 +145,11 @@ impl Attention {
     fn forward(&self, x: &Tensor, cache: Option<(&mut KvCache, usize)>, dropout: Dropout) -> Tensor {
         let (batch, len, d) = x.size3().expect("hidden states are [batch, len, d]");
         let (q, k, v) = self.qkv(x);
+        if let Some((cache, layer)) = cache.as_ref().filter(|_| len == 1 && attention::decode_kernel_applies(&q)) {
+            // The batched engine's kernel, so that a sequence decodes alike alone and in a batch.
+            let out = self.decode_attention(&q, &k, &v, &[&**cache], *layer);
+            return self.c_proj.forward(&out);
+        }
         let (k, v) = match cache {
             Some((cache, layer)) => cache.store(layer, &k, &v),
             None => (k, v),
@@ -160,6 +165,10 @@ impl Attention {
     fn forward_ragged(&self, x: &Tensor, caches: &mut [&mut KvCache], layer: usize) -> Tensor {
         let (batch, _, d) = x.size3().expect("hidden states are [batch, 1, d]");
         let (q, k, v) = self.qkv(x);
+        if attention::decode_kernel_applies(&q) {
+            let caches: Vec<&KvCache> = caches.iter().map(|cache| &**cache).collect();
+            return self.c_proj.forward(&self.decode_attention(&q, &k, &v, &caches, layer));
+        }
         let outs: Vec<Tensor> = caches
             .iter_mut()
             .enumerate()
@@ -171,6 +180,14 @@ impl Attention {
             .collect();
         let out = Tensor::cat(&outs, 0).transpose(1, 2).reshape([batch, 1, d]);
         self.c_proj.forward(&out)
+    }
+
+    /// One new position per sequence through the fused decode kernel: stores it in `caches` (each
+    /// then holds one more position of `layer` than its length says) and attends, `[batch, 1, d]`.
+    fn decode_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, caches: &[&KvCache], layer: usize) -> Tensor {
+        let (keys, values): (Vec<&Tensor>, Vec<&Tensor>) = caches.iter().map(|cache| cache.buffers(layer)).unzip();
+        let lens: Vec<i64> = caches.iter().map(|cache| cache.len()).collect();
+        attention::decode_attention(q, k, v, &keys, &values, &lens, self.scale)
     }
 
     fn backend(&self, x: &Tensor, past: Option<(&KvCache, usize)>) -> SdpaBackend {

@@ -66,6 +66,12 @@ impl KvCache {
         (self.keys[layer].narrow(2, 0, self.len + new), self.values[layer].narrow(2, 0, self.len + new))
     }
 
+    /// The whole `[batch, kv_heads, capacity, head_dim]` buffers of `layer`, for kernels that store
+    /// and attend in one call (the caller then [`advance`](Self::advance)s).
+    pub(crate) fn buffers(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
+    }
+
     /// What [`store`](Self::store) would return, without writing.
     pub(crate) fn peek_with(&self, layer: usize, keys: &Tensor, values: &Tensor) -> (Tensor, Tensor) {
         let past_keys = self.keys[layer].narrow(2, 0, self.len);

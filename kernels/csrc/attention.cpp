@@ -1,0 +1,135 @@
+// Attention of one new position per sequence over its own KV cache (a decode step, alone or in a
+// batch of sequences of different lengths), fp32 on CPU, in one call for all sequences and heads.
+// Each (sequence, head) is computed by the same code in the same order whatever else is in the
+// batch, so a sequence's output does not depend on its neighbours; per sequence and layer this
+// replaces the ten small libtorch calls of a store, a narrow and an SDPA call.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "guard.h"
+
+namespace {
+
+constexpr int kLanes = 16;
+
+// Scores of `query` against keys[0..count) (rows of `dim`), softmax, and the weighted sum of the
+// values into `out`. Dot products keep 16 partial sums (what one AVX-512 register holds, two AVX2
+// registers) added up in a fixed order at the end.
+__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void attend(const float* query, const float* keys,
+                                                                             const float* values, int64_t count,
+                                                                             int64_t dim, float scale, float* scores,
+                                                                             float* out) {
+  float max_score = -INFINITY;
+  for (int64_t t = 0; t < count; t++) {
+    const float* key = keys + t * dim;
+    float part[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= dim; d += kLanes)
+      for (int l = 0; l < kLanes; l++) part[l] += query[d + l] * key[d + l];
+    for (; d < dim; d++) part[d % kLanes] += query[d] * key[d];
+    float sum = 0.0f;
+    for (int l = 0; l < kLanes; l++) sum += part[l];
+    scores[t] = sum * scale;
+    max_score = std::max(max_score, scores[t]);
+  }
+  float total = 0.0f;
+  for (int64_t t = 0; t < count; t++) {
+    scores[t] = std::exp(scores[t] - max_score);
+    total += scores[t];
+  }
+  for (int64_t d = 0; d < dim; d++) out[d] = 0.0f;
+  for (int64_t t = 0; t < count; t++) {
+    const float weight = scores[t];
+    const float* value = values + t * dim;
+    for (int64_t d = 0; d < dim; d++) out[d] += weight * value[d];
+  }
+  const float inverse = 1.0f / total;
+  for (int64_t d = 0; d < dim; d++) out[d] *= inverse;
+}
+
+bool plain_float_cpu(const at::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided;
+}
+
+}  // namespace
+
+extern "C" {
+
+// For caches i in [0, count): key_caches[i] and value_caches[i] are contiguous `[b_i, kv_heads,
+// capacity, dim]` buffers holding lens[i] positions of their b_i sequences. The query rows are the
+// caches' sequences in order (sum of b_i = batch). Stores new_keys/new_values (`[batch, kv_heads, 1,
+// dim]`) at position lens[i], then `*result` = attention of `query` (`[batch, heads, 1, dim]`) over
+// positions [0, lens[i]], as `[batch, 1, heads * dim]`. The caller advances the lengths.
+int wizard_decode_attention(void* query_handle, void* new_keys_handle, void* new_values_handle, void** key_caches,
+                            void** value_caches, const int64_t* lens, int64_t count, double scale, void** result) {
+  return wizard::guarded([&] {
+    const auto query = static_cast<at::Tensor*>(query_handle)->contiguous();
+    const auto new_keys = static_cast<at::Tensor*>(new_keys_handle)->contiguous();
+    const auto new_values = static_cast<at::Tensor*>(new_values_handle)->contiguous();
+    TORCH_CHECK(query.dim() == 4 && query.size(2) == 1, "decode attention: query must be [batch, heads, 1, dim]");
+    const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(3);
+    TORCH_CHECK(new_keys.dim() == 4 && new_keys.size(0) == batch && new_keys.size(2) == 1 && new_keys.size(3) == dim,
+                "decode attention: new keys must be [batch, kv_heads, 1, dim]");
+    TORCH_CHECK(new_values.sizes() == new_keys.sizes(), "decode attention: new values differ from new keys in shape");
+    const int64_t kv_heads = new_keys.size(1);
+    TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "decode attention: kv heads must divide heads");
+    TORCH_CHECK(plain_float_cpu(query) && plain_float_cpu(new_keys) && plain_float_cpu(new_values),
+                "decode attention: fp32 CPU tensors only");
+
+    // Where each query row's keys and values live, and how many positions it attends to.
+    struct Row {
+      float* keys;
+      float* values;
+      int64_t count;
+      int64_t capacity;
+    };
+    std::vector<Row> rows;
+    rows.reserve(batch);
+    for (int64_t i = 0; i < count; i++) {
+      auto& keys = *static_cast<at::Tensor*>(key_caches[i]);
+      auto& values = *static_cast<at::Tensor*>(value_caches[i]);
+      TORCH_CHECK(plain_float_cpu(keys) && keys.is_contiguous() && keys.dim() == 4 && keys.size(1) == kv_heads &&
+                      keys.size(3) == dim && values.sizes() == keys.sizes() && values.is_contiguous() &&
+                      plain_float_cpu(values),
+                  "decode attention: cache ", i, " is not a contiguous fp32 [b, kv_heads, capacity, dim] buffer");
+      TORCH_CHECK(lens[i] >= 0 && lens[i] < keys.size(2), "decode attention: cache ", i, " is full");
+      for (int64_t b = 0; b < keys.size(0); b++) {
+        const int64_t offset = b * kv_heads * keys.size(2) * dim;
+        rows.push_back({keys.data_ptr<float>() + offset, values.data_ptr<float>() + offset, lens[i] + 1, keys.size(2)});
+      }
+    }
+    TORCH_CHECK(static_cast<int64_t>(rows.size()) == batch, "decode attention: ", rows.size(),
+                " cached sequences for ", batch, " query rows");
+
+    const float* new_k = new_keys.data_ptr<float>();
+    const float* new_v = new_values.data_ptr<float>();
+    for (int64_t r = 0; r < batch; r++) {
+      for (int64_t g = 0; g < kv_heads; g++) {
+        const int64_t at = (g * rows[r].capacity + rows[r].count - 1) * dim;
+        std::copy_n(new_k + (r * kv_heads + g) * dim, dim, rows[r].keys + at);
+        std::copy_n(new_v + (r * kv_heads + g) * dim, dim, rows[r].values + at);
+      }
+    }
+
+    auto out = at::empty({batch, 1, heads * dim}, query.options());
+    const float* q = query.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    const int64_t group = heads / kv_heads;
+    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t task = begin; task < end; task++) {
+        const int64_t r = task / heads, h = task % heads;
+        const Row& row = rows[r];
+        const int64_t base = (h / group) * row.capacity * dim;
+        scores.resize(row.count);
+        attend(q + task * dim, row.keys + base, row.values + base, row.count, dim, static_cast<float>(scale),
+               scores.data(), o + task * dim);
+      }
+    });
+    *result = new at::Tensor(std::move(out));
+  });
+}
+}
