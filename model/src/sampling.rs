@@ -46,33 +46,25 @@ impl Sampling {
     }
 
     /// Temperature, then top-k, then top-p (as `transformers` orders its warpers): the surviving
-    /// tokens with their renormalised probabilities, most likely first. Call on validated settings
-    /// with a temperature above 0.
+    /// tokens with their renormalised probabilities, in no particular order. Call on validated
+    /// settings with a temperature above 0. No full sort: top-k is a partial selection and top-p
+    /// sorts only the tokens near its cut (a sort of the vocabulary per token and sequence was the
+    /// largest cost of batched sampling).
     fn candidates(&self, logits: &[f32]) -> Vec<(usize, f64)> {
         let mut candidates: Vec<(usize, f64)> =
             logits.iter().enumerate().map(|(i, &l)| (i, f64::from(l) / self.temperature)).collect();
-        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if let Some(k) = self.top_k {
+        if let Some(k) = self.top_k.filter(|&k| k < candidates.len()) {
+            candidates.select_nth_unstable_by(k - 1, likelier);
             candidates.truncate(k);
         }
-        let max = candidates[0].1;
-        let mut total = 0.0;
+        let max = candidates.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
         for candidate in candidates.iter_mut() {
             candidate.1 = (candidate.1 - max).exp();
-            total += candidate.1;
         }
-        if let Some(p) = self.top_p {
-            let mut cumulative = 0.0;
-            let keep = candidates
-                .iter()
-                .position(|c| {
-                    cumulative += c.1 / total;
-                    cumulative >= p
-                })
-                .map_or(candidates.len(), |last| last + 1);
-            candidates.truncate(keep);
-            total = candidates.iter().map(|c| c.1).sum();
+        if let Some(p) = self.top_p.filter(|&p| p < 1.0) {
+            candidates = nucleus(candidates, p);
         }
+        let total: f64 = candidates.iter().map(|c| c.1).sum();
         for candidate in candidates.iter_mut() {
             candidate.1 /= total;
         }
@@ -108,6 +100,45 @@ impl Sampling {
         }
         candidates.last().map_or(0, |c| c.0)
     }
+}
+
+/// Orders (token, weight) pairs most likely first, ties to the lower token.
+fn likelier(a: &(usize, f64), b: &(usize, f64)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The smallest set of the likeliest `weighted` tokens (weights in [0, 1]) whose weights reach `p`
+/// of their total, ties to the lower token. Tokens are grouped by their weight's binary exponent;
+/// heavier groups are kept whole and only the group where the cut falls is sorted.
+fn nucleus(mut weighted: Vec<(usize, f64)>, p: f64) -> Vec<(usize, f64)> {
+    const GROUPS: usize = 64;
+    let group = |weight: f64| (1023 - ((weight.to_bits() >> 52) & 0x7ff) as i64).clamp(0, GROUPS as i64 - 1) as usize;
+    let total: f64 = weighted.iter().map(|c| c.1).sum();
+    let target = p * total;
+    let mut sums = [0.0f64; GROUPS];
+    for candidate in &weighted {
+        sums[group(candidate.1)] += candidate.1;
+    }
+    let mut cumulative = 0.0;
+    let mut cut = GROUPS - 1;
+    for (g, sum) in sums.iter().enumerate() {
+        if cumulative + sum >= target {
+            cut = g;
+            break;
+        }
+        cumulative += sum;
+    }
+    let mut edge: Vec<(usize, f64)> = weighted.iter().filter(|c| group(c.1) == cut).copied().collect();
+    edge.sort_unstable_by(likelier);
+    weighted.retain(|c| group(c.1) < cut);
+    for candidate in edge {
+        weighted.push(candidate);
+        cumulative += candidate.1;
+        if cumulative >= target {
+            break;
+        }
+    }
+    weighted
 }
 
 /// The first maximum, as torch's argmax picks.
@@ -175,6 +206,35 @@ mod tests {
         check(&logits, sampling(1.0, None, Some(1.0)), &[0, 1, 2, 3, 4]);
         check(&logits, sampling(1.0, Some(3), Some(0.99)), &[0, 1, 4]);
         check(&logits, sampling(0.0, Some(3), Some(0.5)), &[4]);
+    }
+
+    /// top-k and top-p keep exactly the tokens the sorted definition keeps, on vocabularies from
+    /// flat (a random model) to peaked (a trained one).
+    #[test]
+    fn warpers_keep_what_a_full_sort_keeps() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for (spread, top_k, top_p) in
+            [(0.1, None, Some(0.95)), (3.0, None, Some(0.9)), (8.0, Some(50), Some(0.5)), (1.0, Some(7), None)]
+        {
+            let logits: Vec<f32> = (0..4000).map(|_| (rng.random::<f64>() * spread) as f32).collect();
+            let settings = sampling(0.8, top_k, top_p);
+            let mut sorted: Vec<(usize, f64)> =
+                logits.iter().enumerate().map(|(i, &l)| (i, f64::from(l) / 0.8)).collect();
+            sorted.sort_by(likelier);
+            sorted.truncate(top_k.unwrap_or(sorted.len()));
+            let weights: Vec<f64> = sorted.iter().map(|c| (c.1 - sorted[0].1).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let mut cumulative = 0.0;
+            let keep = weights.iter().position(|w| {
+                cumulative += w / total;
+                cumulative >= top_p.unwrap_or(1.0)
+            });
+            let mut expected: Vec<usize> = sorted[..keep.map_or(sorted.len(), |k| k + 1)].iter().map(|c| c.0).collect();
+            expected.sort_unstable();
+            let mut kept: Vec<usize> = settings.candidates(&logits).iter().map(|c| c.0).collect();
+            kept.sort_unstable();
+            assert_eq!(kept, expected, "spread {spread}, top-k {top_k:?}, top-p {top_p:?}");
+        }
     }
 
     #[test]
