@@ -1,4 +1,4 @@
-// `x @ w^T + b` for inference, fp32 on CPU (AVX-512, or AVX2 with FMA), at any row count: a decode
+// `x @ w^T + b` for inference, fp32 or bf16 on CPU (AVX-512, or AVX2 with FMA), at any row count: a decode
 // step, a batch of sequences, a verification pass, a prefill chunk. Every output element is one dot
 // product accumulated in the same order whatever the row count or thread split, so a row's result
 // does not depend on how many rows share the call: the dense layers of a verification pass give
@@ -9,6 +9,9 @@
 #include <ATen/autocast_mode.h>
 #include <immintrin.h>
 
+#include <cstring>
+#include <vector>
+
 #include "guard.h"
 
 // GCC 12's AVX-512 reduction intrinsics read an intentionally undefined register (a false positive).
@@ -18,7 +21,7 @@
 namespace {
 
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,avx512bw,avx512vl")
 namespace avx512 {
 struct Lanes {
   using V = __m512;
@@ -28,6 +31,14 @@ struct Lanes {
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+  static V load_weight(const float* p) { return load(p); }
+  static V load_weight_first(const float* p, int64_t n) { return load_first(p, n); }
+  // bf16 is the high half of an fp32: widen the 16 bits and shift them up.
+  static V widen(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
+  static V load_weight(const uint16_t* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static V load_weight_first(const uint16_t* p, int64_t n) {
+    return widen(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p));
+  }
   static V fma(V a, V b, V acc) { return _mm512_fmadd_ps(a, b, acc); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
 };
@@ -49,6 +60,16 @@ struct Lanes {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane));
   }
+  static V load_weight(const float* p) { return load(p); }
+  static V load_weight_first(const float* p, int64_t n) { return load_first(p, n); }
+  // bf16 is the high half of an fp32: widen the 16 bits and shift them up.
+  static V widen(__m128i bits) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)); }
+  static V load_weight(const uint16_t* p) { return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static V load_weight_first(const uint16_t* p, int64_t n) {
+    uint16_t tail[8] = {};
+    std::memcpy(tail, p, n * sizeof(uint16_t));
+    return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tail)));
+  }
   static V fma(V a, V b, V acc) { return _mm256_fmadd_ps(a, b, acc); }
   static float sum(V v) {
     __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -60,30 +81,43 @@ struct Lanes {
 }  // namespace avx2
 #pragma GCC pop_options
 
-using RowsTimesWeight = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t,
+template <typename W>
+using RowsTimesWeight = void (*)(const float*, int64_t, const W*, const float*, float*, int64_t, int64_t, int64_t,
                                  int64_t);
 
-bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+// One instruction set's kernels: fp32 weights, and bf16 weights (their bits as uint16_t).
+struct Kernels {
+  RowsTimesWeight<float> fp32;
+  RowsTimesWeight<uint16_t> bf16;
+};
 
-// The kernel for `isa` (0: the widest this CPU runs, 1: AVX2), or none.
-RowsTimesWeight kernel_for(int isa) {
-  static const RowsTimesWeight widest = __builtin_cpu_supports("avx512f") ? avx512::rows_times_weight
-                                        : has_avx2()                      ? avx2::rows_times_weight
-                                                                          : nullptr;
-  if (isa == 1) return has_avx2() ? avx2::rows_times_weight : nullptr;
-  return widest;
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
 
-bool kernel_applies(RowsTimesWeight kernel, const at::Tensor& x, const at::Tensor& w,
+// The kernels for `isa` (0: the widest this CPU runs, 1: AVX2), or none.
+const Kernels* kernels_for(int isa) {
+  static const Kernels avx512{avx512::rows_times_weight<float>, avx512::rows_times_weight<uint16_t>};
+  static const Kernels avx2{avx2::rows_times_weight<float>, avx2::rows_times_weight<uint16_t>};
+  if (isa == 1 || !has_avx512()) return has_avx2() ? &avx2 : nullptr;
+  return &avx512;
+}
+
+// fp32 throughout, or bf16 throughout (a model loaded in bf16); contiguous CPU tensors that need no
+// gradient, outside autocast.
+bool kernel_applies(const Kernels* kernels, const at::Tensor& x, const at::Tensor& w,
                     const c10::optional<at::Tensor>& bias) {
-  auto plain = [](const at::Tensor& t) {
-    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.layout() == at::kStrided;
+  const auto type = w.scalar_type();
+  auto plain = [type](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous() && t.layout() == at::kStrided;
   };
   bool needs_grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w.requires_grad() || (bias && bias->requires_grad()));
   // Under CPU autocast at::linear computes in the autocast dtype; so must every linear.
-  return kernel && !needs_grad && !at::autocast::is_autocast_enabled(at::kCPU) && plain(x) && plain(w) &&
-         w.dim() == 2 && w.size(1) > 0 && x.dim() >= 1 && x.size(-1) == w.size(1) &&
+  return kernels && (type == at::kFloat || type == at::kBFloat16) && !needs_grad &&
+         !at::autocast::is_autocast_enabled(at::kCPU) && plain(x) && plain(w) && w.dim() == 2 && w.size(1) > 0 &&
+         x.dim() >= 1 && x.size(-1) == w.size(1) &&
          (!bias || (plain(*bias) && bias->dim() == 1 && bias->size(0) == w.size(0)));
 }
 
@@ -91,8 +125,8 @@ bool kernel_applies(RowsTimesWeight kernel, const at::Tensor& x, const at::Tenso
 
 extern "C" {
 
-// Whether this CPU runs the few-row kernel for `isa` (as in wizard_linear).
-int wizard_linear_kernel_available(int isa) { return kernel_for(isa) != nullptr; }
+// Whether this CPU runs the dense kernels for `isa` (as in wizard_linear).
+int wizard_linear_kernel_available(int isa) { return kernels_for(isa) != nullptr; }
 
 // `*result` = a new tch tensor holding x @ w^T + bias (bias may be null), as at::linear computes it;
 // the kernel for `isa` (0: the widest this CPU runs, 1: AVX2) when it applies, at::linear otherwise
@@ -103,8 +137,8 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
     const auto& w = *static_cast<at::Tensor*>(w_handle);
     c10::optional<at::Tensor> bias;
     if (bias_handle) bias = *static_cast<at::Tensor*>(bias_handle);
-    const RowsTimesWeight kernel = kernel_for(isa);
-    if (!kernel_applies(kernel, x, w, bias)) {
+    const Kernels* kernels = kernels_for(isa);
+    if (!kernel_applies(kernels, x, w, bias)) {
       *result = new at::Tensor(at::linear(x, w, bias));
       return;
     }
@@ -112,15 +146,37 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
     auto sizes = x.sizes().vec();
     sizes.back() = out;
     auto y = at::empty(sizes, x.options());
-    const float* xp = x.data_ptr<float>();
-    const float* wp = w.data_ptr<float>();
-    const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-    float* yp = y.data_ptr<float>();
     // About 64K multiply-adds per task: small layers stay on one thread.
     const int64_t grain = std::max<int64_t>(12, 65536 / (in * std::max<int64_t>(rows, 1)));
-    at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
-      kernel(xp, rows, wp, bp, yp, in, out, begin, end);
-    });
+    if (w.scalar_type() == at::kFloat) {
+      const float* xp = x.data_ptr<float>();
+      const float* wp = w.data_ptr<float>();
+      const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+      float* yp = y.data_ptr<float>();
+      at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+        kernels->fp32(xp, rows, wp, bp, yp, in, out, begin, end);
+      });
+    } else {
+      // bf16: inputs and bias widened once, fp32 products and sums, each output rounded once (as
+      // at::linear does in bf16). Plain loops: a libtorch op per conversion cost more than the
+      // product itself at one row.
+      auto widen = [](const at::Tensor& t) {
+        std::vector<float> wide(t.numel());
+        const at::BFloat16* p = t.data_ptr<at::BFloat16>();
+        for (size_t i = 0; i < wide.size(); i++) wide[i] = static_cast<float>(p[i]);
+        return wide;
+      };
+      const std::vector<float> x32 = widen(x);
+      const std::vector<float> bias32 = bias ? widen(*bias) : std::vector<float>();
+      std::vector<float> y32(rows * out);
+      const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+      at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+      at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+        kernels->bf16(x32.data(), rows, wp, bias ? bias32.data() : nullptr, y32.data(), in, out, begin, end);
+        for (int64_t r = 0; r < rows; r++)
+          for (int64_t j = begin; j < end; j++) yp[r * out + j] = at::BFloat16(y32[r * out + j]);
+      });
+    }
     *result = new at::Tensor(std::move(y));
   });
 }

@@ -1,5 +1,5 @@
 //! `x @ w^T + b` as `F.linear` computes it, with a kernel for inference on CPU (AVX-512, or AVX2
-//! with FMA) at any row count. Each output element is one fixed-order dot product, so a row's result
+//! with FMA) at any row count, for fp32 or bf16 weights (fp32 sums either way). Each output element is one fixed-order dot product, so a row's result
 //! is the same whether it is computed alone or with others: the dense layers of a speculative
 //! verification pass equal one-token steps, and a batched sequence gets what it gets alone. It also
 //! measured faster than BLAS (which packs the weight on every call) at 1 to 512 rows; BENCHMARKS.md.
@@ -17,8 +17,8 @@ enum Isa {
     Avx2 = 1,
 }
 
-/// `x @ weight^T + bias` for `weight` `[out, in]` (the checkpoint's layout). fp32 CPU inputs that
-/// need no gradient, outside autocast, take the kernel (when the CPU has AVX-512
+/// `x @ weight^T + bias` for `weight` `[out, in]` (the checkpoint's layout). fp32 or bf16 CPU
+/// inputs (all of one dtype) that need no gradient, outside autocast, take the kernel (when the CPU has AVX-512
 /// or AVX2 with FMA); everything else goes to `at::linear`. Panics on what `at::linear` rejects
 /// (mismatched shapes), as tch ops do.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
@@ -66,22 +66,27 @@ mod tests {
         in_dim: i64,
         out_dim: i64,
         bias: bool,
+        kind: Kind,
     }
 
-    /// Every row equals `at::linear`'s to fp32 rounding, and equals bit for bit the same row computed
-    /// alone (the property speculative decoding's greedy equality rests on).
+    /// Every row equals the exact product to the dtype's rounding (fp32 sums; a bf16 result is rounded
+    /// once), and equals bit for bit the same row computed alone (the property speculative decoding's
+    /// greedy equality and batch invariance rest on).
     fn check(case: Case) {
         tch::manual_seed(case.rows * 1000 + case.in_dim);
         let opts = (Kind::Float, Device::Cpu);
-        let x = Tensor::randn([1, case.rows, case.in_dim], opts);
-        let weight = Tensor::randn([case.out_dim, case.in_dim], opts);
-        let bias = case.bias.then(|| Tensor::randn([case.out_dim], opts));
+        let x = Tensor::randn([1, case.rows, case.in_dim], opts).to_kind(case.kind);
+        let weight = Tensor::randn([case.out_dim, case.in_dim], opts).to_kind(case.kind);
+        let bias = case.bias.then(|| Tensor::randn([case.out_dim], opts).to_kind(case.kind));
         let got = tch::no_grad(|| linear_with(case.isa, &x, &weight, bias.as_ref()));
-        let expected = x.linear(&weight, bias.as_ref());
+        assert_eq!(got.kind(), case.kind);
+        let wide = |t: &Tensor| t.to_kind(Kind::Double);
+        let expected = wide(&x).linear(&wide(&weight), bias.as_ref().map(wide).as_ref());
         assert_eq!(got.size(), expected.size());
-        let error = (&got - &expected).abs().max().double_value(&[]);
+        let error = (wide(&got) - &expected).abs().max().double_value(&[]);
         let scale = expected.abs().max().double_value(&[]).max(1.0);
-        assert!(error <= 1e-5 * scale * (case.in_dim as f64).sqrt(), "rows {}: error {error}", case.rows);
+        let tolerance = if case.kind == Kind::Float { 1e-6 * (case.in_dim as f64).sqrt() } else { 1.0 / 128.0 };
+        assert!(error <= tolerance * scale, "{:?} rows {}: error {error}", case.kind, case.rows);
         // Without the kernel at::linear (BLAS) runs, which promises no such thing.
         let kernel_ran = kernel_available(case.isa);
         for row in (0..case.rows).filter(|_| kernel_ran) {
@@ -93,15 +98,17 @@ mod tests {
 
     #[test]
     fn rows_match_at_linear_and_themselves() {
-        for isa in [Isa::Widest, Isa::Avx2] {
+        for (isa, kind) in
+            [Isa::Widest, Isa::Avx2].into_iter().flat_map(|isa| [(isa, Kind::Float), (isa, Kind::BFloat16)])
+        {
             for rows in [1, 2, 3, 4, 5, 8, 9, 16] {
-                check(Case { isa, rows, in_dim: 96, out_dim: 300, bias: true });
+                check(Case { isa, rows, in_dim: 96, out_dim: 300, bias: true, kind });
             }
-            check(Case { isa, rows: 5, in_dim: 100, out_dim: 37, bias: false }); // partial chunk
-            check(Case { isa, rows: 3, in_dim: 7, out_dim: 5, bias: true });
-            check(Case { isa, rows: 2, in_dim: 0, out_dim: 3, bias: true }); // empty products: the bias
-            check(Case { isa, rows: 40, in_dim: 64, out_dim: 64, bias: true });
-            check(Case { isa, rows: 203, in_dim: 1030, out_dim: 19, bias: true });
+            check(Case { isa, rows: 5, in_dim: 100, out_dim: 37, bias: false, kind }); // partial chunk
+            check(Case { isa, rows: 3, in_dim: 7, out_dim: 5, bias: true, kind });
+            check(Case { isa, rows: 2, in_dim: 0, out_dim: 3, bias: true, kind }); // empty products: the bias
+            check(Case { isa, rows: 40, in_dim: 64, out_dim: 64, bias: true, kind });
+            check(Case { isa, rows: 203, in_dim: 1030, out_dim: 19, bias: true, kind });
             // several row blocks
         }
     }

@@ -1,11 +1,12 @@
 //! The inference engine every caller shares (HTTP server, language server, eval, evolve): one
 //! dedicated thread owns the model and runs continuous batching. Sequences join and leave the
-//! running batch at every step; each keeps its own KV cache (ragged: attention runs per sequence,
-//! the dense layers run once for all rows); a newcomer's prompt is prefilled one chunk per step, so
+//! running batch at every step; each keeps its own KV cache (ragged: one fused attention call per
+//! layer reads each sequence's own cache, the dense layers run once for all rows); a newcomer's prompt is prefilled one chunk per step, so
 //! running sequences keep decoding; the `n` samples of a prompt share its prefill.
 //!
-//! Greedy output does not depend on the batch: fp32 CPU dense layers go through the few-row kernel,
-//! whose every row is one fixed-order dot product, and everything else is per row or per sequence.
+//! Greedy output does not depend on the batch: fp32 CPU dense layers go through the dense kernel,
+//! whose every row is one fixed-order dot product, attention is fixed-order per sequence and head,
+//! and everything else is per row or per sequence.
 //! A request that asks for speculation and finds the engine idle is decoded alone with speculative
 //! decoding (the draft model, or prompt lookup) and the kept prefix of the last such request: alone,
 //! speculation pays; in a batch, batching does, so there it joins the batch like any other.
