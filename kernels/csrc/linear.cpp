@@ -104,21 +104,22 @@ const Kernels* kernels_for(int isa) {
   return &avx512;
 }
 
-// fp32 throughout, or bf16 throughout (a model loaded in bf16); contiguous CPU tensors that need no
-// gradient, outside autocast.
+// Weights in fp32 or bf16; input and bias in the weights' dtype or in fp32 (bf16 weights under fp32
+// activations); contiguous CPU tensors that need no gradient, outside autocast.
 bool kernel_applies(const Kernels* kernels, const at::Tensor& x, const at::Tensor& w,
                     const c10::optional<at::Tensor>& bias) {
   const auto type = w.scalar_type();
-  auto plain = [type](const at::Tensor& t) {
-    return t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous() && t.layout() == at::kStrided;
+  auto plain = [](const at::Tensor& t) { return t.device().is_cpu() && t.is_contiguous() && t.layout() == at::kStrided; };
+  auto activation = [&](const at::Tensor& t) {
+    return plain(t) && (t.scalar_type() == type || t.scalar_type() == at::kFloat);
   };
   bool needs_grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w.requires_grad() || (bias && bias->requires_grad()));
   // Under CPU autocast at::linear computes in the autocast dtype; so must every linear.
   return kernels && (type == at::kFloat || type == at::kBFloat16) && !needs_grad &&
-         !at::autocast::is_autocast_enabled(at::kCPU) && plain(x) && plain(w) && w.dim() == 2 && w.size(1) > 0 &&
-         x.dim() >= 1 && x.size(-1) == w.size(1) &&
-         (!bias || (plain(*bias) && bias->dim() == 1 && bias->size(0) == w.size(0)));
+         !at::autocast::is_autocast_enabled(at::kCPU) && activation(x) && plain(w) && w.dim() == 2 &&
+         w.size(1) > 0 && x.dim() >= 1 && x.size(-1) == w.size(1) &&
+         (!bias || (activation(*bias) && bias->dim() == 1 && bias->size(0) == w.size(0)));
 }
 
 }  // namespace
@@ -139,7 +140,10 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
     if (bias_handle) bias = *static_cast<at::Tensor*>(bias_handle);
     const Kernels* kernels = kernels_for(isa);
     if (!kernel_applies(kernels, x, w, bias)) {
-      *result = new at::Tensor(at::linear(x, w, bias));
+      // at::linear wants one dtype: bf16 weights under fp32 activations are widened for it.
+      const bool mixed = w.scalar_type() != x.scalar_type();
+      *result = new at::Tensor(at::linear(x, mixed ? w.to(x.scalar_type()) : w,
+                                          mixed && bias ? c10::optional<at::Tensor>(bias->to(x.scalar_type())) : bias));
       return;
     }
     const int64_t in = w.size(1), out = w.size(0), rows = x.numel() / in;
@@ -157,25 +161,34 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
         kernels->fp32(xp, rows, wp, bp, yp, in, out, begin, end);
       });
     } else {
-      // bf16: inputs and bias widened once, fp32 products and sums, each output rounded once (as
-      // at::linear does in bf16). Plain loops: a libtorch op per conversion cost more than the
-      // product itself at one row.
-      auto widen = [](const at::Tensor& t) {
-        std::vector<float> wide(t.numel());
+      // bf16 weights: bf16 inputs and bias are widened once, products and sums are fp32, and a bf16
+      // output is rounded once (as at::linear does in bf16). Plain loops: a libtorch op per
+      // conversion cost more than the product itself at one row.
+      std::vector<float> x_wide, bias_wide;
+      auto as_fp32 = [](const at::Tensor& t, std::vector<float>& wide) -> const float* {
+        if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+        wide.resize(t.numel());
         const at::BFloat16* p = t.data_ptr<at::BFloat16>();
         for (size_t i = 0; i < wide.size(); i++) wide[i] = static_cast<float>(p[i]);
-        return wide;
+        return wide.data();
       };
-      const std::vector<float> x32 = widen(x);
-      const std::vector<float> bias32 = bias ? widen(*bias) : std::vector<float>();
-      std::vector<float> y32(rows * out);
+      const float* xp = as_fp32(x, x_wide);
+      const float* bp = bias ? as_fp32(*bias, bias_wide) : nullptr;
       const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-      at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-      at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
-        kernels->bf16(x32.data(), rows, wp, bias ? bias32.data() : nullptr, y32.data(), in, out, begin, end);
-        for (int64_t r = 0; r < rows; r++)
-          for (int64_t j = begin; j < end; j++) yp[r * out + j] = at::BFloat16(y32[r * out + j]);
-      });
+      if (x.scalar_type() == at::kFloat) {
+        float* yp = y.data_ptr<float>();
+        at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+          kernels->bf16(xp, rows, wp, bp, yp, in, out, begin, end);
+        });
+      } else {
+        std::vector<float> y_wide(rows * out);
+        at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+        at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+          kernels->bf16(xp, rows, wp, bp, y_wide.data(), in, out, begin, end);
+          for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = begin; j < end; j++) yp[r * out + j] = at::BFloat16(y_wide[r * out + j]);
+        });
+      }
     }
     *result = new at::Tensor(std::move(y));
   });

@@ -66,7 +66,10 @@ mod tests {
         in_dim: i64,
         out_dim: i64,
         bias: bool,
+        /// The input's and bias's dtype...
         kind: Kind,
+        /// ...and the weight's: the same, or bf16 under fp32.
+        weight_kind: Kind,
     }
 
     /// Every row equals the exact product to the dtype's rounding (fp32 sums; a bf16 result is rounded
@@ -76,7 +79,7 @@ mod tests {
         tch::manual_seed(case.rows * 1000 + case.in_dim);
         let opts = (Kind::Float, Device::Cpu);
         let x = Tensor::randn([1, case.rows, case.in_dim], opts).to_kind(case.kind);
-        let weight = Tensor::randn([case.out_dim, case.in_dim], opts).to_kind(case.kind);
+        let weight = Tensor::randn([case.out_dim, case.in_dim], opts).to_kind(case.weight_kind);
         let bias = case.bias.then(|| Tensor::randn([case.out_dim], opts).to_kind(case.kind));
         let got = tch::no_grad(|| linear_with(case.isa, &x, &weight, bias.as_ref()));
         assert_eq!(got.kind(), case.kind);
@@ -98,18 +101,19 @@ mod tests {
 
     #[test]
     fn rows_match_at_linear_and_themselves() {
-        for (isa, kind) in
-            [Isa::Widest, Isa::Avx2].into_iter().flat_map(|isa| [(isa, Kind::Float), (isa, Kind::BFloat16)])
-        {
-            for rows in [1, 2, 3, 4, 5, 8, 9, 16] {
-                check(Case { isa, rows, in_dim: 96, out_dim: 300, bias: true, kind });
+        let dtypes = [(Kind::Float, Kind::Float), (Kind::BFloat16, Kind::BFloat16), (Kind::Float, Kind::BFloat16)];
+        for isa in [Isa::Widest, Isa::Avx2] {
+            for (kind, weight_kind) in dtypes {
+                let case = |rows, in_dim, out_dim, bias| Case { isa, rows, in_dim, out_dim, bias, kind, weight_kind };
+                for rows in [1, 2, 3, 4, 5, 8, 9, 16] {
+                    check(case(rows, 96, 300, true));
+                }
+                check(case(5, 100, 37, false)); // partial chunk
+                check(case(3, 7, 5, true));
+                check(case(2, 0, 3, true)); // empty products: the bias (at::linear)
+                check(case(40, 64, 64, true));
+                check(case(203, 1030, 19, true)); // several row blocks
             }
-            check(Case { isa, rows: 5, in_dim: 100, out_dim: 37, bias: false, kind }); // partial chunk
-            check(Case { isa, rows: 3, in_dim: 7, out_dim: 5, bias: true, kind });
-            check(Case { isa, rows: 2, in_dim: 0, out_dim: 3, bias: true, kind }); // empty products: the bias
-            check(Case { isa, rows: 40, in_dim: 64, out_dim: 64, bias: true, kind });
-            check(Case { isa, rows: 203, in_dim: 1030, out_dim: 19, bias: true, kind });
-            // several row blocks
         }
     }
 

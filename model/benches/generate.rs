@@ -2,7 +2,7 @@
 //! Driven by `scripts/bench/generate.py`, which runs transformers on the same model in the same run.
 //!
 //! `cargo bench -p model --bench generate -- MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE]`
-//! (DEVICE `cpu` or `cuda`, DTYPE `float32` or `bfloat16`; defaults cpu, float32).
+//! (DEVICE `cpu` or `cuda`, DTYPE `float32`, `bfloat16` or `int8` as `--dtype` takes them; defaults cpu, float32).
 use std::path::Path;
 use std::time::Instant;
 
@@ -32,7 +32,8 @@ fn main() {
         }
     };
     let device = if device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
-    let kind = model::gpt_bigcode::parse_dtype(dtype).expect("dtype");
+    let precision = model::gpt_bigcode::parse_precision(dtype).expect("dtype");
+    let kind = precision.kind();
     let (prompt_tokens, new_tokens): (usize, usize) = (prompt_tokens.parse().unwrap(), new_tokens.parse().unwrap());
     tch::set_num_threads(threads.parse().unwrap());
     // `random:EMBD:LAYERS:HEADS` makes a random StarCoder-shaped model (for machines without transformers).
@@ -55,7 +56,7 @@ fn main() {
         }
         None => Path::new(dir).to_path_buf(),
     };
-    let model = GptBigCode::load(&dir, kind, device).expect("model loads");
+    let model = GptBigCode::load_as(&dir, precision, device, |_, _| {}).expect("model loads");
     let vocab = model.config().vocab_size;
     let prompt: Vec<i64> = (0..prompt_tokens as i64).map(|i| 1 + (i * 7919) % (vocab - 1)).collect();
     let config =

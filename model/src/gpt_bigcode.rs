@@ -265,6 +265,8 @@ pub struct GptBigCode {
     lm_head: Option<Tensor>,
     /// The head in int8 ([`Precision::Int8`]); `wte` stays for the embedding.
     head_int8: Option<Int8Weight>,
+    /// The head in bf16 over fp32 activations ([`narrow_dense_weights`](Self::narrow_dense_weights)).
+    head_bf16: Option<Tensor>,
     embd_pdrop: f64,
     /// Unique per instance in the process: tells which model filled a kept cache (weights changed in
     /// place keep the id; callers that train must not keep caches across steps).
@@ -298,7 +300,19 @@ impl GptBigCode {
             .then(|| (&root / "lm_head").var("weight", &[config.vocab_size, config.n_embd], init));
         let embd_pdrop = config.embd_pdrop;
         let id = NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(GptBigCode { config, vars, wte, wpe, blocks, ln_f, lm_head, head_int8: None, embd_pdrop, id })
+        Ok(GptBigCode {
+            config,
+            vars,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            head_int8: None,
+            head_bf16: None,
+            embd_pdrop,
+            id,
+        })
     }
 
     /// This model's identity in the process (never reused).
@@ -447,6 +461,9 @@ impl GptBigCode {
         if let Some(int8) = &self.head_int8 {
             return kernels::int8::linear(&hidden, int8, None);
         }
+        if let Some(weight) = &self.head_bf16 {
+            return kernels::linear::linear(&hidden, weight, None);
+        }
         let weight = self.lm_head.as_ref().unwrap_or(&self.wte);
         kernels::linear::linear(&hidden, weight, None).to_kind(Kind::Float)
     }
@@ -489,6 +506,36 @@ impl GptBigCode {
     /// Whether the dense layers and the head are int8.
     pub fn is_int8(&self) -> bool {
         self.head_int8.is_some()
+    }
+
+    /// Stores the dense layers' weights and the head in bf16 while embeddings, LayerNorms, biases
+    /// and activations stay fp32 ([`Precision::Dense`] bf16 on the CPU, as llama.cpp runs bf16):
+    /// half the bytes read per token, and the dense kernel widens each weight as it reads it, so
+    /// products and sums stay fp32. An fp32 CPU model only.
+    pub fn narrow_dense_weights(&mut self) -> Result<()> {
+        if self.kind() != Kind::Float || self.device() != Device::Cpu || self.is_int8() {
+            return Err(ModelError::Invalid("bf16 dense weights are for fp32 models on the CPU".into()));
+        }
+        tch::no_grad(|| {
+            for block in &mut self.blocks {
+                for linear in
+                    [&mut block.attn.c_attn, &mut block.attn.c_proj, &mut block.mlp.c_fc, &mut block.mlp.c_proj]
+                {
+                    let narrow = linear.weight.to_kind(Kind::BFloat16);
+                    linear.weight.set_data(&narrow);
+                }
+            }
+            self.head_bf16 = Some(self.lm_head.as_ref().unwrap_or(&self.wte).to_kind(Kind::BFloat16));
+            if let Some(lm_head) = &self.lm_head {
+                lm_head.shallow_clone().set_data(&Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+            }
+        });
+        Ok(())
+    }
+
+    /// Whether the dense layers hold bf16 weights over fp32 activations.
+    pub fn has_narrow_dense_weights(&self) -> bool {
+        self.head_bf16.is_some()
     }
 
     /// Converts every dense layer and the head to int8 blocks ([`Precision::Int8`]); an fp32 CPU

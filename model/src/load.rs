@@ -130,7 +130,11 @@ impl GptBigCode {
         device: Device,
         progress: impl FnMut(usize, usize),
     ) -> Result<GptBigCode> {
-        let mut model = GptBigCode::load(dir, precision.kind(), device)?;
+        // bf16 on the CPU: bf16 dense weights over fp32 activations (what the dense kernel reads at
+        // half the bytes; libtorch's CPU ops in bf16 cost more than they save).
+        let narrow = precision == Precision::Dense(Kind::BFloat16) && device == Device::Cpu;
+        let kind = if narrow { Kind::Float } else { precision.kind() };
+        let mut model = GptBigCode::load(dir, kind, device)?;
         if precision != Precision::Int8 && model.is_int8() {
             return Err(ModelError::Invalid(format!(
                 "{} holds int8 weights (from `wizard quantize`): load it with --dtype int8",
@@ -139,6 +143,9 @@ impl GptBigCode {
         }
         if precision == Precision::Int8 && !model.is_int8() {
             model.quantize_int8(progress)?;
+        }
+        if narrow {
+            model.narrow_dense_weights()?;
         }
         Ok(model)
     }

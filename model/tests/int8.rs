@@ -1,4 +1,4 @@
-//! int8 weights: perplexity and greedy tokens close to fp32's, a saved int8 directory that loads to
+//! int8 and bf16 weights: perplexity and greedy tokens close to fp32's, a saved int8 directory that loads to
 //! the same model, and damaged int8 directories refused with the file and tensor named.
 use std::path::Path;
 
@@ -42,13 +42,15 @@ fn score(model: &GptBigCode, text: &Tensor) -> (f64, Tensor) {
     })
 }
 
-/// (perplexity ratio int8 / fp32, share of positions where the greedy next token is fp32's) on held-out
-/// text, and whether a greedy generation starts alike, on a random model of width `n_embd`.
-fn check(n_embd: i64, std: f64) -> (f64, f64) {
+/// (perplexity ratio `precision` / fp32, share of positions where the greedy next token is fp32's) on
+/// held-out text, and whether a greedy generation starts alike, on a random model of width `n_embd`.
+fn check(n_embd: i64, std: f64, precision: Precision) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     save_random(dir.path(), n_embd, std);
-    let (dense, int8) = (load(dir.path(), Precision::Dense(Kind::Float)), load(dir.path(), Precision::Int8));
-    assert!(int8.is_int8() && !dense.is_int8());
+    let (dense, int8) = (load(dir.path(), Precision::Dense(Kind::Float)), load(dir.path(), precision));
+    assert!(!dense.is_int8() && !dense.has_narrow_dense_weights());
+    assert_eq!(int8.is_int8(), precision == Precision::Int8);
+    assert_eq!(int8.has_narrow_dense_weights(), precision == Precision::Dense(Kind::BFloat16));
     let text = Tensor::from_slice(&(0..4 * 96).map(|i| (i * 37 + i / 7) % 299 + 1).collect::<Vec<i64>>()).view([4, 96]);
     let ((dense_ppl, dense_next), (int8_ppl, int8_next)) = (score(&dense, &text), score(&int8, &text));
     let agreement = dense_next.eq_tensor(&int8_next).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
@@ -63,9 +65,20 @@ fn check(n_embd: i64, std: f64) -> (f64, f64) {
 #[test]
 fn int8_stays_close_to_fp32() {
     for (n_embd, std) in [(128, 0.02), (128, 0.1), (256, 0.02), (256, 0.1)] {
-        let (ratio, agreement) = check(n_embd, std);
+        let (ratio, agreement) = check(n_embd, std, Precision::Int8);
         eprintln!("d{n_embd}: perplexity int8/fp32 {ratio:.5}, greedy agreement {agreement:.3}");
         assert!((ratio - 1.0).abs() < 0.01, "d{n_embd}: perplexity ratio {ratio}");
+        assert!(agreement >= 0.95, "d{n_embd}: greedy agreement {agreement}");
+    }
+}
+
+/// bf16 on the CPU: bf16 dense weights over fp32 activations, within 0.5% of fp32's perplexity.
+#[test]
+fn bf16_stays_close_to_fp32() {
+    for (n_embd, std) in [(128, 0.02), (128, 0.1), (256, 0.02), (256, 0.1)] {
+        let (ratio, agreement) = check(n_embd, std, Precision::Dense(Kind::BFloat16));
+        eprintln!("d{n_embd}: perplexity bf16/fp32 {ratio:.5}, greedy agreement {agreement:.3}");
+        assert!((ratio - 1.0).abs() < 0.005, "d{n_embd}: perplexity ratio {ratio}");
         assert!(agreement >= 0.95, "d{n_embd}: greedy agreement {agreement}");
     }
 }
