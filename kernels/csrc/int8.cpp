@@ -1,5 +1,5 @@
 // Int8 weights in blocks of 32 (llama.cpp's q8_0, with fp32 scales) and `x @ w^T + b` over them for
-// the few rows of decoding, on CPU. A weight [out, in] is stored as int8 values [out, padded] (in
+// inference on CPU. A weight [out, in] is stored as int8 values [out, padded] (in
 // rounded up to a multiple of 32, zeros after `in`) and fp32 scales [out, padded / 32]: per block,
 // scale = max|w| / 127 and q = round(w / scale) (ties to even; every q is in [-127, 127]).
 //
@@ -33,7 +33,6 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 16;
 constexpr int64_t kBlock = 32;
 // How far ahead of the rows being read the kernels prefetch the weight: the hardware prefetchers
 // lose track of several interleaved short rows, and the weight comes from memory (measured best
@@ -425,7 +424,7 @@ bool kernel_applies(const Kernel* kernel, const at::Tensor& x, int64_t in, int64
   const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || (bias && bias->requires_grad()));
   // Under CPU autocast at::linear computes in the autocast dtype; so must every linear.
   return kernel && !needs_grad && !at::autocast::is_autocast_enabled(at::kCPU) && plain(x) && x.dim() >= 1 &&
-         in > 0 && x.size(-1) == in && x.numel() / in <= kMaxRows &&
+         in > 0 && x.size(-1) == in &&
          (!bias || (plain(*bias) && bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == out));
 }
 
@@ -480,8 +479,9 @@ int wizard_int8_dequantize(void* values_handle, void* scales_handle, int64_t in,
 }
 
 // `*result` = a new tch tensor holding x @ dequantize(w)^T + bias (bias may be null): the kernel for
-// `isa` (0: the widest this CPU runs, 1: AVX2, 2: scalar) for at most 16 fp32 CPU rows that need no
-// gradient, outside autocast; otherwise the weight dequantized and at::linear.
+// `isa` (0: the widest this CPU runs, 1: AVX2, 2: scalar) for fp32 CPU rows that need no gradient,
+// outside autocast (any count: decode, a batch, verification, prefill); otherwise the weight
+// dequantized and at::linear.
 int wizard_int8_linear(void* x_handle, void* values_handle, void* scales_handle, int64_t in, void* bias_handle,
                        int isa, void** result) {
   return wizard::guarded([&] {
