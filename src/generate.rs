@@ -48,9 +48,13 @@ pub struct Args {
     /// Weight dtype: float32, bfloat16, float16 or int8 (default: bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
-    /// Speculative decoding with this smaller model (same tokenizer) as the drafter.
+    /// Speculative decoding with this smaller model (same tokenizer) as the drafter; `--model`'s own
+    /// directory with `--draft-dtype int8` is self-speculation (the int8 copy drafts).
     #[arg(long, value_name = "DIR", conflicts_with = "prompt_lookup")]
     draft: Option<PathBuf>,
+    /// The drafter's weight dtype (default: the target's).
+    #[arg(long, requires = "draft")]
+    draft_dtype: Option<String>,
     /// Speculative decoding with drafts looked up in the prompt (n-gram match).
     #[arg(long)]
     prompt_lookup: bool,
@@ -82,7 +86,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         eos_token_id: model.config().eos_token_id.or(Some(i64::from(tokenizer.eos_id()))),
     };
     let completion = if args.draft.is_some() || args.prompt_lookup {
-        let draft = args.draft.as_ref().map(|dir| load_model(dir, precision, device)).transpose()?;
+        let draft_precision = match &args.draft_dtype {
+            Some(dtype) => weight_precision(Some(dtype), device)?,
+            None => precision,
+        };
+        let draft = args.draft.as_ref().map(|dir| load_model(dir, draft_precision, device)).transpose()?;
         let drafter = match &draft {
             Some(model) => Drafter::Model(model),
             None => Drafter::PromptLookup { max_ngram: 3 },

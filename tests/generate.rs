@@ -71,6 +71,9 @@ fn speculative_decoding_gives_the_same_greedy_completion() {
     let model = model_dir().to_str().unwrap();
     assert_eq!(check(&["--prompt", PROMPT, "--max-new-tokens", "40", "--draft", model]), plain);
     assert_eq!(check(&["--prompt", PROMPT, "--max-new-tokens", "40", "--prompt-lookup"]), plain);
+    // Self-speculation: the target's own int8 copy drafts; the output is still the fp32 target's.
+    let self_drafted = ["--prompt", PROMPT, "--max-new-tokens", "40", "--draft", model, "--draft-dtype", "int8"];
+    assert_eq!(check(&self_drafted), plain);
 }
 
 #[test]

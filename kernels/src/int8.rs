@@ -469,27 +469,29 @@ mod tests {
         };
         println!("int8 kernel: {}", int8_kernel_isa());
         println!(
-            "{:>12} {:>4} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8}",
-            "out x in", "rows", "cache", "int8 us", "fp32 us", "at us", "fp32/i8", "at/i8"
+            "{:>12} {:>4} {:>5} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8}",
+            "out x in", "rows", "cache", "int8 us", "bf16 us", "fp32 us", "at us", "fp32/i8", "at/fp32"
         );
         for (out, inp) in [(768, 768), (3072, 768), (768, 3072), (4000, 768)] {
             let copies = (256 << 20) / (out * inp * 4) as usize + 1;
             let weights: Vec<Tensor> =
                 (0..copies).map(|_| Tensor::randn([out, inp], (Kind::Float, Device::Cpu))).collect();
             let quantized: Vec<Int8Weight> = weights.iter().map(|w| Int8Weight::quantize(w).unwrap()).collect();
-            for rows in [1, 4] {
+            let narrow: Vec<Tensor> = weights.iter().map(|w| w.to_kind(Kind::BFloat16)).collect();
+            for rows in [1, 4, 16, 128] {
                 let x = Tensor::randn([rows, inp], (Kind::Float, Device::Cpu));
                 for (cache, n) in [("hot", 1), ("cold", copies)] {
-                    let calls = copies.max(200);
+                    let calls = copies.max(3200 / rows as usize);
                     let _guard = tch::no_grad_guard();
                     let int8 = time(calls, &mut |c| drop(linear(&x, &quantized[c % n], None)));
+                    let bf16 = time(calls, &mut |c| drop(crate::linear::linear(&x, &narrow[c % n], None)));
                     let fp32 = time(calls, &mut |c| drop(crate::linear::linear(&x, &weights[c % n], None)));
                     let at = time(calls, &mut |c| drop(x.linear::<Tensor>(&weights[c % n], None)));
                     println!(
-                        "{:>12} {rows:>4} {cache:>5} | {int8:>8.1} {fp32:>8.1} {at:>8.1} | {:>8.2} {:>8.2}",
+                        "{:>12} {rows:>4} {cache:>5} | {int8:>8.1} {bf16:>8.1} {fp32:>8.1} {at:>8.1} | {:>8.2} {:>8.2}",
                         format!("{out}x{inp}"),
                         fp32 / int8,
-                        at / int8
+                        at / fp32
                     );
                 }
             }

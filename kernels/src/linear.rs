@@ -1,12 +1,14 @@
 //! `x @ w^T + b` as `F.linear` computes it, with a kernel for inference on CPU (AVX-512, or AVX2
-//! with FMA) at any row count, for fp32 or bf16 weights (fp32 sums either way). Each output element is one fixed-order dot product, so a row's result
-//! is the same whether it is computed alone or with others: the dense layers of a speculative
-//! verification pass equal one-token steps, and a batched sequence gets what it gets alone. It also
-//! measured faster than BLAS (which packs the weight on every call) at 1 to 512 rows; BENCHMARKS.md.
+//! with FMA) at any row count, for fp32 or bf16 weights (fp32 sums either way). Each output element
+//! is one fixed-order dot product, so a row's result is the same whether it is computed alone or
+//! with others: the dense layers of a speculative verification pass equal one-token steps, and a
+//! batched sequence gets what it gets alone. Where libtorch is faster for an fp32 shape on this
+//! machine, [`crate::calibrate`] says so and [`linear`] takes it.
 use std::ptr;
 
 use tch::Tensor;
 
+use crate::calibrate::Choice;
 use crate::ffi::{self, check};
 
 /// Which kernel: the widest this CPU runs, or AVX2 (to test it on AVX-512 machines too).
@@ -18,10 +20,19 @@ enum Isa {
 }
 
 /// `x @ weight^T + bias` for `weight` `[out, in]` (the checkpoint's layout). fp32 or bf16 CPU
-/// inputs (all of one dtype) that need no gradient, outside autocast, take the kernel (when the CPU has AVX-512
-/// or AVX2 with FMA); everything else goes to `at::linear`. Panics on what `at::linear` rejects
+/// inputs that need no gradient, outside autocast, take the kernel (when the CPU has AVX-512 or AVX2
+/// with FMA, and unless [`crate::calibrate`] measured libtorch faster for an fp32 shape); everything
+/// else goes to `at::linear`. Panics on what `at::linear` rejects
 /// (mismatched shapes), as tch ops do.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    match crate::calibrate::choice_for(weight) {
+        Choice::Kernel => kernel_linear(x, weight, bias),
+        Choice::Libtorch => x.linear(weight, bias),
+    }
+}
+
+/// [`linear`] through the kernel whatever [`crate::calibrate`] chose for the shape.
+pub(crate) fn kernel_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     linear_with(Isa::Widest, x, weight, bias)
 }
 

@@ -1,13 +1,17 @@
 //! Prefill and decode speed of `model::generate` on a model directory, as one JSON line.
 //! Driven by `scripts/bench/generate.py`, which runs transformers on the same model in the same run.
 //!
-//! `cargo bench -p model --bench generate -- MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE]`
+//! `cargo bench -p model --bench generate -- MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE] [DRAFT_DTYPE]`
 //! (DEVICE `cpu` or `cuda`, DTYPE `float32`, `bfloat16` or `int8` as `--dtype` takes them; defaults cpu, float32).
+//! With DRAFT_DTYPE it also times self-speculation: the same checkpoint loaded in DRAFT_DTYPE (say
+//! int8) drafts for the target, greedy; it reports that decode rate, the acceptance, and whether the
+//! tokens equal the target's alone.
 use std::path::Path;
 use std::time::Instant;
 
 use model::generate::{generate, GenerateConfig, NoStop, Sampling};
 use model::gpt_bigcode::GptBigCode;
+use model::speculative::{self, Drafter, SpeculativeConfig};
 use tch::{Device, Tensor};
 
 fn peak_rss_mib() -> f64 {
@@ -25,9 +29,9 @@ fn main() {
     let (dir, prompt_tokens, new_tokens, threads, device, dtype) = match args.as_slice() {
         [d, p, n, t] => (d, p, n, t, "cpu", "float32"),
         [d, p, n, t, device] => (d, p, n, t, device.as_str(), "float32"),
-        [d, p, n, t, device, dtype] => (d, p, n, t, device.as_str(), dtype.as_str()),
+        [d, p, n, t, device, dtype] | [d, p, n, t, device, dtype, _] => (d, p, n, t, device.as_str(), dtype.as_str()),
         _ => {
-            eprintln!("usage: generate MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE]");
+            eprintln!("usage: generate MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE] [DRAFT_DTYPE]");
             std::process::exit(2);
         }
     };
@@ -78,21 +82,47 @@ fn main() {
     let rounds = 3;
     let mut prefill_s = f64::MAX;
     let mut total_s = f64::MAX;
+    let mut plain = Vec::new();
     for _ in 0..rounds {
         prefill_s = prefill_s.min(prefill());
         let start = Instant::now();
         let out = generate(&model, &prompt, &config, &mut NoStop).unwrap();
         total_s = total_s.min(start.elapsed().as_secs_f64());
         assert_eq!(out[0].tokens.len(), new_tokens);
+        plain = out[0].tokens.clone();
     }
     let decode_s = total_s - prefill_s;
-    println!(
-        "{}",
-        serde_json::json!({
-            "impl": "wizard",
-            "prefill_tokens_per_s": prompt_tokens as f64 / prefill_s,
-            "decode_tokens_per_s": new_tokens as f64 / decode_s,
-            "peak_rss_mib": peak_rss_mib(),
-        })
-    );
+    let mut report = serde_json::json!({
+        "impl": "wizard",
+        "prefill_tokens_per_s": prompt_tokens as f64 / prefill_s,
+        "decode_tokens_per_s": new_tokens as f64 / decode_s,
+    });
+    if let Some(draft_dtype) = args.get(6) {
+        let draft_precision = model::gpt_bigcode::parse_precision(draft_dtype).expect("draft dtype");
+        let draft = GptBigCode::load_as(&dir, draft_precision, device, |_, _| {}).expect("draft loads");
+        let drafter = Drafter::Model(&draft);
+        let speculative = SpeculativeConfig {
+            max_new_tokens: new_tokens,
+            sampling: Sampling::greedy(),
+            eos_token_id: None,
+            ..SpeculativeConfig::default()
+        };
+        let _ = speculative::generate(&model, &drafter, &prompt, &speculative, &mut NoStop).unwrap();
+        let mut best = f64::MAX;
+        let mut last = None;
+        for _ in 0..rounds {
+            let start = Instant::now();
+            let out = speculative::generate(&model, &drafter, &prompt, &speculative, &mut NoStop).unwrap();
+            best = best.min(start.elapsed().as_secs_f64());
+            last = Some(out);
+        }
+        let out = last.expect("rounds ran");
+        report["speculative_decode_tokens_per_s"] = (new_tokens as f64 / (best - prefill_s)).into();
+        report["speculative_speedup"] = ((total_s - prefill_s) / (best - prefill_s)).into();
+        report["acceptance"] = out.stats.acceptance_rate().into();
+        report["target_passes"] = out.stats.target_passes.into();
+        report["identical_to_target"] = (out.generation.tokens == plain).into();
+    }
+    report["peak_rss_mib"] = peak_rss_mib().into();
+    println!("{report}");
 }

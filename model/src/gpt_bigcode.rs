@@ -533,6 +533,22 @@ impl GptBigCode {
         Ok(())
     }
 
+    /// The weights of the dense layers and the head as [`kernels::linear`] receives them (int8
+    /// layers, which have their own kernel, left out).
+    pub fn dense_weights(&self) -> Vec<&Tensor> {
+        let mut weights: Vec<&Tensor> = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj])
+            .filter(|linear| linear.int8.is_none())
+            .map(|linear| &linear.weight)
+            .collect();
+        if self.head_int8.is_none() {
+            weights.push(self.head_bf16.as_ref().unwrap_or(self.head_weight()));
+        }
+        weights
+    }
+
     /// Whether the dense layers hold bf16 weights over fp32 activations.
     pub fn has_narrow_dense_weights(&self) -> bool {
         self.head_bf16.is_some()

@@ -122,8 +122,10 @@ impl GptBigCode {
         Ok(model)
     }
 
-    /// Loads `dir` in `precision`: a dense dtype, or int8 (quantized here unless the directory
-    /// already holds int8 weights, from `wizard quantize`). `progress` hears (done, total) layers.
+    /// Loads `dir` in `precision` for inference: a dense dtype (bf16 on the CPU: bf16 dense weights
+    /// over fp32 activations), or int8 (quantized here unless the directory already holds int8
+    /// weights, from `wizard quantize`). `progress` hears (done, total) layers. On the CPU each
+    /// fp32 dense shape's product is chosen by a measurement ([`kernels::calibrate`]).
     pub fn load_as(
         dir: &Path,
         precision: Precision,
@@ -146,6 +148,20 @@ impl GptBigCode {
         }
         if narrow {
             model.narrow_dense_weights()?;
+        }
+        if device == Device::Cpu {
+            // The dense kernel or libtorch, per shape, by a measurement on this machine (cached).
+            let cache = kernels::calibrate::default_cache_file();
+            for m in kernels::calibrate::calibrate(&model.dense_weights(), cache.as_deref()) {
+                tracing::debug!(
+                    shape = ?m.shape,
+                    choice = ?m.choice,
+                    kernel_us = ?m.kernel_us,
+                    libtorch_us = ?m.libtorch_us,
+                    cached = m.cached,
+                    "dense product"
+                );
+            }
         }
         Ok(model)
     }

@@ -51,7 +51,8 @@ fn check(n_embd: i64, std: f64, precision: Precision) -> (f64, f64) {
     assert!(!dense.is_int8() && !dense.has_narrow_dense_weights());
     assert_eq!(int8.is_int8(), precision == Precision::Int8);
     assert_eq!(int8.has_narrow_dense_weights(), precision == Precision::Dense(Kind::BFloat16));
-    let text = Tensor::from_slice(&(0..4 * 96).map(|i| (i * 37 + i / 7) % 299 + 1).collect::<Vec<i64>>()).view([4, 96]);
+    let text = Tensor::from_slice(&(0..16 * 96).map(|i| (i * 37 + i / 7 + i * i % 13) % 299 + 1).collect::<Vec<i64>>())
+        .view([16, 96]);
     let ((dense_ppl, dense_next), (int8_ppl, int8_next)) = (score(&dense, &text), score(&int8, &text));
     let agreement = dense_next.eq_tensor(&int8_next).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
     let config = GenerateConfig { max_new_tokens: 8, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };

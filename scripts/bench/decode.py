@@ -1,0 +1,139 @@
+"""Prefill and decode tokens/s of wizard vs llama.cpp's llama-bench on the same weights, per precision.
+
+Usage: .wizard/python scripts/bench/decode.py [--shapes d768,1b] [--threads 2] [--prompt-tokens 128]
+                                             [--new-tokens 128] [--self-speculation]
+
+1. Models: random GPTBigCode checkpoints made with transformers under target/bench-models, with the
+   byte-level BPE tokenizer of 4000 tokens that scripts/bench/http_serve.py trains: `d768` (d768 L12
+   H12 MQA, 76M parameters, http_serve.py's model) and `1b` (StarCoder-1B's shape: d2048 L24 H16 MQA,
+   inner 8192, about 1.1B parameters). Each is converted to f32, bf16 and q8_0 GGUFs by llama.cpp's own
+   converter (scripts/bench/llama_cpp.sh, which builds llama.cpp first if needed).
+2. wizard: the `model` crate's generate bench (best of 3 rounds; prefill = one pass over the prompt,
+   decode = (generate - prefill) / new tokens) with --dtype float32, bfloat16 and int8; llama.cpp:
+   `llama-bench -p P -n N -t T` on the f32, bf16 and q8_0 GGUFs. Each runs in its own process; peak RSS is
+   its maximum resident set.
+3. With --self-speculation, the generate bench also decodes with the target's own int8 copy drafting
+   (greedy), and reports the speedup over the target alone, the acceptance, and whether the tokens are
+   the target's.
+
+Prints the CPU and one Markdown table per shape with the ratios wizard / llama.cpp.
+"""
+import argparse
+import json
+import pathlib
+import resource
+import subprocess
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import http_serve  # noqa: E402  (the tokenizer, the d768 model, the CPU description)
+
+REPO = http_serve.REPO
+MODELS = REPO / "target" / "bench-models"
+LLAMA_SH = http_serve.LLAMA_SH
+SHAPES = {
+    "d768": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+    "1b": dict(n_embd=2048, n_layer=24, n_head=16, n_positions=2048, n_inner=8192),
+}
+PRECISIONS = [("float32", "f32"), ("bfloat16", "bf16"), ("int8", "q8_0")]
+
+
+def model_dir(shape):
+    return http_serve.MODEL if shape == "d768" else MODELS / f"bench-{shape}"
+
+
+def make_model(shape, wizard):
+    http_serve.make_model(wizard)  # the tokenizer (and the d768 model)
+    directory = model_dir(shape)
+    if not (directory / "model.safetensors").exists():
+        import shutil
+
+        import torch
+        from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+        print(f"making {directory}", flush=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+            if (http_serve.MODEL / name).exists():
+                shutil.copy(http_serve.MODEL / name, directory / name)
+        torch.manual_seed(0)
+        config = GPTBigCodeConfig(
+            vocab_size=http_serve.VOCAB, multi_query=True, bos_token_id=0, eos_token_id=0, **SHAPES[shape]
+        )
+        GPTBigCodeForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    for _, gguf_type in PRECISIONS:
+        gguf = MODELS / f"{directory.name}-{gguf_type}.gguf"
+        if not gguf.exists() or gguf.stat().st_mtime < (directory / "model.safetensors").stat().st_mtime:
+            print(f"converting to {gguf}", flush=True)
+            subprocess.run([str(LLAMA_SH), "convert", str(directory), gguf_type, str(gguf)], check=True,
+                           stdout=subprocess.DEVNULL)
+    return directory
+
+
+def run_measured(command):
+    """stdout of `command` and its peak RSS in MiB (a fresh child per call, so the maximum is its own)."""
+    probe = (
+        "import resource, subprocess, sys\n"
+        "out = subprocess.run(sys.argv[1:], check=True, capture_output=True, text=True).stdout\n"
+        "print(out)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, *command], check=True, capture_output=True, text=True).stdout
+    lines = out.rstrip().splitlines()
+    return "\n".join(lines[:-1]), int(lines[-1]) / 1024
+
+
+def llama_bench(gguf, args):
+    bench = subprocess.run([str(LLAMA_SH), "paths"], check=True, capture_output=True, text=True).stdout
+    binary = next(line.split()[1] for line in bench.splitlines() if line.startswith("llama-bench"))
+    out, rss = run_measured([binary, "-m", str(gguf), "-t", str(args.threads), "-p", str(args.prompt_tokens),
+                             "-n", str(args.new_tokens), "-o", "json"])
+    rows = json.loads(out)
+    rate = {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
+    return rate["prefill"], rate["decode"], rss
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="d768,1b")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--self-speculation", action="store_true")
+    parser.add_argument("--wizard", default=str(REPO / "target" / "release" / "wizard"))
+    args = parser.parse_args()
+    subprocess.run(["cargo", "bench", "-p", "model", "--bench", "generate", "--no-run"], check=True, cwd=REPO,
+                   stderr=subprocess.DEVNULL)
+    bench = ["cargo", "bench", "-q", "-p", "model", "--bench", "generate", "--"]
+    print(http_serve.cpu_description())
+    print(f"threads={args.threads} prompt={args.prompt_tokens} new={args.new_tokens}\n")
+    for shape in args.shapes.split(","):
+        directory = make_model(shape, args.wizard)
+        print(f"### {shape}\n")
+        print("| precision | prefill tok/s wizard / llama.cpp (ratio) | decode tok/s wizard / llama.cpp (ratio) "
+              "| peak RSS MiB wizard / llama.cpp |")
+        print("| --- | --- | --- | --- |")
+        speculation = None
+        for dtype, gguf_type in PRECISIONS:
+            extra = ["int8"] if args.self_speculation and dtype != "int8" and speculation is None else []
+            out, rss = run_measured([*bench, str(directory), str(args.prompt_tokens), str(args.new_tokens),
+                                     str(args.threads), "cpu", dtype, *extra])
+            ours = json.loads(out.strip().splitlines()[-1])
+            if extra:
+                speculation = (dtype, ours)
+            pp, tg, llama_rss = llama_bench(MODELS / f"{directory.name}-{gguf_type}.gguf", args)
+            print(f"| {dtype} / {gguf_type} "
+                  f"| {ours['prefill_tokens_per_s']:.0f} / {pp:.0f} ({ours['prefill_tokens_per_s'] / pp:.2f}x) "
+                  f"| {ours['decode_tokens_per_s']:.1f} / {tg:.1f} ({ours['decode_tokens_per_s'] / tg:.2f}x) "
+                  f"| {rss:.0f} / {llama_rss:.0f} |", flush=True)
+        if speculation:
+            dtype, ours = speculation
+            print(f"\nself-speculation ({dtype} target, its int8 copy drafting, greedy): "
+                  f"{ours['speculative_decode_tokens_per_s']:.1f} tok/s vs {ours['decode_tokens_per_s']:.1f} alone "
+                  f"({ours['speculative_speedup']:.2f}x), acceptance {ours['acceptance']:.3f}, "
+                  f"{ours['target_passes']} target passes, identical to the target: {ours['identical_to_target']}")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
