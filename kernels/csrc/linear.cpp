@@ -46,6 +46,30 @@ struct Lanes {
 }  // namespace avx512
 #pragma GCC pop_options
 
+// bf16 inputs times bf16 weights with AVX-512 BF16's dot-product instruction: 32 products per
+// instruction (pairs summed into fp32 lanes), twice what widening gives; the inputs are rounded to
+// bf16 first, as llama.cpp does for bf16 weights.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+namespace avx512bf16 {
+struct Lanes {
+  static constexpr int64_t kWidth = 32;
+  static constexpr int kRows = 4;
+  static constexpr int kWeightRows = 6;
+  static __m512 zero() { return _mm512_setzero_ps(); }
+  static __m512bh load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static __m512bh load_first(const uint16_t* p, int64_t n) {
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
+  }
+  static __m512bh load_weight(const uint16_t* p) { return load(p); }
+  static __m512bh load_weight_first(const uint16_t* p, int64_t n) { return load_first(p, n); }
+  static __m512 fma(__m512bh a, __m512bh b, __m512 acc) { return _mm512_dpbf16_ps(acc, a, b); }
+  static float sum(__m512 v) { return _mm512_reduce_add_ps(v); }
+};
+#include "linear_kernel.h"
+}  // namespace avx512bf16
+#pragma GCC pop_options
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -81,14 +105,16 @@ struct Lanes {
 }  // namespace avx2
 #pragma GCC pop_options
 
-template <typename W>
-using RowsTimesWeight = void (*)(const float*, int64_t, const W*, const float*, float*, int64_t, int64_t, int64_t,
+template <typename X, typename W>
+using RowsTimesWeight = void (*)(const X*, int64_t, const W*, const float*, float*, int64_t, int64_t, int64_t,
                                  int64_t);
 
-// One instruction set's kernels: fp32 weights, and bf16 weights (their bits as uint16_t).
+// One instruction set's kernels: fp32 weights, bf16 weights (their bits as uint16_t) under fp32
+// inputs, and bf16 times bf16 where the CPU has a bf16 dot product (else null).
 struct Kernels {
-  RowsTimesWeight<float> fp32;
-  RowsTimesWeight<uint16_t> bf16;
+  RowsTimesWeight<float, float> fp32;
+  RowsTimesWeight<float, uint16_t> bf16;
+  RowsTimesWeight<uint16_t, uint16_t> bf16_dot;
 };
 
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
@@ -98,8 +124,11 @@ bool has_avx512() {
 
 // The kernels for `isa` (0: the widest this CPU runs, 1: AVX2), or none.
 const Kernels* kernels_for(int isa) {
-  static const Kernels avx512{avx512::rows_times_weight<float>, avx512::rows_times_weight<uint16_t>};
-  static const Kernels avx2{avx2::rows_times_weight<float>, avx2::rows_times_weight<uint16_t>};
+  static const bool has_bf16_dot = __builtin_cpu_supports("avx512bf16");
+  static const Kernels avx512{avx512::rows_times_weight<float, float>, avx512::rows_times_weight<float, uint16_t>,
+                              has_bf16_dot ? avx512bf16::rows_times_weight<uint16_t, uint16_t> : nullptr};
+  static const Kernels avx2{avx2::rows_times_weight<float, float>, avx2::rows_times_weight<float, uint16_t>,
+                            nullptr};
   if (isa == 1 || !has_avx512()) return has_avx2() ? &avx2 : nullptr;
   return &avx512;
 }
@@ -161,30 +190,51 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
         kernels->fp32(xp, rows, wp, bp, yp, in, out, begin, end);
       });
     } else {
-      // bf16 weights: bf16 inputs and bias are widened once, products and sums are fp32, and a bf16
-      // output is rounded once (as at::linear does in bf16). Plain loops: a libtorch op per
-      // conversion cost more than the product itself at one row.
-      std::vector<float> x_wide, bias_wide;
-      auto as_fp32 = [](const at::Tensor& t, std::vector<float>& wide) -> const float* {
-        if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
-        wide.resize(t.numel());
-        const at::BFloat16* p = t.data_ptr<at::BFloat16>();
-        for (size_t i = 0; i < wide.size(); i++) wide[i] = static_cast<float>(p[i]);
-        return wide.data();
-      };
-      const float* xp = as_fp32(x, x_wide);
-      const float* bp = bias ? as_fp32(*bias, bias_wide) : nullptr;
+      // bf16 weights. With a bf16 dot-product instruction the inputs are rounded to bf16 (once per
+      // call) and multiplied as they are; without, they are widened to fp32 and so are the weights as
+      // they are read. Sums are fp32 either way, and a bf16 output is rounded once (as at::linear
+      // does in bf16). Plain loops: a libtorch op per conversion cost more than a one-row product.
       const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+      std::vector<float> bias_wide;
+      const float* bp = nullptr;
+      if (bias && bias->scalar_type() == at::kFloat) {
+        bp = bias->data_ptr<float>();
+      } else if (bias) {
+        const at::BFloat16* p = bias->data_ptr<at::BFloat16>();
+        bias_wide.assign(p, p + bias->numel());
+        bp = bias_wide.data();
+      }
+      std::vector<float> x_wide;
+      std::vector<at::BFloat16> x_narrow;
+      const float* x32 = nullptr;
+      const uint16_t* x16 = nullptr;
+      if (kernels->bf16_dot && x.scalar_type() == at::kBFloat16) {
+        x16 = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+      } else if (kernels->bf16_dot) {
+        const float* p = x.data_ptr<float>();
+        x_narrow.assign(p, p + x.numel());
+        x16 = reinterpret_cast<const uint16_t*>(x_narrow.data());
+      } else if (x.scalar_type() == at::kBFloat16) {
+        const at::BFloat16* p = x.data_ptr<at::BFloat16>();
+        x_wide.assign(p, p + x.numel());
+        x32 = x_wide.data();
+      } else {
+        x32 = x.data_ptr<float>();
+      }
+      auto product = [&](float* yp, int64_t begin, int64_t end) {
+        if (x16)
+          kernels->bf16_dot(x16, rows, wp, bp, yp, in, out, begin, end);
+        else
+          kernels->bf16(x32, rows, wp, bp, yp, in, out, begin, end);
+      };
       if (x.scalar_type() == at::kFloat) {
         float* yp = y.data_ptr<float>();
-        at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
-          kernels->bf16(xp, rows, wp, bp, yp, in, out, begin, end);
-        });
+        at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) { product(yp, begin, end); });
       } else {
         std::vector<float> y_wide(rows * out);
         at::BFloat16* yp = y.data_ptr<at::BFloat16>();
         at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
-          kernels->bf16(xp, rows, wp, bp, y_wide.data(), in, out, begin, end);
+          product(y_wide.data(), begin, end);
           for (int64_t r = 0; r < rows; r++)
             for (int64_t j = begin; j < end; j++) yp[r * out + j] = at::BFloat16(y_wide[r * out + j]);
         });

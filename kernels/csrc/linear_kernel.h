@@ -5,13 +5,15 @@
 // R input rows times J weight rows: R*J accumulators, each summed across its lanes at the end. Every
 // accumulator sees the same products in the same order whatever R and J are, so an output element
 // does not depend on the tile it was computed in. One function, so that GCC keeps the accumulators
-// in registers; the loop loads R + J vectors for R*J multiply-adds. Weights are fp32 or bf16 (`W`,
-// widened to fp32 as they are loaded); inputs, products and sums are fp32.
-template <int R, int J, typename W>
-inline void dots(const float* x, const W* w, const float* bias, float* y, int64_t in, int64_t out, int64_t j) {
-  using V = Lanes::V;
+// in registers; the loop loads R + J vectors for R*J multiply-adds. Inputs (`X`) and weights (`W`)
+// are what `Lanes` loads: fp32 inputs with fp32 or bf16 weights (widened as they are loaded), or both
+// in bf16 for a bf16 dot-product instruction; sums are fp32.
+template <int R, int J, typename X, typename W>
+inline void dots(const X* x, const W* w, const float* bias, float* y, int64_t in, int64_t out, int64_t j) {
+  using Acc = decltype(Lanes::zero());
+  using V = decltype(Lanes::load_weight(w));
   constexpr int64_t N = Lanes::kWidth;
-  V acc[R][J];
+  Acc acc[R][J];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < J; c++) acc[r][c] = Lanes::zero();
   const W* rows = w + j * in;
@@ -20,7 +22,7 @@ inline void dots(const float* x, const W* w, const float* bias, float* y, int64_
     V wv[J];
     for (int c = 0; c < J; c++) wv[c] = Lanes::load_weight(rows + c * in + i);
     for (int r = 0; r < R; r++) {
-      const V xv = Lanes::load(x + r * in + i);
+      const auto xv = Lanes::load(x + r * in + i);
       for (int c = 0; c < J; c++) acc[r][c] = Lanes::fma(xv, wv[c], acc[r][c]);
     }
   }
@@ -28,7 +30,7 @@ inline void dots(const float* x, const W* w, const float* bias, float* y, int64_
     V wv[J];
     for (int c = 0; c < J; c++) wv[c] = Lanes::load_weight_first(rows + c * in + full, in - full);
     for (int r = 0; r < R; r++) {
-      const V xv = Lanes::load_first(x + r * in + full, in - full);
+      const auto xv = Lanes::load_first(x + r * in + full, in - full);
       for (int c = 0; c < J; c++) acc[r][c] = Lanes::fma(xv, wv[c], acc[r][c]);
     }
   }
@@ -37,26 +39,26 @@ inline void dots(const float* x, const W* w, const float* bias, float* y, int64_
 }
 
 // Input rows [first, last) against weight rows [j, j + J), kRows input rows at a time.
-template <int J, typename W>
-inline void row_block(const float* x, int64_t first, int64_t last, const W* w, const float* bias, float* y,
+template <int J, typename X, typename W>
+inline void row_block(const X* x, int64_t first, int64_t last, const W* w, const float* bias, float* y,
                       int64_t in, int64_t out, int64_t j) {
   constexpr int R = Lanes::kRows;
   int64_t r = first;
-  for (; r + R <= last; r += R) dots<R, J, W>(x + r * in, w, bias, y + r * out, in, out, j);
-  for (; r < last; r++) dots<1, J, W>(x + r * in, w, bias, y + r * out, in, out, j);
+  for (; r + R <= last; r += R) dots<R, J, X, W>(x + r * in, w, bias, y + r * out, in, out, j);
+  for (; r < last; r++) dots<1, J, X, W>(x + r * in, w, bias, y + r * out, in, out, j);
 }
 
 // Output columns [begin, end) for every input row. Rows go in blocks that stay in L2 while the
 // columns' weight rows stream past them, so a weight is read from memory once per block.
-template <typename W>
-inline void rows_times_weight(const float* x, int64_t rows, const W* w, const float* bias, float* y, int64_t in,
+template <typename X, typename W>
+inline void rows_times_weight(const X* x, int64_t rows, const W* w, const float* bias, float* y, int64_t in,
                               int64_t out, int64_t begin, int64_t end) {
   constexpr int J = Lanes::kWeightRows;
   const int64_t block = std::max<int64_t>(Lanes::kRows, 98304 / in / Lanes::kRows * Lanes::kRows);
   for (int64_t first = 0; first < rows; first += block) {
     const int64_t last = std::min(rows, first + block);
     int64_t j = begin;
-    for (; j + J <= end; j += J) row_block<J, W>(x, first, last, w, bias, y, in, out, j);
-    for (; j < end; j++) row_block<1, W>(x, first, last, w, bias, y, in, out, j);
+    for (; j + J <= end; j += J) row_block<J, X, W>(x, first, last, w, bias, y, in, out, j);
+    for (; j < end; j++) row_block<1, X, W>(x, first, last, w, bias, y, in, out, j);
   }
 }

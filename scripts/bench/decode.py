@@ -65,8 +65,10 @@ def make_model(shape, wizard):
         gguf = MODELS / f"{directory.name}-{gguf_type}.gguf"
         if not gguf.exists() or gguf.stat().st_mtime < (directory / "model.safetensors").stat().st_mtime:
             print(f"converting to {gguf}", flush=True)
-            subprocess.run([str(LLAMA_SH), "convert", str(directory), gguf_type, str(gguf)], check=True,
-                           stdout=subprocess.DEVNULL)
+            converted = subprocess.run([str(LLAMA_SH), "convert", str(directory), gguf_type, str(gguf)],
+                                       capture_output=True, text=True)
+            if converted.returncode != 0:
+                sys.exit(f"converting {directory} to {gguf_type} failed:\n{converted.stderr[-4000:]}")
     return directory
 
 
