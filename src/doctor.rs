@@ -151,7 +151,11 @@ fn print_text(
         );
     }
     println!("threads         {} intra-op, {} inter-op", info.intra_op_threads, info.inter_op_threads);
-    let kernel = if kernels::linear::few_row_kernel_available() { "few-row fp32 kernel" } else { "BLAS (no AVX2)" };
+    let kernel = if kernels::linear::few_row_kernel_available() {
+        "wizard's dense kernel (fp32/bf16)"
+    } else {
+        "BLAS (no AVX2)"
+    };
     println!("CPU decoding    {kernel}; int8 kernel: {}", kernels::int8::int8_kernel_isa());
     println!("python          {}", python.map_or_else(|| "not found".into(), |p| p.display().to_string()));
     for peer in peers {

@@ -21,6 +21,29 @@ CREATE TABLE IF NOT EXISTS problems (task_id TEXT PRIMARY KEY, n INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS scores (k INTEGER PRIMARY KEY, pass_at_k REAL NOT NULL);
 ";
 
+/// Orders ids by their text with every run of digits compared as a number.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Chunk {
+    Number(u128),
+    Text(String),
+}
+
+fn natural_key(id: &str) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut rest = id;
+    while let Some(first) = rest.chars().next() {
+        let digit = first.is_ascii_digit();
+        let end = rest.find(|c: char| c.is_ascii_digit() != digit).unwrap_or(rest.len());
+        let (chunk, tail) = rest.split_at(end);
+        chunks.push(match chunk.parse::<u128>() {
+            Ok(number) if digit => Chunk::Number(number),
+            _ => Chunk::Text(chunk.to_string()),
+        });
+        rest = tail;
+    }
+    chunks
+}
+
 /// A result's status is stored as its name.
 impl ToSql for Status {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
@@ -166,7 +189,8 @@ impl Store {
         .map(|n| n as usize)
     }
 
-    /// Every sample with its outcome, by task and index.
+    /// Every sample with its outcome, by task (in natural order: `HumanEval/2` before `HumanEval/10`)
+    /// and index, whatever order they were generated in (batches finish problems out of order).
     pub fn scored(&self) -> Result<Vec<Scored>> {
         let mut statement = self.sql(self.connection.prepare(
             "SELECT s.task_id, s.idx, s.completion, r.status, r.result, r.seconds
@@ -183,7 +207,9 @@ impl Store {
             Ok((sample, outcome))
         });
         let rows = self.sql(rows)?;
-        self.sql(rows.collect())
+        let mut scored: Vec<Scored> = self.sql(rows.collect())?;
+        scored.sort_by_cached_key(|(sample, _)| (natural_key(&sample.task_id), sample.index));
+        Ok(scored)
     }
 
     /// Records a sample's outcome (committed at once, so an interruption loses nothing done).
@@ -215,6 +241,20 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Samples read back by task in natural order and by index, not in the order they were stored.
+    #[test]
+    fn samples_read_back_in_problem_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("eval.sqlite"), "humaneval").unwrap();
+        let sample = |task: &str, index| Sample { task_id: task.into(), index, completion: String::new() };
+        let stored = [sample("HumanEval/10", 1), sample("HumanEval/10", 0), sample("HumanEval/2", 0), sample("11", 0)];
+        store.replace_samples(&stored).unwrap();
+        let order: Vec<(String, usize)> =
+            store.scored().unwrap().into_iter().map(|(s, _)| (s.task_id, s.index)).collect();
+        let expected = [("11", 0), ("HumanEval/2", 0), ("HumanEval/10", 0), ("HumanEval/10", 1)];
+        assert_eq!(order, expected.map(|(t, i)| (t.to_string(), i)));
+    }
 
     /// Outcomes are stored with their status by name and read back; an unknown name is an error.
     #[test]

@@ -36,7 +36,7 @@ pub(crate) fn kernel_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) 
     linear_with(Isa::Widest, x, weight, bias)
 }
 
-/// Whether this CPU runs the few-row kernel.
+/// Whether this CPU runs the dense kernel (AVX-512, or AVX2 with FMA).
 pub fn few_row_kernel_available() -> bool {
     kernel_available(Isa::Widest)
 }

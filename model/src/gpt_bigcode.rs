@@ -354,7 +354,8 @@ impl GptBigCode {
 
     /// Logits `[rows, vocab]` of one new token per sequence, each continuing its own cache (which
     /// may hold a different length): the continuous-batching step. Row i's logits do not depend on
-    /// the other rows where the dense layers take the few-row kernel (fp32 on CPU).
+    /// the other rows where the dense layers take the dense kernel and attention the fused decode
+    /// kernel (fp32 activations on CPU).
     pub fn forward_batch(&self, tokens: &[i64], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         if tokens.len() != caches.len() || tokens.is_empty() {
             return Err(ModelError::Invalid(format!("{} tokens for {} caches", tokens.len(), caches.len())));
