@@ -36,12 +36,15 @@ fn peer_versions() -> Value {
     serde_json::from_str(&common::python(script, &[])).unwrap()
 }
 
-/// Whether this CPU has what the few-row kernel needs (AVX-512, or AVX2 with FMA).
-fn cpu_runs_the_few_row_kernel() -> bool {
+/// Whether this CPU has what the dense kernel needs (AVX-512, or AVX2 with FMA), and what its bf16
+/// dot product needs (AVX-512 F, BW, VL and BF16).
+fn cpu_runs_the_dense_kernels() -> (bool, bool) {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
     let flags: Vec<&str> =
         cpuinfo.lines().find_map(|l| l.strip_prefix("flags")).unwrap_or_default().split_whitespace().collect();
-    flags.contains(&"avx512f") || (flags.contains(&"avx2") && flags.contains(&"fma"))
+    let has = |flag| flags.contains(&flag);
+    let avx512 = has("avx512f") && has("avx512bw") && has("avx512vl");
+    (avx512 || (has("avx2") && has("fma")), avx512 && has("avx512_bf16"))
 }
 
 #[test]
@@ -58,7 +61,9 @@ fn doctor_reports_torch_2_11_and_the_devices_it_sees() {
     let cores = std::thread::available_parallelism().unwrap().get() as i64;
     let intra_op = report["threads"]["intra_op"].as_i64().unwrap();
     assert!((1..=cores).contains(&intra_op), "{intra_op} intra-op threads on {cores} cores");
-    assert_eq!(report["few_row_kernel"], cpu_runs_the_few_row_kernel(), "{report}");
+    let (dense, bf16_dot) = cpu_runs_the_dense_kernels();
+    assert_eq!(report["few_row_kernel"], dense, "{report}");
+    assert_eq!(report["bf16_dot_kernel"], bf16_dot, "{report}");
     // The libtorch of the venv that setup linked, and that venv's interpreter.
     let loaded_from = PathBuf::from(report["loaded_from"].as_str().unwrap());
     let site_packages = Path::new(env!("CARGO_MANIFEST_DIR")).join(".wizard/site-packages");

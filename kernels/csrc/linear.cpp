@@ -158,6 +158,13 @@ extern "C" {
 // Whether this CPU runs the dense kernels for `isa` (as in wizard_linear).
 int wizard_linear_kernel_available(int isa) { return kernels_for(isa) != nullptr; }
 
+// Whether bf16 weights meet bf16 inputs in a dot-product instruction (AVX-512 BF16) rather than being
+// widened to fp32.
+int wizard_linear_bf16_dot_available() {
+  const Kernels* kernels = kernels_for(0);
+  return kernels && kernels->bf16_dot;
+}
+
 // `*result` = a new tch tensor holding x @ w^T + bias (bias may be null), as at::linear computes it;
 // the kernel for `isa` (0: the widest this CPU runs, 1: AVX2) when it applies, at::linear otherwise
 // (training, autocast, other dtypes or devices, no such kernel on this CPU).

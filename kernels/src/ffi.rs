@@ -131,6 +131,7 @@ extern "C" {
         result: *mut TensorHandle,
     ) -> c_int;
     pub(crate) fn wizard_linear_kernel_available(isa: c_int) -> c_int;
+    pub(crate) fn wizard_linear_bf16_dot_available() -> c_int;
 
     // csrc/int8.cpp
     pub(crate) fn wizard_int8_quantize(

@@ -41,6 +41,13 @@ pub fn few_row_kernel_available() -> bool {
     kernel_available(Isa::Widest)
 }
 
+/// Whether bf16 weights are multiplied with AVX-512 BF16's dot product (inputs rounded to bf16);
+/// otherwise the kernel widens them to fp32 as it reads them.
+pub fn bf16_dot_product_available() -> bool {
+    // SAFETY: no arguments, an integer out.
+    unsafe { ffi::wizard_linear_bf16_dot_available() != 0 }
+}
+
 fn kernel_available(isa: Isa) -> bool {
     // SAFETY: an integer in, an integer out.
     unsafe { ffi::wizard_linear_kernel_available(isa as i32) != 0 }
