@@ -36,12 +36,13 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(path: nn::Path, in_dim: i64, out_dim: i64, init: Init) -> Linear {
-        Linear {
-            weight: path.var("weight", &[out_dim, in_dim], init),
-            bias: path.var("bias", &[out_dim], Init::Const(0.0)),
-            int8: None,
+    fn new(path: nn::Path, in_dim: i64, out_dim: i64, std: f64, weights: Weights) -> Linear {
+        let weight = path.var("weight", &[out_dim, in_dim], normal(std, weights));
+        if weights == Weights::ZerosBf16Dense {
+            // One layer in fp32 at a time, never the whole model.
+            tch::no_grad(|| weight.shallow_clone().set_data(&weight.to_kind(Kind::BFloat16)));
         }
+        Linear { weight, bias: path.var("bias", &[out_dim], Init::Const(0.0)), int8: None }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -65,13 +66,16 @@ pub(crate) enum Weights {
     Random,
     /// Zeros, for weights about to be loaded.
     Zeros,
+    /// Zeros with the dense layers' weights in bf16, for a checkpoint about to be loaded into bf16
+    /// dense weights over fp32 activations ([`GptBigCode::narrow_dense_weights`]).
+    ZerosBf16Dense,
 }
 
 /// `transformers`' normal(0, std) for a fresh model.
 fn normal(std: f64, weights: Weights) -> Init {
     match weights {
         Weights::Random => Init::Randn { mean: 0.0, stdev: std },
-        Weights::Zeros => Init::Const(0.0),
+        Weights::Zeros | Weights::ZerosBf16Dense => Init::Const(0.0),
     }
 }
 
@@ -113,8 +117,8 @@ impl Attention {
         let proj_std = config.initializer_range / (2.0 * config.n_layer as f64).sqrt();
         let qkv_dim = d + 2 * kv_heads * head_dim;
         Attention {
-            c_attn: Linear::new(&path / "c_attn", d, qkv_dim, normal(config.initializer_range, weights)),
-            c_proj: Linear::new(&path / "c_proj", d, d, normal(proj_std, weights)),
+            c_attn: Linear::new(&path / "c_attn", d, qkv_dim, config.initializer_range, weights),
+            c_proj: Linear::new(&path / "c_proj", d, d, proj_std, weights),
             n_head: config.n_head,
             kv_heads,
             head_dim,
@@ -212,8 +216,8 @@ impl Mlp {
         let proj_std = config.initializer_range / (2.0 * config.n_layer as f64).sqrt();
         let (d, inner) = (config.n_embd, config.inner_dim());
         Mlp {
-            c_fc: Linear::new(&path / "c_fc", d, inner, normal(config.initializer_range, weights)),
-            c_proj: Linear::new(&path / "c_proj", inner, d, normal(proj_std, weights)),
+            c_fc: Linear::new(&path / "c_fc", d, inner, config.initializer_range, weights),
+            c_proj: Linear::new(&path / "c_proj", inner, d, proj_std, weights),
             approximate: config.activation_function.approximate(),
             resid_pdrop: config.resid_pdrop,
         }

@@ -44,6 +44,11 @@ impl GptBigCode {
     /// Loads a Hugging Face model directory (`config.json` + safetensors) in `kind` on `device`.
     /// Tensors are read one at a time straight into the weights.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<GptBigCode> {
+        GptBigCode::load_into(dir, kind, device, Weights::Zeros)
+    }
+
+    /// [`load`](Self::load) into a model whose zeros are laid out as `zeros` says.
+    fn load_into(dir: &Path, kind: Kind, device: Device, zeros: Weights) -> Result<GptBigCode> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let quantized = is_int8_directory(dir)?;
         if quantized && (kind != Kind::Float || device != Device::Cpu) {
@@ -53,7 +58,7 @@ impl GptBigCode {
             )));
         }
         let tied = config.tie_word_embeddings;
-        let mut model = GptBigCode::build(config, device, kind, Weights::Zeros)?;
+        let mut model = GptBigCode::build(config, device, kind, zeros)?;
         let mut pending = model.vars().variables();
         // int8 layers: name -> (values, scales, the file they came from).
         let mut int8: BTreeMap<String, (Option<Tensor>, Option<Tensor>, PathBuf)> = BTreeMap::new();
@@ -135,8 +140,12 @@ impl GptBigCode {
         // bf16 on the CPU: bf16 dense weights over fp32 activations (what the dense kernel reads at
         // half the bytes; libtorch's CPU ops in bf16 cost more than they save).
         let narrow = precision == Precision::Dense(Kind::BFloat16) && device == Device::Cpu;
-        let kind = if narrow { Kind::Float } else { precision.kind() };
-        let mut model = GptBigCode::load(dir, kind, device)?;
+        let mut model = if narrow {
+            // Dense weights are narrowed as they are read: peak memory is the bf16 model, not fp32's.
+            GptBigCode::load_into(dir, Kind::Float, device, Weights::ZerosBf16Dense)?
+        } else {
+            GptBigCode::load(dir, precision.kind(), device)?
+        };
         if precision != Precision::Int8 && model.is_int8() {
             return Err(ModelError::Invalid(format!(
                 "{} holds int8 weights (from `wizard quantize`): load it with --dtype int8",
