@@ -6,6 +6,7 @@
 //! libtorch does not promise.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -46,10 +47,14 @@ fn table() -> MutexGuard<'static, HashMap<(i64, i64), Choice>> {
     TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Whether any shape chose libtorch: until one does, every product takes the kernel without a
+/// look at the table (this runs for every dense product).
+static LIBTORCH_CHOSEN: AtomicBool = AtomicBool::new(false);
+
 /// The product an fp32 CPU weight of this shape takes (the kernel unless a measurement chose
 /// libtorch).
 pub(crate) fn choice_for(weight: &Tensor) -> Choice {
-    if weight.kind() != Kind::Float {
+    if !LIBTORCH_CHOSEN.load(Ordering::Relaxed) || weight.kind() != Kind::Float {
         return Choice::Kernel;
     }
     match weight.size().as_slice() {
@@ -82,6 +87,9 @@ pub fn calibrate(weights: &[&Tensor], cache: Option<&Path>) -> Vec<Measurement> 
                 measured
             }
         };
+        if measurement.choice == Choice::Libtorch {
+            LIBTORCH_CHOSEN.store(true, Ordering::Relaxed);
+        }
         table().insert(measurement.shape, measurement.choice);
         measurements.push(measurement);
     }

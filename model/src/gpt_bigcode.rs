@@ -236,6 +236,15 @@ struct Block {
 }
 
 impl Block {
+    /// The dense layers, in checkpoint order.
+    fn linears(&self) -> [&Linear; 4] {
+        [&self.attn.c_attn, &self.attn.c_proj, &self.mlp.c_fc, &self.mlp.c_proj]
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [&mut self.attn.c_attn, &mut self.attn.c_proj, &mut self.mlp.c_fc, &mut self.mlp.c_proj]
+    }
+
     fn new(path: nn::Path, config: &ModelConfig, weights: Weights) -> Block {
         let eps = config.layer_norm_epsilon;
         Block {
@@ -515,17 +524,16 @@ impl GptBigCode {
 
     /// Stores the dense layers' weights and the head in bf16 while embeddings, LayerNorms, biases
     /// and activations stay fp32 ([`Precision::Dense`] bf16 on the CPU, as llama.cpp runs bf16):
-    /// half the bytes read per token, and the dense kernel widens each weight as it reads it, so
-    /// products and sums stay fp32. An fp32 CPU model only.
+    /// half the bytes read per token. The dense kernel multiplies them with bf16 dot products
+    /// (inputs rounded to bf16) or widens them as it reads them; sums stay fp32. An fp32 CPU model
+    /// only; a model loaded with bf16 dense weights already has them narrowed.
     pub fn narrow_dense_weights(&mut self) -> Result<()> {
         if self.kind() != Kind::Float || self.device() != Device::Cpu || self.is_int8() {
             return Err(ModelError::Invalid("bf16 dense weights are for fp32 models on the CPU".into()));
         }
         tch::no_grad(|| {
             for block in &mut self.blocks {
-                for linear in
-                    [&mut block.attn.c_attn, &mut block.attn.c_proj, &mut block.mlp.c_fc, &mut block.mlp.c_proj]
-                {
+                for linear in block.linears_mut() {
                     let narrow = linear.weight.to_kind(Kind::BFloat16);
                     linear.weight.set_data(&narrow);
                 }
@@ -544,7 +552,7 @@ impl GptBigCode {
         let mut weights: Vec<&Tensor> = self
             .blocks
             .iter()
-            .flat_map(|b| [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj])
+            .flat_map(Block::linears)
             .filter(|linear| linear.int8.is_none())
             .map(|linear| &linear.weight)
             .collect();
@@ -569,9 +577,7 @@ impl GptBigCode {
         let mut done = 0;
         tch::no_grad(|| -> Result<()> {
             for block in &mut self.blocks {
-                for linear in
-                    [&mut block.attn.c_attn, &mut block.attn.c_proj, &mut block.mlp.c_fc, &mut block.mlp.c_proj]
-                {
+                for linear in block.linears_mut() {
                     let int8 = Int8Weight::quantize(&linear.weight).map_err(|e| ModelError::Invalid(e.to_string()))?;
                     linear.set_int8(int8);
                     done += 1;
