@@ -38,9 +38,13 @@ struct Linear {
 impl Linear {
     fn new(path: nn::Path, in_dim: i64, out_dim: i64, std: f64, weights: Weights) -> Linear {
         let weight = path.var("weight", &[out_dim, in_dim], normal(std, weights));
-        if weights == Weights::ZerosBf16Dense {
+        match weights {
             // One layer in fp32 at a time, never the whole model.
-            tch::no_grad(|| weight.shallow_clone().set_data(&weight.to_kind(Kind::BFloat16)));
+            Weights::ZerosBf16Dense => {
+                tch::no_grad(|| weight.shallow_clone().set_data(&weight.to_kind(Kind::BFloat16)))
+            }
+            Weights::ZerosInt8Dense => tch::no_grad(|| weight.shallow_clone().set_data(&empty_weight())),
+            Weights::Random | Weights::Zeros => {}
         }
         Linear { weight, bias: path.var("bias", &[out_dim], Init::Const(0.0)), int8: None }
     }
@@ -54,7 +58,7 @@ impl Linear {
 
     /// Replaces the fp32 weight by `int8` (the fp32 storage is freed).
     fn set_int8(&mut self, int8: Int8Weight) {
-        self.weight.set_data(&Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+        self.weight.set_data(&empty_weight());
         self.int8 = Some(int8);
     }
 }
@@ -69,13 +73,21 @@ pub(crate) enum Weights {
     /// Zeros with the dense layers' weights in bf16, for a checkpoint about to be loaded into bf16
     /// dense weights over fp32 activations ([`GptBigCode::narrow_dense_weights`]).
     ZerosBf16Dense,
+    /// Zeros with the dense layers' weights empty, for a checkpoint whose dense layers are
+    /// quantized to int8 as they are read: peak memory is the int8 model, not fp32's.
+    ZerosInt8Dense,
+}
+
+/// What a dense weight holds once it lives elsewhere (int8 blocks, a bf16 copy of the head).
+fn empty_weight() -> Tensor {
+    Tensor::zeros([0], (Kind::Float, Device::Cpu))
 }
 
 /// `transformers`' normal(0, std) for a fresh model.
 fn normal(std: f64, weights: Weights) -> Init {
     match weights {
         Weights::Random => Init::Randn { mean: 0.0, stdev: std },
-        Weights::Zeros | Weights::ZerosBf16Dense => Init::Const(0.0),
+        Weights::Zeros | Weights::ZerosBf16Dense | Weights::ZerosInt8Dense => Init::Const(0.0),
     }
 }
 
@@ -309,8 +321,13 @@ impl GptBigCode {
         let wpe = (&transformer / "wpe").var("weight", &[config.n_positions, config.n_embd], init);
         let blocks = (0..config.n_layer).map(|i| Block::new(&transformer / "h" / i, &config, weights)).collect();
         let ln_f = LayerNorm::new(&transformer / "ln_f", config.n_embd, config.layer_norm_epsilon);
-        let lm_head = (!config.tie_word_embeddings)
-            .then(|| (&root / "lm_head").var("weight", &[config.vocab_size, config.n_embd], init));
+        let lm_head = (!config.tie_word_embeddings).then(|| {
+            let lm_head = (&root / "lm_head").var("weight", &[config.vocab_size, config.n_embd], init);
+            if weights == Weights::ZerosInt8Dense {
+                tch::no_grad(|| lm_head.shallow_clone().set_data(&empty_weight()));
+            }
+            lm_head
+        });
         let embd_pdrop = config.embd_pdrop;
         let id = NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(GptBigCode {
@@ -540,7 +557,7 @@ impl GptBigCode {
             }
             self.head_bf16 = Some(self.lm_head.as_ref().unwrap_or(&self.wte).to_kind(Kind::BFloat16));
             if let Some(lm_head) = &self.lm_head {
-                lm_head.shallow_clone().set_data(&Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+                lm_head.shallow_clone().set_data(&empty_weight());
             }
         });
         Ok(())
@@ -578,16 +595,22 @@ impl GptBigCode {
         tch::no_grad(|| -> Result<()> {
             for block in &mut self.blocks {
                 for linear in block.linears_mut() {
-                    let int8 = Int8Weight::quantize(&linear.weight).map_err(|e| ModelError::Invalid(e.to_string()))?;
-                    linear.set_int8(int8);
+                    // Layers quantized as they were loaded stay as they are.
+                    if linear.int8.is_none() {
+                        let int8 =
+                            Int8Weight::quantize(&linear.weight).map_err(|e| ModelError::Invalid(e.to_string()))?;
+                        linear.set_int8(int8);
+                    }
                     done += 1;
                     progress(done, total);
                 }
             }
-            let head = self.lm_head.as_ref().unwrap_or(&self.wte);
-            self.head_int8 = Some(Int8Weight::quantize(head).map_err(|e| ModelError::Invalid(e.to_string()))?);
-            if let Some(lm_head) = &self.lm_head {
-                lm_head.shallow_clone().set_data(&Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+            if self.head_int8.is_none() {
+                let head = self.lm_head.as_ref().unwrap_or(&self.wte);
+                self.head_int8 = Some(Int8Weight::quantize(head).map_err(|e| ModelError::Invalid(e.to_string()))?);
+                if let Some(lm_head) = &self.lm_head {
+                    lm_head.shallow_clone().set_data(&empty_weight());
+                }
             }
             progress(total, total);
             Ok(())
@@ -622,7 +645,7 @@ impl GptBigCode {
         if name == "lm_head.weight" {
             self.head_int8 = Some(int8);
             if let Some(lm_head) = &self.lm_head {
-                lm_head.shallow_clone().set_data(&Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+                lm_head.shallow_clone().set_data(&empty_weight());
             }
             return true;
         }

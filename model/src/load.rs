@@ -44,11 +44,19 @@ impl GptBigCode {
     /// Loads a Hugging Face model directory (`config.json` + safetensors) in `kind` on `device`.
     /// Tensors are read one at a time straight into the weights.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<GptBigCode> {
-        GptBigCode::load_into(dir, kind, device, Weights::Zeros)
+        GptBigCode::load_into(dir, kind, device, Weights::Zeros, &mut |_, _| {})
     }
 
-    /// [`load`](Self::load) into a model whose zeros are laid out as `zeros` says.
-    fn load_into(dir: &Path, kind: Kind, device: Device, zeros: Weights) -> Result<GptBigCode> {
+    /// [`load`](Self::load) into a model whose zeros are laid out as `zeros` says; with
+    /// [`Weights::ZerosInt8Dense`] each dense layer is quantized as it is read, and `progress` hears
+    /// (done, total) layers.
+    fn load_into(
+        dir: &Path,
+        kind: Kind,
+        device: Device,
+        zeros: Weights,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<GptBigCode> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let quantized = is_int8_directory(dir)?;
         if quantized && (kind != Kind::Float || device != Device::Cpu) {
@@ -58,6 +66,9 @@ impl GptBigCode {
             )));
         }
         let tied = config.tie_word_embeddings;
+        let quantize_as_read = zeros == Weights::ZerosInt8Dense;
+        let layers = config.n_layer as usize * 4 + 1;
+        let mut quantized_layers = 0;
         let mut model = GptBigCode::build(config, device, kind, zeros)?;
         let mut pending = model.vars().variables();
         // int8 layers: name -> (values, scales, the file they came from).
@@ -81,6 +92,20 @@ impl GptBigCode {
                         int8.entry(name.to_string()).or_insert((None, None, file.to_path_buf())).0 = Some(tensor);
                         return Ok(());
                     }
+                }
+                let dense_shape = model.dense_shape(name).filter(|_| !(tied && name == "lm_head.weight"));
+                if let (true, Some((out, inputs))) = (quantize_as_read, dense_shape) {
+                    if tensor.size() != [out, inputs] {
+                        let message = format!("has shape {:?}, config.json implies {:?}", tensor.size(), [out, inputs]);
+                        return Err(tensor_error(message));
+                    }
+                    let weight = Int8Weight::quantize(&tensor).map_err(|e| tensor_error(e.to_string()))?;
+                    drop(tensor);
+                    pending.remove(name);
+                    model.set_int8_layer(name, weight);
+                    quantized_layers += 1;
+                    progress(quantized_layers, layers);
+                    return Ok(());
                 }
                 let Some(var) = pending.remove(name) else {
                     let tied_head = name == "lm_head.weight" && tied;
@@ -140,12 +165,20 @@ impl GptBigCode {
         // bf16 on the CPU: bf16 dense weights over fp32 activations (what the dense kernel reads at
         // half the bytes; libtorch's CPU ops in bf16 cost more than they save).
         let narrow = precision == Precision::Dense(Kind::BFloat16) && device == Device::Cpu;
-        let mut model = if narrow {
-            // Dense weights are narrowed as they are read: peak memory is the bf16 model, not fp32's.
-            GptBigCode::load_into(dir, Kind::Float, device, Weights::ZerosBf16Dense)?
-        } else {
-            GptBigCode::load(dir, precision.kind(), device)?
+        if precision == Precision::Int8 && device != Device::Cpu {
+            return Err(ModelError::Invalid("int8 weights are for the CPU: use --dtype bfloat16 on a GPU".into()));
+        }
+        // Dense weights are narrowed or quantized as they are read: peak memory is the bf16 or int8
+        // model's, not fp32's.
+        let zeros = match precision {
+            _ if narrow => Weights::ZerosBf16Dense,
+            Precision::Int8 => Weights::ZerosInt8Dense,
+            Precision::Dense(_) => Weights::Zeros,
         };
+        let kind = if narrow { Kind::Float } else { precision.kind() };
+        let mut progress = progress;
+        let mut model =
+            kernels::runtime::returning_large_frees(|| GptBigCode::load_into(dir, kind, device, zeros, &mut progress))?;
         if precision != Precision::Int8 && model.is_int8() {
             return Err(ModelError::Invalid(format!(
                 "{} holds int8 weights (from `wizard quantize`): load it with --dtype int8",
@@ -153,6 +186,7 @@ impl GptBigCode {
             )));
         }
         if precision == Precision::Int8 && !model.is_int8() {
+            // What was not quantized as it was read: a head tied to the embeddings.
             model.quantize_int8(progress)?;
         }
         if narrow {

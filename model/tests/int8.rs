@@ -102,6 +102,38 @@ fn saved_int8_loads_to_the_same_model() {
     assert!(error.contains("holds int8 weights"), "{error}");
 }
 
+/// Quantizing each layer as it is read gives the model that quantizing after a full fp32 load gives,
+/// with the head tied to the embeddings and with its own weight.
+#[test]
+fn quantizing_as_read_matches_quantizing_after_loading() {
+    for tied in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ModelConfig {
+            vocab_size: 300,
+            n_positions: 64,
+            n_embd: 64,
+            n_layer: 2,
+            n_head: 4,
+            tie_word_embeddings: tied,
+            bos_token_id: Some(0),
+            eos_token_id: Some(0),
+            ..ModelConfig::default()
+        };
+        tch::manual_seed(5);
+        GptBigCode::new(config, Device::Cpu).unwrap().save(dir.path(), Kind::Float).unwrap();
+        let mut layers = Vec::new();
+        let as_read =
+            GptBigCode::load_as(dir.path(), Precision::Int8, Device::Cpu, |done, total| layers.push((done, total)))
+                .unwrap();
+        assert_eq!(layers.last(), Some(&(9, 9)), "tied {tied}: progress {layers:?}");
+        let mut after = GptBigCode::load(dir.path(), Kind::Float, Device::Cpu).unwrap();
+        after.quantize_int8(|_, _| {}).unwrap();
+        let ids = Tensor::from_slice(&[5i64, 6, 7, 8]).view([1, 4]);
+        let logits = |m: &GptBigCode| tch::no_grad(|| m.forward_full(&ids, Dropout::Off).unwrap());
+        assert!(logits(&as_read).equal(&logits(&after)), "tied {tied}");
+    }
+}
+
 /// A change to a checkpoint's tensors.
 type Edit = dyn Fn(&mut Vec<(String, Tensor)>);
 
