@@ -7,7 +7,7 @@ use anyhow::Context;
 use model::complete::{complete, complete_speculative};
 use model::generate::GenerateConfig;
 use model::sampling::Sampling;
-use model::speculative::{Drafter, SpeculativeConfig};
+use model::speculative::{Drafter, SpeculativeConfig, MAX_GAMMA};
 use model::tokenizer::Tokenizer;
 use tch::{Kind, Tensor};
 
@@ -58,9 +58,16 @@ pub struct Args {
     /// Speculative decoding with drafts looked up in the prompt (n-gram match).
     #[arg(long)]
     prompt_lookup: bool,
+    /// Every draft has this many tokens (1-63); by default each draft's length is chosen by a cost
+    /// model measured for the pair on this machine, none where drafting would not pay.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_GAMMA as i64))]
+    gamma: Option<u16>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.gamma.is_some() && args.draft.is_none() && !args.prompt_lookup {
+        anyhow::bail!("--gamma needs --draft or --prompt-lookup: it is the length of each draft");
+    }
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(text), _) => text.clone(),
         (None, Some(path)) => {
@@ -100,6 +107,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             sampling: config.sampling.clone(),
             eos_token_id: config.eos_token_id,
             ..SpeculativeConfig::default()
+        };
+        let speculative = match args.gamma {
+            Some(gamma) => {
+                let gamma = usize::from(gamma);
+                SpeculativeConfig { gamma, max_gamma: gamma, adaptive: false, ..speculative }
+            }
+            None => speculative,
         };
         let (completion, stats) =
             complete_speculative(&model, &drafter, &tokenizer, &prompt, &speculative, &args.stops)?;

@@ -74,6 +74,11 @@ fn speculative_decoding_gives_the_same_greedy_completion() {
     // Self-speculation: the target's own int8 copy drafts; the output is still the fp32 target's.
     let self_drafted = ["--prompt", PROMPT, "--max-new-tokens", "40", "--draft", model, "--draft-dtype", "int8"];
     assert_eq!(check(&self_drafted), plain);
+    // Drafts of a fixed length, as long as a verification pass may be: the same bits at any width.
+    for gamma in ["1", "63"] {
+        let fixed = ["--prompt", PROMPT, "--max-new-tokens", "40", "--draft", model, "--gamma", gamma];
+        assert_eq!(check(&fixed), plain, "--gamma {gamma}");
+    }
 }
 
 #[test]
@@ -113,7 +118,9 @@ fn seeds_make_sampling_reproducible() {
 
 #[test]
 fn bad_requests_are_clear_errors() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
+        (&["--prompt", "x", "--prompt-lookup", "--gamma", "64"], "64 is not in 1..=63"),
+        (&["--prompt", "x", "--gamma", "4"], "--gamma needs --draft or --prompt-lookup"),
         (&["--prompt", &"x = 1\n".repeat(60)], "n_positions"),
         (&["--prompt", "x", "--top-p", "1.5"], "top-p must be in (0, 1]"),
         (&["--prompt", "x", "--device", "tpu"], "--device \"tpu\""),

@@ -1,8 +1,9 @@
-// Attention of one new position per sequence over its own KV cache (a decode step, alone or in a
-// batch of sequences of different lengths), fp32 on CPU, in one call for all sequences and heads.
-// Each (sequence, head) is computed by the same code in the same order whatever else is in the
-// batch, so a sequence's output does not depend on its neighbours; per sequence and layer this
-// replaces the ten small libtorch calls of a store, a narrow and an SDPA call.
+// Attention of new positions over each sequence's own KV cache (a decode step or a verification
+// pass, alone or in a batch of sequences of different lengths), fp32 on CPU, in one call for all
+// sequences, heads and positions. Each (sequence, head, position) is computed by the same code in
+// the same order whatever else is in the call, so a position's output depends neither on its
+// neighbours in the batch nor on how many positions came in the same call: a k-token verification
+// gives the bits of k one-token steps.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -60,30 +61,32 @@ extern "C" {
 
 // For caches i in [0, count): key_caches[i] and value_caches[i] are contiguous `[b_i, kv_heads,
 // capacity, dim]` buffers holding lens[i] positions of their b_i sequences. The query rows are the
-// caches' sequences in order (sum of b_i = batch). Stores new_keys/new_values (`[batch, kv_heads, 1,
-// dim]`) at position lens[i], then `*result` = attention of `query` (`[batch, heads, 1, dim]`) over
-// positions [0, lens[i]], as `[batch, 1, heads * dim]`. The caller advances the lengths.
+// caches' sequences in order (sum of b_i = batch). Stores new_keys/new_values (`[batch, kv_heads,
+// new, dim]`) at positions lens[i].., then `*result` = attention of `query` (`[batch, heads, new,
+// dim]`), position j over positions [0, lens[i] + j], as `[batch, new, heads * dim]`. The caller
+// advances the lengths.
 int wizard_decode_attention(void* query_handle, void* new_keys_handle, void* new_values_handle, void** key_caches,
                             void** value_caches, const int64_t* lens, int64_t count, double scale, void** result) {
   return wizard::guarded([&] {
     const auto query = static_cast<at::Tensor*>(query_handle)->contiguous();
     const auto new_keys = static_cast<at::Tensor*>(new_keys_handle)->contiguous();
     const auto new_values = static_cast<at::Tensor*>(new_values_handle)->contiguous();
-    TORCH_CHECK(query.dim() == 4 && query.size(2) == 1, "decode attention: query must be [batch, heads, 1, dim]");
-    const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(3);
-    TORCH_CHECK(new_keys.dim() == 4 && new_keys.size(0) == batch && new_keys.size(2) == 1 && new_keys.size(3) == dim,
-                "decode attention: new keys must be [batch, kv_heads, 1, dim]");
+    TORCH_CHECK(query.dim() == 4 && query.size(2) >= 1, "decode attention: query must be [batch, heads, new, dim]");
+    const int64_t batch = query.size(0), heads = query.size(1), fresh = query.size(2), dim = query.size(3);
+    TORCH_CHECK(new_keys.dim() == 4 && new_keys.size(0) == batch && new_keys.size(2) == fresh &&
+                    new_keys.size(3) == dim,
+                "decode attention: new keys must be [batch, kv_heads, new, dim]");
     TORCH_CHECK(new_values.sizes() == new_keys.sizes(), "decode attention: new values differ from new keys in shape");
     const int64_t kv_heads = new_keys.size(1);
     TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "decode attention: kv heads must divide heads");
     TORCH_CHECK(plain_float_cpu(query) && plain_float_cpu(new_keys) && plain_float_cpu(new_values),
                 "decode attention: fp32 CPU tensors only");
 
-    // Where each query row's keys and values live, and how many positions it attends to.
+    // Where each query row's keys and values live, and how many positions it held before.
     struct Row {
       float* keys;
       float* values;
-      int64_t count;
+      int64_t past;
       int64_t capacity;
     };
     std::vector<Row> rows;
@@ -95,10 +98,11 @@ int wizard_decode_attention(void* query_handle, void* new_keys_handle, void* new
                       keys.size(3) == dim && values.sizes() == keys.sizes() && values.is_contiguous() &&
                       plain_float_cpu(values),
                   "decode attention: cache ", i, " is not a contiguous fp32 [b, kv_heads, capacity, dim] buffer");
-      TORCH_CHECK(lens[i] >= 0 && lens[i] < keys.size(2), "decode attention: cache ", i, " is full");
+      TORCH_CHECK(lens[i] >= 0 && lens[i] + fresh <= keys.size(2), "decode attention: cache ", i, " holds ", lens[i],
+                  " of ", keys.size(2), " positions, no room for ", fresh, " more");
       for (int64_t b = 0; b < keys.size(0); b++) {
         const int64_t offset = b * kv_heads * keys.size(2) * dim;
-        rows.push_back({keys.data_ptr<float>() + offset, values.data_ptr<float>() + offset, lens[i] + 1, keys.size(2)});
+        rows.push_back({keys.data_ptr<float>() + offset, values.data_ptr<float>() + offset, lens[i], keys.size(2)});
       }
     }
     TORCH_CHECK(static_cast<int64_t>(rows.size()) == batch, "decode attention: ", rows.size(),
@@ -108,25 +112,28 @@ int wizard_decode_attention(void* query_handle, void* new_keys_handle, void* new
     const float* new_v = new_values.data_ptr<float>();
     for (int64_t r = 0; r < batch; r++) {
       for (int64_t g = 0; g < kv_heads; g++) {
-        const int64_t at = (g * rows[r].capacity + rows[r].count - 1) * dim;
-        std::copy_n(new_k + (r * kv_heads + g) * dim, dim, rows[r].keys + at);
-        std::copy_n(new_v + (r * kv_heads + g) * dim, dim, rows[r].values + at);
+        const int64_t from = (r * kv_heads + g) * fresh * dim;
+        const int64_t at = (g * rows[r].capacity + rows[r].past) * dim;
+        std::copy_n(new_k + from, fresh * dim, rows[r].keys + at);
+        std::copy_n(new_v + from, fresh * dim, rows[r].values + at);
       }
     }
 
-    auto out = at::empty({batch, 1, heads * dim}, query.options());
+    auto out = at::empty({batch, fresh, heads * dim}, query.options());
     const float* q = query.data_ptr<float>();
     float* o = out.data_ptr<float>();
     const int64_t group = heads / kv_heads;
-    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    // Tasks in (row, head, position) order: neighbouring tasks read the same keys and values.
+    at::parallel_for(0, batch * heads * fresh, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       for (int64_t task = begin; task < end; task++) {
-        const int64_t r = task / heads, h = task % heads;
+        const int64_t j = task % fresh, h = (task / fresh) % heads, r = task / (fresh * heads);
         const Row& row = rows[r];
         const int64_t base = (h / group) * row.capacity * dim;
-        scores.resize(row.count);
-        attend(q + task * dim, row.keys + base, row.values + base, row.count, dim, static_cast<float>(scale),
-               scores.data(), o + task * dim);
+        const int64_t positions = row.past + j + 1;
+        scores.resize(positions);
+        attend(q + task * dim, row.keys + base, row.values + base, positions, dim, static_cast<float>(scale),
+               scores.data(), o + ((r * fresh + j) * heads + h) * dim);
       }
     });
     *result = new at::Tensor(std::move(out));

@@ -98,19 +98,27 @@ pub fn causal_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64
     }
 }
 
-/// Whether [`decode_attention`] takes this query (fp32 on CPU); elsewhere SDPA does the work.
+/// The most new positions per sequence that [`decode_attention`] takes: every decode step and
+/// verification pass (speculation's widths stay below it); longer prompt chunks go to SDPA, whose
+/// blocked kernel is faster there.
+pub const DECODE_KERNEL_MAX_POSITIONS: i64 = 64;
+
+/// Whether [`decode_attention`] takes this query `[batch, heads, new, head_dim]` (fp32 on CPU, at
+/// most [`DECODE_KERNEL_MAX_POSITIONS`] new positions); elsewhere SDPA does the work.
 pub fn decode_kernel_applies(query: &Tensor) -> bool {
-    query.device() == Device::Cpu && query.kind() == Kind::Float
+    query.device() == Device::Cpu && query.kind() == Kind::Float && query.size()[2] <= DECODE_KERNEL_MAX_POSITIONS
 }
 
-/// One decode step's attention for sequences with caches of different lengths, in one call.
-/// `key_caches[i]`/`value_caches[i]` are contiguous `[b_i, kv_heads, capacity, head_dim]` buffers
-/// holding `lens[i]` positions; the query rows are their sequences in order. Stores `new_keys` and
-/// `new_values` (`[batch, kv_heads, 1, head_dim]`) at position `lens[i]` (the caller advances the
-/// lengths) and returns the attention of `query` (`[batch, heads, 1, head_dim]`) over positions
-/// `0..=lens[i]` as `[batch, 1, heads * head_dim]`. Each sequence and head is computed in a fixed
-/// order, the same whatever else is in the batch. Panics on what the kernel rejects (shapes, a full
-/// cache, not fp32 on CPU: see [`decode_kernel_applies`]), as tch ops do.
+/// Attention of new positions (a decode step, or a verification pass of several) for sequences with
+/// caches of different lengths, in one call. `key_caches[i]`/`value_caches[i]` are contiguous
+/// `[b_i, kv_heads, capacity, head_dim]` buffers holding `lens[i]` positions; the query rows are
+/// their sequences in order. Stores `new_keys` and `new_values` (`[batch, kv_heads, new, head_dim]`)
+/// at positions `lens[i]..` (the caller advances the lengths) and returns the attention of `query`
+/// (`[batch, heads, new, head_dim]`), new position `j` over positions `0..=lens[i] + j`, as `[batch,
+/// new, heads * head_dim]`. Each sequence, head and position is computed in a fixed order, the same
+/// whatever else is in the call: k positions in one call give the bits of k one-position calls.
+/// Panics on what the kernel rejects (shapes, a full cache, not fp32 on CPU: see
+/// [`decode_kernel_applies`]), as tch ops do.
 pub fn decode_attention(
     query: &Tensor,
     new_keys: &Tensor,
@@ -231,20 +239,23 @@ mod tests {
         heads: i64,
         kv_heads: i64,
         head_dim: i64,
+        /// New positions per sequence in the call.
+        fresh: i64,
         /// Per cache: its sequences and the positions they already hold.
         caches: Vec<(i64, i64)>,
     }
 
     /// The decode kernel stores the new keys and values where they belong, matches the reference on
-    /// every sequence, and gives each sequence bit for bit what it gets alone.
+    /// every sequence, and gives each sequence and position bit for bit what it gets alone, one
+    /// position per call.
     fn check_decode(case: DecodeCase) {
         tch::manual_seed(case.head_dim);
         let opts = (Kind::Float, Device::Cpu);
-        let capacity = 40;
+        let (capacity, fresh) = (40, case.fresh);
         let batch: i64 = case.caches.iter().map(|(b, _)| b).sum();
-        let query = Tensor::randn([batch, case.heads, 1, case.head_dim], opts);
-        let new_keys = Tensor::randn([batch, case.kv_heads, 1, case.head_dim], opts);
-        let new_values = Tensor::randn([batch, case.kv_heads, 1, case.head_dim], opts);
+        let query = Tensor::randn([batch, case.heads, fresh, case.head_dim], opts);
+        let new_keys = Tensor::randn([batch, case.kv_heads, fresh, case.head_dim], opts);
+        let new_values = Tensor::randn([batch, case.kv_heads, fresh, case.head_dim], opts);
         let buffer = |b| Tensor::randn([b, case.kv_heads, capacity, case.head_dim], opts);
         let keys: Vec<Tensor> = case.caches.iter().map(|&(b, _)| buffer(b)).collect();
         let values: Vec<Tensor> = case.caches.iter().map(|&(b, _)| buffer(b)).collect();
@@ -252,33 +263,38 @@ mod tests {
         let (key_refs, value_refs): (Vec<&Tensor>, Vec<&Tensor>) = (keys.iter().collect(), values.iter().collect());
         let scale = 1.0 / (case.head_dim as f64).sqrt();
         let out = decode_attention(&query, &new_keys, &new_values, &key_refs, &value_refs, &lens, scale);
-        assert_eq!(out.size(), [batch, 1, case.heads * case.head_dim]);
+        assert_eq!(out.size(), [batch, fresh, case.heads * case.head_dim]);
         let mut row = 0;
         for (i, &(b, len)) in case.caches.iter().enumerate() {
             for j in 0..b {
-                let stored = keys[i].narrow(0, j, 1).narrow(2, len, 1);
-                assert!(stored.equal(&new_keys.narrow(0, row, 1)), "cache {i} sequence {j}: key not stored");
-                let stored = values[i].narrow(0, j, 1).narrow(2, len, 1);
-                assert!(stored.equal(&new_values.narrow(0, row, 1)), "cache {i} sequence {j}: value not stored");
+                let sequence = |t: &Tensor| t.narrow(0, j, 1);
+                let stored = sequence(&keys[i]).narrow(2, len, fresh);
+                assert!(stored.equal(&new_keys.narrow(0, row, 1)), "cache {i} sequence {j}: keys not stored");
+                let stored = sequence(&values[i]).narrow(2, len, fresh);
+                assert!(stored.equal(&new_values.narrow(0, row, 1)), "cache {i} sequence {j}: values not stored");
                 let (k, v) =
-                    (keys[i].narrow(0, j, 1).narrow(2, 0, len + 1), values[i].narrow(0, j, 1).narrow(2, 0, len + 1));
+                    (sequence(&keys[i]).narrow(2, 0, len + fresh), sequence(&values[i]).narrow(2, 0, len + fresh));
                 let q = query.narrow(0, row, 1);
-                let expected = reference_attention(&q, &k, &v, scale).reshape([1, 1, -1]);
+                let expected = reference_attention(&q, &k, &v, scale).transpose(1, 2).reshape([1, fresh, -1]);
                 let got = out.narrow(0, row, 1);
                 let diff = (&got - expected).abs().max().double_value(&[]);
                 assert!(diff < 1e-5, "cache {i} sequence {j} (len {len}): max diff {diff}");
-                // Alone: the same cache state (the position is rewritten with the same key and value).
-                let (k1, v1) = (keys[i].narrow(0, j, 1).contiguous(), values[i].narrow(0, j, 1).contiguous());
-                let alone = decode_attention(
-                    &q,
-                    &new_keys.narrow(0, row, 1),
-                    &new_values.narrow(0, row, 1),
-                    &[&k1],
-                    &[&v1],
-                    &[len],
-                    scale,
-                );
-                assert!(alone.equal(&got), "cache {i} sequence {j}: differs alone");
+                // Alone, one position per call, from the same cache state (positions are rewritten
+                // with the same keys and values).
+                let (k1, v1) = (sequence(&keys[i]).contiguous(), sequence(&values[i]).contiguous());
+                for p in 0..fresh {
+                    let position = |t: &Tensor| t.narrow(0, row, 1).narrow(2, p, 1);
+                    let alone = decode_attention(
+                        &position(&query),
+                        &position(&new_keys),
+                        &position(&new_values),
+                        &[&k1],
+                        &[&v1],
+                        &[len + p],
+                        scale,
+                    );
+                    assert!(alone.equal(&got.narrow(1, p, 1)), "cache {i} sequence {j} position {p}: differs alone");
+                }
                 row += 1;
             }
         }
@@ -286,27 +302,25 @@ mod tests {
 
     #[test]
     fn decode_kernel_matches_reference_and_itself_alone() {
-        check_decode(DecodeCase {
-            heads: 4,
-            kv_heads: 1,
-            head_dim: 64,
-            caches: vec![(1, 0), (1, 17), (1, 39), (1, 5)],
-        });
-        check_decode(DecodeCase { heads: 6, kv_heads: 2, head_dim: 20, caches: vec![(3, 9), (1, 1)] }); // groups
-        check_decode(DecodeCase { heads: 3, kv_heads: 3, head_dim: 7, caches: vec![(2, 30)] });
-        // MHA, short head
+        for fresh in [1, 3, 13] {
+            let caches = vec![(1, 0), (1, 17), (1, 27), (1, 5)];
+            check_decode(DecodeCase { heads: 4, kv_heads: 1, head_dim: 64, fresh, caches }); // MQA
+            check_decode(DecodeCase { heads: 6, kv_heads: 2, head_dim: 20, fresh, caches: vec![(3, 9), (1, 1)] }); // groups
+            check_decode(DecodeCase { heads: 3, kv_heads: 3, head_dim: 7, fresh, caches: vec![(2, 26)] });
+            // MHA, short head
+        }
     }
 
     #[test]
     fn decode_kernel_refuses_a_full_cache() {
         let opts = (Kind::Float, Device::Cpu);
-        let query = Tensor::randn([1, 2, 1, 8], opts);
-        let new = Tensor::randn([1, 1, 1, 8], opts);
+        let query = Tensor::randn([1, 2, 2, 8], opts);
+        let new = Tensor::randn([1, 1, 2, 8], opts);
         let cache = Tensor::zeros([1, 1, 4, 8], opts);
-        let full = std::panic::catch_unwind(|| decode_attention(&query, &new, &new, &[&cache], &[&cache], &[4], 1.0));
+        let full = std::panic::catch_unwind(|| decode_attention(&query, &new, &new, &[&cache], &[&cache], &[3], 1.0));
         let message = full.map(|_| String::new()).unwrap_err();
         let message = message.downcast_ref::<String>().cloned().unwrap_or_default();
-        assert!(message.contains("full"), "{message}");
+        assert!(message.contains("no room for 2 more"), "{message}");
     }
 
     #[test]

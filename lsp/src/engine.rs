@@ -13,6 +13,7 @@ use model::engine::{panic_message, EngineConfig, Event, Request, Speculation};
 use model::generate::StopCriterion;
 use model::gpt_bigcode::{GptBigCode, Precision};
 use model::sampling::Sampling;
+use model::speculative::MAX_GAMMA;
 use model::tokenizer::Tokenizer;
 use tch::Device;
 use tokio::sync::watch;
@@ -60,8 +61,11 @@ pub struct Settings {
     pub languages: Vec<String>,
     /// Snippets of other open files in the prompt.
     pub snippets: bool,
-    /// Initial draft length for speculative decoding (0 turns drafting off).
+    /// The longest draft for speculative decoding (0 turns drafting off); each draft's length is
+    /// chosen by the cost model measured for the model pair unless `fixed_gamma`.
     pub gamma: usize,
+    /// Every draft has `gamma` tokens.
+    pub fixed_gamma: bool,
     /// Keep the last request's keys and values, so the next prompt only prefills from where it
     /// differs (typing on in the same document).
     pub reuse_prefix: bool,
@@ -78,7 +82,8 @@ impl Default for Settings {
             suffix_share: 0.25,
             languages: Vec::new(),
             snippets: true,
-            gamma: 4,
+            gamma: 8,
+            fixed_gamma: false,
             reuse_prefix: true,
         }
     }
@@ -99,6 +104,9 @@ impl Settings {
         }
         if self.context_budget == 0 {
             return Err("contextBudget must be at least 1".into());
+        }
+        if self.gamma > MAX_GAMMA {
+            return Err(format!("gamma must be at most {MAX_GAMMA}, got {}", self.gamma));
         }
         Ok(())
     }
@@ -352,7 +360,11 @@ impl CompletionModel for ModelBackend {
             sampling: Sampling { seed: job.seed, ..settings.sampling() },
             stop_tokens: self.stop_ids.clone(),
             stop: Some(Box::new(BlockStop { tokenizer: self.tokenizer.clone(), block_end: block_end() })),
-            speculation: Some(Speculation { gamma: settings.gamma, reuse_prefix: settings.reuse_prefix }),
+            speculation: Some(Speculation {
+                gamma: settings.gamma,
+                reuse_prefix: settings.reuse_prefix,
+                fixed: settings.fixed_gamma,
+            }),
             cancel: job.cancel.clone(),
             ..Request::new(prompt, 0)
         };

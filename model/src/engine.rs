@@ -93,8 +93,11 @@ impl Request {
 /// How a request alone is decoded speculatively.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Speculation {
-    /// Draft tokens per step at the start (adaptive after that); 0 decodes without drafting.
+    /// The longest draft; 0 decodes without drafting. Each draft's length is chosen by the cost
+    /// model measured for the pair ([`crate::draft_length`]) unless `fixed`.
     pub gamma: usize,
+    /// Every draft has `gamma` tokens.
+    pub fixed: bool,
     /// Keep this request's keys and values for the next speculative request, which then only
     /// prefills from where its prompt departs from this one (an editor typing on).
     pub reuse_prefix: bool,
@@ -572,7 +575,8 @@ impl Batcher<'_> {
         request: &mut Request,
         events: &UnboundedSender<Event>,
     ) -> Result<(Finish, SpeculationFigures)> {
-        let speculation = request.speculation.clone().unwrap_or(Speculation { gamma: 0, reuse_prefix: false });
+        let speculation =
+            request.speculation.clone().unwrap_or(Speculation { gamma: 0, reuse_prefix: false, fixed: true });
         let drafter = match (self.draft, speculation.gamma) {
             (_, 0) => Drafter::None,
             (Some(draft), _) => Drafter::Model(draft),
@@ -584,7 +588,8 @@ impl Batcher<'_> {
             sampling: request.sampling.clone(),
             eos_token_id: None,
             gamma: speculation.gamma.max(1),
-            ..SpeculativeConfig::default()
+            max_gamma: speculation.gamma.max(1),
+            adaptive: !speculation.fixed,
         };
         let prompt = std::mem::take(&mut request.prompt);
         let mut stop =

@@ -161,8 +161,9 @@ impl Attention {
     fn forward(&self, x: &Tensor, cache: Option<(&mut KvCache, usize)>, dropout: Dropout) -> Tensor {
         let (batch, len, d) = x.size3().expect("hidden states are [batch, len, d]");
         let (q, k, v) = self.qkv(x);
-        if let Some((cache, layer)) = cache.as_ref().filter(|_| len == 1 && attention::decode_kernel_applies(&q)) {
-            // The batched engine's kernel, so that a sequence decodes alike alone and in a batch.
+        if let Some((cache, layer)) = cache.as_ref().filter(|_| attention::decode_kernel_applies(&q)) {
+            // The batched engine's kernel, so that a position gets the same bits alone, in a batch,
+            // and in a verification pass of any width.
             let out = self.decode_attention(&q, &k, &v, &[&**cache], *layer);
             return self.c_proj.forward(&out);
         }
@@ -198,8 +199,8 @@ impl Attention {
         self.c_proj.forward(&out)
     }
 
-    /// One new position per sequence through the fused decode kernel: stores it in `caches` (each
-    /// then holds one more position of `layer` than its length says) and attends, `[batch, 1, d]`.
+    /// New positions through the fused decode kernel: stores them in `caches` (each then holds
+    /// more positions of `layer` than its length says) and attends, `[batch, new, d]`.
     fn decode_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, caches: &[&KvCache], layer: usize) -> Tensor {
         let (keys, values): (Vec<&Tensor>, Vec<&Tensor>) = caches.iter().map(|cache| cache.buffers(layer)).unzip();
         let lens: Vec<i64> = caches.iter().map(|cache| cache.len()).collect();

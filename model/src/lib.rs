@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod complete;
 pub mod config;
 pub mod corpus;
+pub mod draft_length;
 pub mod engine;
 mod error;
 pub mod files;

@@ -11,11 +11,18 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
+use kernels::attention::DECODE_KERNEL_MAX_POSITIONS;
+
+use crate::draft_length::{self, Acceptance};
 use crate::generate::{Finish, Generation, StopCriterion};
 use crate::gpt_bigcode::GptBigCode;
 use crate::kv_cache::KvCache;
 use crate::sampling::{argmax, draw, Sampling};
 use crate::{ModelError, Result};
+
+/// The longest draft: a verification pass covers at most [`DECODE_KERNEL_MAX_POSITIONS`]
+/// positions, so that every width gives the bits of one-token steps.
+pub const MAX_GAMMA: usize = DECODE_KERNEL_MAX_POSITIONS as usize - 1;
 
 /// Where draft tokens come from.
 pub enum Drafter<'m> {
@@ -39,11 +46,12 @@ pub struct SpeculativeConfig {
     pub sampling: Sampling,
     /// Stop when this token is produced (not included in the output).
     pub eos_token_id: Option<i64>,
-    /// Draft tokens per step at the start.
+    /// Draft tokens per step when not `adaptive`.
     pub gamma: usize,
-    /// Upper bound of the adaptive gamma.
+    /// The longest draft, at most [`MAX_GAMMA`].
     pub max_gamma: usize,
-    /// Grow gamma by 2 after a fully accepted draft, shrink it by 1 after a rejection.
+    /// Choose each draft's length by the cost model measured for this model pair on this machine
+    /// ([`crate::draft_length`]), 0 (plain steps) where drafting would not pay.
     pub adaptive: bool,
 }
 
@@ -184,6 +192,12 @@ pub fn generate_in(
 ) -> Result<SpeculativeGeneration> {
     let sampling = &config.sampling;
     sampling.validate()?;
+    if config.max_gamma > MAX_GAMMA {
+        return Err(ModelError::Invalid(format!(
+            "max_gamma {} is above {MAX_GAMMA}: a verification pass covers at most {DECODE_KERNEL_MAX_POSITIONS} positions",
+            config.max_gamma
+        )));
+    }
     if prompt.is_empty() {
         return Err(ModelError::Invalid("the prompt is empty".into()));
     }
@@ -215,22 +229,40 @@ pub fn generate_in(
             rng: StdRng::seed_from_u64(sampling.seed),
             stats: SpeculativeStats { reused_tokens: reused, ..SpeculativeStats::default() },
         };
-        // Prefill everything but the newest token: each step feeds what the caches lack.
+        // Prefill everything but the newest token: each step feeds what the caches lack. The draft
+        // model's cache may hold less than the target's (it skips rounds nobody drafts in).
+        let started = std::time::Instant::now();
+        let mut last = None;
         if prompt.len() - 1 > reused {
-            let started = std::time::Instant::now();
             let head = state.ids(&prompt[reused..prompt.len() - 1], target.device());
-            let mut last = target.forward_next(&head, &mut state.session.target_cache)?;
+            last = Some(target.forward_next(&head, &mut state.session.target_cache)?);
             state.stats.target_passes += 1;
-            if let (Drafter::Model(draft), Some(cache)) = (drafter, state.session.draft_cache.as_mut()) {
-                last = draft.forward_next(&head.to_device(draft.device()), cache)?;
+        }
+        if let (Drafter::Model(draft), Some(cache)) = (drafter, state.session.draft_cache.as_mut()) {
+            let from = cache.len() as usize;
+            if prompt.len() - 1 > from {
+                let head = Tensor::from_slice(&prompt[from..prompt.len() - 1]).to_device(draft.device()).unsqueeze(0);
+                last = Some(draft.forward_next(&head, cache)?);
                 state.stats.draft_passes += 1;
             }
+        }
+        if let Some(last) = last {
             // Reading one value waits for queued GPU work, so the figure is the prefill's own.
             let _ = last.reshape([-1]).double_value(&[0]);
             state.stats.prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         }
+        let costs = match drafter {
+            _ if !config.adaptive => None,
+            Drafter::None => None,
+            Drafter::Model(draft) => Some(draft_length::costs_for(target, Some(draft), config.max_gamma + 1)?),
+            Drafter::PromptLookup { .. } => Some(draft_length::costs_for(target, None, config.max_gamma + 1)?),
+        };
+        let mut acceptance = Acceptance::default();
         let mut gamma = config.gamma.min(config.max_gamma);
         let finish = loop {
+            if let Some(costs) = &costs {
+                gamma = costs.best_gamma(acceptance.estimate(), config.max_gamma);
+            }
             let generated = state.seq.len() - state.prompt_len;
             let room = (capacity as usize).saturating_sub(state.seq.len());
             if generated >= config.max_new_tokens || room == 0 {
@@ -238,25 +270,18 @@ pub fn generate_in(
             }
             let budget = gamma.min(config.max_new_tokens - generated - 1).min(room - 1);
             let draft = state.draft(drafter, budget, sampling)?;
-            let full = !draft.tokens.is_empty() && draft.tokens.len() == budget;
             let (accepted, next) = state.verify(&draft, sampling)?;
-            if config.adaptive && !draft.tokens.is_empty() {
-                gamma = if accepted == draft.tokens.len() && full {
-                    (gamma + 2).min(config.max_gamma)
-                } else {
-                    gamma.saturating_sub(1).max(1)
-                };
-            }
+            acceptance.observe(accepted, draft.tokens.len());
             let mut new = draft.tokens[..accepted].to_vec();
             new.push(next);
             if let Some(finish) = state.append(&new, config, stop) {
                 break finish;
             }
         };
-        // The caches may hold accepted tokens after a stop, and the draft's may lag the target's by
-        // its last drafted token: keep what both hold of the sequence.
-        let draft_len = state.session.draft_cache.as_ref().map_or(i64::MAX, KvCache::len);
-        let keep = (state.session.target_cache.len().min(draft_len) as usize).min(state.seq.len());
+        // The caches may hold accepted tokens after a stop, and the draft's may lag the target's (by
+        // its last drafted token, or by rounds nobody drafted in): keep what each holds of the
+        // sequence; the next generation feeds each cache from its own length.
+        let keep = (state.session.target_cache.len() as usize).min(state.seq.len());
         state.session.target_cache.truncate(keep as i64);
         if let Some(cache) = state.session.draft_cache.as_mut() {
             cache.truncate(keep as i64);
@@ -478,11 +503,19 @@ mod tests {
                 assert_eq!(out.stats.prefill_ms > 0.0, prompt.len() > 1, "{:?}", out.stats);
             }
         }
-        // A draft equal to the target is always accepted.
-        let config = SpeculativeConfig { max_new_tokens: 30, ..SpeculativeConfig::default() };
-        let out = generate(&target, &Drafter::Model(&target), &[3, 4], &config, &mut NoStop).unwrap();
+        // A draft equal to the target is always accepted (with drafts of a fixed length)...
+        let fixed = SpeculativeConfig { max_new_tokens: 30, adaptive: false, ..SpeculativeConfig::default() };
+        let out = generate(&target, &Drafter::Model(&target), &[3, 4], &fixed, &mut NoStop).unwrap();
         assert_eq!(out.stats.acceptance_rate(), 1.0, "{:?}", out.stats);
         assert!(out.stats.target_passes < 15, "{:?}", out.stats);
+        // ...but costs as much as the target: the cost model does not draft with it at all.
+        let measured = SpeculativeConfig { max_new_tokens: 30, ..SpeculativeConfig::default() };
+        let out = generate(&target, &Drafter::Model(&target), &[3, 4], &measured, &mut NoStop).unwrap();
+        assert_eq!((out.stats.drafted, out.stats.target_passes), (0, 31), "{:?}", out.stats);
+        // Verification passes wider than the decode kernel takes are refused.
+        let wide = SpeculativeConfig { max_gamma: 64, ..fixed };
+        let error = generate(&target, &Drafter::Model(&draft), &[3, 4], &wide, &mut NoStop).err().unwrap();
+        assert!(error.to_string().contains("max_gamma 64 is above 63"), "{error}");
     }
 
     /// A kept session prefills only where a prompt departs from the last sequence, and its output is
@@ -587,6 +620,7 @@ mod tests {
                         max_new_tokens: 4,
                         sampling: Sampling { seed: seed as u64, ..sampling.clone() },
                         gamma: 3,
+                        adaptive: false,
                         ..SpeculativeConfig::default()
                     };
                     let out = generate(&target, &drafter, &prompt, &config, &mut NoStop).unwrap();

@@ -155,7 +155,7 @@ fn stops_panics_cancellation_and_a_full_queue() {
 fn speculation_alone_and_in_a_batch() {
     let engine = engine(EngineConfig::default());
     let speculative = |i: usize| Request {
-        speculation: Some(Speculation { gamma: 4, reuse_prefix: true }),
+        speculation: Some(Speculation { gamma: 4, reuse_prefix: true, fixed: true }),
         ..request(prompt(i), Sampling::greedy(), 1)
     };
     for i in [2, 2, 5] {
