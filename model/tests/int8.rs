@@ -6,25 +6,68 @@ use model::config::ModelConfig;
 use model::generate::{generate, GenerateConfig, NoStop};
 use model::gpt_bigcode::{Dropout, GptBigCode, Precision};
 use model::sampling::Sampling;
+use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
-/// A random model saved in `dir` (tests run in parallel; libtorch's generator is global).
-fn save_random(dir: &Path, n_embd: i64, std: f64) {
-    static SEEDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _seeding = SEEDING.lock().unwrap_or_else(|e| e.into_inner());
-    tch::manual_seed(11);
-    let config = ModelConfig {
+/// Tests run in parallel and libtorch's generator is global: seeding and drawing hold this.
+static SEEDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn config(n_embd: i64, n_layer: i64, std: f64) -> ModelConfig {
+    ModelConfig {
         vocab_size: 300,
         n_positions: 128,
         n_embd,
-        n_layer: 3,
+        n_layer,
         n_head: 4,
         initializer_range: std,
         bos_token_id: Some(0),
         eos_token_id: Some(0),
         ..ModelConfig::default()
+    }
+}
+
+/// A random model saved in `dir`.
+fn save_random(dir: &Path, n_embd: i64, std: f64) {
+    let _seeding = SEEDING.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(11);
+    GptBigCode::new(config(n_embd, 3, std), Device::Cpu).unwrap().save(dir, Kind::Float).unwrap();
+}
+
+/// `rows` sequences of `len` tokens in 1..300 with structure a model can learn: each token follows
+/// from the one before it, except one in six, drawn at random (`seed` picks the draws).
+fn structured_text(rows: i64, len: i64, seed: u64) -> Tensor {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut next_random = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state >> 33
     };
-    GptBigCode::new(config, Device::Cpu).unwrap().save(dir, Kind::Float).unwrap();
+    let mut tokens = Vec::new();
+    for _ in 0..rows {
+        let mut last = (next_random() % 299 + 1) as i64;
+        for _ in 0..len {
+            last = if next_random() % 6 == 0 { (next_random() % 299 + 1) as i64 } else { last * 7 % 299 + 1 };
+            tokens.push(last);
+        }
+    }
+    Tensor::from_slice(&tokens).view([rows, len])
+}
+
+/// A small model trained here (Adam, 300 steps) on [`structured_text`], saved in `dir`: its
+/// predictions are peaked, as a real model's are, where a random model's are nearly flat.
+fn save_trained(dir: &Path) {
+    let model = {
+        let _seeding = SEEDING.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(13);
+        GptBigCode::new(config(128, 2, 0.02), Device::Cpu).unwrap()
+    };
+    let mut optimizer = nn::Adam::default().build(model.vars(), 3e-3).unwrap();
+    for step in 0..300 {
+        let text = structured_text(8, 64, step);
+        let logits = model.forward_full(&text.narrow(1, 0, 63), Dropout::Off).unwrap();
+        let loss = logits.reshape([-1, 300]).cross_entropy_for_logits(&text.narrow(1, 1, 63).reshape([-1]));
+        optimizer.backward_step(&loss);
+    }
+    model.save(dir, Kind::Float).unwrap();
 }
 
 fn load(dir: &Path, precision: Precision) -> GptBigCode {
@@ -47,20 +90,42 @@ fn score(model: &GptBigCode, text: &Tensor) -> (f64, Tensor) {
 fn check(n_embd: i64, std: f64, precision: Precision) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     save_random(dir.path(), n_embd, std);
-    let (dense, int8) = (load(dir.path(), Precision::Dense(Kind::Float)), load(dir.path(), precision));
+    let text = Tensor::from_slice(&(0..16 * 96).map(|i| (i * 37 + i / 7 + i * i % 13) % 299 + 1).collect::<Vec<i64>>())
+        .view([16, 96]);
+    let (ratio, agreement, _) = compare(dir.path(), precision, &text);
+    (ratio, agreement)
+}
+
+/// [`check`]'s figures for the model in `dir` on `text`, and fp32's perplexity.
+fn compare(dir: &Path, precision: Precision, text: &Tensor) -> (f64, f64, f64) {
+    let (dense, int8) = (load(dir, Precision::Dense(Kind::Float)), load(dir, precision));
     assert!(!dense.is_int8() && !dense.has_narrow_dense_weights());
     assert_eq!(int8.is_int8(), precision == Precision::Int8);
     assert_eq!(int8.has_narrow_dense_weights(), precision == Precision::Dense(Kind::BFloat16));
-    let text = Tensor::from_slice(&(0..16 * 96).map(|i| (i * 37 + i / 7 + i * i % 13) % 299 + 1).collect::<Vec<i64>>())
-        .view([16, 96]);
-    let ((dense_ppl, dense_next), (int8_ppl, int8_next)) = (score(&dense, &text), score(&int8, &text));
+    let ((dense_ppl, dense_next), (int8_ppl, int8_next)) = (score(&dense, text), score(&int8, text));
     let agreement = dense_next.eq_tensor(&int8_next).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
     let config = GenerateConfig { max_new_tokens: 8, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
     let prompt = [3i64, 4, 5];
     let a = generate(&dense, &prompt, &config, &mut NoStop).unwrap().remove(0).tokens;
     let b = generate(&int8, &prompt, &config, &mut NoStop).unwrap().remove(0).tokens;
     assert_eq!(a[0], b[0], "the first greedy token differs");
-    (int8_ppl / dense_ppl, agreement)
+    (int8_ppl / dense_ppl, agreement, dense_ppl)
+}
+
+/// The same gates on a trained model, on held-out text from the distribution it learned.
+#[test]
+fn a_trained_model_stays_close_in_int8_and_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    save_trained(dir.path());
+    let held_out = structured_text(16, 96, 1_000_003);
+    for (precision, tolerance) in [(Precision::Int8, 0.01), (Precision::Dense(Kind::BFloat16), 0.005)] {
+        let (ratio, agreement, fp32_ppl) = compare(dir.path(), precision, &held_out);
+        eprintln!("trained, {precision:?}: perplexity ratio {ratio:.5} (fp32 {fp32_ppl:.2}), agreement {agreement:.3}");
+        // It learned: one token in six is a uniform draw, the rest follow (perplexity 300 untrained).
+        assert!(fp32_ppl < 20.0, "the model did not learn: perplexity {fp32_ppl}");
+        assert!((ratio - 1.0).abs() < tolerance, "{precision:?}: perplexity ratio {ratio}");
+        assert!(agreement >= 0.95, "{precision:?}: greedy agreement {agreement}");
+    }
 }
 
 #[test]
