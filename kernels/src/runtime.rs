@@ -85,8 +85,9 @@ impl RuntimeInfo {
 /// Runs `load` with every freed block of 1 MiB or more handed back to the OS at once: loading
 /// reads each tensor through buffers of its size, and glibc's heap would otherwise keep their
 /// fragments (hundreds of MiB of peak memory on a 1B model). Afterwards blocks under 32 MiB (the
-/// most glibc's own adaptive threshold reaches) come from the heap again, so decoding's temporaries
-/// cost no system calls.
+/// most glibc's own adaptive threshold reaches) come from the heap again, and the heap keeps up to
+/// 64 MiB free at its top (as glibc's adaptive trim threshold would), so decoding's temporaries cost
+/// no system calls or page faults.
 pub fn returning_large_frees<T>(load: impl FnOnce() -> T) -> T {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -94,7 +95,10 @@ pub fn returning_large_frees<T>(load: impl FnOnce() -> T) -> T {
         unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
         let loaded = load();
         // SAFETY: as above.
-        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) };
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        }
         loaded
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
