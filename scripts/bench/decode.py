@@ -102,7 +102,7 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--self-speculation", action="store_true")
-    parser.add_argument("--wizard", default=str(REPO / "target" / "release" / "wizard"))
+    parser.add_argument("--wizard", type=pathlib.Path, default=REPO / "target" / "release" / "wizard")
     args = parser.parse_args()
     subprocess.run(["cargo", "bench", "-p", "model", "--bench", "generate", "--no-run"], check=True, cwd=REPO,
                    stderr=subprocess.DEVNULL)
