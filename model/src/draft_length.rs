@@ -73,14 +73,20 @@ impl Costs {
         (c0 + slope * (width as f64 - w0 as f64)).max(0.0)
     }
 
+    /// Seconds of a round that drafts `gamma` tokens and verifies them in one target pass.
+    pub fn round_seconds(&self, gamma: usize) -> f64 {
+        gamma as f64 * self.draft_step + self.target_pass(gamma + 1)
+    }
+
     /// The draft length (at most `max_gamma`) with the most expected tokens per second at per-token
-    /// acceptance `acceptance`; 0 when plain steps are as fast.
-    pub fn best_gamma(&self, acceptance: f64, max_gamma: usize) -> usize {
+    /// acceptance `acceptance`, when drafting rounds take `overrun` times what the model says; 0
+    /// when plain steps are as fast.
+    pub fn best_gamma(&self, acceptance: f64, overrun: f64, max_gamma: usize) -> usize {
         let plain = 1.0 / self.target_pass(1);
         let mut best = (0, plain * REQUIRED_GAIN);
         for gamma in 1..=max_gamma {
             let tokens: f64 = (0..=gamma).map(|i| acceptance.powi(i as i32)).sum();
-            let rate = tokens / (gamma as f64 * self.draft_step + self.target_pass(gamma + 1));
+            let rate = tokens / (self.round_seconds(gamma) * overrun);
             if rate > best.1 {
                 best = (gamma, rate);
             }
@@ -125,6 +131,35 @@ pub fn costs_for(target: &GptBigCode, draft: Option<&GptBigCode>, max_width: usi
     Ok(costs)
 }
 
+/// How much longer drafting rounds took than [`Costs::round_seconds`] in one generation so far:
+/// the work the model leaves out (sampling the draft, copying logits, rolling caches back) weighs
+/// most on small models, where a step takes a fraction of a millisecond. A running mean that
+/// halves the weight of the past at each round; 1 before any round.
+#[derive(Debug, Clone)]
+pub struct Overrun {
+    ratio: f64,
+}
+
+impl Default for Overrun {
+    fn default() -> Overrun {
+        Overrun { ratio: 1.0 }
+    }
+}
+
+impl Overrun {
+    /// Counts a drafting round the model priced at `predicted` seconds that took `actual`.
+    pub fn observe(&mut self, predicted: f64, actual: f64) {
+        if predicted > 0.0 && actual.is_finite() {
+            self.ratio = 0.5 * self.ratio + 0.5 * (actual / predicted);
+        }
+    }
+
+    /// The estimate.
+    pub fn ratio(&self) -> f64 {
+        self.ratio
+    }
+}
+
 /// The per-token acceptance of one generation so far: accepted draft tokens over the draft tokens
 /// the target ruled on (each round rules on its accepted ones and the first rejected one), starting
 /// from a prior belief.
@@ -154,7 +189,7 @@ mod tests {
     /// (target pass per width, draft step, acceptance) -> the chosen length (at most 12).
     fn check(target: &[(usize, f64)], draft_step: f64, acceptance: f64, expected: usize) {
         let costs = Costs::new(target.to_vec(), draft_step);
-        assert_eq!(costs.best_gamma(acceptance, 12), expected, "{costs:?}, acceptance {acceptance}");
+        assert_eq!(costs.best_gamma(acceptance, 1.0, 12), expected, "{costs:?}, acceptance {acceptance}");
     }
 
     #[test]
@@ -168,6 +203,21 @@ mod tests {
         check(&flat, 0.0, 0.3, 2); // prompt lookup: free drafts pay even when often wrong
                                    // A compute-bound target: a k-token pass costs k steps, so nothing pays.
         check(&[(1, 1.0), (2, 2.0), (13, 13.0)], 0.05, 0.95, 0);
+    }
+
+    #[test]
+    fn rounds_slower_than_priced_stop_the_drafting() {
+        let costs = Costs::new(vec![(1, 1.0), (2, 1.05), (13, 1.6)], 0.1);
+        let mut overrun = Overrun::default();
+        assert_eq!(costs.best_gamma(0.9, overrun.ratio(), 12), 8);
+        overrun.observe(costs.round_seconds(8), 1.1 * costs.round_seconds(8));
+        assert!(costs.best_gamma(0.9, overrun.ratio(), 12) > 0, "a little slower still pays");
+        for _ in 0..3 {
+            overrun.observe(costs.round_seconds(8), 4.0 * costs.round_seconds(8));
+        }
+        assert_eq!(costs.best_gamma(0.9, overrun.ratio(), 12), 0);
+        overrun.observe(0.0, 1.0);
+        assert!(overrun.ratio().is_finite());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use kernels::attention::DECODE_KERNEL_MAX_POSITIONS;
 
-use crate::draft_length::{self, Acceptance};
+use crate::draft_length::{self, Acceptance, Overrun};
 use crate::generate::{Finish, Generation, StopCriterion};
 use crate::gpt_bigcode::GptBigCode;
 use crate::kv_cache::KvCache;
@@ -258,10 +258,11 @@ pub fn generate_in(
             Drafter::PromptLookup { .. } => Some(draft_length::costs_for(target, None, config.max_gamma + 1)?),
         };
         let mut acceptance = Acceptance::default();
+        let mut overrun = Overrun::default();
         let mut gamma = config.gamma.min(config.max_gamma);
         let finish = loop {
             if let Some(costs) = &costs {
-                gamma = costs.best_gamma(acceptance.estimate(), config.max_gamma);
+                gamma = costs.best_gamma(acceptance.estimate(), overrun.ratio(), config.max_gamma);
             }
             let generated = state.seq.len() - state.prompt_len;
             let room = (capacity as usize).saturating_sub(state.seq.len());
@@ -269,9 +270,13 @@ pub fn generate_in(
                 break Finish::Length;
             }
             let budget = gamma.min(config.max_new_tokens - generated - 1).min(room - 1);
+            let round_started = std::time::Instant::now();
             let draft = state.draft(drafter, budget, sampling)?;
             let (accepted, next) = state.verify(&draft, sampling)?;
             acceptance.observe(accepted, draft.tokens.len());
+            if let (Some(costs), false) = (&costs, draft.tokens.is_empty()) {
+                overrun.observe(costs.round_seconds(draft.tokens.len()), round_started.elapsed().as_secs_f64());
+            }
             let mut new = draft.tokens[..accepted].to_vec();
             new.push(next);
             if let Some(finish) = state.append(&new, config, stop) {
@@ -363,7 +368,6 @@ impl State<'_> {
         let mut accepted = 0;
         let mut next = None;
         for (i, &token) in draft.tokens.iter().enumerate() {
-            let p = sampling.probabilities(&rows[i]);
             let t = token as usize;
             if sampling.is_greedy() {
                 let best = argmax(&rows[i]);
@@ -374,6 +378,7 @@ impl State<'_> {
                 next = Some(best as i64);
                 break;
             }
+            let p = sampling.probabilities(&rows[i]);
             let q_t = draft.probs.as_ref().map_or(1.0, |probs| probs[i][t]);
             let ratio = if q_t > 0.0 { p[t] / q_t } else { 1.0 };
             if self.rng.random::<f64>() < ratio.min(1.0) {
@@ -527,7 +532,8 @@ mod tests {
         let first: Vec<i64> = (0..30).map(|i| (i * 7) % 97).collect();
         let mut second = first[..20].to_vec();
         second.extend([5, 6, 7]);
-        let config = SpeculativeConfig { max_new_tokens: 12, ..SpeculativeConfig::default() };
+        // Fixed draft lengths: with measured ones, how much is drafted depends on timings.
+        let config = SpeculativeConfig { max_new_tokens: 12, adaptive: false, ..SpeculativeConfig::default() };
         let fresh =
             |prompt: &[i64], drafter: &Drafter| generate(&target, drafter, prompt, &config, &mut NoStop).unwrap();
         for drafter in [Drafter::None, Drafter::Model(&draft), Drafter::PromptLookup { max_ngram: 3 }] {
