@@ -84,8 +84,10 @@ impl Costs {
     pub fn best_gamma(&self, acceptance: f64, overrun: f64, max_gamma: usize) -> usize {
         let plain = 1.0 / self.target_pass(1);
         let mut best = (0, plain * REQUIRED_GAIN);
+        let (mut tokens, mut kept) = (1.0, 1.0);
         for gamma in 1..=max_gamma {
-            let tokens: f64 = (0..=gamma).map(|i| acceptance.powi(i as i32)).sum();
+            kept *= acceptance;
+            tokens += kept;
             let rate = tokens / (self.round_seconds(gamma) * overrun);
             if rate > best.1 {
                 best = (gamma, rate);
