@@ -8,8 +8,13 @@
 // in registers; the loop loads R + J vectors for R*J multiply-adds. Inputs (`X`) and weights (`W`)
 // are what `Lanes` loads: fp32 inputs with fp32 or bf16 weights (widened as they are loaded), or both
 // in bf16 for a bf16 dot-product instruction; sums are fp32.
+//
+// `ahead`, when not null, is the next tile's weight rows: they are prefetched alongside, so that
+// memory streams them while this tile computes (with several input rows the tile is compute-bound,
+// and without it the next tile's weights would arrive only when asked for).
 template <int R, int J, typename X, typename W>
-inline void dots(const X* x, const W* w, const float* bias, float* y, int64_t in, int64_t out, int64_t j) {
+inline void dots(const X* x, const W* w, const float* bias, float* y, int64_t in, int64_t out, int64_t j,
+                 const W* ahead) {
   using Acc = decltype(Lanes::zero());
   using V = decltype(Lanes::load_weight(w));
   constexpr int64_t N = Lanes::kWidth;
@@ -21,6 +26,8 @@ inline void dots(const X* x, const W* w, const float* bias, float* y, int64_t in
   for (int64_t i = 0; i < full; i += N) {
     V wv[J];
     for (int c = 0; c < J; c++) wv[c] = Lanes::load_weight(rows + c * in + i);
+    if (ahead)
+      for (int c = 0; c < J; c++) _mm_prefetch(reinterpret_cast<const char*>(ahead + c * in + i), _MM_HINT_T0);
     for (int r = 0; r < R; r++) {
       const auto xv = Lanes::load(x + r * in + i);
       for (int c = 0; c < J; c++) acc[r][c] = Lanes::fma(xv, wv[c], acc[r][c]);
@@ -38,14 +45,15 @@ inline void dots(const X* x, const W* w, const float* bias, float* y, int64_t in
     for (int c = 0; c < J; c++) y[r * out + j + c] = Lanes::sum(acc[r][c]) + (bias ? bias[j + c] : 0.0f);
 }
 
-// Input rows [first, last) against weight rows [j, j + J), kRows input rows at a time.
+// Input rows [first, last) against weight rows [j, j + J), kRows input rows at a time; the first
+// tile prefetches `ahead` (the next weight rows, or null).
 template <int J, typename X, typename W>
 inline void row_block(const X* x, int64_t first, int64_t last, const W* w, const float* bias, float* y,
-                      int64_t in, int64_t out, int64_t j) {
+                      int64_t in, int64_t out, int64_t j, const W* ahead) {
   constexpr int R = Lanes::kRows;
   int64_t r = first;
-  for (; r + R <= last; r += R) dots<R, J, X, W>(x + r * in, w, bias, y + r * out, in, out, j);
-  for (; r < last; r++) dots<1, J, X, W>(x + r * in, w, bias, y + r * out, in, out, j);
+  for (; r + R <= last; r += R, ahead = nullptr) dots<R, J, X, W>(x + r * in, w, bias, y + r * out, in, out, j, ahead);
+  for (; r < last; r++, ahead = nullptr) dots<1, J, X, W>(x + r * in, w, bias, y + r * out, in, out, j, ahead);
 }
 
 // Output columns [begin, end) for every input row. Rows go in blocks that stay in L2 while the
@@ -57,8 +65,11 @@ inline void rows_times_weight(const X* x, int64_t rows, const W* w, const float*
   const int64_t block = std::max<int64_t>(Lanes::kRows, 98304 / in / Lanes::kRows * Lanes::kRows);
   for (int64_t first = 0; first < rows; first += block) {
     const int64_t last = std::min(rows, first + block);
+    // One row is memory-bound and the hardware prefetchers keep up (prefetching too measured slower).
+    const bool prefetch = last - first > 1;
     int64_t j = begin;
-    for (; j + J <= end; j += J) row_block<J, X, W>(x, first, last, w, bias, y, in, out, j);
-    for (; j < end; j++) row_block<1, X, W>(x, first, last, w, bias, y, in, out, j);
+    for (; j + J <= end; j += J)
+      row_block<J, X, W>(x, first, last, w, bias, y, in, out, j, prefetch && j + 2 * J <= end ? w + (j + J) * in : nullptr);
+    for (; j < end; j++) row_block<1, X, W>(x, first, last, w, bias, y, in, out, j, nullptr);
   }
 }

@@ -121,6 +121,9 @@ fn main() {
         report["speculative_speedup"] = ((total_s - prefill_s) / (best - prefill_s)).into();
         report["acceptance"] = out.stats.acceptance_rate().into();
         report["target_passes"] = out.stats.target_passes.into();
+        report["draft_passes"] = out.stats.draft_passes.into();
+        report["drafted"] = out.stats.drafted.into();
+        report["speculative_prefill_ms"] = out.stats.prefill_ms.into();
         report["identical_to_target"] = (out.generation.tokens == plain).into();
     }
     report["peak_rss_mib"] = peak_rss_mib().into();

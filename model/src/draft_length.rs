@@ -162,6 +162,44 @@ impl Overrun {
     }
 }
 
+/// Plain rounds before the first probe, and how many tokens a probe drafts.
+const PROBE_AFTER: usize = 8;
+const PROBE_GAMMA: usize = 2;
+
+/// Probes while the estimates say not to draft: a few rejections early on (or one slow round) would
+/// otherwise stop the drafting for the rest of a generation, as estimates only move when something
+/// is drafted. A probe drafts [`PROBE_GAMMA`] tokens after [`PROBE_AFTER`] plain rounds, then after
+/// twice as many each time, so a pair that never pays loses a probe round per doubling of the
+/// output; a chosen draft resets the wait.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    plain_rounds: usize,
+    wait: usize,
+}
+
+impl Default for Probe {
+    fn default() -> Probe {
+        Probe { plain_rounds: 0, wait: PROBE_AFTER }
+    }
+}
+
+impl Probe {
+    /// The draft length for this round given the cost model's `chosen` one.
+    pub fn gamma(&mut self, chosen: usize) -> usize {
+        if chosen > 0 {
+            *self = Probe::default();
+            return chosen;
+        }
+        self.plain_rounds += 1;
+        if self.plain_rounds < self.wait {
+            return 0;
+        }
+        self.plain_rounds = 0;
+        self.wait *= 2;
+        PROBE_GAMMA
+    }
+}
+
 /// The per-token acceptance of one generation so far: accepted draft tokens over the draft tokens
 /// the target ruled on (each round rules on its accepted ones and the first rejected one), starting
 /// from a prior belief.
@@ -220,6 +258,16 @@ mod tests {
         assert_eq!(costs.best_gamma(0.9, overrun.ratio(), 12), 0);
         overrun.observe(0.0, 1.0);
         assert!(overrun.ratio().is_finite());
+    }
+
+    #[test]
+    fn probes_come_at_doubling_waits_until_drafting_pays() {
+        let mut probe = Probe::default();
+        let probes: Vec<usize> = (1..=60).filter(|_| probe.gamma(0) > 0).collect();
+        assert_eq!(probes, [8, 24, 56]);
+        assert_eq!(probe.gamma(5), 5);
+        let probes: Vec<usize> = (1..=10).filter(|_| probe.gamma(0) > 0).collect();
+        assert_eq!(probes, [8], "a chosen draft resets the wait");
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub fn generate(
             (0..samples).map(|i| StdRng::seed_from_u64(config.sampling.seed.wrapping_add(i as u64))).collect();
         let mut out: Vec<Generation> = vec![Generation { tokens: Vec::new(), finish: Finish::Length }; samples];
         let mut done = vec![false; samples];
-        for _ in 0..config.max_new_tokens {
+        for step in 0..config.max_new_tokens {
             if cache.len() >= capacity {
                 break;
             }
@@ -105,7 +105,8 @@ pub fn generate(
                     (done[i], out[i].finish) = (true, Finish::Stop);
                 }
             }
-            if done.iter().all(|d| *d) || cache.len() + 1 > capacity {
+            // The last token needs no pass after it.
+            if done.iter().all(|d| *d) || step + 1 == config.max_new_tokens || cache.len() + 1 > capacity {
                 break;
             }
             let step = Tensor::from_slice(&next).to_device(model.device()).unsqueeze(1);

@@ -351,6 +351,21 @@ impl GptBigCode {
         self.id
     }
 
+    /// Whether `other` is this model in another weight precision (an int8 or bf16 copy of the same
+    /// checkpoint), so that it can attend to this model's keys and values: the same layer, head and
+    /// embedding sizes, caches of the same dtype on the same device, and the same embeddings (which
+    /// every precision keeps as they are; their first rows are compared).
+    pub fn is_copy_of(&self, other: &GptBigCode) -> bool {
+        let (a, b) = (&self.config, &other.config);
+        let rows = a.vocab_size.min(16);
+        (a.n_layer, a.kv_heads(), a.head_dim(), a.n_embd, a.vocab_size)
+            == (b.n_layer, b.kv_heads(), b.head_dim(), b.n_embd, b.vocab_size)
+            && self.kind() == other.kind()
+            && self.device() == other.device()
+            && self.wte.narrow(0, 0, rows).equal(&other.wte.narrow(0, 0, rows))
+            && self.wpe.narrow(0, 0, 1).equal(&other.wpe.narrow(0, 0, 1))
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config

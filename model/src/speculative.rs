@@ -7,13 +7,15 @@
 //! Drafters: a smaller model with the same tokenizer, or prompt lookup (the tokens that followed the
 //! last occurrence of the current n-gram earlier in the sequence: a point-mass draft, free to make).
 //! Both KV caches hold every token but the newest; a rejection rolls them back with `truncate`.
+//! The target's own copy in another precision (self-speculation: its int8 weights) drafts over the target's cache: it never prefills or catches up, and it attends to the target's
+//! keys and values; its own for the drafted positions are dropped before verification rewrites them.
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
 use kernels::attention::DECODE_KERNEL_MAX_POSITIONS;
 
-use crate::draft_length::{self, Acceptance, Overrun};
+use crate::draft_length::{self, Acceptance, Overrun, Probe};
 use crate::generate::{Finish, Generation, StopCriterion};
 use crate::gpt_bigcode::GptBigCode;
 use crate::kv_cache::KvCache;
@@ -109,6 +111,7 @@ pub struct SpeculativeGeneration {
 /// (the same document, typed on) only prefills from where the two differ.
 pub struct Session {
     target_cache: KvCache,
+    /// The draft model's own cache; `None` when it drafts over the target's ([`shares_cache`]).
     draft_cache: Option<KvCache>,
     /// The tokens whose keys and values the caches hold, in order.
     held: Vec<i64>,
@@ -127,7 +130,7 @@ impl Session {
         Ok(Session {
             target_cache: target.new_cache(1, capacity)?,
             draft_cache: match drafter {
-                Drafter::Model(draft) => Some(draft.new_cache(1, capacity)?),
+                Drafter::Model(draft) if !shares_cache(target, draft) => Some(draft.new_cache(1, capacity)?),
                 _ => None,
             },
             held: Vec::new(),
@@ -147,6 +150,13 @@ impl Session {
     fn fits(&self, target: &GptBigCode, drafter: &Drafter) -> bool {
         self.models == Session::models(target, drafter)
     }
+}
+
+/// Whether `draft` drafts over `target`'s KV cache: when it is the target in another precision
+/// ([`GptBigCode::is_copy_of`]). Verification keeps the output the target's either way; sharing
+/// saves the draft's prefill and catching up, and its drafts follow the target's own keys.
+pub fn shares_cache(target: &GptBigCode, draft: &GptBigCode) -> bool {
+    draft.is_copy_of(target)
 }
 
 /// The positions both models can attend to.
@@ -259,10 +269,11 @@ pub fn generate_in(
         };
         let mut acceptance = Acceptance::default();
         let mut overrun = Overrun::default();
+        let mut probe = Probe::default();
         let mut gamma = config.gamma.min(config.max_gamma);
         let finish = loop {
             if let Some(costs) = &costs {
-                gamma = costs.best_gamma(acceptance.estimate(), overrun.ratio(), config.max_gamma);
+                gamma = probe.gamma(costs.best_gamma(acceptance.estimate(), overrun.ratio(), config.max_gamma));
             }
             let generated = state.seq.len() - state.prompt_len;
             let room = (capacity as usize).saturating_sub(state.seq.len());
@@ -330,7 +341,10 @@ impl State<'_> {
                 Ok(Draft { tokens, probs: None })
             }
             Drafter::Model(model) => {
-                let cache = self.session.draft_cache.as_mut().expect("a model drafter has a cache");
+                let session = &mut *self.session;
+                let shared = session.draft_cache.is_none();
+                let cache = session.draft_cache.as_mut().unwrap_or(&mut session.target_cache);
+                let held = cache.len();
                 let mut tokens = Vec::with_capacity(budget);
                 let mut probs = Vec::with_capacity(budget);
                 let mut feed = self.seq[cache.len() as usize..].to_vec();
@@ -345,6 +359,9 @@ impl State<'_> {
                     if i + 1 < budget {
                         feed = vec![token];
                     }
+                }
+                if shared {
+                    cache.truncate(held);
                 }
                 self.stats.drafted += tokens.len();
                 Ok(Draft { tokens, probs: Some(probs) })
@@ -463,6 +480,7 @@ mod tests {
     use super::*;
     use crate::config::ModelConfig;
     use crate::generate::{generate as plain_generate, GenerateConfig, NoStop};
+    use crate::gpt_bigcode::Precision;
 
     fn model(seed: i64, layers: i64, embd: i64, vocab: i64, std: f64) -> GptBigCode {
         tch::manual_seed(seed);
@@ -513,14 +531,52 @@ mod tests {
         let out = generate(&target, &Drafter::Model(&target), &[3, 4], &fixed, &mut NoStop).unwrap();
         assert_eq!(out.stats.acceptance_rate(), 1.0, "{:?}", out.stats);
         assert!(out.stats.target_passes < 15, "{:?}", out.stats);
-        // ...but costs as much as the target: the cost model does not draft with it at all.
+        // ...but costs as much as the target: the cost model drafts with it only in probes (two
+        // tokens after 8 plain rounds, then after 16).
         let measured = SpeculativeConfig { max_new_tokens: 30, ..SpeculativeConfig::default() };
         let out = generate(&target, &Drafter::Model(&target), &[3, 4], &measured, &mut NoStop).unwrap();
-        assert_eq!((out.stats.drafted, out.stats.target_passes), (0, 31), "{:?}", out.stats);
+        assert!(out.stats.drafted <= 4, "{:?}", out.stats);
         // Verification passes wider than the decode kernel takes are refused.
         let wide = SpeculativeConfig { max_gamma: 64, ..fixed };
         let error = generate(&target, &Drafter::Model(&draft), &[3, 4], &wide, &mut NoStop).err().unwrap();
         assert!(error.to_string().contains("max_gamma 64 is above 63"), "{error}");
+    }
+
+    /// The target's int8 copy drafts over the target's cache: no prefill or catching-up passes of its
+    /// own (one draft pass per drafted token), the target's greedy tokens, and its drafts mostly kept.
+    /// A draft of another shape keeps its own cache and prefills it.
+    #[test]
+    fn a_quantized_copy_drafts_over_the_targets_cache() {
+        let target = model(1, 3, 64, 97, 0.3);
+        let dir = tempfile::tempdir().unwrap();
+        target.save(dir.path(), Kind::Float).unwrap();
+        let copy = GptBigCode::load_as(dir.path(), Precision::Int8, Device::Cpu, |_, _| {}).unwrap();
+        let other = model(2, 1, 32, 97, 0.3);
+        // The same shape, other weights: its drafts would follow keys it did not make.
+        let same_shape = model(3, 3, 64, 97, 0.3);
+        assert!(shares_cache(&target, &copy) && shares_cache(&target, &target));
+        assert!(!shares_cache(&target, &other) && !shares_cache(&target, &same_shape));
+        let prompt: Vec<i64> = (0..20).map(|i| (i * 13) % 97).collect();
+        let plain =
+            GenerateConfig { max_new_tokens: 40, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
+        let expected = plain_generate(&target, &prompt, &plain, &mut NoStop).unwrap().remove(0).tokens;
+        let config = SpeculativeConfig { max_new_tokens: 40, adaptive: false, ..SpeculativeConfig::default() };
+        let check = |draft: &GptBigCode, own_prefill: usize| {
+            let mut session = Session::new(&target, &Drafter::Model(draft)).unwrap();
+            let out =
+                generate_in(&mut session, &target, &Drafter::Model(draft), &prompt, &config, &mut NoStop).unwrap();
+            assert_eq!(out.generation.tokens, expected, "{:?}", out.stats);
+            let stats = &out.stats;
+            assert!(stats.draft_passes >= stats.drafted + own_prefill, "{stats:?}");
+            if own_prefill == 0 {
+                assert_eq!(stats.draft_passes, stats.drafted, "{stats:?}");
+                assert!(stats.acceptance_rate() > 0.8, "{stats:?}");
+            }
+            // The session holds the target's keys of the whole sequence, whoever drafted.
+            assert_eq!(session.target_cache.len() as usize, prompt.len() + expected.len() - 1);
+        };
+        check(&copy, 0);
+        check(&other, 1);
     }
 
     /// A kept session prefills only where a prompt departs from the last sequence, and its output is
