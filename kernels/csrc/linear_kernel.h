@@ -27,7 +27,7 @@ inline void dots(const X* x, const W* w, const float* bias, float* y, int64_t in
     V wv[J];
     for (int c = 0; c < J; c++) wv[c] = Lanes::load_weight(rows + c * in + i);
     if (ahead)
-      for (int c = 0; c < J; c++) _mm_prefetch(reinterpret_cast<const char*>(ahead + c * in + i), _MM_HINT_T0);
+      for (int c = 0; c < J; c++) _mm_prefetch(reinterpret_cast<const char*>(ahead + c * in + i), _MM_HINT_T1);
     for (int r = 0; r < R; r++) {
       const auto xv = Lanes::load(x + r * in + i);
       for (int c = 0; c < J; c++) acc[r][c] = Lanes::fma(xv, wv[c], acc[r][c]);
@@ -51,9 +51,16 @@ template <int J, typename X, typename W>
 inline void row_block(const X* x, int64_t first, int64_t last, const W* w, const float* bias, float* y,
                       int64_t in, int64_t out, int64_t j, const W* ahead) {
   constexpr int R = Lanes::kRows;
+  static_assert(R == 4, "the remainder below takes up to 3 rows");
   int64_t r = first;
   for (; r + R <= last; r += R, ahead = nullptr) dots<R, J, X, W>(x + r * in, w, bias, y + r * out, in, out, j, ahead);
-  for (; r < last; r++, ahead = nullptr) dots<1, J, X, W>(x + r * in, w, bias, y + r * out, in, out, j, ahead);
+  // The last rows in one tile: each tile reads the weight rows once more.
+  switch (last - r) {
+    case 3: dots<3, J, X, W>(x + r * in, w, bias, y + r * out, in, out, j, ahead); break;
+    case 2: dots<2, J, X, W>(x + r * in, w, bias, y + r * out, in, out, j, ahead); break;
+    case 1: dots<1, J, X, W>(x + r * in, w, bias, y + r * out, in, out, j, ahead); break;
+    default: break;
+  }
 }
 
 // Output columns [begin, end) for every input row. Rows go in blocks that stay in L2 while the

@@ -44,10 +44,12 @@ impl Costs {
         Costs { target, draft_step }
     }
 
-    /// Times `target` over 1, 2 and `max_width` new tokens and one step of `draft` (none for prompt
+    /// Times `target` over 1, 2, half of `max_width` and `max_width` new tokens and one step of `draft` (none for prompt
     /// lookup), on scratch caches after a short context.
     pub fn measure(target: &GptBigCode, draft: Option<&GptBigCode>, max_width: usize) -> Result<Costs> {
-        let mut widths = vec![1, 2, max_width.max(1)];
+        // The middle width too: how a pass's cost grows with its width bends with the kernel's tiles.
+        let mut widths = vec![1, 2, max_width.div_ceil(2), max_width.max(1)];
+        widths.sort_unstable();
         widths.dedup();
         widths.retain(|&w| w <= max_width.max(1));
         let target_costs = tch::no_grad(|| {
@@ -202,14 +204,56 @@ impl Probe {
 
 /// The per-token acceptance of one generation so far: accepted draft tokens over the draft tokens
 /// the target ruled on (each round rules on its accepted ones and the first rejected one), starting
-/// from a prior belief.
-#[derive(Debug, Clone, Default)]
+/// from a prior belief: what earlier generations of the same pair saw ([`Acceptance::for_pair`]),
+/// or [`PRIOR_ACCEPTANCE`] for a new pair. Without that memory a few early rejections could talk a
+/// generation out of drafting with a pair that usually pays.
+#[derive(Debug, Clone)]
 pub struct Acceptance {
     accepted: usize,
     ruled: usize,
+    prior: f64,
+    prior_weight: f64,
 }
 
+impl Default for Acceptance {
+    fn default() -> Acceptance {
+        Acceptance { accepted: 0, ruled: 0, prior: PRIOR_ACCEPTANCE, prior_weight: PRIOR_WEIGHT }
+    }
+}
+
+/// (target id, draft id) -> draft tokens accepted and ruled on in past generations (halved as they
+/// pass [`HISTORY_TOKENS`], so recent ones count most).
+type History = HashMap<(u64, Option<u64>), (f64, f64)>;
+static HISTORY: Mutex<Option<History>> = Mutex::new(None);
+const HISTORY_TOKENS: f64 = 512.0;
+/// How many draft tokens the remembered acceptance weighs at the start of a generation.
+const HISTORY_WEIGHT: f64 = 24.0;
+
 impl Acceptance {
+    /// The estimate for a new generation with this (target, draft) pair: the acceptance its earlier
+    /// generations in this process saw, if any.
+    pub fn for_pair(pair: (u64, Option<u64>)) -> Acceptance {
+        let history = HISTORY.lock().unwrap_or_else(|e| e.into_inner());
+        match history.as_ref().and_then(|h| h.get(&pair)) {
+            Some(&(accepted, ruled)) if ruled > 0.0 => {
+                Acceptance { prior: accepted / ruled, prior_weight: ruled.min(HISTORY_WEIGHT), ..Acceptance::default() }
+            }
+            _ => Acceptance::default(),
+        }
+    }
+
+    /// Adds what this generation saw to the pair's history.
+    pub fn remember(&self, pair: (u64, Option<u64>)) {
+        let mut history = HISTORY.lock().unwrap_or_else(|e| e.into_inner());
+        let (accepted, ruled) = history.get_or_insert_default().entry(pair).or_insert((0.0, 0.0));
+        *accepted += self.accepted as f64;
+        *ruled += self.ruled as f64;
+        while *ruled > HISTORY_TOKENS {
+            *accepted /= 2.0;
+            *ruled /= 2.0;
+        }
+    }
+
     /// Counts a round: `accepted` of `drafted` draft tokens kept.
     pub fn observe(&mut self, accepted: usize, drafted: usize) {
         self.accepted += accepted;
@@ -218,7 +262,7 @@ impl Acceptance {
 
     /// The estimate.
     pub fn estimate(&self) -> f64 {
-        (self.accepted as f64 + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.ruled as f64 + PRIOR_WEIGHT)
+        (self.accepted as f64 + self.prior * self.prior_weight) / (self.ruled as f64 + self.prior_weight)
     }
 }
 
@@ -296,5 +340,34 @@ mod tests {
         let mut all = Acceptance::default();
         all.observe(4, 4);
         assert!(all.estimate() > PRIOR_ACCEPTANCE);
+    }
+
+    /// A pair's next generation starts from what its earlier ones saw, recent ones weighing most.
+    #[test]
+    fn a_pair_remembers_its_acceptance() {
+        let pair = (u64::MAX - 7, Some(u64::MAX - 8));
+        assert_eq!(Acceptance::for_pair(pair).estimate(), PRIOR_ACCEPTANCE);
+        let mut seen = Acceptance::for_pair(pair);
+        for _ in 0..10 {
+            seen.observe(9, 10); // 9 kept, the tenth rejected: 0.9
+        }
+        seen.remember(pair);
+        let next = Acceptance::for_pair(pair);
+        assert!((next.estimate() - 0.9).abs() < 1e-12, "{next:?}");
+        // Early rejections move it, but do not sink it the way they sink the default prior.
+        let (mut fresh, mut remembered) = (Acceptance::default(), Acceptance::for_pair(pair));
+        for estimate in [&mut fresh, &mut remembered] {
+            estimate.observe(0, 4);
+            estimate.observe(0, 4);
+        }
+        assert!(remembered.estimate() > 0.8 && fresh.estimate() < 0.55, "{remembered:?} {fresh:?}");
+        let mut poor = Acceptance::for_pair(pair);
+        for _ in 0..300 {
+            poor.observe(1, 4); // 0.5
+        }
+        poor.remember(pair);
+        let after = Acceptance::for_pair(pair).estimate();
+        assert!(after < 0.6, "recent generations weigh most: {after}");
+        assert_eq!(Acceptance::for_pair((pair.0, None)).estimate(), PRIOR_ACCEPTANCE, "another pair");
     }
 }

@@ -19,7 +19,7 @@ use crate::draft_length::{self, Acceptance, Overrun, Probe};
 use crate::generate::{Finish, Generation, StopCriterion};
 use crate::gpt_bigcode::GptBigCode;
 use crate::kv_cache::KvCache;
-use crate::sampling::{argmax, draw, Sampling};
+use crate::sampling::{draw, Sampling};
 use crate::{ModelError, Result};
 
 /// The longest draft: a verification pass covers at most [`DECODE_KERNEL_MAX_POSITIONS`]
@@ -267,7 +267,8 @@ pub fn generate_in(
             Drafter::Model(draft) => Some(draft_length::costs_for(target, Some(draft), config.max_gamma + 1)?),
             Drafter::PromptLookup { .. } => Some(draft_length::costs_for(target, None, config.max_gamma + 1)?),
         };
-        let mut acceptance = Acceptance::default();
+        let pair = Session::models(target, drafter);
+        let mut acceptance = Acceptance::for_pair(pair);
         let mut overrun = Overrun::default();
         let mut probe = Probe::default();
         let mut gamma = config.gamma.min(config.max_gamma);
@@ -294,6 +295,7 @@ pub fn generate_in(
                 break finish;
             }
         };
+        acceptance.remember(pair);
         // The caches may hold accepted tokens after a stop, and the draft's may lag the target's (by
         // its last drafted token, or by rounds nobody drafted in): keep what each holds of the
         // sequence; the next generation feeds each cache from its own length.
@@ -350,12 +352,18 @@ impl State<'_> {
                 let mut feed = self.seq[cache.len() as usize..].to_vec();
                 for i in 0..budget {
                     let input = Tensor::from_slice(&feed).to_device(model.device()).unsqueeze(0);
-                    let logits = row(&model.forward_next(&input, cache)?)?;
+                    let logits = model.forward_next(&input, cache)?;
                     self.stats.draft_passes += 1;
-                    let q = sampling.probabilities(&logits);
-                    let token = draw(&q, &mut self.rng) as i64;
+                    // Greedy drafts need no distribution: the argmax where the logits are.
+                    let token = if sampling.is_greedy() {
+                        logits.argmax(-1, false).int64_value(&[0])
+                    } else {
+                        let q = sampling.probabilities(&row(&logits)?);
+                        let token = draw(&q, &mut self.rng) as i64;
+                        probs.push(q);
+                        token
+                    };
                     tokens.push(token);
-                    probs.push(q);
                     if i + 1 < budget {
                         feed = vec![token];
                     }
@@ -364,7 +372,7 @@ impl State<'_> {
                     cache.truncate(held);
                 }
                 self.stats.drafted += tokens.len();
-                Ok(Draft { tokens, probs: Some(probs) })
+                Ok(Draft { tokens, probs: (!sampling.is_greedy()).then_some(probs) })
             }
         }
     }
@@ -380,21 +388,34 @@ impl State<'_> {
         let logits = self.target.forward(&input, &mut self.session.target_cache)?;
         self.stats.target_passes += 1;
         // Rows fed_before-1 .. end: p_1 .. p_{gamma+1}.
-        let rows = logits.get(0).narrow(0, fed_before as i64 - 1, draft.tokens.len() as i64 + 1);
-        let rows = rows_to_vec(&rows)?;
+        let (accepted, next) = if sampling.is_greedy() {
+            // The target's argmax at every position, taken where the logits are (as few tensor
+            // calls as a plain step makes: they weigh on small models).
+            let best = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu).view([-1]))?;
+            let best = &best[fed_before - 1..];
+            let accepted = draft.tokens.iter().zip(best).take_while(|(drafted, best)| drafted == best).count();
+            (accepted, best[accepted])
+        } else {
+            let rows = logits.get(0).narrow(0, fed_before as i64 - 1, draft.tokens.len() as i64 + 1);
+            self.judge(draft, &rows_to_vec(&rows)?, sampling)
+        };
+        self.stats.accepted += accepted;
+        // Both caches keep everything but the newest token: base + accepted positions.
+        let keep = (base + accepted) as i64;
+        self.session.target_cache.truncate(keep);
+        if let Some(cache) = self.session.draft_cache.as_mut() {
+            cache.truncate(keep);
+        }
+        Ok((accepted, next))
+    }
+
+    /// Sampled verification: how many draft tokens the target's distributions `rows` keep, and the
+    /// token after them.
+    fn judge(&mut self, draft: &Draft, rows: &[Vec<f32>], sampling: &Sampling) -> (usize, i64) {
         let mut accepted = 0;
         let mut next = None;
         for (i, &token) in draft.tokens.iter().enumerate() {
             let t = token as usize;
-            if sampling.is_greedy() {
-                let best = argmax(&rows[i]);
-                if best == t {
-                    accepted += 1;
-                    continue;
-                }
-                next = Some(best as i64);
-                break;
-            }
             let p = sampling.probabilities(&rows[i]);
             let q_t = draft.probs.as_ref().map_or(1.0, |probs| probs[i][t]);
             let ratio = if q_t > 0.0 { p[t] / q_t } else { 1.0 };
@@ -418,14 +439,7 @@ impl State<'_> {
                 draw(&sampling.probabilities(last), &mut self.rng) as i64
             }
         };
-        self.stats.accepted += accepted;
-        // Both caches keep everything but the newest token: base + accepted positions.
-        let keep = (base + accepted) as i64;
-        self.session.target_cache.truncate(keep);
-        if let Some(cache) = self.session.draft_cache.as_mut() {
-            cache.truncate(keep);
-        }
-        Ok((accepted, next))
+        (accepted, next)
     }
 
     /// Appends tokens one at a time, asking `stop` after each; returns why generation ended, if it did.

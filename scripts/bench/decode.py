@@ -8,13 +8,14 @@ Usage: .wizard/python scripts/bench/decode.py [--shapes d768,1b] [--threads 2] [
    H12 MQA, 76M parameters, http_serve.py's model) and `1b` (StarCoder-1B's shape: d2048 L24 H16 MQA,
    inner 8192, about 1.1B parameters). Each is converted to f32, bf16 and q8_0 GGUFs by llama.cpp's own
    converter (scripts/bench/llama_cpp.sh, which builds llama.cpp first if needed).
-2. wizard: the `model` crate's generate bench (best of 3 rounds; prefill = one pass over the prompt,
+2. wizard: the `model` crate's generate bench (best of 3 rounds or more for small models; prefill = one pass over the prompt,
    decode = (generate - prefill) / new tokens) with --dtype float32, bfloat16 and int8; llama.cpp:
    `llama-bench -p P -n N -t T` on the f32, bf16 and q8_0 GGUFs. Each runs in its own process; peak RSS is
    its maximum resident set.
 3. With --self-speculation, the generate bench also decodes with the target's own int8 copy drafting
-   (greedy), and reports the speedup over the target alone, the acceptance, and whether the tokens are
-   the target's.
+   (greedy, over the target's KV cache), in rounds alternating with plain ones, and reports the speedup
+   over the plain rounds beside it, the acceptance, the measured costs, and whether the tokens are the
+   target's.
 
 Prints the CPU and one Markdown table per shape with the ratios wizard / llama.cpp.
 """
@@ -131,9 +132,10 @@ def main():
         if speculation:
             dtype, ours = speculation
             print(f"\nself-speculation ({dtype} target, its int8 copy drafting, greedy): "
-                  f"{ours['speculative_decode_tokens_per_s']:.1f} tok/s vs {ours['decode_tokens_per_s']:.1f} alone "
-                  f"({ours['speculative_speedup']:.2f}x), acceptance {ours['acceptance']:.3f}, "
-                  f"{ours['target_passes']} target passes, identical to the target: {ours['identical_to_target']}")
+                  f"{ours['speculative_decode_tokens_per_s']:.1f} tok/s vs {ours['plain_beside_decode_tokens_per_s']:.1f} "
+                  f"alone in the rounds beside ({ours['speculative_speedup']:.2f}x), acceptance {ours['acceptance']:.3f}, "
+                  f"{ours['target_passes']} target passes, identical to the target: {ours['identical_to_target']}; "
+                  f"{ours['costs']}")
         print(flush=True)
 
 
