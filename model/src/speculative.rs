@@ -7,8 +7,9 @@
 //! Drafters: a smaller model with the same tokenizer, or prompt lookup (the tokens that followed the
 //! last occurrence of the current n-gram earlier in the sequence: a point-mass draft, free to make).
 //! Both KV caches hold every token but the newest; a rejection rolls them back with `truncate`.
-//! The target's own copy in another precision (self-speculation: its int8 weights) drafts over the target's cache: it never prefills or catches up, and it attends to the target's
-//! keys and values; its own for the drafted positions are dropped before verification rewrites them.
+//! The target's own copy in another precision (self-speculation: its int8 weights) drafts over the
+//! target's cache: it never prefills or catches up, and it attends to the target's keys and values;
+//! its own for the drafted positions are dropped before verification rewrites them.
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
