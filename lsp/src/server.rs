@@ -25,6 +25,9 @@ struct OpenDocument {
     document: Document,
     language_id: String,
     touched: u64,
+    /// Held while a completion for the document is computed, so that a request that cancelled
+    /// an older one is answered after it.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 struct State {
@@ -123,7 +126,7 @@ fn engine_error(error: EngineError) -> Error {
 impl Backend {
     async fn complete_at(&self, uri: &Uri, position: Position, overrides: Overrides) -> Result<Option<Completion>> {
         let key = uri.as_str().to_string();
-        let (job, full_prefix, suffix, fingerprint, word_start, word) = {
+        let (job, full_prefix, suffix, fingerprint, word_start, word, turn) = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let encoding = state.encoding;
             let mut settings = state.settings.clone();
@@ -137,6 +140,7 @@ impl Backend {
                 return Err(Error::invalid_params(format!("unknown document {key}")));
             };
             let document = &open.document;
+            let turn = open.turn.clone();
             if !settings.languages.is_empty() && !settings.languages.contains(&open.language_id) {
                 return Ok(None);
             }
@@ -185,10 +189,13 @@ impl Backend {
                 let cursor = position;
                 return Ok(Some(Completion { text, cursor, word_start: word_start.into_position(), word }));
             }
-            (job, full_prefix, suffix, fingerprint, word_start, word)
+            (job, full_prefix, suffix, fingerprint, word_start, word, turn)
         };
         let guard = CancelOnDrop(job.cancel.clone());
-        let result = self.engine.complete(job).await;
+        let result = {
+            let _turn = turn.lock().await;
+            self.engine.complete(job).await
+        };
         drop(guard);
         let output = result.map_err(engine_error)?;
         let figures = &output.figures;
@@ -429,7 +436,8 @@ impl LanguageServer for Backend {
         let document = Document::new(item.text, language, item.version);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.clock += 1;
-        let open = OpenDocument { document, language_id: item.language_id, touched: state.clock };
+        let open =
+            OpenDocument { document, language_id: item.language_id, touched: state.clock, turn: Default::default() };
         state.documents.insert(item.uri.as_str().to_string(), open);
     }
 
