@@ -1,11 +1,11 @@
 //! Prefill and decode speed of `model::generate` on a model directory, as one JSON line.
 //! Driven by `scripts/bench/generate.py`, which runs transformers on the same model in the same run.
 //!
-//! `cargo bench -p model --bench generate -- MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE] [DRAFT_DTYPE]`
+//! `cargo bench -p model --bench generate -- MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE] [DRAFT]`
 //! (DEVICE `cpu` or `cuda`, DTYPE `float32`, `bfloat16` or `int8` as `--dtype` takes them; defaults cpu, float32).
-//! With DRAFT_DTYPE it also times self-speculation: the same checkpoint loaded in DRAFT_DTYPE (say
-//! int8) drafts for the target, greedy; it reports that decode rate, the acceptance, and whether the
-//! tokens equal the target's alone.
+//! With DRAFT it also times speculative decoding, greedy: DRAFT is a dtype (self-speculation: the
+//! same checkpoint in that precision, say int8, drafts) or a draft model's directory (loaded in
+//! DTYPE); it reports that decode rate, the acceptance, and whether the tokens equal the target's.
 use std::path::Path;
 use std::time::Instant;
 
@@ -24,6 +24,11 @@ fn peak_rss_mib() -> f64 {
     kib / 1024.0
 }
 
+fn median(times: &mut [f64]) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let (dir, prompt_tokens, new_tokens, threads, device, dtype) = match args.as_slice() {
@@ -31,7 +36,7 @@ fn main() {
         [d, p, n, t, device] => (d, p, n, t, device.as_str(), "float32"),
         [d, p, n, t, device, dtype] | [d, p, n, t, device, dtype, _] => (d, p, n, t, device.as_str(), dtype.as_str()),
         _ => {
-            eprintln!("usage: generate MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE] [DRAFT_DTYPE]");
+            eprintln!("usage: generate MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE] [DRAFT]");
             std::process::exit(2);
         }
     };
@@ -79,9 +84,9 @@ fn main() {
     prefill();
     let started = Instant::now();
     generate(&model, &prompt, &config, &mut NoStop).unwrap();
-    // Best of at least 3 rounds, more for small models (up to ~2 s of them): their few milliseconds
-    // per generation are at the mercy of the machine's noise.
-    let rounds = ((2.0 / started.elapsed().as_secs_f64()) as usize).clamp(3, 50);
+    // At least 3 rounds, more for small models (up to ~4 s of them): their few milliseconds per
+    // generation are at the mercy of the machine's noise.
+    let rounds = ((4.0 / started.elapsed().as_secs_f64()) as usize).clamp(3, 100);
     let mut prefill_s = f64::MAX;
     let mut total_s = f64::MAX;
     let mut plain = Vec::new();
@@ -99,9 +104,12 @@ fn main() {
         "prefill_tokens_per_s": prompt_tokens as f64 / prefill_s,
         "decode_tokens_per_s": new_tokens as f64 / decode_s,
     });
-    if let Some(draft_dtype) = args.get(6) {
-        let draft_precision = model::gpt_bigcode::parse_precision(draft_dtype).expect("draft dtype");
-        let draft = GptBigCode::load_as(&dir, draft_precision, device, |_, _| {}).expect("draft loads");
+    if let Some(draft_arg) = args.get(6) {
+        let draft = match model::gpt_bigcode::parse_precision(draft_arg) {
+            Ok(draft_precision) => GptBigCode::load_as(&dir, draft_precision, device, |_, _| {}),
+            Err(_) => GptBigCode::load_as(Path::new(draft_arg), precision, device, |_, _| {}),
+        }
+        .expect("draft loads");
         let drafter = Drafter::Model(&draft);
         let speculative = SpeculativeConfig {
             max_new_tokens: new_tokens,
@@ -111,33 +119,33 @@ fn main() {
         };
         let _ = speculative::generate(&model, &drafter, &prompt, &speculative, &mut NoStop).unwrap();
         // Plain and speculative rounds alternate, so that the ratio compares the two under the same
-        // machine conditions (a VM's speed drifts between minutes).
-        let (mut best, mut plain_beside) = (f64::MAX, f64::MAX);
-        let mut fastest = None;
+        // machine conditions (a VM's speed drifts between minutes); medians, as a small model's
+        // fastest round says more about the machine's luck than about the method.
+        let (mut plain_times, mut speculative_times, mut outs) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             let start = Instant::now();
             let _ = generate(&model, &prompt, &config, &mut NoStop).unwrap();
-            plain_beside = plain_beside.min(start.elapsed().as_secs_f64());
+            plain_times.push(start.elapsed().as_secs_f64());
             let start = Instant::now();
-            let out = speculative::generate(&model, &drafter, &prompt, &speculative, &mut NoStop).unwrap();
-            let seconds = start.elapsed().as_secs_f64();
-            if seconds < best {
-                // The counters of the round whose time is reported.
-                (best, fastest) = (seconds, Some(out));
-            }
+            outs.push(speculative::generate(&model, &drafter, &prompt, &speculative, &mut NoStop).unwrap());
+            speculative_times.push(start.elapsed().as_secs_f64());
         }
-        let out = fastest.expect("rounds ran");
-        let costs = model::draft_length::costs_for(&model, Some(&draft), speculative.max_gamma + 1).unwrap();
-        report["speculative_decode_tokens_per_s"] = (new_tokens as f64 / (best - prefill_s)).into();
-        report["speculative_speedup"] = ((plain_beside - prefill_s) / (best - prefill_s)).into();
-        report["plain_beside_decode_tokens_per_s"] = (new_tokens as f64 / (plain_beside - prefill_s)).into();
-        report["costs"] = format!("{costs:?}").into();
-        report["acceptance"] = out.stats.acceptance_rate().into();
-        report["target_passes"] = out.stats.target_passes.into();
-        report["draft_passes"] = out.stats.draft_passes.into();
-        report["drafted"] = out.stats.drafted.into();
-        report["speculative_prefill_ms"] = out.stats.prefill_ms.into();
-        report["identical_to_target"] = (out.generation.tokens == plain).into();
+        let (plain_median, speculative_median) = (median(&mut plain_times), median(&mut speculative_times));
+        let planner = model::draft_length::Planner::for_pair(&model, Some(&draft), speculative.max_gamma).unwrap();
+        let total =
+            |count: fn(&speculative::SpeculativeStats) -> usize| outs.iter().map(|o| count(&o.stats)).sum::<usize>();
+        let per_round = |count: fn(&speculative::SpeculativeStats) -> usize| total(count) as f64 / outs.len() as f64;
+        report["speculative_decode_tokens_per_s"] = (new_tokens as f64 / (speculative_median - prefill_s)).into();
+        report["speculative_speedup"] = ((plain_median - prefill_s) / (speculative_median - prefill_s)).into();
+        report["plain_beside_decode_tokens_per_s"] = (new_tokens as f64 / (plain_median - prefill_s)).into();
+        report["rounds"] = rounds.into();
+        report["costs"] = format!("{:?}", planner.costs()).into();
+        report["acceptance"] = (total(|s| s.accepted) as f64 / total(|s| s.drafted).max(1) as f64).into();
+        report["target_passes"] = per_round(|s| s.target_passes).into();
+        report["draft_passes"] = per_round(|s| s.draft_passes).into();
+        report["drafted"] = per_round(|s| s.drafted).into();
+        report["undrafted_rounds"] = outs.iter().filter(|o| o.stats.drafted == 0).count().into();
+        report["identical_to_target"] = outs.iter().all(|o| o.generation.tokens == plain).into();
     }
     report["peak_rss_mib"] = peak_rss_mib().into();
     println!("{report}");

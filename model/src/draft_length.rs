@@ -24,8 +24,11 @@ const PRIOR_WEIGHT: f64 = 4.0;
 /// Positions the scratch caches hold before a timed pass (decoding happens after a prompt).
 const MEASURED_CONTEXT: i64 = 32;
 
-/// Timed runs per figure; the fastest counts (the others met interruptions).
+/// Timed runs per figure (the fastest counts: the others met interruptions): at least `RUNS`, more
+/// while they take under `MEASURING_SECONDS`.
 const RUNS: usize = 3;
+const MAX_RUNS: usize = 64;
+const MEASURING_SECONDS: f64 = 0.02;
 
 /// Seconds of a target pass per width and of one draft step.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,17 +83,22 @@ impl Costs {
         gamma as f64 * self.draft_step + self.target_pass(gamma + 1)
     }
 
+    /// The widest measured pass.
+    pub fn widest(&self) -> usize {
+        self.target.last().map_or(1, |&(width, _)| width)
+    }
+
     /// The draft length (at most `max_gamma`) with the most expected tokens per second at per-token
-    /// acceptance `acceptance`, when drafting rounds take `overrun` times what the model says; 0
-    /// when plain steps are as fast.
-    pub fn best_gamma(&self, acceptance: f64, overrun: f64, max_gamma: usize) -> usize {
-        let plain = 1.0 / self.target_pass(1);
+    /// acceptance `acceptance`, when rounds take `overrun` times what the model says; 0 when plain
+    /// steps are as fast.
+    pub fn best_gamma(&self, acceptance: f64, overrun: &Overrun, max_gamma: usize) -> usize {
+        let plain = 1.0 / (self.target_pass(1) * overrun.plain);
         let mut best = (0, plain * REQUIRED_GAIN);
         let (mut tokens, mut kept) = (1.0, 1.0);
         for gamma in 1..=max_gamma {
             kept *= acceptance;
             tokens += kept;
-            let rate = tokens / (self.round_seconds(gamma) * overrun);
+            let rate = tokens / (self.round_seconds(gamma) * overrun.drafting);
             if rate > best.1 {
                 best = (gamma, rate);
             }
@@ -99,7 +107,9 @@ impl Costs {
     }
 }
 
-/// The fastest of a few passes of `width` new tokens after [`MEASURED_CONTEXT`] positions.
+/// The fastest of a few passes of `width` new tokens after [`MEASURED_CONTEXT`] positions: at least
+/// [`RUNS`], and more while they take under [`MEASURING_SECONDS`] (a small model's fraction of a
+/// millisecond is at the mercy of the machine's noise).
 fn fastest_pass(model: &GptBigCode, width: usize) -> Result<f64> {
     let context = MEASURED_CONTEXT.min(model.config().n_positions - width as i64 - 1).max(0);
     let mut cache = model.new_cache(1, context + width as i64)?;
@@ -107,8 +117,11 @@ fn fastest_pass(model: &GptBigCode, width: usize) -> Result<f64> {
     if context > 0 {
         let _ = model.forward_next(&token(context), &mut cache)?;
     }
-    let mut fastest = f64::INFINITY;
-    for _ in 0..RUNS {
+    let (mut fastest, measuring) = (f64::INFINITY, Instant::now());
+    for run in 0..MAX_RUNS {
+        if run >= RUNS && measuring.elapsed().as_secs_f64() > MEASURING_SECONDS {
+            break;
+        }
         let started = Instant::now();
         let logits = model.forward(&token(width as i64), &mut cache)?;
         // Reading a value waits for queued GPU work.
@@ -119,61 +132,49 @@ fn fastest_pass(model: &GptBigCode, width: usize) -> Result<f64> {
     Ok(fastest)
 }
 
-/// (target id, draft id, widest pass) -> what was measured for them.
-type Measured = HashMap<(u64, Option<u64>, usize), Arc<Costs>>;
-
-/// Costs per (target, draft) pair, measured at first use in this process ([`GptBigCode::id`]).
-pub fn costs_for(target: &GptBigCode, draft: Option<&GptBigCode>, max_width: usize) -> Result<Arc<Costs>> {
-    static MEASURED: Mutex<Option<Measured>> = Mutex::new(None);
-    let key = (target.id(), draft.map(GptBigCode::id), max_width);
-    if let Some(costs) = MEASURED.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().get(&key) {
-        return Ok(costs.clone());
-    }
-    let costs = Arc::new(Costs::measure(target, draft, max_width)?);
-    tracing::debug!(?costs, "speculation costs measured");
-    MEASURED.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().insert(key, costs.clone());
-    Ok(costs)
-}
-
-/// How much longer drafting rounds took than [`Costs::round_seconds`] in one generation so far:
-/// the work the model leaves out (sampling the draft, copying logits, rolling caches back) weighs
-/// most on small models, where a step takes a fraction of a millisecond. A running mean that
-/// halves the weight of the past at each round; 1 before any round.
-#[derive(Debug, Clone)]
+/// How much longer rounds took than [`Costs`] says: drafting rounds than
+/// [`Costs::round_seconds`], plain ones than a one-token pass. The work the model leaves out
+/// (sampling, copying logits, rolling caches back, the caller's stop check) weighs most on small
+/// models, where a step takes a fraction of a millisecond. Running geometric means, each round
+/// weighing [`OVERRUN_WEIGHT`] and its ratio clamped to [`OVERRUN_CLAMP`] (one round preempted by
+/// the machine says little about the next); 1 before any round.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Overrun {
-    ratio: f64,
+    drafting: f64,
+    plain: f64,
 }
+
+const OVERRUN_WEIGHT: f64 = 0.2;
+const OVERRUN_CLAMP: (f64, f64) = (0.5, 4.0);
 
 impl Default for Overrun {
     fn default() -> Overrun {
-        Overrun { ratio: 1.0 }
+        Overrun { drafting: 1.0, plain: 1.0 }
     }
 }
 
 impl Overrun {
-    /// Counts a drafting round the model priced at `predicted` seconds that took `actual`.
-    pub fn observe(&mut self, predicted: f64, actual: f64) {
+    /// Counts a round the model priced at `predicted` seconds that took `actual`.
+    pub fn observe(&mut self, drafted: bool, predicted: f64, actual: f64) {
+        let ratio = if drafted { &mut self.drafting } else { &mut self.plain };
         if predicted > 0.0 && actual.is_finite() {
-            self.ratio = 0.5 * self.ratio + 0.5 * (actual / predicted);
+            let seen = (actual / predicted).clamp(OVERRUN_CLAMP.0, OVERRUN_CLAMP.1);
+            *ratio = (ratio.ln() * (1.0 - OVERRUN_WEIGHT) + seen.ln() * OVERRUN_WEIGHT).exp();
         }
-    }
-
-    /// The estimate.
-    pub fn ratio(&self) -> f64 {
-        self.ratio
     }
 }
 
-/// Plain rounds before the first probe, and how many tokens a probe drafts.
+/// Plain rounds before the first probe, how many tokens a probe drafts, and the longest wait.
 const PROBE_AFTER: usize = 8;
 const PROBE_GAMMA: usize = 2;
+const PROBE_WAIT_MAX: usize = 1024;
 
 /// Probes while the estimates say not to draft: a few rejections early on (or one slow round) would
-/// otherwise stop the drafting for the rest of a generation, as estimates only move when something
-/// is drafted. A probe drafts [`PROBE_GAMMA`] tokens after [`PROBE_AFTER`] plain rounds, then after
-/// twice as many each time, so a pair that never pays loses a probe round per doubling of the
-/// output; a chosen draft resets the wait.
-#[derive(Debug, Clone)]
+/// otherwise stop the drafting for good, as estimates only move when something is drafted. A probe
+/// drafts [`PROBE_GAMMA`] tokens after [`PROBE_AFTER`] plain rounds, then after twice as many each
+/// time (up to [`PROBE_WAIT_MAX`]), so a pair that never pays loses a probe round per doubling of
+/// its output; a chosen draft resets the wait.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Probe {
     plain_rounds: usize,
     wait: usize,
@@ -197,72 +198,141 @@ impl Probe {
             return 0;
         }
         self.plain_rounds = 0;
-        self.wait *= 2;
+        self.wait = (self.wait * 2).min(PROBE_WAIT_MAX);
         PROBE_GAMMA
     }
 }
 
-/// The per-token acceptance of one generation so far: accepted draft tokens over the draft tokens
-/// the target ruled on (each round rules on its accepted ones and the first rejected one), starting
-/// from a prior belief: what earlier generations of the same pair saw ([`Acceptance::for_pair`]),
-/// or [`PRIOR_ACCEPTANCE`] for a new pair. Without that memory a few early rejections could talk a
-/// generation out of drafting with a pair that usually pays.
-#[derive(Debug, Clone)]
+/// The per-token acceptance seen so far: accepted draft tokens over the draft tokens the target
+/// ruled on (each round rules on its accepted ones and the first rejected one), starting from a
+/// prior belief of some weight.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Acceptance {
-    accepted: usize,
-    ruled: usize,
+    accepted: f64,
+    ruled: f64,
     prior: f64,
     prior_weight: f64,
 }
 
 impl Default for Acceptance {
     fn default() -> Acceptance {
-        Acceptance { accepted: 0, ruled: 0, prior: PRIOR_ACCEPTANCE, prior_weight: PRIOR_WEIGHT }
+        Acceptance { accepted: 0.0, ruled: 0.0, prior: PRIOR_ACCEPTANCE, prior_weight: PRIOR_WEIGHT }
     }
 }
 
-/// (target id, draft id) -> draft tokens accepted and ruled on in past generations (halved as they
-/// pass [`HISTORY_TOKENS`], so recent ones count most).
-type History = HashMap<(u64, Option<u64>), (f64, f64)>;
-static HISTORY: Mutex<Option<History>> = Mutex::new(None);
-const HISTORY_TOKENS: f64 = 512.0;
-/// How many draft tokens the remembered acceptance weighs at the start of a generation.
-const HISTORY_WEIGHT: f64 = 24.0;
-
 impl Acceptance {
-    /// The estimate for a new generation with this (target, draft) pair: the acceptance its earlier
-    /// generations in this process saw, if any.
-    pub fn for_pair(pair: (u64, Option<u64>)) -> Acceptance {
-        let history = HISTORY.lock().unwrap_or_else(|e| e.into_inner());
-        match history.as_ref().and_then(|h| h.get(&pair)) {
-            Some(&(accepted, ruled)) if ruled > 0.0 => {
-                Acceptance { prior: accepted / ruled, prior_weight: ruled.min(HISTORY_WEIGHT), ..Acceptance::default() }
-            }
-            _ => Acceptance::default(),
-        }
-    }
-
-    /// Adds what this generation saw to the pair's history.
-    pub fn remember(&self, pair: (u64, Option<u64>)) {
-        let mut history = HISTORY.lock().unwrap_or_else(|e| e.into_inner());
-        let (accepted, ruled) = history.get_or_insert_default().entry(pair).or_insert((0.0, 0.0));
-        *accepted += self.accepted as f64;
-        *ruled += self.ruled as f64;
-        while *ruled > HISTORY_TOKENS {
-            *accepted /= 2.0;
-            *ruled /= 2.0;
-        }
-    }
-
     /// Counts a round: `accepted` of `drafted` draft tokens kept.
     pub fn observe(&mut self, accepted: usize, drafted: usize) {
-        self.accepted += accepted;
-        self.ruled += (accepted + 1).min(drafted);
+        self.accepted += accepted as f64;
+        self.ruled += (accepted + 1).min(drafted) as f64;
     }
 
     /// The estimate.
     pub fn estimate(&self) -> f64 {
-        (self.accepted as f64 + self.prior * self.prior_weight) / (self.ruled as f64 + self.prior_weight)
+        (self.accepted + self.prior * self.prior_weight) / (self.ruled + self.prior_weight)
+    }
+
+    /// What a later generation starts from: this estimate, weighing as many draft tokens as were
+    /// ruled on (at most [`HISTORY_WEIGHT`]).
+    fn carried(&self) -> Acceptance {
+        let ruled = self.ruled + self.prior_weight;
+        Acceptance { prior: self.estimate(), prior_weight: ruled.min(HISTORY_WEIGHT), ..Acceptance::default() }
+    }
+}
+
+/// How many draft tokens a pair's remembered acceptance weighs at the start of a generation.
+const HISTORY_WEIGHT: f64 = 24.0;
+
+/// (target id, draft id): a pair of models ([`GptBigCode::id`]); no draft for prompt lookup.
+pub type Pair = (u64, Option<u64>);
+
+/// What drafting with one pair has shown: the measured costs, the acceptance, the overruns and the
+/// probe schedule. Kept in the process between generations, so that one generation's bad start
+/// (or a pair that never pays) is not learnt anew by each.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    pair: Pair,
+    costs: Arc<Costs>,
+    acceptance: Acceptance,
+    overrun: Overrun,
+    probe: Probe,
+    max_gamma: usize,
+    /// Whether any draft could pay, were every token accepted: probes are wasted otherwise.
+    could_pay: bool,
+}
+
+static PLANNERS: Mutex<Option<HashMap<Pair, Planner>>> = Mutex::new(None);
+
+fn remembered(pair: Pair) -> Option<Planner> {
+    PLANNERS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().get(&pair).cloned()
+}
+
+impl Planner {
+    /// The planner of `target` drafting with `draft` (prompt lookup when `None`), drafts of at most
+    /// `max_gamma` tokens: as the pair's last generation in this process left it, with the costs
+    /// measured at first use.
+    pub fn for_pair(target: &GptBigCode, draft: Option<&GptBigCode>, max_gamma: usize) -> Result<Planner> {
+        let pair = (target.id(), draft.map(GptBigCode::id));
+        let costs = match remembered(pair) {
+            Some(planner) if planner.costs.widest() > max_gamma => planner.costs,
+            _ => {
+                let costs = Arc::new(Costs::measure(target, draft, max_gamma + 1)?);
+                tracing::debug!(?costs, "speculation costs measured");
+                costs
+            }
+        };
+        Ok(Planner::with_costs(pair, costs, max_gamma))
+    }
+
+    /// [`Planner::for_pair`] with given costs (what the pair showed before is kept).
+    pub fn with_costs(pair: Pair, costs: Arc<Costs>, max_gamma: usize) -> Planner {
+        let could_pay = costs.best_gamma(1.0, &Overrun::default(), max_gamma) > 0;
+        match remembered(pair) {
+            Some(before) => Planner { costs, acceptance: before.acceptance.carried(), max_gamma, could_pay, ..before },
+            None => Planner {
+                pair,
+                costs,
+                acceptance: Acceptance::default(),
+                overrun: Overrun::default(),
+                probe: Probe::default(),
+                max_gamma,
+                could_pay,
+            },
+        }
+    }
+
+    /// The measured costs.
+    pub fn costs(&self) -> &Costs {
+        &self.costs
+    }
+
+    /// The acceptance estimate.
+    pub fn acceptance(&self) -> f64 {
+        self.acceptance.estimate()
+    }
+
+    /// The length of the next draft: the cost model's choice, or a probe.
+    pub fn gamma(&mut self) -> usize {
+        let chosen = self.costs.best_gamma(self.acceptance.estimate(), &self.overrun, self.max_gamma);
+        if self.could_pay {
+            self.probe.gamma(chosen)
+        } else {
+            chosen
+        }
+    }
+
+    /// Counts a round that kept `accepted` of `drafted` draft tokens in `seconds`.
+    pub fn observe(&mut self, drafted: usize, accepted: usize, seconds: f64) {
+        if drafted > 0 {
+            self.acceptance.observe(accepted, drafted);
+        }
+        self.overrun.observe(drafted > 0, self.costs.round_seconds(drafted), seconds);
+    }
+
+    /// Keeps what this generation showed for the pair's next one.
+    pub fn remember(&self) {
+        tracing::debug!(acceptance = self.acceptance.estimate(), overrun = ?self.overrun, probe = ?self.probe, "drafting plan");
+        PLANNERS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().insert(self.pair, self.clone());
     }
 }
 
@@ -273,7 +343,11 @@ mod tests {
     /// (target pass per width, draft step, acceptance) -> the chosen length (at most 12).
     fn check(target: &[(usize, f64)], draft_step: f64, acceptance: f64, expected: usize) {
         let costs = Costs::new(target.to_vec(), draft_step);
-        assert_eq!(costs.best_gamma(acceptance, 1.0, 12), expected, "{costs:?}, acceptance {acceptance}");
+        assert_eq!(
+            costs.best_gamma(acceptance, &Overrun::default(), 12),
+            expected,
+            "{costs:?}, acceptance {acceptance}"
+        );
     }
 
     #[test]
@@ -293,15 +367,28 @@ mod tests {
     fn rounds_slower_than_priced_stop_the_drafting() {
         let costs = Costs::new(vec![(1, 1.0), (2, 1.05), (13, 1.6)], 0.1);
         let mut overrun = Overrun::default();
-        assert_eq!(costs.best_gamma(0.9, overrun.ratio(), 12), 8);
-        overrun.observe(costs.round_seconds(8), 1.1 * costs.round_seconds(8));
-        assert!(costs.best_gamma(0.9, overrun.ratio(), 12) > 0, "a little slower still pays");
-        for _ in 0..3 {
-            overrun.observe(costs.round_seconds(8), 4.0 * costs.round_seconds(8));
+        assert_eq!(costs.best_gamma(0.9, &overrun, 12), 8);
+        overrun.observe(true, costs.round_seconds(8), 1.1 * costs.round_seconds(8));
+        assert!(costs.best_gamma(0.9, &overrun, 12) > 0, "a little slower still pays");
+        for _ in 0..10 {
+            overrun.observe(true, costs.round_seconds(8), 4.0 * costs.round_seconds(8));
         }
-        assert_eq!(costs.best_gamma(0.9, overrun.ratio(), 12), 0);
-        overrun.observe(0.0, 1.0);
-        assert!(overrun.ratio().is_finite());
+        assert_eq!(costs.best_gamma(0.9, &overrun, 12), 0);
+        // Plain steps slower than priced as well: drafting pays again.
+        for _ in 0..10 {
+            overrun.observe(false, costs.round_seconds(0), 4.0 * costs.round_seconds(0));
+        }
+        assert!(costs.best_gamma(0.9, &overrun, 12) > 0, "{overrun:?}");
+        overrun.observe(true, 0.0, 1.0);
+        assert!(overrun.drafting.is_finite());
+        // A round the machine preempted (50 times its price) moves the estimate a little, briefly.
+        let mut steady = Overrun::default();
+        steady.observe(false, 1.0, 50.0);
+        assert!(steady.plain <= 4f64.powf(OVERRUN_WEIGHT) + 1e-12, "{steady:?}");
+        for _ in 0..10 {
+            steady.observe(false, 1.0, 1.0);
+        }
+        assert!(steady.plain < 1.05, "{steady:?}");
     }
 
     #[test]
@@ -309,6 +396,8 @@ mod tests {
         let mut probe = Probe::default();
         let probes: Vec<usize> = (1..=60).filter(|_| probe.gamma(0) > 0).collect();
         assert_eq!(probes, [8, 24, 56]);
+        let waits: Vec<usize> = (0..8).map(|_| (1..).find(|_| probe.gamma(0) > 0).unwrap()).collect();
+        assert_eq!(waits, [60, 128, 256, 512, 1024, 1024, 1024, 1024], "at most {PROBE_WAIT_MAX}");
         assert_eq!(probe.gamma(5), 5);
         let probes: Vec<usize> = (1..=10).filter(|_| probe.gamma(0) > 0).collect();
         assert_eq!(probes, [8], "a chosen draft resets the wait");
@@ -337,37 +426,46 @@ mod tests {
             acceptance.observe(2, 4); // two kept, the third rejected, the fourth never ruled on
         }
         assert!((acceptance.estimate() - (100.0 + 3.2) / (150.0 + 4.0)).abs() < 1e-12);
+        acceptance.observe(0, 0); // a plain round rules on nothing
+        assert!((acceptance.estimate() - (100.0 + 3.2) / (150.0 + 4.0)).abs() < 1e-12);
         let mut all = Acceptance::default();
         all.observe(4, 4);
         assert!(all.estimate() > PRIOR_ACCEPTANCE);
     }
 
-    /// A pair's next generation starts from what its earlier ones saw, recent ones weighing most.
+    /// A pair's next generation starts from what its earlier ones saw, recent ones weighing most; a
+    /// pair that could not pay even if every draft were kept is not probed.
     #[test]
     fn a_pair_remembers_its_acceptance() {
         let pair = (u64::MAX - 7, Some(u64::MAX - 8));
-        assert_eq!(Acceptance::for_pair(pair).estimate(), PRIOR_ACCEPTANCE);
-        let mut seen = Acceptance::for_pair(pair);
+        let costs = Arc::new(Costs::new(vec![(1, 1.0), (2, 1.05), (13, 1.6)], 0.1));
+        let planner = || Planner::with_costs(pair, costs.clone(), 12);
+        assert_eq!(planner().acceptance(), PRIOR_ACCEPTANCE);
+        let mut seen = planner();
         for _ in 0..10 {
-            seen.observe(9, 10); // 9 kept, the tenth rejected: 0.9
+            seen.observe(10, 9, costs.round_seconds(10)); // 9 kept, the tenth rejected: 0.9
         }
-        seen.remember(pair);
-        let next = Acceptance::for_pair(pair);
-        assert!((next.estimate() - 0.9).abs() < 1e-12, "{next:?}");
+        seen.remember();
+        let next = planner();
+        assert!((next.acceptance() - 0.9).abs() < 0.01, "{next:?}");
         // Early rejections move it, but do not sink it the way they sink the default prior.
-        let (mut fresh, mut remembered) = (Acceptance::default(), Acceptance::for_pair(pair));
-        for estimate in [&mut fresh, &mut remembered] {
-            estimate.observe(0, 4);
-            estimate.observe(0, 4);
+        let (mut fresh, mut remembered) = (Acceptance::default(), planner());
+        for _ in 0..2 {
+            fresh.observe(0, 4);
+            remembered.observe(4, 0, costs.round_seconds(4));
         }
-        assert!(remembered.estimate() > 0.8 && fresh.estimate() < 0.55, "{remembered:?} {fresh:?}");
-        let mut poor = Acceptance::for_pair(pair);
+        assert!(remembered.acceptance() > 0.8 && fresh.estimate() < 0.55, "{remembered:?} {fresh:?}");
+        let mut poor = planner();
         for _ in 0..300 {
-            poor.observe(1, 4); // 0.5
+            poor.observe(4, 1, costs.round_seconds(4)); // 0.5
         }
-        poor.remember(pair);
-        let after = Acceptance::for_pair(pair).estimate();
+        poor.remember();
+        let after = planner().acceptance();
         assert!(after < 0.6, "recent generations weigh most: {after}");
-        assert_eq!(Acceptance::for_pair((pair.0, None)).estimate(), PRIOR_ACCEPTANCE, "another pair");
+        let other = Planner::with_costs((pair.0, None), costs.clone(), 12);
+        assert_eq!(other.acceptance(), PRIOR_ACCEPTANCE, "another pair");
+        // A draft step as slow as a target step never pays: no probes.
+        let mut hopeless = Planner::with_costs((pair.0, Some(pair.0)), Arc::new(Costs::new(vec![(1, 1.0)], 1.0)), 12);
+        assert!((0..100).all(|_| hopeless.gamma() == 0));
     }
 }

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use kernels::attention::DECODE_KERNEL_MAX_POSITIONS;
 
-use crate::draft_length::{self, Acceptance, Overrun, Probe};
+use crate::draft_length::{Pair, Planner};
 use crate::generate::{Finish, Generation, StopCriterion};
 use crate::gpt_bigcode::GptBigCode;
 use crate::kv_cache::KvCache;
@@ -112,12 +112,12 @@ pub struct SpeculativeGeneration {
 /// (the same document, typed on) only prefills from where the two differ.
 pub struct Session {
     target_cache: KvCache,
-    /// The draft model's own cache; `None` when it drafts over the target's ([`shares_cache`]).
+    /// The draft model's own cache; `None` when it drafts over the target's ([`GptBigCode::is_copy_of`]).
     draft_cache: Option<KvCache>,
     /// The tokens whose keys and values the caches hold, in order.
     held: Vec<i64>,
     /// Which target and draft model the caches were filled by ([`GptBigCode::id`]).
-    models: (u64, Option<u64>),
+    models: Pair,
 }
 
 impl Session {
@@ -131,7 +131,7 @@ impl Session {
         Ok(Session {
             target_cache: target.new_cache(1, capacity)?,
             draft_cache: match drafter {
-                Drafter::Model(draft) if !shares_cache(target, draft) => Some(draft.new_cache(1, capacity)?),
+                Drafter::Model(draft) if !draft.is_copy_of(target) => Some(draft.new_cache(1, capacity)?),
                 _ => None,
             },
             held: Vec::new(),
@@ -139,7 +139,7 @@ impl Session {
         })
     }
 
-    fn models(target: &GptBigCode, drafter: &Drafter) -> (u64, Option<u64>) {
+    fn models(target: &GptBigCode, drafter: &Drafter) -> Pair {
         let draft = match drafter {
             Drafter::Model(draft) => Some(draft.id()),
             _ => None,
@@ -151,13 +151,6 @@ impl Session {
     fn fits(&self, target: &GptBigCode, drafter: &Drafter) -> bool {
         self.models == Session::models(target, drafter)
     }
-}
-
-/// Whether `draft` drafts over `target`'s KV cache: when it is the target in another precision
-/// ([`GptBigCode::is_copy_of`]). Verification keeps the output the target's either way; sharing
-/// saves the draft's prefill and catching up, and its drafts follow the target's own keys.
-pub fn shares_cache(target: &GptBigCode, draft: &GptBigCode) -> bool {
-    draft.is_copy_of(target)
 }
 
 /// The positions both models can attend to.
@@ -240,42 +233,28 @@ pub fn generate_in(
             rng: StdRng::seed_from_u64(sampling.seed),
             stats: SpeculativeStats { reused_tokens: reused, ..SpeculativeStats::default() },
         };
-        // Prefill everything but the newest token: each step feeds what the caches lack. The draft
-        // model's cache may hold less than the target's (it skips rounds nobody drafts in).
-        let started = std::time::Instant::now();
-        let mut last = None;
+        // Prefill the target with everything but the newest token: each step feeds what the caches
+        // lack. The draft model's cache catches up only when it drafts, so a generation the cost
+        // model keeps from drafting never runs the draft.
         if prompt.len() - 1 > reused {
+            let started = std::time::Instant::now();
             let head = state.ids(&prompt[reused..prompt.len() - 1], target.device());
-            last = Some(target.forward_next(&head, &mut state.session.target_cache)?);
+            let last = target.forward_next(&head, &mut state.session.target_cache)?;
             state.stats.target_passes += 1;
-        }
-        if let (Drafter::Model(draft), Some(cache)) = (drafter, state.session.draft_cache.as_mut()) {
-            let from = cache.len() as usize;
-            if prompt.len() - 1 > from {
-                let head = Tensor::from_slice(&prompt[from..prompt.len() - 1]).to_device(draft.device()).unsqueeze(0);
-                last = Some(draft.forward_next(&head, cache)?);
-                state.stats.draft_passes += 1;
-            }
-        }
-        if let Some(last) = last {
             // Reading one value waits for queued GPU work, so the figure is the prefill's own.
             let _ = last.reshape([-1]).double_value(&[0]);
             state.stats.prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         }
-        let costs = match drafter {
+        let mut planner = match drafter {
             _ if !config.adaptive => None,
             Drafter::None => None,
-            Drafter::Model(draft) => Some(draft_length::costs_for(target, Some(draft), config.max_gamma + 1)?),
-            Drafter::PromptLookup { .. } => Some(draft_length::costs_for(target, None, config.max_gamma + 1)?),
+            Drafter::Model(draft) => Some(Planner::for_pair(target, Some(draft), config.max_gamma)?),
+            Drafter::PromptLookup { .. } => Some(Planner::for_pair(target, None, config.max_gamma)?),
         };
-        let pair = Session::models(target, drafter);
-        let mut acceptance = Acceptance::for_pair(pair);
-        let mut overrun = Overrun::default();
-        let mut probe = Probe::default();
         let mut gamma = config.gamma.min(config.max_gamma);
         let finish = loop {
-            if let Some(costs) = &costs {
-                gamma = probe.gamma(costs.best_gamma(acceptance.estimate(), overrun.ratio(), config.max_gamma));
+            if let Some(planner) = &mut planner {
+                gamma = planner.gamma();
             }
             let generated = state.seq.len() - state.prompt_len;
             let room = (capacity as usize).saturating_sub(state.seq.len());
@@ -286,9 +265,8 @@ pub fn generate_in(
             let round_started = std::time::Instant::now();
             let draft = state.draft(drafter, budget, sampling)?;
             let (accepted, next) = state.verify(&draft, sampling)?;
-            acceptance.observe(accepted, draft.tokens.len());
-            if let (Some(costs), false) = (&costs, draft.tokens.is_empty()) {
-                overrun.observe(costs.round_seconds(draft.tokens.len()), round_started.elapsed().as_secs_f64());
+            if let Some(planner) = &mut planner {
+                planner.observe(draft.tokens.len(), accepted, round_started.elapsed().as_secs_f64());
             }
             let mut new = draft.tokens[..accepted].to_vec();
             new.push(next);
@@ -296,7 +274,9 @@ pub fn generate_in(
                 break finish;
             }
         };
-        acceptance.remember(pair);
+        if let Some(planner) = &planner {
+            planner.remember();
+        }
         // The caches may hold accepted tokens after a stop, and the draft's may lag the target's (by
         // its last drafted token, or by rounds nobody drafted in): keep what each holds of the
         // sequence; the next generation feeds each cache from its own length.
@@ -386,6 +366,11 @@ impl State<'_> {
         let fed_before = feed.len();
         feed.extend_from_slice(&draft.tokens);
         let input = self.ids(&feed, self.target.device());
+        if draft.tokens.is_empty() && sampling.is_greedy() && fed_before == 1 {
+            let logits = self.target.forward_next(&input, &mut self.session.target_cache)?;
+            self.stats.target_passes += 1;
+            return Ok((0, logits.argmax(-1, false).int64_value(&[0])));
+        }
         let logits = self.target.forward(&input, &mut self.session.target_cache)?;
         self.stats.target_passes += 1;
         // Rows fed_before-1 .. end: p_1 .. p_{gamma+1}.
@@ -569,29 +554,33 @@ mod tests {
         let other = model(2, 1, 32, 97, 0.3);
         // The same shape, other weights: its drafts would follow keys it did not make.
         let same_shape = model(3, 3, 64, 97, 0.3);
-        assert!(shares_cache(&target, &copy) && shares_cache(&target, &target));
-        assert!(!shares_cache(&target, &other) && !shares_cache(&target, &same_shape));
+        assert!(copy.is_copy_of(&target) && target.is_copy_of(&target));
+        assert!(!other.is_copy_of(&target) && !same_shape.is_copy_of(&target));
         let prompt: Vec<i64> = (0..20).map(|i| (i * 13) % 97).collect();
         let plain =
             GenerateConfig { max_new_tokens: 40, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
         let expected = plain_generate(&target, &prompt, &plain, &mut NoStop).unwrap().remove(0).tokens;
         let config = SpeculativeConfig { max_new_tokens: 40, adaptive: false, ..SpeculativeConfig::default() };
-        let check = |draft: &GptBigCode, own_prefill: usize| {
+        let check = |draft: &GptBigCode, own_cache: bool| {
             let mut session = Session::new(&target, &Drafter::Model(draft)).unwrap();
             let out =
                 generate_in(&mut session, &target, &Drafter::Model(draft), &prompt, &config, &mut NoStop).unwrap();
             assert_eq!(out.generation.tokens, expected, "{:?}", out.stats);
             let stats = &out.stats;
-            assert!(stats.draft_passes >= stats.drafted + own_prefill, "{stats:?}");
-            if own_prefill == 0 {
-                assert_eq!(stats.draft_passes, stats.drafted, "{stats:?}");
+            // One draft pass per drafted token: the first of a round feeds what the cache lacks.
+            assert_eq!(stats.draft_passes, stats.drafted, "{stats:?}");
+            // The session holds the target's keys of the whole sequence, whoever drafted; a draft
+            // with a cache of its own has caught up on the prompt.
+            assert_eq!(session.target_cache.len() as usize, prompt.len() + expected.len() - 1);
+            let draft_held = session.draft_cache.as_ref().map(|cache| cache.len() as usize);
+            assert_eq!(draft_held.is_some(), own_cache);
+            assert!(draft_held.is_none_or(|held| held > prompt.len()), "{draft_held:?}");
+            if !own_cache {
                 assert!(stats.acceptance_rate() > 0.8, "{stats:?}");
             }
-            // The session holds the target's keys of the whole sequence, whoever drafted.
-            assert_eq!(session.target_cache.len() as usize, prompt.len() + expected.len() - 1);
         };
-        check(&copy, 0);
-        check(&other, 1);
+        check(&copy, false);
+        check(&other, true);
     }
 
     /// A kept session prefills only where a prompt departs from the last sequence, and its output is
