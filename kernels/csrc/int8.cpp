@@ -26,6 +26,7 @@
 #include <string>
 
 #include "guard.h"
+#include "parallel.h"
 
 // GCC 12's AVX-512 reduction intrinsics read an intentionally undefined register (a false positive).
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -513,8 +514,8 @@ int wizard_int8_linear(void* x_handle, void* values_handle, void* scales_handle,
       // About 256K products per task, as many weight bytes as the fp32 kernel's 64K per task: small
       // layers stay on one thread.
       const int64_t grain = std::max<int64_t>(16, 262144 / (in * rows));
-      at::parallel_for(0, out, grain,
-                       [&](int64_t begin, int64_t end) { kernel->rows_times_weight(a, w, yp, begin, end); });
+      wizard::balanced_for(out, grain,
+                           [&](int64_t begin, int64_t end) { kernel->rows_times_weight(a, w, yp, begin, end); });
     }
     *result = new at::Tensor(std::move(y));
   });

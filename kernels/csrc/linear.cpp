@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "guard.h"
+#include "parallel.h"
 
 // GCC 12's AVX-512 reduction intrinsics read an intentionally undefined register (a false positive).
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -193,7 +194,7 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
       const float* wp = w.data_ptr<float>();
       const float* bp = bias ? bias->data_ptr<float>() : nullptr;
       float* yp = y.data_ptr<float>();
-      at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+      wizard::balanced_for(out, grain, [&](int64_t begin, int64_t end) {
         kernels->fp32(xp, rows, wp, bp, yp, in, out, begin, end);
       });
     } else {
@@ -236,11 +237,11 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
       };
       if (x.scalar_type() == at::kFloat) {
         float* yp = y.data_ptr<float>();
-        at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) { product(yp, begin, end); });
+        wizard::balanced_for(out, grain, [&](int64_t begin, int64_t end) { product(yp, begin, end); });
       } else {
         std::vector<float> y_wide(rows * out);
         at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-        at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+        wizard::balanced_for(out, grain, [&](int64_t begin, int64_t end) {
           product(y_wide.data(), begin, end);
           for (int64_t r = 0; r < rows; r++)
             for (int64_t j = begin; j < end; j++) yp[r * out + j] = at::BFloat16(y_wide[r * out + j]);

@@ -334,7 +334,7 @@ mod tests {
         check(Case { rows: 3, in_dim: 7, out_dim: 5, bias: true, weights: Weights::Random }); // in < 32
         check(Case { rows: 4, in_dim: 64, out_dim: 64, bias: false, weights: Weights::Random });
         check(Case { rows: 16, in_dim: 768, out_dim: 67, bias: true, weights: Weights::Random });
-        // Two tasks for two threads, split inside a group of four weight rows.
+        // Chunks of 72 columns that two threads claim; the last is not a multiple of four weight rows.
         check(Case { rows: 2, in_dim: 768, out_dim: 1001, bias: true, weights: Weights::Random });
         check(Case { rows: 6, in_dim: 200, out_dim: 31, bias: true, weights: Weights::ZeroRows });
         check(Case { rows: 3, in_dim: 40, out_dim: 9, bias: true, weights: Weights::AllZero });

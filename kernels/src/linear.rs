@@ -133,6 +133,8 @@ mod tests {
                 check(case(2, 0, 3, true)); // empty products: the bias (at::linear)
                 check(case(40, 64, 64, true));
                 check(case(203, 1030, 19, true)); // several row blocks
+                check(case(1, 96, 1003, true)); // columns in chunks the threads claim
+                check(case(3, 64, 701, false));
             }
         }
     }
