@@ -24,6 +24,27 @@ fn peak_rss_mib() -> f64 {
     kib / 1024.0
 }
 
+/// GB/s that `threads` threads read from memory: the best of 5 passes over 512 MiB (the ceiling of a
+/// decode step, which streams every weight once).
+fn memory_read_gb_per_s(threads: usize) -> f64 {
+    let words = vec![1u64; 64 << 20];
+    let part = words.len().div_ceil(threads);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let sum: u64 = std::thread::scope(|scope| {
+            let handles: Vec<_> = words
+                .chunks(part)
+                .map(|chunk| scope.spawn(move || chunk.iter().fold(0u64, |a, &b| a.wrapping_add(b))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(sum, words.len() as u64);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (words.len() * 8) as f64 / best / 1e9
+}
+
 fn median(times: &mut [f64]) -> f64 {
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
@@ -148,5 +169,6 @@ fn main() {
         report["identical_to_target"] = outs.iter().all(|o| o.generation.tokens == plain).into();
     }
     report["peak_rss_mib"] = peak_rss_mib().into();
+    report["memory_read_gb_per_s"] = memory_read_gb_per_s(threads.parse().unwrap()).into();
     println!("{report}");
 }

@@ -11,7 +11,10 @@ Usage: .wizard/python scripts/bench/decode.py [--shapes d768,1b] [--threads 2] [
 2. wizard: the `model` crate's generate bench (best of 3 rounds or more for small models; prefill = one pass over the prompt,
    decode = (generate - prefill) / new tokens) with --dtype float32, bfloat16 and int8; llama.cpp:
    `llama-bench -p P -n N -t T` on the f32, bf16 and q8_0 GGUFs. Each runs in its own process; peak RSS is
-   its maximum resident set.
+   its maximum resident set. "decode reads" is the GGUF's size times decode tok/s (a step streams every
+   weight once) beside the rate the machine reads memory at (T threads summing 512 MiB, best of 5).
+   The engines alternate twice per precision and each keeps its best figures (llama.cpp: its fastest
+   repetition); wizard's peak RSS is the bench's own before the bandwidth probe.
 3. With --self-speculation, the generate bench also decodes with the target's own int8 copy drafting
    (greedy, over the target's KV cache), in rounds alternating with plain ones, and reports the speedup
    over the plain rounds beside it, the acceptance, the measured costs, and whether the tokens are the
@@ -92,7 +95,8 @@ def llama_bench(gguf, args):
     out, rss = run_measured([binary, "-m", str(gguf), "-t", str(args.threads), "-p", str(args.prompt_tokens),
                              "-n", str(args.new_tokens), "-o", "json"])
     rows = json.loads(out)
-    rate = {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
+    # The fastest repetition, as wizard's figures are its fastest round.
+    rate = {("prefill" if r["n_prompt"] else "decode"): max(r.get("samples_ts") or [r["avg_ts"]]) for r in rows}
     return rate["prefill"], rate["decode"], rss
 
 
@@ -114,27 +118,43 @@ def main():
         directory = make_model(shape, args.wizard)
         print(f"### {shape}\n")
         print("| precision | prefill tok/s wizard / llama.cpp (ratio) | decode tok/s wizard / llama.cpp (ratio) "
-              "| peak RSS MiB wizard / llama.cpp |")
-        print("| --- | --- | --- | --- |")
+              "| decode reads GB/s wizard / llama.cpp (machine) | peak RSS MiB wizard / llama.cpp |")
+        print("| --- | --- | --- | --- | --- |")
         speculation = None
         for dtype, gguf_type in PRECISIONS:
             extra = ["int8"] if args.self_speculation and dtype != "int8" and speculation is None else []
-            out, rss = run_measured([*bench, str(directory), str(args.prompt_tokens), str(args.new_tokens),
-                                     str(args.threads), "cpu", dtype, *extra])
-            ours = json.loads(out.strip().splitlines()[-1])
-            if extra:
-                speculation = (dtype, ours)
-            pp, tg, llama_rss = llama_bench(MODELS / f"{directory.name}-{gguf_type}.gguf", args)
+            gguf = MODELS / f"{directory.name}-{gguf_type}.gguf"
+            # The two engines alternate, twice, and each keeps its best: this VM's memory bandwidth
+            # moves between minutes (28 to 74 GB/s within one run), and a single turn each compared
+            # whichever moments they happened to get.
+            ours, llama = None, None
+            for turn in range(2):
+                out, _ = run_measured([*bench, str(directory), str(args.prompt_tokens), str(args.new_tokens),
+                                       str(args.threads), "cpu", dtype, *(extra if turn == 0 else [])])
+                run = json.loads(out.strip().splitlines()[-1])
+                if turn == 0 and extra:
+                    speculation = (dtype, run)
+                if ours is None or run["decode_tokens_per_s"] > ours["decode_tokens_per_s"]:
+                    ours = {**run, "prefill_tokens_per_s": max(run["prefill_tokens_per_s"],
+                                                               ours["prefill_tokens_per_s"] if ours else 0)}
+                pp, tg, llama_rss = llama_bench(gguf, args)
+                llama = (max(pp, llama[0]), max(tg, llama[1]), llama_rss) if llama else (pp, tg, llama_rss)
+            pp, tg, llama_rss = llama
+            # Each decode step streams every weight once: the GGUF's size per token, against what the
+            # machine reads at most (measured by the bench beside it).
+            reads = lambda tokens_per_s: gguf.stat().st_size * tokens_per_s / 1e9  # noqa: E731
             print(f"| {dtype} / {gguf_type} "
                   f"| {ours['prefill_tokens_per_s']:.0f} / {pp:.0f} ({ours['prefill_tokens_per_s'] / pp:.2f}x) "
                   f"| {ours['decode_tokens_per_s']:.1f} / {tg:.1f} ({ours['decode_tokens_per_s'] / tg:.2f}x) "
-                  f"| {rss:.0f} / {llama_rss:.0f} |", flush=True)
+                  f"| {reads(ours['decode_tokens_per_s']):.1f} / {reads(tg):.1f} ({ours['memory_read_gb_per_s']:.1f}) "
+                  f"| {ours['peak_rss_mib']:.0f} / {llama_rss:.0f} |", flush=True)
         if speculation:
             dtype, ours = speculation
             print(f"\nself-speculation ({dtype} target, its int8 copy drafting, greedy): "
                   f"{ours['speculative_decode_tokens_per_s']:.1f} tok/s vs {ours['plain_beside_decode_tokens_per_s']:.1f} "
-                  f"alone in the rounds beside ({ours['speculative_speedup']:.2f}x), acceptance {ours['acceptance']:.3f}, "
-                  f"{ours['target_passes']} target passes, identical to the target: {ours['identical_to_target']}; "
+                  f"alone in the rounds beside ({ours['speculative_speedup']:.2f}x, medians of {ours['rounds']} "
+                  f"alternated rounds), acceptance {ours['acceptance']:.3f}, {ours['target_passes']:.1f} target passes "
+                  f"per 128 tokens, identical to the target: {ours['identical_to_target']}; "
                   f"{ours['costs']}")
         print(flush=True)
 
