@@ -478,7 +478,10 @@ fn rows_to_vec(rows: &Tensor) -> Result<Vec<Vec<f32>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
     use crate::config::ModelConfig;
+    use crate::draft_length::Costs;
     use crate::generate::{generate as plain_generate, GenerateConfig, NoStop};
     use crate::gpt_bigcode::Precision;
 
@@ -531,11 +534,13 @@ mod tests {
         let out = generate(&target, &Drafter::Model(&target), &[3, 4], &fixed, &mut NoStop).unwrap();
         assert_eq!(out.stats.acceptance_rate(), 1.0, "{:?}", out.stats);
         assert!(out.stats.target_passes < 15, "{:?}", out.stats);
-        // ...but costs as much as the target: the cost model drafts with it only in probes (two
-        // tokens after 8 plain rounds, then after 16).
+        // ...but costs as much as the target: with costs that say so (given, as timings on a busy
+        // machine say anything), the planner never drafts with it, not even to probe.
+        let same_cost = Costs::new(vec![(1, 1.0), (2, 2.0), (13, 13.0)], 1.0);
+        Planner::with_costs((target.id(), Some(target.id())), Arc::new(same_cost), 12).remember();
         let measured = SpeculativeConfig { max_new_tokens: 30, ..SpeculativeConfig::default() };
         let out = generate(&target, &Drafter::Model(&target), &[3, 4], &measured, &mut NoStop).unwrap();
-        assert!(out.stats.drafted <= 4, "{:?}", out.stats);
+        assert_eq!(out.stats.drafted, 0, "{:?}", out.stats);
         // Verification passes wider than the decode kernel takes are refused.
         let wide = SpeculativeConfig { max_gamma: 64, ..fixed };
         let error = generate(&target, &Drafter::Model(&draft), &[3, 4], &wide, &mut NoStop).err().unwrap();
