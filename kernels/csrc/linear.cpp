@@ -29,6 +29,7 @@ struct Lanes {
   static constexpr int64_t kWidth = 16;
   static constexpr int kRows = 4;        // 24 accumulators, 6 weight vectors and 1 input vector
   static constexpr int kWeightRows = 6;  // of 32 registers
+  static constexpr bool kPrefetchOneRow = false;
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
@@ -57,6 +58,9 @@ struct Lanes {
   static constexpr int64_t kWidth = 32;
   static constexpr int kRows = 4;
   static constexpr int kWeightRows = 6;
+  // A 64-byte line of weights is one instruction here: without prefetching the next tile's rows a
+  // one-row product read bf16 weights from memory at 17-24 GB/s on 2 threads, with it at 29-38.
+  static constexpr bool kPrefetchOneRow = true;
   static __m512 zero() { return _mm512_setzero_ps(); }
   static __m512bh load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
   static __m512bh load_first(const uint16_t* p, int64_t n) {
@@ -79,6 +83,7 @@ struct Lanes {
   static constexpr int64_t kWidth = 8;
   static constexpr int kRows = 4;        // 8 accumulators, 2 weight vectors and 1 input vector
   static constexpr int kWeightRows = 2;  // of 16 registers
+  static constexpr bool kPrefetchOneRow = false;
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) {

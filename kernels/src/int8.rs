@@ -469,16 +469,34 @@ mod tests {
         };
         println!("int8 kernel: {}", int8_kernel_isa());
         println!(
-            "{:>12} {:>4} {:>5} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8}",
-            "out x in", "rows", "cache", "int8 us", "bf16 us", "fp32 us", "at us", "fp32/i8", "at/fp32"
+            "{:>12} {:>4} {:>5} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7} {:>7} {:>7}",
+            "out x in",
+            "rows",
+            "cache",
+            "int8 us",
+            "bf16 us",
+            "fp32 us",
+            "at us",
+            "fp32/i8",
+            "at/fp32",
+            "i8 GB/s",
+            "bf GB/s",
+            "f32GB/s"
         );
-        for (out, inp) in [(768, 768), (3072, 768), (768, 3072), (4000, 768)] {
+        // WIZARD_INT8_TIMINGS=1b: StarCoder-1B's products at decode and verification widths.
+        let (shapes, row_counts) = match std::env::var("WIZARD_INT8_TIMINGS").as_deref() {
+            Ok("1b") => (vec![(2304, 2048), (2048, 2048), (8192, 2048), (2048, 8192)], vec![1, 4, 16]),
+            _ => (vec![(768, 768), (3072, 768), (768, 3072), (4000, 768)], vec![1, 4, 16, 128]),
+        };
+        for (out, inp) in shapes {
             let copies = (256 << 20) / (out * inp * 4) as usize + 1;
             let weights: Vec<Tensor> =
                 (0..copies).map(|_| Tensor::randn([out, inp], (Kind::Float, Device::Cpu))).collect();
             let quantized: Vec<Int8Weight> = weights.iter().map(|w| Int8Weight::quantize(w).unwrap()).collect();
             let narrow: Vec<Tensor> = weights.iter().map(|w| w.to_kind(Kind::BFloat16)).collect();
-            for rows in [1, 4, 16, 128] {
+            // Bytes each call reads of its weight: int8 values and their scales, bf16, fp32.
+            let gigabytes = |bytes_per_weight: f64| (out * inp) as f64 * bytes_per_weight / 1e3;
+            for &rows in &row_counts {
                 let x = Tensor::randn([rows, inp], (Kind::Float, Device::Cpu));
                 for (cache, n) in [("hot", 1), ("cold", copies)] {
                     let calls = copies.max(3200 / rows as usize);
@@ -488,10 +506,13 @@ mod tests {
                     let fp32 = time(calls, &mut |c| drop(crate::linear::linear(&x, &weights[c % n], None)));
                     let at = time(calls, &mut |c| drop(x.linear::<Tensor>(&weights[c % n], None)));
                     println!(
-                        "{:>12} {rows:>4} {cache:>5} | {int8:>8.1} {bf16:>8.1} {fp32:>8.1} {at:>8.1} | {:>8.2} {:>8.2}",
+                        "{:>12} {rows:>4} {cache:>5} | {int8:>8.1} {bf16:>8.1} {fp32:>8.1} {at:>8.1} | {:>8.2} {:>8.2} | {:>7.1} {:>7.1} {:>7.1}",
                         format!("{out}x{inp}"),
                         fp32 / int8,
-                        at / fp32
+                        at / fp32,
+                        gigabytes(1.125) / int8,
+                        gigabytes(2.0) / bf16,
+                        gigabytes(4.0) / fp32,
                     );
                 }
             }
