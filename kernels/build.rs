@@ -50,6 +50,7 @@ fn main() {
         .file("csrc/precision.cpp")
         .file("csrc/reducer.cpp")
         .file("csrc/linear.cpp")
+        .file("csrc/amx_bf16.cpp")
         .file("csrc/attention.cpp")
         .file("csrc/int8.cpp");
     // ProcessGroupGloo.hpp includes gloo's headers, which the wheel does not ship; Debian's

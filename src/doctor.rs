@@ -151,10 +151,10 @@ fn print_text(
         );
     }
     println!("threads         {} intra-op, {} inter-op", info.intra_op_threads, info.inter_op_threads);
-    let kernel = match (kernels::linear::few_row_kernel_available(), kernels::linear::bf16_dot_product_available()) {
-        (true, true) => "wizard's dense kernel (fp32, bf16 with AVX-512 BF16 dot products)",
-        (true, false) => "wizard's dense kernel (fp32, bf16 widened to fp32: no AVX-512 BF16)",
-        (false, _) => "BLAS (no AVX2)",
+    let kernel = if kernels::linear::few_row_kernel_available() {
+        format!("wizard's dense kernel (fp32, {})", kernels::linear::bf16_kernel().describe())
+    } else {
+        "BLAS (no AVX2)".to_string()
     };
     println!("CPU decoding    {kernel}; int8 kernel: {}", kernels::int8::int8_kernel_isa());
     println!("python          {}", python.map_or_else(|| "not found".into(), |p| p.display().to_string()));
@@ -203,7 +203,7 @@ fn print_json(
         "threads": { "intra_op": info.intra_op_threads, "inter_op": info.inter_op_threads },
         "few_row_kernel": kernels::linear::few_row_kernel_available(),
         "int8_kernel": kernels::int8::int8_kernel_isa(),
-        "bf16_dot_kernel": kernels::linear::bf16_dot_product_available(),
+        "bf16_kernel": kernels::linear::bf16_kernel().name(),
         "python": python.map(PathBuf::from),
         "peers": peers.iter().map(|p| json!({"module": p.module, "version": p.version, "error": p.error})).collect::<Vec<_>>(),
         "problems": problems.iter().map(|p| json!({"what": p.what, "fix": p.fix})).collect::<Vec<_>>(),

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_bf16.h"
 #include "guard.h"
 #include "parallel.h"
 
@@ -116,11 +117,14 @@ using RowsTimesWeight = void (*)(const X*, int64_t, const W*, const float*, floa
                                  int64_t);
 
 // One instruction set's kernels: fp32 weights, bf16 weights (their bits as uint16_t) under fp32
-// inputs, and bf16 times bf16 where the CPU has a bf16 dot product (else null).
+// inputs, and bf16 times bf16 where the CPU has a bf16 dot product (else null), on AMX tiles where
+// the CPU has them and the OS grants them (`amx`; the dot product then takes the columns past the
+// last whole tile).
 struct Kernels {
   RowsTimesWeight<float, float> fp32;
   RowsTimesWeight<float, uint16_t> bf16;
   RowsTimesWeight<uint16_t, uint16_t> bf16_dot;
+  bool amx;
 };
 
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
@@ -128,15 +132,18 @@ bool has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
 
-// The kernels for `isa` (0: the widest this CPU runs, 1: AVX2), or none.
+// The kernels for `isa` (0: the widest this CPU runs, 1: AVX2, 2: AVX-512 without AMX), or none.
 const Kernels* kernels_for(int isa) {
   static const bool has_bf16_dot = __builtin_cpu_supports("avx512bf16");
+  static const auto bf16_dot = has_bf16_dot ? avx512bf16::rows_times_weight<uint16_t, uint16_t> : nullptr;
   static const Kernels avx512{avx512::rows_times_weight<float, float>, avx512::rows_times_weight<float, uint16_t>,
-                              has_bf16_dot ? avx512bf16::rows_times_weight<uint16_t, uint16_t> : nullptr};
+                              bf16_dot, false};
+  static const Kernels widest{avx512.fp32, avx512.bf16, bf16_dot,
+                              has_bf16_dot && wizard::amx::state() == wizard::amx::State::kGranted};
   static const Kernels avx2{avx2::rows_times_weight<float, float>, avx2::rows_times_weight<float, uint16_t>,
-                            nullptr};
+                            nullptr, false};
   if (isa == 1 || !has_avx512()) return has_avx2() ? &avx2 : nullptr;
-  return &avx512;
+  return isa == 2 ? &avx512 : &widest;
 }
 
 // Weights in fp32 or bf16; input and bias in the weights' dtype or in fp32 (bf16 weights under fp32
@@ -164,11 +171,13 @@ extern "C" {
 // Whether this CPU runs the dense kernels for `isa` (as in wizard_linear).
 int wizard_linear_kernel_available(int isa) { return kernels_for(isa) != nullptr; }
 
-// Whether bf16 weights meet bf16 inputs in a dot-product instruction (AVX-512 BF16) rather than being
-// widened to fp32.
-int wizard_linear_bf16_dot_available() {
+// How bf16 weights meet inputs: 3 on AMX tiles, 2 in AVX-512 BF16 dot products because the OS did
+// not grant the CPU's AMX, 1 in dot products (no AMX), 0 widened to fp32.
+int wizard_linear_bf16_kernel() {
   const Kernels* kernels = kernels_for(0);
-  return kernels && kernels->bf16_dot;
+  if (!kernels || !kernels->bf16_dot) return 0;
+  if (kernels->amx) return 3;
+  return wizard::amx::state() == wizard::amx::State::kNotGranted ? 2 : 1;
 }
 
 // `*result` = a new tch tensor holding x @ w^T + bias (bias may be null), as at::linear computes it;
@@ -234,19 +243,33 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
       } else {
         x32 = x.data_ptr<float>();
       }
+      constexpr int64_t kTileColumns = wizard::amx::kColumns;
+      const int64_t tiled = kernels->amx ? out / kTileColumns * kTileColumns : 0;
+      const auto packed = kernels->amx ? wizard::amx::pack_inputs(x16, rows, in) : std::vector<uint32_t>();
       auto product = [&](float* yp, int64_t begin, int64_t end) {
+        if (begin < tiled) wizard::amx::rows_times_weight(packed, rows, wp, bp, yp, in, out, begin, std::min(end, tiled));
+        begin = std::max(begin, tiled);
+        if (begin >= end) return;
         if (x16)
           kernels->bf16_dot(x16, rows, wp, bp, yp, in, out, begin, end);
         else
           kernels->bf16(x32, rows, wp, bp, yp, in, out, begin, end);
       };
+      // On AMX threads take whole tiles of columns.
+      auto columns_for = [&](const auto& body) {
+        if (!kernels->amx) return wizard::balanced_for(out, grain, body);
+        wizard::balanced_for((out + kTileColumns - 1) / kTileColumns, std::max<int64_t>(1, grain / kTileColumns),
+                             [&](int64_t first, int64_t last) {
+                               body(first * kTileColumns, std::min(out, last * kTileColumns));
+                             });
+      };
       if (x.scalar_type() == at::kFloat) {
         float* yp = y.data_ptr<float>();
-        wizard::balanced_for(out, grain, [&](int64_t begin, int64_t end) { product(yp, begin, end); });
+        columns_for([&](int64_t begin, int64_t end) { product(yp, begin, end); });
       } else {
         std::vector<float> y_wide(rows * out);
         at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-        wizard::balanced_for(out, grain, [&](int64_t begin, int64_t end) {
+        columns_for([&](int64_t begin, int64_t end) {
           product(y_wide.data(), begin, end);
           for (int64_t r = 0; r < rows; r++)
             for (int64_t j = begin; j < end; j++) yp[r * out + j] = at::BFloat16(y_wide[r * out + j]);

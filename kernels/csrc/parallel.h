@@ -27,7 +27,7 @@ void balanced_for(int64_t n, int64_t grain, const F& body) {
     if (n > 0) body(0, n);
     return;
   }
-  int64_t chunk = std::max(grain / 4, n / (threads * kChunksPerThread));
+  int64_t chunk = std::max({int64_t{1}, grain / 4, n / (threads * kChunksPerThread)});
   chunk = (chunk + kChunkMultiple - 1) / kChunkMultiple * kChunkMultiple;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, (n + chunk - 1) / chunk), 1, [&](int64_t, int64_t) {

@@ -122,7 +122,7 @@ extern "C" {
         result: *mut TensorHandle,
     ) -> c_int;
 
-    // csrc/linear.cpp
+    // csrc/linear.cpp (and csrc/amx_bf16.cpp)
     pub(crate) fn wizard_linear(
         x: TensorHandle,
         weight: TensorHandle,
@@ -131,7 +131,7 @@ extern "C" {
         result: *mut TensorHandle,
     ) -> c_int;
     pub(crate) fn wizard_linear_kernel_available(isa: c_int) -> c_int;
-    pub(crate) fn wizard_linear_bf16_dot_available() -> c_int;
+    pub(crate) fn wizard_linear_bf16_kernel() -> c_int;
 
     // csrc/int8.cpp
     pub(crate) fn wizard_int8_quantize(

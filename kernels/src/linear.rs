@@ -11,12 +11,49 @@ use tch::Tensor;
 use crate::calibrate::Choice;
 use crate::ffi::{self, check};
 
-/// Which kernel: the widest this CPU runs, or AVX2 (to test it on AVX-512 machines too).
+/// Which kernel: the widest this CPU runs, or AVX2 or AVX-512 without AMX (to test them on wider
+/// machines too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isa {
     Widest = 0,
     #[cfg_attr(not(test), allow(dead_code))]
     Avx2 = 1,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Avx512 = 2,
+}
+
+/// How the dense kernel multiplies bf16 weights on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// Widened to fp32 as they are read (no AVX-512 BF16).
+    Widened,
+    /// AVX-512 BF16 dot products, inputs rounded to bf16.
+    DotProduct,
+    /// Dot products: the CPU has AMX but the OS did not grant this process its tile state.
+    DotProductAmxNotGranted,
+    /// AMX tiles (dot products for the columns past the last whole tile), inputs rounded to bf16.
+    AmxTiles,
+}
+
+impl Bf16Kernel {
+    /// A short name for reports: `amx`, `avx512-bf16` or `widened`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Kernel::Widened => "widened",
+            Bf16Kernel::DotProduct | Bf16Kernel::DotProductAmxNotGranted => "avx512-bf16",
+            Bf16Kernel::AmxTiles => "amx",
+        }
+    }
+
+    /// What `wizard doctor` says of it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Bf16Kernel::Widened => "bf16 widened to fp32: no AVX-512 BF16",
+            Bf16Kernel::DotProduct => "bf16 with AVX-512 BF16 dot products",
+            Bf16Kernel::DotProductAmxNotGranted => "bf16 with AVX-512 BF16 dot products: the OS did not grant AMX",
+            Bf16Kernel::AmxTiles => "bf16 on AMX tiles",
+        }
+    }
 }
 
 /// `x @ weight^T + bias` for `weight` `[out, in]` (the checkpoint's layout). fp32 or bf16 CPU
@@ -41,11 +78,15 @@ pub fn few_row_kernel_available() -> bool {
     kernel_available(Isa::Widest)
 }
 
-/// Whether bf16 weights are multiplied with AVX-512 BF16's dot product (inputs rounded to bf16);
-/// otherwise the kernel widens them to fp32 as it reads them.
-pub fn bf16_dot_product_available() -> bool {
+/// How bf16 weights are multiplied on this CPU (chosen once per process).
+pub fn bf16_kernel() -> Bf16Kernel {
     // SAFETY: no arguments, an integer out.
-    unsafe { ffi::wizard_linear_bf16_dot_available() != 0 }
+    match unsafe { ffi::wizard_linear_bf16_kernel() } {
+        3 => Bf16Kernel::AmxTiles,
+        2 => Bf16Kernel::DotProductAmxNotGranted,
+        1 => Bf16Kernel::DotProduct,
+        _ => Bf16Kernel::Widened,
+    }
 }
 
 fn kernel_available(isa: Isa) -> bool {
@@ -122,7 +163,7 @@ mod tests {
     #[test]
     fn rows_match_at_linear_and_themselves() {
         let dtypes = [(Kind::Float, Kind::Float), (Kind::BFloat16, Kind::BFloat16), (Kind::Float, Kind::BFloat16)];
-        for isa in [Isa::Widest, Isa::Avx2] {
+        for isa in [Isa::Widest, Isa::Avx2, Isa::Avx512] {
             for (kind, weight_kind) in dtypes {
                 let case = |rows, in_dim, out_dim, bias| Case { isa, rows, in_dim, out_dim, bias, kind, weight_kind };
                 for rows in [1, 2, 3, 4, 5, 8, 9, 16] {
@@ -135,6 +176,7 @@ mod tests {
                 check(case(203, 1030, 19, true)); // several row blocks
                 check(case(1, 96, 1003, true)); // columns in chunks the threads claim
                 check(case(3, 64, 701, false));
+                check(case(300, 72, 40, true)); // more rows than a group of tiles takes
             }
         }
     }

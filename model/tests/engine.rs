@@ -28,6 +28,13 @@ fn tiny_model() -> model::Result<GptBigCode> {
     GptBigCode::new(config, Device::Cpu)
 }
 
+/// The same model with bf16 dense weights (on AMX CPUs their products run on tiles).
+fn tiny_bf16_model() -> model::Result<GptBigCode> {
+    let mut model = tiny_model()?;
+    model.narrow_dense_weights()?;
+    Ok(model)
+}
+
 fn engine(config: EngineConfig) -> Engine {
     Engine::start(config, tiny_model).unwrap()
 }
@@ -53,10 +60,16 @@ fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usize) ->
     samples
 }
 
-/// Greedy tokens of 16 requests are the same alone, all in one batch, and from `generate`.
+/// Greedy tokens of 16 requests are the same alone, all in one batch, and from `generate`, with
+/// fp32 and with bf16 dense weights.
 #[test]
 fn greedy_output_does_not_depend_on_the_batch() {
-    let engine = engine(EngineConfig { prefill_chunk: 32, ..EngineConfig::default() });
+    check_batch_invariance(tiny_model);
+    check_batch_invariance(tiny_bf16_model);
+}
+
+fn check_batch_invariance(make_model: fn() -> model::Result<GptBigCode>) {
+    let engine = Engine::start(EngineConfig { prefill_chunk: 32, ..EngineConfig::default() }, make_model).unwrap();
     let alone: Vec<Vec<i64>> =
         (0..16).map(|i| engine.generate(request(prompt(i), Sampling::greedy(), 1)).unwrap().remove(0).0).collect();
     let counter = |c: &std::sync::atomic::AtomicUsize| c.load(Ordering::Relaxed);
@@ -69,7 +82,7 @@ fn greedy_output_does_not_depend_on_the_batch() {
     assert!(rows > 8 * steps, "16 requests ran {rows} rows in {steps} steps");
     assert!(alone.iter().all(|tokens| tokens.len() == 24));
     // Chunks of 32 follow the same path as one-shot prefill where the prompt fits a chunk.
-    let model = tiny_model().unwrap();
+    let model = make_model().unwrap();
     let config =
         GenerateConfig { max_new_tokens: 24, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
     let expected = generate(&model, &prompt(1), &config, &mut NoStop).unwrap().remove(0).tokens;

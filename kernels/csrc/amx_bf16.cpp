@@ -1,0 +1,228 @@
+// AMX bf16 products (see amx_bf16.h). The weights are the tiles' first operand, 16 weight rows by
+// 32 values, read in place in the checkpoint's [out, in] layout; the inputs are the second, packed
+// as pairs so that a tile holds 16 pairs of 16 input rows. A tile of sums is then 16 weight rows by
+// 16 input rows, and each sum sees its 32 products per step in k order, alone: the same bits for one
+// row (a decode step) as for 512 (a prefill chunk).
+#include "amx_bf16.h"
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+// GCC 12's AVX-512 gather intrinsic reads an intentionally undefined register (a false positive).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace wizard::amx {
+namespace {
+
+constexpr int64_t kDepth = 32;  // bf16 values along `in` per tile row (64 bytes)
+constexpr int64_t kTile = kColumns * kDepth;
+// Beyond two blocks of input rows, weights are copied into panels of this many depth steps (64 KiB
+// for two blocks of columns), tile by tile: loaded in place their rows lie `in` apart, and at 4 KiB
+// apart all 16 fall in one L1 set. With few rows the copy costs more than it saves.
+constexpr int64_t kPanelDepth = 32;
+constexpr int64_t kStreamedInputBlocks = 2;
+// Input rows handled together: 256 rows' sums for two column blocks (32 KiB) stay in L1/L2.
+constexpr int64_t kGroupInputBlocks = 16;
+
+bool cpu_has_amx_bf16() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+  if (!tile || !bf16 || !__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;
+  unsigned xcr0_low, xcr0_high;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+  return (xcr0_low >> 17 & 3) == 3;  // the OS saves tile config and data
+}
+
+// Linux hands out the 8 KiB tile state only on request (ARCH_REQ_XCOMP_PERM for XTILEDATA).
+bool tile_state_granted() {
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+}
+
+}  // namespace
+
+State state() {
+  static const State found = !cpu_has_amx_bf16()    ? State::kAbsent
+                             : tile_state_granted() ? State::kGranted
+                                                    : State::kNotGranted;
+  return found;
+}
+
+// Block [input block][depth step] of 16 x 16 dwords: dword [p][r] is the pair of values 2p, 2p + 1
+// of the step for input row r; zero past the rows and past `in`.
+std::vector<uint32_t> pack_inputs(const uint16_t* x, int64_t rows, int64_t in) {
+  const int64_t depth_steps = (in + kDepth - 1) / kDepth, input_blocks = (rows + kColumns - 1) / kColumns;
+  std::vector<uint32_t> packed(input_blocks * depth_steps * kColumns * kColumns, 0);
+  for (int64_t r = 0; r < rows; r++) {
+    const uint16_t* row = x + r * in;
+    uint32_t* block = packed.data() + r / kColumns * depth_steps * kColumns * kColumns + r % kColumns;
+    for (int64_t i = 0; i < in; i += 2) {
+      const uint32_t high = i + 1 < in ? row[i + 1] : 0;
+      block[i / kDepth * kColumns * kColumns + i % kDepth / 2 * kColumns] = row[i] | high << 16;
+    }
+  }
+  return packed;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")
+namespace {
+
+// Tiles 0-3: sums (weight block b, input block i at 2i + b); 4-5: weights; 6-7: inputs. All 16 x 64
+// bytes. A constant: GCC dropped the stores of a config built on the stack before `ldtilecfg`.
+struct alignas(64) TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+static_assert(sizeof(TileConfig) == 64);
+constexpr TileConfig kTileConfig{1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+// Where a tile of 16 weight rows by one depth step lies, and its row stride in bytes.
+struct WeightTile {
+  const uint16_t* data;
+  int64_t stride;
+};
+
+// The weights of column blocks [j, j + W*16) over depth steps [first, last): in place, or copied into
+// `panel` tile by tile (zero past `in`); `edge` takes the last step of the in-place weights when
+// `in` is not a whole number of steps, so no tile reads past its rows.
+class Weights {
+ public:
+  Weights(const uint16_t* w, int64_t in) : w_(w), in_(in) {}
+
+  void select(int64_t j, int blocks, int64_t first, int64_t last, bool copy) {
+    j_ = j;
+    first_ = first;
+    copied_ = copy;
+    const int64_t steps = last - first;
+    const int64_t depth_steps = (in_ + kDepth - 1) / kDepth;
+    if (copy) {
+      panel_.assign(blocks * steps * kTile, 0);
+      for (int b = 0; b < blocks; b++)
+        for (int64_t r = 0; r < kColumns; r++) {
+          const uint16_t* row = w_ + (j + b * kColumns + r) * in_;
+          for (int64_t s = 0; s < steps; s++) {
+            const int64_t i = (first + s) * kDepth;
+            std::memcpy(&panel_[(b * steps + s) * kTile + r * kDepth], row + i,
+                        std::min(kDepth, in_ - i) * sizeof(uint16_t));
+          }
+        }
+      steps_ = steps;
+    } else if (in_ % kDepth && last == depth_steps) {
+      edge_.assign(blocks * kTile, 0);
+      const int64_t i = (depth_steps - 1) * kDepth;
+      for (int b = 0; b < blocks; b++)
+        for (int64_t r = 0; r < kColumns; r++)
+          std::memcpy(&edge_[b * kTile + r * kDepth], w_ + (j + b * kColumns + r) * in_ + i,
+                      (in_ - i) * sizeof(uint16_t));
+    }
+  }
+
+  WeightTile tile(int b, int64_t step) const {
+    if (copied_) return {&panel_[(b * steps_ + step - first_) * kTile], kDepth * 2};
+    if ((step + 1) * kDepth > in_) return {&edge_[b * kTile], kDepth * 2};
+    return {w_ + (j_ + b * kColumns) * in_ + step * kDepth, in_ * 2};
+  }
+
+ private:
+  const uint16_t* w_;
+  int64_t in_, j_ = 0, first_ = 0, steps_ = 0;
+  bool copied_ = false;
+  std::vector<uint16_t> panel_, edge_;
+};
+
+// Sums of W column blocks by I input blocks (input block `block`, `block + 1`) over depth steps
+// [first, last), added to the tiles in `sums` (or started from zero).
+template <int W, int I>
+void tiles(const Weights& weights, const uint32_t* packed, int64_t depth_steps, int64_t block, int64_t first,
+           int64_t last, float* sums, bool start) {
+  auto sum_tile = [&](int b, int i) { return sums + (2 * i + b) * kColumns * kColumns; };
+  if (start) {
+    _tile_zero(0);
+    if (W > 1) _tile_zero(1);
+    if (I > 1) _tile_zero(2);
+    if (W > 1 && I > 1) _tile_zero(3);
+  } else {
+    _tile_loadd(0, sum_tile(0, 0), 64);
+    if (W > 1) _tile_loadd(1, sum_tile(1, 0), 64);
+    if (I > 1) _tile_loadd(2, sum_tile(0, 1), 64);
+    if (W > 1 && I > 1) _tile_loadd(3, sum_tile(1, 1), 64);
+  }
+  const int64_t block_size = depth_steps * kColumns * kColumns;
+  for (int64_t step = first; step < last; step++) {
+    const WeightTile w0 = weights.tile(0, step);
+    _tile_loadd(4, w0.data, w0.stride);
+    if (W > 1) {
+      const WeightTile w1 = weights.tile(1, step);
+      _tile_loadd(5, w1.data, w1.stride);
+    }
+    _tile_loadd(6, packed + block * block_size + step * kColumns * kColumns, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (W > 1) _tile_dpbf16ps(1, 5, 6);
+    if (I > 1) {
+      _tile_loadd(7, packed + (block + 1) * block_size + step * kColumns * kColumns, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      if (W > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, sum_tile(0, 0), 64);
+  if (W > 1) _tile_stored(1, sum_tile(1, 0), 64);
+  if (I > 1) _tile_stored(2, sum_tile(0, 1), 64);
+  if (W > 1 && I > 1) _tile_stored(3, sum_tile(1, 1), 64);
+}
+
+// A tile of sums holds [weight row][input row]: column r of it, plus the bias, is 16 outputs of row r.
+void write_rows(const float* sums, const float* bias, float* y, int64_t rows, int64_t out) {
+  const __m512i column = _mm512_mullo_epi32(_mm512_set1_epi32(kColumns),
+                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m512 added = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; r++)
+    _mm512_storeu_ps(y + r * out, _mm512_add_ps(_mm512_i32gather_ps(column, sums + r, 4), added));
+}
+
+}  // namespace
+
+void rows_times_weight(const std::vector<uint32_t>& packed, int64_t rows, const uint16_t* w, const float* bias,
+                       float* y, int64_t in, int64_t out, int64_t begin, int64_t end) {
+  _tile_loadconfig(&kTileConfig);
+  const int64_t depth_steps = (in + kDepth - 1) / kDepth, input_blocks = (rows + kColumns - 1) / kColumns;
+  const bool copy = input_blocks > kStreamedInputBlocks;
+  const int64_t panel = copy ? kPanelDepth : depth_steps;
+  Weights weights(w, in);
+  std::vector<float> sums(kGroupInputBlocks * 2 * kColumns * kColumns);
+  for (int64_t group = 0; group < input_blocks; group += kGroupInputBlocks) {
+    const int64_t group_end = std::min(input_blocks, group + kGroupInputBlocks);
+    for (int64_t j = begin; j < end; j += 2 * kColumns) {
+      const int blocks = j + kColumns < end ? 2 : 1;
+      for (int64_t first = 0; first < depth_steps; first += panel) {
+        const int64_t last = std::min(depth_steps, first + panel);
+        weights.select(j, blocks, first, last, copy);
+        for (int64_t block = group; block < group_end; block += 2) {
+          float* block_sums = sums.data() + (block - group) * 2 * kColumns * kColumns;
+          const bool pair = block + 1 < group_end;
+          const auto run = blocks == 2 ? (pair ? tiles<2, 2> : tiles<2, 1>) : (pair ? tiles<1, 2> : tiles<1, 1>);
+          run(weights, packed.data(), depth_steps, block, first, last, block_sums, first == 0);
+        }
+      }
+      for (int64_t block = group; block < group_end; block++)
+        for (int b = 0; b < blocks; b++) {
+          const int64_t row = block * kColumns, column = j + b * kColumns;
+          write_rows(sums.data() + ((block - group) * 2 + b) * kColumns * kColumns, bias ? bias + column : nullptr,
+                     y + row * out + column, std::min(kColumns, rows - row), out);
+        }
+    }
+  }
+  _tile_release();
+}
+#pragma GCC pop_options
+
+}  // namespace wizard::amx
