@@ -21,13 +21,6 @@ namespace {
 
 constexpr int64_t kDepth = 32;  // bf16 values along `in` per tile row (64 bytes)
 constexpr int64_t kTile = kColumns * kDepth;
-// Beyond two blocks of input rows, weights are copied into panels of this many depth steps (64 KiB
-// for two blocks of columns), tile by tile: loaded in place their rows lie `in` apart, and at 4 KiB
-// apart all 16 fall in one L1 set. With few rows the copy costs more than it saves.
-constexpr int64_t kPanelDepth = 32;
-constexpr int64_t kStreamedInputBlocks = 2;
-// Input rows handled together: 256 rows' sums for two column blocks (32 KiB) stay in L1/L2.
-constexpr int64_t kGroupInputBlocks = 16;
 
 bool cpu_has_amx_bf16() {
   unsigned a, b, c, d;
@@ -61,10 +54,12 @@ std::vector<uint32_t> pack_inputs(const uint16_t* x, int64_t rows, int64_t in) {
   std::vector<uint32_t> packed(input_blocks * depth_steps * kColumns * kColumns, 0);
   for (int64_t r = 0; r < rows; r++) {
     const uint16_t* row = x + r * in;
-    uint32_t* block = packed.data() + r / kColumns * depth_steps * kColumns * kColumns + r % kColumns;
-    for (int64_t i = 0; i < in; i += 2) {
-      const uint32_t high = i + 1 < in ? row[i + 1] : 0;
-      block[i / kDepth * kColumns * kColumns + i % kDepth / 2 * kColumns] = row[i] | high << 16;
+    uint32_t* column = packed.data() + r / kColumns * depth_steps * kColumns * kColumns + r % kColumns;
+    for (int64_t step = 0; step < depth_steps; step++, column += kColumns * kColumns) {
+      uint16_t values[kDepth] = {};
+      std::memcpy(values, row + step * kDepth, std::min(kDepth, in - step * kDepth) * sizeof(uint16_t));
+      for (int64_t pair = 0; pair < kDepth / 2; pair++)
+        column[pair * kColumns] = values[2 * pair] | uint32_t{values[2 * pair + 1]} << 16;
     }
   }
   return packed;
@@ -86,98 +81,63 @@ struct alignas(64) TileConfig {
 static_assert(sizeof(TileConfig) == 64);
 constexpr TileConfig kTileConfig{1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
-// Where a tile of 16 weight rows by one depth step lies, and its row stride in bytes.
-struct WeightTile {
-  const uint16_t* data;
-  int64_t stride;
-};
-
-// The weights of column blocks [j, j + W*16) over depth steps [first, last): in place, or copied into
-// `panel` tile by tile (zero past `in`); `edge` takes the last step of the in-place weights when
-// `in` is not a whole number of steps, so no tile reads past its rows.
+// The weights of column blocks [j, j + 32), read in place; when `in` is not a whole number of
+// tile steps the last step is copied, zero past `in`, so that no tile reads past its rows.
+// (Copying every tile to dodge the 4 KiB L1 aliasing of rows 4 KiB apart measured slower at every
+// shape, 128 rows of StarCoder-1B's included.)
 class Weights {
  public:
-  Weights(const uint16_t* w, int64_t in) : w_(w), in_(in) {}
+  Weights(const uint16_t* w, int64_t in) : w_(w), in_(in), edge_step_(in % kDepth ? in / kDepth : -1) {}
 
-  void select(int64_t j, int blocks, int64_t first, int64_t last, bool copy) {
+  void select(int64_t j, int blocks) {
     j_ = j;
-    first_ = first;
-    copied_ = copy;
-    const int64_t steps = last - first;
-    const int64_t depth_steps = (in_ + kDepth - 1) / kDepth;
-    if (copy) {
-      panel_.assign(blocks * steps * kTile, 0);
-      for (int b = 0; b < blocks; b++)
-        for (int64_t r = 0; r < kColumns; r++) {
-          const uint16_t* row = w_ + (j + b * kColumns + r) * in_;
-          for (int64_t s = 0; s < steps; s++) {
-            const int64_t i = (first + s) * kDepth;
-            std::memcpy(&panel_[(b * steps + s) * kTile + r * kDepth], row + i,
-                        std::min(kDepth, in_ - i) * sizeof(uint16_t));
-          }
-        }
-      steps_ = steps;
-    } else if (in_ % kDepth && last == depth_steps) {
-      edge_.assign(blocks * kTile, 0);
-      const int64_t i = (depth_steps - 1) * kDepth;
-      for (int b = 0; b < blocks; b++)
-        for (int64_t r = 0; r < kColumns; r++)
-          std::memcpy(&edge_[b * kTile + r * kDepth], w_ + (j + b * kColumns + r) * in_ + i,
-                      (in_ - i) * sizeof(uint16_t));
-    }
+    if (edge_step_ < 0) return;
+    edge_.assign(blocks * kTile, 0);
+    const int64_t i = edge_step_ * kDepth;
+    for (int b = 0; b < blocks; b++)
+      for (int64_t r = 0; r < kColumns; r++)
+        std::memcpy(&edge_[b * kTile + r * kDepth], w_ + (j + b * kColumns + r) * in_ + i, (in_ - i) * sizeof(uint16_t));
   }
 
-  WeightTile tile(int b, int64_t step) const {
-    if (copied_) return {&panel_[(b * steps_ + step - first_) * kTile], kDepth * 2};
-    if ((step + 1) * kDepth > in_) return {&edge_[b * kTile], kDepth * 2};
-    return {w_ + (j_ + b * kColumns) * in_ + step * kDepth, in_ * 2};
+  // Tile `b`'s 16 rows at depth step `step` and their stride in bytes.
+  const uint16_t* tile(int b, int64_t step) const {
+    return step == edge_step_ ? &edge_[b * kTile] : w_ + (j_ + b * kColumns) * in_ + step * kDepth;
   }
+  int64_t stride(int64_t step) const { return step == edge_step_ ? kDepth * 2 : in_ * 2; }
 
  private:
   const uint16_t* w_;
-  int64_t in_, j_ = 0, first_ = 0, steps_ = 0;
-  bool copied_ = false;
-  std::vector<uint16_t> panel_, edge_;
+  int64_t in_, edge_step_, j_ = 0;
+  std::vector<uint16_t> edge_;
 };
 
-// Sums of W column blocks by I input blocks (input block `block`, `block + 1`) over depth steps
-// [first, last), added to the tiles in `sums` (or started from zero).
+// Sums of W column blocks by I input blocks (`block`, `block + 1`) over every depth step, stored
+// into `sums` (tile 2i + b for weight block b, input block i).
 template <int W, int I>
-void tiles(const Weights& weights, const uint32_t* packed, int64_t depth_steps, int64_t block, int64_t first,
-           int64_t last, float* sums, bool start) {
-  auto sum_tile = [&](int b, int i) { return sums + (2 * i + b) * kColumns * kColumns; };
-  if (start) {
-    _tile_zero(0);
-    if (W > 1) _tile_zero(1);
-    if (I > 1) _tile_zero(2);
-    if (W > 1 && I > 1) _tile_zero(3);
-  } else {
-    _tile_loadd(0, sum_tile(0, 0), 64);
-    if (W > 1) _tile_loadd(1, sum_tile(1, 0), 64);
-    if (I > 1) _tile_loadd(2, sum_tile(0, 1), 64);
-    if (W > 1 && I > 1) _tile_loadd(3, sum_tile(1, 1), 64);
-  }
-  const int64_t block_size = depth_steps * kColumns * kColumns;
-  for (int64_t step = first; step < last; step++) {
-    const WeightTile w0 = weights.tile(0, step);
-    _tile_loadd(4, w0.data, w0.stride);
-    if (W > 1) {
-      const WeightTile w1 = weights.tile(1, step);
-      _tile_loadd(5, w1.data, w1.stride);
-    }
-    _tile_loadd(6, packed + block * block_size + step * kColumns * kColumns, 64);
+void tiles(const Weights& weights, const uint32_t* packed, int64_t depth_steps, int64_t block, float* sums) {
+  _tile_zero(0);
+  if (W > 1) _tile_zero(1);
+  if (I > 1) _tile_zero(2);
+  if (W > 1 && I > 1) _tile_zero(3);
+  const uint32_t* inputs = packed + block * depth_steps * kColumns * kColumns;
+  const uint32_t* next_inputs = inputs + depth_steps * kColumns * kColumns;
+  for (int64_t step = 0; step < depth_steps; step++) {
+    _tile_loadd(4, weights.tile(0, step), weights.stride(step));
+    if (W > 1) _tile_loadd(5, weights.tile(1, step), weights.stride(step));
+    _tile_loadd(6, inputs + step * kColumns * kColumns, 64);
     _tile_dpbf16ps(0, 4, 6);
     if (W > 1) _tile_dpbf16ps(1, 5, 6);
     if (I > 1) {
-      _tile_loadd(7, packed + (block + 1) * block_size + step * kColumns * kColumns, 64);
+      _tile_loadd(7, next_inputs + step * kColumns * kColumns, 64);
       _tile_dpbf16ps(2, 4, 7);
       if (W > 1) _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, sum_tile(0, 0), 64);
-  if (W > 1) _tile_stored(1, sum_tile(1, 0), 64);
-  if (I > 1) _tile_stored(2, sum_tile(0, 1), 64);
-  if (W > 1 && I > 1) _tile_stored(3, sum_tile(1, 1), 64);
+  constexpr int64_t kSums = kColumns * kColumns;
+  _tile_stored(0, sums, 64);
+  if (W > 1) _tile_stored(1, sums + kSums, 64);
+  if (I > 1) _tile_stored(2, sums + 2 * kSums, 64);
+  if (W > 1 && I > 1) _tile_stored(3, sums + 3 * kSums, 64);
 }
 
 // A tile of sums holds [weight row][input row]: column r of it, plus the bias, is 16 outputs of row r.
@@ -195,29 +155,20 @@ void rows_times_weight(const std::vector<uint32_t>& packed, int64_t rows, const 
                        float* y, int64_t in, int64_t out, int64_t begin, int64_t end) {
   _tile_loadconfig(&kTileConfig);
   const int64_t depth_steps = (in + kDepth - 1) / kDepth, input_blocks = (rows + kColumns - 1) / kColumns;
-  const bool copy = input_blocks > kStreamedInputBlocks;
-  const int64_t panel = copy ? kPanelDepth : depth_steps;
   Weights weights(w, in);
-  std::vector<float> sums(kGroupInputBlocks * 2 * kColumns * kColumns);
-  for (int64_t group = 0; group < input_blocks; group += kGroupInputBlocks) {
-    const int64_t group_end = std::min(input_blocks, group + kGroupInputBlocks);
-    for (int64_t j = begin; j < end; j += 2 * kColumns) {
-      const int blocks = j + kColumns < end ? 2 : 1;
-      for (int64_t first = 0; first < depth_steps; first += panel) {
-        const int64_t last = std::min(depth_steps, first + panel);
-        weights.select(j, blocks, first, last, copy);
-        for (int64_t block = group; block < group_end; block += 2) {
-          float* block_sums = sums.data() + (block - group) * 2 * kColumns * kColumns;
-          const bool pair = block + 1 < group_end;
-          const auto run = blocks == 2 ? (pair ? tiles<2, 2> : tiles<2, 1>) : (pair ? tiles<1, 2> : tiles<1, 1>);
-          run(weights, packed.data(), depth_steps, block, first, last, block_sums, first == 0);
-        }
-      }
-      for (int64_t block = group; block < group_end; block++)
+  alignas(64) float sums[4 * kColumns * kColumns];
+  for (int64_t j = begin; j < end; j += 2 * kColumns) {
+    const int blocks = j + kColumns < end ? 2 : 1;
+    weights.select(j, blocks);
+    for (int64_t block = 0; block < input_blocks; block += 2) {
+      const bool pair = block + 1 < input_blocks;
+      const auto run = blocks == 2 ? (pair ? tiles<2, 2> : tiles<2, 1>) : (pair ? tiles<1, 2> : tiles<1, 1>);
+      run(weights, packed.data(), depth_steps, block, sums);
+      for (int i = 0; i < (pair ? 2 : 1); i++)
         for (int b = 0; b < blocks; b++) {
-          const int64_t row = block * kColumns, column = j + b * kColumns;
-          write_rows(sums.data() + ((block - group) * 2 + b) * kColumns * kColumns, bias ? bias + column : nullptr,
-                     y + row * out + column, std::min(kColumns, rows - row), out);
+          const int64_t row = (block + i) * kColumns, column = j + b * kColumns;
+          write_rows(sums + (2 * i + b) * kColumns * kColumns, bias ? bias + column : nullptr, y + row * out + column,
+                     std::min(kColumns, rows - row), out);
         }
     }
   }

@@ -255,13 +255,12 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
         else
           kernels->bf16(x32, rows, wp, bp, yp, in, out, begin, end);
       };
-      // On AMX threads take whole tiles of columns.
+      // On AMX threads take whole tiles of columns, two at a time (the kernel's step).
       auto columns_for = [&](const auto& body) {
         if (!kernels->amx) return wizard::balanced_for(out, grain, body);
-        wizard::balanced_for((out + kTileColumns - 1) / kTileColumns, std::max<int64_t>(1, grain / kTileColumns),
-                             [&](int64_t first, int64_t last) {
-                               body(first * kTileColumns, std::min(out, last * kTileColumns));
-                             });
+        wizard::balanced_for(
+            (out + kTileColumns - 1) / kTileColumns, std::max<int64_t>(1, grain / kTileColumns),
+            [&](int64_t first, int64_t last) { body(first * kTileColumns, std::min(out, last * kTileColumns)); }, 2);
       };
       if (x.scalar_type() == at::kFloat) {
         float* yp = y.data_ptr<float>();

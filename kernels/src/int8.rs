@@ -483,9 +483,9 @@ mod tests {
             "bf GB/s",
             "f32GB/s"
         );
-        // WIZARD_INT8_TIMINGS=1b: StarCoder-1B's products at decode and verification widths.
+        // WIZARD_INT8_TIMINGS=1b: StarCoder-1B's products at decode, verification and prefill widths.
         let (shapes, row_counts) = match std::env::var("WIZARD_INT8_TIMINGS").as_deref() {
-            Ok("1b") => (vec![(2304, 2048), (2048, 2048), (8192, 2048), (2048, 8192)], vec![1, 4, 16]),
+            Ok("1b") => (vec![(2304, 2048), (2048, 2048), (8192, 2048), (2048, 8192)], vec![1, 4, 16, 128]),
             _ => (vec![(768, 768), (3072, 768), (768, 3072), (4000, 768)], vec![1, 4, 16, 128]),
         };
         for (out, inp) in shapes {
