@@ -273,21 +273,27 @@ impl Planner {
     /// measured at first use.
     pub fn for_pair(target: &GptBigCode, draft: Option<&GptBigCode>, max_gamma: usize) -> Result<Planner> {
         let pair = (target.id(), draft.map(GptBigCode::id));
-        let costs = match remembered(pair) {
-            Some(planner) if planner.costs.widest() > max_gamma => planner.costs,
+        let before = remembered(pair);
+        let costs = match &before {
+            Some(planner) if planner.costs.widest() > max_gamma => planner.costs.clone(),
             _ => {
                 let costs = Arc::new(Costs::measure(target, draft, max_gamma + 1)?);
                 tracing::debug!(?costs, "speculation costs measured");
                 costs
             }
         };
-        Ok(Planner::with_costs(pair, costs, max_gamma))
+        Ok(Planner::resumed(pair, before, costs, max_gamma))
     }
 
     /// [`Planner::for_pair`] with given costs (what the pair showed before is kept).
     pub fn with_costs(pair: Pair, costs: Arc<Costs>, max_gamma: usize) -> Planner {
+        Planner::resumed(pair, remembered(pair), costs, max_gamma)
+    }
+
+    /// A planner with `costs` that carries on from `before` (the pair's last planner), if any.
+    fn resumed(pair: Pair, before: Option<Planner>, costs: Arc<Costs>, max_gamma: usize) -> Planner {
         let could_pay = costs.best_gamma(1.0, &Overrun::default(), max_gamma) > 0;
-        match remembered(pair) {
+        match before {
             Some(before) => Planner { costs, acceptance: before.acceptance.carried(), max_gamma, could_pay, ..before },
             None => Planner {
                 pair,
