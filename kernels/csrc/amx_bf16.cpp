@@ -47,26 +47,54 @@ State state() {
   return found;
 }
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,bmi2,amx-tile,amx-bf16")
+namespace {
+
+// c10's round-to-nearest-even (as at::BFloat16 converts), 16 floats at a time.
+__m256i round_to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0)));
+}
+
 // Block [input block][depth step] of 16 x 16 dwords: dword [p][r] is the pair of values 2p, 2p + 1
-// of the step for input row r; zero past the rows and past `in`.
-std::vector<uint32_t> pack_inputs(const uint16_t* x, int64_t rows, int64_t in) {
+// of the step for input row r; zero past the rows and past `in`. `step(row, i, n)` gives 32 bf16
+// values of a row from i, the n < 32 there are when fewer, zeros after.
+template <typename Step>
+std::vector<uint32_t> pack(int64_t rows, int64_t in, const Step& step) {
   const int64_t depth_steps = (in + kDepth - 1) / kDepth, input_blocks = (rows + kColumns - 1) / kColumns;
   std::vector<uint32_t> packed(input_blocks * depth_steps * kColumns * kColumns, 0);
+  const __m512i pair_rows = _mm512_mullo_epi32(_mm512_set1_epi32(kColumns),
+                                               _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   for (int64_t r = 0; r < rows; r++) {
-    const uint16_t* row = x + r * in;
     uint32_t* column = packed.data() + r / kColumns * depth_steps * kColumns * kColumns + r % kColumns;
-    for (int64_t step = 0; step < depth_steps; step++, column += kColumns * kColumns) {
-      uint16_t values[kDepth] = {};
-      std::memcpy(values, row + step * kDepth, std::min(kDepth, in - step * kDepth) * sizeof(uint16_t));
-      for (int64_t pair = 0; pair < kDepth / 2; pair++)
-        column[pair * kColumns] = values[2 * pair] | uint32_t{values[2 * pair + 1]} << 16;
-    }
+    for (int64_t i = 0; i < in; i += kDepth, column += kColumns * kColumns)
+      _mm512_i32scatter_epi32(column, pair_rows, step(r, i, std::min(kDepth, in - i)), 4);
   }
   return packed;
 }
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")
+}  // namespace
+
+std::vector<uint32_t> pack_inputs(const uint16_t* x, int64_t rows, int64_t in) {
+  return pack(rows, in, [&](int64_t r, int64_t i, int64_t n) {
+    return _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, n), x + r * in + i);
+  });
+}
+
+std::vector<uint32_t> pack_inputs(const float* x, int64_t rows, int64_t in) {
+  return pack(rows, in, [&](int64_t r, int64_t i, int64_t n) {
+    const float* p = x + r * in + i;
+    const __m256i low = round_to_bf16(_mm512_maskz_loadu_ps(_bzhi_u32(0xffff, n), p));
+    const __m256i high = round_to_bf16(_mm512_maskz_loadu_ps(_bzhi_u32(0xffff, std::max<int64_t>(n - 16, 0)), p + 16));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+  });
+}
+
 namespace {
 
 // Tiles 0-3: sums (weight block b, input block i at 2i + b); 4-5: weights; 6-7: inputs. All 16 x 64

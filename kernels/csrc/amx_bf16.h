@@ -18,8 +18,10 @@ enum class State { kAbsent = 0, kNotGranted = 1, kGranted = 2 };
 // Whether the CPU has AMX-BF16 and the OS lets this process use the tile state (asked for once).
 State state();
 
-// The inputs `x` (`rows` x `in` bf16 bits) in the order the tiles take them.
+// The inputs `x` (`rows` x `in`, bf16 bits or fp32 rounded to bf16 as at::BFloat16 rounds) in the
+// order the tiles take them. Needs AVX-512 (as AMX CPUs have).
 std::vector<uint32_t> pack_inputs(const uint16_t* x, int64_t rows, int64_t in);
+std::vector<uint32_t> pack_inputs(const float* x, int64_t rows, int64_t in);
 
 // `y[r][j]` = packed input row r . weight row j + bias[j] (bias may be null), in fp32, for
 // columns [begin, end) and every row; `y` has `out` columns. Needs `state() == kGranted`.

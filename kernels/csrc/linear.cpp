@@ -226,13 +226,16 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
         bias_wide.assign(p, p + bias->numel());
         bp = bias_wide.data();
       }
+      // On AMX the dot products take only the columns past the last whole tile, if any.
+      constexpr int64_t kTileColumns = wizard::amx::kColumns;
+      const int64_t tiled = kernels->amx ? out / kTileColumns * kTileColumns : 0;
       std::vector<float> x_wide;
       std::vector<at::BFloat16> x_narrow;
       const float* x32 = nullptr;
       const uint16_t* x16 = nullptr;
       if (kernels->bf16_dot && x.scalar_type() == at::kBFloat16) {
         x16 = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-      } else if (kernels->bf16_dot) {
+      } else if (kernels->bf16_dot && tiled < out) {
         const float* p = x.data_ptr<float>();
         x_narrow.assign(p, p + x.numel());
         x16 = reinterpret_cast<const uint16_t*>(x_narrow.data());
@@ -243,9 +246,10 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
       } else {
         x32 = x.data_ptr<float>();
       }
-      constexpr int64_t kTileColumns = wizard::amx::kColumns;
-      const int64_t tiled = kernels->amx ? out / kTileColumns * kTileColumns : 0;
-      const auto packed = kernels->amx ? wizard::amx::pack_inputs(x16, rows, in) : std::vector<uint32_t>();
+      std::vector<uint32_t> packed;
+      if (kernels->amx)
+        packed = x.scalar_type() == at::kBFloat16 ? wizard::amx::pack_inputs(x16, rows, in)
+                                                  : wizard::amx::pack_inputs(x.data_ptr<float>(), rows, in);
       auto product = [&](float* yp, int64_t begin, int64_t end) {
         if (begin < tiled) wizard::amx::rows_times_weight(packed, rows, wp, bp, yp, in, out, begin, std::min(end, tiled));
         begin = std::max(begin, tiled);

@@ -181,6 +181,25 @@ mod tests {
         }
     }
 
+    /// fp32 inputs meet bf16 weights rounded as `to_kind(BFloat16)` rounds them (to nearest, ties to
+    /// even): the sums equal those of the rounded inputs bit for bit.
+    #[test]
+    fn fp32_inputs_round_as_bf16_does() {
+        let opts = (Kind::Float, Device::Cpu);
+        // Ties between two bf16 values (1 + 2^-8 rounds down to 1, 1 + 3 * 2^-8 up to 1 + 2^-6), among
+        // random values, in rows long enough for whole tiles and a partial one.
+        let ties = Tensor::from_slice(&[1.00390625f32, 1.01171875, -1.00390625, -1.01171875]).repeat([25]);
+        let x = Tensor::cat(&[Tensor::randn([3, 100], opts), ties.view([1, 100])], 0);
+        let weight = Tensor::randn([40, 100], opts).to_kind(Kind::BFloat16);
+        for isa in [Isa::Widest, Isa::Avx512].into_iter().filter(|isa| kernel_available(*isa)) {
+            let from_fp32 = tch::no_grad(|| linear_with(isa, &x, &weight, None));
+            let from_bf16 = tch::no_grad(|| linear_with(isa, &x.to_kind(Kind::BFloat16), &weight, None));
+            if bf16_kernel() != Bf16Kernel::Widened {
+                assert!(from_fp32.to_kind(Kind::BFloat16).equal(&from_bf16), "{isa:?}");
+            }
+        }
+    }
+
     /// Under CPU autocast the result is in the autocast dtype, as at::linear gives it.
     #[test]
     fn autocast_is_respected() {
