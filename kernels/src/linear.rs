@@ -188,7 +188,7 @@ mod tests {
         let opts = (Kind::Float, Device::Cpu);
         // Ties between two bf16 values (1 + 2^-8 rounds down to 1, 1 + 3 * 2^-8 up to 1 + 2^-6), among
         // random values, in rows long enough for whole tiles and a partial one.
-        let (low, high) = (1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0);
+        let (low, high): (f32, f32) = (1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0);
         let ties = Tensor::from_slice(&[low, high, -low, -high]).repeat([25]);
         let x = Tensor::cat(&[Tensor::randn([3, 100], opts), ties.view([1, 100])], 0);
         let weight = Tensor::randn([40, 100], opts).to_kind(Kind::BFloat16);
