@@ -191,6 +191,7 @@ mod tests {
         let (low, high): (f32, f32) = (1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0);
         let ties = Tensor::from_slice(&[low, high, -low, -high]).repeat([25]);
         let x = Tensor::cat(&[Tensor::randn([3, 100], opts), ties.view([1, 100])], 0);
+        assert_eq!(x.kind(), Kind::Float);
         let weight = Tensor::randn([40, 100], opts).to_kind(Kind::BFloat16);
         for isa in [Isa::Widest, Isa::Avx512].into_iter().filter(|isa| kernel_available(*isa)) {
             let from_fp32 = tch::no_grad(|| linear_with(isa, &x, &weight, None));
