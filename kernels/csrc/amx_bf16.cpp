@@ -20,7 +20,8 @@ namespace wizard::amx {
 namespace {
 
 constexpr int64_t kDepth = 32;  // bf16 values along `in` per tile row (64 bytes)
-constexpr int64_t kTile = kColumns * kDepth;
+constexpr int64_t kTile = kColumns * kDepth;        // bf16 values in a tile of weights
+constexpr int64_t kTileDwords = kColumns * kColumns;  // dwords in a tile of input pairs or of sums
 
 bool cpu_has_amx_bf16() {
   unsigned a, b, c, d;
@@ -61,19 +62,24 @@ __m256i round_to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0)));
 }
 
+// Offsets of one column of a 16 x 16 tile of dwords: 0, 16, ..., 240.
+__m512i tile_column() {
+  return _mm512_mullo_epi32(_mm512_set1_epi32(kColumns),
+                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
 // Block [input block][depth step] of 16 x 16 dwords: dword [p][r] is the pair of values 2p, 2p + 1
 // of the step for input row r; zero past the rows and past `in`. `step(row, i, n)` gives 32 bf16
 // values of a row from i, the n < 32 there are when fewer, zeros after.
 template <typename Step>
 std::vector<uint32_t> pack(int64_t rows, int64_t in, const Step& step) {
   const int64_t depth_steps = (in + kDepth - 1) / kDepth, input_blocks = (rows + kColumns - 1) / kColumns;
-  std::vector<uint32_t> packed(input_blocks * depth_steps * kColumns * kColumns, 0);
-  const __m512i pair_rows = _mm512_mullo_epi32(_mm512_set1_epi32(kColumns),
-                                               _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  std::vector<uint32_t> packed(input_blocks * depth_steps * kTileDwords, 0);
+  const __m512i pairs = tile_column();
   for (int64_t r = 0; r < rows; r++) {
-    uint32_t* column = packed.data() + r / kColumns * depth_steps * kColumns * kColumns + r % kColumns;
-    for (int64_t i = 0; i < in; i += kDepth, column += kColumns * kColumns)
-      _mm512_i32scatter_epi32(column, pair_rows, step(r, i, std::min(kDepth, in - i)), 4);
+    uint32_t* column = packed.data() + r / kColumns * depth_steps * kTileDwords + r % kColumns;
+    for (int64_t i = 0; i < in; i += kDepth, column += kTileDwords)
+      _mm512_i32scatter_epi32(column, pairs, step(r, i, std::min(kDepth, in - i)), 4);
   }
   return packed;
 }
@@ -147,31 +153,29 @@ void tiles(const Weights& weights, const uint32_t* packed, int64_t depth_steps, 
   if (W > 1) _tile_zero(1);
   if (I > 1) _tile_zero(2);
   if (W > 1 && I > 1) _tile_zero(3);
-  const uint32_t* inputs = packed + block * depth_steps * kColumns * kColumns;
-  const uint32_t* next_inputs = inputs + depth_steps * kColumns * kColumns;
+  const uint32_t* inputs = packed + block * depth_steps * kTileDwords;
+  const uint32_t* next_inputs = inputs + depth_steps * kTileDwords;
   for (int64_t step = 0; step < depth_steps; step++) {
     _tile_loadd(4, weights.tile(0, step), weights.stride(step));
     if (W > 1) _tile_loadd(5, weights.tile(1, step), weights.stride(step));
-    _tile_loadd(6, inputs + step * kColumns * kColumns, 64);
+    _tile_loadd(6, inputs + step * kTileDwords, 64);
     _tile_dpbf16ps(0, 4, 6);
     if (W > 1) _tile_dpbf16ps(1, 5, 6);
     if (I > 1) {
-      _tile_loadd(7, next_inputs + step * kColumns * kColumns, 64);
+      _tile_loadd(7, next_inputs + step * kTileDwords, 64);
       _tile_dpbf16ps(2, 4, 7);
       if (W > 1) _tile_dpbf16ps(3, 5, 7);
     }
   }
-  constexpr int64_t kSums = kColumns * kColumns;
   _tile_stored(0, sums, 64);
-  if (W > 1) _tile_stored(1, sums + kSums, 64);
-  if (I > 1) _tile_stored(2, sums + 2 * kSums, 64);
-  if (W > 1 && I > 1) _tile_stored(3, sums + 3 * kSums, 64);
+  if (W > 1) _tile_stored(1, sums + kTileDwords, 64);
+  if (I > 1) _tile_stored(2, sums + 2 * kTileDwords, 64);
+  if (W > 1 && I > 1) _tile_stored(3, sums + 3 * kTileDwords, 64);
 }
 
 // A tile of sums holds [weight row][input row]: column r of it, plus the bias, is 16 outputs of row r.
 void write_rows(const float* sums, const float* bias, float* y, int64_t rows, int64_t out) {
-  const __m512i column = _mm512_mullo_epi32(_mm512_set1_epi32(kColumns),
-                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m512i column = tile_column();
   const __m512 added = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; r++)
     _mm512_storeu_ps(y + r * out, _mm512_add_ps(_mm512_i32gather_ps(column, sums + r, 4), added));
@@ -184,7 +188,7 @@ void rows_times_weight(const std::vector<uint32_t>& packed, int64_t rows, const 
   _tile_loadconfig(&kTileConfig);
   const int64_t depth_steps = (in + kDepth - 1) / kDepth, input_blocks = (rows + kColumns - 1) / kColumns;
   Weights weights(w, in);
-  alignas(64) float sums[4 * kColumns * kColumns];
+  alignas(64) float sums[4 * kTileDwords];
   for (int64_t j = begin; j < end; j += 2 * kColumns) {
     const int blocks = j + kColumns < end ? 2 : 1;
     weights.select(j, blocks);
@@ -195,7 +199,7 @@ void rows_times_weight(const std::vector<uint32_t>& packed, int64_t rows, const 
       for (int i = 0; i < (pair ? 2 : 1); i++)
         for (int b = 0; b < blocks; b++) {
           const int64_t row = (block + i) * kColumns, column = j + b * kColumns;
-          write_rows(sums + (2 * i + b) * kColumns * kColumns, bias ? bias + column : nullptr, y + row * out + column,
+          write_rows(sums + (2 * i + b) * kTileDwords, bias ? bias + column : nullptr, y + row * out + column,
                      std::min(kColumns, rows - row), out);
         }
     }
