@@ -176,7 +176,7 @@ mod tests {
                 check(case(203, 1030, 19, true)); // several row blocks
                 check(case(1, 96, 1003, true)); // columns in chunks the threads claim
                 check(case(3, 64, 701, false));
-                check(case(300, 72, 40, true)); // more rows than a group of tiles takes
+                check(case(300, 72, 40, true)); // an odd number of 16-row tiles
             }
         }
     }
