@@ -82,7 +82,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            tracing::error!("{error:#}");
+            // On a terminal the log is stderr too: the line below says it once.
+            if logging::file().is_some() {
+                tracing::error!("{error:#}");
+            }
             eprintln!("wizard: error: {error:#}");
             ExitCode::FAILURE
         }

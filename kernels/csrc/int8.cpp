@@ -1,17 +1,20 @@
 // Int8 weights in blocks of 32 (llama.cpp's q8_0, with fp32 scales) and `x @ w^T + b` over them for
-// inference on CPU. A weight [out, in] is stored as int8 values [out, padded] (in
-// rounded up to a multiple of 32, zeros after `in`) and fp32 scales [out, padded / 32]: per block,
-// scale = max|w| / 127 and q = round(w / scale) (ties to even; every q is in [-127, 127]).
+// inference on CPU. The format users see (and files hold): values [out, padded] (in rounded up to a
+// multiple of 32, zeros after `in`) and fp32 scales [out, padded / 32]; per block, scale = max|w| / 127
+// and q = round(w / scale) (ties to even; every q is in [-127, 127]).
 //
-// The kernel quantizes each activation row the same way, per block, and computes every output as
-// the sum over blocks of (int32 block dot) * (weight scale * activation scale). The fp32 part runs in
-// one order for every kernel, every row count and every thread split:
-//   - lane l (0..7) of a block's dot is the sum of its products 4l..4l+3 (exact, in int32);
-//   - 16 fp32 accumulators: lanes 0..7 take the even blocks, lanes 8..15 the odd blocks, each by
-//     fma(float(lane), weight scale * activation scale, accumulator), block after block;
-//   - then c[l] = acc[l] + acc[l + 8], t[l] = c[l] + c[l + 4], u[l] = t[l] + t[l + 2], sum u[0] + u[1].
-// So a row gives the same bits alone or with 15 others, and the AVX-512 VNNI, AVX2 and scalar
-// kernels give the same bits as each other.
+// The kernels read a packed copy instead (made once, when a weight is quantized or loaded): outputs in
+// groups of 16 and, per group and block, one 576-byte record: the block's values of the 16 outputs as
+// [8 quads][16 outputs][4 values], each plus 128 (unsigned bytes), then the 16 outputs' scales. One
+// load holds four values of 16 outputs, which one VNNI (or AMX) step multiplies by four activation
+// bytes, so a block's integer dot comes out whole for 16 outputs at once.
+//
+// Each activation row is quantized the same way per block, and every output is
+//   y = 0; for each block b in order: y = fma(float(dot_b), weight scale_b * activation scale_b, y);
+//   then y + bias,
+// where dot_b, the block's integer dot, is exact (|dot_b| <= 32 * 127 * 127 < 2^24: the float is
+// exact too). So a row gives the same bits alone or with others, whatever the thread split, and the
+// AVX-512 VNNI, AVX2 and scalar kernels give the same bits as each other.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
@@ -35,27 +38,36 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-// How far ahead of the rows being read the kernels prefetch the weight: the hardware prefetchers
-// lose track of several interleaved short rows, and the weight comes from memory (measured best
+constexpr int64_t kGroup = 16;                               // outputs per record
+constexpr int64_t kQuads = kBlock / 4;                       // four-value steps per block
+constexpr int64_t kQuadBytes = 4 * kGroup;                   // one quad of the 16 outputs
+constexpr int64_t kRecord = kBlock * kGroup + 4 * kGroup;    // values, then scales: 576 bytes
+// How far ahead of the records being read the kernels prefetch the weight: the hardware prefetchers
+// lose track of several interleaved streams, and the weight comes from memory (measured best
 // between 8 and 12 KiB on a Zen 5 core).
 constexpr int64_t kPrefetchBytes = 12 * 1024;
 
-// A quantized weight as the kernels read it.
+int64_t groups_of(int64_t out) { return (out + kGroup - 1) / kGroup; }
+
+// A packed weight as the kernels read it.
 struct Weights {
-  const int8_t* values;  // [out, padded]
-  const float* scales;   // [out, blocks]
-  const float* bias;     // [out], or null
-  int64_t padded, blocks, out;
+  const uint8_t* packed;  // [groups][blocks] records
+  const float* bias;      // [out], or null
+  int64_t blocks, out;
+  const uint8_t* record(int64_t g, int64_t b) const { return packed + (g * blocks + b) * kRecord; }
 };
 
-// The activation rows, quantized once per call. Each kernel lays them out as records of 96 or 192
-// bytes, ordered by block (or block pair), then row: the rows a kernel reads together sit side by
-// side, one pointer away.
+// The activation rows, quantized once per call.
 struct Activations {
-  int64_t rows;
-  uint8_t* data;  // kRecordBytes per block and row (2 * 96 bytes per block pair and row for VNNI)
+  int64_t rows, blocks;
+  int8_t* q;        // [rows][blocks * 32]
+  int32_t* offset;  // [rows][blocks]: -128 * the block's sum (VNNI's unsigned weights add 128 * it)
+  float* scale;     // [rows][blocks]
+  const int8_t* values(int64_t r, int64_t b) const { return q + (r * blocks + b) * kBlock; }
+  int64_t at(int64_t r, int64_t b) const { return r * blocks + b; }
 };
-constexpr int64_t kRecordBytes = 96;
+// Bytes of quantized activations per row and block.
+constexpr int64_t kActivationBytes = kBlock + 8;
 
 // One block of n <= 32 values (the rest of the 32 read as zeros) into `q` (32 bytes) and its scale:
 // max|v| / 127, and q = round-half-even(v / scale) — at most 127 in magnitude, since the rounded
@@ -77,52 +89,50 @@ float quantize_block_ref(const float* v, int64_t n, int8_t* q) {
   return d;
 }
 
-// The last steps of the fixed order (see the top of the file), on the 16 accumulators.
-float fold(const float* acc, const float* bias, int64_t j) {
-  float c[8], t[4];
-  for (int l = 0; l < 8; l++) c[l] = acc[l] + acc[l + 8];
-  for (int l = 0; l < 4; l++) t[l] = c[l] + c[l + 4];
-  const float sum = (t[0] + t[2]) + (t[1] + t[3]);
-  return bias ? sum + bias[j] : sum;
+// Quantizes every row's blocks with `quantize_block` (one of the versions below, all the same bits).
+template <typename Quantize>
+void prepare_with(Quantize quantize_block, const float* x, int64_t in, const Activations& a) {
+  for (int64_t r = 0; r < a.rows; r++)
+    for (int64_t b = 0; b < a.blocks; b++) {
+      int8_t* q = a.q + a.at(r, b) * kBlock;
+      a.scale[a.at(r, b)] = quantize_block(x + r * in + b * kBlock, std::min(kBlock, in - b * kBlock), q);
+      int32_t sum = 0;
+      for (int64_t k = 0; k < kBlock; k++) sum += q[k];
+      a.offset[a.at(r, b)] = -128 * sum;
+    }
+}
+
+// Output `col`'s value at position k of a record: the stored byte minus 128.
+inline int32_t value_at(const uint8_t* record, int64_t col, int64_t k) {
+  return int32_t{record[(k / 4) * kQuadBytes + col * 4 + k % 4]} - 128;
+}
+inline const float* scales_of(const uint8_t* record) {
+  return reinterpret_cast<const float*>(record + kBlock * kGroup);
 }
 
 // Portable: any x86-64 CPU. Slow (tens of times slower than AVX2), but in the same order as the
 // vector kernels.
 namespace scalar {
 
-// A record per block and row: the 32 values, then the scale.
-inline uint8_t* record(const Activations& a, int64_t b, int64_t r) { return a.data + (b * a.rows + r) * kRecordBytes; }
-
-void prepare(const float* x, int64_t in, int64_t blocks, const Activations& a) {
-  for (int64_t r = 0; r < a.rows; r++)
-    for (int64_t b = 0; b < blocks; b++) {
-      uint8_t* rec = record(a, b, r);
-      const float d = quantize_block_ref(x + r * in + b * kBlock, std::min(kBlock, in - b * kBlock),
-                                         reinterpret_cast<int8_t*>(rec));
-      std::memcpy(rec + 32, &d, sizeof d);
-    }
-}
+void prepare(const float* x, int64_t in, const Activations& a) { prepare_with(quantize_block_ref, x, in, a); }
 
 template <int R, int J>
-inline void dots(const Activations& a, int64_t r, const Weights& w, float* y, int64_t j) {
-  static_assert(R == 1 && J == 1, "the scalar kernel takes one row at a time");
-  const int8_t* v = w.values + j * w.padded;
-  const float* ws = w.scales + j * w.blocks;
-  float acc[16] = {};
+inline void dots(const Activations& a, int64_t r, const Weights& w, float* y, int64_t g) {
+  static_assert(R == 1 && J == 1, "the scalar kernel takes one row and one group at a time");
+  float acc[kGroup] = {};
   for (int64_t b = 0; b < w.blocks; b++) {
-    const uint8_t* rec = record(a, b, r);
-    const int8_t* q = reinterpret_cast<const int8_t*>(rec);
-    float xs;
-    std::memcpy(&xs, rec + 32, sizeof xs);
-    const float s = ws[b] * xs;
-    float* lanes = acc + 8 * (b & 1);
-    for (int l = 0; l < 8; l++) {
-      int32_t p = 0;
-      for (int k = 0; k < 4; k++) p += int32_t{q[4 * l + k]} * int32_t{v[b * kBlock + 4 * l + k]};
-      lanes[l] = std::fma(static_cast<float>(p), s, lanes[l]);
+    const uint8_t* rec = w.record(g, b);
+    const int8_t* q = a.values(r, b);
+    for (int64_t c = 0; c < kGroup; c++) {
+      int32_t dot = 0;
+      for (int64_t k = 0; k < kBlock; k++) dot += int32_t{q[k]} * value_at(rec, c, k);
+      acc[c] = std::fma(static_cast<float>(dot), scales_of(rec)[c] * a.scale[a.at(r, b)], acc[c]);
     }
   }
-  y[r * w.out + j] = fold(acc, w.bias, j);
+  for (int64_t c = 0; c < kGroup && g * kGroup + c < w.out; c++) {
+    const int64_t j = g * kGroup + c;
+    y[r * w.out + j] = w.bias ? acc[c] + w.bias[j] : acc[c];
+  }
 }
 
 #include "int8_kernel.h"
@@ -135,14 +145,6 @@ void rows_times_weight(const Activations& a, const Weights& w, float* y, int64_t
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-
-// fold() on c = even + odd accumulators, in registers.
-inline float fold(__m256 c, const float* bias, int64_t j) {
-  __m128 t = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
-  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-  const float sum = _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-  return bias ? sum + bias[j] : sum;
-}
 
 inline __m256 load_first(const float* p, int64_t n) {
   if (n >= 8) return _mm256_loadu_ps(p);
@@ -180,72 +182,58 @@ inline float quantize_block(const float* x, int64_t n, int8_t* q) {
   return d;
 }
 
-// A record per block and row: the 32 values, their magnitudes, the scale 8 times.
-inline uint8_t* record(const Activations& a, int64_t b, int64_t r) { return a.data + (b * a.rows + r) * kRecordBytes; }
+void prepare(const float* x, int64_t in, const Activations& a) { prepare_with(quantize_block, x, in, a); }
 
-void prepare(const float* x, int64_t in, int64_t blocks, const Activations& a) {
-  for (int64_t r = 0; r < a.rows; r++)
-    for (int64_t b = 0; b < blocks; b++) {
-      uint8_t* rec = record(a, b, r);
-      const float d =
-          quantize_block(x + r * in + b * kBlock, std::min(kBlock, in - b * kBlock), reinterpret_cast<int8_t*>(rec));
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rec + 32), _mm256_sign_epi8(q, q));
-      _mm256_storeu_ps(reinterpret_cast<float*>(rec + 64), _mm256_set1_ps(d));
-    }
-}
-
-// R activation rows times J weight rows. The sign trick: maddubs multiplies unsigned by signed
-// bytes, so |x| times w with x's sign (|products| <= 127 * 127, no 16-bit pair saturates), and madd
-// sums the pairs into the eight four-product lanes.
+// R activation rows times one group of 16 outputs, as two halves of 8. The sign trick: maddubs
+// multiplies unsigned by signed bytes, so |x| times w with x's sign (|products| <= 127 * 127, no
+// 16-bit pair saturates), and madd sums the pairs into each output's four-product lane.
 template <int R, int J>
-inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, int64_t j) {
-  __m256 even[R][J], odd[R][J];
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < J; c++) even[r][c] = odd[r][c] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int8_t* values = w.values + j * w.padded;
-  const float* scales = w.scales + j * w.blocks;
-  const int64_t record_stride = a.rows * kRecordBytes;
-  const uint8_t* rec = record(a, 0, r0);
-  auto block = [&](int64_t b, __m256(&acc)[R][J]) {
-    for (int c = 0; c < J; c++) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + c * w.padded + b * kBlock));
-      const __m256 wscale = _mm256_broadcast_ss(scales + c * w.blocks + b);
+inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, int64_t g) {
+  static_assert(J == 1, "the AVX2 kernel takes one group at a time");
+  __m256 acc[R][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < w.blocks; b++) {
+    const uint8_t* rec = w.record(g, b);
+    __m256i dot[R][2];
+    for (int r = 0; r < R; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < kQuads; k++) {
+      const uint8_t* quad = rec + k * kQuadBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(quad) + kPrefetchBytes, _MM_HINT_T0);
+      const __m256i w0 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(quad)), flip);
+      const __m256i w1 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(quad + 32)), flip);
       for (int r = 0; r < R; r++) {
-        const uint8_t* x = rec + r * kRecordBytes;
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-        const __m256i mag = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(wv, q)), ones);
-        const __m256 s = _mm256_mul_ps(wscale, _mm256_loadu_ps(reinterpret_cast<const float*>(x + 64)));
-        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][c]);
+        int32_t four;
+        std::memcpy(&four, a.values(r0 + r, b) + 4 * k, sizeof four);
+        const __m256i x = _mm256_set1_epi32(four), magnitude = _mm256_abs_epi8(x);
+        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w0, x)), ones);
+        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w1, x)), ones);
+        dot[r][0] = _mm256_add_epi32(dot[r][0], p0);
+        dot[r][1] = _mm256_add_epi32(dot[r][1], p1);
       }
     }
-    rec += record_stride;
-  };
-  const char* scales_ahead = reinterpret_cast<const char*>(scales) + kPrefetchBytes / 8;
-  for (int64_t i = 0; i < J * w.blocks * 4; i += 64) _mm_prefetch(scales_ahead + i, _MM_HINT_T0);
-  int64_t b = 0;
-  for (; b + 2 <= w.blocks; b += 2) {
-    for (int c = 0; c < J; c++)
-      _mm_prefetch(reinterpret_cast<const char*>(values + c * w.padded + b * kBlock) + kPrefetchBytes, _MM_HINT_T0);
-    block(b, even);
-    block(b + 1, odd);
+    _mm_prefetch(reinterpret_cast<const char*>(scales_of(rec)) + kPrefetchBytes, _MM_HINT_T0);
+    const __m256 s0 = _mm256_load_ps(scales_of(rec)), s1 = _mm256_load_ps(scales_of(rec) + 8);
+    for (int r = 0; r < R; r++) {
+      const __m256 xs = _mm256_set1_ps(a.scale[a.at(r0 + r, b)]);
+      acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][0]), _mm256_mul_ps(s0, xs), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][1]), _mm256_mul_ps(s1, xs), acc[r][1]);
+    }
   }
-  if (b < w.blocks) block(b, even);
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < J; c++) y[(r0 + r) * w.out + j + c] = fold(_mm256_add_ps(even[r][c], odd[r][c]), w.bias, j + c);
+  const int64_t first = g * kGroup, n = std::min(kGroup, w.out - first);
+  for (int r = 0; r < R; r++) {
+    alignas(32) float sums[kGroup];
+    _mm256_store_ps(sums, acc[r][0]);
+    _mm256_store_ps(sums + 8, acc[r][1]);
+    float* out = y + (r0 + r) * w.out + first;
+    for (int64_t c = 0; c < n; c++) out[c] = w.bias ? sums[c] + w.bias[first + c] : sums[c];
+  }
 }
 
 #include "int8_kernel.h"
 
-// 2 * R * J accumulators of 16 registers: one row meets four weight rows at once, more rows go four
-// at a time against one weight row (the fastest of the shapes tried on a Zen 5 core).
 void rows_times_weight(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
-  if (a.rows == 1)
-    rows_times_weight_by<1, 4>(a, w, y, begin, end);
-  else
-    rows_times_weight_by<4, 1>(a, w, y, begin, end);
+  rows_times_weight_by<2, 1>(a, w, y, begin, end);
 }
 }  // namespace avx2
 #pragma GCC pop_options
@@ -273,99 +261,72 @@ inline float quantize_block(const float* x, int64_t n, int8_t* q) {
   return d;
 }
 
-// A record per block pair and row: the 64 values (the even block in the low 32 bytes, lanes 0..7;
-// the odd one, or zeros, in the high), the 16 lane offsets, the 16 lane scales.
-constexpr int64_t kPairBytes = 2 * kRecordBytes;
-inline uint8_t* record(const Activations& a, int64_t i, int64_t r) { return a.data + (i * a.rows + r) * kPairBytes; }
+void prepare(const float* x, int64_t in, const Activations& a) { prepare_with(quantize_block, x, in, a); }
 
-void prepare(const float* x, int64_t in, int64_t blocks, const Activations& a) {
-  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t r = 0; r < a.rows; r++)
-    for (int64_t i = 0; 2 * i < blocks; i++) {
-      uint8_t* rec = record(a, i, r);
-      for (int64_t h = 0; h < 2; h++) {
-        const int64_t b = 2 * i + h;
-        int8_t* q = reinterpret_cast<int8_t*>(rec + 32 * h);
-        const float d = b < blocks ? quantize_block(x + r * in + b * kBlock, std::min(kBlock, in - b * kBlock), q)
-                                   : (std::memset(q, 0, kBlock), 0.0f);
-        _mm256_storeu_ps(reinterpret_cast<float*>(rec + 128 + 32 * h), _mm256_set1_ps(d));
-      }
-      const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, _mm512_loadu_si512(rec));
-      _mm512_storeu_si512(rec + 64, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
-    }
-}
-
-// R activation rows times J weight rows, a block pair at a time. dpbusd multiplies unsigned by
-// signed bytes: the weight flipped to w + 128 (unsigned) times x, plus -128 * sum(x) (precomputed
-// per activation lane), is the exact dot w . x.
+// R activation rows times J groups of 16 outputs. dpbusd multiplies the unsigned values (w + 128)
+// by four activation bytes, broadcast, and adds the four products to each output's lane; starting
+// from -128 * sum(x), eight steps leave the block's exact dot w . x.
 template <int R, int J>
-inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, int64_t j) {
+inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, int64_t g0) {
   __m512 acc[R][J];
   for (int r = 0; r < R; r++)
-    for (int c = 0; c < J; c++) acc[r][c] = _mm512_setzero_ps();
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const int8_t* values = w.values + j * w.padded;
-  const float* scales = w.scales + j * w.blocks;
-  const int64_t record_stride = a.rows * kPairBytes;
-  const uint8_t* rec = record(a, 0, r0);
-  auto pair = [&](const __m512i(&wu)[J], const __m512(&wscale)[J]) {
+    for (int j = 0; j < J; j++) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < w.blocks; b++) {
+    const uint8_t* rec[J];
+    for (int j = 0; j < J; j++) rec[j] = w.record(g0 + j, b);
+    __m512i dot[R][J];
     for (int r = 0; r < R; r++) {
-      const uint8_t* x = rec + r * kPairBytes;
-      const __m512i q = _mm512_loadu_si512(x);
-      const __m512i offset = _mm512_loadu_si512(x + 64);
-      const __m512 xscale = _mm512_loadu_ps(reinterpret_cast<const float*>(x + 128));
-      for (int c = 0; c < J; c++) {
-        const __m512i p = _mm512_dpbusd_epi32(offset, wu[c], q);
-        acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(wscale[c], xscale), acc[r][c]);
+      const __m512i offset = _mm512_set1_epi32(a.offset[a.at(r0 + r, b)]);
+      for (int j = 0; j < J; j++) dot[r][j] = offset;
+    }
+    for (int64_t k = 0; k < kQuads; k++) {
+      __m512i values[J];
+      for (int j = 0; j < J; j++) {
+        const uint8_t* quad = rec[j] + k * kQuadBytes;
+        _mm_prefetch(reinterpret_cast<const char*>(quad) + kPrefetchBytes, _MM_HINT_T0);
+        values[j] = _mm512_load_si512(quad);
+      }
+      for (int r = 0; r < R; r++) {
+        int32_t four;
+        std::memcpy(&four, a.values(r0 + r, b) + 4 * k, sizeof four);
+        const __m512i x = _mm512_set1_epi32(four);
+        for (int j = 0; j < J; j++) dot[r][j] = _mm512_dpbusd_epi32(dot[r][j], values[j], x);
       }
     }
-    rec += record_stride;
-  };
-  const char* scales_ahead = reinterpret_cast<const char*>(scales) + kPrefetchBytes / 8;
-  for (int64_t b = 0; b < J * w.blocks * 4; b += 64) _mm_prefetch(scales_ahead + b, _MM_HINT_T0);
-  const int64_t full = w.blocks / 2;
-  for (int64_t i = 0; i < full; i++) {
-    __m512i wu[J];
-    __m512 wscale[J];
-    for (int c = 0; c < J; c++) {
-      const int8_t* v = values + c * w.padded + 64 * i;
-      _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
-      wu[c] = _mm512_xor_si512(_mm512_loadu_si512(v), flip);
-      const __m128i two = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + c * w.blocks + 2 * i));
-      wscale[c] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_castsi128_ps(two)));
+    for (int j = 0; j < J; j++) {
+      _mm_prefetch(reinterpret_cast<const char*>(scales_of(rec[j])) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512 scales = _mm512_load_ps(scales_of(rec[j]));
+      for (int r = 0; r < R; r++)
+        acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][j]),
+                                    _mm512_mul_ps(scales, _mm512_set1_ps(a.scale[a.at(r0 + r, b)])), acc[r][j]);
     }
-    pair(wu, wscale);
   }
-  if (w.blocks % 2) {
-    // The last block alone: the high half meets zero activations and a zero scale, and adds 0.
-    __m512i wu[J];
-    __m512 wscale[J];
-    for (int c = 0; c < J; c++) {
-      const __m256i last = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + c * w.padded + 64 * full));
-      wu[c] = _mm512_xor_si512(_mm512_zextsi256_si512(last), flip);
-      wscale[c] = _mm512_zextps256_ps512(_mm256_set1_ps(scales[c * w.blocks + 2 * full]));
+  for (int j = 0; j < J; j++) {
+    const int64_t first = (g0 + j) * kGroup, n = std::min(kGroup, w.out - first);
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+    const __m512 bias = w.bias ? _mm512_maskz_loadu_ps(mask, w.bias + first) : _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) {
+      const __m512 sum = w.bias ? _mm512_add_ps(acc[r][j], bias) : acc[r][j];
+      _mm512_mask_storeu_ps(y + (r0 + r) * w.out + first, mask, sum);
     }
-    pair(wu, wscale);
   }
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < J; c++) {
-      const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][c]), 1));
-      y[(r0 + r) * w.out + j + c] = avx2::fold(_mm256_add_ps(_mm512_castps512_ps256(acc[r][c]), high), w.bias, j + c);
-    }
 }
 
 #include "int8_kernel.h"
 
-// Four rows times four weight rows: 16 accumulators, 8 weight registers and 3 of activations of 32.
+// One row meets four groups at once (decode); more rows go four at a time against two groups: 16
+// accumulators, 8 dots, 2 weight registers of 32.
 void rows_times_weight(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
-  rows_times_weight_by<4, 4>(a, w, y, begin, end);
+  if (a.rows == 1)
+    rows_times_weight_by<1, 4>(a, w, y, begin, end);
+  else
+    rows_times_weight_by<4, 2>(a, w, y, begin, end);
 }
 }  // namespace vnni
 #pragma GCC pop_options
 
 struct Kernel {
-  void (*prepare)(const float* x, int64_t in, int64_t blocks, const Activations& a);
+  void (*prepare)(const float* x, int64_t in, const Activations& a);
   void (*rows_times_weight)(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end);
 };
 
@@ -394,23 +355,76 @@ std::string describe(const at::Tensor& t) {
   return std::string(c10::toString(t.scalar_type())) + " [" + sizes + "] on " + t.device().str();
 }
 
-// The layout the kernels index by (the Rust side validates the parts when they are made; this guards
-// against tensors changed since, e.g. through a shallow clone).
-void check_layout(const at::Tensor& values, const at::Tensor& scales, int64_t in) {
+int64_t blocks_of(int64_t in) { return (in + kBlock - 1) / kBlock; }
+
+// The layout the kernels index by (the Rust side makes packed weights only from checked parts; this
+// guards against tensors changed since, e.g. through a shallow clone).
+void check_packed(const at::Tensor& packed, int64_t out, int64_t in) {
+  if (!packed.device().is_cpu() || packed.scalar_type() != at::kByte || packed.dim() != 1 || !packed.is_contiguous())
+    throw std::invalid_argument("int8 weight: the packed weight must be a contiguous uint8 CPU vector, got " +
+                                describe(packed));
+  if (out < 0 || in < 0 || packed.numel() != groups_of(out) * blocks_of(in) * kRecord)
+    throw std::invalid_argument("int8 weight: the packed weight " + describe(packed) + " does not hold [" +
+                                std::to_string(out) + ", " + std::to_string(in) + "]");
+}
+
+void check_parts(const at::Tensor& values, const at::Tensor& scales, int64_t in) {
   if (!values.device().is_cpu() || values.scalar_type() != at::kChar || values.dim() != 2 || !values.is_contiguous())
     throw std::invalid_argument("int8 weight: values must be a contiguous int8 CPU matrix, got " + describe(values));
   if (!scales.device().is_cpu() || scales.scalar_type() != at::kFloat || scales.dim() != 2 || !scales.is_contiguous())
     throw std::invalid_argument("int8 weight: scales must be a contiguous float CPU matrix, got " + describe(scales));
-  const int64_t padded = values.size(1);
-  if (in < 0 || padded != (in + kBlock - 1) / kBlock * kBlock)
+  if (in < 0 || values.size(1) != blocks_of(in) * kBlock)
     throw std::invalid_argument("int8 weight: values " + describe(values) + " do not hold " + std::to_string(in) +
                                 " input features padded to a multiple of 32");
-  if (scales.size(0) != values.size(0) || scales.size(1) != padded / kBlock)
+  if (scales.size(0) != values.size(0) || scales.size(1) != blocks_of(in))
     throw std::invalid_argument("int8 weight: scales " + describe(scales) + " do not match values " + describe(values));
 }
 
-at::Tensor dequantize(const at::Tensor& values, const at::Tensor& scales, int64_t in) {
-  const int64_t out = values.size(0), blocks = scales.size(1);
+// values [out, padded] and scales [out, blocks] into records (outputs past `out` hold zeros).
+at::Tensor pack(const at::Tensor& values, const at::Tensor& scales) {
+  const int64_t out = values.size(0), blocks = scales.size(1), groups = groups_of(out);
+  auto packed = at::empty({groups * blocks * kRecord}, at::kByte);
+  const int8_t* vp = values.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; g++)
+      for (int64_t b = 0; b < blocks; b++) {
+        uint8_t* rec = pp + (g * blocks + b) * kRecord;
+        float* record_scales = reinterpret_cast<float*>(rec + kBlock * kGroup);
+        for (int64_t c = 0; c < kGroup; c++) {
+          const int64_t j = g * kGroup + c;
+          for (int64_t k = 0; k < kBlock; k++)
+            rec[(k / 4) * kQuadBytes + c * 4 + k % 4] =
+                static_cast<uint8_t>((j < out ? int32_t{vp[(j * blocks + b) * kBlock + k]} : 0) + 128);
+          record_scales[c] = j < out ? sp[j * blocks + b] : 0.0f;
+        }
+      }
+  });
+  return packed;
+}
+
+// The inverse of pack: values [out, padded], scales [out, blocks].
+std::pair<at::Tensor, at::Tensor> unpack(const at::Tensor& packed, int64_t out, int64_t in) {
+  const int64_t blocks = blocks_of(in);
+  auto values = at::empty({out, blocks * kBlock}, at::kChar);
+  auto scales = at::empty({out, blocks}, at::kFloat);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  int8_t* vp = values.data_ptr<int8_t>();
+  float* sp = scales.data_ptr<float>();
+  for (int64_t j = 0; j < out; j++)
+    for (int64_t b = 0; b < blocks; b++) {
+      const uint8_t* rec = pp + ((j / kGroup) * blocks + b) * kRecord;
+      for (int64_t k = 0; k < kBlock; k++)
+        vp[(j * blocks + b) * kBlock + k] = static_cast<int8_t>(value_at(rec, j % kGroup, k));
+      sp[j * blocks + b] = scales_of(rec)[j % kGroup];
+    }
+  return {values, scales};
+}
+
+at::Tensor dequantize(const at::Tensor& packed, int64_t out, int64_t in) {
+  const auto [values, scales] = unpack(packed, out, in);
+  const int64_t blocks = scales.size(1);
   return (values.to(at::kFloat).view({out, blocks, kBlock}) * scales.unsqueeze(-1))
       .view({out, blocks * kBlock})
       .narrow(1, 0, in)
@@ -442,14 +456,14 @@ int wizard_int8_kernel_isa() {
 // Whether this CPU runs the kernel for `isa` (as in wizard_int8_linear).
 int wizard_int8_kernel_available(int isa) { return kernel_for(isa) != nullptr; }
 
-// `*values`, `*scales` = new tch tensors holding the blocks of `weight`, a contiguous fp32 CPU
-// matrix of finite values.
-int wizard_int8_quantize(void* weight_handle, void** values_out, void** scales_out) {
+// `*packed` = a new tch tensor holding the blocks of `weight`, a contiguous fp32 CPU matrix of
+// finite values, packed for the kernels.
+int wizard_int8_quantize(void* weight_handle, void** packed_out) {
   return wizard::guarded([&] {
     const auto& w = *static_cast<at::Tensor*>(weight_handle);
     if (!w.device().is_cpu() || w.scalar_type() != at::kFloat || w.dim() != 2 || !w.is_contiguous())
       throw std::invalid_argument("int8 quantize: expected a contiguous float CPU matrix, got " + describe(w));
-    const int64_t out = w.size(0), in = w.size(1), blocks = (in + kBlock - 1) / kBlock;
+    const int64_t out = w.size(0), in = w.size(1), blocks = blocks_of(in);
     auto values = at::empty({out, blocks * kBlock}, at::kChar);
     auto scales = at::empty({out, blocks}, at::kFloat);
     const float* wp = w.data_ptr<float>();
@@ -464,18 +478,37 @@ int wizard_int8_quantize(void* weight_handle, void** values_out, void** scales_o
           sp[j * blocks + b] = d;
         }
     });
+    *packed_out = new at::Tensor(pack(values, scales));
+  });
+}
+
+// `*packed` = the checked parts (int8 values [out, padded], fp32 scales [out, blocks]) packed.
+int wizard_int8_pack(void* values_handle, void* scales_handle, int64_t in, void** packed_out) {
+  return wizard::guarded([&] {
+    const auto& values = *static_cast<at::Tensor*>(values_handle);
+    const auto& scales = *static_cast<at::Tensor*>(scales_handle);
+    check_parts(values, scales, in);
+    *packed_out = new at::Tensor(pack(values, scales));
+  });
+}
+
+// `*values`, `*scales` = new tch tensors: the parts a packed weight [out, in] holds.
+int wizard_int8_unpack(void* packed_handle, int64_t out, int64_t in, void** values_out, void** scales_out) {
+  return wizard::guarded([&] {
+    const auto& packed = *static_cast<at::Tensor*>(packed_handle);
+    check_packed(packed, out, in);
+    auto [values, scales] = unpack(packed, out, in);
     *values_out = new at::Tensor(std::move(values));
     *scales_out = new at::Tensor(std::move(scales));
   });
 }
 
 // `*result` = a new tch tensor: the fp32 [out, in] weight the blocks stand for.
-int wizard_int8_dequantize(void* values_handle, void* scales_handle, int64_t in, void** result) {
+int wizard_int8_dequantize(void* packed_handle, int64_t out, int64_t in, void** result) {
   return wizard::guarded([&] {
-    const auto& values = *static_cast<at::Tensor*>(values_handle);
-    const auto& scales = *static_cast<at::Tensor*>(scales_handle);
-    check_layout(values, scales, in);
-    *result = new at::Tensor(dequantize(values, scales, in));
+    const auto& packed = *static_cast<at::Tensor*>(packed_handle);
+    check_packed(packed, out, in);
+    *result = new at::Tensor(dequantize(packed, out, in));
   });
 }
 
@@ -483,39 +516,38 @@ int wizard_int8_dequantize(void* values_handle, void* scales_handle, int64_t in,
 // `isa` (0: the widest this CPU runs, 1: AVX2, 2: scalar) for fp32 CPU rows that need no gradient,
 // outside autocast (any count: decode, a batch, verification, prefill); otherwise the weight
 // dequantized and at::linear.
-int wizard_int8_linear(void* x_handle, void* values_handle, void* scales_handle, int64_t in, void* bias_handle,
-                       int isa, void** result) {
+int wizard_int8_linear(void* x_handle, void* packed_handle, int64_t out, int64_t in, void* bias_handle, int isa,
+                       void** result) {
   return wizard::guarded([&] {
     const auto& x = *static_cast<at::Tensor*>(x_handle);
-    const auto& values = *static_cast<at::Tensor*>(values_handle);
-    const auto& scales = *static_cast<at::Tensor*>(scales_handle);
+    const auto& packed = *static_cast<at::Tensor*>(packed_handle);
     c10::optional<at::Tensor> bias;
     if (bias_handle) bias = *static_cast<at::Tensor*>(bias_handle);
-    check_layout(values, scales, in);
-    const int64_t out = values.size(0);
+    check_packed(packed, out, in);
     const Kernel* kernel = kernel_for(isa);
     if (!kernel_applies(kernel, x, in, out, bias)) {
-      *result = new at::Tensor(at::linear(x, dequantize(values, scales, in).to(x.device(), x.scalar_type()), bias));
+      *result = new at::Tensor(at::linear(x, dequantize(packed, out, in).to(x.device(), x.scalar_type()), bias));
       return;
     }
     const at::Tensor xc = x.contiguous();
-    const int64_t rows = xc.numel() / in, blocks = values.size(1) / kBlock, pairs = (blocks + 1) / 2;
+    const int64_t rows = xc.numel() / in, blocks = blocks_of(in);
     auto sizes = x.sizes().vec();
     sizes.back() = out;
     auto y = at::empty(sizes, xc.options());
     if (rows > 0 && out > 0) {
-      // Records for every block pair and row (the allocator aligns the buffer to 64 bytes).
-      auto scratch = at::empty({rows * pairs * 2 * kRecordBytes}, at::kByte);
-      const Activations a{rows, scratch.data_ptr<uint8_t>()};
-      kernel->prepare(xc.data_ptr<float>(), in, blocks, a);
-      const Weights w{values.data_ptr<int8_t>(), scales.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
-                      values.size(1), blocks, out};
+      auto scratch = at::empty({rows * blocks * kActivationBytes}, at::kByte);
+      uint8_t* base = scratch.data_ptr<uint8_t>();
+      const Activations a{rows, blocks, reinterpret_cast<int8_t*>(base),
+                          reinterpret_cast<int32_t*>(base + rows * blocks * kBlock),
+                          reinterpret_cast<float*>(base + rows * blocks * (kBlock + 4))};
+      kernel->prepare(xc.data_ptr<float>(), in, a);
+      const Weights w{packed.data_ptr<uint8_t>(), bias ? bias->data_ptr<float>() : nullptr, blocks, out};
       float* yp = y.data_ptr<float>();
       // About 256K products per task, as many weight bytes as the fp32 kernel's 64K per task: small
       // layers stay on one thread.
-      const int64_t grain = std::max<int64_t>(16, 262144 / (in * rows));
-      wizard::balanced_for(out, grain,
-                           [&](int64_t begin, int64_t end) { kernel->rows_times_weight(a, w, yp, begin, end); });
+      const int64_t grain = std::max<int64_t>(1, 262144 / (in * rows * kGroup));
+      wizard::balanced_for(groups_of(out), grain,
+                           [&](int64_t begin, int64_t end) { kernel->rows_times_weight(a, w, yp, begin, end); }, 4);
     }
     *result = new at::Tensor(std::move(y));
   });

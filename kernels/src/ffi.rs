@@ -134,21 +134,30 @@ extern "C" {
     pub(crate) fn wizard_linear_bf16_kernel() -> c_int;
 
     // csrc/int8.cpp
-    pub(crate) fn wizard_int8_quantize(
-        weight: TensorHandle,
+    pub(crate) fn wizard_int8_quantize(weight: TensorHandle, packed: *mut TensorHandle) -> c_int;
+    pub(crate) fn wizard_int8_pack(
+        values: TensorHandle,
+        scales: TensorHandle,
+        in_features: i64,
+        packed: *mut TensorHandle,
+    ) -> c_int;
+    pub(crate) fn wizard_int8_unpack(
+        packed: TensorHandle,
+        out_features: i64,
+        in_features: i64,
         values: *mut TensorHandle,
         scales: *mut TensorHandle,
     ) -> c_int;
     pub(crate) fn wizard_int8_dequantize(
-        values: TensorHandle,
-        scales: TensorHandle,
+        packed: TensorHandle,
+        out_features: i64,
         in_features: i64,
         result: *mut TensorHandle,
     ) -> c_int;
     pub(crate) fn wizard_int8_linear(
         x: TensorHandle,
-        values: TensorHandle,
-        scales: TensorHandle,
+        packed: TensorHandle,
+        out_features: i64,
         in_features: i64,
         bias: TensorHandle,
         isa: c_int,

@@ -5,12 +5,14 @@
 //! zeros after `in`) and fp32 scales `[out, padded / 32]`; per block, scale = max|w| / 127 and
 //! q = round(w / scale), ties to even, so every value is in -127..=127.
 //!
-//! For inference (fp32 on CPU, no gradient, any row count: decode, a batch, verification, prefill)
-//! a kernel quantizes each activation row the same way on the fly and sums, per output, (int32 block
-//! dot) * (weight scale * activation scale) over the blocks, rows in L2-sized blocks (AVX-512 VNNI,
-//! AVX2, or portable code). The fp32 sums run in one fixed order, so a row's result is the same bits alone or
-//! with others, whatever the thread split, and on every kernel. Anything else dequantizes the weight
-//! and calls `at::linear`.
+//! The kernels read a packed copy (outputs in groups of 16, each block's values of a group side by
+//! side; see csrc/int8.cpp), made when a weight is quantized or built from its parts; the parts are
+//! unpacked from it when asked for. For inference (fp32 on CPU, no gradient, any row count: decode, a
+//! batch, verification, prefill) a kernel quantizes each activation row the same way on the fly and
+//! sums, per output, (exact int32 block dot) * (weight scale * activation scale) over the blocks in
+//! order (AVX-512 VNNI, AVX2, or portable code), so a row's result is the same bits alone or with
+//! others, whatever the thread split, and on every kernel. Anything else dequantizes the weight and
+//! calls `at::linear`.
 use std::ptr;
 
 use tch::{Device, Kind, Tensor};
@@ -24,8 +26,8 @@ pub const BLOCK: i64 = 32;
 /// A weight `[out, in]` as int8 blocks of 32 along `in` with one fp32 scale each, on the CPU.
 #[derive(Debug)]
 pub struct Int8Weight {
-    values: Tensor,
-    scales: Tensor,
+    packed: Tensor,
+    out_features: i64,
     in_features: i64,
 }
 
@@ -71,14 +73,15 @@ impl Int8Weight {
         if weight.isfinite().all().int64_value(&[]) == 0 {
             return invalid("the weight to quantize holds NaN or infinite values".into());
         }
-        let (mut values, mut scales) = (ptr::null_mut(), ptr::null_mut());
+        let mut packed = ptr::null_mut();
         // SAFETY: the weight is a live tch tensor for the duration of the call, which only reads it;
-        // on success both outputs are new heap tensors whose ownership passes to us.
-        let status = unsafe { ffi::wizard_int8_quantize(ffi::tensor(&weight), &mut values, &mut scales) };
+        // on success the output is a new heap tensor whose ownership passes to us.
+        let status = unsafe { ffi::wizard_int8_quantize(ffi::tensor(&weight), &mut packed) };
         check(status, "int8 quantize")?;
         // SAFETY: see above.
-        let (values, scales) = unsafe { (owned(values), owned(scales)) };
-        Ok(Int8Weight { values, scales, in_features: weight.size()[1] })
+        let packed = unsafe { owned(packed) };
+        let (out_features, in_features) = (weight.size()[0], weight.size()[1]);
+        Ok(Int8Weight { packed, out_features, in_features })
     }
 
     /// A weight from its stored parts: int8 `values` `[out, padded]` with `padded` the multiple of 32
@@ -123,17 +126,37 @@ impl Int8Weight {
         if scales.isfinite().all().int64_value(&[]) == 0 {
             return invalid("scales hold NaN or infinite values".into());
         }
-        Ok(Int8Weight { values, scales, in_features })
+        let mut packed = ptr::null_mut();
+        // SAFETY: the parts are live tch tensors for the duration of the call, which only reads them;
+        // on success the output is a new heap tensor whose ownership passes to us.
+        let status =
+            unsafe { ffi::wizard_int8_pack(ffi::tensor(&values), ffi::tensor(&scales), in_features, &mut packed) };
+        check(status, "int8 pack")?;
+        // SAFETY: see above.
+        let packed = unsafe { owned(packed) };
+        Ok(Int8Weight { packed, out_features: out, in_features })
     }
 
-    /// The int8 values `[out, padded]`, zeros after `in_features` in each row.
-    pub fn values(&self) -> &Tensor {
-        &self.values
-    }
-
-    /// The fp32 scales `[out, padded / 32]`, one per block.
-    pub fn scales(&self) -> &Tensor {
-        &self.scales
+    /// The stored parts: int8 values `[out, padded]` (zeros after `in_features` in each row) and fp32
+    /// scales `[out, padded / 32]`, one per block, unpacked.
+    pub fn parts(&self) -> (Tensor, Tensor) {
+        let (mut values, mut scales) = (ptr::null_mut(), ptr::null_mut());
+        // SAFETY: the packed tensor is live for the duration of the call, which only reads it; on
+        // success both outputs are new heap tensors whose ownership passes to us.
+        let status = unsafe {
+            ffi::wizard_int8_unpack(
+                ffi::tensor(&self.packed),
+                self.out_features,
+                self.in_features,
+                &mut values,
+                &mut scales,
+            )
+        };
+        if let Err(error) = check(status, "int8 unpack") {
+            panic!("{error}");
+        }
+        // SAFETY: see above.
+        unsafe { (owned(values), owned(scales)) }
     }
 
     /// `in` of the weight `[out, in]` these blocks stand for.
@@ -143,7 +166,7 @@ impl Int8Weight {
 
     /// `out` of the weight `[out, in]` these blocks stand for.
     pub fn out_features(&self) -> i64 {
-        self.values.size()[0]
+        self.out_features
     }
 
     /// The fp32 weight `[out, in]` these blocks stand for: value times its block's scale.
@@ -152,12 +175,7 @@ impl Int8Weight {
         // SAFETY: the handles are live tch tensors for the duration of the call, which only reads
         // them; on success `result` is a new heap tensor whose ownership passes to us.
         let status = unsafe {
-            ffi::wizard_int8_dequantize(
-                ffi::tensor(&self.values),
-                ffi::tensor(&self.scales),
-                self.in_features,
-                &mut result,
-            )
+            ffi::wizard_int8_dequantize(ffi::tensor(&self.packed), self.out_features, self.in_features, &mut result)
         };
         if let Err(error) = check(status, "int8 dequantize") {
             panic!("{error}");
@@ -200,8 +218,8 @@ fn linear_with(isa: Isa, x: &Tensor, weight: &Int8Weight, bias: Option<&Tensor>)
     let status = unsafe {
         ffi::wizard_int8_linear(
             ffi::tensor(x),
-            ffi::tensor(&weight.values),
-            ffi::tensor(&weight.scales),
+            ffi::tensor(&weight.packed),
+            weight.out_features,
             weight.in_features,
             bias.map_or(ptr::null_mut(), ffi::tensor),
             isa as i32,
@@ -241,12 +259,13 @@ mod tests {
     fn check_quantized(weight: &Tensor, q: &Int8Weight) {
         let (out, in_dim) = (weight.size()[0], weight.size()[1]);
         assert_eq!((q.out_features(), q.in_features()), (out, in_dim));
-        let scale = q.scales().repeat_interleave_self_int(BLOCK, Some(1), None).narrow(1, 0, in_dim);
+        let (values, scales) = q.parts();
+        let scale = scales.repeat_interleave_self_int(BLOCK, Some(1), None).narrow(1, 0, in_dim);
         let error = (weight.to_kind(Kind::Float) - q.dequantize()).abs();
         let slack = &scale * 0.5 * (1.0 + 1e-5) + weight.to_kind(Kind::Float).abs() * 1e-6;
         assert!(error.le_tensor(&slack).all().int64_value(&[]) == 1, "[{out}, {in_dim}]: error beyond scale / 2");
         if padded(in_dim) > in_dim {
-            let padding = q.values().narrow(1, in_dim, padded(in_dim) - in_dim);
+            let padding = values.narrow(1, in_dim, padded(in_dim) - in_dim);
             assert_eq!(padding.abs().sum(Kind::Int64).int64_value(&[]), 0, "padding is not zeros");
         }
     }
@@ -355,12 +374,13 @@ mod tests {
         let weight = Tensor::from_slice(&row).reshape([1, 40]);
         let zeros = Tensor::zeros([1, 40], (Kind::Float, Device::Cpu));
         let q = Int8Weight::quantize(&Tensor::cat(&[weight, zeros], 0)).unwrap();
-        assert_eq!(q.values().size(), [2, 64]);
-        let values = Vec::<i64>::try_from(q.values().narrow(1, 0, 33).reshape([-1]).to_kind(Kind::Int64)).unwrap();
+        let (values, scales) = q.parts();
+        assert_eq!(values.size(), [2, 64]);
+        let values = Vec::<i64>::try_from(values.narrow(1, 0, 33).reshape([-1]).to_kind(Kind::Int64)).unwrap();
         assert_eq!(values[..5], [0, 2, 2, -2, -127]);
         assert_eq!(values[32], 127);
         assert!(values[33..].iter().all(|&v| v == 0));
-        let scales = Vec::<f32>::try_from(q.scales().reshape([-1])).unwrap();
+        let scales = Vec::<f32>::try_from(scales.reshape([-1])).unwrap();
         assert_eq!(scales, [1.0, 3.0 / 127.0, 0.0, 0.0]);
     }
 
@@ -369,7 +389,7 @@ mod tests {
         let weight = (Tensor::randn([10, 70], (Kind::Float, Device::Cpu)) * 3.0).to_kind(Kind::BFloat16);
         let q = Int8Weight::quantize(&weight).unwrap();
         check_quantized(&weight, &q);
-        assert_eq!(q.values().device(), Device::Cpu);
+        assert_eq!(q.parts().0.device(), Device::Cpu);
 
         let nan = Tensor::from_slice(&[1.0f32, f32::NAN]).reshape([1, 2]);
         for (weight, message) in [
@@ -407,8 +427,8 @@ mod tests {
         // Parts that fit: the same weight back.
         let weight = Tensor::randn([5, 50], (Kind::Float, cpu));
         let q = Int8Weight::quantize(&weight).unwrap();
-        let again =
-            Int8Weight::from_parts(q.values().shallow_clone(), q.scales().shallow_clone(), q.in_features()).unwrap();
+        let (values, scales) = q.parts();
+        let again = Int8Weight::from_parts(values, scales, q.in_features()).unwrap();
         assert!(again.dequantize().equal(&q.dequantize()));
         let x = Tensor::randn([2, 50], (Kind::Float, cpu));
         assert!(tch::no_grad(|| linear(&x, &again, None).equal(&linear(&x, &q, None))));

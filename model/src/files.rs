@@ -12,15 +12,20 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Replaces `path` atomically with what `write` puts at the path it is given: a fresh temporary file
 /// beside `path` (same file system, so the rename is atomic), flushed to disk and renamed over
-/// `path`, or removed if anything fails. A device or pipe (`/dev/stdout`) is written in place, since
-/// a rename would replace it.
+/// `path`, or removed if anything fails. The result has the mode a plain new file gets (writers that
+/// make their own private temporary, as the `safetensors` crate does, would leave it 0600). A device
+/// or pipe (`/dev/stdout`) is written in place, since a rename would replace it.
 pub fn replace_with(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<()> {
     if fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
         return write(path);
     }
     let temporary = temporary_beside(path);
-    let result =
-        write(&temporary).and_then(|()| File::open(&temporary)?.sync_all()).and_then(|()| fs::rename(&temporary, path));
+    let result = File::create(&temporary).and_then(|file| file.metadata()).and_then(|created| {
+        write(&temporary)?;
+        fs::set_permissions(&temporary, created.permissions())?;
+        File::open(&temporary)?.sync_all()?;
+        fs::rename(&temporary, path)
+    });
     if result.is_err() {
         let _ = fs::remove_file(&temporary);
     }
@@ -74,6 +79,25 @@ mod tests {
         write_atomically(Path::new("/dev/null"), b"in place").unwrap();
         let full = write_atomically(Path::new("/dev/full"), b"in place").unwrap_err();
         assert_eq!(full.kind(), io::ErrorKind::StorageFull, "{full}");
+    }
+
+    #[test]
+    fn a_replaced_file_has_a_new_files_mode_whatever_the_writer_made() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        File::create(&plain).unwrap();
+        let expected = fs::metadata(&plain).unwrap().permissions().mode();
+        let path = dir.path().join("model.safetensors");
+        replace_with(&path, |temporary| {
+            // What the `safetensors` crate does: a private file of its own, renamed over the path.
+            let private = tempfile::NamedTempFile::new_in(dir.path())?;
+            fs::write(private.path(), b"weights")?;
+            private.persist(temporary).map(drop).map_err(|e| e.error)
+        })
+        .unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"weights");
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode(), expected);
     }
 
     #[test]

@@ -225,8 +225,9 @@ impl GptBigCode {
             .filter(|(name, _)| !layers.iter().any(|(layer, _)| layer == name))
             .collect();
         for (name, weight) in layers {
-            tensors.push((format!("{name}{SCALE_SUFFIX}"), weight.scales().shallow_clone()));
-            tensors.push((name, weight.values().shallow_clone()));
+            let (values, scales) = weight.parts();
+            tensors.push((format!("{name}{SCALE_SUFFIX}"), scales));
+            tensors.push((name, values));
         }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         checkpoint::save_as_they_are(dir, &tensors)?;
