@@ -361,8 +361,8 @@ mod tests {
         check(Case { rows: 2, in_dim: 0, out_dim: 3, bias: true, weights: Weights::Random }); // empty products
         check(Case { rows: 40, in_dim: 64, out_dim: 64, bias: true, weights: Weights::Random });
         check(Case { rows: 203, in_dim: 3000, out_dim: 21, bias: true, weights: Weights::Random });
-        // row blocks
-        // prefill
+        // Partial groups of 16 outputs beside whole ones, at prefill widths.
+        check(Case { rows: 48, in_dim: 100, out_dim: 37, bias: true, weights: Weights::ZeroRows });
     }
 
     /// Ties round to even, the largest magnitude maps to ±127, and a block of zeros has scale 0.
