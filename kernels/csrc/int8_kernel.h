@@ -24,7 +24,7 @@ inline void row_block(const Activations& a, const Weights& w, float* y, int64_t 
 }
 
 // Output groups [begin, end), J at a time, for every activation row. Rows go in blocks whose
-// quantized values (about 512 KiB: 12 rows of 8192 values) stay in L2 while the
+// quantized values (about 512 KiB: 51 rows of 8192 values) stay in L2 while the
 // groups' records stream past them, so a weight is read from memory once per block.
 template <int Rows, int J>
 inline void rows_times_weight_by(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
