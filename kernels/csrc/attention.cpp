@@ -7,23 +7,35 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <cmath>
 #include <vector>
 
 #include "guard.h"
 
+// GCC 12's AVX-512 shuffle intrinsics read an intentionally undefined register (a false positive).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace {
 
 constexpr int kLanes = 16;
 
-// Scores of `query` against keys[0..count) (rows of `dim`), softmax, and the weighted sum of the
-// values into `out`. Dot products keep 16 partial sums (what one AVX-512 register holds, two AVX2
-// registers) added up in a fixed order at the end.
-__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void attend(const float* query, const float* keys,
-                                                                             const float* values, int64_t count,
-                                                                             int64_t dim, float scale, float* scores,
-                                                                             float* out) {
-  float max_score = -INFINITY;
+// A key's score is the sum of its 16 lane partials (lane l: query[d] * key[d] for d = l mod 16, in
+// order of d) in this tree, which the AVX-512 kernel computes for 16 keys at once with shuffles.
+inline float tree_sum(const float* part) {
+  float quad[4];
+  for (int j = 0; j < 4; j++) {
+    const float* p = part + 4 * j;
+    quad[j] = (p[0] + p[2]) + (p[1] + p[3]);
+  }
+  return (quad[0] + quad[1]) + (quad[2] + quad[3]);
+}
+
+// scores[t] = scale * (query . keys[t]) for t in [0, count), keys in rows of `dim`.
+__attribute__((target_clones("avx2,fma", "default"))) void scores_portable(const float* query, const float* keys,
+                                                                          int64_t count, int64_t dim, float scale,
+                                                                          float* scores) {
   for (int64_t t = 0; t < count; t++) {
     const float* key = keys + t * dim;
     float part[kLanes] = {};
@@ -31,11 +43,62 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void attend(con
     for (; d + kLanes <= dim; d += kLanes)
       for (int l = 0; l < kLanes; l++) part[l] += query[d + l] * key[d + l];
     for (; d < dim; d++) part[d % kLanes] += query[d] * key[d];
-    float sum = 0.0f;
-    for (int l = 0; l < kLanes; l++) sum += part[l];
-    scores[t] = sum * scale;
-    max_score = std::max(max_score, scores[t]);
+    scores[t] = tree_sum(part) * scale;
   }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+// The same sums with AVX-512, `dim` a multiple of 16: 16 keys' partials reduced together (the
+// one-key horizontal sum was most of a decode step's attention).
+void scores_avx512(const float* query, const float* keys, int64_t count,
+                                                      int64_t dim, float scale, float* scores) {
+  const auto partials = [&](const float* key) {
+    __m512 part = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += kLanes)
+      part = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(key + d), part);
+    return part;
+  };
+  int64_t t = 0;
+  for (; t + kLanes <= count; t += kLanes) {
+    __m512 part[kLanes];
+    for (int k = 0; k < kLanes; k++) part[k] = partials(keys + (t + k) * dim);
+    // tree_sum, 16 keys at a time: pairs of lanes within each quad, quads, then halves.
+    __m512 pair[8], quad[4], half[2];
+    for (int i = 0; i < 8; i++)
+      pair[i] = _mm512_add_ps(_mm512_unpacklo_ps(part[2 * i], part[2 * i + 1]),
+                              _mm512_unpackhi_ps(part[2 * i], part[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+      quad[i] = _mm512_add_ps(_mm512_shuffle_ps(pair[2 * i], pair[2 * i + 1], 0x44),
+                              _mm512_shuffle_ps(pair[2 * i], pair[2 * i + 1], 0xEE));
+    for (int i = 0; i < 2; i++)
+      half[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], 0x88),
+                              _mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], 0xDD));
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(half[0], half[1], 0x88),
+                                      _mm512_shuffle_f32x4(half[0], half[1], 0xDD));
+    _mm512_storeu_ps(scores + t, _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
+  }
+  for (; t < count; t++) {
+    float part[kLanes];
+    _mm512_storeu_ps(part, partials(keys + t * dim));
+    scores[t] = tree_sum(part) * scale;
+  }
+}
+#pragma GCC pop_options
+
+// Scores of `query` against keys[0..count) (rows of `dim`), softmax, and the weighted sum of the
+// values into `out`.
+__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void attend(const float* query, const float* keys,
+                                                                             const float* values, int64_t count,
+                                                                             int64_t dim, float scale, float* scores,
+                                                                             float* out) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512 && dim % kLanes == 0)
+    scores_avx512(query, keys, count, dim, scale, scores);
+  else
+    scores_portable(query, keys, count, dim, scale, scores);
+  float max_score = -INFINITY;
+  for (int64_t t = 0; t < count; t++) max_score = std::max(max_score, scores[t]);
   float total = 0.0f;
   for (int64_t t = 0; t < count; t++) {
     scores[t] = std::exp(scores[t] - max_score);

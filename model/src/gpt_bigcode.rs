@@ -25,6 +25,15 @@ impl Dropout {
     fn active(self) -> bool {
         self == Dropout::Active
     }
+
+    /// `x` with dropout `p` when active; otherwise `x` itself (no op: a decode step is ~100 small ops).
+    fn apply(self, x: Tensor, p: f64) -> Tensor {
+        if self.active() {
+            x.dropout(p, true)
+        } else {
+            x
+        }
+    }
 }
 
 /// A dense layer in the checkpoint's `[out, in]` layout; see [`kernels::linear`] for decoding. An
@@ -174,7 +183,7 @@ impl Attention {
         let attn_dropout = if dropout.active() { self.attn_pdrop } else { 0.0 };
         let out = attention::causal_attention(&q, &k, &v, self.scale, attn_dropout);
         let out = out.transpose(1, 2).reshape([batch, len, d]);
-        self.c_proj.forward(&out).dropout(self.resid_pdrop, dropout.active())
+        dropout.apply(self.c_proj.forward(&out), self.resid_pdrop)
     }
 
     /// One new position per sequence, each with its own cache: the projections run for all rows
@@ -237,7 +246,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, dropout: Dropout) -> Tensor {
-        self.c_proj.forward(&self.c_fc.forward(x).gelu(self.approximate)).dropout(self.resid_pdrop, dropout.active())
+        dropout.apply(self.c_proj.forward(&self.c_fc.forward(x).gelu(self.approximate)), self.resid_pdrop)
     }
 }
 
@@ -499,7 +508,7 @@ impl GptBigCode {
         let positions = Tensor::arange_start(past, past + len, (Kind::Int64, self.device()));
         let hidden = Tensor::embedding(&self.wte, input_ids, -1, false, false)
             + Tensor::embedding(&self.wpe, &positions, -1, false, false);
-        Ok(hidden.dropout(self.embd_pdrop, dropout.active()))
+        Ok(dropout.apply(hidden, self.embd_pdrop))
     }
 
     /// Vocabulary logits, through `wte` itself when the head is tied.
