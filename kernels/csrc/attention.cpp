@@ -49,10 +49,9 @@ __attribute__((target_clones("avx2,fma", "default"))) void scores_portable(const
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-// The same sums with AVX-512, `dim` a multiple of 16: 16 keys' partials reduced together (the
-// one-key horizontal sum was most of a decode step's attention).
-void scores_avx512(const float* query, const float* keys, int64_t count,
-                                                      int64_t dim, float scale, float* scores) {
+// The same sums with AVX-512, `dim` a multiple of 16: 16 keys' partials reduced together, not one
+// key's 16-add chain at a time.
+void scores_avx512(const float* query, const float* keys, int64_t count, int64_t dim, float scale, float* scores) {
   const auto partials = [&](const float* key) {
     __m512 part = _mm512_setzero_ps();
     for (int64_t d = 0; d < dim; d += kLanes)
