@@ -12,6 +12,7 @@
 #include <cmath>
 #include <vector>
 
+#include "attention.h"
 #include "guard.h"
 
 // GCC 12's AVX-512 shuffle intrinsics read an intentionally undefined register (a false positive).
@@ -85,9 +86,7 @@ void scores_avx512(const float* query, const float* keys, int64_t count, int64_t
 }
 #pragma GCC pop_options
 
-// Scores of `query` against keys[0..count) (rows of `dim`), softmax, and the weighted sum of the
-// values into `out`.
-__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void attend(const float* query, const float* keys,
+__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void attend_clone(const float* query, const float* keys,
                                                                              const float* values, int64_t count,
                                                                              int64_t dim, float scale, float* scores,
                                                                              float* out) {
@@ -119,6 +118,38 @@ bool plain_float_cpu(const at::Tensor& t) {
 
 }  // namespace
 
+namespace wizard {
+
+std::vector<CacheRow> cache_rows(void** key_caches, void** value_caches, const int64_t* lens, int64_t count,
+                                 int64_t kv_heads, int64_t dim, int64_t fresh, int64_t batch) {
+  std::vector<CacheRow> rows;
+  rows.reserve(batch);
+  for (int64_t i = 0; i < count; i++) {
+    auto& keys = *static_cast<at::Tensor*>(key_caches[i]);
+    auto& values = *static_cast<at::Tensor*>(value_caches[i]);
+    TORCH_CHECK(plain_float_cpu(keys) && keys.is_contiguous() && keys.dim() == 4 && keys.size(1) == kv_heads &&
+                    keys.size(3) == dim && values.sizes() == keys.sizes() && values.is_contiguous() &&
+                    plain_float_cpu(values),
+                "decode attention: cache ", i, " is not a contiguous fp32 [b, kv_heads, capacity, dim] buffer");
+    TORCH_CHECK(lens[i] >= 0 && lens[i] + fresh <= keys.size(2), "decode attention: cache ", i, " holds ", lens[i],
+                " of ", keys.size(2), " positions, no room for ", fresh, " more");
+    for (int64_t b = 0; b < keys.size(0); b++) {
+      const int64_t offset = b * kv_heads * keys.size(2) * dim;
+      rows.push_back({keys.data_ptr<float>() + offset, values.data_ptr<float>() + offset, lens[i], keys.size(2)});
+    }
+  }
+  TORCH_CHECK(static_cast<int64_t>(rows.size()) == batch, "decode attention: ", rows.size(), " cached sequences for ",
+              batch, " query rows");
+  return rows;
+}
+
+void attend(const float* query, const float* keys, const float* values, int64_t count, int64_t dim, float scale,
+            float* scores, float* out) {
+  attend_clone(query, keys, values, count, dim, scale, scores, out);
+}
+
+}  // namespace wizard
+
 extern "C" {
 
 // For caches i in [0, count): key_caches[i] and value_caches[i] are contiguous `[b_i, kv_heads,
@@ -144,31 +175,7 @@ int wizard_decode_attention(void* query_handle, void* new_keys_handle, void* new
     TORCH_CHECK(plain_float_cpu(query) && plain_float_cpu(new_keys) && plain_float_cpu(new_values),
                 "decode attention: fp32 CPU tensors only");
 
-    // Where each query row's keys and values live, and how many positions it held before.
-    struct Row {
-      float* keys;
-      float* values;
-      int64_t past;
-      int64_t capacity;
-    };
-    std::vector<Row> rows;
-    rows.reserve(batch);
-    for (int64_t i = 0; i < count; i++) {
-      auto& keys = *static_cast<at::Tensor*>(key_caches[i]);
-      auto& values = *static_cast<at::Tensor*>(value_caches[i]);
-      TORCH_CHECK(plain_float_cpu(keys) && keys.is_contiguous() && keys.dim() == 4 && keys.size(1) == kv_heads &&
-                      keys.size(3) == dim && values.sizes() == keys.sizes() && values.is_contiguous() &&
-                      plain_float_cpu(values),
-                  "decode attention: cache ", i, " is not a contiguous fp32 [b, kv_heads, capacity, dim] buffer");
-      TORCH_CHECK(lens[i] >= 0 && lens[i] + fresh <= keys.size(2), "decode attention: cache ", i, " holds ", lens[i],
-                  " of ", keys.size(2), " positions, no room for ", fresh, " more");
-      for (int64_t b = 0; b < keys.size(0); b++) {
-        const int64_t offset = b * kv_heads * keys.size(2) * dim;
-        rows.push_back({keys.data_ptr<float>() + offset, values.data_ptr<float>() + offset, lens[i], keys.size(2)});
-      }
-    }
-    TORCH_CHECK(static_cast<int64_t>(rows.size()) == batch, "decode attention: ", rows.size(),
-                " cached sequences for ", batch, " query rows");
+    const auto rows = wizard::cache_rows(key_caches, value_caches, lens, count, kv_heads, dim, fresh, batch);
 
     const float* new_k = new_keys.data_ptr<float>();
     const float* new_v = new_values.data_ptr<float>();
@@ -190,11 +197,11 @@ int wizard_decode_attention(void* query_handle, void* new_keys_handle, void* new
       std::vector<float> scores;
       for (int64_t task = begin; task < end; task++) {
         const int64_t j = task % fresh, h = (task / fresh) % heads, r = task / (fresh * heads);
-        const Row& row = rows[r];
+        const wizard::CacheRow& row = rows[r];
         const int64_t base = (h / group) * row.capacity * dim;
         const int64_t positions = row.past + j + 1;
         scores.resize(positions);
-        attend(q + task * dim, row.keys + base, row.values + base, positions, dim, static_cast<float>(scale),
+        wizard::attend(q + task * dim, row.keys + base, row.values + base, positions, dim, static_cast<float>(scale),
                scores.data(), o + ((r * fresh + j) * heads + h) * dim);
       }
     });

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "amx_bf16.h"
+#include "dense.h"
 #include "guard.h"
 #include "parallel.h"
 
@@ -166,6 +167,11 @@ bool kernel_applies(const Kernels* kernels, const at::Tensor& x, const at::Tenso
 
 }  // namespace
 
+wizard::DenseFp32 wizard::dense_fp32_kernel() {
+  const Kernels* kernels = kernels_for(0);
+  return kernels ? kernels->fp32 : nullptr;
+}
+
 extern "C" {
 
 // Whether this CPU runs the dense kernels for `isa` (as in wizard_linear).
@@ -201,8 +207,7 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
     auto sizes = x.sizes().vec();
     sizes.back() = out;
     auto y = at::empty(sizes, x.options());
-    // About 64K multiply-adds per task: small layers stay on one thread.
-    const int64_t grain = std::max<int64_t>(12, 65536 / (in * std::max<int64_t>(rows, 1)));
+    const int64_t grain = wizard::dense_grain(in, rows);
     if (w.scalar_type() == at::kFloat) {
       const float* xp = x.data_ptr<float>();
       const float* wp = w.data_ptr<float>();

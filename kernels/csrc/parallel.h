@@ -16,12 +16,41 @@ constexpr int64_t kTailChunksPerThread = 64;
 // Chunks are a multiple of every kernel's column tile (6 and 2 dense, 4 and 1 int8).
 constexpr int64_t kChunkMultiple = 12;
 
-// `body(begin, end)` over columns [0, n) on libtorch's threads, in chunks each thread claims when it
-// is free, each half of what remains per thread (guided scheduling), down to a tail chunk. A fixed
+// Chunks of [0, n) for `threads` threads to claim when they are free, each half of what remains per
+// thread (guided scheduling), down to a tail chunk: at least a quarter of `grain`, a fixed fraction of
+// a thread's share, and a multiple of `multiple`.
+class GuidedClaims {
+ public:
+  GuidedClaims(int64_t n, int64_t threads, int64_t grain, int64_t multiple)
+      : n_(n),
+        threads_(std::max<int64_t>(threads, 1)),
+        multiple_(multiple),
+        tail_(round_up(std::max({int64_t{1}, grain / 4, n / (threads_ * kTailChunksPerThread)}))) {}
+
+  int64_t tail() const { return tail_; }
+
+  // Claims [begin, end); false when nothing is left.
+  bool claim(int64_t& begin, int64_t& end) {
+    begin = next_.load(std::memory_order_relaxed);
+    do {
+      if (begin >= n_) return false;
+      end = std::min(n_, begin + std::max(tail_, round_up((n_ - begin) / (2 * threads_))));
+    } while (!next_.compare_exchange_weak(begin, end, std::memory_order_relaxed));
+    return true;
+  }
+
+ private:
+  int64_t round_up(int64_t columns) const { return (columns + multiple_ - 1) / multiple_ * multiple_; }
+
+  const int64_t n_, threads_, multiple_, tail_;
+  std::atomic<int64_t> next_{0};
+};
+
+// `body(begin, end)` over columns [0, n) on libtorch's threads, in GuidedClaims' chunks. A fixed
 // split (at::parallel_for's) made the faster thread wait for the slower at the end of every product
 // (a decode step is ~50 products of 30-100 us each), and so did equal chunks, by half a chunk on
 // average. Each column is computed whole by one call, so results do not depend on the split. At most
-// `grain` columns stay on one thread; a chunk is at least a quarter of that and a multiple of `multiple`.
+// `grain` columns stay on one thread.
 template <typename F>
 void balanced_for(int64_t n, int64_t grain, const F& body, int64_t multiple = kChunkMultiple) {
   const int64_t threads = at::get_num_threads();
@@ -29,20 +58,9 @@ void balanced_for(int64_t n, int64_t grain, const F& body, int64_t multiple = kC
     if (n > 0) body(0, n);
     return;
   }
-  const auto round_up = [multiple](int64_t columns) { return (columns + multiple - 1) / multiple * multiple; };
-  const int64_t tail = round_up(std::max({int64_t{1}, grain / 4, n / (threads * kTailChunksPerThread)}));
-  std::atomic<int64_t> next{0};
-  // Claims [begin, end) from `next`; false when nothing is left.
-  const auto claim = [&](int64_t& begin, int64_t& end) {
-    begin = next.load(std::memory_order_relaxed);
-    do {
-      if (begin >= n) return false;
-      end = std::min(n, begin + std::max(tail, round_up((n - begin) / (2 * threads))));
-    } while (!next.compare_exchange_weak(begin, end, std::memory_order_relaxed));
-    return true;
-  };
-  at::parallel_for(0, std::min(threads, (n + tail - 1) / tail), 1, [&](int64_t, int64_t) {
-    for (int64_t begin, end; claim(begin, end);) body(begin, end);
+  GuidedClaims claims(n, threads, grain, multiple);
+  at::parallel_for(0, std::min(threads, (n + claims.tail() - 1) / claims.tail()), 1, [&](int64_t, int64_t) {
+    for (int64_t begin, end; claims.claim(begin, end);) body(begin, end);
   });
 }
 

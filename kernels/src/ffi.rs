@@ -122,6 +122,23 @@ extern "C" {
         result: *mut TensorHandle,
     ) -> c_int;
 
+    // csrc/block.cpp
+    pub(crate) fn wizard_decode_block_applies(x: TensorHandle, parameters: *const TensorHandle) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn wizard_decode_block(
+        x: TensorHandle,
+        parameters: *const TensorHandle,
+        heads: i64,
+        eps: f64,
+        scale: f64,
+        exact_gelu: c_int,
+        key_caches: *const TensorHandle,
+        value_caches: *const TensorHandle,
+        lens: *const i64,
+        count: i64,
+        result: *mut TensorHandle,
+    ) -> c_int;
+
     // csrc/linear.cpp (and csrc/amx_bf16.cpp)
     pub(crate) fn wizard_linear(
         x: TensorHandle,

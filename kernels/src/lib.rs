@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod attention;
+pub mod block;
 pub mod calibrate;
 pub mod collectives;
 mod error;

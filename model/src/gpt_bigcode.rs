@@ -4,6 +4,7 @@
 //! Variable names mirror the checkpoint (`transformer.h.0.attn.c_attn.weight`, ...), so loading and
 //! saving (in `load.rs`) are name-for-name copies.
 use kernels::attention::{self, SdpaBackend};
+use kernels::block::DecodeBlock;
 use kernels::int8::Int8Weight;
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
@@ -258,6 +259,41 @@ struct Block {
 }
 
 impl Block {
+    /// New positions over `caches` through the fused decode block (one call for the whole block),
+    /// where it applies: fp32 dense weights and activations on CPU, a decode step or verification.
+    fn forward_fused(&self, x: &Tensor, caches: &[&KvCache], layer: usize) -> Option<Tensor> {
+        if self.linears().iter().any(|linear| linear.int8.is_some()) {
+            return None;
+        }
+        let [c_attn, attn_proj, c_fc, mlp_proj] = self.linears();
+        let block = DecodeBlock {
+            parameters: [
+                &self.ln_1.weight,
+                &self.ln_1.bias,
+                &c_attn.weight,
+                &c_attn.bias,
+                &attn_proj.weight,
+                &attn_proj.bias,
+                &self.ln_2.weight,
+                &self.ln_2.bias,
+                &c_fc.weight,
+                &c_fc.bias,
+                &mlp_proj.weight,
+                &mlp_proj.bias,
+            ],
+            heads: self.attn.n_head,
+            layer_norm_eps: self.ln_1.eps,
+            scale: self.attn.scale,
+            exact_gelu: self.mlp.approximate == "none",
+        };
+        if !block.applies(x) {
+            return None;
+        }
+        let (keys, values): (Vec<&Tensor>, Vec<&Tensor>) = caches.iter().map(|cache| cache.buffers(layer)).unzip();
+        let lens: Vec<i64> = caches.iter().map(|cache| cache.len()).collect();
+        Some(block.forward(x, &keys, &values, &lens))
+    }
+
     /// The dense layers, in checkpoint order.
     fn linears(&self) -> [&Linear; 4] {
         [&self.attn.c_attn, &self.attn.c_proj, &self.mlp.c_fc, &self.mlp.c_proj]
@@ -278,11 +314,20 @@ impl Block {
     }
 
     fn forward_ragged(&self, x: &Tensor, caches: &mut [&mut KvCache], layer: usize) -> Tensor {
+        let cached: Vec<&KvCache> = caches.iter().map(|cache| &**cache).collect();
+        if let Some(out) = self.forward_fused(x, &cached, layer) {
+            return out;
+        }
         let x = x + self.attn.forward_ragged(&self.ln_1.forward(x), caches, layer);
         &x + self.mlp.forward(&self.ln_2.forward(&x), Dropout::Off)
     }
 
     fn forward(&self, x: &Tensor, cache: Option<(&mut KvCache, usize)>, dropout: Dropout) -> Tensor {
+        if let (Some((cache, layer)), Dropout::Off) = (cache.as_ref(), dropout) {
+            if let Some(out) = self.forward_fused(x, &[&**cache], *layer) {
+                return out;
+            }
+        }
         let x = x + self.attn.forward(&self.ln_1.forward(x), cache, dropout);
         &x + self.mlp.forward(&self.ln_2.forward(&x), dropout)
     }

@@ -1,0 +1,264 @@
+// A whole GPTBigCode block for new positions over KV caches (a decode step, a verification pass, a
+// batch of sequences), fp32 on CPU, in one call: LayerNorm, the qkv product, the cache store,
+// attention, the output product with the residual, LayerNorm, the MLP with its GELU and residual.
+// Op by op, a decode step was ~15 libtorch ops and 5 thread wake-ups per layer, and one thread did
+// the small ops while the other waited; here both threads run every step and wake once per block.
+// The products are the dense kernel's and attention the decode kernel's, so a position's bits do
+// not depend on what else is in the call, as there.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <immintrin.h>
+
+#include <atomic>
+#include <cmath>
+#include <thread>
+#include <vector>
+
+#include "attention.h"
+#include "dense.h"
+#include "guard.h"
+#include "parallel.h"
+
+// GCC 12's AVX-512 intrinsics read an intentionally undefined register (a false positive).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace {
+
+// One step of the block: its work in chunks that whichever thread is free claims. A thread goes on
+// to the next step once every chunk of this one is done, by anyone, so no barrier counts threads: a
+// thread that starts late finds the steps done and catches up.
+class Step {
+ public:
+  Step(int64_t n, int64_t threads, int64_t grain, int64_t multiple) : n_(n), claims_(n, threads, grain, multiple) {}
+
+  template <typename F>
+  void run(const F& body) {
+    for (int64_t begin, end; claims_.claim(begin, end);) {
+      body(begin, end);
+      done_.fetch_add(end - begin, std::memory_order_release);
+    }
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n_; spins++) {
+      if (spins < 4096)
+        _mm_pause();
+      else
+        std::this_thread::yield();
+    }
+  }
+
+ private:
+  const int64_t n_;
+  wizard::GuidedClaims claims_;
+  std::atomic<int64_t> done_{0};
+};
+
+// transformers' LayerNorm of one row, the moments in double.
+void layer_norm(const float* x, const float* weight, const float* bias, int64_t dim, double eps, float* y) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < dim; i++) sum += x[i];
+  const double mean = sum / dim;
+  double squares = 0.0;
+  for (int64_t i = 0; i < dim; i++) squares += (x[i] - mean) * (x[i] - mean);
+  const float inverse = static_cast<float>(1.0 / std::sqrt(squares / dim + eps));
+  const float centre = static_cast<float>(mean);
+  for (int64_t i = 0; i < dim; i++) y[i] = (x[i] - centre) * inverse * weight[i] + bias[i];
+}
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kGeluCubic = 0.044715f;
+
+// GELU's tanh form, 0.5 x (1 + tanh(u)), written x / (1 + exp(-2u)): no cancellation where tanh(u)
+// is near -1.
+float gelu_tanh(float x) {
+  const float u = kSqrt2OverPi * (x + kGeluCubic * x * x * x);
+  return x / (1.0f + std::exp(-2.0f * u));
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+// exp(x) to about an ulp (Cephes' expf polynomial), arguments clamped to fp32's finite range.
+__m512 exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+__m512 gelu_tanh_avx512(__m512 v) {
+  const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(kGeluCubic), cube, v));
+  const __m512 e = exp_avx512(_mm512_mul_ps(_mm512_set1_ps(-2.0f), u));
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+void gelu_tanh_avx512(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, gelu_tanh_avx512(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(x + i, mask, gelu_tanh_avx512(_mm512_maskz_loadu_ps(mask, x + i)));
+  }
+}
+#pragma GCC pop_options
+
+// The MLP's activation over x[0, n) in place: GELU's tanh form, or the exact (erf) one.
+void gelu_in_place(float* x, int64_t n, bool exact) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (exact) {
+    for (int64_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * static_cast<float>(M_SQRT1_2)));
+  } else if (avx512) {
+    gelu_tanh_avx512(x, n);
+  } else {
+    for (int64_t i = 0; i < n; i++) x[i] = gelu_tanh(x[i]);
+  }
+}
+
+bool plain_float(const at::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided && t.is_contiguous();
+}
+
+// The block's parameters in checkpoint order: ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
+// mlp.c_proj, each weight then bias.
+constexpr int kParameters = 12;
+
+}  // namespace
+
+extern "C" {
+
+// Whether wizard_decode_block takes `x` with these parameters: fp32 contiguous CPU tensors that
+// need no gradient, outside autocast, on a CPU with the dense kernel.
+int wizard_decode_block_applies(void* x_handle, void** parameters) {
+  const auto& x = *static_cast<at::Tensor*>(x_handle);
+  bool applies = wizard::dense_fp32_kernel() != nullptr && !at::autocast::is_autocast_enabled(at::kCPU) &&
+                 plain_float(x) && !(at::GradMode::is_enabled() && x.requires_grad());
+  for (int i = 0; applies && i < kParameters; i++) {
+    const auto& p = *static_cast<at::Tensor*>(parameters[i]);
+    applies = plain_float(p) && !(at::GradMode::is_enabled() && p.requires_grad());
+  }
+  return applies;
+}
+
+// `*result` = the block applied to `x` (`[batch, new, d]`), whose rows are the sequences of caches
+// [0, count) in order, as wizard_decode_attention takes them: the new keys and values are stored at
+// positions lens[i].. (the caller advances the lengths) and position j attends over [0, lens[i] + j].
+// c_attn's output is laid out as transformers splits it: [q | k | v] with one key/value head
+// (multi-query), per head [q | k | v] with `heads` of them.
+int wizard_decode_block(void* x_handle, void** parameters, int64_t heads, double eps, double scale, int exact_gelu,
+                        void** key_caches, void** value_caches, const int64_t* lens, int64_t count, void** result) {
+  return wizard::guarded([&] {
+    const auto& x = *static_cast<at::Tensor*>(x_handle);
+    const auto param = [&](int i) -> const at::Tensor& { return *static_cast<at::Tensor*>(parameters[i]); };
+    TORCH_CHECK(wizard_decode_block_applies(x_handle, parameters), "fp32 CPU tensors without gradients only");
+    TORCH_CHECK(x.dim() == 3 && x.size(1) >= 1 && heads > 0 && x.size(2) % heads == 0,
+                "x must be [batch, new, d], d a multiple of the heads");
+    const int64_t batch = x.size(0), fresh = x.size(1), d = x.size(2), dim = d / heads;
+    TORCH_CHECK(count > 0, "no caches");
+    const int64_t kv_heads = static_cast<at::Tensor*>(key_caches[0])->size(1);
+    TORCH_CHECK(kv_heads == 1 || kv_heads == heads, "", kv_heads, " key/value heads for ", heads);
+    const int64_t qkv_dim = d + 2 * kv_heads * dim, inner = param(8).size(0);
+    const auto check_shape = [&](int i, std::vector<int64_t> shape, const char* name) {
+      TORCH_CHECK(param(i).sizes() == at::IntArrayRef(shape), "", name, " has shape ", param(i).sizes(),
+                  ", expected ", at::IntArrayRef(shape));
+    };
+    check_shape(0, {d}, "ln_1.weight");
+    check_shape(1, {d}, "ln_1.bias");
+    check_shape(2, {qkv_dim, d}, "attn.c_attn.weight");
+    check_shape(3, {qkv_dim}, "attn.c_attn.bias");
+    check_shape(4, {d, d}, "attn.c_proj.weight");
+    check_shape(5, {d}, "attn.c_proj.bias");
+    check_shape(6, {d}, "ln_2.weight");
+    check_shape(7, {d}, "ln_2.bias");
+    check_shape(8, {inner, d}, "mlp.c_fc.weight");
+    check_shape(9, {inner}, "mlp.c_fc.bias");
+    check_shape(10, {d, inner}, "mlp.c_proj.weight");
+    check_shape(11, {d}, "mlp.c_proj.bias");
+    const auto rows = wizard::cache_rows(key_caches, value_caches, lens, count, kv_heads, dim, fresh, batch);
+    const auto ptr = [&](int i) { return param(i).data_ptr<float>(); };
+
+    const int64_t positions = batch * fresh;
+    // Scratch: the normed input, qkv, attention, the residual stream after attention, the normed
+    // stream, the MLP's hidden layer.
+    auto scratch = at::empty({positions * (4 * d + qkv_dim + inner)}, x.options());
+    float* normed = scratch.data_ptr<float>();
+    float* qkv = normed + positions * d;
+    float* attended = qkv + positions * qkv_dim;
+    float* middle = attended + positions * d;
+    float* normed_middle = middle + positions * d;
+    float* hidden = normed_middle + positions * d;
+    auto out = at::empty({batch, fresh, d}, x.options());
+    const float* input = x.data_ptr<float>();
+    float* output = out.data_ptr<float>();
+
+    const wizard::DenseFp32 product = wizard::dense_fp32_kernel();
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    const auto columns = [&](int64_t n, int64_t in) { return Step(n, threads, wizard::dense_grain(in, positions), wizard::kChunkMultiple); };
+    const auto tasks = [&](int64_t n) { return Step(n, threads, 1, 1); };
+    Step norm_1 = tasks(positions), project_qkv = columns(qkv_dim, d), store = tasks(positions),
+         attend = tasks(positions * heads), project_out = columns(d, d), norm_2 = tasks(positions),
+         expand = columns(inner, d), contract = columns(d, inner);
+    const int64_t group = heads / kv_heads;
+    const auto query_at = [&](int64_t h) { return kv_heads == 1 ? h * dim : h * 3 * dim; };
+    const auto key_at = [&](int64_t g) { return kv_heads == 1 ? d : g * 3 * dim + dim; };
+    const float softmax_scale = static_cast<float>(scale);
+
+    const auto run = [&] {
+      norm_1.run([&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; m++) layer_norm(input + m * d, ptr(0), ptr(1), d, eps, normed + m * d);
+      });
+      project_qkv.run([&](int64_t begin, int64_t end) {
+        product(normed, positions, ptr(2), ptr(3), qkv, d, qkv_dim, begin, end);
+      });
+      store.run([&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; m++) {
+          const wizard::CacheRow& row = rows[m / fresh];
+          for (int64_t g = 0; g < kv_heads; g++) {
+            const int64_t at = (g * row.capacity + row.past + m % fresh) * dim;
+            std::copy_n(qkv + m * qkv_dim + key_at(g), dim, row.keys + at);
+            std::copy_n(qkv + m * qkv_dim + key_at(g) + dim, dim, row.values + at);
+          }
+        }
+      });
+      // Tasks in (row, head, position) order, as the decode attention kernel orders them.
+      attend.run([&](int64_t begin, int64_t end) {
+        thread_local std::vector<float> scores;
+        for (int64_t task = begin; task < end; task++) {
+          const int64_t j = task % fresh, h = (task / fresh) % heads, r = task / (fresh * heads);
+          const wizard::CacheRow& row = rows[r];
+          const int64_t base = (h / group) * row.capacity * dim, m = r * fresh + j;
+          scores.resize(row.past + j + 1);
+          wizard::attend(qkv + m * qkv_dim + query_at(h), row.keys + base, row.values + base, row.past + j + 1, dim,
+                         softmax_scale, scores.data(), attended + m * d + h * dim);
+        }
+      });
+      project_out.run([&](int64_t begin, int64_t end) {
+        product(attended, positions, ptr(4), ptr(5), middle, d, d, begin, end);
+        for (int64_t m = 0; m < positions; m++)
+          for (int64_t c = begin; c < end; c++) middle[m * d + c] += input[m * d + c];
+      });
+      norm_2.run([&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; m++) layer_norm(middle + m * d, ptr(6), ptr(7), d, eps, normed_middle + m * d);
+      });
+      expand.run([&](int64_t begin, int64_t end) {
+        product(normed_middle, positions, ptr(8), ptr(9), hidden, d, inner, begin, end);
+        for (int64_t m = 0; m < positions; m++) gelu_in_place(hidden + m * inner + begin, end - begin, exact_gelu != 0);
+      });
+      contract.run([&](int64_t begin, int64_t end) {
+        product(hidden, positions, ptr(10), ptr(11), output, inner, d, begin, end);
+        for (int64_t m = 0; m < positions; m++)
+          for (int64_t c = begin; c < end; c++) output[m * d + c] += middle[m * d + c];
+      });
+    };
+    if (threads > 1)
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { run(); });
+    else
+      run();
+    *result = new at::Tensor(std::move(out));
+  });
+}
+}

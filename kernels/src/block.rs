@@ -1,0 +1,268 @@
+//! A whole GPTBigCode block for new positions over KV caches (a decode step, a verification pass, a
+//! batch of sequences) in one call (csrc/block.cpp): fp32 weights on CPU, both threads through every
+//! step of the block, one wake-up per block instead of ~15 libtorch ops and 5 parallel regions. The
+//! products are [`crate::linear`]'s kernel and attention [`crate::attention::decode_attention`]'s,
+//! so a position's result does not depend on the other rows or positions in the call.
+use std::ptr;
+
+use tch::{Device, Tensor};
+
+use crate::attention::DECODE_KERNEL_MAX_POSITIONS;
+use crate::calibrate::{choice_for, Choice};
+use crate::ffi::{self, check};
+
+/// One block's parameters and shape, as [`DecodeBlock::forward`] takes them.
+pub struct DecodeBlock<'a> {
+    /// `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`: weight, then bias.
+    pub parameters: [&'a Tensor; 12],
+    /// Query heads; one key/value head (multi-query) or one per query head, as the caches hold.
+    pub heads: i64,
+    /// The LayerNorms' epsilon.
+    pub layer_norm_eps: f64,
+    /// The attention scores' scale.
+    pub scale: f64,
+    /// The MLP's GELU: exact (erf), or the tanh approximation.
+    pub exact_gelu: bool,
+}
+
+impl DecodeBlock<'_> {
+    /// Whether [`forward`](Self::forward) takes `x` `[batch, new, d]`: fp32 CPU tensors needing no
+    /// gradient, at most [`DECODE_KERNEL_MAX_POSITIONS`] new positions, a CPU with the dense kernel,
+    /// and the dense kernel (not libtorch) chosen by [`crate::calibrate`] for every product.
+    pub fn applies(&self, x: &Tensor) -> bool {
+        let handles = self.handles();
+        x.device() == Device::Cpu
+            && x.dim() == 3
+            && x.size()[1] <= DECODE_KERNEL_MAX_POSITIONS
+            && [2, 4, 8, 10].iter().all(|&i| choice_for(self.parameters[i]) == Choice::Kernel)
+            // SAFETY: live tensors for the duration of the call, which only reads them.
+            && unsafe { ffi::wizard_decode_block_applies(ffi::tensor(x), handles.as_ptr()) != 0 }
+    }
+
+    /// The block applied to `x` `[batch, new, d]`, whose rows are the sequences of the caches in
+    /// order (`key_caches[i]`/`value_caches[i]`: contiguous `[b_i, kv_heads, capacity, head_dim]`
+    /// holding `lens[i]` positions). Stores the new keys and values at positions `lens[i]..` (the
+    /// caller advances the lengths); new position `j` attends over `0..=lens[i] + j`. Panics on what
+    /// the kernel rejects (see [`applies`](Self::applies); shapes, a full cache), as tch ops do.
+    pub fn forward(&self, x: &Tensor, key_caches: &[&Tensor], value_caches: &[&Tensor], lens: &[i64]) -> Tensor {
+        assert!(key_caches.len() == lens.len() && value_caches.len() == lens.len(), "one length per cache");
+        let handles = self.handles();
+        let keys: Vec<ffi::TensorHandle> = key_caches.iter().map(|t| ffi::tensor(t)).collect();
+        let values: Vec<ffi::TensorHandle> = value_caches.iter().map(|t| ffi::tensor(t)).collect();
+        let mut result = ptr::null_mut();
+        // SAFETY: every handle is a live tch tensor for the duration of the call; the arrays hold 12
+        // and `lens.len()` entries. The shim writes only into the caches' buffers (positions lens[i]..)
+        // and, on success, sets `result` to a new heap `at::Tensor` owned by the returned Tensor.
+        let status = unsafe {
+            ffi::wizard_decode_block(
+                ffi::tensor(x),
+                handles.as_ptr(),
+                self.heads,
+                self.layer_norm_eps,
+                self.scale,
+                i32::from(self.exact_gelu),
+                keys.as_ptr(),
+                values.as_ptr(),
+                lens.as_ptr(),
+                lens.len() as i64,
+                &mut result,
+            )
+        };
+        if let Err(error) = check(status, "decode block") {
+            panic!("{error}");
+        }
+        // SAFETY: see above; `result` is non-null after a successful call.
+        unsafe { Tensor::from_ptr(result as *mut torch_sys::C_tensor) }
+    }
+
+    fn handles(&self) -> [ffi::TensorHandle; 12] {
+        self.parameters.map(ffi::tensor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// The same block op by op in libtorch (tests' reference), caches not touched: `keys`/`values`
+    /// `[batch, kv_heads, len + new, head_dim]` already hold the new positions.
+    fn reference(block: &DecodeBlock, x: &Tensor, keys: &Tensor, values: &Tensor) -> Tensor {
+        let [ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b] = block.parameters;
+        let (batch, fresh, d) = x.size3().unwrap();
+        let norm = |t: &Tensor, w, b| t.layer_norm([d], Some(w), Some(b), block.layer_norm_eps, false);
+        let qkv = norm(x, ln1_w, ln1_b).linear(attn_w, Some(attn_b));
+        let (heads, dim) = (block.heads, d / block.heads);
+        let query = if keys.size()[1] == 1 {
+            qkv.narrow(2, 0, d).view([batch, fresh, heads, dim]).transpose(1, 2)
+        } else {
+            qkv.view([batch, fresh, heads, 3 * dim]).transpose(1, 2).narrow(3, 0, dim)
+        };
+        let attended = crate::attention::reference_attention(&query, keys, values, block.scale);
+        let middle = x + attended.transpose(1, 2).reshape([batch, fresh, d]).linear(proj_w, Some(proj_b));
+        let approximate = if block.exact_gelu { "none" } else { "tanh" };
+        let hidden = norm(&middle, ln2_w, ln2_b).linear(fc_w, Some(fc_b)).gelu(approximate);
+        &middle + hidden.linear(out_w, Some(out_b))
+    }
+
+    struct Case {
+        heads: i64,
+        kv_heads: i64,
+        d: i64,
+        inner: i64,
+        fresh: i64,
+        /// Per cache: its sequences and the positions they already hold.
+        caches: Vec<(i64, i64)>,
+        exact_gelu: bool,
+    }
+
+    /// The block matches libtorch op by op, stores the new keys and values, and gives every sequence
+    /// and position bit for bit what it gets alone, one position per call.
+    fn check(case: Case) {
+        tch::manual_seed(case.d + case.fresh);
+        let opts = (Kind::Float, Device::Cpu);
+        let (d, dim, capacity) = (case.d, case.d / case.heads, 40);
+        let qkv_dim = d + 2 * case.kv_heads * dim;
+        let shapes = [
+            vec![d],
+            vec![d],
+            vec![qkv_dim, d],
+            vec![qkv_dim],
+            vec![d, d],
+            vec![d],
+            vec![d],
+            vec![d],
+            vec![case.inner, d],
+            vec![case.inner],
+            vec![d, case.inner],
+            vec![d],
+        ];
+        let tensors: Vec<Tensor> = shapes.iter().map(|shape| Tensor::randn(shape.as_slice(), opts) * 0.3).collect();
+        let block = DecodeBlock {
+            parameters: std::array::from_fn(|i| &tensors[i]),
+            heads: case.heads,
+            layer_norm_eps: 1e-5,
+            scale: 1.0 / (dim as f64).sqrt(),
+            exact_gelu: case.exact_gelu,
+        };
+        let batch: i64 = case.caches.iter().map(|(b, _)| b).sum();
+        let x = Tensor::randn([batch, case.fresh, d], opts);
+        assert!(block.applies(&x));
+        let buffer = |b| Tensor::randn([b, case.kv_heads, capacity, dim], opts);
+        let keys: Vec<Tensor> = case.caches.iter().map(|&(b, _)| buffer(b)).collect();
+        let values: Vec<Tensor> = case.caches.iter().map(|&(b, _)| buffer(b)).collect();
+        let before: Vec<(Tensor, Tensor)> = keys.iter().zip(&values).map(|(k, v)| (k.copy(), v.copy())).collect();
+        let lens: Vec<i64> = case.caches.iter().map(|&(_, len)| len).collect();
+        let (key_refs, value_refs): (Vec<&Tensor>, Vec<&Tensor>) = (keys.iter().collect(), values.iter().collect());
+        let out = block.forward(&x, &key_refs, &value_refs, &lens);
+        assert_eq!(out.size(), [batch, case.fresh, d]);
+        let mut row = 0;
+        for (i, &(b, len)) in case.caches.iter().enumerate() {
+            for j in 0..b {
+                let sequence = |t: &Tensor| t.narrow(0, j, 1).narrow(2, 0, len + case.fresh);
+                let x_row = x.narrow(0, row, 1);
+                let expected = reference(&block, &x_row, &sequence(&keys[i]), &sequence(&values[i]));
+                let got = out.narrow(0, row, 1);
+                let diff = (&got - &expected).abs().max().double_value(&[]);
+                assert!(diff < 1e-4, "cache {i} sequence {j} (len {len}): max diff {diff}");
+                // Alone, one position per call, from the cache as it was.
+                let (k1, v1) = (before[i].0.narrow(0, j, 1).copy(), before[i].1.narrow(0, j, 1).copy());
+                for p in 0..case.fresh {
+                    let alone = block.forward(&x_row.narrow(1, p, 1), &[&k1], &[&v1], &[len + p]);
+                    assert!(alone.equal(&got.narrow(1, p, 1)), "cache {i} sequence {j} position {p}: differs alone");
+                }
+                let stored = |t: &Tensor| t.narrow(2, len, case.fresh);
+                assert!(stored(&k1).equal(&stored(&keys[i].narrow(0, j, 1))), "cache {i} sequence {j}: keys");
+                assert!(stored(&v1).equal(&stored(&values[i].narrow(0, j, 1))), "cache {i} sequence {j}: values");
+                row += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn block_matches_libtorch_and_itself_alone() {
+        for fresh in [1, 4] {
+            let mqa = |caches, exact_gelu| Case { heads: 4, kv_heads: 1, d: 64, inner: 200, fresh, caches, exact_gelu };
+            check(mqa(vec![(1, 0)], false));
+            check(mqa(vec![(1, 17), (2, 5), (1, 30)], false));
+            check(mqa(vec![(1, 9)], true));
+            // Products in several chunks that the threads claim.
+            check(Case {
+                heads: 4,
+                kv_heads: 1,
+                d: 256,
+                inner: 1024,
+                fresh,
+                caches: vec![(1, 3), (1, 20)],
+                exact_gelu: false,
+            });
+            check(Case { heads: 3, kv_heads: 3, d: 48, inner: 100, fresh, caches: vec![(2, 11)], exact_gelu: false });
+        }
+    }
+
+    #[test]
+    fn gelu_holds_far_into_the_tails() {
+        // Inputs where tanh(u) is -1 or 1 in fp32: no NaN or overflow, the limits 0 and x.
+        let opts = (Kind::Float, Device::Cpu);
+        let d = 16;
+        let identity = Tensor::eye(d, opts);
+        let zeros = Tensor::zeros([d], opts);
+        let ones = Tensor::ones([d], opts);
+        let big = Tensor::linspace(-200.0, 200.0, d, opts);
+        // Attention adds nothing (zero weights and caches), so ln_2 norms `x` and its weight spreads
+        // the normed values to +-300; c_fc and c_proj are the identity.
+        let qkv_weight = Tensor::zeros([3 * d, d], opts);
+        let qkv_bias = Tensor::zeros([3 * d], opts);
+        let block = DecodeBlock {
+            parameters: [
+                &ones,
+                &zeros,
+                &qkv_weight,
+                &qkv_bias,
+                &identity,
+                &zeros,
+                &big,
+                &zeros,
+                &identity,
+                &zeros,
+                &identity,
+                &zeros,
+            ],
+            heads: 1,
+            layer_norm_eps: 1e-5,
+            scale: 1.0,
+            exact_gelu: false,
+        };
+        let x = Tensor::linspace(-1.0, 1.0, d, opts).view([1, 1, d]);
+        let cache = Tensor::zeros([1, 1, 4, d], opts);
+        let out = block.forward(&x, &[&cache], &[&cache.copy()], &[0]);
+        let expected = reference(&block, &x, &cache.narrow(2, 0, 1), &cache.narrow(2, 0, 1));
+        assert!(out.isfinite().all().int64_value(&[]) == 1, "{out}");
+        let diff = (&out - &expected).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "max diff {diff}");
+    }
+
+    #[test]
+    fn a_full_cache_is_refused() {
+        let opts = (Kind::Float, Device::Cpu);
+        let d = 8;
+        let tensors: Vec<Tensor> =
+            [[d].as_slice(), &[d], &[2 * d, d], &[2 * d], &[d, d], &[d], &[d], &[d], &[d, d], &[d], &[d, d], &[d]]
+                .iter()
+                .map(|shape| Tensor::zeros(*shape, opts))
+                .collect();
+        let block = DecodeBlock {
+            parameters: std::array::from_fn(|i| &tensors[i]),
+            heads: 2,
+            layer_norm_eps: 1e-5,
+            scale: 1.0,
+            exact_gelu: false,
+        };
+        let cache = Tensor::zeros([1, 1, 4, 4], opts);
+        let full =
+            std::panic::catch_unwind(|| block.forward(&Tensor::zeros([1, 2, d], opts), &[&cache], &[&cache], &[3]));
+        let message = full.map(|_| String::new()).unwrap_err();
+        let message = message.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(message.contains("no room for 2 more"), "{message}");
+    }
+}
