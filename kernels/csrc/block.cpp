@@ -126,6 +126,9 @@ bool plain_float(const at::Tensor& t) {
 // The block's parameters in checkpoint order: ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
 // mlp.c_proj, each weight then bias.
 constexpr int kParameters = 12;
+const char* const kParameterNames[kParameters] = {
+    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
+    "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight",    "mlp.c_fc.bias",    "mlp.c_proj.weight",  "mlp.c_proj.bias"};
 
 }  // namespace
 
@@ -160,24 +163,13 @@ int wizard_decode_block(void* x_handle, void** parameters, int64_t heads, double
     const int64_t batch = x.size(0), fresh = x.size(1), d = x.size(2), dim = d / heads;
     TORCH_CHECK(count > 0, "no caches");
     const int64_t kv_heads = static_cast<at::Tensor*>(key_caches[0])->size(1);
-    TORCH_CHECK(kv_heads == 1 || kv_heads == heads, "", kv_heads, " key/value heads for ", heads);
+    TORCH_CHECK(kv_heads == 1 || kv_heads == heads, kv_heads, " key/value heads for ", heads);
     const int64_t qkv_dim = d + 2 * kv_heads * dim, inner = param(8).size(0);
-    const auto check_shape = [&](int i, std::vector<int64_t> shape, const char* name) {
-      TORCH_CHECK(param(i).sizes() == at::IntArrayRef(shape), "", name, " has shape ", param(i).sizes(),
-                  ", expected ", at::IntArrayRef(shape));
-    };
-    check_shape(0, {d}, "ln_1.weight");
-    check_shape(1, {d}, "ln_1.bias");
-    check_shape(2, {qkv_dim, d}, "attn.c_attn.weight");
-    check_shape(3, {qkv_dim}, "attn.c_attn.bias");
-    check_shape(4, {d, d}, "attn.c_proj.weight");
-    check_shape(5, {d}, "attn.c_proj.bias");
-    check_shape(6, {d}, "ln_2.weight");
-    check_shape(7, {d}, "ln_2.bias");
-    check_shape(8, {inner, d}, "mlp.c_fc.weight");
-    check_shape(9, {inner}, "mlp.c_fc.bias");
-    check_shape(10, {d, inner}, "mlp.c_proj.weight");
-    check_shape(11, {d}, "mlp.c_proj.bias");
+    const std::vector<int64_t> shapes[kParameters] = {{d},        {d},     {qkv_dim, d}, {qkv_dim}, {d, d},     {d},
+                                                       {d},        {d},     {inner, d},   {inner},   {d, inner}, {d}};
+    for (int i = 0; i < kParameters; i++)
+      TORCH_CHECK(param(i).sizes() == at::IntArrayRef(shapes[i]), kParameterNames[i], " has shape ", param(i).sizes(),
+                  ", expected ", at::IntArrayRef(shapes[i]));
     const auto rows = wizard::cache_rows(key_caches, value_caches, lens, count, kv_heads, dim, fresh, batch);
     const auto ptr = [&](int i) { return param(i).data_ptr<float>(); };
 
