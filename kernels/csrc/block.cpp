@@ -1,17 +1,22 @@
 // A whole GPTBigCode block for new positions over KV caches (a decode step, a verification pass, a
-// batch of sequences), fp32 on CPU, in one call: LayerNorm, the qkv product, the cache store,
-// attention, the output product with the residual, LayerNorm, the MLP with its GELU and residual.
-// Op by op, a decode step was ~15 libtorch ops and 5 thread wake-ups per layer, and one thread did
-// the small ops while the other waited; here both threads run every step and wake once per block.
-// The products are the dense kernel's and attention the decode kernel's, so a position's bits do
-// not depend on what else is in the call, as there.
+// batch of sequences) on CPU, in one call: LayerNorm, the qkv product, the cache store, attention,
+// the output product with the residual, LayerNorm, the MLP with its GELU and residual. Activations
+// are fp32; the dense weights fp32, bf16 or int8. Op by op, a decode step was ~15 libtorch ops and 5
+// thread wake-ups per layer, and one thread did the small ops while the other waited; here both
+// threads run every step and wake once per block. The products are wizard_linear's and
+// wizard_int8_linear's kernels (dense.h) and attention the decode kernel's, so a position's bits do
+// not depend on what else is in the call, or on whether it went through here or op by op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -124,25 +129,53 @@ bool plain_float(const at::Tensor& t) {
 }
 
 // The block's parameters in checkpoint order: ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
-// mlp.c_proj, each weight then bias.
+// mlp.c_proj, each weight then bias. The dense weights (kDense) are fp32 or bf16 [out, in], or an
+// int8 weight's packed records (uint8).
 constexpr int kParameters = 12;
 const char* const kParameterNames[kParameters] = {
     "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
     "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight",    "mlp.c_fc.bias",    "mlp.c_proj.weight",  "mlp.c_proj.bias"};
+constexpr int kDense[4] = {2, 4, 8, 10};
+
+bool is_dense(int i) { return std::find(std::begin(kDense), std::end(kDense), i) != std::end(kDense); }
+
+bool is_packed_int8(const at::Tensor& w) {
+  return w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 1 && w.is_contiguous();
+}
+
+bool no_gradient(const at::Tensor& t) { return !(at::GradMode::is_enabled() && t.requires_grad()); }
+
+// The product of dense parameter `i` ([out, in]) for `rows` rows; throws naming it when its int8
+// records do not hold that shape.
+std::unique_ptr<wizard::RowProduct> product_of(const at::Tensor& w, const at::Tensor& bias, int i, int64_t rows,
+                                               int64_t out, int64_t in) {
+  const float* b = bias.data_ptr<float>();
+  if (!is_packed_int8(w)) {
+    TORCH_CHECK(w.sizes() == at::IntArrayRef({out, in}), kParameterNames[i], " has shape ", w.sizes(), ", expected [",
+                out, ", ", in, "]");
+    return wizard::dense_row_product(w, b, rows);
+  }
+  try {
+    return wizard::int8_row_product(w, b, rows, out, in);
+  } catch (const std::exception& e) {
+    throw std::invalid_argument(std::string(kParameterNames[i]) + ": " + e.what());
+  }
+}
 
 }  // namespace
 
 extern "C" {
 
 // Whether wizard_decode_block takes `x` with these parameters: fp32 contiguous CPU tensors that
-// need no gradient, outside autocast, on a CPU with the dense kernel.
+// need no gradient, outside autocast, dense weights this CPU has a kernel for (bf16 on AMX tiles
+// stays op by op).
 int wizard_decode_block_applies(void* x_handle, void** parameters) {
   const auto& x = *static_cast<at::Tensor*>(x_handle);
-  bool applies = wizard::dense_fp32_kernel() != nullptr && !at::autocast::is_autocast_enabled(at::kCPU) &&
-                 plain_float(x) && !(at::GradMode::is_enabled() && x.requires_grad());
+  bool applies = !at::autocast::is_autocast_enabled(at::kCPU) && plain_float(x) && no_gradient(x);
   for (int i = 0; applies && i < kParameters; i++) {
     const auto& p = *static_cast<at::Tensor*>(parameters[i]);
-    applies = plain_float(p) && !(at::GradMode::is_enabled() && p.requires_grad());
+    applies = no_gradient(p) && (is_dense(i) ? is_packed_int8(p) || wizard::dense_row_product(p, nullptr, 0)
+                                             : plain_float(p));
   }
   return applies;
 }
@@ -157,23 +190,29 @@ int wizard_decode_block(void* x_handle, void** parameters, int64_t heads, double
   return wizard::guarded([&] {
     const auto& x = *static_cast<at::Tensor*>(x_handle);
     const auto param = [&](int i) -> const at::Tensor& { return *static_cast<at::Tensor*>(parameters[i]); };
-    TORCH_CHECK(wizard_decode_block_applies(x_handle, parameters), "fp32 CPU tensors without gradients only");
+    TORCH_CHECK(wizard_decode_block_applies(x_handle, parameters),
+                "fp32 CPU activations, norms and biases without gradients, dense weights with a kernel");
     TORCH_CHECK(x.dim() == 3 && x.size(1) >= 1 && heads > 0 && x.size(2) % heads == 0,
                 "x must be [batch, new, d], d a multiple of the heads");
     const int64_t batch = x.size(0), fresh = x.size(1), d = x.size(2), dim = d / heads;
     TORCH_CHECK(count > 0, "no caches");
     const int64_t kv_heads = static_cast<at::Tensor*>(key_caches[0])->size(1);
     TORCH_CHECK(kv_heads == 1 || kv_heads == heads, kv_heads, " key/value heads for ", heads);
-    const int64_t qkv_dim = d + 2 * kv_heads * dim, inner = param(8).size(0);
+    const int64_t qkv_dim = d + 2 * kv_heads * dim, inner = param(9).dim() == 1 ? param(9).size(0) : 0;
+    // [out, in] of each parameter; a vector's is [out].
     const std::vector<int64_t> shapes[kParameters] = {{d},        {d},     {qkv_dim, d}, {qkv_dim}, {d, d},     {d},
                                                        {d},        {d},     {inner, d},   {inner},   {d, inner}, {d}};
     for (int i = 0; i < kParameters; i++)
-      TORCH_CHECK(param(i).sizes() == at::IntArrayRef(shapes[i]), kParameterNames[i], " has shape ", param(i).sizes(),
-                  ", expected ", at::IntArrayRef(shapes[i]));
+      TORCH_CHECK(is_dense(i) || param(i).sizes() == at::IntArrayRef(shapes[i]), kParameterNames[i], " has shape ",
+                  param(i).sizes(), ", expected ", at::IntArrayRef(shapes[i]));
+    const int64_t positions = batch * fresh;
+    const auto product = [&](int i) {
+      return product_of(param(i), param(i + 1), i, positions, shapes[i][0], shapes[i][1]);
+    };
+    const auto qkv_product = product(2), out_product = product(4), up_product = product(8), down_product = product(10);
     const auto rows = wizard::cache_rows(key_caches, value_caches, lens, count, kv_heads, dim, fresh, batch);
     const auto ptr = [&](int i) { return param(i).data_ptr<float>(); };
 
-    const int64_t positions = batch * fresh;
     // Scratch: the normed input, qkv, attention, the residual stream after attention, the normed
     // stream, the MLP's hidden layer.
     auto scratch = at::empty({positions * (4 * d + qkv_dim + inner)}, x.options());
@@ -187,25 +226,41 @@ int wizard_decode_block(void* x_handle, void** parameters, int64_t heads, double
     const float* input = x.data_ptr<float>();
     float* output = out.data_ptr<float>();
 
-    const wizard::DenseFp32 product = wizard::dense_fp32_kernel();
     const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-    const auto columns = [&](int64_t n, int64_t in) { return Step(n, threads, wizard::dense_grain(in, positions), wizard::kChunkMultiple); };
+    const auto units_of = [&](const std::unique_ptr<wizard::RowProduct>& p) {
+      return Step(p->units, threads, p->grain, p->multiple);
+    };
+    // Rows made ready for a product by a step of their own: none where it needs no preparing.
+    const auto ready_for = [&](const std::unique_ptr<wizard::RowProduct>& p) {
+      return Step(p->prepares() ? positions : 0, threads, 1, 1);
+    };
     const auto tasks = [&](int64_t n) { return Step(n, threads, 1, 1); };
-    Step norm_1 = tasks(positions), project_qkv = columns(qkv_dim, d), store = tasks(positions),
-         attend = tasks(positions * heads), project_out = columns(d, d), norm_2 = tasks(positions),
-         expand = columns(inner, d), contract = columns(d, inner);
+    Step norm_1 = tasks(positions), project_qkv = units_of(qkv_product), store = tasks(positions),
+         attend = tasks(positions * heads), ready_attended = ready_for(out_product), project_out = units_of(out_product),
+         norm_2 = tasks(positions), expand = units_of(up_product), ready_hidden = ready_for(down_product),
+         contract = units_of(down_product);
     const int64_t group = heads / kv_heads;
     const auto query_at = [&](int64_t h) { return kv_heads == 1 ? h * dim : h * 3 * dim; };
     const auto key_at = [&](int64_t g) { return kv_heads == 1 ? d : g * 3 * dim + dim; };
     const float softmax_scale = static_cast<float>(scale);
+    // `product` of rows of `from` into `to` (`out` columns) for units [begin, end); returns the columns.
+    const auto multiply = [](const std::unique_ptr<wizard::RowProduct>& product, const float* from, float* to,
+                             int64_t out, int64_t begin, int64_t end) {
+      product->run(from, to, begin, end);
+      return product->columns(begin, end, out);
+    };
+    // Norms rows [begin, end) of `from` into `to` and readies them for `next`.
+    const auto norm = [&](const float* from, int weight, float* to, wizard::RowProduct& next, int64_t begin,
+                          int64_t end) {
+      for (int64_t m = begin; m < end; m++) {
+        layer_norm(from + m * d, ptr(weight), ptr(weight + 1), d, eps, to + m * d);
+        if (next.prepares()) next.prepare(to + m * d, m);
+      }
+    };
 
     const auto run = [&] {
-      norm_1.run([&](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; m++) layer_norm(input + m * d, ptr(0), ptr(1), d, eps, normed + m * d);
-      });
-      project_qkv.run([&](int64_t begin, int64_t end) {
-        product(normed, positions, ptr(2), ptr(3), qkv, d, qkv_dim, begin, end);
-      });
+      norm_1.run([&](int64_t begin, int64_t end) { norm(input, 0, normed, *qkv_product, begin, end); });
+      project_qkv.run([&](int64_t begin, int64_t end) { multiply(qkv_product, normed, qkv, qkv_dim, begin, end); });
       store.run([&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; m++) {
           const wizard::CacheRow& row = rows[m / fresh];
@@ -228,22 +283,26 @@ int wizard_decode_block(void* x_handle, void** parameters, int64_t heads, double
                          softmax_scale, scores.data(), attended + m * d + h * dim);
         }
       });
+      ready_attended.run([&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; m++) out_product->prepare(attended + m * d, m);
+      });
       project_out.run([&](int64_t begin, int64_t end) {
-        product(attended, positions, ptr(4), ptr(5), middle, d, d, begin, end);
+        const auto [first, last] = multiply(out_product, attended, middle, d, begin, end);
         for (int64_t m = 0; m < positions; m++)
-          for (int64_t c = begin; c < end; c++) middle[m * d + c] += input[m * d + c];
+          for (int64_t c = first; c < last; c++) middle[m * d + c] += input[m * d + c];
       });
-      norm_2.run([&](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; m++) layer_norm(middle + m * d, ptr(6), ptr(7), d, eps, normed_middle + m * d);
-      });
+      norm_2.run([&](int64_t begin, int64_t end) { norm(middle, 6, normed_middle, *up_product, begin, end); });
       expand.run([&](int64_t begin, int64_t end) {
-        product(normed_middle, positions, ptr(8), ptr(9), hidden, d, inner, begin, end);
-        for (int64_t m = 0; m < positions; m++) gelu_in_place(hidden + m * inner + begin, end - begin, exact_gelu != 0);
+        const auto [first, last] = multiply(up_product, normed_middle, hidden, inner, begin, end);
+        for (int64_t m = 0; m < positions; m++) gelu_in_place(hidden + m * inner + first, last - first, exact_gelu != 0);
+      });
+      ready_hidden.run([&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; m++) down_product->prepare(hidden + m * inner, m);
       });
       contract.run([&](int64_t begin, int64_t end) {
-        product(hidden, positions, ptr(10), ptr(11), output, inner, d, begin, end);
+        const auto [first, last] = multiply(down_product, hidden, output, d, begin, end);
         for (int64_t m = 0; m < positions; m++)
-          for (int64_t c = begin; c < end; c++) output[m * d + c] += middle[m * d + c];
+          for (int64_t c = first; c < last; c++) output[m * d + c] += middle[m * d + c];
       });
     };
     if (threads > 1)

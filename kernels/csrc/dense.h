@@ -1,18 +1,46 @@
-// The fp32 dense kernel of csrc/linear.cpp, for the fused decode block.
+// One dense layer's product inside the fused decode block (block.cpp): fp32 input rows times fp32,
+// bf16 or int8 weights, through the kernels wizard_linear and wizard_int8_linear run, so a row gets
+// the same bits as there. Rows are made ready one at a time (rounded to bf16, quantized) by the
+// thread that finished them; then threads claim units of output columns.
 #pragma once
+
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 
 namespace wizard {
 
-// y[r * out + j] = x[r] . w[j] + bias[j] (bias may be null) for rows [0, rows), columns [begin, end),
-// each a dot product in a fixed order.
-using DenseFp32 = void (*)(const float* x, int64_t rows, const float* w, const float* bias, float* y, int64_t in,
-                           int64_t out, int64_t begin, int64_t end);
+class RowProduct {
+ public:
+  RowProduct(int64_t units, int64_t columns_per_unit, int64_t grain, int64_t multiple)
+      : units(units), columns_per_unit(columns_per_unit), grain(grain), multiple(multiple) {}
+  virtual ~RowProduct() = default;
 
-// The widest fp32 kernel this CPU runs, or null.
-DenseFp32 dense_fp32_kernel();
+  // Whether each input row must go through prepare() before run().
+  virtual bool prepares() const { return false; }
+  // Makes input row `r`, at `row`, ready for run().
+  virtual void prepare(const float* row, int64_t r) { (void)row, (void)r; }
+  // y = x times the weight, plus the bias, for every row and the output columns of units [begin, end).
+  virtual void run(const float* x, float* y, int64_t begin, int64_t end) const = 0;
+
+  // The output columns units [begin, end) stand for, of `out`.
+  std::pair<int64_t, int64_t> columns(int64_t begin, int64_t end, int64_t out) const {
+    return {begin * columns_per_unit, std::min(out, end * columns_per_unit)};
+  }
+
+  // Units the threads claim, output columns per unit, and the claims' grain and multiple.
+  const int64_t units, columns_per_unit, grain, multiple;
+};
+
+// The product of an fp32 or bf16 [out, in] weight (contiguous, on the CPU) for `rows` fp32 rows, with
+// an fp32 bias (or null); null where this CPU has no kernel for it (or bf16 takes AMX tiles).
+std::unique_ptr<RowProduct> dense_row_product(const at::Tensor& weight, const float* bias, int64_t rows);
+
+// The product of an int8 weight's packed records holding [out, in] (throws when they do not).
+std::unique_ptr<RowProduct> int8_row_product(const at::Tensor& packed, const float* bias, int64_t rows, int64_t out,
+                                             int64_t in);
 
 // About 64K multiply-adds per task: small layers stay on one thread.
 inline int64_t dense_grain(int64_t in, int64_t rows) {

@@ -27,7 +27,9 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "dense.h"
 #include "guard.h"
 #include "parallel.h"
 
@@ -443,7 +445,45 @@ bool kernel_applies(const Kernel* kernel, const at::Tensor& x, int64_t in, int64
          (!bias || (plain(*bias) && bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == out));
 }
 
+// Activation rows quantized one at a time, as the block finishes them.
+class Int8RowProduct : public wizard::RowProduct {
+ public:
+  Int8RowProduct(const Kernel& kernel, const at::Tensor& packed, const float* bias, int64_t rows, int64_t out,
+                 int64_t in)
+      : RowProduct(groups_of(out), kGroup, std::max<int64_t>(1, 262144 / (in * rows * kGroup)), 4),
+        kernel_(kernel), in_(in), blocks_(blocks_of(in)),
+        scratch_(rows * blocks_ * kActivationBytes),
+        activations_{rows, blocks_, reinterpret_cast<int8_t*>(scratch_.data()),
+                     reinterpret_cast<int32_t*>(scratch_.data() + rows * blocks_ * kBlock),
+                     reinterpret_cast<float*>(scratch_.data() + rows * blocks_ * (kBlock + 4))},
+        weights_{packed.data_ptr<uint8_t>(), bias, blocks_, out} {}
+
+  bool prepares() const override { return true; }
+  void prepare(const float* row, int64_t r) override {
+    const Activations one{1, blocks_, activations_.q + r * blocks_ * kBlock, activations_.offset + r * blocks_,
+                          activations_.scale + r * blocks_};
+    kernel_.prepare(row, in_, one);
+  }
+
+  void run(const float*, float* y, int64_t begin, int64_t end) const override {
+    kernel_.rows_times_weight(activations_, weights_, y, begin, end);
+  }
+
+ private:
+  const Kernel& kernel_;
+  const int64_t in_, blocks_;
+  std::vector<uint8_t> scratch_;
+  const Activations activations_;
+  const Weights weights_;
+};
+
 }  // namespace
+
+std::unique_ptr<wizard::RowProduct> wizard::int8_row_product(const at::Tensor& packed, const float* bias,
+                                                             int64_t rows, int64_t out, int64_t in) {
+  check_packed(packed, out, in);
+  return std::make_unique<Int8RowProduct>(*kernel_for(0), packed, bias, rows, out, in);
+}
 
 extern "C" {
 

@@ -74,6 +74,27 @@ struct Lanes {
   static float sum(__m512 v) { return _mm512_reduce_add_ps(v); }
 };
 #include "linear_kernel.h"
+
+// c10's round-to-nearest-even (as at::BFloat16 converts, NaN to 0x7fc0), 16 floats at a time: the
+// dot-product kernel's inputs. (The CPU's own conversion treats denormal inputs as zero.)
+__m256i round_to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0)));
+}
+
+void narrow(const float* x, int64_t n, uint16_t* y) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), round_to_bf16(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(y + i, mask, round_to_bf16(_mm512_maskz_loadu_ps(mask, x + i)));
+  }
+}
 }  // namespace avx512bf16
 #pragma GCC pop_options
 
@@ -167,9 +188,62 @@ bool kernel_applies(const Kernels* kernels, const at::Tensor& x, const at::Tenso
 
 }  // namespace
 
-wizard::DenseFp32 wizard::dense_fp32_kernel() {
+namespace {
+
+class Fp32RowProduct : public wizard::RowProduct {
+ public:
+  Fp32RowProduct(RowsTimesWeight<float, float> kernel, const at::Tensor& w, const float* bias, int64_t rows)
+      : RowProduct(w.size(0), 1, wizard::dense_grain(w.size(1), rows), wizard::kChunkMultiple),
+        kernel_(kernel), w_(w.data_ptr<float>()), bias_(bias), rows_(rows), in_(w.size(1)), out_(w.size(0)) {}
+
+  void run(const float* x, float* y, int64_t begin, int64_t end) const override {
+    kernel_(x, rows_, w_, bias_, y, in_, out_, begin, end);
+  }
+
+ private:
+  const RowsTimesWeight<float, float> kernel_;
+  const float* w_;
+  const float* bias_;
+  const int64_t rows_, in_, out_;
+};
+
+// bf16 weights as wizard_linear multiplies them without AMX: in dot products over inputs rounded to
+// bf16 where the CPU has them, else widened under fp32 inputs.
+class Bf16RowProduct : public wizard::RowProduct {
+ public:
+  Bf16RowProduct(const Kernels& kernels, const at::Tensor& w, const float* bias, int64_t rows)
+      : RowProduct(w.size(0), 1, wizard::dense_grain(w.size(1), rows), wizard::kChunkMultiple),
+        kernels_(kernels),
+        w_(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>())),
+        bias_(bias), rows_(rows), in_(w.size(1)), out_(w.size(0)),
+        narrowed_(kernels.bf16_dot ? rows * in_ : 0) {}
+
+  bool prepares() const override { return kernels_.bf16_dot != nullptr; }
+  void prepare(const float* row, int64_t r) override { avx512bf16::narrow(row, in_, narrowed_.data() + r * in_); }
+
+  void run(const float* x, float* y, int64_t begin, int64_t end) const override {
+    if (kernels_.bf16_dot)
+      kernels_.bf16_dot(narrowed_.data(), rows_, w_, bias_, y, in_, out_, begin, end);
+    else
+      kernels_.bf16(x, rows_, w_, bias_, y, in_, out_, begin, end);
+  }
+
+ private:
+  const Kernels& kernels_;
+  const uint16_t* w_;
+  const float* bias_;
+  const int64_t rows_, in_, out_;
+  std::vector<uint16_t> narrowed_;
+};
+
+}  // namespace
+
+std::unique_ptr<wizard::RowProduct> wizard::dense_row_product(const at::Tensor& w, const float* bias, int64_t rows) {
   const Kernels* kernels = kernels_for(0);
-  return kernels ? kernels->fp32 : nullptr;
+  if (!kernels || !w.device().is_cpu() || !w.is_contiguous() || w.dim() != 2 || w.size(1) == 0) return nullptr;
+  if (w.scalar_type() == at::kFloat) return std::make_unique<Fp32RowProduct>(kernels->fp32, w, bias, rows);
+  if (w.scalar_type() == at::kBFloat16 && !kernels->amx) return std::make_unique<Bf16RowProduct>(*kernels, w, bias, rows);
+  return nullptr;
 }
 
 extern "C" {
@@ -235,15 +309,15 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
       constexpr int64_t kTileColumns = wizard::amx::kColumns;
       const int64_t tiled = kernels->amx ? out / kTileColumns * kTileColumns : 0;
       std::vector<float> x_wide;
-      std::vector<at::BFloat16> x_narrow;
+      std::vector<uint16_t> x_narrow;
       const float* x32 = nullptr;
       const uint16_t* x16 = nullptr;
       if (kernels->bf16_dot && x.scalar_type() == at::kBFloat16) {
         x16 = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
       } else if (kernels->bf16_dot && tiled < out) {
-        const float* p = x.data_ptr<float>();
-        x_narrow.assign(p, p + x.numel());
-        x16 = reinterpret_cast<const uint16_t*>(x_narrow.data());
+        x_narrow.resize(x.numel());
+        avx512bf16::narrow(x.data_ptr<float>(), x.numel(), x_narrow.data());
+        x16 = x_narrow.data();
       } else if (x.scalar_type() == at::kBFloat16) {
         const at::BFloat16* p = x.data_ptr<at::BFloat16>();
         x_wide.assign(p, p + x.numel());

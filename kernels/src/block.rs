@@ -1,8 +1,10 @@
 //! A whole GPTBigCode block for new positions over KV caches (a decode step, a verification pass, a
-//! batch of sequences) in one call (csrc/block.cpp): fp32 weights on CPU, both threads through every
-//! step of the block, one wake-up per block instead of ~15 libtorch ops and 5 parallel regions. The
-//! products are [`crate::linear`]'s kernel and attention [`crate::attention::decode_attention`]'s,
-//! so a position's result does not depend on the other rows or positions in the call.
+//! batch of sequences) in one call (csrc/block.cpp): fp32 activations on CPU with fp32, bf16 or int8
+//! dense weights, both threads through every step of the block, one wake-up per block instead of
+//! ~15 libtorch ops and 5 parallel regions. The products are [`crate::linear`]'s and
+//! [`crate::int8`]'s kernels and attention [`crate::attention::decode_attention`]'s, so a position's
+//! result does not depend on the other rows or positions in the call, nor on whether it went through
+//! here or op by op.
 use std::ptr;
 
 use tch::{Device, Tensor};
@@ -13,7 +15,9 @@ use crate::ffi::{self, check};
 
 /// One block's parameters and shape, as [`DecodeBlock::forward`] takes them.
 pub struct DecodeBlock<'a> {
-    /// `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`: weight, then bias.
+    /// `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`: weight, then bias. A
+    /// dense weight is fp32 or bf16 `[out, in]`, or an int8 weight's [`packed`](crate::int8::Int8Weight::packed)
+    /// records; everything else is fp32.
     pub parameters: [&'a Tensor; 12],
     /// Query heads; one key/value head (multi-query) or one per query head, as the caches hold.
     pub heads: i64,
@@ -26,9 +30,10 @@ pub struct DecodeBlock<'a> {
 }
 
 impl DecodeBlock<'_> {
-    /// Whether [`forward`](Self::forward) takes `x` `[batch, new, d]`: fp32 CPU tensors needing no
-    /// gradient, at most [`DECODE_KERNEL_MAX_POSITIONS`] new positions, a CPU with the dense kernel,
-    /// and the dense kernel (not libtorch) chosen by [`crate::calibrate`] for every product.
+    /// Whether [`forward`](Self::forward) takes `x` `[batch, new, d]`: CPU tensors needing no
+    /// gradient, at most [`DECODE_KERNEL_MAX_POSITIONS`] new positions, a kernel on this CPU for each
+    /// dense weight (bf16 on AMX tiles stays op by op), and the kernel (not libtorch) chosen by
+    /// [`crate::calibrate`] for every fp32 product.
     pub fn applies(&self, x: &Tensor) -> bool {
         let handles = self.handles();
         x.device() == Device::Cpu
@@ -83,15 +88,31 @@ impl DecodeBlock<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::int8::Int8Weight;
     use tch::Kind;
 
-    /// The same block op by op in libtorch (tests' reference), caches not touched: `keys`/`values`
+    /// The dense weights' format.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Format {
+        Fp32,
+        Bf16,
+        Int8,
+    }
+
+    /// The same block op by op (tests' reference): libtorch, and the products through `product`
+    /// (index of the weight in the parameters, input); caches not touched: `keys`/`values`
     /// `[batch, kv_heads, len + new, head_dim]` already hold the new positions.
-    fn reference(block: &DecodeBlock, x: &Tensor, keys: &Tensor, values: &Tensor) -> Tensor {
-        let [ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b] = block.parameters;
+    fn reference(
+        block: &DecodeBlock,
+        product: &dyn Fn(usize, &Tensor) -> Tensor,
+        x: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Tensor {
+        let [ln1_w, ln1_b, _, _, _, _, ln2_w, ln2_b, _, _, _, _] = block.parameters;
         let (batch, fresh, d) = x.size3().unwrap();
         let norm = |t: &Tensor, w, b| t.layer_norm([d], Some(w), Some(b), block.layer_norm_eps, false);
-        let qkv = norm(x, ln1_w, ln1_b).linear(attn_w, Some(attn_b));
+        let qkv = product(2, &norm(x, ln1_w, ln1_b));
         let (heads, dim) = (block.heads, d / block.heads);
         let query = if keys.size()[1] == 1 {
             qkv.narrow(2, 0, d).view([batch, fresh, heads, dim]).transpose(1, 2)
@@ -99,10 +120,15 @@ mod tests {
             qkv.view([batch, fresh, heads, 3 * dim]).transpose(1, 2).narrow(3, 0, dim)
         };
         let attended = crate::attention::reference_attention(&query, keys, values, block.scale);
-        let middle = x + attended.transpose(1, 2).reshape([batch, fresh, d]).linear(proj_w, Some(proj_b));
+        let middle = x + product(4, &attended.transpose(1, 2).reshape([batch, fresh, d]));
         let approximate = if block.exact_gelu { "none" } else { "tanh" };
-        let hidden = norm(&middle, ln2_w, ln2_b).linear(fc_w, Some(fc_b)).gelu(approximate);
-        &middle + hidden.linear(out_w, Some(out_b))
+        let hidden = product(8, &norm(&middle, ln2_w, ln2_b)).gelu(approximate);
+        &middle + product(10, &hidden)
+    }
+
+    /// libtorch's products over fp32 parameters.
+    fn libtorch<'a>(parameters: &'a [&'a Tensor; 12]) -> impl Fn(usize, &Tensor) -> Tensor + 'a {
+        |i, x| x.linear(parameters[i], Some(parameters[i + 1]))
     }
 
     struct Case {
@@ -114,6 +140,7 @@ mod tests {
         /// Per cache: its sequences and the positions they already hold.
         caches: Vec<(i64, i64)>,
         exact_gelu: bool,
+        format: Format,
     }
 
     /// The block matches libtorch op by op, stores the new keys and values, and gives every sequence
@@ -138,12 +165,41 @@ mod tests {
             vec![d],
         ];
         let tensors: Vec<Tensor> = shapes.iter().map(|shape| Tensor::randn(shape.as_slice(), opts) * 0.3).collect();
+        let dense = [2, 4, 8, 10];
+        let int8: Vec<Option<Int8Weight>> = (0..12)
+            .map(|i| {
+                (case.format == Format::Int8 && dense.contains(&i)).then(|| Int8Weight::quantize(&tensors[i]).unwrap())
+            })
+            .collect();
+        let narrow: Vec<Tensor> =
+            tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    if case.format == Format::Bf16 && dense.contains(&i) {
+                        t.to_kind(Kind::BFloat16)
+                    } else {
+                        t.copy()
+                    }
+                })
+                .collect();
         let block = DecodeBlock {
-            parameters: std::array::from_fn(|i| &tensors[i]),
+            parameters: std::array::from_fn(|i| int8[i].as_ref().map_or(&narrow[i], Int8Weight::packed)),
             heads: case.heads,
             layer_norm_eps: 1e-5,
             scale: 1.0 / (dim as f64).sqrt(),
             exact_gelu: case.exact_gelu,
+        };
+        // Op by op: the same kernels for the products.
+        let op_by_op = |i: usize, x: &Tensor| match &int8[i] {
+            Some(weight) => crate::int8::linear(x, weight, Some(&tensors[i + 1])),
+            None => crate::linear::linear(x, &narrow[i], Some(&tensors[i + 1])),
+        };
+        // LayerNorm differs from libtorch's in the last bits, which can move a rounded input.
+        let tolerance = match case.format {
+            Format::Fp32 => 1e-4,
+            Format::Bf16 => 1e-2,
+            Format::Int8 => 5e-2,
         };
         let batch: i64 = case.caches.iter().map(|(b, _)| b).sum();
         let x = Tensor::randn([batch, case.fresh, d], opts);
@@ -161,10 +217,10 @@ mod tests {
             for j in 0..b {
                 let sequence = |t: &Tensor| t.narrow(0, j, 1).narrow(2, 0, len + case.fresh);
                 let x_row = x.narrow(0, row, 1);
-                let expected = reference(&block, &x_row, &sequence(&keys[i]), &sequence(&values[i]));
+                let expected = reference(&block, &op_by_op, &x_row, &sequence(&keys[i]), &sequence(&values[i]));
                 let got = out.narrow(0, row, 1);
                 let diff = (&got - &expected).abs().max().double_value(&[]);
-                assert!(diff < 1e-4, "cache {i} sequence {j} (len {len}): max diff {diff}");
+                assert!(diff < tolerance, "{:?} cache {i} sequence {j} (len {len}): max diff {diff}", case.format);
                 // Alone, one position per call, from the cache as it was.
                 let (k1, v1) = (before[i].0.narrow(0, j, 1).copy(), before[i].1.narrow(0, j, 1).copy());
                 for p in 0..case.fresh {
@@ -180,24 +236,73 @@ mod tests {
     }
 
     #[test]
-    fn block_matches_libtorch_and_itself_alone() {
-        for fresh in [1, 4] {
-            let mqa = |caches, exact_gelu| Case { heads: 4, kv_heads: 1, d: 64, inner: 200, fresh, caches, exact_gelu };
-            check(mqa(vec![(1, 0)], false));
-            check(mqa(vec![(1, 17), (2, 5), (1, 30)], false));
-            check(mqa(vec![(1, 9)], true));
-            // Products in several chunks that the threads claim.
-            check(Case {
-                heads: 4,
-                kv_heads: 1,
-                d: 256,
-                inner: 1024,
-                fresh,
-                caches: vec![(1, 3), (1, 20)],
-                exact_gelu: false,
-            });
-            check(Case { heads: 3, kv_heads: 3, d: 48, inner: 100, fresh, caches: vec![(2, 11)], exact_gelu: false });
+    fn block_matches_op_by_op_and_itself_alone() {
+        for format in [Format::Fp32, Format::Bf16, Format::Int8] {
+            for fresh in [1, 4] {
+                let mqa = |caches, exact_gelu| Case {
+                    heads: 4,
+                    kv_heads: 1,
+                    d: 64,
+                    inner: 200,
+                    fresh,
+                    caches,
+                    exact_gelu,
+                    format,
+                };
+                check(mqa(vec![(1, 0)], false));
+                check(mqa(vec![(1, 17), (2, 5), (1, 30)], false));
+                check(mqa(vec![(1, 9)], true));
+                // Products in several chunks that the threads claim; `in` not a multiple of 32.
+                check(Case {
+                    heads: 4,
+                    kv_heads: 1,
+                    d: 256,
+                    inner: 1000,
+                    fresh,
+                    caches: vec![(1, 3), (1, 20)],
+                    exact_gelu: false,
+                    format,
+                });
+                let heads = Case {
+                    heads: 3,
+                    kv_heads: 3,
+                    d: 48,
+                    inner: 100,
+                    fresh,
+                    caches: vec![(2, 11)],
+                    exact_gelu: false,
+                    format,
+                };
+                check(heads);
+            }
         }
+    }
+
+    #[test]
+    fn int8_records_of_another_shape_are_refused() {
+        let opts = (Kind::Float, Device::Cpu);
+        let d = 32;
+        let tensors: Vec<Tensor> =
+            [[d].as_slice(), &[d], &[2 * d, d], &[2 * d], &[d, d], &[d], &[d], &[d], &[d, d], &[d], &[d, d], &[d]]
+                .iter()
+                .map(|shape| Tensor::zeros(*shape, opts))
+                .collect();
+        // c_fc's records hold [d, 2d], not [d, d].
+        let wrong = Int8Weight::quantize(&Tensor::zeros([d, 2 * d], opts)).unwrap();
+        let block = DecodeBlock {
+            parameters: std::array::from_fn(|i| if i == 8 { wrong.packed() } else { &tensors[i] }),
+            heads: 2,
+            layer_norm_eps: 1e-5,
+            scale: 1.0,
+            exact_gelu: false,
+        };
+        let x = Tensor::zeros([1, 1, d], opts);
+        assert!(block.applies(&x));
+        let cache = Tensor::zeros([1, 1, 4, d / 2], opts);
+        let refused = std::panic::catch_unwind(|| block.forward(&x, &[&cache], &[&cache.copy()], &[0]));
+        let message = refused.map(|_| String::new()).unwrap_err();
+        let message = message.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(message.contains("mlp.c_fc.weight") && message.contains("does not hold"), "{message}");
     }
 
     #[test]
@@ -236,7 +341,8 @@ mod tests {
         let x = Tensor::linspace(-1.0, 1.0, d, opts).view([1, 1, d]);
         let cache = Tensor::zeros([1, 1, 4, d], opts);
         let out = block.forward(&x, &[&cache], &[&cache.copy()], &[0]);
-        let expected = reference(&block, &x, &cache.narrow(2, 0, 1), &cache.narrow(2, 0, 1));
+        let expected =
+            reference(&block, &libtorch(&block.parameters), &x, &cache.narrow(2, 0, 1), &cache.narrow(2, 0, 1));
         assert!(out.isfinite().all().int64_value(&[]) == 1, "{out}");
         let diff = (&out - &expected).abs().max().double_value(&[]);
         assert!(diff < 1e-4, "max diff {diff}");

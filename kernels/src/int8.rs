@@ -159,6 +159,11 @@ impl Int8Weight {
         unsafe { (owned(values), owned(scales)) }
     }
 
+    /// The packed records the kernels read, as a dense weight of [`crate::block::DecodeBlock`] takes them.
+    pub fn packed(&self) -> &Tensor {
+        &self.packed
+    }
+
     /// `in` of the weight `[out, in]` these blocks stand for.
     pub fn in_features(&self) -> i64 {
         self.in_features

@@ -66,6 +66,11 @@ impl Linear {
         }
     }
 
+    /// The weight as the fused decode block takes it: int8 records, or the fp32 or bf16 weight.
+    fn fused_weight(&self) -> &Tensor {
+        self.int8.as_ref().map_or(&self.weight, Int8Weight::packed)
+    }
+
     /// Replaces the fp32 weight by `int8` (the fp32 storage is freed).
     fn set_int8(&mut self, int8: Int8Weight) {
         self.weight.set_data(&empty_weight());
@@ -260,26 +265,23 @@ struct Block {
 
 impl Block {
     /// New positions over `caches` through the fused decode block (one call for the whole block),
-    /// where it applies: fp32 dense weights and activations on CPU, a decode step or verification.
+    /// where it applies: fp32 activations on CPU, a decode step or verification.
     fn forward_fused(&self, x: &Tensor, caches: &[&KvCache], layer: usize) -> Option<Tensor> {
-        if self.linears().iter().any(|linear| linear.int8.is_some()) {
-            return None;
-        }
-        let [c_attn, attn_proj, c_fc, mlp_proj] = self.linears();
+        let [c_attn, attn_proj, c_fc, mlp_proj] = self.linears().map(Linear::fused_weight);
         let block = DecodeBlock {
             parameters: [
                 &self.ln_1.weight,
                 &self.ln_1.bias,
-                &c_attn.weight,
-                &c_attn.bias,
-                &attn_proj.weight,
-                &attn_proj.bias,
+                c_attn,
+                &self.attn.c_attn.bias,
+                attn_proj,
+                &self.attn.c_proj.bias,
                 &self.ln_2.weight,
                 &self.ln_2.bias,
-                &c_fc.weight,
-                &c_fc.bias,
-                &mlp_proj.weight,
-                &mlp_proj.bias,
+                c_fc,
+                &self.mlp.c_fc.bias,
+                mlp_proj,
+                &self.mlp.c_proj.bias,
             ],
             heads: self.attn.n_head,
             layer_norm_eps: self.ln_1.eps,
