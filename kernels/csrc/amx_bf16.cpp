@@ -4,6 +4,7 @@
 // 16 input rows, and each sum sees its 32 products per step in k order, alone: the same bits for one
 // row (a decode step) as for 512 (a prefill chunk).
 #include "amx_bf16.h"
+#include "bf16_round.h"
 
 #include <cpuid.h>
 #include <immintrin.h>
@@ -51,16 +52,6 @@ State state() {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,bmi2,amx-tile,amx-bf16")
 namespace {
-
-// c10's round-to-nearest-even (as at::BFloat16 converts), 16 floats at a time.
-__m256i round_to_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0)));
-}
 
 // Offsets of one column of a 16 x 16 tile of dwords: 0, 16, ..., 240.
 __m512i tile_column() {
