@@ -25,9 +25,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "dense.h"
 #include "guard.h"
@@ -445,17 +445,20 @@ bool kernel_applies(const Kernel* kernel, const at::Tensor& x, int64_t in, int64
          (!bias || (plain(*bias) && bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == out));
 }
 
-// Activation rows quantized one at a time, as the block finishes them.
+// `rows` activation rows (at least one), each quantized once by prepare(), times a packed weight,
+// threads claiming groups of 16 outputs: for wizard_int8_linear and the fused decode block. About 256K
+// products per task, as many weight bytes as the fp32 kernel's 64K per task: small layers stay on
+// one thread.
 class Int8RowProduct : public wizard::RowProduct {
  public:
   Int8RowProduct(const Kernel& kernel, const at::Tensor& packed, const float* bias, int64_t rows, int64_t out,
                  int64_t in)
       : RowProduct(groups_of(out), kGroup, std::max<int64_t>(1, 262144 / (in * rows * kGroup)), 4),
         kernel_(kernel), in_(in), blocks_(blocks_of(in)),
-        scratch_(rows * blocks_ * kActivationBytes),
-        activations_{rows, blocks_, reinterpret_cast<int8_t*>(scratch_.data()),
-                     reinterpret_cast<int32_t*>(scratch_.data() + rows * blocks_ * kBlock),
-                     reinterpret_cast<float*>(scratch_.data() + rows * blocks_ * (kBlock + 4))},
+        scratch_(new uint8_t[rows * blocks_ * kActivationBytes]),
+        activations_{rows, blocks_, reinterpret_cast<int8_t*>(scratch_.get()),
+                     reinterpret_cast<int32_t*>(scratch_.get() + rows * blocks_ * kBlock),
+                     reinterpret_cast<float*>(scratch_.get() + rows * blocks_ * (kBlock + 4))},
         weights_{packed.data_ptr<uint8_t>(), bias, blocks_, out} {}
 
   bool prepares() const override { return true; }
@@ -472,7 +475,7 @@ class Int8RowProduct : public wizard::RowProduct {
  private:
   const Kernel& kernel_;
   const int64_t in_, blocks_;
-  std::vector<uint8_t> scratch_;
+  std::unique_ptr<uint8_t[]> scratch_;
   const Activations activations_;
   const Weights weights_;
 };
@@ -570,24 +573,18 @@ int wizard_int8_linear(void* x_handle, void* packed_handle, int64_t out, int64_t
       return;
     }
     const at::Tensor xc = x.contiguous();
-    const int64_t rows = xc.numel() / in, blocks = blocks_of(in);
+    const int64_t rows = xc.numel() / in;
     auto sizes = x.sizes().vec();
     sizes.back() = out;
     auto y = at::empty(sizes, xc.options());
     if (rows > 0 && out > 0) {
-      auto scratch = at::empty({rows * blocks * kActivationBytes}, at::kByte);
-      uint8_t* base = scratch.data_ptr<uint8_t>();
-      const Activations a{rows, blocks, reinterpret_cast<int8_t*>(base),
-                          reinterpret_cast<int32_t*>(base + rows * blocks * kBlock),
-                          reinterpret_cast<float*>(base + rows * blocks * (kBlock + 4))};
-      kernel->prepare(xc.data_ptr<float>(), in, a);
-      const Weights w{packed.data_ptr<uint8_t>(), bias ? bias->data_ptr<float>() : nullptr, blocks, out};
+      Int8RowProduct product(*kernel, packed, bias ? bias->data_ptr<float>() : nullptr, rows, out, in);
+      const float* xp = xc.data_ptr<float>();
+      for (int64_t r = 0; r < rows; r++) product.prepare(xp + r * in, r);
       float* yp = y.data_ptr<float>();
-      // About 256K products per task, as many weight bytes as the fp32 kernel's 64K per task: small
-      // layers stay on one thread.
-      const int64_t grain = std::max<int64_t>(1, 262144 / (in * rows * kGroup));
-      wizard::balanced_for(groups_of(out), grain,
-                           [&](int64_t begin, int64_t end) { kernel->rows_times_weight(a, w, yp, begin, end); }, 4);
+      wizard::balanced_for(
+          product.units, product.grain, [&](int64_t begin, int64_t end) { product.run(xp, yp, begin, end); },
+          product.multiple);
     }
     *result = new at::Tensor(std::move(y));
   });

@@ -278,15 +278,19 @@ mod tests {
         }
     }
 
+    /// Zero parameters of a two-head multi-query block of width `d` with a `d`-wide MLP.
+    fn zero_parameters(d: i64) -> Vec<Tensor> {
+        [[d].as_slice(), &[d], &[2 * d, d], &[2 * d], &[d, d], &[d], &[d], &[d], &[d, d], &[d], &[d, d], &[d]]
+            .iter()
+            .map(|shape| Tensor::zeros(*shape, (Kind::Float, Device::Cpu)))
+            .collect()
+    }
+
     #[test]
     fn int8_records_of_another_shape_are_refused() {
         let opts = (Kind::Float, Device::Cpu);
         let d = 32;
-        let tensors: Vec<Tensor> =
-            [[d].as_slice(), &[d], &[2 * d, d], &[2 * d], &[d, d], &[d], &[d], &[d], &[d, d], &[d], &[d, d], &[d]]
-                .iter()
-                .map(|shape| Tensor::zeros(*shape, opts))
-                .collect();
+        let tensors = zero_parameters(d);
         // c_fc's records hold [d, 2d], not [d, d].
         let wrong = Int8Weight::quantize(&Tensor::zeros([d, 2 * d], opts)).unwrap();
         let block = DecodeBlock {
@@ -352,11 +356,7 @@ mod tests {
     fn a_full_cache_is_refused() {
         let opts = (Kind::Float, Device::Cpu);
         let d = 8;
-        let tensors: Vec<Tensor> =
-            [[d].as_slice(), &[d], &[2 * d, d], &[2 * d], &[d, d], &[d], &[d], &[d], &[d, d], &[d], &[d, d], &[d]]
-                .iter()
-                .map(|shape| Tensor::zeros(*shape, opts))
-                .collect();
+        let tensors = zero_parameters(d);
         let block = DecodeBlock {
             parameters: std::array::from_fn(|i| &tensors[i]),
             heads: 2,
