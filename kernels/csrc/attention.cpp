@@ -208,4 +208,14 @@ int wizard_decode_attention(void* query_handle, void* new_keys_handle, void* new
     *result = new at::Tensor(std::move(out));
   });
 }
+
+// Whether libtorch's SDPA may pick cuDNN; returns the previous setting. cuDNN builds an execution
+// plan for every new sequence length (tens to hundreds of milliseconds each), which inference, whose
+// lengths grow by one a step, pays on nearly every call.
+int wizard_sdpa_allow_cudnn(int allowed) {
+  at::Context& context = at::globalContext();
+  const bool previous = context.userEnabledCuDNNSDP();
+  context.setSDPUseCuDNN(allowed != 0);
+  return previous ? 1 : 0;
+}
 }

@@ -78,19 +78,38 @@ fn causal_mask(q_len: i64, k_len: i64, device: tch::Device) -> Tensor {
     cols.le_tensor(&rows)
 }
 
+/// Runs `sdpa` with libtorch's cuDNN attention kept out when `query` is an inference input on CUDA:
+/// cuDNN builds a plan for every new sequence length, and a decode step's keys are one longer each
+/// time (measured on an H200: a 128-token generation stalled for tens of seconds). Training, whose
+/// shapes repeat, keeps libtorch's choice. The switch is process-wide, as `torch.nn.attention.
+/// sdpa_kernel` is, and restored after the call.
+fn with_inference_backends<T>(query: &Tensor, sdpa: impl FnOnce() -> T) -> T {
+    if !query.device().is_cuda() || query.requires_grad() {
+        return sdpa();
+    }
+    // SAFETY: sets and reads a flag of libtorch's global context.
+    let previous = unsafe { ffi::wizard_sdpa_allow_cudnn(0) };
+    let out = sdpa();
+    // SAFETY: as above.
+    unsafe { ffi::wizard_sdpa_allow_cudnn(previous) };
+    out
+}
+
 /// Causal attention, `[batch, heads, q_len, head_dim]` out; `scale` multiplies `q·k`.
 pub fn causal_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, dropout: f64) -> Tensor {
     let plan = plan(query, key);
-    let out = Tensor::scaled_dot_product_attention(
-        &plan.query,
-        key,
-        value,
-        plan.mask.as_ref(),
-        dropout,
-        plan.causal,
-        scale,
-        plan.grouped,
-    );
+    let out = with_inference_backends(query, || {
+        Tensor::scaled_dot_product_attention(
+            &plan.query,
+            key,
+            value,
+            plan.mask.as_ref(),
+            dropout,
+            plan.causal,
+            scale,
+            plan.grouped,
+        )
+    });
     if plan.folded_heads {
         out.reshape(query.size())
     } else {
@@ -158,16 +177,18 @@ pub fn decode_attention(
 /// The backend [`causal_attention`] gets for these inputs.
 pub fn backend_for(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -> SdpaBackend {
     let plan = plan(query, key);
-    let choice = Tensor::internal_fused_sdp_choice(
-        &plan.query,
-        key,
-        value,
-        plan.mask.as_ref(),
-        0.0,
-        plan.causal,
-        scale,
-        plan.grouped,
-    );
+    let choice = with_inference_backends(query, || {
+        Tensor::internal_fused_sdp_choice(
+            &plan.query,
+            key,
+            value,
+            plan.mask.as_ref(),
+            0.0,
+            plan.causal,
+            scale,
+            plan.grouped,
+        )
+    });
     match choice {
         0 => SdpaBackend::Math,
         1 => SdpaBackend::Flash,

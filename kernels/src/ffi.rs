@@ -121,6 +121,7 @@ extern "C" {
         scale: f64,
         result: *mut TensorHandle,
     ) -> c_int;
+    pub(crate) fn wizard_sdpa_allow_cudnn(allowed: c_int) -> c_int;
 
     // csrc/block.cpp
     pub(crate) fn wizard_decode_block_applies(x: TensorHandle, parameters: *const TensorHandle) -> c_int;

