@@ -3,6 +3,7 @@
 //! used by the tests. Multi-query K/V (one head) is never copied per query head: decode steps fold
 //! the heads into the query length, prefill uses SDPA's grouped-query mode.
 use std::fmt;
+use std::sync::Mutex;
 
 use tch::{Device, Kind, Tensor};
 
@@ -82,17 +83,43 @@ fn causal_mask(q_len: i64, k_len: i64, device: tch::Device) -> Tensor {
 /// cuDNN builds a plan for every new sequence length, and a decode step's keys are one longer each
 /// time (measured on an H200: a 128-token generation stalled for tens of seconds). Training, whose
 /// shapes repeat, keeps libtorch's choice. The switch is process-wide, as `torch.nn.attention.
-/// sdpa_kernel` is, and restored after the call.
+/// sdpa_kernel` is, and restored when the last inference call in flight ends (so that calls on
+/// several threads cannot leave it off for good).
 fn with_inference_backends<T>(query: &Tensor, sdpa: impl FnOnce() -> T) -> T {
     if !query.device().is_cuda() || query.requires_grad() {
         return sdpa();
     }
-    // SAFETY: sets and reads a flag of libtorch's global context.
-    let previous = unsafe { ffi::wizard_sdpa_allow_cudnn(0) };
-    let out = sdpa();
-    // SAFETY: as above.
-    unsafe { ffi::wizard_sdpa_allow_cudnn(previous) };
-    out
+    let _off = CudnnOff::new();
+    sdpa()
+}
+
+/// Inference calls in flight, and libtorch's setting from before the first of them.
+static CUDNN_OFF: Mutex<(usize, i32)> = Mutex::new((0, 1));
+
+/// cuDNN attention kept out while one lives (also when the call inside panics).
+struct CudnnOff;
+
+impl CudnnOff {
+    fn new() -> CudnnOff {
+        let mut state = CUDNN_OFF.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if state.0 == 0 {
+            // SAFETY: sets and reads a flag of libtorch's global context.
+            state.1 = unsafe { ffi::wizard_sdpa_allow_cudnn(0) };
+        }
+        state.0 += 1;
+        CudnnOff
+    }
+}
+
+impl Drop for CudnnOff {
+    fn drop(&mut self) {
+        let mut state = CUDNN_OFF.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.0 -= 1;
+        if state.0 == 0 {
+            // SAFETY: as above.
+            unsafe { ffi::wizard_sdpa_allow_cudnn(state.1) };
+        }
+    }
 }
 
 /// Causal attention, `[batch, heads, q_len, head_dim]` out; `scale` multiplies `q·k`.
