@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use model::complete::{complete, complete_speculative};
-use model::generate::GenerateConfig;
+use model::generate::{Finish, GenerateConfig};
 use model::sampling::Sampling;
 use model::speculative::{Drafter, SpeculativeConfig, MAX_GAMMA};
 use model::tokenizer::Tokenizer;
@@ -128,6 +128,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         complete(&model, &tokenizer, &prompt, &config, &args.stops)?.remove(0)
     };
     tracing::info!(tokens = completion.tokens, finish = ?completion.finish, "generated");
+    if completion.finish == Finish::Length && completion.tokens < args.max_new_tokens {
+        eprintln!(
+            "warning: stopped after {} of the {} new tokens asked for: the model's context (n_positions = {}) is full",
+            completion.tokens,
+            args.max_new_tokens,
+            model.config().n_positions
+        );
+    }
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(completion.text.as_bytes())?;
     stdout.flush()?;

@@ -94,6 +94,18 @@ fn prompt_file_and_stop_sequences() {
     assert_eq!(stopped, expected, "stop {stop:?}");
 }
 
+/// Asking for more tokens than the context holds stops at the context, and says so.
+#[test]
+fn a_full_context_is_reported() {
+    let output = generate(&["--prompt", PROMPT, "--max-new-tokens", "500"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("of the 500 new tokens asked for: the model's context (n_positions = 96) is full"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn seeds_make_sampling_reproducible() {
     let sample = |seed: &str| {

@@ -275,6 +275,9 @@ fn bad_requests_get_openai_errors() {
     assert!(text.contains("larger than 1000000 bytes"), "{text}");
     let (status, text) = raw(&server.address, "GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert_eq!(status, 404, "{text}");
+    let (status, text) = raw(&server.address, "GET /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(status, 405, "{text}");
+    assert!(text.contains("GET is not allowed"), "{text}");
     // Still serving.
     assert_eq!(post(&server, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2})).0, 200);
 }

@@ -98,6 +98,10 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(|| async {
             ApiError { status: axum::http::StatusCode::NOT_FOUND, ..ApiError::invalid(None, "no such endpoint") }
         })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            let message = format!("{method} is not allowed on this endpoint");
+            ApiError { status: axum::http::StatusCode::METHOD_NOT_ALLOWED, ..ApiError::invalid(None, message) }
+        })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
 }
