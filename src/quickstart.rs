@@ -18,19 +18,31 @@ pub struct Args {
     /// Output folder: every artefact, the configuration and the report.
     #[arg(long, value_name = "DIR", default_value = "wizard-quickstart")]
     out: PathBuf,
+    /// Weights for the stages that generate (evolve, eval) and for the serve script: float32,
+    /// bfloat16 or int8 (default float32).
+    #[arg(long, value_parser = known_dtype)]
+    dtype: Option<String>,
 }
 
-/// The embedded configuration, with an OpenAI-compatible endpoint for evolution when the
-/// environment names one.
-fn config_text() -> String {
+fn known_dtype(text: &str) -> Result<String, String> {
+    model::gpt_bigcode::parse_precision(text).map(|_| text.to_string()).map_err(|e| e.to_string())
+}
+
+/// The embedded configuration, with `dtype` in `[run]` when given and an OpenAI-compatible endpoint
+/// for evolution when the environment names one.
+fn config_text(dtype: Option<&str>) -> String {
+    let config = match dtype {
+        Some(dtype) => CONFIG.replacen("[run]\n", &format!("[run]\ndtype = {}\n", toml_string(dtype)), 1),
+        None => CONFIG.to_string(),
+    };
     let url = std::env::var("WIZARD_EVOLVE_BASE_URL").ok().filter(|v| !v.is_empty());
     let model = std::env::var("WIZARD_EVOLVE_MODEL").ok().filter(|v| !v.is_empty());
     match (url, model) {
         (Some(url), Some(model)) => {
             let line = format!("[evolve]\nbase_url = {}\nmodel = {}\n", toml_string(&url), toml_string(&model));
-            CONFIG.replacen("[evolve]", line.trim_end(), 1)
+            config.replacen("[evolve]", line.trim_end(), 1)
         }
-        _ => CONFIG.to_string(),
+        _ => config,
     }
 }
 
@@ -43,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let out = std::fs::canonicalize(&args.out)?;
     let config_file = out.join("wizard.toml");
-    let text = config_text();
+    let text = config_text(args.dtype.as_deref());
     std::fs::write(&config_file, &text).with_context(|| format!("cannot write {}", config_file.display()))?;
     let config = Config::parse(&text, &out).context("the embedded quickstart configuration")?;
     eprintln!(
@@ -57,24 +69,40 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Linux names a binary replaced while it runs (a rebuild) "PATH (deleted)"; the new one is at PATH.
     let wizard = PathBuf::from(wizard.to_string_lossy().trim_end_matches(" (deleted)"));
     let script = out.join("wizard-serve.sh");
-    write_serve_script(&script, &wizard, &outcome.model, outcome.draft.as_deref())?;
+    write_serve_script(&script, &wizard, &outcome.model, outcome.draft.as_deref(), config.run.dtype.as_deref())?;
     let minutes = started.elapsed().as_secs_f64() / 60.0;
-    print!("{}", instructions(&out, &outcome, &wizard, &script, minutes));
+    print!("{}", instructions(&out, &outcome, &wizard, &script, minutes, config.run.dtype.as_deref()));
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_serve_script(path: &Path, wizard: &Path, model: &Path, draft: Option<&Path>) -> anyhow::Result<()> {
+fn write_serve_script(
+    path: &Path,
+    wizard: &Path,
+    model: &Path,
+    draft: Option<&Path>,
+    dtype: Option<&str>,
+) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let draft = draft.map(|d| format!(" --draft '{}'", d.display())).unwrap_or_default();
-    let text = format!("#!/bin/sh\nexec '{}' serve --model '{}'{draft} \"$@\"\n", wizard.display(), model.display());
+    let dtype = dtype.map(|d| format!(" --dtype '{d}'")).unwrap_or_default();
+    let text =
+        format!("#!/bin/sh\nexec '{}' serve --model '{}'{draft}{dtype} \"$@\"\n", wizard.display(), model.display());
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
     Ok(())
 }
 
-fn instructions(out: &Path, outcome: &stages::Outcome, wizard: &Path, script: &Path, minutes: f64) -> String {
+fn instructions(
+    out: &Path,
+    outcome: &stages::Outcome,
+    wizard: &Path,
+    script: &Path,
+    minutes: f64,
+    dtype: Option<&str>,
+) -> String {
     let model = outcome.model.display();
-    let draft_arg = outcome.draft.as_ref().map(|d| format!(", '--draft', '{}'", d.display())).unwrap_or_default();
+    let serve_args = outcome.draft.as_ref().map(|d| format!(", '--draft', '{}'", d.display())).unwrap_or_default();
+    let serve_args = serve_args + &dtype.map(|d| format!(", '--dtype', '{d}'")).unwrap_or_default();
     format!(
         r#"
 Done in {minutes:.1} minutes. Everything is in {out}:
@@ -91,7 +119,7 @@ Attach the model to an editor (`wizard serve` speaks LSP over stdio; the draft t
 Neovim (0.10+), in init.lua:
 
 vim.api.nvim_create_autocmd('FileType', {{ pattern = {{ 'python' }}, callback = function()
-  vim.lsp.start({{ name = 'wizard', cmd = {{ '{wizard}', '--log-file', '/tmp/wizard.log', 'serve', '--model', '{model}'{draft_arg} }},
+  vim.lsp.start({{ name = 'wizard', cmd = {{ '{wizard}', '--log-file', '/tmp/wizard.log', 'serve', '--model', '{model}'{serve_args} }},
                   init_options = {{ maxTokens = 64 }} }})
 end }})
 

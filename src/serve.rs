@@ -17,6 +17,10 @@ pub struct Args {
     /// come from prompt lookup in the document).
     #[arg(long, value_name = "DIR")]
     draft: Option<PathBuf>,
+    /// Weight dtype of the draft (default: --dtype). `--draft` naming the model's own directory with
+    /// `--draft-dtype int8` is self-speculation: the int8 copy drafts over the target's cache.
+    #[arg(long, requires = "draft")]
+    draft_dtype: Option<String>,
     /// Serve over TCP on 127.0.0.1:PORT instead of stdio.
     #[arg(long)]
     port: Option<u16>,
@@ -62,8 +66,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return run_http(args);
     }
     let device = parse_device(&args.device)?;
-    let precision = weight_precision(args.dtype.as_deref(), device)?;
-    let device = match device {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut paths = model_paths(&args, device, args.threads.unwrap_or((cores / 2).max(1)))?;
+    paths.device = match device {
         Device::Cuda(index) if (index as i64) >= tch::Cuda::device_count() => {
             tracing::warn!("--device cuda:{index} is not available; serving on the CPU");
             Device::Cpu
@@ -73,9 +78,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let settings =
         lsp::Settings { max_tokens: args.max_tokens, context_budget: args.context_budget, ..lsp::Settings::default() };
     // The model loads on the inference thread; a failure is reported to the client, not fatal.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = args.threads.unwrap_or((cores / 2).max(1));
-    let paths = lsp::ModelPaths { model: args.model, draft: args.draft, device, precision, threads };
     let engine = lsp::start_engine(paths);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
@@ -91,6 +93,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The models to load, in the weight formats `--dtype` and `--draft-dtype` name for `device`.
+fn model_paths(args: &Args, device: Device, threads: usize) -> anyhow::Result<lsp::ModelPaths> {
+    let precision = weight_precision(args.dtype.as_deref(), device)?;
+    let draft_precision = match &args.draft_dtype {
+        Some(dtype) => weight_precision(Some(dtype), device)?,
+        None => precision,
+    };
+    Ok(lsp::ModelPaths {
+        model: args.model.clone(),
+        draft: args.draft.clone(),
+        device,
+        precision,
+        draft_precision,
+        threads,
+    })
+}
+
 /// `--http`: the model loads before the port opens, so `/health` answering means ready.
 fn run_http(args: Args) -> anyhow::Result<ExitCode> {
     let address = http_address(args.http.as_deref().unwrap_or_default())?;
@@ -103,16 +122,14 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
     };
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
     let device = crate::device::checked_device(&args.device)?;
-    let precision = weight_precision(args.dtype.as_deref(), device)?;
-    let tokenizer = std::sync::Arc::new(model::tokenizer::Tokenizer::from_dir(&args.model)?);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = args.threads.unwrap_or(cores);
+    let paths = model_paths(&args, device, args.threads.unwrap_or(cores))?;
+    let tokenizer = std::sync::Arc::new(model::tokenizer::Tokenizer::from_dir(&args.model)?);
     let config = model::engine::EngineConfig {
         max_batch: args.max_batch,
         max_waiting: args.max_waiting,
         ..model::engine::EngineConfig::default()
     };
-    let paths = lsp::ModelPaths { model: args.model.clone(), draft: args.draft.clone(), device, precision, threads };
     let engine = model::engine::Engine::start_with_draft(config, move || paths.load_models())?;
     let context = engine.context();
     let server = api::ServerConfig {

@@ -211,7 +211,7 @@ print(model.config.model_type, model.config.n_embd, logits.shape[1])
 /// completion of at most the 6 tokens asked for, drafted by the draft model, the same as an inline
 /// completion at the same place; and reports no error to the client.
 fn check_lsp_answer(model: &Path, draft: &Path) {
-    let mut client = Client::start_with(model, Some(draft));
+    let mut client = Client::start_with(model, &["--draft".as_ref(), draft.as_os_str()]);
     // Drafts of a fixed length: the cost model rightly finds that this tiny pair does not pay.
     let init = client.initialize(json!({}), json!({"maxTokens": 6, "fixedGamma": true}));
     assert!(init["capabilities"].is_object(), "{init}");
@@ -359,10 +359,21 @@ fn every_stage_and_artefact_then_skips_and_reruns_only_what_changed() {
     std::fs::write(dir.path().join("mbpp.jsonl"), problems.replace("add one", "add 1")).unwrap();
     let (ran, _) = ran_and_skipped(&check_pipeline(&config_file));
     assert_eq!(ran, ["eval-1", "eval-2"]);
+    // With int8 weights for generation too: the stages that generate get `--dtype int8`.
     let seeds = std::fs::read_to_string(dir.path().join("seeds.jsonl")).unwrap();
     std::fs::write(dir.path().join("seeds.jsonl"), seeds.replace("reverses a string", "reverses a list")).unwrap();
-    let (ran, _) = ran_and_skipped(&check_pipeline(&config_file));
+    let int8 = std::fs::read_to_string(&config_file)
+        .unwrap()
+        .replace("device = \"cpu\"", "device = \"cpu\"\ndtype = \"int8\"");
+    std::fs::write(&config_file, int8).unwrap();
+    let log = dir.path().join("int8.log");
+    let (ran, _) = ran_and_skipped(&check_pipeline_logged(&config_file, &log));
     assert_eq!(ran, ALL_STAGES[3..]);
+    let log = std::fs::read_to_string(log).unwrap();
+    for stage in ["running wizard evolve", "running wizard eval run"] {
+        let runs: Vec<&str> = log.lines().filter(|line| line.contains(stage)).collect();
+        assert!(!runs.is_empty() && runs.iter().all(|line| line.contains("\"--dtype\", \"int8\"")), "{stage}:\n{log}");
+    }
 }
 
 fn check_changed(config_file: &Path, dir: &Path, steps: usize, extra: &str, expected: &[&str]) {
@@ -475,6 +486,8 @@ fn bad_configs_are_errors_naming_the_key() {
         ("seq_len = 384", "seq_len = 4096", "`sft.seq_len`: 4096 is longer than the model's n_positions"),
         ("batch_size = 4 }", "batch_size = 0 }", "`draft.train.batch_size`: must be at least 1"),
         ("rounds = 2", "rounds = 0", "`run.rounds`: must be at least 1"),
+        ("device = \"cpu\"", "device = \"cpu\"\ndtype = \"int3\"", "`run.dtype`: unknown dtype `int3`"),
+        ("device = \"cpu\"", "device = \"cuda\"\ndtype = \"int8\"", "`run.dtype`: int8 runs on the CPU"),
         ("limit = 2", "limit = 2\nformat = \"chat\"", "`eval.format`: \"chat\""),
         ("limit = 2", "limit = 2\nsamples = 4", "`eval.samples`: several samples"),
         ("[sft]\n", "[sft]\nzero = 4\n", "`sft.zero`: stage 4 does not exist"),

@@ -3,6 +3,7 @@
 //! completions are known in advance and decoding never ends early on its own.
 mod common;
 
+use std::ffi::OsStr;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -302,21 +303,33 @@ fn bad_input() {
     client.exit();
 }
 
-/// Speculative decoding in the server: with a draft model the completions are the same.
+/// Speculative decoding in the server: with a draft model, or the target's own int8 copy
+/// (self-speculation), the completions are the same.
 #[test]
 fn a_draft_model_gives_the_same_completions() {
     let work = tempfile::tempdir().unwrap();
     let draft = work.path().join("draft");
     make_model(&draft, "x", 32, 1);
-    let mut client = Client::start_with(model_dir(), Some(&draft));
+    let log = check_drafting(&["--draft".as_ref(), draft.as_os_str()]);
+    assert!(log.contains("drafts come from a draft model"), "{log}");
+    let own = model_dir().as_os_str();
+    let log = check_drafting(&["--draft".as_ref(), own, "--draft-dtype".as_ref(), "int8".as_ref()]);
+    assert!(log.contains("precision=Int8") && log.contains("drafts come from the target's own copy"), "{log}");
+}
+
+/// `wizard serve` with the drafting arguments `extra` completes as the target alone does, with most
+/// tokens from the drafts, and keeps the keys and values of the last request for the next; returns
+/// the server's log.
+fn check_drafting(extra: &[&OsStr]) -> String {
+    let mut client = Client::start_with(model_dir(), extra);
     // Drafts of a fixed length: the cost model's choice rests on timings, which a busy machine moves.
     client.initialize(json!({}), json!({"maxTokens": 16, "fixedGamma": true}));
     client.open(PY, "python", "x = \n");
-    assert_eq!(inline_text(&client.inline(PY, 0, 4).unwrap()).as_deref(), Some("xxxxxxxxxxxxxxxx"));
+    assert_eq!(inline_text(&client.inline(PY, 0, 4).unwrap()).as_deref(), Some("xxxxxxxxxxxxxxxx"), "{extra:?}");
     // The draft agrees with the target everywhere: most of the tokens came from it.
     let log = client.log_text();
     let figure = |name: &str| last_figure(&log, name);
-    assert!(figure("accepted") >= 10.0, "accepted {} of 16:\n{log}", figure("accepted"));
+    assert!(figure("accepted") >= 10.0, "{extra:?}: accepted {} of 16:\n{log}", figure("accepted"));
     // The request's span has the prompt, prefill and decode figures too.
     assert!(figure("prompt_tokens") > 1.0 && figure("prefill_ms") > 0.0 && figure("decode_ms") > 0.0, "{log}");
     assert_eq!(figure("reused_tokens"), 0.0, "nothing to reuse in the first request");
@@ -324,11 +337,12 @@ fn a_draft_model_gives_the_same_completions() {
     // both models kept; the completion is the same as without them.
     let typed = json!({"textDocument": {"uri": PY, "version": 2}, "contentChanges": [{"text": "x = 1 + \n"}]});
     client.notify("textDocument/didChange", typed);
-    assert_eq!(inline_text(&client.inline(PY, 0, 8).unwrap()).as_deref(), Some("xxxxxxxxxxxxxxxx"));
+    assert_eq!(inline_text(&client.inline(PY, 0, 8).unwrap()).as_deref(), Some("xxxxxxxxxxxxxxxx"), "{extra:?}");
     let log = client.log_text();
     let reused = last_figure(&log, "reused_tokens");
-    assert!(reused >= 3.0, "reused_tokens={reused}:\n{log}");
+    assert!(reused >= 3.0, "{extra:?}: reused_tokens={reused}:\n{log}");
     client.exit();
+    log
 }
 
 /// The Lua that drives Neovim: starts `wizard serve` as the buffer's language server and writes the

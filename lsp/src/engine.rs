@@ -262,6 +262,8 @@ pub struct ModelPaths {
     pub device: Device,
     /// Weight dtype (or int8).
     pub precision: Precision,
+    /// The draft's (its int8 copy drafting for the target itself is self-speculation).
+    pub draft_precision: Precision,
     /// libtorch intra-op threads on the inference thread (0: libtorch's default, one per core).
     pub threads: usize,
 }
@@ -275,7 +277,7 @@ impl ModelPaths {
         let target = GptBigCode::load_as(&self.model, self.precision, self.device, |_, _| {})?;
         let draft = match &self.draft {
             Some(dir) => {
-                let draft = GptBigCode::load_as(dir, self.precision, self.device, |_, _| {})?;
+                let draft = GptBigCode::load_as(dir, self.draft_precision, self.device, |_, _| {})?;
                 if draft.config().vocab_size != target.config().vocab_size {
                     return Err(model::ModelError::Invalid(format!(
                         "{}: the draft's vocabulary ({}) differs from the target's ({})",
@@ -284,6 +286,9 @@ impl ModelPaths {
                         target.config().vocab_size
                     )));
                 }
+                let role =
+                    if draft.is_copy_of(&target) { "the target's own copy: self-speculation" } else { "a draft model" };
+                tracing::info!(draft = %dir.display(), precision = ?self.draft_precision, "drafts come from {role}");
                 Some(draft)
             }
             None => None,

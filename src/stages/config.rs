@@ -34,6 +34,9 @@ pub struct Run {
     /// `cpu`, `cuda`, `cuda:N` or `auto`, for generation (evolve with the local model, eval).
     #[serde(default = "default_device")]
     pub device: String,
+    /// Weights for generation: `float32`, `bfloat16`, `float16` or `int8` (CPU); absent: bfloat16 on a
+    /// GPU, float32 on the CPU.
+    pub dtype: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -243,6 +246,13 @@ impl Config {
         let fail = |key: &str, why: String| Err(anyhow::anyhow!("`{key}`: {why}"));
         if self.run.rounds == 0 {
             return fail("run.rounds", "must be at least 1".into());
+        }
+        if let Some(dtype) = &self.run.dtype {
+            let precision =
+                model::gpt_bigcode::parse_precision(dtype).map_err(|e| anyhow::anyhow!("`run.dtype`: {e}"))?;
+            if precision == model::gpt_bigcode::Precision::Int8 && self.run.device.starts_with("cuda") {
+                return fail("run.dtype", format!("int8 runs on the CPU, not on `run.device` = {:?}", self.run.device));
+            }
         }
         match (&self.base, &self.tokenizer, &self.pretrain) {
             (Some(_), None, None) | (None, Some(_), Some(_)) => {}

@@ -1,6 +1,7 @@
 //! One round of WizardCoder: evolve the instructions one more generation, export rounds 0..r merged,
 //! fine-tune the base model on them, and measure pass@k. Each stage returns what it made, typed.
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -102,7 +103,7 @@ impl Chain {
             &base.fingerprint,
             &json_of(&config.evolve),
             &files_fingerprint(&seeds),
-            &config.run.device,
+            &generation_settings(config),
         ]);
         Chain { evolve }
     }
@@ -135,8 +136,13 @@ pub fn run(runner: &Runner, config: &Config, base: &Base, chain: &mut Chain, r: 
     })?;
 
     let mbpp: Vec<PathBuf> = config.eval.mbpp.iter().cloned().collect();
-    let eval_fp =
-        fingerprint(&["eval", &sft_fp, &json_of(&config.eval), &files_fingerprint(&mbpp), &config.run.device]);
+    let eval_fp = fingerprint(&[
+        "eval",
+        &sft_fp,
+        &json_of(&config.eval),
+        &files_fingerprint(&mbpp),
+        &generation_settings(config),
+    ]);
     let clear = vec![round_dir.join("humaneval"), round_dir.join("mbpp")];
     let eval = runner.stage(&format!("eval-{r}"), &eval_fp, &clear, || {
         let humaneval = evaluate(runner, config, &sft.checkpoint, "humaneval", None, &round_dir)?;
@@ -149,6 +155,24 @@ pub fn run(runner: &Runner, config: &Config, base: &Base, chain: &mut Chain, r: 
     Ok(Round { round: r, evolve, export, sft, eval })
 }
 
+/// `--device` and `--dtype` of the stages that generate (evolve with the local model, eval).
+fn generation_flags(config: &Config) -> Vec<OsString> {
+    let mut args = flags([("--device", config.run.device.clone())]);
+    if let Some(dtype) = &config.run.dtype {
+        args.extend(flags([("--dtype", dtype.clone())]));
+    }
+    args
+}
+
+/// What of `[run]` a generating stage's output depends on (the device alone when no dtype is set, as
+/// before `run.dtype` existed, so that earlier runs resume).
+fn generation_settings(config: &Config) -> String {
+    match &config.run.dtype {
+        Some(dtype) => format!("{} {dtype}", config.run.device),
+        None => config.run.device.clone(),
+    }
+}
+
 /// `wizard evolve` one more round into `evolve_db`.
 fn evolve_round(runner: &Runner, config: &Config, base: &Base, evolve_db: &Path, r: u32) -> anyhow::Result<Evolved> {
     let e = &config.evolve;
@@ -159,7 +183,10 @@ fn evolve_round(runner: &Runner, config: &Config, base: &Base, evolve_db: &Path,
             ("--model", model.clone()),
             ("--api-key-env", e.api_key_env.clone()),
         ])),
-        _ => args.extend([os("--local"), base.checkpoint.clone().into(), os("--device"), os(&config.run.device)]),
+        _ => {
+            args.extend([os("--local"), base.checkpoint.clone().into()]);
+            args.extend(generation_flags(config));
+        }
     }
     args.extend(flags([
         ("--concurrency", e.concurrency.to_string()),
@@ -230,12 +257,12 @@ fn evaluate(
     args.extend([os("--out"), dir.clone().into()]);
     args.extend(flags([
         ("--format", e.format.clone()),
-        ("--device", config.run.device.clone()),
         ("--samples", e.samples.to_string()),
         ("--temperature", e.temperature.to_string()),
         ("--max-new-tokens", e.max_new_tokens.to_string()),
         ("--timeout", e.timeout.to_string()),
     ]));
+    args.extend(generation_flags(config));
     if let Some(limit) = e.limit {
         args.extend(flags([("--limit", limit.to_string())]));
     }

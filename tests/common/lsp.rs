@@ -1,5 +1,6 @@
 //! An LSP client for `wizard serve`: JSON-RPC with Content-Length framing over the child's stdio (or
 //! any stream), requests answered by id, notifications kept until asked for.
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -54,17 +55,16 @@ pub struct Client {
 
 impl Client {
     pub fn start(model: &Path) -> Client {
-        Client::start_with(model, None)
+        Client::start_with(model, &[])
     }
 
-    pub fn start_with(model: &Path, draft: Option<&Path>) -> Client {
+    /// `wizard serve` on `model` with `extra` arguments (`--draft DIR`, ...).
+    pub fn start_with(model: &Path, extra: &[&OsStr]) -> Client {
         let log = tempfile::NamedTempFile::new().unwrap();
         let mut command = Command::new(WIZARD);
         command.arg("--log-file").arg(log.path()).args(["serve", "--device", "cpu", "--model"]).arg(model);
-        if let Some(draft) = draft {
-            command.arg("--draft").arg(draft);
-        }
         let mut child = command
+            .args(extra)
             .env("WIZARD_LOG", "info")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
