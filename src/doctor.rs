@@ -156,7 +156,8 @@ fn print_text(
     } else {
         "BLAS (no AVX2)".to_string()
     };
-    println!("CPU decoding    {kernel}; int8 kernel: {}", kernels::int8::int8_kernel_isa());
+    let cap = kernels::cpu::cap().map(|cap| format!(" (capped: WIZARD_CPU_MAX={cap})")).unwrap_or_default();
+    println!("CPU decoding    {kernel}; int8 kernel: {}{cap}", kernels::int8::int8_kernel_isa());
     println!("python          {}", python.map_or_else(|| "not found".into(), |p| p.display().to_string()));
     for peer in peers {
         let state = match (&peer.version, &peer.error) {
@@ -204,6 +205,7 @@ fn print_json(
         "few_row_kernel": kernels::linear::few_row_kernel_available(),
         "int8_kernel": kernels::int8::int8_kernel_isa(),
         "bf16_kernel": kernels::linear::bf16_kernel().name(),
+        "cpu_max": kernels::cpu::cap(),
         "python": python.map(PathBuf::from),
         "peers": peers.iter().map(|p| json!({"module": p.module, "version": p.version, "error": p.error})).collect::<Vec<_>>(),
         "problems": problems.iter().map(|p| json!({"what": p.what, "fix": p.fix})).collect::<Vec<_>>(),

@@ -42,7 +42,12 @@ fn model_dir() -> &'static Path {
 }
 
 fn generate(args: &[&str]) -> Output {
-    common::wizard_command(&["generate", "--model"]).arg(model_dir()).args(args).output().unwrap()
+    generate_with(args, &[])
+}
+
+fn generate_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = common::wizard_command(&["generate", "--model"]);
+    command.arg(model_dir()).args(args).envs(env.iter().copied()).output().unwrap()
 }
 
 /// Runs `wizard generate` and returns stdout, asserting success.
@@ -104,6 +109,39 @@ fn a_full_context_is_reported() {
         stderr.contains("of the 500 new tokens asked for: the model's context (n_positions = 96) is full"),
         "{stderr}"
     );
+}
+
+/// On a CPU without the instructions a kernel wants (`WIZARD_CPU_MAX` caps them, as such a CPU
+/// would) the slower kernel runs and says so once, however many models load; every int8 kernel sums
+/// in the same order, so the output is the same.
+#[test]
+fn kernels_fall_back_where_the_cpu_lacks_instructions() {
+    let model = model_dir().to_str().unwrap();
+    let prompt = ["--prompt", PROMPT, "--max-new-tokens"];
+    let int8 = [&prompt[..], &["12", "--dtype", "int8", "--draft", model, "--draft-dtype", "int8"]].concat();
+    let bf16 = [&prompt[..], &["4", "--dtype", "bfloat16"]].concat();
+    let fp32 = [&prompt[..], &["4"]].concat();
+    let widest = check(&int8);
+    let cases = [
+        ("scalar", &int8, "int8 weights: this CPU has no AVX2, so portable code runs"),
+        (
+            "avx2",
+            &int8,
+            "int8 weights: this CPU has no AVX-512 VNNI, so the AVX2 kernel runs (slower) (WIZARD_CPU_MAX=avx2)",
+        ),
+        ("avx2", &bf16, "bf16 weights: this CPU has no AVX-512 BF16"),
+        ("scalar", &fp32, "dense products go to libtorch (BLAS)"),
+        ("sse9", &fp32, "WIZARD_CPU_MAX=sse9 is ignored"),
+    ];
+    for (cap, args, expected) in cases {
+        let output = generate_with(args, &[("WIZARD_CPU_MAX", cap)]);
+        let stdout = stdout_of(&output, (cap, args));
+        let stderr = common::text(&output.stderr);
+        assert_eq!(stderr.matches(expected).count(), 1, "{cap} {args:?}: {stderr}");
+        if *args == int8 {
+            assert_eq!(stdout, widest, "{cap}");
+        }
+    }
 }
 
 #[test]

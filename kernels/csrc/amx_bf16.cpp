@@ -5,6 +5,7 @@
 // row (a decode step) as for 512 (a prefill chunk).
 #include "amx_bf16.h"
 #include "bf16_round.h"
+#include "cpu.h"
 
 #include <cpuid.h>
 #include <immintrin.h>
@@ -43,7 +44,7 @@ bool tile_state_granted() {
 }  // namespace
 
 State state() {
-  static const State found = !cpu_has_amx_bf16()    ? State::kAbsent
+  static const State found = cpu::cap() < cpu::Level::kAmx || !cpu_has_amx_bf16() ? State::kAbsent
                              : tile_state_granted() ? State::kGranted
                                                     : State::kNotGranted;
   return found;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "cpu.h"
 #include "guard.h"
 
 // GCC 12's AVX-512 shuffle intrinsics read an intentionally undefined register (a false positive).
@@ -90,8 +91,7 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void attend_clo
                                                                              const float* values, int64_t count,
                                                                              int64_t dim, float scale, float* scores,
                                                                              float* out) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512 && dim % kLanes == 0)
+  if (wizard::cpu::avx512() && dim % kLanes == 0)
     scores_avx512(query, keys, count, dim, scale, scores);
   else
     scores_portable(query, keys, count, dim, scale, scores);

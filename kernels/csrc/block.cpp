@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "cpu.h"
 #include "dense.h"
 #include "guard.h"
 #include "parallel.h"
@@ -114,10 +115,9 @@ void gelu_tanh_avx512(float* x, int64_t n) {
 
 // The MLP's activation over x[0, n) in place: GELU's tanh form, or the exact (erf) one.
 void gelu_in_place(float* x, int64_t n, bool exact) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (exact) {
     for (int64_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * static_cast<float>(M_SQRT1_2)));
-  } else if (avx512) {
+  } else if (wizard::cpu::avx512()) {
     gelu_tanh_avx512(x, n);
   } else {
     for (int64_t i = 0; i < n; i++) x[i] = gelu_tanh(x[i]);

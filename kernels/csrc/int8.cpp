@@ -29,6 +29,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu.h"
 #include "dense.h"
 #include "guard.h"
 #include "parallel.h"
@@ -336,16 +337,11 @@ constexpr Kernel kScalar{scalar::prepare, scalar::rows_times_weight};
 constexpr Kernel kAvx2{avx2::prepare, avx2::rows_times_weight};
 constexpr Kernel kVnni{vnni::prepare, vnni::rows_times_weight};
 
-bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-bool has_vnni() {
-  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
-}
-
 // The kernel for `isa` (0: the widest this CPU runs, 1: AVX2, 2: scalar), or none.
 const Kernel* kernel_for(int isa) {
   switch (isa) {
-    case 0: return has_vnni() ? &kVnni : has_avx2() ? &kAvx2 : &kScalar;
-    case 1: return has_avx2() ? &kAvx2 : nullptr;
+    case 0: return wizard::cpu::avx512_vnni() ? &kVnni : wizard::cpu::avx2() ? &kAvx2 : &kScalar;
+    case 1: return wizard::cpu::avx2() ? &kAvx2 : nullptr;
     case 2: return &kScalar;
     default: return nullptr;
   }

@@ -14,6 +14,7 @@
 
 #include "amx_bf16.h"
 #include "bf16_round.h"
+#include "cpu.h"
 #include "dense.h"
 #include "guard.h"
 #include "parallel.h"
@@ -140,14 +141,9 @@ struct Kernels {
   bool amx;
 };
 
-bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-bool has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-}
-
 // The kernels for `isa` (0: the widest this CPU runs, 1: AVX2, 2: AVX-512 without AMX), or none.
 const Kernels* kernels_for(int isa) {
-  static const bool has_bf16_dot = __builtin_cpu_supports("avx512bf16");
+  static const bool has_bf16_dot = wizard::cpu::avx512_bf16();
   static const auto bf16_dot = has_bf16_dot ? avx512bf16::rows_times_weight<uint16_t, uint16_t> : nullptr;
   static const Kernels avx512{avx512::rows_times_weight<float, float>, avx512::rows_times_weight<float, uint16_t>,
                               bf16_dot, false};
@@ -155,7 +151,7 @@ const Kernels* kernels_for(int isa) {
                               has_bf16_dot && wizard::amx::state() == wizard::amx::State::kGranted};
   static const Kernels avx2{avx2::rows_times_weight<float, float>, avx2::rows_times_weight<float, uint16_t>,
                             nullptr, false};
-  if (isa == 1 || !has_avx512()) return has_avx2() ? &avx2 : nullptr;
+  if (isa == 1 || !wizard::cpu::avx512()) return wizard::cpu::avx2() ? &avx2 : nullptr;
   return isa == 2 ? &avx512 : &widest;
 }
 

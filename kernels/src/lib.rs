@@ -7,6 +7,7 @@ pub mod attention;
 pub mod block;
 pub mod calibrate;
 pub mod collectives;
+pub mod cpu;
 mod error;
 mod ffi;
 pub mod int8;

@@ -1,8 +1,10 @@
 //! A [`GptBigCode`] to and from a Hugging Face model directory (`config.json` and safetensors):
 //! tensors are copied name for name into and out of the model's variables.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
+use kernels::cpu::WeightFormat;
 use kernels::int8::Int8Weight;
 use tch::{Device, Kind, Tensor};
 
@@ -193,6 +195,7 @@ impl GptBigCode {
             model.narrow_dense_weights()?;
         }
         if device == Device::Cpu {
+            note_kernel_fallback(precision);
             // The dense kernel or libtorch, per shape, by a measurement on this machine (cached).
             let cache = kernels::calibrate::default_cache_file();
             for m in kernels::calibrate::calibrate(&model.dense_weights(), cache.as_deref()) {
@@ -255,5 +258,23 @@ impl GptBigCode {
         let config = dir.join("config.json");
         files::write_atomically(&config, self.config().to_json(dtype_name(kind)).as_bytes())
             .map_err(|e| ModelError::io(&config, e))
+    }
+}
+
+/// Warns, once per process and message, when this CPU runs slower kernels for `precision` than one
+/// with the instructions they want (or `WIZARD_CPU_MAX` is not a cap the kernels know).
+fn note_kernel_fallback(precision: Precision) {
+    static SAID: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let format = match precision {
+        Precision::Int8 => WeightFormat::Int8,
+        Precision::Dense(Kind::BFloat16) => WeightFormat::Bfloat16,
+        Precision::Dense(Kind::Float) => WeightFormat::Float32,
+        Precision::Dense(_) => return,
+    };
+    let mut said = SAID.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    for note in [kernels::cpu::unknown_cap(), kernels::cpu::fallback(format)].into_iter().flatten() {
+        if said.insert(note.clone()) {
+            tracing::warn!("{note}");
+        }
     }
 }
