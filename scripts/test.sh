@@ -20,3 +20,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     step tests cargo test --release --workspace --locked
 fi
+# The kernels a CPU without AVX-512 (and one without AVX2) takes, on this one.
+for cap in avx2 scalar; do
+    step "kernels under WIZARD_CPU_MAX=$cap" env WIZARD_CPU_MAX=$cap cargo test --release -p kernels --locked --lib
+done
