@@ -9,7 +9,9 @@
 #include <ATen/autocast_mode.h>
 #include <immintrin.h>
 
+#include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "amx_bf16.h"
@@ -25,6 +27,18 @@
 
 namespace {
 
+// Whether one-row products prefetch the next tile's weight rows, for fp32 and for bf16 weights. A
+// one-row product is memory-bound, and whether the hardware prefetchers keep up differs between
+// machines (for bf16 under dot products an Intel Xeon read 17-24 GB/s without, 29-38 with; for fp32
+// prefetching measured slower there and faster on an AMD EPYC), so the load-time calibration
+// (kernels::calibrate) times both and sets these.
+std::atomic<bool> one_row_prefetch_of[2] = {false, true};
+
+template <typename W>
+bool one_row_prefetch() {
+  return one_row_prefetch_of[std::is_same_v<W, uint16_t>].load(std::memory_order_relaxed);
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 namespace avx512 {
@@ -33,7 +47,6 @@ struct Lanes {
   static constexpr int64_t kWidth = 16;
   static constexpr int kRows = 4;        // 24 accumulators, 6 weight vectors and 1 input vector
   static constexpr int kWeightRows = 6;  // of 32 registers
-  static constexpr bool kPrefetchOneRow = false;
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
@@ -62,9 +75,6 @@ struct Lanes {
   static constexpr int64_t kWidth = 32;
   static constexpr int kRows = 4;
   static constexpr int kWeightRows = 6;
-  // A 64-byte line of weights is one instruction here: without prefetching the next tile's rows a
-  // one-row product read bf16 weights from memory at 17-24 GB/s on 2 threads, with it at 29-38.
-  static constexpr bool kPrefetchOneRow = true;
   static __m512 zero() { return _mm512_setzero_ps(); }
   static __m512bh load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
   static __m512bh load_first(const uint16_t* p, int64_t n) {
@@ -98,7 +108,6 @@ struct Lanes {
   static constexpr int64_t kWidth = 8;
   static constexpr int kRows = 4;        // 8 accumulators, 2 weight vectors and 1 input vector
   static constexpr int kWeightRows = 2;  // of 16 registers
-  static constexpr bool kPrefetchOneRow = false;
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) {
@@ -237,6 +246,14 @@ extern "C" {
 
 // Whether this CPU runs the dense kernels for `isa` (as in wizard_linear).
 int wizard_linear_kernel_available(int isa) { return kernels_for(isa) != nullptr; }
+
+// Whether one-row products over fp32 (`bf16` 0) or bf16 weights prefetch the next tile's rows; `on`
+// below 0 asks without changing it.
+int wizard_linear_one_row_prefetch(int bf16, int on) {
+  auto& flag = one_row_prefetch_of[bf16 != 0];
+  if (on >= 0) flag.store(on != 0, std::memory_order_relaxed);
+  return flag.load(std::memory_order_relaxed);
+}
 
 // How bf16 weights meet inputs: 3 on AMX tiles, 2 in AVX-512 BF16 dot products because the OS did
 // not grant the CPU's AMX, 1 in dot products (no AMX), 0 widened to fp32.

@@ -79,9 +79,9 @@ inline void rows_times_weight(const X* x, int64_t rows, const W* w, const float*
   const int64_t block = std::max<int64_t>(Lanes::kRows, 131072 / in / Lanes::kRows * Lanes::kRows);
   for (int64_t first = 0; first < rows; first += block) {
     const int64_t last = std::min(rows, first + block);
-    // One row is memory-bound: the hardware prefetchers keep up with fp32 weights (prefetching too
-    // measured slower), not with bf16 ones under the dot-product instruction (`Lanes::kPrefetchOneRow`).
-    const bool prefetch = last - first > 1 || Lanes::kPrefetchOneRow;
+    // One row is memory-bound: whether prefetching helps the hardware prefetchers is measured per
+    // machine (one_row_prefetch).
+    const bool prefetch = last - first > 1 || one_row_prefetch<W>();
     int64_t j = begin;
     for (; j + J <= end; j += J)
       row_block<J, X, W>(x, first, last, w, bias, y, in, out, j, prefetch && j + 2 * J <= end ? w + (j + J) * in : nullptr);

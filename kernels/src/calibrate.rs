@@ -3,7 +3,9 @@
 //! remembered per machine in a cache file. A kernel tuned on one machine lost to BLAS on another; a
 //! measurement on the machine itself cannot. libtorch is chosen only where it is clearly faster at
 //! both row counts: the kernel also keeps every row's result independent of the batch, which
-//! libtorch does not promise.
+//! libtorch does not promise. Likewise whether the kernel's one-row products (decode steps) prefetch
+//! the next weight rows, per weight dtype: prefetching sped fp32 decode up on one machine and slowed
+//! it on another ([`calibrate_prefetch`]).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,6 +104,130 @@ pub fn calibrate(weights: &[&Tensor], cache: Option<&Path>) -> Vec<Measurement> 
     measurements
 }
 
+/// Whether one-row products over one weight dtype prefetch: a decode step's products timed both ways.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefetchMeasurement {
+    /// fp32 or bf16.
+    pub kind: Kind,
+    /// The weights' bytes, rounded up to a power of two MiB: the timing holds for models about this size.
+    pub size_mib: u64,
+    /// Median µs of one pass over the weights with prefetching, and without.
+    pub on_us: f64,
+    /// See `on_us`.
+    pub off_us: f64,
+    /// Whether the timing came from the cache file rather than this process.
+    pub cached: bool,
+}
+
+impl PrefetchMeasurement {
+    /// What the timing chose: prefetch when that pass was faster.
+    pub fn prefetch(&self) -> bool {
+        self.on_us < self.off_us
+    }
+}
+
+/// Decides, per weight dtype among `weights` that the kernel reads (fp32 or bf16 on the CPU, not on
+/// AMX tiles), whether one-row products prefetch the next weight rows: one-row products over all of
+/// them, as a decode step streams them from memory, timed with and without, alternating (at least
+/// three passes each, about a second in all), unless `cache` holds this machine's timing for models
+/// of this size. The decision holds for the rest of the process.
+pub fn calibrate_prefetch(weights: &[&Tensor], cache: Option<&Path>) -> Vec<PrefetchMeasurement> {
+    let machine = machine_key();
+    let known = cache.map(|path| read_prefetch_cache(path, &machine)).unwrap_or_default();
+    let mut measurements = Vec::new();
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let of_kind: Vec<&Tensor> = weights
+            .iter()
+            .copied()
+            .filter(|w| w.kind() == kind && w.device() == tch::Device::Cpu && w.dim() == 2 && w.size()[1] > 0)
+            .filter(|w| kind != Kind::Float || choice_for(w) == Choice::Kernel)
+            .collect();
+        let amx = kind == Kind::BFloat16 && crate::linear::bf16_kernel() == crate::linear::Bf16Kernel::AmxTiles;
+        if of_kind.is_empty() || amx || !crate::linear::few_row_kernel_available() {
+            continue;
+        }
+        let bytes: i64 = of_kind.iter().map(|w| w.numel() as i64 * w.kind().elt_size_in_bytes() as i64).sum();
+        let size_mib = ((bytes as u64).div_ceil(1 << 20)).next_power_of_two();
+        let measurement = match known.iter().find(|m| m.kind == kind && m.size_mib == size_mib) {
+            Some(cached) => cached.clone(),
+            None => {
+                let measured = measure_prefetch(kind, size_mib, &of_kind);
+                if let Some(path) = cache {
+                    if let Err(error) = append_prefetch_cache(path, &machine, &measured) {
+                        eprintln!("warning: cannot record kernel timings in {}: {error}", path.display());
+                    }
+                }
+                measured
+            }
+        };
+        crate::linear::set_one_row_prefetch(kind, measurement.prefetch());
+        measurements.push(measurement);
+    }
+    measurements
+}
+
+fn measure_prefetch(kind: Kind, size_mib: u64, weights: &[&Tensor]) -> PrefetchMeasurement {
+    let _guard = tch::no_grad_guard();
+    let inputs: HashMap<i64, Tensor> = weights
+        .iter()
+        .map(|w| (w.size()[1], Tensor::randn([1, w.size()[1]], (Kind::Float, tch::Device::Cpu))))
+        .collect();
+    let pass = |prefetch: bool| {
+        crate::linear::set_one_row_prefetch(kind, prefetch);
+        let start = Instant::now();
+        for weight in weights {
+            drop(crate::linear::kernel_linear(&inputs[&weight.size()[1]], weight, None));
+        }
+        start.elapsed().as_secs_f64() * 1e6
+    };
+    pass(true);
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while on.len() < 3 || (on.len() < 9 && start.elapsed().as_secs_f64() < 1.0) {
+        on.push(pass(true));
+        off.push(pass(false));
+    }
+    let median = |mut times: Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    PrefetchMeasurement { kind, size_mib, on_us: median(on), off_us: median(off), cached: false }
+}
+
+/// Lines `machine \t prefetch \t dtype \t MiB \t on|off \t on µs \t off µs` (seven fields, which
+/// [`read_cache`] skips); lines of other machines, or that do not parse, are skipped.
+fn read_prefetch_cache(path: &Path, machine: &str) -> Vec<PrefetchMeasurement> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            let [key, "prefetch", kind, size_mib, _, on_us, off_us] = fields[..] else { return None };
+            let kind = match kind {
+                "float32" => Kind::Float,
+                "bfloat16" => Kind::BFloat16,
+                _ => return None,
+            };
+            (key == machine).then_some(())?;
+            Some(PrefetchMeasurement {
+                kind,
+                size_mib: size_mib.parse().ok()?,
+                on_us: on_us.parse().ok()?,
+                off_us: off_us.parse().ok()?,
+                cached: true,
+            })
+        })
+        .collect()
+}
+
+fn append_prefetch_cache(path: &Path, machine: &str, m: &PrefetchMeasurement) -> std::io::Result<()> {
+    let kind = if m.kind == Kind::BFloat16 { "bfloat16" } else { "float32" };
+    let choice = if m.prefetch() { "on" } else { "off" };
+    append_lines(
+        path,
+        &format!("{machine}\tprefetch\t{kind}\t{}\t{choice}\t{:.1}\t{:.1}\n", m.size_mib, m.on_us, m.off_us),
+    )
+}
+
 /// Where timings are kept: `$WIZARD_CACHE_DIR`, else `$XDG_CACHE_HOME/wizard`, else
 /// `~/.cache/wizard`; the file `dense-kernels.tsv` there.
 pub fn default_cache_file() -> Option<PathBuf> {
@@ -193,11 +319,6 @@ fn read_cache(path: &Path, machine: &str) -> HashMap<(i64, i64), Measurement> {
 }
 
 fn append_cache(path: &Path, machine: &str, measurements: &[Measurement]) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     let mut lines = String::new();
     for m in measurements {
         let choice = if m.choice == Choice::Kernel { "kernel" } else { "libtorch" };
@@ -206,7 +327,15 @@ fn append_cache(path: &Path, machine: &str, measurements: &[Measurement]) -> std
             m.shape.0, m.shape.1, m.kernel_us[0], m.kernel_us[1], m.libtorch_us[0], m.libtorch_us[1]
         );
     }
-    file.write_all(lines.as_bytes())
+    append_lines(path, &lines)
+}
+
+fn append_lines(path: &Path, lines: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(path)?.write_all(lines.as_bytes())
 }
 
 #[cfg(test)]
@@ -234,6 +363,37 @@ mod tests {
             assert_eq!((a.shape, a.choice), (b.shape, b.choice));
             assert_eq!(choice_for(&weights[if a.shape == (48, 64) { 0 } else { 1 }]), a.choice);
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Prefetching is timed once per machine and model size, read back the same, and set; a
+    /// product is the same bits either way.
+    #[test]
+    fn one_row_prefetch_is_measured_once_and_changes_no_bits() {
+        if !crate::linear::few_row_kernel_available() {
+            return; // no dense kernel (no AVX2): nothing to prefetch for
+        }
+        let dir = std::env::temp_dir().join(format!("wizard-prefetch-{}", std::process::id()));
+        let cache = dir.join("dense-kernels.tsv");
+        let fp32 = Tensor::randn([96, 64], (Kind::Float, Device::Cpu));
+        let bf16 = Tensor::randn([64, 96], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let first = calibrate_prefetch(&[&fp32, &bf16], Some(&cache));
+        let amx = crate::linear::bf16_kernel() == crate::linear::Bf16Kernel::AmxTiles;
+        let kinds: Vec<Kind> = first.iter().map(|m| m.kind).collect();
+        assert_eq!(kinds, if amx { vec![Kind::Float] } else { vec![Kind::Float, Kind::BFloat16] });
+        assert!(first.iter().all(|m| !m.cached && m.size_mib == 1 && m.on_us > 0.0 && m.off_us > 0.0), "{first:?}");
+        let second = calibrate_prefetch(&[&fp32, &bf16], Some(&cache));
+        for (a, b) in first.iter().zip(&second) {
+            assert!(b.cached, "{b:?}");
+            assert_eq!((a.kind, a.prefetch()), (b.kind, b.prefetch()));
+            assert_eq!(crate::linear::one_row_prefetch(b.kind), b.prefetch());
+        }
+        let x = Tensor::randn([1, 64], (Kind::Float, Device::Cpu));
+        let product = |prefetch| {
+            crate::linear::set_one_row_prefetch(Kind::Float, prefetch);
+            crate::linear::kernel_linear(&x, &fp32, None)
+        };
+        assert!(product(true).equal(&product(false)));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,7 +6,7 @@
 //! machine, [`crate::calibrate`] says so and [`linear`] takes it.
 use std::ptr;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::calibrate::Choice;
 use crate::ffi::{self, check};
@@ -87,6 +87,20 @@ pub fn bf16_kernel() -> Bf16Kernel {
         1 => Bf16Kernel::DotProduct,
         _ => Bf16Kernel::Widened,
     }
+}
+
+/// Whether one-row products (decode steps) over `kind` weights (fp32 or bf16) prefetch the next
+/// weight rows; [`crate::calibrate`] measures which is faster on this machine. Results are the same
+/// bits either way.
+pub fn one_row_prefetch(kind: Kind) -> bool {
+    // SAFETY: integers in, an integer out.
+    unsafe { ffi::wizard_linear_one_row_prefetch(i32::from(kind == Kind::BFloat16), -1) != 0 }
+}
+
+/// Sets [`one_row_prefetch`] for `kind` weights (fp32 or bf16) for the rest of the process.
+pub fn set_one_row_prefetch(kind: Kind, on: bool) {
+    // SAFETY: integers in, an integer out.
+    unsafe { ffi::wizard_linear_one_row_prefetch(i32::from(kind == Kind::BFloat16), i32::from(on)) };
 }
 
 fn kernel_available(isa: Isa) -> bool {

@@ -198,7 +198,8 @@ impl GptBigCode {
             note_kernel_fallback(precision);
             // The dense kernel or libtorch, per shape, by a measurement on this machine (cached).
             let cache = kernels::calibrate::default_cache_file();
-            for m in kernels::calibrate::calibrate(&model.dense_weights(), cache.as_deref()) {
+            let weights = model.dense_weights();
+            for m in kernels::calibrate::calibrate(&weights, cache.as_deref()) {
                 tracing::debug!(
                     shape = ?m.shape,
                     choice = ?m.choice,
@@ -206,6 +207,18 @@ impl GptBigCode {
                     libtorch_us = ?m.libtorch_us,
                     cached = m.cached,
                     "dense product"
+                );
+            }
+            // Whether decode steps prefetch the next weight rows, by a measurement too (cached).
+            for m in kernels::calibrate::calibrate_prefetch(&weights, cache.as_deref()) {
+                tracing::debug!(
+                    kind = ?m.kind,
+                    size_mib = m.size_mib,
+                    on_us = m.on_us,
+                    off_us = m.off_us,
+                    cached = m.cached,
+                    "one-row prefetch: {}",
+                    if m.prefetch() { "on" } else { "off" }
                 );
             }
         }
