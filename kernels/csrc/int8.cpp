@@ -21,6 +21,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -45,10 +46,11 @@ constexpr int64_t kGroup = 16;                               // outputs per reco
 constexpr int64_t kQuads = kBlock / 4;                       // four-value steps per block
 constexpr int64_t kQuadBytes = 4 * kGroup;                   // one quad of the 16 outputs
 constexpr int64_t kRecord = kBlock * kGroup + 4 * kGroup;    // values, then scales: 576 bytes
-// How far ahead of the records being read the kernels prefetch the weight: the hardware prefetchers
-// lose track of several interleaved streams, and the weight comes from memory (measured best
-// between 8 and 12 KiB on a Zen 5 core).
-constexpr int64_t kPrefetchBytes = 12 * 1024;
+// How far ahead of the records being read the kernels prefetch the weight: 12 KiB measured best on
+// one Zen 5 core, where the hardware prefetchers lost track of interleaved streams, and 0 (no lead)
+// faster on another AMD VM for a model of 81 MB; the load-time calibration (kernels::calibrate) times
+// both and sets this.
+std::atomic<int64_t> prefetch_bytes{12 * 1024};  // kernels::int8::PREFETCH_LEAD
 
 int64_t groups_of(int64_t out) { return (out + kGroup - 1) / kGroup; }
 
@@ -57,6 +59,7 @@ struct Weights {
   const uint8_t* packed;  // [groups][blocks] records
   const float* bias;      // [out], or null
   int64_t blocks, out;
+  int64_t prefetch;       // bytes ahead of the records read
   const uint8_t* record(int64_t g, int64_t b) const { return packed + (g * blocks + b) * kRecord; }
 };
 
@@ -202,7 +205,7 @@ inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, i
     for (int r = 0; r < R; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
     for (int64_t k = 0; k < kQuads; k++) {
       const uint8_t* quad = rec + k * kQuadBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(quad) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(quad) + w.prefetch, _MM_HINT_T0);
       const __m256i w0 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(quad)), flip);
       const __m256i w1 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(quad + 32)), flip);
       for (int r = 0; r < R; r++) {
@@ -215,7 +218,7 @@ inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, i
         dot[r][1] = _mm256_add_epi32(dot[r][1], p1);
       }
     }
-    _mm_prefetch(reinterpret_cast<const char*>(scales_of(rec)) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(scales_of(rec)) + w.prefetch, _MM_HINT_T0);
     const __m256 s0 = _mm256_load_ps(scales_of(rec)), s1 = _mm256_load_ps(scales_of(rec) + 8);
     for (int r = 0; r < R; r++) {
       const __m256 xs = _mm256_set1_ps(a.scale[a.at(r0 + r, b)]);
@@ -286,7 +289,7 @@ inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, i
       __m512i values[J];
       for (int j = 0; j < J; j++) {
         const uint8_t* quad = rec[j] + k * kQuadBytes;
-        _mm_prefetch(reinterpret_cast<const char*>(quad) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(quad) + w.prefetch, _MM_HINT_T0);
         values[j] = _mm512_load_si512(quad);
       }
       for (int r = 0; r < R; r++) {
@@ -297,7 +300,7 @@ inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, i
       }
     }
     for (int j = 0; j < J; j++) {
-      _mm_prefetch(reinterpret_cast<const char*>(scales_of(rec[j])) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(scales_of(rec[j])) + w.prefetch, _MM_HINT_T0);
       const __m512 scales = _mm512_load_ps(scales_of(rec[j]));
       for (int r = 0; r < R; r++)
         acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][j]),
@@ -455,7 +458,7 @@ class Int8RowProduct : public wizard::RowProduct {
         activations_{rows, blocks_, reinterpret_cast<int8_t*>(scratch_.get()),
                      reinterpret_cast<int32_t*>(scratch_.get() + rows * blocks_ * kBlock),
                      reinterpret_cast<float*>(scratch_.get() + rows * blocks_ * (kBlock + 4))},
-        weights_{packed.data_ptr<uint8_t>(), bias, blocks_, out} {}
+        weights_{packed.data_ptr<uint8_t>(), bias, blocks_, out, prefetch_bytes.load(std::memory_order_relaxed)} {}
 
   bool prepares() const override { return true; }
   void prepare(const float* row, int64_t r) override {
@@ -485,6 +488,12 @@ std::unique_ptr<wizard::RowProduct> wizard::int8_row_product(const at::Tensor& p
 }
 
 extern "C" {
+
+// How many bytes ahead of the records being read the kernels prefetch; `bytes` of 0 or more sets it.
+int64_t wizard_int8_prefetch_bytes(int64_t bytes) {
+  if (bytes >= 0) prefetch_bytes.store(bytes, std::memory_order_relaxed);
+  return prefetch_bytes.load(std::memory_order_relaxed);
+}
 
 // Which kernel the widest choice runs on this CPU: 2 AVX-512 VNNI, 1 AVX2, 0 scalar.
 int wizard_int8_kernel_isa() {

@@ -14,6 +14,8 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
+use crate::int8::Int8Weight;
+
 /// How much faster libtorch must be, at both row counts, to be chosen.
 const LIBTORCH_MARGIN: f64 = 1.1;
 /// The row counts timed: a decode step and a full batch.
@@ -104,10 +106,10 @@ pub fn calibrate(weights: &[&Tensor], cache: Option<&Path>) -> Vec<Measurement> 
     measurements
 }
 
-/// Whether one-row products over one weight dtype prefetch: a decode step's products timed both ways.
+/// Whether one-row products over one weight format prefetch: a decode step's products timed both ways.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrefetchMeasurement {
-    /// fp32 or bf16.
+    /// fp32, bf16, or `Int8` for int8 blocks.
     pub kind: Kind,
     /// The weights' bytes, rounded up to a power of two MiB: the timing holds for models about this size.
     pub size_mib: u64,
@@ -115,43 +117,65 @@ pub struct PrefetchMeasurement {
     pub on_us: f64,
     /// See `on_us`.
     pub off_us: f64,
+    /// What the timing chose: prefetch when that pass was faster.
+    pub prefetch: bool,
     /// Whether the timing came from the cache file rather than this process.
     pub cached: bool,
 }
 
-impl PrefetchMeasurement {
-    /// What the timing chose: prefetch when that pass was faster.
-    pub fn prefetch(&self) -> bool {
-        self.on_us < self.off_us
-    }
-}
-
-/// Decides, per weight dtype among `weights` that the kernel reads (fp32 or bf16 on the CPU, not on
-/// AMX tiles), whether one-row products prefetch the next weight rows: one-row products over all of
-/// them, as a decode step streams them from memory, timed with and without, alternating (at least
-/// three passes each, about a second in all), unless `cache` holds this machine's timing for models
-/// of this size. The decision holds for the rest of the process.
-pub fn calibrate_prefetch(weights: &[&Tensor], cache: Option<&Path>) -> Vec<PrefetchMeasurement> {
+/// Decides, per weight format among the dense `weights` that the kernel reads (fp32 or bf16 on the
+/// CPU, not on AMX tiles) and the `int8` ones, whether one-row products prefetch: for fp32 and bf16
+/// the next weight rows, for int8 [`PREFETCH_LEAD`](crate::int8::PREFETCH_LEAD) bytes ahead of the
+/// records (or no lead). One-row products over all of them, as a decode step streams them from
+/// memory, are timed both ways, alternating (at least three passes each, about a second in all),
+/// unless `cache` holds this machine's timing for models of this size. The decision holds for the
+/// rest of the process.
+pub fn calibrate_prefetch(weights: &[&Tensor], int8: &[&Int8Weight], cache: Option<&Path>) -> Vec<PrefetchMeasurement> {
     let machine = machine_key();
     let known = cache.map(|path| read_prefetch_cache(path, &machine)).unwrap_or_default();
     let mut measurements = Vec::new();
-    for kind in [Kind::Float, Kind::BFloat16] {
-        let of_kind: Vec<&Tensor> = weights
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Int8] {
+        let dense: Vec<&Tensor> = weights
             .iter()
             .copied()
             .filter(|w| w.kind() == kind && w.device() == tch::Device::Cpu && w.dim() == 2 && w.size()[1] > 0)
             .filter(|w| kind != Kind::Float || choice_for(w) == Choice::Kernel)
             .collect();
+        let (count, bytes) = match kind {
+            Kind::Int8 => (int8.len(), int8.iter().map(|w| w.packed().numel() as i64).sum::<i64>()),
+            _ => (dense.len(), dense.iter().map(|w| w.numel() as i64 * w.kind().elt_size_in_bytes() as i64).sum()),
+        };
         let amx = kind == Kind::BFloat16 && crate::linear::bf16_kernel() == crate::linear::Bf16Kernel::AmxTiles;
-        if of_kind.is_empty() || amx || !crate::linear::few_row_kernel_available() {
+        let kernel = if kind == Kind::Int8 {
+            crate::int8::int8_kernel_isa() != "scalar"
+        } else {
+            crate::linear::few_row_kernel_available()
+        };
+        if count == 0 || amx || !kernel {
             continue;
         }
-        let bytes: i64 = of_kind.iter().map(|w| w.numel() as i64 * w.kind().elt_size_in_bytes() as i64).sum();
         let size_mib = ((bytes as u64).div_ceil(1 << 20)).next_power_of_two();
+        let set = |on: bool| match kind {
+            Kind::Int8 => crate::int8::set_prefetch_bytes(if on { crate::int8::PREFETCH_LEAD } else { 0 }),
+            _ => crate::linear::set_one_row_prefetch(kind, on),
+        };
         let measurement = match known.iter().find(|m| m.kind == kind && m.size_mib == size_mib) {
             Some(cached) => cached.clone(),
             None => {
-                let measured = measure_prefetch(kind, size_mib, &of_kind);
+                let measured = match kind {
+                    Kind::Int8 => measure_prefetch(
+                        kind,
+                        size_mib,
+                        set,
+                        &mut one_row_products(int8, |x, w| crate::int8::linear(x, w, None), |w| w.in_features()),
+                    ),
+                    _ => measure_prefetch(
+                        kind,
+                        size_mib,
+                        set,
+                        &mut one_row_products(&dense, |x, w| crate::linear::kernel_linear(x, w, None), |w| w.size()[1]),
+                    ),
+                };
                 if let Some(path) = cache {
                     if let Err(error) = append_prefetch_cache(path, &machine, &measured) {
                         eprintln!("warning: cannot record kernel timings in {}: {error}", path.display());
@@ -160,38 +184,52 @@ pub fn calibrate_prefetch(weights: &[&Tensor], cache: Option<&Path>) -> Vec<Pref
                 measured
             }
         };
-        crate::linear::set_one_row_prefetch(kind, measurement.prefetch());
+        set(measurement.prefetch);
         measurements.push(measurement);
     }
     measurements
 }
 
-fn measure_prefetch(kind: Kind, size_mib: u64, weights: &[&Tensor]) -> PrefetchMeasurement {
-    let _guard = tch::no_grad_guard();
+/// One pass of one-row products over `weights` (`product` of an input row `[1, in]` and a weight).
+fn one_row_products<'w, W>(
+    weights: &'w [&'w W],
+    product: impl Fn(&Tensor, &W) -> Tensor + 'w,
+    in_features: impl Fn(&W) -> i64,
+) -> impl FnMut() + 'w {
     let inputs: HashMap<i64, Tensor> = weights
         .iter()
-        .map(|w| (w.size()[1], Tensor::randn([1, w.size()[1]], (Kind::Float, tch::Device::Cpu))))
+        .map(|w| in_features(w))
+        .map(|n| (n, Tensor::randn([1, n], (Kind::Float, tch::Device::Cpu))))
         .collect();
-    let pass = |prefetch: bool| {
-        crate::linear::set_one_row_prefetch(kind, prefetch);
-        let start = Instant::now();
-        for weight in weights {
-            drop(crate::linear::kernel_linear(&inputs[&weight.size()[1]], weight, None));
+    let in_features: Vec<i64> = weights.iter().map(|w| in_features(w)).collect();
+    move || {
+        let _guard = tch::no_grad_guard();
+        for (weight, n) in weights.iter().zip(&in_features) {
+            drop(product(&inputs[n], weight));
         }
+    }
+}
+
+fn measure_prefetch(kind: Kind, size_mib: u64, set: impl Fn(bool), pass: &mut impl FnMut()) -> PrefetchMeasurement {
+    let mut timed = |prefetch: bool| {
+        set(prefetch);
+        let start = Instant::now();
+        pass();
         start.elapsed().as_secs_f64() * 1e6
     };
-    pass(true);
+    timed(true);
     let (mut on, mut off) = (Vec::new(), Vec::new());
     let start = Instant::now();
     while on.len() < 3 || (on.len() < 9 && start.elapsed().as_secs_f64() < 1.0) {
-        on.push(pass(true));
-        off.push(pass(false));
+        on.push(timed(true));
+        off.push(timed(false));
     }
     let median = |mut times: Vec<f64>| {
         times.sort_by(f64::total_cmp);
         times[times.len() / 2]
     };
-    PrefetchMeasurement { kind, size_mib, on_us: median(on), off_us: median(off), cached: false }
+    let (on_us, off_us) = (median(on), median(off));
+    PrefetchMeasurement { kind, size_mib, on_us, off_us, prefetch: on_us < off_us, cached: false }
 }
 
 /// Lines `machine \t prefetch \t dtype \t MiB \t on|off \t on µs \t off µs` (seven fields, which
@@ -201,10 +239,11 @@ fn read_prefetch_cache(path: &Path, machine: &str) -> Vec<PrefetchMeasurement> {
     text.lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split('\t').collect();
-            let [key, "prefetch", kind, size_mib, _, on_us, off_us] = fields[..] else { return None };
+            let [key, "prefetch", kind, size_mib, choice, on_us, off_us] = fields[..] else { return None };
             let kind = match kind {
                 "float32" => Kind::Float,
                 "bfloat16" => Kind::BFloat16,
+                "int8" => Kind::Int8,
                 _ => return None,
             };
             (key == machine).then_some(())?;
@@ -213,6 +252,11 @@ fn read_prefetch_cache(path: &Path, machine: &str) -> Vec<PrefetchMeasurement> {
                 size_mib: size_mib.parse().ok()?,
                 on_us: on_us.parse().ok()?,
                 off_us: off_us.parse().ok()?,
+                prefetch: match choice {
+                    "on" => true,
+                    "off" => false,
+                    _ => return None,
+                },
                 cached: true,
             })
         })
@@ -220,8 +264,12 @@ fn read_prefetch_cache(path: &Path, machine: &str) -> Vec<PrefetchMeasurement> {
 }
 
 fn append_prefetch_cache(path: &Path, machine: &str, m: &PrefetchMeasurement) -> std::io::Result<()> {
-    let kind = if m.kind == Kind::BFloat16 { "bfloat16" } else { "float32" };
-    let choice = if m.prefetch() { "on" } else { "off" };
+    let kind = match m.kind {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Int8 => "int8",
+        _ => "float32",
+    };
+    let choice = if m.prefetch { "on" } else { "off" };
     append_lines(
         path,
         &format!("{machine}\tprefetch\t{kind}\t{}\t{choice}\t{:.1}\t{:.1}\n", m.size_mib, m.on_us, m.off_us),
@@ -377,23 +425,31 @@ mod tests {
         let cache = dir.join("dense-kernels.tsv");
         let fp32 = Tensor::randn([96, 64], (Kind::Float, Device::Cpu));
         let bf16 = Tensor::randn([64, 96], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
-        let first = calibrate_prefetch(&[&fp32, &bf16], Some(&cache));
+        let int8 = Int8Weight::quantize(&Tensor::randn([96, 64], (Kind::Float, Device::Cpu))).unwrap();
+        let first = calibrate_prefetch(&[&fp32, &bf16], &[&int8], Some(&cache));
         let amx = crate::linear::bf16_kernel() == crate::linear::Bf16Kernel::AmxTiles;
         let kinds: Vec<Kind> = first.iter().map(|m| m.kind).collect();
-        assert_eq!(kinds, if amx { vec![Kind::Float] } else { vec![Kind::Float, Kind::BFloat16] });
+        let expected = if amx { vec![Kind::Float, Kind::Int8] } else { vec![Kind::Float, Kind::BFloat16, Kind::Int8] };
+        assert_eq!(kinds, expected);
         assert!(first.iter().all(|m| !m.cached && m.size_mib == 1 && m.on_us > 0.0 && m.off_us > 0.0), "{first:?}");
-        let second = calibrate_prefetch(&[&fp32, &bf16], Some(&cache));
+        let second = calibrate_prefetch(&[&fp32, &bf16], &[&int8], Some(&cache));
         for (a, b) in first.iter().zip(&second) {
             assert!(b.cached, "{b:?}");
-            assert_eq!((a.kind, a.prefetch()), (b.kind, b.prefetch()));
-            assert_eq!(crate::linear::one_row_prefetch(b.kind), b.prefetch());
+            assert_eq!((a.kind, a.prefetch), (b.kind, b.prefetch));
+            let set = match b.kind {
+                Kind::Int8 => crate::int8::prefetch_bytes() == crate::int8::PREFETCH_LEAD,
+                kind => crate::linear::one_row_prefetch(kind),
+            };
+            assert_eq!(set, b.prefetch);
         }
         let x = Tensor::randn([1, 64], (Kind::Float, Device::Cpu));
         let product = |prefetch| {
             crate::linear::set_one_row_prefetch(Kind::Float, prefetch);
-            crate::linear::kernel_linear(&x, &fp32, None)
+            crate::int8::set_prefetch_bytes(if prefetch { crate::int8::PREFETCH_LEAD } else { 0 });
+            (crate::linear::kernel_linear(&x, &fp32, None), crate::int8::linear(&x, &int8, None))
         };
-        assert!(product(true).equal(&product(false)));
+        let (with, without) = (product(true), product(false));
+        assert!(with.0.equal(&without.0) && with.1.equal(&without.1));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

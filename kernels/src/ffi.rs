@@ -184,6 +184,7 @@ extern "C" {
     ) -> c_int;
     pub(crate) fn wizard_int8_kernel_available(isa: c_int) -> c_int;
     pub(crate) fn wizard_int8_kernel_isa() -> c_int;
+    pub(crate) fn wizard_int8_prefetch_bytes(bytes: i64) -> i64;
 
     // csrc/optim.cpp
     #[allow(clippy::too_many_arguments)]

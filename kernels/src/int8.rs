@@ -210,6 +210,22 @@ pub fn int8_kernel_isa() -> &'static str {
     }
 }
 
+/// The lead the kernels prefetch the weight by unless [`crate::calibrate`] measured none faster.
+pub const PREFETCH_LEAD: i64 = 12 * 1024;
+
+/// How many bytes ahead of the records being read the kernels prefetch the weight
+/// ([`PREFETCH_LEAD`] or 0). Results are the same bits either way.
+pub fn prefetch_bytes() -> i64 {
+    // SAFETY: an integer in, an integer out.
+    unsafe { ffi::wizard_int8_prefetch_bytes(-1) }
+}
+
+/// Sets [`prefetch_bytes`] (0 or more) for the rest of the process.
+pub fn set_prefetch_bytes(bytes: i64) {
+    // SAFETY: an integer in, an integer out.
+    unsafe { ffi::wizard_int8_prefetch_bytes(bytes.max(0)) };
+}
+
 #[cfg_attr(not(test), allow(dead_code))]
 fn kernel_available(isa: Isa) -> bool {
     // SAFETY: an integer in, an integer out.

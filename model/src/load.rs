@@ -210,7 +210,8 @@ impl GptBigCode {
                 );
             }
             // Whether decode steps prefetch the next weight rows, by a measurement too (cached).
-            for m in kernels::calibrate::calibrate_prefetch(&weights, cache.as_deref()) {
+            let int8: Vec<&Int8Weight> = model.int8_layers().into_iter().map(|(_, weight)| weight).collect();
+            for m in kernels::calibrate::calibrate_prefetch(&weights, &int8, cache.as_deref()) {
                 tracing::debug!(
                     kind = ?m.kind,
                     size_mib = m.size_mib,
@@ -218,7 +219,7 @@ impl GptBigCode {
                     off_us = m.off_us,
                     cached = m.cached,
                     "one-row prefetch: {}",
-                    if m.prefetch() { "on" } else { "off" }
+                    if m.prefetch { "on" } else { "off" }
                 );
             }
         }
