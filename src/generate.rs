@@ -93,10 +93,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         eos_token_id: model.config().eos_token_id.or(Some(i64::from(tokenizer.eos_id()))),
     };
     let completion = if args.draft.is_some() || args.prompt_lookup {
-        let draft_precision = match &args.draft_dtype {
-            Some(dtype) => weight_precision(Some(dtype), device)?,
-            None => precision,
-        };
+        // The draft's weights default to the target's.
+        let draft_precision = weight_precision(args.draft_dtype.as_deref().or(args.dtype.as_deref()), device)?;
         let draft = args.draft.as_ref().map(|dir| load_model(dir, draft_precision, device)).transpose()?;
         let drafter = match &draft {
             Some(model) => Drafter::Model(model),

@@ -96,10 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// The models to load, in the weight formats `--dtype` and `--draft-dtype` name for `device`.
 fn model_paths(args: &Args, device: Device, threads: usize) -> anyhow::Result<lsp::ModelPaths> {
     let precision = weight_precision(args.dtype.as_deref(), device)?;
-    let draft_precision = match &args.draft_dtype {
-        Some(dtype) => weight_precision(Some(dtype), device)?,
-        None => precision,
-    };
+    let draft_precision = weight_precision(args.draft_dtype.as_deref().or(args.dtype.as_deref()), device)?;
     Ok(lsp::ModelPaths {
         model: args.model.clone(),
         draft: args.draft.clone(),

@@ -162,20 +162,11 @@ pub fn calibrate_prefetch(weights: &[&Tensor], int8: &[&Int8Weight], cache: Opti
         let measurement = match known.iter().find(|m| m.kind == kind && m.size_mib == size_mib) {
             Some(cached) => cached.clone(),
             None => {
-                let measured = match kind {
-                    Kind::Int8 => measure_prefetch(
-                        kind,
-                        size_mib,
-                        set,
-                        &mut one_row_products(int8, |x, w| crate::int8::linear(x, w, None), |w| w.in_features()),
-                    ),
-                    _ => measure_prefetch(
-                        kind,
-                        size_mib,
-                        set,
-                        &mut one_row_products(&dense, |x, w| crate::linear::kernel_linear(x, w, None), |w| w.size()[1]),
-                    ),
+                let mut pass: Box<dyn FnMut()> = match kind {
+                    Kind::Int8 => Box::new(one_row_products(int8, |w| w.in_features(), crate::int8::linear)),
+                    _ => Box::new(one_row_products(&dense, |w| w.size()[1], crate::linear::kernel_linear)),
                 };
+                let measured = measure_prefetch(kind, size_mib, set, &mut pass);
                 if let Some(path) = cache {
                     if let Err(error) = append_prefetch_cache(path, &machine, &measured) {
                         eprintln!("warning: cannot record kernel timings in {}: {error}", path.display());
@@ -190,27 +181,24 @@ pub fn calibrate_prefetch(weights: &[&Tensor], int8: &[&Int8Weight], cache: Opti
     measurements
 }
 
-/// One pass of one-row products over `weights` (`product` of an input row `[1, in]` and a weight).
+/// One pass of one-row products over `weights` (`product` of an input row `[1, in]`, a weight and
+/// no bias).
 fn one_row_products<'w, W>(
     weights: &'w [&'w W],
-    product: impl Fn(&Tensor, &W) -> Tensor + 'w,
     in_features: impl Fn(&W) -> i64,
+    product: impl Fn(&Tensor, &W, Option<&Tensor>) -> Tensor + 'w,
 ) -> impl FnMut() + 'w {
-    let inputs: HashMap<i64, Tensor> = weights
-        .iter()
-        .map(|w| in_features(w))
-        .map(|n| (n, Tensor::randn([1, n], (Kind::Float, tch::Device::Cpu))))
-        .collect();
-    let in_features: Vec<i64> = weights.iter().map(|w| in_features(w)).collect();
+    let inputs: Vec<Tensor> =
+        weights.iter().map(|w| Tensor::randn([1, in_features(w)], (Kind::Float, tch::Device::Cpu))).collect();
     move || {
         let _guard = tch::no_grad_guard();
-        for (weight, n) in weights.iter().zip(&in_features) {
-            drop(product(&inputs[n], weight));
+        for (weight, x) in weights.iter().zip(&inputs) {
+            drop(product(x, weight, None));
         }
     }
 }
 
-fn measure_prefetch(kind: Kind, size_mib: u64, set: impl Fn(bool), pass: &mut impl FnMut()) -> PrefetchMeasurement {
+fn measure_prefetch(kind: Kind, size_mib: u64, set: impl Fn(bool), pass: &mut dyn FnMut()) -> PrefetchMeasurement {
     let mut timed = |prefetch: bool| {
         set(prefetch);
         let start = Instant::now();
@@ -246,7 +234,9 @@ fn read_prefetch_cache(path: &Path, machine: &str) -> Vec<PrefetchMeasurement> {
                 "int8" => Kind::Int8,
                 _ => return None,
             };
-            (key == machine).then_some(())?;
+            if key != machine {
+                return None;
+            }
             Some(PrefetchMeasurement {
                 kind,
                 size_mib: size_mib.parse().ok()?,
@@ -319,18 +309,23 @@ fn best_us(mut f: impl FnMut()) -> f64 {
 /// What the timings depend on: the CPU (its name and a digest of its feature flags: a VM may name
 /// only the family), the thread count and libtorch.
 fn machine_key() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|line| line.strip_prefix(name).map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string()))
-            .unwrap_or_default()
-    };
-    let cpu = field("model name");
-    // FNV-1a: stable across builds, unlike the standard library's hasher.
-    let flags =
-        field("flags").bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
-    let torch = crate::ffi::torch_version();
-    format!("{cpu} (flags {flags:016x}); {} threads; torch {torch}", tch::get_num_threads()).replace('\t', " ")
+    // Read once per process: the CPU and libtorch do not change, the thread count may.
+    static CPU_AND_TORCH: LazyLock<(String, String)> = LazyLock::new(|| {
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| {
+                    line.strip_prefix(name).map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
+                })
+                .unwrap_or_default()
+        };
+        // FNV-1a: stable across builds, unlike the standard library's hasher.
+        let flags =
+            field("flags").bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+        (format!("{} (flags {flags:016x})", field("model name")), crate::ffi::torch_version())
+    });
+    let (cpu, torch) = &*CPU_AND_TORCH;
+    format!("{cpu}; {} threads; torch {torch}", tch::get_num_threads()).replace('\t', " ")
 }
 
 /// Lines `machine \t out \t in \t choice \t kernel µs (1, 16 rows) \t libtorch µs (1, 16 rows)`; lines
