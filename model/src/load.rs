@@ -26,15 +26,33 @@ fn is_int8_directory(dir: &Path) -> Result<bool> {
     let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
     let config: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.clone(), message: e.to_string() })?;
-    match config.get("quantization_config").map(|q| q.get("quant_method").and_then(|m| m.as_str())) {
-        None => Ok(false),
-        Some(Some(INT8_METHOD)) => Ok(true),
-        Some(other) => Err(ModelError::Config {
-            path,
-            field: "quantization_config".into(),
-            message: format!("quant_method {other:?} is not supported (only {INT8_METHOD})"),
-        }),
+    let Some(quantization) = config.get("quantization_config") else { return Ok(false) };
+    let error = |field: &str, message: String| ModelError::Config {
+        path: path.clone(),
+        field: format!("quantization_config.{field}"),
+        message,
+    };
+    let method = quantization.get("quant_method").and_then(|m| m.as_str());
+    if method != Some(INT8_METHOD) {
+        return Err(error("quant_method", format!("{method:?} is not supported (only {INT8_METHOD})")));
     }
+    // What our int8 records hold; a directory that says otherwise was written by something else.
+    for (field, expected) in [("bits", 8), ("block_size", kernels::int8::BLOCK)] {
+        if let Some(value) = quantization.get(field).filter(|v| v.as_i64() != Some(expected)) {
+            return Err(error(field, format!("is {value}, but {INT8_METHOD} holds {expected}")));
+        }
+    }
+    Ok(true)
+}
+
+/// Whether every value of `tensor` is finite (a NaN or infinity would come out as garbage tokens, not
+/// as an error). A sum reads the weights once without allocating; only a sum that is not finite is
+/// looked at value by value, since finite values can overflow it.
+fn is_finite(tensor: &Tensor) -> Result<bool> {
+    if tensor.f_sum(tensor.kind())?.f_double_value(&[])?.is_finite() {
+        return Ok(true);
+    }
+    Ok(tensor.f_isfinite()?.f_all()?.f_int64_value(&[])? == 1)
 }
 
 /// Buffers that old checkpoints carry and `transformers` ignores.
@@ -122,6 +140,9 @@ impl GptBigCode {
                     return Err(tensor_error(message));
                 }
                 var.shallow_clone().f_copy_(&tensor)?;
+                if !is_finite(&var)? {
+                    return Err(tensor_error("holds NaN or infinite values".into()));
+                }
                 Ok(())
             })
         })?;

@@ -116,6 +116,14 @@ fn wrong_tensors() {
         },
         &["transformer.h.7.attn.c_attn.weight", "not part of a GPTBigCode model"],
     );
+    check(
+        |d| replace_tensor(d, "transformer.h.0.ln_1.weight", |t| t.fill(f64::INFINITY)),
+        &["model.safetensors", "transformer.h.0.ln_1.weight", "NaN or infinite"],
+    );
+    check(
+        |d| replace_tensor(d, "transformer.h.0.attn.c_attn.weight", |t| t.to_kind(Kind::BFloat16).fill(f64::NAN)),
+        &["model.safetensors", "transformer.h.0.attn.c_attn.weight", "NaN or infinite"],
+    );
 }
 
 #[test]

@@ -239,6 +239,19 @@ fn damaged_int8_directories_are_refused() {
         assert!(error.contains(tensor) && error.contains("model.safetensors"), "{error}");
         std::fs::remove_dir_all(&damaged).unwrap();
     }
+    // A config.json that describes another format than the records hold.
+    let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+    for (from, to, field) in [
+        ("\"bits\": 8", "\"bits\": 4", "quantization_config.bits"),
+        ("\"block_size\": 32", "\"block_size\": 128", "quantization_config.block_size"),
+        ("\"quant_method\": \"wizard_int8\"", "\"quant_method\": \"gptq\"", "quantization_config.quant_method"),
+    ] {
+        assert!(config.contains(from), "{config}");
+        std::fs::write(out.join("config.json"), config.replace(from, to)).unwrap();
+        let error = GptBigCode::load_as(&out, Precision::Int8, Device::Cpu, |_, _| {}).err().unwrap().to_string();
+        assert!(error.contains("config.json") && error.contains(field), "{error}");
+    }
+    std::fs::write(out.join("config.json"), config).unwrap();
     // A truncated file.
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
     let error = GptBigCode::load_as(&out, Precision::Int8, Device::Cpu, |_, _| {}).err().unwrap().to_string();
