@@ -33,14 +33,28 @@ fn main() {
         build
     };
     if with_nccl {
-        // Its own library: USE_CUDA changes what libtorch's headers declare, and only this file needs it.
-        base()
+        // A shared object of its own, which the binary carries and opens only when a group uses NCCL:
+        // linking it would make libtorch_cuda (and the CUDA libraries behind it, ~350 MiB resident)
+        // load into every process, CPU-only ones too. USE_CUDA changes what libtorch's headers
+        // declare, and only this file needs it.
+        let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("libwizard_nccl.so");
+        let compiler = base()
             .define("USE_C10D_NCCL", None)
             .define("USE_CUDA", None)
             .flag_if_supported("-Wno-interference-size")
             .include(&nccl_include)
-            .file("csrc/nccl.cpp")
-            .compile("wizard_nccl");
+            .get_compiler();
+        let status = compiler
+            .to_command()
+            .args(["-shared", "-g0", "-o"])
+            .arg(&out)
+            .arg("csrc/nccl.cpp")
+            .arg(format!("-L{}", lib.display()))
+            .arg(format!("-Wl,-rpath,{}", lib.display()))
+            .args(["-ltorch_cuda", "-ltorch_cpu", "-lc10_cuda", "-lc10"])
+            .status()
+            .expect("the C++ compiler runs");
+        assert!(status.success(), "compiling csrc/nccl.cpp into {} failed", out.display());
     }
     let mut build = base();
     build
@@ -65,6 +79,8 @@ fn main() {
     build.compile("wizard_kernels");
     println!("cargo:rustc-link-lib=dylib=gomp");
 
+    shadow_libtorch_wrapper(&base().get_compiler());
+
     println!("cargo:rustc-env=WIZARD_LIBTORCH_LIB={}", lib.display());
     println!("cargo:rustc-check-cfg=cfg(wizard_with_cuda)");
     println!("cargo:rustc-check-cfg=cfg(wizard_with_nccl)");
@@ -80,4 +96,37 @@ fn main() {
             println!("cargo:rerun-if-changed={}", header.display());
         }
     }
+}
+
+/// torch-sys links `libtorch.so`, a wrapper whose DT_NEEDED loads libtorch_cuda and the CUDA
+/// libraries behind it (about 350 MiB resident) into every process, CPU-only ones too; the CUDA
+/// backend is opened at run time instead (kernels::runtime::cuda_backend). An empty library of the
+/// same name, found first, satisfies `-ltorch` and is dropped by `--as-needed`. The wrapper's own
+/// exports are libstdc++ functions for systems older than GCC 11 (GLIBCXX_3.4.29); on such a
+/// system the real wrapper stays linked.
+fn shadow_libtorch_wrapper(compiler: &cc::Tool) {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("libtorch-wrapper-shadow");
+    std::fs::create_dir_all(&out).expect("OUT_DIR is writable");
+    let libstdcxx =
+        compiler.to_command().arg("-print-file-name=libstdc++.so.6").output().expect("the C++ compiler runs");
+    let libstdcxx = PathBuf::from(String::from_utf8_lossy(&libstdcxx.stdout).trim());
+    let recent = std::fs::read(&libstdcxx).is_ok_and(|bytes| bytes.windows(15).any(|w| w == b"GLIBCXX_3.4.29\0"));
+    if !recent {
+        println!(
+            "cargo:warning={} predates GCC 11: libtorch.so stays linked, so every process loads the CUDA libraries",
+            libstdcxx.display()
+        );
+        return;
+    }
+    let empty = out.join("empty.c");
+    std::fs::write(&empty, "").expect("OUT_DIR is writable");
+    let status = compiler
+        .to_command()
+        .args(["-x", "c", "-shared", "-Wl,-soname,libtorch.so", "-o"])
+        .arg(out.join("libtorch.so"))
+        .arg(&empty)
+        .status()
+        .expect("the C++ compiler runs");
+    assert!(status.success(), "building the empty libtorch.so failed");
+    println!("cargo:rustc-link-search=native={}", out.display());
 }

@@ -9,7 +9,7 @@ use tch::{Device, Kind};
 /// `cpu`, `cuda`, `cuda:N` or `auto` (a GPU when libtorch sees one). `auto` and `cuda` pick GPU
 /// LOCAL_RANK, so that data-parallel ranks on one machine take one GPU each.
 pub fn parse_device(text: &str) -> anyhow::Result<Device> {
-    let gpus = tch::Cuda::device_count() as usize;
+    let gpus = kernels::runtime::cuda_device_count();
     let local_rank: usize = std::env::var("LOCAL_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
     Ok(match text {
         "auto" if gpus > 0 => Device::Cuda(local_rank % gpus),
@@ -26,9 +26,9 @@ pub fn parse_device(text: &str) -> anyhow::Result<Device> {
 pub fn checked_device(text: &str) -> anyhow::Result<Device> {
     let device = parse_device(text)?;
     if let Device::Cuda(index) = device {
-        let gpus = tch::Cuda::device_count();
+        let gpus = kernels::runtime::cuda_device_count();
         anyhow::ensure!(
-            (index as i64) < gpus,
+            index < gpus,
             "--device cuda:{index}: libtorch sees {gpus} CUDA device(s); `wizard doctor` says why"
         );
     }

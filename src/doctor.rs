@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::ProgressBar;
-use kernels::runtime::RuntimeInfo;
+use kernels::runtime::{CudaBackend, RuntimeInfo};
 use serde_json::json;
 
 use crate::python;
@@ -64,6 +64,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     spinner.set_message("importing the Python peers");
+    if let CudaBackend::Failed(message) = &info.cuda_backend {
+        problems.push(Problem {
+            what: format!("there is an NVIDIA driver, but libtorch's CUDA backend did not load: {message}"),
+            fix: SETUP.into(),
+        });
+    }
     let python = python::interpreter(&loaded_from);
     let peers = match &python {
         None => {
@@ -115,10 +121,9 @@ fn cuda_line(info: &RuntimeInfo) -> String {
             if info.cuda.cudnn { "available" } else { "not available" }
         );
     }
-    if info.built_with_cuda {
-        "no: CPU only (libtorch has CUDA, but no driver or device is visible)".into()
-    } else {
-        "no: CPU only (this libtorch has no CUDA)".into()
+    match &info.cuda_backend {
+        CudaBackend::Loaded => "no: CPU only (libtorch's CUDA backend is loaded, but no device is visible)".into(),
+        backend => format!("no: CPU only (libtorch's CUDA backend {})", backend.describe()),
     }
 }
 
@@ -192,6 +197,7 @@ fn print_json(
         "linked_at_build": info.linked_at_build,
         "built_with_cuda": info.built_with_cuda,
         "built_with_nccl": info.built_with_nccl,
+        "cuda_backend": info.cuda_backend.describe(),
         "cuda": {
             "available": info.cuda.available,
             "cudnn": info.cuda.cudnn,

@@ -69,7 +69,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut paths = model_paths(&args, device, args.threads.unwrap_or((cores / 2).max(1)))?;
     paths.device = match device {
-        Device::Cuda(index) if (index as i64) >= tch::Cuda::device_count() => {
+        Device::Cuda(index) if index >= kernels::runtime::cuda_device_count() => {
             tracing::warn!("--device cuda:{index} is not available; serving on the CPU");
             Device::Cpu
         }

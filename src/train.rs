@@ -185,7 +185,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 fn gpu_per_rank(device_flag: &str) -> bool {
     let local = |name: &str| std::env::var(name).ok().and_then(|n| n.parse::<usize>().ok());
     let (Some(_), Some(local_world)) = (local("LOCAL_RANK"), local("LOCAL_WORLD_SIZE")) else { return false };
-    ["auto", "cuda"].contains(&device_flag) && tch::Cuda::device_count() as usize >= local_world
+    ["auto", "cuda"].contains(&device_flag) && kernels::runtime::cuda_device_count() >= local_world
 }
 
 /// Starts `--nproc` ranks of this same command on this machine and waits for all of them; if one

@@ -64,6 +64,9 @@ fn doctor_reports_torch_2_11_and_the_devices_it_sees() {
     assert_eq!(report["built_with_nccl"], true, "setup installs the headers ProcessGroupNCCL needs");
     let devices = report["cuda"]["devices"].as_array().unwrap();
     assert_eq!(report["cuda"]["available"], !devices.is_empty(), "{report}");
+    if !devices.is_empty() {
+        assert_eq!(report["cuda_backend"], "loaded", "{report}");
+    }
     let cores = std::thread::available_parallelism().unwrap().get() as i64;
     let intra_op = report["threads"]["intra_op"].as_i64().unwrap();
     assert!((1..=cores).contains(&intra_op), "{intra_op} intra-op threads on {cores} cores");

@@ -122,6 +122,30 @@ fn completions_through_every_method() {
     client.exit();
 }
 
+/// The CUDA libraries (about 350 MiB resident) load only where there is a driver to use them: an
+/// editor's server on a machine without one maps none of them.
+#[test]
+fn cuda_libraries_load_only_with_a_driver() {
+    let doctor: Value = serde_json::from_str(&common::check_wizard(&["doctor", "--json"])).unwrap();
+    let backend = doctor["cuda_backend"].as_str().unwrap_or_else(|| panic!("{doctor}")).to_string();
+    let mut client = Client::start(model_dir());
+    client.initialize(json!({}), json!({"maxTokens": 2}));
+    client.open(PY, "python", "def add(a, b):\n    \n");
+    assert_eq!(inline_text(&client.inline(PY, 1, 4).unwrap()).as_deref(), Some("xx"));
+    let maps = client.mapped_files();
+    let cuda: Vec<&str> = ["libtorch_cuda.so", "libcublas", "libcudnn", "libnccl"]
+        .into_iter()
+        .filter(|library| maps.contains(library))
+        .collect();
+    if backend == "loaded" {
+        assert!(cuda.contains(&"libtorch_cuda.so"), "{backend}: {cuda:?}");
+    } else {
+        assert!(backend.contains("no NVIDIA driver"), "{backend}");
+        assert_eq!(cuda, Vec::<&str>::new(), "mapped without a driver");
+    }
+    client.exit();
+}
+
 /// Incremental edits in each encoding, the cache, "typed as suggested", and configuration changes.
 #[test]
 fn edits_encodings_and_cache() {

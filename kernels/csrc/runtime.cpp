@@ -1,5 +1,6 @@
 // What the process's libtorch is and can reach: version, CUDA devices, where it was loaded from.
 // Every entry point catches C++ exceptions: they must never cross into Rust.
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <dlfcn.h>
 #include <torch/cuda.h>
 #include <torch/headeronly/version.h>
@@ -10,18 +11,8 @@
 #include <string>
 
 #ifdef WIZARD_WITH_CUDA
-#include <ATen/detail/CUDAHooksInterface.h>
 // The driver API header is self-contained (the wheel's cuda_runtime_api.h is not: it lacks crt/).
 #include <cuda.h>
-// Taking its address makes libtorch_cuda a needed library of every binary, even under --as-needed,
-// so the CUDA backend registers itself whenever a driver is present.
-namespace at::cuda {
-int warp_size();
-}
-namespace {
-// Read (volatile) on every CUDA query so that neither the compiler nor --gc-sections drops it.
-void* volatile torch_cuda_anchor = reinterpret_cast<void*>(&at::cuda::warp_size);
-}  // namespace
 #endif
 
 using wizard::copy_out;
@@ -48,12 +39,9 @@ int wizard_cuda_summary(int* available, int* cudnn, int* device_count, long* run
     *available = torch::cuda::is_available();
     *cudnn = *available && torch::cuda::cudnn_is_available();
     *device_count = *available ? torch::cuda::device_count() : 0;
-#ifdef WIZARD_WITH_CUDA
-    if (torch_cuda_anchor == nullptr) throw std::runtime_error("libtorch_cuda is not linked");
-    *runtime_version = at::detail::getCUDAHooks().versionCUDART();
-#else
-    *runtime_version = 0;
-#endif
+    // Without libtorch_cuda in the process (kernels::runtime::cuda_backend) the hooks are a stub.
+    const auto& hooks = at::detail::getCUDAHooks();
+    *runtime_version = hooks.isBuilt() ? hooks.versionCUDART() : 0;
   });
 }
 

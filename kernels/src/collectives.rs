@@ -37,9 +37,10 @@ impl ProcessGroup {
     pub fn gloo(host: &str, port: u16, rank: usize, size: usize, timeout: Duration) -> Result<Self, KernelError> {
         let raw = join(host, timeout, |host, timeout_ms, raw| {
             // SAFETY: `host` outlives the call; `raw` receives an owned pointer on success.
-            unsafe {
+            let status = unsafe {
                 ffi::wizard_group_new_gloo(host, c_int::from(port), rank as c_int, size as c_int, timeout_ms, raw)
-            }
+            };
+            check(status, "join process group")
         })?;
         Ok(ProcessGroup { raw, rank, size, home: Device::Cpu })
     }
@@ -54,34 +55,11 @@ impl ProcessGroup {
         timeout: Duration,
         gpu: usize,
     ) -> Result<Self, KernelError> {
-        #[cfg(wizard_with_nccl)]
-        {
-            let raw = join(host, timeout, |host, timeout_ms, raw| {
-                // SAFETY: as in `gloo`.
-                unsafe {
-                    ffi::wizard_group_new_nccl(
-                        host,
-                        c_int::from(port),
-                        rank as c_int,
-                        size as c_int,
-                        timeout_ms,
-                        gpu as c_int,
-                        raw,
-                    )
-                }
-            })?;
-            Ok(ProcessGroup { raw, rank, size, home: Device::Cuda(gpu) })
-        }
-        #[cfg(not(wizard_with_nccl))]
-        {
-            let _ = (host, port, rank, size, timeout, gpu);
-            Err(KernelError::Torch {
-                operation: "join process group",
-                message: "this build has no NCCL: the CUDA headers were missing when it was compiled \
-                          (run scripts/setup.sh, then rebuild)"
-                    .into(),
-            })
-        }
+        let nccl = crate::nccl::opened()?;
+        let raw = join(host, timeout, |host, timeout_ms, raw| {
+            nccl.group_new(host, c_int::from(port), rank as c_int, size as c_int, timeout_ms, gpu as c_int, raw)
+        })?;
+        Ok(ProcessGroup { raw, rank, size, home: Device::Cuda(gpu) })
     }
 
     /// Runs `collective` into a buffer in the engine's memory that only receives (all-gather and
@@ -236,7 +214,7 @@ impl Drop for PendingCollective<'_> {
 fn join(
     host: &str,
     timeout: Duration,
-    create: impl FnOnce(*const c_char, c_long, *mut *mut WizardGroup) -> c_int,
+    create: impl FnOnce(*const c_char, c_long, *mut *mut WizardGroup) -> Result<(), KernelError>,
 ) -> Result<*mut WizardGroup, KernelError> {
     let host_c = CString::new(host).map_err(|_| KernelError::Torch {
         operation: "join process group",
@@ -244,7 +222,7 @@ fn join(
     })?;
     let mut raw = std::ptr::null_mut();
     let timeout_ms = timeout.as_millis().min(c_long::MAX as u128) as c_long;
-    check(create(host_c.as_ptr(), timeout_ms, &mut raw), "join process group")?;
+    create(host_c.as_ptr(), timeout_ms, &mut raw)?;
     Ok(raw)
 }
 
@@ -341,7 +319,7 @@ pub(crate) mod tests {
     #[test]
     fn nccl_runs_on_the_gpu_or_says_why_not() {
         let joined = ProcessGroup::nccl("127.0.0.1", free_port(), 0, 1, Duration::from_secs(20), 0);
-        if !tch::Cuda::is_available() {
+        if crate::runtime::cuda_device_count() == 0 {
             let message = joined.err().expect("NCCL without a GPU").to_string();
             assert!(message.contains("NCCL"), "{message}");
             return;

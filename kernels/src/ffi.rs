@@ -53,23 +53,13 @@ extern "C" {
         minor: *mut c_int,
     ) -> c_int;
 
-    // csrc/collectives.cpp and csrc/nccl.cpp
+    // csrc/collectives.cpp (csrc/nccl.cpp is opened at run time: crate::nccl)
     pub(crate) fn wizard_group_new_gloo(
         host: *const c_char,
         port: c_int,
         rank: c_int,
         size: c_int,
         timeout_ms: c_long,
-        out: *mut *mut WizardGroup,
-    ) -> c_int;
-    #[cfg(wizard_with_nccl)]
-    pub(crate) fn wizard_group_new_nccl(
-        host: *const c_char,
-        port: c_int,
-        rank: c_int,
-        size: c_int,
-        timeout_ms: c_long,
-        device: c_int,
         out: *mut *mut WizardGroup,
     ) -> c_int;
     pub(crate) fn wizard_group_free(group: *mut WizardGroup);
@@ -220,7 +210,7 @@ extern "C" {
 const TEXT_LEN: usize = 4096;
 
 /// Runs a shim function that writes a NUL-terminated string into the buffer it is given.
-fn read_text(fill: impl FnOnce(*mut c_char, usize)) -> String {
+pub(crate) fn read_text(fill: impl FnOnce(*mut c_char, usize)) -> String {
     let mut buf = vec![0 as c_char; TEXT_LEN];
     fill(buf.as_mut_ptr(), buf.len());
     // SAFETY: the shim always NUL-terminates within the length it was given.

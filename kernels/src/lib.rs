@@ -12,6 +12,7 @@ mod error;
 mod ffi;
 pub mod int8;
 pub mod linear;
+mod nccl;
 pub mod optim;
 pub mod precision;
 pub mod process;

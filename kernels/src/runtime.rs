@@ -1,7 +1,88 @@
 //! What libtorch this process runs on: version, where it was loaded from, threads and CUDA devices.
-use std::path::PathBuf;
+use std::ffi::{c_int, c_void, CStr, CString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::{ffi, KernelError};
+
+/// libtorch's CUDA backend in this process. libtorch_cuda and the CUDA libraries behind it (about
+/// 350 MiB resident) are not linked: they load only where an NVIDIA driver is, so a CPU-only
+/// process never maps them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CudaBackend {
+    /// Loaded: libtorch sees the devices the driver shows.
+    Loaded,
+    /// No NVIDIA driver (libcuda.so.1), so no GPU is usable: the backend was not loaded.
+    NoDriver,
+    /// The libtorch in use has no libtorch_cuda.so.
+    NotBuilt,
+    /// libtorch_cuda.so did not load; the dynamic loader's message.
+    Failed(String),
+}
+
+impl CudaBackend {
+    /// In words, as `wizard doctor` shows it.
+    pub fn describe(&self) -> String {
+        match self {
+            CudaBackend::Loaded => "loaded".into(),
+            CudaBackend::NoDriver => "not loaded: no NVIDIA driver (libcuda.so.1)".into(),
+            CudaBackend::NotBuilt => "not loaded: this libtorch has no libtorch_cuda.so".into(),
+            CudaBackend::Failed(message) => format!("failed to load: {message}"),
+        }
+    }
+}
+
+/// Loads libtorch's CUDA backend, once, where there is a driver. Every CUDA query must come after
+/// it: libtorch settles on its CPU-only stub at the first one. The CLI calls it first thing.
+pub fn cuda_backend() -> &'static CudaBackend {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        let torch_cuda = match ffi::libtorch_path() {
+            Ok(libtorch) => PathBuf::from(libtorch).with_file_name("libtorch_cuda.so"),
+            Err(error) => return CudaBackend::Failed(error.to_string()),
+        };
+        if !torch_cuda.exists() {
+            return CudaBackend::NotBuilt;
+        }
+        if open_library(Path::new("libcuda.so.1"), libc::RTLD_LAZY | libc::RTLD_LOCAL).is_err() {
+            return CudaBackend::NoDriver;
+        }
+        match open_library(&torch_cuda, libc::RTLD_NOW | libc::RTLD_GLOBAL) {
+            Ok(_) => CudaBackend::Loaded,
+            Err(message) => CudaBackend::Failed(message),
+        }
+    })
+}
+
+/// Whether libtorch_cuda is in this process, however it got there.
+pub fn cuda_backend_in_process() -> bool {
+    open_library(Path::new("libtorch_cuda.so"), libc::RTLD_NOW | libc::RTLD_NOLOAD).is_ok()
+}
+
+/// CUDA devices libtorch sees, after [`cuda_backend`].
+pub fn cuda_device_count() -> usize {
+    cuda_backend();
+    usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+}
+
+/// `dlopen`; the handle stays open for the process's life. The error is the loader's message.
+pub(crate) fn open_library(path: &Path, flags: c_int) -> Result<*mut c_void, String> {
+    let name = CString::new(path.as_os_str().as_bytes()).map_err(|_| format!("{} holds a NUL", path.display()))?;
+    // SAFETY: `name` is NUL-terminated; dlerror is read right after, on the same thread.
+    unsafe {
+        let handle = libc::dlopen(name.as_ptr(), flags);
+        if !handle.is_null() {
+            return Ok(handle);
+        }
+        let error = libc::dlerror();
+        Err(if error.is_null() {
+            format!("cannot load {}", path.display())
+        } else {
+            CStr::from_ptr(error).to_string_lossy().into_owned()
+        })
+    }
+}
 
 /// A snapshot of the libtorch runtime, as `wizard doctor` reports it.
 #[derive(Debug, Clone)]
@@ -14,6 +95,8 @@ pub struct RuntimeInfo {
     pub linked_at_build: PathBuf,
     /// Whether this build references libtorch_cuda (the CUDA wheel).
     pub built_with_cuda: bool,
+    /// Whether libtorch's CUDA backend is loaded, and why not.
+    pub cuda_backend: CudaBackend,
     /// Whether the shim was compiled with ProcessGroupNCCL (the CUDA headers were present).
     pub built_with_nccl: bool,
     /// Threads used inside one op (`at::get_num_threads`).
@@ -53,6 +136,7 @@ pub struct CudaDevice {
 impl RuntimeInfo {
     /// Asks libtorch about itself; loads the CUDA driver if there is one.
     pub fn probe() -> Result<RuntimeInfo, KernelError> {
+        let cuda_backend = cuda_backend().clone();
         let summary = ffi::cuda_summary()?;
         let devices = (0..summary.device_count)
             .map(|index| {
@@ -74,6 +158,7 @@ impl RuntimeInfo {
             loaded_from: PathBuf::from(ffi::libtorch_path()?),
             linked_at_build: PathBuf::from(env!("WIZARD_LIBTORCH_LIB")),
             built_with_cuda: cfg!(wizard_with_cuda),
+            cuda_backend,
             built_with_nccl: cfg!(wizard_with_nccl),
             intra_op_threads: tch::get_num_threads(),
             inter_op_threads: tch::get_num_interop_threads(),

@@ -61,7 +61,13 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let device = if device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
+    let device = if device == "cuda" {
+        // libtorch_cuda is opened at run time, before anything asks about CUDA.
+        kernels::runtime::cuda_backend();
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    };
     let precision = model::gpt_bigcode::parse_precision(dtype).expect("dtype");
     let kind = precision.kind();
     let (prompt_tokens, new_tokens): (usize, usize) = (prompt_tokens.parse().unwrap(), new_tokens.parse().unwrap());

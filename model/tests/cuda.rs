@@ -11,7 +11,7 @@ fn gpu() -> Option<Device> {
         eprintln!("skipped: set WIZARD_GPU_TESTS=1 on a machine with a GPU");
         return None;
     }
-    assert!(tch::Cuda::is_available(), "WIZARD_GPU_TESTS=1 but libtorch sees no CUDA device");
+    assert!(kernels::runtime::cuda_device_count() > 0, "WIZARD_GPU_TESTS=1 but libtorch sees no CUDA device");
     Some(Device::Cuda(0))
 }
 

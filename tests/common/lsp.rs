@@ -180,6 +180,11 @@ impl Client {
         self.response(id)
     }
 
+    /// The server's memory map (/proc/PID/maps): which files it has loaded.
+    pub fn mapped_files(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.child.id())).unwrap()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
