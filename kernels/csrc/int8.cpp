@@ -432,6 +432,28 @@ at::Tensor dequantize(const at::Tensor& packed, int64_t out, int64_t in) {
       .contiguous();
 }
 
+// Rows `ids` of the weight, dequantized as `dequantize` does: an embedding lookup in an int8 table.
+at::Tensor rows(const at::Tensor& packed, int64_t out, int64_t in, const at::Tensor& ids) {
+  const int64_t blocks = blocks_of(in);
+  const auto wanted = ids.to(at::kCPU, at::kLong).contiguous();
+  const int64_t n = wanted.numel();
+  auto result = at::empty({n, in}, at::kFloat);
+  const int64_t* ip = wanted.data_ptr<int64_t>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* rp = result.data_ptr<float>();
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t j = ip[i];
+    TORCH_CHECK(j >= 0 && j < out, "index ", j, " is outside the table's ", out, " rows");
+    for (int64_t b = 0; b < blocks; b++) {
+      const uint8_t* rec = pp + ((j / kGroup) * blocks + b) * kRecord;
+      const float scale = scales_of(rec)[j % kGroup];
+      for (int64_t k = 0; k < kBlock && b * kBlock + k < in; k++)
+        rp[i * in + b * kBlock + k] = static_cast<float>(value_at(rec, j % kGroup, k)) * scale;
+    }
+  }
+  return result;
+}
+
 bool kernel_applies(const Kernel* kernel, const at::Tensor& x, int64_t in, int64_t out,
                     const c10::optional<at::Tensor>& bias) {
   auto plain = [](const at::Tensor& t) {
@@ -557,6 +579,14 @@ int wizard_int8_dequantize(void* packed_handle, int64_t out, int64_t in, void** 
     const auto& packed = *static_cast<at::Tensor*>(packed_handle);
     check_packed(packed, out, in);
     *result = new at::Tensor(dequantize(packed, out, in));
+  });
+}
+
+int wizard_int8_rows(void* packed_handle, int64_t out, int64_t in, void* ids_handle, void** result) {
+  return wizard::guarded([&] {
+    const auto& packed = *static_cast<at::Tensor*>(packed_handle);
+    check_packed(packed, out, in);
+    *result = new at::Tensor(rows(packed, out, in, *static_cast<at::Tensor*>(ids_handle)));
   });
 }
 

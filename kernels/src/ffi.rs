@@ -157,6 +157,13 @@ extern "C" {
         values: *mut TensorHandle,
         scales: *mut TensorHandle,
     ) -> c_int;
+    pub(crate) fn wizard_int8_rows(
+        packed: TensorHandle,
+        out_features: i64,
+        in_features: i64,
+        ids: TensorHandle,
+        result: *mut TensorHandle,
+    ) -> c_int;
     pub(crate) fn wizard_int8_dequantize(
         packed: TensorHandle,
         out_features: i64,

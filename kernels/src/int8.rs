@@ -70,7 +70,7 @@ impl Int8Weight {
             return invalid(format!("expected a floating-point weight to quantize, got {:?}", weight.kind()));
         }
         let weight = weight.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-        if weight.isfinite().all().int64_value(&[]) == 0 {
+        if !crate::all_finite(&weight).map_err(|e| KernelError::Int8Weight(e.to_string()))? {
             return invalid("the weight to quantize holds NaN or infinite values".into());
         }
         let mut packed = ptr::null_mut();
@@ -172,6 +172,28 @@ impl Int8Weight {
     /// `out` of the weight `[out, in]` these blocks stand for.
     pub fn out_features(&self) -> i64 {
         self.out_features
+    }
+
+    /// Rows `ids` (any shape) of [`dequantize`](Self::dequantize), `[..ids, in]`, without the rest:
+    /// an embedding lookup in an int8 table. An id outside `0..out` is an error.
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor, KernelError> {
+        let mut result = ptr::null_mut();
+        // SAFETY: the handles are live tch tensors for the duration of the call, which only reads
+        // them; on success `result` is a new heap tensor whose ownership passes to us.
+        let status = unsafe {
+            ffi::wizard_int8_rows(
+                ffi::tensor(&self.packed),
+                self.out_features,
+                self.in_features,
+                ffi::tensor(ids),
+                &mut result,
+            )
+        };
+        check(status, "int8 rows")?;
+        let mut shape = ids.size();
+        shape.push(self.in_features);
+        // SAFETY: see above.
+        Ok(unsafe { owned(result) }.view(shape.as_slice()).to_device(ids.device()))
     }
 
     /// The fp32 weight `[out, in]` these blocks stand for: value times its block's scale.
@@ -384,6 +406,27 @@ mod tests {
         check(Case { rows: 203, in_dim: 3000, out_dim: 21, bias: true, weights: Weights::Random });
         // Partial groups of 16 outputs beside whole ones, at prefill widths.
         check(Case { rows: 48, in_dim: 100, out_dim: 37, bias: true, weights: Weights::ZeroRows });
+    }
+
+    /// Rows looked up by id are the dequantized weight's rows, bit for bit, in the ids' shape; an id
+    /// outside the table is an error.
+    #[test]
+    fn rows_are_the_dequantized_rows() {
+        tch::manual_seed(3);
+        for (out, inputs) in [(37, 100), (16, 64), (5, 7), (300, 96)] {
+            let q = Int8Weight::quantize(&Tensor::randn([out, inputs], (Kind::Float, Device::Cpu))).unwrap();
+            let ids = Tensor::from_slice(&[0i64, out - 1, 3 % out, 0, 17 % out, out / 2]).view([2, 3]);
+            let rows = q.rows(&ids).unwrap();
+            assert_eq!(rows.size(), [2, 3, inputs]);
+            assert!(
+                rows.equal(&q.dequantize().index_select(0, &ids.view([-1])).view([2, 3, inputs])),
+                "[{out}, {inputs}]"
+            );
+            for bad in [out, -1] {
+                let error = q.rows(&Tensor::from_slice(&[bad])).unwrap_err().to_string();
+                assert!(error.contains("outside the table"), "{error}");
+            }
+        }
     }
 
     /// Ties round to even, the largest magnitude maps to ±127, and a block of zeros has scale 0.

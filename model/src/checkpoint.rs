@@ -99,7 +99,13 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
             let entry: HeaderEntry =
                 serde_json::from_value(value).map_err(|e| invalid(format!("header entry `{name}`: {e}")))?;
             let (begin, end) = entry.data_offsets;
-            let expected = entry.shape.iter().product::<usize>() * entry.dtype.bitsize() / 8;
+            // Checked: a hostile header's shape must not wrap around to the byte count it gives.
+            let expected = entry
+                .shape
+                .iter()
+                .try_fold(entry.dtype.bitsize() / 8, |bytes, &d| bytes.checked_mul(d))
+                .filter(|&bytes| i64::try_from(bytes).is_ok())
+                .unwrap_or(usize::MAX);
             if end < begin || end - begin != expected || data_start + end as u64 > file_len {
                 return Err(ModelError::Tensor {
                     path: path.to_path_buf(),
@@ -128,12 +134,10 @@ pub fn for_each_tensor(dir: &Path, mut visit: impl FnMut(&str, Tensor, &Path) ->
                 |message: String| ModelError::Tensor { path: path.clone(), tensor: name.clone(), message };
             let kind = kind_of(entry.dtype)
                 .ok_or_else(|| tensor_error(format!("dtype {:?} is not a floating-point weight type", entry.dtype)))?;
-            let (begin, end) = entry.data_offsets;
-            let mut bytes = vec![0u8; end - begin];
-            file.read_exact_at(&mut bytes, data_start + begin as u64).map_err(|e| ModelError::io(&path, e))?;
+            let begin = entry.data_offsets.0;
             let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
-            let tensor = Tensor::f_from_data_size(&bytes, &shape, kind).map_err(|e| tensor_error(e.to_string()))?;
-            drop(bytes);
+            let tensor = kernels::read::tensor_at(&file, data_start + begin as u64, &shape, kind)
+                .map_err(|e| tensor_error(e.to_string()))?;
             visit(&name, tensor, &path)?;
         }
     }

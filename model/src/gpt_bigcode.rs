@@ -345,9 +345,11 @@ pub struct GptBigCode {
     ln_f: LayerNorm,
     /// The untied head's `[vocab, n_embd]` weight; `None` when tied to `wte`.
     lm_head: Option<Tensor>,
-    /// The head in int8 ([`Precision::Int8`]); `wte` stays for the embedding.
+    /// The head in int8 ([`Precision::Int8`]). Tied to `wte`, it is the token table too: `wte` is
+    /// emptied and tokens are embedded from its rows (an fp32 copy of 1B's table is 400 MB).
     head_int8: Option<Int8Weight>,
-    /// The head in bf16 over fp32 activations ([`narrow_dense_weights`](Self::narrow_dense_weights)).
+    /// The head in bf16 over fp32 activations ([`narrow_dense_weights`](Self::narrow_dense_weights));
+    /// tied, the token table too, as `head_int8`.
     head_bf16: Option<Tensor>,
     embd_pdrop: f64,
     /// Unique per instance in the process: tells which model filled a kept cache (weights changed in
@@ -375,12 +377,17 @@ impl GptBigCode {
         let transformer = &root / "transformer";
         let init = normal(config.initializer_range, weights);
         let wte = (&transformer / "wte").var("weight", &[config.vocab_size, config.n_embd], init);
+        let narrowed_head = matches!(weights, Weights::ZerosBf16Dense | Weights::ZerosInt8Dense);
+        if narrowed_head && config.tie_word_embeddings {
+            // The table will live in the narrowed head (`token_rows`).
+            tch::no_grad(|| wte.shallow_clone().set_data(&empty_weight()));
+        }
         let wpe = (&transformer / "wpe").var("weight", &[config.n_positions, config.n_embd], init);
         let blocks = (0..config.n_layer).map(|i| Block::new(&transformer / "h" / i, &config, weights)).collect();
         let ln_f = LayerNorm::new(&transformer / "ln_f", config.n_embd, config.layer_norm_epsilon);
         let lm_head = (!config.tie_word_embeddings).then(|| {
             let lm_head = (&root / "lm_head").var("weight", &[config.vocab_size, config.n_embd], init);
-            if weights == Weights::ZerosInt8Dense {
+            if narrowed_head {
                 tch::no_grad(|| lm_head.shallow_clone().set_data(&empty_weight()));
             }
             lm_head
@@ -410,16 +417,17 @@ impl GptBigCode {
     /// Whether `other` is this model in another weight precision (an int8 or bf16 copy of the same
     /// checkpoint), so that it can attend to this model's keys and values: the same layer, head and
     /// embedding sizes, caches of the same dtype on the same device, and the same embeddings (which
-    /// every precision keeps as they are; their first rows are compared).
+    /// every precision keeps as they are: position embeddings and the final LayerNorm are compared).
     pub fn is_copy_of(&self, other: &GptBigCode) -> bool {
         let (a, b) = (&self.config, &other.config);
-        let rows = a.vocab_size.min(16);
+        let rows = a.n_positions.min(16);
         (a.n_layer, a.kv_heads(), a.head_dim(), a.n_embd, a.vocab_size)
             == (b.n_layer, b.kv_heads(), b.head_dim(), b.n_embd, b.vocab_size)
             && self.kind() == other.kind()
             && self.device() == other.device()
-            && self.wte.narrow(0, 0, rows).equal(&other.wte.narrow(0, 0, rows))
-            && self.wpe.narrow(0, 0, 1).equal(&other.wpe.narrow(0, 0, 1))
+            && self.wpe.narrow(0, 0, rows).equal(&other.wpe.narrow(0, 0, rows))
+            && self.ln_f.weight.equal(&other.ln_f.weight)
+            && self.ln_f.bias.equal(&other.ln_f.bias)
     }
 
     /// The configuration.
@@ -478,8 +486,7 @@ impl GptBigCode {
         let device = self.device();
         let ids = Tensor::from_slice(tokens).to_device(device).view([rows, 1]);
         let positions = Tensor::from_slice(&positions).to_device(device).view([rows, 1]);
-        let mut hidden = Tensor::embedding(&self.wte, &ids, -1, false, false)
-            + Tensor::embedding(&self.wpe, &positions, -1, false, false);
+        let mut hidden = self.token_rows(&ids) + Tensor::embedding(&self.wpe, &positions, -1, false, false);
         for (layer, block) in self.blocks.iter().enumerate() {
             hidden = block.forward_ragged(&hidden, caches, layer);
         }
@@ -553,9 +560,44 @@ impl GptBigCode {
             )));
         }
         let positions = Tensor::arange_start(past, past + len, (Kind::Int64, self.device()));
-        let hidden = Tensor::embedding(&self.wte, input_ids, -1, false, false)
-            + Tensor::embedding(&self.wpe, &positions, -1, false, false);
+        let hidden = self.token_rows(input_ids) + Tensor::embedding(&self.wpe, &positions, -1, false, false);
         Ok(dropout.apply(hidden, self.embd_pdrop))
+    }
+
+    /// Token embeddings: rows of `wte`, or of the narrowed head where that holds the tied table.
+    fn token_rows(&self, ids: &Tensor) -> Tensor {
+        if self.lm_head.is_none() {
+            if let Some(int8) = &self.head_int8 {
+                // Ids come from the tokenizer or were checked against the vocabulary.
+                return int8.rows(ids).expect("token ids within the vocabulary");
+            }
+            if let Some(bf16) = &self.head_bf16 {
+                return Tensor::embedding(bf16, ids, -1, false, false).to_kind(Kind::Float);
+            }
+        }
+        Tensor::embedding(&self.wte, ids, -1, false, false)
+    }
+
+    /// Whether the token table lives only in the narrowed head (tied, and int8 or bf16), `wte`
+    /// being empty.
+    pub(crate) fn table_in_head(&self) -> bool {
+        self.lm_head.is_none() && (self.head_int8.is_some() || self.head_bf16.is_some())
+    }
+
+    /// Frees `wte` once the narrowed head holds the tied table.
+    fn drop_tied_table(&self) {
+        if self.table_in_head() {
+            tch::no_grad(|| self.wte.shallow_clone().set_data(&empty_weight()));
+        }
+    }
+
+    /// Sets the bf16 head (and with it the tied table) from `weight`, as it is loaded.
+    pub(crate) fn set_bf16_head(&mut self, weight: &Tensor) {
+        self.head_bf16 = Some(weight.to_kind(Kind::BFloat16));
+        if let Some(lm_head) = &self.lm_head {
+            tch::no_grad(|| lm_head.shallow_clone().set_data(&empty_weight()));
+        }
+        self.drop_tied_table();
     }
 
     /// Vocabulary logits, through `wte` itself when the head is tied.
@@ -596,7 +638,7 @@ impl GptBigCode {
         Some((out, inputs))
     }
 
-    /// The head's weight: `lm_head`, or `wte` when tied (empty once the head is int8 and untied).
+    /// The head's weight: `lm_head`, or `wte` when tied (empty once the head is int8 or bf16).
     pub fn head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.wte)
     }
@@ -627,9 +669,9 @@ impl GptBigCode {
                     linear.weight.set_data(&narrow);
                 }
             }
-            self.head_bf16 = Some(self.lm_head.as_ref().unwrap_or(&self.wte).to_kind(Kind::BFloat16));
-            if let Some(lm_head) = &self.lm_head {
-                lm_head.shallow_clone().set_data(&empty_weight());
+            if self.head_bf16.is_none() {
+                let head = self.lm_head.as_ref().unwrap_or(&self.wte).shallow_clone();
+                self.set_bf16_head(&head);
             }
         });
         Ok(())
@@ -683,6 +725,7 @@ impl GptBigCode {
                 if let Some(lm_head) = &self.lm_head {
                     lm_head.shallow_clone().set_data(&empty_weight());
                 }
+                self.drop_tied_table();
             }
             progress(total, total);
             Ok(())
@@ -717,8 +760,9 @@ impl GptBigCode {
         if name == "lm_head.weight" {
             self.head_int8 = Some(int8);
             if let Some(lm_head) = &self.lm_head {
-                lm_head.shallow_clone().set_data(&empty_weight());
+                tch::no_grad(|| lm_head.shallow_clone().set_data(&empty_weight()));
             }
+            self.drop_tied_table();
             return true;
         }
         let Some(rest) = name.strip_prefix("transformer.h.") else { return false };

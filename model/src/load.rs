@@ -45,16 +45,6 @@ fn is_int8_directory(dir: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// Whether every value of `tensor` is finite (a NaN or infinity would come out as garbage tokens, not
-/// as an error). A sum reads the weights once without allocating; only a sum that is not finite is
-/// looked at value by value, since finite values can overflow it.
-fn is_finite(tensor: &Tensor) -> Result<bool> {
-    if tensor.f_sum(tensor.kind())?.f_double_value(&[])?.is_finite() {
-        return Ok(true);
-    }
-    Ok(tensor.f_isfinite()?.f_all()?.f_int64_value(&[])? == 1)
-}
-
 /// Buffers that old checkpoints carry and `transformers` ignores.
 fn is_ignored_buffer(name: &str) -> bool {
     name.ends_with(".attn.masked_bias") || name.ends_with(".attn.bias")
@@ -87,6 +77,10 @@ impl GptBigCode {
         }
         let tied = config.tie_word_embeddings;
         let quantize_as_read = zeros == Weights::ZerosInt8Dense;
+        let narrow_as_read = zeros == Weights::ZerosBf16Dense;
+        let table = [config.vocab_size, config.n_embd];
+        // Tied and narrowed, the token table lives in the head: read once, into it.
+        let head_name = if tied { "transformer.wte.weight" } else { "lm_head.weight" };
         let layers = config.n_layer as usize * 4 + 1;
         let mut quantized_layers = 0;
         let mut model = GptBigCode::build(config, device, kind, zeros)?;
@@ -112,6 +106,26 @@ impl GptBigCode {
                         int8.entry(name.to_string()).or_insert((None, None, file.to_path_buf())).0 = Some(tensor);
                         return Ok(());
                     }
+                }
+                if name == head_name && (quantized || quantize_as_read || narrow_as_read) {
+                    if tensor.size() != table {
+                        let message = format!("has shape {:?}, config.json implies {table:?}", tensor.size());
+                        return Err(tensor_error(message));
+                    }
+                    pending.remove(name);
+                    if quantize_as_read && !quantized {
+                        let weight = Int8Weight::quantize(&tensor).map_err(|e| tensor_error(e.to_string()))?;
+                        model.set_int8_layer("lm_head.weight", weight);
+                        quantized_layers += 1;
+                        progress(quantized_layers, layers);
+                    } else if narrow_as_read {
+                        if !kernels::all_finite(&tensor)? {
+                            return Err(tensor_error("holds NaN or infinite values".into()));
+                        }
+                        model.set_bf16_head(&tensor);
+                    }
+                    // An int8 directory's own head holds the table; an fp32 copy beside it is unused.
+                    return Ok(());
                 }
                 let dense_shape = model.dense_shape(name).filter(|_| !(tied && name == "lm_head.weight"));
                 if let (true, Some((out, inputs))) = (quantize_as_read, dense_shape) {
@@ -139,16 +153,26 @@ impl GptBigCode {
                     let message = format!("has shape {:?}, config.json implies {:?}", tensor.size(), var.size());
                     return Err(tensor_error(message));
                 }
-                var.shallow_clone().f_copy_(&tensor)?;
-                if !is_finite(&var)? {
+                if tensor.kind() == var.kind() && var.device() == Device::Cpu {
+                    // The tensor just read becomes the variable's storage: no second copy.
+                    var.shallow_clone().set_data(&tensor);
+                } else {
+                    var.shallow_clone().f_copy_(&tensor)?;
+                }
+                if !kernels::all_finite(&var)? {
                     return Err(tensor_error("holds NaN or infinite values".into()));
                 }
                 Ok(())
             })
         })?;
         let untied_head = !tied && int8.contains_key("lm_head.weight");
-        let mut missing: Vec<String> =
-            pending.into_keys().filter(|name| !(untied_head && name == "lm_head.weight")).collect();
+        // The table of a tied int8 directory is its int8 head.
+        let table_in_int8_head = quantized && tied;
+        let mut missing: Vec<String> = pending
+            .into_keys()
+            .filter(|name| !(untied_head && name == "lm_head.weight"))
+            .filter(|name| !(table_in_int8_head && name == "transformer.wte.weight"))
+            .collect();
         missing.sort();
         if let Some(first) = missing.first() {
             let file = checkpoint::weight_files(dir)?.remove(0);
@@ -261,6 +285,8 @@ impl GptBigCode {
             .variables()
             .into_iter()
             .filter(|(name, _)| !layers.iter().any(|(layer, _)| layer == name))
+            // Tied, the table is the int8 head.
+            .filter(|(name, _)| !(self.table_in_head() && name == "transformer.wte.weight"))
             .collect();
         for (name, weight) in layers {
             let (values, scales) = weight.parts();
@@ -286,6 +312,11 @@ impl GptBigCode {
     /// Writes `config.json` and `model.safetensors` in `kind` into `dir` (created if needed), each
     /// replaced atomically.
     pub fn save(&self, dir: &Path, kind: Kind) -> Result<()> {
+        if self.table_in_head() || self.is_int8() {
+            return Err(ModelError::Invalid(
+                "an int8 or bf16-narrowed model is saved with save_int8 or not at all".into(),
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         let mut tensors: Vec<(String, Tensor)> = self.vars().variables().into_iter().collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));

@@ -161,6 +161,22 @@ fn saved_int8_loads_to_the_same_model() {
     let ids = Tensor::from_slice(&[5i64, 6, 7, 8]).view([1, 4]);
     let logits = |m: &GptBigCode| tch::no_grad(|| m.forward_full(&ids, Dropout::Off).unwrap());
     assert!(logits(&quantized).equal(&logits(&reloaded)));
+    // Tied, the token table is the int8 head: no fp32 copy in memory or in the directory.
+    assert!(quantized.config().tie_word_embeddings);
+    assert_eq!((quantized.head_weight().numel(), reloaded.head_weight().numel()), (0, 0));
+    assert_eq!(
+        load(dir.path(), Precision::Dense(Kind::BFloat16)).head_weight().numel(),
+        0,
+        "bf16 keeps it in its head"
+    );
+    let weights = out.join("model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&weights).unwrap();
+    assert!(!tensors.iter().any(|(name, _)| name == "transformer.wte.weight"));
+    // A directory written with the fp32 table beside the int8 head loads to the same model.
+    let table = Tensor::read_safetensors(dir.path().join("model.safetensors")).unwrap();
+    tensors.extend(table.into_iter().filter(|(name, _)| name == "transformer.wte.weight"));
+    Tensor::write_safetensors(&tensors, &weights).unwrap();
+    assert!(logits(&quantized).equal(&logits(&load(&out, Precision::Int8))));
     // fp32 of an int8 directory is refused: its weights are int8.
     let error =
         GptBigCode::load_as(&out, Precision::Dense(Kind::Float), Device::Cpu, |_, _| {}).err().unwrap().to_string();
