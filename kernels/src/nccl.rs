@@ -58,9 +58,9 @@ fn open() -> Result<Nccl, String> {
     static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libwizard_nccl.so"));
     // libtorch_cuda must be in the process before the object that needs it; loading it as the
     // object's dependency would come after libtorch settled on its CPU-only CUDA stub.
-    runtime::cuda_backend();
+    let backend = runtime::cuda_backend();
     if !runtime::cuda_backend_in_process() {
-        let why = match runtime::cuda_backend() {
+        let why = match backend {
             CudaBackend::NoDriver => "there is no NVIDIA driver (libcuda.so.1)".to_string(),
             CudaBackend::NotBuilt => "this libtorch has no CUDA".to_string(),
             CudaBackend::Failed(message) => format!("libtorch_cuda did not load: {message}"),
