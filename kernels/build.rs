@@ -56,6 +56,9 @@ fn main() {
             .expect("the C++ compiler runs");
         assert!(status.success(), "compiling csrc/nccl.cpp into {} failed", out.display());
     }
+    // Its constructor opens the CUDA backend before main: linked whole, so that every binary has it,
+    // whether or not it calls into the object.
+    base().file("csrc/cuda_backend.cpp").link_lib_modifier("+whole-archive").compile("wizard_cuda_backend");
     let mut build = base();
     build
         .file("csrc/runtime.cpp")
@@ -64,6 +67,7 @@ fn main() {
         .file("csrc/precision.cpp")
         .file("csrc/reducer.cpp")
         .file("csrc/linear.cpp")
+        .file("csrc/memory.cpp")
         .file("csrc/amx_bf16.cpp")
         .file("csrc/attention.cpp")
         .file("csrc/block.cpp")
@@ -100,7 +104,7 @@ fn main() {
 
 /// torch-sys links `libtorch.so`, a wrapper whose DT_NEEDED loads libtorch_cuda and the CUDA
 /// libraries behind it (about 350 MiB resident) into every process, CPU-only ones too; the CUDA
-/// backend is opened at run time instead (kernels::runtime::cuda_backend). An empty library of the
+/// backend is opened at run time instead (csrc/cuda_backend.cpp). An empty library of the
 /// same name, found first, satisfies `-ltorch` and is dropped by `--as-needed`. The wrapper's own
 /// exports are libstdc++ functions for systems older than GCC 11 (GLIBCXX_3.4.29); on such a
 /// system the real wrapper stays linked.

@@ -67,7 +67,6 @@ fn main() -> ExitCode {
         eprintln!("wizard: {error:#}");
         return ExitCode::from(2);
     }
-    // First: libtorch settles at its first CUDA question whether it has CUDA.
     if let kernels::runtime::CudaBackend::Failed(message) = kernels::runtime::cuda_backend() {
         tracing::warn!("libtorch's CUDA backend did not load, so only the CPU is usable: {message}");
     }

@@ -90,6 +90,29 @@ fn doctor_runs_with_only_path_in_the_environment() {
     assert_eq!(report["torch_version"], "2.11.0", "{report}");
 }
 
+/// Where a driver loads, libtorch's CUDA backend is opened before main. A stand-in libcuda.so.1 (an
+/// empty library) is a driver to the loader, so on this GPU-less machine the backend loads and
+/// libtorch's CUDA hooks answer (the runtime version), though no device is usable.
+#[test]
+fn the_cuda_backend_opens_before_main_where_a_driver_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = dir.path().join("libcuda.so.1");
+    let built = Command::new("cc").args(["-shared", "-x", "c", "/dev/null", "-o"]).arg(&driver).output().unwrap();
+    stdout_of(&built, "cc -shared");
+    let without = check(run_clean(&["doctor", "--json"], &[]), true);
+    let with = check(run_clean(&["doctor", "--json"], &[("LD_LIBRARY_PATH", dir.path().to_str().unwrap())]), true);
+    if without["cuda"]["available"] == true {
+        // The stand-in hides the real driver; what is left to check is that the backend loaded.
+        assert_eq!(with["cuda_backend"], "loaded", "{with}");
+        return;
+    }
+    assert_eq!(without["cuda_backend"], "not loaded: no NVIDIA driver (libcuda.so.1)", "{without}");
+    assert_eq!(without["cuda"]["runtime_version"], Value::Null, "CPU-only stub: {without}");
+    assert_eq!(with["cuda_backend"], "loaded", "{with}");
+    assert_eq!(with["cuda"]["runtime_version"], "13.0", "the CUDA hooks answer: {with}");
+    assert_eq!(with["cuda"]["available"], false, "{with}");
+}
+
 #[test]
 fn doctor_names_missing_python_peers_and_the_fix() {
     let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,11 @@ extern "C" {
     fn wizard_last_error(buf: *mut c_char, len: usize);
     fn wizard_torch_version(buf: *mut c_char, len: usize);
     fn wizard_libtorch_path(buf: *mut c_char, len: usize) -> c_int;
+    // csrc/memory.cpp
+    fn wizard_huge_pages_begin();
+    fn wizard_huge_pages_end();
+    // csrc/cuda_backend.cpp
+    fn wizard_cuda_backend(message: *mut c_char, len: usize) -> c_int;
     fn wizard_cuda_summary(
         available: *mut c_int,
         cudnn: *mut c_int,
@@ -246,6 +251,31 @@ pub(crate) fn libtorch_path() -> Result<String, KernelError> {
     let path = read_text(|buf, len| status = unsafe { wizard_libtorch_path(buf, len) });
     check(status, "locate libtorch")?;
     Ok(path)
+}
+
+/// Blocks of 2 MiB or more from here to [`huge_pages_end`] go in transparent huge pages.
+pub(crate) fn huge_pages_begin() {
+    // SAFETY: increments an atomic counter.
+    unsafe { wizard_huge_pages_begin() }
+}
+
+pub(crate) fn huge_pages_end() {
+    // SAFETY: decrements an atomic counter.
+    unsafe { wizard_huge_pages_end() }
+}
+
+/// What the constructor in csrc/cuda_backend.cpp did before main.
+pub(crate) fn cuda_backend() -> crate::runtime::CudaBackend {
+    use crate::runtime::CudaBackend;
+    let mut state = 0;
+    // SAFETY: writes at most `len` bytes into the buffer.
+    let message = read_text(|buf, len| state = unsafe { wizard_cuda_backend(buf, len) });
+    match state {
+        0 => CudaBackend::Loaded,
+        1 => CudaBackend::NoDriver,
+        2 => CudaBackend::NotBuilt,
+        _ => CudaBackend::Failed(message),
+    }
 }
 
 pub(crate) struct CudaSummary {

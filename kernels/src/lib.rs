@@ -12,6 +12,7 @@ mod error;
 mod ffi;
 pub mod int8;
 pub mod linear;
+pub mod memory;
 mod nccl;
 pub mod optim;
 pub mod precision;

@@ -56,8 +56,9 @@ pub(crate) fn opened() -> Result<&'static Nccl, KernelError> {
 #[cfg(wizard_with_nccl)]
 fn open() -> Result<Nccl, String> {
     static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libwizard_nccl.so"));
-    // libtorch_cuda must be in the process before the object that needs it; loading it as the
-    // object's dependency would come after libtorch settled on its CPU-only CUDA stub.
+    // libtorch_cuda must be in the process before the object that needs it (csrc/cuda_backend.cpp
+    // opens it before main); loading it as the object's dependency would come after libtorch
+    // settled on its CPU-only CUDA stub.
     let backend = runtime::cuda_backend();
     if !runtime::cuda_backend_in_process() {
         let why = match backend {

@@ -30,9 +30,6 @@ fn scalar_type(kind: Kind) -> Result<c_int, KernelError> {
 /// Runs `f` with autocast on for `device`'s type in `dtype`: matmuls and attention in `dtype`,
 /// reductions and normalisations in fp32, weights kept as they are (fp32 master weights).
 pub fn autocast<T>(device: Device, dtype: Kind, f: impl FnOnce() -> T) -> Result<T, KernelError> {
-    if device.is_cuda() {
-        crate::runtime::cuda_backend();
-    }
     let (mut was_enabled, mut previous) = (0, 0);
     let kind = device_type(device);
     // SAFETY: plain integers in and out; the out-pointers are live locals.
@@ -59,7 +56,6 @@ pub struct CudaMemory {
 
 /// Memory statistics of CUDA device `index`.
 pub fn cuda_memory(index: usize) -> Result<CudaMemory, KernelError> {
-    crate::runtime::cuda_backend();
     let (mut allocated, mut peak_allocated, mut reserved) = (0, 0, 0);
     // SAFETY: integers in, out-pointers to live locals.
     let status = unsafe { ffi::wizard_cuda_memory(index as c_int, &mut allocated, &mut peak_allocated, &mut reserved) };

@@ -33,26 +33,11 @@ impl CudaBackend {
     }
 }
 
-/// Loads libtorch's CUDA backend, once, where there is a driver. Every CUDA query must come after
-/// it: libtorch settles on its CPU-only stub at the first one. The CLI calls it first thing.
+/// libtorch's CUDA backend, as csrc/cuda_backend.cpp left it: that constructor opens it before main
+/// where there is a driver, since libtorch settles on its CPU-only stub at the first CUDA question.
 pub fn cuda_backend() -> &'static CudaBackend {
     static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    BACKEND.get_or_init(|| {
-        let torch_cuda = match ffi::libtorch_path() {
-            Ok(libtorch) => PathBuf::from(libtorch).with_file_name("libtorch_cuda.so"),
-            Err(error) => return CudaBackend::Failed(error.to_string()),
-        };
-        if !torch_cuda.exists() {
-            return CudaBackend::NotBuilt;
-        }
-        if open_library(Path::new("libcuda.so.1"), libc::RTLD_LAZY | libc::RTLD_LOCAL).is_err() {
-            return CudaBackend::NoDriver;
-        }
-        match open_library(&torch_cuda, libc::RTLD_NOW | libc::RTLD_GLOBAL) {
-            Ok(_) => CudaBackend::Loaded,
-            Err(message) => CudaBackend::Failed(message),
-        }
-    })
+    BACKEND.get_or_init(ffi::cuda_backend)
 }
 
 /// Whether libtorch_cuda is in this process, however it got there.
@@ -60,9 +45,8 @@ pub fn cuda_backend_in_process() -> bool {
     open_library(Path::new("libtorch_cuda.so"), libc::RTLD_NOW | libc::RTLD_NOLOAD).is_ok()
 }
 
-/// CUDA devices libtorch sees, after [`cuda_backend`].
+/// CUDA devices libtorch sees.
 pub fn cuda_device_count() -> usize {
-    cuda_backend();
     usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
 }
 
@@ -165,27 +149,4 @@ impl RuntimeInfo {
             cuda: CudaInfo { available: summary.available, cudnn: summary.cudnn, runtime_version, devices },
         })
     }
-}
-
-/// Runs `load` with every freed block of 1 MiB or more handed back to the OS at once: loading
-/// reads each tensor through buffers of its size, and glibc's heap would otherwise keep their
-/// fragments (hundreds of MiB of peak memory on a 1B model). Afterwards blocks under 32 MiB (the
-/// most glibc's own adaptive threshold reaches) come from the heap again, and the heap keeps up to
-/// 64 MiB free at its top (as glibc's adaptive trim threshold would), so decoding's temporaries cost
-/// no system calls or page faults.
-pub fn returning_large_frees<T>(load: impl FnOnce() -> T) -> T {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only changes the allocator's thresholds; it is safe to call at any time.
-        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
-        let loaded = load();
-        // SAFETY: as above.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-        }
-        loaded
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    load()
 }

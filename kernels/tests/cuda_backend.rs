@@ -1,5 +1,5 @@
-//! libtorch's CUDA backend is not linked: it is opened at run time where there is a driver. Without
-//! a GPU here, the test opens it by hand, as `cuda_backend` does where a driver is, and checks that
+//! libtorch's CUDA backend is not linked: it is opened before main where there is a driver
+//! (csrc/cuda_backend.cpp). Without one here, the test opens it by hand, as that constructor does, and checks that
 //! libtorch then has its CUDA backend (the runtime version answers) and that the NCCL shim, opened
 //! from the bytes the binary carries, runs. One test: the process's state is the subject.
 use std::ffi::CString;

@@ -34,13 +34,7 @@ fn main() {
     tch::set_num_threads(threads.parse().unwrap());
     let new_tokens: usize = new_tokens.parse().unwrap();
     let tokenizer = Tokenizer::from_dir(Path::new(target_dir)).unwrap();
-    let device = if std::env::var("DEVICE").as_deref() == Ok("cuda") {
-        // libtorch_cuda is opened at run time, before anything asks about CUDA.
-        kernels::runtime::cuda_backend();
-        Device::Cuda(0)
-    } else {
-        Device::Cpu
-    };
+    let device = if std::env::var("DEVICE").as_deref() == Ok("cuda") { Device::Cuda(0) } else { Device::Cpu };
     let target = GptBigCode::load(Path::new(target_dir), dtype, device).unwrap();
     let draft = GptBigCode::load(Path::new(draft_dir), draft_dtype, device).unwrap();
     let mut workloads: BTreeMap<String, Vec<Vec<i64>>> = BTreeMap::new();

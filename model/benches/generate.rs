@@ -61,13 +61,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let device = if device == "cuda" {
-        // libtorch_cuda is opened at run time, before anything asks about CUDA.
-        kernels::runtime::cuda_backend();
-        Device::Cuda(0)
-    } else {
-        Device::Cpu
-    };
+    let device = if device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
     let precision = model::gpt_bigcode::parse_precision(dtype).expect("dtype");
     let kind = precision.kind();
     let (prompt_tokens, new_tokens): (usize, usize) = (prompt_tokens.parse().unwrap(), new_tokens.parse().unwrap());
@@ -175,6 +169,7 @@ fn main() {
         report["identical_to_target"] = outs.iter().all(|o| o.generation.tokens == plain).into();
     }
     report["peak_rss_mib"] = peak_rss_mib().into();
+    report["huge_page_mib"] = (kernels::memory::huge_page_bytes() as f64 / 1048576.0).into();
     report["memory_read_gb_per_s"] = memory_read_gb_per_s(threads.parse().unwrap()).into();
     println!("{report}");
 }

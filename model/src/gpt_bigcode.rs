@@ -371,10 +371,6 @@ impl GptBigCode {
             field: field.into(),
             message,
         })?;
-        if device.is_cuda() {
-            // Before libtorch is asked anything about CUDA (a library user may not have called it).
-            kernels::runtime::cuda_backend();
-        }
         let mut vars = nn::VarStore::new(device);
         vars.set_kind(kind); // before any variable exists: every one is created in `kind`
         let root = vars.root();

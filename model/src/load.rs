@@ -224,21 +224,23 @@ impl GptBigCode {
         };
         let kind = if narrow { Kind::Float } else { precision.kind() };
         let mut progress = progress;
-        let mut model =
-            kernels::runtime::returning_large_frees(|| GptBigCode::load_into(dir, kind, device, zeros, &mut progress))?;
-        if precision != Precision::Int8 && model.is_int8() {
-            return Err(ModelError::Invalid(format!(
-                "{} holds int8 weights (from `wizard quantize`): load it with --dtype int8",
-                dir.display()
-            )));
-        }
-        if precision == Precision::Int8 && !model.is_int8() {
-            // What was not quantized as it was read: a head tied to the embeddings.
-            model.quantize_int8(progress)?;
-        }
-        if narrow {
-            model.narrow_dense_weights()?;
-        }
+        let model = kernels::memory::loading_weights(|| {
+            let mut model = GptBigCode::load_into(dir, kind, device, zeros, &mut progress)?;
+            if precision != Precision::Int8 && model.is_int8() {
+                return Err(ModelError::Invalid(format!(
+                    "{} holds int8 weights (from `wizard quantize`): load it with --dtype int8",
+                    dir.display()
+                )));
+            }
+            if precision == Precision::Int8 && !model.is_int8() {
+                // What was not quantized as it was read: a head tied to the embeddings.
+                model.quantize_int8(&mut progress)?;
+            }
+            if narrow {
+                model.narrow_dense_weights()?;
+            }
+            Ok(model)
+        })?;
         if device == Device::Cpu {
             note_kernel_fallback(precision);
             // The dense kernel or libtorch, per shape, by a measurement on this machine (cached).
