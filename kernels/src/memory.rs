@@ -35,6 +35,13 @@ pub fn loading_weights<T>(load: impl FnOnce() -> T) -> T {
     load()
 }
 
+/// Whether the kernel grants transparent huge pages where they are asked for (its setting is
+/// `always` or `madvise`).
+pub fn huge_pages_granted() -> bool {
+    let setting = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    setting.contains("[always]") || setting.contains("[madvise]")
+}
+
 /// This process's memory in transparent huge pages, in bytes (`AnonHugePages`); 0 where the kernel
 /// does not say.
 pub fn huge_page_bytes() -> u64 {
