@@ -61,36 +61,46 @@ __m512i tile_column() {
 }
 
 // Block [input block][depth step] of 16 x 16 dwords: dword [p][r] is the pair of values 2p, 2p + 1
-// of the step for input row r; zero past the rows and past `in`. `step(row, i, n)` gives 32 bf16
-// values of a row from i, the n < 32 there are when fewer, zeros after.
+// of the step for input row r; zero past the rows and past `in`. `step(i, n)` gives 32 bf16 values
+// of row r from i, the n < 32 there are when fewer, zeros after.
 template <typename Step>
-std::vector<uint32_t> pack(int64_t rows, int64_t in, const Step& step) {
-  const int64_t depth_steps = (in + kDepth - 1) / kDepth, input_blocks = (rows + kColumns - 1) / kColumns;
-  std::vector<uint32_t> packed(input_blocks * depth_steps * kTileDwords, 0);
+void pack_one(int64_t r, int64_t in, uint32_t* packed, const Step& step) {
+  const int64_t depth_steps = (in + kDepth - 1) / kDepth;
   const __m512i pairs = tile_column();
-  for (int64_t r = 0; r < rows; r++) {
-    uint32_t* column = packed.data() + r / kColumns * depth_steps * kTileDwords + r % kColumns;
-    for (int64_t i = 0; i < in; i += kDepth, column += kTileDwords)
-      _mm512_i32scatter_epi32(column, pairs, step(r, i, std::min(kDepth, in - i)), 4);
-  }
-  return packed;
+  uint32_t* column = packed + r / kColumns * depth_steps * kTileDwords + r % kColumns;
+  for (int64_t i = 0; i < in; i += kDepth, column += kTileDwords)
+    _mm512_i32scatter_epi32(column, pairs, step(i, std::min(kDepth, in - i)), 4);
+}
+
+// 32 fp32 values from p (n of them when fewer, zeros after) rounded to bf16.
+__m512i rounded(const float* p, int64_t n) {
+  const __m256i low = round_to_bf16(_mm512_maskz_loadu_ps(_bzhi_u32(0xffff, n), p));
+  const __m256i high = round_to_bf16(_mm512_maskz_loadu_ps(_bzhi_u32(0xffff, std::max<int64_t>(n - 16, 0)), p + 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
 }
 
 }  // namespace
 
+int64_t packed_dwords(int64_t rows, int64_t in) {
+  return (rows + kColumns - 1) / kColumns * ((in + kDepth - 1) / kDepth) * kTileDwords;
+}
+
+void pack_row(const float* row, int64_t r, int64_t in, uint32_t* packed) {
+  pack_one(r, in, packed, [&](int64_t i, int64_t n) { return rounded(row + i, n); });
+}
+
 std::vector<uint32_t> pack_inputs(const uint16_t* x, int64_t rows, int64_t in) {
-  return pack(rows, in, [&](int64_t r, int64_t i, int64_t n) {
-    return _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, n), x + r * in + i);
-  });
+  std::vector<uint32_t> packed(packed_dwords(rows, in), 0);
+  for (int64_t r = 0; r < rows; r++)
+    pack_one(r, in, packed.data(),
+             [&](int64_t i, int64_t n) { return _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, n), x + r * in + i); });
+  return packed;
 }
 
 std::vector<uint32_t> pack_inputs(const float* x, int64_t rows, int64_t in) {
-  return pack(rows, in, [&](int64_t r, int64_t i, int64_t n) {
-    const float* p = x + r * in + i;
-    const __m256i low = round_to_bf16(_mm512_maskz_loadu_ps(_bzhi_u32(0xffff, n), p));
-    const __m256i high = round_to_bf16(_mm512_maskz_loadu_ps(_bzhi_u32(0xffff, std::max<int64_t>(n - 16, 0)), p + 16));
-    return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
-  });
+  std::vector<uint32_t> packed(packed_dwords(rows, in), 0);
+  for (int64_t r = 0; r < rows; r++) pack_row(x + r * in, r, in, packed.data());
+  return packed;
 }
 
 namespace {
@@ -175,8 +185,8 @@ void write_rows(const float* sums, const float* bias, float* y, int64_t rows, in
 
 }  // namespace
 
-void rows_times_weight(const std::vector<uint32_t>& packed, int64_t rows, const uint16_t* w, const float* bias,
-                       float* y, int64_t in, int64_t out, int64_t begin, int64_t end) {
+void rows_times_weight(const uint32_t* packed, int64_t rows, const uint16_t* w, const float* bias, float* y,
+                       int64_t in, int64_t out, int64_t begin, int64_t end) {
   _tile_loadconfig(&kTileConfig);
   const int64_t depth_steps = (in + kDepth - 1) / kDepth, input_blocks = (rows + kColumns - 1) / kColumns;
   Weights weights(w, in);
@@ -187,7 +197,7 @@ void rows_times_weight(const std::vector<uint32_t>& packed, int64_t rows, const 
     for (int64_t block = 0; block < input_blocks; block += 2) {
       const bool pair = block + 1 < input_blocks;
       const auto run = blocks == 2 ? (pair ? tiles<2, 2> : tiles<2, 1>) : (pair ? tiles<1, 2> : tiles<1, 1>);
-      run(weights, packed.data(), depth_steps, block, sums);
+      run(weights, packed, depth_steps, block, sums);
       for (int i = 0; i < (pair ? 2 : 1); i++)
         for (int b = 0; b < blocks; b++) {
           const int64_t row = (block + i) * kColumns, column = j + b * kColumns;

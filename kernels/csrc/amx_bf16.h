@@ -23,9 +23,14 @@ State state();
 std::vector<uint32_t> pack_inputs(const uint16_t* x, int64_t rows, int64_t in);
 std::vector<uint32_t> pack_inputs(const float* x, int64_t rows, int64_t in);
 
+// The same one row at a time (the fused block readies each row as it is made): dwords that
+// `rows` packed rows take, and row `r` of them written into zeroed `packed`.
+int64_t packed_dwords(int64_t rows, int64_t in);
+void pack_row(const float* row, int64_t r, int64_t in, uint32_t* packed);
+
 // `y[r][j]` = packed input row r . weight row j + bias[j] (bias may be null), in fp32, for
 // columns [begin, end) and every row; `y` has `out` columns. Needs `state() == kGranted`.
-void rows_times_weight(const std::vector<uint32_t>& packed, int64_t rows, const uint16_t* w, const float* bias,
-                       float* y, int64_t in, int64_t out, int64_t begin, int64_t end);
+void rows_times_weight(const uint32_t* packed, int64_t rows, const uint16_t* w, const float* bias, float* y,
+                       int64_t in, int64_t out, int64_t begin, int64_t end);
 
 }  // namespace wizard::amx

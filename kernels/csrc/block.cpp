@@ -167,8 +167,7 @@ std::unique_ptr<wizard::RowProduct> product_of(const at::Tensor& w, const at::Te
 extern "C" {
 
 // Whether wizard_decode_block takes `x` with these parameters: fp32 contiguous CPU tensors that
-// need no gradient, outside autocast, dense weights this CPU has a kernel for (bf16 on AMX tiles
-// stays op by op).
+// need no gradient, outside autocast, dense weights this CPU has a kernel for.
 int wizard_decode_block_applies(void* x_handle, void** parameters) {
   const auto& x = *static_cast<at::Tensor*>(x_handle);
   bool applies = !at::autocast::is_autocast_enabled(at::kCPU) && plain_float(x) && no_gradient(x);

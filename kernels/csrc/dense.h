@@ -35,7 +35,8 @@ class RowProduct {
 };
 
 // The product of an fp32 or bf16 [out, in] weight (contiguous, on the CPU) for `rows` fp32 rows, with
-// an fp32 bias (or null); null where this CPU has no kernel for it (or bf16 takes AMX tiles).
+// an fp32 bias (or null); null where this CPU has no kernel for it. bf16 takes the kernel of steps
+// of few positions (wizard_linear's isa 3): AMX tiles or dot products, as calibrated.
 std::unique_ptr<RowProduct> dense_row_product(const at::Tensor& weight, const float* bias, int64_t rows);
 
 // The product of an int8 weight's packed records holding [out, in] (throws when they do not).

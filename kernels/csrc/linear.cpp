@@ -150,7 +150,12 @@ struct Kernels {
   bool amx;
 };
 
-// The kernels for `isa` (0: the widest this CPU runs, 1: AVX2, 2: AVX-512 without AMX), or none.
+// Whether steps of few positions (decode, verification: isa 3, and the fused block) take bf16 on
+// AMX tiles, or dot products; calibrate.rs measures which is faster on this machine.
+std::atomic<bool> few_positions_on_amx{true};
+
+// The kernels for `isa` (0: the widest this CPU runs, 1: AVX2, 2: AVX-512 without AMX, 3: the
+// widest for steps of few positions), or none.
 const Kernels* kernels_for(int isa) {
   static const bool has_bf16_dot = wizard::cpu::avx512_bf16();
   static const auto bf16_dot = has_bf16_dot ? avx512bf16::rows_times_weight<uint16_t, uint16_t> : nullptr;
@@ -161,6 +166,7 @@ const Kernels* kernels_for(int isa) {
   static const Kernels avx2{avx2::rows_times_weight<float, float>, avx2::rows_times_weight<float, uint16_t>,
                             nullptr, false};
   if (isa == 1 || !wizard::cpu::avx512()) return wizard::cpu::avx2() ? &avx2 : nullptr;
+  if (isa == 3) isa = few_positions_on_amx.load(std::memory_order_relaxed) ? 0 : 2;
   return isa == 2 ? &avx512 : &widest;
 }
 
@@ -232,14 +238,52 @@ class Bf16RowProduct : public wizard::RowProduct {
   std::vector<uint16_t> narrowed_;
 };
 
+// bf16 weights on AMX tiles, as wizard_linear multiplies them there: whole tiles of 16 output
+// columns on the tiles, the columns past the last whole tile in dot products.
+class AmxRowProduct : public wizard::RowProduct {
+ public:
+  AmxRowProduct(const Kernels& kernels, const at::Tensor& w, const float* bias, int64_t rows)
+      : RowProduct((w.size(0) + kTileColumns - 1) / kTileColumns, kTileColumns,
+                   std::max<int64_t>(1, wizard::dense_grain(w.size(1), rows) / kTileColumns), 2),
+        kernels_(kernels),
+        w_(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>())),
+        bias_(bias), rows_(rows), in_(w.size(1)), out_(w.size(0)), tiled_(out_ / kTileColumns * kTileColumns),
+        packed_(wizard::amx::packed_dwords(rows, in_), 0),
+        narrowed_(tiled_ < out_ ? rows * in_ : 0) {}
+
+  bool prepares() const override { return true; }
+  void prepare(const float* row, int64_t r) override {
+    wizard::amx::pack_row(row, r, in_, packed_.data());
+    if (tiled_ < out_) avx512bf16::narrow(row, in_, narrowed_.data() + r * in_);
+  }
+
+  void run(const float*, float* y, int64_t begin, int64_t end) const override {
+    begin *= kTileColumns;
+    end = std::min(out_, end * kTileColumns);
+    if (begin < tiled_)
+      wizard::amx::rows_times_weight(packed_.data(), rows_, w_, bias_, y, in_, out_, begin, std::min(end, tiled_));
+    if (end > tiled_) kernels_.bf16_dot(narrowed_.data(), rows_, w_, bias_, y, in_, out_, std::max(begin, tiled_), end);
+  }
+
+ private:
+  static constexpr int64_t kTileColumns = wizard::amx::kColumns;
+  const Kernels& kernels_;
+  const uint16_t* w_;
+  const float* bias_;
+  const int64_t rows_, in_, out_, tiled_;
+  std::vector<uint32_t> packed_;
+  std::vector<uint16_t> narrowed_;
+};
+
 }  // namespace
 
 std::unique_ptr<wizard::RowProduct> wizard::dense_row_product(const at::Tensor& w, const float* bias, int64_t rows) {
-  const Kernels* kernels = kernels_for(0);
+  const Kernels* kernels = kernels_for(3);
   if (!kernels || !w.device().is_cpu() || !w.is_contiguous() || w.dim() != 2 || w.size(1) == 0) return nullptr;
   if (w.scalar_type() == at::kFloat) return std::make_unique<Fp32RowProduct>(kernels->fp32, w, bias, rows);
-  if (w.scalar_type() == at::kBFloat16 && !kernels->amx) return std::make_unique<Bf16RowProduct>(*kernels, w, bias, rows);
-  return nullptr;
+  if (w.scalar_type() != at::kBFloat16) return nullptr;
+  if (kernels->amx) return std::make_unique<AmxRowProduct>(*kernels, w, bias, rows);
+  return std::make_unique<Bf16RowProduct>(*kernels, w, bias, rows);
 }
 
 extern "C" {
@@ -255,6 +299,13 @@ int wizard_linear_one_row_prefetch(int bf16, int on) {
   return flag.load(std::memory_order_relaxed);
 }
 
+// Whether steps of few positions take bf16 on AMX tiles (where wizard_linear_bf16_kernel is 3) or
+// dot products; `on` below 0 asks without changing it.
+int wizard_linear_few_positions_on_amx(int on) {
+  if (on >= 0) few_positions_on_amx.store(on != 0, std::memory_order_relaxed);
+  return few_positions_on_amx.load(std::memory_order_relaxed);
+}
+
 // How bf16 weights meet inputs: 3 on AMX tiles, 2 in AVX-512 BF16 dot products because the OS did
 // not grant the CPU's AMX, 1 in dot products (no AMX), 0 widened to fp32.
 int wizard_linear_bf16_kernel() {
@@ -265,7 +316,7 @@ int wizard_linear_bf16_kernel() {
 }
 
 // `*result` = a new tch tensor holding x @ w^T + bias (bias may be null), as at::linear computes it;
-// the kernel for `isa` (0: the widest this CPU runs, 1: AVX2) when it applies, at::linear otherwise
+// the kernel for `isa` (as kernels_for takes it) when it applies, at::linear otherwise
 // (training, autocast, other dtypes or devices, no such kernel on this CPU).
 int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, void** result) {
   return wizard::guarded([&] {
@@ -334,7 +385,7 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
         packed = x.scalar_type() == at::kBFloat16 ? wizard::amx::pack_inputs(x16, rows, in)
                                                   : wizard::amx::pack_inputs(x.data_ptr<float>(), rows, in);
       auto product = [&](float* yp, int64_t begin, int64_t end) {
-        if (begin < tiled) wizard::amx::rows_times_weight(packed, rows, wp, bp, yp, in, out, begin, std::min(end, tiled));
+        if (begin < tiled) wizard::amx::rows_times_weight(packed.data(), rows, wp, bp, yp, in, out, begin, std::min(end, tiled));
         begin = std::max(begin, tiled);
         if (begin >= end) return;
         if (x16)

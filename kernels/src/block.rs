@@ -32,8 +32,8 @@ pub struct DecodeBlock<'a> {
 impl DecodeBlock<'_> {
     /// Whether [`forward`](Self::forward) takes `x` `[batch, new, d]`: CPU tensors needing no
     /// gradient, at most [`DECODE_KERNEL_MAX_POSITIONS`] new positions, a kernel on this CPU for each
-    /// dense weight (bf16 on AMX tiles stays op by op), and the kernel (not libtorch) chosen by
-    /// [`crate::calibrate`] for every fp32 product.
+    /// dense weight, and the kernel (not libtorch) chosen by [`crate::calibrate`] for every fp32
+    /// product.
     pub fn applies(&self, x: &Tensor) -> bool {
         let handles = self.handles();
         x.device() == Device::Cpu
@@ -203,10 +203,6 @@ mod tests {
         };
         let batch: i64 = case.caches.iter().map(|(b, _)| b).sum();
         let x = Tensor::randn([batch, case.fresh, d], opts);
-        if case.format == Format::Bf16 && crate::linear::bf16_kernel() == crate::linear::Bf16Kernel::AmxTiles {
-            assert!(!block.applies(&x), "bf16 on AMX tiles stays op by op");
-            return;
-        }
         if case.format != Format::Int8 && !crate::linear::few_row_kernel_available() {
             assert!(!block.applies(&x), "without the dense kernel (no AVX2) fp32 and bf16 stay op by op");
             return;

@@ -5,7 +5,7 @@
 //! both row counts: the kernel also keeps every row's result independent of the batch, which
 //! libtorch does not promise. Likewise whether the kernel's one-row products (decode steps) prefetch
 //! the next weight rows, per weight dtype: prefetching sped fp32 decode up on one machine and slowed
-//! it on another ([`calibrate_prefetch`]).
+//! it on another; and on AMX, whether decode steps take bf16 weights on the tiles ([`calibrate_one_row`]).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,34 +106,49 @@ pub fn calibrate(weights: &[&Tensor], cache: Option<&Path>) -> Vec<Measurement> 
     measurements
 }
 
-/// Whether one-row products over one weight format prefetch: a decode step's products timed both ways.
+/// What a one-row timing decides for one weight format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OneRowQuestion {
+    /// Whether one-row products prefetch the weights ahead of the rows being read.
+    Prefetch,
+    /// Whether steps of few positions take bf16 weights on AMX tiles (on) or in dot products (off).
+    AmxTiles,
+}
+
+/// A decode step's products timed with an option on and off, for one weight format.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PrefetchMeasurement {
+pub struct OneRowMeasurement {
+    /// The option timed.
+    pub question: OneRowQuestion,
     /// fp32, bf16, or `Int8` for int8 blocks.
     pub kind: Kind,
     /// The weights' bytes, rounded up to a power of two MiB: the timing holds for models about this size.
     pub size_mib: u64,
-    /// Median µs of one pass over the weights with prefetching, and without.
+    /// Median µs of one pass over the weights with the option on, and off.
     pub on_us: f64,
     /// See `on_us`.
     pub off_us: f64,
-    /// What the timing chose: prefetch when that pass was faster.
-    pub prefetch: bool,
+    /// What the timing chose: on when that pass was faster.
+    pub on: bool,
     /// Whether the timing came from the cache file rather than this process.
     pub cached: bool,
 }
 
 /// Decides, per weight format among the dense `weights` that the kernel reads (fp32 or bf16 on the
-/// CPU, not on AMX tiles) and the `int8` ones, whether one-row products prefetch: for fp32 and bf16
-/// the next weight rows, for int8 [`PREFETCH_LEAD`](crate::int8::PREFETCH_LEAD) bytes ahead of the
-/// records (or no lead). One-row products over all of them, as a decode step streams them from
-/// memory, are timed both ways, alternating (at least three passes each, about a second in all),
-/// unless `cache` holds this machine's timing for models of this size. The decision holds for the
-/// rest of the process.
-pub fn calibrate_prefetch(weights: &[&Tensor], int8: &[&Int8Weight], cache: Option<&Path>) -> Vec<PrefetchMeasurement> {
+/// CPU) and the `int8` ones, whether one-row products prefetch: for fp32 and bf16 the next weight
+/// rows, for int8 [`PREFETCH_LEAD`](crate::int8::PREFETCH_LEAD) bytes ahead of the records (or no
+/// lead); and where bf16 could take AMX tiles, whether steps of few positions do, or dot products
+/// (the tiles won prefill 4x and lost a d768 decode step by 15% on one Xeon; weights below
+/// [`MEMORY_BOUND_MIB`] keep the tiles untimed). One-row products over all of them, as a decode
+/// step streams them from memory, are timed both ways, alternating (at least three passes each,
+/// about a second in all), unless `cache` holds this machine's timing for models of this size. The
+/// decisions hold for the rest of the process.
+pub fn calibrate_one_row(weights: &[&Tensor], int8: &[&Int8Weight], cache: Option<&Path>) -> Vec<OneRowMeasurement> {
+    use crate::linear::{linear_with, Isa};
     let machine = machine_key();
-    let known = cache.map(|path| read_prefetch_cache(path, &machine)).unwrap_or_default();
+    let known = cache.map(|path| read_one_row_cache(path, &machine)).unwrap_or_default();
     let mut measurements = Vec::new();
+    let amx = crate::linear::bf16_kernel() == crate::linear::Bf16Kernel::AmxTiles;
     for kind in [Kind::Float, Kind::BFloat16, Kind::Int8] {
         let dense: Vec<&Tensor> = weights
             .iter()
@@ -145,39 +160,53 @@ pub fn calibrate_prefetch(weights: &[&Tensor], int8: &[&Int8Weight], cache: Opti
             Kind::Int8 => (int8.len(), int8.iter().map(|w| w.packed().numel() as i64).sum::<i64>()),
             _ => (dense.len(), dense.iter().map(|w| w.numel() as i64 * w.kind().elt_size_in_bytes() as i64).sum()),
         };
-        let amx = kind == Kind::BFloat16 && crate::linear::bf16_kernel() == crate::linear::Bf16Kernel::AmxTiles;
+        let size_mib = ((bytes as u64).div_ceil(1 << 20)).next_power_of_two();
+        let on_tiles = kind == Kind::BFloat16 && amx;
         let kernel = if kind == Kind::Int8 {
             crate::int8::int8_kernel_isa() != "scalar"
         } else {
             crate::linear::few_row_kernel_available()
         };
-        if count == 0 || amx || !kernel {
+        if count == 0 || !kernel || (on_tiles && size_mib < MEMORY_BOUND_MIB) {
             continue;
         }
-        let size_mib = ((bytes as u64).div_ceil(1 << 20)).next_power_of_two();
-        let set = |on: bool| match kind {
-            Kind::Int8 => crate::int8::set_prefetch_bytes(if on { crate::int8::PREFETCH_LEAD } else { 0 }),
-            _ => crate::linear::set_one_row_prefetch(kind, on),
-        };
-        let measurement = match known.iter().find(|m| m.kind == kind && m.size_mib == size_mib) {
-            Some(cached) => cached.clone(),
-            None => {
-                let mut pass: Box<dyn FnMut()> = match kind {
-                    Kind::Int8 => Box::new(one_row_products(int8, |w| w.in_features(), crate::int8::linear)),
-                    _ => Box::new(one_row_products(&dense, |w| w.size()[1], crate::linear::kernel_linear)),
-                };
-                let (measured, plausible) =
-                    until_plausible(size_mib, || measure_prefetch(kind, size_mib, &set, &mut pass));
-                if let Some(path) = cache.filter(|_| plausible) {
-                    if let Err(error) = append_prefetch_cache(path, &machine, &measured) {
-                        eprintln!("warning: cannot record kernel timings in {}: {error}", path.display());
+        let mut questions = vec![OneRowQuestion::Prefetch];
+        if on_tiles {
+            questions.push(OneRowQuestion::AmxTiles);
+        }
+        for question in questions {
+            let set = |on: bool| match (question, kind) {
+                (OneRowQuestion::AmxTiles, _) => crate::linear::set_few_positions_on_amx(on),
+                (_, Kind::Int8) => crate::int8::set_prefetch_bytes(if on { crate::int8::PREFETCH_LEAD } else { 0 }),
+                _ => crate::linear::set_one_row_prefetch(kind, on),
+            };
+            let cached = known.iter().find(|m| m.question == question && m.kind == kind && m.size_mib == size_mib);
+            let measurement = match cached {
+                Some(cached) => cached.clone(),
+                None => {
+                    // Prefetching is a question for the dot products' loop (the tiles do not prefetch).
+                    let isa = if question == OneRowQuestion::Prefetch { Isa::Avx512 } else { Isa::FewPositions };
+                    let mut pass: Box<dyn FnMut()> = match kind {
+                        Kind::Int8 => Box::new(one_row_products(int8, |w| w.in_features(), crate::int8::linear)),
+                        _ => Box::new(one_row_products(
+                            &dense,
+                            |w| w.size()[1],
+                            move |x, w, b| linear_with(isa, x, w, b),
+                        )),
+                    };
+                    let (measured, plausible) =
+                        until_plausible(size_mib, || measure_both_ways(question, kind, size_mib, &set, &mut pass));
+                    if let Some(path) = cache.filter(|_| plausible) {
+                        if let Err(error) = append_one_row_cache(path, &machine, &measured) {
+                            eprintln!("warning: cannot record kernel timings in {}: {error}", path.display());
+                        }
                     }
+                    measured
                 }
-                measured
-            }
-        };
-        set(measurement.prefetch);
-        measurements.push(measurement);
+            };
+            set(measurement.on);
+            measurements.push(measurement);
+        }
     }
     measurements
 }
@@ -206,9 +235,9 @@ const MEMORY_BOUND_MIB: u64 = 64;
 /// was. Prefetching moves a pass over weights read from memory by tens of percent: a gap of twice or
 /// more means the machine was busy with something else (one such timing, cached, kept 1B bf16 from
 /// prefetching: 664 ms a pass against 184). Smaller weights' passes are short and noisy; any gap goes.
-fn until_plausible(size_mib: u64, mut measure: impl FnMut() -> PrefetchMeasurement) -> (PrefetchMeasurement, bool) {
+fn until_plausible(size_mib: u64, mut measure: impl FnMut() -> OneRowMeasurement) -> (OneRowMeasurement, bool) {
     let plausible =
-        |m: &PrefetchMeasurement| size_mib < MEMORY_BOUND_MIB || m.on_us.max(m.off_us) < 2.0 * m.on_us.min(m.off_us);
+        |m: &OneRowMeasurement| size_mib < MEMORY_BOUND_MIB || m.on_us.max(m.off_us) < 2.0 * m.on_us.min(m.off_us);
     let mut measured = measure();
     for _ in 0..2 {
         if plausible(&measured) {
@@ -220,9 +249,15 @@ fn until_plausible(size_mib: u64, mut measure: impl FnMut() -> PrefetchMeasureme
     (measured, ok)
 }
 
-fn measure_prefetch(kind: Kind, size_mib: u64, set: &impl Fn(bool), pass: &mut dyn FnMut()) -> PrefetchMeasurement {
-    let mut timed = |prefetch: bool| {
-        set(prefetch);
+fn measure_both_ways(
+    question: OneRowQuestion,
+    kind: Kind,
+    size_mib: u64,
+    set: &impl Fn(bool),
+    pass: &mut dyn FnMut(),
+) -> OneRowMeasurement {
+    let mut timed = |on: bool| {
+        set(on);
         let start = Instant::now();
         pass();
         start.elapsed().as_secs_f64() * 1e6
@@ -239,17 +274,22 @@ fn measure_prefetch(kind: Kind, size_mib: u64, set: &impl Fn(bool), pass: &mut d
         times[times.len() / 2]
     };
     let (on_us, off_us) = (median(on), median(off));
-    PrefetchMeasurement { kind, size_mib, on_us, off_us, prefetch: on_us < off_us, cached: false }
+    OneRowMeasurement { question, kind, size_mib, on_us, off_us, on: on_us < off_us, cached: false }
 }
 
-/// Lines `machine \t prefetch \t dtype \t MiB \t on|off \t on µs \t off µs` (seven fields, which
-/// [`read_cache`] skips); lines of other machines, or that do not parse, are skipped.
-fn read_prefetch_cache(path: &Path, machine: &str) -> Vec<PrefetchMeasurement> {
+/// Lines `machine \t prefetch|amx-tiles \t dtype \t MiB \t on|off \t on µs \t off µs` (seven fields,
+/// which [`read_cache`] skips); lines of other machines, or that do not parse, are skipped.
+fn read_one_row_cache(path: &Path, machine: &str) -> Vec<OneRowMeasurement> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split('\t').collect();
-            let [key, "prefetch", kind, size_mib, choice, on_us, off_us] = fields[..] else { return None };
+            let [key, question, kind, size_mib, choice, on_us, off_us] = fields[..] else { return None };
+            let question = match question {
+                "prefetch" => OneRowQuestion::Prefetch,
+                "amx-tiles" => OneRowQuestion::AmxTiles,
+                _ => return None,
+            };
             let kind = match kind {
                 "float32" => Kind::Float,
                 "bfloat16" => Kind::BFloat16,
@@ -259,12 +299,13 @@ fn read_prefetch_cache(path: &Path, machine: &str) -> Vec<PrefetchMeasurement> {
             if key != machine {
                 return None;
             }
-            Some(PrefetchMeasurement {
+            Some(OneRowMeasurement {
+                question,
                 kind,
                 size_mib: size_mib.parse().ok()?,
                 on_us: on_us.parse().ok()?,
                 off_us: off_us.parse().ok()?,
-                prefetch: match choice {
+                on: match choice {
                     "on" => true,
                     "off" => false,
                     _ => return None,
@@ -275,16 +316,20 @@ fn read_prefetch_cache(path: &Path, machine: &str) -> Vec<PrefetchMeasurement> {
         .collect()
 }
 
-fn append_prefetch_cache(path: &Path, machine: &str, m: &PrefetchMeasurement) -> std::io::Result<()> {
+fn append_one_row_cache(path: &Path, machine: &str, m: &OneRowMeasurement) -> std::io::Result<()> {
     let kind = match m.kind {
         Kind::BFloat16 => "bfloat16",
         Kind::Int8 => "int8",
         _ => "float32",
     };
-    let choice = if m.prefetch { "on" } else { "off" };
+    let question = match m.question {
+        OneRowQuestion::Prefetch => "prefetch",
+        OneRowQuestion::AmxTiles => "amx-tiles",
+    };
+    let choice = if m.on { "on" } else { "off" };
     append_lines(
         path,
-        &format!("{machine}\tprefetch\t{kind}\t{}\t{choice}\t{:.1}\t{:.1}\n", m.size_mib, m.on_us, m.off_us),
+        &format!("{machine}\t{question}\t{kind}\t{}\t{choice}\t{:.1}\t{:.1}\n", m.size_mib, m.on_us, m.off_us),
     )
 }
 
@@ -444,12 +489,13 @@ mod tests {
             let (m, plausible) = until_plausible(size_mib, || {
                 let (on_us, off_us) = timings[taken];
                 taken += 1;
-                PrefetchMeasurement {
+                OneRowMeasurement {
+                    question: OneRowQuestion::Prefetch,
                     kind: Kind::BFloat16,
                     size_mib,
                     on_us,
                     off_us,
-                    prefetch: on_us < off_us,
+                    on: on_us < off_us,
                     cached: false,
                 }
             });
@@ -473,21 +519,21 @@ mod tests {
         let fp32 = Tensor::randn([96, 64], (Kind::Float, Device::Cpu));
         let bf16 = Tensor::randn([64, 96], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
         let int8 = Int8Weight::quantize(&Tensor::randn([96, 64], (Kind::Float, Device::Cpu))).unwrap();
-        let first = calibrate_prefetch(&[&fp32, &bf16], &[&int8], Some(&cache));
+        let first = calibrate_one_row(&[&fp32, &bf16], &[&int8], Some(&cache));
         let amx = crate::linear::bf16_kernel() == crate::linear::Bf16Kernel::AmxTiles;
         let kinds: Vec<Kind> = first.iter().map(|m| m.kind).collect();
         let expected = if amx { vec![Kind::Float, Kind::Int8] } else { vec![Kind::Float, Kind::BFloat16, Kind::Int8] };
         assert_eq!(kinds, expected);
         assert!(first.iter().all(|m| !m.cached && m.size_mib == 1 && m.on_us > 0.0 && m.off_us > 0.0), "{first:?}");
-        let second = calibrate_prefetch(&[&fp32, &bf16], &[&int8], Some(&cache));
+        let second = calibrate_one_row(&[&fp32, &bf16], &[&int8], Some(&cache));
         for (a, b) in first.iter().zip(&second) {
             assert!(b.cached, "{b:?}");
-            assert_eq!((a.kind, a.prefetch), (b.kind, b.prefetch));
+            assert_eq!((a.question, a.kind, a.on), (b.question, b.kind, b.on));
             let set = match b.kind {
                 Kind::Int8 => crate::int8::prefetch_bytes() == crate::int8::PREFETCH_LEAD,
                 kind => crate::linear::one_row_prefetch(kind),
             };
-            assert_eq!(set, b.prefetch);
+            assert_eq!(set, b.on);
         }
         let x = Tensor::randn([1, 64], (Kind::Float, Device::Cpu));
         let product = |prefetch| {

@@ -3,23 +3,26 @@
 //! is one fixed-order dot product, so a row's result is the same whether it is computed alone or
 //! with others: the dense layers of a speculative verification pass equal one-token steps, and a
 //! batched sequence gets what it gets alone. Where libtorch is faster for an fp32 shape on this
-//! machine, [`crate::calibrate`] says so and [`linear`] takes it.
+//! machine, [`crate::calibrate`] says so and [`linear`] takes it. On AMX, steps of few positions
+//! (decode, verification) take bf16 weights on the tiles or in dot products, whichever
+//! [`crate::calibrate`] measured faster here; longer ones (prefill) take the tiles.
 use std::ptr;
 
 use tch::{Kind, Tensor};
 
+use crate::attention::DECODE_KERNEL_MAX_POSITIONS;
 use crate::calibrate::Choice;
 use crate::ffi::{self, check};
 
 /// Which kernel: the widest this CPU runs, or AVX2 or AVX-512 without AMX (to test them on wider
-/// machines too).
+/// machines too), or the widest for steps of few positions (AMX as [`few_positions_on_amx`] says).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     Widest = 0,
     #[cfg_attr(not(test), allow(dead_code))]
     Avx2 = 1,
-    #[cfg_attr(not(test), allow(dead_code))]
     Avx512 = 2,
+    FewPositions = 3,
 }
 
 /// How the dense kernel multiplies bf16 weights on this CPU.
@@ -59,8 +62,10 @@ impl Bf16Kernel {
 /// `x @ weight^T + bias` for `weight` `[out, in]` (the checkpoint's layout). fp32 or bf16 CPU
 /// inputs that need no gradient, outside autocast, take the kernel (when the CPU has AVX-512 or AVX2
 /// with FMA, and unless [`crate::calibrate`] measured libtorch faster for an fp32 shape); everything
-/// else goes to `at::linear`. Panics on what `at::linear` rejects
-/// (mismatched shapes), as tch ops do.
+/// else goes to `at::linear`. A step of few positions (`x` `[rows, in]`, one position per
+/// row, or `[batch, positions, in]` with at most [`DECODE_KERNEL_MAX_POSITIONS`] of them, as the
+/// fused block takes) multiplies bf16 weights as the fused block does. Panics on what `at::linear`
+/// rejects (mismatched shapes), as tch ops do.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     match crate::calibrate::choice_for(weight) {
         Choice::Kernel => kernel_linear(x, weight, bias),
@@ -70,7 +75,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
 
 /// [`linear`] through the kernel whatever [`crate::calibrate`] chose for the shape.
 pub(crate) fn kernel_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
-    linear_with(Isa::Widest, x, weight, bias)
+    let few_positions = match x.size()[..] {
+        [_, _] => true,
+        [_, positions, _] => positions <= DECODE_KERNEL_MAX_POSITIONS,
+        _ => false,
+    };
+    linear_with(if few_positions { Isa::FewPositions } else { Isa::Widest }, x, weight, bias)
 }
 
 /// Whether this CPU runs the dense kernel (AVX-512, or AVX2 with FMA).
@@ -103,12 +113,26 @@ pub fn set_one_row_prefetch(kind: Kind, on: bool) {
     unsafe { ffi::wizard_linear_one_row_prefetch(i32::from(kind == Kind::BFloat16), i32::from(on)) };
 }
 
+/// Whether steps of few positions take bf16 weights on AMX tiles (where [`bf16_kernel`] is
+/// [`Bf16Kernel::AmxTiles`]) rather than in dot products; [`crate::calibrate`] measures which is
+/// faster on this machine. Longer steps take the tiles.
+pub fn few_positions_on_amx() -> bool {
+    // SAFETY: an integer in, an integer out.
+    unsafe { ffi::wizard_linear_few_positions_on_amx(-1) != 0 }
+}
+
+/// Sets [`few_positions_on_amx`] for the rest of the process.
+pub fn set_few_positions_on_amx(on: bool) {
+    // SAFETY: an integer in, an integer out.
+    unsafe { ffi::wizard_linear_few_positions_on_amx(i32::from(on)) };
+}
+
 fn kernel_available(isa: Isa) -> bool {
     // SAFETY: an integer in, an integer out.
     unsafe { ffi::wizard_linear_kernel_available(isa as i32) != 0 }
 }
 
-fn linear_with(isa: Isa, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+pub(crate) fn linear_with(isa: Isa, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let mut result = ptr::null_mut();
     // SAFETY: the handles are live tch tensors for the duration of the call, which only reads them;
     // on success `result` is a new heap `at::Tensor` whose ownership passes to the returned Tensor.
@@ -177,7 +201,7 @@ mod tests {
     #[test]
     fn rows_match_at_linear_and_themselves() {
         let dtypes = [(Kind::Float, Kind::Float), (Kind::BFloat16, Kind::BFloat16), (Kind::Float, Kind::BFloat16)];
-        for isa in [Isa::Widest, Isa::Avx2, Isa::Avx512] {
+        for isa in [Isa::Widest, Isa::Avx2, Isa::Avx512, Isa::FewPositions] {
             for (kind, weight_kind) in dtypes {
                 let case = |rows, in_dim, out_dim, bias| Case { isa, rows, in_dim, out_dim, bias, kind, weight_kind };
                 for rows in [1, 2, 3, 4, 5, 8, 9, 16] {

@@ -256,17 +256,19 @@ impl GptBigCode {
                     "dense product"
                 );
             }
-            // Whether decode steps prefetch the next weight rows, by a measurement too (cached).
+            // Whether decode steps prefetch the next weight rows, and take bf16 on AMX tiles, by a
+            // measurement too (cached).
             let int8: Vec<&Int8Weight> = model.int8_layers().into_iter().map(|(_, weight)| weight).collect();
-            for m in kernels::calibrate::calibrate_prefetch(&weights, &int8, cache.as_deref()) {
+            for m in kernels::calibrate::calibrate_one_row(&weights, &int8, cache.as_deref()) {
                 tracing::debug!(
+                    question = ?m.question,
                     kind = ?m.kind,
                     size_mib = m.size_mib,
                     on_us = m.on_us,
                     off_us = m.off_us,
                     cached = m.cached,
-                    "one-row prefetch: {}",
-                    if m.prefetch { "on" } else { "off" }
+                    "one-row products: {}",
+                    if m.on { "on" } else { "off" }
                 );
             }
         }
