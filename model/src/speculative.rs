@@ -233,18 +233,23 @@ pub fn generate_in(
             rng: StdRng::seed_from_u64(sampling.seed),
             stats: SpeculativeStats { reused_tokens: reused, ..SpeculativeStats::default() },
         };
-        // Prefill the target with everything but the newest token: each step feeds what the caches
-        // lack. The draft model's cache catches up only when it drafts, so a generation the cost
-        // model keeps from drafting never runs the draft.
-        if prompt.len() - 1 > reused {
-            let started = std::time::Instant::now();
-            let head = state.ids(&prompt[reused..prompt.len() - 1], target.device());
-            let last = target.forward_next(&head, &mut state.session.target_cache)?;
-            state.stats.target_passes += 1;
-            // Reading one value waits for queued GPU work, so the figure is the prefill's own.
-            let _ = last.reshape([-1]).double_value(&[0]);
-            state.stats.prefill_ms = started.elapsed().as_secs_f64() * 1e3;
-        }
+        // Prefill the target with the rest of the prompt in one pass, as plain generation does (a
+        // long pass and a few-position step may take different kernels: bf16 on AMX tiles or in dot
+        // products), and draw the first token from its last position; then each step feeds what the
+        // caches lack. The draft model's cache catches up only when it drafts, so a generation the
+        // cost model keeps from drafting never runs the draft.
+        let started = std::time::Instant::now();
+        let rest = state.ids(&prompt[reused..], target.device());
+        let last = target.forward_next(&rest, &mut state.session.target_cache)?;
+        state.stats.target_passes += 1;
+        let first = if sampling.is_greedy() {
+            last.argmax(-1, false).int64_value(&[0])
+        } else {
+            draw(&sampling.probabilities(&row(&last)?), &mut state.rng) as i64
+        };
+        state.stats.prefill_ms = started.elapsed().as_secs_f64() * 1e3;
+        let first_finish =
+            if config.max_new_tokens == 0 { Some(Finish::Length) } else { state.append(&[first], config, stop) };
         let mut planner = match drafter {
             _ if !config.adaptive => None,
             Drafter::None => None,
@@ -252,27 +257,30 @@ pub fn generate_in(
             Drafter::PromptLookup { .. } => Some(Planner::for_pair(target, None, config.max_gamma)?),
         };
         let mut gamma = config.gamma.min(config.max_gamma);
-        let finish = loop {
-            if let Some(planner) = &mut planner {
-                gamma = planner.gamma();
-            }
-            let generated = state.seq.len() - state.prompt_len;
-            let room = (capacity as usize).saturating_sub(state.seq.len());
-            if generated >= config.max_new_tokens || room == 0 {
-                break Finish::Length;
-            }
-            let budget = gamma.min(config.max_new_tokens - generated - 1).min(room - 1);
-            let round_started = std::time::Instant::now();
-            let draft = state.draft(drafter, budget, sampling)?;
-            let (accepted, next) = state.verify(&draft, sampling)?;
-            if let Some(planner) = &mut planner {
-                planner.observe(draft.tokens.len(), accepted, round_started.elapsed().as_secs_f64());
-            }
-            let mut new = draft.tokens[..accepted].to_vec();
-            new.push(next);
-            if let Some(finish) = state.append(&new, config, stop) {
-                break finish;
-            }
+        let finish = match first_finish {
+            Some(finish) => finish,
+            None => loop {
+                if let Some(planner) = &mut planner {
+                    gamma = planner.gamma();
+                }
+                let generated = state.seq.len() - state.prompt_len;
+                let room = (capacity as usize).saturating_sub(state.seq.len());
+                if generated >= config.max_new_tokens || room == 0 {
+                    break Finish::Length;
+                }
+                let budget = gamma.min(config.max_new_tokens - generated - 1).min(room - 1);
+                let round_started = std::time::Instant::now();
+                let draft = state.draft(drafter, budget, sampling)?;
+                let (accepted, next) = state.verify(&draft, sampling)?;
+                if let Some(planner) = &mut planner {
+                    planner.observe(draft.tokens.len(), accepted, round_started.elapsed().as_secs_f64());
+                }
+                let mut new = draft.tokens[..accepted].to_vec();
+                new.push(next);
+                if let Some(finish) = state.append(&new, config, stop) {
+                    break finish;
+                }
+            },
         };
         if let Some(planner) = &planner {
             planner.remember();
@@ -525,8 +533,8 @@ mod tests {
                 let config = SpeculativeConfig { max_new_tokens: 40, ..SpeculativeConfig::default() };
                 let out = generate(&target, &drafter, prompt, &config, &mut NoStop).unwrap();
                 assert_eq!(out.generation.tokens, expected, "prompt {prompt:?}, stats {:?}", out.stats);
-                // A one-token prompt has nothing to prefill: its token is fed by the first step.
-                assert_eq!(out.stats.prefill_ms > 0.0, prompt.len() > 1, "{:?}", out.stats);
+                // The prompt, one token or more, is prefilled in one pass, as plain generation does.
+                assert!(out.stats.prefill_ms > 0.0, "{:?}", out.stats);
             }
         }
         // A draft equal to the target is always accepted (with drafts of a fixed length)...
