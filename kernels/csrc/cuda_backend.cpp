@@ -4,13 +4,13 @@
 // brings ~350 MiB of CUDA libraries into every process, CPU-only ones too. This object is linked
 // whole (build.rs), so every binary that links the kernels crate runs the constructor.
 #include <dlfcn.h>
-#include <torch/cuda.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <string>
 
 #include "guard.h"
+#include "libtorch_file.h"
 
 namespace {
 
@@ -30,11 +30,9 @@ void fail(const char* message) {
 }
 
 __attribute__((constructor)) void open_cuda_backend() {
-  Dl_info info;
-  if (dladdr(reinterpret_cast<void*>(&torch::cuda::is_available), &info) == 0 || info.dli_fname == nullptr) {
-    return fail("dladdr found no shared object for libtorch");
-  }
-  std::string torch_cuda = info.dli_fname;
+  const char* libtorch = wizard::libtorch_file();
+  if (libtorch == nullptr) return fail("dladdr found no shared object for libtorch");
+  std::string torch_cuda = libtorch;
   torch_cuda = torch_cuda.substr(0, torch_cuda.rfind('/') + 1) + "libtorch_cuda.so";
   if (access(torch_cuda.c_str(), F_OK) != 0) {
     outcome.state = kNotBuilt;

@@ -6,6 +6,7 @@
 #include <torch/headeronly/version.h>
 
 #include "guard.h"
+#include "libtorch_file.h"
 
 #include <stdexcept>
 #include <string>
@@ -25,12 +26,12 @@ void wizard_last_error(char* buf, size_t len) { copy_out(wizard::last_error(), b
 void wizard_torch_version(char* buf, size_t len) { copy_out(TORCH_VERSION, buf, len); }
 
 int wizard_libtorch_path(char* buf, size_t len) {
-  Dl_info info;
-  if (dladdr(reinterpret_cast<void*>(&torch::cuda::is_available), &info) == 0 || info.dli_fname == nullptr) {
+  const char* libtorch = wizard::libtorch_file();
+  if (libtorch == nullptr) {
     wizard::last_error() = "dladdr found no shared object for libtorch";
     return -1;
   }
-  copy_out(info.dli_fname, buf, len);
+  copy_out(libtorch, buf, len);
   return 0;
 }
 
