@@ -71,7 +71,7 @@ fn main() {
         .file("csrc/amx_bf16.cpp")
         .file("csrc/attention.cpp")
         .file("csrc/block.cpp")
-        .file("csrc/int8.cpp");
+        .file("csrc/quantized.cpp");
     // ProcessGroupGloo.hpp includes gloo's headers, which the wheel does not ship; Debian's
     // libgloo-dev provides them (scripts/setup.sh installs it). Only declarations are used.
     build.define("USE_C10D_GLOO", None);

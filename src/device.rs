@@ -35,20 +35,21 @@ pub fn checked_device(text: &str) -> anyhow::Result<Device> {
     Ok(device)
 }
 
-/// `--dtype` of the weights: as given (`int8` on the CPU only), else bf16 on a GPU and fp32 on the CPU.
+/// `--dtype` of the weights: as given (`int8` and `int4` on the CPU only), else bf16 on a GPU and fp32
+/// on the CPU.
 pub fn weight_precision(dtype: Option<&str>, device: Device) -> anyhow::Result<Precision> {
     let precision = match dtype {
         Some(text) => parse_precision(text)?,
         None if device.is_cuda() => Precision::Dense(Kind::BFloat16),
         None => Precision::Dense(Kind::Float),
     };
-    if precision == Precision::Int8 && device.is_cuda() {
-        bail!("--dtype int8 runs on the CPU; on a GPU use bfloat16");
+    if let (Precision::Quantized(format), true) = (precision, device.is_cuda()) {
+        bail!("--dtype {} runs on the CPU; on a GPU use bfloat16", format.name());
     }
     Ok(precision)
 }
 
-/// Loads a model directory in `precision`, with a progress bar while int8 layers are quantized.
+/// Loads a model directory in `precision`, with a progress bar while layers are quantized.
 pub fn load_model(dir: &Path, precision: Precision, device: Device) -> anyhow::Result<GptBigCode> {
     with_quantizing_bar(|progress| GptBigCode::load_as(dir, precision, device, progress))
         .with_context(|| format!("cannot load the model in {}", dir.display()))

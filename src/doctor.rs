@@ -162,7 +162,7 @@ fn print_text(
         "BLAS (no AVX2)".to_string()
     };
     let cap = kernels::cpu::cap().map(|cap| format!(" (capped: WIZARD_CPU_MAX={cap})")).unwrap_or_default();
-    println!("CPU decoding    {kernel}; int8 kernel: {}{cap}", kernels::int8::int8_kernel_isa());
+    println!("CPU decoding    {kernel}; int8/int4 kernel: {}{cap}", kernels::quantized::kernel_isa());
     println!("python          {}", python.map_or_else(|| "not found".into(), |p| p.display().to_string()));
     for peer in peers {
         let state = match (&peer.version, &peer.error) {
@@ -209,7 +209,8 @@ fn print_json(
         },
         "threads": { "intra_op": info.intra_op_threads, "inter_op": info.inter_op_threads },
         "few_row_kernel": kernels::linear::few_row_kernel_available(),
-        "int8_kernel": kernels::int8::int8_kernel_isa(),
+        "int8_kernel": kernels::quantized::kernel_isa(),
+        "int4_kernel": kernels::quantized::kernel_isa(),
         "bf16_kernel": kernels::linear::bf16_kernel().name(),
         "cpu_max": kernels::cpu::cap(),
         "python": python.map(PathBuf::from),

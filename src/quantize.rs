@@ -1,5 +1,5 @@
-//! `wizard quantize`: a model directory to an int8 one (dense layers and head in blocks of 32 with
-//! fp32 scales) that loads without quantizing again, with each layer's error.
+//! `wizard quantize`: a model directory to an int8 or int4 one (dense layers and head in blocks of 32
+//! with fp32 scales) that loads without quantizing again, with each layer's error.
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,7 +12,7 @@ pub struct Args {
     /// Model directory in Hugging Face format (config.json, safetensors, tokenizer.json).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// The format to write: int8.
+    /// The format to write: int8 or int4.
     #[arg(long, default_value = "int8")]
     dtype: String,
     /// Where to write the quantized directory (created; files in it are replaced).
@@ -25,12 +25,12 @@ const CARRIED: [&str; 5] =
     ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "vocab.json"];
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    if parse_precision(&args.dtype)? != Precision::Int8 {
+    let Precision::Quantized(format) = parse_precision(&args.dtype)? else {
         anyhow::bail!(
-            "--dtype {}: wizard quantize writes int8 (other dtypes load from the original directory)",
+            "--dtype {}: wizard quantize writes int8 or int4 (other dtypes load from the original directory)",
             args.dtype
         );
-    }
+    };
     anyhow::ensure!(args.out != args.model, "--out must differ from --model");
     let mut model = GptBigCode::load(&args.model, Kind::Float, Device::Cpu)?;
     // The fp32 weights, for each layer's error (quantizing frees them).
@@ -43,8 +43,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .collect();
     originals.sort_by(|a, b| a.0.cmp(&b.0));
     originals.push(("lm_head.weight".into(), model.head_weight().copy()));
-    crate::device::with_quantizing_bar(|progress| model.quantize_int8(progress))?;
-    model.save_int8(&args.out)?;
+    crate::device::with_quantizing_bar(|progress| model.quantize(format, progress))?;
+    model.save_quantized(&args.out)?;
     for name in CARRIED {
         let from = args.model.join(name);
         if from.exists() {
@@ -55,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Each layer's error: relative Frobenius norm and the largest element, dequantized against the original.
     println!("{:<36} {:>14} {:>12} {:>12}", "tensor", "shape", "rel. error", "max error");
     for (name, weight) in originals {
-        let restored = model.int8_weight(&name).context("a quantized layer is missing")?.dequantize();
+        let restored = model.quantized_weight(&name).context("a quantized layer is missing")?.dequantize();
         let difference = &restored - &weight;
         let relative = difference.norm().double_value(&[]) / weight.norm().double_value(&[]).max(f64::MIN_POSITIVE);
         let largest = difference.abs().max().double_value(&[]);

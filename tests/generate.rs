@@ -76,9 +76,11 @@ fn speculative_decoding_gives_the_same_greedy_completion() {
     let model = model_dir().to_str().unwrap();
     assert_eq!(check(&["--prompt", PROMPT, "--max-new-tokens", "40", "--draft", model]), plain);
     assert_eq!(check(&["--prompt", PROMPT, "--max-new-tokens", "40", "--prompt-lookup"]), plain);
-    // Self-speculation: the target's own int8 copy drafts; the output is still the fp32 target's.
-    let self_drafted = ["--prompt", PROMPT, "--max-new-tokens", "40", "--draft", model, "--draft-dtype", "int8"];
-    assert_eq!(check(&self_drafted), plain);
+    // Self-speculation: the target's own int8 or int4 copy drafts; the output is still the fp32 target's.
+    for draft in ["int8", "int4"] {
+        let self_drafted = ["--prompt", PROMPT, "--max-new-tokens", "40", "--draft", model, "--draft-dtype", draft];
+        assert_eq!(check(&self_drafted), plain, "{draft} drafting");
+    }
     // Drafts of a fixed length, as long as a verification pass may be: the same bits at any width.
     for gamma in ["1", "63"] {
         let fixed = ["--prompt", PROMPT, "--max-new-tokens", "40", "--draft", model, "--gamma", gamma];
@@ -112,23 +114,26 @@ fn a_full_context_is_reported() {
 }
 
 /// On a CPU without the instructions a kernel wants (`WIZARD_CPU_MAX` caps them, as such a CPU
-/// would) the slower kernel runs and says so once, however many models load; every int8 kernel sums
-/// in the same order, so the output is the same.
+/// would) the slower kernel runs and says so once, however many models load; every int8 and int4
+/// kernel sums in the same order, so the output is the same.
 #[test]
 fn kernels_fall_back_where_the_cpu_lacks_instructions() {
     let model = model_dir().to_str().unwrap();
     let prompt = ["--prompt", PROMPT, "--max-new-tokens"];
     let int8 = [&prompt[..], &["12", "--dtype", "int8", "--draft", model, "--draft-dtype", "int8"]].concat();
+    let int4 = [&prompt[..], &["12", "--dtype", "int4", "--draft", model, "--draft-dtype", "int4"]].concat();
     let bf16 = [&prompt[..], &["4", "--dtype", "bfloat16"]].concat();
     let fp32 = [&prompt[..], &["4"]].concat();
-    let widest = check(&int8);
+    let (widest, widest_int4) = (check(&int8), check(&int4));
     let cases = [
-        ("scalar", &int8, "int8 weights: this CPU has no AVX2, so portable code runs"),
+        ("scalar", &int8, "int8/int4 weights: this CPU has no AVX2, so portable code runs"),
         (
             "avx2",
             &int8,
-            "int8 weights: this CPU has no AVX-512 VNNI, so the AVX2 kernel runs (slower) (WIZARD_CPU_MAX=avx2)",
+            "int8/int4 weights: this CPU has no AVX-512 VNNI, so the AVX2 kernel runs (slower) (WIZARD_CPU_MAX=avx2)",
         ),
+        ("scalar", &int4, "int8/int4 weights: this CPU has no AVX2, so portable code runs"),
+        ("avx2", &int4, "int8/int4 weights: this CPU has no AVX-512 VNNI, so the AVX2 kernel runs"),
         ("avx2", &bf16, "bf16 weights: this CPU has no AVX-512 BF16"),
         ("scalar", &fp32, "dense products go to libtorch (BLAS)"),
         ("sse9", &fp32, "WIZARD_CPU_MAX=sse9 is ignored"),
@@ -140,6 +145,9 @@ fn kernels_fall_back_where_the_cpu_lacks_instructions() {
         assert_eq!(stderr.matches(expected).count(), 1, "{cap} {args:?}: {stderr}");
         if *args == int8 {
             assert_eq!(stdout, widest, "{cap}");
+        }
+        if *args == int4 {
+            assert_eq!(stdout, widest_int4, "{cap}");
         }
     }
 }
@@ -174,7 +182,7 @@ fn bad_requests_are_clear_errors() {
         (&["--prompt", &"x = 1\n".repeat(60)], "n_positions"),
         (&["--prompt", "x", "--top-p", "1.5"], "top-p must be in (0, 1]"),
         (&["--prompt", "x", "--device", "tpu"], "--device \"tpu\""),
-        (&["--prompt", "x", "--dtype", "int4"], "unknown dtype `int4`: use float32, bfloat16, float16 or int8"),
+        (&["--prompt", "x", "--dtype", "int3"], "unknown dtype `int3`: use float32, bfloat16, float16, int8 or int4"),
         (&["--prompt-file", "/nonexistent/prompt.txt"], "/nonexistent/prompt.txt"),
     ];
     for (args, expected) in cases {
@@ -207,4 +215,39 @@ fn bad_sampling_is_refused_on_every_path() {
             assert_eq!(common::text(&output.stdout), "", "{args:?}");
         }
     }
+}
+
+/// `wizard quantize` writes an int8 or int4 directory, with each layer's error, that generates what
+/// quantizing at load generates; a directory is loaded in its own format only, and quantize writes
+/// quantized formats only.
+#[test]
+fn quantized_directories_generate_as_quantizing_at_load_does() {
+    let work = tempfile::tempdir().unwrap();
+    let model = model_dir().to_str().unwrap();
+    for (format, other) in [("int8", "int4"), ("int4", "int8")] {
+        let out = work.path().join(format);
+        let out_text = out.to_str().unwrap();
+        let output = common::wizard(&["quantize", "--model", model, "--dtype", format, "--out", out_text]);
+        let report = stdout_of(&output, format);
+        let rows: Vec<&str> =
+            report.lines().filter(|line| line.starts_with("transformer.h.") || line.starts_with("lm_head")).collect();
+        assert_eq!(rows.len(), 2 * 4 + 1, "{report}");
+        for row in rows {
+            let relative: f64 = row.split_whitespace().rev().nth(1).unwrap().parse().unwrap();
+            // int4's 16 levels a block leave about 10% of a random layer's norm; int8's under 1%.
+            let bound = if format == "int4" { 0.15 } else { 0.01 };
+            assert!(relative > 0.0 && relative < bound, "{format}: {row}");
+        }
+        let args = ["--prompt", PROMPT, "--max-new-tokens", "20", "--dtype", format];
+        let at_load = check(&args);
+        let mut command = common::wizard_command(&["generate", "--model"]);
+        let saved = command.arg(&out).args(args).output().unwrap();
+        assert_eq!(stdout_of(&saved, format), at_load, "{format}");
+        let mut command = common::wizard_command(&["generate", "--model"]);
+        let wrong = command.arg(&out).args(["--prompt", PROMPT, "--dtype", other]).output().unwrap();
+        check_failure(&wrong, other, &[&format!("holds {format} weights"), &format!("--dtype {format}")]);
+    }
+    let out = work.path().join("fp32").to_str().unwrap().to_string();
+    let output = common::wizard(&["quantize", "--model", model, "--dtype", "float32", "--out", &out]);
+    check_failure(&output, "float32", &["--dtype float32: wizard quantize writes int8 or int4"]);
 }

@@ -1,10 +1,10 @@
 // A whole GPTBigCode block for new positions over KV caches (a decode step, a verification pass, a
 // batch of sequences) on CPU, in one call: LayerNorm, the qkv product, the cache store, attention,
 // the output product with the residual, LayerNorm, the MLP with its GELU and residual. Activations
-// are fp32; the dense weights fp32, bf16 or int8. Op by op, a decode step was ~15 libtorch ops and 5
+// are fp32; the dense weights fp32, bf16, int8 or int4. Op by op, a decode step was ~15 libtorch ops and 5
 // thread wake-ups per layer, and one thread did the small ops while the other waited; here both
 // threads run every step and wake once per block. The products are wizard_linear's and
-// wizard_int8_linear's kernels (dense.h) and attention the decode kernel's, so a position's bits do
+// wizard_quantized_linear's kernels (dense.h) and attention the decode kernel's, so a position's bits do
 // not depend on what else is in the call, or on whether it went through here or op by op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -130,7 +130,7 @@ bool plain_float(const at::Tensor& t) {
 
 // The block's parameters in checkpoint order: ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
 // mlp.c_proj, each weight then bias. The dense weights (kDense) are fp32 or bf16 [out, in], or an
-// int8 weight's packed records (uint8).
+// int8 or int4 weight's packed records (uint8).
 constexpr int kParameters = 12;
 const char* const kParameterNames[kParameters] = {
     "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
@@ -139,24 +139,24 @@ constexpr int kDense[4] = {2, 4, 8, 10};
 
 bool is_dense(int i) { return std::find(std::begin(kDense), std::end(kDense), i) != std::end(kDense); }
 
-bool is_packed_int8(const at::Tensor& w) {
+bool is_packed_quantized(const at::Tensor& w) {
   return w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 1 && w.is_contiguous();
 }
 
 bool no_gradient(const at::Tensor& t) { return !(at::GradMode::is_enabled() && t.requires_grad()); }
 
-// The product of dense parameter `i` ([out, in]) for `rows` rows; throws naming it when its int8
-// records do not hold that shape.
+// The product of dense parameter `i` ([out, in]) for `rows` rows; throws naming it when its
+// quantized records do not hold that shape.
 std::unique_ptr<wizard::RowProduct> product_of(const at::Tensor& w, const at::Tensor& bias, int i, int64_t rows,
                                                int64_t out, int64_t in) {
   const float* b = bias.data_ptr<float>();
-  if (!is_packed_int8(w)) {
+  if (!is_packed_quantized(w)) {
     TORCH_CHECK(w.sizes() == at::IntArrayRef({out, in}), kParameterNames[i], " has shape ", w.sizes(), ", expected [",
                 out, ", ", in, "]");
     return wizard::dense_row_product(w, b, rows);
   }
   try {
-    return wizard::int8_row_product(w, b, rows, out, in);
+    return wizard::quantized_row_product(w, b, rows, out, in);
   } catch (const std::exception& e) {
     throw std::invalid_argument(std::string(kParameterNames[i]) + ": " + e.what());
   }
@@ -173,7 +173,7 @@ int wizard_decode_block_applies(void* x_handle, void** parameters) {
   bool applies = !at::autocast::is_autocast_enabled(at::kCPU) && plain_float(x) && no_gradient(x);
   for (int i = 0; applies && i < kParameters; i++) {
     const auto& p = *static_cast<at::Tensor*>(parameters[i]);
-    applies = no_gradient(p) && (is_dense(i) ? is_packed_int8(p) || wizard::dense_row_product(p, nullptr, 0)
+    applies = no_gradient(p) && (is_dense(i) ? is_packed_quantized(p) || wizard::dense_row_product(p, nullptr, 0)
                                              : plain_float(p));
   }
   return applies;

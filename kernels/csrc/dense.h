@@ -1,5 +1,5 @@
 // One dense layer's product inside the fused decode block (block.cpp): fp32 input rows times fp32,
-// bf16 or int8 weights, through the kernels wizard_linear and wizard_int8_linear run, so a row gets
+// bf16 or int8 or int4 weights, through the kernels wizard_linear and wizard_quantized_linear run, so a row gets
 // the same bits as there. Rows are made ready one at a time (rounded to bf16, quantized) by the
 // thread that finished them; then threads claim units of output columns.
 #pragma once
@@ -39,9 +39,10 @@ class RowProduct {
 // of few positions (wizard_linear's isa 3): AMX tiles or dot products, as calibrated.
 std::unique_ptr<RowProduct> dense_row_product(const at::Tensor& weight, const float* bias, int64_t rows);
 
-// The product of an int8 weight's packed records holding [out, in] (throws when they do not).
-std::unique_ptr<RowProduct> int8_row_product(const at::Tensor& packed, const float* bias, int64_t rows, int64_t out,
-                                             int64_t in);
+// The product of a quantized (int8 or int4) weight's packed records holding [out, in] (throws when
+// they do not).
+std::unique_ptr<RowProduct> quantized_row_product(const at::Tensor& packed, const float* bias, int64_t rows,
+                                                  int64_t out, int64_t in);
 
 // About 64K multiply-adds per task: small layers stay on one thread.
 inline int64_t dense_grain(int64_t in, int64_t rows) {

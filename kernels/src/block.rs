@@ -1,8 +1,8 @@
 //! A whole GPTBigCode block for new positions over KV caches (a decode step, a verification pass, a
-//! batch of sequences) in one call (csrc/block.cpp): fp32 activations on CPU with fp32, bf16 or int8
+//! batch of sequences) in one call (csrc/block.cpp): fp32 activations on CPU with fp32, bf16, int8 or int4
 //! dense weights, both threads through every step of the block, one wake-up per block instead of
 //! ~15 libtorch ops and 5 parallel regions. The products are [`crate::linear`]'s and
-//! [`crate::int8`]'s kernels and attention [`crate::attention::decode_attention`]'s, so a position's
+//! [`crate::quantized`]'s kernels and attention [`crate::attention::decode_attention`]'s, so a position's
 //! result does not depend on the other rows or positions in the call, nor on whether it went through
 //! here or op by op.
 use std::ptr;
@@ -16,7 +16,7 @@ use crate::ffi::{self, check};
 /// One block's parameters and shape, as [`DecodeBlock::forward`] takes them.
 pub struct DecodeBlock<'a> {
     /// `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`: weight, then bias. A
-    /// dense weight is fp32 or bf16 `[out, in]`, or an int8 weight's [`packed`](crate::int8::Int8Weight::packed)
+    /// dense weight is fp32 or bf16 `[out, in]`, or an int8 or int4 weight's [`packed`](crate::quantized::QuantizedWeight::packed)
     /// records; everything else is fp32.
     pub parameters: [&'a Tensor; 12],
     /// Query heads; one key/value head (multi-query) or one per query head, as the caches hold.
@@ -88,7 +88,7 @@ impl DecodeBlock<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::int8::Int8Weight;
+    use crate::quantized::QuantizedWeight;
     use tch::Kind;
 
     /// The dense weights' format.
@@ -97,6 +97,17 @@ mod tests {
         Fp32,
         Bf16,
         Int8,
+        Int4,
+    }
+
+    impl Format {
+        fn quantized(self) -> Option<crate::quantized::Format> {
+            match self {
+                Format::Int8 => Some(crate::quantized::Format::Int8),
+                Format::Int4 => Some(crate::quantized::Format::Int4),
+                Format::Fp32 | Format::Bf16 => None,
+            }
+        }
     }
 
     /// The same block op by op (tests' reference): libtorch, and the products through `product`
@@ -166,9 +177,10 @@ mod tests {
         ];
         let tensors: Vec<Tensor> = shapes.iter().map(|shape| Tensor::randn(shape.as_slice(), opts) * 0.3).collect();
         let dense = [2, 4, 8, 10];
-        let int8: Vec<Option<Int8Weight>> = (0..12)
+        let int8: Vec<Option<QuantizedWeight>> = (0..12)
             .map(|i| {
-                (case.format == Format::Int8 && dense.contains(&i)).then(|| Int8Weight::quantize(&tensors[i]).unwrap())
+                let format = case.format.quantized().filter(|_| dense.contains(&i))?;
+                Some(QuantizedWeight::quantize(&tensors[i], format).unwrap())
             })
             .collect();
         let narrow: Vec<Tensor> =
@@ -184,7 +196,7 @@ mod tests {
                 })
                 .collect();
         let block = DecodeBlock {
-            parameters: std::array::from_fn(|i| int8[i].as_ref().map_or(&narrow[i], Int8Weight::packed)),
+            parameters: std::array::from_fn(|i| int8[i].as_ref().map_or(&narrow[i], QuantizedWeight::packed)),
             heads: case.heads,
             layer_norm_eps: 1e-5,
             scale: 1.0 / (dim as f64).sqrt(),
@@ -192,18 +204,18 @@ mod tests {
         };
         // Op by op: the same kernels for the products.
         let op_by_op = |i: usize, x: &Tensor| match &int8[i] {
-            Some(weight) => crate::int8::linear(x, weight, Some(&tensors[i + 1])),
+            Some(weight) => crate::quantized::linear(x, weight, Some(&tensors[i + 1])),
             None => crate::linear::linear(x, &narrow[i], Some(&tensors[i + 1])),
         };
         // LayerNorm differs from libtorch's in the last bits, which can move a rounded input.
         let tolerance = match case.format {
             Format::Fp32 => 1e-4,
             Format::Bf16 => 1e-2,
-            Format::Int8 => 5e-2,
+            Format::Int8 | Format::Int4 => 5e-2,
         };
         let batch: i64 = case.caches.iter().map(|(b, _)| b).sum();
         let x = Tensor::randn([batch, case.fresh, d], opts);
-        if case.format != Format::Int8 && !crate::linear::few_row_kernel_available() {
+        if case.format.quantized().is_none() && !crate::linear::few_row_kernel_available() {
             assert!(!block.applies(&x), "without the dense kernel (no AVX2) fp32 and bf16 stay op by op");
             return;
         }
@@ -241,7 +253,7 @@ mod tests {
 
     #[test]
     fn block_matches_op_by_op_and_itself_alone() {
-        for format in [Format::Fp32, Format::Bf16, Format::Int8] {
+        for format in [Format::Fp32, Format::Bf16, Format::Int8, Format::Int4] {
             for fresh in [1, 4] {
                 let mqa = |caches, exact_gelu| Case {
                     heads: 4,
@@ -296,16 +308,16 @@ mod tests {
         let d = 32;
         let tensors = zero_parameters(d);
         // Every dense weight int8 (a kernel on any CPU), and c_fc's records hold [d, 2d], not [d, d].
-        let int8: Vec<Option<Int8Weight>> = (0..12)
+        let int8: Vec<Option<QuantizedWeight>> = (0..12)
             .map(|i| match i {
                 8 => Some(Tensor::zeros([d, 2 * d], opts)),
                 2 | 4 | 10 => Some(tensors[i].shallow_clone()),
                 _ => None,
             })
-            .map(|weight| weight.map(|w| Int8Weight::quantize(&w).unwrap()))
+            .map(|weight| weight.map(|w| QuantizedWeight::quantize(&w, crate::quantized::Format::Int8).unwrap()))
             .collect();
         let block = DecodeBlock {
-            parameters: std::array::from_fn(|i| int8[i].as_ref().map_or(&tensors[i], Int8Weight::packed)),
+            parameters: std::array::from_fn(|i| int8[i].as_ref().map_or(&tensors[i], QuantizedWeight::packed)),
             heads: 2,
             layer_norm_eps: 1e-5,
             scale: 1.0,

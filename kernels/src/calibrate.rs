@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use crate::int8::Int8Weight;
+use crate::quantized::QuantizedWeight;
 
 /// How much faster libtorch must be, at both row counts, to be chosen.
 const LIBTORCH_MARGIN: f64 = 1.1;
@@ -120,7 +120,7 @@ pub enum OneRowQuestion {
 pub struct OneRowMeasurement {
     /// The option timed.
     pub question: OneRowQuestion,
-    /// fp32, bf16, or `Int8` for int8 blocks.
+    /// fp32, bf16, or `Int8` for int8 or int4 blocks.
     pub kind: Kind,
     /// The weights' bytes, rounded up to a power of two MiB: the timing holds for models about this size.
     pub size_mib: u64,
@@ -135,15 +135,19 @@ pub struct OneRowMeasurement {
 }
 
 /// Decides, per weight format among the dense `weights` that the kernel reads (fp32 or bf16 on the
-/// CPU) and the `int8` ones, whether one-row products prefetch: for fp32 and bf16 the next weight
-/// rows, for int8 [`PREFETCH_LEAD`](crate::int8::PREFETCH_LEAD) bytes ahead of the records (or no
+/// CPU) and the `quantized` (int8 or int4) ones, whether one-row products prefetch: for fp32 and bf16 the next weight
+/// rows, for quantized ones [`PREFETCH_LEAD`](crate::quantized::PREFETCH_LEAD) bytes ahead of the records (or no
 /// lead); and where bf16 could take AMX tiles, whether steps of few positions do, or dot products
 /// (the tiles won prefill 4x and lost a d768 decode step by 15% on one Xeon; weights below
 /// [`MEMORY_BOUND_MIB`] keep the tiles untimed). One-row products over all of them, as a decode
 /// step streams them from memory, are timed both ways, alternating (at least three passes each,
 /// about a second in all), unless `cache` holds this machine's timing for models of this size. The
 /// decisions hold for the rest of the process.
-pub fn calibrate_one_row(weights: &[&Tensor], int8: &[&Int8Weight], cache: Option<&Path>) -> Vec<OneRowMeasurement> {
+pub fn calibrate_one_row(
+    weights: &[&Tensor],
+    quantized: &[&QuantizedWeight],
+    cache: Option<&Path>,
+) -> Vec<OneRowMeasurement> {
     use crate::linear::{linear_with, Isa};
     let machine = machine_key();
     let known = cache.map(|path| read_one_row_cache(path, &machine)).unwrap_or_default();
@@ -157,13 +161,13 @@ pub fn calibrate_one_row(weights: &[&Tensor], int8: &[&Int8Weight], cache: Optio
             .filter(|w| kind != Kind::Float || choice_for(w) == Choice::Kernel)
             .collect();
         let (count, bytes) = match kind {
-            Kind::Int8 => (int8.len(), int8.iter().map(|w| w.packed().numel() as i64).sum::<i64>()),
+            Kind::Int8 => (quantized.len(), quantized.iter().map(|w| w.packed().numel() as i64).sum::<i64>()),
             _ => (dense.len(), dense.iter().map(|w| w.numel() as i64 * w.kind().elt_size_in_bytes() as i64).sum()),
         };
         let size_mib = ((bytes as u64).div_ceil(1 << 20)).next_power_of_two();
         let on_tiles = kind == Kind::BFloat16 && amx;
         let kernel = if kind == Kind::Int8 {
-            crate::int8::int8_kernel_isa() != "scalar"
+            crate::quantized::kernel_isa() != "scalar"
         } else {
             crate::linear::few_row_kernel_available()
         };
@@ -177,7 +181,9 @@ pub fn calibrate_one_row(weights: &[&Tensor], int8: &[&Int8Weight], cache: Optio
         for question in questions {
             let set = |on: bool| match (question, kind) {
                 (OneRowQuestion::AmxTiles, _) => crate::linear::set_few_positions_on_amx(on),
-                (_, Kind::Int8) => crate::int8::set_prefetch_bytes(if on { crate::int8::PREFETCH_LEAD } else { 0 }),
+                (_, Kind::Int8) => {
+                    crate::quantized::set_prefetch_bytes(if on { crate::quantized::PREFETCH_LEAD } else { 0 })
+                }
                 _ => crate::linear::set_one_row_prefetch(kind, on),
             };
             let cached = known.iter().find(|m| m.question == question && m.kind == kind && m.size_mib == size_mib);
@@ -187,7 +193,9 @@ pub fn calibrate_one_row(weights: &[&Tensor], int8: &[&Int8Weight], cache: Optio
                     // Prefetching is a question for the dot products' loop (the tiles do not prefetch).
                     let isa = if question == OneRowQuestion::Prefetch { Isa::Avx512 } else { Isa::FewPositions };
                     let mut pass: Box<dyn FnMut()> = match kind {
-                        Kind::Int8 => Box::new(one_row_products(int8, |w| w.in_features(), crate::int8::linear)),
+                        Kind::Int8 => {
+                            Box::new(one_row_products(quantized, |w| w.in_features(), crate::quantized::linear))
+                        }
                         _ => Box::new(one_row_products(
                             &dense,
                             |w| w.size()[1],
@@ -518,7 +526,11 @@ mod tests {
         let cache = dir.join("dense-kernels.tsv");
         let fp32 = Tensor::randn([96, 64], (Kind::Float, Device::Cpu));
         let bf16 = Tensor::randn([64, 96], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
-        let int8 = Int8Weight::quantize(&Tensor::randn([96, 64], (Kind::Float, Device::Cpu))).unwrap();
+        let int8 = QuantizedWeight::quantize(
+            &Tensor::randn([96, 64], (Kind::Float, Device::Cpu)),
+            crate::quantized::Format::Int8,
+        )
+        .unwrap();
         let first = calibrate_one_row(&[&fp32, &bf16], &[&int8], Some(&cache));
         let amx = crate::linear::bf16_kernel() == crate::linear::Bf16Kernel::AmxTiles;
         let kinds: Vec<Kind> = first.iter().map(|m| m.kind).collect();
@@ -530,7 +542,7 @@ mod tests {
             assert!(b.cached, "{b:?}");
             assert_eq!((a.question, a.kind, a.on), (b.question, b.kind, b.on));
             let set = match b.kind {
-                Kind::Int8 => crate::int8::prefetch_bytes() == crate::int8::PREFETCH_LEAD,
+                Kind::Int8 => crate::quantized::prefetch_bytes() == crate::quantized::PREFETCH_LEAD,
                 kind => crate::linear::one_row_prefetch(kind),
             };
             assert_eq!(set, b.on);
@@ -538,8 +550,8 @@ mod tests {
         let x = Tensor::randn([1, 64], (Kind::Float, Device::Cpu));
         let product = |prefetch| {
             crate::linear::set_one_row_prefetch(Kind::Float, prefetch);
-            crate::int8::set_prefetch_bytes(if prefetch { crate::int8::PREFETCH_LEAD } else { 0 });
-            (crate::linear::kernel_linear(&x, &fp32, None), crate::int8::linear(&x, &int8, None))
+            crate::quantized::set_prefetch_bytes(if prefetch { crate::quantized::PREFETCH_LEAD } else { 0 });
+            (crate::linear::kernel_linear(&x, &fp32, None), crate::quantized::linear(&x, &int8, None))
         };
         let (with, without) = (product(true), product(false));
         assert!(with.0.equal(&without.0) && with.1.equal(&without.1));

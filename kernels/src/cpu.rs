@@ -10,8 +10,8 @@ pub enum WeightFormat {
     Float32,
     /// bf16 weights under fp32 activations.
     Bfloat16,
-    /// int8 blocks of 32 ([`crate::int8`]).
-    Int8,
+    /// int8 or int4 blocks of 32 ([`crate::quantized`]).
+    Quantized,
 }
 
 /// Why products over `format` run slower on this CPU than on one with the instructions their kernel
@@ -24,10 +24,10 @@ pub fn fallback(format: WeightFormat) -> Option<String> {
         WeightFormat::Bfloat16 if crate::linear::bf16_kernel() == Bf16Kernel::Widened => {
             "bf16 weights: this CPU has no AVX-512 BF16, so they are widened to fp32 as they are read"
         }
-        WeightFormat::Int8 => match crate::int8::int8_kernel_isa() {
-            "avx2" => "int8 weights: this CPU has no AVX-512 VNNI, so the AVX2 kernel runs (slower)",
+        WeightFormat::Quantized => match crate::quantized::kernel_isa() {
+            "avx2" => "int8/int4 weights: this CPU has no AVX-512 VNNI, so the AVX2 kernel runs (slower)",
             "scalar" => {
-                "int8 weights: this CPU has no AVX2, so portable code runs (tens of times slower; --dtype float32 \
+                "int8/int4 weights: this CPU has no AVX2, so portable code runs (tens of times slower; --dtype float32 \
                  is faster here)"
             }
             _ => return None,

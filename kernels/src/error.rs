@@ -11,8 +11,8 @@ pub enum KernelError {
         /// What libtorch said.
         message: String,
     },
-    /// The parts of an int8 weight do not fit together (they come from files users give), or a
-    /// weight cannot be quantized.
-    #[error("int8 weight: {0}")]
-    Int8Weight(String),
+    /// The parts of a quantized weight do not fit together (they come from files users give), or a
+    /// weight cannot be quantized; the message starts with the format (`int8 weight: ...`).
+    #[error("{0}")]
+    QuantizedWeight(String),
 }

@@ -148,46 +148,52 @@ extern "C" {
     pub(crate) fn wizard_linear_one_row_prefetch(bf16: c_int, on: c_int) -> c_int;
     pub(crate) fn wizard_linear_few_positions_on_amx(on: c_int) -> c_int;
 
-    // csrc/int8.cpp
-    pub(crate) fn wizard_int8_quantize(weight: TensorHandle, packed: *mut TensorHandle) -> c_int;
-    pub(crate) fn wizard_int8_pack(
+    // csrc/quantized.cpp
+    pub(crate) fn wizard_quantized_quantize(weight: TensorHandle, bits: c_int, packed: *mut TensorHandle) -> c_int;
+    pub(crate) fn wizard_quantized_pack(
         values: TensorHandle,
         scales: TensorHandle,
         in_features: i64,
+        bits: c_int,
         packed: *mut TensorHandle,
     ) -> c_int;
-    pub(crate) fn wizard_int8_unpack(
+    pub(crate) fn wizard_quantized_unpack(
         packed: TensorHandle,
         out_features: i64,
         in_features: i64,
+        bits: c_int,
         values: *mut TensorHandle,
         scales: *mut TensorHandle,
     ) -> c_int;
-    pub(crate) fn wizard_int8_rows(
+    pub(crate) fn wizard_quantized_rows(
         packed: TensorHandle,
         out_features: i64,
         in_features: i64,
+        bits: c_int,
         ids: TensorHandle,
         result: *mut TensorHandle,
     ) -> c_int;
-    pub(crate) fn wizard_int8_dequantize(
+    pub(crate) fn wizard_quantized_dequantize(
         packed: TensorHandle,
         out_features: i64,
         in_features: i64,
+        bits: c_int,
         result: *mut TensorHandle,
     ) -> c_int;
-    pub(crate) fn wizard_int8_linear(
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn wizard_quantized_linear(
         x: TensorHandle,
         packed: TensorHandle,
         out_features: i64,
         in_features: i64,
+        bits: c_int,
         bias: TensorHandle,
         isa: c_int,
         result: *mut TensorHandle,
     ) -> c_int;
-    pub(crate) fn wizard_int8_kernel_available(isa: c_int) -> c_int;
-    pub(crate) fn wizard_int8_kernel_isa() -> c_int;
-    pub(crate) fn wizard_int8_prefetch_bytes(bytes: i64) -> i64;
+    pub(crate) fn wizard_quantized_kernel_available(isa: c_int) -> c_int;
+    pub(crate) fn wizard_quantized_kernel_isa() -> c_int;
+    pub(crate) fn wizard_quantized_prefetch_bytes(bytes: i64) -> i64;
 
     // csrc/optim.cpp
     #[allow(clippy::too_many_arguments)]

@@ -65,6 +65,7 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
         Dtype::BF16 => Kind::BFloat16,
         Dtype::F64 => Kind::Double,
         Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
         _ => return None,
     })
 }
@@ -173,6 +174,7 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
         Kind::BFloat16 => Dtype::BF16,
         Kind::Double => Dtype::F64,
         Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
         other => return Err(ModelError::Invalid(format!("cannot save weights of kind {other:?}"))),
     })
 }
@@ -184,7 +186,7 @@ pub fn save(dir: &Path, tensors: &[(String, Tensor)], kind: Kind) -> Result<()> 
     save_as_they_are(dir, &converted)
 }
 
-/// [`save`] keeping each tensor's own dtype (a quantized model's int8 values beside fp32 scales).
+/// [`save`] keeping each tensor's own dtype (a quantized model's int8 or uint8 values beside fp32 scales).
 pub fn save_as_they_are(dir: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut host: BTreeMap<String, HostTensor> = BTreeMap::new();
     for (name, tensor) in tensors {

@@ -5,7 +5,7 @@
 //! saving (in `load.rs`) are name-for-name copies.
 use kernels::attention::{self, SdpaBackend};
 use kernels::block::DecodeBlock;
-use kernels::int8::Int8Weight;
+use kernels::quantized::{Format, QuantizedWeight};
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
@@ -38,11 +38,12 @@ impl Dropout {
 }
 
 /// A dense layer in the checkpoint's `[out, in]` layout; see [`kernels::linear`] for decoding. An
-/// int8 layer ([`Precision::Int8`]) keeps only its blocks and scales: the fp32 weight is emptied.
+/// quantized layer ([`Precision::Quantized`]) keeps only its blocks and scales: the fp32 weight is
+/// emptied.
 struct Linear {
     weight: Tensor,
     bias: Tensor,
-    int8: Option<Int8Weight>,
+    quantized: Option<QuantizedWeight>,
 }
 
 impl Linear {
@@ -53,28 +54,28 @@ impl Linear {
             Weights::ZerosBf16Dense => {
                 tch::no_grad(|| weight.shallow_clone().set_data(&weight.to_kind(Kind::BFloat16)))
             }
-            Weights::ZerosInt8Dense => tch::no_grad(|| weight.shallow_clone().set_data(&empty_weight())),
+            Weights::ZerosQuantizedDense(_) => tch::no_grad(|| weight.shallow_clone().set_data(&empty_weight())),
             Weights::Random | Weights::Zeros => {}
         }
-        Linear { weight, bias: path.var("bias", &[out_dim], Init::Const(0.0)), int8: None }
+        Linear { weight, bias: path.var("bias", &[out_dim], Init::Const(0.0)), quantized: None }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        match &self.int8 {
-            Some(weight) => kernels::int8::linear(x, weight, Some(&self.bias)),
+        match &self.quantized {
+            Some(weight) => kernels::quantized::linear(x, weight, Some(&self.bias)),
             None => kernels::linear::linear(x, &self.weight, Some(&self.bias)),
         }
     }
 
-    /// The weight as the fused decode block takes it: int8 records, or the fp32 or bf16 weight.
+    /// The weight as the fused decode block takes it: quantized records, or the fp32 or bf16 weight.
     fn fused_weight(&self) -> &Tensor {
-        self.int8.as_ref().map_or(&self.weight, Int8Weight::packed)
+        self.quantized.as_ref().map_or(&self.weight, QuantizedWeight::packed)
     }
 
-    /// Replaces the fp32 weight by `int8` (the fp32 storage is freed).
-    fn set_int8(&mut self, int8: Int8Weight) {
+    /// Replaces the fp32 weight by `quantized` (the fp32 storage is freed).
+    fn set_quantized(&mut self, quantized: QuantizedWeight) {
         self.weight.set_data(&empty_weight());
-        self.int8 = Some(int8);
+        self.quantized = Some(quantized);
     }
 }
 
@@ -89,11 +90,11 @@ pub(crate) enum Weights {
     /// dense weights over fp32 activations ([`GptBigCode::narrow_dense_weights`]).
     ZerosBf16Dense,
     /// Zeros with the dense layers' weights empty, for a checkpoint whose dense layers are
-    /// quantized to int8 as they are read: peak memory is the int8 model, not fp32's.
-    ZerosInt8Dense,
+    /// quantized (int8 or int4) as they are read: peak memory is the quantized model, not fp32's.
+    ZerosQuantizedDense(Format),
 }
 
-/// What a dense weight holds once it lives elsewhere (int8 blocks, a bf16 copy of the head).
+/// What a dense weight holds once it lives elsewhere (quantized blocks, a bf16 copy of the head).
 fn empty_weight() -> Tensor {
     Tensor::zeros([0], (Kind::Float, Device::Cpu))
 }
@@ -102,7 +103,7 @@ fn empty_weight() -> Tensor {
 fn normal(std: f64, weights: Weights) -> Init {
     match weights {
         Weights::Random => Init::Randn { mean: 0.0, stdev: std },
-        Weights::Zeros | Weights::ZerosBf16Dense | Weights::ZerosInt8Dense => Init::Const(0.0),
+        Weights::Zeros | Weights::ZerosBf16Dense | Weights::ZerosQuantizedDense(_) => Init::Const(0.0),
     }
 }
 
@@ -345,11 +346,11 @@ pub struct GptBigCode {
     ln_f: LayerNorm,
     /// The untied head's `[vocab, n_embd]` weight; `None` when tied to `wte`.
     lm_head: Option<Tensor>,
-    /// The head in int8 ([`Precision::Int8`]). Tied to `wte`, it is the token table too: `wte` is
+    /// The head quantized ([`Precision::Quantized`]). Tied to `wte`, it is the token table too: `wte` is
     /// emptied and tokens are embedded from its rows (an fp32 copy of 1B's table is 400 MB).
-    head_int8: Option<Int8Weight>,
+    head_quantized: Option<QuantizedWeight>,
     /// The head in bf16 over fp32 activations ([`narrow_dense_weights`](Self::narrow_dense_weights));
-    /// tied, the token table too, as `head_int8`.
+    /// tied, the token table too, as `head_quantized`.
     head_bf16: Option<Tensor>,
     embd_pdrop: f64,
     /// Unique per instance in the process: tells which model filled a kept cache (weights changed in
@@ -377,7 +378,7 @@ impl GptBigCode {
         let transformer = &root / "transformer";
         let init = normal(config.initializer_range, weights);
         let wte = (&transformer / "wte").var("weight", &[config.vocab_size, config.n_embd], init);
-        let narrowed_head = matches!(weights, Weights::ZerosBf16Dense | Weights::ZerosInt8Dense);
+        let narrowed_head = matches!(weights, Weights::ZerosBf16Dense | Weights::ZerosQuantizedDense(_));
         if narrowed_head && config.tie_word_embeddings {
             // The table will live in the narrowed head (`token_rows`).
             tch::no_grad(|| wte.shallow_clone().set_data(&empty_weight()));
@@ -402,7 +403,7 @@ impl GptBigCode {
             blocks,
             ln_f,
             lm_head,
-            head_int8: None,
+            head_quantized: None,
             head_bf16: None,
             embd_pdrop,
             id,
@@ -414,7 +415,7 @@ impl GptBigCode {
         self.id
     }
 
-    /// Whether `other` is this model in another weight precision (an int8 or bf16 copy of the same
+    /// Whether `other` is this model in another weight precision (a quantized or bf16 copy of the same
     /// checkpoint), so that it can attend to this model's keys and values: the same layer, head and
     /// embedding sizes, caches of the same dtype on the same device, and the same embeddings (which
     /// every precision keeps as they are: position embeddings and the final LayerNorm are compared).
@@ -567,9 +568,9 @@ impl GptBigCode {
     /// Token embeddings: rows of `wte`, or of the narrowed head where that holds the tied table.
     fn token_rows(&self, ids: &Tensor) -> Tensor {
         if self.lm_head.is_none() {
-            if let Some(int8) = &self.head_int8 {
+            if let Some(head) = &self.head_quantized {
                 // Ids come from the tokenizer or were checked against the vocabulary.
-                return int8.rows(ids).expect("token ids within the vocabulary");
+                return head.rows(ids).expect("token ids within the vocabulary");
             }
             if let Some(bf16) = &self.head_bf16 {
                 return Tensor::embedding(bf16, ids, -1, false, false).to_kind(Kind::Float);
@@ -578,10 +579,10 @@ impl GptBigCode {
         Tensor::embedding(&self.wte, ids, -1, false, false)
     }
 
-    /// Whether the token table lives only in the narrowed head (tied, and int8 or bf16), `wte`
+    /// Whether the token table lives only in the narrowed head (tied, and quantized or bf16), `wte`
     /// being empty.
     pub(crate) fn table_in_head(&self) -> bool {
-        self.lm_head.is_none() && (self.head_int8.is_some() || self.head_bf16.is_some())
+        self.lm_head.is_none() && (self.head_quantized.is_some() || self.head_bf16.is_some())
     }
 
     /// Frees `wte` once the narrowed head holds the tied table.
@@ -603,8 +604,8 @@ impl GptBigCode {
     /// Vocabulary logits, through `wte` itself when the head is tied.
     fn head(&self, hidden: &Tensor) -> Tensor {
         let hidden = self.ln_f.forward(hidden);
-        if let Some(int8) = &self.head_int8 {
-            return kernels::int8::linear(&hidden, int8, None);
+        if let Some(head) = &self.head_quantized {
+            return kernels::quantized::linear(&hidden, head, None);
         }
         if let Some(weight) = &self.head_bf16 {
             return kernels::linear::linear(&hidden, weight, None);
@@ -613,7 +614,7 @@ impl GptBigCode {
         kernels::linear::linear(&hidden, weight, None).to_kind(Kind::Float)
     }
 
-    /// `[out, in]` of the dense layer (or head) `name`, as [`int8_layers`](Self::int8_layers) names it.
+    /// `[out, in]` of the dense layer (or head) `name`, as [`quantized_layers`](Self::quantized_layers) names it.
     pub(crate) fn dense_shape(&self, name: &str) -> Option<(i64, i64)> {
         let (vocab, d) = (self.config.vocab_size, self.config.n_embd);
         if name == "lm_head.weight" {
@@ -638,19 +639,19 @@ impl GptBigCode {
         Some((out, inputs))
     }
 
-    /// The head's weight: `lm_head`, or `wte` when tied (empty once the head is int8 or bf16).
+    /// The head's weight: `lm_head`, or `wte` when tied (empty once the head is quantized or bf16).
     pub fn head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.wte)
     }
 
-    /// The int8 layer `name` (`….weight` of a dense layer, or `lm_head.weight`).
-    pub fn int8_weight(&self, name: &str) -> Option<&Int8Weight> {
-        self.int8_layers().into_iter().find(|(layer, _)| layer == name).map(|(_, weight)| weight)
+    /// The quantized layer `name` (`….weight` of a dense layer, or `lm_head.weight`).
+    pub fn quantized_weight(&self, name: &str) -> Option<&QuantizedWeight> {
+        self.quantized_layers().into_iter().find(|(layer, _)| layer == name).map(|(_, weight)| weight)
     }
 
-    /// Whether the dense layers and the head are int8.
-    pub fn is_int8(&self) -> bool {
-        self.head_int8.is_some()
+    /// The format of the dense layers and the head when they are quantized.
+    pub fn quantized_format(&self) -> Option<Format> {
+        self.head_quantized.as_ref().map(QuantizedWeight::format)
     }
 
     /// Stores the dense layers' weights and the head in bf16 while embeddings, LayerNorms, biases
@@ -659,7 +660,7 @@ impl GptBigCode {
     /// (inputs rounded to bf16) or widens them as it reads them; sums stay fp32. An fp32 CPU model
     /// only; a model loaded with bf16 dense weights already has them narrowed.
     pub fn narrow_dense_weights(&mut self) -> Result<()> {
-        if self.kind() != Kind::Float || self.device() != Device::Cpu || self.is_int8() {
+        if self.kind() != Kind::Float || self.device() != Device::Cpu || self.quantized_format().is_some() {
             return Err(ModelError::Invalid("bf16 dense weights are for fp32 models on the CPU".into()));
         }
         tch::no_grad(|| {
@@ -677,17 +678,17 @@ impl GptBigCode {
         Ok(())
     }
 
-    /// The weights of the dense layers and the head as [`kernels::linear`] receives them (int8
-    /// layers, which have their own kernel, left out).
+    /// The weights of the dense layers and the head as [`kernels::linear`] receives them
+    /// (quantized layers, which have their own kernel, left out).
     pub fn dense_weights(&self) -> Vec<&Tensor> {
         let mut weights: Vec<&Tensor> = self
             .blocks
             .iter()
             .flat_map(Block::linears)
-            .filter(|linear| linear.int8.is_none())
+            .filter(|linear| linear.quantized.is_none())
             .map(|linear| &linear.weight)
             .collect();
-        if self.head_int8.is_none() {
+        if self.head_quantized.is_none() {
             weights.push(self.head_bf16.as_ref().unwrap_or(self.head_weight()));
         }
         weights
@@ -698,11 +699,14 @@ impl GptBigCode {
         self.head_bf16.is_some()
     }
 
-    /// Converts every dense layer and the head to int8 blocks ([`Precision::Int8`]); an fp32 CPU
-    /// model only. `progress` hears (done, total) layers.
-    pub fn quantize_int8(&mut self, mut progress: impl FnMut(usize, usize)) -> Result<()> {
+    /// Converts every dense layer and the head to `format` blocks ([`Precision::Quantized`]); an
+    /// fp32 CPU model only. `progress` hears (done, total) layers.
+    pub fn quantize(&mut self, format: Format, mut progress: impl FnMut(usize, usize)) -> Result<()> {
         if self.kind() != Kind::Float || self.device() != Device::Cpu {
-            return Err(ModelError::Invalid("int8 weights are for fp32 models on the CPU".into()));
+            return Err(ModelError::Invalid(format!("{} weights are for fp32 models on the CPU", format.name())));
+        }
+        if self.quantized_layers().iter().any(|(_, weight)| weight.format() != format) {
+            return Err(ModelError::Invalid(format!("the model is already quantized, not to {}", format.name())));
         }
         let total = self.blocks.len() * 4 + 1;
         let mut done = 0;
@@ -710,18 +714,20 @@ impl GptBigCode {
             for block in &mut self.blocks {
                 for linear in block.linears_mut() {
                     // Layers quantized as they were loaded stay as they are.
-                    if linear.int8.is_none() {
-                        let int8 =
-                            Int8Weight::quantize(&linear.weight).map_err(|e| ModelError::Invalid(e.to_string()))?;
-                        linear.set_int8(int8);
+                    if linear.quantized.is_none() {
+                        let quantized = QuantizedWeight::quantize(&linear.weight, format)
+                            .map_err(|e| ModelError::Invalid(e.to_string()))?;
+                        linear.set_quantized(quantized);
                     }
                     done += 1;
                     progress(done, total);
                 }
             }
-            if self.head_int8.is_none() {
+            if self.head_quantized.is_none() {
                 let head = self.lm_head.as_ref().unwrap_or(&self.wte);
-                self.head_int8 = Some(Int8Weight::quantize(head).map_err(|e| ModelError::Invalid(e.to_string()))?);
+                let quantized =
+                    QuantizedWeight::quantize(head, format).map_err(|e| ModelError::Invalid(e.to_string()))?;
+                self.head_quantized = Some(quantized);
                 if let Some(lm_head) = &self.lm_head {
                     lm_head.shallow_clone().set_data(&empty_weight());
                 }
@@ -732,8 +738,8 @@ impl GptBigCode {
         })
     }
 
-    /// The int8 layers by checkpoint name (`….weight`, and `lm_head.weight` for the head).
-    pub(crate) fn int8_layers(&self) -> Vec<(String, &Int8Weight)> {
+    /// The quantized layers by checkpoint name (`….weight`, and `lm_head.weight` for the head).
+    pub(crate) fn quantized_layers(&self) -> Vec<(String, &QuantizedWeight)> {
         let mut layers = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
             let named = [
@@ -743,22 +749,22 @@ impl GptBigCode {
                 ("mlp.c_proj", &block.mlp.c_proj),
             ];
             for (name, linear) in named {
-                if let Some(int8) = &linear.int8 {
-                    layers.push((format!("transformer.h.{i}.{name}.weight"), int8));
+                if let Some(quantized) = &linear.quantized {
+                    layers.push((format!("transformer.h.{i}.{name}.weight"), quantized));
                 }
             }
         }
-        if let Some(head) = &self.head_int8 {
+        if let Some(head) = &self.head_quantized {
             layers.push(("lm_head.weight".to_string(), head));
         }
         layers
     }
 
-    /// Sets the int8 layer `name` (as [`int8_layers`](Self::int8_layers) names it); false if no
-    /// dense layer has that name.
-    pub(crate) fn set_int8_layer(&mut self, name: &str, int8: Int8Weight) -> bool {
+    /// Sets the quantized layer `name` (as [`quantized_layers`](Self::quantized_layers) names it);
+    /// false if no dense layer has that name.
+    pub(crate) fn set_quantized_layer(&mut self, name: &str, quantized: QuantizedWeight) -> bool {
         if name == "lm_head.weight" {
-            self.head_int8 = Some(int8);
+            self.head_quantized = Some(quantized);
             if let Some(lm_head) = &self.lm_head {
                 tch::no_grad(|| lm_head.shallow_clone().set_data(&empty_weight()));
             }
@@ -775,7 +781,7 @@ impl GptBigCode {
             "mlp.c_proj.weight" => &mut block.mlp.c_proj,
             _ => return false,
         };
-        linear.set_int8(int8);
+        linear.set_quantized(quantized);
         true
     }
 }
@@ -789,32 +795,43 @@ pub fn dtype_name(kind: Kind) -> &'static str {
     }
 }
 
-/// How the weights are held: dense in a dtype, or the dense layers and the head in int8 blocks of 32
-/// with fp32 scales (activations quantized per block on the fly; everything else fp32).
+/// How the weights are held: dense in a dtype, or the dense layers and the head in int8 or int4
+/// blocks of 32 with fp32 scales (activations quantized per block on the fly; everything else fp32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     /// Every weight in this dtype.
     Dense(Kind),
-    /// int8 dense layers and head, on the CPU.
-    Int8,
+    /// Quantized dense layers and head, on the CPU.
+    Quantized(Format),
 }
 
 impl Precision {
+    /// int8 blocks ([`Precision::Quantized`]).
+    pub const INT8: Precision = Precision::Quantized(Format::Int8);
+    /// int4 blocks ([`Precision::Quantized`]).
+    pub const INT4: Precision = Precision::Quantized(Format::Int4);
+
+    /// Whether the dense layers are quantized (CPU only).
+    pub fn is_quantized(self) -> bool {
+        matches!(self, Precision::Quantized(_))
+    }
+
     /// The dtype the model computes in.
     pub fn kind(self) -> Kind {
         match self {
             Precision::Dense(kind) => kind,
-            Precision::Int8 => Kind::Float,
+            Precision::Quantized(_) => Kind::Float,
         }
     }
 }
 
-/// [`parse_dtype`], and `int8` (or `q8_0`).
+/// [`parse_dtype`], and `int8` (or `q8_0`) and `int4` (or `q4_0`).
 pub fn parse_precision(text: &str) -> Result<Precision> {
     match text {
-        "int8" | "q8_0" | "i8" => Ok(Precision::Int8),
+        "int8" | "q8_0" | "i8" => Ok(Precision::INT8),
+        "int4" | "q4_0" | "i4" => Ok(Precision::INT4),
         other => parse_dtype(other).map(Precision::Dense).map_err(|_| {
-            ModelError::Invalid(format!("unknown dtype `{other}`: use float32, bfloat16, float16 or int8"))
+            ModelError::Invalid(format!("unknown dtype `{other}`: use float32, bfloat16, float16, int8 or int4"))
         }),
     }
 }

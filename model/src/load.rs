@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use kernels::cpu::WeightFormat;
-use kernels::int8::Int8Weight;
+use kernels::quantized::{Format, QuantizedWeight};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint;
@@ -14,35 +14,40 @@ use crate::files;
 use crate::gpt_bigcode::{dtype_name, GptBigCode, Precision, Weights};
 use crate::{ModelError, Result};
 
-/// `quantization_config.quant_method` of a directory written by [`GptBigCode::save_int8`].
-pub const INT8_METHOD: &str = "wizard_int8";
+/// `quantization_config.quant_method` of a directory written by [`GptBigCode::save_quantized`]:
+/// `wizard_int8` or `wizard_int4`.
+pub fn quant_method(format: Format) -> String {
+    format!("wizard_{}", format.name())
+}
 
-/// The suffix of an int8 layer's scales tensor.
+/// The suffix of a quantized layer's scales tensor.
 const SCALE_SUFFIX: &str = "_scale";
 
-/// Whether `dir`'s config.json says its dense layers are int8 (another quantization is refused).
-fn is_int8_directory(dir: &Path) -> Result<bool> {
+/// The format `dir`'s config.json says its dense layers are quantized to, if any (another
+/// quantization is refused).
+fn directory_format(dir: &Path) -> Result<Option<Format>> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
     let config: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.clone(), message: e.to_string() })?;
-    let Some(quantization) = config.get("quantization_config") else { return Ok(false) };
+    let Some(quantization) = config.get("quantization_config") else { return Ok(None) };
     let error = |field: &str, message: String| ModelError::Config {
         path: path.clone(),
         field: format!("quantization_config.{field}"),
         message,
     };
     let method = quantization.get("quant_method").and_then(|m| m.as_str());
-    if method != Some(INT8_METHOD) {
-        return Err(error("quant_method", format!("{method:?} is not supported (only {INT8_METHOD})")));
-    }
-    // What our int8 records hold; a directory that says otherwise was written by something else.
-    for (field, expected) in [("bits", 8), ("block_size", kernels::int8::BLOCK)] {
+    let Some(format) = [Format::Int8, Format::Int4].into_iter().find(|&f| method == Some(quant_method(f).as_str()))
+    else {
+        return Err(error("quant_method", format!("{method:?} is not supported (only wizard_int8 and wizard_int4)")));
+    };
+    // What our records hold; a directory that says otherwise was written by something else.
+    for (field, expected) in [("bits", format.bits()), ("block_size", kernels::quantized::BLOCK)] {
         if let Some(value) = quantization.get(field).filter(|v| v.as_i64() != Some(expected)) {
-            return Err(error(field, format!("is {value}, but {INT8_METHOD} holds {expected}")));
+            return Err(error(field, format!("is {value}, but {} holds {expected}", quant_method(format))));
         }
     }
-    Ok(true)
+    Ok(Some(format))
 }
 
 /// Buffers that old checkpoints carry and `transformers` ignores.
@@ -58,8 +63,8 @@ impl GptBigCode {
     }
 
     /// [`load`](Self::load) into a model whose zeros are laid out as `zeros` says; with
-    /// [`Weights::ZerosInt8Dense`] each dense layer is quantized as it is read, and `progress` hears
-    /// (done, total) layers.
+    /// [`Weights::ZerosQuantizedDense`] each dense layer is quantized as it is read, and `progress`
+    /// hears (done, total) layers.
     fn load_into(
         dir: &Path,
         kind: Kind,
@@ -68,15 +73,21 @@ impl GptBigCode {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<GptBigCode> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let quantized = is_int8_directory(dir)?;
-        if quantized && (kind != Kind::Float || device != Device::Cpu) {
+        let stored = directory_format(dir)?;
+        let quantized = stored.is_some();
+        if let Some(stored) = stored.filter(|_| kind != Kind::Float || device != Device::Cpu) {
+            let name = stored.name();
             return Err(ModelError::Invalid(format!(
-                "{} holds int8 weights: load it with --dtype int8 on the CPU",
+                "{} holds {name} weights: load it with --dtype {name} on the CPU",
                 dir.display()
             )));
         }
         let tied = config.tie_word_embeddings;
-        let quantize_as_read = zeros == Weights::ZerosInt8Dense;
+        // A quantized directory's own format wins (a request for another is refused by the caller).
+        let (quantize_as_read, format) = match zeros {
+            Weights::ZerosQuantizedDense(format) => (true, stored.unwrap_or(format)),
+            _ => (false, stored.unwrap_or(Format::Int8)),
+        };
         let narrow_as_read = zeros == Weights::ZerosBf16Dense;
         let table = [config.vocab_size, config.n_embd];
         // Tied and narrowed, the token table lives in the head: read once, into it.
@@ -85,8 +96,8 @@ impl GptBigCode {
         let mut quantized_layers = 0;
         let mut model = GptBigCode::build(config, device, kind, zeros)?;
         let mut pending = model.vars().variables();
-        // int8 layers: name -> (values, scales, the file they came from).
-        let mut int8: BTreeMap<String, (Option<Tensor>, Option<Tensor>, PathBuf)> = BTreeMap::new();
+        // Quantized layers: name -> (values, scales, the file they came from).
+        let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>, PathBuf)> = BTreeMap::new();
         tch::no_grad(|| {
             checkpoint::for_each_tensor(dir, |name, tensor, file| {
                 let tensor_error = |message: String| ModelError::Tensor {
@@ -96,14 +107,14 @@ impl GptBigCode {
                 };
                 if quantized {
                     if let Some(layer) = name.strip_suffix(SCALE_SUFFIX) {
-                        int8.entry(layer.to_string()).or_insert((None, None, file.to_path_buf())).1 = Some(tensor);
+                        parts.entry(layer.to_string()).or_insert((None, None, file.to_path_buf())).1 = Some(tensor);
                         return Ok(());
                     }
-                    if tensor.kind() == Kind::Int8 {
+                    if tensor.kind() == format.values_kind() {
                         if name != "lm_head.weight" && pending.remove(name).is_none() {
                             return Err(tensor_error("is not a dense layer of a GPTBigCode model".into()));
                         }
-                        int8.entry(name.to_string()).or_insert((None, None, file.to_path_buf())).0 = Some(tensor);
+                        parts.entry(name.to_string()).or_insert((None, None, file.to_path_buf())).0 = Some(tensor);
                         return Ok(());
                     }
                 }
@@ -114,8 +125,9 @@ impl GptBigCode {
                     }
                     pending.remove(name);
                     if quantize_as_read && !quantized {
-                        let weight = Int8Weight::quantize(&tensor).map_err(|e| tensor_error(e.to_string()))?;
-                        model.set_int8_layer("lm_head.weight", weight);
+                        let weight =
+                            QuantizedWeight::quantize(&tensor, format).map_err(|e| tensor_error(e.to_string()))?;
+                        model.set_quantized_layer("lm_head.weight", weight);
                         quantized_layers += 1;
                         progress(quantized_layers, layers);
                     } else if narrow_as_read {
@@ -124,7 +136,7 @@ impl GptBigCode {
                         }
                         model.set_bf16_head(&tensor);
                     }
-                    // An int8 directory's own head holds the table; an fp32 copy beside it is unused.
+                    // A quantized directory's own head holds the table; an fp32 copy beside it is unused.
                     return Ok(());
                 }
                 let dense_shape = model.dense_shape(name).filter(|_| !(tied && name == "lm_head.weight"));
@@ -133,10 +145,10 @@ impl GptBigCode {
                         let message = format!("has shape {:?}, config.json implies {:?}", tensor.size(), [out, inputs]);
                         return Err(tensor_error(message));
                     }
-                    let weight = Int8Weight::quantize(&tensor).map_err(|e| tensor_error(e.to_string()))?;
+                    let weight = QuantizedWeight::quantize(&tensor, format).map_err(|e| tensor_error(e.to_string()))?;
                     drop(tensor);
                     pending.remove(name);
-                    model.set_int8_layer(name, weight);
+                    model.set_quantized_layer(name, weight);
                     quantized_layers += 1;
                     progress(quantized_layers, layers);
                     return Ok(());
@@ -165,13 +177,13 @@ impl GptBigCode {
                 Ok(())
             })
         })?;
-        let untied_head = !tied && int8.contains_key("lm_head.weight");
-        // The table of a tied int8 directory is its int8 head.
-        let table_in_int8_head = quantized && tied;
+        let untied_head = !tied && parts.contains_key("lm_head.weight");
+        // The table of a tied quantized directory is its quantized head.
+        let table_in_quantized_head = quantized && tied;
         let mut missing: Vec<String> = pending
             .into_keys()
             .filter(|name| !(untied_head && name == "lm_head.weight"))
-            .filter(|name| !(table_in_int8_head && name == "transformer.wte.weight"))
+            .filter(|name| !(table_in_quantized_head && name == "transformer.wte.weight"))
             .collect();
         missing.sort();
         if let Some(first) = missing.first() {
@@ -179,29 +191,30 @@ impl GptBigCode {
             let message = format!("missing from the checkpoint ({} missing in all)", missing.len());
             return Err(ModelError::Tensor { path: file, tensor: first.clone(), message });
         }
-        if quantized && !int8.contains_key("lm_head.weight") {
+        if quantized && !parts.contains_key("lm_head.weight") {
             let file = checkpoint::weight_files(dir)?.remove(0);
-            let message = "missing from an int8 checkpoint (the head is int8 there)".to_string();
+            let message = format!("missing from an {0} checkpoint (the head is {0} there)", format.name());
             return Err(ModelError::Tensor { path: file, tensor: "lm_head.weight".into(), message });
         }
-        for (name, (values, scales, file)) in int8 {
+        for (name, (values, scales, file)) in parts {
             let error = |message: String| ModelError::Tensor { path: file.clone(), tensor: name.clone(), message };
-            let values =
-                values.ok_or_else(|| error(format!("has a scale ({name}{SCALE_SUFFIX}) but no int8 values")))?;
+            let values = values
+                .ok_or_else(|| error(format!("has a scale ({name}{SCALE_SUFFIX}) but no {} values", format.name())))?;
             let scales = scales.ok_or_else(|| error(format!("has no scale tensor {name}{SCALE_SUFFIX}")))?;
             let (out, in_features) = model.dense_shape(&name).ok_or_else(|| error("is not a dense layer".into()))?;
             if values.size().first() != Some(&out) {
                 return Err(error(format!("has {:?} rows, config.json implies {out}", values.size())));
             }
-            let weight = Int8Weight::from_parts(values, scales, in_features).map_err(|e| error(e.to_string()))?;
-            model.set_int8_layer(&name, weight);
+            let weight =
+                QuantizedWeight::from_parts(values, scales, in_features, format).map_err(|e| error(e.to_string()))?;
+            model.set_quantized_layer(&name, weight);
         }
         Ok(model)
     }
 
     /// Loads `dir` in `precision` for inference: a dense dtype (bf16 on the CPU: bf16 dense weights
-    /// over fp32 activations), or int8 (quantized here unless the directory already holds int8
-    /// weights, from `wizard quantize`). `progress` hears (done, total) layers. On the CPU each
+    /// over fp32 activations), or int8 or int4 (quantized here unless the directory already holds
+    /// such weights, from `wizard quantize`). `progress` hears (done, total) layers. On the CPU each
     /// fp32 dense shape's product is chosen by a measurement ([`kernels::calibrate`]).
     pub fn load_as(
         dir: &Path,
@@ -212,29 +225,35 @@ impl GptBigCode {
         // bf16 on the CPU: bf16 dense weights over fp32 activations (what the dense kernel reads at
         // half the bytes; libtorch's CPU ops in bf16 cost more than they save).
         let narrow = precision == Precision::Dense(Kind::BFloat16) && device == Device::Cpu;
-        if precision == Precision::Int8 && device != Device::Cpu {
-            return Err(ModelError::Invalid("int8 weights are for the CPU: use --dtype bfloat16 on a GPU".into()));
+        if let (Precision::Quantized(format), false) = (precision, device == Device::Cpu) {
+            return Err(ModelError::Invalid(format!(
+                "{} weights are for the CPU: use --dtype bfloat16 on a GPU",
+                format.name()
+            )));
         }
-        // Dense weights are narrowed or quantized as they are read: peak memory is the bf16 or int8
-        // model's, not fp32's.
+        // Dense weights are narrowed or quantized as they are read: peak memory is the bf16 or
+        // quantized model's, not fp32's.
         let zeros = match precision {
             _ if narrow => Weights::ZerosBf16Dense,
-            Precision::Int8 => Weights::ZerosInt8Dense,
+            Precision::Quantized(format) => Weights::ZerosQuantizedDense(format),
             Precision::Dense(_) => Weights::Zeros,
         };
         let kind = if narrow { Kind::Float } else { precision.kind() };
         let mut progress = progress;
         let model = kernels::memory::loading_weights(|| {
             let mut model = GptBigCode::load_into(dir, kind, device, zeros, &mut progress)?;
-            if precision != Precision::Int8 && model.is_int8() {
+            if let Some(stored) = model.quantized_format().filter(|&f| precision != Precision::Quantized(f)) {
+                let name = stored.name();
                 return Err(ModelError::Invalid(format!(
-                    "{} holds int8 weights (from `wizard quantize`): load it with --dtype int8",
+                    "{} holds {name} weights (from `wizard quantize`): load it with --dtype {name}",
                     dir.display()
                 )));
             }
-            if precision == Precision::Int8 && !model.is_int8() {
+            if let Precision::Quantized(format) = precision {
                 // What was not quantized as it was read: a head tied to the embeddings.
-                model.quantize_int8(&mut progress)?;
+                if model.quantized_format().is_none() {
+                    model.quantize(format, &mut progress)?;
+                }
             }
             if narrow {
                 model.narrow_dense_weights()?;
@@ -258,8 +277,9 @@ impl GptBigCode {
             }
             // Whether decode steps prefetch the next weight rows, and take bf16 on AMX tiles, by a
             // measurement too (cached).
-            let int8: Vec<&Int8Weight> = model.int8_layers().into_iter().map(|(_, weight)| weight).collect();
-            for m in kernels::calibrate::calibrate_one_row(&weights, &int8, cache.as_deref()) {
+            let quantized: Vec<&QuantizedWeight> =
+                model.quantized_layers().into_iter().map(|(_, weight)| weight).collect();
+            for m in kernels::calibrate::calibrate_one_row(&weights, &quantized, cache.as_deref()) {
                 tracing::debug!(
                     question = ?m.question,
                     kind = ?m.kind,
@@ -275,21 +295,21 @@ impl GptBigCode {
         Ok(model)
     }
 
-    /// Writes an int8 model (from [`quantize_int8`](Self::quantize_int8)) into `dir`: the int8 values
-    /// under each dense layer's name, their fp32 scales under `NAME_scale`, the rest in fp32, and
-    /// config.json with a `quantization_config`.
-    pub fn save_int8(&self, dir: &Path) -> Result<()> {
-        if !self.is_int8() {
-            return Err(ModelError::Invalid("the model is not int8".into()));
-        }
+    /// Writes a quantized model (from [`quantize`](Self::quantize)) into `dir`: the values (int8, or
+    /// int4 two to a uint8 byte) under each dense layer's name, their fp32 scales under
+    /// `NAME_scale`, the rest in fp32, and config.json with a `quantization_config`.
+    pub fn save_quantized(&self, dir: &Path) -> Result<()> {
+        let Some(format) = self.quantized_format() else {
+            return Err(ModelError::Invalid("the model is not quantized".into()));
+        };
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let layers = self.int8_layers();
+        let layers = self.quantized_layers();
         let mut tensors: Vec<(String, Tensor)> = self
             .vars()
             .variables()
             .into_iter()
             .filter(|(name, _)| !layers.iter().any(|(layer, _)| layer == name))
-            // Tied, the table is the int8 head.
+            // Tied, the table is the quantized head.
             .filter(|(name, _)| !(self.table_in_head() && name == "transformer.wte.weight"))
             .collect();
         for (name, weight) in layers {
@@ -301,10 +321,18 @@ impl GptBigCode {
         checkpoint::save_as_they_are(dir, &tensors)?;
         let mut config: serde_json::Value =
             serde_json::from_str(&self.config().to_json(dtype_name(Kind::Float))).expect("config is JSON");
+        let values = match format {
+            Format::Int8 => "int8 [out, in padded to a multiple of 32], in NAME",
+            Format::Int4 => {
+                "uint8 [out, in padded to a multiple of 32 / 2], in NAME: value 2i in the low nibble, 2i + 1 in the \
+                 high one, each stored plus 8 (values -8..=7)"
+            }
+        };
         config["quantization_config"] = serde_json::json!({
-            "quant_method": INT8_METHOD,
-            "bits": 8,
-            "block_size": kernels::int8::BLOCK,
+            "quant_method": quant_method(format),
+            "bits": format.bits(),
+            "block_size": kernels::quantized::BLOCK,
+            "values": values,
             "scales": "float32, one per block of 32 input features of each output row, in NAME_scale",
             "modules": "every attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj and lm_head",
         });
@@ -316,9 +344,9 @@ impl GptBigCode {
     /// Writes `config.json` and `model.safetensors` in `kind` into `dir` (created if needed), each
     /// replaced atomically.
     pub fn save(&self, dir: &Path, kind: Kind) -> Result<()> {
-        if self.table_in_head() || self.is_int8() {
+        if self.table_in_head() || self.quantized_format().is_some() {
             return Err(ModelError::Invalid(
-                "an int8 or bf16-narrowed model is saved with save_int8 or not at all".into(),
+                "a quantized or bf16-narrowed model is saved with save_quantized or not at all".into(),
             ));
         }
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
@@ -336,7 +364,7 @@ impl GptBigCode {
 fn note_kernel_fallback(precision: Precision) {
     static SAID: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let format = match precision {
-        Precision::Int8 => WeightFormat::Int8,
+        Precision::Quantized(_) => WeightFormat::Quantized,
         Precision::Dense(Kind::BFloat16) => WeightFormat::Bfloat16,
         Precision::Dense(Kind::Float) => WeightFormat::Float32,
         Precision::Dense(_) => return,

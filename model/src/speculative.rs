@@ -563,7 +563,7 @@ mod tests {
         let target = model(1, 3, 64, 97, 0.3);
         let dir = tempfile::tempdir().unwrap();
         target.save(dir.path(), Kind::Float).unwrap();
-        let copy = GptBigCode::load_as(dir.path(), Precision::Int8, Device::Cpu, |_, _| {}).unwrap();
+        let copy = GptBigCode::load_as(dir.path(), Precision::INT8, Device::Cpu, |_, _| {}).unwrap();
         let other = model(2, 1, 32, 97, 0.3);
         // The same shape, other weights: its drafts would follow keys it did not make.
         let same_shape = model(3, 3, 64, 97, 0.3);

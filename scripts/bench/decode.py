@@ -1,21 +1,23 @@
 """Prefill and decode tokens/s of wizard vs llama.cpp's llama-bench on the same weights, per precision.
 
 Usage: .wizard/python scripts/bench/decode.py [--shapes d768,1b] [--threads 2] [--prompt-tokens 128]
-                                             [--new-tokens 128] [--self-speculation]
+                                             [--new-tokens 128] [--self-speculation] [--draft int8|int4]
+                                             [--precisions float32,bfloat16,int8,int4]
 
 1. Models: random GPTBigCode checkpoints made with transformers under target/bench-models, with the
    byte-level BPE tokenizer of 4000 tokens that scripts/bench/http_serve.py trains: `d768` (d768 L12
    H12 MQA, 76M parameters, http_serve.py's model) and `1b` (StarCoder-1B's shape: d2048 L24 H16 MQA,
    inner 8192, about 1.1B parameters). Each is converted to f32, bf16 and q8_0 GGUFs by llama.cpp's own
-   converter (scripts/bench/llama_cpp.sh, which builds llama.cpp first if needed).
+   converter, and to q4_0 by llama-quantize (scripts/bench/llama_cpp.sh, which builds llama.cpp first
+   if needed).
 2. wizard: the `model` crate's generate bench (best of 3 rounds or more for small models; prefill = one pass over the prompt,
-   decode = (generate - prefill) / new tokens) with --dtype float32, bfloat16 and int8; llama.cpp:
-   `llama-bench -p P -n N -t T` on the f32, bf16 and q8_0 GGUFs. Each runs in its own process; peak RSS is
+   decode = (generate - prefill) / new tokens) with --dtype float32, bfloat16, int8 and int4; llama.cpp:
+   `llama-bench -p P -n N -t T` on the f32, bf16, q8_0 and q4_0 GGUFs. Each runs in its own process; peak RSS is
    its maximum resident set. "decode reads" is the GGUF's size times decode tok/s (a step streams every
    weight once) beside the rate the machine reads memory at (T threads summing 512 MiB, best of 5).
    The engines alternate twice per precision and each keeps its best figures (llama.cpp: its fastest
    repetition); wizard's peak RSS is the bench's own before the bandwidth probe.
-3. With --self-speculation, the generate bench also decodes with the target's own int8 copy drafting
+3. With --self-speculation, the generate bench also decodes with the target's own int8 (--draft) copy drafting
    (greedy, over the target's KV cache), in rounds alternating with plain ones, and reports the speedup
    over the plain rounds beside it, the acceptance, the measured costs, and whether the tokens are the
    target's.
@@ -39,7 +41,7 @@ SHAPES = {
     "d768": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),
     "1b": dict(n_embd=2048, n_layer=24, n_head=16, n_positions=2048, n_inner=8192),
 }
-PRECISIONS = [("float32", "f32"), ("bfloat16", "bf16"), ("int8", "q8_0")]
+PRECISIONS = [("float32", "f32"), ("bfloat16", "bf16"), ("int8", "q8_0"), ("int4", "q4_0")]
 
 
 def model_dir(shape):
@@ -107,6 +109,9 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--self-speculation", action="store_true")
+    parser.add_argument("--draft", default="int8", help="the target's own copy that drafts: int8 or int4")
+    parser.add_argument("--precisions", default=",".join(d for d, _ in PRECISIONS),
+                        help="which of float32,bfloat16,int8,int4 to run")
     parser.add_argument("--wizard", type=pathlib.Path, default=REPO / "target" / "release" / "wizard")
     args = parser.parse_args()
     subprocess.run(["cargo", "bench", "-p", "model", "--bench", "generate", "--no-run"], check=True, cwd=REPO,
@@ -121,8 +126,9 @@ def main():
               "| decode reads GB/s wizard / llama.cpp (machine) | peak RSS MiB wizard / llama.cpp |")
         print("| --- | --- | --- | --- | --- |")
         speculation = None
-        for dtype, gguf_type in PRECISIONS:
-            extra = ["int8"] if args.self_speculation and dtype != "int8" and speculation is None else []
+        for dtype, gguf_type in [p for p in PRECISIONS if p[0] in args.precisions.split(",")]:
+            quantized = dtype in ("int8", "int4")
+            extra = [args.draft] if args.self_speculation and not quantized and speculation is None else []
             gguf = MODELS / f"{directory.name}-{gguf_type}.gguf"
             # The two engines alternate, twice, and each keeps its best: this VM's memory bandwidth
             # moves between minutes (28 to 74 GB/s within one run), and a single turn each compared
@@ -150,7 +156,7 @@ def main():
                   f"| {ours['peak_rss_mib']:.0f} / {llama_rss:.0f} |", flush=True)
         if speculation:
             dtype, ours = speculation
-            print(f"\nself-speculation ({dtype} target, its int8 copy drafting, greedy): "
+            print(f"\nself-speculation ({dtype} target, its {args.draft} copy drafting, greedy): "
                   f"{ours['speculative_decode_tokens_per_s']:.1f} tok/s vs {ours['plain_beside_decode_tokens_per_s']:.1f} "
                   f"alone in the rounds beside ({ours['speculative_speedup']:.2f}x, medians of {ours['rounds']} "
                   f"alternated rounds), acceptance {ours['acceptance']:.3f}, {ours['target_passes']:.1f} target passes "

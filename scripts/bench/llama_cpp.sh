@@ -3,10 +3,10 @@
 # against, built from source and fed the same weights.
 #
 # Usage: scripts/bench/llama_cpp.sh build
-#        scripts/bench/llama_cpp.sh convert MODEL_DIR f32|bf16|q8_0 OUT.gguf
+#        scripts/bench/llama_cpp.sh convert MODEL_DIR f32|bf16|q8_0|q4_0 OUT.gguf
 #        scripts/bench/llama_cpp.sh paths
 #
-# build    Builds `llama-server` and `llama-bench` from the llama.cpp that the pinned llama-cpp-python
+# build    Builds `llama-server`, `llama-bench` and `llama-quantize` from the llama.cpp that the pinned llama-cpp-python
 #          sdist on PyPI vendors (PyPI being the only package index this project may reach) into
 #          ${WIZARD_CACHE:-~/.cache/wizard}/llama.cpp-<version>/build/bin, with cmake and ninja from a
 #          venv beside it. CPU only, static, compiled for AVX2/AVX512 (VNNI, BF16) rather than
@@ -18,7 +18,8 @@
 #          accepts BPE tokenizers whose pre-tokenizer it knows by a hash of encoded test text; for any
 #          other tokenizer (such as one from `wizard tokenizer train`) the pre-tokenizer is named from
 #          tokenizer.json instead: ByteLevel alone is llama.cpp's `gpt-2`, Digits then ByteLevel (as in
-#          StarCoder's own tokenizer) is `starcoder`.
+#          StarCoder's own tokenizer) is `starcoder`. q4_0, which the converter does not write, is the
+#          f32 conversion quantized by llama-quantize.
 # paths    Prints the paths of a finished build.
 set -euo pipefail
 
@@ -36,12 +37,13 @@ JOBS=${JOBS:-2}
 paths() {
     echo "llama-server        $BIN/llama-server"
     echo "llama-bench         $BIN/llama-bench"
+    echo "llama-quantize      $BIN/llama-quantize"
     echo "convert_hf_to_gguf  $LLAMA/convert_hf_to_gguf.py"
     echo "gguf-py             $LLAMA/gguf-py"
 }
 
 build() {
-    if [[ -x $BIN/llama-server && -x $BIN/llama-bench ]]; then
+    if [[ -x $BIN/llama-server && -x $BIN/llama-bench && -x $BIN/llama-quantize ]]; then
         echo "llama.cpp of llama-cpp-python $VERSION is already built"
         paths
         return
@@ -64,7 +66,7 @@ build() {
         tar -xzf "$downloads/llama_cpp_python-$VERSION.tar.gz" -C "$ROOT"
     fi
     local log=$ROOT/build.log
-    echo "== configure and build llama-server, llama-bench (ninja -j$JOBS, log: $log)"
+    echo "== configure and build llama-server, llama-bench, llama-quantize (ninja -j$JOBS, log: $log)"
     if ! {
         PATH=$VENV/bin:$PATH nice -n 10 cmake -S "$LLAMA" -B "$BUILD" -G Ninja \
             -DCMAKE_BUILD_TYPE=Release \
@@ -76,7 +78,7 @@ build() {
             -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
             -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
             -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF &&
-        PATH=$VENV/bin:$PATH nice -n 10 cmake --build "$BUILD" --target llama-server llama-bench -- -j"$JOBS"
+        PATH=$VENV/bin:$PATH nice -n 10 cmake --build "$BUILD" --target llama-server llama-bench llama-quantize -- -j"$JOBS"
     } >"$log" 2>&1; then
         grep -E "error|Error|FAILED" "$log" | head -40 >&2 || true
         echo "error: the llama.cpp build failed; see $log" >&2
@@ -130,18 +132,25 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 convert() {
     if [[ $# -ne 3 ]]; then
-        echo "usage: $0 convert MODEL_DIR f32|bf16|q8_0 OUT.gguf" >&2
+        echo "usage: $0 convert MODEL_DIR f32|bf16|q8_0|q4_0 OUT.gguf" >&2
         exit 2
     fi
     local model=$1 outtype=$2 out=$3
-    case $outtype in f32|bf16|q8_0) ;; *) echo "error: outtype must be f32, bf16 or q8_0, not $outtype" >&2; exit 2 ;; esac
-    [[ -f $LLAMA/convert_hf_to_gguf.py ]] || build
+    case $outtype in f32|bf16|q8_0|q4_0) ;; *) echo "error: outtype must be f32, bf16, q8_0 or q4_0, not $outtype" >&2; exit 2 ;; esac
+    [[ -f $LLAMA/convert_hf_to_gguf.py && -x $BIN/llama-quantize ]] || build
     for file in config.json tokenizer.json; do
         [[ -f $model/$file ]] || { echo "error: $model/$file is missing" >&2; exit 1; }
     done
     [[ -x $TORCH_PYTHON ]] || { echo "error: no $TORCH_PYTHON; run scripts/setup.sh" >&2; exit 1; }
     mkdir -p "$(dirname "$out")"
-    "$TORCH_PYTHON" -c "$CONVERT_PY" "$LLAMA" "$model" --outtype "$outtype" --outfile "$out"
+    if [[ $outtype == q4_0 ]]; then
+        local f32=$out.f32.tmp
+        "$TORCH_PYTHON" -c "$CONVERT_PY" "$LLAMA" "$model" --outtype f32 --outfile "$f32"
+        "$BIN/llama-quantize" "$f32" "$out" q4_0 >/dev/null
+        rm -f "$f32"
+    else
+        "$TORCH_PYTHON" -c "$CONVERT_PY" "$LLAMA" "$model" --outtype "$outtype" --outfile "$out"
+    fi
     echo "wrote $out"
 }
 

@@ -250,8 +250,11 @@ impl Config {
         if let Some(dtype) = &self.run.dtype {
             let precision =
                 model::gpt_bigcode::parse_precision(dtype).map_err(|e| anyhow::anyhow!("`run.dtype`: {e}"))?;
-            if precision == model::gpt_bigcode::Precision::Int8 && self.run.device.starts_with("cuda") {
-                return fail("run.dtype", format!("int8 runs on the CPU, not on `run.device` = {:?}", self.run.device));
+            if precision.is_quantized() && self.run.device.starts_with("cuda") {
+                return fail(
+                    "run.dtype",
+                    format!("{dtype} runs on the CPU, not on `run.device` = {:?}", self.run.device),
+                );
             }
         }
         match (&self.base, &self.tokenizer, &self.pretrain) {

@@ -1,0 +1,807 @@
+// Weights quantized in blocks of 32 along `in` with one fp32 scale per block, in two formats, and
+// `x @ w^T + b` over them for inference on CPU:
+// - int8 (llama.cpp's q8_0, with fp32 scales): per block, scale = max|w| / 127 and q = round(w / scale)
+//   (ties to even; every q in [-127, 127]). Files hold values as int8 [out, padded] (in rounded up to a
+//   multiple of 32, zeros after `in`).
+// - int4 (q4_0's range): per block, q in [-8, 7], with the scale that minimises the block's squared
+//   error among a few candidate roundings (see quantize_block4_ref). Files hold values as uint8
+//   [out, padded / 2], two per byte: value 2i in the low nibble, 2i + 1 in the high one, each plus 8.
+// Scales are fp32 [out, padded / 32] in both.
+//
+// The kernels read a packed copy instead (made once, when a weight is quantized or loaded): outputs in
+// groups of 16 and, per group and block, one record: the block's values of the 16 outputs, then the 16
+// outputs' scales. int8 records (576 bytes) hold values as [8 quads][16 outputs][4 values], each plus
+// 128 (unsigned bytes); int4 records (320 bytes) hold four 64-byte lines [16 outputs][4 bytes], line p's
+// low nibbles quad p and high nibbles quad p + 4, each plus 8. One load (one nibble mask) holds four
+// values of 16 outputs, which one VNNI step multiplies by four activation bytes, so a block's integer
+// dot comes out whole for 16 outputs at once. The two formats' packed sizes differ for every shape,
+// which is how the fused decode block tells them apart.
+//
+// Each activation row is quantized as int8 blocks, and every output is
+//   y = 0; for each block b in order: y = fma(float(dot_b), weight scale_b * activation scale_b, y);
+//   then y + bias,
+// where dot_b, the block's integer dot, is exact (|dot_b| <= 32 * 127 * 128 < 2^24: the float is
+// exact too). So a row gives the same bits alone or with others, whatever the thread split, and the
+// AVX-512 VNNI, AVX2 and scalar kernels give the same bits as each other.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "cpu.h"
+#include "dense.h"
+#include "guard.h"
+#include "parallel.h"
+
+// GCC 12's AVX-512 reduction intrinsics read an intentionally undefined register (a false positive).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kGroup = 16;              // outputs per record
+constexpr int64_t kQuads = kBlock / 4;      // four-value steps per block
+constexpr int64_t kQuadBytes = 4 * kGroup;  // one quad of the 16 outputs (int8), or two (int4)
+// Bytes of a block's values of 16 outputs, and of its record (values, then scales): 576 and 320.
+constexpr int64_t values_bytes(int bits) { return kBlock * kGroup * bits / 8; }
+constexpr int64_t record_bytes(int bits) { return values_bytes(bits) + 4 * kGroup; }
+// What the kernels add to each stored value (so it is unsigned).
+constexpr int32_t stored_offset(int bits) { return bits == 8 ? 128 : 8; }
+// How far ahead of the records being read the kernels prefetch the weight: 12 KiB measured best on
+// one Zen 5 core, where the hardware prefetchers lost track of interleaved streams, and 0 (no lead)
+// faster on another AMD VM for a model of 81 MB; the load-time calibration (kernels::calibrate) times
+// both and sets this.
+std::atomic<int64_t> prefetch_bytes{12 * 1024};  // kernels::int8::PREFETCH_LEAD
+
+int64_t groups_of(int64_t out) { return (out + kGroup - 1) / kGroup; }
+
+// A packed weight as the kernels read it.
+struct Weights {
+  const uint8_t* packed;  // [groups][blocks] records
+  const float* bias;      // [out], or null
+  int64_t blocks, out;
+  int64_t prefetch;       // bytes ahead of the records read
+  int bits;               // 8 or 4
+  const uint8_t* record(int64_t g, int64_t b) const { return packed + (g * blocks + b) * record_bytes(bits); }
+};
+
+// The activation rows, quantized once per call.
+struct Activations {
+  int64_t rows, blocks;
+  int8_t* q;        // [rows][blocks * 32]
+  int32_t* sum;     // [rows][blocks]: the block's sum (VNNI's unsigned weights add offset * it)
+  float* scale;     // [rows][blocks]
+  const int8_t* values(int64_t r, int64_t b) const { return q + (r * blocks + b) * kBlock; }
+  int64_t at(int64_t r, int64_t b) const { return r * blocks + b; }
+};
+// Bytes of quantized activations per row and block.
+constexpr int64_t kActivationBytes = kBlock + 8;
+
+// One block of n <= 32 values (the rest of the 32 read as zeros) into `q` (32 bytes) and its scale:
+// max|v| / 127, and q = round-half-even(v / scale) — at most 127 in magnitude, since the rounded
+// scale is within an ulp of max|v| / 127. A zero scale gives zeros. A block holding NaN or an
+// infinity gets zeros and a NaN scale, so every output it enters is NaN. This is the definition the
+// vector versions below reproduce bit for bit.
+float quantize_block_ref(const float* v, int64_t n, int8_t* q) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < n; i++) {
+    finite = finite && std::isfinite(v[i]);
+    amax = std::max(amax, std::fabs(v[i]));
+  }
+  std::memset(q, 0, kBlock);
+  if (!finite) return std::numeric_limits<float>::quiet_NaN();
+  const float d = amax / 127.0f;
+  if (d == 0.0f) return 0.0f;
+  for (int64_t i = 0; i < n; i++) q[i] = static_cast<int8_t>(std::nearbyint(v[i] / d));
+  return d;
+}
+
+// One block of n <= 32 weights into int4 values q in [-8, 7] (32 bytes, the rest zeros) and its
+// scale. Candidate scales max / c (max: the value of largest magnitude, c near -8, q4_0's choice being
+// c = -8) each round the block; each rounding's least-squares scale (sum q v / sum q q) is kept where
+// it leaves the smallest squared error. A zero block gets scale 0. Quantize time only: the kernels
+// read whatever the scale is.
+float quantize_block4_ref(const float* v, int64_t n, int8_t* q) {
+  std::memset(q, 0, kBlock);
+  float max = 0.0f;
+  for (int64_t i = 0; i < n; i++)
+    if (std::fabs(v[i]) > std::fabs(max)) max = v[i];
+  if (max == 0.0f) return 0.0f;
+  // Adding and taking away 1.5 * 2^23 rounds |x| < 2^22 to the nearest integer, ties to even (the
+  // default rounding mode), in plain float arithmetic that vectorizes, unlike nearbyint.
+  constexpr float kRound = 12582912.0f;
+  float trial[kBlock];
+  float best_error = std::numeric_limits<float>::infinity(), best = 0.0f;
+  for (int step = 0; step <= 8; step++) {
+    const float inverse = (-8.0f + 0.25f * static_cast<float>(step)) / max;
+    float qv = 0.0f, qq = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+      const float r = (v[i] * inverse + kRound) - kRound;
+      trial[i] = std::min(7.0f, std::max(-8.0f, r));
+      qv += trial[i] * v[i];
+      qq += trial[i] * trial[i];
+    }
+    if (qq == 0.0f) continue;
+    const float d = qv / qq;
+    float error = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+      const float e = v[i] - d * trial[i];
+      error += e * e;
+    }
+    if (error < best_error) {
+      best_error = error, best = d;
+      for (int64_t i = 0; i < n; i++) q[i] = static_cast<int8_t>(trial[i]);
+    }
+  }
+  return best;
+}
+
+// Quantizes every row's blocks with `quantize_block` (one of the versions below, all the same bits).
+template <typename Quantize>
+void prepare_with(Quantize quantize_block, const float* x, int64_t in, const Activations& a) {
+  for (int64_t r = 0; r < a.rows; r++)
+    for (int64_t b = 0; b < a.blocks; b++) {
+      int8_t* q = a.q + a.at(r, b) * kBlock;
+      a.scale[a.at(r, b)] = quantize_block(x + r * in + b * kBlock, std::min(kBlock, in - b * kBlock), q);
+      int32_t sum = 0;
+      for (int64_t k = 0; k < kBlock; k++) sum += q[k];
+      a.sum[a.at(r, b)] = sum;
+    }
+}
+
+// Output `col`'s value at position k of a record: the stored byte (int8) or nibble (int4), unsigned,
+// minus its offset.
+template <int Bits>
+inline int32_t value_at(const uint8_t* record, int64_t col, int64_t k) {
+  if constexpr (Bits == 8) {
+    return int32_t{record[(k / 4) * kQuadBytes + col * 4 + k % 4]} - 128;
+  } else {
+    const uint8_t byte = record[((k / 4) % 4) * kQuadBytes + col * 4 + k % 4];
+    return int32_t{k < 16 ? byte & 0x0F : byte >> 4} - 8;
+  }
+}
+inline int32_t value_at(int bits, const uint8_t* record, int64_t col, int64_t k) {
+  return bits == 8 ? value_at<8>(record, col, k) : value_at<4>(record, col, k);
+}
+inline const float* scales_of(int bits, const uint8_t* record) {
+  return reinterpret_cast<const float*>(record + values_bytes(bits));
+}
+
+// Portable: any x86-64 CPU. Slow (tens of times slower than AVX2), but in the same order as the
+// vector kernels.
+namespace scalar {
+
+void prepare(const float* x, int64_t in, const Activations& a) { prepare_with(quantize_block_ref, x, in, a); }
+
+template <int Bits, int R, int J>
+inline void dots(const Activations& a, int64_t r, const Weights& w, float* y, int64_t g) {
+  static_assert(R == 1 && J == 1, "the scalar kernel takes one row and one group at a time");
+  float acc[kGroup] = {};
+  for (int64_t b = 0; b < w.blocks; b++) {
+    const uint8_t* rec = w.record(g, b);
+    const int8_t* q = a.values(r, b);
+    for (int64_t c = 0; c < kGroup; c++) {
+      int32_t dot = 0;
+      for (int64_t k = 0; k < kBlock; k++) dot += int32_t{q[k]} * value_at<Bits>(rec, c, k);
+      acc[c] = std::fma(static_cast<float>(dot), scales_of(Bits, rec)[c] * a.scale[a.at(r, b)], acc[c]);
+    }
+  }
+  for (int64_t c = 0; c < kGroup && g * kGroup + c < w.out; c++) {
+    const int64_t j = g * kGroup + c;
+    y[r * w.out + j] = w.bias ? acc[c] + w.bias[j] : acc[c];
+  }
+}
+
+#include "quantized_kernel.h"
+
+void rows_times_weight(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
+  if (w.bits == 8)
+    rows_times_weight_by<8, 1, 1>(a, w, y, begin, end);
+  else
+    rows_times_weight_by<4, 1, 1>(a, w, y, begin, end);
+}
+}  // namespace scalar
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+
+inline __m256 load_first(const float* p, int64_t n) {
+  if (n >= 8) return _mm256_loadu_ps(p);
+  if (n <= 0) return _mm256_setzero_ps();
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane));
+}
+
+// quantize_block_ref, eight lanes at a time.
+inline float quantize_block(const float* x, int64_t n, int8_t* q) {
+  __m256 v[4];
+  for (int k = 0; k < 4; k++) v[k] = load_first(x + 8 * k, n - 8 * k);
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 amax = _mm256_setzero_ps();
+  int bad = 0;
+  for (int k = 0; k < 4; k++) {
+    const __m256 a = _mm256_andnot_ps(sign, v[k]);
+    bad |= _mm256_movemask_ps(_mm256_cmp_ps(a, inf, _CMP_NLT_UQ));
+    amax = _mm256_max_ps(amax, a);
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_setzero_si256());
+  if (bad) return std::numeric_limits<float>::quiet_NaN();
+  const float d = _mm_cvtss_f32(m) / 127.0f;
+  if (d == 0.0f) return 0.0f;
+  const __m256 vd = _mm256_set1_ps(d);
+  __m256i i0 = _mm256_cvtps_epi32(_mm256_div_ps(v[0], vd)), i1 = _mm256_cvtps_epi32(_mm256_div_ps(v[1], vd));
+  __m256i i2 = _mm256_cvtps_epi32(_mm256_div_ps(v[2], vd)), i3 = _mm256_cvtps_epi32(_mm256_div_ps(v[3], vd));
+  // The packs work within 128-bit halves; the permutation puts the four-byte groups back in order.
+  i0 = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+  i0 = _mm256_permutevar8x32_epi32(i0, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), i0);
+  return d;
+}
+
+void prepare(const float* x, int64_t in, const Activations& a) { prepare_with(quantize_block, x, in, a); }
+
+// R activation rows times one group of 16 outputs, as two halves of 8. The sign trick: maddubs
+// multiplies unsigned by signed bytes, so |x| times w with x's sign (|products| <= 127 * 127, no
+// 16-bit pair saturates), and madd sums the pairs into each output's four-product lane.
+template <int Bits, int R, int J>
+inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, int64_t g) {
+  static_assert(J == 1, "the AVX2 kernel takes one group at a time");
+  __m256 acc[R][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+  for (int64_t b = 0; b < w.blocks; b++) {
+    const uint8_t* rec = w.record(g, b);
+    __m256i dot[R][2];
+    for (int r = 0; r < R; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < kQuads; k++) {
+      // Quad k's signed values of outputs 0-7 (w0) and 8-15 (w1).
+      __m256i w0, w1;
+      if constexpr (Bits == 8) {
+        const uint8_t* quad = rec + k * kQuadBytes;
+        _mm_prefetch(reinterpret_cast<const char*>(quad) + w.prefetch, _MM_HINT_T0);
+        w0 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(quad)), flip);
+        w1 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(quad + 32)), flip);
+      } else {
+        const uint8_t* line = rec + (k % 4) * kQuadBytes;
+        if (k < 4) _mm_prefetch(reinterpret_cast<const char*>(line) + w.prefetch, _MM_HINT_T0);
+        const int shift = k < 4 ? 0 : 4;
+        const __m256i l0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(line));
+        const __m256i l1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(line + 32));
+        w0 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(l0, shift), nibble), eight);
+        w1 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(l1, shift), nibble), eight);
+      }
+      for (int r = 0; r < R; r++) {
+        int32_t four;
+        std::memcpy(&four, a.values(r0 + r, b) + 4 * k, sizeof four);
+        const __m256i x = _mm256_set1_epi32(four), magnitude = _mm256_abs_epi8(x);
+        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w0, x)), ones);
+        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w1, x)), ones);
+        dot[r][0] = _mm256_add_epi32(dot[r][0], p0);
+        dot[r][1] = _mm256_add_epi32(dot[r][1], p1);
+      }
+    }
+    const float* scales = scales_of(Bits, rec);
+    _mm_prefetch(reinterpret_cast<const char*>(scales) + w.prefetch, _MM_HINT_T0);
+    const __m256 s0 = _mm256_load_ps(scales), s1 = _mm256_load_ps(scales + 8);
+    for (int r = 0; r < R; r++) {
+      const __m256 xs = _mm256_set1_ps(a.scale[a.at(r0 + r, b)]);
+      acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][0]), _mm256_mul_ps(s0, xs), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][1]), _mm256_mul_ps(s1, xs), acc[r][1]);
+    }
+  }
+  const int64_t first = g * kGroup, n = std::min(kGroup, w.out - first);
+  for (int r = 0; r < R; r++) {
+    alignas(32) float sums[kGroup];
+    _mm256_store_ps(sums, acc[r][0]);
+    _mm256_store_ps(sums + 8, acc[r][1]);
+    float* out = y + (r0 + r) * w.out + first;
+    for (int64_t c = 0; c < n; c++) out[c] = w.bias ? sums[c] + w.bias[first + c] : sums[c];
+  }
+}
+
+#include "quantized_kernel.h"
+
+void rows_times_weight(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
+  if (w.bits == 8)
+    rows_times_weight_by<8, 2, 1>(a, w, y, begin, end);
+  else
+    rows_times_weight_by<4, 2, 1>(a, w, y, begin, end);
+}
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vnni,avx2,fma")
+namespace vnni {
+
+// quantize_block_ref, sixteen lanes at a time.
+inline float quantize_block(const float* x, int64_t n, int8_t* q) {
+  const __mmask16 m0 = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  const __mmask16 m1 = n >= 32 ? 0xFFFF : n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : 0;
+  const __m512 v0 = _mm512_maskz_loadu_ps(m0, x), v1 = _mm512_maskz_loadu_ps(m1, x + 16);
+  const __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1);
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const bool bad = (_mm512_cmp_ps_mask(a0, inf, _CMP_NLT_UQ) | _mm512_cmp_ps_mask(a1, inf, _CMP_NLT_UQ)) != 0;
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_setzero_si256());
+  if (bad) return std::numeric_limits<float>::quiet_NaN();
+  const float d = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1)) / 127.0f;
+  if (d == 0.0f) return 0.0f;
+  const __m512 vd = _mm512_set1_ps(d);
+  const __m128i q0 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(v0, vd)));
+  const __m128i q1 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(v1, vd)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_set_m128i(q1, q0));
+  return d;
+}
+
+void prepare(const float* x, int64_t in, const Activations& a) { prepare_with(quantize_block, x, in, a); }
+
+// R activation rows times J groups of 16 outputs. dpbusd multiplies the unsigned values (w + 128,
+// or w + 8) by four activation bytes, broadcast, and adds the four products to each output's lane;
+// starting from -offset * sum(x), eight steps leave the block's exact dot w . x. An int4 line gives
+// two steps' values: its low nibbles and its high ones.
+template <int Bits, int R, int J>
+inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, int64_t g0) {
+  __m512 acc[R][J];
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < J; j++) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < w.blocks; b++) {
+    const uint8_t* rec[J];
+    for (int j = 0; j < J; j++) rec[j] = w.record(g0 + j, b);
+    __m512i dot[R][J];
+    for (int r = 0; r < R; r++) {
+      const __m512i offset = _mm512_set1_epi32(-stored_offset(Bits) * a.sum[a.at(r0 + r, b)]);
+      for (int j = 0; j < J; j++) dot[r][j] = offset;
+    }
+    if constexpr (Bits == 8) {
+      for (int64_t k = 0; k < kQuads; k++) {
+        __m512i values[J];
+        for (int j = 0; j < J; j++) {
+          const uint8_t* quad = rec[j] + k * kQuadBytes;
+          _mm_prefetch(reinterpret_cast<const char*>(quad) + w.prefetch, _MM_HINT_T0);
+          values[j] = _mm512_load_si512(quad);
+        }
+        for (int r = 0; r < R; r++) {
+          int32_t four;
+          std::memcpy(&four, a.values(r0 + r, b) + 4 * k, sizeof four);
+          const __m512i x = _mm512_set1_epi32(four);
+          for (int j = 0; j < J; j++) dot[r][j] = _mm512_dpbusd_epi32(dot[r][j], values[j], x);
+        }
+      }
+    } else {
+      const __m512i nibble = _mm512_set1_epi8(0x0F);
+      for (int64_t p = 0; p < kQuads / 2; p++) {
+        __m512i low[J], high[J];
+        for (int j = 0; j < J; j++) {
+          const uint8_t* line = rec[j] + p * kQuadBytes;
+          _mm_prefetch(reinterpret_cast<const char*>(line) + w.prefetch, _MM_HINT_T0);
+          const __m512i both = _mm512_load_si512(line);
+          low[j] = _mm512_and_si512(both, nibble);
+          high[j] = _mm512_and_si512(_mm512_srli_epi32(both, 4), nibble);
+        }
+        for (int r = 0; r < R; r++) {
+          int32_t four_low, four_high;
+          std::memcpy(&four_low, a.values(r0 + r, b) + 4 * p, sizeof four_low);
+          std::memcpy(&four_high, a.values(r0 + r, b) + 16 + 4 * p, sizeof four_high);
+          const __m512i x_low = _mm512_set1_epi32(four_low), x_high = _mm512_set1_epi32(four_high);
+          for (int j = 0; j < J; j++) {
+            dot[r][j] = _mm512_dpbusd_epi32(dot[r][j], low[j], x_low);
+            dot[r][j] = _mm512_dpbusd_epi32(dot[r][j], high[j], x_high);
+          }
+        }
+      }
+    }
+    for (int j = 0; j < J; j++) {
+      const float* record_scales = scales_of(Bits, rec[j]);
+      _mm_prefetch(reinterpret_cast<const char*>(record_scales) + w.prefetch, _MM_HINT_T0);
+      const __m512 scales = _mm512_load_ps(record_scales);
+      for (int r = 0; r < R; r++)
+        acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][j]),
+                                    _mm512_mul_ps(scales, _mm512_set1_ps(a.scale[a.at(r0 + r, b)])), acc[r][j]);
+    }
+  }
+  for (int j = 0; j < J; j++) {
+    const int64_t first = (g0 + j) * kGroup, n = std::min(kGroup, w.out - first);
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+    const __m512 bias = w.bias ? _mm512_maskz_loadu_ps(mask, w.bias + first) : _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) {
+      const __m512 sum = w.bias ? _mm512_add_ps(acc[r][j], bias) : acc[r][j];
+      _mm512_mask_storeu_ps(y + (r0 + r) * w.out + first, mask, sum);
+    }
+  }
+}
+
+#include "quantized_kernel.h"
+
+// One row meets four groups at once (decode); more rows go four at a time against two groups: 16
+// accumulators, 8 dots, 2 weight registers of 32.
+template <int Bits>
+void rows_times_weight_in(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
+  if (a.rows == 1)
+    rows_times_weight_by<Bits, 1, 4>(a, w, y, begin, end);
+  else
+    rows_times_weight_by<Bits, 4, 2>(a, w, y, begin, end);
+}
+void rows_times_weight(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
+  if (w.bits == 8)
+    rows_times_weight_in<8>(a, w, y, begin, end);
+  else
+    rows_times_weight_in<4>(a, w, y, begin, end);
+}
+}  // namespace vnni
+#pragma GCC pop_options
+
+struct Kernel {
+  void (*prepare)(const float* x, int64_t in, const Activations& a);
+  void (*rows_times_weight)(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end);
+};
+
+constexpr Kernel kScalar{scalar::prepare, scalar::rows_times_weight};
+constexpr Kernel kAvx2{avx2::prepare, avx2::rows_times_weight};
+constexpr Kernel kVnni{vnni::prepare, vnni::rows_times_weight};
+
+// The kernel for `isa` (0: the widest this CPU runs, 1: AVX2, 2: scalar), or none.
+const Kernel* kernel_for(int isa) {
+  switch (isa) {
+    case 0: return wizard::cpu::avx512_vnni() ? &kVnni : wizard::cpu::avx2() ? &kAvx2 : &kScalar;
+    case 1: return wizard::cpu::avx2() ? &kAvx2 : nullptr;
+    case 2: return &kScalar;
+    default: return nullptr;
+  }
+}
+
+std::string describe(const at::Tensor& t) {
+  std::string sizes;
+  for (int64_t s : t.sizes()) sizes += (sizes.empty() ? "" : ", ") + std::to_string(s);
+  return std::string(c10::toString(t.scalar_type())) + " [" + sizes + "] on " + t.device().str();
+}
+
+int64_t blocks_of(int64_t in) { return (in + kBlock - 1) / kBlock; }
+
+std::string format_name(int bits) { return bits == 8 ? "int8" : "int4"; }
+
+void check_bits(int bits) {
+  if (bits != 8 && bits != 4)
+    throw std::invalid_argument("quantized weight: " + std::to_string(bits) + " bits is not a format (8 or 4)");
+}
+
+// The layout the kernels index by (the Rust side makes packed weights only from checked parts; this
+// guards against tensors changed since, e.g. through a shallow clone): which format's records hold
+// [out, in], told by their size (an int8 record is 576 bytes, an int4 one 320).
+int bits_of_packed(const at::Tensor& packed, int64_t out, int64_t in) {
+  if (!packed.device().is_cpu() || packed.scalar_type() != at::kByte || packed.dim() != 1 || !packed.is_contiguous())
+    throw std::invalid_argument("quantized weight: the packed weight must be a contiguous uint8 CPU vector, got " +
+                                describe(packed));
+  if (out >= 0 && in >= 0)
+    for (int bits : {8, 4})
+      if (packed.numel() == groups_of(out) * blocks_of(in) * record_bytes(bits)) return bits;
+  throw std::invalid_argument("quantized weight: the packed weight " + describe(packed) + " does not hold [" +
+                              std::to_string(out) + ", " + std::to_string(in) + "]");
+}
+
+// (A weight with no inputs or outputs has no records in either format.)
+void check_packed(const at::Tensor& packed, int64_t out, int64_t in, int bits) {
+  check_bits(bits);
+  bits_of_packed(packed, out, in);
+  if (packed.numel() != groups_of(out) * blocks_of(in) * record_bytes(bits))
+    throw std::invalid_argument("quantized weight: the packed weight " + describe(packed) + " is not " +
+                                format_name(bits));
+}
+
+// Stored values per byte.
+int64_t per_byte(int bits) { return 8 / bits; }
+
+void check_parts(const at::Tensor& values, const at::Tensor& scales, int64_t in, int bits) {
+  check_bits(bits);
+  const std::string name = format_name(bits);
+  const auto value_type = bits == 8 ? at::kChar : at::kByte;
+  if (!values.device().is_cpu() || values.scalar_type() != value_type || values.dim() != 2 || !values.is_contiguous())
+    throw std::invalid_argument(name + " weight: values must be a contiguous " + (bits == 8 ? "int8" : "uint8") +
+                                " CPU matrix, got " + describe(values));
+  if (!scales.device().is_cpu() || scales.scalar_type() != at::kFloat || scales.dim() != 2 || !scales.is_contiguous())
+    throw std::invalid_argument(name + " weight: scales must be a contiguous float CPU matrix, got " +
+                                describe(scales));
+  if (in < 0 || values.size(1) != blocks_of(in) * kBlock / per_byte(bits))
+    throw std::invalid_argument(name + " weight: values " + describe(values) + " do not hold " + std::to_string(in) +
+                                " input features padded to a multiple of 32");
+  if (scales.size(0) != values.size(0) || scales.size(1) != blocks_of(in))
+    throw std::invalid_argument(name + " weight: scales " + describe(scales) + " do not match values " +
+                                describe(values));
+}
+
+// Value k of block b of output j in the parts' values (int8 [out, padded], or int4 nibbles
+// [out, padded / 2]), signed.
+inline int32_t stored_value(int bits, const at::Tensor& values, int64_t j, int64_t b, int64_t k) {
+  const int64_t column = b * kBlock + k;
+  if (bits == 8) return values.data_ptr<int8_t>()[j * values.size(1) + column];
+  const uint8_t byte = values.data_ptr<uint8_t>()[j * values.size(1) + column / 2];
+  return int32_t{column % 2 == 0 ? byte & 0x0F : byte >> 4} - 8;
+}
+
+// Where value k of a block of output c goes in a record: the byte, and (int4) the shift of its nibble.
+inline std::pair<int64_t, int> slot(int bits, int64_t c, int64_t k) {
+  if (bits == 8) return {(k / 4) * kQuadBytes + c * 4 + k % 4, 0};
+  return {((k / 4) % 4) * kQuadBytes + c * 4 + k % 4, k < 16 ? 0 : 4};
+}
+
+// The parts into records (outputs past `out` hold zeros).
+at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int bits) {
+  const int64_t out = values.size(0), blocks = scales.size(1), groups = groups_of(out), bytes = record_bytes(bits);
+  auto packed = at::zeros({groups * blocks * bytes}, at::kByte);
+  const float* sp = scales.data_ptr<float>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; g++)
+      for (int64_t b = 0; b < blocks; b++) {
+        uint8_t* rec = pp + (g * blocks + b) * bytes;
+        float* record_scales = reinterpret_cast<float*>(rec + values_bytes(bits));
+        for (int64_t c = 0; c < kGroup; c++) {
+          const int64_t j = g * kGroup + c;
+          for (int64_t k = 0; k < kBlock; k++) {
+            const int32_t value = j < out ? stored_value(bits, values, j, b, k) : 0;
+            const auto [byte, shift] = slot(bits, c, k);
+            rec[byte] |= static_cast<uint8_t>((value + stored_offset(bits)) << shift);
+          }
+          record_scales[c] = j < out ? sp[j * blocks + b] : 0.0f;
+        }
+      }
+  });
+  return packed;
+}
+
+// The inverse of pack: the parts.
+std::pair<at::Tensor, at::Tensor> unpack(const at::Tensor& packed, int64_t out, int64_t in, int bits) {
+  const int64_t blocks = blocks_of(in), bytes = record_bytes(bits);
+  auto values = at::zeros({out, blocks * kBlock / per_byte(bits)}, bits == 8 ? at::kChar : at::kByte);
+  auto scales = at::empty({out, blocks}, at::kFloat);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  auto* vp = static_cast<uint8_t*>(values.data_ptr());
+  float* sp = scales.data_ptr<float>();
+  for (int64_t j = 0; j < out; j++)
+    for (int64_t b = 0; b < blocks; b++) {
+      const uint8_t* rec = pp + ((j / kGroup) * blocks + b) * bytes;
+      for (int64_t k = 0; k < kBlock; k++) {
+        const int32_t value = value_at(bits, rec, j % kGroup, k);
+        const int64_t column = b * kBlock + k;
+        if (bits == 8)
+          vp[j * values.size(1) + column] = static_cast<uint8_t>(static_cast<int8_t>(value));
+        else
+          vp[j * values.size(1) + column / 2] |= static_cast<uint8_t>((value + 8) << (column % 2 == 0 ? 0 : 4));
+      }
+      sp[j * blocks + b] = scales_of(bits, rec)[j % kGroup];
+    }
+  return {values, scales};
+}
+
+// Rows `ids` of the weight, fp32: value times its block's scale (an embedding lookup in a quantized
+// table; all rows, for dequantize).
+at::Tensor rows(const at::Tensor& packed, int64_t out, int64_t in, int bits, const at::Tensor& ids) {
+  const int64_t blocks = blocks_of(in), bytes = record_bytes(bits);
+  const auto wanted = ids.to(at::kCPU, at::kLong).contiguous();
+  const int64_t n = wanted.numel();
+  auto result = at::empty({n, in}, at::kFloat);
+  const int64_t* ip = wanted.data_ptr<int64_t>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* rp = result.data_ptr<float>();
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t j = ip[i];
+    TORCH_CHECK(j >= 0 && j < out, "index ", j, " is outside the table's ", out, " rows");
+    for (int64_t b = 0; b < blocks; b++) {
+      const uint8_t* rec = pp + ((j / kGroup) * blocks + b) * bytes;
+      const float scale = scales_of(bits, rec)[j % kGroup];
+      for (int64_t k = 0; k < kBlock && b * kBlock + k < in; k++)
+        rp[i * in + b * kBlock + k] = static_cast<float>(value_at(bits, rec, j % kGroup, k)) * scale;
+    }
+  }
+  return result;
+}
+
+at::Tensor dequantize(const at::Tensor& packed, int64_t out, int64_t in, int bits) {
+  return rows(packed, out, in, bits, at::arange(out, at::kLong));
+}
+
+bool kernel_applies(const Kernel* kernel, const at::Tensor& x, int64_t in, int64_t out,
+                    const c10::optional<at::Tensor>& bias) {
+  auto plain = [](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided;
+  };
+  const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || (bias && bias->requires_grad()));
+  // Under CPU autocast at::linear computes in the autocast dtype; so must every linear.
+  return kernel && !needs_grad && !at::autocast::is_autocast_enabled(at::kCPU) && plain(x) && x.dim() >= 1 &&
+         in > 0 && x.size(-1) == in &&
+         (!bias || (plain(*bias) && bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == out));
+}
+
+// `rows` activation rows (at least one), each quantized once by prepare(), times a packed weight,
+// threads claiming groups of 16 outputs: for wizard_quantized_linear and the fused decode block. About
+// 256K products per task, as many int8 weight bytes as the fp32 kernel's 64K per task: small layers
+// stay on one thread.
+class QuantizedRowProduct : public wizard::RowProduct {
+ public:
+  QuantizedRowProduct(const Kernel& kernel, const at::Tensor& packed, int bits, const float* bias, int64_t rows,
+                      int64_t out, int64_t in)
+      : RowProduct(groups_of(out), kGroup, std::max<int64_t>(1, 262144 / (in * rows * kGroup)), 4),
+        kernel_(kernel), in_(in), blocks_(blocks_of(in)),
+        scratch_(new uint8_t[rows * blocks_ * kActivationBytes]),
+        activations_{rows, blocks_, reinterpret_cast<int8_t*>(scratch_.get()),
+                     reinterpret_cast<int32_t*>(scratch_.get() + rows * blocks_ * kBlock),
+                     reinterpret_cast<float*>(scratch_.get() + rows * blocks_ * (kBlock + 4))},
+        weights_{packed.data_ptr<uint8_t>(), bias, blocks_, out, prefetch_bytes.load(std::memory_order_relaxed),
+                 bits} {}
+
+  bool prepares() const override { return true; }
+  void prepare(const float* row, int64_t r) override {
+    const Activations one{1, blocks_, activations_.q + r * blocks_ * kBlock, activations_.sum + r * blocks_,
+                          activations_.scale + r * blocks_};
+    kernel_.prepare(row, in_, one);
+  }
+
+  void run(const float*, float* y, int64_t begin, int64_t end) const override {
+    kernel_.rows_times_weight(activations_, weights_, y, begin, end);
+  }
+
+ private:
+  const Kernel& kernel_;
+  const int64_t in_, blocks_;
+  std::unique_ptr<uint8_t[]> scratch_;
+  const Activations activations_;
+  const Weights weights_;
+};
+
+}  // namespace
+
+std::unique_ptr<wizard::RowProduct> wizard::quantized_row_product(const at::Tensor& packed, const float* bias,
+                                                                  int64_t rows, int64_t out, int64_t in) {
+  const int bits = bits_of_packed(packed, out, in);
+  return std::make_unique<QuantizedRowProduct>(*kernel_for(0), packed, bits, bias, rows, out, in);
+}
+
+extern "C" {
+
+// How many bytes ahead of the records being read the kernels prefetch; `bytes` of 0 or more sets it.
+int64_t wizard_quantized_prefetch_bytes(int64_t bytes) {
+  if (bytes >= 0) prefetch_bytes.store(bytes, std::memory_order_relaxed);
+  return prefetch_bytes.load(std::memory_order_relaxed);
+}
+
+// Which kernel the widest choice runs on this CPU: 2 AVX-512 VNNI, 1 AVX2, 0 scalar.
+int wizard_quantized_kernel_isa() {
+  const Kernel* widest = kernel_for(0);
+  return widest == &kVnni ? 2 : widest == &kAvx2 ? 1 : 0;
+}
+
+// Whether this CPU runs the kernel for `isa` (as in wizard_quantized_linear).
+int wizard_quantized_kernel_available(int isa) { return kernel_for(isa) != nullptr; }
+
+// `*packed` = a new tch tensor holding the `bits` (8 or 4) blocks of `weight`, a contiguous fp32 CPU
+// matrix of finite values, packed for the kernels.
+int wizard_quantized_quantize(void* weight_handle, int bits, void** packed_out) {
+  return wizard::guarded([&] {
+    const auto& w = *static_cast<at::Tensor*>(weight_handle);
+    check_bits(bits);
+    if (!w.device().is_cpu() || w.scalar_type() != at::kFloat || w.dim() != 2 || !w.is_contiguous())
+      throw std::invalid_argument("quantize: expected a contiguous float CPU matrix, got " + describe(w));
+    const int64_t out = w.size(0), in = w.size(1), blocks = blocks_of(in);
+    const float* wp = w.data_ptr<float>();  // finite: the Rust side checked
+    auto packed = at::zeros({groups_of(out) * blocks * record_bytes(bits)}, at::kByte);
+    uint8_t* pp = packed.data_ptr<uint8_t>();
+    at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+      int8_t q[kBlock];
+      for (int64_t j = begin; j < end; j++)
+        for (int64_t b = 0; b < blocks; b++) {
+          const float* v = wp + j * in + b * kBlock;
+          const int64_t n = std::min(kBlock, in - b * kBlock);
+          const float d = bits == 8 ? quantize_block_ref(v, n, q) : quantize_block4_ref(v, n, q);
+          uint8_t* rec = pp + ((j / kGroup) * blocks + b) * record_bytes(bits);
+          for (int64_t k = 0; k < kBlock; k++) {
+            const auto [byte, shift] = slot(bits, j % kGroup, k);
+            // Two threads may share a record (outputs of one group): each writes only its own bytes,
+            // and an int4 byte's two nibbles belong to one output.
+            rec[byte] |= static_cast<uint8_t>((int32_t{q[k]} + stored_offset(bits)) << shift);
+          }
+          reinterpret_cast<float*>(rec + values_bytes(bits))[j % kGroup] = d;
+        }
+    });
+    // Outputs past `out` in the last group hold zeros.
+    for (int64_t j = out; j < groups_of(out) * kGroup; j++)
+      for (int64_t b = 0; b < blocks; b++)
+        for (int64_t k = 0; k < kBlock; k++) {
+          const auto [byte, shift] = slot(bits, j % kGroup, k);
+          pp[((j / kGroup) * blocks + b) * record_bytes(bits) + byte] |=
+              static_cast<uint8_t>(stored_offset(bits) << shift);
+        }
+    *packed_out = new at::Tensor(std::move(packed));
+  });
+}
+
+// `*packed` = the checked parts (values, fp32 scales [out, blocks]) of `bits` blocks packed.
+int wizard_quantized_pack(void* values_handle, void* scales_handle, int64_t in, int bits, void** packed_out) {
+  return wizard::guarded([&] {
+    const auto& values = *static_cast<at::Tensor*>(values_handle);
+    const auto& scales = *static_cast<at::Tensor*>(scales_handle);
+    check_parts(values, scales, in, bits);
+    *packed_out = new at::Tensor(pack(values, scales, bits));
+  });
+}
+
+// `*values`, `*scales` = new tch tensors: the parts a packed weight [out, in] holds.
+int wizard_quantized_unpack(void* packed_handle, int64_t out, int64_t in, int bits, void** values_out,
+                            void** scales_out) {
+  return wizard::guarded([&] {
+    const auto& packed = *static_cast<at::Tensor*>(packed_handle);
+    check_packed(packed, out, in, bits);
+    auto [values, scales] = unpack(packed, out, in, bits);
+    *values_out = new at::Tensor(std::move(values));
+    *scales_out = new at::Tensor(std::move(scales));
+  });
+}
+
+// `*result` = a new tch tensor: the fp32 [out, in] weight the blocks stand for.
+int wizard_quantized_dequantize(void* packed_handle, int64_t out, int64_t in, int bits, void** result) {
+  return wizard::guarded([&] {
+    const auto& packed = *static_cast<at::Tensor*>(packed_handle);
+    check_packed(packed, out, in, bits);
+    *result = new at::Tensor(dequantize(packed, out, in, bits));
+  });
+}
+
+int wizard_quantized_rows(void* packed_handle, int64_t out, int64_t in, int bits, void* ids_handle, void** result) {
+  return wizard::guarded([&] {
+    const auto& packed = *static_cast<at::Tensor*>(packed_handle);
+    check_packed(packed, out, in, bits);
+    *result = new at::Tensor(rows(packed, out, in, bits, *static_cast<at::Tensor*>(ids_handle)));
+  });
+}
+
+// `*result` = a new tch tensor holding x @ dequantize(w)^T + bias (bias may be null): the kernel for
+// `isa` (0: the widest this CPU runs, 1: AVX2, 2: scalar) for fp32 CPU rows that need no gradient,
+// outside autocast (any count: decode, a batch, verification, prefill); otherwise the weight
+// dequantized and at::linear.
+int wizard_quantized_linear(void* x_handle, void* packed_handle, int64_t out, int64_t in, int bits,
+                            void* bias_handle, int isa, void** result) {
+  return wizard::guarded([&] {
+    const auto& x = *static_cast<at::Tensor*>(x_handle);
+    const auto& packed = *static_cast<at::Tensor*>(packed_handle);
+    c10::optional<at::Tensor> bias;
+    if (bias_handle) bias = *static_cast<at::Tensor*>(bias_handle);
+    check_packed(packed, out, in, bits);
+    const Kernel* kernel = kernel_for(isa);
+    if (!kernel_applies(kernel, x, in, out, bias)) {
+      const auto weight = dequantize(packed, out, in, bits).to(x.device(), x.scalar_type());
+      *result = new at::Tensor(at::linear(x, weight, bias));
+      return;
+    }
+    const at::Tensor xc = x.contiguous();
+    const int64_t rows = xc.numel() / in;
+    auto sizes = x.sizes().vec();
+    sizes.back() = out;
+    auto y = at::empty(sizes, xc.options());
+    if (rows > 0 && out > 0) {
+      QuantizedRowProduct product(*kernel, packed, bits, bias ? bias->data_ptr<float>() : nullptr, rows, out, in);
+      const float* xp = xc.data_ptr<float>();
+      for (int64_t r = 0; r < rows; r++) product.prepare(xp + r * in, r);
+      float* yp = y.data_ptr<float>();
+      wizard::balanced_for(
+          product.units, product.grain, [&](int64_t begin, int64_t end) { product.run(xp, yp, begin, end); },
+          product.multiple);
+    }
+    *result = new at::Tensor(std::move(y));
+  });
+}
+}
