@@ -51,18 +51,23 @@ pub fn weight_precision(dtype: Option<&str>, device: Device) -> anyhow::Result<P
 
 /// Loads a model directory in `precision`, with a progress bar while layers are quantized.
 pub fn load_model(dir: &Path, precision: Precision, device: Device) -> anyhow::Result<GptBigCode> {
-    with_quantizing_bar(|progress| GptBigCode::load_as(dir, precision, device, progress))
+    let format = match precision {
+        Precision::Quantized(format) => format.name(),
+        Precision::Dense(_) => "",
+    };
+    with_quantizing_bar(format, |progress| GptBigCode::load_as(dir, precision, device, progress))
         .with_context(|| format!("cannot load the model in {}", dir.display()))
 }
 
-/// Runs `work` with a (done, total) callback that draws a bar on stderr once quantizing starts.
-pub fn with_quantizing_bar<T>(work: impl FnOnce(&mut dyn FnMut(usize, usize)) -> T) -> T {
+/// Runs `work` with a (done, total) callback that draws a bar on stderr once quantizing (to `format`)
+/// starts.
+pub fn with_quantizing_bar<T>(format: &str, work: impl FnOnce(&mut dyn FnMut(usize, usize)) -> T) -> T {
     let bar = indicatif::ProgressBar::hidden();
     let result = work(&mut |done, total| {
         if bar.is_hidden() {
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             bar.set_length(total as u64);
-            bar.set_message("quantizing to int8");
+            bar.set_message(format!("quantizing to {format}"));
         }
         bar.set_position(done as u64);
     });

@@ -45,11 +45,11 @@ pub struct Args {
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight dtype: float32, bfloat16, float16 or int8 (default: bfloat16 on GPU, float32 on CPU).
+    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (default: bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
     /// Speculative decoding with this smaller model (same tokenizer) as the drafter; `--model`'s own
-    /// directory with `--draft-dtype int8` is self-speculation (the int8 copy drafts).
+    /// directory with `--draft-dtype int8` (or int4) is self-speculation (the quantized copy drafts).
     #[arg(long, value_name = "DIR", conflicts_with = "prompt_lookup")]
     draft: Option<PathBuf>,
     /// The drafter's weight dtype (default: the target's).

@@ -48,7 +48,7 @@ enum Command {
     /// WizardCoder's whole procedure from a TOML config: tokenizer, FIM pretraining, rounds of
     /// evolve → SFT → pass@k while pass@1 rises, and a report. Resumable; re-runs only what changed.
     Pipeline(stages::Args),
-    /// Write a model directory with int8 weights (blocks of 32, fp32 scales) and report each layer's error.
+    /// Write a model directory with int8 or int4 weights (blocks of 32, fp32 scales) and report each layer's error.
     Quantize(quantize::Args),
     /// The pipeline at toy scale, offline, in minutes on CPU, then how to attach `wizard serve` to editors.
     Quickstart(quickstart::Args),

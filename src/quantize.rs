@@ -43,7 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .collect();
     originals.sort_by(|a, b| a.0.cmp(&b.0));
     originals.push(("lm_head.weight".into(), model.head_weight().copy()));
-    crate::device::with_quantizing_bar(|progress| model.quantize(format, progress))?;
+    crate::device::with_quantizing_bar(format.name(), |progress| model.quantize(format, progress))?;
     model.save_quantized(&args.out)?;
     for name in CARRIED {
         let from = args.model.join(name);

@@ -19,7 +19,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR", default_value = "wizard-quickstart")]
     out: PathBuf,
     /// Weights for the stages that generate (evolve, eval) and for the serve script: float32,
-    /// bfloat16 or int8 (default float32).
+    /// bfloat16, int8 or int4 (default float32).
     #[arg(long, value_parser = known_dtype)]
     dtype: Option<String>,
 }

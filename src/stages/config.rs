@@ -34,7 +34,7 @@ pub struct Run {
     /// `cpu`, `cuda`, `cuda:N` or `auto`, for generation (evolve with the local model, eval).
     #[serde(default = "default_device")]
     pub device: String,
-    /// Weights for generation: `float32`, `bfloat16`, `float16` or `int8` (CPU); absent: bfloat16 on a
+    /// Weights for generation: `float32`, `bfloat16`, `float16`, `int8` or `int4` (CPU); absent: bfloat16 on a
     /// GPU, float32 on the CPU.
     pub dtype: Option<String>,
 }
