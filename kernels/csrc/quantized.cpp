@@ -111,17 +111,18 @@ float quantize_block_ref(const float* v, int64_t n, int8_t* q) {
 // One block of n <= 32 weights into int4 values q in [-8, 7] (32 bytes, the rest zeros) and its
 // scale. Candidate scales max / c (max: the value of largest magnitude, c near -8, q4_0's choice being
 // c = -8) each round the block; each rounding's least-squares scale (sum q v / sum q q) is kept where
-// it leaves the smallest squared error. A zero block gets scale 0. Quantize time only: the kernels
-// read whatever the scale is.
+// it leaves the smallest squared error. The search runs on the block divided by |max| (values in
+// [-1, 1]), so neither tiny nor huge weights overflow it. A zero block gets scale 0. Quantize time
+// only: the kernels read whatever the scale is.
 float quantize_block4_ref(const float* v, int64_t n, int8_t* q) {
   std::memset(q, 0, kBlock);
-  alignas(16) float x[kBlock] = {};  // the block, zeros after n (they round to 0 under every scale)
   float max = 0.0f;
-  for (int64_t i = 0; i < n; i++) {
-    x[i] = v[i];
+  for (int64_t i = 0; i < n; i++)
     if (std::fabs(v[i]) > std::fabs(max)) max = v[i];
-  }
   if (max == 0.0f) return 0.0f;
+  const float magnitude = std::fabs(max), sign = max < 0.0f ? -1.0f : 1.0f;
+  alignas(16) float x[kBlock] = {};  // the block over |max|, zeros after n (0 under every scale)
+  for (int64_t i = 0; i < n; i++) x[i] = v[i] / magnitude;
   // SSE2, which every x86-64 CPU has, four values at a time. Adding and taking away 1.5 * 2^23
   // rounds |x| < 2^22 to the nearest integer, ties to even (the default rounding mode).
   constexpr int kVectors = kBlock / 4;
@@ -131,10 +132,11 @@ float quantize_block4_ref(const float* v, int64_t n, int8_t* q) {
     _mm_store_ps(lanes, s);
     return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
   };
-  __m128 trial[kVectors], best_trial[kVectors];
+  // The first candidate (c = -8) always has a finite error, below this.
+  __m128 trial[kVectors], best_trial[kVectors] = {};
   float best_error = std::numeric_limits<float>::infinity(), best = 0.0f;
   for (int step = 0; step <= 8; step++) {
-    const __m128 inverse = _mm_set1_ps((-8.0f + 0.25f * static_cast<float>(step)) / max);
+    const __m128 inverse = _mm_set1_ps((-8.0f + 0.25f * static_cast<float>(step)) * sign);
     __m128 qv = _mm_setzero_ps(), qq = _mm_setzero_ps();
     for (int i = 0; i < kVectors; i++) {
       const __m128 xi = _mm_load_ps(x + 4 * i);
@@ -161,7 +163,7 @@ float quantize_block4_ref(const float* v, int64_t n, int8_t* q) {
   alignas(16) float values[kBlock];
   for (int i = 0; i < kVectors; i++) _mm_store_ps(values + 4 * i, best_trial[i]);
   for (int64_t i = 0; i < n; i++) q[i] = static_cast<int8_t>(values[i]);
-  return best;
+  return best * magnitude;
 }
 
 // Quantizes every row's blocks with `quantize_block` (one of the versions below, all the same bits).
@@ -541,12 +543,11 @@ void check_parts(const at::Tensor& values, const at::Tensor& scales, int64_t in,
                                 describe(values));
 }
 
-// Value k of block b of output j in the parts' values (int8 [out, padded], or int4 nibbles
+// Value `column` of a row of the parts' values (int8 [out, padded], or int4 nibbles
 // [out, padded / 2]), signed.
-inline int32_t stored_value(int bits, const at::Tensor& values, int64_t j, int64_t b, int64_t k) {
-  const int64_t column = b * kBlock + k;
-  if (bits == 8) return values.data_ptr<int8_t>()[j * values.size(1) + column];
-  const uint8_t byte = values.data_ptr<uint8_t>()[j * values.size(1) + column / 2];
+inline int32_t stored_value(int bits, const uint8_t* row, int64_t column) {
+  if (bits == 8) return static_cast<int8_t>(row[column]);
+  const uint8_t byte = row[column / 2];
   return int32_t{column % 2 == 0 ? byte & 0x0F : byte >> 4} - 8;
 }
 
@@ -561,6 +562,8 @@ at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int bits) {
   const int64_t out = values.size(0), blocks = scales.size(1), groups = groups_of(out), bytes = record_bytes(bits);
   auto packed = at::zeros({groups * blocks * bytes}, at::kByte);
   const float* sp = scales.data_ptr<float>();
+  const auto* vp = static_cast<const uint8_t*>(values.data_ptr());
+  const int64_t stride = values.size(1);
   uint8_t* pp = packed.data_ptr<uint8_t>();
   at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; g++)
@@ -570,7 +573,7 @@ at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int bits) {
         for (int64_t c = 0; c < kGroup; c++) {
           const int64_t j = g * kGroup + c;
           for (int64_t k = 0; k < kBlock; k++) {
-            const int32_t value = j < out ? stored_value(bits, values, j, b, k) : 0;
+            const int32_t value = j < out ? stored_value(bits, vp + j * stride, b * kBlock + k) : 0;
             const auto [byte, shift] = slot(bits, c, k);
             rec[byte] |= static_cast<uint8_t>((value + stored_offset(bits)) << shift);
           }
@@ -588,20 +591,23 @@ std::pair<at::Tensor, at::Tensor> unpack(const at::Tensor& packed, int64_t out, 
   auto scales = at::empty({out, blocks}, at::kFloat);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   auto* vp = static_cast<uint8_t*>(values.data_ptr());
+  const int64_t stride = values.size(1);
   float* sp = scales.data_ptr<float>();
-  for (int64_t j = 0; j < out; j++)
-    for (int64_t b = 0; b < blocks; b++) {
-      const uint8_t* rec = pp + ((j / kGroup) * blocks + b) * bytes;
-      for (int64_t k = 0; k < kBlock; k++) {
-        const int32_t value = value_at(bits, rec, j % kGroup, k);
-        const int64_t column = b * kBlock + k;
-        if (bits == 8)
-          vp[j * values.size(1) + column] = static_cast<uint8_t>(static_cast<int8_t>(value));
-        else
-          vp[j * values.size(1) + column / 2] |= static_cast<uint8_t>((value + 8) << (column % 2 == 0 ? 0 : 4));
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; j++)
+      for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t* rec = pp + ((j / kGroup) * blocks + b) * bytes;
+        for (int64_t k = 0; k < kBlock; k++) {
+          const int32_t value = value_at(bits, rec, j % kGroup, k);
+          const int64_t column = b * kBlock + k;
+          if (bits == 8)
+            vp[j * stride + column] = static_cast<uint8_t>(static_cast<int8_t>(value));
+          else
+            vp[j * stride + column / 2] |= static_cast<uint8_t>((value + 8) << (column % 2 == 0 ? 0 : 4));
+        }
+        sp[j * blocks + b] = scales_of(bits, rec)[j % kGroup];
       }
-      sp[j * blocks + b] = scales_of(bits, rec)[j % kGroup];
-    }
+  });
   return {values, scales};
 }
 
@@ -615,16 +621,19 @@ at::Tensor rows(const at::Tensor& packed, int64_t out, int64_t in, int bits, con
   const int64_t* ip = wanted.data_ptr<int64_t>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   float* rp = result.data_ptr<float>();
-  for (int64_t i = 0; i < n; i++) {
-    const int64_t j = ip[i];
-    TORCH_CHECK(j >= 0 && j < out, "index ", j, " is outside the table's ", out, " rows");
-    for (int64_t b = 0; b < blocks; b++) {
-      const uint8_t* rec = pp + ((j / kGroup) * blocks + b) * bytes;
-      const float scale = scales_of(bits, rec)[j % kGroup];
-      for (int64_t k = 0; k < kBlock && b * kBlock + k < in; k++)
-        rp[i * in + b * kBlock + k] = static_cast<float>(value_at(bits, rec, j % kGroup, k)) * scale;
+  for (int64_t i = 0; i < n; i++)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < out, "index ", ip[i], " is outside the table's ", out, " rows");
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) {
+      const int64_t j = ip[i];
+      for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t* rec = pp + ((j / kGroup) * blocks + b) * bytes;
+        const float scale = scales_of(bits, rec)[j % kGroup];
+        for (int64_t k = 0; k < kBlock && b * kBlock + k < in; k++)
+          rp[i * in + b * kBlock + k] = static_cast<float>(value_at(bits, rec, j % kGroup, k)) * scale;
+      }
     }
-  }
+  });
   return result;
 }
 

@@ -117,7 +117,9 @@ impl QuantizedWeight {
             return invalid(format, format!("expected a floating-point weight to quantize, got {:?}", weight.kind()));
         }
         let weight = weight.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-        if !crate::all_finite(&weight).map_err(|e| KernelError::QuantizedWeight(e.to_string()))? {
+        let finite = crate::all_finite(&weight)
+            .map_err(|e| KernelError::QuantizedWeight(format!("{} weight: {e}", format.name())))?;
+        if !finite {
             return invalid(format, "the weight to quantize holds NaN or infinite values".into());
         }
         let mut packed = ptr::null_mut();
@@ -598,6 +600,26 @@ mod tests {
         assert!(bytes[2..16].iter().chain(&bytes[17..]).all(|&b| b == 0x88));
         let scales = Vec::<f32>::try_from(scales.reshape([-1])).unwrap();
         assert_eq!(scales, [0.5, 0.125, 0.0, 0.0]);
+    }
+
+    /// Blocks of tiny (subnormal) and huge weights quantize as well as ordinary ones: the int4
+    /// search runs on the block over its largest magnitude, so nothing in it overflows.
+    #[test]
+    fn int4_takes_tiny_and_huge_weights() {
+        let weight = Tensor::randn([8, 70], (Kind::Float, Device::Cpu));
+        let relative_error = |scale: f64| {
+            let scaled = &weight * scale;
+            let q = QuantizedWeight::quantize(&scaled, Format::Int4).unwrap();
+            let restored = q.dequantize() / scale;
+            assert_eq!(restored.isfinite().all().int64_value(&[]), 1, "scale {scale}");
+            (restored - &weight).norm().double_value(&[]) / weight.norm().double_value(&[])
+        };
+        let ordinary = relative_error(1.0);
+        assert!(ordinary > 0.0 && ordinary < 0.15, "{ordinary}");
+        for scale in [1e-39, 1e-30, 1e25, 1e35] {
+            let error = relative_error(scale);
+            assert!((error - ordinary).abs() < 0.01, "scale {scale}: relative error {error} against {ordinary}");
+        }
     }
 
     #[test]

@@ -133,8 +133,12 @@ pub fn for_each_tensor(dir: &Path, mut visit: impl FnMut(&str, Tensor, &Path) ->
         for (name, entry) in entries {
             let tensor_error =
                 |message: String| ModelError::Tensor { path: path.clone(), tensor: name.clone(), message };
-            let kind = kind_of(entry.dtype)
-                .ok_or_else(|| tensor_error(format!("dtype {:?} is not a floating-point weight type", entry.dtype)))?;
+            let kind = kind_of(entry.dtype).ok_or_else(|| {
+                tensor_error(format!(
+                    "dtype {:?} is not a weight type (F32, F16, BF16, F64, or I8/U8 quantized values)",
+                    entry.dtype
+                ))
+            })?;
             let begin = entry.data_offsets.0;
             let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
             let tensor = kernels::read::tensor_at(&file, data_start + begin as u64, &shape, kind)

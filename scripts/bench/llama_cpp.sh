@@ -144,10 +144,11 @@ convert() {
     [[ -x $TORCH_PYTHON ]] || { echo "error: no $TORCH_PYTHON; run scripts/setup.sh" >&2; exit 1; }
     mkdir -p "$(dirname "$out")"
     if [[ $outtype == q4_0 ]]; then
+        # llama-quantize's default q4_0, as users run it (it keeps the output/token table in q6_K).
         local f32=$out.f32.tmp
+        trap 'rm -f "$f32"' EXIT
         "$TORCH_PYTHON" -c "$CONVERT_PY" "$LLAMA" "$model" --outtype f32 --outfile "$f32"
         "$BIN/llama-quantize" "$f32" "$out" q4_0 >/dev/null
-        rm -f "$f32"
     else
         "$TORCH_PYTHON" -c "$CONVERT_PY" "$LLAMA" "$model" --outtype "$outtype" --outfile "$out"
     fi
