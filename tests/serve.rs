@@ -327,7 +327,7 @@ fn bad_input() {
     client.exit();
 }
 
-/// Speculative decoding in the server: with a draft model, or the target's own int8 copy
+/// Speculative decoding in the server: with a draft model, or the target's own int8 or int4 copy
 /// (self-speculation), the completions are the same.
 #[test]
 fn a_draft_model_gives_the_same_completions() {
@@ -337,8 +337,10 @@ fn a_draft_model_gives_the_same_completions() {
     let log = check_drafting(&["--draft".as_ref(), draft.as_os_str()]);
     assert!(log.contains("drafts come from a draft model"), "{log}");
     let own = model_dir().as_os_str();
-    let log = check_drafting(&["--draft".as_ref(), own, "--draft-dtype".as_ref(), "int8".as_ref()]);
-    assert!(log.contains("precision=Int8") && log.contains("drafts come from the target's own copy"), "{log}");
+    for (dtype, precision) in [("int8", "precision=Quantized(Int8)"), ("int4", "precision=Quantized(Int4)")] {
+        let log = check_drafting(&["--draft".as_ref(), own, "--draft-dtype".as_ref(), dtype.as_ref()]);
+        assert!(log.contains(precision) && log.contains("drafts come from the target's own copy"), "{log}");
+    }
 }
 
 /// `wizard serve` with the drafting arguments `extra` completes as the target alone does, with most
