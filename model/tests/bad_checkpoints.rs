@@ -106,7 +106,7 @@ fn wrong_tensors() {
     );
     check(
         |d| replace_tensor(d, "transformer.ln_f.bias", |t| t.to_kind(Kind::Int64)),
-        &["transformer.ln_f.bias", "I64", "not a floating-point"],
+        &["transformer.ln_f.bias", "I64", "is not a weight type"],
     );
     check(
         |d| {
