@@ -210,7 +210,6 @@ fn print_json(
         "threads": { "intra_op": info.intra_op_threads, "inter_op": info.inter_op_threads },
         "few_row_kernel": kernels::linear::few_row_kernel_available(),
         "int8_kernel": kernels::quantized::kernel_isa(),
-        "int4_kernel": kernels::quantized::kernel_isa(),
         "bf16_kernel": kernels::linear::bf16_kernel().name(),
         "cpu_max": kernels::cpu::cap(),
         "python": python.map(PathBuf::from),

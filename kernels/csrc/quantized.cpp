@@ -225,10 +225,7 @@ inline void dots(const Activations& a, int64_t r, const Weights& w, float* y, in
 #include "quantized_kernel.h"
 
 void rows_times_weight(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
-  if (w.bits == 8)
-    rows_times_weight_by<8, 1, 1>(a, w, y, begin, end);
-  else
-    rows_times_weight_by<4, 1, 1>(a, w, y, begin, end);
+  rows_times_weight_of<1, 1>(a, w, y, begin, end);
 }
 }  // namespace scalar
 
@@ -337,10 +334,7 @@ inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, i
 #include "quantized_kernel.h"
 
 void rows_times_weight(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
-  if (w.bits == 8)
-    rows_times_weight_by<8, 2, 1>(a, w, y, begin, end);
-  else
-    rows_times_weight_by<4, 2, 1>(a, w, y, begin, end);
+  rows_times_weight_of<2, 1>(a, w, y, begin, end);
 }
 }  // namespace avx2
 #pragma GCC pop_options
@@ -449,18 +443,11 @@ inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, i
 
 // One row meets four groups at once (decode); more rows go four at a time against two groups: 16
 // accumulators, 8 dots, 2 weight registers of 32.
-template <int Bits>
-void rows_times_weight_in(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
-  if (a.rows == 1)
-    rows_times_weight_by<Bits, 1, 4>(a, w, y, begin, end);
-  else
-    rows_times_weight_by<Bits, 4, 2>(a, w, y, begin, end);
-}
 void rows_times_weight(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
-  if (w.bits == 8)
-    rows_times_weight_in<8>(a, w, y, begin, end);
+  if (a.rows == 1)
+    rows_times_weight_of<1, 4>(a, w, y, begin, end);
   else
-    rows_times_weight_in<4>(a, w, y, begin, end);
+    rows_times_weight_of<4, 2>(a, w, y, begin, end);
 }
 }  // namespace vnni
 #pragma GCC pop_options
@@ -502,24 +489,28 @@ void check_bits(int bits) {
 // The layout the kernels index by (the Rust side makes packed weights only from checked parts; this
 // guards against tensors changed since, e.g. through a shallow clone): which format's records hold
 // [out, in], told by their size (an int8 record is 576 bytes, an int4 one 320).
-int bits_of_packed(const at::Tensor& packed, int64_t out, int64_t in) {
+// (A weight with no inputs or outputs has no records in either format.)
+bool holds(const at::Tensor& packed, int64_t out, int64_t in, int bits) {
   if (!packed.device().is_cpu() || packed.scalar_type() != at::kByte || packed.dim() != 1 || !packed.is_contiguous())
     throw std::invalid_argument("quantized weight: the packed weight must be a contiguous uint8 CPU vector, got " +
                                 describe(packed));
-  if (out >= 0 && in >= 0)
-    for (int bits : {8, 4})
-      if (packed.numel() == groups_of(out) * blocks_of(in) * record_bytes(bits)) return bits;
-  throw std::invalid_argument("quantized weight: the packed weight " + describe(packed) + " does not hold [" +
-                              std::to_string(out) + ", " + std::to_string(in) + "]");
+  return out >= 0 && in >= 0 && packed.numel() == groups_of(out) * blocks_of(in) * record_bytes(bits);
 }
 
-// (A weight with no inputs or outputs has no records in either format.)
+[[noreturn]] void does_not_hold(const at::Tensor& packed, int64_t out, int64_t in, const std::string& format) {
+  throw std::invalid_argument("quantized weight: the packed weight " + describe(packed) + " does not hold [" +
+                              std::to_string(out) + ", " + std::to_string(in) + "]" + format);
+}
+
+int bits_of_packed(const at::Tensor& packed, int64_t out, int64_t in) {
+  for (int bits : {8, 4})
+    if (holds(packed, out, in, bits)) return bits;
+  does_not_hold(packed, out, in, "");
+}
+
 void check_packed(const at::Tensor& packed, int64_t out, int64_t in, int bits) {
   check_bits(bits);
-  bits_of_packed(packed, out, in);
-  if (packed.numel() != groups_of(out) * blocks_of(in) * record_bytes(bits))
-    throw std::invalid_argument("quantized weight: the packed weight " + describe(packed) + " is not " +
-                                format_name(bits));
+  if (!holds(packed, out, in, bits)) does_not_hold(packed, out, in, " as " + format_name(bits));
 }
 
 // Stored values per byte.
@@ -774,15 +765,6 @@ int wizard_quantized_unpack(void* packed_handle, int64_t out, int64_t in, int bi
     auto [values, scales] = unpack(packed, out, in, bits);
     *values_out = new at::Tensor(std::move(values));
     *scales_out = new at::Tensor(std::move(scales));
-  });
-}
-
-// `*result` = a new tch tensor: the fp32 [out, in] weight the blocks stand for.
-int wizard_quantized_dequantize(void* packed_handle, int64_t out, int64_t in, int bits, void** result) {
-  return wizard::guarded([&] {
-    const auto& packed = *static_cast<at::Tensor*>(packed_handle);
-    check_packed(packed, out, in, bits);
-    *result = new at::Tensor(dequantize(packed, out, in, bits));
   });
 }
 

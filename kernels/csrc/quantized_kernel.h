@@ -36,3 +36,12 @@ inline void rows_times_weight_by(const Activations& a, const Weights& w, float* 
     for (; g < end; g++) row_block<Bits, Rows, 1>(a, w, y, first, last, g);
   }
 }
+
+// rows_times_weight_by for the weight's format.
+template <int Rows, int J>
+inline void rows_times_weight_of(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end) {
+  if (w.bits == 8)
+    rows_times_weight_by<8, Rows, J>(a, w, y, begin, end);
+  else
+    rows_times_weight_by<4, Rows, J>(a, w, y, begin, end);
+}

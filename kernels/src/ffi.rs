@@ -173,13 +173,6 @@ extern "C" {
         ids: TensorHandle,
         result: *mut TensorHandle,
     ) -> c_int;
-    pub(crate) fn wizard_quantized_dequantize(
-        packed: TensorHandle,
-        out_features: i64,
-        in_features: i64,
-        bits: c_int,
-        result: *mut TensorHandle,
-    ) -> c_int;
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn wizard_quantized_linear(
         x: TensorHandle,

@@ -281,23 +281,8 @@ impl QuantizedWeight {
 
     /// The fp32 weight `[out, in]` these blocks stand for: value times its block's scale.
     pub fn dequantize(&self) -> Tensor {
-        let mut result = ptr::null_mut();
-        // SAFETY: the handles are live tch tensors for the duration of the call, which only reads
-        // them; on success `result` is a new heap tensor whose ownership passes to us.
-        let status = unsafe {
-            ffi::wizard_quantized_dequantize(
-                ffi::tensor(&self.packed),
-                self.out_features,
-                self.in_features,
-                self.bits(),
-                &mut result,
-            )
-        };
-        if let Err(error) = check(status, "dequantize") {
-            panic!("{error}");
-        }
-        // SAFETY: see above.
-        unsafe { owned(result) }
+        let every_row = Tensor::arange(self.out_features, (Kind::Int64, Device::Cpu));
+        self.rows(&every_row).expect("every row is in the table")
     }
 }
 
