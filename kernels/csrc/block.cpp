@@ -82,35 +82,56 @@ float gelu_tanh(float x) {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-// exp(x) to about an ulp (Cephes' expf polynomial), arguments clamped to fp32's finite range.
-__m512 exp_avx512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+namespace avx512 {
+struct Lanes {
+  using V = __m512;
+  static constexpr int64_t kWidth = 16;
+  static V set1(float f) { return _mm512_set1_ps(f); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static V round(V v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale(V p, V n) { return _mm512_scalef_ps(p, n); }
+};
+#include "gelu_kernel.h"
+}  // namespace avx512
+#pragma GCC pop_options
 
-__m512 gelu_tanh_avx512(__m512 v) {
-  const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(kGeluCubic), cube, v));
-  const __m512 e = exp_avx512(_mm512_mul_ps(_mm512_set1_ps(-2.0f), u));
-  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-}
-
-void gelu_tanh_avx512(float* x, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, gelu_tanh_avx512(_mm512_loadu_ps(x + i)));
-  if (i < n) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(x + i, mask, gelu_tanh_avx512(_mm512_maskz_loadu_ps(mask, x + i)));
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+struct Lanes {
+  using V = __m256;
+  static constexpr int64_t kWidth = 8;
+  static V set1(float f) { return _mm256_set1_ps(f); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static V round(V v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n as scalef computes it (n in [-126, 128] here): two exact powers of two in [2^-63, 2^64],
+  // so only the second product rounds.
+  static V scale(V p, V n) {
+    const __m256i k = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(k, 1);
+    return _mm256_mul_ps(_mm256_mul_ps(p, power_of_two(half)), power_of_two(_mm256_sub_epi32(k, half)));
   }
-}
+  static V power_of_two(__m256i e) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  }
+};
+#include "gelu_kernel.h"
+}  // namespace avx2
 #pragma GCC pop_options
 
 // The MLP's activation over x[0, n) in place: GELU's tanh form, or the exact (erf) one.
@@ -118,7 +139,9 @@ void gelu_in_place(float* x, int64_t n, bool exact) {
   if (exact) {
     for (int64_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * static_cast<float>(M_SQRT1_2)));
   } else if (wizard::cpu::avx512()) {
-    gelu_tanh_avx512(x, n);
+    avx512::gelu_tanh(x, n);
+  } else if (wizard::cpu::avx2()) {
+    avx2::gelu_tanh(x, n);
   } else {
     for (int64_t i = 0; i < n; i++) x[i] = gelu_tanh(x[i]);
   }
@@ -177,6 +200,24 @@ int wizard_decode_block_applies(void* x_handle, void** parameters) {
                                              : plain_float(p));
   }
   return applies;
+}
+
+// `*result` = GELU's tanh form of `x`, as the block computes it where the CPU has AVX2 or AVX-512
+// and `x` is a contiguous fp32 CPU tensor needing no gradient (a prefill's MLP); at::gelu otherwise.
+int wizard_gelu_tanh(void* x_handle, void** result) {
+  return wizard::guarded([&] {
+    const auto& x = *static_cast<at::Tensor*>(x_handle);
+    if (!(wizard::cpu::avx2() && plain_float(x) && no_gradient(x) && !at::autocast::is_autocast_enabled(at::kCPU))) {
+      *result = new at::Tensor(at::gelu(x, "tanh"));
+      return;
+    }
+    auto out = x.clone();
+    float* data = out.data_ptr<float>();
+    at::parallel_for(0, out.numel(), 16384, [&](int64_t begin, int64_t end) {
+      gelu_in_place(data + begin, end - begin, false);
+    });
+    *result = new at::Tensor(std::move(out));
+  });
 }
 
 // `*result` = the block applied to `x` (`[batch, new, d]`), whose rows are the sequences of caches

@@ -106,8 +106,8 @@ namespace avx2 {
 struct Lanes {
   using V = __m256;
   static constexpr int64_t kWidth = 8;
-  static constexpr int kRows = 4;        // 8 accumulators, 2 weight vectors and 1 input vector
-  static constexpr int kWeightRows = 2;  // of 16 registers
+  static constexpr int kRows = 4;        // 12 accumulators, 3 weight vectors and 1 input vector:
+  static constexpr int kWeightRows = 3;  // all 16 registers, an input load per 3 multiply-adds
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) {

@@ -13,7 +13,7 @@ namespace wizard {
 // finishes first waits little for the other at the end of a product, large enough that claiming
 // costs nothing.
 constexpr int64_t kTailChunksPerThread = 64;
-// Chunks are a multiple of every kernel's column tile (6 and 2 dense, 4 and 1 int8).
+// Chunks are a multiple of every kernel's column tile (6 and 3 dense, 4 and 1 int8).
 constexpr int64_t kChunkMultiple = 12;
 
 // Chunks of [0, n) for `threads` threads to claim when they are free, each half of what remains per

@@ -271,47 +271,77 @@ inline float quantize_block(const float* x, int64_t n, int8_t* q) {
 
 void prepare(const float* x, int64_t in, const Activations& a) { prepare_with(quantize_block, x, in, a); }
 
-// R activation rows times one group of 16 outputs, as two halves of 8. The sign trick: maddubs
-// multiplies unsigned by signed bytes, so |x| times w with x's sign (|products| <= 127 * 127, no
-// 16-bit pair saturates), and madd sums the pairs into each output's four-product lane.
+// The block's integer dots of R activation rows with one group's int8 values, as two halves of 8
+// outputs. The sign trick: maddubs multiplies unsigned by signed bytes, so |x| times w with x's
+// sign (|products| <= 127 * 127, no 16-bit pair saturates), and madd sums the pairs into each
+// output's four-product lane.
+template <int R>
+inline void block_dots8(const Activations& a, int64_t r0, int64_t b, const Weights& w, const uint8_t* rec,
+                        __m256i (&dot)[R][2]) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < R; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < kQuads; k++) {
+    const uint8_t* quad = rec + k * kQuadBytes;
+    _mm_prefetch(reinterpret_cast<const char*>(quad) + w.prefetch, _MM_HINT_T0);
+    const __m256i w0 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(quad)), flip);
+    const __m256i w1 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(quad + 32)), flip);
+    for (int r = 0; r < R; r++) {
+      int32_t four;
+      std::memcpy(&four, a.values(r0 + r, b) + 4 * k, sizeof four);
+      const __m256i x = _mm256_set1_epi32(four), magnitude = _mm256_abs_epi8(x);
+      dot[r][0] = _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w0, x)), ones));
+      dot[r][1] = _mm256_add_epi32(dot[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w1, x)), ones));
+    }
+  }
+}
+
+// The same for int4 values, which stay unsigned (w + 8 <= 15): maddubs multiplies them by x as it is,
+// and a pair is at most 2 * 15 * 127, so the block's eight steps add up in 16 bits (<= 30480) before
+// one madd widens them; minus 8 * sum(x) leaves the exact dot.
+template <int R>
+inline void block_dots4(const Activations& a, int64_t r0, int64_t b, const Weights& w, const uint8_t* rec,
+                        __m256i (&dot)[R][2]) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i pairs[R][2];
+  for (int r = 0; r < R; r++) pairs[r][0] = pairs[r][1] = _mm256_setzero_si256();
+  for (int64_t p = 0; p < kQuads / 2; p++) {
+    const uint8_t* line = rec + p * kQuadBytes;
+    _mm_prefetch(reinterpret_cast<const char*>(line) + w.prefetch, _MM_HINT_T0);
+    const __m256i l0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(line));
+    const __m256i l1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(line + 32));
+    const __m256i low0 = _mm256_and_si256(l0, nibble), high0 = _mm256_and_si256(_mm256_srli_epi16(l0, 4), nibble);
+    const __m256i low1 = _mm256_and_si256(l1, nibble), high1 = _mm256_and_si256(_mm256_srli_epi16(l1, 4), nibble);
+    for (int r = 0; r < R; r++) {
+      int32_t four_low, four_high;
+      std::memcpy(&four_low, a.values(r0 + r, b) + 4 * p, sizeof four_low);
+      std::memcpy(&four_high, a.values(r0 + r, b) + 16 + 4 * p, sizeof four_high);
+      const __m256i x_low = _mm256_set1_epi32(four_low), x_high = _mm256_set1_epi32(four_high);
+      pairs[r][0] = _mm256_add_epi16(pairs[r][0], _mm256_maddubs_epi16(low0, x_low));
+      pairs[r][0] = _mm256_add_epi16(pairs[r][0], _mm256_maddubs_epi16(high0, x_high));
+      pairs[r][1] = _mm256_add_epi16(pairs[r][1], _mm256_maddubs_epi16(low1, x_low));
+      pairs[r][1] = _mm256_add_epi16(pairs[r][1], _mm256_maddubs_epi16(high1, x_high));
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    const __m256i offset = _mm256_set1_epi32(-stored_offset(4) * a.sum[a.at(r0 + r, b)]);
+    dot[r][0] = _mm256_add_epi32(_mm256_madd_epi16(pairs[r][0], ones), offset);
+    dot[r][1] = _mm256_add_epi32(_mm256_madd_epi16(pairs[r][1], ones), offset);
+  }
+}
+
+// R activation rows times one group of 16 outputs.
 template <int Bits, int R, int J>
 inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, int64_t g) {
   static_assert(J == 1, "the AVX2 kernel takes one group at a time");
   __m256 acc[R][2];
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
-  const __m256i nibble = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
   for (int64_t b = 0; b < w.blocks; b++) {
     const uint8_t* rec = w.record(g, b);
     __m256i dot[R][2];
-    for (int r = 0; r < R; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
-    for (int64_t k = 0; k < kQuads; k++) {
-      // Quad k's signed values of outputs 0-7 (w0) and 8-15 (w1).
-      __m256i w0, w1;
-      if constexpr (Bits == 8) {
-        const uint8_t* quad = rec + k * kQuadBytes;
-        _mm_prefetch(reinterpret_cast<const char*>(quad) + w.prefetch, _MM_HINT_T0);
-        w0 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(quad)), flip);
-        w1 = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(quad + 32)), flip);
-      } else {
-        const uint8_t* line = rec + (k % 4) * kQuadBytes;
-        if (k < 4) _mm_prefetch(reinterpret_cast<const char*>(line) + w.prefetch, _MM_HINT_T0);
-        const int shift = k < 4 ? 0 : 4;
-        const __m256i l0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(line));
-        const __m256i l1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(line + 32));
-        w0 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(l0, shift), nibble), eight);
-        w1 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(l1, shift), nibble), eight);
-      }
-      for (int r = 0; r < R; r++) {
-        int32_t four;
-        std::memcpy(&four, a.values(r0 + r, b) + 4 * k, sizeof four);
-        const __m256i x = _mm256_set1_epi32(four), magnitude = _mm256_abs_epi8(x);
-        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w0, x)), ones);
-        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w1, x)), ones);
-        dot[r][0] = _mm256_add_epi32(dot[r][0], p0);
-        dot[r][1] = _mm256_add_epi32(dot[r][1], p1);
-      }
-    }
+    if constexpr (Bits == 8)
+      block_dots8<R>(a, r0, b, w, rec, dot);
+    else
+      block_dots4<R>(a, r0, b, w, rec, dot);
     const float* scales = scales_of(Bits, rec);
     _mm_prefetch(reinterpret_cast<const char*>(scales) + w.prefetch, _MM_HINT_T0);
     const __m256 s0 = _mm256_load_ps(scales), s1 = _mm256_load_ps(scales + 8);

@@ -13,6 +13,23 @@ use crate::attention::DECODE_KERNEL_MAX_POSITIONS;
 use crate::calibrate::{choice_for, Choice};
 use crate::ffi::{self, check};
 
+/// `x.gelu(approximate)`; the tanh form of a CPU fp32 tensor that needs no gradient (a prefill's
+/// MLP) is computed as [`DecodeBlock`] computes it, vectorised, rather than by libtorch's tanh.
+pub fn gelu(x: &Tensor, approximate: &str) -> Tensor {
+    if approximate != "tanh" || x.device() != Device::Cpu {
+        return x.gelu(approximate);
+    }
+    let mut result = ptr::null_mut();
+    // SAFETY: `x` is a live tch tensor for the duration of the call, which only reads it; on success
+    // `result` is a new heap `at::Tensor` owned by the returned Tensor.
+    let status = unsafe { ffi::wizard_gelu_tanh(ffi::tensor(x), &mut result) };
+    if let Err(error) = check(status, "gelu") {
+        panic!("{error}");
+    }
+    // SAFETY: see above; `result` is non-null after a successful call.
+    unsafe { Tensor::from_ptr(result as *mut torch_sys::C_tensor) }
+}
+
 /// One block's parameters and shape, as [`DecodeBlock::forward`] takes them.
 pub struct DecodeBlock<'a> {
     /// `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`: weight, then bias. A
@@ -330,6 +347,29 @@ mod tests {
         let message = refused.map(|_| String::new()).unwrap_err();
         let message = message.downcast_ref::<String>().cloned().unwrap_or_default();
         assert!(message.contains("mlp.c_fc.weight") && message.contains("does not hold"), "{message}");
+    }
+
+    #[test]
+    fn gelu_is_the_tanh_form_to_a_few_ulps() {
+        let opts = (Kind::Float, Device::Cpu);
+        // Lengths with and without a vector tail; values from the tails to the middle, against the
+        // tanh form in double, written x / (1 + exp(-2u)) (0.5 x (1 + tanh(u)) loses digits where
+        // tanh(u) is near -1, even in double); below x = -10 the block's clamped exp leaves a few
+        // 1e-39 where the truth is smaller.
+        for n in [1, 7, 16, 1000, 40_001] {
+            let x = Tensor::linspace(-30.0, 30.0, n, opts) * Tensor::rand([n], opts);
+            let wide = x.to_kind(Kind::Double);
+            let u = (&wide + wide.pow_tensor_scalar(3) * 0.044715) * (2.0 / std::f64::consts::PI).sqrt();
+            let expected = &wide / ((u * -2.0).exp() + 1.0);
+            let got = gelu(&x, "tanh").to_kind(Kind::Double);
+            let error = ((&got - &expected).abs() / (expected.abs() + 1e-30)).max().double_value(&[]);
+            assert!(error < 1e-5, "n {n}: relative error {error}");
+            assert!(gelu(&x, "none").equal(&x.gelu("none")), "the exact form is libtorch's");
+        }
+        // A tensor that needs its gradient goes through libtorch, which records it.
+        let x = Tensor::randn([8], opts).set_requires_grad(true);
+        gelu(&x, "tanh").sum(Kind::Float).backward();
+        assert!(x.grad().defined());
     }
 
     #[test]

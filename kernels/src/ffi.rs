@@ -119,6 +119,7 @@ extern "C" {
     pub(crate) fn wizard_sdpa_allow_cudnn(allowed: c_int) -> c_int;
 
     // csrc/block.cpp
+    pub(crate) fn wizard_gelu_tanh(x: TensorHandle, result: *mut TensorHandle) -> c_int;
     pub(crate) fn wizard_decode_block_applies(x: TensorHandle, parameters: *const TensorHandle) -> c_int;
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn wizard_decode_block(

@@ -253,7 +253,10 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, dropout: Dropout) -> Tensor {
-        dropout.apply(self.c_proj.forward(&self.c_fc.forward(x).gelu(self.approximate)), self.resid_pdrop)
+        dropout.apply(
+            self.c_proj.forward(&kernels::block::gelu(&self.c_fc.forward(x), self.approximate)),
+            self.resid_pdrop,
+        )
     }
 }
 

@@ -8,9 +8,10 @@
 #
 # build    Builds `llama-server`, `llama-bench` and `llama-quantize` from the llama.cpp that the pinned llama-cpp-python
 #          sdist on PyPI vendors (PyPI being the only package index this project may reach) into
-#          ${WIZARD_CACHE:-~/.cache/wizard}/llama.cpp-<version>/build/bin, with cmake and ninja from a
-#          venv beside it. CPU only, static, compiled for AVX2/AVX512 (VNNI, BF16) rather than
-#          -march=native, AMX off. About 7 minutes on 2 cores (JOBS=N to change -j); a finished build
+#          ${WIZARD_CACHE:-~/.cache/wizard}/llama.cpp-<version>/build-<isa>/bin, with cmake and ninja from a
+#          venv beside it. CPU only, static, compiled for AVX2 plus the AVX-512 (F, VNNI, BF16) parts
+#          this CPU has rather than -march=native (which turns on AMX: SIGILL in these VMs), AMX off; the
+#          build directory is named after that instruction set, so a cache moved to another CPU rebuilds. About 7 minutes on 2 cores (JOBS=N to change -j); a finished build
 #          is recognised and skipped. Compiler output goes to build.log there. Prints the paths.
 # convert  Converts a Hugging Face GPTBigCode directory (config.json, model.safetensors, tokenizer.json)
 #          to GGUF with the vendored convert_hf_to_gguf.py, run by wizard's torch venv (the converter
@@ -29,7 +30,16 @@ ROOT=$CACHE/llama.cpp-$VERSION
 VENV=$ROOT/venv
 SRC=$ROOT/llama_cpp_python-$VERSION
 LLAMA=$SRC/vendor/llama.cpp
-BUILD=$ROOT/build
+# The AVX-512 options this CPU can run; a build with one it lacks dies with SIGILL.
+AVX512_OPTIONS=()
+ISA=avx2
+if grep -qw avx512f /proc/cpuinfo; then
+    ISA=avx512
+    AVX512_OPTIONS+=(-DGGML_AVX512=ON)
+    grep -qw avx512_vnni /proc/cpuinfo && { ISA+=-vnni; AVX512_OPTIONS+=(-DGGML_AVX512_VNNI=ON); }
+    grep -qw avx512_bf16 /proc/cpuinfo && { ISA+=-bf16; AVX512_OPTIONS+=(-DGGML_AVX512_BF16=ON); }
+fi
+BUILD=$ROOT/build-$ISA
 BIN=$BUILD/bin
 TORCH_PYTHON=${WIZARD_PYTHON:-$CACHE/venv-torch-2.11.0/bin/python}
 JOBS=${JOBS:-2}
@@ -76,7 +86,7 @@ build() {
             -DLLAMA_BUILD_EXAMPLES=OFF \
             -DGGML_NATIVE=OFF \
             -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-            -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+            "${AVX512_OPTIONS[@]}" \
             -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF &&
         PATH=$VENV/bin:$PATH nice -n 10 cmake --build "$BUILD" --target llama-server llama-bench llama-quantize -- -j"$JOBS"
     } >"$log" 2>&1; then
@@ -146,7 +156,7 @@ convert() {
     if [[ $outtype == q4_0 ]]; then
         # llama-quantize's default q4_0, as users run it (it keeps the output/token table in q6_K).
         local f32=$out.f32.tmp
-        trap 'rm -f "$f32"' EXIT
+        trap "rm -f '$f32'" EXIT  # expanded now: the local is gone when the shell exits
         "$TORCH_PYTHON" -c "$CONVERT_PY" "$LLAMA" "$model" --outtype f32 --outfile "$f32"
         "$BIN/llama-quantize" "$f32" "$out" q4_0 >/dev/null
     else
