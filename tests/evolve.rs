@@ -134,7 +134,9 @@ fn killed_runs_resume_to_the_same_items() {
     let finished = loop {
         assert!(kills < 40, "no end after {kills} kills");
         let before = stored();
-        let mut child = common::wizard_command(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let log = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&log).unwrap();
+        let mut child = common::wizard_command(&args).stdout(Stdio::null()).stderr(stderr).spawn().unwrap();
         state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         // Kill once this run has stored between a tenth and a fifth of an uninterrupted run's
         // answers, so that each killed run makes progress and stops at a random point.
@@ -145,7 +147,8 @@ fn killed_runs_resume_to_the_same_items() {
             exited.is_some() || stored() >= before + step
         });
         if let Some(status) = exited.or_else(|| child.try_wait().unwrap()) {
-            assert!(status.success(), "the last run exited with {status}");
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(status.success(), "the last run (after {kills} kills) exited with {status}: {said}");
             break kills;
         }
         child.kill().unwrap();

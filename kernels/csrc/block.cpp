@@ -202,12 +202,12 @@ int wizard_decode_block_applies(void* x_handle, void** parameters) {
   return applies;
 }
 
-// `*result` = GELU's tanh form of `x`, as the block computes it where the CPU has AVX2 or AVX-512
-// and `x` is a contiguous fp32 CPU tensor needing no gradient (a prefill's MLP); at::gelu otherwise.
+// `*result` = GELU's tanh form of `x`, as the block computes it, where `x` is a contiguous fp32 CPU
+// tensor needing no gradient (a prefill's MLP); at::gelu otherwise.
 int wizard_gelu_tanh(void* x_handle, void** result) {
   return wizard::guarded([&] {
     const auto& x = *static_cast<at::Tensor*>(x_handle);
-    if (!(wizard::cpu::avx2() && plain_float(x) && no_gradient(x) && !at::autocast::is_autocast_enabled(at::kCPU))) {
+    if (!(plain_float(x) && no_gradient(x) && !at::autocast::is_autocast_enabled(at::kCPU))) {
       *result = new at::Tensor(at::gelu(x, "tanh"));
       return;
     }

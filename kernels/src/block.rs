@@ -350,12 +350,13 @@ mod tests {
     }
 
     #[test]
-    fn gelu_is_the_tanh_form_to_a_few_ulps() {
+    fn gelu_is_the_tanh_form_in_double_to_5e_5() {
         let opts = (Kind::Float, Device::Cpu);
         // Lengths with and without a vector tail; values from the tails to the middle, against the
         // tanh form in double, written x / (1 + exp(-2u)) (0.5 x (1 + tanh(u)) loses digits where
         // tanh(u) is near -1, even in double); below x = -10 the block's clamped exp leaves a few
-        // 1e-39 where the truth is smaller.
+        // 1e-39 where the truth is smaller. In the negative tail exp(-2u) multiplies u's rounding by 2u
+        // (up to ~90), hence 5e-5 rather than a few ulps.
         for n in [1, 7, 16, 1000, 40_001] {
             let x = Tensor::linspace(-30.0, 30.0, n, opts) * Tensor::rand([n], opts);
             let wide = x.to_kind(Kind::Double);
@@ -363,7 +364,7 @@ mod tests {
             let expected = &wide / ((u * -2.0).exp() + 1.0);
             let got = gelu(&x, "tanh").to_kind(Kind::Double);
             let error = ((&got - &expected).abs() / (expected.abs() + 1e-30)).max().double_value(&[]);
-            assert!(error < 1e-5, "n {n}: relative error {error}");
+            assert!(error < 5e-5, "n {n}: relative error {error}");
             assert!(gelu(&x, "none").equal(&x.gelu("none")), "the exact form is libtorch's");
         }
         // A tensor that needs its gradient goes through libtorch, which records it.
