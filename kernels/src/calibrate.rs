@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use crate::quantized::QuantizedWeight;
+use crate::quantized::{Format, QuantizedWeight};
 
 /// How much faster libtorch must be, at both row counts, to be chosen.
 const LIBTORCH_MARGIN: f64 = 1.1;
@@ -122,6 +122,8 @@ pub struct OneRowMeasurement {
     pub question: OneRowQuestion,
     /// fp32, bf16, or `Int8` for int8 or int4 blocks.
     pub kind: Kind,
+    /// With `Int8`, which of the two: their records differ, and so may the answer.
+    pub quantized: Option<Format>,
     /// The weights' bytes, rounded up to a power of two MiB: the timing holds for models about this size.
     pub size_mib: u64,
     /// Median µs of one pass over the weights with the option on, and off.
@@ -165,6 +167,7 @@ pub fn calibrate_one_row(
             _ => (dense.len(), dense.iter().map(|w| w.numel() as i64 * w.kind().elt_size_in_bytes() as i64).sum()),
         };
         let size_mib = ((bytes as u64).div_ceil(1 << 20)).next_power_of_two();
+        let format = if kind == Kind::Int8 { quantized.first().map(|w| w.format()) } else { None };
         let on_tiles = kind == Kind::BFloat16 && amx;
         let kernel = if kind == Kind::Int8 {
             crate::quantized::kernel_isa() != "scalar"
@@ -186,7 +189,9 @@ pub fn calibrate_one_row(
                 }
                 _ => crate::linear::set_one_row_prefetch(kind, on),
             };
-            let cached = known.iter().find(|m| m.question == question && m.kind == kind && m.size_mib == size_mib);
+            let cached = known
+                .iter()
+                .find(|m| m.question == question && m.kind == kind && m.quantized == format && m.size_mib == size_mib);
             let measurement = match cached {
                 Some(cached) => cached.clone(),
                 None => {
@@ -202,8 +207,10 @@ pub fn calibrate_one_row(
                             move |x, w, b| linear_with(isa, x, w, b),
                         )),
                     };
-                    let (measured, plausible) =
-                        until_plausible(size_mib, || measure_both_ways(question, kind, size_mib, &set, &mut pass));
+                    let (measured, plausible) = until_plausible(size_mib, || OneRowMeasurement {
+                        quantized: format,
+                        ..measure_both_ways(question, kind, size_mib, &set, &mut pass)
+                    });
                     if let Some(path) = cache.filter(|_| plausible) {
                         if let Err(error) = append_one_row_cache(path, &machine, &measured) {
                             eprintln!("warning: cannot record kernel timings in {}: {error}", path.display());
@@ -282,10 +289,10 @@ fn measure_both_ways(
         times[times.len() / 2]
     };
     let (on_us, off_us) = (median(on), median(off));
-    OneRowMeasurement { question, kind, size_mib, on_us, off_us, on: on_us < off_us, cached: false }
+    OneRowMeasurement { question, kind, quantized: None, size_mib, on_us, off_us, on: on_us < off_us, cached: false }
 }
 
-/// Lines `machine \t prefetch|amx-tiles \t dtype \t MiB \t on|off \t on µs \t off µs` (seven fields,
+/// Lines `machine \t prefetch|amx-tiles \t dtype (float32, bfloat16, int8, int4) \t MiB \t on|off \t on µs \t off µs` (seven fields,
 /// which [`read_cache`] skips); lines of other machines, or that do not parse, are skipped.
 fn read_one_row_cache(path: &Path, machine: &str) -> Vec<OneRowMeasurement> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -298,10 +305,11 @@ fn read_one_row_cache(path: &Path, machine: &str) -> Vec<OneRowMeasurement> {
                 "amx-tiles" => OneRowQuestion::AmxTiles,
                 _ => return None,
             };
-            let kind = match kind {
-                "float32" => Kind::Float,
-                "bfloat16" => Kind::BFloat16,
-                "int8" => Kind::Int8,
+            let (kind, quantized) = match kind {
+                "float32" => (Kind::Float, None),
+                "bfloat16" => (Kind::BFloat16, None),
+                "int8" => (Kind::Int8, Some(Format::Int8)),
+                "int4" => (Kind::Int8, Some(Format::Int4)),
                 _ => return None,
             };
             if key != machine {
@@ -310,6 +318,7 @@ fn read_one_row_cache(path: &Path, machine: &str) -> Vec<OneRowMeasurement> {
             Some(OneRowMeasurement {
                 question,
                 kind,
+                quantized,
                 size_mib: size_mib.parse().ok()?,
                 on_us: on_us.parse().ok()?,
                 off_us: off_us.parse().ok()?,
@@ -325,9 +334,10 @@ fn read_one_row_cache(path: &Path, machine: &str) -> Vec<OneRowMeasurement> {
 }
 
 fn append_one_row_cache(path: &Path, machine: &str, m: &OneRowMeasurement) -> std::io::Result<()> {
-    let kind = match m.kind {
-        Kind::BFloat16 => "bfloat16",
-        Kind::Int8 => "int8",
+    let kind = match (m.kind, m.quantized) {
+        (Kind::BFloat16, _) => "bfloat16",
+        (Kind::Int8, Some(Format::Int4)) => "int4",
+        (Kind::Int8, _) => "int8",
         _ => "float32",
     };
     let question = match m.question {
@@ -500,6 +510,7 @@ mod tests {
                 OneRowMeasurement {
                     question: OneRowQuestion::Prefetch,
                     kind: Kind::BFloat16,
+                    quantized: None,
                     size_mib,
                     on_us,
                     off_us,
@@ -546,6 +557,17 @@ mod tests {
                 kind => crate::linear::one_row_prefetch(kind),
             };
             assert_eq!(set, b.on);
+        }
+        assert_eq!(first.last().map(|m| m.quantized), Some(Some(Format::Int8)));
+        // int4 records as large are a question of their own, timed and then read back as such.
+        let int4 =
+            QuantizedWeight::quantize(&Tensor::randn([96, 64], (Kind::Float, Device::Cpu)), Format::Int4).unwrap();
+        for cached in [false, true] {
+            let m = calibrate_one_row(&[], &[&int4], Some(&cache));
+            assert_eq!(
+                m.iter().map(|m| (m.quantized, m.size_mib, m.cached)).collect::<Vec<_>>(),
+                [(Some(Format::Int4), 1, cached)]
+            );
         }
         let x = Tensor::randn([1, 64], (Kind::Float, Device::Cpu));
         let product = |prefetch| {

@@ -283,6 +283,7 @@ impl GptBigCode {
                 tracing::debug!(
                     question = ?m.question,
                     kind = ?m.kind,
+                    quantized = ?m.quantized,
                     size_mib = m.size_mib,
                     on_us = m.on_us,
                     off_us = m.off_us,
