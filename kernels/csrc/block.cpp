@@ -134,16 +134,16 @@ struct Lanes {
 }  // namespace avx2
 #pragma GCC pop_options
 
-// The MLP's activation over x[0, n) in place: GELU's tanh form, or the exact (erf) one.
-void gelu_in_place(float* x, int64_t n, bool exact) {
+// The MLP's activation: y[0, n) = GELU's tanh form, or the exact (erf) one, of x[0, n) (y may be x).
+void gelu(const float* x, float* y, int64_t n, bool exact) {
   if (exact) {
-    for (int64_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * static_cast<float>(M_SQRT1_2)));
+    for (int64_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * static_cast<float>(M_SQRT1_2)));
   } else if (wizard::cpu::avx512()) {
-    avx512::gelu_tanh(x, n);
+    avx512::gelu_tanh(x, y, n);
   } else if (wizard::cpu::avx2()) {
-    avx2::gelu_tanh(x, n);
+    avx2::gelu_tanh(x, y, n);
   } else {
-    for (int64_t i = 0; i < n; i++) x[i] = gelu_tanh(x[i]);
+    for (int64_t i = 0; i < n; i++) y[i] = gelu_tanh(x[i]);
   }
 }
 
@@ -211,10 +211,11 @@ int wizard_gelu_tanh(void* x_handle, void** result) {
       *result = new at::Tensor(at::gelu(x, "tanh"));
       return;
     }
-    auto out = x.clone();
-    float* data = out.data_ptr<float>();
-    at::parallel_for(0, out.numel(), 16384, [&](int64_t begin, int64_t end) {
-      gelu_in_place(data + begin, end - begin, false);
+    auto out = at::empty_like(x);
+    const float* from = x.data_ptr<float>();
+    float* to = out.data_ptr<float>();
+    at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) {
+      gelu(from + begin, to + begin, end - begin, false);
     });
     *result = new at::Tensor(std::move(out));
   });
@@ -334,7 +335,10 @@ int wizard_decode_block(void* x_handle, void** parameters, int64_t heads, double
       norm_2.run([&](int64_t begin, int64_t end) { norm(middle, 6, normed_middle, *up_product, begin, end); });
       expand.run([&](int64_t begin, int64_t end) {
         const auto [first, last] = multiply(up_product, normed_middle, hidden, inner, begin, end);
-        for (int64_t m = 0; m < positions; m++) gelu_in_place(hidden + m * inner + first, last - first, exact_gelu != 0);
+        for (int64_t m = 0; m < positions; m++) {
+          float* row = hidden + m * inner + first;
+          gelu(row, row, last - first, exact_gelu != 0);
+        }
       });
       ready_hidden.run([&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; m++) down_product->prepare(hidden + m * inner, m);

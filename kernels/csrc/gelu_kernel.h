@@ -25,15 +25,15 @@ inline Lanes::V gelu_tanh(Lanes::V v) {
   return L::div(v, L::add(L::set1(1.0f), exp(L::mul(L::set1(-2.0f), u))));
 }
 
-// x[0, n) in place.
-inline void gelu_tanh(float* x, int64_t n) {
+// y[0, n) = GELU of x[0, n) (y may be x).
+inline void gelu_tanh(const float* x, float* y, int64_t n) {
   using L = Lanes;
   int64_t i = 0;
-  for (; i + L::kWidth <= n; i += L::kWidth) L::store(x + i, gelu_tanh(L::load(x + i)));
+  for (; i + L::kWidth <= n; i += L::kWidth) L::store(y + i, gelu_tanh(L::load(x + i)));
   if (i < n) {
     float tail[L::kWidth] = {};
     std::copy(x + i, x + n, tail);
     L::store(tail, gelu_tanh(L::load(tail)));
-    std::copy(tail, tail + (n - i), x + i);
+    std::copy(tail, tail + (n - i), y + i);
   }
 }

@@ -207,9 +207,8 @@ pub fn calibrate_one_row(
                             move |x, w, b| linear_with(isa, x, w, b),
                         )),
                     };
-                    let (measured, plausible) = until_plausible(size_mib, || OneRowMeasurement {
-                        quantized: format,
-                        ..measure_both_ways(question, kind, size_mib, &set, &mut pass)
+                    let (measured, plausible) = until_plausible(size_mib, || {
+                        measure_both_ways(question, (kind, format), size_mib, &set, &mut pass)
                     });
                     if let Some(path) = cache.filter(|_| plausible) {
                         if let Err(error) = append_one_row_cache(path, &machine, &measured) {
@@ -266,7 +265,7 @@ fn until_plausible(size_mib: u64, mut measure: impl FnMut() -> OneRowMeasurement
 
 fn measure_both_ways(
     question: OneRowQuestion,
-    kind: Kind,
+    (kind, quantized): (Kind, Option<Format>),
     size_mib: u64,
     set: &impl Fn(bool),
     pass: &mut dyn FnMut(),
@@ -289,11 +288,12 @@ fn measure_both_ways(
         times[times.len() / 2]
     };
     let (on_us, off_us) = (median(on), median(off));
-    OneRowMeasurement { question, kind, quantized: None, size_mib, on_us, off_us, on: on_us < off_us, cached: false }
+    OneRowMeasurement { question, kind, quantized, size_mib, on_us, off_us, on: on_us < off_us, cached: false }
 }
 
-/// Lines `machine \t prefetch|amx-tiles \t dtype (float32, bfloat16, int8, int4) \t MiB \t on|off \t on µs \t off µs` (seven fields,
-/// which [`read_cache`] skips); lines of other machines, or that do not parse, are skipped.
+/// Lines `machine \t prefetch|amx-tiles \t dtype \t MiB \t on|off \t on µs \t off µs` (seven fields,
+/// which [`read_cache`] skips; dtype float32, bfloat16, int8 or int4); lines of other machines, or
+/// that do not parse, are skipped.
 fn read_one_row_cache(path: &Path, machine: &str) -> Vec<OneRowMeasurement> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
