@@ -11,8 +11,9 @@
 #          ${WIZARD_CACHE:-~/.cache/wizard}/llama.cpp-<version>/build-<isa>/bin, with cmake and ninja from a
 #          venv beside it. CPU only, static, compiled for AVX2 plus the AVX-512 (F, VNNI, BF16) parts
 #          this CPU has rather than -march=native (which turns on AMX: SIGILL in these VMs), AMX off; the
-#          build directory is named after that instruction set, so a cache moved to another CPU rebuilds. About 7 minutes on 2 cores (JOBS=N to change -j); a finished build
-#          is recognised and skipped. Compiler output goes to build.log there. Prints the paths.
+#          build directory is named after that instruction set, so a cache moved to another CPU
+#          rebuilds. About 7 minutes on 2 cores (JOBS=N to change -j); a finished build is recognised
+#          and skipped. Compiler output goes to build.log there. Prints the paths.
 # convert  Converts a Hugging Face GPTBigCode directory (config.json, model.safetensors, tokenizer.json)
 #          to GGUF with the vendored convert_hf_to_gguf.py, run by wizard's torch venv (the converter
 #          imports torch and transformers; its gguf package is the vendored gguf-py). The converter only
