@@ -170,5 +170,5 @@ case ${1:-} in
     build) build ;;
     convert) shift; convert "$@" ;;
     paths) paths ;;
-    *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2 ;;  # the header
 esac
