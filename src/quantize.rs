@@ -1,5 +1,5 @@
 //! `wizard quantize`: a model directory to an int8 or int4 one (dense layers and head in blocks of 32
-//! with fp32 scales) that loads without quantizing again, with each layer's error.
+//! with one scale each) that loads without quantizing again, with each layer's error.
 use std::path::PathBuf;
 use std::process::ExitCode;
 

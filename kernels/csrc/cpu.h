@@ -22,10 +22,10 @@ inline Level cap() {
   return level;
 }
 
-// AVX2 with FMA.
+// AVX2 with FMA and F16C (every CPU with AVX2 has both; the quantized kernels widen half scales).
 inline bool avx2() {
-  static const bool usable =
-      cap() >= Level::kAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool usable = cap() >= Level::kAvx2 && __builtin_cpu_supports("avx2") &&
+                             __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return usable;
 }
 

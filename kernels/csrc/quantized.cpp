@@ -1,31 +1,41 @@
 // Weights quantized in blocks of 32 along `in` with one fp32 scale per block, in two formats, and
 // `x @ w^T + b` over them for inference on CPU:
-// - int8 (llama.cpp's q8_0, with fp32 scales): per block, scale = max|w| / 127 and q = round(w / scale)
-//   (ties to even; every q in [-127, 127]). Files hold values as int8 [out, padded] (in rounded up to a
-//   multiple of 32, zeros after `in`).
+// - int8 (llama.cpp's q8_0): per block, scale = max|w| / 127 and q = round(w / scale) (ties to even;
+//   every q in [-127, 127]). Files hold values as int8 [out, padded] (in rounded up to a multiple of
+//   32, zeros after `in`).
 // - int4 (q4_0's range): per block, q in [-8, 7], with the scale that minimises the block's squared
 //   error among a few candidate roundings (see quantize_block4_ref). Files hold values as uint8
 //   [out, padded / 2], two per byte: value 2i in the low nibble, 2i + 1 in the high one, each plus 8.
-// Scales are fp32 [out, padded / 32] in both.
+// Files hold scales as fp32 [out, padded / 32] in both. Each is a half-precision number times one
+// power of two per weight (`unshift`, which maps the weight's largest scale into (2^14, 2^15]: the
+// half's range covers every scale down to 2^-29 of it): 2 bytes a block, as q8_0 and q4_0 store
+// theirs, instead of 4, so int8 reads 1.0625 bytes a weight instead of 1.125 and int4 0.5625
+// instead of 0.625. Quantizing rounds each scale to that form first, then the values (int8) against
+// it; a file whose scales are not of that form has them rounded to it (by at most 2^-12 of each).
 //
 // The kernels read a packed copy instead (made once, when a weight is quantized or loaded): outputs in
-// groups of 16 and, per group and block, one record: the block's values of the 16 outputs, then the 16
-// outputs' scales. int8 records (576 bytes) hold values as [8 quads][16 outputs][4 values], each plus
-// 128 (unsigned bytes); int4 records (320 bytes) hold four 64-byte lines [16 outputs][4 bytes], line p's
-// low nibbles quad p and high nibbles quad p + 4, each plus 8. One load (one nibble mask) holds four
-// values of 16 outputs, which one VNNI step multiplies by four activation bytes, so a block's integer
-// dot comes out whole for 16 outputs at once. The two formats' packed sizes differ for every shape,
-// which is how the fused decode block tells them apart.
+// groups of 16 and, per group and block, one record of the block's values of the 16 outputs, and in a
+// second region, in the same order, the 16 outputs' half scales (Layout below). int8 records (512
+// bytes) hold values as [8 quads][16 outputs][4 values], each plus 128 (unsigned bytes); int4 records
+// (256 bytes) hold four 64-byte lines [16 outputs][4 bytes], line p's low nibbles quad p and high
+// nibbles quad p + 4, each plus 8. One load (one nibble mask) holds four values of 16 outputs, which
+// one VNNI step multiplies by four activation bytes, so a block's integer dot comes out whole for 16
+// outputs at once. The two formats' packed sizes differ for every shape, which is how the fused
+// decode block tells them apart.
 //
 // Each activation row is quantized as int8 blocks, and every output is
-//   y = 0; for each block b in order: y = fma(float(dot_b), weight scale_b * activation scale_b, y);
+//   y = 0; for each block b in order:
+//     y = fma(float(dot_b), float(half scale_b) * (activation scale_b * unshift), y);
 //   then y + bias,
 // where dot_b, the block's integer dot, is exact (|dot_b| <= 32 * 127 * 128 < 2^24: the float is
-// exact too). So a row gives the same bits alone or with others, whatever the thread split, and the
-// AVX-512 VNNI, AVX2 and scalar kernels give the same bits as each other.
+// exact too), and so are the widening of the half and the product with a power of two: the scales'
+// product is the weight's scale times the activation's, rounded once. So a row gives the same bits
+// alone or with others, whatever the thread split, and the AVX-512 VNNI, AVX2 and scalar kernels give
+// the same bits as each other.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -53,9 +63,11 @@ constexpr int64_t kBlock = 32;
 constexpr int64_t kGroup = 16;              // outputs per record
 constexpr int64_t kQuads = kBlock / 4;      // four-value steps per block
 constexpr int64_t kQuadBytes = 4 * kGroup;  // one quad of the 16 outputs (int8), or two (int4)
-// Bytes of a block's values of 16 outputs, and of its record (values, then scales): 576 and 320.
+// Bytes of a block's values of 16 outputs (a record: 512 and 256), and of their half scales.
 constexpr int64_t values_bytes(int bits) { return kBlock * kGroup * bits / 8; }
-constexpr int64_t record_bytes(int bits) { return values_bytes(bits) + 4 * kGroup; }
+constexpr int64_t kScalesBytes = 2 * kGroup;
+// After the scales, `unshift` (an fp32), padded so that a packed weight stays a multiple of 64 bytes.
+constexpr int64_t kTailBytes = 64;
 // What the kernels add to each stored value (so it is unsigned).
 constexpr int32_t stored_offset(int bits) { return bits == 8 ? 128 : 8; }
 // How far ahead of the records being read the kernels prefetch the weight: 12 KiB measured best on
@@ -66,14 +78,56 @@ std::atomic<int64_t> prefetch_bytes{12 * 1024};  // kernels::int8::PREFETCH_LEAD
 
 int64_t groups_of(int64_t out) { return (out + kGroup - 1) / kGroup; }
 
+int64_t blocks_of(int64_t in) { return (in + kBlock - 1) / kBlock; }
+
+// Where the parts of a packed weight [out, in] lie: [groups][blocks] records of values, then
+// [groups][blocks][16] half scales, then the tail holding `unshift`.
+struct Layout {
+  int64_t groups, blocks, scales_at, unshift_at, bytes;
+  Layout(int64_t out, int64_t in, int bits)
+      : groups(groups_of(out)), blocks(blocks_of(in)), scales_at(groups * blocks * values_bytes(bits)),
+        unshift_at(scales_at + groups * blocks * kScalesBytes), bytes(unshift_at + kTailBytes) {}
+  // Byte offsets of group g's record of block b, and of its scales.
+  int64_t record_at(int bits, int64_t g, int64_t b) const { return (g * blocks + b) * values_bytes(bits); }
+  int64_t scales_of(int64_t g, int64_t b) const { return scales_at + (g * blocks + b) * kScalesBytes; }
+  const uint16_t* scales(const uint8_t* packed, int64_t g, int64_t b) const {
+    return reinterpret_cast<const uint16_t*>(packed + scales_of(g, b));
+  }
+  float unshift(const uint8_t* packed) const {
+    float u;
+    std::memcpy(&u, packed + unshift_at, sizeof u);
+    return u;
+  }
+};
+
+// The power of two that, times a half, gives back scales up to `largest` in magnitude: 2^-15 times
+// the least power of two at or above it, so the largest maps into (2^14, 2^15] both before and
+// after rounding (a weight packed again gets the same).
+float unshift_for(float largest) {
+  if (!(largest > 0.0f)) return 1.0f;
+  int exponent;
+  const float fraction = std::frexp(largest, &exponent);  // largest = fraction * 2^exponent, fraction in [0.5, 1)
+  return std::ldexp(1.0f, (fraction == 0.5f ? exponent - 1 : exponent) - 15);
+}
+
+inline float widen_half(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
+// `scale` as the half that, times `unshift`, stands for it (rounded to the nearest).
+inline uint16_t narrow_scale(float scale, float unshift) { return c10::Half(scale / unshift).x; }
+
 // A packed weight as the kernels read it.
 struct Weights {
-  const uint8_t* packed;  // [groups][blocks] records
-  const float* bias;      // [out], or null
+  const uint8_t* values;   // [groups][blocks] records
+  const uint16_t* scales;  // [groups][blocks][16] half scales
+  float unshift;           // what every half scale stands for is itself times this (prepare() folds
+                           // it into the activation scales)
+  const float* bias;       // [out], or null
   int64_t blocks, out;
-  int64_t prefetch;       // bytes ahead of the records read
-  int bits;               // 8 or 4
-  const uint8_t* record(int64_t g, int64_t b) const { return packed + (g * blocks + b) * record_bytes(bits); }
+  int64_t prefetch;        // bytes ahead of the records read
+  int bits;                // 8 or 4
+  const uint8_t* record(int64_t g, int64_t b) const { return values + (g * blocks + b) * values_bytes(bits); }
+  const uint16_t* scales_of(int64_t g, int64_t b) const { return scales + (g * blocks + b) * kGroup; }
+  // How far ahead of the scales read to prefetch: as far, in blocks, as `prefetch` is in records.
+  int64_t scales_prefetch() const { return prefetch * kScalesBytes / values_bytes(bits); }
 };
 
 // The activation rows, quantized once per call.
@@ -81,7 +135,7 @@ struct Activations {
   int64_t rows, blocks;
   int8_t* q;        // [rows][blocks * 32]
   int32_t* sum;     // [rows][blocks]: the block's sum (VNNI's unsigned weights add offset * it)
-  float* scale;     // [rows][blocks]
+  float* scale;     // [rows][blocks]: the block's scale, times the weight's unshift once prepared
   const int8_t* values(int64_t r, int64_t b) const { return q + (r * blocks + b) * kBlock; }
   int64_t at(int64_t r, int64_t b) const { return r * blocks + b; }
 };
@@ -193,9 +247,6 @@ inline int32_t value_at(const uint8_t* record, int64_t col, int64_t k) {
 inline int32_t value_at(int bits, const uint8_t* record, int64_t col, int64_t k) {
   return bits == 8 ? value_at<8>(record, col, k) : value_at<4>(record, col, k);
 }
-inline const float* scales_of(int bits, const uint8_t* record) {
-  return reinterpret_cast<const float*>(record + values_bytes(bits));
-}
 
 // Portable: any x86-64 CPU. Slow (tens of times slower than AVX2), but in the same order as the
 // vector kernels.
@@ -209,11 +260,13 @@ inline void dots(const Activations& a, int64_t r, const Weights& w, float* y, in
   float acc[kGroup] = {};
   for (int64_t b = 0; b < w.blocks; b++) {
     const uint8_t* rec = w.record(g, b);
+    const uint16_t* scales = w.scales_of(g, b);
     const int8_t* q = a.values(r, b);
+    const float activation_scale = a.scale[a.at(r, b)];
     for (int64_t c = 0; c < kGroup; c++) {
       int32_t dot = 0;
       for (int64_t k = 0; k < kBlock; k++) dot += int32_t{q[k]} * value_at<Bits>(rec, c, k);
-      acc[c] = std::fma(static_cast<float>(dot), scales_of(Bits, rec)[c] * a.scale[a.at(r, b)], acc[c]);
+      acc[c] = std::fma(static_cast<float>(dot), widen_half(scales[c]) * activation_scale, acc[c]);
     }
   }
   for (int64_t c = 0; c < kGroup && g * kGroup + c < w.out; c++) {
@@ -230,7 +283,7 @@ void rows_times_weight(const Activations& a, const Weights& w, float* y, int64_t
 }  // namespace scalar
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 
 inline __m256 load_first(const float* p, int64_t n) {
@@ -342,9 +395,10 @@ inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, i
       block_dots8<R>(a, r0, b, w, rec, dot);
     else
       block_dots4<R>(a, r0, b, w, rec, dot);
-    const float* scales = scales_of(Bits, rec);
-    _mm_prefetch(reinterpret_cast<const char*>(scales) + w.prefetch, _MM_HINT_T0);
-    const __m256 s0 = _mm256_load_ps(scales), s1 = _mm256_load_ps(scales + 8);
+    const uint16_t* scales = w.scales_of(g, b);
+    _mm_prefetch(reinterpret_cast<const char*>(scales) + w.scales_prefetch(), _MM_HINT_T0);
+    const __m256 s0 = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(scales)));
+    const __m256 s1 = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(scales + 8)));
     for (int r = 0; r < R; r++) {
       const __m256 xs = _mm256_set1_ps(a.scale[a.at(r0 + r, b)]);
       acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][0]), _mm256_mul_ps(s0, xs), acc[r][0]);
@@ -450,12 +504,13 @@ inline void dots(const Activations& a, int64_t r0, const Weights& w, float* y, i
       }
     }
     for (int j = 0; j < J; j++) {
-      const float* record_scales = scales_of(Bits, rec[j]);
-      _mm_prefetch(reinterpret_cast<const char*>(record_scales) + w.prefetch, _MM_HINT_T0);
-      const __m512 scales = _mm512_load_ps(record_scales);
+      const uint16_t* record_scales = w.scales_of(g0 + j, b);
+      _mm_prefetch(reinterpret_cast<const char*>(record_scales) + w.scales_prefetch(), _MM_HINT_T0);
+      const __m512 scales = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(record_scales)));
       for (int r = 0; r < R; r++)
-        acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][j]),
-                                    _mm512_mul_ps(scales, _mm512_set1_ps(a.scale[a.at(r0 + r, b)])), acc[r][j]);
+        acc[r][j] = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(dot[r][j]),
+            _mm512_mul_ps(scales, _mm512_set1_ps(a.scale[a.at(r0 + r, b)])), acc[r][j]);
     }
   }
   for (int j = 0; j < J; j++) {
@@ -507,8 +562,6 @@ std::string describe(const at::Tensor& t) {
   return std::string(c10::toString(t.scalar_type())) + " [" + sizes + "] on " + t.device().str();
 }
 
-int64_t blocks_of(int64_t in) { return (in + kBlock - 1) / kBlock; }
-
 std::string format_name(int bits) { return bits == 8 ? "int8" : "int4"; }
 
 void check_bits(int bits) {
@@ -518,13 +571,13 @@ void check_bits(int bits) {
 
 // The layout the kernels index by (the Rust side makes packed weights only from checked parts; this
 // guards against tensors changed since, e.g. through a shallow clone): which format's records hold
-// [out, in], told by their size (an int8 record is 576 bytes, an int4 one 320).
+// [out, in], told by their size (an int8 record is 512 bytes, an int4 one 256).
 // (A weight with no inputs or outputs has no records in either format.)
 bool holds(const at::Tensor& packed, int64_t out, int64_t in, int bits) {
   if (!packed.device().is_cpu() || packed.scalar_type() != at::kByte || packed.dim() != 1 || !packed.is_contiguous())
     throw std::invalid_argument("quantized weight: the packed weight must be a contiguous uint8 CPU vector, got " +
                                 describe(packed));
-  return out >= 0 && in >= 0 && packed.numel() == groups_of(out) * blocks_of(in) * record_bytes(bits);
+  return out >= 0 && in >= 0 && packed.numel() == Layout(out, in, bits).bytes;
 }
 
 [[noreturn]] void does_not_hold(const at::Tensor& packed, int64_t out, int64_t in, const std::string& format) {
@@ -579,18 +632,24 @@ inline std::pair<int64_t, int> slot(int bits, int64_t c, int64_t k) {
 }
 
 // The parts into records (outputs past `out` hold zeros).
-at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int bits) {
-  const int64_t out = values.size(0), blocks = scales.size(1), groups = groups_of(out), bytes = record_bytes(bits);
-  auto packed = at::zeros({groups * blocks * bytes}, at::kByte);
+// The parts into records (outputs past `out` hold zeros), each scale as the nearest half times the
+// weight's `unshift`.
+at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int64_t in, int bits) {
+  const int64_t out = values.size(0);
+  const Layout layout(out, in, bits);
+  const int64_t blocks = layout.blocks;
+  auto packed = at::zeros({layout.bytes}, at::kByte);
   const float* sp = scales.data_ptr<float>();
+  const float unshift = unshift_for(scales.numel() > 0 ? scales.abs().max().item<float>() : 0.0f);
   const auto* vp = static_cast<const uint8_t*>(values.data_ptr());
   const int64_t stride = values.size(1);
   uint8_t* pp = packed.data_ptr<uint8_t>();
-  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+  std::memcpy(pp + layout.unshift_at, &unshift, sizeof unshift);
+  at::parallel_for(0, layout.groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; g++)
       for (int64_t b = 0; b < blocks; b++) {
-        uint8_t* rec = pp + (g * blocks + b) * bytes;
-        float* record_scales = reinterpret_cast<float*>(rec + values_bytes(bits));
+        uint8_t* rec = pp + layout.record_at(bits, g, b);
+        auto* record_scales = reinterpret_cast<uint16_t*>(pp + layout.scales_of(g, b));
         for (int64_t c = 0; c < kGroup; c++) {
           const int64_t j = g * kGroup + c;
           for (int64_t k = 0; k < kBlock; k++) {
@@ -598,7 +657,7 @@ at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int bits) {
             const auto [byte, shift] = slot(bits, c, k);
             rec[byte] |= static_cast<uint8_t>((value + stored_offset(bits)) << shift);
           }
-          record_scales[c] = j < out ? sp[j * blocks + b] : 0.0f;
+          record_scales[c] = j < out ? narrow_scale(sp[j * blocks + b], unshift) : 0;
         }
       }
   });
@@ -607,17 +666,19 @@ at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int bits) {
 
 // The inverse of pack: the parts.
 std::pair<at::Tensor, at::Tensor> unpack(const at::Tensor& packed, int64_t out, int64_t in, int bits) {
-  const int64_t blocks = blocks_of(in), bytes = record_bytes(bits);
+  const Layout layout(out, in, bits);
+  const int64_t blocks = layout.blocks;
   auto values = at::zeros({out, blocks * kBlock / per_byte(bits)}, bits == 8 ? at::kChar : at::kByte);
   auto scales = at::empty({out, blocks}, at::kFloat);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   auto* vp = static_cast<uint8_t*>(values.data_ptr());
   const int64_t stride = values.size(1);
   float* sp = scales.data_ptr<float>();
+  const float unshift = layout.unshift(pp);
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; j++)
       for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t* rec = pp + ((j / kGroup) * blocks + b) * bytes;
+        const uint8_t* rec = pp + layout.record_at(bits, j / kGroup, b);
         for (int64_t k = 0; k < kBlock; k++) {
           const int32_t value = value_at(bits, rec, j % kGroup, k);
           const int64_t column = b * kBlock + k;
@@ -626,7 +687,7 @@ std::pair<at::Tensor, at::Tensor> unpack(const at::Tensor& packed, int64_t out, 
           else
             vp[j * stride + column / 2] |= static_cast<uint8_t>((value + 8) << (column % 2 == 0 ? 0 : 4));
         }
-        sp[j * blocks + b] = scales_of(bits, rec)[j % kGroup];
+        sp[j * blocks + b] = widen_half(layout.scales(pp, j / kGroup, b)[j % kGroup]) * unshift;
       }
   });
   return {values, scales};
@@ -635,21 +696,23 @@ std::pair<at::Tensor, at::Tensor> unpack(const at::Tensor& packed, int64_t out, 
 // Rows `ids` of the weight, fp32: value times its block's scale (an embedding lookup in a quantized
 // table; all rows, for dequantize).
 at::Tensor rows(const at::Tensor& packed, int64_t out, int64_t in, int bits, const at::Tensor& ids) {
-  const int64_t blocks = blocks_of(in), bytes = record_bytes(bits);
+  const Layout layout(out, in, bits);
+  const int64_t blocks = layout.blocks;
   const auto wanted = ids.to(at::kCPU, at::kLong).contiguous();
   const int64_t n = wanted.numel();
   auto result = at::empty({n, in}, at::kFloat);
   const int64_t* ip = wanted.data_ptr<int64_t>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   float* rp = result.data_ptr<float>();
+  const float unshift = layout.unshift(pp);
   for (int64_t i = 0; i < n; i++)
     TORCH_CHECK(ip[i] >= 0 && ip[i] < out, "index ", ip[i], " is outside the table's ", out, " rows");
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) {
       const int64_t j = ip[i];
       for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t* rec = pp + ((j / kGroup) * blocks + b) * bytes;
-        const float scale = scales_of(bits, rec)[j % kGroup];
+        const uint8_t* rec = pp + layout.record_at(bits, j / kGroup, b);
+        const float scale = widen_half(layout.scales(pp, j / kGroup, b)[j % kGroup]) * unshift;
         for (int64_t k = 0; k < kBlock && b * kBlock + k < in; k++)
           rp[i * in + b * kBlock + k] = static_cast<float>(value_at(bits, rec, j % kGroup, k)) * scale;
       }
@@ -674,6 +737,65 @@ bool kernel_applies(const Kernel* kernel, const at::Tensor& x, int64_t in, int64
          (!bias || (plain(*bias) && bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == out));
 }
 
+// A finite fp32 weight [out, in] as `bits` parts (see the top): each block quantized, its scale
+// rounded to the form the kernels read (a half times the weight's `unshift`), and int8 values taken
+// again against the rounded scale, so that every value is within half of it of its weight.
+std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, int bits) {
+  const int64_t out = w.size(0), in = w.size(1), blocks = blocks_of(in);
+  auto values = at::zeros({out, blocks * kBlock / per_byte(bits)}, bits == 8 ? at::kChar : at::kByte);
+  auto scales = at::empty({out, blocks}, at::kFloat);
+  std::vector<int8_t> q(out * blocks * kBlock);
+  const float* wp = w.data_ptr<float>();
+  float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; j++)
+      for (int64_t b = 0; b < blocks; b++) {
+        const float* v = wp + j * in + b * kBlock;
+        const int64_t n = std::min(kBlock, in - b * kBlock);
+        int8_t* block = q.data() + (j * blocks + b) * kBlock;
+        sp[j * blocks + b] = bits == 8 ? quantize_block_ref(v, n, block) : quantize_block4_ref(v, n, block);
+      }
+  });
+  const float unshift = unshift_for(scales.numel() > 0 ? scales.abs().max().item<float>() : 0.0f);
+  auto* vp = static_cast<uint8_t*>(values.data_ptr());
+  const int64_t stride = values.size(1);
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; j++)
+      for (int64_t b = 0; b < blocks; b++) {
+        const float scale = sp[j * blocks + b];
+        const float rounded = widen_half(narrow_scale(scale, unshift)) * unshift;
+        sp[j * blocks + b] = rounded;
+        const float* v = wp + j * in + b * kBlock;
+        const int8_t* block = q.data() + (j * blocks + b) * kBlock;
+        for (int64_t k = 0; k < kBlock && b * kBlock + k < in; k++) {
+          int32_t value = block[k];
+          if (rounded == 0.0f)
+            value = 0;
+          else if (bits == 8 && rounded != scale)
+            value = static_cast<int32_t>(std::clamp(std::nearbyint(v[k] / rounded), -127.0f, 127.0f));
+          const int64_t column = b * kBlock + k;
+          if (bits == 8)
+            vp[j * stride + column] = static_cast<uint8_t>(static_cast<int8_t>(value));
+          else
+            vp[j * stride + column / 2] |= static_cast<uint8_t>((value + 8) << (column % 2 == 0 ? 0 : 4));
+        }
+        // int4 padding past `in` holds zeros (+8) like the rest of a block's unused nibbles.
+        if (bits == 4)
+          for (int64_t column = std::max(in, b * kBlock); column < (b + 1) * kBlock; column++)
+            vp[j * stride + column / 2] |= static_cast<uint8_t>(8 << (column % 2 == 0 ? 0 : 4));
+      }
+  });
+  return {values, scales};
+}
+
+// How the kernels read a packed weight [out, in] (checked to hold it).
+Weights weights_of(const at::Tensor& packed, int bits, const float* bias, int64_t out, int64_t in) {
+  const Layout layout(out, in, bits);
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  return {p, layout.scales(p, 0, 0), layout.unshift(p), bias, layout.blocks, out,
+          prefetch_bytes.load(std::memory_order_relaxed), bits};
+}
+
 // `rows` activation rows (at least one), each quantized once by prepare(), times a packed weight,
 // threads claiming groups of 16 outputs: for wizard_quantized_linear and the fused decode block. About
 // 256K products per task, as many int8 weight bytes as the fp32 kernel's 64K per task: small layers
@@ -688,14 +810,14 @@ class QuantizedRowProduct : public wizard::RowProduct {
         activations_{rows, blocks_, reinterpret_cast<int8_t*>(scratch_.get()),
                      reinterpret_cast<int32_t*>(scratch_.get() + rows * blocks_ * kBlock),
                      reinterpret_cast<float*>(scratch_.get() + rows * blocks_ * (kBlock + 4))},
-        weights_{packed.data_ptr<uint8_t>(), bias, blocks_, out, prefetch_bytes.load(std::memory_order_relaxed),
-                 bits} {}
+        weights_(weights_of(packed, bits, bias, out, in)) {}
 
   bool prepares() const override { return true; }
   void prepare(const float* row, int64_t r) override {
     const Activations one{1, blocks_, activations_.q + r * blocks_ * kBlock, activations_.sum + r * blocks_,
                           activations_.scale + r * blocks_};
     kernel_.prepare(row, in_, one);
+    for (int64_t b = 0; b < blocks_; b++) one.scale[b] *= weights_.unshift;
   }
 
   void run(const float*, float* y, int64_t begin, int64_t end) const override {
@@ -743,35 +865,8 @@ int wizard_quantized_quantize(void* weight_handle, int bits, void** packed_out) 
     check_bits(bits);
     if (!w.device().is_cpu() || w.scalar_type() != at::kFloat || w.dim() != 2 || !w.is_contiguous())
       throw std::invalid_argument("quantize: expected a contiguous float CPU matrix, got " + describe(w));
-    const int64_t out = w.size(0), in = w.size(1), blocks = blocks_of(in);
-    const float* wp = w.data_ptr<float>();  // finite: the Rust side checked
-    auto packed = at::zeros({groups_of(out) * blocks * record_bytes(bits)}, at::kByte);
-    uint8_t* pp = packed.data_ptr<uint8_t>();
-    at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-      int8_t q[kBlock];
-      for (int64_t j = begin; j < end; j++)
-        for (int64_t b = 0; b < blocks; b++) {
-          const float* v = wp + j * in + b * kBlock;
-          const int64_t n = std::min(kBlock, in - b * kBlock);
-          const float d = bits == 8 ? quantize_block_ref(v, n, q) : quantize_block4_ref(v, n, q);
-          uint8_t* rec = pp + ((j / kGroup) * blocks + b) * record_bytes(bits);
-          for (int64_t k = 0; k < kBlock; k++) {
-            const auto [byte, shift] = slot(bits, j % kGroup, k);
-            // Two threads may share a record (outputs of one group): each writes only its own bytes,
-            // and an int4 byte's two nibbles belong to one output.
-            rec[byte] |= static_cast<uint8_t>((int32_t{q[k]} + stored_offset(bits)) << shift);
-          }
-          reinterpret_cast<float*>(rec + values_bytes(bits))[j % kGroup] = d;
-        }
-    });
-    // Outputs past `out` in the last group hold zeros.
-    for (int64_t j = out; j < groups_of(out) * kGroup; j++)
-      for (int64_t b = 0; b < blocks; b++)
-        for (int64_t k = 0; k < kBlock; k++) {
-          const auto [byte, shift] = slot(bits, j % kGroup, k);
-          pp[((j / kGroup) * blocks + b) * record_bytes(bits) + byte] |=
-              static_cast<uint8_t>(stored_offset(bits) << shift);
-        }
+    const auto [values, scales] = quantize_parts(w, bits);
+    auto packed = pack(values, scales, w.size(1), bits);
     *packed_out = new at::Tensor(std::move(packed));
   });
 }
@@ -782,7 +877,7 @@ int wizard_quantized_pack(void* values_handle, void* scales_handle, int64_t in, 
     const auto& values = *static_cast<at::Tensor*>(values_handle);
     const auto& scales = *static_cast<at::Tensor*>(scales_handle);
     check_parts(values, scales, in, bits);
-    *packed_out = new at::Tensor(pack(values, scales, bits));
+    *packed_out = new at::Tensor(pack(values, scales, in, bits));
   });
 }
 

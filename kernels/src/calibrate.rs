@@ -391,8 +391,13 @@ fn best_us(mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// The kernels' memory layouts, as timed: raised when one changes, so that choices timed on the old
+/// layout are timed again (2: quantized records with half scales, in a region of their own).
+const KERNEL_LAYOUTS: u32 = 2;
+
 /// What the timings depend on: the CPU (its name and a digest of its feature flags: a VM may name
-/// only the family), the thread count, libtorch, and whether weights get 2 MiB pages.
+/// only the family), the thread count, libtorch, whether weights get 2 MiB pages, and the kernels'
+/// layouts.
 fn machine_key() -> String {
     // Read once per process: the CPU and libtorch do not change, the thread count may.
     static CPU_AND_TORCH: LazyLock<(String, String)> = LazyLock::new(|| {
@@ -410,7 +415,7 @@ fn machine_key() -> String {
         let pages = if crate::memory::huge_pages_granted() { "2 MiB pages" } else { "4 KiB pages" };
         (
             format!("{} (flags {flags:016x})", field("model name")),
-            format!("torch {}; {pages}", crate::ffi::torch_version()),
+            format!("torch {}; {pages}; layouts {KERNEL_LAYOUTS}", crate::ffi::torch_version()),
         )
     });
     let (cpu, torch_and_pages) = &*CPU_AND_TORCH;

@@ -1,15 +1,18 @@
-//! Weights quantized in blocks of 32 along `in`, each block with its own fp32 scale (per-block
-//! scales keep the error of each block proportional to its own largest value), and `x @ w^T + b`
-//! over them. Two formats ([`Format`]):
-//! - int8 (llama.cpp's q8_0, with fp32 scales): per block, scale = max|w| / 127 and q = round(w /
-//!   scale), ties to even, so every value is in -127..=127. Values are stored as int8 `[out, padded]`.
+//! Weights quantized in blocks of 32 along `in`, each block with its own scale (per-block scales
+//! keep the error of each block proportional to its own largest value), and `x @ w^T + b` over them.
+//! Two formats ([`Format`]):
+//! - int8 (llama.cpp's q8_0): per block, scale = max|w| / 127 and q = round(w / scale), ties to
+//!   even, so every value is in -127..=127. Values are stored as int8 `[out, padded]`.
 //! - int4: values in -8..=7 (q4_0's range) with, per block, the scale that leaves the smallest squared
 //!   error among a few candidate roundings (each with its least-squares scale). Values are stored two
 //!   per byte as uint8 `[out, padded / 2]`: value `2i` in the low nibble, `2i + 1` in the high one,
 //!   each plus 8.
 //!
 //! `padded` is `in` rounded up to a multiple of 32 (zeros after `in`); scales are fp32
-//! `[out, padded / 32]`.
+//! `[out, padded / 32]`, each a half-precision number times one power of two per weight (so the
+//! kernels read 2 bytes a block, as q8_0 and q4_0 do: int8 1.0625 bytes a weight, int4 0.5625). A
+//! scale is rounded to that form before the values are taken against it; parts whose scales are
+//! not of that form have them rounded to it (by at most 2^-12 of each) as they are packed.
 //!
 //! The kernels read a packed copy (outputs in groups of 16, each block's values of a group side by
 //! side; see csrc/quantized.cpp), made when a weight is quantized or built from its parts; the parts
@@ -69,7 +72,7 @@ impl Format {
     }
 }
 
-/// A weight `[out, in]` as int8 or int4 blocks of 32 along `in` with one fp32 scale each, on the CPU.
+/// A weight `[out, in]` as int8 or int4 blocks of 32 along `in` with one scale each, on the CPU.
 #[derive(Debug)]
 pub struct QuantizedWeight {
     packed: Tensor,
@@ -546,6 +549,8 @@ mod tests {
     }
 
     /// Ties round to even, the largest magnitude maps to ±127, and a block of zeros has scale 0.
+    /// Scales are halves times one power of two (here 2^-15, from the largest scale, 1.0): 3 / 127
+    /// is stored as the nearest, 774 * 2^-15, and the block's values are taken against that.
     #[test]
     fn quantize_follows_the_format() {
         let mut row = vec![0.0f32; 40];
@@ -561,7 +566,7 @@ mod tests {
         assert_eq!(values[32], 127);
         assert!(values[33..].iter().all(|&v| v == 0));
         let scales = Vec::<f32>::try_from(scales.reshape([-1])).unwrap();
-        assert_eq!(scales, [1.0, 3.0 / 127.0, 0.0, 0.0]);
+        assert_eq!(scales, [1.0, 774.0 / 32768.0, 0.0, 0.0]);
     }
 
     /// int4: a block that is a scale times values in -8..=7 comes back exactly, two values a byte
@@ -604,6 +609,40 @@ mod tests {
         for scale in [1e-39, 1e-30, 1e25, 1e35] {
             let error = relative_error(scale);
             assert!((error - ordinary).abs() < 0.01, "scale {scale}: relative error {error} against {ordinary}");
+        }
+    }
+
+    /// Scales are halves times one power of two per weight, here over rows whose magnitudes span
+    /// 2^20; parts go back into the same records; scales of another form are rounded to the nearest
+    /// such (here to within 2^-12 of each), and the products follow the rounded scales.
+    #[test]
+    fn scales_are_halves_times_one_power_of_two() {
+        let magnitudes = Tensor::from_slice(&[1e-3f32, 1.0, 1e3]).reshape([3, 1]);
+        let weight = Tensor::randn([3, 70], (Kind::Float, Device::Cpu)) * magnitudes;
+        for format in FORMATS {
+            let q = QuantizedWeight::quantize(&weight, format).unwrap();
+            let (values, scales) = q.parts();
+            let largest = scales.abs().max().double_value(&[]);
+            // The power of two that maps the largest scale into (2^14, 2^15].
+            let shift = 2f64.powi(15 - largest.log2().ceil() as i32);
+            let halves = &scales * shift;
+            assert!(halves.to_kind(Kind::Half).to_kind(Kind::Float).equal(&halves), "{format:?}: {scales}");
+            let again =
+                QuantizedWeight::from_parts(values.shallow_clone(), scales.shallow_clone(), 70, format).unwrap();
+            assert!(again.packed().equal(q.packed()), "{format:?}: parts pack into other records");
+
+            let off = &scales * (1.0 + 1e-5);
+            let rounded = QuantizedWeight::from_parts(values, off.shallow_clone(), 70, format).unwrap();
+            let kept = rounded.parts().1;
+            let change = ((&kept - &off).abs() / off.abs().clamp_min(1e-30)).max().double_value(&[]);
+            assert!(change <= 2f64.powi(-12), "{format:?}: scales moved by {change} of themselves");
+            let (values, _) = rounded.parts();
+            let values = match format {
+                Format::Int8 => values.to_kind(Kind::Float),
+                Format::Int4 => int4_values(&values).to_kind(Kind::Float),
+            };
+            let expected = (values * kept.repeat_interleave_self_int(BLOCK, Some(1), None)).narrow(1, 0, 70);
+            assert!(rounded.dequantize().equal(&expected), "{format:?}: the weight is not values times kept scales");
         }
     }
 

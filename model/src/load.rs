@@ -334,7 +334,8 @@ impl GptBigCode {
             "bits": format.bits(),
             "block_size": kernels::quantized::BLOCK,
             "values": values,
-            "scales": "float32, one per block of 32 input features of each output row, in NAME_scale",
+            "scales": "float32, one per block of 32 input features of each output row, in NAME_scale; each a \
+                       float16 times a power of two shared by the tensor",
             "modules": "every attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj and lm_head",
         });
         let path = dir.join("config.json");
