@@ -737,14 +737,15 @@ bool kernel_applies(const Kernel* kernel, const at::Tensor& x, int64_t in, int64
          (!bias || (plain(*bias) && bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == out));
 }
 
-// A finite fp32 weight [out, in] as `bits` parts (see the top): each block quantized, its scale
-// rounded to the form the kernels read (a half times the weight's `unshift`), and int8 values taken
-// again against the rounded scale, so that every value is within half of it of its weight.
+// A finite fp32 weight [out, in] as `bits` parts (see the top): each block's scale rounded to the form
+// the kernels read (a half times the weight's `unshift`); int8 values taken against the rounded scale,
+// so that every value is within half of it of its weight, int4's from its scale search.
 std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, int bits) {
   const int64_t out = w.size(0), in = w.size(1), blocks = blocks_of(in);
   auto values = at::zeros({out, blocks * kBlock / per_byte(bits)}, bits == 8 ? at::kChar : at::kByte);
   auto scales = at::empty({out, blocks}, at::kFloat);
-  std::vector<int8_t> q(out * blocks * kBlock);
+  // int4's values come from its scale search; int8's are taken once its scale is rounded.
+  std::vector<int8_t> int4(bits == 4 ? out * blocks * kBlock : 0);
   const float* wp = w.data_ptr<float>();
   float* sp = scales.data_ptr<float>();
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
@@ -752,8 +753,11 @@ std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, int bits) 
       for (int64_t b = 0; b < blocks; b++) {
         const float* v = wp + j * in + b * kBlock;
         const int64_t n = std::min(kBlock, in - b * kBlock);
-        int8_t* block = q.data() + (j * blocks + b) * kBlock;
-        sp[j * blocks + b] = bits == 8 ? quantize_block_ref(v, n, block) : quantize_block4_ref(v, n, block);
+        float amax = 0.0f;
+        if (bits == 8)
+          for (int64_t k = 0; k < n; k++) amax = std::max(amax, std::fabs(v[k]));
+        sp[j * blocks + b] =
+            bits == 8 ? amax / 127.0f : quantize_block4_ref(v, n, int4.data() + (j * blocks + b) * kBlock);
       }
   });
   const float unshift = unshift_for(scales.numel() > 0 ? scales.abs().max().item<float>() : 0.0f);
@@ -762,27 +766,21 @@ std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, int bits) 
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; j++)
       for (int64_t b = 0; b < blocks; b++) {
-        const float scale = sp[j * blocks + b];
-        const float rounded = widen_half(narrow_scale(scale, unshift)) * unshift;
-        sp[j * blocks + b] = rounded;
-        const float* v = wp + j * in + b * kBlock;
-        const int8_t* block = q.data() + (j * blocks + b) * kBlock;
-        for (int64_t k = 0; k < kBlock && b * kBlock + k < in; k++) {
-          int32_t value = block[k];
-          if (rounded == 0.0f)
-            value = 0;
-          else if (bits == 8 && rounded != scale)
-            value = static_cast<int32_t>(std::clamp(std::nearbyint(v[k] / rounded), -127.0f, 127.0f));
+        const float scale = widen_half(narrow_scale(sp[j * blocks + b], unshift)) * unshift;
+        sp[j * blocks + b] = scale;
+        for (int64_t k = 0; k < kBlock; k++) {
+          // Past `in`, and in a block whose scale rounded to 0, values are 0.
           const int64_t column = b * kBlock + k;
+          int32_t value = 0;
+          if (column < in && scale != 0.0f && bits == 4)
+            value = int4[(j * blocks + b) * kBlock + k];
+          else if (column < in && scale != 0.0f)
+            value = static_cast<int32_t>(std::clamp(std::nearbyint(wp[j * in + column] / scale), -127.f, 127.f));
           if (bits == 8)
             vp[j * stride + column] = static_cast<uint8_t>(static_cast<int8_t>(value));
           else
             vp[j * stride + column / 2] |= static_cast<uint8_t>((value + 8) << (column % 2 == 0 ? 0 : 4));
         }
-        // int4 padding past `in` holds zeros (+8) like the rest of a block's unused nibbles.
-        if (bits == 4)
-          for (int64_t column = std::max(in, b * kBlock); column < (b + 1) * kBlock; column++)
-            vp[j * stride + column / 2] |= static_cast<uint8_t>(8 << (column % 2 == 0 ? 0 : 4));
       }
   });
   return {values, scales};
