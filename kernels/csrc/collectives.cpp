@@ -5,10 +5,22 @@
 
 #include "group.h"
 
+#include <cstdlib>
+
 using wizard::guarded;
 
 namespace {
 at::Tensor& tensor(void* handle) { return *static_cast<at::Tensor*>(handle); }
+
+// libtorch's flight recorder traces every collective in one process-wide buffer whose table of groups
+// is written outside its lock (FlightRecorderDetail.hpp), so two ranks in one process (the tests)
+// crash on it, and it gathers a traceback per collective. Nothing here reads that trace: it stays off
+// unless the user asks for it. Set while loading, before any thread can read the environment.
+[[maybe_unused]] const bool flight_recorder_left_to_user = [] {
+  if (std::getenv("TORCH_FR_BUFFER_SIZE") || std::getenv("TORCH_NCCL_TRACE_BUFFER_SIZE")) return true;
+  setenv("TORCH_FR_BUFFER_SIZE", "0", 0);
+  return false;
+}();
 }  // namespace
 
 extern "C" {
