@@ -89,9 +89,9 @@ struct Layout {
         unshift_at(scales_at + groups * blocks * kScalesBytes), bytes(unshift_at + kTailBytes) {}
   // Byte offsets of group g's record of block b, and of its scales.
   int64_t record_at(int bits, int64_t g, int64_t b) const { return (g * blocks + b) * values_bytes(bits); }
-  int64_t scales_of(int64_t g, int64_t b) const { return scales_at + (g * blocks + b) * kScalesBytes; }
+  int64_t block_scales_at(int64_t g, int64_t b) const { return scales_at + (g * blocks + b) * kScalesBytes; }
   const uint16_t* scales(const uint8_t* packed, int64_t g, int64_t b) const {
-    return reinterpret_cast<const uint16_t*>(packed + scales_of(g, b));
+    return reinterpret_cast<const uint16_t*>(packed + block_scales_at(g, b));
   }
   float unshift(const uint8_t* packed) const {
     float u;
@@ -100,10 +100,11 @@ struct Layout {
   }
 };
 
-// The power of two that, times a half, gives back scales up to `largest` in magnitude: 2^-15 times
-// the least power of two at or above it, so the largest maps into (2^14, 2^15] both before and
-// after rounding (a weight packed again gets the same).
-float unshift_for(float largest) {
+// The power of two that, times a half, gives back a weight's `scales`: 2^-15 times the least power of
+// two at or above the largest magnitude, so that one maps into (2^14, 2^15] both before and after
+// rounding (a weight packed again gets the same).
+float unshift_for(const at::Tensor& scales) {
+  const float largest = scales.numel() > 0 ? scales.abs().max().item<float>() : 0.0f;
   if (!(largest > 0.0f)) return 1.0f;
   int exponent;
   const float fraction = std::frexp(largest, &exponent);  // largest = fraction * 2^exponent, fraction in [0.5, 1)
@@ -631,7 +632,6 @@ inline std::pair<int64_t, int> slot(int bits, int64_t c, int64_t k) {
   return {((k / 4) % 4) * kQuadBytes + c * 4 + k % 4, k < 16 ? 0 : 4};
 }
 
-// The parts into records (outputs past `out` hold zeros).
 // The parts into records (outputs past `out` hold zeros), each scale as the nearest half times the
 // weight's `unshift`.
 at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int64_t in, int bits) {
@@ -640,7 +640,7 @@ at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int64_t in, 
   const int64_t blocks = layout.blocks;
   auto packed = at::zeros({layout.bytes}, at::kByte);
   const float* sp = scales.data_ptr<float>();
-  const float unshift = unshift_for(scales.numel() > 0 ? scales.abs().max().item<float>() : 0.0f);
+  const float unshift = unshift_for(scales);
   const auto* vp = static_cast<const uint8_t*>(values.data_ptr());
   const int64_t stride = values.size(1);
   uint8_t* pp = packed.data_ptr<uint8_t>();
@@ -649,7 +649,7 @@ at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int64_t in, 
     for (int64_t g = begin; g < end; g++)
       for (int64_t b = 0; b < blocks; b++) {
         uint8_t* rec = pp + layout.record_at(bits, g, b);
-        auto* record_scales = reinterpret_cast<uint16_t*>(pp + layout.scales_of(g, b));
+        auto* record_scales = reinterpret_cast<uint16_t*>(pp + layout.block_scales_at(g, b));
         for (int64_t c = 0; c < kGroup; c++) {
           const int64_t j = g * kGroup + c;
           for (int64_t k = 0; k < kBlock; k++) {
@@ -760,7 +760,7 @@ std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, int bits) 
             bits == 8 ? amax / 127.0f : quantize_block4_ref(v, n, int4.data() + (j * blocks + b) * kBlock);
       }
   });
-  const float unshift = unshift_for(scales.numel() > 0 ? scales.abs().max().item<float>() : 0.0f);
+  const float unshift = unshift_for(scales);
   auto* vp = static_cast<uint8_t*>(values.data_ptr());
   const int64_t stride = values.size(1);
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
