@@ -67,6 +67,7 @@ fn main() {
         .file("csrc/precision.cpp")
         .file("csrc/reducer.cpp")
         .file("csrc/linear.cpp")
+        .file("csrc/panel.cpp")
         .file("csrc/memory.cpp")
         .file("csrc/amx_bf16.cpp")
         .file("csrc/attention.cpp")

@@ -173,6 +173,11 @@ bool no_gradient(const at::Tensor& t) { return !(at::GradMode::is_enabled() && t
 std::unique_ptr<wizard::RowProduct> product_of(const at::Tensor& w, const at::Tensor& bias, int i, int64_t rows,
                                                int64_t out, int64_t in) {
   const float* b = bias.data_ptr<float>();
+  if (wizard::is_panel_weight(w)) {
+    TORCH_CHECK(w.size(0) * 16 == out && w.size(1) == in, kParameterNames[i], " has panels ", w.sizes(),
+                " for [", out, ", ", in, "]");
+    return wizard::panel_row_product(w, b, rows);
+  }
   if (!is_packed_quantized(w)) {
     TORCH_CHECK(w.sizes() == at::IntArrayRef({out, in}), kParameterNames[i], " has shape ", w.sizes(), ", expected [",
                 out, ", ", in, "]");

@@ -44,6 +44,17 @@ std::unique_ptr<RowProduct> dense_row_product(const at::Tensor& weight, const fl
 std::unique_ptr<RowProduct> quantized_row_product(const at::Tensor& packed, const float* bias, int64_t rows,
                                                   int64_t out, int64_t in);
 
+// Whether `w` is an fp32 weight in panels of 16 outputs ([out / 16, in, 16], panel.cpp).
+bool is_panel_weight(const at::Tensor& w);
+
+// The product of fp32 panels for `rows` fp32 rows, with an fp32 bias (or null); null where this CPU
+// has no AVX2 or `panels` are not panels.
+std::unique_ptr<RowProduct> panel_row_product(const at::Tensor& panels, const float* bias, int64_t rows);
+
+// `x @ w^T + bias` with `w` as panels: the panel kernel for fp32 rows that need no gradient (outside
+// autocast), at::linear over the weight unpacked otherwise.
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias);
+
 // About 64K multiply-adds per task: small layers stay on one thread.
 inline int64_t dense_grain(int64_t in, int64_t rows) {
   return std::max<int64_t>(12, 65536 / std::max<int64_t>(in * rows, 1));

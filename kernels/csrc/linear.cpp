@@ -278,6 +278,7 @@ class AmxRowProduct : public wizard::RowProduct {
 }  // namespace
 
 std::unique_ptr<wizard::RowProduct> wizard::dense_row_product(const at::Tensor& w, const float* bias, int64_t rows) {
+  if (is_panel_weight(w)) return panel_row_product(w, bias, rows);
   const Kernels* kernels = kernels_for(3);
   if (!kernels || !w.device().is_cpu() || !w.is_contiguous() || w.dim() != 2 || w.size(1) == 0) return nullptr;
   if (w.scalar_type() == at::kFloat) return std::make_unique<Fp32RowProduct>(kernels->fp32, w, bias, rows);
@@ -324,6 +325,10 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
     const auto& w = *static_cast<at::Tensor*>(w_handle);
     c10::optional<at::Tensor> bias;
     if (bias_handle) bias = *static_cast<at::Tensor*>(bias_handle);
+    if (wizard::is_panel_weight(w)) {
+      *result = new at::Tensor(wizard::panel_linear(x, w, bias));
+      return;
+    }
     const Kernels* kernels = kernels_for(isa);
     if (!kernel_applies(kernels, x, w, bias)) {
       // at::linear wants one dtype: bf16 weights under fp32 activations are widened for it.

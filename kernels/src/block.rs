@@ -112,6 +112,8 @@ mod tests {
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Format {
         Fp32,
+        /// fp32 packed in panels where the outputs are a multiple of 16, as they are.
+        Panels,
         Bf16,
         Int8,
         Int4,
@@ -122,7 +124,7 @@ mod tests {
             match self {
                 Format::Int8 => Some(crate::quantized::Format::Int8),
                 Format::Int4 => Some(crate::quantized::Format::Int4),
-                Format::Fp32 | Format::Bf16 => None,
+                Format::Fp32 | Format::Panels | Format::Bf16 => None,
             }
         }
     }
@@ -200,18 +202,19 @@ mod tests {
                 Some(QuantizedWeight::quantize(&tensors[i], format).unwrap())
             })
             .collect();
-        let narrow: Vec<Tensor> =
-            tensors
-                .iter()
-                .enumerate()
-                .map(|(i, t)| {
-                    if case.format == Format::Bf16 && dense.contains(&i) {
-                        t.to_kind(Kind::BFloat16)
-                    } else {
-                        t.copy()
-                    }
-                })
-                .collect();
+        let narrow: Vec<Tensor> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if case.format == Format::Bf16 && dense.contains(&i) {
+                    t.to_kind(Kind::BFloat16)
+                } else if case.format == Format::Panels && dense.contains(&i) && shapes[i][0] % 16 == 0 {
+                    crate::linear::pack_panels(t).unwrap()
+                } else {
+                    t.copy()
+                }
+            })
+            .collect();
         let block = DecodeBlock {
             parameters: std::array::from_fn(|i| int8[i].as_ref().map_or(&narrow[i], QuantizedWeight::packed)),
             heads: case.heads,
@@ -226,7 +229,7 @@ mod tests {
         };
         // LayerNorm differs from libtorch's in the last bits, which can move a rounded input.
         let tolerance = match case.format {
-            Format::Fp32 => 1e-4,
+            Format::Fp32 | Format::Panels => 1e-4,
             Format::Bf16 => 1e-2,
             Format::Int8 | Format::Int4 => 5e-2,
         };
@@ -270,7 +273,7 @@ mod tests {
 
     #[test]
     fn block_matches_op_by_op_and_itself_alone() {
-        for format in [Format::Fp32, Format::Bf16, Format::Int8, Format::Int4] {
+        for format in [Format::Fp32, Format::Panels, Format::Bf16, Format::Int8, Format::Int4] {
             for fresh in [1, 4] {
                 let mqa = |caches, exact_gelu| Case {
                     heads: 4,

@@ -6,6 +6,9 @@
 //! libtorch does not promise. Likewise whether the kernel's one-row products (decode steps) prefetch
 //! the next weight rows, per weight dtype: prefetching sped fp32 decode up on one machine and slowed
 //! it on another; and on AMX, whether decode steps take bf16 weights on the tiles ([`calibrate_one_row`]).
+//! And whether a shape's weight is better packed in panels ([`crate::linear::pack_panels`]): an
+//! outer-product kernel that ran prefill 1.3x faster on an AVX2 EPYC, timed at a prefill's row count
+//! as well as a decode step's and a batch's.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,8 +21,12 @@ use crate::quantized::{Format, QuantizedWeight};
 
 /// How much faster libtorch must be, at both row counts, to be chosen.
 const LIBTORCH_MARGIN: f64 = 1.1;
-/// The row counts timed: a decode step and a full batch.
-const ROWS: [i64; 2] = [1, 16];
+/// The row counts timed: a decode step, a full batch and a prefill chunk.
+const ROWS: [i64; 3] = [1, 16, 128];
+/// How much faster panels must be for a prefill chunk to be chosen...
+const PANELS_PREFILL_GAIN: f64 = 1.05;
+/// ...and how much slower they may be for a decode step and a batch.
+const PANELS_STEP_SLACK: f64 = 1.05;
 
 /// The product a dense shape takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,17 +35,22 @@ pub enum Choice {
     Kernel,
     /// libtorch's `at::linear` (BLAS).
     Libtorch,
+    /// wizard's kernel over the weight packed in panels ([`crate::linear::pack_panels`]), which the
+    /// model does at load ([`takes_panels`]).
+    Panels,
 }
 
-/// One shape's timings (µs per call at 1 and 16 rows) and the choice they made.
+/// One shape's timings (µs per call at 1, 16 and 128 rows) and the choice they made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Measurement {
     /// `[out, in]` of the weight.
     pub shape: (i64, i64),
-    /// The kernel's time per call at 1 and 16 rows.
-    pub kernel_us: [f64; 2],
-    /// `at::linear`'s time per call at 1 and 16 rows.
-    pub libtorch_us: [f64; 2],
+    /// The kernel's time per call at 1, 16 and 128 rows.
+    pub kernel_us: [f64; 3],
+    /// `at::linear`'s time per call at 1, 16 and 128 rows.
+    pub libtorch_us: [f64; 3],
+    /// The panel kernel's time per call at 1, 16 and 128 rows (infinite where it cannot run).
+    pub panels_us: [f64; 3],
     /// What the timings chose.
     pub choice: Choice,
     /// Whether the timings came from the cache file rather than this process.
@@ -55,16 +67,27 @@ fn table() -> MutexGuard<'static, HashMap<(i64, i64), Choice>> {
 /// look at the table (this runs for every dense product).
 static LIBTORCH_CHOSEN: AtomicBool = AtomicBool::new(false);
 
-/// The product an fp32 CPU weight of this shape takes (the kernel unless a measurement chose
-/// libtorch).
+/// The product an fp32 CPU weight of this shape takes as it is: libtorch where a measurement chose
+/// it, else the kernel (also for a shape that chose panels but was not packed).
 pub(crate) fn choice_for(weight: &Tensor) -> Choice {
     if !LIBTORCH_CHOSEN.load(Ordering::Relaxed) || weight.kind() != Kind::Float {
         return Choice::Kernel;
     }
     match weight.size().as_slice() {
-        [out, in_features] => table().get(&(*out, *in_features)).copied().unwrap_or(Choice::Kernel),
+        [out, in_features] if table().get(&(*out, *in_features)) == Some(&Choice::Libtorch) => Choice::Libtorch,
         _ => Choice::Kernel,
     }
+}
+
+/// Whether `weight` (fp32 `[out, in]` on the CPU) should be packed in panels: its shape measured
+/// faster so ([`calibrate`]).
+pub fn takes_panels(weight: &Tensor) -> bool {
+    weight.kind() == Kind::Float
+        && weight.device() == tch::Device::Cpu
+        && match weight.size().as_slice() {
+            [out, in_features] => table().get(&(*out, *in_features)) == Some(&Choice::Panels),
+            _ => false,
+        }
 }
 
 /// Decides the product for each fp32 CPU weight in `weights` (one per distinct shape is enough),
@@ -364,16 +387,34 @@ pub fn default_cache_file() -> Option<PathBuf> {
 fn measure(weight: &Tensor) -> Measurement {
     let [out, in_features] = weight.size()[..] else { unreachable!("checked by the caller") };
     let _guard = tch::no_grad_guard();
-    let mut kernel_us = [0.0; 2];
-    let mut libtorch_us = [0.0; 2];
+    let mut kernel_us = [0.0; 3];
+    let mut libtorch_us = [0.0; 3];
+    let mut panels_us = [f64::INFINITY; 3];
+    let panels = crate::linear::pack_panels(weight).ok().filter(|_| crate::linear::few_row_kernel_available());
     for (i, rows) in ROWS.into_iter().enumerate() {
         let x = Tensor::randn([rows, in_features], (Kind::Float, tch::Device::Cpu));
         kernel_us[i] = best_us(|| drop(crate::linear::kernel_linear(&x, weight, None)));
         libtorch_us[i] = best_us(|| drop(x.linear::<Tensor>(weight, None)));
+        if let Some(panels) = &panels {
+            panels_us[i] = best_us(|| drop(crate::linear::kernel_linear(&x, panels, None)));
+        }
     }
-    let libtorch_wins = (0..ROWS.len()).all(|i| libtorch_us[i] * LIBTORCH_MARGIN < kernel_us[i]);
-    let choice = if libtorch_wins { Choice::Libtorch } else { Choice::Kernel };
-    Measurement { shape: (out, in_features), kernel_us, libtorch_us, choice, cached: false }
+    let choice = choose(&kernel_us, &libtorch_us, &panels_us);
+    Measurement { shape: (out, in_features), kernel_us, libtorch_us, panels_us, choice, cached: false }
+}
+
+/// libtorch where it is clearly faster for a decode step and a batch; else panels where they are
+/// faster for a prefill chunk and about as fast for the rest; else the kernel.
+fn choose(kernel_us: &[f64; 3], libtorch_us: &[f64; 3], panels_us: &[f64; 3]) -> Choice {
+    if (0..2).all(|i| libtorch_us[i] * LIBTORCH_MARGIN < kernel_us[i]) {
+        Choice::Libtorch
+    } else if panels_us[2] * PANELS_PREFILL_GAIN < kernel_us[2]
+        && (0..2).all(|i| panels_us[i] < kernel_us[i] * PANELS_STEP_SLACK)
+    {
+        Choice::Panels
+    } else {
+        Choice::Kernel
+    }
 }
 
 /// The best time of a few repeats of `f`, after a warm-up call, in µs; about 20 ms in all.
@@ -392,8 +433,9 @@ fn best_us(mut f: impl FnMut()) -> f64 {
 }
 
 /// The kernels' memory layouts, as timed: raised when one changes, so that choices timed on the old
-/// layout are timed again (2: quantized records with half scales, in a region of their own).
-const KERNEL_LAYOUTS: u32 = 2;
+/// layout are timed again (2: quantized records with half scales, in a region of their own; 3: fp32
+/// panels timed beside the dense kernel, at 128 rows too).
+const KERNEL_LAYOUTS: u32 = 3;
 
 /// What the timings depend on: the CPU (its name and a digest of its feature flags: a VM may name
 /// only the family), the thread count, libtorch, whether weights get 2 MiB pages, and the kernels'
@@ -422,14 +464,17 @@ fn machine_key() -> String {
     format!("{cpu}; {} threads; {torch_and_pages}", tch::get_num_threads()).replace('\t', " ")
 }
 
-/// Lines `machine \t out \t in \t choice \t kernel µs (1, 16 rows) \t libtorch µs (1, 16 rows)`; lines
-/// of other machines, or that do not parse, are skipped.
+/// Lines `machine \t out \t in \t choice \t kernel µs (1, 16, 128 rows) \t libtorch µs (the same) \t
+/// panels µs (the same)`; lines of other machines, or that do not parse, are skipped.
 fn read_cache(path: &Path, machine: &str) -> HashMap<(i64, i64), Measurement> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut known = HashMap::new();
     for line in text.lines() {
         let fields: Vec<&str> = line.split('\t').collect();
-        let [key, out, in_features, choice, k1, k16, l1, l16] = fields[..] else { continue };
+        let [key, out, in_features, choice, ref times @ ..] = fields[..] else { continue };
+        if times.len() != 9 {
+            continue;
+        }
         if key != machine {
             continue;
         }
@@ -437,13 +482,17 @@ fn read_cache(path: &Path, machine: &str) -> HashMap<(i64, i64), Measurement> {
             let choice = match choice {
                 "kernel" => Choice::Kernel,
                 "libtorch" => Choice::Libtorch,
+                "panels" => Choice::Panels,
                 _ => return None,
             };
-            let number = |s: &str| s.parse::<f64>().ok();
+            let three = |at: usize| -> Option<[f64; 3]> {
+                Some([times[at].parse().ok()?, times[at + 1].parse().ok()?, times[at + 2].parse().ok()?])
+            };
             Some(Measurement {
                 shape: (out.parse().ok()?, in_features.parse().ok()?),
-                kernel_us: [number(k1)?, number(k16)?],
-                libtorch_us: [number(l1)?, number(l16)?],
+                kernel_us: three(0)?,
+                libtorch_us: three(3)?,
+                panels_us: three(6)?,
                 choice,
                 cached: true,
             })
@@ -458,11 +507,14 @@ fn read_cache(path: &Path, machine: &str) -> HashMap<(i64, i64), Measurement> {
 fn append_cache(path: &Path, machine: &str, measurements: &[Measurement]) -> std::io::Result<()> {
     let mut lines = String::new();
     for m in measurements {
-        let choice = if m.choice == Choice::Kernel { "kernel" } else { "libtorch" };
-        lines += &format!(
-            "{machine}\t{}\t{}\t{choice}\t{:.2}\t{:.2}\t{:.2}\t{:.2}\n",
-            m.shape.0, m.shape.1, m.kernel_us[0], m.kernel_us[1], m.libtorch_us[0], m.libtorch_us[1]
-        );
+        let choice = match m.choice {
+            Choice::Kernel => "kernel",
+            Choice::Libtorch => "libtorch",
+            Choice::Panels => "panels",
+        };
+        let times: Vec<String> =
+            [m.kernel_us, m.libtorch_us, m.panels_us].iter().flatten().map(|us| format!("{us:.2}")).collect();
+        lines += &format!("{machine}\t{}\t{}\t{choice}\t{}\n", m.shape.0, m.shape.1, times.join("\t"));
     }
     append_lines(path, &lines)
 }
@@ -493,12 +545,19 @@ mod tests {
         let first = calibrate(&refs, Some(&cache));
         assert_eq!(first.len(), 2, "one measurement per distinct shape");
         assert!(first.iter().all(|m| !m.cached && m.kernel_us.iter().chain(&m.libtorch_us).all(|t| *t > 0.0)));
+        // Panels are timed where the kernel runs.
+        let timed = |m: &Measurement| m.panels_us.iter().all(|t| t.is_finite() && *t > 0.0);
+        assert!(first.iter().all(|m| timed(m) == crate::linear::few_row_kernel_available()), "{first:?}");
         std::fs::write(&cache, std::fs::read_to_string(&cache).unwrap() + "garbage line\n").unwrap();
         let second = calibrate(&refs, Some(&cache));
         assert!(second.iter().all(|m| m.cached), "{second:?}");
         for (a, b) in first.iter().zip(&second) {
             assert_eq!((a.shape, a.choice), (b.shape, b.choice));
-            assert_eq!(choice_for(&weights[if a.shape == (48, 64) { 0 } else { 1 }]), a.choice);
+            let weight = &weights[if a.shape == (48, 64) { 0 } else { 1 }];
+            assert_eq!(choice_for(weight) == Choice::Libtorch, a.choice == Choice::Libtorch);
+            assert_eq!(takes_panels(weight), a.choice == Choice::Panels);
+            // Kept to a hundredth of a µs.
+            assert!(a.panels_us.iter().zip(&b.panels_us).all(|(x, y)| x == y || (x - y).abs() < 0.006), "{a:?} {b:?}");
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -149,6 +149,10 @@ extern "C" {
     pub(crate) fn wizard_linear_one_row_prefetch(bf16: c_int, on: c_int) -> c_int;
     pub(crate) fn wizard_linear_few_positions_on_amx(on: c_int) -> c_int;
 
+    // csrc/panel.cpp
+    pub(crate) fn wizard_panel_pack(weight: TensorHandle, result: *mut TensorHandle) -> c_int;
+    pub(crate) fn wizard_panel_unpack(panels: TensorHandle, result: *mut TensorHandle) -> c_int;
+
     // csrc/quantized.cpp
     pub(crate) fn wizard_quantized_quantize(weight: TensorHandle, bits: c_int, packed: *mut TensorHandle) -> c_int;
     pub(crate) fn wizard_quantized_pack(

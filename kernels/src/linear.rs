@@ -13,6 +13,7 @@ use tch::{Kind, Tensor};
 use crate::attention::DECODE_KERNEL_MAX_POSITIONS;
 use crate::calibrate::Choice;
 use crate::ffi::{self, check};
+use crate::KernelError;
 
 /// Which kernel: the widest this CPU runs, or AVX2 or AVX-512 without AMX (to test them on wider
 /// machines too), or the widest for steps of few positions (AMX as [`few_positions_on_amx`] says).
@@ -68,7 +69,7 @@ impl Bf16Kernel {
 /// rejects (mismatched shapes), as tch ops do.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     match crate::calibrate::choice_for(weight) {
-        Choice::Kernel => kernel_linear(x, weight, bias),
+        Choice::Kernel | Choice::Panels => kernel_linear(x, weight, bias),
         Choice::Libtorch => x.linear(weight, bias),
     }
 }
@@ -127,6 +128,37 @@ pub fn set_few_positions_on_amx(on: bool) {
     unsafe { ffi::wizard_linear_few_positions_on_amx(i32::from(on)) };
 }
 
+/// `weight` (`[out, in]` fp32 on the CPU, `out` a multiple of 16) in panels of 16 outputs, `[out / 16,
+/// in, 16]`, which [`linear`] multiplies with an outer-product kernel (AVX2 with FMA): faster than
+/// the row kernel for prefill on CPUs where [`crate::calibrate`] measures it so. Every output stays
+/// one fixed-order sum, so a row's result does not depend on the row count here either.
+pub fn pack_panels(weight: &Tensor) -> Result<Tensor, KernelError> {
+    // SAFETY: `weight` is a live tensor the call only reads; `result` receives a new tensor.
+    tensor_from(|result| unsafe { ffi::wizard_panel_pack(ffi::tensor(weight), result) }, "pack panels")
+}
+
+/// `panels` (from [`pack_panels`]) back as the `[out, in]` weight.
+pub fn unpack_panels(panels: &Tensor) -> Result<Tensor, KernelError> {
+    // SAFETY: `panels` is a live tensor the call only reads; `result` receives a new tensor.
+    tensor_from(|result| unsafe { ffi::wizard_panel_unpack(ffi::tensor(panels), result) }, "unpack panels")
+}
+
+/// Whether `weight` is fp32 panels ([`pack_panels`]).
+pub fn is_panels(weight: &Tensor) -> bool {
+    weight.kind() == Kind::Float && weight.dim() == 3 && weight.size()[2] == 16
+}
+
+/// The tensor a shim call returns through `result`.
+fn tensor_from(
+    call: impl FnOnce(*mut ffi::TensorHandle) -> std::ffi::c_int,
+    operation: &'static str,
+) -> Result<Tensor, KernelError> {
+    let mut result = ptr::null_mut();
+    check(call(&mut result), operation)?;
+    // SAFETY: on success `result` is a new heap `at::Tensor` whose ownership passes to the Tensor.
+    Ok(unsafe { Tensor::from_ptr(result as *mut torch_sys::C_tensor) })
+}
+
 fn kernel_available(isa: Isa) -> bool {
     // SAFETY: an integer in, an integer out.
     unsafe { ffi::wizard_linear_kernel_available(isa as i32) != 0 }
@@ -167,6 +199,8 @@ mod tests {
         kind: Kind,
         /// ...and the weight's: the same, or bf16 under fp32.
         weight_kind: Kind,
+        /// Whether the (fp32) weight goes in panels.
+        panels: bool,
     }
 
     /// Every row equals the exact product to the dtype's rounding (fp32 sums; a bf16 result is rounded
@@ -178,7 +212,8 @@ mod tests {
         let x = Tensor::randn([1, case.rows, case.in_dim], opts).to_kind(case.kind);
         let weight = Tensor::randn([case.out_dim, case.in_dim], opts).to_kind(case.weight_kind);
         let bias = case.bias.then(|| Tensor::randn([case.out_dim], opts).to_kind(case.kind));
-        let got = tch::no_grad(|| linear_with(case.isa, &x, &weight, bias.as_ref()));
+        let operand = if case.panels { pack_panels(&weight).unwrap() } else { weight.shallow_clone() };
+        let got = tch::no_grad(|| linear_with(case.isa, &x, &operand, bias.as_ref()));
         assert_eq!(got.kind(), case.kind);
         let wide = |t: &Tensor| t.to_kind(Kind::Double);
         let expected = wide(&x).linear(&wide(&weight), bias.as_ref().map(wide).as_ref());
@@ -190,10 +225,10 @@ mod tests {
         let tolerance = if exact_inputs { 1e-6 * (case.in_dim as f64).sqrt() } else { 1.0 / 128.0 };
         assert!(error <= tolerance * scale, "{:?} rows {}: error {error}", case.kind, case.rows);
         // Without the kernel at::linear (BLAS) runs, which promises no such thing.
-        let kernel_ran = kernel_available(case.isa);
+        let kernel_ran = if case.panels { few_row_kernel_available() } else { kernel_available(case.isa) };
         for row in (0..case.rows).filter(|_| kernel_ran) {
             let alone =
-                tch::no_grad(|| linear_with(case.isa, &x.narrow(1, row, 1).contiguous(), &weight, bias.as_ref()));
+                tch::no_grad(|| linear_with(case.isa, &x.narrow(1, row, 1).contiguous(), &operand, bias.as_ref()));
             assert!(alone.equal(&got.narrow(1, row, 1)), "row {row} of {} differs when computed alone", case.rows);
         }
     }
@@ -203,7 +238,16 @@ mod tests {
         let dtypes = [(Kind::Float, Kind::Float), (Kind::BFloat16, Kind::BFloat16), (Kind::Float, Kind::BFloat16)];
         for isa in [Isa::Widest, Isa::Avx2, Isa::Avx512, Isa::FewPositions] {
             for (kind, weight_kind) in dtypes {
-                let case = |rows, in_dim, out_dim, bias| Case { isa, rows, in_dim, out_dim, bias, kind, weight_kind };
+                let case = |rows, in_dim, out_dim, bias| Case {
+                    isa,
+                    rows,
+                    in_dim,
+                    out_dim,
+                    bias,
+                    kind,
+                    weight_kind,
+                    panels: false,
+                };
                 for rows in [1, 2, 3, 4, 5, 8, 9, 16] {
                     check(case(rows, 96, 300, true));
                 }
@@ -217,6 +261,46 @@ mod tests {
                 check(case(300, 72, 40, true)); // an odd number of 16-row tiles
             }
         }
+    }
+
+    /// Panels: every row count the tiles split differently (1 to 6 rows a tile, chunks of `in`),
+    /// `in` of any length, outputs that the threads claim in chunks.
+    #[test]
+    fn panels_match_the_product_and_every_row_alone() {
+        let case = |rows, in_dim, out_dim, bias| Case {
+            isa: Isa::Widest,
+            rows,
+            in_dim,
+            out_dim,
+            bias,
+            kind: Kind::Float,
+            weight_kind: Kind::Float,
+            panels: true,
+        };
+        for rows in [1, 2, 3, 4, 5, 6, 7, 8, 13, 16] {
+            check(case(rows, 96, 304, true));
+        }
+        check(case(3, 7, 16, false));
+        check(case(1, 1030, 48, true)); // one-row steps: four panels, then the rest one by one
+        check(case(40, 600, 64, true)); // several chunks of `in`
+        check(case(203, 130, 32, false));
+        check(case(2, 64, 1008, true)); // columns in chunks the threads claim
+    }
+
+    /// Panels hold the weight exactly and refuse what they cannot hold, naming it.
+    #[test]
+    fn panels_round_trip_and_refuse_odd_shapes() {
+        let weight = Tensor::randn([48, 37], (Kind::Float, Device::Cpu));
+        let panels = pack_panels(&weight).unwrap();
+        assert_eq!(panels.size(), [3, 37, 16]);
+        assert!(is_panels(&panels) && !is_panels(&weight));
+        assert!(unpack_panels(&panels).unwrap().equal(&weight));
+        let odd = pack_panels(&Tensor::randn([40, 8], (Kind::Float, Device::Cpu))).unwrap_err().to_string();
+        assert!(odd.contains("[40, 8]") && odd.contains("multiples of 16"), "{odd}");
+        let narrow = Tensor::randn([16, 8], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let error = pack_panels(&narrow).unwrap_err().to_string();
+        assert!(error.contains("BFloat16"), "{error}");
+        assert!(unpack_panels(&weight).unwrap_err().to_string().contains("not fp32 panels"));
     }
 
     /// fp32 inputs meet bf16 weights rounded as `to_kind(BFloat16)` rounds them (to nearest, ties to

@@ -681,6 +681,33 @@ impl GptBigCode {
         Ok(())
     }
 
+    /// Packs the fp32 dense layers whose shapes [`kernels::calibrate`] measured faster in panels
+    /// ([`kernels::linear::pack_panels`]), for inference on this CPU; returns how many it packed. The
+    /// head stays as it is (tied, it is the token table too).
+    pub fn pack_panels(&mut self) -> Result<usize> {
+        self.pack_panels_where(kernels::calibrate::takes_panels)
+    }
+
+    /// [`pack_panels`](Self::pack_panels) for the fp32 dense layers `take` picks among those whose
+    /// outputs are a multiple of 16.
+    pub fn pack_panels_where(&mut self, take: impl Fn(&Tensor) -> bool) -> Result<usize> {
+        let mut packed = 0;
+        tch::no_grad(|| -> Result<()> {
+            for linear in self.blocks.iter_mut().flat_map(Block::linears_mut) {
+                let weight = &linear.weight;
+                let fits = weight.kind() == Kind::Float && weight.dim() == 2 && weight.size()[0] % 16 == 0;
+                if linear.quantized.is_none() && fits && take(weight) {
+                    let panels =
+                        kernels::linear::pack_panels(&linear.weight).map_err(|e| ModelError::Invalid(e.to_string()))?;
+                    linear.weight.set_data(&panels);
+                    packed += 1;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(packed)
+    }
+
     /// The weights of the dense layers and the head as [`kernels::linear`] receives them
     /// (quantized layers, which have their own kernel, left out).
     pub fn dense_weights(&self) -> Vec<&Tensor> {

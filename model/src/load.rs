@@ -240,7 +240,7 @@ impl GptBigCode {
         };
         let kind = if narrow { Kind::Float } else { precision.kind() };
         let mut progress = progress;
-        let model = kernels::memory::loading_weights(|| {
+        let mut model = kernels::memory::loading_weights(|| {
             let mut model = GptBigCode::load_into(dir, kind, device, zeros, &mut progress)?;
             if let Some(stored) = model.quantized_format().filter(|&f| precision != Precision::Quantized(f)) {
                 let name = stored.name();
@@ -262,21 +262,27 @@ impl GptBigCode {
         })?;
         if device == Device::Cpu {
             note_kernel_fallback(precision);
-            // The dense kernel or libtorch, per shape, by a measurement on this machine (cached).
+            // The dense kernel, libtorch or panels, per shape, by a measurement on this machine (cached).
             let cache = kernels::calibrate::default_cache_file();
-            let weights = model.dense_weights();
-            for m in kernels::calibrate::calibrate(&weights, cache.as_deref()) {
+            let measured = kernels::calibrate::calibrate(&model.dense_weights(), cache.as_deref());
+            for m in measured {
                 tracing::debug!(
                     shape = ?m.shape,
                     choice = ?m.choice,
                     kernel_us = ?m.kernel_us,
                     libtorch_us = ?m.libtorch_us,
+                    panels_us = ?m.panels_us,
                     cached = m.cached,
                     "dense product"
                 );
             }
+            let packed = model.pack_panels()?;
+            if packed > 0 {
+                tracing::debug!(layers = packed, "dense layers packed in panels");
+            }
             // Whether decode steps prefetch the next weight rows, and take bf16 on AMX tiles, by a
             // measurement too (cached).
+            let weights = model.dense_weights();
             let quantized: Vec<&QuantizedWeight> =
                 model.quantized_layers().into_iter().map(|(_, weight)| weight).collect();
             for m in kernels::calibrate::calibrate_one_row(&weights, &quantized, cache.as_deref()) {
@@ -352,7 +358,17 @@ impl GptBigCode {
             ));
         }
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let mut tensors: Vec<(String, Tensor)> = self.vars().variables().into_iter().collect();
+        // Layers packed in panels for inference are written in the checkpoint's [out, in].
+        let as_stored = |tensor: Tensor| match kernels::linear::is_panels(&tensor) {
+            true => kernels::linear::unpack_panels(&tensor).map_err(|e| ModelError::Invalid(e.to_string())),
+            false => Ok(tensor),
+        };
+        let mut tensors = self
+            .vars()
+            .variables()
+            .into_iter()
+            .map(|(name, tensor)| Ok((name, as_stored(tensor)?)))
+            .collect::<Result<Vec<(String, Tensor)>>>()?;
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         checkpoint::save(dir, &tensors, kind)?;
         let config = dir.join("config.json");

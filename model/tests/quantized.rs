@@ -116,6 +116,37 @@ fn compare(dir: &Path, precision: Precision, text: &Tensor) -> (f64, f64, f64, b
     (other_ppl / dense_ppl, agreement, dense_ppl, a[0] == b[0])
 }
 
+/// Dense layers packed in panels (as load does where a timing finds them faster) give fp32's
+/// logits to rounding and its greedy tokens, and a packed model saves the checkpoint's weights.
+#[test]
+fn panels_give_fp32_results_and_save_the_checkpoints_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    save_random(dir.path(), 64, 0.3);
+    let plain = GptBigCode::load(dir.path(), Kind::Float, Device::Cpu).unwrap();
+    let mut packed = GptBigCode::load(dir.path(), Kind::Float, Device::Cpu).unwrap();
+    assert_eq!(packed.pack_panels_where(|_| true).unwrap(), 3 * 4, "every dense layer of the 3 blocks");
+    let text = structured_text(2, 40, 5);
+    let logits = |model: &GptBigCode| tch::no_grad(|| model.forward_full(&text, Dropout::Off).unwrap());
+    let (expected, got) = (logits(&plain), logits(&packed));
+    let error = (&got - &expected).abs().max().double_value(&[]);
+    assert!(error < 1e-4 * expected.abs().max().double_value(&[]).max(1.0), "max error {error}");
+    let config =
+        GenerateConfig { max_new_tokens: 12, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
+    let tokens = |model: &GptBigCode| generate(model, &[3, 4, 5], &config, &mut NoStop).unwrap().remove(0).tokens;
+    assert_eq!(tokens(&packed), tokens(&plain));
+    let saved = tempfile::tempdir().unwrap();
+    packed.save(saved.path(), Kind::Float).unwrap();
+    let reloaded = GptBigCode::load(saved.path(), Kind::Float, Device::Cpu).unwrap();
+    let variables = |model: &GptBigCode| {
+        let mut all: Vec<(String, Tensor)> = model.vars().variables().into_iter().collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    };
+    for ((name, a), (_, b)) in variables(&plain).iter().zip(&variables(&reloaded)) {
+        assert!(a.equal(b), "{name} changed through panels");
+    }
+}
+
 /// The same gates on a trained model, on held-out text from the distribution it learned.
 #[test]
 fn a_trained_model_stays_close_in_int8_int4_and_bf16() {

@@ -1,0 +1,202 @@
+// fp32 weights in panels of 16 outputs, [out / 16][in][16], and `x @ w^T + b` over them (AVX2 with
+// FMA). The row kernel (linear_kernel.h) sums each output along `in` in vector lanes, so every
+// multiply-add needs an input vector and a weight vector, and past a few rows the inputs come from
+// L2; here each step broadcasts one input value against 16 outputs' weights (an outer product), so
+// a tile of 6 rows does 12 multiply-adds per 2 weight loads and 6 broadcasts, from L1: prefill ran
+// at 1.3x the row kernel's rate on an AVX2 EPYC. Which layout a shape takes is measured at load
+// (kernels::calibrate).
+//
+// Every output is one lane's chain y = fma(x[k], w[k], y) for k = 0, 1, ... in order, then + bias:
+// the same bits whatever the row count, the tiles or the thread split.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "cpu.h"
+#include "dense.h"
+#include "guard.h"
+#include "parallel.h"
+
+namespace {
+
+constexpr int64_t kPanel = 16;
+// Steps of `in` per chunk: one panel's chunk (16 KiB) stays in L1 while every row tile passes it.
+constexpr int64_t kChunk = 256;
+// Rows per tile: 12 accumulators, 2 weight vectors and a broadcast of the 16 registers.
+constexpr int kTileRows = 6;
+// Panels a one-row step takes at once: 8 accumulators, so the multiply-adds' latency is hidden.
+constexpr int kOneRowPanels = 4;
+// How far ahead of the chunk being read the first tile prefetches (floats: 16 steps).
+constexpr int64_t kLead = 256;
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// R rows times P panels over steps [k0, k1), adding to the sums in `acc` ([R][P * 16], row stride
+// `stride`). The loops are unrolled explicitly: GCC 12 otherwise keeps the accumulators on the
+// stack, storing each one every step.
+template <int R, int P>
+inline void tile(const float* x, int64_t in, const float* panels, int64_t k0, int64_t k1, float* acc_rows,
+                 int64_t stride, bool prefetch) {
+  __m256 acc[R][2 * P];
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+      _Pragma("GCC unroll 8") for (int v = 0; v < 2 * P; v++) acc[r][v] = _mm256_loadu_ps(acc_rows + r * stride + 8 * v);
+  const int64_t lead = prefetch ? kLead : 0;
+  for (int64_t k = k0; k < k1; k++) {
+    __m256 w[2 * P];
+    _Pragma("GCC unroll 8") for (int p = 0; p < P; p++) {
+      const float* step = panels + p * in * kPanel + k * kPanel;
+      _mm_prefetch(reinterpret_cast<const char*>(step + lead), _MM_HINT_T0);
+      w[2 * p] = _mm256_loadu_ps(step);
+      w[2 * p + 1] = _mm256_loadu_ps(step + 8);
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+      const __m256 b = _mm256_broadcast_ss(x + r * in + k);
+      _Pragma("GCC unroll 8") for (int v = 0; v < 2 * P; v++) acc[r][v] = _mm256_fmadd_ps(b, w[v], acc[r][v]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+      _Pragma("GCC unroll 8") for (int v = 0; v < 2 * P; v++) _mm256_storeu_ps(acc_rows + r * stride + 8 * v, acc[r][v]);
+}
+
+void row_tile(int rows, const float* x, int64_t in, const float* panel, int64_t k0, int64_t k1, float* acc_rows,
+              int64_t stride, bool prefetch) {
+  switch (rows) {
+    case 1: return tile<1, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
+    case 2: return tile<2, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
+    case 3: return tile<3, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
+    case 4: return tile<4, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
+    case 5: return tile<5, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
+    default: return tile<6, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
+  }
+}
+
+void add_bias(const float* bias, float* y, int64_t rows, int64_t out, int64_t begin, int64_t end) {
+  if (!bias) return;
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t j = begin; j < end; j++) y[r * out + j] += bias[j];
+}
+
+// Output columns [begin, end) (multiples of 16) of `rows` rows, their sums kept in `y` itself.
+void rows_times_panels(const float* x, int64_t rows, const float* panels, const float* bias, float* y, int64_t in,
+                       int64_t out, int64_t begin, int64_t end) {
+  for (int64_t r = 0; r < rows; r++) std::fill(y + r * out + begin, y + r * out + end, 0.0f);
+  const int64_t stride = in * kPanel;
+  if (rows == 1) {
+    int64_t j = begin;
+    for (; j + kOneRowPanels * kPanel <= end; j += kOneRowPanels * kPanel)
+      tile<1, kOneRowPanels>(x, in, panels + j / kPanel * stride, 0, in, y + j, out, false);
+    for (; j < end; j += kPanel) tile<1, 1>(x, in, panels + j / kPanel * stride, 0, in, y + j, out, false);
+    return add_bias(bias, y, rows, out, begin, end);
+  }
+  // Rows in tiles of at most 6, as even as they come (7 rows: 3 and 4).
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  for (int64_t j = begin; j < end; j += kPanel) {
+    const float* panel = panels + j / kPanel * stride;
+    for (int64_t k0 = 0; k0 < in; k0 += kChunk) {
+      const int64_t k1 = std::min(in, k0 + kChunk);
+      for (int64_t t = 0, first = 0; t < tiles; t++) {
+        const int64_t last = rows * (t + 1) / tiles;
+        row_tile(static_cast<int>(last - first), x + first * in, in, panel, k0, k1, y + first * out + j, out, t == 0);
+        first = last;
+      }
+    }
+  }
+  add_bias(bias, y, rows, out, begin, end);
+}
+
+#pragma GCC pop_options
+
+// `w` [out, in] as panels [out / 16, in, 16].
+at::Tensor pack(const at::Tensor& w) {
+  const int64_t out = w.size(0), in = w.size(1);
+  return w.reshape({out / kPanel, kPanel, in}).transpose(1, 2).contiguous();
+}
+
+class PanelRowProduct : public wizard::RowProduct {
+ public:
+  PanelRowProduct(const at::Tensor& panels, const float* bias, int64_t rows)
+      : RowProduct(panels.size(0), kPanel, std::max<int64_t>(1, wizard::dense_grain(panels.size(1), rows) / kPanel),
+                   kOneRowPanels),
+        panels_(panels.data_ptr<float>()), bias_(bias), rows_(rows), in_(panels.size(1)),
+        out_(panels.size(0) * kPanel) {}
+
+  void run(const float* x, float* y, int64_t begin, int64_t end) const override {
+    rows_times_panels(x, rows_, panels_, bias_, y, in_, out_, begin * kPanel, std::min(out_, end * kPanel));
+  }
+
+ private:
+  const float* panels_;
+  const float* bias_;
+  const int64_t rows_, in_, out_;
+};
+
+}  // namespace
+
+bool wizard::is_panel_weight(const at::Tensor& w) {
+  return w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 3 && w.size(2) == kPanel &&
+         w.size(1) > 0 && w.is_contiguous();
+}
+
+std::unique_ptr<wizard::RowProduct> wizard::panel_row_product(const at::Tensor& panels, const float* bias,
+                                                              int64_t rows) {
+  if (!wizard::cpu::avx2() || !is_panel_weight(panels)) return nullptr;
+  return std::make_unique<PanelRowProduct>(panels, bias, rows);
+}
+
+at::Tensor wizard::panel_linear(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias) {
+  const int64_t groups = panels.size(0), in = panels.size(1), out = groups * kPanel;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "input of width ", x.size(-1), " for a weight of ", in, " inputs");
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == out), "bias of ", out, " outputs expected");
+  const bool needs_grad = at::GradMode::is_enabled() &&
+                          (x.requires_grad() || panels.requires_grad() || (bias && bias->requires_grad()));
+  const bool plain = x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                     (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous()));
+  if (!wizard::cpu::avx2() || needs_grad || !plain || at::autocast::is_autocast_enabled(at::kCPU)) {
+    // What at::linear takes: the [out, in] weight back.
+    return at::linear(x, panels.transpose(1, 2).reshape({out, in}), bias);
+  }
+  const int64_t rows = x.numel() / in;
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  auto y = at::empty(sizes, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = panels.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, wizard::dense_grain(in, rows) / kPanel);
+  wizard::balanced_for(
+      groups, grain,
+      [&](int64_t first, int64_t last) {
+        rows_times_panels(xp, rows, wp, bp, yp, in, out, first * kPanel, last * kPanel);
+      },
+      kOneRowPanels);
+  return y;
+}
+
+extern "C" {
+
+// `*result` = `w` ([out, in] fp32 on the CPU, out a multiple of 16) as panels [out / 16, in, 16];
+// fails naming what does not fit. Without AVX2 products over panels go through at::linear.
+int wizard_panel_pack(void* w_handle, void** result) {
+  return wizard::guarded([&] {
+    const auto& w = *static_cast<at::Tensor*>(w_handle);
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2,
+                "fp32 panels are packed from an fp32 [out, in] CPU weight, not ", w.scalar_type(), " ", w.sizes());
+    TORCH_CHECK(w.size(0) % kPanel == 0 && w.size(1) > 0, "a weight of ", w.sizes(),
+                ": panels take outputs in multiples of 16");
+    *result = new at::Tensor(pack(w));
+  });
+}
+
+// `*result` = `panels` back as the [out, in] weight.
+int wizard_panel_unpack(void* panels_handle, void** result) {
+  return wizard::guarded([&] {
+    const auto& panels = *static_cast<at::Tensor*>(panels_handle);
+    TORCH_CHECK(wizard::is_panel_weight(panels), "not fp32 panels: ", panels.sizes());
+    *result = new at::Tensor(panels.transpose(1, 2).reshape({panels.size(0) * kPanel, panels.size(1)}));
+  });
+}
+}
