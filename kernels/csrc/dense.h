@@ -44,10 +44,10 @@ std::unique_ptr<RowProduct> dense_row_product(const at::Tensor& weight, const fl
 std::unique_ptr<RowProduct> quantized_row_product(const at::Tensor& packed, const float* bias, int64_t rows,
                                                   int64_t out, int64_t in);
 
-// Whether `w` is an fp32 weight in panels of 16 outputs ([out / 16, in, 16], panel.cpp).
+// Whether `w` is an fp32 or bf16 weight in panels of 16 outputs ([out / 16, in, 16], panel.cpp).
 bool is_panel_weight(const at::Tensor& w);
 
-// The product of fp32 panels for `rows` fp32 rows, with an fp32 bias (or null); null where this CPU
+// The product of fp32 or bf16 panels for `rows` fp32 rows, with an fp32 bias (or null); null where this CPU
 // has no AVX2 or `panels` are not panels.
 std::unique_ptr<RowProduct> panel_row_product(const at::Tensor& panels, const float* bias, int64_t rows);
 

@@ -1,5 +1,5 @@
-// fp32 weights in panels of 16 outputs, [out / 16][in][16], and `x @ w^T + b` over them (AVX2 with
-// FMA). The row kernel (linear_kernel.h) sums each output along `in` in vector lanes, so every
+// fp32 or bf16 weights in panels of 16 outputs, [out / 16][in][16], and `x @ w^T + b` over them for
+// fp32 rows (AVX2 with FMA; bf16 widened as it is read). The row kernel (linear_kernel.h) sums each output along `in` in vector lanes, so every
 // multiply-add needs an input vector and a weight vector, and past a few rows the inputs come from
 // L2; here each step broadcasts one input value against 16 outputs' weights (an outer product), so
 // a tile of 6 rows does 12 multiply-adds per 2 weight loads and 6 broadcasts, from L1: prefill ran
@@ -8,11 +8,17 @@
 //
 // Every output is one lane's chain y = fma(x[k], w[k], y) for k = 0, 1, ... in order, then + bias:
 // the same bits whatever the row count, the tiles or the thread split.
+//
+// A bf16 step holds its 16 values with the middle two quads swapped (outputs 0-3, 8-11, 4-7, 12-15),
+// so that interleaving it with zeros (unpacklo/unpackhi, which work within 128-bit halves) gives
+// outputs 0-7 and 8-15 as fp32 in one instruction each.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
 #include "cpu.h"
 #include "dense.h"
@@ -31,26 +37,39 @@ constexpr int kOneRowPanels = 4;
 // How far ahead of the chunk being read the first tile prefetches (floats: 16 steps).
 constexpr int64_t kLead = 256;
 
+// Output order of a bf16 step's stored values (its own inverse).
+const int64_t kBf16Order[kPanel] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+
+// Outputs 0-7 and 8-15 of one step of a panel, as fp32.
+inline void load_step(const float* step, __m256& low, __m256& high) {
+  low = _mm256_loadu_ps(step);
+  high = _mm256_loadu_ps(step + 8);
+}
+inline void load_step(const uint16_t* step, __m256& low, __m256& high) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step));
+  low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), bits));
+  high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), bits));
+}
 
 // R rows times P panels over steps [k0, k1), adding to the sums in `acc` ([R][P * 16], row stride
 // `stride`). The loops are unrolled explicitly: GCC 12 otherwise keeps the accumulators on the
 // stack, storing each one every step.
-template <int R, int P>
-inline void tile(const float* x, int64_t in, const float* panels, int64_t k0, int64_t k1, float* acc_rows,
+template <int R, int P, typename W>
+inline void tile(const float* x, int64_t in, const W* panels, int64_t k0, int64_t k1, float* acc_rows,
                  int64_t stride, bool prefetch) {
   __m256 acc[R][2 * P];
   _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
       _Pragma("GCC unroll 8") for (int v = 0; v < 2 * P; v++) acc[r][v] = _mm256_loadu_ps(acc_rows + r * stride + 8 * v);
-  const int64_t lead = prefetch ? kLead : 0;
+  const int64_t lead = prefetch ? kLead * 4 / sizeof(W) : 0;
   for (int64_t k = k0; k < k1; k++) {
     __m256 w[2 * P];
     _Pragma("GCC unroll 8") for (int p = 0; p < P; p++) {
-      const float* step = panels + p * in * kPanel + k * kPanel;
+      const W* step = panels + p * in * kPanel + k * kPanel;
       _mm_prefetch(reinterpret_cast<const char*>(step + lead), _MM_HINT_T0);
-      w[2 * p] = _mm256_loadu_ps(step);
-      w[2 * p + 1] = _mm256_loadu_ps(step + 8);
+      load_step(step, w[2 * p], w[2 * p + 1]);
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
       const __m256 b = _mm256_broadcast_ss(x + r * in + k);
@@ -61,7 +80,8 @@ inline void tile(const float* x, int64_t in, const float* panels, int64_t k0, in
       _Pragma("GCC unroll 8") for (int v = 0; v < 2 * P; v++) _mm256_storeu_ps(acc_rows + r * stride + 8 * v, acc[r][v]);
 }
 
-void row_tile(int rows, const float* x, int64_t in, const float* panel, int64_t k0, int64_t k1, float* acc_rows,
+template <typename W>
+void row_tile(int rows, const float* x, int64_t in, const W* panel, int64_t k0, int64_t k1, float* acc_rows,
               int64_t stride, bool prefetch) {
   switch (rows) {
     case 1: return tile<1, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
@@ -80,7 +100,8 @@ void add_bias(const float* bias, float* y, int64_t rows, int64_t out, int64_t be
 }
 
 // Output columns [begin, end) (multiples of 16) of `rows` rows, their sums kept in `y` itself.
-void rows_times_panels(const float* x, int64_t rows, const float* panels, const float* bias, float* y, int64_t in,
+template <typename W>
+void rows_times_panels(const float* x, int64_t rows, const W* panels, const float* bias, float* y, int64_t in,
                        int64_t out, int64_t begin, int64_t end) {
   for (int64_t r = 0; r < rows; r++) std::fill(y + r * out + begin, y + r * out + end, 0.0f);
   const int64_t stride = in * kPanel;
@@ -94,7 +115,7 @@ void rows_times_panels(const float* x, int64_t rows, const float* panels, const 
   // Rows in tiles of at most 6, as even as they come (7 rows: 3 and 4).
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   for (int64_t j = begin; j < end; j += kPanel) {
-    const float* panel = panels + j / kPanel * stride;
+    const W* panel = panels + j / kPanel * stride;
     for (int64_t k0 = 0; k0 < in; k0 += kChunk) {
       const int64_t k1 = std::min(in, k0 + kChunk);
       for (int64_t t = 0, first = 0; t < tiles; t++) {
@@ -109,18 +130,42 @@ void rows_times_panels(const float* x, int64_t rows, const float* panels, const 
 
 #pragma GCC pop_options
 
+// The order of a step's stored values for `type`.
+at::Tensor step_order(at::ScalarType type) {
+  at::Tensor order = at::arange(kPanel, at::kLong);
+  if (type == at::kBFloat16) order = at::tensor(std::vector<int64_t>(kBf16Order, kBf16Order + kPanel), at::kLong);
+  return order;
+}
+
 // `w` [out, in] as panels [out / 16, in, 16].
 at::Tensor pack(const at::Tensor& w) {
   const int64_t out = w.size(0), in = w.size(1);
-  return w.reshape({out / kPanel, kPanel, in}).transpose(1, 2).contiguous();
+  return w.reshape({out / kPanel, kPanel, in}).transpose(1, 2).index_select(2, step_order(w.scalar_type())).contiguous();
 }
 
+// `panels` back as [out, in].
+at::Tensor unpack(const at::Tensor& panels) {
+  const int64_t out = panels.size(0) * kPanel, in = panels.size(1);
+  return panels.index_select(2, step_order(panels.scalar_type())).transpose(1, 2).reshape({out, in});
+}
+
+// The product over `panels`' values as `W` (float, or bf16's bits).
+template <typename W>
+const W* values_of(const at::Tensor& panels) {
+  if constexpr (std::is_same_v<W, float>) {
+    return panels.data_ptr<float>();
+  } else {
+    return reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>());
+  }
+}
+
+template <typename W>
 class PanelRowProduct : public wizard::RowProduct {
  public:
   PanelRowProduct(const at::Tensor& panels, const float* bias, int64_t rows)
       : RowProduct(panels.size(0), kPanel, std::max<int64_t>(1, wizard::dense_grain(panels.size(1), rows) / kPanel),
                    kOneRowPanels),
-        panels_(panels.data_ptr<float>()), bias_(bias), rows_(rows), in_(panels.size(1)),
+        panels_(values_of<W>(panels)), bias_(bias), rows_(rows), in_(panels.size(1)),
         out_(panels.size(0) * kPanel) {}
 
   void run(const float* x, float* y, int64_t begin, int64_t end) const override {
@@ -128,7 +173,7 @@ class PanelRowProduct : public wizard::RowProduct {
   }
 
  private:
-  const float* panels_;
+  const W* panels_;
   const float* bias_;
   const int64_t rows_, in_, out_;
 };
@@ -136,14 +181,15 @@ class PanelRowProduct : public wizard::RowProduct {
 }  // namespace
 
 bool wizard::is_panel_weight(const at::Tensor& w) {
-  return w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 3 && w.size(2) == kPanel &&
-         w.size(1) > 0 && w.is_contiguous();
+  return w.device().is_cpu() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) &&
+         w.dim() == 3 && w.size(2) == kPanel && w.size(1) > 0 && w.is_contiguous();
 }
 
 std::unique_ptr<wizard::RowProduct> wizard::panel_row_product(const at::Tensor& panels, const float* bias,
                                                               int64_t rows) {
   if (!wizard::cpu::avx2() || !is_panel_weight(panels)) return nullptr;
-  return std::make_unique<PanelRowProduct>(panels, bias, rows);
+  if (panels.scalar_type() == at::kBFloat16) return std::make_unique<PanelRowProduct<uint16_t>>(panels, bias, rows);
+  return std::make_unique<PanelRowProduct<float>>(panels, bias, rows);
 }
 
 at::Tensor wizard::panel_linear(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& bias) {
@@ -155,22 +201,25 @@ at::Tensor wizard::panel_linear(const at::Tensor& x, const at::Tensor& panels, c
   const bool plain = x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
                      (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous()));
   if (!wizard::cpu::avx2() || needs_grad || !plain || at::autocast::is_autocast_enabled(at::kCPU)) {
-    // What at::linear takes: the [out, in] weight back.
-    return at::linear(x, panels.transpose(1, 2).reshape({out, in}), bias);
+    // What at::linear takes: the [out, in] weight back, in the activations' dtype.
+    const auto type = x.scalar_type();
+    return at::linear(x, unpack(panels).to(type), bias ? c10::optional<at::Tensor>(bias->to(type)) : bias);
   }
   const int64_t rows = x.numel() / in;
   auto sizes = x.sizes().vec();
   sizes.back() = out;
   auto y = at::empty(sizes, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = panels.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, wizard::dense_grain(in, rows) / kPanel);
   wizard::balanced_for(
       groups, grain,
       [&](int64_t first, int64_t last) {
-        rows_times_panels(xp, rows, wp, bp, yp, in, out, first * kPanel, last * kPanel);
+        if (panels.scalar_type() == at::kBFloat16)
+          rows_times_panels(xp, rows, values_of<uint16_t>(panels), bp, yp, in, out, first * kPanel, last * kPanel);
+        else
+          rows_times_panels(xp, rows, values_of<float>(panels), bp, yp, in, out, first * kPanel, last * kPanel);
       },
       kOneRowPanels);
   return y;
@@ -178,13 +227,15 @@ at::Tensor wizard::panel_linear(const at::Tensor& x, const at::Tensor& panels, c
 
 extern "C" {
 
-// `*result` = `w` ([out, in] fp32 on the CPU, out a multiple of 16) as panels [out / 16, in, 16];
+// `*result` = `w` ([out, in] fp32 or bf16 on the CPU, out a multiple of 16) as panels [out / 16, in, 16];
 // fails naming what does not fit. Without AVX2 products over panels go through at::linear.
 int wizard_panel_pack(void* w_handle, void** result) {
   return wizard::guarded([&] {
     const auto& w = *static_cast<at::Tensor*>(w_handle);
-    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2,
-                "fp32 panels are packed from an fp32 [out, in] CPU weight, not ", w.scalar_type(), " ", w.sizes());
+    TORCH_CHECK(w.device().is_cpu() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) &&
+                    w.dim() == 2,
+                "panels are packed from an fp32 or bf16 [out, in] CPU weight, not ", w.scalar_type(), " ",
+                w.sizes());
     TORCH_CHECK(w.size(0) % kPanel == 0 && w.size(1) > 0, "a weight of ", w.sizes(),
                 ": panels take outputs in multiples of 16");
     *result = new at::Tensor(pack(w));
@@ -195,8 +246,8 @@ int wizard_panel_pack(void* w_handle, void** result) {
 int wizard_panel_unpack(void* panels_handle, void** result) {
   return wizard::guarded([&] {
     const auto& panels = *static_cast<at::Tensor*>(panels_handle);
-    TORCH_CHECK(wizard::is_panel_weight(panels), "not fp32 panels: ", panels.sizes());
-    *result = new at::Tensor(panels.transpose(1, 2).reshape({panels.size(0) * kPanel, panels.size(1)}));
+    TORCH_CHECK(wizard::is_panel_weight(panels), "not panels: ", panels.scalar_type(), " ", panels.sizes());
+    *result = new at::Tensor(unpack(panels));
   });
 }
 }

@@ -115,6 +115,8 @@ mod tests {
         /// fp32 packed in panels where the outputs are a multiple of 16, as they are.
         Panels,
         Bf16,
+        /// bf16 in panels likewise.
+        Bf16Panels,
         Int8,
         Int4,
     }
@@ -124,7 +126,7 @@ mod tests {
             match self {
                 Format::Int8 => Some(crate::quantized::Format::Int8),
                 Format::Int4 => Some(crate::quantized::Format::Int4),
-                Format::Fp32 | Format::Panels | Format::Bf16 => None,
+                Format::Fp32 | Format::Panels | Format::Bf16 | Format::Bf16Panels => None,
             }
         }
     }
@@ -206,12 +208,13 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                if case.format == Format::Bf16 && dense.contains(&i) {
-                    t.to_kind(Kind::BFloat16)
-                } else if case.format == Format::Panels && dense.contains(&i) && shapes[i][0] % 16 == 0 {
-                    crate::linear::pack_panels(t).unwrap()
+                let bf16 = matches!(case.format, Format::Bf16 | Format::Bf16Panels) && dense.contains(&i);
+                let weight = if bf16 { t.to_kind(Kind::BFloat16) } else { t.copy() };
+                let panels = matches!(case.format, Format::Panels | Format::Bf16Panels);
+                if panels && dense.contains(&i) && shapes[i][0] % 16 == 0 {
+                    crate::linear::pack_panels(&weight).unwrap()
                 } else {
-                    t.copy()
+                    weight
                 }
             })
             .collect();
@@ -230,7 +233,7 @@ mod tests {
         // LayerNorm differs from libtorch's in the last bits, which can move a rounded input.
         let tolerance = match case.format {
             Format::Fp32 | Format::Panels => 1e-4,
-            Format::Bf16 => 1e-2,
+            Format::Bf16 | Format::Bf16Panels => 1e-2,
             Format::Int8 | Format::Int4 => 5e-2,
         };
         let batch: i64 = case.caches.iter().map(|(b, _)| b).sum();
@@ -273,7 +276,7 @@ mod tests {
 
     #[test]
     fn block_matches_op_by_op_and_itself_alone() {
-        for format in [Format::Fp32, Format::Panels, Format::Bf16, Format::Int8, Format::Int4] {
+        for format in [Format::Fp32, Format::Panels, Format::Bf16, Format::Bf16Panels, Format::Int8, Format::Int4] {
             for fresh in [1, 4] {
                 let mqa = |caches, exact_gelu| Case {
                     heads: 4,

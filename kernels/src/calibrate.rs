@@ -43,6 +43,8 @@ pub enum Choice {
 /// One shape's timings (µs per call at 1, 16 and 128 rows) and the choice they made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Measurement {
+    /// The weight's dtype: fp32, or bf16 (under fp32 activations; libtorch is not timed for it).
+    pub kind: Kind,
     /// `[out, in]` of the weight.
     pub shape: (i64, i64),
     /// The kernel's time per call at 1, 16 and 128 rows.
@@ -57,9 +59,16 @@ pub struct Measurement {
     pub cached: bool,
 }
 
-/// Choices made in this process, by fp32 weight shape `[out, in]`.
-fn table() -> MutexGuard<'static, HashMap<(i64, i64), Choice>> {
-    static TABLE: LazyLock<Mutex<HashMap<(i64, i64), Choice>>> = LazyLock::new(Mutex::default);
+/// A weight's dtype (bf16 or not) and shape `[out, in]`.
+type Shape = (bool, i64, i64);
+
+fn shape_of(kind: Kind, out: i64, in_features: i64) -> Shape {
+    (kind == Kind::BFloat16, out, in_features)
+}
+
+/// Choices made in this process, by weight dtype and shape.
+fn table() -> MutexGuard<'static, HashMap<Shape, Choice>> {
+    static TABLE: LazyLock<Mutex<HashMap<Shape, Choice>>> = LazyLock::new(Mutex::default);
     TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -74,18 +83,19 @@ pub(crate) fn choice_for(weight: &Tensor) -> Choice {
         return Choice::Kernel;
     }
     match weight.size().as_slice() {
-        [out, in_features] if table().get(&(*out, *in_features)) == Some(&Choice::Libtorch) => Choice::Libtorch,
+        [out, in_features] if table().get(&shape_of(Kind::Float, *out, *in_features)) == Some(&Choice::Libtorch) => {
+            Choice::Libtorch
+        }
         _ => Choice::Kernel,
     }
 }
 
-/// Whether `weight` (fp32 `[out, in]` on the CPU) should be packed in panels: its shape measured
-/// faster so ([`calibrate`]).
+/// Whether `weight` (fp32 or bf16 `[out, in]` on the CPU) should be packed in panels: its dtype and
+/// shape measured faster so ([`calibrate`]).
 pub fn takes_panels(weight: &Tensor) -> bool {
-    weight.kind() == Kind::Float
-        && weight.device() == tch::Device::Cpu
+    weight.device() == tch::Device::Cpu
         && match weight.size().as_slice() {
-            [out, in_features] => table().get(&(*out, *in_features)) == Some(&Choice::Panels),
+            [out, in_features] => table().get(&shape_of(weight.kind(), *out, *in_features)) == Some(&Choice::Panels),
             _ => false,
         }
 }
@@ -100,13 +110,15 @@ pub fn calibrate(weights: &[&Tensor], cache: Option<&Path>) -> Vec<Measurement> 
     let mut fresh = Vec::new();
     for weight in weights {
         let [out, in_features] = weight.size()[..] else { continue };
-        if weight.kind() != Kind::Float || weight.device() != tch::Device::Cpu || in_features == 0 {
+        let kind = weight.kind();
+        if !matches!(kind, Kind::Float | Kind::BFloat16) || weight.device() != tch::Device::Cpu || in_features == 0 {
             continue;
         }
-        if measurements.iter().any(|m| m.shape == (out, in_features)) {
+        let shape = shape_of(kind, out, in_features);
+        if measurements.iter().any(|m| shape_of(m.kind, m.shape.0, m.shape.1) == shape) {
             continue;
         }
-        let measurement = match known.remove(&(out, in_features)) {
+        let measurement = match known.remove(&shape) {
             Some(cached) => cached,
             None => {
                 let measured = measure(weight);
@@ -117,7 +129,7 @@ pub fn calibrate(weights: &[&Tensor], cache: Option<&Path>) -> Vec<Measurement> 
         if measurement.choice == Choice::Libtorch {
             LIBTORCH_CHOSEN.store(true, Ordering::Relaxed);
         }
-        table().insert(measurement.shape, measurement.choice);
+        table().insert(shape, measurement.choice);
         measurements.push(measurement);
     }
     if let (Some(path), false) = (cache, fresh.is_empty()) {
@@ -388,19 +400,30 @@ fn measure(weight: &Tensor) -> Measurement {
     let [out, in_features] = weight.size()[..] else { unreachable!("checked by the caller") };
     let _guard = tch::no_grad_guard();
     let mut kernel_us = [0.0; 3];
-    let mut libtorch_us = [0.0; 3];
+    // libtorch multiplies one dtype: bf16 weights under fp32 activations are not for it.
+    let mut libtorch_us = [f64::INFINITY; 3];
     let mut panels_us = [f64::INFINITY; 3];
     let panels = crate::linear::pack_panels(weight).ok().filter(|_| crate::linear::few_row_kernel_available());
     for (i, rows) in ROWS.into_iter().enumerate() {
         let x = Tensor::randn([rows, in_features], (Kind::Float, tch::Device::Cpu));
         kernel_us[i] = best_us(|| drop(crate::linear::kernel_linear(&x, weight, None)));
-        libtorch_us[i] = best_us(|| drop(x.linear::<Tensor>(weight, None)));
+        if weight.kind() == Kind::Float {
+            libtorch_us[i] = best_us(|| drop(x.linear::<Tensor>(weight, None)));
+        }
         if let Some(panels) = &panels {
             panels_us[i] = best_us(|| drop(crate::linear::kernel_linear(&x, panels, None)));
         }
     }
     let choice = choose(&kernel_us, &libtorch_us, &panels_us);
-    Measurement { shape: (out, in_features), kernel_us, libtorch_us, panels_us, choice, cached: false }
+    Measurement {
+        kind: weight.kind(),
+        shape: (out, in_features),
+        kernel_us,
+        libtorch_us,
+        panels_us,
+        choice,
+        cached: false,
+    }
 }
 
 /// libtorch where it is clearly faster for a decode step and a batch; else panels where they are
@@ -464,14 +487,14 @@ fn machine_key() -> String {
     format!("{cpu}; {} threads; {torch_and_pages}", tch::get_num_threads()).replace('\t', " ")
 }
 
-/// Lines `machine \t out \t in \t choice \t kernel µs (1, 16, 128 rows) \t libtorch µs (the same) \t
+/// Lines `machine \t float32|bfloat16 \t out \t in \t choice \t kernel µs (1, 16, 128 rows) \t libtorch µs (the same) \t
 /// panels µs (the same)`; lines of other machines, or that do not parse, are skipped.
-fn read_cache(path: &Path, machine: &str) -> HashMap<(i64, i64), Measurement> {
+fn read_cache(path: &Path, machine: &str) -> HashMap<Shape, Measurement> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut known = HashMap::new();
     for line in text.lines() {
         let fields: Vec<&str> = line.split('\t').collect();
-        let [key, out, in_features, choice, ref times @ ..] = fields[..] else { continue };
+        let [key, kind, out, in_features, choice, ref times @ ..] = fields[..] else { continue };
         if times.len() != 9 {
             continue;
         }
@@ -485,10 +508,16 @@ fn read_cache(path: &Path, machine: &str) -> HashMap<(i64, i64), Measurement> {
                 "panels" => Choice::Panels,
                 _ => return None,
             };
+            let kind = match kind {
+                "float32" => Kind::Float,
+                "bfloat16" => Kind::BFloat16,
+                _ => return None,
+            };
             let three = |at: usize| -> Option<[f64; 3]> {
                 Some([times[at].parse().ok()?, times[at + 1].parse().ok()?, times[at + 2].parse().ok()?])
             };
             Some(Measurement {
+                kind,
                 shape: (out.parse().ok()?, in_features.parse().ok()?),
                 kernel_us: three(0)?,
                 libtorch_us: three(3)?,
@@ -498,7 +527,7 @@ fn read_cache(path: &Path, machine: &str) -> HashMap<(i64, i64), Measurement> {
             })
         })();
         if let Some(measurement) = parsed {
-            known.insert(measurement.shape, measurement);
+            known.insert(shape_of(measurement.kind, measurement.shape.0, measurement.shape.1), measurement);
         }
     }
     known
@@ -514,7 +543,8 @@ fn append_cache(path: &Path, machine: &str, measurements: &[Measurement]) -> std
         };
         let times: Vec<String> =
             [m.kernel_us, m.libtorch_us, m.panels_us].iter().flatten().map(|us| format!("{us:.2}")).collect();
-        lines += &format!("{machine}\t{}\t{}\t{choice}\t{}\n", m.shape.0, m.shape.1, times.join("\t"));
+        let kind = if m.kind == Kind::BFloat16 { "bfloat16" } else { "float32" };
+        lines += &format!("{machine}\t{kind}\t{}\t{}\t{choice}\t{}\n", m.shape.0, m.shape.1, times.join("\t"));
     }
     append_lines(path, &lines)
 }
@@ -539,12 +569,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("wizard-calibrate-{}", std::process::id()));
         let cache = dir.join("dense-kernels.tsv");
         let _ = std::fs::remove_file(&cache);
-        let weights =
-            [Tensor::randn([48, 64], (Kind::Float, Device::Cpu)), Tensor::randn([64, 48], (Kind::Float, Device::Cpu))];
+        let weight = |shape: [i64; 2]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let weights = [weight([48, 64]), weight([64, 48]), weight([48, 64]).to_kind(Kind::BFloat16)];
         let refs: Vec<&Tensor> = weights.iter().chain(&weights[..1]).collect();
         let first = calibrate(&refs, Some(&cache));
-        assert_eq!(first.len(), 2, "one measurement per distinct shape");
+        assert_eq!(first.len(), 3, "one measurement per distinct dtype and shape");
         assert!(first.iter().all(|m| !m.cached && m.kernel_us.iter().chain(&m.libtorch_us).all(|t| *t > 0.0)));
+        assert!(first[2].kind == Kind::BFloat16 && first[2].libtorch_us.iter().all(|t| t.is_infinite()));
         // Panels are timed where the kernel runs.
         let timed = |m: &Measurement| m.panels_us.iter().all(|t| t.is_finite() && *t > 0.0);
         assert!(first.iter().all(|m| timed(m) == crate::linear::few_row_kernel_available()), "{first:?}");
@@ -552,8 +583,8 @@ mod tests {
         let second = calibrate(&refs, Some(&cache));
         assert!(second.iter().all(|m| m.cached), "{second:?}");
         for (a, b) in first.iter().zip(&second) {
-            assert_eq!((a.shape, a.choice), (b.shape, b.choice));
-            let weight = &weights[if a.shape == (48, 64) { 0 } else { 1 }];
+            assert_eq!((a.kind, a.shape, a.choice), (b.kind, b.shape, b.choice));
+            let weight = weights.iter().find(|w| w.kind() == a.kind && w.size() == [a.shape.0, a.shape.1]).unwrap();
             assert_eq!(choice_for(weight) == Choice::Libtorch, a.choice == Choice::Libtorch);
             assert_eq!(takes_panels(weight), a.choice == Choice::Panels);
             // Kept to a hundredth of a µs.

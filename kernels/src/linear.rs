@@ -128,8 +128,9 @@ pub fn set_few_positions_on_amx(on: bool) {
     unsafe { ffi::wizard_linear_few_positions_on_amx(i32::from(on)) };
 }
 
-/// `weight` (`[out, in]` fp32 on the CPU, `out` a multiple of 16) in panels of 16 outputs, `[out / 16,
-/// in, 16]`, which [`linear`] multiplies with an outer-product kernel (AVX2 with FMA): faster than
+/// `weight` (`[out, in]` fp32 or bf16 on the CPU, `out` a multiple of 16) in panels of 16 outputs,
+/// `[out / 16, in, 16]`, which [`linear`] multiplies with an outer-product kernel for fp32 rows (AVX2
+/// with FMA; bf16 widened as it is read, its steps' values in the order that makes that cheap): faster than
 /// the row kernel for prefill on CPUs where [`crate::calibrate`] measures it so. Every output stays
 /// one fixed-order sum, so a row's result does not depend on the row count here either.
 pub fn pack_panels(weight: &Tensor) -> Result<Tensor, KernelError> {
@@ -143,9 +144,9 @@ pub fn unpack_panels(panels: &Tensor) -> Result<Tensor, KernelError> {
     tensor_from(|result| unsafe { ffi::wizard_panel_unpack(ffi::tensor(panels), result) }, "unpack panels")
 }
 
-/// Whether `weight` is fp32 panels ([`pack_panels`]).
+/// Whether `weight` is fp32 or bf16 panels ([`pack_panels`]).
 pub fn is_panels(weight: &Tensor) -> bool {
-    weight.kind() == Kind::Float && weight.dim() == 3 && weight.size()[2] == 16
+    matches!(weight.kind(), Kind::Float | Kind::BFloat16) && weight.dim() == 3 && weight.size()[2] == 16
 }
 
 /// The tensor a shim call returns through `result`.
@@ -263,44 +264,49 @@ mod tests {
         }
     }
 
-    /// Panels: every row count the tiles split differently (1 to 6 rows a tile, chunks of `in`),
-    /// `in` of any length, outputs that the threads claim in chunks.
+    /// Panels, fp32 and bf16 under fp32 rows: every row count the tiles split differently (1 to 6
+    /// rows a tile, chunks of `in`), `in` of any length, outputs that the threads claim in chunks.
     #[test]
     fn panels_match_the_product_and_every_row_alone() {
-        let case = |rows, in_dim, out_dim, bias| Case {
-            isa: Isa::Widest,
-            rows,
-            in_dim,
-            out_dim,
-            bias,
-            kind: Kind::Float,
-            weight_kind: Kind::Float,
-            panels: true,
-        };
-        for rows in [1, 2, 3, 4, 5, 6, 7, 8, 13, 16] {
-            check(case(rows, 96, 304, true));
+        for weight_kind in [Kind::Float, Kind::BFloat16] {
+            let case = |rows, in_dim, out_dim, bias| Case {
+                isa: Isa::Widest,
+                rows,
+                in_dim,
+                out_dim,
+                bias,
+                kind: Kind::Float,
+                weight_kind,
+                panels: true,
+            };
+            for rows in [1, 2, 3, 4, 5, 6, 7, 8, 13, 16] {
+                check(case(rows, 96, 304, true));
+            }
+            check(case(3, 7, 16, false));
+            check(case(1, 1030, 48, true)); // one-row steps: four panels, then the rest one by one
+            check(case(40, 600, 64, true)); // several chunks of `in`
+            check(case(203, 130, 32, false));
+            check(case(2, 64, 1008, true)); // columns in chunks the threads claim
         }
-        check(case(3, 7, 16, false));
-        check(case(1, 1030, 48, true)); // one-row steps: four panels, then the rest one by one
-        check(case(40, 600, 64, true)); // several chunks of `in`
-        check(case(203, 130, 32, false));
-        check(case(2, 64, 1008, true)); // columns in chunks the threads claim
     }
 
     /// Panels hold the weight exactly and refuse what they cannot hold, naming it.
     #[test]
     fn panels_round_trip_and_refuse_odd_shapes() {
-        let weight = Tensor::randn([48, 37], (Kind::Float, Device::Cpu));
-        let panels = pack_panels(&weight).unwrap();
-        assert_eq!(panels.size(), [3, 37, 16]);
-        assert!(is_panels(&panels) && !is_panels(&weight));
-        assert!(unpack_panels(&panels).unwrap().equal(&weight));
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let weight = Tensor::randn([48, 37], (Kind::Float, Device::Cpu)).to_kind(kind);
+            let panels = pack_panels(&weight).unwrap();
+            assert_eq!((panels.size(), panels.kind()), (vec![3, 37, 16], kind));
+            assert!(is_panels(&panels) && !is_panels(&weight));
+            assert!(unpack_panels(&panels).unwrap().equal(&weight));
+        }
         let odd = pack_panels(&Tensor::randn([40, 8], (Kind::Float, Device::Cpu))).unwrap_err().to_string();
         assert!(odd.contains("[40, 8]") && odd.contains("multiples of 16"), "{odd}");
-        let narrow = Tensor::randn([16, 8], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
-        let error = pack_panels(&narrow).unwrap_err().to_string();
-        assert!(error.contains("BFloat16"), "{error}");
-        assert!(unpack_panels(&weight).unwrap_err().to_string().contains("not fp32 panels"));
+        let half = Tensor::randn([16, 8], (Kind::Float, Device::Cpu)).to_kind(Kind::Half);
+        let error = pack_panels(&half).unwrap_err().to_string();
+        assert!(error.contains("Half"), "{error}");
+        let weight = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
+        assert!(unpack_panels(&weight).unwrap_err().to_string().contains("not panels"));
     }
 
     /// fp32 inputs meet bf16 weights rounded as `to_kind(BFloat16)` rounds them (to nearest, ties to

@@ -681,21 +681,22 @@ impl GptBigCode {
         Ok(())
     }
 
-    /// Packs the fp32 dense layers whose shapes [`kernels::calibrate`] measured faster in panels
+    /// Packs the fp32 or bf16 dense layers whose shapes [`kernels::calibrate`] measured faster in panels
     /// ([`kernels::linear::pack_panels`]), for inference on this CPU; returns how many it packed. The
     /// head stays as it is (tied, it is the token table too).
     pub fn pack_panels(&mut self) -> Result<usize> {
         self.pack_panels_where(kernels::calibrate::takes_panels)
     }
 
-    /// [`pack_panels`](Self::pack_panels) for the fp32 dense layers `take` picks among those whose
+    /// [`pack_panels`](Self::pack_panels) for the fp32 or bf16 dense layers `take` picks among those whose
     /// outputs are a multiple of 16.
     pub fn pack_panels_where(&mut self, take: impl Fn(&Tensor) -> bool) -> Result<usize> {
         let mut packed = 0;
         tch::no_grad(|| -> Result<()> {
             for linear in self.blocks.iter_mut().flat_map(Block::linears_mut) {
                 let weight = &linear.weight;
-                let fits = weight.kind() == Kind::Float && weight.dim() == 2 && weight.size()[0] % 16 == 0;
+                let dense = matches!(weight.kind(), Kind::Float | Kind::BFloat16);
+                let fits = dense && weight.dim() == 2 && weight.size()[0] % 16 == 0;
                 if linear.quantized.is_none() && fits && take(weight) {
                     let panels =
                         kernels::linear::pack_panels(&linear.weight).map_err(|e| ModelError::Invalid(e.to_string()))?;
