@@ -157,7 +157,10 @@ fn print_text(
     }
     println!("threads         {} intra-op, {} inter-op", info.intra_op_threads, info.inter_op_threads);
     let kernel = if kernels::linear::few_row_kernel_available() {
-        format!("wizard's dense kernel (fp32, {})", kernels::linear::bf16_kernel().describe())
+        format!(
+            "wizard's dense kernel (fp32, {}; or fp32/bf16 panels, per shape as timed at load)",
+            kernels::linear::bf16_kernel().describe()
+        )
     } else {
         "BLAS (no AVX2)".to_string()
     };

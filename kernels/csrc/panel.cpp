@@ -1,10 +1,10 @@
 // fp32 or bf16 weights in panels of 16 outputs, [out / 16][in][16], and `x @ w^T + b` over them for
-// fp32 rows (AVX2 with FMA; bf16 widened as it is read). The row kernel (linear_kernel.h) sums each output along `in` in vector lanes, so every
-// multiply-add needs an input vector and a weight vector, and past a few rows the inputs come from
-// L2; here each step broadcasts one input value against 16 outputs' weights (an outer product), so
-// a tile of 6 rows does 12 multiply-adds per 2 weight loads and 6 broadcasts, from L1: prefill ran
-// at 1.3x the row kernel's rate on an AVX2 EPYC. Which layout a shape takes is measured at load
-// (kernels::calibrate).
+// fp32 rows (AVX2 with FMA; bf16 widened as it is read). The row kernel (linear_kernel.h) sums each
+// output along `in` in vector lanes, so every multiply-add needs an input vector and a weight
+// vector, and past a few rows the inputs come from L2; here each step broadcasts one input value
+// against 16 outputs' weights (an outer product), so a tile of 6 rows does 12 multiply-adds per 2
+// weight loads and 6 broadcasts, from L1: prefill ran at 1.3x the row kernel's rate on an AVX2 EPYC.
+// Which layout a shape takes is measured at load (kernels::calibrate).
 //
 // Every output is one lane's chain y = fma(x[k], w[k], y) for k = 0, 1, ... in order, then + bias:
 // the same bits whatever the row count, the tiles or the thread split.
@@ -34,7 +34,7 @@ constexpr int64_t kChunk = 256;
 constexpr int kTileRows = 6;
 // Panels a one-row step takes at once: 8 accumulators, so the multiply-adds' latency is hidden.
 constexpr int kOneRowPanels = 4;
-// How far ahead of the chunk being read the first tile prefetches (floats: 16 steps).
+// How far ahead of the chunk being read the first tile prefetches, in fp32 values (1 KiB).
 constexpr int64_t kLead = 256;
 
 // Output order of a bf16 step's stored values (its own inverse).
