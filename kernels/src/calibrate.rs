@@ -100,9 +100,9 @@ pub fn takes_panels(weight: &Tensor) -> bool {
         }
 }
 
-/// Decides the product for each fp32 CPU weight in `weights` (one per distinct shape is enough),
-/// timing it on the weight itself unless `cache` (a file; created if missing) already holds this
-/// machine's timings for the shape. The decisions hold for the rest of the process.
+/// Decides the product for each fp32 or bf16 CPU weight in `weights` (one per distinct dtype and shape
+/// is enough), timing it on the weight itself unless `cache` (a file; created if missing) already
+/// holds this machine's timings for the shape. The decisions hold for the rest of the process.
 pub fn calibrate(weights: &[&Tensor], cache: Option<&Path>) -> Vec<Measurement> {
     let machine = machine_key();
     let mut known = cache.map(|path| read_cache(path, &machine)).unwrap_or_default();
