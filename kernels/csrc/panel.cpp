@@ -149,7 +149,7 @@ at::Tensor unpack(const at::Tensor& panels) {
   return panels.index_select(2, step_order(panels.scalar_type())).transpose(1, 2).reshape({out, in});
 }
 
-// The product over `panels`' values as `W` (float, or bf16's bits).
+// `panels`' values as the kernel reads them: floats, or bf16's bits.
 template <typename W>
 const W* values_of(const at::Tensor& panels) {
   if constexpr (std::is_same_v<W, float>) {
