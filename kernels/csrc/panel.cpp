@@ -63,12 +63,12 @@ inline void tile(const float* x, int64_t in, const W* panels, int64_t k0, int64_
   __m256 acc[R][2 * P];
   _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
       _Pragma("GCC unroll 8") for (int v = 0; v < 2 * P; v++) acc[r][v] = _mm256_loadu_ps(acc_rows + r * stride + 8 * v);
-  const int64_t lead = prefetch ? kLead * 4 / sizeof(W) : 0;
+  constexpr int64_t lead = kLead * 4 / sizeof(W);
   for (int64_t k = k0; k < k1; k++) {
     __m256 w[2 * P];
     _Pragma("GCC unroll 8") for (int p = 0; p < P; p++) {
       const W* step = panels + p * in * kPanel + k * kPanel;
-      _mm_prefetch(reinterpret_cast<const char*>(step + lead), _MM_HINT_T0);
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(step + lead), _MM_HINT_T0);
       load_step(step, w[2 * p], w[2 * p + 1]);
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {

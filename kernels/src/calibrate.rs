@@ -50,7 +50,8 @@ pub struct Measurement {
     pub shape: (i64, i64),
     /// The kernel's time per call at 1, 16 and 128 rows.
     pub kernel_us: [f64; 3],
-    /// `at::linear`'s time per call at 1, 16 and 128 rows.
+    /// `at::linear`'s time per call at 1 and 16 rows, what its rule reads (infinite at 128, and for
+    /// bf16 weights, which it does not multiply under fp32 activations).
     pub libtorch_us: [f64; 3],
     /// The panel kernel's time per call at 1, 16 and 128 rows (infinite where it cannot run).
     pub panels_us: [f64; 3],
@@ -65,6 +66,12 @@ type Shape = (bool, i64, i64);
 
 fn shape_of(kind: Kind, out: i64, in_features: i64) -> Shape {
     (kind == Kind::BFloat16, out, in_features)
+}
+
+impl Measurement {
+    fn key(&self) -> Shape {
+        shape_of(self.kind, self.shape.0, self.shape.1)
+    }
 }
 
 /// Choices made in this process, by weight dtype and shape.
@@ -116,7 +123,7 @@ pub fn calibrate(weights: &[&Tensor], cache: Option<&Path>) -> Vec<Measurement> 
             continue;
         }
         let shape = shape_of(kind, out, in_features);
-        if measurements.iter().any(|m| shape_of(m.kind, m.shape.0, m.shape.1) == shape) {
+        if measurements.iter().any(|m| m.key() == shape) {
             continue;
         }
         let measurement = match known.remove(&shape) {
@@ -401,14 +408,15 @@ fn measure(weight: &Tensor) -> Measurement {
     let [out, in_features] = weight.size()[..] else { unreachable!("checked by the caller") };
     let _guard = tch::no_grad_guard();
     let mut kernel_us = [0.0; 3];
-    // libtorch multiplies one dtype: bf16 weights under fp32 activations are not for it.
     let mut libtorch_us = [f64::INFINITY; 3];
     let mut panels_us = [f64::INFINITY; 3];
     let panels = crate::linear::pack_panels(weight).ok().filter(|_| crate::linear::few_row_kernel_available());
     for (i, rows) in ROWS.into_iter().enumerate() {
         let x = Tensor::randn([rows, in_features], (Kind::Float, tch::Device::Cpu));
         kernel_us[i] = best_us(|| drop(crate::linear::kernel_linear(&x, weight, None)));
-        if weight.kind() == Kind::Float {
+        // libtorch's rule reads a step and a batch; it multiplies one dtype, so not bf16 weights
+        // under fp32 activations.
+        if weight.kind() == Kind::Float && rows < ROWS[2] {
             libtorch_us[i] = best_us(|| drop(x.linear::<Tensor>(weight, None)));
         }
         if let Some(panels) = &panels {
@@ -529,7 +537,7 @@ fn read_cache(path: &Path, machine: &str) -> HashMap<Shape, Measurement> {
             })
         })();
         if let Some(measurement) = parsed {
-            known.insert(shape_of(measurement.kind, measurement.shape.0, measurement.shape.1), measurement);
+            known.insert(measurement.key(), measurement);
         }
     }
     known
@@ -577,6 +585,7 @@ mod tests {
         let first = calibrate(&refs, Some(&cache));
         assert_eq!(first.len(), 3, "one measurement per distinct dtype and shape");
         assert!(first.iter().all(|m| !m.cached && m.kernel_us.iter().chain(&m.libtorch_us).all(|t| *t > 0.0)));
+        assert!(first[..2].iter().all(|m| m.libtorch_us[..2].iter().all(|t| t.is_finite())), "{first:?}");
         assert!(first[2].kind == Kind::BFloat16 && first[2].libtorch_us.iter().all(|t| t.is_infinite()));
         // Panels are timed where the kernel runs.
         let timed = |m: &Measurement| m.panels_us.iter().all(|t| t.is_finite() && *t > 0.0);
