@@ -35,18 +35,44 @@ pub fn checked_device(text: &str) -> anyhow::Result<Device> {
     Ok(device)
 }
 
-/// `--dtype` of the weights: as given (`int8` and `int4` on the CPU only), else bf16 on a GPU and fp32
-/// on the CPU.
-pub fn weight_precision(dtype: Option<&str>, device: Device) -> anyhow::Result<Precision> {
-    let precision = match dtype {
-        Some(text) => parse_precision(text)?,
-        None if device.is_cuda() => Precision::Dense(Kind::BFloat16),
-        None => Precision::Dense(Kind::Float),
-    };
-    if let (Precision::Quantized(format), true) = (precision, device.is_cuda()) {
-        bail!("--dtype {} runs on the CPU; on a GPU use bfloat16", format.name());
+/// `--dtype` of the weights of the model in `dir`: as given (`int8` and `int4` on the CPU only), else
+/// the format a quantized directory holds, bf16 on a GPU, fp32 on the CPU.
+pub fn weight_precision(dtype: Option<&str>, device: Device, dir: &Path) -> anyhow::Result<Precision> {
+    if let Some(text) = dtype {
+        let precision = parse_precision(text)?;
+        if let (Precision::Quantized(format), true) = (precision, device.is_cuda()) {
+            bail!("--dtype {} runs on the CPU; on a GPU use bfloat16", format.name());
+        }
+        return Ok(precision);
     }
-    Ok(precision)
+    match stored_precision(dir)? {
+        Some(Precision::Quantized(format)) if device.is_cuda() => {
+            bail!("{} holds {} weights, which run on the CPU: use --device cpu", dir.display(), format.name())
+        }
+        Some(stored) => Ok(stored),
+        None if device.is_cuda() => Ok(Precision::Dense(Kind::BFloat16)),
+        None => Ok(Precision::Dense(Kind::Float)),
+    }
+}
+
+/// The draft's weights: `dtype` (`--draft-dtype`, else `--dtype`) as given, else what a quantized
+/// draft directory holds, else the target's precision.
+pub fn draft_precision(
+    dtype: Option<&str>,
+    device: Device,
+    dir: Option<&Path>,
+    target: Precision,
+) -> anyhow::Result<Precision> {
+    match (dtype, dir) {
+        (None, Some(dir)) if stored_precision(dir)?.is_none() => Ok(target),
+        (_, Some(dir)) => weight_precision(dtype, device, dir),
+        (Some(_), None) => weight_precision(dtype, device, Path::new("")),
+        (None, None) => Ok(target),
+    }
+}
+
+fn stored_precision(dir: &Path) -> anyhow::Result<Option<Precision>> {
+    GptBigCode::stored_precision(dir).with_context(|| format!("cannot load the model in {}", dir.display()))
 }
 
 /// Loads a model directory in `precision`, with a progress bar while layers are quantized.

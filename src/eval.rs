@@ -111,7 +111,7 @@ pub struct RunArgs {
     /// `cpu`, `cuda`, `cuda:N`, or `auto`.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (CPU) (default: bfloat16 on GPU, float32 on CPU).
+    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (CPU) (default: what a directory from `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
     /// Also print one line per problem.
@@ -340,7 +340,7 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     let device = checked_device(&args.device)?;
-    let precision = weight_precision(args.dtype.as_deref(), device)?;
+    let precision = weight_precision(args.dtype.as_deref(), device, &args.model)?;
     // libtorch keeps the setting per thread: here, and again on the engine's thread.
     let threads = args.threads.map(|n| n as i32);
     if let Some(threads) = threads {

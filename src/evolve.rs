@@ -131,7 +131,7 @@ struct RunArgs {
     /// Local backend: `cpu`, `cuda`, `cuda:N` or `auto`.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Local backend: weight dtype (default: bfloat16 on GPU, float32 on CPU).
+    /// Local backend: weight dtype (default: what a directory from `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
 }
@@ -170,7 +170,7 @@ fn benchmarks(args: &RunArgs) -> anyhow::Result<Vec<Benchmark>> {
 fn backends(args: &RunArgs) -> anyhow::Result<Backends> {
     if let Some(dir) = &args.local {
         let device = checked_device(&args.device)?;
-        let precision = weight_precision(args.dtype.as_deref(), device)?;
+        let precision = weight_precision(args.dtype.as_deref(), device, dir)?;
         let config = LocalConfig { dir: dir.clone(), device, precision, max_new_tokens: args.max_tokens as usize };
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::start(config)?);
         return Ok(Backends { evolver: backend.clone(), responder: backend });

@@ -11,7 +11,7 @@ use model::speculative::{Drafter, SpeculativeConfig, MAX_GAMMA};
 use model::tokenizer::Tokenizer;
 use tch::{Kind, Tensor};
 
-use crate::device::{checked_device, load_model, weight_precision};
+use crate::device::{checked_device, draft_precision, load_model, weight_precision};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,14 +45,14 @@ pub struct Args {
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (default: bfloat16 on GPU, float32 on CPU).
+    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (default: what a directory from `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
     /// Speculative decoding with this smaller model (same tokenizer) as the drafter; `--model`'s own
     /// directory with `--draft-dtype int8` (or int4) is self-speculation (the quantized copy drafts).
     #[arg(long, value_name = "DIR", conflicts_with = "prompt_lookup")]
     draft: Option<PathBuf>,
-    /// The drafter's weight dtype (default: the target's).
+    /// The drafter's weight dtype (default: what a quantized draft directory holds, else the target's).
     #[arg(long, requires = "draft")]
     draft_dtype: Option<String>,
     /// Speculative decoding with drafts looked up in the prompt (n-gram match).
@@ -78,7 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     sampling.validate()?;
     let device = checked_device(&args.device)?;
-    let precision = weight_precision(args.dtype.as_deref(), device)?;
+    let precision = weight_precision(args.dtype.as_deref(), device, &args.model)?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     let model = load_model(&args.model, precision, device)?;
     if tracing::enabled!(tracing::Level::INFO) {
@@ -93,8 +93,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         eos_token_id: model.config().eos_token_id.or(Some(i64::from(tokenizer.eos_id()))),
     };
     let completion = if args.draft.is_some() || args.prompt_lookup {
-        // The draft's weights default to the target's.
-        let draft_precision = weight_precision(args.draft_dtype.as_deref().or(args.dtype.as_deref()), device)?;
+        let draft_precision = draft_precision(
+            args.draft_dtype.as_deref().or(args.dtype.as_deref()),
+            device,
+            args.draft.as_deref(),
+            precision,
+        )?;
         let draft = args.draft.as_ref().map(|dir| load_model(dir, draft_precision, device)).transpose()?;
         let drafter = match &draft {
             Some(model) => Drafter::Model(model),

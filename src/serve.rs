@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use tch::Device;
 
-use crate::device::{parse_device, weight_precision};
+use crate::device::{draft_precision, parse_device, weight_precision};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,7 +17,7 @@ pub struct Args {
     /// come from prompt lookup in the document).
     #[arg(long, value_name = "DIR")]
     draft: Option<PathBuf>,
-    /// Weight dtype of the draft (default: --dtype). `--draft` naming the model's own directory with
+    /// Weight dtype of the draft (default: --dtype, else what a quantized draft directory holds, else the target's). `--draft` naming the model's own directory with
     /// `--draft-dtype int8` (or int4) is self-speculation: the quantized copy drafts over the target's cache.
     #[arg(long, requires = "draft")]
     draft_dtype: Option<String>,
@@ -27,7 +27,7 @@ pub struct Args {
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (default: bfloat16 on GPU, float32 on CPU).
+    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (default: what a directory from `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
     /// Most tokens per completion (clients can change it through initializationOptions).
@@ -95,8 +95,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// The models to load, in the weight formats `--dtype` and `--draft-dtype` name for `device`.
 fn model_paths(args: &Args, device: Device, threads: usize) -> anyhow::Result<lsp::ModelPaths> {
-    let precision = weight_precision(args.dtype.as_deref(), device)?;
-    let draft_precision = weight_precision(args.draft_dtype.as_deref().or(args.dtype.as_deref()), device)?;
+    let precision = weight_precision(args.dtype.as_deref(), device, &args.model)?;
+    let draft_precision = draft_precision(
+        args.draft_dtype.as_deref().or(args.dtype.as_deref()),
+        device,
+        args.draft.as_deref(),
+        precision,
+    )?;
     Ok(lsp::ModelPaths {
         model: args.model.clone(),
         draft: args.draft.clone(),

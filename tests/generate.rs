@@ -218,7 +218,8 @@ fn bad_sampling_is_refused_on_every_path() {
 }
 
 /// `wizard quantize` writes an int8 or int4 directory, with each layer's error, that generates what
-/// quantizing at load generates; a directory is loaded in its own format only, and quantize writes
+/// quantizing at load generates; a directory is loaded in its own format only (the default without
+/// `--dtype`), and quantize writes
 /// quantized formats only.
 #[test]
 fn quantized_directories_generate_as_quantizing_at_load_does() {
@@ -243,6 +244,10 @@ fn quantized_directories_generate_as_quantizing_at_load_does() {
         let mut command = common::wizard_command(&["generate", "--model"]);
         let saved = command.arg(&out).args(args).output().unwrap();
         assert_eq!(stdout_of(&saved, format), at_load, "{format}");
+        // Without --dtype the directory loads in the format it holds.
+        let mut command = common::wizard_command(&["generate", "--model"]);
+        let own = command.arg(&out).args(&args[..4]).output().unwrap();
+        assert_eq!(stdout_of(&own, format), at_load, "{format} without --dtype");
         let mut command = common::wizard_command(&["generate", "--model"]);
         let wrong = command.arg(&out).args(["--prompt", PROMPT, "--dtype", other]).output().unwrap();
         check_failure(&wrong, other, &[&format!("holds {format} weights"), &format!("--dtype {format}")]);

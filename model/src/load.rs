@@ -56,6 +56,13 @@ fn is_ignored_buffer(name: &str) -> bool {
 }
 
 impl GptBigCode {
+    /// The precision `dir`'s weights are stored in when `wizard quantize` wrote it (int8 or int4),
+    /// else None; what a command loads when no `--dtype` is given. A quantization that is not ours
+    /// is refused, naming the field.
+    pub fn stored_precision(dir: &Path) -> Result<Option<Precision>> {
+        Ok(directory_format(dir)?.map(Precision::Quantized))
+    }
+
     /// Loads a Hugging Face model directory (`config.json` + safetensors) in `kind` on `device`.
     /// Tensors are read one at a time straight into the weights.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<GptBigCode> {
@@ -245,7 +252,7 @@ impl GptBigCode {
             if let Some(stored) = model.quantized_format().filter(|&f| precision != Precision::Quantized(f)) {
                 let name = stored.name();
                 return Err(ModelError::Invalid(format!(
-                    "{} holds {name} weights (from `wizard quantize`): load it with --dtype {name}",
+                    "{} holds {name} weights (from `wizard quantize`): load it with --dtype {name}, or without --dtype",
                     dir.display()
                 )));
             }
