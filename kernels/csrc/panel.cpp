@@ -32,6 +32,10 @@ constexpr int64_t kPanel = 16;
 constexpr int64_t kChunk = 256;
 // Rows per tile: 12 accumulators, 2 weight vectors and a broadcast of the 16 registers.
 constexpr int kTileRows = 6;
+// Rows up to which a tile takes two panels at once: fp32 up to 16 accumulators; bf16, which needs
+// registers to widen, only 2 rows (3 and 4 spilled and took twice as long).
+template <typename W>
+constexpr int64_t kPairedRows = std::is_same_v<W, float> ? 4 : 2;
 // Panels a one-row step takes at once: 8 accumulators, so the multiply-adds' latency is hidden.
 constexpr int kOneRowPanels = 4;
 // How far ahead of the chunk being read the first tile prefetches, in fp32 values (1 KiB).
@@ -93,6 +97,17 @@ void row_tile(int rows, const float* x, int64_t in, const W* panel, int64_t k0, 
   }
 }
 
+// 2 to 4 rows times two panels.
+template <typename W>
+void paired_tile(int rows, const float* x, int64_t in, const W* panels, int64_t k0, int64_t k1, float* acc_rows,
+                 int64_t stride) {
+  switch (rows) {
+    case 2: return tile<2, 2>(x, in, panels, k0, k1, acc_rows, stride, true);
+    case 3: return tile<3, 2>(x, in, panels, k0, k1, acc_rows, stride, true);
+    default: return tile<4, 2>(x, in, panels, k0, k1, acc_rows, stride, true);
+  }
+}
+
 void add_bias(const float* bias, float* y, int64_t rows, int64_t out, int64_t begin, int64_t end) {
   if (!bias) return;
   for (int64_t r = 0; r < rows; r++)
@@ -110,6 +125,16 @@ void rows_times_panels(const float* x, int64_t rows, const W* panels, const floa
     for (; j + kOneRowPanels * kPanel <= end; j += kOneRowPanels * kPanel)
       tile<1, kOneRowPanels>(x, in, panels + j / kPanel * stride, 0, in, y + j, out, false);
     for (; j < end; j += kPanel) tile<1, 1>(x, in, panels + j / kPanel * stride, 0, in, y + j, out, false);
+    return add_bias(bias, y, rows, out, begin, end);
+  }
+  if (rows <= kPairedRows<W>) {
+    // Two panels a step: over one panel, 2 to 4 rows make too few multiply-add chains (or one
+    // stream too few) to keep up with memory, and verifying 3 positions cost 1.4 decode steps.
+    int64_t j = begin;
+    for (; j + 2 * kPanel <= end; j += 2 * kPanel)
+      paired_tile(static_cast<int>(rows), x, in, panels + j / kPanel * stride, 0, in, y + j, out);
+    for (; j < end; j += kPanel)
+      row_tile(static_cast<int>(rows), x, in, panels + j / kPanel * stride, 0, in, y + j, out, true);
     return add_bias(bias, y, rows, out, begin, end);
   }
   // Rows in tiles of at most 6, as even as they come (7 rows: 3 and 4).
