@@ -39,11 +39,7 @@ pub fn checked_device(text: &str) -> anyhow::Result<Device> {
 /// the format a quantized directory holds, bf16 on a GPU, fp32 on the CPU.
 pub fn weight_precision(dtype: Option<&str>, device: Device, dir: &Path) -> anyhow::Result<Precision> {
     if let Some(text) = dtype {
-        let precision = parse_precision(text)?;
-        if let (Precision::Quantized(format), true) = (precision, device.is_cuda()) {
-            bail!("--dtype {} runs on the CPU; on a GPU use bfloat16", format.name());
-        }
-        return Ok(precision);
+        return given_precision(text, device);
     }
     match stored_precision(dir)? {
         Some(Precision::Quantized(format)) if device.is_cuda() => {
@@ -64,11 +60,19 @@ pub fn draft_precision(
     target: Precision,
 ) -> anyhow::Result<Precision> {
     match (dtype, dir) {
-        (None, Some(dir)) if stored_precision(dir)?.is_none() => Ok(target),
-        (_, Some(dir)) => weight_precision(dtype, device, dir),
-        (Some(_), None) => weight_precision(dtype, device, Path::new("")),
-        (None, None) => Ok(target),
+        (Some(text), _) => given_precision(text, device),
+        (None, Some(dir)) if stored_precision(dir)?.is_some() => weight_precision(None, device, dir),
+        (None, _) => Ok(target),
     }
+}
+
+/// A `--dtype` as given, refused where it cannot run.
+fn given_precision(text: &str, device: Device) -> anyhow::Result<Precision> {
+    let precision = parse_precision(text)?;
+    if let (Precision::Quantized(format), true) = (precision, device.is_cuda()) {
+        bail!("--dtype {} runs on the CPU; on a GPU use bfloat16", format.name());
+    }
+    Ok(precision)
 }
 
 fn stored_precision(dir: &Path) -> anyhow::Result<Option<Precision>> {

@@ -111,7 +111,8 @@ pub struct RunArgs {
     /// `cpu`, `cuda`, `cuda:N`, or `auto`.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (CPU) (default: what a directory from `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
+    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (CPU) (default: what a directory from
+    /// `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
     /// Also print one line per problem.

@@ -131,7 +131,8 @@ struct RunArgs {
     /// Local backend: `cpu`, `cuda`, `cuda:N` or `auto`.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Local backend: weight dtype (default: what a directory from `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
+    /// Local backend: weight dtype (default: what a directory from `wizard quantize` holds, else
+    /// bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
 }

@@ -45,7 +45,8 @@ pub struct Args {
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (default: what a directory from `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
+    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (default: what a directory from
+    /// `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
     /// Speculative decoding with this smaller model (same tokenizer) as the drafter; `--model`'s own

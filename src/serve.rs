@@ -17,8 +17,9 @@ pub struct Args {
     /// come from prompt lookup in the document).
     #[arg(long, value_name = "DIR")]
     draft: Option<PathBuf>,
-    /// Weight dtype of the draft (default: --dtype, else what a quantized draft directory holds, else the target's). `--draft` naming the model's own directory with
-    /// `--draft-dtype int8` (or int4) is self-speculation: the quantized copy drafts over the target's cache.
+    /// Weight dtype of the draft (default: --dtype, else what a quantized draft directory holds, else
+    /// the target's). `--draft` naming the model's own directory with `--draft-dtype int8` (or int4)
+    /// is self-speculation: the quantized copy drafts over the target's cache.
     #[arg(long, requires = "draft")]
     draft_dtype: Option<String>,
     /// Serve over TCP on 127.0.0.1:PORT instead of stdio.
@@ -27,7 +28,8 @@ pub struct Args {
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (default: what a directory from `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
+    /// Weight dtype: float32, bfloat16, float16, int8 or int4 (default: what a directory from
+    /// `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
     /// Most tokens per completion (clients can change it through initializationOptions).

@@ -248,6 +248,10 @@ fn quantized_directories_generate_as_quantizing_at_load_does() {
         let mut command = common::wizard_command(&["generate", "--model"]);
         let own = command.arg(&out).args(&args[..4]).output().unwrap();
         assert_eq!(stdout_of(&own, format), at_load, "{format} without --dtype");
+        // As a draft it drafts in that format too; the output stays the fp32 target's.
+        let mut command = common::wizard_command(&["generate", "--model", model, "--draft"]);
+        let drafted = command.arg(&out).args(&args[..4]).output().unwrap();
+        assert_eq!(stdout_of(&drafted, format), check(&args[..4]), "{format} drafting");
         let mut command = common::wizard_command(&["generate", "--model"]);
         let wrong = command.arg(&out).args(["--prompt", PROMPT, "--dtype", other]).output().unwrap();
         check_failure(&wrong, other, &[&format!("holds {format} weights"), &format!("--dtype {format}")]);
