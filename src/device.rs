@@ -41,7 +41,7 @@ pub fn weight_precision(dtype: Option<&str>, device: Device, dir: &Path) -> anyh
     if let Some(text) = dtype {
         return given_precision(text, device);
     }
-    match stored_precision(dir)? {
+    match stored_precision(dir) {
         Some(Precision::Quantized(format)) if device.is_cuda() => {
             bail!("{} holds {} weights, which run on the CPU: use --device cpu", dir.display(), format.name())
         }
@@ -61,7 +61,7 @@ pub fn draft_precision(
 ) -> anyhow::Result<Precision> {
     match (dtype, dir) {
         (Some(text), _) => given_precision(text, device),
-        (None, Some(dir)) if stored_precision(dir)?.is_some() => weight_precision(None, device, dir),
+        (None, Some(dir)) if stored_precision(dir).is_some() => weight_precision(None, device, dir),
         (None, _) => Ok(target),
     }
 }
@@ -75,8 +75,10 @@ fn given_precision(text: &str, device: Device) -> anyhow::Result<Precision> {
     Ok(precision)
 }
 
-fn stored_precision(dir: &Path) -> anyhow::Result<Option<Precision>> {
-    GptBigCode::stored_precision(dir).with_context(|| format!("cannot load the model in {}", dir.display()))
+/// What `dir` holds if `wizard quantize` wrote it; a directory that cannot say (missing, or a config
+/// in error) is taken as unquantized here, and loading it reports why, where it always has.
+fn stored_precision(dir: &Path) -> Option<Precision> {
+    GptBigCode::stored_precision(dir).ok().flatten()
 }
 
 /// Loads a model directory in `precision`, with a progress bar while layers are quantized.
