@@ -38,31 +38,40 @@ pub fn checked_device(text: &str) -> anyhow::Result<Device> {
 /// `--dtype` of the weights of the model in `dir`: as given (`int8` and `int4` on the CPU only), else
 /// the format a quantized directory holds, bf16 on a GPU, fp32 on the CPU.
 pub fn weight_precision(dtype: Option<&str>, device: Device, dir: &Path) -> anyhow::Result<Precision> {
+    let unquantized = if device.is_cuda() { Precision::Dense(Kind::BFloat16) } else { Precision::Dense(Kind::Float) };
+    precision_of(dtype, device, dir, unquantized)
+}
+
+/// The weights of the model and of its draft (`--draft`): [`weight_precision`], and for the draft
+/// `--draft-dtype`, else `--dtype`, else what a quantized draft directory holds, else the model's.
+pub fn model_and_draft_precisions(
+    dtype: Option<&str>,
+    draft_dtype: Option<&str>,
+    device: Device,
+    dir: &Path,
+    draft: Option<&Path>,
+) -> anyhow::Result<(Precision, Precision)> {
+    let precision = weight_precision(dtype, device, dir)?;
+    let draft_precision = match draft {
+        Some(draft) => precision_of(draft_dtype.or(dtype), device, draft, precision)?,
+        None => precision,
+    };
+    Ok((precision, draft_precision))
+}
+
+/// `dtype` as given, else what `dir` holds if `wizard quantize` wrote it, else `unquantized`. A
+/// directory that cannot say (missing, or a config in error) counts as unquantized here, and loading
+/// it reports why, where it always has.
+fn precision_of(dtype: Option<&str>, device: Device, dir: &Path, unquantized: Precision) -> anyhow::Result<Precision> {
     if let Some(text) = dtype {
         return given_precision(text, device);
     }
-    match stored_precision(dir) {
+    match GptBigCode::stored_precision(dir).ok().flatten() {
         Some(Precision::Quantized(format)) if device.is_cuda() => {
             bail!("{} holds {} weights, which run on the CPU: use --device cpu", dir.display(), format.name())
         }
         Some(stored) => Ok(stored),
-        None if device.is_cuda() => Ok(Precision::Dense(Kind::BFloat16)),
-        None => Ok(Precision::Dense(Kind::Float)),
-    }
-}
-
-/// The draft's weights: `dtype` (`--draft-dtype`, else `--dtype`) as given, else what a quantized
-/// draft directory holds, else the target's precision.
-pub fn draft_precision(
-    dtype: Option<&str>,
-    device: Device,
-    dir: Option<&Path>,
-    target: Precision,
-) -> anyhow::Result<Precision> {
-    match (dtype, dir) {
-        (Some(text), _) => given_precision(text, device),
-        (None, Some(dir)) if stored_precision(dir).is_some() => weight_precision(None, device, dir),
-        (None, _) => Ok(target),
+        None => Ok(unquantized),
     }
 }
 
@@ -73,12 +82,6 @@ fn given_precision(text: &str, device: Device) -> anyhow::Result<Precision> {
         bail!("--dtype {} runs on the CPU; on a GPU use bfloat16", format.name());
     }
     Ok(precision)
-}
-
-/// What `dir` holds if `wizard quantize` wrote it; a directory that cannot say (missing, or a config
-/// in error) is taken as unquantized here, and loading it reports why, where it always has.
-fn stored_precision(dir: &Path) -> Option<Precision> {
-    GptBigCode::stored_precision(dir).ok().flatten()
 }
 
 /// Loads a model directory in `precision`, with a progress bar while layers are quantized.

@@ -11,7 +11,7 @@ use model::speculative::{Drafter, SpeculativeConfig, MAX_GAMMA};
 use model::tokenizer::Tokenizer;
 use tch::{Kind, Tensor};
 
-use crate::device::{checked_device, draft_precision, load_model, weight_precision};
+use crate::device::{checked_device, load_model, model_and_draft_precisions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -79,7 +79,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     sampling.validate()?;
     let device = checked_device(&args.device)?;
-    let precision = weight_precision(args.dtype.as_deref(), device, &args.model)?;
+    let (precision, draft_precision) = model_and_draft_precisions(
+        args.dtype.as_deref(),
+        args.draft_dtype.as_deref(),
+        device,
+        &args.model,
+        args.draft.as_deref(),
+    )?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     let model = load_model(&args.model, precision, device)?;
     if tracing::enabled!(tracing::Level::INFO) {
@@ -94,12 +100,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         eos_token_id: model.config().eos_token_id.or(Some(i64::from(tokenizer.eos_id()))),
     };
     let completion = if args.draft.is_some() || args.prompt_lookup {
-        let draft_precision = draft_precision(
-            args.draft_dtype.as_deref().or(args.dtype.as_deref()),
-            device,
-            args.draft.as_deref(),
-            precision,
-        )?;
         let draft = args.draft.as_ref().map(|dir| load_model(dir, draft_precision, device)).transpose()?;
         let drafter = match &draft {
             Some(model) => Drafter::Model(model),

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use tch::Device;
 
-use crate::device::{draft_precision, parse_device, weight_precision};
+use crate::device::{model_and_draft_precisions, parse_device};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -97,12 +97,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// The models to load, in the weight formats `--dtype` and `--draft-dtype` name for `device`.
 fn model_paths(args: &Args, device: Device, threads: usize) -> anyhow::Result<lsp::ModelPaths> {
-    let precision = weight_precision(args.dtype.as_deref(), device, &args.model)?;
-    let draft_precision = draft_precision(
-        args.draft_dtype.as_deref().or(args.dtype.as_deref()),
+    let (precision, draft_precision) = model_and_draft_precisions(
+        args.dtype.as_deref(),
+        args.draft_dtype.as_deref(),
         device,
+        &args.model,
         args.draft.as_deref(),
-        precision,
     )?;
     Ok(lsp::ModelPaths {
         model: args.model.clone(),

@@ -97,14 +97,13 @@ void row_tile(int rows, const float* x, int64_t in, const W* panel, int64_t k0, 
   }
 }
 
-// 2 to 4 rows times two panels.
+// 2 to 4 rows times two panels, over every step.
 template <typename W>
-void paired_tile(int rows, const float* x, int64_t in, const W* panels, int64_t k0, int64_t k1, float* acc_rows,
-                 int64_t stride) {
+void paired_tile(int rows, const float* x, int64_t in, const W* panels, float* acc_rows, int64_t stride) {
   switch (rows) {
-    case 2: return tile<2, 2>(x, in, panels, k0, k1, acc_rows, stride, true);
-    case 3: return tile<3, 2>(x, in, panels, k0, k1, acc_rows, stride, true);
-    default: return tile<4, 2>(x, in, panels, k0, k1, acc_rows, stride, true);
+    case 2: return tile<2, 2>(x, in, panels, 0, in, acc_rows, stride, true);
+    case 3: return tile<3, 2>(x, in, panels, 0, in, acc_rows, stride, true);
+    default: return tile<4, 2>(x, in, panels, 0, in, acc_rows, stride, true);
   }
 }
 
@@ -132,7 +131,7 @@ void rows_times_panels(const float* x, int64_t rows, const W* panels, const floa
     // stream too few) to keep up with memory, and verifying 3 positions cost 1.4 decode steps.
     int64_t j = begin;
     for (; j + 2 * kPanel <= end; j += 2 * kPanel)
-      paired_tile(static_cast<int>(rows), x, in, panels + j / kPanel * stride, 0, in, y + j, out);
+      paired_tile(static_cast<int>(rows), x, in, panels + j / kPanel * stride, y + j, out);
     for (; j < end; j += kPanel)
       row_tile(static_cast<int>(rows), x, in, panels + j / kPanel * stride, 0, in, y + j, out, true);
     return add_bias(bias, y, rows, out, begin, end);
