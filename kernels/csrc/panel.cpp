@@ -36,6 +36,9 @@ constexpr int kTileRows = 6;
 // registers to widen, only 2 rows (3 and 4 spilled and took twice as long).
 template <typename W>
 constexpr int64_t kPairedRows = std::is_same_v<W, float> ? 4 : 2;
+// fp32 rows that go 4 + 3 over two panels, in chunks whose two panels' steps (16 KiB) stay in L1.
+constexpr int64_t kSplitRows = 7;
+constexpr int64_t kPairedChunk = 128;
 // Panels a one-row step takes at once: 8 accumulators, so the multiply-adds' latency is hidden.
 constexpr int kOneRowPanels = 4;
 // How far ahead of the chunk being read the first tile prefetches, in fp32 values (1 KiB).
@@ -97,13 +100,14 @@ void row_tile(int rows, const float* x, int64_t in, const W* panel, int64_t k0, 
   }
 }
 
-// 2 to 4 rows times two panels, over every step.
+// 2 to 4 rows times two panels over steps [k0, k1).
 template <typename W>
-void paired_tile(int rows, const float* x, int64_t in, const W* panels, float* acc_rows, int64_t stride) {
+void paired_tile(int rows, const float* x, int64_t in, const W* panels, int64_t k0, int64_t k1, float* acc_rows,
+                 int64_t stride, bool prefetch) {
   switch (rows) {
-    case 2: return tile<2, 2>(x, in, panels, 0, in, acc_rows, stride, true);
-    case 3: return tile<3, 2>(x, in, panels, 0, in, acc_rows, stride, true);
-    default: return tile<4, 2>(x, in, panels, 0, in, acc_rows, stride, true);
+    case 2: return tile<2, 2>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
+    case 3: return tile<3, 2>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
+    default: return tile<4, 2>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
   }
 }
 
@@ -131,12 +135,30 @@ void rows_times_panels(const float* x, int64_t rows, const W* panels, const floa
     // stream too few) to keep up with memory, and verifying 3 positions cost 1.4 decode steps.
     int64_t j = begin;
     for (; j + 2 * kPanel <= end; j += 2 * kPanel)
-      paired_tile(static_cast<int>(rows), x, in, panels + j / kPanel * stride, y + j, out);
+      paired_tile(static_cast<int>(rows), x, in, panels + j / kPanel * stride, 0, in, y + j, out, true);
     for (; j < end; j += kPanel)
       row_tile(static_cast<int>(rows), x, in, panels + j / kPanel * stride, 0, in, y + j, out, true);
     return add_bias(bias, y, rows, out, begin, end);
   }
-  // Rows in tiles of at most 6, as even as they come (7 rows: 3 and 4).
+  if (rows == kSplitRows && std::is_same_v<W, float>) {
+    // 4 + 3 rows over two panels a chunk: on one panel the 3-row tile's 6 multiply-add chains
+    // cannot hide their latency, and a 7-row pass took 15% longer.
+    int64_t j = begin;
+    for (; j + 2 * kPanel <= end; j += 2 * kPanel) {
+      const W* pair = panels + j / kPanel * stride;
+      for (int64_t k0 = 0; k0 < in; k0 += kPairedChunk) {
+        const int64_t k1 = std::min(in, k0 + kPairedChunk);
+        paired_tile(4, x, in, pair, k0, k1, y + j, out, true);
+        paired_tile(3, x + 4 * in, in, pair, k0, k1, y + 4 * out + j, out, false);
+      }
+    }
+    for (; j < end; j += kPanel) {
+      row_tile(4, x, in, panels + j / kPanel * stride, 0, in, y + j, out, true);
+      row_tile(3, x + 4 * in, in, panels + j / kPanel * stride, 0, in, y + 4 * out + j, out, true);
+    }
+    return add_bias(bias, y, rows, out, begin, end);
+  }
+  // Rows in tiles of at most 6, as even as they come (13 rows: 4, 4 and 5).
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   for (int64_t j = begin; j < end; j += kPanel) {
     const W* panel = panels + j / kPanel * stride;

@@ -265,7 +265,8 @@ mod tests {
     }
 
     /// Panels, fp32 and bf16 under fp32 rows: every row count the tiles split differently (1 to 6
-    /// rows a tile, chunks of `in`), `in` of any length, outputs that the threads claim in chunks.
+    /// rows a tile, one or two panels, chunks of `in`), `in` of any length, outputs that the
+    /// threads claim in chunks.
     #[test]
     fn panels_match_the_product_and_every_row_alone() {
         for weight_kind in [Kind::Float, Kind::BFloat16] {
@@ -285,6 +286,7 @@ mod tests {
             check(case(3, 7, 16, false));
             check(case(1, 1030, 48, true)); // one-row steps: four panels, then the rest one by one
             check(case(40, 600, 64, true)); // several chunks of `in`
+            check(case(7, 300, 48, true)); // seven rows over two panels in chunks of `in`, then one panel
             check(case(203, 130, 32, false));
             check(case(2, 64, 1008, true)); // columns in chunks the threads claim
         }
