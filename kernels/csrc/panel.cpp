@@ -140,10 +140,10 @@ void rows_times_panels(const float* x, int64_t rows, const W* panels, const floa
       row_tile(static_cast<int>(rows), x, in, panels + j / kPanel * stride, 0, in, y + j, out, true);
     return add_bias(bias, y, rows, out, begin, end);
   }
+  int64_t j = begin;
   if (rows == kSplitRows && std::is_same_v<W, float>) {
     // 4 + 3 rows over two panels a chunk: on one panel the 3-row tile's 6 multiply-add chains
     // cannot hide their latency, and a 7-row pass took 15% longer.
-    int64_t j = begin;
     for (; j + 2 * kPanel <= end; j += 2 * kPanel) {
       const W* pair = panels + j / kPanel * stride;
       for (int64_t k0 = 0; k0 < in; k0 += kPairedChunk) {
@@ -152,15 +152,10 @@ void rows_times_panels(const float* x, int64_t rows, const W* panels, const floa
         paired_tile(3, x + 4 * in, in, pair, k0, k1, y + 4 * out + j, out, false);
       }
     }
-    for (; j < end; j += kPanel) {
-      row_tile(4, x, in, panels + j / kPanel * stride, 0, in, y + j, out, true);
-      row_tile(3, x + 4 * in, in, panels + j / kPanel * stride, 0, in, y + 4 * out + j, out, true);
-    }
-    return add_bias(bias, y, rows, out, begin, end);
   }
-  // Rows in tiles of at most 6, as even as they come (13 rows: 4, 4 and 5).
+  // Rows in tiles of at most 6, as even as they come (13 rows: 4, 4 and 5), over each panel left.
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-  for (int64_t j = begin; j < end; j += kPanel) {
+  for (; j < end; j += kPanel) {
     const W* panel = panels + j / kPanel * stride;
     for (int64_t k0 = 0; k0 < in; k0 += kChunk) {
       const int64_t k1 = std::min(in, k0 + kChunk);
