@@ -270,10 +270,11 @@ pub fn generate_in(
                 }
                 let budget = gamma.min(config.max_new_tokens - generated - 1).min(room - 1);
                 let round_started = std::time::Instant::now();
-                let draft = state.draft(drafter, budget, sampling)?;
-                let (accepted, next) = state.verify(&draft, sampling)?;
+                let draft = state.draft(drafter, budget, sampling, planner.as_ref())?;
+                let (accepted, next, target_leads) = state.verify(&draft, sampling)?;
                 if let Some(planner) = &mut planner {
                     planner.observe(draft.tokens.len(), accepted, round_started.elapsed().as_secs_f64());
+                    planner.observe_leads(&draft.leads, &target_leads);
                 }
                 let mut new = draft.tokens[..accepted].to_vec();
                 new.push(next);
@@ -304,6 +305,10 @@ struct Draft {
     tokens: Vec<i64>,
     /// `q_i` per token (warped probabilities); `None` for a point-mass draft (prompt lookup).
     probs: Option<Vec<Vec<f64>>>,
+    /// Where a planner judged the tokens: the draft model's runner-up to each, and how far the
+    /// token's logit led it (else both empty).
+    runners_up: Vec<i64>,
+    leads: Vec<f32>,
 }
 
 struct State<'m> {
@@ -320,16 +325,25 @@ impl State<'_> {
         Tensor::from_slice(ids).to_device(device).unsqueeze(0)
     }
 
-    fn draft(&mut self, drafter: &Drafter, budget: usize, sampling: &Sampling) -> Result<Draft> {
+    /// Up to `budget` draft tokens; a model drafter stops early before a token that `planner`
+    /// judges not worth drafting.
+    fn draft(
+        &mut self,
+        drafter: &Drafter,
+        budget: usize,
+        sampling: &Sampling,
+        planner: Option<&Planner>,
+    ) -> Result<Draft> {
+        let undrafted = Draft { tokens: Vec::new(), probs: None, runners_up: Vec::new(), leads: Vec::new() };
         if budget == 0 {
-            return Ok(Draft { tokens: Vec::new(), probs: None });
+            return Ok(undrafted);
         }
         match drafter {
-            Drafter::None => Ok(Draft { tokens: Vec::new(), probs: None }),
+            Drafter::None => Ok(undrafted),
             Drafter::PromptLookup { max_ngram } => {
                 let tokens = prompt_lookup(&self.seq, *max_ngram, budget);
                 self.stats.drafted += tokens.len();
-                Ok(Draft { tokens, probs: None })
+                Ok(Draft { tokens, ..undrafted })
             }
             Drafter::Model(model) => {
                 let session = &mut *self.session;
@@ -338,11 +352,20 @@ impl State<'_> {
                 let held = cache.len();
                 let mut tokens = Vec::with_capacity(budget);
                 let mut probs = Vec::with_capacity(budget);
+                let (mut runners_up, mut leads) = (Vec::new(), Vec::new());
                 let mut feed = self.seq[cache.len() as usize..].to_vec();
                 for i in 0..budget {
                     let input = Tensor::from_slice(&feed).to_device(model.device()).unsqueeze(0);
                     let logits = model.forward_next(&input, cache)?;
                     self.stats.draft_passes += 1;
+                    if let Some(planner) = planner {
+                        let (lead, runner_up) = lead(&logits)?;
+                        if !planner.worth_drafting(i, lead) {
+                            break;
+                        }
+                        leads.push(lead);
+                        runners_up.push(runner_up);
+                    }
                     // Greedy drafts need no distribution: the argmax where the logits are.
                     let token = if sampling.is_greedy() {
                         logits.argmax(-1, false).int64_value(&[0])
@@ -361,14 +384,16 @@ impl State<'_> {
                     cache.truncate(held);
                 }
                 self.stats.drafted += tokens.len();
-                Ok(Draft { tokens, probs: (!sampling.is_greedy()).then_some(probs) })
+                Ok(Draft { tokens, probs: (!sampling.is_greedy()).then_some(probs), runners_up, leads })
             }
         }
     }
 
     /// Scores the draft in one target pass; returns how many draft tokens are kept and the token
-    /// after them (the correction, or the bonus token when all are kept). Rolls the caches back.
-    fn verify(&mut self, draft: &Draft, sampling: &Sampling) -> Result<(usize, i64)> {
+    /// after them (the correction, or the bonus token when all are kept), and where the draft has
+    /// runners-up, how far the target's logit of each draft token led the runner-up's. Rolls the
+    /// caches back.
+    fn verify(&mut self, draft: &Draft, sampling: &Sampling) -> Result<(usize, i64, Vec<f32>)> {
         let base = self.seq.len();
         let mut feed = self.seq[self.session.target_cache.len() as usize..].to_vec();
         let fed_before = feed.len();
@@ -377,11 +402,22 @@ impl State<'_> {
         if draft.tokens.is_empty() && sampling.is_greedy() && fed_before == 1 {
             let logits = self.target.forward_next(&input, &mut self.session.target_cache)?;
             self.stats.target_passes += 1;
-            return Ok((0, logits.argmax(-1, false).int64_value(&[0])));
+            return Ok((0, logits.argmax(-1, false).int64_value(&[0]), Vec::new()));
         }
         let logits = self.target.forward(&input, &mut self.session.target_cache)?;
         self.stats.target_passes += 1;
         // Rows fed_before-1 .. end: p_1 .. p_{gamma+1}.
+        let target_leads = if draft.runners_up.is_empty() {
+            Vec::new()
+        } else {
+            let rows = logits.get(0).narrow(0, fed_before as i64 - 1, draft.tokens.len() as i64);
+            let pairs: Vec<i64> = draft.tokens.iter().zip(&draft.runners_up).flat_map(|(&t, &r)| [t, r]).collect();
+            let pairs = Tensor::from_slice(&pairs).view([-1, 2]).to_device(rows.device());
+            let logits = Vec::<f32>::try_from(
+                rows.gather(1, &pairs, false).to_kind(Kind::Float).to_device(Device::Cpu).view([-1]),
+            )?;
+            logits.chunks(2).map(|pair| pair[0] - pair[1]).collect()
+        };
         let (accepted, next) = if sampling.is_greedy() {
             // The target's argmax at every position, taken where the logits are (as few tensor
             // calls as a plain step makes: they weigh on small models).
@@ -400,7 +436,7 @@ impl State<'_> {
         if let Some(cache) = self.session.draft_cache.as_mut() {
             cache.truncate(keep);
         }
-        Ok((accepted, next))
+        Ok((accepted, next, target_leads))
     }
 
     /// Sampled verification: how many draft tokens the target's distributions `rows` keep, and the
@@ -471,6 +507,18 @@ pub fn prompt_lookup(seq: &[i64], max_ngram: usize, budget: usize) -> Vec<i64> {
         }
     }
     Vec::new()
+}
+
+/// How far the top logit of `logits` (one row) stands above the runner-up, and the runner-up
+/// (an infinite lead and no runner-up with one token).
+fn lead(logits: &Tensor) -> Result<(f32, i64)> {
+    let logits = logits.reshape([-1]);
+    if logits.size()[0] < 2 {
+        return Ok((f32::INFINITY, 0));
+    }
+    let (top, ids) = logits.topk(2, 0, true, true);
+    let top = Vec::<f32>::try_from(top.to_kind(Kind::Float).to_device(Device::Cpu))?;
+    Ok((top[0] - top[1], ids.int64_value(&[1])))
 }
 
 fn row(logits: &Tensor) -> Result<Vec<f32>> {
