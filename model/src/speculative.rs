@@ -358,17 +358,23 @@ impl State<'_> {
                     let input = Tensor::from_slice(&feed).to_device(model.device()).unsqueeze(0);
                     let logits = model.forward_next(&input, cache)?;
                     self.stats.draft_passes += 1;
+                    let mut top = None;
                     if let Some(planner) = planner {
-                        let (lead, runner_up) = lead(&logits)?;
-                        if !planner.worth_drafting(i, lead) {
+                        let ranked = top_two(&logits)?;
+                        if !planner.worth_drafting(i, ranked.lead) {
                             break;
                         }
-                        leads.push(lead);
-                        runners_up.push(runner_up);
+                        leads.push(ranked.lead);
+                        runners_up.push(ranked.runner_up);
+                        top = Some(ranked.top);
                     }
-                    // Greedy drafts need no distribution: the argmax where the logits are.
+                    // Greedy drafts need no distribution: the argmax where the logits are (taken
+                    // already where the planner ranked them).
                     let token = if sampling.is_greedy() {
-                        logits.argmax(-1, false).int64_value(&[0])
+                        match top {
+                            Some(top) => top,
+                            None => logits.argmax(-1, false).int64_value(&[0]),
+                        }
                     } else {
                         let q = sampling.probabilities(&row(&logits)?);
                         let token = draw(&q, &mut self.rng) as i64;
@@ -509,16 +515,24 @@ pub fn prompt_lookup(seq: &[i64], max_ngram: usize, budget: usize) -> Vec<i64> {
     Vec::new()
 }
 
-/// How far the top logit of `logits` (one row) stands above the runner-up, and the runner-up
-/// (an infinite lead and no runner-up with one token).
-fn lead(logits: &Tensor) -> Result<(f32, i64)> {
+/// A row's two most likely tokens and how far the first's logit leads the second's.
+struct TopTwo {
+    top: i64,
+    runner_up: i64,
+    lead: f32,
+}
+
+/// The [`TopTwo`] of `logits` (one row); with a single token, it leads an absent runner-up by
+/// infinity.
+fn top_two(logits: &Tensor) -> Result<TopTwo> {
     let logits = logits.reshape([-1]);
     if logits.size()[0] < 2 {
-        return Ok((f32::INFINITY, 0));
+        return Ok(TopTwo { top: 0, runner_up: 0, lead: f32::INFINITY });
     }
-    let (top, ids) = logits.topk(2, 0, true, true);
-    let top = Vec::<f32>::try_from(top.to_kind(Kind::Float).to_device(Device::Cpu))?;
-    Ok((top[0] - top[1], ids.int64_value(&[1])))
+    let (values, ids) = logits.topk(2, 0, true, true);
+    let values = Vec::<f32>::try_from(values.to_kind(Kind::Float).to_device(Device::Cpu))?;
+    let ids = Vec::<i64>::try_from(ids.to_device(Device::Cpu))?;
+    Ok(TopTwo { top: ids[0], runner_up: ids[1], lead: values[0] - values[1] })
 }
 
 fn row(logits: &Tensor) -> Result<Vec<f32>> {
