@@ -82,8 +82,10 @@ inline void rows_times_weight(const X* x, int64_t rows, const W* w, const float*
     // One row is memory-bound: whether prefetching helps the hardware prefetchers is measured per
     // machine (one_row_prefetch).
     const bool prefetch = last - first > 1 || one_row_prefetch<W>();
+    // A row at a time sums each output in the same order as a tile does.
+    const bool tiles = last - first > 1 || !one_row_stream<W>();
     int64_t j = begin;
-    for (; j + J <= end; j += J)
+    for (; tiles && j + J <= end; j += J)
       row_block<J, X, W>(x, first, last, w, bias, y, in, out, j, prefetch && j + 2 * J <= end ? w + (j + J) * in : nullptr);
     for (; j < end; j++) row_block<1, X, W>(x, first, last, w, bias, y, in, out, j, nullptr);
   }

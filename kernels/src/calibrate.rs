@@ -156,6 +156,9 @@ pub enum OneRowQuestion {
     Prefetch,
     /// Whether steps of few positions take bf16 weights on AMX tiles (on) or in dot products (off).
     AmxTiles,
+    /// Whether one-row products over fp32 or bf16 weights read the rows one after another (on) or
+    /// in tiles of several rows, prefetched as the first question decided (off).
+    Stream,
 }
 
 /// A decode step's products timed with an option on and off, for one weight format.
@@ -221,12 +224,16 @@ pub fn calibrate_one_row(
             continue;
         }
         let mut questions = vec![OneRowQuestion::Prefetch];
+        if kind != Kind::Int8 {
+            questions.push(OneRowQuestion::Stream);
+        }
         if on_tiles {
             questions.push(OneRowQuestion::AmxTiles);
         }
         for question in questions {
             let set = |on: bool| match (question, kind) {
                 (OneRowQuestion::AmxTiles, _) => crate::linear::set_few_positions_on_amx(on),
+                (OneRowQuestion::Stream, _) => crate::linear::set_one_row_stream(kind, on),
                 (_, Kind::Int8) => {
                     crate::quantized::set_prefetch_bytes(if on { crate::quantized::PREFETCH_LEAD } else { 0 })
                 }
@@ -238,8 +245,9 @@ pub fn calibrate_one_row(
             let measurement = match cached {
                 Some(cached) => cached.clone(),
                 None => {
-                    // Prefetching is a question for the dot products' loop (the tiles do not prefetch).
-                    let isa = if question == OneRowQuestion::Prefetch { Isa::Avx512 } else { Isa::FewPositions };
+                    // Prefetching and streaming are questions for the dot products' loop (the AMX
+                    // tiles do neither).
+                    let isa = if question == OneRowQuestion::AmxTiles { Isa::FewPositions } else { Isa::Avx512 };
                     let mut pass: Box<dyn FnMut()> = match kind {
                         Kind::Int8 => {
                             Box::new(one_row_products(quantized, |w| w.in_features(), crate::quantized::linear))
@@ -334,7 +342,7 @@ fn measure_both_ways(
     OneRowMeasurement { question, kind, quantized, size_mib, on_us, off_us, on: on_us < off_us, cached: false }
 }
 
-/// Lines `machine \t prefetch|amx-tiles \t dtype \t MiB \t on|off \t on µs \t off µs` (seven fields,
+/// Lines `machine \t prefetch|stream|amx-tiles \t dtype \t MiB \t on|off \t on µs \t off µs` (seven fields,
 /// which [`read_cache`] skips; dtype float32, bfloat16, int8 or int4); lines of other machines, or
 /// that do not parse, are skipped.
 fn read_one_row_cache(path: &Path, machine: &str) -> Vec<OneRowMeasurement> {
@@ -346,6 +354,7 @@ fn read_one_row_cache(path: &Path, machine: &str) -> Vec<OneRowMeasurement> {
             let question = match question {
                 "prefetch" => OneRowQuestion::Prefetch,
                 "amx-tiles" => OneRowQuestion::AmxTiles,
+                "stream" => OneRowQuestion::Stream,
                 _ => return None,
             };
             let (kind, quantized) = match kind {
@@ -386,6 +395,7 @@ fn append_one_row_cache(path: &Path, machine: &str, m: &OneRowMeasurement) -> st
     let question = match m.question {
         OneRowQuestion::Prefetch => "prefetch",
         OneRowQuestion::AmxTiles => "amx-tiles",
+        OneRowQuestion::Stream => "stream",
     };
     let choice = if m.on { "on" } else { "off" };
     append_lines(
@@ -651,10 +661,10 @@ mod tests {
         check(1, &[(15.0, 7.0)], (1, (15.0, 7.0), true));
     }
 
-    /// Prefetching is timed once per machine and model size, read back the same, and set; a
-    /// product is the same bits either way.
+    /// Prefetching and reading rows one at a time are timed once per machine and model size, read
+    /// back the same, and set; a product is the same bits either way.
     #[test]
-    fn one_row_prefetch_is_measured_once_and_changes_no_bits() {
+    fn one_row_options_are_measured_once_and_change_no_bits() {
         if !crate::linear::few_row_kernel_available() {
             return; // no dense kernel (no AVX2): nothing to prefetch for
         }
@@ -669,17 +679,22 @@ mod tests {
         .unwrap();
         let first = calibrate_one_row(&[&fp32, &bf16], &[&int8], Some(&cache));
         let amx = crate::linear::bf16_kernel() == crate::linear::Bf16Kernel::AmxTiles;
-        let kinds: Vec<Kind> = first.iter().map(|m| m.kind).collect();
-        let expected = if amx { vec![Kind::Float, Kind::Int8] } else { vec![Kind::Float, Kind::BFloat16, Kind::Int8] };
-        assert_eq!(kinds, expected);
+        let asked: Vec<(Kind, OneRowQuestion)> = first.iter().map(|m| (m.kind, m.question)).collect();
+        let mut expected = vec![(Kind::Float, OneRowQuestion::Prefetch), (Kind::Float, OneRowQuestion::Stream)];
+        if !amx {
+            expected.extend([(Kind::BFloat16, OneRowQuestion::Prefetch), (Kind::BFloat16, OneRowQuestion::Stream)]);
+        }
+        expected.push((Kind::Int8, OneRowQuestion::Prefetch));
+        assert_eq!(asked, expected);
         assert!(first.iter().all(|m| !m.cached && m.size_mib == 1 && m.on_us > 0.0 && m.off_us > 0.0), "{first:?}");
         let second = calibrate_one_row(&[&fp32, &bf16], &[&int8], Some(&cache));
         for (a, b) in first.iter().zip(&second) {
             assert!(b.cached, "{b:?}");
             assert_eq!((a.question, a.kind, a.on), (b.question, b.kind, b.on));
-            let set = match b.kind {
-                Kind::Int8 => crate::quantized::prefetch_bytes() == crate::quantized::PREFETCH_LEAD,
-                kind => crate::linear::one_row_prefetch(kind),
+            let set = match (b.kind, b.question) {
+                (Kind::Int8, _) => crate::quantized::prefetch_bytes() == crate::quantized::PREFETCH_LEAD,
+                (kind, OneRowQuestion::Stream) => crate::linear::one_row_stream(kind),
+                (kind, _) => crate::linear::one_row_prefetch(kind),
             };
             assert_eq!(set, b.on);
         }
@@ -694,14 +709,22 @@ mod tests {
                 [(Some(Format::Int4), 1, cached)]
             );
         }
-        let x = Tensor::randn([1, 64], (Kind::Float, Device::Cpu));
-        let product = |prefetch| {
-            crate::linear::set_one_row_prefetch(Kind::Float, prefetch);
+        let (x, x_narrow) =
+            (Tensor::randn([1, 64], (Kind::Float, Device::Cpu)), Tensor::randn([1, 96], (Kind::Float, Device::Cpu)));
+        let product = |prefetch, stream| {
+            for kind in [Kind::Float, Kind::BFloat16] {
+                crate::linear::set_one_row_prefetch(kind, prefetch);
+                crate::linear::set_one_row_stream(kind, stream);
+            }
             crate::quantized::set_prefetch_bytes(if prefetch { crate::quantized::PREFETCH_LEAD } else { 0 });
-            (crate::linear::kernel_linear(&x, &fp32, None), crate::quantized::linear(&x, &int8, None))
+            let fp32_rows = crate::linear::kernel_linear(&x, &fp32, None);
+            (fp32_rows, crate::linear::kernel_linear(&x_narrow, &bf16, None), crate::quantized::linear(&x, &int8, None))
         };
-        let (with, without) = (product(true), product(false));
-        assert!(with.0.equal(&without.0) && with.1.equal(&without.1));
+        let first = product(true, false);
+        for (prefetch, stream) in [(false, false), (true, true), (false, true)] {
+            let other = product(prefetch, stream);
+            assert!(first.0.equal(&other.0) && first.1.equal(&other.1) && first.2.equal(&other.2));
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

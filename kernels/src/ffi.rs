@@ -147,6 +147,7 @@ extern "C" {
     pub(crate) fn wizard_linear_kernel_available(isa: c_int) -> c_int;
     pub(crate) fn wizard_linear_bf16_kernel() -> c_int;
     pub(crate) fn wizard_linear_one_row_prefetch(bf16: c_int, on: c_int) -> c_int;
+    pub(crate) fn wizard_linear_one_row_stream(bf16: c_int, on: c_int) -> c_int;
     pub(crate) fn wizard_linear_few_positions_on_amx(on: c_int) -> c_int;
 
     // csrc/panel.cpp

@@ -114,6 +114,20 @@ pub fn set_one_row_prefetch(kind: Kind, on: bool) {
     unsafe { ffi::wizard_linear_one_row_prefetch(i32::from(kind == Kind::BFloat16), i32::from(on)) };
 }
 
+/// Whether one-row products over `kind` weights (fp32 or bf16) read the weight rows one after another
+/// rather than in tiles of several rows; [`crate::calibrate`] measures which is faster on this
+/// machine. Results are the same bits either way.
+pub fn one_row_stream(kind: Kind) -> bool {
+    // SAFETY: integers in, an integer out.
+    unsafe { ffi::wizard_linear_one_row_stream(i32::from(kind == Kind::BFloat16), -1) != 0 }
+}
+
+/// Sets [`one_row_stream`] for `kind` weights (fp32 or bf16) for the rest of the process.
+pub fn set_one_row_stream(kind: Kind, on: bool) {
+    // SAFETY: integers in, an integer out.
+    unsafe { ffi::wizard_linear_one_row_stream(i32::from(kind == Kind::BFloat16), i32::from(on)) };
+}
+
 /// Whether steps of few positions take bf16 weights on AMX tiles (where [`bf16_kernel`] is
 /// [`Bf16Kernel::AmxTiles`]) rather than in dot products; [`crate::calibrate`] measures which is
 /// faster on this machine. Longer steps take the tiles.
