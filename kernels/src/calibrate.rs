@@ -21,13 +21,26 @@ use crate::quantized::{Format, QuantizedWeight};
 
 /// How much faster libtorch must be, at both row counts, to be chosen.
 const LIBTORCH_MARGIN: f64 = 1.1;
-/// The row counts timed: a decode step, a full batch and a prefill chunk.
-const ROWS: [i64; 3] = [1, 16, 128];
+/// The row counts timed: a decode step, a verification pass of 6 drafted tokens, a full batch and a
+/// prefill chunk.
+const ROWS: [i64; 4] = [1, 7, 16, 128];
+const STEP: usize = 0;
+const VERIFY: usize = 1;
+const BATCH: usize = 2;
+const PREFILL: usize = 3;
+/// µs per call at each of [`ROWS`].
+pub type Times = [f64; 4];
 /// How much faster panels must be for a prefill chunk to be chosen...
 const PANELS_PREFILL_GAIN: f64 = 1.05;
 /// ...and how much slower they may be for a decode step and for a full batch (one 1B shape timed
 /// panels 1.28x faster at 128 rows, 1.13x at one row and 1.06x slower at 16: a trade worth taking).
-const PANELS_STEP_SLACK: [f64; 2] = [1.05, 1.1];
+const PANELS_STEP_SLACK: f64 = 1.05;
+const PANELS_BATCH_SLACK: f64 = 1.1;
+/// Or how much faster panels must be for a verification pass, a step not slower, to be chosen even
+/// where a batch and a prefill chunk lose a little (AVX-512 panels on a Zen 4 EPYC: 7 rows of 1B's
+/// shapes in about one step's time, where the row kernel took 1.5 steps; 16 and 128 rows 1-10% slower).
+const PANELS_VERIFY_GAIN: f64 = 1.1;
+const PANELS_VERIFY_SLACK: [f64; 2] = [1.15, 1.1];
 
 /// The product a dense shape takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,20 +54,20 @@ pub enum Choice {
     Panels,
 }
 
-/// One shape's timings (µs per call at 1, 16 and 128 rows) and the choice they made.
+/// One shape's timings (µs per call at 1, 7, 16 and 128 rows) and the choice they made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Measurement {
     /// The weight's dtype: fp32, or bf16 (under fp32 activations; libtorch is not timed for it).
     pub kind: Kind,
     /// `[out, in]` of the weight.
     pub shape: (i64, i64),
-    /// The kernel's time per call at 1, 16 and 128 rows.
-    pub kernel_us: [f64; 3],
-    /// `at::linear`'s time per call at 1 and 16 rows, what its rule reads (infinite at 128, and for
-    /// bf16 weights, which it does not multiply under fp32 activations).
-    pub libtorch_us: [f64; 3],
-    /// The panel kernel's time per call at 1, 16 and 128 rows (infinite where it cannot run).
-    pub panels_us: [f64; 3],
+    /// The kernel's time per call at 1, 7, 16 and 128 rows.
+    pub kernel_us: Times,
+    /// `at::linear`'s time per call at 1 and 16 rows, what its rule reads (infinite at 7 and 128,
+    /// and for bf16 weights, which it does not multiply under fp32 activations).
+    pub libtorch_us: Times,
+    /// The panel kernel's time per call at 1, 7, 16 and 128 rows (infinite where it cannot run).
+    pub panels_us: Times,
     /// What the timings chose.
     pub choice: Choice,
     /// Whether the timings came from the cache file rather than this process.
@@ -417,16 +430,16 @@ pub fn default_cache_file() -> Option<PathBuf> {
 fn measure(weight: &Tensor) -> Measurement {
     let [out, in_features] = weight.size()[..] else { unreachable!("checked by the caller") };
     let _guard = tch::no_grad_guard();
-    let mut kernel_us = [0.0; 3];
-    let mut libtorch_us = [f64::INFINITY; 3];
-    let mut panels_us = [f64::INFINITY; 3];
+    let mut kernel_us = [0.0; ROWS.len()];
+    let mut libtorch_us = [f64::INFINITY; ROWS.len()];
+    let mut panels_us = [f64::INFINITY; ROWS.len()];
     let panels = crate::linear::pack_panels(weight).ok().filter(|_| crate::linear::few_row_kernel_available());
     for (i, rows) in ROWS.into_iter().enumerate() {
         let x = Tensor::randn([rows, in_features], (Kind::Float, tch::Device::Cpu));
         kernel_us[i] = best_us(|| drop(crate::linear::kernel_linear(&x, weight, None)));
         // libtorch's rule reads a step and a batch; it multiplies one dtype, so not bf16 weights
         // under fp32 activations.
-        if weight.kind() == Kind::Float && rows < ROWS[2] {
+        if weight.kind() == Kind::Float && (i == STEP || i == BATCH) {
             libtorch_us[i] = best_us(|| drop(x.linear::<Tensor>(weight, None)));
         }
         if let Some(panels) = &panels {
@@ -446,13 +459,21 @@ fn measure(weight: &Tensor) -> Measurement {
 }
 
 /// libtorch where it is clearly faster for a decode step and a batch; else panels where they are
-/// faster for a prefill chunk and about as fast for the rest; else the kernel.
-fn choose(kernel_us: &[f64; 3], libtorch_us: &[f64; 3], panels_us: &[f64; 3]) -> Choice {
-    if (0..2).all(|i| libtorch_us[i] * LIBTORCH_MARGIN < kernel_us[i]) {
+/// faster for a prefill chunk and about as fast for a step and a batch, or faster for a
+/// verification pass and not slower for a step, losing little elsewhere; else the kernel.
+fn choose(kernel_us: &Times, libtorch_us: &Times, panels_us: &Times) -> Choice {
+    // Whether `times` at `rows` beat the kernel's by `factor` (below 1: lose by at most 1 / factor).
+    let beat = |times: &Times, rows: usize, factor: f64| times[rows] * factor < kernel_us[rows];
+    let for_prefill = beat(panels_us, PREFILL, PANELS_PREFILL_GAIN)
+        && beat(panels_us, STEP, 1.0 / PANELS_STEP_SLACK)
+        && beat(panels_us, BATCH, 1.0 / PANELS_BATCH_SLACK);
+    let for_verification = beat(panels_us, VERIFY, PANELS_VERIFY_GAIN)
+        && beat(panels_us, STEP, 1.0)
+        && beat(panels_us, BATCH, 1.0 / PANELS_VERIFY_SLACK[0])
+        && beat(panels_us, PREFILL, 1.0 / PANELS_VERIFY_SLACK[1]);
+    if beat(libtorch_us, STEP, LIBTORCH_MARGIN) && beat(libtorch_us, BATCH, LIBTORCH_MARGIN) {
         Choice::Libtorch
-    } else if panels_us[2] * PANELS_PREFILL_GAIN < kernel_us[2]
-        && (0..2).all(|i| panels_us[i] < kernel_us[i] * PANELS_STEP_SLACK[i])
-    {
+    } else if for_prefill || for_verification {
         Choice::Panels
     } else {
         Choice::Kernel
@@ -476,8 +497,9 @@ fn best_us(mut f: impl FnMut()) -> f64 {
 
 /// The kernels' memory layouts, as timed: raised when one changes, so that choices timed on the old
 /// layout are timed again (2: quantized records with half scales, in a region of their own; 3: fp32
-/// panels timed beside the dense kernel, at 128 rows too).
-const KERNEL_LAYOUTS: u32 = 3;
+/// panels timed beside the dense kernel, at 128 rows too; 4: fp32 panels on AVX-512, timed at 7 rows
+/// too).
+const KERNEL_LAYOUTS: u32 = 4;
 
 /// What the timings depend on: the CPU (its name and a digest of its feature flags: a VM may name
 /// only the family), the thread count, libtorch, whether weights get 2 MiB pages, and the kernels'
@@ -506,7 +528,7 @@ fn machine_key() -> String {
     format!("{cpu}; {} threads; {torch_and_pages}", tch::get_num_threads()).replace('\t', " ")
 }
 
-/// Lines `machine \t float32|bfloat16 \t out \t in \t choice \t kernel µs (1, 16, 128 rows) \t
+/// Lines `machine \t float32|bfloat16 \t out \t in \t choice \t kernel µs (1, 7, 16, 128 rows) \t
 /// libtorch µs (the same) \t panels µs (the same)`; lines of other machines, or that do not parse,
 /// are skipped.
 fn read_cache(path: &Path, machine: &str) -> HashMap<Shape, Measurement> {
@@ -515,7 +537,7 @@ fn read_cache(path: &Path, machine: &str) -> HashMap<Shape, Measurement> {
     for line in text.lines() {
         let fields: Vec<&str> = line.split('\t').collect();
         let [key, kind, out, in_features, choice, ref times @ ..] = fields[..] else { continue };
-        if times.len() != 9 {
+        if times.len() != 3 * ROWS.len() {
             continue;
         }
         if key != machine {
@@ -532,10 +554,15 @@ fn read_cache(path: &Path, machine: &str) -> HashMap<Shape, Measurement> {
                 "bfloat16" => Kind::BFloat16,
                 _ => return None,
             };
-            let three = |at: usize| -> Option<[f64; 3]> {
-                Some([times[at].parse().ok()?, times[at + 1].parse().ok()?, times[at + 2].parse().ok()?])
+            let parse = |at: usize| -> Option<Times> {
+                let mut parsed = [0.0; ROWS.len()];
+                for (i, value) in parsed.iter_mut().enumerate() {
+                    *value = times[at + i].parse().ok()?;
+                }
+                Some(parsed)
             };
-            let (kernel_us, libtorch_us, panels_us) = (three(0)?, three(3)?, three(6)?);
+            let n = ROWS.len();
+            let (kernel_us, libtorch_us, panels_us) = (parse(0)?, parse(n)?, parse(2 * n)?);
             Some(Measurement {
                 kind,
                 shape: (out.parse().ok()?, in_features.parse().ok()?),
@@ -595,7 +622,7 @@ mod tests {
         let first = calibrate(&refs, Some(&cache));
         assert_eq!(first.len(), 3, "one measurement per distinct dtype and shape");
         assert!(first.iter().all(|m| !m.cached && m.kernel_us.iter().chain(&m.libtorch_us).all(|t| *t > 0.0)));
-        assert!(first[..2].iter().all(|m| m.libtorch_us[..2].iter().all(|t| t.is_finite())), "{first:?}");
+        assert!(first[..2].iter().all(|m| [STEP, BATCH].iter().all(|&i| m.libtorch_us[i].is_finite())), "{first:?}");
         assert!(first[2].kind == Kind::BFloat16 && first[2].libtorch_us.iter().all(|t| t.is_infinite()));
         // Panels are timed where the kernel runs.
         let timed = |m: &Measurement| m.panels_us.iter().all(|t| t.is_finite() && *t > 0.0);
@@ -615,18 +642,27 @@ mod tests {
     }
 
     /// libtorch only where clearly faster for a step and a batch; panels where a prefill chunk gains
-    /// and a step or a batch loses little; else the kernel.
+    /// and a step or a batch loses little, or where a verification pass gains, a step does not lose
+    /// and the rest loses little; else the kernel.
     #[test]
     fn choices_follow_the_timings() {
-        let never = [f64::INFINITY; 3];
-        let kernel = [100.0, 400.0, 3000.0];
+        let never = [f64::INFINITY; 4];
+        let kernel = [100.0, 200.0, 400.0, 3000.0];
         for (libtorch, panels, expected) in [
-            ([80.0, 300.0, 2000.0], [90.0, 380.0, 2500.0], Choice::Libtorch),
-            ([95.0, 300.0, 2000.0], never, Choice::Kernel),
-            (never, [90.0, 420.0, 2400.0], Choice::Panels),
-            (never, [110.0, 380.0, 2400.0], Choice::Kernel),
-            (never, [90.0, 450.0, 2400.0], Choice::Kernel),
-            (never, [90.0, 380.0, 2900.0], Choice::Kernel),
+            ([80.0, never[1], 300.0, never[3]], [90.0, 190.0, 380.0, 2500.0], Choice::Libtorch),
+            ([95.0, never[1], 300.0, never[3]], never, Choice::Kernel),
+            (never, [90.0, 200.0, 420.0, 2400.0], Choice::Panels),
+            (never, [104.0, 200.0, 420.0, 2400.0], Choice::Panels),
+            (never, [110.0, 190.0, 380.0, 2400.0], Choice::Kernel),
+            (never, [90.0, 200.0, 450.0, 2400.0], Choice::Kernel),
+            (never, [90.0, 200.0, 380.0, 2900.0], Choice::Kernel),
+            // A verification pass 1.2x faster: panels though a batch and prefill lose a little...
+            (never, [99.0, 165.0, 450.0, 3250.0], Choice::Panels),
+            // ...but not where the step loses, the pass gains too little, or the rest loses more.
+            (never, [101.0, 165.0, 380.0, 3000.0], Choice::Kernel),
+            (never, [90.0, 185.0, 380.0, 3000.0], Choice::Kernel),
+            (never, [90.0, 165.0, 470.0, 3000.0], Choice::Kernel),
+            (never, [90.0, 165.0, 380.0, 3350.0], Choice::Kernel),
             (never, never, Choice::Kernel),
         ] {
             assert_eq!(choose(&kernel, &libtorch, &panels), expected, "{libtorch:?} {panels:?}");

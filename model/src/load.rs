@@ -283,7 +283,8 @@ impl GptBigCode {
                     "dense product"
                 );
             }
-            let packed = model.pack_panels()?;
+            // Packed weights are new tensors: in 2 MiB pages too.
+            let packed = kernels::memory::loading_weights(|| model.pack_panels())?;
             if packed > 0 {
                 tracing::debug!(layers = packed, "dense layers packed in panels");
             }
