@@ -50,66 +50,26 @@ const int64_t kBf16Order[kPanel] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-// Outputs 0-7 and 8-15 of one step of a panel, as fp32.
-inline void load_step(const float* step, __m256& low, __m256& high) {
-  low = _mm256_loadu_ps(step);
-  high = _mm256_loadu_ps(step + 8);
-}
-inline void load_step(const uint16_t* step, __m256& low, __m256& high) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step));
-  low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), bits));
-  high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), bits));
-}
-
-// R rows times P panels over steps [k0, k1), adding to the sums in `acc` ([R][P * 16], row stride
-// `stride`). The loops are unrolled explicitly: GCC 12 otherwise keeps the accumulators on the
-// stack, storing each one every step.
-template <int R, int P, typename W>
-inline void tile(const float* x, int64_t in, const W* panels, int64_t k0, int64_t k1, float* acc_rows,
-                 int64_t stride, bool prefetch) {
-  __m256 acc[R][2 * P];
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-      _Pragma("GCC unroll 8") for (int v = 0; v < 2 * P; v++) acc[r][v] = _mm256_loadu_ps(acc_rows + r * stride + 8 * v);
-  constexpr int64_t lead = kLead * 4 / sizeof(W);
-  for (int64_t k = k0; k < k1; k++) {
-    __m256 w[2 * P];
-    _Pragma("GCC unroll 8") for (int p = 0; p < P; p++) {
-      const W* step = panels + p * in * kPanel + k * kPanel;
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(step + lead), _MM_HINT_T0);
-      load_step(step, w[2 * p], w[2 * p + 1]);
-    }
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-      const __m256 b = _mm256_broadcast_ss(x + r * in + k);
-      _Pragma("GCC unroll 8") for (int v = 0; v < 2 * P; v++) acc[r][v] = _mm256_fmadd_ps(b, w[v], acc[r][v]);
-    }
+namespace avx2 {
+struct Lanes {
+  using V = __m256;
+  static constexpr int kStepVectors = 2;  // outputs 0-7 and 8-15
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void load_step(const float* step, V* w) {
+    w[0] = _mm256_loadu_ps(step);
+    w[1] = _mm256_loadu_ps(step + 8);
   }
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-      _Pragma("GCC unroll 8") for (int v = 0; v < 2 * P; v++) _mm256_storeu_ps(acc_rows + r * stride + 8 * v, acc[r][v]);
-}
-
-template <typename W>
-void row_tile(int rows, const float* x, int64_t in, const W* panel, int64_t k0, int64_t k1, float* acc_rows,
-              int64_t stride, bool prefetch) {
-  switch (rows) {
-    case 1: return tile<1, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
-    case 2: return tile<2, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
-    case 3: return tile<3, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
-    case 4: return tile<4, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
-    case 5: return tile<5, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
-    default: return tile<6, 1>(x, in, panel, k0, k1, acc_rows, stride, prefetch);
+  static void load_step(const uint16_t* step, V* w) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step));
+    w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), bits));
+    w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), bits));
   }
-}
-
-// 2 to 4 rows times two panels over steps [k0, k1).
-template <typename W>
-void paired_tile(int rows, const float* x, int64_t in, const W* panels, int64_t k0, int64_t k1, float* acc_rows,
-                 int64_t stride, bool prefetch) {
-  switch (rows) {
-    case 2: return tile<2, 2>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
-    case 3: return tile<3, 2>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
-    default: return tile<4, 2>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
-  }
-}
+  static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V acc) { return _mm256_fmadd_ps(a, b, acc); }
+};
+#include "panel_tile.h"
+}  // namespace avx2
 
 void add_bias(const float* bias, float* y, int64_t rows, int64_t out, int64_t begin, int64_t end) {
   if (!bias) return;
@@ -126,8 +86,8 @@ void rows_times_panels(const float* x, int64_t rows, const W* panels, const floa
   if (rows == 1) {
     int64_t j = begin;
     for (; j + kOneRowPanels * kPanel <= end; j += kOneRowPanels * kPanel)
-      tile<1, kOneRowPanels>(x, in, panels + j / kPanel * stride, 0, in, y + j, out, false);
-    for (; j < end; j += kPanel) tile<1, 1>(x, in, panels + j / kPanel * stride, 0, in, y + j, out, false);
+      avx2::tile<1, kOneRowPanels>(x, in, panels + j / kPanel * stride, 0, in, y + j, out, false);
+    for (; j < end; j += kPanel) avx2::tile<1, 1>(x, in, panels + j / kPanel * stride, 0, in, y + j, out, false);
     return add_bias(bias, y, rows, out, begin, end);
   }
   if (rows <= kPairedRows<W>) {
@@ -135,9 +95,9 @@ void rows_times_panels(const float* x, int64_t rows, const W* panels, const floa
     // stream too few) to keep up with memory, and verifying 3 positions cost 1.4 decode steps.
     int64_t j = begin;
     for (; j + 2 * kPanel <= end; j += 2 * kPanel)
-      paired_tile(static_cast<int>(rows), x, in, panels + j / kPanel * stride, 0, in, y + j, out, true);
+      avx2::tile_of<4, 2>(static_cast<int>(rows), x, in, panels + j / kPanel * stride, 0, in, y + j, out, true);
     for (; j < end; j += kPanel)
-      row_tile(static_cast<int>(rows), x, in, panels + j / kPanel * stride, 0, in, y + j, out, true);
+      avx2::tile_of<kTileRows, 1>(static_cast<int>(rows), x, in, panels + j / kPanel * stride, 0, in, y + j, out, true);
     return add_bias(bias, y, rows, out, begin, end);
   }
   int64_t j = begin;
@@ -148,8 +108,8 @@ void rows_times_panels(const float* x, int64_t rows, const W* panels, const floa
       const W* pair = panels + j / kPanel * stride;
       for (int64_t k0 = 0; k0 < in; k0 += kPairedChunk) {
         const int64_t k1 = std::min(in, k0 + kPairedChunk);
-        paired_tile(4, x, in, pair, k0, k1, y + j, out, true);
-        paired_tile(3, x + 4 * in, in, pair, k0, k1, y + 4 * out + j, out, false);
+        avx2::tile<4, 2>(x, in, pair, k0, k1, y + j, out, true);
+        avx2::tile<3, 2>(x + 4 * in, in, pair, k0, k1, y + 4 * out + j, out, false);
       }
     }
   }
@@ -161,7 +121,7 @@ void rows_times_panels(const float* x, int64_t rows, const W* panels, const floa
       const int64_t k1 = std::min(in, k0 + kChunk);
       for (int64_t t = 0, first = 0; t < tiles; t++) {
         const int64_t last = rows * (t + 1) / tiles;
-        row_tile(static_cast<int>(last - first), x + first * in, in, panel, k0, k1, y + first * out + j, out, t == 0);
+        avx2::tile_of<kTileRows, 1>(static_cast<int>(last - first), x + first * in, in, panel, k0, k1, y + first * out + j, out, t == 0);
         first = last;
       }
     }
@@ -186,41 +146,16 @@ constexpr int kTileRows = 7;
 // tile passes it (at 128 rows of 1B's shapes 96% of the FMA peak; chunks of 64 steps, in L1, 87%).
 constexpr int64_t kChunk = 1024;
 
-template <int R, int P>
-inline void tile(const float* x, int64_t in, const float* panels, int64_t k0, int64_t k1, float* acc_rows,
-                 int64_t stride, bool prefetch) {
-  __m512 acc[R][P];
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-      _Pragma("GCC unroll 8") for (int p = 0; p < P; p++) acc[r][p] = _mm512_loadu_ps(acc_rows + r * stride + 16 * p);
-  for (int64_t k = k0; k < k1; k++) {
-    __m512 w[P];
-    _Pragma("GCC unroll 8") for (int p = 0; p < P; p++) {
-      const float* step = panels + p * in * kPanel + k * kPanel;
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(step + kLead), _MM_HINT_T0);
-      w[p] = _mm512_loadu_ps(step);
-    }
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-      const __m512 b = _mm512_set1_ps(x[r * in + k]);
-      _Pragma("GCC unroll 8") for (int p = 0; p < P; p++) acc[r][p] = _mm512_fmadd_ps(b, w[p], acc[r][p]);
-    }
-  }
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-      _Pragma("GCC unroll 8") for (int p = 0; p < P; p++) _mm512_storeu_ps(acc_rows + r * stride + 16 * p, acc[r][p]);
-}
-
-template <int P>
-void row_tile(int rows, const float* x, int64_t in, const float* panels, int64_t k0, int64_t k1, float* acc_rows,
-              int64_t stride, bool prefetch) {
-  switch (rows) {
-    case 1: return tile<1, P>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
-    case 2: return tile<2, P>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
-    case 3: return tile<3, P>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
-    case 4: return tile<4, P>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
-    case 5: return tile<5, P>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
-    case 6: return tile<6, P>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
-    default: return tile<7, P>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
-  }
-}
+struct Lanes {
+  using V = __m512;
+  static constexpr int kStepVectors = 1;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void load_step(const float* step, V* w) { w[0] = _mm512_loadu_ps(step); }
+  static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V acc) { return _mm512_fmadd_ps(a, b, acc); }
+};
+#include "panel_tile.h"
 
 // Output columns [begin, end) (multiples of 16) of `rows` rows, their sums kept in `y` itself.
 void rows_times_panels(const float* x, int64_t rows, const float* panels, const float* bias, float* y, int64_t in,
@@ -232,12 +167,13 @@ void rows_times_panels(const float* x, int64_t rows, const float* panels, const 
   const auto over = [&](auto panels_at_once, int64_t j) {
     constexpr int P = decltype(panels_at_once)::value;
     const float* group = panels + j / kPanel * stride;
-    if (tiles == 1) return row_tile<P>(static_cast<int>(rows), x, in, group, 0, in, y + j, out, false);
+    if (tiles == 1) return tile_of<kTileRows, P>(static_cast<int>(rows), x, in, group, 0, in, y + j, out, false);
     for (int64_t k0 = 0; k0 < in; k0 += kChunk) {
       const int64_t k1 = std::min(in, k0 + kChunk);
       for (int64_t t = 0, first = 0; t < tiles; t++) {
         const int64_t last = rows * (t + 1) / tiles;
-        row_tile<P>(static_cast<int>(last - first), x + first * in, in, group, k0, k1, y + first * out + j, out, t == 0);
+        tile_of<kTileRows, P>(static_cast<int>(last - first), x + first * in, in, group, k0, k1, y + first * out + j,
+                              out, t == 0);
         first = last;
       }
     }

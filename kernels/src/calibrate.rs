@@ -40,7 +40,8 @@ const PANELS_BATCH_SLACK: f64 = 1.1;
 /// where a batch and a prefill chunk lose a little (AVX-512 panels on a Zen 4 EPYC: 7 rows of 1B's
 /// shapes in about one step's time, where the row kernel took 1.5 steps; 16 and 128 rows 1-10% slower).
 const PANELS_VERIFY_GAIN: f64 = 1.1;
-const PANELS_VERIFY_SLACK: [f64; 2] = [1.15, 1.1];
+const PANELS_VERIFY_BATCH_SLACK: f64 = 1.15;
+const PANELS_VERIFY_PREFILL_SLACK: f64 = 1.1;
 
 /// The product a dense shape takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -469,8 +470,8 @@ fn choose(kernel_us: &Times, libtorch_us: &Times, panels_us: &Times) -> Choice {
         && beat(panels_us, BATCH, 1.0 / PANELS_BATCH_SLACK);
     let for_verification = beat(panels_us, VERIFY, PANELS_VERIFY_GAIN)
         && beat(panels_us, STEP, 1.0)
-        && beat(panels_us, BATCH, 1.0 / PANELS_VERIFY_SLACK[0])
-        && beat(panels_us, PREFILL, 1.0 / PANELS_VERIFY_SLACK[1]);
+        && beat(panels_us, BATCH, 1.0 / PANELS_VERIFY_BATCH_SLACK)
+        && beat(panels_us, PREFILL, 1.0 / PANELS_VERIFY_PREFILL_SLACK);
     if beat(libtorch_us, STEP, LIBTORCH_MARGIN) && beat(libtorch_us, BATCH, LIBTORCH_MARGIN) {
         Choice::Libtorch
     } else if for_prefill || for_verification {

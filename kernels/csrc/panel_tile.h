@@ -1,0 +1,43 @@
+// The panel kernels' tiles, included once per instruction set inside a namespace that defines
+// `Lanes` (vector type, vectors per panel step, loads, stores, the step's loads, broadcast,
+// multiply-add), under a matching `#pragma GCC target`. No include guard: it is meant to be
+// included more than once. Each output is one lane's chain in k order whatever the instruction set.
+
+// R rows times P panels over steps [k0, k1), adding to the sums in `acc` ([R][P * 16], row stride
+// `stride`). The loops are unrolled explicitly: GCC 12 otherwise keeps the accumulators on the
+// stack, storing each one every step.
+template <int R, int P, typename W>
+inline void tile(const float* x, int64_t in, const W* panels, int64_t k0, int64_t k1, float* acc_rows,
+                 int64_t stride, bool prefetch) {
+  using V = typename Lanes::V;
+  constexpr int N = Lanes::kStepVectors * P;
+  constexpr int64_t width = kPanel / Lanes::kStepVectors;
+  V acc[R][N];
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+      _Pragma("GCC unroll 8") for (int v = 0; v < N; v++) acc[r][v] = Lanes::load(acc_rows + r * stride + width * v);
+  constexpr int64_t lead = kLead * 4 / sizeof(W);
+  for (int64_t k = k0; k < k1; k++) {
+    V w[N];
+    _Pragma("GCC unroll 8") for (int p = 0; p < P; p++) {
+      const W* step = panels + p * in * kPanel + k * kPanel;
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(step + lead), _MM_HINT_T0);
+      Lanes::load_step(step, w + Lanes::kStepVectors * p);
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+      const V b = Lanes::broadcast(x + r * in + k);
+      _Pragma("GCC unroll 8") for (int v = 0; v < N; v++) acc[r][v] = Lanes::fma(b, w[v], acc[r][v]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+      _Pragma("GCC unroll 8") for (int v = 0; v < N; v++) Lanes::store(acc_rows + r * stride + width * v, acc[r][v]);
+}
+
+// A tile of `rows` rows (of `MaxRows` where there are more) times P panels.
+template <int MaxRows, int P, typename W>
+inline void tile_of(int rows, const float* x, int64_t in, const W* panels, int64_t k0, int64_t k1, float* acc_rows,
+                    int64_t stride, bool prefetch) {
+  if constexpr (MaxRows > 1) {
+    if (rows < MaxRows) return tile_of<MaxRows - 1, P>(rows, x, in, panels, k0, k1, acc_rows, stride, prefetch);
+  }
+  tile<MaxRows, P>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
+}
