@@ -165,6 +165,11 @@ fn main() {
         report["target_passes"] = per_round(|s| s.target_passes).into();
         report["draft_passes"] = per_round(|s| s.draft_passes).into();
         report["drafted"] = per_round(|s| s.drafted).into();
+        let per_round_ms = |ms: fn(&speculative::SpeculativeStats) -> f64| {
+            outs.iter().map(|o| ms(&o.stats)).sum::<f64>() / outs.len() as f64
+        };
+        report["draft_ms"] = per_round_ms(|s| s.draft_ms).into();
+        report["verify_ms"] = per_round_ms(|s| s.verify_ms).into();
         report["undrafted_rounds"] = outs.iter().filter(|o| o.stats.drafted == 0).count().into();
         report["identical_to_target"] = outs.iter().all(|o| o.generation.tokens == plain).into();
     }

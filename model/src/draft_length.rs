@@ -295,6 +295,17 @@ impl Acceptance {
 /// How many draft tokens a pair's remembered acceptance weighs at the start of a generation.
 const HISTORY_WEIGHT: f64 = 24.0;
 
+/// [`Planner::judge`]'s ruling on a proposed draft token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Verdict {
+    /// Whether the token goes into the draft.
+    pub keep: bool,
+    /// Whether the draft model proposes another token after it.
+    pub go_on: bool,
+    /// The chance that the target keeps this token and every one before it.
+    pub reach: f64,
+}
+
 /// (target id, draft id): a pair of models ([`GptBigCode::id`]); no draft for prompt lookup.
 pub type Pair = (u64, Option<u64>);
 
@@ -381,17 +392,25 @@ impl Planner {
         self.planned
     }
 
-    /// Whether the draft goes on to a token whose lead (the draft's top logit over its runner-up)
-    /// is `lead`, `drafted` tokens into the round: when that token's chance of acceptance buys a
-    /// token at least at the rate the planned round makes them. Left out, it costs nothing (the
-    /// target's pass gives a token at its place either way); drafted, it costs a draft step and
-    /// its share of the wider pass (the round's average: a pass of 2 costs much more than one of
-    /// 1 where a pass of 7 costs little more than one of 6), and adds a token only if accepted.
-    pub fn worth_drafting(&self, drafted: usize, lead: f32) -> bool {
-        let Some(chance) = self.lead_noise.acceptance(lead) else { return true };
+    /// What becomes of a token the draft model has just proposed, `drafted` tokens into the round,
+    /// whose lead (the draft's top logit over its runner-up) is `lead`, when the target keeps all
+    /// the round's earlier tokens with chance `reach`. The token adds one only if the target keeps
+    /// it and every one before it; its draft step is paid already, so it is kept when that chance
+    /// buys a token at the rate the planned round makes them for its share of the wider pass (the
+    /// round's average: a pass of 2 costs much more than one of 1 where a pass of 7 costs little
+    /// more than one of 6). Another step is taken when the next token, kept as often as drafts
+    /// are, would also pay for its draft step. Before the noise is known every token is kept.
+    pub fn judge(&self, drafted: usize, reach: f64, lead: f32) -> Verdict {
+        let Some(chance) = self.lead_noise.acceptance(lead) else {
+            return Verdict { keep: true, go_on: true, reach };
+        };
         let (costs, planned) = (&self.costs, self.planned.max(drafted + 1));
         let share = (costs.target_pass(planned + 1) - costs.target_pass(1)) / planned as f64;
-        chance >= costs.tokens_per_second(self.acceptance.estimate(), planned) * (costs.draft_step + share)
+        let acceptance = self.acceptance.estimate();
+        let rate = costs.tokens_per_second(acceptance, planned);
+        let reach = reach * chance;
+        let keep = reach >= rate * share;
+        Verdict { keep, go_on: keep && reach * acceptance >= rate * (costs.draft_step + share), reach }
     }
 
     /// Counts a round that kept `accepted` of `drafted` draft tokens in `seconds`.
@@ -555,7 +574,7 @@ mod tests {
     }
 
     #[test]
-    fn near_ties_are_left_to_the_target_once_the_noise_is_known() {
+    fn a_near_tie_ends_the_draft_once_the_noise_is_known() {
         // A quantized copy's step costs 0.3 of the target's, and a pass of 7 what 1.7 steps do.
         let costs = Arc::new(Costs::new(vec![(1, 1.0), (2, 1.2), (7, 1.7), (13, 2.6)], 0.3));
         let mut planner = Planner::with_costs((u64::MAX - 9, Some(u64::MAX - 10)), costs.clone(), 12);
@@ -563,7 +582,8 @@ mod tests {
             planner.observe(6, 6, costs.round_seconds(6)); // every token kept
         }
         assert!(planner.gamma() > 0);
-        assert!(planner.worth_drafting(0, 0.0), "nothing is known of the noise yet");
+        let unknown = planner.judge(0, 1.0, 0.0);
+        assert!(unknown.keep && unknown.go_on, "nothing is known of the noise yet");
         for _ in 0..8 {
             // The draft's leads stray from the target's by 0.03 either way.
             planner.observe_leads(&[0.53, 0.2], &[0.5, 0.23]);
@@ -571,9 +591,23 @@ mod tests {
         let chance = |lead| planner.lead_noise.acceptance(lead).unwrap();
         assert!((chance(0.0) - 0.5).abs() < 1e-9 && chance(0.03) > 0.8 && chance(0.15) > 0.99);
         for drafted in [0, 3, 6] {
-            assert!(!planner.worth_drafting(drafted, 0.005), "a near tie, {drafted} tokens in");
-            assert!(planner.worth_drafting(drafted, 0.15), "a clear lead, {drafted} tokens in");
+            // A near tie costs only its share of the pass once drafted, but the next token would
+            // seldom be reached.
+            let tie = planner.judge(drafted, 1.0, 0.005);
+            assert!(tie.keep && !tie.go_on && (tie.reach - chance(0.005)).abs() < 1e-12, "{tie:?}");
+            let clear = planner.judge(drafted, 1.0, 0.15);
+            assert!(clear.keep && clear.go_on, "a clear lead, {drafted} tokens in: {clear:?}");
+            let unlikely = planner.judge(drafted, 0.3, 0.15);
+            assert!(unlikely.keep && !unlikely.go_on, "{unlikely:?}");
         }
+        // Where each token widens the pass by as much as a step costs, a token the round seldom
+        // reaches is not worth its share.
+        let costly = Arc::new(Costs::new(vec![(1, 1.0), (2, 2.0), (13, 13.0)], 0.05));
+        let mut wide = Planner::with_costs((u64::MAX - 11, Some(u64::MAX - 12)), costly, 12);
+        wide.observe_leads(&[0.53; 16], &[0.5; 16]);
+        wide.planned = 4;
+        assert!(!wide.judge(2, 0.5, 0.005).keep);
+        assert!(wide.judge(0, 1.0, 1.0).keep);
         // Nothing strays (a draft that is the target): every token is worth drafting.
         let mut same = LeadNoise::default();
         same.observe(&[0.0; 16], &[0.0; 16]);

@@ -84,6 +84,10 @@ pub struct SpeculativeStats {
     pub accepted: usize,
     /// Milliseconds of the prompt's prefill (target and draft).
     pub prefill_ms: f64,
+    /// Milliseconds of draft steps after the prefill.
+    pub draft_ms: f64,
+    /// Milliseconds of verification passes (and plain target steps) after the prefill.
+    pub verify_ms: f64,
     /// Prompt tokens whose keys and values came from the [`Session`] instead of a prefill.
     pub reused_tokens: usize,
 }
@@ -271,7 +275,10 @@ pub fn generate_in(
                 let budget = gamma.min(config.max_new_tokens - generated - 1).min(room - 1);
                 let round_started = std::time::Instant::now();
                 let draft = state.draft(drafter, budget, sampling, planner.as_ref())?;
+                let verify_started = std::time::Instant::now();
                 let (accepted, next, target_leads) = state.verify(&draft, sampling)?;
+                state.stats.draft_ms += (verify_started - round_started).as_secs_f64() * 1e3;
+                state.stats.verify_ms += verify_started.elapsed().as_secs_f64() * 1e3;
                 if let Some(planner) = &mut planner {
                     planner.observe(draft.tokens.len(), accepted, round_started.elapsed().as_secs_f64());
                     planner.observe_leads(&draft.leads, &target_leads);
@@ -354,16 +361,20 @@ impl State<'_> {
                 let mut probs = Vec::with_capacity(budget);
                 let (mut runners_up, mut leads) = (Vec::new(), Vec::new());
                 let mut feed = self.seq[cache.len() as usize..].to_vec();
+                let mut reach = 1.0;
                 for i in 0..budget {
                     let input = Tensor::from_slice(&feed).to_device(model.device()).unsqueeze(0);
                     let logits = model.forward_next(&input, cache)?;
                     self.stats.draft_passes += 1;
                     let mut top = None;
+                    let mut go_on = true;
                     if let Some(planner) = planner {
                         let ranked = top_two(&logits)?;
-                        if !planner.worth_drafting(i, ranked.lead) {
+                        let verdict = planner.judge(i, reach, ranked.lead);
+                        if !verdict.keep {
                             break;
                         }
+                        (reach, go_on) = (verdict.reach, verdict.go_on);
                         leads.push(ranked.lead);
                         runners_up.push(ranked.runner_up);
                         top = Some(ranked.top);
@@ -382,9 +393,10 @@ impl State<'_> {
                         token
                     };
                     tokens.push(token);
-                    if i + 1 < budget {
-                        feed = vec![token];
+                    if !go_on {
+                        break;
                     }
+                    feed = vec![token];
                 }
                 if shared {
                     cache.truncate(held);
