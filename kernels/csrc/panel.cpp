@@ -113,19 +113,9 @@ void rows_times_panels(const float* x, int64_t rows, const W* panels, const floa
       }
     }
   }
-  // Rows in tiles of at most 6, as even as they come (13 rows: 4, 4 and 5), over each panel left.
-  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-  for (; j < end; j += kPanel) {
-    const W* panel = panels + j / kPanel * stride;
-    for (int64_t k0 = 0; k0 < in; k0 += kChunk) {
-      const int64_t k1 = std::min(in, k0 + kChunk);
-      for (int64_t t = 0, first = 0; t < tiles; t++) {
-        const int64_t last = rows * (t + 1) / tiles;
-        avx2::tile_of<kTileRows, 1>(static_cast<int>(last - first), x + first * in, in, panel, k0, k1, y + first * out + j, out, t == 0);
-        first = last;
-      }
-    }
-  }
+  // Rows in tiles of at most 6 over each panel left.
+  for (; j < end; j += kPanel)
+    avx2::tiles_over_chunks<kTileRows, 1>(rows, x, in, panels + j / kPanel * stride, kChunk, true, y + j, out);
   add_bias(bias, y, rows, out, begin, end);
 }
 
@@ -162,25 +152,14 @@ void rows_times_panels(const float* x, int64_t rows, const float* panels, const 
                        int64_t out, int64_t begin, int64_t end) {
   for (int64_t r = 0; r < rows; r++) std::fill(y + r * out + begin, y + r * out + end, 0.0f);
   const int64_t stride = in * kPanel;
-  // Rows in tiles of at most 7, as even as they come (13 rows: 6 and 7).
-  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-  const auto over = [&](auto panels_at_once, int64_t j) {
-    constexpr int P = decltype(panels_at_once)::value;
-    const float* group = panels + j / kPanel * stride;
-    if (tiles == 1) return tile_of<kTileRows, P>(static_cast<int>(rows), x, in, group, 0, in, y + j, out, false);
-    for (int64_t k0 = 0; k0 < in; k0 += kChunk) {
-      const int64_t k1 = std::min(in, k0 + kChunk);
-      for (int64_t t = 0, first = 0; t < tiles; t++) {
-        const int64_t last = rows * (t + 1) / tiles;
-        tile_of<kTileRows, P>(static_cast<int>(last - first), x + first * in, in, group, k0, k1, y + first * out + j,
-                              out, t == 0);
-        first = last;
-      }
-    }
-  };
+  // Rows in tiles of at most 7 (13 rows: 6 and 7); one tile reads the weights once, unchunked.
+  const bool one_tile = rows <= kTileRows;
+  const int64_t chunk = one_tile ? in : kChunk;
   int64_t j = begin;
-  for (; j + kPanels * kPanel <= end; j += kPanels * kPanel) over(std::integral_constant<int, kPanels>{}, j);
-  for (; j < end; j += kPanel) over(std::integral_constant<int, 1>{}, j);
+  for (; j + kPanels * kPanel <= end; j += kPanels * kPanel)
+    tiles_over_chunks<kTileRows, kPanels>(rows, x, in, panels + j / kPanel * stride, chunk, !one_tile, y + j, out);
+  for (; j < end; j += kPanel)
+    tiles_over_chunks<kTileRows, 1>(rows, x, in, panels + j / kPanel * stride, chunk, !one_tile, y + j, out);
   add_bias(bias, y, rows, out, begin, end);
 }
 

@@ -41,3 +41,21 @@ inline void tile_of(int rows, const float* x, int64_t in, const W* panels, int64
   }
   tile<MaxRows, P>(x, in, panels, k0, k1, acc_rows, stride, prefetch);
 }
+
+// `rows` rows in tiles of at most `MaxRows`, as even as they come (13 rows of 6-row tiles: 4, 4 and
+// 5), times P panels over chunks of `chunk` steps: the first tile reads a chunk from memory
+// (prefetching where `prefetch`), the others from cache.
+template <int MaxRows, int P, typename W>
+inline void tiles_over_chunks(int64_t rows, const float* x, int64_t in, const W* panels, int64_t chunk,
+                              bool prefetch, float* y, int64_t out) {
+  const int64_t tiles = (rows + MaxRows - 1) / MaxRows;
+  for (int64_t k0 = 0; k0 < in; k0 += chunk) {
+    const int64_t k1 = std::min(in, k0 + chunk);
+    for (int64_t t = 0, first = 0; t < tiles; t++) {
+      const int64_t last = rows * (t + 1) / tiles;
+      tile_of<MaxRows, P>(static_cast<int>(last - first), x + first * in, in, panels, k0, k1, y + first * out, out,
+                          prefetch && t == 0);
+      first = last;
+    }
+  }
+}

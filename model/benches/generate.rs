@@ -155,21 +155,20 @@ fn main() {
         let planner = model::draft_length::Planner::for_pair(&model, Some(&draft), speculative.max_gamma).unwrap();
         let total =
             |count: fn(&speculative::SpeculativeStats) -> usize| outs.iter().map(|o| count(&o.stats)).sum::<usize>();
-        let per_round = |count: fn(&speculative::SpeculativeStats) -> usize| total(count) as f64 / outs.len() as f64;
+        let per_round = |figure: fn(&speculative::SpeculativeStats) -> f64| {
+            outs.iter().map(|o| figure(&o.stats)).sum::<f64>() / outs.len() as f64
+        };
         report["speculative_decode_tokens_per_s"] = (new_tokens as f64 / (speculative_median - prefill_s)).into();
         report["speculative_speedup"] = ((plain_median - prefill_s) / (speculative_median - prefill_s)).into();
         report["plain_beside_decode_tokens_per_s"] = (new_tokens as f64 / (plain_median - prefill_s)).into();
         report["rounds"] = rounds.into();
         report["costs"] = format!("{:?}", planner.costs()).into();
         report["acceptance"] = (total(|s| s.accepted) as f64 / total(|s| s.drafted).max(1) as f64).into();
-        report["target_passes"] = per_round(|s| s.target_passes).into();
-        report["draft_passes"] = per_round(|s| s.draft_passes).into();
-        report["drafted"] = per_round(|s| s.drafted).into();
-        let per_round_ms = |ms: fn(&speculative::SpeculativeStats) -> f64| {
-            outs.iter().map(|o| ms(&o.stats)).sum::<f64>() / outs.len() as f64
-        };
-        report["draft_ms"] = per_round_ms(|s| s.draft_ms).into();
-        report["verify_ms"] = per_round_ms(|s| s.verify_ms).into();
+        report["target_passes"] = per_round(|s| s.target_passes as f64).into();
+        report["draft_passes"] = per_round(|s| s.draft_passes as f64).into();
+        report["drafted"] = per_round(|s| s.drafted as f64).into();
+        report["draft_ms"] = per_round(|s| s.draft_ms).into();
+        report["verify_ms"] = per_round(|s| s.verify_ms).into();
         report["undrafted_rounds"] = outs.iter().filter(|o| o.stats.drafted == 0).count().into();
         report["identical_to_target"] = outs.iter().all(|o| o.generation.tokens == plain).into();
     }
