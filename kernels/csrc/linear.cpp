@@ -97,16 +97,6 @@ struct Lanes {
 };
 #include "linear_kernel.h"
 
-// `n` fp32 inputs rounded to bf16 for the dot products, as at::BFloat16 rounds them.
-void narrow(const float* x, int64_t n, uint16_t* y) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), wizard::round_to_bf16(_mm512_loadu_ps(x + i)));
-  if (i < n) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
-    _mm256_mask_storeu_epi16(y + i, mask, wizard::round_to_bf16(_mm512_maskz_loadu_ps(mask, x + i)));
-  }
-}
 }  // namespace avx512bf16
 #pragma GCC pop_options
 
@@ -231,7 +221,7 @@ class Bf16RowProduct : public wizard::RowProduct {
         narrowed_(kernels.bf16_dot ? rows * in_ : 0) {}
 
   bool prepares() const override { return kernels_.bf16_dot != nullptr; }
-  void prepare(const float* row, int64_t r) override { avx512bf16::narrow(row, in_, narrowed_.data() + r * in_); }
+  void prepare(const float* row, int64_t r) override { wizard::narrow_to_bf16(row, in_, narrowed_.data() + r * in_); }
 
   void run(const float* x, float* y, int64_t begin, int64_t end) const override {
     if (kernels_.bf16_dot)
@@ -264,7 +254,7 @@ class AmxRowProduct : public wizard::RowProduct {
   bool prepares() const override { return true; }
   void prepare(const float* row, int64_t r) override {
     wizard::amx::pack_row(row, r, in_, packed_.data());
-    if (tiled_ < out_) avx512bf16::narrow(row, in_, narrowed_.data() + r * in_);
+    if (tiled_ < out_) wizard::narrow_to_bf16(row, in_, narrowed_.data() + r * in_);
   }
 
   void run(const float*, float* y, int64_t begin, int64_t end) const override {
@@ -394,7 +384,7 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
         x16 = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
       } else if (kernels->bf16_dot && tiled < out) {
         x_narrow.resize(x.numel());
-        avx512bf16::narrow(x.data_ptr<float>(), x.numel(), x_narrow.data());
+        wizard::narrow_to_bf16(x.data_ptr<float>(), x.numel(), x_narrow.data());
         x16 = x_narrow.data();
       } else if (x.scalar_type() == at::kBFloat16) {
         const at::BFloat16* p = x.data_ptr<at::BFloat16>();

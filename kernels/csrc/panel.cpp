@@ -1,9 +1,11 @@
 // fp32 or bf16 weights in panels of 16 outputs, [out / 16][in][16], and `x @ w^T + b` over them for
-// fp32 rows (AVX2 with FMA; bf16 widened as it is read; fp32 on AVX-512 too, a step in one vector). The row kernel (linear_kernel.h) sums each
-// output along `in` in vector lanes, so every multiply-add needs an input vector and a weight
-// vector, and past a few rows the inputs come from L2; here each step broadcasts one input value
-// against 16 outputs' weights (an outer product), so a tile of 6 rows does 12 multiply-adds per 2
-// weight loads and 6 broadcasts, from L1: prefill ran at 1.3x the row kernel's rate on an AVX2 EPYC.
+// fp32 rows (AVX2 with FMA; bf16 widened as it is read; fp32 on AVX-512 too, a step in one vector;
+// bf16 on AVX-512 BF16 in pairs of steps, against the rows rounded to bf16). The row kernel
+// (linear_kernel.h) sums each output along `in` in vector lanes, so every multiply-add needs an
+// input vector and a weight vector, and past a few rows the inputs come from L2; here each step
+// broadcasts one input value against 16 outputs' weights (an outer product), so a tile of 6 rows
+// does 12 multiply-adds per 2 weight loads and 6 broadcasts, from L1: prefill ran at 1.3x the row
+// kernel's rate on an AVX2 EPYC.
 // Which layout a shape takes is measured at load (kernels::calibrate).
 //
 // Every output is one lane's chain y = fma(x[k], w[k], y) for k = 0, 1, ... in order, then + bias:
@@ -17,9 +19,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
+#include "bf16_round.h"
 #include "cpu.h"
 #include "dense.h"
 #include "guard.h"
@@ -166,12 +170,70 @@ void rows_times_panels(const float* x, int64_t rows, const float* panels, const 
 }  // namespace avx512
 #pragma GCC pop_options
 
-// Over fp32 panels, AVX-512 where the CPU has it.
+// bf16 panels on AVX-512 BF16: the inputs rounded to bf16 (as the dot-product kernel rounds them)
+// and each panel's steps held in pairs, [out / 16][in / 2][16][2], so that one dot-product
+// instruction takes two steps of 16 outputs against a broadcast pair of inputs. A pair is read as
+// one 32-bit unit: the tiles are the fp32 ones over in / 2 "steps" of such units, x's rows included.
+// 7 rows x 4 panels ran at 85-97% of the instruction's peak at 128 rows of d768's and 1B's shapes,
+// where the dot-product kernel, which sums each output across lanes at the end, ran at 73-86%.
+// Each output is one lane's chain of those instructions in k order: the same bits whatever the rows.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512bf16,avx2,fma")
+namespace avx512bf16 {
+
+constexpr int kPanels = 4;
+constexpr int kTileRows = 7;
+constexpr int64_t kChunk = 1024;  // pairs of steps: 4 panels' chunk (256 KiB) stays in L2
+
+struct Lanes {
+  using V = __m512;
+  static constexpr int kStepVectors = 1;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void load_step(const uint32_t* pair, V* w) { w[0] = _mm512_castsi512_ps(_mm512_loadu_si512(pair)); }
+  static V broadcast(const float* pair) {
+    uint32_t bits;
+    std::memcpy(&bits, pair, sizeof bits);
+    return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(bits)));
+  }
+  static V fma(V x, V w, V acc) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
+};
+#include "panel_tile.h"
+
+// Output columns [begin, end) (multiples of 16) of `rows` rows of bf16 inputs (`narrowed`), their
+// sums kept in `y` itself.
+void rows_times_panels(const uint16_t* narrowed, int64_t rows, const uint16_t* panels, const float* bias, float* y,
+                       int64_t in, int64_t out, int64_t begin, int64_t end) {
+  for (int64_t r = 0; r < rows; r++) std::fill(y + r * out + begin, y + r * out + end, 0.0f);
+  const int64_t steps = in / 2, stride = in * kPanel;
+  const auto* x = reinterpret_cast<const float*>(narrowed);  // pairs, read as 32-bit units
+  const auto* pairs = reinterpret_cast<const uint32_t*>(panels);
+  const bool one_tile = rows <= kTileRows;
+  const int64_t chunk = one_tile ? steps : kChunk;
+  int64_t j = begin;
+  for (; j + kPanels * kPanel <= end; j += kPanels * kPanel)
+    tiles_over_chunks<kTileRows, kPanels>(rows, x, steps, pairs + j / kPanel * stride / 2, chunk, !one_tile, y + j,
+                                          out);
+  for (; j < end; j += kPanel)
+    tiles_over_chunks<kTileRows, 1>(rows, x, steps, pairs + j / kPanel * stride / 2, chunk, !one_tile, y + j, out);
+  add_bias(bias, y, rows, out, begin, end);
+}
+
+}  // namespace avx512bf16
+#pragma GCC pop_options
+
+// Whether bf16 panels of `in` inputs are held in pairs for the AVX-512 BF16 tiles.
+bool bf16_pairs(int64_t in) { return wizard::cpu::avx512_bf16() && in % 2 == 0; }
+
+// Over fp32 panels, AVX-512 where the CPU has it; over bf16 ones, pairs where they are, from the
+// rows rounded to bf16 (`narrowed`).
 template <typename W>
-void panel_product(const float* x, int64_t rows, const W* panels, const float* bias, float* y, int64_t in,
-                   int64_t out, int64_t begin, int64_t end) {
+void panel_product(const float* x, const uint16_t* narrowed, int64_t rows, const W* panels, const float* bias,
+                   float* y, int64_t in, int64_t out, int64_t begin, int64_t end) {
   if constexpr (std::is_same_v<W, float>) {
     if (wizard::cpu::avx512()) return avx512::rows_times_panels(x, rows, panels, bias, y, in, out, begin, end);
+  } else {
+    if (bf16_pairs(in)) return avx512bf16::rows_times_panels(narrowed, rows, panels, bias, y, in, out, begin, end);
   }
   rows_times_panels(x, rows, panels, bias, y, in, out, begin, end);
 }
@@ -183,15 +245,28 @@ at::Tensor step_order(at::ScalarType type) {
   return order;
 }
 
-// `w` [out, in] as panels [out / 16, in, 16].
+// Whether `type` panels of `in` inputs are held in pairs of steps.
+bool in_pairs(at::ScalarType type, int64_t in) { return type == at::kBFloat16 && bf16_pairs(in); }
+
+// `w` [out, in] as panels [out / 16, in, 16] (in pairs, [out / 16, in / 2, 16, 2], where they are).
 at::Tensor pack(const at::Tensor& w) {
   const int64_t out = w.size(0), in = w.size(1);
-  return w.reshape({out / kPanel, kPanel, in}).transpose(1, 2).index_select(2, step_order(w.scalar_type())).contiguous();
+  if (in_pairs(w.scalar_type(), in))
+    return w.reshape({out / kPanel, kPanel, in / 2, 2})
+        .permute({0, 2, 1, 3})
+        .contiguous()
+        .view({out / kPanel, in, kPanel});
+  return w.reshape({out / kPanel, kPanel, in})
+      .transpose(1, 2)
+      .index_select(2, step_order(w.scalar_type()))
+      .contiguous();
 }
 
 // `panels` back as [out, in].
 at::Tensor unpack(const at::Tensor& panels) {
   const int64_t out = panels.size(0) * kPanel, in = panels.size(1);
+  if (in_pairs(panels.scalar_type(), in))
+    return panels.view({out / kPanel, in / 2, kPanel, 2}).permute({0, 2, 1, 3}).reshape({out, in});
   return panels.index_select(2, step_order(panels.scalar_type())).transpose(1, 2).reshape({out, in});
 }
 
@@ -212,16 +287,21 @@ class PanelRowProduct : public wizard::RowProduct {
       : RowProduct(panels.size(0), kPanel, std::max<int64_t>(1, wizard::dense_grain(panels.size(1), rows) / kPanel),
                    kOneRowPanels),
         panels_(values_of<W>(panels)), bias_(bias), rows_(rows), in_(panels.size(1)),
-        out_(panels.size(0) * kPanel) {}
+        out_(panels.size(0) * kPanel), narrowed_(in_pairs(panels.scalar_type(), in_) ? rows * in_ : 0) {}
+
+  bool prepares() const override { return !narrowed_.empty(); }
+  void prepare(const float* row, int64_t r) override { wizard::narrow_to_bf16(row, in_, narrowed_.data() + r * in_); }
 
   void run(const float* x, float* y, int64_t begin, int64_t end) const override {
-    panel_product(x, rows_, panels_, bias_, y, in_, out_, begin * kPanel, std::min(out_, end * kPanel));
+    panel_product(x, narrowed_.data(), rows_, panels_, bias_, y, in_, out_, begin * kPanel,
+                  std::min(out_, end * kPanel));
   }
 
  private:
   const W* panels_;
   const float* bias_;
   const int64_t rows_, in_, out_;
+  std::vector<uint16_t> narrowed_;  // the rows in bf16, for panels in pairs
 };
 
 }  // namespace
@@ -258,14 +338,17 @@ at::Tensor wizard::panel_linear(const at::Tensor& x, const at::Tensor& panels, c
   const float* xp = x.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  std::vector<uint16_t> narrowed(in_pairs(panels.scalar_type(), in) ? rows * in : 0);
+  if (!narrowed.empty()) wizard::narrow_to_bf16(xp, rows * in, narrowed.data());
   const int64_t grain = std::max<int64_t>(1, wizard::dense_grain(in, rows) / kPanel);
   wizard::balanced_for(
       groups, grain,
       [&](int64_t first, int64_t last) {
         if (panels.scalar_type() == at::kBFloat16)
-          panel_product(xp, rows, values_of<uint16_t>(panels), bp, yp, in, out, first * kPanel, last * kPanel);
+          panel_product(xp, narrowed.data(), rows, values_of<uint16_t>(panels), bp, yp, in, out, first * kPanel,
+                        last * kPanel);
         else
-          panel_product(xp, rows, values_of<float>(panels), bp, yp, in, out, first * kPanel, last * kPanel);
+          panel_product(xp, nullptr, rows, values_of<float>(panels), bp, yp, in, out, first * kPanel, last * kPanel);
       },
       kOneRowPanels);
   return y;

@@ -499,8 +499,8 @@ fn best_us(mut f: impl FnMut()) -> f64 {
 /// The kernels' memory layouts, as timed: raised when one changes, so that choices timed on the old
 /// layout are timed again (2: quantized records with half scales, in a region of their own; 3: fp32
 /// panels timed beside the dense kernel, at 128 rows too; 4: fp32 panels on AVX-512, timed at 7 rows
-/// too).
-const KERNEL_LAYOUTS: u32 = 4;
+/// too; 5: bf16 panels in pairs on AVX-512 BF16).
+const KERNEL_LAYOUTS: u32 = 5;
 
 /// What the timings depend on: the CPU (its name and a digest of its feature flags: a VM may name
 /// only the family), the thread count, libtorch, whether weights get 2 MiB pages, and the kernels'

@@ -278,9 +278,9 @@ mod tests {
         }
     }
 
-    /// Panels, fp32 and bf16 under fp32 rows: every row count the tiles split differently (1 to 6
-    /// rows a tile, one or two panels, chunks of `in`), `in` of any length, outputs that the
-    /// threads claim in chunks.
+    /// Panels, fp32 and bf16 under fp32 rows: every row count the tiles split differently (1 to 7
+    /// rows a tile, one, two or four panels, chunks of `in`), `in` of any length (bf16 in pairs
+    /// where it is even), outputs that the threads claim in chunks.
     #[test]
     fn panels_match_the_product_and_every_row_alone() {
         for weight_kind in [Kind::Float, Kind::BFloat16] {
@@ -300,6 +300,7 @@ mod tests {
             check(case(3, 7, 16, false));
             check(case(1, 1030, 48, true)); // one-row steps: four panels, then the rest one by one
             check(case(40, 600, 64, true)); // several chunks of `in`
+            check(case(9, 2100, 64, true)); // several chunks of bf16 pairs
             check(case(7, 300, 48, true)); // seven rows over two panels in chunks of `in`, then one panel
             check(case(203, 130, 32, false));
             check(case(2, 64, 1008, true)); // columns in chunks the threads claim
@@ -309,10 +310,11 @@ mod tests {
     /// Panels hold the weight exactly and refuse what they cannot hold, naming it.
     #[test]
     fn panels_round_trip_and_refuse_odd_shapes() {
-        for kind in [Kind::Float, Kind::BFloat16] {
-            let weight = Tensor::randn([48, 37], (Kind::Float, Device::Cpu)).to_kind(kind);
+        // bf16 panels of an even `in` are held in pairs where the CPU has AVX-512 BF16.
+        for (kind, inputs) in [(Kind::Float, 37), (Kind::BFloat16, 37), (Kind::BFloat16, 38)] {
+            let weight = Tensor::randn([48, inputs], (Kind::Float, Device::Cpu)).to_kind(kind);
             let panels = pack_panels(&weight).unwrap();
-            assert_eq!((panels.size(), panels.kind()), (vec![3, 37, 16], kind));
+            assert_eq!((panels.size(), panels.kind()), (vec![3, inputs, 16], kind));
             assert!(is_panels(&panels) && !is_panels(&weight));
             assert!(unpack_panels(&panels).unwrap().equal(&weight));
         }
