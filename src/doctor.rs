@@ -157,9 +157,11 @@ fn print_text(
     }
     println!("threads         {} intra-op, {} inter-op", info.intra_op_threads, info.inter_op_threads);
     let kernel = if kernels::linear::few_row_kernel_available() {
+        let bf16 = kernels::linear::bf16_kernel();
+        let pairs = if bf16 == kernels::linear::Bf16Kernel::Widened { "" } else { ", bf16 in pairs of steps" };
         format!(
-            "wizard's dense kernel (fp32, {}; or fp32/bf16 panels, per shape as timed at load)",
-            kernels::linear::bf16_kernel().describe()
+            "wizard's dense kernel (fp32, {}; or fp32/bf16 panels{pairs}, per shape as timed at load)",
+            bf16.describe()
         )
     } else {
         "BLAS (no AVX2)".to_string()
