@@ -155,15 +155,8 @@ struct Lanes {
 void rows_times_panels(const float* x, int64_t rows, const float* panels, const float* bias, float* y, int64_t in,
                        int64_t out, int64_t begin, int64_t end) {
   for (int64_t r = 0; r < rows; r++) std::fill(y + r * out + begin, y + r * out + end, 0.0f);
-  const int64_t stride = in * kPanel;
-  // Rows in tiles of at most 7 (13 rows: 6 and 7); one tile reads the weights once, unchunked.
-  const bool one_tile = rows <= kTileRows;
-  const int64_t chunk = one_tile ? in : kChunk;
-  int64_t j = begin;
-  for (; j + kPanels * kPanel <= end; j += kPanels * kPanel)
-    tiles_over_chunks<kTileRows, kPanels>(rows, x, in, panels + j / kPanel * stride, chunk, !one_tile, y + j, out);
-  for (; j < end; j += kPanel)
-    tiles_over_chunks<kTileRows, 1>(rows, x, in, panels + j / kPanel * stride, chunk, !one_tile, y + j, out);
+  // Rows in tiles of at most 7 (13 rows: 6 and 7).
+  tiles_over_panels<kTileRows, kPanels>(rows, x, in, panels, kChunk, y, out, begin, end);
   add_bias(bias, y, rows, out, begin, end);
 }
 
@@ -181,10 +174,6 @@ void rows_times_panels(const float* x, int64_t rows, const float* panels, const 
 #pragma GCC target("avx512f,avx512bw,avx512bf16,avx2,fma")
 namespace avx512bf16 {
 
-constexpr int kPanels = 4;
-constexpr int kTileRows = 7;
-constexpr int64_t kChunk = 1024;  // pairs of steps: 4 panels' chunk (256 KiB) stays in L2
-
 struct Lanes {
   using V = __m512;
   static constexpr int kStepVectors = 1;
@@ -201,29 +190,23 @@ struct Lanes {
 #include "panel_tile.h"
 
 // Output columns [begin, end) (multiples of 16) of `rows` rows of bf16 inputs (`narrowed`), their
-// sums kept in `y` itself.
+// sums kept in `y` itself: fp32's tiles and chunks (a pair of steps is 64 bytes, as an fp32 step).
 void rows_times_panels(const uint16_t* narrowed, int64_t rows, const uint16_t* panels, const float* bias, float* y,
                        int64_t in, int64_t out, int64_t begin, int64_t end) {
   for (int64_t r = 0; r < rows; r++) std::fill(y + r * out + begin, y + r * out + end, 0.0f);
-  const int64_t steps = in / 2, stride = in * kPanel;
-  const auto* x = reinterpret_cast<const float*>(narrowed);  // pairs, read as 32-bit units
-  const auto* pairs = reinterpret_cast<const uint32_t*>(panels);
-  const bool one_tile = rows <= kTileRows;
-  const int64_t chunk = one_tile ? steps : kChunk;
-  int64_t j = begin;
-  for (; j + kPanels * kPanel <= end; j += kPanels * kPanel)
-    tiles_over_chunks<kTileRows, kPanels>(rows, x, steps, pairs + j / kPanel * stride / 2, chunk, !one_tile, y + j,
-                                          out);
-  for (; j < end; j += kPanel)
-    tiles_over_chunks<kTileRows, 1>(rows, x, steps, pairs + j / kPanel * stride / 2, chunk, !one_tile, y + j, out);
+  tiles_over_panels<avx512::kTileRows, avx512::kPanels>(rows, reinterpret_cast<const float*>(narrowed), in / 2,
+                                                        reinterpret_cast<const uint32_t*>(panels), avx512::kChunk, y,
+                                                        out, begin, end);
   add_bias(bias, y, rows, out, begin, end);
 }
 
 }  // namespace avx512bf16
 #pragma GCC pop_options
 
-// Whether bf16 panels of `in` inputs are held in pairs for the AVX-512 BF16 tiles.
-bool bf16_pairs(int64_t in) { return wizard::cpu::avx512_bf16() && in % 2 == 0; }
+// Whether `type` panels of `in` inputs are held in pairs of steps for the AVX-512 BF16 tiles.
+bool in_pairs(at::ScalarType type, int64_t in) {
+  return type == at::kBFloat16 && wizard::cpu::avx512_bf16() && in % 2 == 0;
+}
 
 // Over fp32 panels, AVX-512 where the CPU has it; over bf16 ones, pairs where they are, from the
 // rows rounded to bf16 (`narrowed`).
@@ -233,7 +216,7 @@ void panel_product(const float* x, const uint16_t* narrowed, int64_t rows, const
   if constexpr (std::is_same_v<W, float>) {
     if (wizard::cpu::avx512()) return avx512::rows_times_panels(x, rows, panels, bias, y, in, out, begin, end);
   } else {
-    if (bf16_pairs(in)) return avx512bf16::rows_times_panels(narrowed, rows, panels, bias, y, in, out, begin, end);
+    if (in_pairs(at::kBFloat16, in)) return avx512bf16::rows_times_panels(narrowed, rows, panels, bias, y, in, out, begin, end);
   }
   rows_times_panels(x, rows, panels, bias, y, in, out, begin, end);
 }
@@ -244,9 +227,6 @@ at::Tensor step_order(at::ScalarType type) {
   if (type == at::kBFloat16) order = at::tensor(std::vector<int64_t>(kBf16Order, kBf16Order + kPanel), at::kLong);
   return order;
 }
-
-// Whether `type` panels of `in` inputs are held in pairs of steps.
-bool in_pairs(at::ScalarType type, int64_t in) { return type == at::kBFloat16 && bf16_pairs(in); }
 
 // `w` [out, in] as panels [out / 16, in, 16] (in pairs, [out / 16, in / 2, 16, 2], where they are).
 at::Tensor pack(const at::Tensor& w) {

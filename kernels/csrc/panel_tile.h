@@ -59,3 +59,18 @@ inline void tiles_over_chunks(int64_t rows, const float* x, int64_t in, const W*
     }
   }
 }
+
+// Output columns [begin, end) (multiples of 16) of `rows` rows over panels of `in` steps, P panels
+// at a time and then one by one, rows in tiles of at most `MaxRows`: one tile reads the weights once,
+// unchunked; more take chunks of `chunk` steps, the first tile prefetching. Sums add to `y`.
+template <int MaxRows, int P, typename W>
+inline void tiles_over_panels(int64_t rows, const float* x, int64_t in, const W* panels, int64_t chunk, float* y,
+                              int64_t out, int64_t begin, int64_t end) {
+  const bool one_tile = rows <= MaxRows;
+  const int64_t steps = one_tile ? in : chunk;
+  int64_t j = begin;
+  for (; j + P * kPanel <= end; j += P * kPanel)
+    tiles_over_chunks<MaxRows, P>(rows, x, in, panels + j / kPanel * in * kPanel, steps, !one_tile, y + j, out);
+  for (; j < end; j += kPanel)
+    tiles_over_chunks<MaxRows, 1>(rows, x, in, panels + j / kPanel * in * kPanel, steps, !one_tile, y + j, out);
+}
