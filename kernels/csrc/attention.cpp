@@ -3,18 +3,22 @@
 // sequences, heads and positions. Each (sequence, head, position) is computed by the same code in
 // the same order whatever else is in the call, so a position's output depends neither on its
 // neighbours in the batch nor on how many positions came in the same call: a k-token verification
-// gives the bits of k one-token steps.
+// gives the bits of k one-token steps. The heads of a key/value group (all of them, multi-query) go
+// through a tile of the cache together, as many to a task as keeps the threads busy; a head's
+// arithmetic is the same whichever heads share its task.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "attention.h"
 #include "cpu.h"
 #include "guard.h"
+#include "vector_lanes.h"
 
 // GCC 12's AVX-512 shuffle intrinsics read an intentionally undefined register (a false positive).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -51,9 +55,13 @@ __attribute__((target_clones("avx2,fma", "default"))) void scores_portable(const
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-// The same sums with AVX-512, `dim` a multiple of 16: 16 keys' partials reduced together, not one
-// key's 16-add chain at a time.
-void scores_avx512(const float* query, const float* keys, int64_t count, int64_t dim, float scale, float* scores) {
+// The same sums with AVX-512, `dim` a multiple of 16 (`Dim` where it is fixed at compile time, so
+// that the 16 keys' rows are offsets of one pointer; 0 otherwise): 16 keys' partials reduced
+// together, not one key's 16-add chain at a time.
+template <int64_t Dim>
+void scores_avx512_of(const float* query, const float* keys, int64_t count, int64_t runtime_dim, float scale,
+                      float* scores) {
+  const int64_t dim = Dim != 0 ? Dim : runtime_dim;
   const auto partials = [&](const float* key) {
     __m512 part = _mm512_setzero_ps();
     for (int64_t d = 0; d < dim; d += kLanes)
@@ -62,8 +70,15 @@ void scores_avx512(const float* query, const float* keys, int64_t count, int64_t
   };
   int64_t t = 0;
   for (; t + kLanes <= count; t += kLanes) {
+    // The 16 keys' chains side by side (each still in order of d): one key's chain alone waits on
+    // every multiply-add's latency.
     __m512 part[kLanes];
-    for (int k = 0; k < kLanes; k++) part[k] = partials(keys + (t + k) * dim);
+    for (int k = 0; k < kLanes; k++) part[k] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += kLanes) {
+      const __m512 q = _mm512_loadu_ps(query + d);
+      const float* key = keys + t * dim + d;
+      for (int k = 0; k < kLanes; k++) part[k] = _mm512_fmadd_ps(q, _mm512_loadu_ps(key + k * dim), part[k]);
+    }
     // tree_sum, 16 keys at a time: pairs of lanes within each quad, quads, then halves.
     __m512 pair[8], quad[4], half[2];
     for (int i = 0; i < 8; i++)
@@ -85,16 +100,19 @@ void scores_avx512(const float* query, const float* keys, int64_t count, int64_t
     scores[t] = tree_sum(part) * scale;
   }
 }
+// scores_avx512_of for the head sizes of common models compiled for their size.
+void scores_avx512(const float* query, const float* keys, int64_t count, int64_t dim, float scale, float* scores) {
+  switch (dim) {
+    case 64: scores_avx512_of<64>(query, keys, count, dim, scale, scores); break;
+    case 128: scores_avx512_of<128>(query, keys, count, dim, scale, scores); break;
+    default: scores_avx512_of<0>(query, keys, count, dim, scale, scores); break;
+  }
+}
 #pragma GCC pop_options
 
-__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void attend_clone(const float* query, const float* keys,
-                                                                             const float* values, int64_t count,
-                                                                             int64_t dim, float scale, float* scores,
-                                                                             float* out) {
-  if (wizard::cpu::avx512() && dim % kLanes == 0)
-    scores_avx512(query, keys, count, dim, scale, scores);
-  else
-    scores_portable(query, keys, count, dim, scale, scores);
+// scores[t] = exp(scores[t] - their largest) for t in [0, count); returns 1 / their sum (summed in
+// order of t).
+float softmax_weights(float* scores, int64_t count) {
   float max_score = -INFINITY;
   for (int64_t t = 0; t < count; t++) max_score = std::max(max_score, scores[t]);
   float total = 0.0f;
@@ -102,15 +120,119 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void attend_clo
     scores[t] = std::exp(scores[t] - max_score);
     total += scores[t];
   }
+  return 1.0f / total;
+}
+
+// One head: out = inverse * sum over t of weights[t] * values[t], each lane's sum by (fused, where
+// the clone has them) multiply-adds in order of t from zero.
+__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void attend_portable(const float* query,
+                                                                                const float* keys,
+                                                                                const float* values, int64_t count,
+                                                                                int64_t dim, float scale,
+                                                                                float* scores, float* out) {
+  scores_portable(query, keys, count, dim, scale, scores);
+  const float inverse = softmax_weights(scores, count);
   for (int64_t d = 0; d < dim; d++) out[d] = 0.0f;
   for (int64_t t = 0; t < count; t++) {
     const float weight = scores[t];
     const float* value = values + t * dim;
     for (int64_t d = 0; d < dim; d++) out[d] += weight * value[d];
   }
-  const float inverse = 1.0f / total;
   for (int64_t d = 0; d < dim; d++) out[d] *= inverse;
 }
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+// sums[0, N * 16) += weights[t] * values[t] for t in [0, count) (rows of `dim`), each lane by fused
+// multiply-adds in order of t: the portable loop's arithmetic, the sums held in registers.
+template <int N>
+void accumulate_avx512(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
+  __m512 sum[N];
+  for (int k = 0; k < N; k++) sum[k] = _mm512_loadu_ps(sums + k * kLanes);
+  for (int64_t t = 0; t < count; t++) {
+    const __m512 weight = _mm512_set1_ps(weights[t]);
+    const float* value = values + t * dim;
+    for (int k = 0; k < N; k++) sum[k] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(value + k * kLanes), sum[k]);
+  }
+  for (int k = 0; k < N; k++) _mm512_storeu_ps(sums + k * kLanes, sum[k]);
+}
+
+// The same over every column, `dim` a multiple of 16, up to 128 columns at a time.
+void accumulate_columns_avx512(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
+  constexpr int64_t kMaxVectors = 8;
+  for (int64_t column = 0; column < dim; column += kMaxVectors * kLanes) {
+    const float* v = values + column;
+    float* s = sums + column;
+    switch (std::min(kMaxVectors, (dim - column) / kLanes)) {
+      case 1: accumulate_avx512<1>(weights, v, count, dim, s); break;
+      case 2: accumulate_avx512<2>(weights, v, count, dim, s); break;
+      case 3: accumulate_avx512<3>(weights, v, count, dim, s); break;
+      case 4: accumulate_avx512<4>(weights, v, count, dim, s); break;
+      case 5: accumulate_avx512<5>(weights, v, count, dim, s); break;
+      case 6: accumulate_avx512<6>(weights, v, count, dim, s); break;
+      case 7: accumulate_avx512<7>(weights, v, count, dim, s); break;
+      default: accumulate_avx512<8>(weights, v, count, dim, s); break;
+    }
+  }
+}
+
+// softmax_weights with AVX-512: each weight to about an ulp (exp_kernel.h's exp instead of libm's),
+// summed as 16 lane partials (lane l: the weights of t = l mod 16, in order of t) then tree_sum. A NaN
+// score makes every weight's share NaN, as libm's exp would.
+float softmax_weights_avx512(float* scores, int64_t count) {
+  using wizard::avx512::exp;
+  const int64_t whole = count / kLanes * kLanes;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (count - whole)) - 1);
+  __m512 largest = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < whole; t += kLanes) largest = _mm512_max_ps(largest, _mm512_loadu_ps(scores + t));
+  largest = _mm512_mask_max_ps(largest, tail, largest, _mm512_maskz_loadu_ps(tail, scores + whole));
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(largest));
+  __m512 total = _mm512_setzero_ps();
+  __mmask16 unordered = 0;
+  const auto weigh = [&](__mmask16 lanes, int64_t t) {
+    const __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, scores + t), top);
+    unordered |= _mm512_mask_cmp_ps_mask(lanes, shifted, shifted, _CMP_UNORD_Q);
+    const __m512 weight = _mm512_maskz_mov_ps(lanes, exp(shifted));
+    _mm512_mask_storeu_ps(scores + t, lanes, weight);
+    total = _mm512_add_ps(total, weight);
+  };
+  for (int64_t t = 0; t < whole; t += kLanes) weigh(0xFFFF, t);
+  if (tail != 0) weigh(tail, whole);
+  if (unordered != 0) return NAN;
+  float part[kLanes];
+  _mm512_storeu_ps(part, total);
+  return 1.0f / tree_sum(part);
+}
+
+// Positions per tile: 16 KiB of keys (then of values) stay in L1 while each head of the group meets
+// them, so a long cache streams from memory once per task rather than once per head.
+int64_t tile_positions(int64_t dim) {
+  return std::max<int64_t>(kLanes, 16384 / (dim * static_cast<int64_t>(sizeof(float))) / kLanes * kLanes);
+}
+
+// attend_portable for `heads` heads over the same keys and values, `dim` a multiple of 16: the
+// same bits per head, each tile of the cache read once for all of them.
+void attend_heads_avx512(const float* query, int64_t query_stride, int64_t heads, const float* keys,
+                         const float* values, int64_t count, int64_t dim, float scale, float* scores, float* out) {
+  const int64_t tile = tile_positions(dim);
+  for (int64_t first = 0; first < count; first += tile) {
+    const int64_t n = std::min(tile, count - first);
+    for (int64_t h = 0; h < heads; h++)
+      scores_avx512(query + h * query_stride, keys + first * dim, n, dim, scale, scores + h * count + first);
+  }
+  std::vector<float> inverse(heads);
+  for (int64_t h = 0; h < heads; h++) inverse[h] = softmax_weights_avx512(scores + h * count, count);
+  std::fill_n(out, heads * dim, 0.0f);
+  for (int64_t first = 0; first < count; first += tile) {
+    const int64_t n = std::min(tile, count - first);
+    for (int64_t h = 0; h < heads; h++)
+      accumulate_columns_avx512(scores + h * count + first, values + first * dim, n, dim, out + h * dim);
+  }
+  for (int64_t h = 0; h < heads; h++)
+    for (int64_t d = 0; d < dim; d += kLanes)
+      _mm512_storeu_ps(out + h * dim + d, _mm512_mul_ps(_mm512_loadu_ps(out + h * dim + d), _mm512_set1_ps(inverse[h])));
+}
+#pragma GCC pop_options
 
 bool plain_float_cpu(const at::Tensor& t) {
   return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided;
@@ -143,9 +265,19 @@ std::vector<CacheRow> cache_rows(void** key_caches, void** value_caches, const i
   return rows;
 }
 
-void attend(const float* query, const float* keys, const float* values, int64_t count, int64_t dim, float scale,
-            float* scores, float* out) {
-  attend_clone(query, keys, values, count, dim, scale, scores, out);
+void attend_heads(const float* query, int64_t query_stride, int64_t heads, const float* keys, const float* values,
+                  int64_t count, int64_t dim, float scale, float* scores, float* out) {
+  if (wizard::cpu::avx512() && dim % kLanes == 0) {
+    attend_heads_avx512(query, query_stride, heads, keys, values, count, dim, scale, scores, out);
+    return;
+  }
+  for (int64_t h = 0; h < heads; h++)
+    attend_portable(query + h * query_stride, keys, values, count, dim, scale, scores, out + h * dim);
+}
+
+int64_t heads_per_task(int64_t group, int64_t tasks, int64_t threads) {
+  const int64_t parts = std::clamp<int64_t>((threads + tasks - 1) / std::max<int64_t>(tasks, 1), 1, group);
+  return (group + parts - 1) / parts;
 }
 
 }  // namespace wizard
@@ -192,17 +324,22 @@ int wizard_decode_attention(void* query_handle, void* new_keys_handle, void* new
     const float* q = query.data_ptr<float>();
     float* o = out.data_ptr<float>();
     const int64_t group = heads / kv_heads;
-    // Tasks in (row, head, position) order: neighbouring tasks read the same keys and values.
-    at::parallel_for(0, batch * heads * fresh, 1, [&](int64_t begin, int64_t end) {
+    const int64_t chunk = wizard::heads_per_task(group, batch * kv_heads * fresh, at::get_num_threads());
+    const int64_t chunks = (group + chunk - 1) / chunk;
+    // Tasks in (row, group, heads, position) order: neighbouring tasks read the same keys and values.
+    at::parallel_for(0, batch * kv_heads * chunks * fresh, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       for (int64_t task = begin; task < end; task++) {
-        const int64_t j = task % fresh, h = (task / fresh) % heads, r = task / (fresh * heads);
+        const int64_t j = task % fresh, c = (task / fresh) % chunks, g = (task / (fresh * chunks)) % kv_heads,
+                      r = task / (fresh * chunks * kv_heads);
+        const int64_t first = g * group + c * chunk, n = std::min(chunk, group - c * chunk);
         const wizard::CacheRow& row = rows[r];
-        const int64_t base = (h / group) * row.capacity * dim;
+        const int64_t base = g * row.capacity * dim;
         const int64_t positions = row.past + j + 1;
-        scores.resize(positions);
-        wizard::attend(q + task * dim, row.keys + base, row.values + base, positions, dim, static_cast<float>(scale),
-               scores.data(), o + ((r * fresh + j) * heads + h) * dim);
+        scores.resize(n * positions);
+        wizard::attend_heads(q + ((r * heads + first) * fresh + j) * dim, fresh * dim, n, row.keys + base,
+                             row.values + base, positions, dim, static_cast<float>(scale), scores.data(),
+                             o + ((r * fresh + j) * heads + first) * dim);
       }
     });
     *result = new at::Tensor(std::move(out));

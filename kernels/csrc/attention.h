@@ -21,9 +21,17 @@ struct CacheRow {
 std::vector<CacheRow> cache_rows(void** key_caches, void** value_caches, const int64_t* lens, int64_t count,
                                  int64_t kv_heads, int64_t dim, int64_t fresh, int64_t batch);
 
-// `out` = softmax(scale * query . keys[t]) weighted sum of values[t] over t in [0, count) (rows of
-// `dim`), summed in a fixed order; `scores` holds `count` floats of scratch.
-void attend(const float* query, const float* keys, const float* values, int64_t count, int64_t dim, float scale,
-            float* scores, float* out);
+// For each head h in [0, heads) of one key/value group: out[h * dim, (h + 1) * dim) = the weighted
+// sum of values[t] by softmax(scale * query_h . keys[t]) over t in [0, count) (rows of `dim`), where
+// query_h = query + h * query_stride. A head's bits depend on nothing but its own inputs (fixed
+// orders of summation), whichever heads share the call. `scores` holds heads * count floats of
+// scratch.
+void attend_heads(const float* query, int64_t query_stride, int64_t heads, const float* keys, const float* values,
+                  int64_t count, int64_t dim, float scale, float* scores, float* out);
+
+// Heads per attend_heads call, for `tasks` (sequence, group, position) triples of `group` heads each
+// on `threads` threads: a group's heads are split only as far as it takes to give every thread work,
+// since each call streams the group's keys and values once.
+int64_t heads_per_task(int64_t group, int64_t tasks, int64_t threads);
 
 }  // namespace wizard

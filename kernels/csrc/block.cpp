@@ -25,6 +25,7 @@
 #include "dense.h"
 #include "guard.h"
 #include "parallel.h"
+#include "vector_lanes.h"
 
 // GCC 12's AVX-512 intrinsics read an intentionally undefined register (a false positive).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -83,22 +84,8 @@ float gelu_tanh(float x) {
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 namespace avx512 {
-struct Lanes {
-  using V = __m512;
-  static constexpr int64_t kWidth = 16;
-  static V set1(float f) { return _mm512_set1_ps(f); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static V min(V a, V b) { return _mm512_min_ps(a, b); }
-  static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static V div(V a, V b) { return _mm512_div_ps(a, b); }
-  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
-  static V round(V v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static V scale(V p, V n) { return _mm512_scalef_ps(p, n); }
-};
+using wizard::avx512::exp;
+using wizard::avx512::Lanes;
 #include "gelu_kernel.h"
 }  // namespace avx512
 #pragma GCC pop_options
@@ -106,30 +93,8 @@ struct Lanes {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-struct Lanes {
-  using V = __m256;
-  static constexpr int64_t kWidth = 8;
-  static V set1(float f) { return _mm256_set1_ps(f); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static V min(V a, V b) { return _mm256_min_ps(a, b); }
-  static V max(V a, V b) { return _mm256_max_ps(a, b); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static V div(V a, V b) { return _mm256_div_ps(a, b); }
-  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
-  static V round(V v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // p * 2^n as scalef computes it (n in [-126, 128] here): two exact powers of two in [2^-63, 2^64],
-  // so only the second product rounds.
-  static V scale(V p, V n) {
-    const __m256i k = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(k, 1);
-    return _mm256_mul_ps(_mm256_mul_ps(p, power_of_two(half)), power_of_two(_mm256_sub_epi32(k, half)));
-  }
-  static V power_of_two(__m256i e) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
-  }
-};
+using wizard::avx2::exp;
+using wizard::avx2::Lanes;
 #include "gelu_kernel.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -281,11 +246,12 @@ int wizard_decode_block(void* x_handle, void** parameters, int64_t heads, double
       return Step(p->prepares() ? positions : 0, threads, 1, 1);
     };
     const auto tasks = [&](int64_t n) { return Step(n, threads, 1, 1); };
+    const int64_t group = heads / kv_heads, chunk = wizard::heads_per_task(group, positions * kv_heads, threads);
+    const int64_t chunks = (group + chunk - 1) / chunk;
     Step norm_1 = tasks(positions), project_qkv = units_of(qkv_product), store = tasks(positions),
-         attend = tasks(positions * heads), ready_attended = ready_for(out_product), project_out = units_of(out_product),
+         attend = tasks(positions * kv_heads * chunks), ready_attended = ready_for(out_product), project_out = units_of(out_product),
          norm_2 = tasks(positions), expand = units_of(up_product), ready_hidden = ready_for(down_product),
          contract = units_of(down_product);
-    const int64_t group = heads / kv_heads;
     const auto query_at = [&](int64_t h) { return kv_heads == 1 ? h * dim : h * 3 * dim; };
     const auto key_at = [&](int64_t g) { return kv_heads == 1 ? d : g * 3 * dim + dim; };
     const float softmax_scale = static_cast<float>(scale);
@@ -317,16 +283,19 @@ int wizard_decode_block(void* x_handle, void** parameters, int64_t heads, double
           }
         }
       });
-      // Tasks in (row, head, position) order, as the decode attention kernel orders them.
+      // Tasks in (row, group, heads, position) order, as the decode attention kernel orders them.
       attend.run([&](int64_t begin, int64_t end) {
         thread_local std::vector<float> scores;
         for (int64_t task = begin; task < end; task++) {
-          const int64_t j = task % fresh, h = (task / fresh) % heads, r = task / (fresh * heads);
+          const int64_t j = task % fresh, c = (task / fresh) % chunks, g = (task / (fresh * chunks)) % kv_heads,
+                        r = task / (fresh * chunks * kv_heads);
+          const int64_t first = g * group + c * chunk, n = std::min(chunk, group - c * chunk);
           const wizard::CacheRow& row = rows[r];
-          const int64_t base = (h / group) * row.capacity * dim, m = r * fresh + j;
-          scores.resize(row.past + j + 1);
-          wizard::attend(qkv + m * qkv_dim + query_at(h), row.keys + base, row.values + base, row.past + j + 1, dim,
-                         softmax_scale, scores.data(), attended + m * d + h * dim);
+          const int64_t base = g * row.capacity * dim, m = r * fresh + j;
+          scores.resize(n * (row.past + j + 1));
+          wizard::attend_heads(qkv + m * qkv_dim + query_at(first), query_at(1) - query_at(0), n, row.keys + base,
+                               row.values + base, row.past + j + 1, dim, softmax_scale, scores.data(),
+                               attended + m * d + first * dim);
         }
       });
       ready_attended.run([&](int64_t begin, int64_t end) {

@@ -299,7 +299,8 @@ mod tests {
     fn check_decode(case: DecodeCase) {
         tch::manual_seed(case.head_dim);
         let opts = (Kind::Float, Device::Cpu);
-        let (capacity, fresh) = (40, case.fresh);
+        let fresh = case.fresh;
+        let capacity = case.caches.iter().map(|&(_, len)| len).max().unwrap_or(0) + fresh + 3;
         let batch: i64 = case.caches.iter().map(|(b, _)| b).sum();
         let query = Tensor::randn([batch, case.heads, fresh, case.head_dim], opts);
         let new_keys = Tensor::randn([batch, case.kv_heads, fresh, case.head_dim], opts);
@@ -356,6 +357,29 @@ mod tests {
             check_decode(DecodeCase { heads: 6, kv_heads: 2, head_dim: 20, fresh, caches: vec![(3, 9), (1, 1)] }); // groups
             check_decode(DecodeCase { heads: 3, kv_heads: 3, head_dim: 7, fresh, caches: vec![(2, 26)] });
             // MHA, short head
+        }
+        // Caches longer than a tile of positions (16 KiB of keys), with the head sizes of d768 and 1B
+        // models; one new position splits a group's heads among the threads, more do not.
+        for fresh in [1, 5] {
+            check_decode(DecodeCase { heads: 12, kv_heads: 1, head_dim: 64, fresh, caches: vec![(1, 200), (1, 63)] });
+            check_decode(DecodeCase { heads: 16, kv_heads: 1, head_dim: 128, fresh, caches: vec![(2, 150)] });
+        }
+    }
+
+    #[test]
+    fn decode_kernel_passes_nan_on() {
+        let opts = (Kind::Float, Device::Cpu);
+        for head_dim in [64, 20] {
+            let query = Tensor::randn([1, 4, 1, head_dim], opts);
+            let _ = query.narrow(1, 2, 1).narrow(3, 0, 1).fill_(f64::NAN);
+            let new = Tensor::randn([1, 1, 1, head_dim], opts);
+            let cache = Tensor::randn([1, 1, 50, head_dim], opts);
+            let out = decode_attention(&query, &new, &new, &[&cache], &[&cache], &[40], 0.125).view([4, head_dim]);
+            for head in 0..4 {
+                let nan = out.get(head).isnan().all().int64_value(&[]) == 1;
+                let finite = out.get(head).isfinite().all().int64_value(&[]) == 1;
+                assert!(if head == 2 { nan } else { finite }, "head dim {head_dim}, head {head}: {}", out.get(head));
+            }
         }
     }
 
