@@ -205,12 +205,16 @@ impl GptBigCode {
         }
         for (name, (values, scales, file)) in parts {
             let error = |message: String| ModelError::Tensor { path: file.clone(), tensor: name.clone(), message };
-            let values = values
-                .ok_or_else(|| error(format!("has a scale ({name}{SCALE_SUFFIX}) but no {} values", format.name())))?;
+            let values = values.ok_or_else(|| {
+                let (format, kind) = (format.name(), format.values_kind());
+                error(format!("has a scale ({name}{SCALE_SUFFIX}) but no {format} values (stored as {kind:?})"))
+            })?;
             let scales = scales.ok_or_else(|| error(format!("has no scale tensor {name}{SCALE_SUFFIX}")))?;
             let (out, in_features) = model.dense_shape(&name).ok_or_else(|| error("is not a dense layer".into()))?;
             if values.size().first() != Some(&out) {
-                return Err(error(format!("has {:?} rows, config.json implies {out}", values.size())));
+                let message =
+                    format!("has shape {:?}: config.json implies {out} rows of {in_features} inputs", values.size());
+                return Err(error(message));
             }
             let weight =
                 QuantizedWeight::from_parts(values, scales, in_features, format).map_err(|e| error(e.to_string()))?;
