@@ -5,7 +5,9 @@
 // neighbours in the batch nor on how many positions came in the same call: a k-token verification
 // gives the bits of k one-token steps. The heads of a key/value group (all of them, multi-query) go
 // through a tile of the cache together, as many to a task as keeps the threads busy; a head's
-// arithmetic is the same whichever heads share its task.
+// arithmetic is the same whichever heads share its task. Where head sizes are a multiple of 16, the
+// AVX-512 and AVX2 kernels give the same bits (the same sums in the same order, exp_kernel.h's exp);
+// elsewhere, and without AVX2, a portable loop with libm's exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -20,7 +22,9 @@
 #include "guard.h"
 #include "vector_lanes.h"
 
-// GCC 12's AVX-512 shuffle intrinsics read an intentionally undefined register (a false positive).
+// GCC 12's AVX-512 shuffle and reduction intrinsics read an intentionally undefined register (a
+// false positive).
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace {
@@ -204,35 +208,165 @@ float softmax_weights_avx512(float* scores, int64_t count) {
   return 1.0f / tree_sum(part);
 }
 
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+// scores_portable's sums with AVX2, `dim` a multiple of 16: four keys' chains side by side, each
+// key's 16 lane partials in two vectors (the bits of scores_avx512).
+void scores_avx2(const float* query, const float* keys, int64_t count, int64_t dim, float scale, float* scores) {
+  constexpr int kKeys = 4;
+  float part[kLanes];
+  int64_t t = 0;
+  for (; t + kKeys <= count; t += kKeys) {
+    __m256 low[kKeys], high[kKeys];
+    for (int k = 0; k < kKeys; k++) low[k] = high[k] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dim; d += kLanes) {
+      const __m256 query_low = _mm256_loadu_ps(query + d), query_high = _mm256_loadu_ps(query + d + 8);
+      const float* key = keys + t * dim + d;
+      for (int k = 0; k < kKeys; k++) {
+        low[k] = _mm256_fmadd_ps(query_low, _mm256_loadu_ps(key + k * dim), low[k]);
+        high[k] = _mm256_fmadd_ps(query_high, _mm256_loadu_ps(key + k * dim + 8), high[k]);
+      }
+    }
+    for (int k = 0; k < kKeys; k++) {
+      _mm256_storeu_ps(part, low[k]);
+      _mm256_storeu_ps(part + 8, high[k]);
+      scores[t + k] = tree_sum(part) * scale;
+    }
+  }
+  for (; t < count; t++) {
+    __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dim; d += kLanes) {
+      low = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), _mm256_loadu_ps(keys + t * dim + d), low);
+      high = _mm256_fmadd_ps(_mm256_loadu_ps(query + d + 8), _mm256_loadu_ps(keys + t * dim + d + 8), high);
+    }
+    _mm256_storeu_ps(part, low);
+    _mm256_storeu_ps(part + 8, high);
+    scores[t] = tree_sum(part) * scale;
+  }
+}
+
+// accumulate_avx512 with AVX2 vectors (the same bits).
+template <int N>
+void accumulate_avx2(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
+  __m256 sum[N];
+  for (int k = 0; k < N; k++) sum[k] = _mm256_loadu_ps(sums + k * 8);
+  for (int64_t t = 0; t < count; t++) {
+    const __m256 weight = _mm256_set1_ps(weights[t]);
+    const float* value = values + t * dim;
+    for (int k = 0; k < N; k++) sum[k] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + k * 8), sum[k]);
+  }
+  for (int k = 0; k < N; k++) _mm256_storeu_ps(sums + k * 8, sum[k]);
+}
+
+// accumulate_columns_avx512 with AVX2 vectors, 64 columns at a time (16 registers).
+void accumulate_columns_avx2(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
+  for (int64_t column = 0; column < dim; column += 64) {
+    const float* v = values + column;
+    float* s = sums + column;
+    switch (std::min<int64_t>(64, dim - column)) {
+      case 16: accumulate_avx2<2>(weights, v, count, dim, s); break;
+      case 32: accumulate_avx2<4>(weights, v, count, dim, s); break;
+      case 48: accumulate_avx2<6>(weights, v, count, dim, s); break;
+      default: accumulate_avx2<8>(weights, v, count, dim, s); break;
+    }
+  }
+}
+
+// Eight weights of softmax_weights_avx2 at `at`, in place, added to `total`; whether any was NaN.
+inline bool weigh_eight(float* at, __m256 top, __m256& total) {
+  const __m256 shifted = _mm256_sub_ps(_mm256_loadu_ps(at), top);
+  const __m256 weight = wizard::avx2::exp(shifted);
+  _mm256_storeu_ps(at, weight);
+  total = _mm256_add_ps(total, weight);
+  return _mm256_movemask_ps(_mm256_cmp_ps(shifted, shifted, _CMP_UNORD_Q)) != 0;
+}
+
+// softmax_weights_avx512 with AVX2 vectors (the same bits: the same exp, the same 16 lane partials).
+float softmax_weights_avx2(float* scores, int64_t count) {
+  float largest = -INFINITY;
+  for (int64_t t = 0; t < count; t++) largest = std::max(largest, scores[t]);
+  const __m256 top = _mm256_set1_ps(largest);
+  __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
+  bool unordered = false;
+  int64_t t = 0;
+  for (; t + kLanes <= count; t += kLanes) {
+    unordered |= weigh_eight(scores + t, top, low);
+    unordered |= weigh_eight(scores + t + 8, top, high);
+  }
+  if (t < count) {
+    // The last partial block through a buffer: its lanes past the end weigh zero.
+    const int64_t n = count - t;
+    float block[kLanes];
+    std::fill_n(block, kLanes, largest);
+    std::copy_n(scores + t, n, block);
+    __m256 weights_low = _mm256_setzero_ps(), weights_high = _mm256_setzero_ps();
+    unordered |= weigh_eight(block, top, weights_low);
+    unordered |= weigh_eight(block + 8, top, weights_high);
+    std::fill(block + n, block + kLanes, 0.0f);
+    std::copy_n(block, n, scores + t);
+    low = _mm256_add_ps(low, _mm256_loadu_ps(block));
+    high = _mm256_add_ps(high, _mm256_loadu_ps(block + 8));
+  }
+  if (unordered) return NAN;
+  float part[kLanes];
+  _mm256_storeu_ps(part, low);
+  _mm256_storeu_ps(part + 8, high);
+  return 1.0f / tree_sum(part);
+}
+#pragma GCC pop_options
+
+// What an instruction set supplies to attend_heads_with, `dim` a multiple of 16.
+struct Avx512Attention {
+  static void scores(const float* query, const float* keys, int64_t count, int64_t dim, float scale, float* out) {
+    scores_avx512(query, keys, count, dim, scale, out);
+  }
+  static float softmax(float* scores, int64_t count) { return softmax_weights_avx512(scores, count); }
+  static void accumulate(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
+    accumulate_columns_avx512(weights, values, count, dim, sums);
+  }
+};
+
+struct Avx2Attention {
+  static void scores(const float* query, const float* keys, int64_t count, int64_t dim, float scale, float* out) {
+    scores_avx2(query, keys, count, dim, scale, out);
+  }
+  static float softmax(float* scores, int64_t count) { return softmax_weights_avx2(scores, count); }
+  static void accumulate(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
+    accumulate_columns_avx2(weights, values, count, dim, sums);
+  }
+};
+
 // Positions per tile: 16 KiB of keys (then of values) stay in L1 while each head of the group meets
 // them, so a long cache streams from memory once per task rather than once per head.
 int64_t tile_positions(int64_t dim) {
   return std::max<int64_t>(kLanes, 16384 / (dim * static_cast<int64_t>(sizeof(float))) / kLanes * kLanes);
 }
 
-// attend_portable for `heads` heads over the same keys and values, `dim` a multiple of 16: the
-// same bits per head, each tile of the cache read once for all of them.
-void attend_heads_avx512(const float* query, int64_t query_stride, int64_t heads, const float* keys,
-                         const float* values, int64_t count, int64_t dim, float scale, float* scores, float* out) {
+// `heads` heads over the same keys and values with `Isa`'s pieces, each tile of the cache read once
+// for all of them; a head's bits are the same alone.
+template <typename Isa>
+void attend_heads_with(const float* query, int64_t query_stride, int64_t heads, const float* keys,
+                       const float* values, int64_t count, int64_t dim, float scale, float* scores, float* out) {
   const int64_t tile = tile_positions(dim);
   for (int64_t first = 0; first < count; first += tile) {
     const int64_t n = std::min(tile, count - first);
     for (int64_t h = 0; h < heads; h++)
-      scores_avx512(query + h * query_stride, keys + first * dim, n, dim, scale, scores + h * count + first);
+      Isa::scores(query + h * query_stride, keys + first * dim, n, dim, scale, scores + h * count + first);
   }
   std::vector<float> inverse(heads);
-  for (int64_t h = 0; h < heads; h++) inverse[h] = softmax_weights_avx512(scores + h * count, count);
+  for (int64_t h = 0; h < heads; h++) inverse[h] = Isa::softmax(scores + h * count, count);
   std::fill_n(out, heads * dim, 0.0f);
   for (int64_t first = 0; first < count; first += tile) {
     const int64_t n = std::min(tile, count - first);
     for (int64_t h = 0; h < heads; h++)
-      accumulate_columns_avx512(scores + h * count + first, values + first * dim, n, dim, out + h * dim);
+      Isa::accumulate(scores + h * count + first, values + first * dim, n, dim, out + h * dim);
   }
   for (int64_t h = 0; h < heads; h++)
-    for (int64_t d = 0; d < dim; d += kLanes)
-      _mm512_storeu_ps(out + h * dim + d, _mm512_mul_ps(_mm512_loadu_ps(out + h * dim + d), _mm512_set1_ps(inverse[h])));
+    for (int64_t d = 0; d < dim; d++) out[h * dim + d] *= inverse[h];
 }
-#pragma GCC pop_options
+
 
 bool plain_float_cpu(const at::Tensor& t) {
   return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided;
@@ -267,8 +401,12 @@ std::vector<CacheRow> cache_rows(void** key_caches, void** value_caches, const i
 
 void attend_heads(const float* query, int64_t query_stride, int64_t heads, const float* keys, const float* values,
                   int64_t count, int64_t dim, float scale, float* scores, float* out) {
-  if (wizard::cpu::avx512() && dim % kLanes == 0) {
-    attend_heads_avx512(query, query_stride, heads, keys, values, count, dim, scale, scores, out);
+  if (dim % kLanes == 0 && wizard::cpu::avx512()) {
+    attend_heads_with<Avx512Attention>(query, query_stride, heads, keys, values, count, dim, scale, scores, out);
+    return;
+  }
+  if (dim % kLanes == 0 && wizard::cpu::avx2()) {
+    attend_heads_with<Avx2Attention>(query, query_stride, heads, keys, values, count, dim, scale, scores, out);
     return;
   }
   for (int64_t h = 0; h < heads; h++)

@@ -1,7 +1,7 @@
 """Prefill and decode tokens/s of wizard vs llama.cpp's llama-bench on the same weights, per precision.
 
 Usage: .wizard/python scripts/bench/decode.py [--shapes d768,1b] [--threads 2] [--prompt-tokens 128]
-                                             [--new-tokens 128] [--self-speculation] [--draft int8|int4]
+                                             [--new-tokens 128] [--depth] [--self-speculation] [--draft int8|int4]
                                              [--precisions float32,bfloat16,int8,int4]
 
 1. Models: random GPTBigCode checkpoints made with transformers under target/bench-models, with the
@@ -12,7 +12,8 @@ Usage: .wizard/python scripts/bench/decode.py [--shapes d768,1b] [--threads 2] [
    if needed).
 2. wizard: the `model` crate's generate bench (best of 3 rounds or more for small models; prefill = one pass over the prompt,
    decode = (generate - prefill) / new tokens) with --dtype float32, bfloat16, int8 and int4; llama.cpp:
-   `llama-bench -p P -n N -t T` on the f32, bf16, q8_0 and q4_0 GGUFs. Each runs in its own process; peak RSS is
+   `llama-bench -p P -n N -t T` on the f32, bf16, q8_0 and q4_0 GGUFs (with --depth, its generation
+   test runs after P tokens of context, `-d P`, where wizard's decode runs: long prompts). Each runs in its own process; peak RSS is
    its maximum resident set. "decode reads" is the GGUF's size times decode tok/s (a step streams every
    weight once) beside the rate the machine reads memory at (T threads summing 512 MiB, best of 5).
    The engines alternate twice per precision and each keeps its best figures (llama.cpp: its fastest
@@ -94,11 +95,20 @@ def run_measured(command):
 def llama_bench(gguf, args):
     bench = subprocess.run([str(LLAMA_SH), "paths"], check=True, capture_output=True, text=True).stdout
     binary = next(line.split()[1] for line in bench.splitlines() if line.startswith("llama-bench"))
-    out, rss = run_measured([binary, "-m", str(gguf), "-t", str(args.threads), "-p", str(args.prompt_tokens),
-                             "-n", str(args.new_tokens), "-o", "json"])
-    rows = json.loads(out)
-    # The fastest repetition, as wizard's figures are its fastest round.
-    rate = {("prefill" if r["n_prompt"] else "decode"): max(r.get("samples_ts") or [r["avg_ts"]]) for r in rows}
+    common = [binary, "-m", str(gguf), "-t", str(args.threads), "-o", "json"]
+    if args.depth:
+        # Decode after the prompt, as wizard's is: llama-bench's generation test at that depth.
+        runs = [["-p", str(args.prompt_tokens), "-n", "0"], ["-p", "0", "-n", str(args.new_tokens),
+                                                            "-d", str(args.prompt_tokens)]]
+    else:
+        runs = [["-p", str(args.prompt_tokens), "-n", str(args.new_tokens)]]
+    rate, rss = {}, 0.0
+    for run in runs:
+        out, run_rss = run_measured([*common, *run])
+        rss = max(rss, run_rss)
+        # The fastest repetition, as wizard's figures are its fastest round.
+        rate.update({("prefill" if r["n_prompt"] else "decode"): max(r.get("samples_ts") or [r["avg_ts"]])
+                     for r in json.loads(out)})
     return rate["prefill"], rate["decode"], rss
 
 
@@ -108,6 +118,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--depth", action="store_true",
+                        help="llama.cpp decodes after the prompt (llama-bench -d), as wizard does; without it, "
+                             "llama-bench's generation test starts from an empty context")
     parser.add_argument("--self-speculation", action="store_true")
     parser.add_argument("--draft", default="int8", help="the target's own copy that drafts: int8 or int4")
     parser.add_argument("--precisions", default=",".join(d for d, _ in PRECISIONS),
@@ -118,7 +131,8 @@ def main():
                    stderr=subprocess.DEVNULL)
     bench = ["cargo", "bench", "-q", "-p", "model", "--bench", "generate", "--"]
     print(http_serve.cpu_description())
-    print(f"threads={args.threads} prompt={args.prompt_tokens} new={args.new_tokens}\n")
+    print(f"threads={args.threads} prompt={args.prompt_tokens} new={args.new_tokens}"
+          f"{' (llama.cpp decodes at that depth)' if args.depth else ''}\n")
     for shape in args.shapes.split(","):
         directory = make_model(shape, args.wizard)
         print(f"### {shape}\n")
