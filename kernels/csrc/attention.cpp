@@ -317,51 +317,31 @@ float softmax_weights_avx2(float* scores, int64_t count) {
 }
 #pragma GCC pop_options
 
-// What an instruction set supplies to attend_heads_with, `dim` a multiple of 16.
-struct Avx512Attention {
-  static void scores(const float* query, const float* keys, int64_t count, int64_t dim, float scale, float* out) {
-    scores_avx512(query, keys, count, dim, scale, out);
-  }
-  static float softmax(float* scores, int64_t count) { return softmax_weights_avx512(scores, count); }
-  static void accumulate(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
-    accumulate_columns_avx512(weights, values, count, dim, sums);
-  }
-};
-
-struct Avx2Attention {
-  static void scores(const float* query, const float* keys, int64_t count, int64_t dim, float scale, float* out) {
-    scores_avx2(query, keys, count, dim, scale, out);
-  }
-  static float softmax(float* scores, int64_t count) { return softmax_weights_avx2(scores, count); }
-  static void accumulate(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
-    accumulate_columns_avx2(weights, values, count, dim, sums);
-  }
-};
-
 // Positions per tile: 16 KiB of keys (then of values) stay in L1 while each head of the group meets
 // them, so a long cache streams from memory once per task rather than once per head.
 int64_t tile_positions(int64_t dim) {
   return std::max<int64_t>(kLanes, 16384 / (dim * static_cast<int64_t>(sizeof(float))) / kLanes * kLanes);
 }
 
-// `heads` heads over the same keys and values with `Isa`'s pieces, each tile of the cache read once
-// for all of them; a head's bits are the same alone.
-template <typename Isa>
+// `heads` heads over the same keys and values with one instruction set's scores, softmax weights
+// and weighted sums (`dim` a multiple of 16), each tile of the cache read once for all of them; a
+// head's bits are the same alone.
+template <auto Scores, auto Softmax, auto Accumulate>
 void attend_heads_with(const float* query, int64_t query_stride, int64_t heads, const float* keys,
                        const float* values, int64_t count, int64_t dim, float scale, float* scores, float* out) {
   const int64_t tile = tile_positions(dim);
   for (int64_t first = 0; first < count; first += tile) {
     const int64_t n = std::min(tile, count - first);
     for (int64_t h = 0; h < heads; h++)
-      Isa::scores(query + h * query_stride, keys + first * dim, n, dim, scale, scores + h * count + first);
+      Scores(query + h * query_stride, keys + first * dim, n, dim, scale, scores + h * count + first);
   }
   std::vector<float> inverse(heads);
-  for (int64_t h = 0; h < heads; h++) inverse[h] = Isa::softmax(scores + h * count, count);
+  for (int64_t h = 0; h < heads; h++) inverse[h] = Softmax(scores + h * count, count);
   std::fill_n(out, heads * dim, 0.0f);
   for (int64_t first = 0; first < count; first += tile) {
     const int64_t n = std::min(tile, count - first);
     for (int64_t h = 0; h < heads; h++)
-      Isa::accumulate(scores + h * count + first, values + first * dim, n, dim, out + h * dim);
+      Accumulate(scores + h * count + first, values + first * dim, n, dim, out + h * dim);
   }
   for (int64_t h = 0; h < heads; h++)
     for (int64_t d = 0; d < dim; d++) out[h * dim + d] *= inverse[h];
@@ -402,11 +382,13 @@ std::vector<CacheRow> cache_rows(void** key_caches, void** value_caches, const i
 void attend_heads(const float* query, int64_t query_stride, int64_t heads, const float* keys, const float* values,
                   int64_t count, int64_t dim, float scale, float* scores, float* out) {
   if (dim % kLanes == 0 && wizard::cpu::avx512()) {
-    attend_heads_with<Avx512Attention>(query, query_stride, heads, keys, values, count, dim, scale, scores, out);
+    attend_heads_with<scores_avx512, softmax_weights_avx512, accumulate_columns_avx512>(
+        query, query_stride, heads, keys, values, count, dim, scale, scores, out);
     return;
   }
   if (dim % kLanes == 0 && wizard::cpu::avx2()) {
-    attend_heads_with<Avx2Attention>(query, query_stride, heads, keys, values, count, dim, scale, scores, out);
+    attend_heads_with<scores_avx2, softmax_weights_avx2, accumulate_columns_avx2>(
+        query, query_stride, heads, keys, values, count, dim, scale, scores, out);
     return;
   }
   for (int64_t h = 0; h < heads; h++)
