@@ -32,7 +32,8 @@ fn main() {
         .map(|_| {
             let started = Instant::now();
             for (k, v) in keys.iter().zip(&values) {
-                kernels::attention::decode_attention(&query, &new_keys, &new_values, &[k], &[v], &[depth], scale);
+                let _ =
+                    kernels::attention::decode_attention(&query, &new_keys, &new_values, &[k], &[v], &[depth], scale);
             }
             started.elapsed().as_secs_f64() * 1e3
         })
