@@ -363,6 +363,8 @@ mod tests {
         for fresh in [1, 5] {
             check_decode(DecodeCase { heads: 12, kv_heads: 1, head_dim: 64, fresh, caches: vec![(1, 200), (1, 63)] });
             check_decode(DecodeCase { heads: 16, kv_heads: 1, head_dim: 128, fresh, caches: vec![(2, 150)] });
+            check_decode(DecodeCase { heads: 2, kv_heads: 1, head_dim: 256, fresh, caches: vec![(1, 70)] });
+            check_decode(DecodeCase { heads: 4, kv_heads: 2, head_dim: 16, fresh, caches: vec![(1, 1100)] });
         }
     }
 
