@@ -274,12 +274,10 @@ void accumulate_columns_avx2(const float* weights, const float* values, int64_t 
   }
 }
 
-// Eight weights of softmax_weights_avx2 at `at`, in place, added to `total`; whether any was NaN.
-inline bool weigh_eight(float* at, __m256 top, __m256& total) {
+// exp(score - top) for the eight scores at `at`, in place; whether any was NaN.
+inline bool weigh_eight(float* at, __m256 top) {
   const __m256 shifted = _mm256_sub_ps(_mm256_loadu_ps(at), top);
-  const __m256 weight = wizard::avx2::exp(shifted);
-  _mm256_storeu_ps(at, weight);
-  total = _mm256_add_ps(total, weight);
+  _mm256_storeu_ps(at, wizard::avx2::exp(shifted));
   return _mm256_movemask_ps(_mm256_cmp_ps(shifted, shifted, _CMP_UNORD_Q)) != 0;
 }
 
@@ -292,18 +290,19 @@ float softmax_weights_avx2(float* scores, int64_t count) {
   bool unordered = false;
   int64_t t = 0;
   for (; t + kLanes <= count; t += kLanes) {
-    unordered |= weigh_eight(scores + t, top, low);
-    unordered |= weigh_eight(scores + t + 8, top, high);
+    unordered |= weigh_eight(scores + t, top);
+    unordered |= weigh_eight(scores + t + 8, top);
+    low = _mm256_add_ps(low, _mm256_loadu_ps(scores + t));
+    high = _mm256_add_ps(high, _mm256_loadu_ps(scores + t + 8));
   }
   if (t < count) {
-    // The last partial block through a buffer: its lanes past the end weigh zero.
+    // The last partial block through a buffer whose lanes past the end weigh zero.
     const int64_t n = count - t;
     float block[kLanes];
     std::fill_n(block, kLanes, largest);
     std::copy_n(scores + t, n, block);
-    __m256 weights_low = _mm256_setzero_ps(), weights_high = _mm256_setzero_ps();
-    unordered |= weigh_eight(block, top, weights_low);
-    unordered |= weigh_eight(block + 8, top, weights_high);
+    unordered |= weigh_eight(block, top);
+    unordered |= weigh_eight(block + 8, top);
     std::fill(block + n, block + kLanes, 0.0f);
     std::copy_n(block, n, scores + t);
     low = _mm256_add_ps(low, _mm256_loadu_ps(block));
