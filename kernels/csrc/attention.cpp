@@ -394,9 +394,18 @@ void attend_heads(const float* query, int64_t query_stride, int64_t heads, const
     attend_portable(query + h * query_stride, keys, values, count, dim, scale, scores, out + h * dim);
 }
 
-int64_t heads_per_task(int64_t group, int64_t tasks, int64_t threads) {
-  const int64_t parts = std::clamp<int64_t>((threads + tasks - 1) / std::max<int64_t>(tasks, 1), 1, group);
-  return (group + parts - 1) / parts;
+AttentionTasks::AttentionTasks(int64_t sequences, int64_t heads, int64_t kv_heads, int64_t fresh, int64_t threads)
+    : sequences_(sequences), kv_heads_(kv_heads), fresh_(fresh), group_(heads / kv_heads) {
+  const int64_t others = std::max<int64_t>(sequences * kv_heads * fresh, 1);
+  const int64_t parts = std::clamp<int64_t>((threads + others - 1) / others, 1, group_);
+  chunk_ = (group_ + parts - 1) / parts;
+  parts_ = (group_ + chunk_ - 1) / chunk_;
+}
+
+AttentionTasks::Task AttentionTasks::at(int64_t i) const {
+  const int64_t part = (i / fresh_) % parts_, group = (i / (fresh_ * parts_)) % kv_heads_;
+  return {i / (fresh_ * parts_ * kv_heads_), group, group * group_ + part * chunk_,
+          std::min(chunk_, group_ - part * chunk_), i % fresh_};
 }
 
 }  // namespace wizard
@@ -442,23 +451,18 @@ int wizard_decode_attention(void* query_handle, void* new_keys_handle, void* new
     auto out = at::empty({batch, fresh, heads * dim}, query.options());
     const float* q = query.data_ptr<float>();
     float* o = out.data_ptr<float>();
-    const int64_t group = heads / kv_heads;
-    const int64_t chunk = wizard::heads_per_task(group, batch * kv_heads * fresh, at::get_num_threads());
-    const int64_t chunks = (group + chunk - 1) / chunk;
-    // Tasks in (row, group, heads, position) order: neighbouring tasks read the same keys and values.
-    at::parallel_for(0, batch * kv_heads * chunks * fresh, 1, [&](int64_t begin, int64_t end) {
+    const wizard::AttentionTasks tasks(batch, heads, kv_heads, fresh, at::get_num_threads());
+    at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
-      for (int64_t task = begin; task < end; task++) {
-        const int64_t j = task % fresh, c = (task / fresh) % chunks, g = (task / (fresh * chunks)) % kv_heads,
-                      r = task / (fresh * chunks * kv_heads);
-        const int64_t first = g * group + c * chunk, n = std::min(chunk, group - c * chunk);
-        const wizard::CacheRow& row = rows[r];
-        const int64_t base = g * row.capacity * dim;
-        const int64_t positions = row.past + j + 1;
-        scores.resize(n * positions);
-        wizard::attend_heads(q + ((r * heads + first) * fresh + j) * dim, fresh * dim, n, row.keys + base,
-                             row.values + base, positions, dim, static_cast<float>(scale), scores.data(),
-                             o + ((r * fresh + j) * heads + first) * dim);
+      for (int64_t i = begin; i < end; i++) {
+        const wizard::AttentionTasks::Task task = tasks.at(i);
+        const wizard::CacheRow& row = rows[task.sequence];
+        const int64_t base = task.group * row.capacity * dim, positions = row.past + task.position + 1;
+        scores.resize(task.heads * positions);
+        wizard::attend_heads(q + ((task.sequence * heads + task.first_head) * fresh + task.position) * dim,
+                             fresh * dim, task.heads, row.keys + base, row.values + base, positions, dim,
+                             static_cast<float>(scale), scores.data(),
+                             o + ((task.sequence * fresh + task.position) * heads + task.first_head) * dim);
       }
     });
     *result = new at::Tensor(std::move(out));

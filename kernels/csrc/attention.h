@@ -29,9 +29,22 @@ std::vector<CacheRow> cache_rows(void** key_caches, void** value_caches, const i
 void attend_heads(const float* query, int64_t query_stride, int64_t heads, const float* keys, const float* values,
                   int64_t count, int64_t dim, float scale, float* scores, float* out);
 
-// Heads per attend_heads call, for `tasks` (sequence, group, position) triples of `group` heads each
-// on `threads` threads: a group's heads are split only as far as it takes to give every thread work,
-// since each call streams the group's keys and values once.
-int64_t heads_per_task(int64_t group, int64_t tasks, int64_t threads);
+// A call's attention in tasks of one sequence, one key/value group, some of its heads and one new
+// position, in that order (neighbouring tasks read the same keys and values). A group's heads are
+// split only as far as it takes to give every thread work, since a task streams its group's keys and
+// values once.
+class AttentionTasks {
+ public:
+  struct Task {
+    int64_t sequence, group, first_head, heads, position;
+  };
+  AttentionTasks(int64_t sequences, int64_t heads, int64_t kv_heads, int64_t fresh, int64_t threads);
+  int64_t count() const { return sequences_ * kv_heads_ * parts_ * fresh_; }
+  // What task `i` of count() covers.
+  Task at(int64_t i) const;
+
+ private:
+  int64_t sequences_, kv_heads_, fresh_, group_, chunk_, parts_;
+};
 
 }  // namespace wizard

@@ -246,10 +246,9 @@ int wizard_decode_block(void* x_handle, void** parameters, int64_t heads, double
       return Step(p->prepares() ? positions : 0, threads, 1, 1);
     };
     const auto tasks = [&](int64_t n) { return Step(n, threads, 1, 1); };
-    const int64_t group = heads / kv_heads, chunk = wizard::heads_per_task(group, positions * kv_heads, threads);
-    const int64_t chunks = (group + chunk - 1) / chunk;
+    const wizard::AttentionTasks attention_tasks(batch, heads, kv_heads, fresh, threads);
     Step norm_1 = tasks(positions), project_qkv = units_of(qkv_product), store = tasks(positions),
-         attend = tasks(positions * kv_heads * chunks), ready_attended = ready_for(out_product), project_out = units_of(out_product),
+         attend = tasks(attention_tasks.count()), ready_attended = ready_for(out_product), project_out = units_of(out_product),
          norm_2 = tasks(positions), expand = units_of(up_product), ready_hidden = ready_for(down_product),
          contract = units_of(down_product);
     const auto query_at = [&](int64_t h) { return kv_heads == 1 ? h * dim : h * 3 * dim; };
@@ -283,19 +282,17 @@ int wizard_decode_block(void* x_handle, void** parameters, int64_t heads, double
           }
         }
       });
-      // Tasks in (row, group, heads, position) order, as the decode attention kernel orders them.
       attend.run([&](int64_t begin, int64_t end) {
         thread_local std::vector<float> scores;
-        for (int64_t task = begin; task < end; task++) {
-          const int64_t j = task % fresh, c = (task / fresh) % chunks, g = (task / (fresh * chunks)) % kv_heads,
-                        r = task / (fresh * chunks * kv_heads);
-          const int64_t first = g * group + c * chunk, n = std::min(chunk, group - c * chunk);
-          const wizard::CacheRow& row = rows[r];
-          const int64_t base = g * row.capacity * dim, m = r * fresh + j;
-          scores.resize(n * (row.past + j + 1));
-          wizard::attend_heads(qkv + m * qkv_dim + query_at(first), query_at(1) - query_at(0), n, row.keys + base,
-                               row.values + base, row.past + j + 1, dim, softmax_scale, scores.data(),
-                               attended + m * d + first * dim);
+        for (int64_t i = begin; i < end; i++) {
+          const wizard::AttentionTasks::Task task = attention_tasks.at(i);
+          const wizard::CacheRow& row = rows[task.sequence];
+          const int64_t base = task.group * row.capacity * dim, m = task.sequence * fresh + task.position;
+          const int64_t positions = row.past + task.position + 1;
+          scores.resize(task.heads * positions);
+          wizard::attend_heads(qkv + m * qkv_dim + query_at(task.first_head), query_at(1) - query_at(0), task.heads,
+                               row.keys + base, row.values + base, positions, dim, softmax_scale, scores.data(),
+                               attended + m * d + task.first_head * dim);
         }
       });
       ready_attended.run([&](int64_t begin, int64_t end) {
