@@ -4,10 +4,11 @@
 // the same order whatever else is in the call, so a position's output depends neither on its
 // neighbours in the batch nor on how many positions came in the same call: a k-token verification
 // gives the bits of k one-token steps. The heads of a key/value group (all of them, multi-query) go
-// through a tile of the cache together, as many to a task as keeps the threads busy; a head's
-// arithmetic is the same whichever heads share its task. Where head sizes are a multiple of 16, the
-// AVX-512 and AVX2 kernels give the same bits (the same sums in the same order, exp_kernel.h's exp);
-// elsewhere, and without AVX2, a portable loop with libm's exp.
+// through a tile of the cache together, as many to a task as keeps the threads busy, and within a
+// task several heads meet each key and value vector at once; a head's arithmetic is the same
+// whichever heads share its task. Where head sizes are a multiple of 16, the AVX-512 and AVX2
+// kernels give the same bits (the same sums in the same order, exp_kernel.h's exp); elsewhere, and
+// without AVX2, a portable loop with libm's exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -59,19 +60,38 @@ __attribute__((target_clones("avx2,fma", "default"))) void scores_portable(const
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
+// tree_sum of 16 vectors of lane partials at once, with shuffles: lane k of the result is
+// tree_sum(part[k]).
+inline __m512 tree_sums(const __m512* part) {
+  // Pairs of lanes within each quad, quads, then halves.
+  __m512 pair[8], quad[4], half[2];
+  for (int i = 0; i < 8; i++)
+    pair[i] = _mm512_add_ps(_mm512_unpacklo_ps(part[2 * i], part[2 * i + 1]),
+                            _mm512_unpackhi_ps(part[2 * i], part[2 * i + 1]));
+  for (int i = 0; i < 4; i++)
+    quad[i] = _mm512_add_ps(_mm512_shuffle_ps(pair[2 * i], pair[2 * i + 1], 0x44),
+                            _mm512_shuffle_ps(pair[2 * i], pair[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; i++)
+    half[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], 0x88),
+                            _mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(half[0], half[1], 0x88), _mm512_shuffle_f32x4(half[0], half[1], 0xDD));
+}
+
+// One key's 16 lane partials against one query (in order of d).
+inline __m512 partials_avx512(const float* query, const float* key, int64_t dim) {
+  __m512 part = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += kLanes)
+    part = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(key + d), part);
+  return part;
+}
+
 // The same sums with AVX-512, `dim` a multiple of 16 (`Dim` where it is fixed at compile time, so
-// that the 16 keys' rows are offsets of one pointer; 0 otherwise): 16 keys' partials reduced
-// together, not one key's 16-add chain at a time.
+// that the keys' rows are offsets of one pointer; 0 otherwise), for one head: 16 keys' partials
+// reduced together, not one key's 16-add chain at a time.
 template <int64_t Dim>
-void scores_avx512_of(const float* query, const float* keys, int64_t count, int64_t runtime_dim, float scale,
-                      float* scores) {
+void scores_one_head_avx512(const float* query, const float* keys, int64_t count, int64_t runtime_dim, float scale,
+                            float* scores) {
   const int64_t dim = Dim != 0 ? Dim : runtime_dim;
-  const auto partials = [&](const float* key) {
-    __m512 part = _mm512_setzero_ps();
-    for (int64_t d = 0; d < dim; d += kLanes)
-      part = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(key + d), part);
-    return part;
-  };
   int64_t t = 0;
   for (; t + kLanes <= count; t += kLanes) {
     // The 16 keys' chains side by side (each still in order of d): one key's chain alone waits on
@@ -83,33 +103,74 @@ void scores_avx512_of(const float* query, const float* keys, int64_t count, int6
       const float* key = keys + t * dim + d;
       for (int k = 0; k < kLanes; k++) part[k] = _mm512_fmadd_ps(q, _mm512_loadu_ps(key + k * dim), part[k]);
     }
-    // tree_sum, 16 keys at a time: pairs of lanes within each quad, quads, then halves.
-    __m512 pair[8], quad[4], half[2];
-    for (int i = 0; i < 8; i++)
-      pair[i] = _mm512_add_ps(_mm512_unpacklo_ps(part[2 * i], part[2 * i + 1]),
-                              _mm512_unpackhi_ps(part[2 * i], part[2 * i + 1]));
-    for (int i = 0; i < 4; i++)
-      quad[i] = _mm512_add_ps(_mm512_shuffle_ps(pair[2 * i], pair[2 * i + 1], 0x44),
-                              _mm512_shuffle_ps(pair[2 * i], pair[2 * i + 1], 0xEE));
-    for (int i = 0; i < 2; i++)
-      half[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], 0x88),
-                              _mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], 0xDD));
-    const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(half[0], half[1], 0x88),
-                                      _mm512_shuffle_f32x4(half[0], half[1], 0xDD));
-    _mm512_storeu_ps(scores + t, _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
+    _mm512_storeu_ps(scores + t, _mm512_mul_ps(tree_sums(part), _mm512_set1_ps(scale)));
   }
   for (; t < count; t++) {
     float part[kLanes];
-    _mm512_storeu_ps(part, partials(keys + t * dim));
+    _mm512_storeu_ps(part, partials_avx512(query, keys + t * dim, dim));
     scores[t] = tree_sum(part) * scale;
   }
 }
-// scores_avx512_of for the head sizes of common models compiled for their size.
-void scores_avx512(const float* query, const float* keys, int64_t count, int64_t dim, float scale, float* scores) {
+
+// The same sums for four heads, four keys at a time: each key vector loaded once for the four
+// heads (the one-head loop loads as often as it multiplies, and the loads bound it).
+template <int64_t Dim>
+void scores_four_heads_avx512(const float* query, int64_t query_stride, const float* keys, int64_t count,
+                              int64_t runtime_dim, float scale, float* scores, int64_t scores_stride) {
+  const int64_t dim = Dim != 0 ? Dim : runtime_dim;
+  constexpr int kHeads = 4, kKeys = 4;
+  int64_t t = 0;
+  for (; t + kKeys <= count; t += kKeys) {
+    __m512 part[kHeads * kKeys];  // head h, key t + k at kKeys * h + k: lane kKeys * h + k of the sums
+    for (int i = 0; i < kHeads * kKeys; i++) part[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += kLanes) {
+      __m512 q[kHeads];
+      for (int h = 0; h < kHeads; h++) q[h] = _mm512_loadu_ps(query + h * query_stride + d);
+      for (int k = 0; k < kKeys; k++) {
+        const __m512 key = _mm512_loadu_ps(keys + (t + k) * dim + d);
+        for (int h = 0; h < kHeads; h++) part[kKeys * h + k] = _mm512_fmadd_ps(q[h], key, part[kKeys * h + k]);
+      }
+    }
+    const __m512 sums = _mm512_mul_ps(tree_sums(part), _mm512_set1_ps(scale));
+    _mm_storeu_ps(scores + t, _mm512_extractf32x4_ps(sums, 0));
+    _mm_storeu_ps(scores + scores_stride + t, _mm512_extractf32x4_ps(sums, 1));
+    _mm_storeu_ps(scores + 2 * scores_stride + t, _mm512_extractf32x4_ps(sums, 2));
+    _mm_storeu_ps(scores + 3 * scores_stride + t, _mm512_extractf32x4_ps(sums, 3));
+  }
+  for (; t < count; t++) {
+    for (int h = 0; h < kHeads; h++) {
+      float part[kLanes];
+      _mm512_storeu_ps(part, partials_avx512(query + h * query_stride, keys + t * dim, dim));
+      scores[h * scores_stride + t] = tree_sum(part) * scale;
+    }
+  }
+}
+
+// scores[h * scores_stride + t] = scale * (query_h . keys[t]) for `heads` heads (query_h = query +
+// h * query_stride), each head's bits those of scores_portable whichever heads share the call.
+template <int64_t Dim>
+void scores_heads_avx512_of(const float* query, int64_t query_stride, int64_t heads, const float* keys, int64_t count,
+                            int64_t dim, float scale, float* scores, int64_t scores_stride) {
+  int64_t h = 0;
+  for (; h + 4 <= heads; h += 4)
+    scores_four_heads_avx512<Dim>(query + h * query_stride, query_stride, keys, count, dim, scale,
+                                  scores + h * scores_stride, scores_stride);
+  for (; h < heads; h++)
+    scores_one_head_avx512<Dim>(query + h * query_stride, keys, count, dim, scale, scores + h * scores_stride);
+}
+// scores_heads_avx512_of for the head sizes of common models compiled for their size.
+void scores_avx512(const float* query, int64_t query_stride, int64_t heads, const float* keys, int64_t count,
+                   int64_t dim, float scale, float* scores, int64_t scores_stride) {
   switch (dim) {
-    case 64: scores_avx512_of<64>(query, keys, count, dim, scale, scores); break;
-    case 128: scores_avx512_of<128>(query, keys, count, dim, scale, scores); break;
-    default: scores_avx512_of<0>(query, keys, count, dim, scale, scores); break;
+    case 64:
+      scores_heads_avx512_of<64>(query, query_stride, heads, keys, count, dim, scale, scores, scores_stride);
+      break;
+    case 128:
+      scores_heads_avx512_of<128>(query, query_stride, heads, keys, count, dim, scale, scores, scores_stride);
+      break;
+    default:
+      scores_heads_avx512_of<0>(query, query_stride, heads, keys, count, dim, scale, scores, scores_stride);
+      break;
   }
 }
 #pragma GCC pop_options
@@ -147,35 +208,61 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void attend_por
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-// sums[0, N * 16) += weights[t] * values[t] for t in [0, count) (rows of `dim`), each lane by fused
-// multiply-adds in order of t: the portable loop's arithmetic, the sums held in registers.
-template <int N>
-void accumulate_avx512(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
-  __m512 sum[N];
-  for (int k = 0; k < N; k++) sum[k] = _mm512_loadu_ps(sums + k * kLanes);
+// sums[h * dim + c] += weights[h * weights_stride + t] * values[t * dim + c] for H heads, t in
+// [0, count) and N * 16 columns c, each lane by fused multiply-adds in order of t: the portable
+// loop's arithmetic, the sums held in registers and each value vector loaded once for the H heads.
+template <int H, int N>
+void accumulate_avx512(const float* weights, int64_t weights_stride, const float* values, int64_t count, int64_t dim,
+                       float* sums) {
+  __m512 sum[H][N];
+  for (int h = 0; h < H; h++)
+    for (int k = 0; k < N; k++) sum[h][k] = _mm512_loadu_ps(sums + h * dim + k * kLanes);
   for (int64_t t = 0; t < count; t++) {
-    const __m512 weight = _mm512_set1_ps(weights[t]);
+    __m512 weight[H];
+    for (int h = 0; h < H; h++) weight[h] = _mm512_set1_ps(weights[h * weights_stride + t]);
     const float* value = values + t * dim;
-    for (int k = 0; k < N; k++) sum[k] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(value + k * kLanes), sum[k]);
+    for (int k = 0; k < N; k++) {
+      const __m512 v = _mm512_loadu_ps(value + k * kLanes);
+      for (int h = 0; h < H; h++) sum[h][k] = _mm512_fmadd_ps(weight[h], v, sum[h][k]);
+    }
   }
-  for (int k = 0; k < N; k++) _mm512_storeu_ps(sums + k * kLanes, sum[k]);
+  for (int h = 0; h < H; h++)
+    for (int k = 0; k < N; k++) _mm512_storeu_ps(sums + h * dim + k * kLanes, sum[h][k]);
 }
 
-// The same over every column, `dim` a multiple of 16, up to 128 columns at a time.
-void accumulate_columns_avx512(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
-  constexpr int64_t kMaxVectors = 8;
-  for (int64_t column = 0; column < dim; column += kMaxVectors * kLanes) {
-    const float* v = values + column;
-    float* s = sums + column;
-    switch (std::min(kMaxVectors, (dim - column) / kLanes)) {
-      case 1: accumulate_avx512<1>(weights, v, count, dim, s); break;
-      case 2: accumulate_avx512<2>(weights, v, count, dim, s); break;
-      case 3: accumulate_avx512<3>(weights, v, count, dim, s); break;
-      case 4: accumulate_avx512<4>(weights, v, count, dim, s); break;
-      case 5: accumulate_avx512<5>(weights, v, count, dim, s); break;
-      case 6: accumulate_avx512<6>(weights, v, count, dim, s); break;
-      case 7: accumulate_avx512<7>(weights, v, count, dim, s); break;
-      default: accumulate_avx512<8>(weights, v, count, dim, s); break;
+// The same over every column, `dim` a multiple of 16, for `heads` heads (weights and sums in rows
+// of weights_stride and dim): four heads at a time over 64 columns, or one over up to 128.
+void accumulate_avx512_heads(const float* weights, int64_t weights_stride, int64_t heads, const float* values,
+                             int64_t count, int64_t dim, float* sums) {
+  int64_t h = 0;
+  for (; h + 4 <= heads; h += 4) {
+    const float* w = weights + h * weights_stride;
+    for (int64_t column = 0; column < dim; column += 4 * kLanes) {
+      const float* v = values + column;
+      float* s = sums + h * dim + column;
+      switch (std::min<int64_t>(4, (dim - column) / kLanes)) {
+        case 1: accumulate_avx512<4, 1>(w, weights_stride, v, count, dim, s); break;
+        case 2: accumulate_avx512<4, 2>(w, weights_stride, v, count, dim, s); break;
+        case 3: accumulate_avx512<4, 3>(w, weights_stride, v, count, dim, s); break;
+        default: accumulate_avx512<4, 4>(w, weights_stride, v, count, dim, s); break;
+      }
+    }
+  }
+  for (; h < heads; h++) {
+    const float* w = weights + h * weights_stride;
+    for (int64_t column = 0; column < dim; column += 8 * kLanes) {
+      const float* v = values + column;
+      float* s = sums + h * dim + column;
+      switch (std::min<int64_t>(8, (dim - column) / kLanes)) {
+        case 1: accumulate_avx512<1, 1>(w, weights_stride, v, count, dim, s); break;
+        case 2: accumulate_avx512<1, 2>(w, weights_stride, v, count, dim, s); break;
+        case 3: accumulate_avx512<1, 3>(w, weights_stride, v, count, dim, s); break;
+        case 4: accumulate_avx512<1, 4>(w, weights_stride, v, count, dim, s); break;
+        case 5: accumulate_avx512<1, 5>(w, weights_stride, v, count, dim, s); break;
+        case 6: accumulate_avx512<1, 6>(w, weights_stride, v, count, dim, s); break;
+        case 7: accumulate_avx512<1, 7>(w, weights_stride, v, count, dim, s); break;
+        default: accumulate_avx512<1, 8>(w, weights_stride, v, count, dim, s); break;
+      }
     }
   }
 }
@@ -212,11 +299,31 @@ float softmax_weights_avx512(float* scores, int64_t count) {
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+// Two keys' vectors of lane partials with each quad's lanes 0 + 2 and 1 + 3 added:
+// [a0+a2, b0+b2, a1+a3, b1+b3] in each 128-bit half.
+inline __m256 pair_sums_avx2(__m256 a, __m256 b) {
+  return _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+}
+
+// Four keys' quad sums from two pair_sums_avx2: [a, b, c, d] in each 128-bit half.
+inline __m256 quad_sums_avx2(__m256 ab, __m256 cd) {
+  return _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
+}
+
+// tree_sum of four keys' 16 lane partials (lanes 0-7 in low[k], 8-15 in high[k]) at once: lane k of
+// the result is key k's sum ([quad 0 | quad 1] come from the low halves, [quad 2 | quad 3] from the
+// high).
+inline __m128 tree_sums_avx2(const __m256* low, const __m256* high) {
+  const __m256 first = quad_sums_avx2(pair_sums_avx2(low[0], low[1]), pair_sums_avx2(low[2], low[3]));
+  const __m256 second = quad_sums_avx2(pair_sums_avx2(high[0], high[1]), pair_sums_avx2(high[2], high[3]));
+  return _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(first), _mm256_extractf128_ps(first, 1)),
+                    _mm_add_ps(_mm256_castps256_ps128(second), _mm256_extractf128_ps(second, 1)));
+}
+
 // scores_portable's sums with AVX2, `dim` a multiple of 16: four keys' chains side by side, each
-// key's 16 lane partials in two vectors (the bits of scores_avx512).
+// key's 16 lane partials in two vectors, reduced together (the bits of scores_avx512).
 void scores_avx2(const float* query, const float* keys, int64_t count, int64_t dim, float scale, float* scores) {
   constexpr int kKeys = 4;
-  float part[kLanes];
   int64_t t = 0;
   for (; t + kKeys <= count; t += kKeys) {
     __m256 low[kKeys], high[kKeys];
@@ -229,12 +336,9 @@ void scores_avx2(const float* query, const float* keys, int64_t count, int64_t d
         high[k] = _mm256_fmadd_ps(query_high, _mm256_loadu_ps(key + k * dim + 8), high[k]);
       }
     }
-    for (int k = 0; k < kKeys; k++) {
-      _mm256_storeu_ps(part, low[k]);
-      _mm256_storeu_ps(part + 8, high[k]);
-      scores[t + k] = tree_sum(part) * scale;
-    }
+    _mm_storeu_ps(scores + t, _mm_mul_ps(tree_sums_avx2(low, high), _mm_set1_ps(scale)));
   }
+  float part[kLanes];
   for (; t < count; t++) {
     __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
     for (int64_t d = 0; d < dim; d += kLanes) {
@@ -248,30 +352,58 @@ void scores_avx2(const float* query, const float* keys, int64_t count, int64_t d
 }
 
 // accumulate_avx512 with AVX2 vectors (the same bits).
-template <int N>
-void accumulate_avx2(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
-  __m256 sum[N];
-  for (int k = 0; k < N; k++) sum[k] = _mm256_loadu_ps(sums + k * 8);
+template <int H, int N>
+void accumulate_avx2(const float* weights, int64_t weights_stride, const float* values, int64_t count, int64_t dim,
+                     float* sums) {
+  __m256 sum[H][N];
+  for (int h = 0; h < H; h++)
+    for (int k = 0; k < N; k++) sum[h][k] = _mm256_loadu_ps(sums + h * dim + k * 8);
   for (int64_t t = 0; t < count; t++) {
-    const __m256 weight = _mm256_set1_ps(weights[t]);
+    __m256 weight[H];
+    for (int h = 0; h < H; h++) weight[h] = _mm256_set1_ps(weights[h * weights_stride + t]);
     const float* value = values + t * dim;
-    for (int k = 0; k < N; k++) sum[k] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + k * 8), sum[k]);
-  }
-  for (int k = 0; k < N; k++) _mm256_storeu_ps(sums + k * 8, sum[k]);
-}
-
-// accumulate_columns_avx512 with AVX2 vectors, 64 columns at a time (16 registers).
-void accumulate_columns_avx2(const float* weights, const float* values, int64_t count, int64_t dim, float* sums) {
-  for (int64_t column = 0; column < dim; column += 64) {
-    const float* v = values + column;
-    float* s = sums + column;
-    switch (std::min<int64_t>(64, dim - column)) {
-      case 16: accumulate_avx2<2>(weights, v, count, dim, s); break;
-      case 32: accumulate_avx2<4>(weights, v, count, dim, s); break;
-      case 48: accumulate_avx2<6>(weights, v, count, dim, s); break;
-      default: accumulate_avx2<8>(weights, v, count, dim, s); break;
+    for (int k = 0; k < N; k++) {
+      const __m256 v = _mm256_loadu_ps(value + k * 8);
+      for (int h = 0; h < H; h++) sum[h][k] = _mm256_fmadd_ps(weight[h], v, sum[h][k]);
     }
   }
+  for (int h = 0; h < H; h++)
+    for (int k = 0; k < N; k++) _mm256_storeu_ps(sums + h * dim + k * 8, sum[h][k]);
+}
+
+// accumulate_avx512_heads with AVX2 vectors: two heads at a time over 32 columns (eight registers of
+// sums, each value vector loaded once for both), then any last head alone.
+void accumulate_avx2_heads(const float* weights, int64_t weights_stride, int64_t heads, const float* values,
+                           int64_t count, int64_t dim, float* sums) {
+  int64_t h = 0;
+  for (; h + 2 <= heads; h += 2) {
+    const float* w = weights + h * weights_stride;
+    for (int64_t column = 0; column < dim; column += 32) {
+      if (dim - column >= 32)
+        accumulate_avx2<2, 4>(w, weights_stride, values + column, count, dim, sums + h * dim + column);
+      else
+        accumulate_avx2<2, 2>(w, weights_stride, values + column, count, dim, sums + h * dim + column);
+    }
+  }
+  for (; h < heads; h++) {
+    const float* w = weights + h * weights_stride;
+    for (int64_t column = 0; column < dim; column += 64) {
+      float* s = sums + h * dim + column;
+      switch (std::min<int64_t>(64, dim - column)) {
+        case 16: accumulate_avx2<1, 2>(w, weights_stride, values + column, count, dim, s); break;
+        case 32: accumulate_avx2<1, 4>(w, weights_stride, values + column, count, dim, s); break;
+        case 48: accumulate_avx2<1, 6>(w, weights_stride, values + column, count, dim, s); break;
+        default: accumulate_avx2<1, 8>(w, weights_stride, values + column, count, dim, s); break;
+      }
+    }
+  }
+}
+
+// scores_avx2 for `heads` heads, one after another.
+void scores_avx2_heads(const float* query, int64_t query_stride, int64_t heads, const float* keys, int64_t count,
+                       int64_t dim, float scale, float* scores, int64_t scores_stride) {
+  for (int64_t h = 0; h < heads; h++)
+    scores_avx2(query + h * query_stride, keys, count, dim, scale, scores + h * scores_stride);
 }
 
 // exp(score - top) for the eight scores at `at`, in place; whether any was NaN.
@@ -329,23 +461,17 @@ template <auto Scores, auto Softmax, auto Accumulate>
 void attend_heads_with(const float* query, int64_t query_stride, int64_t heads, const float* keys,
                        const float* values, int64_t count, int64_t dim, float scale, float* scores, float* out) {
   const int64_t tile = tile_positions(dim);
-  for (int64_t first = 0; first < count; first += tile) {
-    const int64_t n = std::min(tile, count - first);
-    for (int64_t h = 0; h < heads; h++)
-      Scores(query + h * query_stride, keys + first * dim, n, dim, scale, scores + h * count + first);
-  }
+  for (int64_t first = 0; first < count; first += tile)
+    Scores(query, query_stride, heads, keys + first * dim, std::min(tile, count - first), dim, scale, scores + first,
+           count);
   std::vector<float> inverse(heads);
   for (int64_t h = 0; h < heads; h++) inverse[h] = Softmax(scores + h * count, count);
   std::fill_n(out, heads * dim, 0.0f);
-  for (int64_t first = 0; first < count; first += tile) {
-    const int64_t n = std::min(tile, count - first);
-    for (int64_t h = 0; h < heads; h++)
-      Accumulate(scores + h * count + first, values + first * dim, n, dim, out + h * dim);
-  }
+  for (int64_t first = 0; first < count; first += tile)
+    Accumulate(scores + first, count, heads, values + first * dim, std::min(tile, count - first), dim, out);
   for (int64_t h = 0; h < heads; h++)
     for (int64_t d = 0; d < dim; d++) out[h * dim + d] *= inverse[h];
 }
-
 
 bool plain_float_cpu(const at::Tensor& t) {
   return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided;
@@ -381,12 +507,12 @@ std::vector<CacheRow> cache_rows(void** key_caches, void** value_caches, const i
 void attend_heads(const float* query, int64_t query_stride, int64_t heads, const float* keys, const float* values,
                   int64_t count, int64_t dim, float scale, float* scores, float* out) {
   if (dim % kLanes == 0 && wizard::cpu::avx512()) {
-    attend_heads_with<scores_avx512, softmax_weights_avx512, accumulate_columns_avx512>(
+    attend_heads_with<scores_avx512, softmax_weights_avx512, accumulate_avx512_heads>(
         query, query_stride, heads, keys, values, count, dim, scale, scores, out);
     return;
   }
   if (dim % kLanes == 0 && wizard::cpu::avx2()) {
-    attend_heads_with<scores_avx2, softmax_weights_avx2, accumulate_columns_avx2>(
+    attend_heads_with<scores_avx2_heads, softmax_weights_avx2, accumulate_avx2_heads>(
         query, query_stride, heads, keys, values, count, dim, scale, scores, out);
     return;
   }
