@@ -41,6 +41,9 @@ LLAMA_SH = http_serve.LLAMA_SH
 SHAPES = {
     "d768": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),
     "1b": dict(n_embd=2048, n_layer=24, n_head=16, n_positions=2048, n_inner=8192),
+    # Tiny shapes, where a step's fixed costs (dispatch, threads, small ops) outweigh the weights.
+    "d64l2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024),
+    "d64l12": dict(n_embd=64, n_layer=12, n_head=4, n_positions=1024),
 }
 PRECISIONS = [("float32", "f32"), ("bfloat16", "bf16"), ("int8", "q8_0"), ("int4", "q4_0")]
 
