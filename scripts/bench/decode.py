@@ -1,13 +1,14 @@
 """Prefill and decode tokens/s of wizard vs llama.cpp's llama-bench on the same weights, per precision.
 
-Usage: .wizard/python scripts/bench/decode.py [--shapes d768,1b] [--threads 2] [--prompt-tokens 128]
+Usage: .wizard/python scripts/bench/decode.py [--shapes d768,1b,d64l2,d64l12] [--threads 2] [--prompt-tokens 128]
                                              [--new-tokens 128] [--depth] [--self-speculation] [--draft int8|int4]
                                              [--precisions float32,bfloat16,int8,int4]
 
 1. Models: random GPTBigCode checkpoints made with transformers under target/bench-models, with the
    byte-level BPE tokenizer of 4000 tokens that scripts/bench/http_serve.py trains: `d768` (d768 L12
    H12 MQA, 76M parameters, http_serve.py's model) and `1b` (StarCoder-1B's shape: d2048 L24 H16 MQA,
-   inner 8192, about 1.1B parameters). Each is converted to f32, bf16 and q8_0 GGUFs by llama.cpp's own
+   inner 8192, about 1.1B parameters); `d64l2` and `d64l12` (d64, 4 heads: a step's fixed costs, not its
+   weights). Each is converted to f32, bf16 and q8_0 GGUFs by llama.cpp's own
    converter, and to q4_0 by llama-quantize (scripts/bench/llama_cpp.sh, which builds llama.cpp first
    if needed).
 2. wizard: the `model` crate's generate bench (best of 3 rounds or more for small models; prefill = one pass over the prompt,
