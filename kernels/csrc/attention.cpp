@@ -230,41 +230,28 @@ void accumulate_avx512(const float* weights, int64_t weights_stride, const float
     for (int k = 0; k < N; k++) _mm512_storeu_ps(sums + h * dim + k * kLanes, sum[h][k]);
 }
 
+// accumulate_avx512<H, n> for a run-time n in [1, N] (the vectors left in a row).
+template <int H, int N>
+void accumulate_avx512_up_to(int64_t n, const float* weights, int64_t weights_stride, const float* values,
+                             int64_t count, int64_t dim, float* sums) {
+  if constexpr (N > 1)
+    if (n < N) return accumulate_avx512_up_to<H, N - 1>(n, weights, weights_stride, values, count, dim, sums);
+  accumulate_avx512<H, N>(weights, weights_stride, values, count, dim, sums);
+}
+
 // The same over every column, `dim` a multiple of 16, for `heads` heads (weights and sums in rows
 // of weights_stride and dim): four heads at a time over 64 columns, or one over up to 128.
 void accumulate_avx512_heads(const float* weights, int64_t weights_stride, int64_t heads, const float* values,
                              int64_t count, int64_t dim, float* sums) {
   int64_t h = 0;
-  for (; h + 4 <= heads; h += 4) {
-    const float* w = weights + h * weights_stride;
-    for (int64_t column = 0; column < dim; column += 4 * kLanes) {
-      const float* v = values + column;
-      float* s = sums + h * dim + column;
-      switch (std::min<int64_t>(4, (dim - column) / kLanes)) {
-        case 1: accumulate_avx512<4, 1>(w, weights_stride, v, count, dim, s); break;
-        case 2: accumulate_avx512<4, 2>(w, weights_stride, v, count, dim, s); break;
-        case 3: accumulate_avx512<4, 3>(w, weights_stride, v, count, dim, s); break;
-        default: accumulate_avx512<4, 4>(w, weights_stride, v, count, dim, s); break;
-      }
-    }
-  }
-  for (; h < heads; h++) {
-    const float* w = weights + h * weights_stride;
-    for (int64_t column = 0; column < dim; column += 8 * kLanes) {
-      const float* v = values + column;
-      float* s = sums + h * dim + column;
-      switch (std::min<int64_t>(8, (dim - column) / kLanes)) {
-        case 1: accumulate_avx512<1, 1>(w, weights_stride, v, count, dim, s); break;
-        case 2: accumulate_avx512<1, 2>(w, weights_stride, v, count, dim, s); break;
-        case 3: accumulate_avx512<1, 3>(w, weights_stride, v, count, dim, s); break;
-        case 4: accumulate_avx512<1, 4>(w, weights_stride, v, count, dim, s); break;
-        case 5: accumulate_avx512<1, 5>(w, weights_stride, v, count, dim, s); break;
-        case 6: accumulate_avx512<1, 6>(w, weights_stride, v, count, dim, s); break;
-        case 7: accumulate_avx512<1, 7>(w, weights_stride, v, count, dim, s); break;
-        default: accumulate_avx512<1, 8>(w, weights_stride, v, count, dim, s); break;
-      }
-    }
-  }
+  for (; h + 4 <= heads; h += 4)
+    for (int64_t column = 0; column < dim; column += 4 * kLanes)
+      accumulate_avx512_up_to<4, 4>((dim - column) / kLanes, weights + h * weights_stride, weights_stride,
+                                    values + column, count, dim, sums + h * dim + column);
+  for (; h < heads; h++)
+    for (int64_t column = 0; column < dim; column += 8 * kLanes)
+      accumulate_avx512_up_to<1, 8>((dim - column) / kLanes, weights + h * weights_stride, weights_stride,
+                                    values + column, count, dim, sums + h * dim + column);
 }
 
 // softmax_weights with AVX-512: each weight to about an ulp (exp_kernel.h's exp instead of libm's),
@@ -371,32 +358,28 @@ void accumulate_avx2(const float* weights, int64_t weights_stride, const float* 
     for (int k = 0; k < N; k++) _mm256_storeu_ps(sums + h * dim + k * 8, sum[h][k]);
 }
 
+// accumulate_avx2<H, n> for a run-time n in [1, N] (the vectors left in a row).
+template <int H, int N>
+void accumulate_avx2_up_to(int64_t n, const float* weights, int64_t weights_stride, const float* values, int64_t count,
+                           int64_t dim, float* sums) {
+  if constexpr (N > 1)
+    if (n < N) return accumulate_avx2_up_to<H, N - 1>(n, weights, weights_stride, values, count, dim, sums);
+  accumulate_avx2<H, N>(weights, weights_stride, values, count, dim, sums);
+}
+
 // accumulate_avx512_heads with AVX2 vectors: two heads at a time over 32 columns (eight registers of
-// sums, each value vector loaded once for both), then any last head alone.
+// sums, each value vector loaded once for both), then any last head alone over up to 64.
 void accumulate_avx2_heads(const float* weights, int64_t weights_stride, int64_t heads, const float* values,
                            int64_t count, int64_t dim, float* sums) {
   int64_t h = 0;
-  for (; h + 2 <= heads; h += 2) {
-    const float* w = weights + h * weights_stride;
-    for (int64_t column = 0; column < dim; column += 32) {
-      if (dim - column >= 32)
-        accumulate_avx2<2, 4>(w, weights_stride, values + column, count, dim, sums + h * dim + column);
-      else
-        accumulate_avx2<2, 2>(w, weights_stride, values + column, count, dim, sums + h * dim + column);
-    }
-  }
-  for (; h < heads; h++) {
-    const float* w = weights + h * weights_stride;
-    for (int64_t column = 0; column < dim; column += 64) {
-      float* s = sums + h * dim + column;
-      switch (std::min<int64_t>(64, dim - column)) {
-        case 16: accumulate_avx2<1, 2>(w, weights_stride, values + column, count, dim, s); break;
-        case 32: accumulate_avx2<1, 4>(w, weights_stride, values + column, count, dim, s); break;
-        case 48: accumulate_avx2<1, 6>(w, weights_stride, values + column, count, dim, s); break;
-        default: accumulate_avx2<1, 8>(w, weights_stride, values + column, count, dim, s); break;
-      }
-    }
-  }
+  for (; h + 2 <= heads; h += 2)
+    for (int64_t column = 0; column < dim; column += 32)
+      accumulate_avx2_up_to<2, 4>((dim - column) / 8, weights + h * weights_stride, weights_stride, values + column,
+                                  count, dim, sums + h * dim + column);
+  for (; h < heads; h++)
+    for (int64_t column = 0; column < dim; column += 64)
+      accumulate_avx2_up_to<1, 8>((dim - column) / 8, weights + h * weights_stride, weights_stride, values + column,
+                                  count, dim, sums + h * dim + column);
 }
 
 // scores_avx2 for `heads` heads, one after another.
