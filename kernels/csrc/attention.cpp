@@ -487,6 +487,11 @@ std::vector<CacheRow> cache_rows(void** key_caches, void** value_caches, const i
   return rows;
 }
 
+// For each head h in [0, heads) of one key/value group: out[h * dim, (h + 1) * dim) = the weighted
+// sum of values[t] by softmax(scale * query_h . keys[t]) over t in [0, count) (rows of `dim`), where
+// query_h = query + h * query_stride. A head's bits depend on nothing but its own inputs (fixed
+// orders of summation), whichever heads share the call. `scores` holds heads * count floats of
+// scratch.
 void attend_heads(const float* query, int64_t query_stride, int64_t heads, const float* keys, const float* values,
                   int64_t count, int64_t dim, float scale, float* scores, float* out) {
   if (dim % kLanes == 0 && wizard::cpu::avx512()) {
@@ -501,6 +506,14 @@ void attend_heads(const float* query, int64_t query_stride, int64_t heads, const
   }
   for (int64_t h = 0; h < heads; h++)
     attend_portable(query + h * query_stride, keys, values, count, dim, scale, scores, out + h * dim);
+}
+
+void attend_task(const AttentionTasks::Task& task, const CacheRow& row, int64_t dim, const float* query,
+                 int64_t query_stride, float scale, std::vector<float>& scores, float* out) {
+  const int64_t base = task.group * row.capacity * dim, positions = row.past + task.position + 1;
+  scores.resize(task.heads * positions);
+  attend_heads(query, query_stride, task.heads, row.keys + base, row.values + base, positions, dim, scale,
+               scores.data(), out);
 }
 
 AttentionTasks::AttentionTasks(int64_t sequences, int64_t heads, int64_t kv_heads, int64_t fresh, int64_t threads)
@@ -565,13 +578,10 @@ int wizard_decode_attention(void* query_handle, void* new_keys_handle, void* new
       std::vector<float> scores;
       for (int64_t i = begin; i < end; i++) {
         const wizard::AttentionTasks::Task task = tasks.at(i);
-        const wizard::CacheRow& row = rows[task.sequence];
-        const int64_t base = task.group * row.capacity * dim, positions = row.past + task.position + 1;
-        scores.resize(task.heads * positions);
-        wizard::attend_heads(q + ((task.sequence * heads + task.first_head) * fresh + task.position) * dim,
-                             fresh * dim, task.heads, row.keys + base, row.values + base, positions, dim,
-                             static_cast<float>(scale), scores.data(),
-                             o + ((task.sequence * fresh + task.position) * heads + task.first_head) * dim);
+        wizard::attend_task(task, rows[task.sequence], dim,
+                            q + ((task.sequence * heads + task.first_head) * fresh + task.position) * dim, fresh * dim,
+                            static_cast<float>(scale), scores,
+                            o + ((task.sequence * fresh + task.position) * heads + task.first_head) * dim);
       }
     });
     *result = new at::Tensor(std::move(out));

@@ -21,14 +21,6 @@ struct CacheRow {
 std::vector<CacheRow> cache_rows(void** key_caches, void** value_caches, const int64_t* lens, int64_t count,
                                  int64_t kv_heads, int64_t dim, int64_t fresh, int64_t batch);
 
-// For each head h in [0, heads) of one key/value group: out[h * dim, (h + 1) * dim) = the weighted
-// sum of values[t] by softmax(scale * query_h . keys[t]) over t in [0, count) (rows of `dim`), where
-// query_h = query + h * query_stride. A head's bits depend on nothing but its own inputs (fixed
-// orders of summation), whichever heads share the call. `scores` holds heads * count floats of
-// scratch.
-void attend_heads(const float* query, int64_t query_stride, int64_t heads, const float* keys, const float* values,
-                  int64_t count, int64_t dim, float scale, float* scores, float* out);
-
 // A call's attention in tasks of one sequence, one key/value group, some of its heads and one new
 // position, in that order (neighbouring tasks read the same keys and values). A group's heads are
 // split only as far as it takes to give every thread work, since a task streams its group's keys and
@@ -46,5 +38,12 @@ class AttentionTasks {
  private:
   int64_t sequences_, kv_heads_, fresh_, group_, chunk_, parts_;
 };
+
+// For each of `task`'s heads h, the weighted sum of its sequence's values (cache `row`: the positions
+// before the task's and its own) by softmax(scale * query_h . keys[t]), query_h = query + h *
+// query_stride, into rows of `dim` at `out`. A head's bits depend on nothing but its own inputs
+// (fixed orders of summation), whichever heads share the task. `scores` is scratch.
+void attend_task(const AttentionTasks::Task& task, const CacheRow& row, int64_t dim, const float* query,
+                 int64_t query_stride, float scale, std::vector<float>& scores, float* out);
 
 }  // namespace wizard

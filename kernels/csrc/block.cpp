@@ -286,13 +286,10 @@ int wizard_decode_block(void* x_handle, void** parameters, int64_t heads, double
         thread_local std::vector<float> scores;
         for (int64_t i = begin; i < end; i++) {
           const wizard::AttentionTasks::Task task = attention_tasks.at(i);
-          const wizard::CacheRow& row = rows[task.sequence];
-          const int64_t base = task.group * row.capacity * dim, m = task.sequence * fresh + task.position;
-          const int64_t positions = row.past + task.position + 1;
-          scores.resize(task.heads * positions);
-          wizard::attend_heads(qkv + m * qkv_dim + query_at(task.first_head), query_at(1) - query_at(0), task.heads,
-                               row.keys + base, row.values + base, positions, dim, softmax_scale, scores.data(),
-                               attended + m * d + task.first_head * dim);
+          const int64_t m = task.sequence * fresh + task.position;
+          wizard::attend_task(task, rows[task.sequence], dim, qkv + m * qkv_dim + query_at(task.first_head),
+                              query_at(1) - query_at(0), softmax_scale, scores,
+                              attended + m * d + task.first_head * dim);
         }
       });
       ready_attended.run([&](int64_t begin, int64_t end) {
