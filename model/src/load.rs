@@ -39,7 +39,11 @@ fn directory_format(dir: &Path) -> Result<Option<Format>> {
     let method = quantization.get("quant_method").and_then(|m| m.as_str());
     let Some(format) = [Format::Int8, Format::Int4].into_iter().find(|&f| method == Some(quant_method(f).as_str()))
     else {
-        return Err(error("quant_method", format!("{method:?} is not supported (only wizard_int8 and wizard_int4)")));
+        let message = match method {
+            Some(method) => format!("`{method}` is not supported (only wizard_int8 and wizard_int4)"),
+            None => "is missing or not a string (wizard_int8 or wizard_int4)".to_string(),
+        };
+        return Err(error("quant_method", message));
     };
     // What our records hold; a directory that says otherwise was written by something else.
     for (field, expected) in [("bits", format.bits()), ("block_size", kernels::quantized::BLOCK)] {
@@ -123,6 +127,14 @@ impl GptBigCode {
                         }
                         parts.entry(name.to_string()).or_insert((None, None, file.to_path_buf())).0 = Some(tensor);
                         return Ok(());
+                    }
+                    if model.dense_shape(name).is_some() {
+                        let (format, kind) = (format.name(), format.values_kind());
+                        let message = format!(
+                            "is stored as {:?}, but an {format} directory holds {kind:?} values",
+                            tensor.kind()
+                        );
+                        return Err(tensor_error(message));
                     }
                 }
                 if name == head_name && (quantized || quantize_as_read || narrow_as_read) {

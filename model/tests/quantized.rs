@@ -306,23 +306,30 @@ fn damaged_directories_are_refused(format: Format) {
         Tensor::write_safetensors(&tensors, damaged.join("model.safetensors")).unwrap();
         damaged
     };
-    let cases: [(&Edit, &str); 2] = [
-        (&|t| t.retain(|(n, _)| n != "transformer.h.1.mlp.c_fc.weight_scale"), "transformer.h.1.mlp.c_fc.weight"),
+    let edit_tensor = |target: &'static str, change: fn(&Tensor) -> Tensor| {
+        move |t: &mut Vec<(String, Tensor)>| {
+            for (_, tensor) in t.iter_mut().filter(|(name, _)| name == target) {
+                *tensor = change(tensor);
+            }
+        }
+    };
+    let dense_values = edit_tensor("transformer.h.1.mlp.c_fc.weight", |t| t.to_kind(Kind::Float));
+    let nan_scale = edit_tensor("transformer.h.1.mlp.c_fc.weight_scale", |t| t.fill(f64::NAN));
+    let few_rows = edit_tensor("transformer.h.0.attn.c_proj.weight", |t| t.narrow(0, 0, 10).copy());
+    let cases: [(&Edit, &str, &str); 4] = [
         (
-            &|t| {
-                for (name, tensor) in t.iter_mut() {
-                    if name == "transformer.h.0.attn.c_proj.weight" {
-                        *tensor = tensor.narrow(0, 0, 10).copy();
-                    }
-                }
-            },
-            "transformer.h.0.attn.c_proj.weight",
+            &|t| t.retain(|(n, _)| n != "transformer.h.1.mlp.c_fc.weight_scale"),
+            "transformer.h.1.mlp.c_fc.weight",
+            "no scale",
         ),
+        (&dense_values, "transformer.h.1.mlp.c_fc.weight", "stored as Float"),
+        (&nan_scale, "transformer.h.1.mlp.c_fc.weight", "NaN"),
+        (&few_rows, "transformer.h.0.attn.c_proj.weight", "config.json implies 64 rows"),
     ];
-    for (edit, tensor) in cases {
+    for (edit, tensor, complaint) in cases {
         let damaged = rewrite(edit);
         let error = GptBigCode::load_as(&damaged, precision, Device::Cpu, |_, _| {}).err().unwrap().to_string();
-        assert!(error.contains(tensor) && error.contains("model.safetensors"), "{error}");
+        assert!(error.contains(tensor) && error.contains("model.safetensors") && error.contains(complaint), "{error}");
         std::fs::remove_dir_all(&damaged).unwrap();
     }
     // A config.json that describes another format than the records hold.
