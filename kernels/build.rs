@@ -33,11 +33,11 @@ fn main() {
         build
     };
     if with_nccl {
-        // A shared object of its own, which the binary carries and opens only when a group uses NCCL:
-        // linking it would make libtorch_cuda (and the CUDA libraries behind it, ~350 MiB resident)
-        // load into every process, CPU-only ones too. USE_CUDA changes what libtorch's headers
-        // declare, and only this file needs it.
-        let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("libwizard_nccl.so");
+        // The CUDA object (NCCL groups, CUDA graphs): a shared object of its own, which the binary
+        // carries and opens only when it needs them: linking it would make libtorch_cuda (and the
+        // CUDA libraries behind it, ~350 MiB resident) load into every process, CPU-only ones too.
+        // USE_CUDA changes what libtorch's headers declare, and only these files need it.
+        let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("libwizard_cuda.so");
         let compiler = base()
             .define("USE_C10D_NCCL", None)
             .define("USE_CUDA", None)
@@ -49,12 +49,13 @@ fn main() {
             .args(["-shared", "-g0", "-o"])
             .arg(&out)
             .arg("csrc/nccl.cpp")
+            .arg("csrc/cuda_graph.cpp")
             .arg(format!("-L{}", lib.display()))
             .arg(format!("-Wl,-rpath,{}", lib.display()))
             .args(["-ltorch_cuda", "-ltorch_cpu", "-lc10_cuda", "-lc10"])
             .status()
             .expect("the C++ compiler runs");
-        assert!(status.success(), "compiling csrc/nccl.cpp into {} failed", out.display());
+        assert!(status.success(), "compiling the CUDA object {} failed", out.display());
     }
     // Its constructor opens the CUDA backend before main: linked whole, so that every binary has it,
     // whether or not it calls into the object.

@@ -140,7 +140,7 @@ fn print_text(
     println!(
         "NCCL            {}",
         if info.built_with_nccl {
-            "built in (ProcessGroupNCCL for one GPU per rank)"
+            "built in (ProcessGroupNCCL for one GPU per rank; CUDA graphs for decode steps)"
         } else {
             "not built: the CUDA headers were missing at build time (scripts/setup.sh, then cargo build)"
         }

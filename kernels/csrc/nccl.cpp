@@ -1,14 +1,12 @@
-// ProcessGroupNCCL from libtorch_cuda, for ranks that each own a GPU. Built as a shared object that
-// the binary opens only when a group uses NCCL (kernels/src/nccl.rs); compiled only when the CUDA
-// runtime, crt and CCCL headers are present (scripts/setup.sh installs them beside the wheel).
+// ProcessGroupNCCL from libtorch_cuda, for ranks that each own a GPU. Part of the CUDA object, a
+// shared object that the binary opens only when it needs CUDA's own API (kernels/src/cuda_object.rs);
+// compiled only when the CUDA runtime, crt and CCCL headers are present (scripts/setup.sh installs
+// them beside the wheel).
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 
 #include "group.h"
 
 extern "C" {
-
-// This object's own error channel: its `last_error` is not the binary's.
-void wizard_nccl_last_error(char* buf, size_t len) { wizard::copy_out(wizard::last_error(), buf, len); }
 
 int wizard_group_new_nccl(const char* host, int port, int rank, int size, long timeout_ms, int device,
                           WizardGroup** out) {

@@ -55,9 +55,9 @@ impl ProcessGroup {
         timeout: Duration,
         gpu: usize,
     ) -> Result<Self, KernelError> {
-        let nccl = crate::nccl::opened()?;
+        let cuda = crate::cuda_object::opened("join process group", "NCCL")?;
         let raw = join(host, timeout, |host, timeout_ms, raw| {
-            nccl.group_new(host, c_int::from(port), rank as c_int, size as c_int, timeout_ms, gpu as c_int, raw)
+            cuda.group_new(host, c_int::from(port), rank as c_int, size as c_int, timeout_ms, gpu as c_int, raw)
         })?;
         Ok(ProcessGroup { raw, rank, size, home: Device::Cuda(gpu) })
     }

@@ -21,6 +21,12 @@ pub(crate) struct WizardGroup {
     _private: [u8; 0],
 }
 
+/// A CUDA graph being captured or replayed (`csrc/cuda_graph.cpp`).
+#[repr(C)]
+pub(crate) struct WizardGraph {
+    _private: [u8; 0],
+}
+
 /// A collective in flight (`csrc/group.h`).
 #[repr(C)]
 pub(crate) struct WizardWork {
@@ -58,7 +64,7 @@ extern "C" {
         minor: *mut c_int,
     ) -> c_int;
 
-    // csrc/collectives.cpp (csrc/nccl.cpp is opened at run time: crate::nccl)
+    // csrc/collectives.cpp (csrc/nccl.cpp is opened at run time: crate::cuda_object)
     pub(crate) fn wizard_group_new_gloo(
         host: *const c_char,
         port: c_int,

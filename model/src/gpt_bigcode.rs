@@ -13,6 +13,8 @@ use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::{ModelError, Result};
 
+pub(crate) mod decode_graph;
+
 /// Whether dropout layers drop (training) or pass everything through (evaluation, generation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropout {
@@ -359,6 +361,8 @@ pub struct GptBigCode {
     /// Unique per instance in the process: tells which model filled a kept cache (weights changed in
     /// place keep the id; callers that train must not keep caches across steps).
     id: u64,
+    /// Whether single-token steps on CUDA run as CUDA graphs ([`decode_graph`]).
+    cuda_graphs: std::sync::atomic::AtomicBool,
 }
 
 static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -410,6 +414,7 @@ impl GptBigCode {
             head_bf16: None,
             embd_pdrop,
             id,
+            cuda_graphs: decode_graph::enabled_by_environment().into(),
         })
     }
 
@@ -463,6 +468,9 @@ impl GptBigCode {
     /// Logits `[batch, vocab]` of the last position only: what the next token is drawn from.
     /// Skips the vocabulary projection of every earlier position, the bulk of a prefill's cost.
     pub fn forward_next(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if let Some(logits) = self.graph_step(input_ids, cache)? {
+            return Ok(logits);
+        }
         Ok(self.head(&self.decode(input_ids, cache)?.select(1, -1)))
     }
 

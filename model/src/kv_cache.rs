@@ -3,6 +3,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
+use crate::gpt_bigcode::decode_graph::DecodeGraph;
 
 /// Per-layer K/V buffers `[batch, kv_heads, capacity, head_dim]` and how much of them is filled.
 pub struct KvCache {
@@ -10,6 +11,8 @@ pub struct KvCache {
     values: Vec<Tensor>,
     len: i64,
     capacity: i64,
+    /// The decode step recorded over these buffers (CUDA only).
+    pub(crate) graph: Option<DecodeGraph>,
 }
 
 impl KvCache {
@@ -21,6 +24,7 @@ impl KvCache {
             values: (0..config.n_layer).map(|_| zeros()).collect(),
             len: 0,
             capacity,
+            graph: None,
         }
     }
 
@@ -34,9 +38,19 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Sequences held side by side.
+    pub fn batch(&self) -> i64 {
+        self.keys.first().map_or(0, |keys| keys.size()[0])
+    }
+
     /// The most positions this cache can hold.
     pub fn capacity(&self) -> i64 {
         self.capacity
+    }
+
+    /// Whether a decode step has been recorded over these buffers as a CUDA graph.
+    pub fn decode_graph_recorded(&self) -> bool {
+        self.graph.is_some()
     }
 
     /// Forgets everything after the first `len` positions.
@@ -47,7 +61,13 @@ impl KvCache {
     /// A copy with its own buffers (one prompt's prefill shared by several samples).
     pub fn duplicate(&self) -> KvCache {
         let copy = |tensors: &[Tensor]| tensors.iter().map(Tensor::copy).collect();
-        KvCache { keys: copy(&self.keys), values: copy(&self.values), len: self.len, capacity: self.capacity }
+        KvCache {
+            keys: copy(&self.keys),
+            values: copy(&self.values),
+            len: self.len,
+            capacity: self.capacity,
+            graph: None,
+        }
     }
 
     /// Repeats every sequence `times` times along the batch (one prompt, many samples).
@@ -55,6 +75,7 @@ impl KvCache {
         for tensor in self.keys.iter_mut().chain(self.values.iter_mut()) {
             *tensor = tensor.repeat([times, 1, 1, 1]);
         }
+        self.graph = None; // it was recorded over the old buffers
     }
 
     /// Writes the new keys and values of `layer` after the held positions and returns all of them.

@@ -141,3 +141,56 @@ fn gpu_training_steps_follow_cpu() {
         eprintln!("{autocast:?}: losses {losses:?} vs CPU {cpu_losses:?}; weights differ by {relative:.2e}");
     }
 }
+
+/// Steps `steps` fixed tokens after a prompt through `forward_next` with and without CUDA graphs,
+/// rolling both caches back 3 positions halfway, and returns the largest logit difference and the
+/// milliseconds a step took each way.
+fn graph_steps(device: Device, multi_query: bool, kind: Kind, batch: i64) -> (f64, f64, f64) {
+    let dir = saved_model(multi_query);
+    let model = GptBigCode::load(dir.path(), kind, device).unwrap();
+    let (prompt, steps) = (17, 48);
+    let tokens = Tensor::randint(511, [batch, prompt + steps], (Kind::Int64, Device::Cpu)) + 1;
+    let run = |graphs: bool| {
+        model.set_cuda_graphs(graphs);
+        let mut cache = model.new_cache(batch, 128).unwrap();
+        let mut logits = Vec::new();
+        let mut elapsed = std::time::Duration::ZERO;
+        tch::no_grad(|| {
+            let _ = model.forward_next(&tokens.narrow(1, 0, prompt).to_device(device), &mut cache).unwrap();
+            for step in 0..steps {
+                if step == steps / 2 {
+                    cache.truncate(cache.len() - 3);
+                }
+                let ids = tokens.narrow(1, cache.len(), 1).to_device(device);
+                let start = std::time::Instant::now();
+                let out = model.forward_next(&ids, &mut cache).unwrap();
+                tch::Cuda::synchronize(0);
+                elapsed += start.elapsed();
+                logits.push(out.to_device(Device::Cpu));
+            }
+        });
+        assert_eq!(cache.decode_graph_recorded(), graphs, "graphs {graphs}");
+        (Tensor::stack(&logits, 0), elapsed.as_secs_f64() * 1e3 / steps as f64)
+    };
+    let (eager, eager_ms) = run(false);
+    let (graphed, graph_ms) = run(true);
+    ((graphed - eager).abs().max().double_value(&[]), eager_ms, graph_ms)
+}
+
+#[test]
+fn gpu_decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
+    let Some(device) = gpu() else { return };
+    for (multi_query, kind, batch, tolerance) in [
+        (true, Kind::Float, 1, 1e-3),
+        (false, Kind::Float, 1, 1e-3),
+        (true, Kind::Float, 3, 1e-3),
+        (true, Kind::BFloat16, 1, 0.15),
+    ] {
+        let (diff, eager_ms, graph_ms) = graph_steps(device, multi_query, kind, batch);
+        eprintln!(
+            "graphs {kind:?} mq={multi_query} batch {batch}: max diff {diff:.2e}, step {eager_ms:.3} ms eager, \
+             {graph_ms:.3} ms replayed"
+        );
+        assert!(diff < tolerance, "{kind:?} mq={multi_query} batch {batch}: max diff {diff}");
+    }
+}

@@ -2,8 +2,8 @@
 # Runs on the lent GPU machine (see scripts/gpu/prepare.sh): the training benchmark (125M, bf16,
 # MFU, ZeRO-3 memory), the CUDA tests, the decode benchmark on the GPU in bf16 and fp32, and
 # speculative decoding on the small trained pair, and `eval run` batching (n = 20 per problem,
-# --max-batch 16 vs 1). Everything it prints is also written to $OUT/gpu-report.txt. Its timeouts
-# add up to 580 s: a 15-minute lease keeps room for the machine's start and a rerun of the sections
+# --max-batch 16 vs 1); the 1B decode with CUDA graphs and without (WIZARD_CUDA_GRAPHS=0). Everything
+# it prints is also written to $OUT/gpu-report.txt. Its timeouts add up to 600 s: a 15-minute lease keeps room for the machine's start and a rerun of the sections
 # that failed, named as arguments (default: all of doctor train kernels cuda decode decode-1b
 # speculative eval).
 set -uo pipefail
@@ -30,13 +30,16 @@ if run_section cuda; then echo "== CUDA tests"; timeout 60 "$kit/cuda-tests" --n
 if run_section decode; then
     for dtype in bfloat16 float32; do
         echo "== decode benchmark, cuda $dtype, wizard vs transformers"
-        timeout 90 "$python" scripts/bench/generate.py --device cuda --dtype "$dtype" --threads 4 \
+        timeout 80 "$python" scripts/bench/generate.py --device cuda --dtype "$dtype" --threads 4 \
             --wizard-bench "$kit/generate-bench"
     done
 fi
 if run_section decode-1b; then
     echo "== decode, StarCoder-1B shape (d2048 L24 H16 MQA, random), cuda bf16, prompt 128 / 128 new"
+    echo "with CUDA graphs:"
     timeout 40 "$kit/generate-bench" random:2048:24:16 128 128 4 cuda bfloat16
+    echo "without (WIZARD_CUDA_GRAPHS=0):"
+    WIZARD_CUDA_GRAPHS=0 timeout 40 "$kit/generate-bench" random:2048:24:16 128 128 4 cuda bfloat16
 fi
 if run_section speculative; then
     echo "== speculative decoding, cuda bf16, small trained pair, 32 new tokens"

@@ -1,0 +1,80 @@
+//! CUDA graphs: the kernels a piece of work launches, recorded once and launched again as one graph.
+//! A decode step of a small batch is hundreds of short kernels whose launches, not the GPU, set its
+//! time; replayed as a graph it costs one launch. A graph reads and writes the very memory it was
+//! recorded over: its inputs are filled in place before each replay, its outputs read after.
+use std::ffi::c_int;
+
+use crate::cuda_object::{self, CudaObject};
+use crate::ffi::WizardGraph;
+use crate::KernelError;
+
+/// A recorded graph on one CUDA device, with the memory its recorded work allocated.
+pub struct CudaGraph {
+    raw: *mut WizardGraph,
+    object: &'static CudaObject,
+}
+
+// SAFETY: the graph is a libtorch object with no thread affinity; replay sets the device itself,
+// and `&mut self` keeps replays from overlapping.
+unsafe impl Send for CudaGraph {}
+
+impl CudaGraph {
+    /// Records the kernels `body` launches on CUDA device `device` (they do not run now) and what it
+    /// returns (tensors that the graph writes at each replay). `body` must not wait on the GPU or
+    /// copy to the host; where it does, libtorch fails (tch panics) and the error is returned, the
+    /// capture ended. Work already queued is waited for first.
+    pub fn capture<R, E: std::fmt::Display>(
+        device: usize,
+        body: impl FnOnce() -> Result<R, E>,
+    ) -> Result<(CudaGraph, R), KernelError> {
+        let object = cuda_object::opened("capture a CUDA graph", "CUDA graphs")?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: `raw` receives an owned graph on success.
+        object.check(unsafe { (object.graph_begin)(device as c_int, &mut raw) }, "capture a CUDA graph")?;
+        let graph = CudaGraph { raw, object };
+        let recorded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+        // The capture always ends: the caller's stream comes back even where `body` failed.
+        // SAFETY: `graph.raw` is the graph whose capture began above.
+        let ended = object.check(unsafe { (object.graph_end)(graph.raw) }, "capture a CUDA graph");
+        let failed = |message: String| KernelError::Torch { operation: "capture a CUDA graph", message };
+        let recorded = match recorded {
+            Ok(recorded) => recorded.map_err(|e| failed(e.to_string()))?,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()));
+                return Err(failed(message.unwrap_or_else(|| "the recorded work panicked".into())));
+            }
+        };
+        ended?;
+        Ok((graph, recorded))
+    }
+
+    /// Launches the recorded kernels on the device's current stream, after the work queued there.
+    pub fn replay(&mut self) -> Result<(), KernelError> {
+        // SAFETY: `self.raw` is a captured graph owned by `self`.
+        self.object.check(unsafe { (self.object.graph_replay)(self.raw) }, "replay a CUDA graph")
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: `self.raw` is owned by `self` and not used after this.
+        unsafe { (self.object.graph_free)(self.raw) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capturing_without_a_gpu_says_why() {
+        if tch::Cuda::is_available() {
+            return; // model/tests/cuda.rs replays graphs where there is a GPU.
+        }
+        let error = CudaGraph::capture(0, || Ok::<_, KernelError>(())).err().expect("no GPU to capture on");
+        assert!(error.to_string().contains("capture a CUDA graph"), "{error}");
+    }
+}
