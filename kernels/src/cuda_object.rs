@@ -5,7 +5,7 @@
 use std::ffi::{c_char, c_int, c_long, CString};
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use crate::ffi::{read_text, WizardGraph, WizardGroup};
 use crate::runtime::{self, CudaBackend};
@@ -62,6 +62,12 @@ impl CudaObject {
 /// `feature` the object's part (NCCL, CUDA graphs).
 pub(crate) fn opened(operation: &'static str, feature: &str) -> Result<&'static CudaObject, KernelError> {
     static OPENED: OnceLock<CudaObject> = OnceLock::new();
+    static OPENING: Mutex<()> = Mutex::new(());
+    if let Some(object) = OPENED.get() {
+        return Ok(object);
+    }
+    // One thread opens it; another that asked meanwhile finds it open.
+    let _opening = OPENING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(object) = OPENED.get() {
         return Ok(object);
     }

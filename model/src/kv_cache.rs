@@ -13,6 +13,8 @@ pub struct KvCache {
     capacity: i64,
     /// The decode step recorded over these buffers (CUDA only).
     pub(crate) graph: Option<DecodeGraph>,
+    /// Single-token steps taken on CUDA before the graph was recorded.
+    pub(crate) single_steps: u32,
 }
 
 impl KvCache {
@@ -25,6 +27,7 @@ impl KvCache {
             len: 0,
             capacity,
             graph: None,
+            single_steps: 0,
         }
     }
 
@@ -67,6 +70,7 @@ impl KvCache {
             len: self.len,
             capacity: self.capacity,
             graph: None,
+            single_steps: 0,
         }
     }
 

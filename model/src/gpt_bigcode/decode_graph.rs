@@ -2,9 +2,9 @@
 //! kernels, and their launches, not the GPU, set its time (a 1B model's bf16 step streams 2.3 GB,
 //! 0.5 ms on an H200, and took 4-6 ms). The step is written in shapes that do not change with the
 //! position: keys and values are stored at a position held on the device, attention reads the
-//! cache's whole capacity with the positions after it masked. Its first run is eager; its kernels
-//! are then recorded over the cache's own buffers, and each later step fills the token and position
-//! in place and replays them.
+//! cache's whole capacity with the positions after it masked. A cache's second such step runs
+//! eagerly and is then recorded over the cache's own buffers; each later step fills the token and
+//! position in place and replays it.
 use std::sync::atomic::Ordering;
 
 use kernels::cuda_graph::CudaGraph;
@@ -39,9 +39,11 @@ impl GptBigCode {
         self.cuda_graphs.store(on, Ordering::Relaxed);
     }
 
-    /// The logits of one new token per row through the cache's graph (recorded on its first step),
-    /// or None where a graph does not apply: not on CUDA, more than one new position, a full cache,
-    /// graphs turned off, or the cache stepped by another model.
+    /// The logits of one new token per row through the cache's graph, or None where a graph does not
+    /// apply: not on CUDA, more than one new position, a full cache, graphs turned off, the cache
+    /// stepped by another model, or its first such step (one step, such as the last token of a
+    /// prompt, is not worth a capture). The second step runs eagerly, loading every kernel the graph
+    /// will hold, and is then recorded; later steps replay it.
     pub(super) fn graph_step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
         let Device::Cuda(device) = self.device() else { return Ok(None) };
         let batch = cache.batch();
@@ -62,9 +64,12 @@ impl GptBigCode {
                 cache.advance(1);
                 return Ok(Some(logits));
             }
+            cache.single_steps += 1;
+            if cache.single_steps < 2 {
+                return Ok(None);
+            }
             let ids = input_ids.to_device(self.device()).to_kind(Kind::Int64);
             let positions = Tensor::full([1], position, (Kind::Int64, self.device()));
-            // The first step runs eagerly: it loads every kernel the graph will hold.
             let logits = self.static_step(&ids, &positions, cache);
             match CudaGraph::capture(device, || Ok::<_, ModelError>(self.static_step(&ids, &positions, cache))) {
                 Ok((graph, out)) => {
@@ -95,9 +100,10 @@ impl GptBigCode {
             let _ = keys.shallow_clone().index_copy_(2, position, &k);
             let _ = values.shallow_clone().index_copy_(2, position, &v);
             // A K/V head's group of query heads as the rows of one product: [batch, kv, group, hd].
+            // Scaled before the product, as SDPA does: fp16 products of unscaled queries can overflow.
             let group = attn.n_head / attn.kv_heads;
-            let q = q.reshape([batch, attn.kv_heads, group, attn.head_dim]);
-            let scores = q.matmul(&keys.transpose(2, 3)).to_kind(Kind::Float) * attn.scale;
+            let q = q.reshape([batch, attn.kv_heads, group, attn.head_dim]) * attn.scale;
+            let scores = q.matmul(&keys.transpose(2, 3)).to_kind(Kind::Float);
             let probabilities = scores.masked_fill(&hidden_after, f64::NEG_INFINITY).softmax(-1, Kind::Float);
             let out = probabilities.to_kind(values.kind()).matmul(values);
             let out = out.reshape([batch, 1, attn.n_head * attn.head_dim]);
