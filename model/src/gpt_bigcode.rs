@@ -497,6 +497,12 @@ impl GptBigCode {
         let rows = tokens.len() as i64;
         let device = self.device();
         let ids = Tensor::from_slice(tokens).to_device(device).view([rows, 1]);
+        if let [cache] = caches {
+            // One sequence alone (an editor's completion) takes its cache's CUDA graph.
+            if let Some(logits) = self.graph_step(&ids, cache)? {
+                return Ok(logits);
+            }
+        }
         let positions = Tensor::from_slice(&positions).to_device(device).view([rows, 1]);
         let mut hidden = self.token_rows(&ids) + Tensor::embedding(&self.wpe, &positions, -1, false, false);
         for (layer, block) in self.blocks.iter().enumerate() {

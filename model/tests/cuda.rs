@@ -142,10 +142,10 @@ fn gpu_training_steps_follow_cpu() {
     }
 }
 
-/// Steps `steps` fixed tokens after a prompt through `forward_next` with and without CUDA graphs,
-/// rolling both caches back 3 positions halfway, and returns the largest logit difference and the
-/// milliseconds a step took each way.
-fn graph_steps(device: Device, multi_query: bool, kind: Kind, batch: i64) -> (f64, f64, f64) {
+/// Steps `steps` fixed tokens after a prompt through `forward_next` (or the engine's
+/// `forward_batch`, one sequence) with and without CUDA graphs, rolling both caches back 3 positions
+/// halfway, and returns the largest logit difference and the milliseconds a step took each way.
+fn graph_steps(device: Device, multi_query: bool, kind: Kind, batch: i64, engine: bool) -> (f64, f64, f64) {
     let dir = saved_model(multi_query);
     let model = GptBigCode::load(dir.path(), kind, device).unwrap();
     let (prompt, steps) = (17, 48);
@@ -163,7 +163,11 @@ fn graph_steps(device: Device, multi_query: bool, kind: Kind, batch: i64) -> (f6
                 }
                 let ids = tokens.narrow(1, cache.len(), 1).to_device(device);
                 let start = std::time::Instant::now();
-                let out = model.forward_next(&ids, &mut cache).unwrap();
+                let out = if engine {
+                    model.forward_batch(&[ids.int64_value(&[0, 0])], &mut [&mut cache]).unwrap()
+                } else {
+                    model.forward_next(&ids, &mut cache).unwrap()
+                };
                 tch::Cuda::synchronize(0);
                 elapsed += start.elapsed();
                 logits.push(out.to_device(Device::Cpu));
@@ -180,17 +184,18 @@ fn graph_steps(device: Device, multi_query: bool, kind: Kind, batch: i64) -> (f6
 #[test]
 fn gpu_decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
     let Some(device) = gpu() else { return };
-    for (multi_query, kind, batch, tolerance) in [
-        (true, Kind::Float, 1, 1e-3),
-        (false, Kind::Float, 1, 1e-3),
-        (true, Kind::Float, 3, 1e-3),
-        (false, Kind::Float, 2, 1e-3),
-        (true, Kind::BFloat16, 1, 0.15),
+    for (multi_query, kind, batch, engine, tolerance) in [
+        (true, Kind::Float, 1, false, 1e-3),
+        (false, Kind::Float, 1, false, 1e-3),
+        (true, Kind::Float, 3, false, 1e-3),
+        (false, Kind::Float, 2, false, 1e-3),
+        (true, Kind::BFloat16, 1, false, 0.15),
+        (true, Kind::Float, 1, true, 1e-3),
     ] {
-        let (diff, eager_ms, graph_ms) = graph_steps(device, multi_query, kind, batch);
+        let (diff, eager_ms, graph_ms) = graph_steps(device, multi_query, kind, batch, engine);
         eprintln!(
-            "graphs {kind:?} mq={multi_query} batch {batch}: max diff {diff:.2e}, step {eager_ms:.3} ms eager, \
-             {graph_ms:.3} ms replayed"
+            "graphs {kind:?} mq={multi_query} batch {batch} engine {engine}: max diff {diff:.2e}, step \
+             {eager_ms:.3} ms eager, {graph_ms:.3} ms replayed"
         );
         assert!(diff < tolerance, "{kind:?} mq={multi_query} batch {batch}: max diff {diff}");
     }
