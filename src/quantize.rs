@@ -31,8 +31,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.dtype
         );
     };
-    anyhow::ensure!(args.out != args.model, "--out must differ from --model");
+    // The same directory by another spelling (a trailing slash, `./`, a link) would be overwritten
+    // while it is read.
+    let same = |a: &PathBuf, b: &PathBuf| std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok());
+    anyhow::ensure!(
+        args.out != args.model && same(&args.out, &args.model).is_none_or(|(out, model)| out != model),
+        "--out {} is the model directory {}: write the quantized copy elsewhere",
+        args.out.display(),
+        args.model.display()
+    );
     let mut model = GptBigCode::load(&args.model, Kind::Float, Device::Cpu)?;
+    if let Some(stored) = model.quantized_format() {
+        anyhow::bail!(
+            "{} already holds {} weights (from `wizard quantize`): quantize the original fp32 or bf16 directory",
+            args.model.display(),
+            stored.name()
+        );
+    }
     // The fp32 weights, for each layer's error (quantizing frees them).
     let mut originals: Vec<(String, tch::Tensor)> = model
         .vars()

@@ -259,4 +259,24 @@ fn quantized_directories_generate_as_quantizing_at_load_does() {
     let out = work.path().join("fp32").to_str().unwrap().to_string();
     let output = common::wizard(&["quantize", "--model", model, "--dtype", "float32", "--out", &out]);
     check_failure(&output, "float32", &["--dtype float32: wizard quantize writes int8 or int4"]);
+    // A quantized directory is not quantized again (its fp32 weights are gone).
+    let int8 = work.path().join("int8").to_str().unwrap().to_string();
+    let again = work.path().join("again").to_str().unwrap().to_string();
+    let output = common::wizard(&["quantize", "--model", &int8, "--dtype", "int8", "--out", &again]);
+    check_failure(&output, "int8 again", &["already holds int8 weights"]);
+    // The model directory by other spellings is refused, and left as it was.
+    let copy = work.path().join("model");
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(model).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    let weights = std::fs::read(copy.join("model.safetensors")).unwrap();
+    let link = work.path().join("link");
+    std::os::unix::fs::symlink(&copy, &link).unwrap();
+    for out in [format!("{}/", copy.display()), format!("{}/./", copy.display()), link.display().to_string()] {
+        let output = common::wizard(&["quantize", "--model", copy.to_str().unwrap(), "--dtype", "int8", "--out", &out]);
+        check_failure(&output, &out, &["is the model directory"]);
+    }
+    assert!(std::fs::read(copy.join("model.safetensors")).unwrap() == weights, "the model directory changed");
 }
