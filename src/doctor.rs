@@ -154,6 +154,10 @@ fn print_text(
             device.capability.0,
             device.capability.1
         );
+        match kernels::cuda_graph::probe(device.index) {
+            Ok(()) => println!("    CUDA graphs   record and replay (decode steps run as graphs)"),
+            Err(error) => println!("    CUDA graphs   not working, decode steps run op by op: {error}"),
+        }
     }
     println!("threads         {} intra-op, {} inter-op", info.intra_op_threads, info.inter_op_threads);
     let kernel = if kernels::linear::few_row_kernel_available() {
@@ -210,6 +214,7 @@ fn print_json(
             "devices": info.cuda.devices.iter().map(|d| json!({
                 "index": d.index, "name": d.name, "total_memory": d.total_memory,
                 "capability": [d.capability.0, d.capability.1],
+                "cuda_graphs": kernels::cuda_graph::probe(d.index).map_or_else(|e| e.to_string(), |()| "ok".into()),
             })).collect::<Vec<_>>(),
         },
         "threads": { "intra_op": info.intra_op_threads, "inter_op": info.inter_op_threads },

@@ -137,6 +137,13 @@ struct RunArgs {
     dtype: Option<String>,
 }
 
+impl Args {
+    /// Whether this reads a run (`status`, `lineage`, `export`) rather than evolving one.
+    pub fn only_reads(&self) -> bool {
+        matches!(self.command, Some(Command::Status { .. } | Command::Lineage { .. } | Command::Export { .. }))
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Started by `wizard pipeline`: do not outlive it.
     if let Some(parent) = std::env::var("WIZARD_LAUNCHER_PID").ok().and_then(|p| p.parse().ok()) {

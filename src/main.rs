@@ -70,6 +70,14 @@ fn main() -> ExitCode {
     if let kernels::runtime::CudaBackend::Failed(message) = kernels::runtime::cuda_backend() {
         tracing::warn!("libtorch's CUDA backend did not load, so only the CPU is usable: {message}");
     }
+    let prints_a_report = match &cli.command {
+        Command::Doctor(_) | Command::Generate(_) | Command::Quantize(_) => true,
+        Command::Evolve(args) => args.only_reads(),
+        _ => false,
+    };
+    if prints_a_report {
+        kernels::process::end_quietly_when_stdout_closes();
+    }
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(args),
         Command::Eval(command) => eval::run(command),

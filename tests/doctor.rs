@@ -167,3 +167,21 @@ fn unwritable_log_file_is_a_clear_error() {
     );
     assert_eq!(output.status.code(), Some(2), "{stderr}");
 }
+
+/// A reader that goes away (`wizard doctor | head -1`) ends the report quietly, not with a panic.
+#[test]
+fn a_closed_stdout_ends_the_report_quietly() {
+    let mut child = wizard_command(&["doctor"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("wizard runs");
+    // Closed before doctor prints: loading libtorch alone takes longer than this.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = text(&output.stderr);
+    assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    const SIGPIPE: i32 = 13; // on Linux
+    assert_eq!(output.status.signal(), Some(SIGPIPE), "{:?}: {stderr}", output.status);
+}

@@ -58,6 +58,22 @@ impl CudaGraph {
     }
 }
 
+/// Whether CUDA graphs record and replay on `device` here: an increment recorded once and replayed
+/// twice must count to 2.
+pub fn probe(device: usize) -> Result<(), KernelError> {
+    let counter = tch::Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cuda(device)));
+    let (mut graph, ()) = CudaGraph::capture(device, || counter.shallow_clone().f_add_scalar_(1.0).map(|_| ()))?;
+    graph.replay()?;
+    graph.replay()?;
+    match counter.double_value(&[0]) {
+        2.0 => Ok(()),
+        counted => Err(KernelError::Torch {
+            operation: "replay a CUDA graph",
+            message: format!("an increment replayed twice counted {counted}, not 2"),
+        }),
+    }
+}
+
 impl Drop for CudaGraph {
     fn drop(&mut self) {
         // SAFETY: `self.raw` is owned by `self` and not used after this.

@@ -23,3 +23,14 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
     }
 }
+
+/// Ends the process quietly, as Unix tools do, when what reads its standard output goes away
+/// (`wizard doctor | head`): Rust ignores SIGPIPE, and the next print panics. Only for commands
+/// whose product is their standard output and that write to no pipe or socket of their own, which
+/// SIGPIPE would kill instead of reporting an error.
+pub fn end_quietly_when_stdout_closes() {
+    // SAFETY: signal() with a valid signal number and SIG_DFL only changes this process's disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
