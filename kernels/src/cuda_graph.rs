@@ -84,13 +84,23 @@ impl Drop for CudaGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::{Device, Kind, Tensor};
 
+    /// Without a GPU a capture says why; with one (scripts/gpu/check.sh) graphs replay, and a capture
+    /// that waits on the device fails without breaking the next ones.
     #[test]
-    fn capturing_without_a_gpu_says_why() {
-        if tch::Cuda::is_available() {
-            return; // model/tests/cuda.rs replays graphs where there is a GPU.
+    fn graphs_replay_on_a_gpu_or_say_why_not() {
+        if !tch::Cuda::is_available() {
+            let error = CudaGraph::capture(0, || Ok::<_, KernelError>(())).err().expect("no GPU to capture on");
+            assert!(error.to_string().contains("capture a CUDA graph"), "{error}");
+            return;
         }
-        let error = CudaGraph::capture(0, || Ok::<_, KernelError>(())).err().expect("no GPU to capture on");
-        assert!(error.to_string().contains("capture a CUDA graph"), "{error}");
+        probe(0).unwrap();
+        let values = Tensor::ones([4], (Kind::Float, Device::Cuda(0)));
+        let waits = CudaGraph::capture(0, || Ok::<_, KernelError>(values.sum(Kind::Float).double_value(&[])));
+        let error = waits.err().expect("reading a value inside a capture fails");
+        eprintln!("a capture that waits: {error}");
+        probe(0).unwrap();
+        assert_eq!(values.sum(Kind::Float).double_value(&[]), 4.0);
     }
 }
