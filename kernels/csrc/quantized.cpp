@@ -647,13 +647,39 @@ at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int64_t in, 
   const int64_t out = values.size(0);
   const Layout layout(out, in, bits);
   const int64_t blocks = layout.blocks;
-  auto packed = at::zeros({layout.bytes}, at::kByte);
+  // int8 writes every byte of its records; int4 ORs nibbles into zeros.
+  auto packed = bits == 8 ? at::empty({layout.bytes}, at::kByte) : at::zeros({layout.bytes}, at::kByte);
   const float* sp = scales.data_ptr<float>();
   const float unshift = unshift_for(scales);
   const auto* vp = static_cast<const uint8_t*>(values.data_ptr());
   const int64_t stride = values.size(1);
   uint8_t* pp = packed.data_ptr<uint8_t>();
+  std::memset(pp + layout.unshift_at, 0, kTailBytes);
   std::memcpy(pp + layout.unshift_at, &unshift, sizeof unshift);
+  if (bits == 8) {
+    // Each quad of 4 values moves as one word, stored plus 128 (the sign bit flipped); outputs past
+    // `out` hold 0 (stored 128). The same bytes as the general loop below, a word at a time.
+    constexpr uint32_t kPlus128 = 0x80808080u;
+    at::parallel_for(0, layout.groups, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; g++)
+        for (int64_t b = 0; b < blocks; b++) {
+          uint8_t* rec = pp + layout.record_at(bits, g, b);
+          auto* record_scales = reinterpret_cast<uint16_t*>(pp + layout.block_scales_at(g, b));
+          for (int64_t c = 0; c < kGroup; c++) {
+            const int64_t j = g * kGroup + c;
+            const uint8_t* row = vp + j * stride + b * kBlock;
+            for (int64_t q = 0; q < kBlock / 4; q++) {
+              uint32_t quad = 0;
+              if (j < out) std::memcpy(&quad, row + 4 * q, sizeof quad);
+              quad ^= kPlus128;
+              std::memcpy(rec + q * kQuadBytes + c * 4, &quad, sizeof quad);
+            }
+            record_scales[c] = j < out ? narrow_scale(sp[j * blocks + b], unshift) : 0;
+          }
+        }
+    });
+    return packed;
+  }
   at::parallel_for(0, layout.groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; g++)
       for (int64_t b = 0; b < blocks; b++) {
@@ -751,7 +777,8 @@ bool kernel_applies(const Kernel* kernel, const at::Tensor& x, int64_t in, int64
 // so that every value is within half of it of its weight, int4's from its scale search.
 std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, int bits) {
   const int64_t out = w.size(0), in = w.size(1), blocks = blocks_of(in);
-  auto values = at::zeros({out, blocks * kBlock / per_byte(bits)}, bits == 8 ? at::kChar : at::kByte);
+  // int8 writes every value; int4 ORs nibbles into zeros.
+  auto values = bits == 8 ? at::empty({out, blocks * kBlock}, at::kChar) : at::zeros({out, blocks * kBlock / 2}, at::kByte);
   auto scales = at::empty({out, blocks}, at::kFloat);
   // int4's values come from its scale search; int8's are taken once its scale is rounded.
   std::vector<int8_t> int4(bits == 4 ? out * blocks * kBlock : 0);

@@ -50,15 +50,12 @@ struct Linear {
 
 impl Linear {
     fn new(path: nn::Path, in_dim: i64, out_dim: i64, std: f64, weights: Weights) -> Linear {
-        let weight = path.var("weight", &[out_dim, in_dim], normal(std, weights));
-        match weights {
-            // One layer in fp32 at a time, never the whole model.
-            Weights::ZerosBf16Dense => {
-                tch::no_grad(|| weight.shallow_clone().set_data(&weight.to_kind(Kind::BFloat16)))
-            }
-            Weights::ZerosQuantizedDense(_) => tch::no_grad(|| weight.shallow_clone().set_data(&empty_weight())),
-            Weights::Random | Weights::Zeros => {}
-        }
+        let weight = match weights {
+            Weights::ZerosBf16Dense => unwritten_var(&path, "weight", &[out_dim, in_dim], Some(Kind::BFloat16)),
+            // Its quantized records come later; the fp32 weight stays empty.
+            Weights::ZerosQuantizedDense(_) => unwritten_var(&path, "weight", &[0], None),
+            Weights::Random | Weights::Zeros => new_var(&path, "weight", &[out_dim, in_dim], std, weights),
+        };
         Linear { weight, bias: path.var("bias", &[out_dim], Init::Const(0.0)), quantized: None }
     }
 
@@ -101,12 +98,24 @@ fn empty_weight() -> Tensor {
     Tensor::zeros([0], (Kind::Float, Device::Cpu))
 }
 
-/// `transformers`' normal(0, std) for a fresh model.
-fn normal(std: f64, weights: Weights) -> Init {
+/// A weight as `weights` says it starts: `transformers`' normal(0, std) for a fresh model; for a
+/// checkpoint about to be read, allocated but not written.
+fn new_var(path: &nn::Path, name: &str, shape: &[i64], std: f64, weights: Weights) -> Tensor {
     match weights {
-        Weights::Random => Init::Randn { mean: 0.0, stdev: std },
-        Weights::Zeros | Weights::ZerosBf16Dense | Weights::ZerosQuantizedDense(_) => Init::Const(0.0),
+        Weights::Random => path.var(name, shape, Init::Randn { mean: 0.0, stdev: std }),
+        Weights::Zeros | Weights::ZerosBf16Dense | Weights::ZerosQuantizedDense(_) => {
+            unwritten_var(path, name, shape, None)
+        }
     }
+}
+
+/// A variable of `shape` (in `kind`, else the store's) whose memory is not written: the loader reads
+/// every value into it, or fails. Zeros would write a 1B model's 4 GB once for nothing.
+fn unwritten_var(path: &nn::Path, name: &str, shape: &[i64], kind: Option<Kind>) -> Tensor {
+    let var = path.var(name, &[0], Init::Const(0.0));
+    let options = (kind.unwrap_or(var.kind()), var.device());
+    tch::no_grad(|| var.shallow_clone().set_data(&Tensor::empty(shape, options)));
+    var
 }
 
 struct LayerNorm {
@@ -383,18 +392,19 @@ impl GptBigCode {
         vars.set_kind(kind); // before any variable exists: every one is created in `kind`
         let root = vars.root();
         let transformer = &root / "transformer";
-        let init = normal(config.initializer_range, weights);
-        let wte = (&transformer / "wte").var("weight", &[config.vocab_size, config.n_embd], init);
+        let std = config.initializer_range;
+        let table = [config.vocab_size, config.n_embd];
+        let wte = new_var(&(&transformer / "wte"), "weight", &table, std, weights);
         let narrowed_head = matches!(weights, Weights::ZerosBf16Dense | Weights::ZerosQuantizedDense(_));
         if narrowed_head && config.tie_word_embeddings {
             // The table will live in the narrowed head (`token_rows`).
             tch::no_grad(|| wte.shallow_clone().set_data(&empty_weight()));
         }
-        let wpe = (&transformer / "wpe").var("weight", &[config.n_positions, config.n_embd], init);
+        let wpe = new_var(&(&transformer / "wpe"), "weight", &[config.n_positions, config.n_embd], std, weights);
         let blocks = (0..config.n_layer).map(|i| Block::new(&transformer / "h" / i, &config, weights)).collect();
         let ln_f = LayerNorm::new(&transformer / "ln_f", config.n_embd, config.layer_norm_epsilon);
         let lm_head = (!config.tie_word_embeddings).then(|| {
-            let lm_head = (&root / "lm_head").var("weight", &[config.vocab_size, config.n_embd], init);
+            let lm_head = new_var(&(&root / "lm_head"), "weight", &table, std, weights);
             if narrowed_head {
                 tch::no_grad(|| lm_head.shallow_clone().set_data(&empty_weight()));
             }
