@@ -325,6 +325,30 @@ inline float quantize_block(const float* x, int64_t n, int8_t* q) {
 
 void prepare(const float* x, int64_t in, const Activations& a) { prepare_with(quantize_block, x, in, a); }
 
+// The largest magnitude of the first `n` (at most 32) of `x`: quantize_parts' int8 block maximum.
+inline float block_amax(const float* x, int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 amax = _mm256_setzero_ps();
+  for (int k = 0; k < 4; k++) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, load_first(x + 8 * k, n - 8 * k)));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// quantize_parts' int8 values of one block: round(x / scale) (to nearest, ties to even) clamped to
+// +-127, zeros past `n` columns; `scale` is not 0. The same values as the scalar loop.
+inline void block_values8(const float* x, int64_t n, float scale, int8_t* q) {
+  const __m256 vd = _mm256_set1_ps(scale), low = _mm256_set1_ps(-127.0f), high = _mm256_set1_ps(127.0f);
+  __m256i i[4];
+  for (int k = 0; k < 4; k++) {
+    const __m256 v = _mm256_div_ps(load_first(x + 8 * k, n - 8 * k), vd);
+    i[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, low), high));
+  }
+  __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+  packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), packed);
+}
+
 // The block's integer dots of R activation rows with one group's int8 values, as two halves of 8
 // outputs. The sign trick: maddubs multiplies unsigned by signed bytes, so |x| times w with x's
 // sign (|products| <= 127 * 127, no 16-bit pair saturates), and madd sums the pairs into each
@@ -457,6 +481,7 @@ inline float quantize_block(const float* x, int64_t n, int8_t* q) {
 }
 
 void prepare(const float* x, int64_t in, const Activations& a) { prepare_with(quantize_block, x, in, a); }
+
 
 // R activation rows times J groups of 16 outputs. dpbusd multiplies the unsigned values (w + 128,
 // or w + 8) by four activation bytes, broadcast, and adds the four products to each output's lane;
@@ -784,13 +809,16 @@ std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, int bits) 
   std::vector<int8_t> int4(bits == 4 ? out * blocks * kBlock : 0);
   const float* wp = w.data_ptr<float>();
   float* sp = scales.data_ptr<float>();
+  const bool vector = wizard::cpu::avx2();
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; j++)
       for (int64_t b = 0; b < blocks; b++) {
         const float* v = wp + j * in + b * kBlock;
         const int64_t n = std::min(kBlock, in - b * kBlock);
         float amax = 0.0f;
-        if (bits == 8)
+        if (bits == 8 && vector)
+          amax = avx2::block_amax(v, n);
+        else if (bits == 8)
           for (int64_t k = 0; k < n; k++) amax = std::max(amax, std::fabs(v[k]));
         sp[j * blocks + b] =
             bits == 8 ? amax / 127.0f : quantize_block4_ref(v, n, int4.data() + (j * blocks + b) * kBlock);
@@ -804,6 +832,11 @@ std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, int bits) 
       for (int64_t b = 0; b < blocks; b++) {
         const float scale = widen_half(narrow_scale(sp[j * blocks + b], unshift)) * unshift;
         sp[j * blocks + b] = scale;
+        if (bits == 8 && vector && scale != 0.0f) {
+          auto* q = reinterpret_cast<int8_t*>(vp + j * stride + b * kBlock);
+          avx2::block_values8(wp + j * in + b * kBlock, in - b * kBlock, scale, q);
+          continue;
+        }
         for (int64_t k = 0; k < kBlock; k++) {
           // Past `in`, and in a block whose scale rounded to 0, values are 0.
           const int64_t column = b * kBlock + k;
