@@ -325,7 +325,7 @@ inline float quantize_block(const float* x, int64_t n, int8_t* q) {
 
 void prepare(const float* x, int64_t in, const Activations& a) { prepare_with(quantize_block, x, in, a); }
 
-// The largest magnitude of the first `n` (at most 32) of `x`: quantize_parts' int8 block maximum.
+// The largest magnitude of the first `n` (at most 32) of `x`: quantize_pack8's block maximum.
 inline float block_amax(const float* x, int64_t n) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 amax = _mm256_setzero_ps();
@@ -335,7 +335,7 @@ inline float block_amax(const float* x, int64_t n) {
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
-// quantize_parts' int8 values of one block: round(x / scale) (to nearest, ties to even) clamped to
+// quantize_pack8's values of one block: round(x / scale) (to nearest, ties to even) clamped to
 // +-127, zeros past `n` columns; `scale` is not 0. The same values as the scalar loop.
 inline void block_values8(const float* x, int64_t n, float scale, int8_t* q) {
   const __m256 vd = _mm256_set1_ps(scale), low = _mm256_set1_ps(-127.0f), high = _mm256_set1_ps(127.0f);
@@ -797,31 +797,20 @@ bool kernel_applies(const Kernel* kernel, const at::Tensor& x, int64_t in, int64
          (!bias || (plain(*bias) && bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == out));
 }
 
-// A finite fp32 weight [out, in] as `bits` parts (see the top): each block's scale rounded to the form
-// the kernels read (a half times the weight's `unshift`); int8 values taken against the rounded scale,
-// so that every value is within half of it of its weight, int4's from its scale search.
-std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, int bits) {
+// A finite fp32 weight [out, in] as int4 parts (see the top): each block's values and scale from its
+// scale search, the scale rounded to the form the kernels read (a half times the weight's `unshift`).
+std::pair<at::Tensor, at::Tensor> quantize_parts4(const at::Tensor& w) {
   const int64_t out = w.size(0), in = w.size(1), blocks = blocks_of(in);
-  // int8 writes every value; int4 ORs nibbles into zeros.
-  auto values = bits == 8 ? at::empty({out, blocks * kBlock}, at::kChar) : at::zeros({out, blocks * kBlock / 2}, at::kByte);
+  auto values = at::zeros({out, blocks * kBlock / 2}, at::kByte);
   auto scales = at::empty({out, blocks}, at::kFloat);
-  // int4's values come from its scale search; int8's are taken once its scale is rounded.
-  std::vector<int8_t> int4(bits == 4 ? out * blocks * kBlock : 0);
+  std::vector<int8_t> int4(out * blocks * kBlock);
   const float* wp = w.data_ptr<float>();
   float* sp = scales.data_ptr<float>();
-  const bool vector = wizard::cpu::avx2();
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; j++)
       for (int64_t b = 0; b < blocks; b++) {
-        const float* v = wp + j * in + b * kBlock;
         const int64_t n = std::min(kBlock, in - b * kBlock);
-        float amax = 0.0f;
-        if (bits == 8 && vector)
-          amax = avx2::block_amax(v, n);
-        else if (bits == 8)
-          for (int64_t k = 0; k < n; k++) amax = std::max(amax, std::fabs(v[k]));
-        sp[j * blocks + b] =
-            bits == 8 ? amax / 127.0f : quantize_block4_ref(v, n, int4.data() + (j * blocks + b) * kBlock);
+        sp[j * blocks + b] = quantize_block4_ref(wp + j * in + b * kBlock, n, int4.data() + (j * blocks + b) * kBlock);
       }
   });
   const float unshift = unshift_for(scales);
@@ -832,27 +821,78 @@ std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, int bits) 
       for (int64_t b = 0; b < blocks; b++) {
         const float scale = widen_half(narrow_scale(sp[j * blocks + b], unshift)) * unshift;
         sp[j * blocks + b] = scale;
-        if (bits == 8 && vector && scale != 0.0f) {
-          auto* q = reinterpret_cast<int8_t*>(vp + j * stride + b * kBlock);
-          avx2::block_values8(wp + j * in + b * kBlock, in - b * kBlock, scale, q);
-          continue;
-        }
         for (int64_t k = 0; k < kBlock; k++) {
           // Past `in`, and in a block whose scale rounded to 0, values are 0.
           const int64_t column = b * kBlock + k;
-          int32_t value = 0;
-          if (column < in && scale != 0.0f && bits == 4)
-            value = int4[(j * blocks + b) * kBlock + k];
-          else if (column < in && scale != 0.0f)
-            value = static_cast<int32_t>(std::clamp(std::nearbyint(wp[j * in + column] / scale), -127.f, 127.f));
-          if (bits == 8)
-            vp[j * stride + column] = static_cast<uint8_t>(static_cast<int8_t>(value));
-          else
-            vp[j * stride + column / 2] |= static_cast<uint8_t>((value + 8) << (column % 2 == 0 ? 0 : 4));
+          const int32_t value = column < in && scale != 0.0f ? int4[(j * blocks + b) * kBlock + k] : 0;
+          vp[j * stride + column / 2] |= static_cast<uint8_t>((value + 8) << (column % 2 == 0 ? 0 : 4));
         }
       }
   });
   return {values, scales};
+}
+
+// A finite fp32 weight [out, in] as packed int8 records: each block's scale is its largest magnitude
+// over 127, rounded to the form the kernels read (a half times the weight's `unshift`), and its values
+// are taken against the rounded scale, so that each is within half of it of its weight. Written
+// straight into the records, with no [out, in] values in between (1 GB for a 1B model).
+at::Tensor quantize_pack8(const at::Tensor& w) {
+  const int64_t out = w.size(0), in = w.size(1), blocks = blocks_of(in);
+  const Layout layout(out, in, 8);
+  const float* wp = w.data_ptr<float>();
+  const bool vector = wizard::cpu::avx2();
+  auto scales = at::empty({out, blocks}, at::kFloat);
+  float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; j++)
+      for (int64_t b = 0; b < blocks; b++) {
+        const float* v = wp + j * in + b * kBlock;
+        const int64_t n = std::min(kBlock, in - b * kBlock);
+        float amax = 0.0f;
+        if (vector)
+          amax = avx2::block_amax(v, n);
+        else
+          for (int64_t k = 0; k < n; k++) amax = std::max(amax, std::fabs(v[k]));
+        sp[j * blocks + b] = amax / 127.0f;
+      }
+  });
+  const float rounding = unshift_for(scales);
+  for (int64_t i = 0; i < out * blocks; i++) sp[i] = widen_half(narrow_scale(sp[i], rounding)) * rounding;
+  const float unshift = unshift_for(scales);
+  auto packed = at::empty({layout.bytes}, at::kByte);
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  std::memset(pp + layout.unshift_at, 0, kTailBytes);
+  std::memcpy(pp + layout.unshift_at, &unshift, sizeof unshift);
+  constexpr uint32_t kPlus128 = 0x80808080u;
+  at::parallel_for(0, layout.groups, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; g++)
+      for (int64_t b = 0; b < blocks; b++) {
+        uint8_t* rec = pp + layout.record_at(8, g, b);
+        auto* record_scales = reinterpret_cast<uint16_t*>(pp + layout.block_scales_at(g, b));
+        for (int64_t c = 0; c < kGroup; c++) {
+          const int64_t j = g * kGroup + c;
+          alignas(32) int8_t q[kBlock] = {};
+          const float scale = j < out ? sp[j * blocks + b] : 0.0f;
+          if (scale != 0.0f) {
+            const float* v = wp + j * in + b * kBlock;
+            const int64_t n = std::min(kBlock, in - b * kBlock);
+            if (vector)
+              avx2::block_values8(v, n, scale, q);
+            else
+              for (int64_t k = 0; k < n; k++)
+                q[k] = static_cast<int8_t>(std::clamp(std::nearbyint(v[k] / scale), -127.f, 127.f));
+          }
+          for (int64_t quad = 0; quad < kBlock / 4; quad++) {
+            uint32_t word;
+            std::memcpy(&word, q + 4 * quad, sizeof word);
+            word ^= kPlus128;
+            std::memcpy(rec + quad * kQuadBytes + c * 4, &word, sizeof word);
+          }
+          record_scales[c] = j < out ? narrow_scale(scale, unshift) : 0;
+        }
+      }
+  });
+  return packed;
 }
 
 // How the kernels read a packed weight [out, in] (checked to hold it).
@@ -932,7 +972,11 @@ int wizard_quantized_quantize(void* weight_handle, int bits, void** packed_out) 
     check_bits(bits);
     if (!w.device().is_cpu() || w.scalar_type() != at::kFloat || w.dim() != 2 || !w.is_contiguous())
       throw std::invalid_argument("quantize: expected a contiguous float CPU matrix, got " + describe(w));
-    const auto [values, scales] = quantize_parts(w, bits);
+    if (bits == 8) {
+      *packed_out = new at::Tensor(quantize_pack8(w));
+      return;
+    }
+    const auto [values, scales] = quantize_parts4(w);
     auto packed = pack(values, scales, w.size(1), bits);
     *packed_out = new at::Tensor(std::move(packed));
   });
