@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use kernels::read::ReadBuffer;
 use safetensors::{Dtype, View};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -126,7 +127,25 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
 /// Streams every tensor of the model directory to `visit(name, tensor, file)`, in its stored dtype on
 /// the CPU, in name order, reading one tensor at a time: peak memory is the destination plus about
 /// twice the largest tensor, never a whole file.
-pub fn for_each_tensor(dir: &Path, mut visit: impl FnMut(&str, Tensor, &Path) -> Result<()>) -> Result<()> {
+pub fn for_each_tensor(dir: &Path, visit: impl FnMut(&str, Tensor, &Path) -> Result<()>) -> Result<()> {
+    for_each_tensor_in(dir, None, visit)
+}
+
+/// [`for_each_tensor`] with every tensor read into `buffer`: each is overwritten by the next, so
+/// `visit` must copy what it keeps.
+pub fn for_each_tensor_reusing(
+    dir: &Path,
+    buffer: &mut ReadBuffer,
+    visit: impl FnMut(&str, Tensor, &Path) -> Result<()>,
+) -> Result<()> {
+    for_each_tensor_in(dir, Some(buffer), visit)
+}
+
+fn for_each_tensor_in(
+    dir: &Path,
+    mut buffer: Option<&mut ReadBuffer>,
+    mut visit: impl FnMut(&str, Tensor, &Path) -> Result<()>,
+) -> Result<()> {
     for path in weight_files(dir)? {
         let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
         let (entries, data_start) = read_header(&file, &path)?;
@@ -141,8 +160,12 @@ pub fn for_each_tensor(dir: &Path, mut visit: impl FnMut(&str, Tensor, &Path) ->
             })?;
             let begin = entry.data_offsets.0;
             let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
-            let tensor = kernels::read::tensor_at(&file, data_start + begin as u64, &shape, kind)
-                .map_err(|e| tensor_error(e.to_string()))?;
+            let offset = data_start + begin as u64;
+            let tensor = match buffer.as_deref_mut() {
+                Some(buffer) => buffer.tensor_at(&file, offset, &shape, kind),
+                None => kernels::read::tensor_at(&file, offset, &shape, kind),
+            }
+            .map_err(|e| tensor_error(e.to_string()))?;
             visit(&name, tensor, &path)?;
         }
     }

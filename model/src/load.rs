@@ -109,8 +109,12 @@ impl GptBigCode {
         let mut pending = model.vars().variables();
         // Quantized layers: name -> (values, scales, the file they came from).
         let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>, PathBuf)> = BTreeMap::new();
+        // Quantized or narrowed as read, the dense layers and the head are used up before the next
+        // tensor is read: one buffer takes them all in turn (what is kept is copied out of it).
+        let reusing = !quantized && (quantize_as_read || narrow_as_read);
+        let mut buffer = kernels::read::ReadBuffer::default();
         tch::no_grad(|| {
-            checkpoint::for_each_tensor(dir, |name, tensor, file| {
+            let visit = |name: &str, tensor: Tensor, file: &Path| {
                 let tensor_error = |message: String| ModelError::Tensor {
                     path: file.to_path_buf(),
                     tensor: name.to_string(),
@@ -184,7 +188,7 @@ impl GptBigCode {
                     let message = format!("has shape {:?}, config.json implies {:?}", tensor.size(), var.size());
                     return Err(tensor_error(message));
                 }
-                if tensor.kind() == var.kind() && var.device() == Device::Cpu {
+                if tensor.kind() == var.kind() && var.device() == Device::Cpu && !reusing {
                     // The tensor just read becomes the variable's storage: no second copy.
                     var.shallow_clone().set_data(&tensor);
                 } else {
@@ -194,7 +198,12 @@ impl GptBigCode {
                     return Err(tensor_error("holds NaN or infinite values".into()));
                 }
                 Ok(())
-            })
+            };
+            if reusing {
+                checkpoint::for_each_tensor_reusing(dir, &mut buffer, visit)
+            } else {
+                checkpoint::for_each_tensor(dir, visit)
+            }
         })?;
         let untied_head = !tied && parts.contains_key("lm_head.weight");
         // The table of a tied quantized directory is its quantized head.
