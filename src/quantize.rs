@@ -40,6 +40,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.out.display(),
         args.model.display()
     );
+    anyhow::ensure!(
+        !args.out.exists() || args.out.is_dir(),
+        "--out {} exists and is not a directory",
+        args.out.display()
+    );
     let mut model = GptBigCode::load(&args.model, Kind::Float, Device::Cpu)?;
     if let Some(stored) = model.quantized_format() {
         anyhow::bail!(

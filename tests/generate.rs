@@ -279,4 +279,9 @@ fn quantized_directories_generate_as_quantizing_at_load_does() {
         check_failure(&output, &out, &["is the model directory"]);
     }
     assert!(std::fs::read(copy.join("model.safetensors")).unwrap() == weights, "the model directory changed");
+    let file = work.path().join("a-file");
+    std::fs::write(&file, "kept").unwrap();
+    let output = common::wizard(&["quantize", "--model", model, "--dtype", "int8", "--out", file.to_str().unwrap()]);
+    check_failure(&output, "a file", &["exists and is not a directory"]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "kept");
 }
