@@ -666,45 +666,39 @@ inline std::pair<int64_t, int> slot(int bits, int64_t c, int64_t k) {
   return {((k / 4) % 4) * kQuadBytes + c * 4 + k % 4, k < 16 ? 0 : 4};
 }
 
+// Memory for a weight's records, its tail holding `unshift`; zeroed where values are ORed in (int4).
+at::Tensor new_records(const Layout& layout, float unshift, bool zeroed) {
+  auto packed = zeroed ? at::zeros({layout.bytes}, at::kByte) : at::empty({layout.bytes}, at::kByte);
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  std::memset(pp + layout.unshift_at, 0, kTailBytes);
+  std::memcpy(pp + layout.unshift_at, &unshift, sizeof unshift);
+  return packed;
+}
+
+// Output c's 32 int8 values of a block into its record (`values` null: zeros), each quad of 4 as one
+// word stored plus 128 (the sign bit flipped): the bytes slot() gives, a word at a time.
+inline void put_values8(uint8_t* rec, int64_t c, const void* values) {
+  for (int64_t quad = 0; quad < kBlock / 4; quad++) {
+    uint32_t word = 0;
+    if (values) std::memcpy(&word, static_cast<const uint8_t*>(values) + 4 * quad, sizeof word);
+    word ^= 0x80808080u;
+    std::memcpy(rec + quad * kQuadBytes + c * 4, &word, sizeof word);
+  }
+}
+
 // The parts into records (outputs past `out` hold zeros), each scale as the nearest half times the
 // weight's `unshift`.
 at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int64_t in, int bits) {
   const int64_t out = values.size(0);
   const Layout layout(out, in, bits);
   const int64_t blocks = layout.blocks;
-  // int8 writes every byte of its records; int4 ORs nibbles into zeros.
-  auto packed = bits == 8 ? at::empty({layout.bytes}, at::kByte) : at::zeros({layout.bytes}, at::kByte);
   const float* sp = scales.data_ptr<float>();
   const float unshift = unshift_for(scales);
+  // int8 writes every byte of its records; int4 ORs nibbles into zeros.
+  auto packed = new_records(layout, unshift, bits == 4);
   const auto* vp = static_cast<const uint8_t*>(values.data_ptr());
   const int64_t stride = values.size(1);
   uint8_t* pp = packed.data_ptr<uint8_t>();
-  std::memset(pp + layout.unshift_at, 0, kTailBytes);
-  std::memcpy(pp + layout.unshift_at, &unshift, sizeof unshift);
-  if (bits == 8) {
-    // Each quad of 4 values moves as one word, stored plus 128 (the sign bit flipped); outputs past
-    // `out` hold 0 (stored 128). The same bytes as the general loop below, a word at a time.
-    constexpr uint32_t kPlus128 = 0x80808080u;
-    at::parallel_for(0, layout.groups, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; g++)
-        for (int64_t b = 0; b < blocks; b++) {
-          uint8_t* rec = pp + layout.record_at(bits, g, b);
-          auto* record_scales = reinterpret_cast<uint16_t*>(pp + layout.block_scales_at(g, b));
-          for (int64_t c = 0; c < kGroup; c++) {
-            const int64_t j = g * kGroup + c;
-            const uint8_t* row = vp + j * stride + b * kBlock;
-            for (int64_t q = 0; q < kBlock / 4; q++) {
-              uint32_t quad = 0;
-              if (j < out) std::memcpy(&quad, row + 4 * q, sizeof quad);
-              quad ^= kPlus128;
-              std::memcpy(rec + q * kQuadBytes + c * 4, &quad, sizeof quad);
-            }
-            record_scales[c] = j < out ? narrow_scale(sp[j * blocks + b], unshift) : 0;
-          }
-        }
-    });
-    return packed;
-  }
   at::parallel_for(0, layout.groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; g++)
       for (int64_t b = 0; b < blocks; b++) {
@@ -712,11 +706,14 @@ at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int64_t in, 
         auto* record_scales = reinterpret_cast<uint16_t*>(pp + layout.block_scales_at(g, b));
         for (int64_t c = 0; c < kGroup; c++) {
           const int64_t j = g * kGroup + c;
-          for (int64_t k = 0; k < kBlock; k++) {
-            const int32_t value = j < out ? stored_value(bits, vp + j * stride, b * kBlock + k) : 0;
-            const auto [byte, shift] = slot(bits, c, k);
-            rec[byte] |= static_cast<uint8_t>((value + stored_offset(bits)) << shift);
-          }
+          if (bits == 8)
+            put_values8(rec, c, j < out ? vp + j * stride + b * kBlock : nullptr);
+          else
+            for (int64_t k = 0; k < kBlock; k++) {
+              const int32_t value = j < out ? stored_value(bits, vp + j * stride, b * kBlock + k) : 0;
+              const auto [byte, shift] = slot(bits, c, k);
+              rec[byte] |= static_cast<uint8_t>((value + stored_offset(bits)) << shift);
+            }
           record_scales[c] = j < out ? narrow_scale(sp[j * blocks + b], unshift) : 0;
         }
       }
@@ -856,14 +853,11 @@ at::Tensor quantize_pack8(const at::Tensor& w) {
         sp[j * blocks + b] = amax / 127.0f;
       }
   });
-  const float rounding = unshift_for(scales);
-  for (int64_t i = 0; i < out * blocks; i++) sp[i] = widen_half(narrow_scale(sp[i], rounding)) * rounding;
+  // Rounded to a half times `unshift`, the scales keep the same unshift (see unshift_for).
   const float unshift = unshift_for(scales);
-  auto packed = at::empty({layout.bytes}, at::kByte);
+  for (int64_t i = 0; i < out * blocks; i++) sp[i] = widen_half(narrow_scale(sp[i], unshift)) * unshift;
+  auto packed = new_records(layout, unshift, false);
   uint8_t* pp = packed.data_ptr<uint8_t>();
-  std::memset(pp + layout.unshift_at, 0, kTailBytes);
-  std::memcpy(pp + layout.unshift_at, &unshift, sizeof unshift);
-  constexpr uint32_t kPlus128 = 0x80808080u;
   at::parallel_for(0, layout.groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; g++)
       for (int64_t b = 0; b < blocks; b++) {
@@ -882,12 +876,7 @@ at::Tensor quantize_pack8(const at::Tensor& w) {
               for (int64_t k = 0; k < n; k++)
                 q[k] = static_cast<int8_t>(std::clamp(std::nearbyint(v[k] / scale), -127.f, 127.f));
           }
-          for (int64_t quad = 0; quad < kBlock / 4; quad++) {
-            uint32_t word;
-            std::memcpy(&word, q + 4 * quad, sizeof word);
-            word ^= kPlus128;
-            std::memcpy(rec + quad * kQuadBytes + c * 4, &word, sizeof word);
-          }
+          put_values8(rec, c, q);
           record_scales[c] = j < out ? narrow_scale(scale, unshift) : 0;
         }
       }
