@@ -126,22 +126,9 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
 
 /// Streams every tensor of the model directory to `visit(name, tensor, file)`, in its stored dtype on
 /// the CPU, in name order, reading one tensor at a time: peak memory is the destination plus about
-/// twice the largest tensor, never a whole file.
-pub fn for_each_tensor(dir: &Path, visit: impl FnMut(&str, Tensor, &Path) -> Result<()>) -> Result<()> {
-    for_each_tensor_in(dir, None, visit)
-}
-
-/// [`for_each_tensor`] with every tensor read into `buffer`: each is overwritten by the next, so
-/// `visit` must copy what it keeps.
-pub fn for_each_tensor_reusing(
-    dir: &Path,
-    buffer: &mut ReadBuffer,
-    visit: impl FnMut(&str, Tensor, &Path) -> Result<()>,
-) -> Result<()> {
-    for_each_tensor_in(dir, Some(buffer), visit)
-}
-
-fn for_each_tensor_in(
+/// twice the largest tensor, never a whole file. With `buffer`, every tensor is read into it and
+/// overwritten by the next, so `visit` must copy what it keeps.
+pub fn for_each_tensor(
     dir: &Path,
     mut buffer: Option<&mut ReadBuffer>,
     mut visit: impl FnMut(&str, Tensor, &Path) -> Result<()>,

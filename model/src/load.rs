@@ -199,11 +199,7 @@ impl GptBigCode {
                 }
                 Ok(())
             };
-            if reusing {
-                checkpoint::for_each_tensor_reusing(dir, &mut buffer, visit)
-            } else {
-                checkpoint::for_each_tensor(dir, visit)
-            }
+            checkpoint::for_each_tensor(dir, reusing.then_some(&mut buffer), visit)
         })?;
         let untied_head = !tied && parts.contains_key("lm_head.weight");
         // The table of a tied quantized directory is its quantized head.
