@@ -70,6 +70,7 @@ fn main() {
         .file("csrc/linear.cpp")
         .file("csrc/panel.cpp")
         .file("csrc/memory.cpp")
+        .file("csrc/mapped.cpp")
         .file("csrc/amx_bf16.cpp")
         .file("csrc/attention.cpp")
         .file("csrc/block.cpp")

@@ -4,7 +4,7 @@
 //   every q in [-127, 127]). Files hold values as int8 [out, padded] (in rounded up to a multiple of
 //   32, zeros after `in`).
 // - int4 (q4_0's range): per block, q in [-8, 7], with the scale that minimises the block's squared
-//   error among a few candidate roundings (see quantize_block4_ref). Files hold values as uint8
+//   error among a few candidate roundings (see quantize_search4.h). Files hold values as uint8
 //   [out, padded / 2], two per byte: value 2i in the low nibble, 2i + 1 in the high one, each plus 8.
 // Files hold scales as fp32 [out, padded / 32] in both. Each is a half-precision number times one
 // power of two per weight (`unshift`, which maps the weight's largest scale into (2^14, 2^15]: the
@@ -47,6 +47,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu.h"
 #include "dense.h"
@@ -161,64 +162,6 @@ float quantize_block_ref(const float* v, int64_t n, int8_t* q) {
   if (d == 0.0f) return 0.0f;
   for (int64_t i = 0; i < n; i++) q[i] = static_cast<int8_t>(std::nearbyint(v[i] / d));
   return d;
-}
-
-// One block of n <= 32 weights into int4 values q in [-8, 7] (32 bytes, the rest zeros) and its
-// scale. Candidate scales max / c (max: the value of largest magnitude, c near -8, q4_0's choice being
-// c = -8) each round the block; each rounding's least-squares scale (sum q v / sum q q) is kept where
-// it leaves the smallest squared error. The search runs on the block divided by |max| (values in
-// [-1, 1]), so neither tiny nor huge weights overflow it. A zero block gets scale 0. Quantize time
-// only: the kernels read whatever the scale is.
-float quantize_block4_ref(const float* v, int64_t n, int8_t* q) {
-  std::memset(q, 0, kBlock);
-  float max = 0.0f;
-  for (int64_t i = 0; i < n; i++)
-    if (std::fabs(v[i]) > std::fabs(max)) max = v[i];
-  if (max == 0.0f) return 0.0f;
-  const float magnitude = std::fabs(max), sign = max < 0.0f ? -1.0f : 1.0f;
-  alignas(16) float x[kBlock] = {};  // the block over |max|, zeros after n (0 under every scale)
-  for (int64_t i = 0; i < n; i++) x[i] = v[i] / magnitude;
-  // SSE2, which every x86-64 CPU has, four values at a time. Adding and taking away 1.5 * 2^23
-  // rounds |x| < 2^22 to the nearest integer, ties to even (the default rounding mode).
-  constexpr int kVectors = kBlock / 4;
-  const __m128 round = _mm_set1_ps(12582912.0f), low = _mm_set1_ps(-8.0f), high = _mm_set1_ps(7.0f);
-  auto sum = [](__m128 s) {
-    alignas(16) float lanes[4];
-    _mm_store_ps(lanes, s);
-    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-  };
-  // The first candidate (c = -8) always has a finite error, below this.
-  __m128 trial[kVectors], best_trial[kVectors] = {};
-  float best_error = std::numeric_limits<float>::infinity(), best = 0.0f;
-  for (int step = 0; step <= 8; step++) {
-    const __m128 inverse = _mm_set1_ps((-8.0f + 0.25f * static_cast<float>(step)) * sign);
-    __m128 qv = _mm_setzero_ps(), qq = _mm_setzero_ps();
-    for (int i = 0; i < kVectors; i++) {
-      const __m128 xi = _mm_load_ps(x + 4 * i);
-      const __m128 r = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(xi, inverse), round), round);
-      trial[i] = _mm_min_ps(high, _mm_max_ps(low, r));
-      qv = _mm_add_ps(qv, _mm_mul_ps(trial[i], xi));
-      qq = _mm_add_ps(qq, _mm_mul_ps(trial[i], trial[i]));
-    }
-    const float qq_sum = sum(qq);
-    if (qq_sum == 0.0f) continue;
-    const float d = sum(qv) / qq_sum;
-    const __m128 vd = _mm_set1_ps(d);
-    __m128 error = _mm_setzero_ps();
-    for (int i = 0; i < kVectors; i++) {
-      const __m128 e = _mm_sub_ps(_mm_load_ps(x + 4 * i), _mm_mul_ps(vd, trial[i]));
-      error = _mm_add_ps(error, _mm_mul_ps(e, e));
-    }
-    const float error_sum = sum(error);
-    if (error_sum < best_error) {
-      best_error = error_sum, best = d;
-      std::copy(trial, trial + kVectors, best_trial);
-    }
-  }
-  alignas(16) float values[kBlock];
-  for (int i = 0; i < kVectors; i++) _mm_store_ps(values + 4 * i, best_trial[i]);
-  for (int64_t i = 0; i < n; i++) q[i] = static_cast<int8_t>(values[i]);
-  return best * magnitude;
 }
 
 // Quantizes every row's blocks with `quantize_block` (one of the versions below, all the same bits).
@@ -572,14 +515,37 @@ void rows_times_weight(const Activations& a, const Weights& w, float* y, int64_t
 }  // namespace vnni
 #pragma GCC pop_options
 
+// The int4 scale search for each instruction set.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+namespace scalar {
+#include "quantize_search4.h"
+}
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#pragma GCC optimize("fp-contract=off")
+namespace avx2 {
+#include "quantize_search4.h"
+}
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+#pragma GCC optimize("fp-contract=off")
+namespace vnni {
+#include "quantize_search4.h"
+}
+#pragma GCC pop_options
+
 struct Kernel {
   void (*prepare)(const float* x, int64_t in, const Activations& a);
   void (*rows_times_weight)(const Activations& a, const Weights& w, float* y, int64_t begin, int64_t end);
+  void (*quantize_row4)(const float* row, int64_t in, int8_t* q, float* scales);
 };
 
-constexpr Kernel kScalar{scalar::prepare, scalar::rows_times_weight};
-constexpr Kernel kAvx2{avx2::prepare, avx2::rows_times_weight};
-constexpr Kernel kVnni{vnni::prepare, vnni::rows_times_weight};
+constexpr Kernel kScalar{scalar::prepare, scalar::rows_times_weight, scalar::quantize_row4};
+constexpr Kernel kAvx2{avx2::prepare, avx2::rows_times_weight, avx2::quantize_row4};
+constexpr Kernel kVnni{vnni::prepare, vnni::rows_times_weight, vnni::quantize_row4};
 
 // The kernel for `isa` (0: the widest this CPU runs, 1: AVX2, 2: scalar), or none.
 const Kernel* kernel_for(int isa) {
@@ -652,26 +618,16 @@ void check_parts(const at::Tensor& values, const at::Tensor& scales, int64_t in,
                                 describe(values));
 }
 
-// Value `column` of a row of the parts' values (int8 [out, padded], or int4 nibbles
-// [out, padded / 2]), signed.
-inline int32_t stored_value(int bits, const uint8_t* row, int64_t column) {
-  if (bits == 8) return static_cast<int8_t>(row[column]);
-  const uint8_t byte = row[column / 2];
-  return int32_t{column % 2 == 0 ? byte & 0x0F : byte >> 4} - 8;
-}
-
-// Where value k of a block of output c goes in a record: the byte, and (int4) the shift of its nibble.
-inline std::pair<int64_t, int> slot(int bits, int64_t c, int64_t k) {
-  if (bits == 8) return {(k / 4) * kQuadBytes + c * 4 + k % 4, 0};
-  return {((k / 4) % 4) * kQuadBytes + c * 4 + k % 4, k < 16 ? 0 : 4};
-}
-
-// Memory for a weight's records, its tail holding `unshift`; zeroed where values are ORed in (int4).
-at::Tensor new_records(const Layout& layout, float unshift, bool zeroed) {
-  auto packed = zeroed ? at::zeros({layout.bytes}, at::kByte) : at::empty({layout.bytes}, at::kByte);
-  uint8_t* pp = packed.data_ptr<uint8_t>();
+// A weight's `unshift` into the tail of its records `pp`.
+void put_unshift(uint8_t* pp, const Layout& layout, float unshift) {
   std::memset(pp + layout.unshift_at, 0, kTailBytes);
   std::memcpy(pp + layout.unshift_at, &unshift, sizeof unshift);
+}
+
+// Memory for a weight's records, its tail holding `unshift`.
+at::Tensor new_records(const Layout& layout, float unshift) {
+  auto packed = at::empty({layout.bytes}, at::kByte);
+  put_unshift(packed.data_ptr<uint8_t>(), layout, unshift);
   return packed;
 }
 
@@ -686,6 +642,27 @@ inline void put_values8(uint8_t* rec, int64_t c, const void* values) {
   }
 }
 
+// Output c's 32 int4 values of a block (`values` null: zeros) into its record, each plus 8: value k
+// of quad p in the low nibble and value k + 16 in the high nibble of the same byte of line p.
+inline void put_values4(uint8_t* rec, int64_t c, const int8_t* values) {
+  for (int64_t line = 0; line < kQuads / 2; line++) {
+    uint8_t bytes[4];
+    for (int64_t k = 0; k < 4; k++) {
+      const int low = values ? values[4 * line + k] : 0, high = values ? values[16 + 4 * line + k] : 0;
+      bytes[k] = static_cast<uint8_t>((low + 8) | (high + 8) << 4);
+    }
+    std::memcpy(rec + line * kQuadBytes + c * 4, bytes, sizeof bytes);
+  }
+}
+
+// A block's 32 values of int4 parts (16 bytes, value 2i in byte i's low nibble, each plus 8), signed.
+inline void nibbles_to_values(const uint8_t* bytes, int8_t* values) {
+  for (int64_t i = 0; i < kBlock / 2; i++) {
+    values[2 * i] = static_cast<int8_t>((bytes[i] & 0x0F) - 8);
+    values[2 * i + 1] = static_cast<int8_t>((bytes[i] >> 4) - 8);
+  }
+}
+
 // The parts into records (outputs past `out` hold zeros), each scale as the nearest half times the
 // weight's `unshift`.
 at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int64_t in, int bits) {
@@ -694,8 +671,7 @@ at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int64_t in, 
   const int64_t blocks = layout.blocks;
   const float* sp = scales.data_ptr<float>();
   const float unshift = unshift_for(scales);
-  // int8 writes every byte of its records; int4 ORs nibbles into zeros.
-  auto packed = new_records(layout, unshift, bits == 4);
+  auto packed = new_records(layout, unshift);
   const auto* vp = static_cast<const uint8_t*>(values.data_ptr());
   const int64_t stride = values.size(1);
   uint8_t* pp = packed.data_ptr<uint8_t>();
@@ -706,14 +682,13 @@ at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int64_t in, 
         auto* record_scales = reinterpret_cast<uint16_t*>(pp + layout.block_scales_at(g, b));
         for (int64_t c = 0; c < kGroup; c++) {
           const int64_t j = g * kGroup + c;
-          if (bits == 8)
+          if (bits == 8) {
             put_values8(rec, c, j < out ? vp + j * stride + b * kBlock : nullptr);
-          else
-            for (int64_t k = 0; k < kBlock; k++) {
-              const int32_t value = j < out ? stored_value(bits, vp + j * stride, b * kBlock + k) : 0;
-              const auto [byte, shift] = slot(bits, c, k);
-              rec[byte] |= static_cast<uint8_t>((value + stored_offset(bits)) << shift);
-            }
+          } else {
+            int8_t values[kBlock];
+            if (j < out) nibbles_to_values(vp + j * stride + b * kBlock / 2, values);
+            put_values4(rec, c, j < out ? values : nullptr);
+          }
           record_scales[c] = j < out ? narrow_scale(sp[j * blocks + b], unshift) : 0;
         }
       }
@@ -794,50 +769,55 @@ bool kernel_applies(const Kernel* kernel, const at::Tensor& x, int64_t in, int64
          (!bias || (plain(*bias) && bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == out));
 }
 
-// A finite fp32 weight [out, in] as int4 parts (see the top): each block's values and scale from its
-// scale search, the scale rounded to the form the kernels read (a half times the weight's `unshift`).
-std::pair<at::Tensor, at::Tensor> quantize_parts4(const at::Tensor& w) {
+// A finite fp32 weight [out, in] as packed int4 records: each block's values and scale from its
+// scale search (quantize_search4.h), the scale rounded to the form the kernels read (a half times the
+// weight's `unshift`); a block whose scale rounds to 0 holds zeros. Values go into their records a
+// group of 16 rows at a time, before the unshift (which needs every scale) is known.
+at::Tensor quantize_pack4(const at::Tensor& w, const Kernel& kernel) {
   const int64_t out = w.size(0), in = w.size(1), blocks = blocks_of(in);
-  auto values = at::zeros({out, blocks * kBlock / 2}, at::kByte);
+  const Layout layout(out, in, 4);
   auto scales = at::empty({out, blocks}, at::kFloat);
-  std::vector<int8_t> int4(out * blocks * kBlock);
   const float* wp = w.data_ptr<float>();
   float* sp = scales.data_ptr<float>();
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; j++)
-      for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n = std::min(kBlock, in - b * kBlock);
-        sp[j * blocks + b] = quantize_block4_ref(wp + j * in + b * kBlock, n, int4.data() + (j * blocks + b) * kBlock);
-      }
+  auto packed = at::empty({layout.bytes}, at::kByte);
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, layout.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> rows(kGroup * blocks * kBlock);
+    for (int64_t g = begin; g < end; g++) {
+      const int64_t first = g * kGroup, n = std::min(kGroup, out - first);
+      for (int64_t c = 0; c < n; c++)
+        kernel.quantize_row4(wp + (first + c) * in, in, rows.data() + c * blocks * kBlock, sp + (first + c) * blocks);
+      for (int64_t b = 0; b < blocks; b++)
+        for (int64_t c = 0; c < kGroup; c++)
+          put_values4(pp + layout.record_at(4, g, b), c, c < n ? rows.data() + (c * blocks + b) * kBlock : nullptr);
+    }
   });
   const float unshift = unshift_for(scales);
-  auto* vp = static_cast<uint8_t*>(values.data_ptr());
-  const int64_t stride = values.size(1);
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; j++)
+  put_unshift(pp, layout, unshift);
+  at::parallel_for(0, layout.groups, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; g++)
       for (int64_t b = 0; b < blocks; b++) {
-        const float scale = widen_half(narrow_scale(sp[j * blocks + b], unshift)) * unshift;
-        sp[j * blocks + b] = scale;
-        for (int64_t k = 0; k < kBlock; k++) {
-          // Past `in`, and in a block whose scale rounded to 0, values are 0.
-          const int64_t column = b * kBlock + k;
-          const int32_t value = column < in && scale != 0.0f ? int4[(j * blocks + b) * kBlock + k] : 0;
-          vp[j * stride + column / 2] |= static_cast<uint8_t>((value + 8) << (column % 2 == 0 ? 0 : 4));
+        auto* record_scales = reinterpret_cast<uint16_t*>(pp + layout.block_scales_at(g, b));
+        for (int64_t c = 0; c < kGroup; c++) {
+          const int64_t j = g * kGroup + c;
+          const float scale = j < out ? widen_half(narrow_scale(sp[j * blocks + b], unshift)) * unshift : 0.0f;
+          if (scale == 0.0f) put_values4(pp + layout.record_at(4, g, b), c, nullptr);
+          record_scales[c] = narrow_scale(scale, unshift);
         }
       }
   });
-  return {values, scales};
+  return packed;
 }
 
 // A finite fp32 weight [out, in] as packed int8 records: each block's scale is its largest magnitude
 // over 127, rounded to the form the kernels read (a half times the weight's `unshift`), and its values
 // are taken against the rounded scale, so that each is within half of it of its weight. Written
 // straight into the records, with no [out, in] values in between (1 GB for a 1B model).
-at::Tensor quantize_pack8(const at::Tensor& w) {
+at::Tensor quantize_pack8(const at::Tensor& w, const Kernel& kernel) {
   const int64_t out = w.size(0), in = w.size(1), blocks = blocks_of(in);
   const Layout layout(out, in, 8);
   const float* wp = w.data_ptr<float>();
-  const bool vector = wizard::cpu::avx2();
+  const bool vector = &kernel != &kScalar;
   auto scales = at::empty({out, blocks}, at::kFloat);
   float* sp = scales.data_ptr<float>();
   at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
@@ -856,7 +836,7 @@ at::Tensor quantize_pack8(const at::Tensor& w) {
   // Rounded to a half times `unshift`, the scales keep the same unshift (see unshift_for).
   const float unshift = unshift_for(scales);
   for (int64_t i = 0; i < out * blocks; i++) sp[i] = widen_half(narrow_scale(sp[i], unshift)) * unshift;
-  auto packed = new_records(layout, unshift, false);
+  auto packed = new_records(layout, unshift);
   uint8_t* pp = packed.data_ptr<uint8_t>();
   at::parallel_for(0, layout.groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; g++)
@@ -954,20 +934,17 @@ int wizard_quantized_kernel_isa() {
 int wizard_quantized_kernel_available(int isa) { return kernel_for(isa) != nullptr; }
 
 // `*packed` = a new tch tensor holding the `bits` (8 or 4) blocks of `weight`, a contiguous fp32 CPU
-// matrix of finite values, packed for the kernels.
-int wizard_quantized_quantize(void* weight_handle, int bits, void** packed_out) {
+// matrix of finite values, packed for the kernels, quantized with the code for `isa` (as in
+// wizard_quantized_linear; every one gives the same bytes).
+int wizard_quantized_quantize(void* weight_handle, int bits, int isa, void** packed_out) {
   return wizard::guarded([&] {
     const auto& w = *static_cast<at::Tensor*>(weight_handle);
     check_bits(bits);
     if (!w.device().is_cpu() || w.scalar_type() != at::kFloat || w.dim() != 2 || !w.is_contiguous())
       throw std::invalid_argument("quantize: expected a contiguous float CPU matrix, got " + describe(w));
-    if (bits == 8) {
-      *packed_out = new at::Tensor(quantize_pack8(w));
-      return;
-    }
-    const auto [values, scales] = quantize_parts4(w);
-    auto packed = pack(values, scales, w.size(1), bits);
-    *packed_out = new at::Tensor(std::move(packed));
+    const Kernel* kernel = kernel_for(isa);
+    if (!kernel) throw std::invalid_argument("quantize: this CPU has no kernel " + std::to_string(isa));
+    *packed_out = new at::Tensor(bits == 8 ? quantize_pack8(w, *kernel) : quantize_pack4(w, *kernel));
   });
 }
 

@@ -44,6 +44,8 @@ extern "C" {
     fn wizard_last_error(buf: *mut c_char, len: usize);
     fn wizard_torch_version(buf: *mut c_char, len: usize);
     fn wizard_libtorch_path(buf: *mut c_char, len: usize) -> c_int;
+    // csrc/mapped.cpp
+    pub(crate) fn wizard_map_bytes(fd: c_int, offset: i64, length: i64, tensor: *mut TensorHandle) -> c_int;
     // csrc/memory.cpp
     fn wizard_huge_pages_begin();
     fn wizard_huge_pages_end();
@@ -161,7 +163,12 @@ extern "C" {
     pub(crate) fn wizard_panel_unpack(panels: TensorHandle, result: *mut TensorHandle) -> c_int;
 
     // csrc/quantized.cpp
-    pub(crate) fn wizard_quantized_quantize(weight: TensorHandle, bits: c_int, packed: *mut TensorHandle) -> c_int;
+    pub(crate) fn wizard_quantized_quantize(
+        weight: TensorHandle,
+        bits: c_int,
+        isa: c_int,
+        packed: *mut TensorHandle,
+    ) -> c_int;
     pub(crate) fn wizard_quantized_pack(
         values: TensorHandle,
         scales: TensorHandle,

@@ -113,6 +113,10 @@ impl QuantizedWeight {
     /// Quantizes a floating-point weight `[out, in]` (fp32, bf16, ..., on any device) into `format`
     /// blocks on the CPU. Refuses other shapes and dtypes, and NaN or infinite values.
     pub fn quantize(weight: &Tensor, format: Format) -> Result<QuantizedWeight, KernelError> {
+        Self::quantize_with(Isa::Widest, weight, format)
+    }
+
+    fn quantize_with(isa: Isa, weight: &Tensor, format: Format) -> Result<QuantizedWeight, KernelError> {
         if weight.dim() != 2 {
             return invalid(format, format!("expected a weight [out, in] to quantize, got shape {:?}", weight.size()));
         }
@@ -128,7 +132,9 @@ impl QuantizedWeight {
         let mut packed = ptr::null_mut();
         // SAFETY: the weight is a live tch tensor for the duration of the call, which only reads it;
         // on success the output is a new heap tensor whose ownership passes to us.
-        let status = unsafe { ffi::wizard_quantized_quantize(ffi::tensor(&weight), format.bits() as i32, &mut packed) };
+        let status = unsafe {
+            ffi::wizard_quantized_quantize(ffi::tensor(&weight), format.bits() as i32, isa as i32, &mut packed)
+        };
         check(status, "quantize")?;
         // SAFETY: see above.
         let packed = unsafe { owned(packed) };
@@ -609,6 +615,40 @@ mod tests {
         for scale in [1e-39, 1e-30, 1e25, 1e35] {
             let error = relative_error(scale);
             assert!((error - ordinary).abs() < 0.01, "scale {scale}: relative error {error} against {ordinary}");
+        }
+    }
+
+    /// Every kernel this CPU runs quantizes to the same records (the AVX-512 int4 search takes four
+    /// blocks at a time, AVX2 rounds int8 eight values at a time): over blocks of zeros, of a largest
+    /// magnitude held with both signs in either order, of values on rounding ties, of tiny and huge
+    /// values, and ragged last blocks; and over enough random blocks (130K) that a search rounding
+    /// otherwise (a multiply and add fused) changes some record.
+    #[test]
+    fn every_kernel_quantizes_to_the_same_records() {
+        let opts = (Kind::Float, Device::Cpu);
+        tch::manual_seed(11);
+        let weight = Tensor::randn([40, 300], opts);
+        let block = |row: i64, b: i64| weight.narrow(0, row, 1).narrow(1, 32 * b, 32);
+        let _ = block(0, 1).zero_();
+        block(1, 0).copy_(&((Tensor::arange(32, opts) - 16.0) / 4.0));
+        let signs = Tensor::from_slice(&[1.0f32, -1.0]).repeat([16]);
+        block(2, 0).copy_(&(&signs * 2.0));
+        block(2, 2).copy_(&(-&signs * 2.0));
+        let _ = weight.narrow(0, 3, 1).g_mul_scalar_(1e-38);
+        let _ = weight.narrow(0, 4, 1).g_mul_scalar_(1e30);
+        let wide = Tensor::randn([1024, 4096 + 96 + 5], opts) * 0.02;
+        for weight in [&weight, &weight.narrow(1, 0, 256).contiguous(), &wide] {
+            for format in FORMATS {
+                let widest = QuantizedWeight::quantize_with(Isa::Widest, weight, format).unwrap();
+                for isa in [Isa::Avx2, Isa::Scalar].into_iter().filter(|&isa| kernel_available(isa)) {
+                    let other = QuantizedWeight::quantize_with(isa, weight, format).unwrap();
+                    assert!(
+                        other.packed().equal(widest.packed()),
+                        "{format:?} {:?}: {isa:?} records differ from the widest kernel's",
+                        weight.size()
+                    );
+                }
+            }
         }
     }
 

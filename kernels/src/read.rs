@@ -1,14 +1,19 @@
-//! Tensors read from a file straight into their own memory: a checkpoint's tensor is in memory once
-//! while it loads, not twice (a byte buffer and the tensor copied from it), which at 1B's token table
-//! is 400 MB of peak memory.
+//! Tensors from a checkpoint file: read straight into their own memory (a tensor is in memory once
+//! while it loads, not twice: a byte buffer and the tensor copied from it), or mapped, for tensors
+//! used up while a model loads (quantized, narrowed, or packed): no copy into new memory at all.
 use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::ptr;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::ffi;
+
 /// A CPU tensor of `shape` and `kind` holding the bytes of `file` from `offset` on.
-pub fn tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> std::io::Result<Tensor> {
-    let tensor = Tensor::f_empty(shape, (kind, Device::Cpu)).map_err(std::io::Error::other)?;
+pub fn tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> io::Result<Tensor> {
+    let tensor = Tensor::f_empty(shape, (kind, Device::Cpu)).map_err(io::Error::other)?;
     let len = tensor.numel() * kind.elt_size_in_bytes();
     if len > 0 {
         // SAFETY: a new contiguous CPU tensor owns `len` bytes at its data pointer, and nothing else
@@ -19,31 +24,28 @@ pub fn tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> std::io
     Ok(tensor)
 }
 
-/// One buffer that tensors are read into in turn, for tensors that are used up before the next is
-/// read (quantized or narrowed as they load): memory is touched once, not once per tensor. New memory
-/// costs a page fault and a page cleared on first touch, which in a VM can cost more than the read.
-#[derive(Default)]
-pub struct ReadBuffer {
-    bytes: Option<Tensor>,
-}
-
-impl ReadBuffer {
-    /// [`tensor_at`], in this buffer: the tensor is valid until the next read, which overwrites it.
-    pub fn tensor_at(&mut self, file: &File, offset: u64, shape: &[i64], kind: Kind) -> std::io::Result<Tensor> {
-        let len = shape.iter().product::<i64>() * kind.elt_size_in_bytes() as i64;
-        if self.bytes.as_ref().is_none_or(|bytes| bytes.numel() < len as usize) {
-            self.bytes = None; // the old buffer goes before the new one comes
-            self.bytes = Some(Tensor::f_empty([len], (Kind::Uint8, Device::Cpu)).map_err(std::io::Error::other)?);
-        }
-        let buffer = self.bytes.as_ref().expect("just made").narrow(0, 0, len);
-        if len > 0 {
-            // SAFETY: the buffer is a contiguous CPU byte tensor of at least `len` bytes that only
-            // this reader writes, and the tensors it gave before are documented as overwritten.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(buffer.data_ptr().cast::<u8>(), len as usize) };
-            file.read_exact_at(bytes, offset)?;
-        }
-        buffer.f_view_dtype(kind).and_then(|typed| typed.f_reshape(shape)).map_err(std::io::Error::other)
+/// [`tensor_at`], with the file's pages mapped as the tensor's memory instead of copied into new
+/// memory (which in a VM costs more than the read), copy-on-write: writes to the tensor stay in this
+/// process. The mapping ends when the tensor is freed. A mapping follows its file, so a file changed
+/// or truncated while the tensor lives changes it or faults: for tensors used up while a model loads,
+/// not for weights kept. Bytes not aligned to `kind` are read instead.
+pub fn mapped_tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> io::Result<Tensor> {
+    if offset % kind.elt_size_in_bytes() as u64 != 0 {
+        return tensor_at(file, offset, shape, kind);
     }
+    let offset = i64::try_from(offset).map_err(io::Error::other)?;
+    let length = (shape.iter())
+        .try_fold(kind.elt_size_in_bytes() as i64, |bytes, &size| bytes.checked_mul(size))
+        .filter(|&bytes| bytes >= 0)
+        .ok_or_else(|| io::Error::other(format!("shape {shape:?} of {kind:?} does not fit in memory")))?;
+    let mut handle = ptr::null_mut();
+    // SAFETY: the descriptor is open for the call; on success the output is a new heap tensor
+    // (owning its mapping) whose ownership passes to us.
+    let status = unsafe { ffi::wizard_map_bytes(file.as_raw_fd(), offset, length, &mut handle) };
+    ffi::check(status, "map a tensor").map_err(io::Error::other)?;
+    // SAFETY: see above.
+    let bytes = unsafe { Tensor::from_ptr(handle as *mut torch_sys::C_tensor) };
+    bytes.f_view_dtype(kind).and_then(|typed| typed.f_reshape(shape)).map_err(io::Error::other)
 }
 
 #[cfg(test)]
@@ -51,21 +53,37 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// Tensors read one after the other into one buffer hold their own bytes, whatever their sizes.
+    /// A mapped tensor holds its file's bytes at any offset (on a page boundary or not, or unaligned
+    /// and read instead) and outlives the file handle; writes to it leave the file as it was; bytes
+    /// beyond the file's end are refused.
     #[test]
-    fn a_read_buffer_gives_each_tensor_its_bytes() {
-        let path = std::env::temp_dir().join(format!("wizard-read-buffer-{}", std::process::id()));
+    fn a_mapped_tensor_holds_its_bytes_and_leaves_the_file_alone() {
+        let path = std::env::temp_dir().join(format!("wizard-mapped-{}", std::process::id()));
         let mut file = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        let values: Vec<f32> = (0..64).map(|i| i as f32 * 0.5).collect();
+        let values: Vec<f32> = (0..3000).map(|i| i as f32 * 0.5).collect();
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         file.write_all(&bytes).unwrap();
-        let mut buffer = ReadBuffer::default();
-        for (offset, shape) in [(0u64, vec![2i64, 3]), (16, vec![40]), (4, vec![1]), (0, vec![4, 16])] {
-            let tensor = buffer.tensor_at(&file, offset, &shape, Kind::Float).unwrap();
+        let mut tensors = vec![];
+        for (offset, shape) in
+            [(0u64, vec![2i64, 3]), (4096, vec![40]), (4, vec![1]), (8, vec![0]), (1000, vec![7, 100])]
+        {
+            let tensor = mapped_tensor_at(&file, offset, &shape, Kind::Float).unwrap();
             let first = offset as usize / 4;
             let expected = Tensor::from_slice(&values[first..first + tensor.numel()]).reshape(&shape);
             assert!(tensor.equal(&expected), "offset {offset}, shape {shape:?}");
+            tensors.push((tensor, expected));
         }
+        let unaligned = mapped_tensor_at(&file, 2, &[3], Kind::Float).unwrap();
+        let expected: Vec<f32> = bytes[2..14].chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        assert!(unaligned.equal(&Tensor::from_slice(&expected)));
+        let beyond = mapped_tensor_at(&file, 11_996, &[2], Kind::Float).unwrap_err();
+        assert!(beyond.to_string().contains("not within the file's 12000"), "{beyond}");
+        drop(file);
+        for (tensor, expected) in &mut tensors {
+            assert!(tensor.equal(expected), "after the file was closed");
+            let _ = tensor.fill_(-1.0);
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "a write reached the file");
+        std::fs::remove_file(&path).unwrap();
     }
 }

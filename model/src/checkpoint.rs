@@ -1,12 +1,12 @@
 //! Weights in Hugging Face's safetensors layout: one `model.safetensors`, or shards listed by
-//! `model.safetensors.index.json`. Reading goes tensor by tensor with positioned reads (no memory
-//! map, so a whole file never counts against peak memory); writing uses the `safetensors` crate.
+//! `model.safetensors.index.json`. Reading goes tensor by tensor, each read or mapped on its own (a
+//! whole file is never mapped, so it never counts against peak memory); writing uses the
+//! `safetensors` crate.
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use kernels::read::ReadBuffer;
 use safetensors::{Dtype, View};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -126,11 +126,12 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
 
 /// Streams every tensor of the model directory to `visit(name, tensor, file)`, in its stored dtype on
 /// the CPU, in name order, reading one tensor at a time: peak memory is the destination plus about
-/// twice the largest tensor, never a whole file. With `buffer`, every tensor is read into it and
-/// overwritten by the next, so `visit` must copy what it keeps.
+/// twice the largest tensor, never a whole file. `mapped`: each tensor is the file's pages, mapped
+/// (no copy into new memory), for tensors that `visit` uses up (a mapping follows its file: weights
+/// kept must be copied out).
 pub fn for_each_tensor(
     dir: &Path,
-    mut buffer: Option<&mut ReadBuffer>,
+    mapped: bool,
     mut visit: impl FnMut(&str, Tensor, &Path) -> Result<()>,
 ) -> Result<()> {
     for path in weight_files(dir)? {
@@ -148,11 +149,8 @@ pub fn for_each_tensor(
             let begin = entry.data_offsets.0;
             let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
             let offset = data_start + begin as u64;
-            let tensor = match buffer.as_deref_mut() {
-                Some(buffer) => buffer.tensor_at(&file, offset, &shape, kind),
-                None => kernels::read::tensor_at(&file, offset, &shape, kind),
-            }
-            .map_err(|e| tensor_error(e.to_string()))?;
+            let read = if mapped { kernels::read::mapped_tensor_at } else { kernels::read::tensor_at };
+            let tensor = read(&file, offset, &shape, kind).map_err(|e| tensor_error(e.to_string()))?;
             visit(&name, tensor, &path)?;
         }
     }

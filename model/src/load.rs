@@ -109,10 +109,10 @@ impl GptBigCode {
         let mut pending = model.vars().variables();
         // Quantized layers: name -> (values, scales, the file they came from).
         let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>, PathBuf)> = BTreeMap::new();
-        // Quantized or narrowed as read, the dense layers and the head are used up before the next
-        // tensor is read: one buffer takes them all in turn (what is kept is copied out of it).
-        let reusing = !quantized && (quantize_as_read || narrow_as_read);
-        let mut buffer = kernels::read::ReadBuffer::default();
+        // Quantized or narrowed as read, or packed from quantized parts, tensors are used up while
+        // the model loads: they are mapped from the file, not read into new memory (what is kept
+        // is copied out).
+        let mapped = quantized || quantize_as_read || narrow_as_read;
         tch::no_grad(|| {
             let visit = |name: &str, tensor: Tensor, file: &Path| {
                 let tensor_error = |message: String| ModelError::Tensor {
@@ -188,7 +188,7 @@ impl GptBigCode {
                     let message = format!("has shape {:?}, config.json implies {:?}", tensor.size(), var.size());
                     return Err(tensor_error(message));
                 }
-                if tensor.kind() == var.kind() && var.device() == Device::Cpu && !reusing {
+                if tensor.kind() == var.kind() && var.device() == Device::Cpu && !mapped {
                     // The tensor just read becomes the variable's storage: no second copy.
                     var.shallow_clone().set_data(&tensor);
                 } else {
@@ -199,7 +199,7 @@ impl GptBigCode {
                 }
                 Ok(())
             };
-            checkpoint::for_each_tensor(dir, reusing.then_some(&mut buffer), visit)
+            checkpoint::for_each_tensor(dir, mapped, visit)
         })?;
         let untied_head = !tied && parts.contains_key("lm_head.weight");
         // The table of a tied quantized directory is its quantized head.
