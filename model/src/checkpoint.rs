@@ -126,12 +126,12 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
 
 /// Streams every tensor of the model directory to `visit(name, tensor, file)`, in its stored dtype on
 /// the CPU, in name order, reading one tensor at a time: peak memory is the destination plus about
-/// twice the largest tensor, never a whole file. `mapped`: each tensor is the file's pages, mapped
-/// (no copy into new memory), for tensors that `visit` uses up (a mapping follows its file: weights
-/// kept must be copied out).
+/// twice the largest tensor, never a whole file. A tensor whose name `mapped` takes is the file's
+/// pages, mapped (no copy into new memory), for tensors that are used up while a model loads (a
+/// mapping follows its file: weights kept must be copied out).
 pub fn for_each_tensor(
     dir: &Path,
-    mapped: bool,
+    mapped: impl Fn(&str) -> bool,
     mut visit: impl FnMut(&str, Tensor, &Path) -> Result<()>,
 ) -> Result<()> {
     for path in weight_files(dir)? {
@@ -149,7 +149,7 @@ pub fn for_each_tensor(
             let begin = entry.data_offsets.0;
             let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
             let offset = data_start + begin as u64;
-            let read = if mapped { kernels::read::mapped_tensor_at } else { kernels::read::tensor_at };
+            let read = if mapped(&name) { kernels::read::mapped_tensor_at } else { kernels::read::tensor_at };
             let tensor = read(&file, offset, &shape, kind).map_err(|e| tensor_error(e.to_string()))?;
             visit(&name, tensor, &path)?;
         }

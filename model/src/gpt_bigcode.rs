@@ -733,6 +733,19 @@ impl GptBigCode {
         Ok(packed)
     }
 
+    /// Copies the blocks' dense weights that are not packed in panels or quantized into memory of
+    /// their own: for weights mapped from a file while loading, which must not follow the file.
+    pub(crate) fn own_dense_weights(&mut self) {
+        tch::no_grad(|| {
+            for linear in self.blocks.iter_mut().flat_map(Block::linears_mut) {
+                if linear.quantized.is_none() && !kernels::linear::is_panels(&linear.weight) {
+                    let owned = linear.weight.copy();
+                    linear.weight.set_data(&owned);
+                }
+            }
+        });
+    }
+
     /// The weights of the dense layers and the head as [`kernels::linear`] receives them
     /// (quantized layers, which have their own kernel, left out).
     pub fn dense_weights(&self) -> Vec<&Tensor> {

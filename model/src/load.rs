@@ -70,17 +70,19 @@ impl GptBigCode {
     /// Loads a Hugging Face model directory (`config.json` + safetensors) in `kind` on `device`.
     /// Tensors are read one at a time straight into the weights.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<GptBigCode> {
-        GptBigCode::load_into(dir, kind, device, Weights::Zeros, &mut |_, _| {})
+        GptBigCode::load_into(dir, kind, device, Weights::Zeros, false, &mut |_, _| {})
     }
 
     /// [`load`](Self::load) into a model whose zeros are laid out as `zeros` says; with
     /// [`Weights::ZerosQuantizedDense`] each dense layer is quantized as it is read, and `progress`
-    /// hears (done, total) layers.
+    /// hears (done, total) layers. `blocks_mapped`: the blocks' fp32 dense weights are the file's
+    /// pages, mapped, until the caller packs or copies them ([`GptBigCode::own_dense_weights`]).
     fn load_into(
         dir: &Path,
         kind: Kind,
         device: Device,
         zeros: Weights,
+        blocks_mapped: bool,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<GptBigCode> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
@@ -113,6 +115,10 @@ impl GptBigCode {
         // the model loads: they are mapped from the file, not read into new memory (what is kept
         // is copied out).
         let mapped = quantized || quantize_as_read || narrow_as_read;
+        let in_a_block = |name: &str| name.starts_with("transformer.h.") && model.dense_shape(name).is_some();
+        let kept_mapped: BTreeSet<String> =
+            (model.vars().variables().into_keys()).filter(|name| blocks_mapped && in_a_block(name)).collect();
+        let mapped_here = |name: &str| mapped || kept_mapped.contains(name);
         tch::no_grad(|| {
             let visit = |name: &str, tensor: Tensor, file: &Path| {
                 let tensor_error = |message: String| ModelError::Tensor {
@@ -188,7 +194,8 @@ impl GptBigCode {
                     let message = format!("has shape {:?}, config.json implies {:?}", tensor.size(), var.size());
                     return Err(tensor_error(message));
                 }
-                if tensor.kind() == var.kind() && var.device() == Device::Cpu && !mapped {
+                if tensor.kind() == var.kind() && var.device() == Device::Cpu && (!mapped || kept_mapped.contains(name))
+                {
                     // The tensor just read becomes the variable's storage: no second copy.
                     var.shallow_clone().set_data(&tensor);
                 } else {
@@ -199,7 +206,7 @@ impl GptBigCode {
                 }
                 Ok(())
             };
-            checkpoint::for_each_tensor(dir, mapped, visit)
+            checkpoint::for_each_tensor(dir, mapped_here, visit)
         })?;
         let untied_head = !tied && parts.contains_key("lm_head.weight");
         // The table of a tied quantized directory is its quantized head.
@@ -267,9 +274,12 @@ impl GptBigCode {
             Precision::Dense(_) => Weights::Zeros,
         };
         let kind = if narrow { Kind::Float } else { precision.kind() };
+        // fp32 on the CPU: the blocks' dense weights are packed in panels (most) or copied below, so
+        // they are mapped from the file meanwhile rather than read into memory packing replaces.
+        let blocks_mapped = precision == Precision::Dense(Kind::Float) && device == Device::Cpu;
         let mut progress = progress;
         let mut model = kernels::memory::loading_weights(|| {
-            let mut model = GptBigCode::load_into(dir, kind, device, zeros, &mut progress)?;
+            let mut model = GptBigCode::load_into(dir, kind, device, zeros, blocks_mapped, &mut progress)?;
             if let Some(stored) = model.quantized_format().filter(|&f| precision != Precision::Quantized(f)) {
                 let name = stored.name();
                 return Err(ModelError::Invalid(format!(
@@ -305,7 +315,14 @@ impl GptBigCode {
                 );
             }
             // Packed weights are new tensors: in 2 MiB pages too.
-            let packed = kernels::memory::loading_weights(|| model.pack_panels())?;
+            let packed = kernels::memory::loading_weights(|| -> Result<usize> {
+                let packed = model.pack_panels()?;
+                if blocks_mapped {
+                    // What is still mapped from the file (shapes not packed) becomes the model's own.
+                    model.own_dense_weights();
+                }
+                Ok(packed)
+            })?;
             if packed > 0 {
                 tracing::debug!(layers = packed, "dense layers packed in panels");
             }
