@@ -35,7 +35,8 @@ inline void search4(const float* v, int8_t* q, float* scales) {
     magnitudes = a > magnitudes ? a : magnitudes;
   }
   within_groups(magnitudes, [](Floats16& a, const Floats16& b) { a = b > a ? b : a; });
-  // The block's max is its first value of largest magnitude (its sign orients the candidates).
+  // The block's max is its first value of largest magnitude (its sign orients the candidates; a
+  // block of NaN, which callers refuse, would have none).
   Ints16 first = Ints16{} + static_cast<int32_t>(kBlock);
   for (int i = kQuads - 1; i >= 0; i--) {
     const Floats16 a = reinterpret_cast<Floats16>(reinterpret_cast<Ints16>(x[i]) & 0x7FFFFFFF);
@@ -44,7 +45,7 @@ inline void search4(const float* v, int8_t* q, float* scales) {
   within_groups(first, [](Ints16& a, const Ints16& b) { a = b < a ? b : a; });
   Floats16 signs;
   for (int k = 0; k < 4; k++)
-    for (int l = 0; l < 4; l++) signs[4 * k + l] = v[k * kBlock + first[4 * k]] < 0.0f ? -1.0f : 1.0f;
+    for (int l = 0; l < 4; l++) signs[4 * k + l] = v[k * kBlock + first[4 * k] % kBlock] < 0.0f ? -1.0f : 1.0f;
   const Floats16 zero = {};
   magnitudes = magnitudes == 0.0f ? zero + 1.0f : magnitudes;  // a zero block searches zeros
   for (int i = 0; i < kQuads; i++) x[i] /= magnitudes;

@@ -102,14 +102,16 @@ struct Layout {
 };
 
 // The power of two that, times a half, gives back a weight's `scales`: 2^-15 times the least power of
-// two at or above the largest magnitude, so that one maps into (2^14, 2^15] both before and after
-// rounding (a weight packed again gets the same).
+// two at or above the largest magnitude, so that one maps into (2^14, 2^15]; half of that where it
+// maps below 2^14 + 8, which rounds to the half 2^14 (so that the scales rounded give the same
+// unshift, and a weight packed again the same bytes).
 float unshift_for(const at::Tensor& scales) {
   const float largest = scales.numel() > 0 ? scales.abs().max().item<float>() : 0.0f;
   if (!(largest > 0.0f)) return 1.0f;
   int exponent;
   const float fraction = std::frexp(largest, &exponent);  // largest = fraction * 2^exponent, fraction in [0.5, 1)
-  return std::ldexp(1.0f, (fraction == 0.5f ? exponent - 1 : exponent) - 15);
+  const float unshift = std::ldexp(1.0f, (fraction == 0.5f ? exponent - 1 : exponent) - 15);
+  return static_cast<float>(c10::Half(largest / unshift)) == 16384.0f ? unshift / 2 : unshift;
 }
 
 inline float widen_half(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }

@@ -433,7 +433,11 @@ fn measure(weight: &Tensor) -> Measurement {
     let _guard = tch::no_grad_guard();
     // Timed in memory of its own, in 2 MiB pages as loaded weights are: not where it may be for now
     // (a weight mapped from its file, in 4 KiB pages, reads slower than the model will read it).
-    let weight = &crate::memory::loading_weights(|| weight.copy());
+    let weight = &crate::memory::loading_weights(|| {
+        let mut copy = weight.empty_like();
+        copy.copy_(weight);
+        copy
+    });
     let mut kernel_us = [0.0; ROWS.len()];
     let mut libtorch_us = [f64::INFINITY; ROWS.len()];
     let mut panels_us = [f64::INFINITY; ROWS.len()];

@@ -686,6 +686,24 @@ mod tests {
         }
     }
 
+    /// A largest scale just above 2^14 halves of its power of two, which rounds down to 2^14 of them,
+    /// packs again from its parts to the same records (its unshift is that of the rounded scales).
+    #[test]
+    fn scales_rounding_down_to_a_power_of_two_pack_again_the_same() {
+        let scale = 0.5001f32;
+        let mut int8 = vec![0.0f32; 32];
+        int8[0] = 127.0 * scale;
+        let mut int4 = vec![0.0f32; 32];
+        int4[..2].copy_from_slice(&[-8.0 * scale, 7.0 * scale]);
+        for (format, row) in [(Format::Int8, int8), (Format::Int4, int4)] {
+            let q = QuantizedWeight::quantize(&Tensor::from_slice(&row).reshape([1, 32]), format).unwrap();
+            let (values, scales) = q.parts();
+            assert_eq!(Vec::<f32>::try_from(scales.reshape([-1])).unwrap(), [0.5], "{format:?}");
+            let again = QuantizedWeight::from_parts(values, scales, 32, format).unwrap();
+            assert!(again.packed().equal(q.packed()), "{format:?}: parts pack into other records");
+        }
+    }
+
     #[test]
     fn quantize_takes_bf16_on_any_device_and_refuses_what_it_cannot() {
         let weight = (Tensor::randn([10, 70], (Kind::Float, Device::Cpu)) * 3.0).to_kind(Kind::BFloat16);

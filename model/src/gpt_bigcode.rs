@@ -621,7 +621,8 @@ impl GptBigCode {
 
     /// Sets the bf16 head (and with it the tied table) from `weight`, as it is loaded.
     pub(crate) fn set_bf16_head(&mut self, weight: &Tensor) {
-        self.head_bf16 = Some(weight.to_kind(Kind::BFloat16));
+        // A copy even of a bf16 weight: the one given may be a checkpoint's pages, mapped while loading.
+        self.head_bf16 = Some(weight.to_dtype(Kind::BFloat16, false, true));
         if let Some(lm_head) = &self.lm_head {
             tch::no_grad(|| lm_head.shallow_clone().set_data(&empty_weight()));
         }

@@ -247,36 +247,38 @@ fn saved_loads_to_the_same_model(precision: Precision) {
 
 /// Loading maps tensors from the checkpoint instead of reading them where they are used up (quantized,
 /// narrowed, packed): the model loaded keeps none of those mappings. Its files rewritten in place
-/// (truncated, then filled with other bytes) leave its logits as they were, in every precision and
-/// from a saved quantized directory (a mapping kept would fault, or follow the new bytes).
+/// (truncated, then filled with other bytes) leave its logits as they were, in every precision, from
+/// checkpoints stored in fp32 and in bf16 and from a saved quantized directory (a mapping kept would
+/// fault, or follow the new bytes).
 #[test]
 fn a_loaded_model_does_not_follow_its_files() {
     let dir = tempfile::tempdir().unwrap();
-    save_random(dir.path(), 64, 0.2);
-    let quantized = dir.path().join("int8");
-    load(dir.path(), Precision::INT8).save_quantized(&quantized).unwrap();
+    let (fp32, bf16, quantized) = (dir.path().join("fp32"), dir.path().join("bf16"), dir.path().join("int8"));
+    save_random(&fp32, 64, 0.2);
+    load(&fp32, Precision::Dense(Kind::Float)).save(&bf16, Kind::BFloat16).unwrap();
+    load(&fp32, Precision::INT8).save_quantized(&quantized).unwrap();
     let ids = Tensor::from_slice(&[5i64, 6, 7, 8]).view([1, 4]);
     let logits = |m: &GptBigCode| tch::no_grad(|| m.forward_full(&ids, Dropout::Off).unwrap());
     let precisions =
         [Precision::Dense(Kind::Float), Precision::Dense(Kind::BFloat16), Precision::INT8, Precision::INT4];
-    let mut loaded: Vec<(GptBigCode, Tensor)> = precisions
-        .into_iter()
-        .map(|precision| (dir.path(), precision))
-        .chain([(quantized.as_path(), Precision::INT8)])
+    let loads = [&fp32, &bf16].into_iter().flat_map(|from| precisions.map(|precision| (from, precision)));
+    let loaded: Vec<(String, GptBigCode, Tensor)> = loads
+        .chain([(&quantized, Precision::INT8)])
         .map(|(from, precision)| {
             let model = load(from, precision);
             let before = logits(&model);
-            (model, before)
+            (format!("{precision:?} from {}", from.display()), model, before)
         })
         .collect();
-    for path in [dir.path().join("model.safetensors"), quantized.join("model.safetensors")] {
+    for from in [&fp32, &bf16, &quantized] {
+        let path = from.join("model.safetensors");
         let length = std::fs::metadata(&path).unwrap().len() as usize;
         let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(0).unwrap();
         std::io::Write::write_all(&mut file, &vec![0x7Fu8; length]).unwrap();
     }
-    for (i, (model, before)) in loaded.iter_mut().enumerate() {
-        assert!(logits(model).equal(before), "model {i}: its logits moved with its file");
+    for (what, model, before) in &loaded {
+        assert!(logits(model).equal(before), "{what}: its logits moved with its file");
     }
 }
 
