@@ -427,7 +427,6 @@ inline float quantize_block(const float* x, int64_t n, int8_t* q) {
 
 void prepare(const float* x, int64_t in, const Activations& a) { prepare_with(quantize_block, x, in, a); }
 
-
 // R activation rows times J groups of 16 outputs. dpbusd multiplies the unsigned values (w + 128,
 // or w + 8) by four activation bytes, broadcast, and adds the four products to each output's lane;
 // starting from -offset * sum(x), eight steps leave the block's exact dot w . x. An int4 line gives
@@ -626,6 +625,15 @@ void put_unshift(uint8_t* pp, const Layout& layout, float unshift) {
   std::memcpy(pp + layout.unshift_at, &unshift, sizeof unshift);
 }
 
+// Rounds a weight's `scales` in place to the form the kernels read, a half times the weight's
+// unshift, which it returns (the rounded scales keep it: see unshift_for).
+float round_scales(const at::Tensor& scales) {
+  const float unshift = unshift_for(scales);
+  float* sp = scales.data_ptr<float>();
+  for (int64_t i = 0; i < scales.numel(); i++) sp[i] = widen_half(narrow_scale(sp[i], unshift)) * unshift;
+  return unshift;
+}
+
 // Memory for a weight's records, its tail holding `unshift`.
 at::Tensor new_records(const Layout& layout, float unshift) {
   auto packed = at::empty({layout.bytes}, at::kByte);
@@ -634,7 +642,7 @@ at::Tensor new_records(const Layout& layout, float unshift) {
 }
 
 // Output c's 32 int8 values of a block into its record (`values` null: zeros), each quad of 4 as one
-// word stored plus 128 (the sign bit flipped): the bytes slot() gives, a word at a time.
+// word stored plus 128 (the sign bit flipped), at quad q's line, the output's four bytes.
 inline void put_values8(uint8_t* rec, int64_t c, const void* values) {
   for (int64_t quad = 0; quad < kBlock / 4; quad++) {
     uint32_t word = 0;
@@ -794,7 +802,7 @@ at::Tensor quantize_pack4(const at::Tensor& w, const Kernel& kernel) {
           put_values4(pp + layout.record_at(4, g, b), c, c < n ? rows.data() + (c * blocks + b) * kBlock : nullptr);
     }
   });
-  const float unshift = unshift_for(scales);
+  const float unshift = round_scales(scales);
   put_unshift(pp, layout, unshift);
   at::parallel_for(0, layout.groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; g++)
@@ -802,7 +810,7 @@ at::Tensor quantize_pack4(const at::Tensor& w, const Kernel& kernel) {
         auto* record_scales = reinterpret_cast<uint16_t*>(pp + layout.block_scales_at(g, b));
         for (int64_t c = 0; c < kGroup; c++) {
           const int64_t j = g * kGroup + c;
-          const float scale = j < out ? widen_half(narrow_scale(sp[j * blocks + b], unshift)) * unshift : 0.0f;
+          const float scale = j < out ? sp[j * blocks + b] : 0.0f;
           if (scale == 0.0f) put_values4(pp + layout.record_at(4, g, b), c, nullptr);
           record_scales[c] = narrow_scale(scale, unshift);
         }
@@ -835,9 +843,7 @@ at::Tensor quantize_pack8(const at::Tensor& w, const Kernel& kernel) {
         sp[j * blocks + b] = amax / 127.0f;
       }
   });
-  // Rounded to a half times `unshift`, the scales keep the same unshift (see unshift_for).
-  const float unshift = unshift_for(scales);
-  for (int64_t i = 0; i < out * blocks; i++) sp[i] = widen_half(narrow_scale(sp[i], unshift)) * unshift;
+  const float unshift = round_scales(scales);
   auto packed = new_records(layout, unshift);
   uint8_t* pp = packed.data_ptr<uint8_t>();
   at::parallel_for(0, layout.groups, 16, [&](int64_t begin, int64_t end) {
@@ -859,7 +865,7 @@ at::Tensor quantize_pack8(const at::Tensor& w, const Kernel& kernel) {
                 q[k] = static_cast<int8_t>(std::clamp(std::nearbyint(v[k] / scale), -127.f, 127.f));
           }
           put_values8(rec, c, q);
-          record_scales[c] = j < out ? narrow_scale(scale, unshift) : 0;
+          record_scales[c] = narrow_scale(scale, unshift);
         }
       }
   });
