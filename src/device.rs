@@ -35,6 +35,11 @@ pub fn checked_device(text: &str) -> anyhow::Result<Device> {
     Ok(device)
 }
 
+/// A `--dtype` value checked as it is parsed, before a command creates anything.
+pub fn known_dtype(text: &str) -> Result<String, String> {
+    model::gpt_bigcode::parse_precision(text).map(|_| text.to_string()).map_err(|e| e.to_string())
+}
+
 /// `--dtype` of the weights of the model in `dir`: as given (`int8` and `int4` on the CPU only), else
 /// the format a quantized directory holds, bf16 on a GPU, fp32 on the CPU.
 pub fn weight_precision(dtype: Option<&str>, device: Device, dir: &Path) -> anyhow::Result<Precision> {

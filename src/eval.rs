@@ -113,7 +113,7 @@ pub struct RunArgs {
     device: String,
     /// Weight dtype: float32, bfloat16, float16, int8 or int4 (CPU) (default: what a directory from
     /// `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::device::known_dtype)]
     dtype: Option<String>,
     /// Also print one line per problem.
     #[arg(long)]

@@ -133,7 +133,7 @@ struct RunArgs {
     device: String,
     /// Local backend: weight dtype (default: what a directory from `wizard quantize` holds, else
     /// bfloat16 on GPU, float32 on CPU).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::device::known_dtype)]
     dtype: Option<String>,
 }
 

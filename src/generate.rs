@@ -47,14 +47,14 @@ pub struct Args {
     device: String,
     /// Weight dtype: float32, bfloat16, float16, int8 or int4 (default: what a directory from
     /// `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::device::known_dtype)]
     dtype: Option<String>,
     /// Speculative decoding with this smaller model (same tokenizer) as the drafter; `--model`'s own
     /// directory with `--draft-dtype int8` (or int4) is self-speculation (the quantized copy drafts).
     #[arg(long, value_name = "DIR", conflicts_with = "prompt_lookup")]
     draft: Option<PathBuf>,
     /// The drafter's weight dtype (default: what a quantized draft directory holds, else the target's).
-    #[arg(long, requires = "draft")]
+    #[arg(long, requires = "draft", value_parser = crate::device::known_dtype)]
     draft_dtype: Option<String>,
     /// Speculative decoding with drafts looked up in the prompt (n-gram match).
     #[arg(long)]

@@ -94,11 +94,29 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             // On a terminal the log is stderr too: the line below says it once.
+            let text = error_text(&error);
             if logging::file().is_some() {
-                tracing::error!("{error:#}");
+                tracing::error!("{text}");
             }
-            eprintln!("wizard: error: {error:#}");
+            eprintln!("wizard: error: {text}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, each said once: a message that already quotes its cause (a library
+/// error that wraps another and says it) is not followed by that cause again.
+fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }

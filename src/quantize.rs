@@ -25,7 +25,7 @@ const CARRIED: [&str; 5] =
     ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "vocab.json"];
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let Precision::Quantized(format) = parse_precision(&args.dtype)? else {
+    let Ok(Precision::Quantized(format)) = parse_precision(&args.dtype) else {
         anyhow::bail!(
             "--dtype {}: wizard quantize writes int8 or int4 (other dtypes load from the original directory)",
             args.dtype
@@ -45,6 +45,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "--out {} exists and is not a directory",
         args.out.display()
     );
+    if args.model.join("tokenizer.json").exists() {
+        // Carried over as it is: a copy that cannot load would only fail later, in every command.
+        model::tokenizer::Tokenizer::from_dir(&args.model)?;
+    }
     let mut model = GptBigCode::load(&args.model, Kind::Float, Device::Cpu)?;
     if let Some(stored) = model.quantized_format() {
         anyhow::bail!(
@@ -77,7 +81,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     for (name, weight) in originals {
         let restored = model.quantized_weight(&name).context("a quantized layer is missing")?.dequantize();
         let difference = &restored - &weight;
-        let relative = difference.norm().double_value(&[]) / weight.norm().double_value(&[]).max(f64::MIN_POSITIVE);
+        // In f64: the squares of large fp32 weights overflow fp32.
+        let norm = |t: &tch::Tensor| t.norm_scalaropt_dtype(2, Kind::Double).double_value(&[]);
+        let relative = norm(&difference) / norm(&weight).max(f64::MIN_POSITIVE);
         let largest = difference.abs().max().double_value(&[]);
         let shape = format!("{:?}", weight.size());
         println!("{name:<36} {shape:>14} {relative:>12.2e} {largest:>12.2e}");

@@ -20,12 +20,8 @@ pub struct Args {
     out: PathBuf,
     /// Weights for the stages that generate (evolve, eval) and for the serve script: float32,
     /// bfloat16, int8 or int4 (default float32).
-    #[arg(long, value_parser = known_dtype)]
+    #[arg(long, value_parser = crate::device::known_dtype)]
     dtype: Option<String>,
-}
-
-fn known_dtype(text: &str) -> Result<String, String> {
-    model::gpt_bigcode::parse_precision(text).map(|_| text.to_string()).map_err(|e| e.to_string())
 }
 
 /// The embedded configuration, with `dtype` in `[run]` when given and an OpenAI-compatible endpoint

@@ -20,7 +20,7 @@ pub struct Args {
     /// Weight dtype of the draft (default: --dtype, else what a quantized draft directory holds, else
     /// the target's). `--draft` naming the model's own directory with `--draft-dtype int8` (or int4)
     /// is self-speculation: the quantized copy drafts over the target's cache.
-    #[arg(long, requires = "draft")]
+    #[arg(long, requires = "draft", value_parser = crate::device::known_dtype)]
     draft_dtype: Option<String>,
     /// Serve over TCP on 127.0.0.1:PORT instead of stdio.
     #[arg(long)]
@@ -30,7 +30,7 @@ pub struct Args {
     device: String,
     /// Weight dtype: float32, bfloat16, float16, int8 or int4 (default: what a directory from
     /// `wizard quantize` holds, else bfloat16 on GPU, float32 on CPU).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::device::known_dtype)]
     dtype: Option<String>,
     /// Most tokens per completion (clients can change it through initializationOptions).
     #[arg(long, default_value_t = 64)]

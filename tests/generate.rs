@@ -182,7 +182,10 @@ fn bad_requests_are_clear_errors() {
         (&["--prompt", &"x = 1\n".repeat(60)], "n_positions"),
         (&["--prompt", "x", "--top-p", "1.5"], "top-p must be in (0, 1]"),
         (&["--prompt", "x", "--device", "tpu"], "--device \"tpu\""),
-        (&["--prompt", "x", "--dtype", "int3"], "unknown dtype `int3`: use float32, bfloat16, float16, int8 or int4"),
+        (
+            &["--prompt", "x", "--dtype", "int3"],
+            "unknown dtype `int3`: use float32 (fp32), bfloat16 (bf16), float16 (fp16), int8 or int4",
+        ),
         (&["--prompt-file", "/nonexistent/prompt.txt"], "/nonexistent/prompt.txt"),
     ];
     for (args, expected) in cases {

@@ -38,9 +38,9 @@ pub fn fallback(format: WeightFormat) -> Option<String> {
     Some(format!("{why}{cap}"))
 }
 
-/// `WIZARD_CPU_MAX`, when set.
+/// `WIZARD_CPU_MAX`, when set (empty is unset).
 pub fn cap() -> Option<String> {
-    std::env::var("WIZARD_CPU_MAX").ok()
+    std::env::var("WIZARD_CPU_MAX").ok().filter(|cap| !cap.is_empty())
 }
 
 /// A `WIZARD_CPU_MAX` the kernels ignore (anything but `avx512`, `avx2` or `scalar`), said as such.

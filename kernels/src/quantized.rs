@@ -95,6 +95,17 @@ fn invalid<T>(format: Format, reason: String) -> Result<T, KernelError> {
     Err(KernelError::QuantizedWeight(format!("{} weight: {reason}", format.name())))
 }
 
+/// What the shim refused in a weight (its checks are of the values: the shapes are checked here
+/// first), said of the weight.
+fn about_the_weight(format: Format, error: KernelError) -> KernelError {
+    match error {
+        KernelError::Torch { message, .. } => {
+            KernelError::QuantizedWeight(format!("{} weight: {message}", format.name()))
+        }
+        other => other,
+    }
+}
+
 /// `in_features` rounded up to whole blocks.
 fn padded(in_features: i64) -> i64 {
     (in_features + BLOCK - 1) / BLOCK * BLOCK
@@ -135,7 +146,7 @@ impl QuantizedWeight {
         let status = unsafe {
             ffi::wizard_quantized_quantize(ffi::tensor(&weight), format.bits() as i32, isa as i32, &mut packed)
         };
-        check(status, "quantize")?;
+        check(status, "quantize").map_err(|e| about_the_weight(format, e))?;
         // SAFETY: see above.
         let packed = unsafe { owned(packed) };
         let (out_features, in_features) = (weight.size()[0], weight.size()[1]);
@@ -212,7 +223,7 @@ impl QuantizedWeight {
                 &mut packed,
             )
         };
-        check(status, "pack")?;
+        check(status, "pack").map_err(|e| about_the_weight(format, e))?;
         // SAFETY: see above.
         let packed = unsafe { owned(packed) };
         Ok(QuantizedWeight { packed, out_features: out, in_features, format })
@@ -634,10 +645,10 @@ mod tests {
         let signs = Tensor::from_slice(&[1.0f32, -1.0]).repeat([16]);
         block(2, 0).copy_(&(&signs * 2.0));
         block(2, 2).copy_(&(-&signs * 2.0));
-        let _ = weight.narrow(0, 3, 1).g_mul_scalar_(1e-38);
-        let _ = weight.narrow(0, 4, 1).g_mul_scalar_(1e30);
+        // Tiny and huge weights (a weight's scales span at most 2^28, so each on its own).
+        let (tiny, huge) = (&weight * 1e-38, &weight * 1e30);
         let wide = Tensor::randn([1024, 4096 + 96 + 5], opts) * 0.02;
-        for weight in [&weight, &weight.narrow(1, 0, 256).contiguous(), &wide] {
+        for weight in [&weight, &weight.narrow(1, 0, 256).contiguous(), &tiny, &huge, &wide] {
             for format in FORMATS {
                 let widest = QuantizedWeight::quantize_with(Isa::Widest, weight, format).unwrap();
                 for isa in [Isa::Avx2, Isa::Scalar].into_iter().filter(|&isa| kernel_available(isa)) {
@@ -714,8 +725,12 @@ mod tests {
         }
 
         let nan = Tensor::from_slice(&[1.0f32, f32::NAN]).reshape([1, 2]);
+        // One row 1e20 times the others: their scales would be halves far below the normal ones.
+        let wide = Tensor::randn([4, 64], (Kind::Float, Device::Cpu))
+            * Tensor::from_slice(&[1e20f32, 1., 1., 1.]).view([4, 1]);
         for (weight, message) in [
             (nan, "NaN or infinite"),
+            (wide, "span at most 2^28"),
             (Tensor::ones([4], (Kind::Float, Device::Cpu)), "got shape [4]"),
             (Tensor::ones([2, 2], (Kind::Int64, Device::Cpu)), "floating-point"),
         ] {
@@ -741,6 +756,7 @@ mod tests {
             (values(4, 64), scales(3, 2), 64, "scales have shape [3, 2]"),
             (values(4, 64).fill(-128), scales(4, 2), 64, "values hold -128"),
             (values(4, 64), scales(4, 2).fill(f64::INFINITY), 64, "NaN or infinite"),
+            (values(4, 64), scales(4, 2).index_fill(0, &Tensor::from_slice(&[2i64]), 1e12), 64, "block 0 of row 0"),
         ];
         for (values, scales, in_features, message) in cases {
             let error = QuantizedWeight::from_parts(values, scales, in_features, Format::Int8).unwrap_err().to_string();

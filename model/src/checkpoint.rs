@@ -18,9 +18,22 @@ const INDEX: &str = "model.safetensors.index.json";
 
 /// The weight files of a model directory, in reading order.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(shards(dir)?.files)
+}
+
+/// Where a directory's tensors are: its weight files, and for a sharded checkpoint the index's
+/// placement of each tensor.
+struct Shards {
+    files: Vec<PathBuf>,
+    /// The index file and the shard it names for each tensor.
+    placement: Option<(PathBuf, BTreeMap<String, PathBuf>)>,
+}
+
+fn shards(dir: &Path) -> Result<Shards> {
     let single = dir.join(SINGLE);
-    if single.exists() {
-        return Ok(vec![single]);
+    // A dangling link is there too: followed, it says what is wrong with it.
+    if single.symlink_metadata().is_ok() {
+        return Ok(Shards { files: vec![single], placement: None });
     }
     let index = dir.join(INDEX);
     if !index.exists() {
@@ -45,18 +58,24 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .and_then(|m| m.as_object())
         .ok_or_else(|| ModelError::Json { path: index.clone(), message: "no `weight_map` object".into() })?;
     let mut files: Vec<PathBuf> = Vec::new();
+    let mut placement = BTreeMap::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| ModelError::Tensor {
-            path: index.clone(),
-            tensor: tensor.clone(),
-            message: "its shard is not a file name".into(),
-        })?;
+        let shard_error =
+            |message: &str| ModelError::Tensor { path: index.clone(), tensor: tensor.clone(), message: message.into() };
+        let file = file.as_str().ok_or_else(|| shard_error("its shard is not a file name"))?;
+        // Shards lie in the model directory (or below it), as transformers writes them.
+        let inside = Path::new(file).components().all(|part| matches!(part, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(shard_error(&format!("its shard `{file}` is not a path inside the model directory")));
+        }
         let path = dir.join(file);
         if !files.contains(&path) {
-            files.push(path);
+            files.push(path.clone());
         }
+        placement.insert(tensor.clone(), path);
     }
-    Ok(files)
+    files.sort();
+    Ok(Shards { files, placement: Some((index, placement)) })
 }
 
 fn kind_of(dtype: Dtype) -> Option<Kind> {
@@ -79,7 +98,20 @@ struct HeaderEntry {
     data_offsets: (usize, usize),
 }
 
-/// Reads a safetensors header: the entries by name, and where the data section starts.
+/// A weight file, opened for reading once it is known to be a regular file (opening a FIFO would
+/// wait for a writer).
+fn open_weights(path: &Path) -> Result<File> {
+    let metadata = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    if !metadata.is_file() {
+        let message = "not a regular file".to_string();
+        return Err(ModelError::Safetensors { path: path.to_path_buf(), message });
+    }
+    File::open(path).map_err(|e| ModelError::io(path, e))
+}
+
+/// Reads a safetensors header: the entries by name, and where the data section starts. The
+/// entries' bytes must lie end to end and fill the data section, as the format requires: a header
+/// whose tensors overlap would load one tensor's bytes as another's.
 fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry>, u64)> {
     let invalid = |message: String| ModelError::Safetensors { path: path.to_path_buf(), message };
     let file_len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
@@ -95,33 +127,61 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
         serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
     entries.remove("__metadata__");
     let data_start = 8 + header_len;
-    entries
+    let data_len = (file_len - data_start) as usize;
+    let entries: BTreeMap<String, HeaderEntry> = entries
         .into_iter()
         .map(|(name, value)| {
             let entry: HeaderEntry =
                 serde_json::from_value(value).map_err(|e| invalid(format!("header entry `{name}`: {e}")))?;
+            let tensor_error =
+                |message: String| ModelError::Tensor { path: path.to_path_buf(), tensor: name.clone(), message };
             let (begin, end) = entry.data_offsets;
             // Checked: a hostile header's shape must not wrap around to the byte count it gives.
             let expected = entry
                 .shape
                 .iter()
                 .try_fold(entry.dtype.bitsize() / 8, |bytes, &d| bytes.checked_mul(d))
-                .filter(|&bytes| i64::try_from(bytes).is_ok())
-                .unwrap_or(usize::MAX);
-            if end < begin || end - begin != expected || data_start + end as u64 > file_len {
-                return Err(ModelError::Tensor {
-                    path: path.to_path_buf(),
-                    tensor: name,
-                    message: format!(
-                        "bytes {begin}..{end} do not hold shape {:?} of {:?} within the file (truncated?)",
-                        entry.shape, entry.dtype
-                    ),
-                });
+                .filter(|&bytes| i64::try_from(bytes).is_ok());
+            if end < begin || Some(end - begin) != expected {
+                let takes = expected.map_or("more than a file holds".into(), |bytes| format!("{bytes}"));
+                return Err(tensor_error(format!(
+                    "bytes {begin}..{end} do not hold shape {:?} of {:?}, which takes {takes} bytes",
+                    entry.shape, entry.dtype
+                )));
+            }
+            if end > data_len {
+                return Err(tensor_error(format!(
+                    "bytes {begin}..{end} lie past the end of the file's {data_len} bytes of data (truncated?)"
+                )));
             }
             Ok((name, entry))
         })
-        .collect::<Result<_>>()
-        .map(|entries| (entries, data_start))
+        .collect::<Result<_>>()?;
+    let mut spans: Vec<(usize, usize, &str)> =
+        entries.iter().map(|(name, entry)| (entry.data_offsets.0, entry.data_offsets.1, name.as_str())).collect();
+    spans.sort_unstable();
+    let mut covered = 0;
+    for (begin, end, name) in spans {
+        if begin != covered {
+            let how = if begin < covered {
+                "overlap the previous tensor's"
+            } else {
+                "leave a gap after the previous tensor's"
+            };
+            return Err(ModelError::Tensor {
+                path: path.to_path_buf(),
+                tensor: name.to_string(),
+                message: format!("bytes {begin}..{end} {how}, which end at {covered} (tensors lie end to end)"),
+            });
+        }
+        covered = end;
+    }
+    if covered != data_len {
+        return Err(invalid(format!(
+            "its tensors hold {covered} bytes of data, the file has {data_len} after the header"
+        )));
+    }
+    Ok((entries, data_start))
 }
 
 /// Streams every tensor of the model directory to `visit(name, tensor, file)`, in its stored dtype on
@@ -134,12 +194,25 @@ pub fn for_each_tensor(
     mapped: impl Fn(&str) -> bool,
     mut visit: impl FnMut(&str, Tensor, &Path) -> Result<()>,
 ) -> Result<()> {
-    for path in weight_files(dir)? {
-        let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
-        let (entries, data_start) = read_header(&file, &path)?;
+    let shards = shards(dir)?;
+    let mut seen: HashMap<String, PathBuf> = HashMap::new();
+    for path in &shards.files {
+        let file = open_weights(path)?;
+        let (entries, data_start) = read_header(&file, path)?;
         for (name, entry) in entries {
             let tensor_error =
                 |message: String| ModelError::Tensor { path: path.clone(), tensor: name.clone(), message };
+            if let Some(first) = seen.insert(name.clone(), path.clone()) {
+                return Err(tensor_error(format!("is also in {}: which one is meant?", first.display())));
+            }
+            if let Some((index, placement)) = &shards.placement {
+                if placement.get(&name) != Some(path) {
+                    let placed = placement
+                        .get(&name)
+                        .map_or("does not list it".into(), |p| format!("places it in {}", p.display()));
+                    return Err(tensor_error(format!("is in this shard, but {} {placed}", index.display())));
+                }
+            }
             let kind = kind_of(entry.dtype).ok_or_else(|| {
                 tensor_error(format!(
                     "dtype {:?} is not a weight type (F32, F16, BF16, F64, or I8/U8 quantized values)",
@@ -151,10 +224,23 @@ pub fn for_each_tensor(
             let offset = data_start + begin as u64;
             let read = if mapped(&name) { kernels::read::mapped_tensor_at } else { kernels::read::tensor_at };
             let tensor = read(&file, offset, &shape, kind).map_err(|e| tensor_error(e.to_string()))?;
-            visit(&name, tensor, &path)?;
+            visit(&name, tensor, path)?;
         }
     }
     Ok(())
+}
+
+/// Each tensor's stored shape and file, from the headers alone (checked as [`for_each_tensor`]
+/// checks them): what a model's sizes can be compared with before anything is allocated.
+pub fn shapes(dir: &Path) -> Result<BTreeMap<String, (Vec<usize>, PathBuf)>> {
+    let mut shapes = BTreeMap::new();
+    for path in shards(dir)?.files {
+        let file = open_weights(&path)?;
+        for (name, entry) in read_header(&file, &path)?.0 {
+            shapes.insert(name, (entry.shape, path.clone()));
+        }
+    }
+    Ok(shapes)
 }
 
 /// A tensor copied to host memory for writing.

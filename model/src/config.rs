@@ -221,8 +221,9 @@ impl ModelConfig {
         if self.n_embd % self.n_head != 0 {
             return Err(("n_head", format!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head)));
         }
-        if self.layer_norm_epsilon.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-            return Err(("layer_norm_epsilon", format!("must be positive, got {}", self.layer_norm_epsilon)));
+        // Above 1 it no longer guards a division but swamps the variance (and past fp32's range, NaN).
+        if !(self.layer_norm_epsilon > 0.0 && self.layer_norm_epsilon <= 1.0) {
+            return Err(("layer_norm_epsilon", format!("must be in (0, 1], got {}", self.layer_norm_epsilon)));
         }
         for (field, p) in
             [("embd_pdrop", self.embd_pdrop), ("attn_pdrop", self.attn_pdrop), ("resid_pdrop", self.resid_pdrop)]

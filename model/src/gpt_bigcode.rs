@@ -271,6 +271,9 @@ impl Mlp {
     }
 }
 
+/// A block's dense layers under the block's checkpoint prefix, in [`Block::linears`]' order.
+const DENSE_LAYERS: [&str; 4] = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
+
 struct Block {
     ln_1: LayerNorm,
     attn: Attention,
@@ -311,7 +314,7 @@ impl Block {
         Some(block.forward(x, &keys, &values, &lens))
     }
 
-    /// The dense layers, in checkpoint order.
+    /// The dense layers, in checkpoint order (named as [`DENSE_LAYERS`]).
     fn linears(&self) -> [&Linear; 4] {
         [&self.attn.c_attn, &self.attn.c_proj, &self.mlp.c_fc, &self.mlp.c_proj]
     }
@@ -780,12 +783,13 @@ impl GptBigCode {
         let total = self.blocks.len() * 4 + 1;
         let mut done = 0;
         tch::no_grad(|| -> Result<()> {
-            for block in &mut self.blocks {
-                for linear in block.linears_mut() {
+            let refused = |name: String, e: kernels::KernelError| ModelError::Invalid(format!("tensor `{name}`: {e}"));
+            for (i, block) in self.blocks.iter_mut().enumerate() {
+                for (name, linear) in DENSE_LAYERS.iter().zip(block.linears_mut()) {
                     // Layers quantized as they were loaded stay as they are.
                     if linear.quantized.is_none() {
                         let quantized = QuantizedWeight::quantize(&linear.weight, format)
-                            .map_err(|e| ModelError::Invalid(e.to_string()))?;
+                            .map_err(|e| refused(format!("transformer.h.{i}.{name}.weight"), e))?;
                         linear.set_quantized(quantized);
                     }
                     done += 1;
@@ -795,7 +799,7 @@ impl GptBigCode {
             if self.head_quantized.is_none() {
                 let head = self.lm_head.as_ref().unwrap_or(&self.wte);
                 let quantized =
-                    QuantizedWeight::quantize(head, format).map_err(|e| ModelError::Invalid(e.to_string()))?;
+                    QuantizedWeight::quantize(head, format).map_err(|e| refused("lm_head.weight".into(), e))?;
                 self.head_quantized = Some(quantized);
                 if let Some(lm_head) = &self.lm_head {
                     lm_head.shallow_clone().set_data(&empty_weight());
@@ -811,13 +815,7 @@ impl GptBigCode {
     pub(crate) fn quantized_layers(&self) -> Vec<(String, &QuantizedWeight)> {
         let mut layers = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
-            let named = [
-                ("attn.c_attn", &block.attn.c_attn),
-                ("attn.c_proj", &block.attn.c_proj),
-                ("mlp.c_fc", &block.mlp.c_fc),
-                ("mlp.c_proj", &block.mlp.c_proj),
-            ];
-            for (name, linear) in named {
+            for (name, linear) in DENSE_LAYERS.iter().zip(block.linears()) {
                 if let Some(quantized) = &linear.quantized {
                     layers.push((format!("transformer.h.{i}.{name}.weight"), quantized));
                 }
@@ -900,7 +898,9 @@ pub fn parse_precision(text: &str) -> Result<Precision> {
         "int8" | "q8_0" | "i8" => Ok(Precision::INT8),
         "int4" | "q4_0" | "i4" => Ok(Precision::INT4),
         other => parse_dtype(other).map(Precision::Dense).map_err(|_| {
-            ModelError::Invalid(format!("unknown dtype `{other}`: use float32, bfloat16, float16, int8 or int4"))
+            ModelError::Invalid(format!(
+                "unknown dtype `{other}`: use float32 (fp32), bfloat16 (bf16), float16 (fp16), int8 or int4"
+            ))
         }),
     }
 }

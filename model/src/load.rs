@@ -59,6 +59,50 @@ fn is_ignored_buffer(name: &str) -> bool {
     name.ends_with(".attn.masked_bias") || name.ends_with(".attn.bias")
 }
 
+/// config.json's sizes against tensors every checkpoint stores as they are (quantized or not), before
+/// the model is built: a size the checkpoint does not hold must be named, not allocated.
+fn check_sizes(
+    config: &ModelConfig,
+    shapes: &BTreeMap<String, (Vec<usize>, PathBuf)>,
+    config_path: &Path,
+) -> Result<()> {
+    let (d, last) = (config.n_embd as usize, config.n_layer.max(1) - 1);
+    let expected = [
+        ("transformer.wpe.weight".to_string(), vec![config.n_positions as usize, d], "n_positions and n_embd"),
+        (format!("transformer.h.{last}.ln_1.weight"), vec![d], "n_layer and n_embd"),
+        (format!("transformer.h.{last}.mlp.c_fc.bias"), vec![config.inner_dim() as usize], "n_layer and n_inner"),
+    ];
+    let vocab_rows = ["transformer.wte.weight", "lm_head.weight"].into_iter().find_map(|name| shapes.get(name));
+    let vocab = vocab_rows.map(|(shape, file)| (shape.first().copied(), file));
+    if let Some((rows, file)) = vocab.filter(|(rows, _)| *rows != Some(config.vocab_size as usize)) {
+        return Err(ModelError::Invalid(format!(
+            "{}: vocab_size {} disagrees with {}, whose token table has {} rows",
+            config_path.display(),
+            config.vocab_size,
+            file.display(),
+            rows.map_or("no".into(), |rows| rows.to_string())
+        )));
+    }
+    for (name, shape, fields) in expected {
+        match shapes.get(&name) {
+            Some((stored, _)) if *stored == shape => {}
+            Some((stored, file)) => {
+                return Err(ModelError::Tensor {
+                    path: file.clone(),
+                    tensor: name,
+                    message: format!("has shape {stored:?}, {}'s {fields} imply {shape:?}", config_path.display()),
+                })
+            }
+            None => {
+                let file = shapes.values().next().map_or_else(|| config_path.to_path_buf(), |(_, file)| file.clone());
+                let message = format!("missing from the checkpoint, which {}'s {fields} imply", config_path.display());
+                return Err(ModelError::Tensor { path: file, tensor: name, message });
+            }
+        }
+    }
+    Ok(())
+}
+
 impl GptBigCode {
     /// The precision `dir`'s weights are stored in when `wizard quantize` wrote it (int8 or int4),
     /// else None; what a command loads when no `--dtype` is given. A quantization that is not ours
@@ -95,6 +139,7 @@ impl GptBigCode {
                 dir.display()
             )));
         }
+        check_sizes(&config, &checkpoint::shapes(dir)?, &dir.join("config.json"))?;
         let tied = config.tie_word_embeddings;
         // A quantized directory's own format wins (a request for another is refused by the caller).
         let (quantize_as_read, format) = match zeros {
@@ -126,6 +171,14 @@ impl GptBigCode {
                     tensor: name.to_string(),
                     message,
                 };
+                if !quantized && !tensor.is_floating_point() {
+                    let message = format!(
+                        "is stored as {:?}, where a checkpoint holds floating-point weights (a directory from \
+                         `wizard quantize` says so in config.json's quantization_config)",
+                        tensor.kind()
+                    );
+                    return Err(tensor_error(message));
+                }
                 if quantized {
                     if let Some(layer) = name.strip_suffix(SCALE_SUFFIX) {
                         parts.entry(layer.to_string()).or_insert((None, None, file.to_path_buf())).1 = Some(tensor);

@@ -239,7 +239,31 @@ impl Tokenizer {
             text.parse().map_err(|e| tokenizer_error(&path, format!("not a valid tokenizer.json: {e}")))?;
         let eos_id =
             inner.token_to_id(EOS_TOKEN).ok_or_else(|| tokenizer_error(&path, format!("has no {EOS_TOKEN} token")))?;
-        Ok(Tokenizer { inner, path, eos_id })
+        let tokenizer = Tokenizer { inner, path, eos_id };
+        tokenizer.check_fits_model(&dir.join("config.json"))?;
+        Ok(tokenizer)
+    }
+
+    /// Every id must have a row in the embedding of the model beside it (where `config` names its
+    /// `vocab_size`): a model cannot read the others. A config that cannot be read is left to the
+    /// model's loading to report.
+    fn check_fits_model(&self, config: &Path) -> Result<()> {
+        let Some(vocab_size) = fs::read_to_string(config)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|config| config.get("vocab_size")?.as_u64())
+        else {
+            return Ok(());
+        };
+        let largest = self.inner.get_vocab(true).into_values().max().unwrap_or(0);
+        if u64::from(largest) >= vocab_size {
+            let message = format!(
+                "holds token id {largest}, but {}'s vocab_size is {vocab_size}: the model has no embedding for ids from {vocab_size} on",
+                config.display()
+            );
+            return Err(tokenizer_error(&self.path, message));
+        }
+        Ok(())
     }
 
     /// The token ids of `text`, without any added BOS/EOS. Special tokens written in the text are
@@ -546,5 +570,27 @@ fn main() {
             "pre_tokenizer": null, "post_processor": null, "decoder": null,
             "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}"#;
         check_load_error(Some(no_eos), "has no <|endoftext|> token");
+    }
+
+    /// A tokenizer beside a model must not hand it ids its embedding lacks.
+    #[test]
+    fn a_tokenizer_with_ids_beyond_the_models_vocabulary_is_refused() {
+        let tokenizer = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "vocab": {"<|endoftext|>": 0, "a": 1, "b": 2}, "merges": []}}"#;
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("tokenizer.json"), tokenizer).unwrap();
+        for (config, refused) in [(r#"{"vocab_size": 2}"#, true), (r#"{"vocab_size": 3}"#, false), ("not json", false)]
+        {
+            fs::write(dir.path().join("config.json"), config).unwrap();
+            match Tokenizer::from_dir(dir.path()) {
+                Err(error) => {
+                    let message = error.to_string();
+                    assert!(refused, "{config}: {message}");
+                    assert!(message.contains("token id 2") && message.contains("vocab_size is 2"), "{message}");
+                }
+                Ok(_) => assert!(!refused, "{config}: loaded"),
+            }
+        }
     }
 }

@@ -1,4 +1,5 @@
 //! Broken model directories: every error names the file, tensor or field, and nothing panics.
+use std::io::Write;
 use std::path::Path;
 
 use model::config::ModelConfig;
@@ -50,6 +51,47 @@ fn replace_tensor(dir: &Path, name: &str, replace: impl Fn(&Tensor) -> Tensor) {
     })
 }
 
+/// Rewrites the safetensors header of `dir`'s weights through `edit`, the data as it was.
+fn rewrite_header(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + length]).unwrap();
+    edit(&mut header);
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + length..]);
+    std::fs::write(&file, out).unwrap();
+}
+
+/// Splits the weights into two shards listed by an index (in name order: `transformer.wte.weight`
+/// in the second), the index placing each tensor where
+/// `place(name, shard)` says; with `duplicate`, the second shard also holds the first's first tensor.
+fn shard(dir: &Path, duplicate: bool, place: impl Fn(&str, &str) -> String) {
+    let file = dir.join("model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&file).unwrap();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    std::fs::remove_file(&file).unwrap();
+    let (first, second) = tensors.split_at(tensors.len() / 2);
+    let mut second: Vec<(String, Tensor)> = second.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    if duplicate {
+        second.push((first[0].0.clone(), first[0].1.copy()));
+    }
+    let mut map = serde_json::Map::new();
+    for (shard, tensors) in
+        [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", &second[..])]
+    {
+        Tensor::write_safetensors(tensors, dir.join(shard)).unwrap();
+        for (name, _) in tensors {
+            // An index names one shard for a tensor: the first.
+            map.entry(name.clone()).or_insert_with(|| place(name, shard).into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
 fn edit_config(dir: &Path, from: &str, to: &str) {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -81,7 +123,39 @@ fn corrupt_files() {
             let bytes = std::fs::read(&file).unwrap();
             std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
         },
-        &["model.safetensors", "do not hold shape", "truncated"],
+        &["model.safetensors", "past the end of the file's", "truncated"],
+    );
+    check(
+        |d| {
+            std::fs::OpenOptions::new().append(true).open(d.join("model.safetensors")).unwrap().write_all(b"x").unwrap()
+        },
+        &["model.safetensors", "its tensors hold", "the file has"],
+    );
+    // Tensors must lie end to end: one over another's bytes would load them as its own (here
+    // leaving a gap where its own were).
+    check(
+        |d| {
+            rewrite_header(d, |header| {
+                // Both [16, 16].
+                let first = header["transformer.wpe.weight"]["data_offsets"].clone();
+                header["transformer.h.0.attn.c_proj.weight"]["data_offsets"] = first;
+            })
+        },
+        &["model.safetensors", "tensors lie end to end"],
+    );
+    check(
+        |d| {
+            std::fs::remove_file(d.join("model.safetensors")).unwrap();
+            std::fs::create_dir(d.join("model.safetensors")).unwrap();
+        },
+        &["model.safetensors", "not a regular file"],
+    );
+    check(
+        |d| {
+            std::fs::remove_file(d.join("model.safetensors")).unwrap();
+            std::os::unix::fs::symlink(d.join("gone.safetensors"), d.join("model.safetensors")).unwrap();
+        },
+        &["model.safetensors", "No such file"],
     );
     check(
         |d| std::fs::write(d.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}").unwrap(),
@@ -92,6 +166,34 @@ fn corrupt_files() {
         &["model.safetensors", "not a valid safetensors file", "does not fit"],
     );
     check(|d| std::fs::write(d.join("config.json"), "{\"model_type\": ").unwrap(), &["config.json", "line 1"]);
+}
+
+#[test]
+fn bad_shards() {
+    let keep = |_: &str, shard: &str| shard.to_string();
+    check(
+        |d| shard(d, true, keep),
+        &["model-00002-of-00002.safetensors", "is also in", "model-00001-of-00002.safetensors"],
+    );
+    let outside = |name: &str, shard: &str| {
+        if name == "transformer.wpe.weight" {
+            "../elsewhere.safetensors".into()
+        } else {
+            shard.into()
+        }
+    };
+    check(
+        |d| shard(d, false, outside),
+        &["model.safetensors.index.json", "transformer.wpe.weight", "not a path inside the model directory"],
+    );
+    let misplaced = |name: &str, shard: &str| {
+        if name == "transformer.wte.weight" {
+            "model-00001-of-00002.safetensors".into()
+        } else {
+            shard.into()
+        }
+    };
+    check(|d| shard(d, false, misplaced), &["transformer.wte.weight", "is in this shard", "places it in"]);
 }
 
 #[test]
@@ -117,6 +219,10 @@ fn wrong_tensors() {
         &["transformer.h.7.attn.c_attn.weight", "not part of a GPTBigCode model"],
     );
     check(
+        |d| replace_tensor(d, "transformer.h.0.mlp.c_fc.weight", |t| (t * 100.0).to_kind(Kind::Int8)),
+        &["model.safetensors", "transformer.h.0.mlp.c_fc.weight", "stored as Int8", "quantization_config"],
+    );
+    check(
         |d| replace_tensor(d, "transformer.h.0.ln_1.weight", |t| t.fill(f64::INFINITY)),
         &["model.safetensors", "transformer.h.0.ln_1.weight", "NaN or infinite"],
     );
@@ -129,9 +235,26 @@ fn wrong_tensors() {
 #[test]
 fn bad_config_fields() {
     check(|d| edit_config(d, "\"gpt_bigcode\"", "\"gpt2\""), &["config.json", "model_type", "\"gpt2\""]);
+    // Sizes are checked against the checkpoint before anything of that size is allocated.
     check(
-        |d| edit_config(d, "\"n_embd\": 16", "\"n_embd\": 24"),
-        &["transformer.h.0.attn.c_attn.bias", "shape [32]", "implies [48]"],
+        |d| edit_config(d, "\"n_embd\": 16", "\"n_embd\": 1099511627776"),
+        &["transformer.wpe.weight", "shape [16, 16]", "n_positions and n_embd imply [16, 1099511627776]"],
+    );
+    check(
+        |d| edit_config(d, "\"n_layer\": 1", "\"n_layer\": 1000000000"),
+        &["transformer.h.999999999.ln_1.weight", "missing from the checkpoint"],
+    );
+    check(
+        |d| edit_config(d, "\"vocab_size\": 50", "\"vocab_size\": 5000000000000"),
+        &["vocab_size 5000000000000", "50 rows"],
+    );
+    check(
+        |d| edit_config(d, "\"n_inner\": null", "\"n_inner\": 100000000000"),
+        &["transformer.h.0.mlp.c_fc.bias", "[64]"],
+    );
+    check(
+        |d| edit_config(d, "\"layer_norm_epsilon\": 0.00001", "\"layer_norm_epsilon\": 1e300"),
+        &["config.json", "layer_norm_epsilon", "(0, 1]"],
     );
     check(|d| edit_config(d, "\"n_head\": 2", "\"n_head\": 3"), &["config.json", "n_head", "not divisible"]);
 }

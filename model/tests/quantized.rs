@@ -353,7 +353,10 @@ fn damaged_directories_are_refused(format: Format) {
     let dense_values = edit_tensor("transformer.h.1.mlp.c_fc.weight", |t| t.to_kind(Kind::Float));
     let nan_scale = edit_tensor("transformer.h.1.mlp.c_fc.weight_scale", |t| t.fill(f64::NAN));
     let few_rows = edit_tensor("transformer.h.0.attn.c_proj.weight", |t| t.narrow(0, 0, 10).copy());
-    let cases: [(&Edit, &str, &str); 4] = [
+    // Scales 1e12 apart do not fit float16 over one power of two: the small ones would be zeros.
+    let wide_scales =
+        edit_tensor("transformer.h.1.mlp.c_fc.weight_scale", |t| t.index_fill(0, &Tensor::from_slice(&[3i64]), 1e12));
+    let cases: [(&Edit, &str, &str); 5] = [
         (
             &|t| t.retain(|(n, _)| n != "transformer.h.1.mlp.c_fc.weight_scale"),
             "transformer.h.1.mlp.c_fc.weight",
@@ -362,6 +365,7 @@ fn damaged_directories_are_refused(format: Format) {
         (&dense_values, "transformer.h.1.mlp.c_fc.weight", "stored as Float"),
         (&nan_scale, "transformer.h.1.mlp.c_fc.weight", "NaN"),
         (&few_rows, "transformer.h.0.attn.c_proj.weight", "config.json implies 64 rows"),
+        (&wide_scales, "transformer.h.1.mlp.c_fc.weight", "span at most 2^28"),
     ];
     for (edit, tensor, complaint) in cases {
         let damaged = rewrite(edit);
