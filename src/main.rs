@@ -104,19 +104,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// An error and its causes, each said once: a message that already quotes its cause (a library
-/// error that wraps another and says it) is not followed by that cause again.
+/// An error and its causes, each said once: a message that already quotes its cause (a
+/// library error that wraps another and says it) is not followed by that cause again.
 fn error_text(error: &anyhow::Error) -> String {
     let mut text = String::new();
+    let mut outer = String::new();
     for cause in error.chain() {
-        let part = cause.to_string();
-        if text.contains(&part) {
-            continue;
+        let message = cause.to_string();
+        if !outer.contains(&message) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&message);
         }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&part);
+        outer = message;
     }
     text
 }

@@ -229,35 +229,44 @@ at::Tensor step_order(at::ScalarType type) {
 }
 
 // Rows [16 p, 16 p + 16) of `rows` (`cols` 32-bit words each) as panel p of `panels`: column k's 16
-// words side by side. Panels split among the threads, so each writes (and first touches) its own.
+// words side by side. Through a tile of 16 columns: each row's run read in order, the tile written
+// out in order. Panels split among the threads, so each writes (and first touches) its own.
 void transpose_into_panels(const uint32_t* rows, uint32_t* panels, int64_t count, int64_t cols) {
-  constexpr int64_t kColumnsAtOnce = 16;  // a cache line of each of the 16 rows
+  constexpr int64_t kColumnsAtOnce = 16;
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    uint32_t tile[kColumnsAtOnce][kPanel];
     for (int64_t p = begin; p < end; ++p) {
       const uint32_t* from = rows + p * kPanel * cols;
       uint32_t* to = panels + p * kPanel * cols;
       for (int64_t k0 = 0; k0 < cols; k0 += kColumnsAtOnce) {
-        const int64_t k1 = std::min(cols, k0 + kColumnsAtOnce);
-        for (int64_t k = k0; k < k1; ++k)
-          for (int64_t j = 0; j < kPanel; ++j) to[k * kPanel + j] = from[j * cols + k];
+        const int64_t width = std::min(kColumnsAtOnce, cols - k0);
+        for (int64_t j = 0; j < kPanel; ++j)
+          for (int64_t k = 0; k < width; ++k) tile[k][j] = from[j * cols + k0 + k];
+        std::memcpy(to + k0 * kPanel, tile, sizeof(uint32_t) * kPanel * width);
       }
     }
   });
 }
 
 // `w` [out, in] as panels [out / 16, in, 16] (in pairs, [out / 16, in / 2, 16, 2], where they are):
-// fp32 values, or bf16 pairs, move as 32-bit words.
+// fp32 values, or bf16 pairs, move as 32-bit words (libtorch's copy where they are not aligned so).
 at::Tensor pack(const at::Tensor& w) {
   const int64_t out = w.size(0), in = w.size(1);
   const bool pairs = in_pairs(w.scalar_type(), in);
-  if (w.scalar_type() == at::kFloat || pairs) {
-    const at::Tensor rows = w.contiguous();
+  const at::Tensor rows = w.contiguous();
+  const bool words = reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % alignof(uint32_t) == 0;
+  if ((w.scalar_type() == at::kFloat || pairs) && words) {
     at::Tensor panels = at::empty({out / kPanel, in, kPanel}, w.options());
     transpose_into_panels(static_cast<const uint32_t*>(rows.const_data_ptr()),
                           static_cast<uint32_t*>(panels.mutable_data_ptr()), out / kPanel,
                           pairs ? in / 2 : in);
     return panels;
   }
+  if (pairs)
+    return w.reshape({out / kPanel, kPanel, in / 2, 2})
+        .permute({0, 2, 1, 3})
+        .contiguous()
+        .view({out / kPanel, in, kPanel});
   return w.reshape({out / kPanel, kPanel, in})
       .transpose(1, 2)
       .index_select(2, step_order(w.scalar_type()))

@@ -115,31 +115,29 @@ float unshift_for(const at::Tensor& scales) {
   return static_cast<float>(c10::Half(largest / unshift)) == 16384.0f ? unshift / 2 : unshift;
 }
 
-// Refuses `scales` that the halves over `unshift` cannot hold to a half's precision: a nonzero scale
-// below the normal halves, more than 2^28 under the weight's largest, would be rounded coarsely or
-// to zero (its block's outputs lost).
-void check_scale_range(const at::Tensor& scales, float unshift) {
-  const float* sp = scales.data_ptr<float>();
-  const int64_t blocks = scales.size(1);
-  constexpr float kSmallestNormalHalf = 1.0f / 16384.0f;
-  for (int64_t i = 0; i < scales.numel(); i++) {
-    const float scale = std::fabs(sp[i]);
-    if (scale == 0.0f || scale / unshift >= kSmallestNormalHalf) continue;
-    const float largest = scales.abs().max().item<float>();
-    char message[400];
-    std::snprintf(message, sizeof message,
-                  "the scale of block %lld of row %lld (%g) is %.3g times smaller than the weight's largest (%g): a "
-                  "weight's block scales are float16 over one shared power of two and span at most 2^28; load "
-                  "this model as float32 or bfloat16",
-                  static_cast<long long>(i % blocks), static_cast<long long>(i / blocks), scale, largest / scale,
-                  largest);
-    throw std::invalid_argument(message);
-  }
-}
-
 inline float widen_half(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
 // `scale` as the half that, times `unshift`, stands for it (rounded to the nearest).
 inline uint16_t narrow_scale(float scale, float unshift) { return c10::Half(scale / unshift).x; }
+
+// Refuses `scales` that halves over `unshift` do not hold to a half's precision (2^-11 of each): a
+// scale more than about 2^28 under the weight's largest falls among the subnormal halves or to zero,
+// and its block's outputs with it. `remedy` says what to do instead.
+void check_scale_range(const at::Tensor& scales, float unshift, const char* remedy) {
+  const float* sp = scales.data_ptr<float>();
+  const int64_t blocks = scales.size(1);
+  for (int64_t i = 0; i < scales.numel(); i++) {
+    const float kept = widen_half(narrow_scale(sp[i], unshift)) * unshift;
+    if (std::fabs(kept - sp[i]) <= std::fabs(sp[i]) * 0x1p-11f) continue;
+    const float scale = std::fabs(sp[i]), largest = scales.abs().max().item<float>();
+    char message[400];
+    std::snprintf(message, sizeof message,
+                  "the scale of block %lld of row %lld (%g) is %.3g times smaller than the weight's largest (%g), "
+                  "more than float16 scales over one shared power of two hold (about 2^28); %s",
+                  static_cast<long long>(i % blocks), static_cast<long long>(i / blocks), scale, largest / scale,
+                  largest, remedy);
+    throw std::invalid_argument(message);
+  }
+}
 
 // A packed weight as the kernels read it.
 struct Weights {
@@ -652,7 +650,7 @@ void put_unshift(uint8_t* pp, const Layout& layout, float unshift) {
 // unshift, which it returns (the rounded scales keep it: see unshift_for).
 float round_scales(const at::Tensor& scales) {
   const float unshift = unshift_for(scales);
-  check_scale_range(scales, unshift);
+  check_scale_range(scales, unshift, "load this model as float32 or bfloat16");
   float* sp = scales.data_ptr<float>();
   for (int64_t i = 0; i < scales.numel(); i++) sp[i] = widen_half(narrow_scale(sp[i], unshift)) * unshift;
   return unshift;
@@ -705,7 +703,7 @@ at::Tensor pack(const at::Tensor& values, const at::Tensor& scales, int64_t in, 
   const int64_t blocks = layout.blocks;
   const float* sp = scales.data_ptr<float>();
   const float unshift = unshift_for(scales);
-  check_scale_range(scales, unshift);
+  check_scale_range(scales, unshift, "quantize the model again from its original weights");
   auto packed = new_records(layout, unshift);
   const auto* vp = static_cast<const uint8_t*>(values.data_ptr());
   const int64_t stride = values.size(1);

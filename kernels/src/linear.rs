@@ -318,6 +318,11 @@ mod tests {
             assert!(is_panels(&panels) && !is_panels(&weight));
             assert!(unpack_panels(&panels).unwrap().equal(&weight));
         }
+        // bf16 pairs not aligned as 32-bit words (a view one value into its storage) pack the same.
+        let flat = Tensor::randn([1 + 48 * 38], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let unaligned = flat.narrow(0, 1, 48 * 38).view([48, 38]);
+        assert!(pack_panels(&unaligned).unwrap().equal(&pack_panels(&unaligned.copy()).unwrap()));
+        assert!(unpack_panels(&pack_panels(&unaligned).unwrap()).unwrap().equal(&unaligned));
         let odd = pack_panels(&Tensor::randn([40, 8], (Kind::Float, Device::Cpu))).unwrap_err().to_string();
         assert!(odd.contains("[40, 8]") && odd.contains("multiples of 16"), "{odd}");
         let half = Tensor::randn([16, 8], (Kind::Float, Device::Cpu)).to_kind(Kind::Half);

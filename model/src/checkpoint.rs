@@ -50,7 +50,7 @@ fn shards(dir: &Path) -> Result<Shards> {
             ),
         ));
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+    let text = files::read_regular_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
     let parsed: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| ModelError::Json { path: index.clone(), message: e.to_string() })?;
     let map = parsed
@@ -98,15 +98,14 @@ struct HeaderEntry {
     data_offsets: (usize, usize),
 }
 
-/// A weight file, opened for reading once it is known to be a regular file (opening a FIFO would
-/// wait for a writer).
+/// A weight file, opened for reading if it is a regular file.
 fn open_weights(path: &Path) -> Result<File> {
-    let metadata = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
-    if !metadata.is_file() {
-        let message = "not a regular file".to_string();
-        return Err(ModelError::Safetensors { path: path.to_path_buf(), message });
-    }
-    File::open(path).map_err(|e| ModelError::io(path, e))
+    files::open_regular(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => {
+            ModelError::Safetensors { path: path.to_path_buf(), message: e.to_string() }
+        }
+        _ => ModelError::io(path, e),
+    })
 }
 
 /// Reads a safetensors header: the entries by name, and where the data section starts. The
@@ -135,6 +134,9 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
                 serde_json::from_value(value).map_err(|e| invalid(format!("header entry `{name}`: {e}")))?;
             let tensor_error =
                 |message: String| ModelError::Tensor { path: path.to_path_buf(), tensor: name.clone(), message };
+            if entry.dtype.bitsize() % 8 != 0 {
+                return Err(tensor_error(format!("dtype {:?} is not a weight type", entry.dtype)));
+            }
             let (begin, end) = entry.data_offsets;
             // Checked: a hostile header's shape must not wrap around to the byte count it gives.
             let expected = entry
@@ -194,25 +196,10 @@ pub fn for_each_tensor(
     mapped: impl Fn(&str) -> bool,
     mut visit: impl FnMut(&str, Tensor, &Path) -> Result<()>,
 ) -> Result<()> {
-    let shards = shards(dir)?;
-    let mut seen: HashMap<String, PathBuf> = HashMap::new();
-    for path in &shards.files {
-        let file = open_weights(path)?;
-        let (entries, data_start) = read_header(&file, path)?;
+    for Header { path, file, entries, data_start } in headers(dir)? {
         for (name, entry) in entries {
             let tensor_error =
                 |message: String| ModelError::Tensor { path: path.clone(), tensor: name.clone(), message };
-            if let Some(first) = seen.insert(name.clone(), path.clone()) {
-                return Err(tensor_error(format!("is also in {}: which one is meant?", first.display())));
-            }
-            if let Some((index, placement)) = &shards.placement {
-                if placement.get(&name) != Some(path) {
-                    let placed = placement
-                        .get(&name)
-                        .map_or("does not list it".into(), |p| format!("places it in {}", p.display()));
-                    return Err(tensor_error(format!("is in this shard, but {} {placed}", index.display())));
-                }
-            }
             let kind = kind_of(entry.dtype).ok_or_else(|| {
                 tensor_error(format!(
                     "dtype {:?} is not a weight type (F32, F16, BF16, F64, or I8/U8 quantized values)",
@@ -224,23 +211,59 @@ pub fn for_each_tensor(
             let offset = data_start + begin as u64;
             let read = if mapped(&name) { kernels::read::mapped_tensor_at } else { kernels::read::tensor_at };
             let tensor = read(&file, offset, &shape, kind).map_err(|e| tensor_error(e.to_string()))?;
-            visit(&name, tensor, path)?;
+            visit(&name, tensor, &path)?;
         }
     }
     Ok(())
 }
 
-/// Each tensor's stored shape and file, from the headers alone (checked as [`for_each_tensor`]
-/// checks them): what a model's sizes can be compared with before anything is allocated.
+/// Each tensor's stored shape and file, from the headers alone: what a model's sizes can be
+/// compared with before anything is allocated.
 pub fn shapes(dir: &Path) -> Result<BTreeMap<String, (Vec<usize>, PathBuf)>> {
     let mut shapes = BTreeMap::new();
-    for path in shards(dir)?.files {
-        let file = open_weights(&path)?;
-        for (name, entry) in read_header(&file, &path)?.0 {
-            shapes.insert(name, (entry.shape, path.clone()));
+    for header in headers(dir)? {
+        for (name, entry) in header.entries {
+            shapes.insert(name, (entry.shape, header.path.clone()));
         }
     }
     Ok(shapes)
+}
+
+/// One weight file, open, with its checked header.
+struct Header {
+    path: PathBuf,
+    file: File,
+    entries: BTreeMap<String, HeaderEntry>,
+    data_start: u64,
+}
+
+/// The headers of a directory's weight files, each checked, and their names across files: no
+/// tensor in two files, each in the shard the index names.
+fn headers(dir: &Path) -> Result<Vec<Header>> {
+    let shards = shards(dir)?;
+    let mut seen: HashMap<String, PathBuf> = HashMap::new();
+    let mut headers = Vec::with_capacity(shards.files.len());
+    for path in shards.files {
+        let file = open_weights(&path)?;
+        let (entries, data_start) = read_header(&file, &path)?;
+        for name in entries.keys() {
+            let tensor_error =
+                |message: String| ModelError::Tensor { path: path.clone(), tensor: name.clone(), message };
+            if let Some(first) = seen.insert(name.clone(), path.clone()) {
+                return Err(tensor_error(format!("is also in {}: which one is meant?", first.display())));
+            }
+            if let Some((index, placement)) = &shards.placement {
+                if placement.get(name) != Some(&path) {
+                    let placed = placement
+                        .get(name)
+                        .map_or("does not list it".into(), |p| format!("places it in {}", p.display()));
+                    return Err(tensor_error(format!("is in this shard, but {} {placed}", index.display())));
+                }
+            }
+        }
+        headers.push(Header { path, file, entries, data_start });
+    }
+    Ok(headers)
 }
 
 /// A tensor copied to host memory for writing.

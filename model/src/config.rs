@@ -146,7 +146,7 @@ const ALIASES: &[(&str, &str)] = &[
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let text = crate::files::read_regular_to_string(path).map_err(|e| ModelError::io(path, e))?;
         Self::from_json(&text, path)
     }
 
@@ -217,6 +217,12 @@ impl ModelConfig {
             if value <= 0 {
                 return Err((field, format!("must be positive, got {value}")));
             }
+        }
+        if self.n_inner.is_none() && self.n_embd.checked_mul(4).is_none() {
+            return Err((
+                "n_embd",
+                format!("{} is too large: 4 n_embd (n_inner when it is null) overflows", self.n_embd),
+            ));
         }
         if self.n_embd % self.n_head != 0 {
             return Err(("n_head", format!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head)));

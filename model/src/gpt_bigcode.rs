@@ -798,8 +798,8 @@ impl GptBigCode {
             }
             if self.head_quantized.is_none() {
                 let head = self.lm_head.as_ref().unwrap_or(&self.wte);
-                let quantized =
-                    QuantizedWeight::quantize(head, format).map_err(|e| refused("lm_head.weight".into(), e))?;
+                let name = if self.lm_head.is_some() { "lm_head.weight" } else { "transformer.wte.weight" };
+                let quantized = QuantizedWeight::quantize(head, format).map_err(|e| refused(name.into(), e))?;
                 self.head_quantized = Some(quantized);
                 if let Some(lm_head) = &self.lm_head {
                     lm_head.shallow_clone().set_data(&empty_weight());

@@ -171,7 +171,7 @@ impl GptBigCode {
                     tensor: name.to_string(),
                     message,
                 };
-                if !quantized && !tensor.is_floating_point() {
+                if !quantized && !tensor.is_floating_point() && !is_ignored_buffer(name) {
                     let message = format!(
                         "is stored as {:?}, where a checkpoint holds floating-point weights (a directory from \
                          `wizard quantize` says so in config.json's quantization_config)",

@@ -228,34 +228,33 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
     eos_id: u32,
+    /// The `vocab_size` of the model beside it (its config.json), where there is one: ids from it
+    /// on have no embedding, and text that encodes to them is refused.
+    model_vocab: Option<u64>,
 }
 
 impl Tokenizer {
     /// Loads `dir/tokenizer.json`, which must define [`EOS_TOKEN`].
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
-        let text = fs::read_to_string(&path).map_err(|e| tokenizer_error(&path, format!("cannot read it: {e}")))?;
+        let text = crate::files::read_regular_to_string(&path)
+            .map_err(|e| tokenizer_error(&path, format!("cannot read it: {e}")))?;
         let inner: tokenizers::Tokenizer =
             text.parse().map_err(|e| tokenizer_error(&path, format!("not a valid tokenizer.json: {e}")))?;
         let eos_id =
             inner.token_to_id(EOS_TOKEN).ok_or_else(|| tokenizer_error(&path, format!("has no {EOS_TOKEN} token")))?;
-        let tokenizer = Tokenizer { inner, path, eos_id };
+        let model_vocab = model_vocab_size(&dir.join("config.json"));
+        let tokenizer = Tokenizer { inner, path, eos_id, model_vocab };
         tokenizer.check_fits_model(&dir.join("config.json"))?;
         Ok(tokenizer)
     }
 
-    /// Every id must have a row in the embedding of the model beside it (where `config` names its
-    /// `vocab_size`): a model cannot read the others. A config that cannot be read is left to the
-    /// model's loading to report.
+    /// The vocabulary proper (added tokens aside) must have a row in the embedding of the model
+    /// beside it: the model could not read most text otherwise. Added tokens past it (a pad token
+    /// added without resizing the embedding) are refused only where a text holds them.
     fn check_fits_model(&self, config: &Path) -> Result<()> {
-        let Some(vocab_size) = fs::read_to_string(config)
-            .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .and_then(|config| config.get("vocab_size")?.as_u64())
-        else {
-            return Ok(());
-        };
-        let largest = self.inner.get_vocab(true).into_values().max().unwrap_or(0);
+        let Some(vocab_size) = self.model_vocab else { return Ok(()) };
+        let largest = self.inner.get_vocab(false).into_values().max().unwrap_or(0);
         if u64::from(largest) >= vocab_size {
             let message = format!(
                 "holds token id {largest}, but {}'s vocab_size is {vocab_size}: the model has no embedding for ids from {vocab_size} on",
@@ -270,7 +269,17 @@ impl Tokenizer {
     /// recognised and encoded as their single ids, as Hugging Face tokenizers do.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.inner.encode_fast(text, false).map_err(|e| tokenizer_error(&self.path, e.to_string()))?;
-        Ok(encoding.get_ids().to_vec())
+        let ids = encoding.get_ids();
+        if let Some(limit) = self.model_vocab {
+            if let Some(&id) = ids.iter().find(|&&id| u64::from(id) >= limit) {
+                let token = self.inner.id_to_token(id).unwrap_or_default();
+                let message = format!(
+                    "the text holds `{token}` (id {id}), which the model (vocab_size {limit}) has no embedding for"
+                );
+                return Err(ModelError::Invalid(message));
+            }
+        }
+        Ok(ids.to_vec())
     }
 
     /// The text of `ids`. Special tokens are written out unless `skip_special` is set. An id outside the
@@ -304,6 +313,12 @@ impl Tokenizer {
 
 fn special_token(content: &str) -> AddedToken {
     AddedToken::from(content, true)
+}
+
+/// `vocab_size` of the config.json at `path`, where it can be read (else the model's loading says why).
+fn model_vocab_size(path: &Path) -> Option<u64> {
+    let text = crate::files::read_regular_to_string(path).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?.get("vocab_size")?.as_u64()
 }
 
 fn tokenizer_error(path: &Path, message: impl Into<String>) -> ModelError {
@@ -572,10 +587,13 @@ fn main() {
         check_load_error(Some(no_eos), "has no <|endoftext|> token");
     }
 
-    /// A tokenizer beside a model must not hand it ids its embedding lacks.
+    /// A tokenizer beside a model must not hand it ids its embedding lacks: a vocabulary past the
+    /// model's is refused at load, an added token past it where a text holds it.
     #[test]
     fn a_tokenizer_with_ids_beyond_the_models_vocabulary_is_refused() {
-        let tokenizer = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        let tokenizer = r#"{"version": "1.0", "truncation": null, "padding": null, "normalizer": null,
+            "added_tokens": [{"id": 3, "content": "[PAD]", "single_word": false, "lstrip": false, "rstrip": false,
+                              "normalized": false, "special": true}],
             "pre_tokenizer": null, "post_processor": null, "decoder": null,
             "model": {"type": "BPE", "vocab": {"<|endoftext|>": 0, "a": 1, "b": 2}, "merges": []}}"#;
         let dir = tempfile::tempdir().unwrap();
@@ -592,5 +610,12 @@ fn main() {
                 Ok(_) => assert!(!refused, "{config}: loaded"),
             }
         }
+        fs::write(dir.path().join("config.json"), r#"{"vocab_size": 3}"#).unwrap();
+        let tokenizer = Tokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(tokenizer.encode("ab").unwrap(), [1, 2]);
+        let message = tokenizer.encode("a[PAD]").unwrap_err().to_string();
+        assert!(message.contains("`[PAD]` (id 3)") && message.contains("vocab_size 3"), "{message}");
+        fs::write(dir.path().join("config.json"), r#"{"vocab_size": 4}"#).unwrap();
+        assert_eq!(Tokenizer::from_dir(dir.path()).unwrap().encode("a[PAD]").unwrap(), [1, 3]);
     }
 }

@@ -365,7 +365,7 @@ fn damaged_directories_are_refused(format: Format) {
         (&dense_values, "transformer.h.1.mlp.c_fc.weight", "stored as Float"),
         (&nan_scale, "transformer.h.1.mlp.c_fc.weight", "NaN"),
         (&few_rows, "transformer.h.0.attn.c_proj.weight", "config.json implies 64 rows"),
-        (&wide_scales, "transformer.h.1.mlp.c_fc.weight", "span at most 2^28"),
+        (&wide_scales, "transformer.h.1.mlp.c_fc.weight", "hold (about 2^28); quantize the model again"),
     ];
     for (edit, tensor, complaint) in cases {
         let damaged = rewrite(edit);
