@@ -243,26 +243,22 @@ impl Tokenizer {
             text.parse().map_err(|e| tokenizer_error(&path, format!("not a valid tokenizer.json: {e}")))?;
         let eos_id =
             inner.token_to_id(EOS_TOKEN).ok_or_else(|| tokenizer_error(&path, format!("has no {EOS_TOKEN} token")))?;
-        let model_vocab = model_vocab_size(&dir.join("config.json"));
-        let tokenizer = Tokenizer { inner, path, eos_id, model_vocab };
-        tokenizer.check_fits_model(&dir.join("config.json"))?;
-        Ok(tokenizer)
-    }
-
-    /// The vocabulary proper (added tokens aside) must have a row in the embedding of the model
-    /// beside it: the model could not read most text otherwise. Added tokens past it (a pad token
-    /// added without resizing the embedding) are refused only where a text holds them.
-    fn check_fits_model(&self, config: &Path) -> Result<()> {
-        let Some(vocab_size) = self.model_vocab else { return Ok(()) };
-        let largest = self.inner.get_vocab(false).into_values().max().unwrap_or(0);
-        if u64::from(largest) >= vocab_size {
-            let message = format!(
-                "holds token id {largest}, but {}'s vocab_size is {vocab_size}: the model has no embedding for ids from {vocab_size} on",
-                config.display()
-            );
-            return Err(tokenizer_error(&self.path, message));
+        // The vocabulary proper (added tokens aside) must have rows in the embedding of the model
+        // beside it; added tokens past it (a pad token added without resizing the embedding) are
+        // refused only where a text holds them.
+        let config = dir.join("config.json");
+        let model_vocab = model_vocab_size(&config);
+        if let Some(vocab_size) = model_vocab {
+            let largest = inner.get_vocab(false).into_values().max().unwrap_or(0);
+            if u64::from(largest) >= vocab_size {
+                let message = format!(
+                    "holds token id {largest}, but {}'s vocab_size is {vocab_size}: the model has no embedding for ids from {vocab_size} on",
+                    config.display()
+                );
+                return Err(tokenizer_error(&path, message));
+            }
         }
-        Ok(())
+        Ok(Tokenizer { inner, path, eos_id, model_vocab })
     }
 
     /// The token ids of `text`, without any added BOS/EOS. Special tokens written in the text are
