@@ -27,7 +27,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::generate::{Finish, StopCriterion};
 use crate::gpt_bigcode::GptBigCode;
 use crate::kv_cache::KvCache;
-use crate::sampling::Sampling;
+use crate::sampling::{check_finite, Sampling, TARGET};
 use crate::speculative::{self, Drafter, Session, SpeculativeConfig};
 use crate::{ModelError, Result};
 
@@ -520,10 +520,10 @@ impl Batcher<'_> {
             let before = sequence.tokens.len();
             let advanced = catch_unwind(AssertUnwindSafe(|| advance(&mut sequence)));
             self.counters.generated_tokens.fetch_add(sequence.tokens.len() - before, Ordering::Relaxed);
-            match advanced {
+            match flatten_panic(advanced) {
                 Ok(None) => keep.push(sequence),
                 Ok(Some(finish)) => self.retire(&sequence, finish),
-                Err(panic) => self.fail(&sequence, panic_message(&panic)),
+                Err(message) => self.fail(&sequence, message),
             }
         }
         if keep.is_empty() {
@@ -668,14 +668,15 @@ impl StopCriterion for Streamed<'_> {
 }
 
 /// Picks the sequence's next token from its logits and reports it; `Some` when the sample ends.
-fn advance(sequence: &mut Sequence) -> Option<Finish> {
+fn advance(sequence: &mut Sequence) -> Result<Option<Finish>> {
     let mut shared = sequence.shared.borrow_mut();
     if shared.cancelled() {
-        return Some(Finish::Stop);
+        return Ok(Some(Finish::Stop));
     }
     if sequence.tokens.len() >= shared.max_new_tokens {
-        return Some(Finish::Length);
+        return Ok(Some(Finish::Length));
     }
+    check_finite(&sequence.logits, TARGET)?;
     let request = &shared.request;
     let token = if request.sampling.is_greedy() {
         crate::sampling::argmax(&sequence.logits)
@@ -683,19 +684,19 @@ fn advance(sequence: &mut Sequence) -> Option<Finish> {
         request.sampling.pick(&sequence.logits, &mut sequence.rng)
     } as i64;
     if request.stop_tokens.contains(&token) {
-        return Some(Finish::Eos);
+        return Ok(Some(Finish::Eos));
     }
     let logprob = request.logprobs.map(|top| logprob_of(&sequence.logits, token, top));
     sequence.tokens.push(token);
     let _ = shared.events.send(Event::Token { sample: sequence.sample, token, logprob });
     let sample = sequence.sample;
     if shared.request.stop.as_mut().is_some_and(|stop| stop.should_stop(sample, &sequence.tokens)) {
-        return Some(Finish::Stop);
+        return Ok(Some(Finish::Stop));
     }
     if sequence.tokens.len() >= shared.max_new_tokens {
-        return Some(Finish::Length);
+        return Ok(Some(Finish::Length));
     }
-    None
+    Ok(None)
 }
 
 /// `token`'s log-softmax in `logits`, and the `top` most likely tokens' (ties to the lower id).

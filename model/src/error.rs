@@ -62,6 +62,13 @@ pub enum ModelError {
     /// A request the model cannot serve, e.g. a prompt longer than the context.
     #[error("{0}")]
     Invalid(String),
+    /// A model's logits hold NaN or +infinity: its activations overflowed, so every token picked
+    /// from them would be garbage.
+    #[error(
+        "the {0}'s logits are NaN or infinite: its activations overflow float32 (weights far too large \
+         for their layer; is the checkpoint damaged?)"
+    )]
+    NotFinite(&'static str),
     /// libtorch raised an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

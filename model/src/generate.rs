@@ -3,10 +3,11 @@
 //! are checked inside the decode loop. Several samples of one prompt share its prefill.
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::gpt_bigcode::GptBigCode;
 pub use crate::sampling::Sampling;
+use crate::sampling::{greedy_tokens, host_logits, TARGET};
 use crate::{ModelError, Result};
 
 /// What to generate.
@@ -119,10 +120,9 @@ pub fn generate(
 /// The next token of every sample, from logits `[samples, vocab]`.
 fn pick(logits: &Tensor, sampling: &Sampling, rngs: &mut [StdRng]) -> Result<Vec<i64>> {
     if sampling.is_greedy() {
-        return Ok(Vec::<i64>::try_from(logits.argmax(-1, false).to_device(tch::Device::Cpu))?);
+        return greedy_tokens(logits, TARGET);
     }
-    let rows = logits.to_kind(Kind::Float).to_device(tch::Device::Cpu);
-    let (_, vocab) = rows.size2()?;
-    let flat = Vec::<f32>::try_from(rows.reshape([-1]))?;
+    let (_, vocab) = logits.size2()?;
+    let flat = host_logits(logits, TARGET)?;
     Ok(flat.chunks(vocab as usize).zip(rngs).map(|(row, rng)| sampling.pick(row, rng) as i64).collect())
 }

@@ -3,6 +3,7 @@
 //! means the same thing, and is refused the same way, on every path.
 use rand::rngs::StdRng;
 use rand::Rng;
+use tch::{Device, Kind, Tensor};
 
 use crate::{ModelError, Result};
 
@@ -139,6 +140,36 @@ fn nucleus(mut weighted: Vec<(usize, f64)>, p: f64) -> Vec<(usize, f64)> {
         }
     }
     weighted
+}
+
+/// Whose logits a check names.
+pub const TARGET: &str = "model";
+/// The draft model of speculative decoding.
+pub const DRAFT: &str = "draft model";
+
+/// Refuses `logits` holding NaN or +infinity (activations that overflowed: an argmax over them is
+/// token 0, a distribution NaN). -infinity is a token that cannot be picked and passes.
+pub fn check_finite(logits: &[f32], model: &'static str) -> Result<()> {
+    let broken = logits.iter().fold(false, |broken, &l| broken | l.is_nan() | (l == f32::INFINITY));
+    if broken {
+        return Err(ModelError::NotFinite(model));
+    }
+    Ok(())
+}
+
+/// `logits` (any shape, one row per last dimension) as fp32 on the host, checked by [`check_finite`].
+pub fn host_logits(logits: &Tensor, model: &'static str) -> Result<Vec<f32>> {
+    let flat = Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).reshape([-1]))?;
+    check_finite(&flat, model)?;
+    Ok(flat)
+}
+
+/// The argmax of every row of `logits` (the last dimension), taken where they are (ties to the first,
+/// as torch's argmax), refusing a row whose maximum is NaN or +infinity.
+pub fn greedy_tokens(logits: &Tensor, model: &'static str) -> Result<Vec<i64>> {
+    let (best, tokens) = logits.max_dim(-1, false);
+    host_logits(&best, model)?;
+    Ok(Vec::<i64>::try_from(tokens.to_device(Device::Cpu).reshape([-1]))?)
 }
 
 /// The first maximum, as torch's argmax picks.

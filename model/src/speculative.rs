@@ -20,7 +20,7 @@ use crate::draft_length::{Pair, Planner};
 use crate::generate::{Finish, Generation, StopCriterion};
 use crate::gpt_bigcode::GptBigCode;
 use crate::kv_cache::KvCache;
-use crate::sampling::{draw, Sampling};
+use crate::sampling::{draw, greedy_tokens, host_logits, Sampling, DRAFT, TARGET};
 use crate::{ModelError, Result};
 
 /// The longest draft: a verification pass covers at most [`DECODE_KERNEL_MAX_POSITIONS`]
@@ -247,9 +247,9 @@ pub fn generate_in(
         let last = target.forward_next(&rest, &mut state.session.target_cache)?;
         state.stats.target_passes += 1;
         let first = if sampling.is_greedy() {
-            last.argmax(-1, false).int64_value(&[0])
+            greedy_tokens(&last, TARGET)?[0]
         } else {
-            draw(&sampling.probabilities(&row(&last)?), &mut state.rng) as i64
+            draw(&sampling.probabilities(&host_logits(&last, TARGET)?), &mut state.rng) as i64
         };
         state.stats.prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let first_finish =
@@ -384,10 +384,10 @@ impl State<'_> {
                     let token = if sampling.is_greedy() {
                         match top {
                             Some(top) => top,
-                            None => logits.argmax(-1, false).int64_value(&[0]),
+                            None => greedy_tokens(&logits, DRAFT)?[0],
                         }
                     } else {
-                        let q = sampling.probabilities(&row(&logits)?);
+                        let q = sampling.probabilities(&host_logits(&logits, DRAFT)?);
                         let token = draw(&q, &mut self.rng) as i64;
                         probs.push(q);
                         token
@@ -420,7 +420,7 @@ impl State<'_> {
         if draft.tokens.is_empty() && sampling.is_greedy() && fed_before == 1 {
             let logits = self.target.forward_next(&input, &mut self.session.target_cache)?;
             self.stats.target_passes += 1;
-            return Ok((0, logits.argmax(-1, false).int64_value(&[0]), Vec::new()));
+            return Ok((0, greedy_tokens(&logits, TARGET)?[0], Vec::new()));
         }
         let logits = self.target.forward(&input, &mut self.session.target_cache)?;
         self.stats.target_passes += 1;
@@ -439,7 +439,7 @@ impl State<'_> {
         let (accepted, next) = if sampling.is_greedy() {
             // The target's argmax at every position, taken where the logits are (as few tensor
             // calls as a plain step makes: they weigh on small models).
-            let best = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu).view([-1]))?;
+            let best = greedy_tokens(&logits, TARGET)?;
             let best = &best[fed_before - 1..];
             let accepted = draft.tokens.iter().zip(best).take_while(|(drafted, best)| drafted == best).count();
             (accepted, best[accepted])
@@ -542,18 +542,14 @@ fn top_two(logits: &Tensor) -> Result<TopTwo> {
         return Ok(TopTwo { top: 0, runner_up: 0, lead: f32::INFINITY });
     }
     let (values, ids) = logits.topk(2, 0, true, true);
-    let values = Vec::<f32>::try_from(values.to_kind(Kind::Float).to_device(Device::Cpu))?;
+    let values = host_logits(&values, DRAFT)?;
     let ids = Vec::<i64>::try_from(ids.to_device(Device::Cpu))?;
     Ok(TopTwo { top: ids[0], runner_up: ids[1], lead: values[0] - values[1] })
 }
 
-fn row(logits: &Tensor) -> Result<Vec<f32>> {
-    Ok(Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).reshape([-1]))?)
-}
-
 fn rows_to_vec(rows: &Tensor) -> Result<Vec<Vec<f32>>> {
     let (n, vocab) = rows.size2()?;
-    let flat = row(rows)?;
+    let flat = host_logits(rows, TARGET)?;
     Ok((0..n as usize).map(|i| flat[i * vocab as usize..(i + 1) * vocab as usize].to_vec()).collect())
 }
 
@@ -755,7 +751,7 @@ mod tests {
                 let logits = target
                     .forward_full(&Tensor::from_slice(seq).unsqueeze(0), crate::gpt_bigcode::Dropout::Off)
                     .unwrap();
-                sampling.probabilities(&row(&logits.get(0).get(-1)).unwrap())
+                sampling.probabilities(&host_logits(&logits.get(0).get(-1), TARGET).unwrap())
             };
             let first = probs_after(&prompt);
             let mut joint = Vec::new();

@@ -3,8 +3,10 @@ use std::io::Write;
 use std::path::Path;
 
 use model::config::ModelConfig;
+use model::engine::{Engine, EngineConfig, Request};
 use model::generate::{generate, GenerateConfig, NoStop, Sampling};
 use model::gpt_bigcode::{Dropout, GptBigCode};
+use model::speculative::{self, Drafter, SpeculativeConfig};
 use tch::{Device, Kind, Tensor};
 
 fn tiny_config() -> ModelConfig {
@@ -262,4 +264,48 @@ fn prompt_longer_than_the_context_is_an_error() {
     // Generation stops at the context instead of overflowing the cache.
     let out = generate(&model, &[1; 10], &GenerateConfig { max_new_tokens: 50, ..config }, &mut NoStop).unwrap();
     assert_eq!(out[0].tokens.len(), 6, "10 prompt tokens + 6 new fill the 16 positions");
+}
+
+/// Weights that make the activations overflow (finite, but far past what float32 sums hold): every
+/// inference path refuses the NaN logits instead of answering token 0 (end of text) as if all were
+/// well.
+#[test]
+fn overflowing_weights_are_an_error_on_every_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = GptBigCode::new(tiny_config(), Device::Cpu).unwrap();
+    good.save(dir.path(), Kind::Float).unwrap();
+    for name in ["transformer.ln_f.weight", "transformer.ln_f.bias"] {
+        replace_tensor(dir.path(), name, |t| t.ones_like() * 3e38);
+    }
+    let broken = GptBigCode::load(dir.path(), Kind::Float, Device::Cpu).unwrap();
+    let prompt = [5, 6, 7, 5, 6];
+    let sampled = Sampling { temperature: 0.8, seed: 3, ..Sampling::greedy() };
+    let check = |outcome: Result<(), String>, whose: &str| {
+        let error = outcome.err().expect("generation succeeded on NaN logits");
+        assert!(error.contains(&format!("the {whose}'s logits are NaN or infinite")), "{error}");
+    };
+    for sampling in [Sampling::greedy(), sampled] {
+        let plain =
+            GenerateConfig { max_new_tokens: 4, num_samples: 2, sampling: sampling.clone(), eos_token_id: None };
+        check(generate(&broken, &prompt, &plain, &mut NoStop).map(drop).map_err(|e| e.to_string()), "model");
+        let speculative = |target: &GptBigCode, drafter: &Drafter| {
+            let config = SpeculativeConfig {
+                max_new_tokens: 4,
+                sampling: sampling.clone(),
+                gamma: 2,
+                max_gamma: 2,
+                adaptive: false,
+                ..Default::default()
+            };
+            speculative::generate(target, drafter, &prompt, &config, &mut NoStop).map(drop).map_err(|e| e.to_string())
+        };
+        check(speculative(&broken, &Drafter::PromptLookup { max_ngram: 2 }), "model");
+        check(speculative(&good, &Drafter::Model(&broken)), "draft model");
+        check(speculative(&broken, &Drafter::Model(&good)), "model");
+    }
+    let path = dir.path().to_path_buf();
+    let engine =
+        Engine::start(EngineConfig::default(), move || GptBigCode::load(&path, Kind::Float, Device::Cpu)).unwrap();
+    let request = |prompt: Vec<i64>| Request { n: 2, ..Request::new(prompt, 4) };
+    check(engine.generate(request(prompt.to_vec())).map(drop).map_err(|e| e.to_string()), "model");
 }
