@@ -27,9 +27,10 @@ pub fn tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> io::Res
 /// [`tensor_at`], with the file's pages mapped as the tensor's memory instead of copied into new
 /// memory (which in a VM costs more than the read), copy-on-write: writes to the tensor stay in this
 /// process. The mapping ends when the tensor is freed. A mapping follows its file, so a file changed
-/// or truncated while the tensor lives changes it or faults: for tensors used up while a model loads,
-/// not for weights kept. Bytes not aligned to `kind`, or a file that cannot be mapped, are read
-/// instead (which says why bytes beyond the file's end cannot be had).
+/// while the tensor lives changes it, and bytes a truncation takes read as zeros (the caller compares
+/// the file's length once the tensor is used up): for tensors used up while a model loads, not for
+/// weights kept. Bytes not aligned to `kind`, or a file that cannot be mapped, are read instead
+/// (which says why bytes beyond the file's end cannot be had).
 pub fn mapped_tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> io::Result<Tensor> {
     let read = || tensor_at(file, offset, shape, kind);
     let Ok(start) = i64::try_from(offset) else { return read() };
@@ -88,6 +89,23 @@ mod tests {
             let _ = tensor.fill_(-1.0);
         }
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "a write reached the file");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A file truncated under a mapped tensor does not end the process (SIGBUS): the lost bytes read
+    /// as zeros, what is left as it was.
+    #[test]
+    fn a_truncated_file_reads_as_zeros() {
+        let path = std::env::temp_dir().join(format!("wizard-truncated-{}", std::process::id()));
+        let mut file = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let values: Vec<f32> = (0..8192).map(|i| i as f32 + 1.0).collect();
+        file.write_all(&values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        let tensor = mapped_tensor_at(&file, 4, &[8000], Kind::Float).unwrap();
+        file.set_len(4096 * 3).unwrap();
+        let kept = Vec::<f32>::try_from(&tensor).unwrap();
+        assert_eq!(kept[..3071], values[1..3072], "the bytes the file still holds");
+        assert!(kept[3071..].iter().all(|&v| v == 0.0), "the bytes it lost");
+        drop(tensor);
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -190,7 +190,7 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
 /// the CPU, in name order, reading one tensor at a time: peak memory is the destination plus about
 /// twice the largest tensor, never a whole file. A tensor whose name `mapped` takes is the file's
 /// pages, mapped (no copy into new memory), for tensors that are used up while a model loads (a
-/// mapping follows its file: weights kept must be copied out).
+/// mapping follows its file: weights kept must be copied out, and [`check_still_whole`] run after).
 pub fn for_each_tensor(
     dir: &Path,
     mapped: impl Fn(&str) -> bool,
@@ -215,6 +215,15 @@ pub fn for_each_tensor(
         }
     }
     Ok(())
+}
+
+/// Refuses a directory whose weight files no longer hold what their headers say. Bytes a file loses
+/// while they are mapped read as zeros ([`kernels::read::mapped_tensor_at`]), so a load that mapped
+/// tensors checks its files again once it has used them up.
+pub fn check_still_whole(dir: &Path) -> Result<()> {
+    headers(dir)
+        .map(drop)
+        .map_err(|error| ModelError::Invalid(format!("the weights changed while they were read: {error}")))
 }
 
 /// Each tensor's stored shape and file, from the headers alone: what a model's sizes can be

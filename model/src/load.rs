@@ -297,6 +297,9 @@ impl GptBigCode {
                 QuantizedWeight::from_parts(values, scales, in_features, format).map_err(|e| error(e.to_string()))?;
             model.set_quantized_layer(&name, weight);
         }
+        if mapped {
+            checkpoint::check_still_whole(dir)?;
+        }
         Ok(model)
     }
 
@@ -373,6 +376,7 @@ impl GptBigCode {
                 if blocks_mapped {
                     // What is still mapped from the file (shapes not packed) becomes the model's own.
                     model.own_dense_weights();
+                    checkpoint::check_still_whole(dir)?;
                 }
                 Ok(packed)
             })?;

@@ -2,6 +2,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use model::checkpoint;
 use model::config::ModelConfig;
 use model::engine::{Engine, EngineConfig, Request};
 use model::generate::{generate, GenerateConfig, NoStop, Sampling};
@@ -308,4 +309,33 @@ fn overflowing_weights_are_an_error_on_every_path() {
         Engine::start(EngineConfig::default(), move || GptBigCode::load(&path, Kind::Float, Device::Cpu)).unwrap();
     let request = |prompt: Vec<i64>| Request { n: 2, ..Request::new(prompt, 4) };
     check(engine.generate(request(prompt.to_vec())).map(drop).map_err(|e| e.to_string()), "model");
+}
+
+/// A weight file truncated by another process while its tensors are mapped: the bytes it lost read
+/// as zeros instead of ending the process (SIGBUS), and the directory, checked again once its
+/// tensors are used up (as every load does), is refused.
+#[test]
+fn a_file_truncated_while_mapped_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    GptBigCode::new(tiny_config(), Device::Cpu).unwrap().save(dir.path(), Kind::Float).unwrap();
+    let file = dir.path().join("model.safetensors");
+    let tensors = checkpoint::shapes(dir.path()).unwrap().len();
+    let mut kept = Vec::new();
+    checkpoint::for_each_tensor(
+        dir.path(),
+        |_| true,
+        |_, tensor, _| {
+            kept.push(tensor);
+            if kept.len() == tensors {
+                let half = std::fs::metadata(&file).unwrap().len() / 2;
+                std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(half).unwrap();
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    let read: f64 = kept.iter().map(|t| t.abs().sum(Kind::Double).double_value(&[])).sum();
+    assert!(read.is_finite() && read > 0.0, "{read}");
+    let error = checkpoint::check_still_whole(dir.path()).unwrap_err().to_string();
+    assert!(error.contains("changed while they were read") && error.contains("model.safetensors"), "{error}");
 }
