@@ -225,30 +225,21 @@ impl Overrun {
 const PROBE_AFTER: usize = 8;
 const PROBE_GAMMA: usize = 2;
 const PROBE_WAIT_MAX: usize = 1024;
-/// The most of the plain rounds' time that probes may cost.
-const PROBE_SHARE: f64 = 0.01;
 
 /// Probes while the estimates say not to draft: a few rejections early on (or one slow round) would
 /// otherwise stop the drafting for good, as estimates only move when something is drafted. A probe
 /// drafts [`PROBE_GAMMA`] tokens after [`PROBE_AFTER`] plain rounds, then after twice as many each
 /// time (up to [`PROBE_WAIT_MAX`]), so a pair that never pays loses a probe round per doubling of
-/// its output; a chosen draft resets the wait. A probe also waits until the plain rounds since the
-/// last one took [`PROBE_SHARE`]'s inverse times what that one cost beyond them: its draft model
-/// first catches up on every token since it last drafted, a prefill that on the trained quickstart
-/// pair cost 1-5 ms (25 plain steps) and on a 1B target's int8 copy could cost seconds.
+/// its output; a chosen draft resets the wait.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Probe {
     plain_rounds: usize,
     wait: usize,
-    /// Seconds of plain rounds since the last probe.
-    plain_seconds: f64,
-    /// What the last probe cost beyond the plain rounds it stood for.
-    cost: f64,
 }
 
 impl Default for Probe {
     fn default() -> Probe {
-        Probe { plain_rounds: 0, wait: PROBE_AFTER, plain_seconds: 0.0, cost: 0.0 }
+        Probe { plain_rounds: 0, wait: PROBE_AFTER }
     }
 }
 
@@ -256,26 +247,16 @@ impl Probe {
     /// The draft length for this round given the cost model's `chosen` one.
     pub fn gamma(&mut self, chosen: usize) -> usize {
         if chosen > 0 {
-            *self = Probe { cost: self.cost, ..Probe::default() };
+            *self = Probe::default();
             return chosen;
         }
         self.plain_rounds += 1;
-        if self.plain_rounds < self.wait || self.plain_seconds * PROBE_SHARE < self.cost {
+        if self.plain_rounds < self.wait {
             return 0;
         }
-        (self.plain_rounds, self.plain_seconds) = (0, 0.0);
+        self.plain_rounds = 0;
         self.wait = (self.wait * 2).min(PROBE_WAIT_MAX);
         PROBE_GAMMA
-    }
-
-    /// Counts a round that took `seconds`: a plain one, or a probe that made `tokens` tokens where
-    /// a plain round makes one in `plain_round` seconds.
-    pub fn observe(&mut self, probed: bool, seconds: f64, tokens: usize, plain_round: f64) {
-        if probed {
-            self.cost = (seconds - tokens as f64 * plain_round).max(0.0);
-        } else {
-            self.plain_seconds += seconds;
-        }
     }
 }
 
@@ -345,9 +326,8 @@ pub struct Planner {
     overrun: Overrun,
     probe: Probe,
     max_gamma: usize,
-    /// The draft length of the round under way, and whether it is a probe.
+    /// The draft length of the round under way.
     planned: usize,
-    probing: bool,
     /// Whether any draft could pay, were every token accepted: probes are wasted otherwise.
     could_pay: bool,
 }
@@ -395,7 +375,6 @@ impl Planner {
                 probe: Probe::default(),
                 max_gamma,
                 planned: 0,
-                probing: false,
                 could_pay,
             },
         }
@@ -415,7 +394,6 @@ impl Planner {
     pub fn gamma(&mut self) -> usize {
         let chosen = self.costs.best_gamma(self.acceptance.estimate(), &self.overrun, self.max_gamma);
         self.planned = if self.could_pay { self.probe.gamma(chosen) } else { chosen };
-        self.probing = chosen == 0 && self.planned > 0;
         self.planned
     }
 
@@ -444,10 +422,6 @@ impl Planner {
     pub fn observe(&mut self, drafted: usize, accepted: usize, seconds: f64) {
         if drafted > 0 {
             self.acceptance.observe(accepted, drafted);
-        }
-        if self.probing || drafted == 0 {
-            let plain_round = self.costs.target_pass(1) * self.overrun.plain;
-            self.probe.observe(self.probing, seconds, accepted + 1, plain_round);
         }
         self.overrun.observe(drafted > 0, self.costs.round_seconds(drafted), seconds);
     }
@@ -534,28 +508,6 @@ mod tests {
         assert_eq!(probe.gamma(5), 5);
         let probes: Vec<usize> = (1..=10).filter(|_| probe.gamma(0) > 0).collect();
         assert_eq!(probes, [8], "a chosen draft resets the wait");
-    }
-
-    /// (probe round seconds, tokens it made) -> plain rounds of 1 ms until the next probe.
-    #[test]
-    fn probes_cost_at_most_their_share_of_plain_time() {
-        let check = |seconds: f64, tokens: usize, expected: usize| {
-            let mut probe = Probe { wait: 1, ..Probe::default() };
-            assert_eq!(probe.gamma(0), PROBE_GAMMA);
-            probe.observe(true, seconds, tokens, 1e-3);
-            let mut next = 0;
-            while probe.gamma(0) == 0 {
-                probe.observe(false, 1e-3, 1, 1e-3);
-                next += 1;
-            }
-            assert_eq!(next, expected, "a probe of {seconds} s making {tokens} tokens");
-        };
-        // A draft catching up on 200 tokens: 5 ms for one token, 4 ms beyond a plain round.
-        check(5e-3, 1, 400);
-        check(3e-3, 2, 100);
-        // A probe as cheap as the plain rounds it stood for waits only its turn.
-        check(2e-3, 3, 1);
-        check(0.5e-3, 1, 1);
     }
 
     #[test]
