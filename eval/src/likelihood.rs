@@ -52,7 +52,11 @@ pub fn reference_likelihood<'a>(
         let predicting = logits.get(0).narrow(0, prompt.len() as i64 - 1, reference.len() as i64);
         let log_probs = predicting.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
         let targets = Tensor::from_slice(&reference).to_device(model.device()).unsqueeze(1);
-        sum.total += log_probs.gather(1, &targets, false).sum(Kind::Double).double_value(&[]);
+        let total = log_probs.gather(1, &targets, false).sum(Kind::Double).double_value(&[]);
+        if total.is_nan() {
+            return Err(model::ModelError::NotFinite(model::sampling::TARGET).into());
+        }
+        sum.total += total;
         sum.tokens += reference.len();
     }
     Ok(sum)

@@ -46,6 +46,7 @@ extern "C" {
     fn wizard_libtorch_path(buf: *mut c_char, len: usize) -> c_int;
     // csrc/mapped.cpp
     pub(crate) fn wizard_map_bytes(fd: c_int, offset: i64, length: i64, tensor: *mut TensorHandle) -> c_int;
+    pub(crate) fn wizard_mapped_file_lost(fd: c_int, lost: *mut u64) -> c_int;
     // csrc/memory.cpp
     fn wizard_huge_pages_begin();
     fn wizard_huge_pages_end();

@@ -27,10 +27,11 @@ pub fn tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> io::Res
 /// [`tensor_at`], with the file's pages mapped as the tensor's memory instead of copied into new
 /// memory (which in a VM costs more than the read), copy-on-write: writes to the tensor stay in this
 /// process. The mapping ends when the tensor is freed. A mapping follows its file, so a file changed
-/// while the tensor lives changes it, and bytes a truncation takes read as zeros (the caller compares
-/// the file's length once the tensor is used up): for tensors used up while a model loads, not for
-/// weights kept. Bytes not aligned to `kind`, or a file that cannot be mapped, are read instead
-/// (which says why bytes beyond the file's end cannot be had).
+/// while the tensor lives changes it, and pages the file loses (truncated by another process, or a
+/// storage error) read as zeros, which [`lost_mapped_pages`] counts: for tensors used up while a
+/// model loads, not for weights kept. Bytes not aligned to `kind`, a file that cannot be mapped, or
+/// a mapping past the thousands held at once are read instead (which says why bytes beyond the file's
+/// end cannot be had).
 pub fn mapped_tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> io::Result<Tensor> {
     let read = || tensor_at(file, offset, shape, kind);
     let Ok(start) = i64::try_from(offset) else { return read() };
@@ -51,6 +52,17 @@ pub fn mapped_tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> 
     // SAFETY: see above.
     let bytes = unsafe { Tensor::from_ptr(handle as *mut torch_sys::C_tensor) };
     bytes.f_view_dtype(kind).and_then(|typed| typed.f_reshape(shape)).map_err(io::Error::other)
+}
+
+/// The pages that mappings of `file` ([`mapped_tensor_at`]), live or freed, lost in this process,
+/// which then read as zeros: a count that moves while tensors mapped from the file are in use spoils
+/// what is made of them.
+pub fn lost_mapped_pages(file: &File) -> io::Result<u64> {
+    let mut lost = 0;
+    // SAFETY: the descriptor is open for the call and `lost` outlives it.
+    let status = unsafe { ffi::wizard_mapped_file_lost(file.as_raw_fd(), &mut lost) };
+    ffi::check(status, "ask about a mapped file").map_err(io::Error::other)?;
+    Ok(lost)
 }
 
 #[cfg(test)]
@@ -93,19 +105,48 @@ mod tests {
     }
 
     /// A file truncated under a mapped tensor does not end the process (SIGBUS): the lost bytes read
-    /// as zeros, what is left as it was.
+    /// as zeros, what is left as it was, and the file's count of lost pages grows, kept once the
+    /// tensor is freed and the file whole again; another file's does not.
     #[test]
-    fn a_truncated_file_reads_as_zeros() {
+    fn a_truncated_file_reads_as_zeros_and_counts_its_lost_pages() {
         let path = std::env::temp_dir().join(format!("wizard-truncated-{}", std::process::id()));
         let mut file = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         let values: Vec<f32> = (0..8192).map(|i| i as f32 + 1.0).collect();
-        file.write_all(&values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        file.write_all(&bytes).unwrap();
+        let whole = mapped_tensor_at(&file, 0, &[16], Kind::Float).unwrap();
         let tensor = mapped_tensor_at(&file, 4, &[8000], Kind::Float).unwrap();
+        assert_eq!(lost_mapped_pages(&file).unwrap(), 0);
         file.set_len(4096 * 3).unwrap();
         let kept = Vec::<f32>::try_from(&tensor).unwrap();
         assert_eq!(kept[..3071], values[1..3072], "the bytes the file still holds");
         assert!(kept[3071..].iter().all(|&v| v == 0.0), "the bytes it lost");
+        let lost = lost_mapped_pages(&file).unwrap();
+        assert!(lost > 0, "while the tensor lives");
         drop(tensor);
+        file.write_all_at(&bytes, 0).unwrap();
+        assert_eq!(lost_mapped_pages(&file).unwrap(), lost, "after, the file whole again");
+        assert_eq!(Vec::<f32>::try_from(&whole).unwrap(), values[..16]);
+        let other = File::open(std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(lost_mapped_pages(&other).unwrap(), 0);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Hundreds of tensors mapped at once (a quantized 1B directory's layers while it loads) are all
+    /// mappings, not reads: each follows a write to the file.
+    #[test]
+    fn hundreds_of_tensors_map_at_once() {
+        let path = std::env::temp_dir().join(format!("wizard-many-{}", std::process::id()));
+        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(4096 * 600).unwrap();
+        let tensors: Vec<Tensor> =
+            (0..600).map(|i| mapped_tensor_at(&file, i * 4096, &[4], Kind::Float).unwrap()).collect();
+        for i in 0..600u64 {
+            file.write_all_at(&(i as f32).to_le_bytes(), i * 4096).unwrap();
+        }
+        for (i, tensor) in tensors.iter().enumerate() {
+            assert_eq!(tensor.double_value(&[0]), i as f64, "tensor {i} was read, not mapped");
+        }
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -190,13 +190,16 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
 /// the CPU, in name order, reading one tensor at a time: peak memory is the destination plus about
 /// twice the largest tensor, never a whole file. A tensor whose name `mapped` takes is the file's
 /// pages, mapped (no copy into new memory), for tensors that are used up while a model loads (a
-/// mapping follows its file: weights kept must be copied out, and [`check_still_whole`] run after).
+/// mapping follows its file: weights kept must be copied out, and [`ReadFiles::check_whole`] asked
+/// once they are used up).
 pub fn for_each_tensor(
     dir: &Path,
     mapped: impl Fn(&str) -> bool,
     mut visit: impl FnMut(&str, Tensor, &Path) -> Result<()>,
-) -> Result<()> {
+) -> Result<ReadFiles> {
+    let mut files = Vec::new();
     for Header { path, file, entries, data_start } in headers(dir)? {
+        let lost_before = kernels::read::lost_mapped_pages(&file).map_err(|e| ModelError::io(&path, e))?;
         for (name, entry) in entries {
             let tensor_error =
                 |message: String| ModelError::Tensor { path: path.clone(), tensor: name.clone(), message };
@@ -210,20 +213,35 @@ pub fn for_each_tensor(
             let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
             let offset = data_start + begin as u64;
             let read = if mapped(&name) { kernels::read::mapped_tensor_at } else { kernels::read::tensor_at };
-            let tensor = read(&file, offset, &shape, kind).map_err(|e| tensor_error(e.to_string()))?;
+            let tensor = read(&file, offset, &shape, kind).map_err(|e| match e.kind() {
+                // The header was read whole: the file shrank since.
+                std::io::ErrorKind::UnexpectedEof => {
+                    tensor_error("the file ends before its bytes: it changed while it was read (truncated?)".into())
+                }
+                _ => tensor_error(e.to_string()),
+            })?;
             visit(&name, tensor, &path)?;
         }
+        files.push((path, file, lost_before));
     }
-    Ok(())
+    Ok(ReadFiles(files))
 }
 
-/// Refuses a directory whose weight files no longer hold what their headers say. Bytes a file loses
-/// while they are mapped read as zeros ([`kernels::read::mapped_tensor_at`]), so a load that mapped
-/// tensors checks its files again once it has used them up.
-pub fn check_still_whole(dir: &Path) -> Result<()> {
-    headers(dir)
-        .map(drop)
-        .map_err(|error| ModelError::Invalid(format!("the weights changed while they were read: {error}")))
+/// The weight files a load read, held open with the pages their mappings had lost before: asked, once
+/// the tensors mapped from them are used up, whether a mapping lost pages meanwhile (the file
+/// truncated by another process, or a storage error), whose bytes then read as zeros.
+pub struct ReadFiles(Vec<(PathBuf, File, u64)>);
+
+impl ReadFiles {
+    /// Refuses the load if any of its files lost mapped pages while it read them.
+    pub fn check_whole(&self) -> Result<()> {
+        for (path, file, lost_before) in &self.0 {
+            if kernels::read::lost_mapped_pages(file).map_err(|e| ModelError::io(path, e))? != *lost_before {
+                return Err(ModelError::ChangedWhileRead { path: path.clone() });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Each tensor's stored shape and file, from the headers alone: what a model's sizes can be

@@ -62,11 +62,20 @@ pub enum ModelError {
     /// A request the model cannot serve, e.g. a prompt longer than the context.
     #[error("{0}")]
     Invalid(String),
-    /// A model's logits hold NaN or +infinity: its activations overflowed, so every token picked
-    /// from them would be garbage.
+    /// A weight file lost pages while they were mapped (truncated by another process, or a storage
+    /// error): what was made of them read zeros.
     #[error(
-        "the {0}'s logits are NaN or infinite: its activations overflow float32 (weights far too large \
-         for their layer; is the checkpoint damaged?)"
+        "{path}: the file changed while it was read (truncated by another process, or a storage error); load it again"
+    )]
+    ChangedWhileRead {
+        /// The weight file.
+        path: PathBuf,
+    },
+    /// A model's logits hold NaN or +infinity (or nothing finite): its activations overflowed, so
+    /// every token picked from them would be garbage.
+    #[error(
+        "the {0}'s logits are NaN or infinite: its activations overflow (in float16, load it as bfloat16 \
+         or float32; else weights far too large for their layer: is the checkpoint damaged?)"
     )]
     NotFinite(&'static str),
     /// libtorch raised an error.

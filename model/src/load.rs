@@ -114,13 +114,16 @@ impl GptBigCode {
     /// Loads a Hugging Face model directory (`config.json` + safetensors) in `kind` on `device`.
     /// Tensors are read one at a time straight into the weights.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<GptBigCode> {
-        GptBigCode::load_into(dir, kind, device, Weights::Zeros, false, &mut |_, _| {})
+        let (model, read) = GptBigCode::load_into(dir, kind, device, Weights::Zeros, false, &mut |_, _| {})?;
+        read.check_whole()?;
+        Ok(model)
     }
 
     /// [`load`](Self::load) into a model whose zeros are laid out as `zeros` says; with
     /// [`Weights::ZerosQuantizedDense`] each dense layer is quantized as it is read, and `progress`
     /// hears (done, total) layers. `blocks_mapped`: the blocks' fp32 dense weights are the file's
-    /// pages, mapped, until the caller packs or copies them ([`GptBigCode::own_dense_weights`]).
+    /// pages, mapped, until the caller packs or copies them ([`GptBigCode::own_dense_weights`]); the
+    /// caller asks the files it returns whether they stayed whole once nothing is mapped.
     fn load_into(
         dir: &Path,
         kind: Kind,
@@ -128,7 +131,7 @@ impl GptBigCode {
         zeros: Weights,
         blocks_mapped: bool,
         progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<GptBigCode> {
+    ) -> Result<(GptBigCode, checkpoint::ReadFiles)> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let stored = directory_format(dir)?;
         let quantized = stored.is_some();
@@ -164,7 +167,7 @@ impl GptBigCode {
         let kept_mapped: BTreeSet<String> =
             (model.vars().variables().into_keys()).filter(|name| blocks_mapped && in_a_block(name)).collect();
         let mapped_here = |name: &str| mapped || kept_mapped.contains(name);
-        tch::no_grad(|| {
+        let read = tch::no_grad(|| {
             let visit = |name: &str, tensor: Tensor, file: &Path| {
                 let tensor_error = |message: String| ModelError::Tensor {
                     path: file.to_path_buf(),
@@ -297,10 +300,7 @@ impl GptBigCode {
                 QuantizedWeight::from_parts(values, scales, in_features, format).map_err(|e| error(e.to_string()))?;
             model.set_quantized_layer(&name, weight);
         }
-        if mapped {
-            checkpoint::check_still_whole(dir)?;
-        }
-        Ok(model)
+        Ok((model, read))
     }
 
     /// Loads `dir` in `precision` for inference: a dense dtype (bf16 on the CPU: bf16 dense weights
@@ -334,8 +334,8 @@ impl GptBigCode {
         // they are mapped from the file meanwhile rather than read into memory packing replaces.
         let blocks_mapped = precision == Precision::Dense(Kind::Float) && device == Device::Cpu;
         let mut progress = progress;
-        let mut model = kernels::memory::loading_weights(|| {
-            let mut model = GptBigCode::load_into(dir, kind, device, zeros, blocks_mapped, &mut progress)?;
+        let (mut model, read) = kernels::memory::loading_weights(|| {
+            let (mut model, read) = GptBigCode::load_into(dir, kind, device, zeros, blocks_mapped, &mut progress)?;
             if let Some(stored) = model.quantized_format().filter(|&f| precision != Precision::Quantized(f)) {
                 let name = stored.name();
                 return Err(ModelError::Invalid(format!(
@@ -352,7 +352,7 @@ impl GptBigCode {
             if narrow {
                 model.narrow_dense_weights()?;
             }
-            Ok(model)
+            Ok((model, read))
         })?;
         if device == Device::Cpu {
             note_kernel_fallback(precision);
@@ -376,7 +376,6 @@ impl GptBigCode {
                 if blocks_mapped {
                     // What is still mapped from the file (shapes not packed) becomes the model's own.
                     model.own_dense_weights();
-                    checkpoint::check_still_whole(dir)?;
                 }
                 Ok(packed)
             })?;
@@ -402,6 +401,8 @@ impl GptBigCode {
                 );
             }
         }
+        // Nothing is mapped from the files any more.
+        read.check_whole()?;
         Ok(model)
     }
 

@@ -147,29 +147,52 @@ pub const TARGET: &str = "model";
 /// The draft model of speculative decoding.
 pub const DRAFT: &str = "draft model";
 
-/// Refuses `logits` holding NaN or +infinity (activations that overflowed: an argmax over them is
-/// token 0, a distribution NaN). -infinity is a token that cannot be picked and passes.
-pub fn check_finite(logits: &[f32], model: &'static str) -> Result<()> {
-    let broken = logits.iter().fold(false, |broken, &l| broken | l.is_nan() | (l == f32::INFINITY));
-    if broken {
+/// Refuses a row of logits whose largest value is not finite: NaN anywhere or +infinity
+/// (activations that overflowed: an argmax over them is token 0, a distribution NaN), or no finite
+/// logit at all. A token at -infinity merely cannot be picked.
+pub fn check_finite(row: &[f32], model: &'static str) -> Result<()> {
+    // Bit tests, which vectorize: this runs over the vocabulary at every step.
+    let (mut overflowed, mut any_finite) = (false, false);
+    for &logit in row {
+        let bits = logit.to_bits();
+        let exponent_full = bits & 0x7f80_0000 == 0x7f80_0000;
+        overflowed |= exponent_full && bits != f32::NEG_INFINITY.to_bits();
+        any_finite |= !exponent_full;
+    }
+    if overflowed || !any_finite {
         return Err(ModelError::NotFinite(model));
     }
     Ok(())
 }
 
-/// `logits` (any shape, one row per last dimension) as fp32 on the host, checked by [`check_finite`].
+/// `logits` as fp32 on the host, flat, each row (the last dimension) checked by [`check_finite`].
 pub fn host_logits(logits: &Tensor, model: &'static str) -> Result<Vec<f32>> {
+    let vocab = logits.size().last().map_or(1, |&v| v.max(1) as usize);
     let flat = Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).reshape([-1]))?;
-    check_finite(&flat, model)?;
+    for row in flat.chunks(vocab) {
+        check_finite(row, model)?;
+    }
     Ok(flat)
 }
 
 /// The argmax of every row of `logits` (the last dimension), taken where they are (ties to the first,
-/// as torch's argmax), refusing a row whose maximum is NaN or +infinity.
+/// as torch's argmax), refusing a row whose maximum is not finite (see [`check_finite`]).
 pub fn greedy_tokens(logits: &Tensor, model: &'static str) -> Result<Vec<i64>> {
     let (best, tokens) = logits.max_dim(-1, false);
-    host_logits(&best, model)?;
-    Ok(Vec::<i64>::try_from(tokens.to_device(Device::Cpu).reshape([-1]))?)
+    let tokens = if logits.device() == Device::Cpu {
+        if Vec::<f32>::try_from(best.to_kind(Kind::Float).reshape([-1]))?.iter().any(|b| !b.is_finite()) {
+            return Err(ModelError::NotFinite(model));
+        }
+        tokens
+    } else {
+        // One copy from the device, not two: a row whose maximum is not finite comes back as -1.
+        tokens.where_scalarother(&best.isfinite(), -1)
+    };
+    let tokens = Vec::<i64>::try_from(tokens.to_device(Device::Cpu).reshape([-1]))?;
+    if tokens.contains(&-1) {
+        return Err(ModelError::NotFinite(model));
+    }
+    Ok(tokens)
 }
 
 /// The first maximum, as torch's argmax picks.
@@ -206,6 +229,36 @@ mod tests {
     use rand::SeedableRng;
 
     use super::*;
+
+    /// A row of logits -> the greedy token, or `None` where it is refused as not finite; the same
+    /// from the host check, the host argmax and the argmax taken on the tensor, one row or a batch.
+    #[test]
+    fn greedy_tokens_of_finite_rows_only() {
+        let (inf, nan) = (f32::INFINITY, f32::NAN);
+        let rows: [(&[f32], Option<i64>); 8] = [
+            (&[0.5, 2.0, -1.0], Some(1)),
+            (&[3.0, 1.0, 3.0], Some(0)),
+            (&[-inf, 1.0, -inf], Some(1)),
+            (&[-3e38, -3e38, -inf], Some(0)),
+            (&[0.0, nan, 1.0], None),
+            (&[nan, nan, nan], None),
+            (&[1.0, inf, 0.0], None),
+            (&[-inf, -inf, -inf], None),
+        ];
+        for (row, expected) in rows {
+            let tensor = Tensor::from_slice(row).view([1, 3]);
+            let greedy = greedy_tokens(&tensor, TARGET).ok().map(|t| t[0]);
+            let host = host_logits(&tensor, TARGET).ok().map(|r| argmax(&r) as i64);
+            assert_eq!((greedy, host), (expected, expected), "{row:?}");
+            let batch = Tensor::cat(&[Tensor::from_slice(&[0.0f32, 9.0, 0.0]).view([1, 3]), tensor], 0);
+            let greedy = greedy_tokens(&batch, DRAFT);
+            assert_eq!(greedy.as_ref().ok().map(|t| t[1]), expected, "{row:?} in a batch");
+            if let Err(error) = greedy {
+                assert!(error.to_string().starts_with("the draft model's logits are NaN or infinite"), "{error}");
+            }
+            assert_eq!(host_logits(&batch, TARGET).is_ok(), expected.is_some(), "{row:?} in a batch");
+        }
+    }
 
     /// Draws many times from `logits` and returns how often each token came up.
     fn check(logits: &[f32], sampling: Sampling, expected_support: &[usize]) -> Vec<usize> {

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use model::checkpoint;
 use model::config::ModelConfig;
-use model::engine::{Engine, EngineConfig, Request};
+use model::engine::{Engine, EngineConfig, Request, Speculation};
 use model::generate::{generate, GenerateConfig, NoStop, Sampling};
 use model::gpt_bigcode::{Dropout, GptBigCode};
 use model::speculative::{self, Drafter, SpeculativeConfig};
@@ -285,7 +285,7 @@ fn overflowing_weights_are_an_error_on_every_path() {
         let error = outcome.err().expect("generation succeeded on NaN logits");
         assert!(error.contains(&format!("the {whose}'s logits are NaN or infinite")), "{error}");
     };
-    for sampling in [Sampling::greedy(), sampled] {
+    for sampling in [Sampling::greedy(), sampled.clone()] {
         let plain =
             GenerateConfig { max_new_tokens: 4, num_samples: 2, sampling: sampling.clone(), eos_token_id: None };
         check(generate(&broken, &prompt, &plain, &mut NoStop).map(drop).map_err(|e| e.to_string()), "model");
@@ -307,35 +307,50 @@ fn overflowing_weights_are_an_error_on_every_path() {
     let path = dir.path().to_path_buf();
     let engine =
         Engine::start(EngineConfig::default(), move || GptBigCode::load(&path, Kind::Float, Device::Cpu)).unwrap();
-    let request = |prompt: Vec<i64>| Request { n: 2, ..Request::new(prompt, 4) };
-    check(engine.generate(request(prompt.to_vec())).map(drop).map_err(|e| e.to_string()), "model");
+    let requests = [
+        Request { n: 2, ..Request::new(prompt.to_vec(), 4) },
+        Request { n: 2, sampling: sampled.clone(), ..Request::new(prompt.to_vec(), 4) },
+        // Alone, speculating with prompt lookup.
+        Request {
+            speculation: Some(Speculation { gamma: 2, fixed: true, reuse_prefix: false }),
+            ..Request::new(prompt.to_vec(), 4)
+        },
+    ];
+    for request in requests {
+        check(engine.generate(request).map(drop).map_err(|e| e.to_string()), "model");
+    }
 }
 
 /// A weight file truncated by another process while its tensors are mapped: the bytes it lost read
-/// as zeros instead of ending the process (SIGBUS), and the directory, checked again once its
-/// tensors are used up (as every load does), is refused.
+/// as zeros instead of ending the process (SIGBUS), and the load, asking its files once the tensors
+/// are used up, is refused, even where the file was written whole again meanwhile.
 #[test]
 fn a_file_truncated_while_mapped_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     GptBigCode::new(tiny_config(), Device::Cpu).unwrap().save(dir.path(), Kind::Float).unwrap();
     let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
     let tensors = checkpoint::shapes(dir.path()).unwrap().len();
     let mut kept = Vec::new();
-    checkpoint::for_each_tensor(
+    let read = checkpoint::for_each_tensor(
         dir.path(),
         |_| true,
         |_, tensor, _| {
             kept.push(tensor);
             if kept.len() == tensors {
-                let half = std::fs::metadata(&file).unwrap().len() / 2;
-                std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(half).unwrap();
+                let writer = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+                writer.set_len(bytes.len() as u64 / 2).unwrap();
             }
             Ok(())
         },
     )
     .unwrap();
-    let read: f64 = kept.iter().map(|t| t.abs().sum(Kind::Double).double_value(&[])).sum();
-    assert!(read.is_finite() && read > 0.0, "{read}");
-    let error = checkpoint::check_still_whole(dir.path()).unwrap_err().to_string();
-    assert!(error.contains("changed while they were read") && error.contains("model.safetensors"), "{error}");
+    let sum: f64 = kept.iter().map(|t| t.abs().sum(Kind::Double).double_value(&[])).sum();
+    assert!(sum.is_finite() && sum > 0.0, "{sum}");
+    std::fs::write(&file, &bytes).unwrap();
+    let error = read.check_whole().unwrap_err().to_string();
+    assert!(error.contains("model.safetensors") && error.contains("changed while it was read"), "{error}");
+    // A later load that loses nothing passes.
+    let again = checkpoint::for_each_tensor(dir.path(), |_| true, |_, tensor, _| Ok(drop(tensor.sum(Kind::Double))));
+    again.unwrap().check_whole().unwrap();
 }
