@@ -117,5 +117,13 @@ mod tests {
         assert_eq!(cut.tokens, 31, "the context keeps one prompt token: {cut:?}");
         let none = reference_likelihood(&model, &tokenizer, [(prompt, "")]).unwrap();
         assert_eq!((none, none.per_token()), (Likelihood::default(), None));
+        // Weights whose activations overflow give NaN, refused rather than summed.
+        tch::no_grad(|| {
+            let vars = model.vars().variables();
+            let _ = vars["transformer.ln_f.weight"].shallow_clone().fill_(3e38);
+            let _ = vars["transformer.ln_f.bias"].shallow_clone().fill_(3e38);
+        });
+        let error = reference_likelihood(&model, &tokenizer, [(prompt, reference)]).unwrap_err().to_string();
+        assert!(error.contains("logits are NaN or infinite"), "{error}");
     }
 }

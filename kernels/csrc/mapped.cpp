@@ -46,29 +46,36 @@ std::map<std::pair<uint64_t, uint64_t>, uint64_t> lost_by_file;
 
 void on_bus_error(int signal_number, siginfo_t* info, void* context) {
   const auto address = reinterpret_cast<uintptr_t>(info->si_addr);
+  // A SIGBUS sent by kill() (si_code <= 0) carries no address.
+  const bool fault = info->si_code > 0;
   for (auto& slot : slots) {
+    if (!fault) break;
     const uintptr_t begin = slot.begin.load(std::memory_order_acquire);
     const uintptr_t end = slot.end.load(std::memory_order_acquire);
     // A slot released and claimed again between the two loads would pair one mapping's start with
     // another's end.
     if (begin == 0 || address < begin || address >= end || slot.begin.load(std::memory_order_acquire) != begin)
       continue;
+    // Counted first: no moment where a page reads as zeros and the count has not moved.
+    slot.lost.fetch_add(1, std::memory_order_acq_rel);
     const uintptr_t from = address & ~(page_size - 1);
     void* zeros = mmap(reinterpret_cast<void*>(from), end - from, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
     if (zeros == MAP_FAILED) break;
-    slot.lost.fetch_add(1, std::memory_order_acq_rel);
     return;  // the faulting read runs again, on zeros
   }
   // Not a mapping of ours: what would have happened without this handler.
   if (previous_handler.sa_flags & SA_SIGINFO) {
     if (previous_handler.sa_sigaction != nullptr) return previous_handler.sa_sigaction(signal_number, info, context);
-  } else if (previous_handler.sa_handler != SIG_DFL && previous_handler.sa_handler != SIG_IGN) {
+  } else if (previous_handler.sa_handler == SIG_IGN) {
+    if (!fault) return;  // a fault cannot be ignored: it would repeat forever
+  } else if (previous_handler.sa_handler != SIG_DFL) {
     return previous_handler.sa_handler(signal_number);
   }
   struct sigaction fallback = {};
   fallback.sa_handler = SIG_DFL;
-  sigaction(SIGBUS, &fallback, nullptr);  // the fault repeats and ends the process
+  sigaction(SIGBUS, &fallback, nullptr);
+  raise(SIGBUS);  // delivered as the handler returns: the process ends as it would have
 }
 
 void install_handler() {
@@ -137,7 +144,9 @@ int wizard_map_bytes(int fd, int64_t offset, int64_t length, void** tensor) {
     void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, start);
     if (base == MAP_FAILED) throw std::system_error(errno, std::generic_category(), "mmap");
     const auto begin = reinterpret_cast<uintptr_t>(base);
-    const int slot = claim_slot(begin, begin + mapped, file.st_dev, file.st_ino);
+    // To its last page's end: a read past the tensor within that page touches the mapping too.
+    const uintptr_t end = (begin + mapped + page - 1) / page * page;
+    const int slot = claim_slot(begin, end, file.st_dev, file.st_ino);
     if (slot < 0) {
       munmap(base, mapped);
       throw std::runtime_error("too many mapped tensors at once");
@@ -152,8 +161,9 @@ int wizard_map_bytes(int fd, int64_t offset, int64_t length, void** tensor) {
   });
 }
 
-// `*lost` = the pages that mappings of the open file `fd`, live or gone, lost in this process (they
-// read as zeros): a count that moved while a load used the file's tensors spoils them.
+// `*lost` = how often mappings of the open file `fd`, live or gone, lost pages in this process (each
+// time, the rest of the mapping from the faulting page reads as zeros): a count that moved while a
+// load used the file's tensors spoils them.
 int wizard_mapped_file_lost(int fd, uint64_t* lost) {
   return wizard::guarded([&] {
     struct stat file;
@@ -163,9 +173,10 @@ int wizard_mapped_file_lost(int fd, uint64_t* lost) {
     auto gone = lost_by_file.find({device, inode});
     *lost = gone == lost_by_file.end() ? 0 : gone->second;
     for (const auto& slot : slots) {
-      if (slot.begin.load(std::memory_order_acquire) != 0 && slot.device.load(std::memory_order_relaxed) == device &&
-          slot.inode.load(std::memory_order_relaxed) == inode)
-        *lost += slot.lost.load(std::memory_order_acquire);
+      if (slot.begin.load(std::memory_order_acquire) == 0) continue;
+      const uint64_t count = slot.lost.load(std::memory_order_acquire);
+      if (slot.device.load(std::memory_order_relaxed) == device && slot.inode.load(std::memory_order_relaxed) == inode)
+        *lost += count;
     }
   });
 }

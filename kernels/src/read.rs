@@ -54,9 +54,9 @@ pub fn mapped_tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> 
     bytes.f_view_dtype(kind).and_then(|typed| typed.f_reshape(shape)).map_err(io::Error::other)
 }
 
-/// The pages that mappings of `file` ([`mapped_tensor_at`]), live or freed, lost in this process,
-/// which then read as zeros: a count that moves while tensors mapped from the file are in use spoils
-/// what is made of them.
+/// How often mappings of `file` ([`mapped_tensor_at`]), live or freed, lost pages in this process
+/// (each time, the rest of the mapping from the lost page on reads as zeros): a count that moves while
+/// tensors mapped from the file are in use spoils what is made of them.
 pub fn lost_mapped_pages(file: &File) -> io::Result<u64> {
     let mut lost = 0;
     // SAFETY: the descriptor is open for the call and `lost` outlives it.

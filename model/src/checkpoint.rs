@@ -230,11 +230,12 @@ pub fn for_each_tensor(
 /// The weight files a load read, held open with the pages their mappings had lost before: asked, once
 /// the tensors mapped from them are used up, whether a mapping lost pages meanwhile (the file
 /// truncated by another process, or a storage error), whose bytes then read as zeros.
+#[must_use = "a load asks its files whether they stayed whole once it has used their mapped tensors up"]
 pub struct ReadFiles(Vec<(PathBuf, File, u64)>);
 
 impl ReadFiles {
     /// Refuses the load if any of its files lost mapped pages while it read them.
-    pub fn check_whole(&self) -> Result<()> {
+    pub fn check_whole(self) -> Result<()> {
         for (path, file, lost_before) in &self.0 {
             if kernels::read::lost_mapped_pages(file).map_err(|e| ModelError::io(path, e))? != *lost_before {
                 return Err(ModelError::ChangedWhileRead { path: path.clone() });

@@ -498,3 +498,36 @@ fn note_kernel_fallback(precision: Precision) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file truncated while the blocks' fp32 weights are still its mapped pages (before they are
+    /// packed or copied): the copies read zeros where it lost bytes, and the load is refused.
+    #[test]
+    fn a_load_whose_file_lost_mapped_pages_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ModelConfig {
+            vocab_size: 64,
+            n_positions: 32,
+            n_embd: 256,
+            n_layer: 2,
+            n_head: 4,
+            bos_token_id: Some(0),
+            eos_token_id: Some(0),
+            ..Default::default()
+        };
+        GptBigCode::new(config, Device::Cpu).unwrap().save(dir.path(), Kind::Float).unwrap();
+        let loaded = GptBigCode::load_into(dir.path(), Kind::Float, Device::Cpu, Weights::Zeros, true, &mut |_, _| {});
+        let (mut model, read) = loaded.unwrap();
+        let file = dir.path().join("model.safetensors");
+        let len = std::fs::metadata(&file).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len / 2).unwrap();
+        model.own_dense_weights();
+        match read.check_whole() {
+            Err(ModelError::ChangedWhileRead { path }) => assert_eq!(path, file),
+            other => panic!("expected the file named as changed, got {other:?}"),
+        }
+    }
+}

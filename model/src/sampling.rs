@@ -235,13 +235,15 @@ mod tests {
     #[test]
     fn greedy_tokens_of_finite_rows_only() {
         let (inf, nan) = (f32::INFINITY, f32::NAN);
-        let rows: [(&[f32], Option<i64>); 8] = [
+        let negative_nan = f32::from_bits(0xffc0_0000);
+        let rows: [(&[f32], Option<i64>); 9] = [
             (&[0.5, 2.0, -1.0], Some(1)),
             (&[3.0, 1.0, 3.0], Some(0)),
             (&[-inf, 1.0, -inf], Some(1)),
             (&[-3e38, -3e38, -inf], Some(0)),
             (&[0.0, nan, 1.0], None),
             (&[nan, nan, nan], None),
+            (&[1.0, 2.0, negative_nan], None),
             (&[1.0, inf, 0.0], None),
             (&[-inf, -inf, -inf], None),
         ];

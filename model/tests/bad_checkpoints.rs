@@ -2,11 +2,12 @@
 use std::io::Write;
 use std::path::Path;
 
+use kernels::quantized::Format;
 use model::checkpoint;
 use model::config::ModelConfig;
 use model::engine::{Engine, EngineConfig, Request, Speculation};
 use model::generate::{generate, GenerateConfig, NoStop, Sampling};
-use model::gpt_bigcode::{Dropout, GptBigCode};
+use model::gpt_bigcode::{Dropout, GptBigCode, Precision};
 use model::speculative::{self, Drafter, SpeculativeConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -362,4 +363,22 @@ fn a_file_truncated_while_mapped_is_refused() {
     );
     again.unwrap().check_whole().unwrap();
     assert!(sums > sum, "the first read saw zeros where the file lost bytes: {sum} of {sums}");
+}
+
+/// A file truncated while a load reads it (here between two layers quantized as they are read):
+/// the tensors after the cut are refused as changed, naming the file.
+#[test]
+fn a_file_truncated_while_it_loads_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    GptBigCode::new(tiny_config(), Device::Cpu).unwrap().save(dir.path(), Kind::Float).unwrap();
+    let file = dir.path().join("model.safetensors");
+    let truncate = |done: usize, _| {
+        if done == 1 {
+            std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(16).unwrap();
+        }
+    };
+    let loaded = GptBigCode::load_as(dir.path(), Precision::Quantized(Format::Int8), Device::Cpu, truncate);
+    let Err(error) = loaded.map(drop) else { panic!("the load succeeded") };
+    let error = error.to_string();
+    assert!(error.contains("model.safetensors") && error.contains("changed while it was read"), "{error}");
 }

@@ -95,6 +95,22 @@ fn gpu_greedy_generation_matches_cpu() {
     assert_eq!(run(device), run(Device::Cpu));
 }
 
+/// Greedy picks on the GPU (one copy back, -1 for a row whose maximum is not finite) agree with the
+/// CPU's: the first maximum, and a row with NaN, +infinity or nothing finite refused.
+#[test]
+fn gpu_greedy_picks_match_cpu_and_refuse_overflow() {
+    let Some(device) = gpu() else { return };
+    let (inf, nan) = (f32::INFINITY, f32::NAN);
+    let rows: [&[f32]; 5] =
+        [&[0.5, 2.0, 2.0], &[-inf, 1.0, -inf], &[0.0, nan, 1.0], &[1.0, inf, 0.0], &[-inf, -inf, -inf]];
+    for row in rows {
+        let logits = Tensor::from_slice(row).view([1, 3]);
+        let pick =
+            |on: Device| model::sampling::greedy_tokens(&logits.to_device(on), "model").map_err(|e| e.to_string());
+        assert_eq!(pick(device), pick(Device::Cpu), "{row:?}");
+    }
+}
+
 /// Losses of four AdamW steps (libtorch's fused kernel, ZeRO-0 flat buffers) and the final weights,
 /// trained on `device` with `autocast` from the saved model.
 fn train_steps(dir: &std::path::Path, device: Device, autocast: Option<Kind>) -> (Vec<f64>, Tensor) {
