@@ -137,15 +137,15 @@ int wizard_map_bytes(int fd, int64_t offset, int64_t length, void** tensor) {
       *tensor = new at::Tensor(at::empty({0}, at::kByte));
       return;
     }
-    static const int64_t page = sysconf(_SC_PAGESIZE);
+    install_handler();
+    const auto page = static_cast<int64_t>(page_size);
     const int64_t start = offset / page * page;
     const size_t mapped = static_cast<size_t>(offset - start + length);
-    install_handler();
     void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, start);
     if (base == MAP_FAILED) throw std::system_error(errno, std::generic_category(), "mmap");
     const auto begin = reinterpret_cast<uintptr_t>(base);
     // To its last page's end: a read past the tensor within that page touches the mapping too.
-    const uintptr_t end = (begin + mapped + page - 1) / page * page;
+    const uintptr_t end = (begin + mapped + page_size - 1) / page_size * page_size;
     const int slot = claim_slot(begin, end, file.st_dev, file.st_ino);
     if (slot < 0) {
       munmap(base, mapped);
