@@ -419,13 +419,17 @@ fn append_one_row_cache(path: &Path, machine: &str, m: &OneRowMeasurement) -> st
 }
 
 /// Where timings are kept: `$WIZARD_CACHE_DIR`, else `$XDG_CACHE_HOME/wizard`, else
-/// `~/.cache/wizard`; the file `dense-kernels.tsv` there.
-pub fn default_cache_file() -> Option<PathBuf> {
+/// `~/.cache/wizard`.
+pub fn cache_dir() -> Option<PathBuf> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let dir = var("WIZARD_CACHE_DIR")
+    var("WIZARD_CACHE_DIR")
         .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("wizard")))
-        .or_else(|| var("HOME").map(|d| d.join(".cache").join("wizard")))?;
-    Some(dir.join("dense-kernels.tsv"))
+        .or_else(|| var("HOME").map(|d| d.join(".cache").join("wizard")))
+}
+
+/// The file `dense-kernels.tsv` in [`cache_dir`].
+pub fn default_cache_file() -> Option<PathBuf> {
+    Some(cache_dir()?.join("dense-kernels.tsv"))
 }
 
 fn measure(weight: &Tensor) -> Measurement {
@@ -511,8 +515,8 @@ const KERNEL_LAYOUTS: u32 = 5;
 
 /// What the timings depend on: the CPU (its name and a digest of its feature flags: a VM may name
 /// only the family), the thread count, libtorch, whether weights get 2 MiB pages, and the kernels'
-/// layouts.
-fn machine_key() -> String {
+/// layouts. Other timings kept per machine ([`cache_dir`]) are keyed by it too.
+pub fn machine_key() -> String {
     // Read once per process: the CPU and libtorch do not change, the thread count may.
     static CPU_AND_TORCH: LazyLock<(String, String)> = LazyLock::new(|| {
         let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -604,7 +608,8 @@ fn append_cache(path: &Path, machine: &str, measurements: &[Measurement]) -> std
     append_lines(path, &lines)
 }
 
-fn append_lines(path: &Path, lines: &str) -> std::io::Result<()> {
+/// Appends `lines` to the cache file `path`, creating it and its folder if missing.
+pub fn append_lines(path: &Path, lines: &str) -> std::io::Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

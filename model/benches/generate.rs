@@ -1,8 +1,11 @@
 //! Prefill and decode speed of `model::generate` on a model directory, as one JSON line.
 //! Driven by `scripts/bench/generate.py`, which runs transformers on the same model in the same run.
 //!
-//! `cargo bench -p model --bench generate -- MODEL_DIR PROMPT_TOKENS NEW_TOKENS THREADS [DEVICE] [DTYPE] [DRAFT]`
+//! `cargo bench -p model --bench generate -- MODEL_DIR PROMPT NEW_TOKENS THREADS [DEVICE] [DTYPE] [DRAFT]`
 //! (DEVICE `cpu` or `cuda`, DTYPE `float32`, `bfloat16` or `int8` as `--dtype` takes them; defaults cpu, float32).
+//! PROMPT is a token count (tokens spread over the vocabulary: what a random model sees) or
+//! `FILE:TOKENS`, the first TOKENS tokens of a text file in the model's tokenizer (what a trained
+//! draft model needs to be judged on: it predicts text, not scattered tokens).
 //! With DRAFT it also times speculative decoding, greedy: DRAFT is a dtype (self-speculation: the
 //! same checkpoint in that precision, say int8, drafts) or a draft model's directory (loaded in
 //! DTYPE); it reports that decode rate, the acceptance, and whether the tokens equal the target's.
@@ -64,7 +67,7 @@ fn main() {
     let device = if device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
     let precision = model::gpt_bigcode::parse_precision(dtype).expect("dtype");
     let kind = precision.kind();
-    let (prompt_tokens, new_tokens): (usize, usize) = (prompt_tokens.parse().unwrap(), new_tokens.parse().unwrap());
+    let new_tokens: usize = new_tokens.parse().unwrap();
     tch::set_num_threads(threads.parse().unwrap());
     // `random:EMBD:LAYERS:HEADS` makes a random StarCoder-shaped model (for machines without transformers).
     let scratch = tempfile::tempdir().unwrap();
@@ -88,7 +91,17 @@ fn main() {
     };
     let model = GptBigCode::load_as(&dir, precision, device, |_, _| {}).expect("model loads");
     let vocab = model.config().vocab_size;
-    let prompt: Vec<i64> = (0..prompt_tokens as i64).map(|i| 1 + (i * 7919) % (vocab - 1)).collect();
+    let prompt: Vec<i64> = match prompt_tokens.rsplit_once(':') {
+        Some((file, tokens)) => {
+            let text = std::fs::read_to_string(file).expect("prompt file");
+            let ids = model::tokenizer::Tokenizer::from_dir(&dir).expect("tokenizer").encode(&text).expect("encodes");
+            let tokens: usize = tokens.parse().expect("FILE:TOKENS");
+            assert!(ids.len() >= tokens, "{file} has {} tokens, fewer than {tokens}", ids.len());
+            ids[..tokens].iter().map(|&id| i64::from(id)).collect()
+        }
+        None => (0..prompt_tokens.parse::<i64>().unwrap()).map(|i| 1 + (i * 7919) % (vocab - 1)).collect(),
+    };
+    let prompt_tokens = prompt.len();
     let config =
         GenerateConfig { max_new_tokens: new_tokens, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
     let prefill = || {

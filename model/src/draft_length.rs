@@ -4,6 +4,7 @@
 //! per second wins, and 0 (no draft, one target step per token) whenever drafting would not pay,
 //! so speculation never makes a request slower than the target alone by the model's own figures.
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -61,14 +62,39 @@ impl Costs {
         widths.sort_unstable();
         widths.dedup();
         widths.retain(|&w| w <= max_width.max(1));
-        let target_costs = tch::no_grad(|| {
-            widths.iter().map(|&width| Ok((width, fastest_pass(target, width)?))).collect::<Result<Vec<_>>>()
-        })?;
+        let seconds = tch::no_grad(|| fastest_passes(target, &widths))?;
         let draft_step = match draft {
-            Some(draft) => tch::no_grad(|| fastest_pass(draft, 1))?,
+            Some(draft) => tch::no_grad(|| fastest_passes(draft, &[1]))?[0],
             None => 0.0,
         };
-        Ok(Costs::new(target_costs, draft_step))
+        Ok(Costs::new(widths.into_iter().zip(seconds).collect(), draft_step))
+    }
+
+    /// [`Costs::measure`], unless `cache` (a file) holds this machine's costs for models that run as
+    /// fast ([`GptBigCode::speed_key`]) up to `max_width`: a 1B pair took seconds to time, more than
+    /// a short completion. What is measured is added to the file. Returns whether the costs were read.
+    /// CUDA costs are always measured (the file knows the CPU, not the GPU).
+    pub fn measure_or_read(
+        target: &GptBigCode,
+        draft: Option<&GptBigCode>,
+        max_width: usize,
+        cache: Option<&Path>,
+    ) -> Result<(Costs, bool)> {
+        let on_cpu = target.device() == tch::Device::Cpu && draft.is_none_or(|d| d.device() == tch::Device::Cpu);
+        let cache = cache.filter(|_| on_cpu);
+        let (machine, pair) = (kernels::calibrate::machine_key(), pair_key(target, draft));
+        if let Some(costs) = cache.and_then(|path| read_costs(path, &machine, &pair)) {
+            if costs.widest() >= max_width {
+                return Ok((costs, true));
+            }
+        }
+        let costs = Costs::measure(target, draft, max_width)?;
+        if let Some(path) = cache {
+            if let Err(error) = append_costs(path, &machine, &pair, &costs) {
+                tracing::warn!(path = %path.display(), %error, "speculation costs not kept");
+            }
+        }
+        Ok((costs, false))
     }
 
     /// Seconds of a target pass over `width` new tokens: linear between measured widths, and past
@@ -159,34 +185,76 @@ impl LeadNoise {
     }
 }
 
-/// The fastest of a few passes of `width` new tokens after [`MEASURED_CONTEXT`] positions: at least
-/// [`RUNS`], and more while they take under [`MEASURING_SECONDS`] (a small model's fraction of a
-/// millisecond is at the mercy of the machine's noise).
-fn fastest_pass(model: &GptBigCode, width: usize) -> Result<f64> {
-    let context = MEASURED_CONTEXT.min(model.config().n_positions - width as i64 - 1).max(0);
-    let mut cache = model.new_cache(1, context + width as i64)?;
+/// The fastest of a few passes of each of `widths` new tokens after [`MEASURED_CONTEXT`] positions
+/// (filled once): at least [`RUNS`], and more while they take under [`MEASURING_SECONDS`] (a small
+/// model's fraction of a millisecond is at the mercy of the machine's noise).
+fn fastest_passes(model: &GptBigCode, widths: &[usize]) -> Result<Vec<f64>> {
+    let widest = widths.iter().copied().max().unwrap_or(1) as i64;
+    let context = MEASURED_CONTEXT.min(model.config().n_positions - widest - 1).max(0);
+    let mut cache = model.new_cache(1, context + widest)?;
     let token = |len: i64| Tensor::zeros([1, len], (tch::Kind::Int64, model.device()));
     if context > 0 {
         let _ = model.forward_next(&token(context), &mut cache)?;
     }
-    let (mut fastest, measuring) = (f64::INFINITY, Instant::now());
-    for run in 0..MAX_RUNS {
-        if run >= RUNS && measuring.elapsed().as_secs_f64() > MEASURING_SECONDS {
-            break;
+    let mut fastest_of = |width: usize| -> Result<f64> {
+        let (mut fastest, measuring) = (f64::INFINITY, Instant::now());
+        for run in 0..MAX_RUNS {
+            if run >= RUNS && measuring.elapsed().as_secs_f64() > MEASURING_SECONDS {
+                break;
+            }
+            let started = Instant::now();
+            // One token goes the way single steps go (on CUDA, a replayed graph once recorded).
+            let logits = if width == 1 {
+                model.forward_next(&token(1), &mut cache)?
+            } else {
+                model.forward(&token(width as i64), &mut cache)?
+            };
+            // Reading a value waits for queued GPU work.
+            let _ = logits.reshape([-1]).double_value(&[0]);
+            fastest = fastest.min(started.elapsed().as_secs_f64());
+            cache.truncate(context);
         }
-        let started = Instant::now();
-        // One token goes the way single steps go (on CUDA, a replayed graph once recorded).
-        let logits = if width == 1 {
-            model.forward_next(&token(1), &mut cache)?
-        } else {
-            model.forward(&token(width as i64), &mut cache)?
+        Ok(fastest)
+    };
+    widths.iter().map(|&width| fastest_of(width)).collect()
+}
+
+/// The models of a pair as [`Costs`] in the cache file know them.
+fn pair_key(target: &GptBigCode, draft: Option<&GptBigCode>) -> String {
+    let draft = draft.map_or_else(|| "prompt lookup".to_string(), GptBigCode::speed_key);
+    format!("{} drafted by {draft}", target.speed_key())
+}
+
+/// Lines `machine \t pair \t width:seconds … \t draft step seconds`; the last line of this
+/// machine and pair counts. Lines of others, or that do not parse, are skipped.
+fn read_costs(path: &Path, machine: &str, pair: &str) -> Option<Costs> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().rev().find_map(|line| {
+        let [line_machine, line_pair, target, draft_step] = line.split('\t').collect::<Vec<_>>()[..] else {
+            return None;
         };
-        // Reading a value waits for queued GPU work.
-        let _ = logits.reshape([-1]).double_value(&[0]);
-        fastest = fastest.min(started.elapsed().as_secs_f64());
-        cache.truncate(context);
-    }
-    Ok(fastest)
+        if line_machine != machine || line_pair != pair {
+            return None;
+        }
+        let seconds = |text: &str| text.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0);
+        let target = target
+            .split(' ')
+            .map(|pass| {
+                let (width, time) = pass.split_once(':')?;
+                Some((width.parse::<usize>().ok().filter(|&w| w > 0)?, seconds(time).filter(|&s| s > 0.0)?))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        if !target.iter().any(|&(width, _)| width == 1) {
+            return None;
+        }
+        Some(Costs::new(target, seconds(draft_step)?))
+    })
+}
+
+fn append_costs(path: &Path, machine: &str, pair: &str, costs: &Costs) -> std::io::Result<()> {
+    let passes: Vec<String> = costs.target.iter().map(|(width, seconds)| format!("{width}:{seconds}")).collect();
+    let line = format!("{machine}\t{pair}\t{}\t{}\n", passes.join(" "), costs.draft_step);
+    kernels::calibrate::append_lines(path, &line)
 }
 
 /// How much longer rounds took than [`Costs`] says: drafting rounds than
@@ -334,6 +402,9 @@ pub struct Planner {
 
 static PLANNERS: Mutex<Option<HashMap<Pair, Planner>>> = Mutex::new(None);
 
+/// The file in [`kernels::calibrate::cache_dir`] that keeps measured costs.
+const COSTS_FILE: &str = "speculation-costs.tsv";
+
 fn remembered(pair: Pair) -> Option<Planner> {
     PLANNERS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().get(&pair).cloned()
 }
@@ -348,9 +419,10 @@ impl Planner {
         let costs = match &before {
             Some(planner) if planner.costs.widest() > max_gamma => planner.costs.clone(),
             _ => {
-                let costs = Arc::new(Costs::measure(target, draft, max_gamma + 1)?);
-                tracing::debug!(?costs, "speculation costs measured");
-                costs
+                let cache = kernels::calibrate::cache_dir().map(|dir| dir.join(COSTS_FILE));
+                let (costs, cached) = Costs::measure_or_read(target, draft, max_gamma + 1, cache.as_deref())?;
+                tracing::debug!(?costs, cached, "speculation costs");
+                Arc::new(costs)
             }
         };
         Ok(Planner::resumed(pair, before, costs, max_gamma))
@@ -508,6 +580,70 @@ mod tests {
         assert_eq!(probe.gamma(5), 5);
         let probes: Vec<usize> = (1..=10).filter(|_| probe.gamma(0) > 0).collect();
         assert_eq!(probes, [8], "a chosen draft resets the wait");
+    }
+
+    fn tiny_model(seed: i64, layers: i64, embd: i64) -> GptBigCode {
+        tch::manual_seed(seed);
+        let config = crate::config::ModelConfig {
+            vocab_size: 64,
+            n_positions: 64,
+            n_embd: embd,
+            n_layer: layers,
+            n_head: 2,
+            bos_token_id: Some(0),
+            eos_token_id: Some(0),
+            ..Default::default()
+        };
+        GptBigCode::new(config, tch::Device::Cpu).unwrap()
+    }
+
+    /// A pair's costs are timed once per machine and read back by the next process, for any
+    /// checkpoints that run as fast; lines of other machines or pairs, lines that do not parse, and
+    /// figures narrower than needed are not taken.
+    #[test]
+    fn costs_are_measured_once_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nested").join(COSTS_FILE);
+        let (target, draft) = (tiny_model(1, 2, 32), tiny_model(2, 1, 16));
+        let (first, cached) = Costs::measure_or_read(&target, Some(&draft), 5, Some(&file)).unwrap();
+        assert!(!cached && first.widest() == 5 && first.draft_step > 0.0, "{first:?}");
+        let same_shapes = (tiny_model(3, 2, 32), tiny_model(4, 1, 16));
+        let (read, cached) = Costs::measure_or_read(&same_shapes.0, Some(&same_shapes.1), 5, Some(&file)).unwrap();
+        assert!(cached && read == first, "{read:?} against {first:?}");
+        let (narrower, cached) = Costs::measure_or_read(&target, Some(&draft), 3, Some(&file)).unwrap();
+        assert!(cached && narrower == first, "a wider measurement serves a narrower need");
+
+        let machine = kernels::calibrate::machine_key();
+        let pair = pair_key(&target, Some(&draft));
+        let check = |lines: &str, expected: Option<Costs>| {
+            let file = dir.path().join("edited.tsv");
+            std::fs::write(&file, lines).unwrap();
+            assert_eq!(read_costs(&file, &machine, &pair), expected, "{lines:?}");
+        };
+        let good = Costs::new(vec![(1, 0.5), (2, 0.6), (5, 0.9)], 0.1);
+        check(&format!("{machine}\t{pair}\t1:0.5 2:0.6 5:0.9\t0.1\n"), Some(good.clone()));
+        check(
+            &format!("{machine}\t{pair}\t1:0.5 2:0.6 5:0.9\t0.1\n{machine}\t{pair}\t1:0.7\t0\n"),
+            Some(Costs::new(vec![(1, 0.7)], 0.0)),
+        );
+        let other_machine = format!("another CPU\t{pair}\t1:0.5\t0.1\n");
+        let other_pair = format!("{machine}\t{}\t1:0.5\t0.1\n", pair_key(&target, None));
+        let broken = [
+            "not a line".to_string(),
+            format!("{machine}\t{pair}\t2:0.6 5:0.9\t0.1"),
+            format!("{machine}\t{pair}\t1:NaN\t0.1"),
+            format!("{machine}\t{pair}\t1:0.5\t-1"),
+            format!("{machine}\t{pair}\t0:0.5 1:0.5\t0.1"),
+            format!("{machine}\t{pair}\t1:0.5\t0.1\textra"),
+        ];
+        for lines in [other_machine, other_pair].iter().chain(&broken) {
+            check(lines, None);
+            check(&format!("{machine}\t{pair}\t1:0.5 2:0.6 5:0.9\t0.1\n{lines}\n"), Some(good.clone()));
+        }
+        // Prompt lookup is a pair of its own, and its costs are kept too.
+        let (lookup, cached) = Costs::measure_or_read(&target, None, 5, Some(&file)).unwrap();
+        assert!(!cached && lookup.draft_step == 0.0);
+        assert!(Costs::measure_or_read(&target, None, 5, Some(&file)).unwrap().1);
     }
 
     #[test]

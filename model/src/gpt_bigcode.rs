@@ -436,6 +436,27 @@ impl GptBigCode {
         self.id
     }
 
+    /// What a pass's speed depends on besides the machine: the shapes, how the weights are held
+    /// and the device. Two checkpoints that agree here run equally fast, whatever their weights.
+    pub fn speed_key(&self) -> String {
+        let c = &self.config;
+        let weights = match self.quantized_format() {
+            Some(format) => format!("{format:?}"),
+            None if self.has_narrow_dense_weights() => "bf16 over fp32".into(),
+            None => format!("{:?}", self.kind()),
+        };
+        format!(
+            "d{} L{} H{} kv{} inner{} V{} {weights} {:?}",
+            c.n_embd,
+            c.n_layer,
+            c.n_head,
+            c.kv_heads(),
+            c.inner_dim(),
+            c.vocab_size,
+            self.device()
+        )
+    }
+
     /// Whether `other` is this model in another weight precision (a quantized or bf16 copy of the same
     /// checkpoint), so that it can attend to this model's keys and values: the same layer, head and
     /// embedding sizes, caches of the same dtype on the same device, and the same embeddings (which
