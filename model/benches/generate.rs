@@ -8,7 +8,8 @@
 //! draft model needs to be judged on: it predicts text, not scattered tokens).
 //! With DRAFT it also times speculative decoding, greedy: DRAFT is a dtype (self-speculation: the
 //! same checkpoint in that precision, say int8, drafts) or a draft model's directory (loaded in
-//! DTYPE); it reports that decode rate, the acceptance, and whether the tokens equal the target's.
+//! DTYPE); it reports that decode rate, the acceptance, whether the tokens equal the target's, and
+//! the same loop with nothing to draft beside plain rounds (`no_drafter_speedup`: the noise floor).
 use std::path::Path;
 use std::time::Instant;
 
@@ -155,8 +156,14 @@ fn main() {
         // Plain and speculative rounds alternate, so that the ratio compares the two under the same
         // machine conditions (a VM's speed drifts between minutes); medians, as a small model's
         // fastest round says more about the machine's luck than about the method.
+        // A third kind of round, the speculative loop with nothing to draft, is the control: its
+        // ratio to plain rounds shows how far this machine's noise moves a ratio of 1.
         let (mut plain_times, mut speculative_times, mut outs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut undrafted_times = Vec::new();
         for _ in 0..rounds {
+            let start = Instant::now();
+            let _ = speculative::generate(&model, &Drafter::None, &prompt, &speculative, &mut NoStop).unwrap();
+            undrafted_times.push(start.elapsed().as_secs_f64());
             let start = Instant::now();
             let _ = generate(&model, &prompt, &config, &mut NoStop).unwrap();
             plain_times.push(start.elapsed().as_secs_f64());
@@ -175,6 +182,7 @@ fn main() {
         report["speculative_speedup"] = ((plain_median - prefill_s) / (speculative_median - prefill_s)).into();
         report["plain_beside_decode_tokens_per_s"] = (new_tokens as f64 / (plain_median - prefill_s)).into();
         report["rounds"] = rounds.into();
+        report["no_drafter_speedup"] = ((plain_median - prefill_s) / (median(&mut undrafted_times) - prefill_s)).into();
         report["costs"] = format!("{:?}", planner.costs()).into();
         report["acceptance"] = (total(|s| s.accepted) as f64 / total(|s| s.drafted).max(1) as f64).into();
         report["target_passes"] = per_round(|s| s.target_passes as f64).into();

@@ -294,6 +294,12 @@ const PROBE_AFTER: usize = 8;
 const PROBE_GAMMA: usize = 2;
 const PROBE_WAIT_MAX: usize = 1024;
 
+/// The newest tokens a probe's draft model catches up on (at their positions, attending to nothing
+/// earlier) when it has fallen further behind: catching up on the whole sequence since it last
+/// drafted cost the trained quickstart draft a 150-250-token prefill, up to 25 target steps, per
+/// probe. A draft the planner chooses catches up on the whole sequence.
+pub const PROBE_CONTEXT: usize = 64;
+
 /// Probes while the estimates say not to draft: a few rejections early on (or one slow round) would
 /// otherwise stop the drafting for good, as estimates only move when something is drafted. A probe
 /// drafts [`PROBE_GAMMA`] tokens after [`PROBE_AFTER`] plain rounds, then after twice as many each
@@ -394,8 +400,9 @@ pub struct Planner {
     overrun: Overrun,
     probe: Probe,
     max_gamma: usize,
-    /// The draft length of the round under way.
+    /// The draft length of the round under way, and whether it is a probe's.
     planned: usize,
+    probing: bool,
     /// Whether any draft could pay, were every token accepted: probes are wasted otherwise.
     could_pay: bool,
 }
@@ -447,6 +454,7 @@ impl Planner {
                 probe: Probe::default(),
                 max_gamma,
                 planned: 0,
+                probing: false,
                 could_pay,
             },
         }
@@ -466,7 +474,14 @@ impl Planner {
     pub fn gamma(&mut self) -> usize {
         let chosen = self.costs.best_gamma(self.acceptance.estimate(), &self.overrun, self.max_gamma);
         self.planned = if self.could_pay { self.probe.gamma(chosen) } else { chosen };
+        self.probing = chosen == 0 && self.planned > 0;
         self.planned
+    }
+
+    /// Whether the round under way is a probe's (its draft model catches up on at most
+    /// [`PROBE_CONTEXT`] tokens).
+    pub fn probing(&self) -> bool {
+        self.probing
     }
 
     /// What becomes of a token the draft model has just proposed, `drafted` tokens into the round,

@@ -518,15 +518,15 @@ impl GptBigCode {
         }
         let mut positions = Vec::with_capacity(caches.len());
         for cache in caches.iter() {
-            if cache.len() >= self.config.n_positions || cache.len() >= cache.capacity() {
+            if cache.end() >= self.config.n_positions || cache.len() >= cache.capacity() {
                 return Err(ModelError::Invalid(format!(
                     "a sequence of {} tokens is full (context {}, cache {})",
-                    cache.len(),
+                    cache.end(),
                     self.config.n_positions,
                     cache.capacity()
                 )));
             }
-            positions.push(cache.len());
+            positions.push(cache.end());
         }
         let rows = tokens.len() as i64;
         let device = self.device();
@@ -549,7 +549,7 @@ impl GptBigCode {
     }
 
     fn decode(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let mut hidden = self.embed(input_ids, cache.len(), Dropout::Off)?;
+        let mut hidden = self.embed(input_ids, cache.end(), Dropout::Off)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             hidden = block.forward(&hidden, Some((&mut *cache, layer)), Dropout::Off);
         }
@@ -584,7 +584,7 @@ impl GptBigCode {
 
     /// The SDPA backend the first layer's attention uses for this input after `cache`.
     pub fn attention_backend(&self, input_ids: &Tensor, cache: &KvCache) -> Result<SdpaBackend> {
-        let hidden = self.embed(input_ids, cache.len(), Dropout::Off)?;
+        let hidden = self.embed(input_ids, cache.end(), Dropout::Off)?;
         let block = &self.blocks[0];
         let past = (!cache.is_empty()).then_some((cache, 0));
         Ok(block.attn.backend(&block.ln_1.forward(&hidden), past))

@@ -11,6 +11,9 @@ pub struct KvCache {
     values: Vec<Tensor>,
     len: i64,
     capacity: i64,
+    /// The sequence position of the first slot: 0, unless the cache holds only the newest
+    /// positions of its sequence ([`restart_at`](Self::restart_at)).
+    start: i64,
     /// The decode step recorded over these buffers (CUDA only).
     pub(crate) graph: Option<DecodeGraph>,
     /// Single-token steps taken on CUDA before the graph was recorded.
@@ -26,6 +29,7 @@ impl KvCache {
             values: (0..config.n_layer).map(|_| zeros()).collect(),
             len: 0,
             capacity,
+            start: 0,
             graph: None,
             single_steps: 0,
         }
@@ -34,6 +38,22 @@ impl KvCache {
     /// Positions already held.
     pub fn len(&self) -> i64 {
         self.len
+    }
+
+    /// The sequence position of the first held one (0 unless [`restart_at`](Self::restart_at) moved it).
+    pub fn start(&self) -> i64 {
+        self.start
+    }
+
+    /// The sequence position the next token takes: after the newest held one.
+    pub fn end(&self) -> i64 {
+        self.start + self.len
+    }
+
+    /// Forgets everything and holds positions from `position` of the sequence on: a window of its
+    /// newest tokens, which attend to nothing before it.
+    pub fn restart_at(&mut self, position: i64) {
+        (self.start, self.len) = (position.max(0), 0);
     }
 
     /// Whether nothing is held yet.
@@ -56,9 +76,14 @@ impl KvCache {
         self.graph.is_some()
     }
 
-    /// Forgets everything after the first `len` positions.
-    pub fn truncate(&mut self, len: i64) {
-        self.len = self.len.min(len);
+    /// Forgets every position of the sequence from `end` on; everything, back to a cache that
+    /// starts at 0, when its window starts after `end`.
+    pub fn truncate(&mut self, end: i64) {
+        if end < self.start {
+            (self.start, self.len) = (0, 0);
+        } else {
+            self.len = self.len.min(end - self.start);
+        }
     }
 
     /// A copy with its own buffers (one prompt's prefill shared by several samples).
@@ -69,6 +94,7 @@ impl KvCache {
             values: copy(&self.values),
             len: self.len,
             capacity: self.capacity,
+            start: self.start,
             graph: None,
             single_steps: 0,
         }
@@ -107,5 +133,30 @@ impl KvCache {
     /// Marks `new` more positions as held, once every layer has stored them.
     pub(crate) fn advance(&mut self, new: i64) {
         self.len += new;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (window start, positions held, truncated at) -> (start, held) after.
+    #[test]
+    fn truncation_counts_sequence_positions() {
+        let config = ModelConfig { n_embd: 8, n_layer: 1, n_head: 2, ..ModelConfig::default() };
+        let check = |start: i64, held: i64, end: i64, expected: (i64, i64)| {
+            let mut cache = KvCache::new(&config, 1, 16, Kind::Float, Device::Cpu);
+            cache.restart_at(start);
+            cache.advance(held);
+            cache.truncate(end);
+            assert_eq!((cache.start(), cache.len()), expected, "window {start}+{held} cut at {end}");
+            assert_eq!(cache.end(), expected.0 + expected.1);
+        };
+        check(0, 10, 4, (0, 4));
+        check(0, 10, 12, (0, 10));
+        check(20, 10, 25, (20, 5));
+        check(20, 10, 40, (20, 10));
+        check(20, 10, 20, (20, 0));
+        check(20, 10, 19, (0, 0)); // the window starts after the cut: nothing of it is the sequence's
     }
 }

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use kernels::attention::DECODE_KERNEL_MAX_POSITIONS;
 
-use crate::draft_length::{Pair, Planner};
+use crate::draft_length::{Pair, Planner, PROBE_CONTEXT};
 use crate::generate::{Finish, Generation, StopCriterion};
 use crate::gpt_bigcode::GptBigCode;
 use crate::kv_cache::KvCache;
@@ -296,7 +296,7 @@ pub fn generate_in(
         // The caches may hold accepted tokens after a stop, and the draft's may lag the target's (by
         // its last drafted token, or by rounds nobody drafted in): keep what each holds of the
         // sequence; the next generation feeds each cache from its own length.
-        let keep = (state.session.target_cache.len() as usize).min(state.seq.len());
+        let keep = (state.session.target_cache.end() as usize).min(state.seq.len());
         state.session.target_cache.truncate(keep as i64);
         if let Some(cache) = state.session.draft_cache.as_mut() {
             cache.truncate(keep as i64);
@@ -356,11 +356,20 @@ impl State<'_> {
                 let session = &mut *self.session;
                 let shared = session.draft_cache.is_none();
                 let cache = session.draft_cache.as_mut().unwrap_or(&mut session.target_cache);
-                let held = cache.len();
+                if !shared {
+                    // A probe catches up on the newest tokens only; a chosen draft on all of them.
+                    let probe_start = self.seq.len().saturating_sub(PROBE_CONTEXT) as i64;
+                    if planner.is_some_and(Planner::probing) && cache.end() < probe_start {
+                        cache.restart_at(probe_start);
+                    } else if !planner.is_some_and(Planner::probing) && cache.start() > 0 {
+                        cache.restart_at(0);
+                    }
+                }
+                let held = cache.end();
                 let mut tokens = Vec::with_capacity(budget);
                 let mut probs = Vec::with_capacity(budget);
                 let (mut runners_up, mut leads) = (Vec::new(), Vec::new());
-                let mut feed = self.seq[cache.len() as usize..].to_vec();
+                let mut feed = self.seq[held as usize..].to_vec();
                 let mut reach = 1.0;
                 for i in 0..budget {
                     let input = Tensor::from_slice(&feed).to_device(model.device()).unsqueeze(0);
@@ -413,7 +422,7 @@ impl State<'_> {
     /// caches back.
     fn verify(&mut self, draft: &Draft, sampling: &Sampling) -> Result<(usize, i64, Vec<f32>)> {
         let base = self.seq.len();
-        let mut feed = self.seq[self.session.target_cache.len() as usize..].to_vec();
+        let mut feed = self.seq[self.session.target_cache.end() as usize..].to_vec();
         let fed_before = feed.len();
         feed.extend_from_slice(&draft.tokens);
         let input = self.ids(&feed, self.target.device());
@@ -666,6 +675,40 @@ mod tests {
         };
         check(&copy, false);
         check(&other, true);
+    }
+
+    /// A probe's draft model catches up on the newest [`PROBE_CONTEXT`] tokens only, at their
+    /// positions; a chosen draft catches up on the whole sequence; either way the output is the
+    /// target's.
+    #[test]
+    fn a_probe_catches_the_draft_up_on_the_newest_tokens_only() {
+        let target = model(1, 3, 64, 97, 0.3);
+        let draft = model(2, 1, 32, 97, 0.3);
+        // Drafting could pay, but none of this pair's drafts was kept: every draft is a probe.
+        let costs = Arc::new(Costs::new(vec![(1, 1.0), (2, 1.05), (13, 1.6)], 0.1));
+        let mut seen = Planner::with_costs((target.id(), Some(draft.id())), costs.clone(), 12);
+        for _ in 0..50 {
+            seen.observe(4, 0, costs.round_seconds(4));
+        }
+        seen.remember();
+        let prompt: Vec<i64> = (0..150).map(|i| (i * 11) % 97).collect();
+        let plain =
+            GenerateConfig { max_new_tokens: 40, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
+        let expected = plain_generate(&target, &prompt, &plain, &mut NoStop).unwrap().remove(0).tokens;
+        let drafter = Drafter::Model(&draft);
+        let mut session = Session::new(&target, &drafter).unwrap();
+        let probed = SpeculativeConfig { max_new_tokens: 40, ..SpeculativeConfig::default() };
+        let out = generate_in(&mut session, &target, &drafter, &prompt, &probed, &mut NoStop).unwrap();
+        assert_eq!(out.generation.tokens, expected, "{:?}", out.stats);
+        assert!(out.stats.drafted > 0 && out.stats.drafted <= 10, "probes only: {:?}", out.stats);
+        let window = session.draft_cache.as_ref().unwrap();
+        assert!(window.start() >= (prompt.len() - PROBE_CONTEXT) as i64, "{}", window.start());
+        assert!(window.len() < (PROBE_CONTEXT + 40) as i64, "{}", window.len());
+        let fixed = SpeculativeConfig { max_new_tokens: 40, adaptive: false, ..SpeculativeConfig::default() };
+        let out = generate_in(&mut session, &target, &drafter, &prompt, &fixed, &mut NoStop).unwrap();
+        assert_eq!(out.generation.tokens, expected, "{:?}", out.stats);
+        let whole = session.draft_cache.as_ref().unwrap();
+        assert!(whole.start() == 0 && whole.len() > prompt.len() as i64, "{} + {}", whole.start(), whole.len());
     }
 
     /// A kept session prefills only where a prompt departs from the last sequence, and its output is

@@ -40,8 +40,9 @@ impl GptBigCode {
     }
 
     /// The logits of one new token per row through the cache's graph, or None where a graph does not
-    /// apply: not on CUDA, more than one new position, a full cache, graphs turned off, the cache
-    /// stepped by another model, or its first such step (one step, such as the last token of a
+    /// apply: not on CUDA, more than one new position, a full cache, a cache holding a window (its
+    /// slots are not its positions), graphs turned off, the cache stepped by another model, or its
+    /// first such step (one step, such as the last token of a
     /// prompt, is not worth a capture). The second step runs eagerly, loading every kernel the graph
     /// will hold, and is then recorded; later steps replay it.
     pub(super) fn graph_step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
@@ -50,6 +51,7 @@ impl GptBigCode {
         let applies = self.cuda_graphs.load(Ordering::Relaxed)
             && input_ids.size() == [batch, 1]
             && cache.len() < cache.capacity()
+            && cache.start() == 0
             && cache.graph.as_ref().is_none_or(|graph| graph.model == self.id);
         if !applies {
             return Ok(None);
