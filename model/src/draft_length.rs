@@ -47,6 +47,7 @@ impl Costs {
     /// that the timing priced low made prompt lookup 0.89x the target alone).
     pub fn new(mut target: Vec<(usize, f64)>, draft_step: f64) -> Costs {
         target.sort_by_key(|&(width, _)| width);
+        target.dedup_by_key(|&mut (width, _)| width);
         assert!(target.first().is_some_and(|&(width, _)| width == 1), "the cost of a one-token pass is needed");
         for i in 1..target.len() {
             target[i].1 = target[i].1.max(target[i - 1].1);
@@ -84,7 +85,7 @@ impl Costs {
         let cache = cache.filter(|_| on_cpu);
         let (machine, pair) = (kernels::calibrate::machine_key(), pair_key(target, draft));
         if let Some(costs) = cache.and_then(|path| read_costs(path, &machine, &pair)) {
-            if costs.widest() >= max_width {
+            if costs.widest() >= max_width && (draft.is_none() || costs.draft_step > 0.0) {
                 return Ok((costs, true));
             }
         }
@@ -219,17 +220,22 @@ fn fastest_passes(model: &GptBigCode, widths: &[usize]) -> Result<Vec<f64>> {
     widths.iter().map(|&width| fastest_of(width)).collect()
 }
 
+/// How costs are timed: a change to it makes earlier figures another pair's.
+const COSTS_VERSION: u32 = 1;
+
 /// The models of a pair as [`Costs`] in the cache file know them.
 fn pair_key(target: &GptBigCode, draft: Option<&GptBigCode>) -> String {
     let draft = draft.map_or_else(|| "prompt lookup".to_string(), GptBigCode::speed_key);
-    format!("{} drafted by {draft}", target.speed_key())
+    format!("costs v{COSTS_VERSION}: {} drafted by {draft}", target.speed_key())
 }
 
-/// Lines `machine \t pair \t width:seconds … \t draft step seconds`; the last line of this
-/// machine and pair counts. Lines of others, or that do not parse, are skipped.
+/// Lines `machine \t pair \t width:seconds … \t draft step seconds`, widths increasing from 1;
+/// the last whole line of this machine and pair counts. Lines of others, that do not parse, or
+/// cut short (no newline: a write under way or interrupted) are skipped.
 fn read_costs(path: &Path, machine: &str, pair: &str) -> Option<Costs> {
     let text = std::fs::read_to_string(path).ok()?;
-    text.lines().rev().find_map(|line| {
+    text.split_inclusive('\n').rev().find_map(|line| {
+        let line = line.strip_suffix('\n')?;
         let [line_machine, line_pair, target, draft_step] = line.split('\t').collect::<Vec<_>>()[..] else {
             return None;
         };
@@ -244,7 +250,7 @@ fn read_costs(path: &Path, machine: &str, pair: &str) -> Option<Costs> {
                 Some((width.parse::<usize>().ok().filter(|&w| w > 0)?, seconds(time).filter(|&s| s > 0.0)?))
             })
             .collect::<Option<Vec<_>>>()?;
-        if !target.iter().any(|&(width, _)| width == 1) {
+        if target.first().map(|&(width, _)| width) != Some(1) || target.windows(2).any(|w| w[0].0 >= w[1].0) {
             return None;
         }
         Some(Costs::new(target, seconds(draft_step)?))
@@ -627,6 +633,11 @@ mod tests {
         assert!(cached && read == first, "{read:?} against {first:?}");
         let (narrower, cached) = Costs::measure_or_read(&target, Some(&draft), 3, Some(&file)).unwrap();
         assert!(cached && narrower == first, "a wider measurement serves a narrower need");
+        let (wider, cached) = Costs::measure_or_read(&target, Some(&draft), 7, Some(&file)).unwrap();
+        assert!(!cached && wider.widest() == 7, "a narrower one does not serve a wider need");
+        let deeper = tiny_model(5, 3, 32);
+        assert!(!Costs::measure_or_read(&deeper, Some(&draft), 5, Some(&file)).unwrap().1, "another shape");
+        assert!(Costs::measure_or_read(&deeper, Some(&draft), 5, Some(&file)).unwrap().1);
 
         let machine = kernels::calibrate::machine_key();
         let pair = pair_key(&target, Some(&draft));
@@ -637,6 +648,8 @@ mod tests {
         };
         let good = Costs::new(vec![(1, 0.5), (2, 0.6), (5, 0.9)], 0.1);
         check(&format!("{machine}\t{pair}\t1:0.5 2:0.6 5:0.9\t0.1\n"), Some(good.clone()));
+        // A line still being written (or cut by a crash) is not read: 0.1 might be 0.15.
+        check(&format!("{machine}\t{pair}\t1:0.5 2:0.6 5:0.9\t0.1"), None);
         check(
             &format!("{machine}\t{pair}\t1:0.5 2:0.6 5:0.9\t0.1\n{machine}\t{pair}\t1:0.7\t0\n"),
             Some(Costs::new(vec![(1, 0.7)], 0.0)),
@@ -650,9 +663,11 @@ mod tests {
             format!("{machine}\t{pair}\t1:0.5\t-1"),
             format!("{machine}\t{pair}\t0:0.5 1:0.5\t0.1"),
             format!("{machine}\t{pair}\t1:0.5\t0.1\textra"),
+            format!("{machine}\t{pair}\t1:0.5 1:0.6 5:0.9\t0.1"),
+            format!("{machine}\t{pair}\t1:0.5 5:0.9 2:0.6\t0.1"),
         ];
         for lines in [other_machine, other_pair].iter().chain(&broken) {
-            check(lines, None);
+            check(&format!("{lines}\n"), None);
             check(&format!("{machine}\t{pair}\t1:0.5 2:0.6 5:0.9\t0.1\n{lines}\n"), Some(good.clone()));
         }
         // Prompt lookup is a pair of its own, and its costs are kept too.

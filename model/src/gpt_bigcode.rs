@@ -437,7 +437,8 @@ impl GptBigCode {
     }
 
     /// What a pass's speed depends on besides the machine: the shapes, how the weights are held
-    /// and the device. Two checkpoints that agree here run equally fast, whatever their weights.
+    /// (dtype, quantized format, how many layers are packed in panels) and the device. Two
+    /// checkpoints that agree here run equally fast, whatever their weights.
     pub fn speed_key(&self) -> String {
         let c = &self.config;
         let weights = match self.quantized_format() {
@@ -445,14 +446,21 @@ impl GptBigCode {
             None if self.has_narrow_dense_weights() => "bf16 over fp32".into(),
             None => format!("{:?}", self.kind()),
         };
+        let panels = self
+            .blocks
+            .iter()
+            .flat_map(Block::linears)
+            .filter(|linear| linear.quantized.is_none() && kernels::linear::is_panels(&linear.weight))
+            .count();
         format!(
-            "d{} L{} H{} kv{} inner{} V{} {weights} {:?}",
+            "d{} L{} H{} kv{} inner{} V{} ctx{} {weights} panels{panels} {:?}",
             c.n_embd,
             c.n_layer,
             c.n_head,
             c.kv_heads(),
             c.inner_dim(),
             c.vocab_size,
+            c.n_positions,
             self.device()
         )
     }

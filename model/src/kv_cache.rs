@@ -159,4 +159,54 @@ mod tests {
         check(20, 10, 20, (20, 0));
         check(20, 10, 19, (0, 0)); // the window starts after the cut: nothing of it is the sequence's
     }
+
+    /// A window's tokens take their sequence positions: the logits are those of a model whose
+    /// position table starts at the window, in one pass or two, and not those of position 0.
+    #[test]
+    fn a_window_holds_its_tokens_at_their_positions() {
+        use crate::gpt_bigcode::GptBigCode;
+        let config = ModelConfig {
+            vocab_size: 50,
+            n_positions: 40,
+            n_embd: 16,
+            n_layer: 2,
+            n_head: 2,
+            bos_token_id: Some(0),
+            eos_token_id: Some(0),
+            ..ModelConfig::default()
+        };
+        let (start, len) = (12, 10);
+        let tokens = Tensor::randint(50, [1, len], (Kind::Int64, Device::Cpu));
+        let model = GptBigCode::new(config.clone(), Device::Cpu).unwrap();
+        let shifted = GptBigCode::new(config, Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            let weights = model.vars().variables();
+            for (name, mut var) in shifted.vars().variables() {
+                let weight = &weights[&name];
+                if name == "transformer.wpe.weight" {
+                    var.narrow(0, 0, 40 - start).copy_(&weight.narrow(0, start, 40 - start));
+                } else {
+                    var.copy_(weight);
+                }
+            }
+            let logits = |model: &GptBigCode, at: i64, chunks: &[i64]| {
+                let mut cache = model.new_cache(1, len).unwrap();
+                cache.restart_at(at);
+                let mut from = 0;
+                let mut last = None;
+                for &chunk in chunks {
+                    last = Some(model.forward_next(&tokens.narrow(1, from, chunk), &mut cache).unwrap());
+                    from += chunk;
+                }
+                assert_eq!(cache.end(), at + len);
+                last.unwrap()
+            };
+            let expected = logits(&shifted, 0, &[len]);
+            for chunks in [&[len][..], &[4, 6], &[3, 1, 1, 5]] {
+                let got = logits(&model, start, chunks);
+                assert!(got.allclose(&expected, 1e-4, 1e-4, false), "window in chunks {chunks:?}");
+            }
+            assert!(!logits(&model, 0, &[len]).allclose(&expected, 1e-4, 1e-4, false), "position 0 is another");
+        });
+    }
 }

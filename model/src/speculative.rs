@@ -295,7 +295,7 @@ pub fn generate_in(
         }
         // The caches may hold accepted tokens after a stop, and the draft's may lag the target's (by
         // its last drafted token, or by rounds nobody drafted in): keep what each holds of the
-        // sequence; the next generation feeds each cache from its own length.
+        // sequence; the next generation feeds each cache from where it ends.
         let keep = (state.session.target_cache.end() as usize).min(state.seq.len());
         state.session.target_cache.truncate(keep as i64);
         if let Some(cache) = state.session.draft_cache.as_mut() {
@@ -357,9 +357,12 @@ impl State<'_> {
                 let shared = session.draft_cache.is_none();
                 let cache = session.draft_cache.as_mut().unwrap_or(&mut session.target_cache);
                 if !shared {
-                    // A probe catches up on the newest tokens only; a chosen draft on all of them.
+                    // A probe catches up on the newest tokens only (unless the cache holds more than
+                    // it lacks: catching up on all of them later would cost more than twice the
+                    // lag); a chosen draft on all of them.
                     let probe_start = self.seq.len().saturating_sub(PROBE_CONTEXT) as i64;
-                    if planner.is_some_and(Planner::probing) && cache.end() < probe_start {
+                    let lag = self.seq.len() as i64 - cache.end();
+                    if planner.is_some_and(Planner::probing) && cache.end() < probe_start && cache.len() < lag {
                         cache.restart_at(probe_start);
                     } else if !planner.is_some_and(Planner::probing) && cache.start() > 0 {
                         cache.restart_at(0);
