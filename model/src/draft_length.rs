@@ -303,8 +303,14 @@ const PROBE_WAIT_MAX: usize = 1024;
 /// The newest tokens a probe's draft model catches up on (at their positions, attending to nothing
 /// earlier) when it has fallen further behind: catching up on the whole sequence since it last
 /// drafted cost the trained quickstart draft a 150-250-token prefill, up to 25 target steps, per
-/// probe. A draft the planner chooses catches up on the whole sequence.
+/// probe. So do the drafts before a pair has shown its acceptance ([`EXPLORED_TOKENS`]): a pair's
+/// first draft caught up on the whole prompt, and a one-shot generation of the quickstart pair, which
+/// never pays, took 1.3-1.5x the target alone. A draft the planner chooses knowing the pair catches
+/// up on the whole sequence.
 pub const PROBE_CONTEXT: usize = 64;
+
+/// Draft tokens the target must rule on (beyond a remembered history) before the acceptance counts as known.
+const EXPLORED_TOKENS: f64 = 8.0;
 
 /// Probes while the estimates say not to draft: a few rejections early on (or one slow round) would
 /// otherwise stop the drafting for good, as estimates only move when something is drafted. A probe
@@ -362,6 +368,12 @@ impl Acceptance {
     pub fn observe(&mut self, accepted: usize, drafted: usize) {
         self.accepted += accepted as f64;
         self.ruled += (accepted + 1).min(drafted) as f64;
+    }
+
+    /// Whether the draft tokens ruled on, with a remembered history's weight, are too few to
+    /// judge the pair by.
+    fn unknown(&self) -> bool {
+        self.ruled + self.prior_weight < PRIOR_WEIGHT + EXPLORED_TOKENS
     }
 
     /// The estimate.
@@ -484,10 +496,10 @@ impl Planner {
         self.planned
     }
 
-    /// Whether the round under way is a probe's (its draft model catches up on at most
-    /// [`PROBE_CONTEXT`] tokens).
-    pub fn probing(&self) -> bool {
-        self.probing
+    /// Whether the round under way drafts over the newest [`PROBE_CONTEXT`] tokens only: a probe,
+    /// or a draft before the pair's acceptance is known.
+    pub fn windowed(&self) -> bool {
+        self.probing || self.acceptance.unknown()
     }
 
     /// What becomes of a token the draft model has just proposed, `drafted` tokens into the round,
@@ -742,6 +754,34 @@ mod tests {
         // A draft step as slow as a target step never pays: no probes.
         let mut hopeless = Planner::with_costs((pair.0, Some(pair.0)), Arc::new(Costs::new(vec![(1, 1.0)], 1.0)), 12);
         assert!((0..100).all(|_| hopeless.gamma() == 0));
+    }
+
+    /// A pair drafts over a window of the newest tokens until the target has ruled on a few of its
+    /// draft tokens, in this generation or remembered from earlier ones, and in every probe.
+    #[test]
+    fn drafts_are_windowed_until_the_pair_is_known() {
+        let pair = (u64::MAX - 13, Some(u64::MAX - 14));
+        let costs = Arc::new(Costs::new(vec![(1, 1.0), (2, 1.05), (13, 1.6)], 0.1));
+        let mut planner = Planner::with_costs(pair, costs.clone(), 12);
+        let mut windows = Vec::new();
+        for _ in 0..4 {
+            assert!(planner.gamma() > 0, "the prior drafts");
+            windows.push(planner.windowed());
+            planner.observe(3, 2, costs.round_seconds(3)); // 3 ruled on each round
+        }
+        assert_eq!(windows, [true, true, true, false], "known after 8 ruled tokens");
+        planner.remember();
+        let mut next = Planner::with_costs(pair, costs.clone(), 12);
+        assert!(next.gamma() > 0 && !next.windowed(), "known from the last generation");
+        // A pair that stopped drafting probes over a window.
+        let mut poor = Planner::with_costs((u64::MAX - 15, Some(u64::MAX - 16)), costs.clone(), 12);
+        for _ in 0..30 {
+            poor.observe(4, 0, costs.round_seconds(4));
+        }
+        let probe = (0..PROBE_AFTER).map(|_| poor.gamma()).find(|&gamma| gamma > 0);
+        assert_eq!(probe, Some(PROBE_GAMMA));
+        assert!(poor.windowed());
+        assert!(poor.gamma() == 0 && !poor.windowed());
     }
 
     #[test]

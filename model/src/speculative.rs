@@ -357,14 +357,15 @@ impl State<'_> {
                 let shared = session.draft_cache.is_none();
                 let cache = session.draft_cache.as_mut().unwrap_or(&mut session.target_cache);
                 if !shared {
-                    // A probe catches up on the newest tokens only (unless the cache holds more than
-                    // it lacks: catching up on all of them later would cost more than twice the
-                    // lag); a chosen draft on all of them.
-                    let probe_start = self.seq.len().saturating_sub(PROBE_CONTEXT) as i64;
+                    // A probe, or a pair not yet known, catches up on the newest tokens only (unless
+                    // the cache holds more than it lacks: catching up on all of them later would
+                    // cost more than twice the lag); a draft chosen knowing the pair on all of them.
+                    let window_start = self.seq.len().saturating_sub(PROBE_CONTEXT) as i64;
                     let lag = self.seq.len() as i64 - cache.end();
-                    if planner.is_some_and(Planner::probing) && cache.end() < probe_start && cache.len() < lag {
-                        cache.restart_at(probe_start);
-                    } else if !planner.is_some_and(Planner::probing) && cache.start() > 0 {
+                    let windowed = planner.is_some_and(Planner::windowed);
+                    if windowed && cache.end() < window_start && cache.len() < lag {
+                        cache.restart_at(window_start);
+                    } else if !windowed && cache.start() > 0 {
                         cache.restart_at(0);
                     }
                 }
