@@ -11,6 +11,7 @@ use std::time::Instant;
 use tch::Tensor;
 
 use crate::gpt_bigcode::GptBigCode;
+use crate::pair_history::{HistoryFile, Saved};
 use crate::Result;
 
 /// Drafting must promise this much over plain steps to be chosen: what the model leaves out
@@ -128,7 +129,7 @@ impl Costs {
         let plain = 1.0 / (self.target_pass(1) * overrun.plain);
         let mut best = (0, plain * REQUIRED_GAIN);
         for gamma in 1..=max_gamma {
-            let rate = self.tokens_per_second(acceptance, gamma) / overrun.drafting;
+            let rate = self.tokens_per_second(acceptance, gamma) / overrun.drafting();
             if rate > best.1 {
                 best = (gamma, rate);
             }
@@ -268,11 +269,14 @@ fn append_costs(path: &Path, machine: &str, pair: &str, costs: &Costs) -> std::i
 /// (sampling, copying logits, rolling caches back, the caller's stop check) weighs most on small
 /// models, where a step takes a fraction of a millisecond. Running geometric means, each round
 /// weighing [`OVERRUN_WEIGHT`] and its ratio clamped to [`OVERRUN_CLAMP`] (one round preempted by
-/// the machine says little about the next); 1 before any round.
+/// the machine says little about the next); 1 before any round, and drafting rounds as plain ones
+/// until one is seen (a drafting round's price left unadjusted while plain rounds took 1.5 times
+/// theirs made a pair that never pays draft again in each new process).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Overrun {
     drafting: f64,
     plain: f64,
+    drafting_seen: bool,
 }
 
 const OVERRUN_WEIGHT: f64 = 0.2;
@@ -280,13 +284,25 @@ const OVERRUN_CLAMP: (f64, f64) = (0.5, 4.0);
 
 impl Default for Overrun {
     fn default() -> Overrun {
-        Overrun { drafting: 1.0, plain: 1.0 }
+        Overrun { drafting: 1.0, plain: 1.0, drafting_seen: false }
     }
 }
 
 impl Overrun {
+    /// How much longer drafting rounds take than priced.
+    fn drafting(&self) -> f64 {
+        if self.drafting_seen {
+            self.drafting
+        } else {
+            self.plain
+        }
+    }
+
     /// Counts a round the model priced at `predicted` seconds that took `actual`.
     pub fn observe(&mut self, drafted: bool, predicted: f64, actual: f64) {
+        if drafted && !self.drafting_seen {
+            (self.drafting, self.drafting_seen) = (self.plain, true);
+        }
         let ratio = if drafted { &mut self.drafting } else { &mut self.plain };
         if predicted > 0.0 && actual.is_finite() {
             let seen = (actual / predicted).clamp(OVERRUN_CLAMP.0, OVERRUN_CLAMP.1);
@@ -423,6 +439,8 @@ pub struct Planner {
     probing: bool,
     /// Whether any draft could pay, were every token accepted: probes are wasted otherwise.
     could_pay: bool,
+    /// Where what the pair shows is kept for later processes, and the pair's key there.
+    history: Option<(HistoryFile, String)>,
 }
 
 static PLANNERS: Mutex<Option<HashMap<Pair, Planner>>> = Mutex::new(None);
@@ -436,24 +454,50 @@ fn remembered(pair: Pair) -> Option<Planner> {
 
 impl Planner {
     /// The planner of `target` drafting with `draft` (prompt lookup when `None`), drafts of at most
-    /// `max_gamma` tokens: as the pair's last generation in this process left it, with the costs
-    /// measured at first use.
+    /// `max_gamma` tokens: as the pair's last generation in this process left it, else as the
+    /// pair's history in the cache folder says, with the costs measured at first use (or read).
     pub fn for_pair(target: &GptBigCode, draft: Option<&GptBigCode>, max_gamma: usize) -> Result<Planner> {
+        Planner::for_pair_in(target, draft, max_gamma, kernels::calibrate::cache_dir().as_deref())
+    }
+
+    /// [`Planner::for_pair`] with its files in `cache_dir` (none read or kept without one).
+    pub fn for_pair_in(
+        target: &GptBigCode,
+        draft: Option<&GptBigCode>,
+        max_gamma: usize,
+        cache_dir: Option<&Path>,
+    ) -> Result<Planner> {
         let pair = (target.id(), draft.map(GptBigCode::id));
-        let before = remembered(pair);
-        let costs = match &before {
+        let in_process = remembered(pair);
+        let costs = match &in_process {
             Some(planner) if planner.costs.widest() > max_gamma => planner.costs.clone(),
             _ => {
-                let cache = kernels::calibrate::cache_dir().map(|dir| dir.join(COSTS_FILE));
-                let (costs, cached) = Costs::measure_or_read(target, draft, max_gamma + 1, cache.as_deref())?;
+                let file = cache_dir.map(|dir| dir.join(COSTS_FILE));
+                let (costs, cached) = Costs::measure_or_read(target, draft, max_gamma + 1, file.as_deref())?;
                 tracing::debug!(?costs, cached, "speculation costs");
                 Arc::new(costs)
             }
         };
-        Ok(Planner::resumed(pair, before, costs, max_gamma))
+        let history = match (&in_process, cache_dir) {
+            (Some(planner), _) => planner.history.clone(),
+            (None, Some(dir)) => {
+                let draft = draft.map_or_else(|| "prompt lookup".to_string(), GptBigCode::content_key);
+                Some((HistoryFile::in_dir(dir), format!("{} drafted by {draft}", target.content_key())))
+            }
+            (None, None) => None,
+        };
+        let before = in_process.or_else(|| {
+            let (file, key) = history.as_ref()?;
+            let saved = file.read(key)?;
+            tracing::debug!(?saved, "what the draft pair showed before");
+            Some(Planner { history: history.clone(), ..Planner::from_saved(pair, &saved, costs.clone(), max_gamma) })
+        });
+        let mut planner = Planner::resumed(pair, before, costs, max_gamma);
+        planner.history = history;
+        Ok(planner)
     }
 
-    /// [`Planner::for_pair`] with given costs (what the pair showed before is kept).
+    /// [`Planner::for_pair`] with given costs (what the pair showed before in this process is kept).
     pub fn with_costs(pair: Pair, costs: Arc<Costs>, max_gamma: usize) -> Planner {
         Planner::resumed(pair, remembered(pair), costs, max_gamma)
     }
@@ -474,7 +518,37 @@ impl Planner {
                 planned: 0,
                 probing: false,
                 could_pay,
+                history: None,
             },
+        }
+    }
+
+    /// A planner that knows what an earlier process kept of the pair.
+    fn from_saved(pair: Pair, saved: &Saved, costs: Arc<Costs>, max_gamma: usize) -> Planner {
+        let acceptance = Acceptance {
+            prior: saved.acceptance,
+            prior_weight: saved.weight.min(HISTORY_WEIGHT),
+            ..Acceptance::default()
+        };
+        let wait = saved.probe_wait.clamp(PROBE_AFTER, PROBE_WAIT_MAX);
+        Planner {
+            acceptance,
+            lead_noise: LeadNoise { squares: saved.lead_squares, samples: saved.lead_samples },
+            probe: Probe { plain_rounds: saved.plain_rounds.min(wait), wait },
+            ..Planner::resumed(pair, None, costs, max_gamma)
+        }
+    }
+
+    /// What later processes are to know of the pair.
+    fn saved(&self) -> Saved {
+        let carried = self.acceptance.carried();
+        Saved {
+            acceptance: carried.prior,
+            weight: carried.prior_weight,
+            lead_squares: self.lead_noise.squares,
+            lead_samples: self.lead_noise.samples,
+            plain_rounds: self.probe.plain_rounds,
+            probe_wait: self.probe.wait,
         }
     }
 
@@ -536,10 +610,14 @@ impl Planner {
         self.lead_noise.observe(draft_leads, target_leads);
     }
 
-    /// Keeps what this generation showed for the pair's next one.
+    /// Keeps what this generation showed for the pair's next one, in this process and (at most
+    /// once a minute) in the cache folder.
     pub fn remember(&self) {
         tracing::debug!(acceptance = self.acceptance.estimate(), overrun = ?self.overrun, probe = ?self.probe, "drafting plan");
         PLANNERS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_default().insert(self.pair, self.clone());
+        if let Some((file, key)) = &self.history {
+            file.write(key, &self.saved());
+        }
     }
 }
 
@@ -578,6 +656,12 @@ mod tests {
     #[test]
     fn rounds_slower_than_priced_stop_the_drafting() {
         let costs = Costs::new(vec![(1, 1.0), (2, 1.05), (13, 1.6)], 0.1);
+        // Plain rounds slower than priced say nothing for drafting until a drafting round is seen.
+        let mut unseen = Overrun::default();
+        for _ in 0..20 {
+            unseen.observe(false, 1.0, 3.0);
+        }
+        assert_eq!([costs.best_gamma(0.2, &Overrun::default(), 12), costs.best_gamma(0.2, &unseen, 12)], [0, 0]);
         let mut overrun = Overrun::default();
         assert_eq!(costs.best_gamma(0.9, &overrun, 12), 8);
         overrun.observe(true, costs.round_seconds(8), 1.1 * costs.round_seconds(8));
@@ -754,6 +838,46 @@ mod tests {
         // A draft step as slow as a target step never pays: no probes.
         let mut hopeless = Planner::with_costs((pair.0, Some(pair.0)), Arc::new(Costs::new(vec![(1, 1.0)], 1.0)), 12);
         assert!((0..100).all(|_| hopeless.gamma() == 0));
+    }
+
+    /// The same checkpoint loaded anew (another id), as a later process has it.
+    fn reloaded(model: &GptBigCode) -> GptBigCode {
+        let copy = GptBigCode::new(model.config().clone(), tch::Device::Cpu).unwrap();
+        let weights = model.vars().variables();
+        tch::no_grad(|| {
+            for (name, mut var) in copy.vars().variables() {
+                var.copy_(&weights[&name]);
+            }
+        });
+        copy
+    }
+
+    /// What a pair showed is read by the next process that loads the same checkpoints (at most
+    /// once a minute per pair and process is it written), not by another pair of the same shapes.
+    #[test]
+    fn a_pair_is_known_to_the_next_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, draft) = (tiny_model(1, 2, 32), tiny_model(2, 1, 16));
+        let mut first = Planner::for_pair_in(&target, Some(&draft), 12, Some(dir.path())).unwrap();
+        assert_eq!(first.acceptance(), PRIOR_ACCEPTANCE);
+        for _ in 0..20 {
+            first.observe(4, 1, 1.0);
+            first.observe_leads(&[0.5], &[0.4]);
+        }
+        for _ in 0..30 {
+            first.gamma();
+        }
+        first.remember();
+        let next = Planner::for_pair_in(&reloaded(&target), Some(&reloaded(&draft)), 12, Some(dir.path())).unwrap();
+        assert!((next.acceptance() - first.acceptance.carried().estimate()).abs() < 1e-12, "{next:?}");
+        assert_eq!((&next.lead_noise, &next.probe), (&first.lead_noise, &first.probe));
+        assert!(!next.windowed(), "known");
+        let other = Planner::for_pair_in(&target, Some(&tiny_model(3, 1, 16)), 12, Some(dir.path())).unwrap();
+        assert_eq!(other.acceptance(), PRIOR_ACCEPTANCE, "other weights of the same shape");
+        let lookup = Planner::for_pair_in(&reloaded(&target), None, 12, Some(dir.path())).unwrap();
+        assert_eq!(lookup.acceptance(), PRIOR_ACCEPTANCE, "prompt lookup is another pair");
+        let elsewhere = Planner::for_pair_in(&reloaded(&target), Some(&reloaded(&draft)), 12, None).unwrap();
+        assert_eq!(elsewhere.acceptance(), PRIOR_ACCEPTANCE, "no folder, no history");
     }
 
     /// A pair drafts over a window of the newest tokens until the target has ruled on a few of its

@@ -465,6 +465,23 @@ impl GptBigCode {
         )
     }
 
+    /// [`speed_key`](Self::speed_key) and a digest of weights every precision keeps as they are (the
+    /// first position embeddings, the final LayerNorm): what tells one checkpoint from another.
+    pub fn content_key(&self) -> String {
+        let rows = self.config.n_positions.min(16);
+        let values = tch::no_grad(|| {
+            let parts = [self.wpe.narrow(0, 0, rows).reshape([-1]), self.ln_f.weight.copy(), self.ln_f.bias.copy()];
+            Tensor::cat(&parts, 0).to_kind(Kind::Float).to_device(Device::Cpu)
+        });
+        let values = Vec::<f32>::try_from(values).unwrap_or_default();
+        // FNV-1a: stable across builds and processes, unlike the standard library's hasher.
+        let digest = values
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+        format!("{} weights {digest:016x}", self.speed_key())
+    }
+
     /// Whether `other` is this model in another weight precision (a quantized or bf16 copy of the same
     /// checkpoint), so that it can attend to this model's keys and values: the same layer, head and
     /// embedding sizes, caches of the same dtype on the same device, and the same embeddings (which

@@ -18,6 +18,7 @@ pub mod gpt_bigcode;
 pub mod jsonl;
 pub mod kv_cache;
 mod load;
+pub mod pair_history;
 pub mod sampling;
 pub mod speculative;
 pub mod tokenizer;
