@@ -234,7 +234,8 @@ fn pair_key(target: &GptBigCode, draft: Option<&GptBigCode>) -> String {
 /// the last whole line of this machine and pair counts. Lines of others, that do not parse, or
 /// cut short (no newline: a write under way or interrupted) are skipped.
 fn read_costs(path: &Path, machine: &str, pair: &str) -> Option<Costs> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let bytes = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
     text.split_inclusive('\n').rev().find_map(|line| {
         let line = line.strip_suffix('\n')?;
         let [line_machine, line_pair, target, draft_step] = line.split('\t').collect::<Vec<_>>()[..] else {
@@ -394,7 +395,12 @@ impl Acceptance {
 
     /// The estimate.
     pub fn estimate(&self) -> f64 {
-        (self.accepted + self.prior * self.prior_weight) / (self.ruled + self.prior_weight)
+        let weight = self.ruled + self.prior_weight;
+        if weight > 0.0 {
+            (self.accepted + self.prior * self.prior_weight) / weight
+        } else {
+            self.prior
+        }
     }
 
     /// What a later generation starts from: this estimate, weighing as many draft tokens as were
@@ -407,6 +413,9 @@ impl Acceptance {
 
 /// How many draft tokens a pair's remembered acceptance weighs at the start of a generation.
 const HISTORY_WEIGHT: f64 = 24.0;
+
+/// How many samples of the lead noise a later process starts from, at most.
+const LEAD_SAMPLES_KEPT: f64 = 1024.0;
 
 /// [`Planner::judge`]'s ruling on a proposed draft token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -457,7 +466,9 @@ impl Planner {
     /// `max_gamma` tokens: as the pair's last generation in this process left it, else as the
     /// pair's history in the cache folder says, with the costs measured at first use (or read).
     pub fn for_pair(target: &GptBigCode, draft: Option<&GptBigCode>, max_gamma: usize) -> Result<Planner> {
-        Planner::for_pair_in(target, draft, max_gamma, kernels::calibrate::cache_dir().as_deref())
+        // Unit tests keep nothing: what one run's random pairs showed must not steer the next.
+        let cache_dir = if cfg!(test) { None } else { kernels::calibrate::cache_dir() };
+        Planner::for_pair_in(target, draft, max_gamma, cache_dir.as_deref())
     }
 
     /// [`Planner::for_pair`] with its files in `cache_dir` (none read or kept without one).
@@ -481,8 +492,8 @@ impl Planner {
         let history = match (&in_process, cache_dir) {
             (Some(planner), _) => planner.history.clone(),
             (None, Some(dir)) => {
-                let draft = draft.map_or_else(|| "prompt lookup".to_string(), GptBigCode::content_key);
-                Some((HistoryFile::in_dir(dir), format!("{} drafted by {draft}", target.content_key())))
+                let draft = draft.map_or_else(|| Ok("prompt lookup".to_string()), GptBigCode::content_key)?;
+                Some((HistoryFile::in_dir(dir), format!("{} drafted by {draft}", target.content_key()?)))
             }
             (None, None) => None,
         };
@@ -527,13 +538,16 @@ impl Planner {
     fn from_saved(pair: Pair, saved: &Saved, costs: Arc<Costs>, max_gamma: usize) -> Planner {
         let acceptance = Acceptance {
             prior: saved.acceptance,
-            prior_weight: saved.weight.min(HISTORY_WEIGHT),
+            prior_weight: saved.weight.clamp(1.0, HISTORY_WEIGHT),
             ..Acceptance::default()
         };
         let wait = saved.probe_wait.clamp(PROBE_AFTER, PROBE_WAIT_MAX);
+        // The noise as a mean over at most LEAD_SAMPLES_KEPT samples, so that new ones still move it.
+        let scale = (LEAD_SAMPLES_KEPT / saved.lead_samples).min(1.0);
+        let lead_noise = LeadNoise { squares: saved.lead_squares * scale, samples: saved.lead_samples * scale };
         Planner {
             acceptance,
-            lead_noise: LeadNoise { squares: saved.lead_squares, samples: saved.lead_samples },
+            lead_noise,
             probe: Probe { plain_rounds: saved.plain_rounds.min(wait), wait },
             ..Planner::resumed(pair, None, costs, max_gamma)
         }
@@ -878,6 +892,30 @@ mod tests {
         assert_eq!(lookup.acceptance(), PRIOR_ACCEPTANCE, "prompt lookup is another pair");
         let elsewhere = Planner::for_pair_in(&reloaded(&target), Some(&reloaded(&draft)), 12, None).unwrap();
         assert_eq!(elsewhere.acceptance(), PRIOR_ACCEPTANCE, "no folder, no history");
+        // A checkpoint that differs from another in one layer's weights only is another.
+        let tuned = reloaded(&draft);
+        tch::no_grad(|| {
+            let mut weight = tuned.vars().variables()["transformer.h.0.attn.c_attn.weight"].shallow_clone();
+            let changed = &weight * 2.0;
+            weight.copy_(&changed);
+        });
+        assert_ne!(tuned.content_key().unwrap(), draft.content_key().unwrap());
+        assert_eq!(reloaded(&draft).content_key().unwrap(), draft.content_key().unwrap());
+        // What a file says is taken within bounds: a weight of at most a history's, a mean of the
+        // lead noise over at most LEAD_SAMPLES_KEPT samples, a wait within the probe schedule's.
+        let wild = Saved {
+            acceptance: 0.5,
+            weight: 1e9,
+            lead_squares: 1e6,
+            lead_samples: 1e8,
+            plain_rounds: 5000,
+            probe_wait: 1,
+        };
+        let costs = Arc::new(Costs::new(vec![(1, 1.0)], 0.5));
+        let tamed = Planner::from_saved((u64::MAX - 17, None), &wild, costs, 12);
+        assert_eq!(tamed.acceptance.prior_weight, HISTORY_WEIGHT);
+        assert_eq!((tamed.lead_noise.samples, tamed.lead_noise.squares), (LEAD_SAMPLES_KEPT, 10.24));
+        assert_eq!(tamed.probe, Probe { plain_rounds: PROBE_AFTER, wait: PROBE_AFTER });
     }
 
     /// A pair drafts over a window of the newest tokens until the target has ruled on a few of its

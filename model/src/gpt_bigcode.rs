@@ -465,21 +465,25 @@ impl GptBigCode {
         )
     }
 
-    /// [`speed_key`](Self::speed_key) and a digest of weights every precision keeps as they are (the
-    /// first position embeddings, the final LayerNorm): what tells one checkpoint from another.
-    pub fn content_key(&self) -> String {
-        let rows = self.config.n_positions.min(16);
-        let values = tch::no_grad(|| {
-            let parts = [self.wpe.narrow(0, 0, rows).reshape([-1]), self.ln_f.weight.copy(), self.ln_f.bias.copy()];
-            Tensor::cat(&parts, 0).to_kind(Kind::Float).to_device(Device::Cpu)
-        });
-        let values = Vec::<f32>::try_from(values).unwrap_or_default();
+    /// [`speed_key`](Self::speed_key) and a digest of what the weights make of a fixed input (the
+    /// first 64 logits after 4 tokens, to 7 bits of mantissa, so that a change of kernel does not
+    /// change it): what tells one checkpoint from another, whichever of its weights differ (a
+    /// fine-tune that froze the embeddings, a merged adapter).
+    pub fn content_key(&self) -> Result<String> {
+        let vocab = self.config.vocab_size;
+        let logits = tch::no_grad(|| -> Result<Vec<f32>> {
+            let ids: Vec<i64> = (1..=4).map(|id| id % vocab).collect();
+            let mut cache = self.new_cache(1, 4)?;
+            let input = Tensor::from_slice(&ids).to_device(self.device()).unsqueeze(0);
+            let logits = self.forward_next(&input, &mut cache)?.reshape([-1]).narrow(0, 0, vocab.min(64));
+            Ok(Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu))?)
+        })?;
         // FNV-1a: stable across builds and processes, unlike the standard library's hasher.
-        let digest = values
+        let digest = logits
             .iter()
-            .flat_map(|v| v.to_bits().to_le_bytes())
+            .flat_map(|logit| (logit.to_bits() & 0xffff_0000).to_le_bytes())
             .fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
-        format!("{} weights {digest:016x}", self.speed_key())
+        Ok(format!("{} weights {digest:016x}", self.speed_key()))
     }
 
     /// Whether `other` is this model in another weight precision (a quantized or bf16 copy of the same

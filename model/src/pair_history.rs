@@ -52,7 +52,8 @@ impl HistoryFile {
 
     /// The pair's last history, if the file holds a whole, sound line of it.
     pub fn read(&self, pair: &str) -> Option<Saved> {
-        let text = std::fs::read_to_string(&self.path).ok()?;
+        let bytes = std::fs::read(&self.path).ok()?;
+        let text = String::from_utf8_lossy(&bytes);
         let lines: Vec<&str> = text.split_inclusive('\n').filter_map(|line| line.strip_suffix('\n')).collect();
         if lines.len() > COMPACT_ABOVE {
             self.compact(&lines);
@@ -100,8 +101,16 @@ impl HistoryFile {
         let mut kept: Vec<usize> = last.into_values().collect();
         kept.sort_unstable();
         let text: String = kept.iter().rev().take(KEPT_PAIRS).rev().map(|&at| format!("{}\n", lines[at])).collect();
-        let fresh = self.path.with_extension(format!("tsv.{}", std::process::id()));
-        let result = std::fs::write(&fresh, text).and_then(|()| std::fs::rename(&fresh, &self.path));
+        // A name of this process, thread and moment, created only if new: two compactions never share it.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let thread = format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_digit(), "");
+        let fresh = self.path.with_extension(format!("tsv.{}.{thread}.{nanos}", std::process::id()));
+        let result = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&fresh)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, text.as_bytes()))
+            .and_then(|()| std::fs::rename(&fresh, &self.path));
         if let Err(error) = result {
             let _ = std::fs::remove_file(&fresh);
             tracing::warn!(path = %self.path.display(), %error, "draft pair histories not compacted");
@@ -122,7 +131,7 @@ fn parse(line: &str, pair: &str) -> Option<Saved> {
     let number = |text: &str| text.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
     let saved = Saved {
         acceptance: number(acceptance).filter(|&a| a <= 1.0)?,
-        weight: number(weight)?,
+        weight: number(weight).filter(|&w| w >= 1.0)?,
         lead_squares: number(squares)?,
         lead_samples: number(samples)?,
         plain_rounds: plain_rounds.parse().ok()?,
@@ -163,12 +172,16 @@ mod tests {
             assert_eq!(file.read("a"), expected, "{text:?}");
         };
         check(format!("{good}\n"), Some(GOOD));
+        check(format!("\u{ff}\u{fe}garbage\n{good}\n"), Some(GOOD));
+        std::fs::write(&file.path, [b"\xff\xfe\n".as_slice(), good.as_bytes(), b"\n"].concat()).unwrap();
+        assert_eq!(file.read("a"), Some(GOOD), "bytes that are not UTF-8 spoil only their line");
         check(format!("{good}\na\t0.9\t24\t0.5\t40\t100\t1024\n"), Some(Saved { acceptance: 0.9, ..GOOD }));
         for bad in [
             "a\t0.9\t24\t0.5\t40\t100\t1024",      // cut short: no newline
             "a\t1.5\t24\t0.5\t40\t100\t1024\n",    // acceptance above 1
             "a\tNaN\t24\t0.5\t40\t100\t1024\n",    // not a number
             "a\t0.9\t-1\t0.5\t40\t100\t1024\n",    // negative weight
+            "a\t0.9\t0\t0.5\t40\t100\t1024\n",     // a weight of nothing
             "a\t0.9\t24\t0.5\t40\t2000\t1024\n",   // more plain rounds than the wait
             "a\t0.9\t24\t0.5\t40\t100\n",          // a field short
             "a\t0.9\t24\t0.5\t40\t100\t1024\tx\n", // a field too many
@@ -199,6 +212,7 @@ mod tests {
         assert!(file.read("pair 0").is_some(), "read before the rewrite");
         let compacted = std::fs::read_to_string(&file.path).unwrap();
         assert_eq!(compacted.lines().count(), KEPT_PAIRS);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no file left beside it");
         assert!(file.read("pair 0").is_none() && file.read(&format!("pair {COMPACT_ABOVE}")).is_some());
     }
 }

@@ -713,6 +713,17 @@ mod tests {
         assert_eq!(out.generation.tokens, expected, "{:?}", out.stats);
         let whole = session.draft_cache.as_ref().unwrap();
         assert!(whole.start() == 0 && whole.len() > prompt.len() as i64, "{} + {}", whole.start(), whole.len());
+        // A pair not known yet drafts over the window too, on the prior's word.
+        let unknown = model(5, 1, 32, 97, 0.3);
+        Planner::with_costs((target.id(), Some(unknown.id())), costs.clone(), 12).remember();
+        let drafter = Drafter::Model(&unknown);
+        let mut session = Session::new(&target, &drafter).unwrap();
+        let short = SpeculativeConfig { max_new_tokens: 3, ..SpeculativeConfig::default() };
+        let out = generate_in(&mut session, &target, &drafter, &prompt, &short, &mut NoStop).unwrap();
+        assert_eq!(out.generation.tokens, expected[..3], "{:?}", out.stats);
+        assert_eq!(out.stats.drafted, 1, "{:?}", out.stats);
+        let window = session.draft_cache.as_ref().unwrap();
+        assert!(window.start() >= (prompt.len() - PROBE_CONTEXT) as i64, "{}", window.start());
     }
 
     /// A kept session prefills only where a prompt departs from the last sequence, and its output is
