@@ -491,9 +491,11 @@ impl Planner {
         };
         let history = match (&in_process, cache_dir) {
             (Some(planner), _) => planner.history.clone(),
+            // A model too short for the digest's input keeps no history.
             (None, Some(dir)) => {
-                let draft = draft.map_or_else(|| Ok("prompt lookup".to_string()), GptBigCode::content_key)?;
-                Some((HistoryFile::in_dir(dir), format!("{} drafted by {draft}", target.content_key()?)))
+                let draft = draft.map_or_else(|| Ok("prompt lookup".to_string()), GptBigCode::content_key).ok();
+                let key = draft.zip(target.content_key().ok()).map(|(d, t)| format!("{t} drafted by {d}"));
+                key.map(|key| (HistoryFile::in_dir(dir), key))
             }
             (None, None) => None,
         };
