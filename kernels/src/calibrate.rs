@@ -418,6 +418,11 @@ fn append_one_row_cache(path: &Path, machine: &str, m: &OneRowMeasurement) -> st
     )
 }
 
+/// FNV-1a of `bytes`: stable across builds and processes, unlike the standard library's hasher.
+pub fn digest(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
+}
+
 /// Where timings are kept: `$WIZARD_CACHE_DIR`, else `$XDG_CACHE_HOME/wizard`, else
 /// `~/.cache/wizard`.
 pub fn cache_dir() -> Option<PathBuf> {
@@ -527,9 +532,7 @@ pub fn machine_key() -> String {
                 })
                 .unwrap_or_default()
         };
-        // FNV-1a: stable across builds, unlike the standard library's hasher.
-        let flags =
-            field("flags").bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+        let flags = digest(field("flags").bytes());
         let pages = if crate::memory::huge_pages_granted() { "2 MiB pages" } else { "4 KiB pages" };
         (
             format!("{} (flags {flags:016x})", field("model name")),

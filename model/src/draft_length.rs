@@ -11,7 +11,7 @@ use std::time::Instant;
 use tch::Tensor;
 
 use crate::gpt_bigcode::GptBigCode;
-use crate::pair_history::{HistoryFile, Saved};
+use crate::pair_history::{non_negative, whole_lines, HistoryFile, Saved};
 use crate::Result;
 
 /// Drafting must promise this much over plain steps to be chosen: what the model leaves out
@@ -226,36 +226,36 @@ const COSTS_VERSION: u32 = 1;
 
 /// The models of a pair as [`Costs`] in the cache file know them.
 fn pair_key(target: &GptBigCode, draft: Option<&GptBigCode>) -> String {
-    let draft = draft.map_or_else(|| "prompt lookup".to_string(), GptBigCode::speed_key);
-    format!("costs v{COSTS_VERSION}: {} drafted by {draft}", target.speed_key())
+    format!("costs v{COSTS_VERSION}: {}", drafted_by(target.speed_key(), draft.map(GptBigCode::speed_key)))
+}
+
+/// A pair's key from its models' keys (none for prompt lookup).
+fn drafted_by(target: String, draft: Option<String>) -> String {
+    format!("{target} drafted by {}", draft.as_deref().unwrap_or("prompt lookup"))
 }
 
 /// Lines `machine \t pair \t width:seconds … \t draft step seconds`, widths increasing from 1;
 /// the last whole line of this machine and pair counts. Lines of others, that do not parse, or
 /// cut short (no newline: a write under way or interrupted) are skipped.
 fn read_costs(path: &Path, machine: &str, pair: &str) -> Option<Costs> {
-    let bytes = std::fs::read(path).ok()?;
-    let text = String::from_utf8_lossy(&bytes);
-    text.split_inclusive('\n').rev().find_map(|line| {
-        let line = line.strip_suffix('\n')?;
+    whole_lines(path)?.iter().rev().find_map(|line| {
         let [line_machine, line_pair, target, draft_step] = line.split('\t').collect::<Vec<_>>()[..] else {
             return None;
         };
         if line_machine != machine || line_pair != pair {
             return None;
         }
-        let seconds = |text: &str| text.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0);
         let target = target
             .split(' ')
             .map(|pass| {
                 let (width, time) = pass.split_once(':')?;
-                Some((width.parse::<usize>().ok().filter(|&w| w > 0)?, seconds(time).filter(|&s| s > 0.0)?))
+                Some((width.parse::<usize>().ok().filter(|&w| w > 0)?, non_negative(time).filter(|&s| s > 0.0)?))
             })
             .collect::<Option<Vec<_>>>()?;
         if target.first().map(|&(width, _)| width) != Some(1) || target.windows(2).any(|w| w[0].0 >= w[1].0) {
             return None;
         }
-        Some(Costs::new(target, seconds(draft_step)?))
+        Some(Costs::new(target, non_negative(draft_step)?))
     })
 }
 
@@ -275,9 +275,9 @@ fn append_costs(path: &Path, machine: &str, pair: &str, costs: &Costs) -> std::i
 /// theirs made a pair that never pays draft again in each new process).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Overrun {
-    drafting: f64,
+    /// None until a drafting round is seen.
+    drafting: Option<f64>,
     plain: f64,
-    drafting_seen: bool,
 }
 
 const OVERRUN_WEIGHT: f64 = 0.2;
@@ -285,26 +285,19 @@ const OVERRUN_CLAMP: (f64, f64) = (0.5, 4.0);
 
 impl Default for Overrun {
     fn default() -> Overrun {
-        Overrun { drafting: 1.0, plain: 1.0, drafting_seen: false }
+        Overrun { drafting: None, plain: 1.0 }
     }
 }
 
 impl Overrun {
     /// How much longer drafting rounds take than priced.
     fn drafting(&self) -> f64 {
-        if self.drafting_seen {
-            self.drafting
-        } else {
-            self.plain
-        }
+        self.drafting.unwrap_or(self.plain)
     }
 
     /// Counts a round the model priced at `predicted` seconds that took `actual`.
     pub fn observe(&mut self, drafted: bool, predicted: f64, actual: f64) {
-        if drafted && !self.drafting_seen {
-            (self.drafting, self.drafting_seen) = (self.plain, true);
-        }
-        let ratio = if drafted { &mut self.drafting } else { &mut self.plain };
+        let ratio = if drafted { self.drafting.get_or_insert(self.plain) } else { &mut self.plain };
         if predicted > 0.0 && actual.is_finite() {
             let seen = (actual / predicted).clamp(OVERRUN_CLAMP.0, OVERRUN_CLAMP.1);
             *ratio = (ratio.ln() * (1.0 - OVERRUN_WEIGHT) + seen.ln() * OVERRUN_WEIGHT).exp();
@@ -493,8 +486,8 @@ impl Planner {
             (Some(planner), _) => planner.history.clone(),
             // A model too short for the digest's input keeps no history.
             (None, Some(dir)) => {
-                let draft = draft.map_or_else(|| Ok("prompt lookup".to_string()), GptBigCode::content_key).ok();
-                let key = draft.zip(target.content_key().ok()).map(|(d, t)| format!("{t} drafted by {d}"));
+                let draft = draft.map(GptBigCode::content_key).transpose().ok();
+                let key = target.content_key().ok().zip(draft).map(|(target, draft)| drafted_by(target, draft));
                 key.map(|key| (HistoryFile::in_dir(dir), key))
             }
             (None, None) => None,
@@ -692,7 +685,7 @@ mod tests {
         }
         assert!(costs.best_gamma(0.9, &overrun, 12) > 0, "{overrun:?}");
         overrun.observe(true, 0.0, 1.0);
-        assert!(overrun.drafting.is_finite());
+        assert!(overrun.drafting().is_finite());
         // A round the machine preempted (50 times its price) moves the estimate a little, briefly.
         let mut steady = Overrun::default();
         steady.observe(false, 1.0, 50.0);
@@ -856,18 +849,6 @@ mod tests {
         assert!((0..100).all(|_| hopeless.gamma() == 0));
     }
 
-    /// The same checkpoint loaded anew (another id), as a later process has it.
-    fn reloaded(model: &GptBigCode) -> GptBigCode {
-        let copy = GptBigCode::new(model.config().clone(), tch::Device::Cpu).unwrap();
-        let weights = model.vars().variables();
-        tch::no_grad(|| {
-            for (name, mut var) in copy.vars().variables() {
-                var.copy_(&weights[&name]);
-            }
-        });
-        copy
-    }
-
     /// What a pair showed is read by the next process that loads the same checkpoints (at most
     /// once a minute per pair and process is it written), not by another pair of the same shapes.
     #[test]
@@ -884,25 +865,25 @@ mod tests {
             first.gamma();
         }
         first.remember();
-        let next = Planner::for_pair_in(&reloaded(&target), Some(&reloaded(&draft)), 12, Some(dir.path())).unwrap();
+        let next = Planner::for_pair_in(&target.reloaded(), Some(&draft.reloaded()), 12, Some(dir.path())).unwrap();
         assert!((next.acceptance() - first.acceptance.carried().estimate()).abs() < 1e-12, "{next:?}");
         assert_eq!((&next.lead_noise, &next.probe), (&first.lead_noise, &first.probe));
         assert!(!next.windowed(), "known");
         let other = Planner::for_pair_in(&target, Some(&tiny_model(3, 1, 16)), 12, Some(dir.path())).unwrap();
         assert_eq!(other.acceptance(), PRIOR_ACCEPTANCE, "other weights of the same shape");
-        let lookup = Planner::for_pair_in(&reloaded(&target), None, 12, Some(dir.path())).unwrap();
+        let lookup = Planner::for_pair_in(&target.reloaded(), None, 12, Some(dir.path())).unwrap();
         assert_eq!(lookup.acceptance(), PRIOR_ACCEPTANCE, "prompt lookup is another pair");
-        let elsewhere = Planner::for_pair_in(&reloaded(&target), Some(&reloaded(&draft)), 12, None).unwrap();
+        let elsewhere = Planner::for_pair_in(&target.reloaded(), Some(&draft.reloaded()), 12, None).unwrap();
         assert_eq!(elsewhere.acceptance(), PRIOR_ACCEPTANCE, "no folder, no history");
         // A checkpoint that differs from another in one layer's weights only is another.
-        let tuned = reloaded(&draft);
+        let tuned = draft.reloaded();
         tch::no_grad(|| {
             let mut weight = tuned.vars().variables()["transformer.h.0.attn.c_attn.weight"].shallow_clone();
             let changed = &weight * 2.0;
             weight.copy_(&changed);
         });
         assert_ne!(tuned.content_key().unwrap(), draft.content_key().unwrap());
-        assert_eq!(reloaded(&draft).content_key().unwrap(), draft.content_key().unwrap());
+        assert_eq!(draft.reloaded().content_key().unwrap(), draft.content_key().unwrap());
         // What a file says is taken within bounds: a weight of at most a history's, a mean of the
         // lead noise over at most LEAD_SAMPLES_KEPT samples, a wait within the probe schedule's.
         let wild = Saved {

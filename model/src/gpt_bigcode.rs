@@ -478,12 +478,21 @@ impl GptBigCode {
             let logits = self.forward_next(&input, &mut cache)?.reshape([-1]).narrow(0, 0, vocab.min(64));
             Ok(Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu))?)
         })?;
-        // FNV-1a: stable across builds and processes, unlike the standard library's hasher.
-        let digest = logits
-            .iter()
-            .flat_map(|logit| (logit.to_bits() & 0xffff_0000).to_le_bytes())
-            .fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+        let digest = kernels::calibrate::digest(logits.iter().flat_map(|l| (l.to_bits() & 0xffff_0000).to_le_bytes()));
         Ok(format!("{} weights {digest:016x}", self.speed_key()))
+    }
+
+    /// The same checkpoint made anew (another [`id`](Self::id)), as a later process loads it.
+    #[cfg(test)]
+    pub(crate) fn reloaded(&self) -> GptBigCode {
+        let copy = GptBigCode::new(self.config.clone(), self.device()).unwrap();
+        let weights = self.vars.variables();
+        tch::no_grad(|| {
+            for (name, mut var) in copy.vars.variables() {
+                var.copy_(&weights[&name]);
+            }
+        });
+        copy
     }
 
     /// Whether `other` is this model in another weight precision (a quantized or bf16 copy of the same

@@ -52,9 +52,7 @@ impl HistoryFile {
 
     /// The pair's last history, if the file holds a whole, sound line of it.
     pub fn read(&self, pair: &str) -> Option<Saved> {
-        let bytes = std::fs::read(&self.path).ok()?;
-        let text = String::from_utf8_lossy(&bytes);
-        let lines: Vec<&str> = text.split_inclusive('\n').filter_map(|line| line.strip_suffix('\n')).collect();
+        let lines = whole_lines(&self.path)?;
         if lines.len() > COMPACT_ABOVE {
             self.compact(&lines);
         }
@@ -89,7 +87,7 @@ impl HistoryFile {
 
     /// Rewrites the file with the last sound line of each pair written lately, through a new file
     /// renamed over it.
-    fn compact(&self, lines: &[&str]) {
+    fn compact(&self, lines: &[String]) {
         let mut last: HashMap<&str, usize> = HashMap::new();
         for (at, line) in lines.iter().enumerate() {
             if let Some((pair, _)) = line.split_once('\t') {
@@ -118,6 +116,19 @@ impl HistoryFile {
     }
 }
 
+/// The lines of a cache file that end in a newline (a last line without one is being written or
+/// was cut short), read lossily: bytes that are not UTF-8 spoil only their line.
+pub(crate) fn whole_lines(path: &Path) -> Option<Vec<String>> {
+    let bytes = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    Some(text.split_inclusive('\n').filter_map(|line| line.strip_suffix('\n')).map(str::to_string).collect())
+}
+
+/// A finite number of at least 0.
+pub(crate) fn non_negative(text: &str) -> Option<f64> {
+    text.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0)
+}
+
 /// A line's history if it is `pair`'s and every field is in range.
 fn parse(line: &str, pair: &str) -> Option<Saved> {
     let [line_pair, acceptance, weight, squares, samples, plain_rounds, wait] =
@@ -128,12 +139,11 @@ fn parse(line: &str, pair: &str) -> Option<Saved> {
     if line_pair != pair {
         return None;
     }
-    let number = |text: &str| text.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
     let saved = Saved {
-        acceptance: number(acceptance).filter(|&a| a <= 1.0)?,
-        weight: number(weight).filter(|&w| w >= 1.0)?,
-        lead_squares: number(squares)?,
-        lead_samples: number(samples)?,
+        acceptance: non_negative(acceptance).filter(|&a| a <= 1.0)?,
+        weight: non_negative(weight).filter(|&w| w >= 1.0)?,
+        lead_squares: non_negative(squares)?,
+        lead_samples: non_negative(samples)?,
         plain_rounds: plain_rounds.parse().ok()?,
         probe_wait: wait.parse().ok()?,
     };
