@@ -547,9 +547,8 @@ pub fn machine_key() -> String {
 /// libtorch µs (the same) \t panels µs (the same)`; lines of other machines, or that do not parse,
 /// are skipped.
 fn read_cache(path: &Path, machine: &str) -> HashMap<Shape, Measurement> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut known = HashMap::new();
-    for line in text.lines() {
+    for line in whole_lines(path).unwrap_or_default() {
         let fields: Vec<&str> = line.split('\t').collect();
         let [key, kind, out, in_features, choice, ref times @ ..] = fields[..] else { continue };
         if times.len() != 3 * ROWS.len() {
@@ -611,6 +610,28 @@ fn append_cache(path: &Path, machine: &str, measurements: &[Measurement]) -> std
     append_lines(path, &lines)
 }
 
+/// The most of a cache file that is read: its newest lines (a file that nothing compacts, or that
+/// something else filled, must not fill memory).
+const CACHE_READ_BYTES: u64 = 4 << 20;
+
+/// The lines of a cache file that end in a newline (a last line without one is being written or
+/// was cut short), read lossily (bytes that are not UTF-8 spoil only their line), of its last
+/// [`CACHE_READ_BYTES`] at most.
+pub fn whole_lines(path: &Path) -> Option<Vec<String>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let skipped = file.metadata().ok()?.len().saturating_sub(CACHE_READ_BYTES);
+    file.seek(SeekFrom::Start(skipped)).ok()?;
+    let mut bytes = Vec::new();
+    file.take(CACHE_READ_BYTES).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines = text.split_inclusive('\n');
+    if skipped > 0 {
+        lines.next(); // begun before what was read
+    }
+    Some(lines.filter_map(|line| line.strip_suffix('\n')).map(str::to_string).collect())
+}
+
 /// Appends `lines` to the cache file `path`, creating it and its folder if missing.
 pub fn append_lines(path: &Path, lines: &str) -> std::io::Result<()> {
     use std::io::Write;
@@ -643,7 +664,8 @@ mod tests {
         // Panels are timed where the kernel runs.
         let timed = |m: &Measurement| m.panels_us.iter().all(|t| t.is_finite() && *t > 0.0);
         assert!(first.iter().all(|m| timed(m) == crate::linear::few_row_kernel_available()), "{first:?}");
-        std::fs::write(&cache, std::fs::read_to_string(&cache).unwrap() + "garbage line\n").unwrap();
+        // A line of bytes that are not UTF-8 spoils only itself.
+        std::fs::write(&cache, [b"\xff\xfe garbage\n".as_slice(), &std::fs::read(&cache).unwrap()].concat()).unwrap();
         let second = calibrate(&refs, Some(&cache));
         assert!(second.iter().all(|m| m.cached), "{second:?}");
         for (a, b) in first.iter().zip(&second) {
@@ -655,6 +677,31 @@ mod tests {
             assert!(a.panels_us.iter().zip(&b.panels_us).all(|(x, y)| x == y || (x - y).abs() < 0.006), "{a:?} {b:?}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A cache file is read as whole lines of its newest [`CACHE_READ_BYTES`].
+    #[test]
+    fn cache_files_are_read_as_whole_newest_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.tsv");
+        let check = |bytes: &[u8], expected: Option<Vec<&str>>| {
+            std::fs::write(&path, bytes).unwrap();
+            let expected = expected.map(|lines| lines.iter().map(|line| line.to_string()).collect());
+            assert_eq!(whole_lines(&path), expected, "{:?}", String::from_utf8_lossy(&bytes[..bytes.len().min(64)]));
+        };
+        check(b"a\nb\n", Some(vec!["a", "b"]));
+        check(b"a\nb", Some(vec!["a"]));
+        check(b"a\n\xff\n", Some(vec!["a", "\u{fffd}"]));
+        let line = "x".repeat(99) + "\n";
+        let mut big = line.repeat((CACHE_READ_BYTES as usize).div_ceil(100) + 10).into_bytes();
+        big.extend_from_slice(b"newest\n");
+        std::fs::write(&path, &big).unwrap();
+        let lines = whole_lines(&path).unwrap();
+        assert_eq!(lines.last().map(String::as_str), Some("newest"));
+        assert!(
+            lines.len() * 100 <= CACHE_READ_BYTES as usize && lines[..lines.len() - 1].iter().all(|l| l.len() == 99)
+        );
+        assert_eq!(whole_lines(&dir.path().join("missing.tsv")), None);
     }
 
     /// libtorch only where clearly faster for a step and a batch; panels where a prefill chunk gains

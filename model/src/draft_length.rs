@@ -11,8 +11,9 @@ use std::time::Instant;
 use tch::Tensor;
 
 use crate::gpt_bigcode::GptBigCode;
-use crate::pair_history::{non_negative, whole_lines, HistoryFile, Saved};
+use crate::pair_history::{non_negative, HistoryFile, Saved};
 use crate::Result;
+use kernels::calibrate::whole_lines;
 
 /// Drafting must promise this much over plain steps to be chosen: what the model leaves out
 /// (sampling the draft, rolling caches back) costs a few percent.
@@ -249,14 +250,21 @@ fn read_costs(path: &Path, machine: &str, pair: &str) -> Option<Costs> {
             .split(' ')
             .map(|pass| {
                 let (width, time) = pass.split_once(':')?;
-                Some((width.parse::<usize>().ok().filter(|&w| w > 0)?, non_negative(time).filter(|&s| s > 0.0)?))
+                Some((width.parse::<usize>().ok().filter(|&w| w > 0)?, seconds(time).filter(|&s| s > 0.0)?))
             })
             .collect::<Option<Vec<_>>>()?;
         if target.first().map(|&(width, _)| width) != Some(1) || target.windows(2).any(|w| w[0].0 >= w[1].0) {
             return None;
         }
-        Some(Costs::new(target, non_negative(draft_step)?))
+        Some(Costs::new(target, seconds(draft_step)?))
     })
+}
+
+/// A time as a cache file may give it: nothing (prompt lookup's draft step), or from a tenth of a
+/// microsecond to an hour (what lies outside would be kept and trusted for good, as costs are
+/// timed again only for a wider draft).
+fn seconds(text: &str) -> Option<f64> {
+    non_negative(text).filter(|&s| s == 0.0 || (1e-7..=3600.0).contains(&s))
 }
 
 fn append_costs(path: &Path, machine: &str, pair: &str, costs: &Costs) -> std::io::Result<()> {
@@ -766,6 +774,8 @@ mod tests {
             format!("{machine}\t{pair}\t2:0.6 5:0.9\t0.1"),
             format!("{machine}\t{pair}\t1:NaN\t0.1"),
             format!("{machine}\t{pair}\t1:0.5\t-1"),
+            format!("{machine}\t{pair}\t1:1e-300\t0.1"),
+            format!("{machine}\t{pair}\t1:0.5\t1e9"),
             format!("{machine}\t{pair}\t0:0.5 1:0.5\t0.1"),
             format!("{machine}\t{pair}\t1:0.5\t0.1\textra"),
             format!("{machine}\t{pair}\t1:0.5 1:0.6 5:0.9\t0.1"),

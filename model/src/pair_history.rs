@@ -52,7 +52,7 @@ impl HistoryFile {
 
     /// The pair's last history, if the file holds a whole, sound line of it.
     pub fn read(&self, pair: &str) -> Option<Saved> {
-        let lines = whole_lines(&self.path)?;
+        let lines = kernels::calibrate::whole_lines(&self.path)?;
         if lines.len() > COMPACT_ABOVE {
             self.compact(&lines);
         }
@@ -116,18 +116,14 @@ impl HistoryFile {
     }
 }
 
-/// The lines of a cache file that end in a newline (a last line without one is being written or
-/// was cut short), read lossily: bytes that are not UTF-8 spoil only their line.
-pub(crate) fn whole_lines(path: &Path) -> Option<Vec<String>> {
-    let bytes = std::fs::read(path).ok()?;
-    let text = String::from_utf8_lossy(&bytes);
-    Some(text.split_inclusive('\n').filter_map(|line| line.strip_suffix('\n')).map(str::to_string).collect())
-}
-
 /// A finite number of at least 0.
 pub(crate) fn non_negative(text: &str) -> Option<f64> {
     text.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0)
 }
+
+/// The largest mean square of the leads' strays a history may hold (a spread of 100 logits): a
+/// larger one would make every drafted token a coin toss for good.
+const MEAN_SQUARE_STRAY_MAX: f64 = 1e4;
 
 /// A line's history if it is `pair`'s and every field is in range.
 fn parse(line: &str, pair: &str) -> Option<Saved> {
@@ -147,7 +143,8 @@ fn parse(line: &str, pair: &str) -> Option<Saved> {
         plain_rounds: plain_rounds.parse().ok()?,
         probe_wait: wait.parse().ok()?,
     };
-    (saved.plain_rounds <= saved.probe_wait).then_some(saved)
+    let plausible_noise = saved.lead_squares <= MEAN_SQUARE_STRAY_MAX * saved.lead_samples;
+    (saved.plain_rounds <= saved.probe_wait && plausible_noise).then_some(saved)
 }
 
 #[cfg(test)]
@@ -193,6 +190,8 @@ mod tests {
             "a\t0.9\t-1\t0.5\t40\t100\t1024\n",    // negative weight
             "a\t0.9\t0\t0.5\t40\t100\t1024\n",     // a weight of nothing
             "a\t0.9\t24\t0.5\t40\t2000\t1024\n",   // more plain rounds than the wait
+            "a\t0.9\t24\t1e300\t0\t100\t1024\n",   // strays without samples
+            "a\t0.9\t24\t1e9\t40\t100\t1024\n",    // strays of hundreds of logits
             "a\t0.9\t24\t0.5\t40\t100\n",          // a field short
             "a\t0.9\t24\t0.5\t40\t100\t1024\tx\n", // a field too many
             "b\t0.9\t24\t0.5\t40\t100\t1024\n",    // another pair
