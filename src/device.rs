@@ -48,7 +48,7 @@ pub fn weight_precision(dtype: Option<&str>, device: Device, dir: &Path) -> anyh
 }
 
 /// The weights of the model and of its draft (`--draft`): [`weight_precision`], and for the draft
-/// `--draft-dtype`, else `--dtype`, else what a quantized draft directory holds, else the model's.
+/// `--draft-dtype`, else what a quantized draft directory holds, else the model's.
 pub fn model_and_draft_precisions(
     dtype: Option<&str>,
     draft_dtype: Option<&str>,
@@ -58,7 +58,7 @@ pub fn model_and_draft_precisions(
 ) -> anyhow::Result<(Precision, Precision)> {
     let precision = weight_precision(dtype, device, dir)?;
     let draft_precision = match draft {
-        Some(draft) => precision_of(draft_dtype.or(dtype), device, draft, precision)?,
+        Some(draft) => precision_of(draft_dtype, device, draft, precision)?,
         None => precision,
     };
     Ok((precision, draft_precision))

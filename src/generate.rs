@@ -101,6 +101,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let completion = if args.draft.is_some() || args.prompt_lookup {
         let draft = args.draft.as_ref().map(|dir| load_model(dir, draft_precision, device)).transpose()?;
+        if let (Some(draft), Some(dir)) = (&draft, &args.draft) {
+            let (theirs, ours) = (draft.config().vocab_size, model.config().vocab_size);
+            anyhow::ensure!(
+                theirs == ours,
+                "--draft {}: its vocabulary ({theirs}) differs from that of the model in {} ({ours})",
+                dir.display(),
+                args.model.display()
+            );
+        }
         let drafter = match &draft {
             Some(model) => Drafter::Model(model),
             None => Drafter::PromptLookup { max_ngram: 3 },

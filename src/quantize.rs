@@ -24,6 +24,21 @@ pub struct Args {
 const CARRIED: [&str; 5] =
     ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "vocab.json"];
 
+/// The quantized directory: the carried files, then the weights, then config.json, each written
+/// beside its place and renamed over it, so that a file there (a hard link to the source's, a
+/// symbolic link) is replaced, never written through, and a failure leaves no torn file.
+fn write_directory(model: &GptBigCode, args: &Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    for name in CARRIED {
+        let from = args.model.join(name);
+        if from.exists() {
+            model::files::replace_with(&args.out.join(name), |to| std::fs::copy(&from, to).map(drop))
+                .with_context(|| format!("cannot copy {} into {}", from.display(), args.out.display()))?;
+        }
+    }
+    Ok(model.save_quantized(&args.out)?)
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let Ok(Precision::Quantized(format)) = parse_precision(&args.dtype) else {
         anyhow::bail!(
@@ -67,14 +82,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .collect();
     originals.sort_by(|a, b| a.0.cmp(&b.0));
     originals.push(("lm_head.weight".into(), model.head_weight().copy()));
-    crate::device::with_quantizing_bar(format.name(), |progress| model.quantize(format, progress))?;
-    model.save_quantized(&args.out)?;
-    for name in CARRIED {
-        let from = args.model.join(name);
-        if from.exists() {
-            std::fs::copy(&from, args.out.join(name))
-                .with_context(|| format!("cannot copy {} into {}", from.display(), args.out.display()))?;
+    crate::device::with_quantizing_bar(format.name(), |progress| model.quantize(format, progress))
+        .with_context(|| format!("cannot quantize the model in {}", args.model.display()))?;
+    let created = !args.out.exists();
+    if let Err(error) = write_directory(&model, &args) {
+        if created {
+            let _ = std::fs::remove_dir_all(&args.out);
         }
+        return Err(error);
     }
     // Each layer's error: relative Frobenius norm and the largest element, dequantized against the original.
     println!("{:<36} {:>14} {:>12} {:>12}", "tensor", "shape", "rel. error", "max error");

@@ -255,6 +255,10 @@ fn quantized_directories_generate_as_quantizing_at_load_does() {
         let mut command = common::wizard_command(&["generate", "--model", model, "--draft"]);
         let drafted = command.arg(&out).args(&args[..4]).output().unwrap();
         assert_eq!(stdout_of(&drafted, format), check(&args[..4]), "{format} drafting");
+        // So it does beside a target's own --dtype (--draft-dtype alone names the draft's).
+        let mut command = common::wizard_command(&["generate", "--model", model, "--dtype", "float32", "--draft"]);
+        let drafted = command.arg(&out).args(&args[..4]).output().unwrap();
+        assert_eq!(stdout_of(&drafted, format), check(&args[..4]), "{format} drafting for --dtype float32");
         let mut command = common::wizard_command(&["generate", "--model"]);
         let wrong = command.arg(&out).args(["--prompt", PROMPT, "--dtype", other]).output().unwrap();
         check_failure(&wrong, other, &[&format!("holds {format} weights"), &format!("--dtype {format}")]);
@@ -282,6 +286,26 @@ fn quantized_directories_generate_as_quantizing_at_load_does() {
         check_failure(&output, &out, &["is the model directory"]);
     }
     assert!(std::fs::read(copy.join("model.safetensors")).unwrap() == weights, "the model directory changed");
+    // Files already in --out are replaced, not written through: a hard link to the source's
+    // tokenizer, a symbolic link to another file.
+    let linked = work.path().join("linked");
+    std::fs::create_dir(&linked).unwrap();
+    std::fs::hard_link(copy.join("tokenizer.json"), linked.join("tokenizer.json")).unwrap();
+    let elsewhere = work.path().join("elsewhere.txt");
+    std::fs::write(&elsewhere, "kept").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, linked.join("tokenizer_config.json")).unwrap();
+    let tokenizer = std::fs::read(copy.join("tokenizer.json")).unwrap();
+    let output = common::wizard(&["quantize", "--model", copy.to_str().unwrap(), "--out", linked.to_str().unwrap()]);
+    stdout_of(&output, "quantize into links");
+    assert!(std::fs::read(copy.join("tokenizer.json")).unwrap() == tokenizer, "the source's tokenizer changed");
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "kept");
+    assert!(std::fs::read(linked.join("tokenizer.json")).unwrap() == tokenizer);
+    let mut command = common::wizard_command(&["generate", "--model"]);
+    let from_links = command.arg(&linked).args(["--prompt", PROMPT, "--max-new-tokens", "20"]).output().unwrap();
+    assert_eq!(
+        stdout_of(&from_links, "linked"),
+        check(&["--prompt", PROMPT, "--max-new-tokens", "20", "--dtype", "int8"])
+    );
     let file = work.path().join("a-file");
     std::fs::write(&file, "kept").unwrap();
     let output = common::wizard(&["quantize", "--model", model, "--dtype", "int8", "--out", file.to_str().unwrap()]);

@@ -133,7 +133,8 @@ void check_scale_range(const at::Tensor& scales, float unshift, const char* reme
     std::snprintf(message, sizeof message,
                   "the scale of block %lld of row %lld (%g) is %.3g times smaller than the weight's largest (%g), "
                   "more than float16 scales over one shared power of two hold (about 2^28); %s",
-                  static_cast<long long>(i % blocks), static_cast<long long>(i / blocks), scale, largest / scale,
+                  static_cast<long long>(i % blocks), static_cast<long long>(i / blocks), scale,
+                  static_cast<double>(largest) / scale,
                   largest, remedy);
     throw std::invalid_argument(message);
   }

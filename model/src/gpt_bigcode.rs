@@ -496,14 +496,14 @@ impl GptBigCode {
     }
 
     /// Whether `other` is this model in another weight precision (a quantized or bf16 copy of the same
-    /// checkpoint), so that it can attend to this model's keys and values: the same layer, head and
-    /// embedding sizes, caches of the same dtype on the same device, and the same embeddings (which
+    /// checkpoint), so that it can attend to this model's keys and values: the same layer, head,
+    /// embedding and context sizes, caches of the same dtype on the same device, and the same embeddings (which
     /// every precision keeps as they are: position embeddings and the final LayerNorm are compared).
     pub fn is_copy_of(&self, other: &GptBigCode) -> bool {
         let (a, b) = (&self.config, &other.config);
         let rows = a.n_positions.min(16);
-        (a.n_layer, a.kv_heads(), a.head_dim(), a.n_embd, a.vocab_size)
-            == (b.n_layer, b.kv_heads(), b.head_dim(), b.n_embd, b.vocab_size)
+        (a.n_layer, a.kv_heads(), a.head_dim(), a.n_embd, a.vocab_size, a.n_positions)
+            == (b.n_layer, b.kv_heads(), b.head_dim(), b.n_embd, b.vocab_size, b.n_positions)
             && self.kind() == other.kind()
             && self.device() == other.device()
             && self.wpe.narrow(0, 0, rows).equal(&other.wpe.narrow(0, 0, rows))

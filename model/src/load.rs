@@ -47,8 +47,12 @@ fn directory_format(dir: &Path) -> Result<Option<Format>> {
     };
     // What our records hold; a directory that says otherwise was written by something else.
     for (field, expected) in [("bits", format.bits()), ("block_size", kernels::quantized::BLOCK)] {
-        if let Some(value) = quantization.get(field).filter(|v| v.as_i64() != Some(expected)) {
-            return Err(error(field, format!("is {value}, but {} holds {expected}", quant_method(format))));
+        match quantization.get(field) {
+            Some(value) if value.as_i64() == Some(expected) => {}
+            Some(value) => {
+                return Err(error(field, format!("is {value}, but {} holds {expected}", quant_method(format))))
+            }
+            None => return Err(error(field, format!("is missing ({} holds {expected})", quant_method(format)))),
         }
     }
     Ok(Some(format))
@@ -187,9 +191,9 @@ impl GptBigCode {
                         parts.entry(layer.to_string()).or_insert((None, None, file.to_path_buf())).1 = Some(tensor);
                         return Ok(());
                     }
-                    if tensor.kind() == format.values_kind() {
+                    if tensor.kind() == format.values_kind() && model.dense_shape(name).is_some() {
                         if name != "lm_head.weight" && pending.remove(name).is_none() {
-                            return Err(tensor_error("is not a dense layer of a GPTBigCode model".into()));
+                            return Err(tensor_error("is stored more than once".into()));
                         }
                         parts.entry(name.to_string()).or_insert((None, None, file.to_path_buf())).0 = Some(tensor);
                         return Ok(());
@@ -199,6 +203,15 @@ impl GptBigCode {
                         let message = format!(
                             "is stored as {:?}, but an {format} directory holds {kind:?} values",
                             tensor.kind()
+                        );
+                        return Err(tensor_error(message));
+                    }
+                    if !tensor.is_floating_point() && !is_ignored_buffer(name) {
+                        let message = format!(
+                            "is stored as {:?}, where an {} directory holds floating-point tensors besides its \
+                             quantized layers' values",
+                            tensor.kind(),
+                            format.name()
                         );
                         return Err(tensor_error(message));
                     }

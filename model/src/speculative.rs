@@ -135,7 +135,9 @@ impl Session {
         Ok(Session {
             target_cache: target.new_cache(1, capacity)?,
             draft_cache: match drafter {
-                Drafter::Model(draft) if !draft.is_copy_of(target) => Some(draft.new_cache(1, capacity)?),
+                Drafter::Model(draft) if !draft.is_copy_of(target) => {
+                    Some(draft.new_cache(1, capacity.min(draft.config().n_positions))?)
+                }
                 _ => None,
             },
             held: Vec::new(),
@@ -157,9 +159,9 @@ impl Session {
     }
 }
 
-/// The positions both models can attend to.
+/// The positions the target can attend to (a draft model with fewer drafts until the sequence
+/// fills its own), once the draft is known to share its vocabulary.
 fn context(target: &GptBigCode, drafter: &Drafter) -> Result<i64> {
-    let mut context = target.config().n_positions;
     if let Drafter::Model(draft) = drafter {
         if draft.config().vocab_size != target.config().vocab_size {
             return Err(ModelError::Invalid(format!(
@@ -168,9 +170,8 @@ fn context(target: &GptBigCode, drafter: &Drafter) -> Result<i64> {
                 target.config().vocab_size
             )));
         }
-        context = context.min(draft.config().n_positions);
     }
-    Ok(context)
+    Ok(target.config().n_positions)
 }
 
 /// Generates up to `max_new_tokens` after `prompt` with the target model, drafting with `drafter`.
@@ -272,7 +273,7 @@ pub fn generate_in(
                 if generated >= config.max_new_tokens || room == 0 {
                     break Finish::Length;
                 }
-                let budget = gamma.min(config.max_new_tokens - generated - 1).min(room - 1);
+                let budget = gamma.min(config.max_new_tokens - generated - 1).min(room - 1).min(state.draft_room());
                 let round_started = std::time::Instant::now();
                 let draft = state.draft(drafter, budget, sampling, planner.as_ref())?;
                 let verify_started = std::time::Instant::now();
@@ -330,6 +331,13 @@ struct State<'m> {
 impl State<'_> {
     fn ids(&self, ids: &[i64], device: Device) -> Tensor {
         Tensor::from_slice(ids).to_device(device).unsqueeze(0)
+    }
+
+    /// How many tokens a draft model with a cache of its own can still draft before the sequence
+    /// fills that cache (its context may be shorter than the target's).
+    fn draft_room(&self) -> usize {
+        let capacity = self.session.draft_cache.as_ref().map_or(i64::MAX, KvCache::capacity);
+        usize::try_from(capacity).unwrap_or(usize::MAX).saturating_sub(self.seq.len())
     }
 
     /// Up to `budget` draft tokens; a model drafter stops early before a token that `planner`
@@ -679,6 +687,28 @@ mod tests {
         };
         check(&copy, false);
         check(&other, true);
+    }
+
+    /// A draft model with a shorter context than the target's drafts until the sequence fills it, and
+    /// not at all for a prompt that already does: the generation goes on to the target's context,
+    /// with the target's tokens.
+    #[test]
+    fn a_draft_with_a_shorter_context_stops_drafting_not_the_generation() {
+        let target = model(1, 3, 64, 97, 0.3);
+        tch::manual_seed(2);
+        let short = ModelConfig { n_positions: 16, ..target.config().clone() };
+        let draft = GptBigCode::new(ModelConfig { n_layer: 1, ..short }, Device::Cpu).unwrap();
+        let fixed = SpeculativeConfig { max_new_tokens: 30, adaptive: false, ..SpeculativeConfig::default() };
+        let plain =
+            GenerateConfig { max_new_tokens: 30, num_samples: 1, sampling: Sampling::greedy(), eos_token_id: None };
+        for (prompt_len, drafts) in [(4, true), (20, false)] {
+            let prompt: Vec<i64> = (0..prompt_len).map(|i| 1 + (i * 7) % 96).collect();
+            let expected = plain_generate(&target, &prompt, &plain, &mut NoStop).unwrap().remove(0).tokens;
+            let out = generate(&target, &Drafter::Model(&draft), &prompt, &fixed, &mut NoStop).unwrap();
+            assert_eq!(out.generation.tokens, expected, "prompt of {prompt_len}: {:?}", out.stats);
+            assert_eq!(out.generation.finish, Finish::Length);
+            assert_eq!(out.stats.drafted > 0, drafts, "prompt of {prompt_len}: {:?}", out.stats);
+        }
     }
 
     /// A probe's draft model catches up on the newest [`PROBE_CONTEXT`] tokens only, at their

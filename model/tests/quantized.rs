@@ -356,7 +356,10 @@ fn damaged_directories_are_refused(format: Format) {
     // Scales 1e12 apart do not fit float16 over one power of two: the small ones would be zeros.
     let wide_scales =
         edit_tensor("transformer.h.1.mlp.c_fc.weight_scale", |t| t.index_fill(0, &Tensor::from_slice(&[3i64]), 1e12));
-    let cases: [(&Edit, &str, &str); 5] = [
+    // Integers where floats belong would load as numbers (a bias of ones in either values' kind).
+    let int8_bias = edit_tensor("transformer.h.0.attn.c_attn.bias", |t| t.ones_like().to_kind(Kind::Int8));
+    let uint8_norm = edit_tensor("transformer.h.1.ln_1.weight", |t| t.ones_like().to_kind(Kind::Uint8));
+    let cases: [(&Edit, &str, &str); 7] = [
         (
             &|t| t.retain(|(n, _)| n != "transformer.h.1.mlp.c_fc.weight_scale"),
             "transformer.h.1.mlp.c_fc.weight",
@@ -366,6 +369,8 @@ fn damaged_directories_are_refused(format: Format) {
         (&nan_scale, "transformer.h.1.mlp.c_fc.weight", "NaN"),
         (&few_rows, "transformer.h.0.attn.c_proj.weight", "config.json implies 64 rows"),
         (&wide_scales, "transformer.h.1.mlp.c_fc.weight", "hold (about 2^28); quantize the model again"),
+        (&int8_bias, "transformer.h.0.attn.c_attn.bias", "stored as Int8"),
+        (&uint8_norm, "transformer.h.1.ln_1.weight", "stored as Uint8"),
     ];
     for (edit, tensor, complaint) in cases {
         let damaged = rewrite(edit);
@@ -377,8 +382,11 @@ fn damaged_directories_are_refused(format: Format) {
     let config = std::fs::read_to_string(out.join("config.json")).unwrap();
     let bits = format!("\"bits\": {}", format.bits());
     let method = format!("\"quant_method\": \"wizard_{}\"", format.name());
+    let no_bits = format!("\"bits_unknown\": {}", format.bits());
     for (from, to, field) in [
         (bits.as_str(), "\"bits\": 2", "quantization_config.bits"),
+        (bits.as_str(), no_bits.as_str(), "quantization_config.bits"),
+        ("\"block_size\": 32", "\"block_sizes\": 32", "quantization_config.block_size"),
         ("\"block_size\": 32", "\"block_size\": 128", "quantization_config.block_size"),
         (method.as_str(), "\"quant_method\": \"gptq\"", "quantization_config.quant_method"),
     ] {
