@@ -1,6 +1,6 @@
 //! `wizard quantize`: a model directory to an int8 or int4 one (dense layers and head in blocks of 32
 //! with one scale each) that loads without quantizing again, with each layer's error.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -28,7 +28,6 @@ const CARRIED: [&str; 5] =
 /// beside its place and renamed over it, so that a file there (a hard link to the source's, a
 /// symbolic link) is replaced, never written through, and a failure leaves no torn file.
 fn write_directory(model: &GptBigCode, args: &Args) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     for name in CARRIED {
         let from = args.model.join(name);
         if from.exists() {
@@ -37,6 +36,19 @@ fn write_directory(model: &GptBigCode, args: &Args) -> anyhow::Result<()> {
         }
     }
     Ok(model.save_quantized(&args.out)?)
+}
+
+/// Creates `out` (and its parents) unless it is a directory already; true if this call made it, so
+/// that only then a failure removes it (not one another process made meanwhile).
+fn create_out(out: &Path) -> anyhow::Result<bool> {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    match std::fs::create_dir(out) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && out.is_dir() => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot create --out {}", out.display())),
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -84,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     originals.push(("lm_head.weight".into(), model.head_weight().copy()));
     crate::device::with_quantizing_bar(format.name(), |progress| model.quantize(format, progress))
         .with_context(|| format!("cannot quantize the model in {}", args.model.display()))?;
-    let created = !args.out.exists();
+    let created = create_out(&args.out)?;
     if let Err(error) = write_directory(&model, &args) {
         if created {
             let _ = std::fs::remove_dir_all(&args.out);

@@ -17,8 +17,8 @@ pub struct Args {
     /// come from prompt lookup in the document).
     #[arg(long, value_name = "DIR")]
     draft: Option<PathBuf>,
-    /// Weight dtype of the draft (default: --dtype, else what a quantized draft directory holds, else
-    /// the target's). `--draft` naming the model's own directory with `--draft-dtype int8` (or int4)
+    /// Weight dtype of the draft (default: what a quantized draft directory holds, else the
+    /// target's). `--draft` naming the model's own directory with `--draft-dtype int8` (or int4)
     /// is self-speculation: the quantized copy drafts over the target's cache.
     #[arg(long, requires = "draft", value_parser = crate::device::known_dtype)]
     draft_dtype: Option<String>,

@@ -620,14 +620,16 @@ const CACHE_READ_BYTES: u64 = 4 << 20;
 pub fn whole_lines(path: &Path) -> Option<Vec<String>> {
     use std::io::{Read, Seek, SeekFrom};
     let mut file = std::fs::File::open(path).ok()?;
-    let skipped = file.metadata().ok()?.len().saturating_sub(CACHE_READ_BYTES);
-    file.seek(SeekFrom::Start(skipped)).ok()?;
+    // From the byte before the newest ones: the first line read is one begun before them, or (if
+    // that byte ends a line) nothing but its newline.
+    let before = file.metadata().ok()?.len().saturating_sub(CACHE_READ_BYTES + 1);
+    file.seek(SeekFrom::Start(before)).ok()?;
     let mut bytes = Vec::new();
-    file.take(CACHE_READ_BYTES).read_to_end(&mut bytes).ok()?;
+    file.take(CACHE_READ_BYTES + 1).read_to_end(&mut bytes).ok()?;
     let text = String::from_utf8_lossy(&bytes);
     let mut lines = text.split_inclusive('\n');
-    if skipped > 0 {
-        lines.next(); // begun before what was read
+    if before > 0 {
+        lines.next();
     }
     Some(lines.filter_map(|line| line.strip_suffix('\n')).map(str::to_string).collect())
 }
@@ -692,15 +694,19 @@ mod tests {
         check(b"a\nb\n", Some(vec!["a", "b"]));
         check(b"a\nb", Some(vec!["a"]));
         check(b"a\n\xff\n", Some(vec!["a", "\u{fffd}"]));
-        let line = "x".repeat(99) + "\n";
-        let mut big = line.repeat((CACHE_READ_BYTES as usize).div_ceil(100) + 10).into_bytes();
-        big.extend_from_slice(b"newest\n");
-        std::fs::write(&path, &big).unwrap();
+        // Lines of 64 bytes, the newest 4 MiB beginning at one: all of those are read, and no other.
+        let kept = CACHE_READ_BYTES as usize / 64;
+        let big = "x".repeat(63) + "\n";
+        let newest = "y".repeat(63) + "\n";
+        std::fs::write(&path, big.repeat(10) + &newest.repeat(kept)).unwrap();
         let lines = whole_lines(&path).unwrap();
-        assert_eq!(lines.last().map(String::as_str), Some("newest"));
-        assert!(
-            lines.len() * 100 <= CACHE_READ_BYTES as usize && lines[..lines.len() - 1].iter().all(|l| l.len() == 99)
-        );
+        assert_eq!(lines.len(), kept);
+        assert!(lines.iter().all(|line| *line == newest[..63]));
+        // A line begun before them (128 bytes, its second half among them) is not read.
+        std::fs::write(&path, big.repeat(9) + &"z".repeat(127) + "\n" + &newest.repeat(kept - 1)).unwrap();
+        let lines = whole_lines(&path).unwrap();
+        assert_eq!(lines.len(), kept - 1);
+        assert!(lines.iter().all(|line| *line == newest[..63]));
         assert_eq!(whole_lines(&dir.path().join("missing.tsv")), None);
     }
 

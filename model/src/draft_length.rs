@@ -11,7 +11,7 @@ use std::time::Instant;
 use tch::Tensor;
 
 use crate::gpt_bigcode::GptBigCode;
-use crate::pair_history::{non_negative, HistoryFile, Saved};
+use crate::pair_history::{non_negative, HistoryFile, Saved, MEAN_SQUARE_STRAY_MAX};
 use crate::Result;
 use kernels::calibrate::whole_lines;
 
@@ -562,7 +562,8 @@ impl Planner {
         Saved {
             acceptance: carried.prior,
             weight: carried.prior_weight,
-            lead_squares: self.lead_noise.squares,
+            // What a reader takes: strays wilder than that would lose the whole history.
+            lead_squares: self.lead_noise.squares.min(MEAN_SQUARE_STRAY_MAX * self.lead_noise.samples),
             lead_samples: self.lead_noise.samples,
             plain_rounds: self.probe.plain_rounds,
             probe_wait: self.probe.wait,

@@ -123,7 +123,7 @@ pub(crate) fn non_negative(text: &str) -> Option<f64> {
 
 /// The largest mean square of the leads' strays a history may hold (a spread of 100 logits): a
 /// larger one would make every drafted token a coin toss for good.
-const MEAN_SQUARE_STRAY_MAX: f64 = 1e4;
+pub(crate) const MEAN_SQUARE_STRAY_MAX: f64 = 1e4;
 
 /// A line's history if it is `pair`'s and every field is in range.
 fn parse(line: &str, pair: &str) -> Option<Saved> {

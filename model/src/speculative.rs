@@ -266,7 +266,8 @@ pub fn generate_in(
             Some(finish) => finish,
             None => loop {
                 if let Some(planner) = &mut planner {
-                    gamma = planner.gamma();
+                    // A draft whose context the sequence fills plans nothing (a probe would be lost).
+                    gamma = if state.draft_room() == 0 { 0 } else { planner.gamma() };
                 }
                 let generated = state.seq.len() - state.prompt_len;
                 let room = (capacity as usize).saturating_sub(state.seq.len());
