@@ -329,19 +329,26 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut store = Store::open(&args.out.join("eval.sqlite"), &benchmark.label(&problems))?;
-    // Samples made in one prompt mode are not those of another: one mode per store.
-    match store.meta("prompt_mode")? {
-        Some(stored) if stored != format.name() => anyhow::bail!(
-            "{} holds samples made with --prompt-mode {stored}, not {}; use another --out",
-            store.path().display(),
-            format.name()
-        ),
-        Some(_) => {}
-        None => store.set_meta("prompt_mode", format.name())?,
-    }
-
     let device = checked_device(&args.device)?;
     let precision = weight_precision(args.dtype.as_deref(), device, &args.model)?;
+    let model_dir = std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone());
+    let max_new_tokens = match format {
+        PromptFormat::Editor => args.max_new_tokens.unwrap_or(lsp::Settings::default().max_tokens),
+        _ => args.max_new_tokens.unwrap_or(512),
+    };
+    keep_run_settings(
+        &store,
+        &[
+            ("prompt_mode", "--prompt-mode", format.name().to_string()),
+            ("model", "--model", model_dir.display().to_string()),
+            ("weights", "--dtype", precision.name().to_string()),
+            ("samples", "--samples", args.samples.to_string()),
+            ("temperature", "--temperature", args.temperature.to_string()),
+            ("top_p", "--top-p", format!("{:?}", args.top_p)),
+            ("max_new_tokens", "--max-new-tokens", max_new_tokens.to_string()),
+            ("seed", "--seed", args.seed.to_string()),
+        ],
+    )?;
     // libtorch keeps the setting per thread: here, and again on the engine's thread.
     let threads = args.threads.map(|n| n as i32);
     if let Some(threads) = threads {
@@ -376,7 +383,7 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
         // The editor path runs the language server's backend over the engine, one cursor at a time.
         PromptFormat::Editor => {
             let settings = lsp::Settings {
-                max_tokens: args.max_new_tokens.unwrap_or(lsp::Settings::default().max_tokens),
+                max_tokens: max_new_tokens,
                 temperature: args.temperature,
                 top_p: args.top_p,
                 ..lsp::Settings::default()
@@ -392,7 +399,7 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
             let mut completer = ModelCompleter {
                 engine,
                 tokenizer,
-                max_new_tokens: args.max_new_tokens.unwrap_or(512),
+                max_new_tokens,
                 temperature: args.temperature,
                 top_p: args.top_p,
                 eos_token_id,
@@ -411,6 +418,24 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
     execute_and_report(&mut store, &problems, &sandbox, Some(&args.out.join("report.json")), args.per_problem)?;
     eval::write_results(&store, &args.out.join("results.jsonl"))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Samples depend on the model, its weights and every generation setting: a run resumed with another
+/// of them would report samples of two runs as one. Each (meta key, flag, value) must be what the
+/// store holds; a store that lacks one (new, or older than the key) takes it.
+fn keep_run_settings(store: &Store, settings: &[(&str, &str, String)]) -> anyhow::Result<()> {
+    for (key, flag, value) in settings {
+        if let Some(stored) = store.meta(key)?.filter(|stored| stored != value) {
+            anyhow::bail!(
+                "{} holds samples made with {flag} {stored}, not {value}: use another --out, or the same settings to resume",
+                store.path().display()
+            );
+        }
+    }
+    for (key, _, value) in settings {
+        store.set_meta(key, value)?;
+    }
+    Ok(())
 }
 
 fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {

@@ -125,6 +125,8 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
+    anyhow::ensure!(args.max_tokens_limit != Some(0), "--max-tokens-limit must be at least 1");
+    anyhow::ensure!(args.max_body_bytes >= 1, "--max-body-bytes must be at least 1");
     let device = crate::device::checked_device(&args.device)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let paths = model_paths(&args, device, args.threads.unwrap_or(cores))?;
@@ -143,7 +145,8 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
         chat_template: api::chat_template(&args.model).map_err(anyhow::Error::msg)?,
         limits: api::Limits {
             max_tokens: args.max_tokens_limit.unwrap_or(context),
-            default_max_tokens: args.max_tokens,
+            // A request that names no max_tokens gets --max-tokens, within the limit.
+            default_max_tokens: args.max_tokens.min(args.max_tokens_limit.unwrap_or(usize::MAX)),
         },
     };
     // With --port, editors' language-server sessions share the engine (and the batch) with HTTP.
@@ -164,9 +167,11 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("--http {address}: cannot listen: {e}"))?;
         tracing::info!("serving the HTTP API on http://{}", listener.local_addr()?);
         match language_server {
-            Some((engine, settings, port)) => {
-                tokio::try_join!(api::serve(listener, app), lsp::serve_tcp(engine, settings, port))?;
-            }
+            // A stopped HTTP server stops the process, language-server sessions with it.
+            Some((engine, settings, port)) => tokio::select! {
+                served = api::serve(listener, app) => served?,
+                served = lsp::serve_tcp(engine, settings, port) => served?,
+            },
             None => api::serve(listener, app).await?,
         }
         anyhow::Ok(())

@@ -311,6 +311,28 @@ fn run_generates_executes_and_resumes() {
     let stderr = common::text(&again.stderr);
     assert!(stderr.contains("generated samples for 1 problems"), "{stderr}");
     assert_eq!(read_lines(&out.join("samples.jsonl")), samples, "problem 12 regenerated");
+    // Another model, weight format or generation setting does not resume the store (its report
+    // would mix two runs' samples); the store stays as it was.
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(model).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    fn with<'a>(args: &[&'a str], from: &str, to: &'a str) -> Vec<&'a str> {
+        args.iter().map(|&a| if a == from { to } else { a }).collect()
+    }
+    let bf16 = [&args[..], &["--dtype", "bfloat16"]].concat();
+    for (changed, complaint) in [
+        (with(&args, "0.8", "0.2"), "--temperature 0.8, not 0.2"),
+        (with(&args, "12", "13"), "--max-new-tokens 12, not 13"),
+        (with(&args, "3", "4"), "--samples 3, not 4"),
+        (with(&args, model, copy.to_str().unwrap()), "--model"),
+        (bf16, "--dtype float32, not bfloat16"),
+    ] {
+        check_failure(&eval(&changed), &changed, &["eval.sqlite holds samples made with", complaint]);
+    }
+    assert_eq!(stdout_of(&eval(&args), &args), table, "the same settings still resume");
     for max_batch in ["1", "2"] {
         let other = dir.path().join(format!("batch-{max_batch}"));
         let args = run_args(&other, &["--max-batch", max_batch]);

@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -63,7 +63,9 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        common::kill_group(&mut self.child);
+        if self.child.try_wait().ok().flatten().is_none() {
+            common::kill_group(&mut self.child);
+        }
     }
 }
 
@@ -282,6 +284,40 @@ fn bad_requests_get_openai_errors() {
     assert_eq!(post(&server, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2})).0, 200);
 }
 
+/// SIGTERM stops a server as an orchestrator expects: no new connections, the streams under way run
+/// to their end (`[DONE]`), then exit 0; a request that names no max_tokens gets --max-tokens within
+/// --max-tokens-limit.
+#[test]
+fn sigterm_lets_the_streams_under_way_finish() {
+    let mut server = start_with(slow_model_dir(), &["--max-tokens", "64", "--max-tokens-limit", "8"]);
+    let (status, body) = post(&server, "/v1/completions", &json!({"prompt": "def f():", "temperature": 0}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 8, "{body}");
+    let long = json!({"prompt": "def f():", "max_tokens": 8, "n": 4, "stream": true}).to_string();
+    let mut stream = TcpStream::connect(&server.address).unwrap();
+    stream.write_all(&post_request("/v1/completions", long.as_bytes(), None)).unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let term = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let mut rest = String::new();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("data: [DONE]"), "{rest}");
+    assert_eq!(rest.matches("\"finish_reason\":\"length\"").count(), 4, "{rest}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running 30 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert_eq!(raw(&server.address, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").0, 0);
+}
+
 /// The key guards every endpoint but /health; a full queue answers 429; a client that goes away
 /// frees its place within a step; a thousand connections at once leave the server serving.
 #[test]
@@ -291,6 +327,10 @@ fn key_queue_disconnects_and_a_thousand_connections() {
     let body = json!({"prompt": "def f():", "max_tokens": 4}).to_string();
     let status = |key| raw_bytes(&server.address, &post_request("/v1/completions", body.as_bytes(), key)).0;
     assert_eq!((status(None), status(Some("wrong")), status(Some("sekret"))), (401, 401, 200));
+    // The scheme's name in any case.
+    let lower = post_request("/v1/completions", body.as_bytes(), Some("sekret"));
+    let lower = String::from_utf8(lower).unwrap().replace("Bearer sekret", "bearer sekret");
+    assert_eq!(raw(&server.address, &lower).0, 200);
     assert_eq!(raw(&server.address, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").0, 401);
 
     // Three long streams fill batch 2 + 1 waiting: the fourth request is refused.

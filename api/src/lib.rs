@@ -109,7 +109,12 @@ pub fn router(app: Arc<App>) -> Router {
 async fn require_key(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     if let Some(key) = &app.config.api_key {
         let given = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        if given.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim) != Some(key.as_str()) {
+        // The scheme's name is case-insensitive (RFC 9110, 11.1).
+        let token = given
+            .and_then(|v| v.trim_start().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        if token != Some(key.as_str()) {
             return ApiError::unauthorized().into_response();
         }
     }
@@ -127,7 +132,34 @@ async fn refuse_large_bodies(State(app): State<Arc<App>>, request: Request, next
     next.run(request).await
 }
 
-/// Serves on `listener` until the process ends.
+/// Serves on `listener` until SIGTERM or SIGINT, then stops taking connections and returns once
+/// the requests under way have ended (streams run to their end), or at a second signal, or after
+/// [`DRAIN_SECONDS`].
 pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) -> std::io::Result<()> {
-    axum::serve(listener, router(app)).await
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served =
+        std::future::IntoFuture::into_future(axum::serve(listener, router(app)).with_graceful_shutdown(async {
+            let _ = stopped.await;
+        }));
+    tokio::pin!(served);
+    tokio::select! {
+        result = &mut served => return result,
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stopping: no new connections; finishing the requests under way");
+    let _ = stopping.send(());
+    tokio::select! {
+        result = &mut served => result,
+        _ = terminate.recv() => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        () = tokio::time::sleep(std::time::Duration::from_secs(DRAIN_SECONDS)) => {
+            tracing::warn!("requests still under way after {DRAIN_SECONDS} s are cut off");
+            Ok(())
+        }
+    }
 }
+
+/// How long a stopping server waits for the requests under way.
+const DRAIN_SECONDS: u64 = 30;

@@ -83,7 +83,9 @@ impl Store {
         let store = Store { connection, path: path.into() };
         match store.meta("benchmark")? {
             Some(found) if found != benchmark => {
-                return Err(store.error(format!("it holds a {found} evaluation, not {benchmark}; use another --db")))
+                return Err(store.error(format!(
+                    "it holds a {found} evaluation, not {benchmark}; use another store (--db, or --out for eval run)"
+                )))
             }
             Some(_) => {}
             None => store.set_meta("benchmark", benchmark)?,

@@ -942,6 +942,14 @@ impl Precision {
         matches!(self, Precision::Quantized(_))
     }
 
+    /// The `--dtype` that names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Dense(kind) => dtype_name(kind),
+            Precision::Quantized(format) => format.name(),
+        }
+    }
+
     /// The dtype the model computes in.
     pub fn kind(self) -> Kind {
         match self {
