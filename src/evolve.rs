@@ -237,6 +237,23 @@ impl Progress for Bars {
     }
 }
 
+/// A resume may change the backend (an endpoint moved, a faster dtype), so it is not refused; but
+/// what the items evolved so far were made with is said, as they stay as they were.
+fn warn_of_changes(db: &std::path::Path, last: &str, settings: &serde_json::Value) {
+    let Ok(serde_json::Value::Object(last)) = serde_json::from_str::<serde_json::Value>(last) else { return };
+    let Some(now) = settings.as_object() else { return };
+    for (key, value) in now {
+        let before = last.get(key).unwrap_or(&serde_json::Value::Null);
+        // More rounds, or more at once, change nothing already made.
+        if !["concurrency", "rounds"].contains(&key.as_str()) && before != value {
+            eprintln!(
+                "warning: {} was last run with {key} = {before}, now {value}; the items evolved so far stay as they were",
+                db.display()
+            );
+        }
+    }
+}
+
 fn run_evolution(args: RunArgs) -> anyhow::Result<ExitCode> {
     let db = args.db.clone().expect("clap requires --db");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
@@ -256,9 +273,11 @@ fn run_evolution(args: RunArgs) -> anyhow::Result<ExitCode> {
         "rounds": args.rounds, "seed": args.seed, "concurrency": args.concurrency,
         "base_url": args.base_url, "model": args.model, "local": args.local,
         "response_base_url": args.response_base_url, "response_model": args.response_model,
-        "temperature": args.temperature, "max_tokens": args.max_tokens,
+        "temperature": args.temperature, "max_tokens": args.max_tokens, "dtype": args.dtype,
     });
-    store.begin_run(args.seed, &settings.to_string())?;
+    if let Some(last) = store.begin_run(args.seed, &settings.to_string())? {
+        warn_of_changes(&db, &last, &settings);
+    }
     let backends = backends(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("evolve-rt")

@@ -161,6 +161,14 @@ fn killed_runs_resume_to_the_same_items() {
     // Only requests in flight at a kill (at most --concurrency each time) were asked again.
     let answered_killed = fake.server.stats().answered - answered_whole;
     assert!(answered_killed <= answered_whole + 4 * kills as u64, "{answered_killed} vs {answered_whole}");
+    // Resumed with the same settings, nothing is said; with another, what the items so far were made with.
+    let said = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    assert!(!said.contains("was last run with"), "{said}");
+    let changed = run_args(&url, killed.to_str().unwrap(), &[&extra[..], &["--temperature", "0.3"]].concat());
+    let output = wizard(&changed);
+    let said = common::text(&output.stderr);
+    assert!(output.status.success() && said.contains("was last run with temperature = 1.0, now 0.3"), "{said}");
+    assert_eq!(items(&killed), items(&whole), "a finished run stays as it was");
 }
 
 #[test]

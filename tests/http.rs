@@ -209,6 +209,20 @@ fn openai_shapes_streaming_and_batch_invariance() {
     let (status, echoed) =
         post(&server, "/v1/completions", &json!({"prompt": [5, 6, 7], "max_tokens": 3, "echo": true}));
     assert_eq!((status, echoed["usage"]["prompt_tokens"].as_u64()), (200, Some(3)), "{echoed}");
+    // Streamed, the echo comes first and the pieces make the same text.
+    let echo_stream = json!({"prompt": [5, 6, 7], "max_tokens": 3, "echo": true, "temperature": 0, "stream": true});
+    let (_, chunks) = post_stream(&server, "/v1/completions", &echo_stream);
+    let pieces: String = chunks
+        .iter()
+        .filter_map(|c| serde_json::from_str::<Value>(c).ok())
+        .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    let (_, greedy_echo) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": [5, 6, 7], "max_tokens": 3, "echo": true, "temperature": 0}),
+    );
+    assert_eq!(pieces, completion_text(&greedy_echo));
     let (status, chat) = post(
         &server,
         "/v1/chat/completions",
@@ -269,6 +283,9 @@ fn bad_requests_get_openai_errors() {
     check(b"{\"prompt\": \"x\", \"top_p\": 1.5}", 400, "top-p");
     check(b"{\"prompt\": \"x\", \"stop\": [\"a\", \"b\", \"c\", \"d\", \"e\"]}", 400, "at most 4");
     check(b"{\"prompt\": \"x\", \"logprobs\": 9}", 400, "logprobs");
+    // Asked for what is not computed or not streamed: refused, not answered in part.
+    check(b"{\"prompt\": \"x\", \"logprobs\": 1, \"echo\": true}", 400, "the prompt's logprobs");
+    check(b"{\"prompt\": \"x\", \"logprobs\": 1, \"stream\": true}", 400, "logprobs are not streamed");
     check(b"{\"prompt\": \"\xff\xfe\"}", 400, "invalid JSON");
     // A body over the limit is refused from its Content-Length, before it is read.
     let (status, text) =

@@ -90,6 +90,15 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
             Some(k @ 0..=5) => Some(k as usize),
             Some(k) => return Err(ApiError::invalid(Some("logprobs"), format!("logprobs must be in 0..=5, got {k}"))),
         };
+        // Refused rather than answered in part: the prompt's logprobs are not computed, and logprobs
+        // are not streamed.
+        if request.echo && logprobs.is_some() {
+            let message = "echo with logprobs asks for the prompt's logprobs, which this server does not compute";
+            return Err(ApiError::invalid(Some("echo"), message));
+        }
+        if knobs.stream && logprobs.is_some() {
+            return Err(ApiError::invalid(Some("logprobs"), "logprobs are not streamed: ask without stream"));
+        }
         let vocab = app.tokenizer.vocab_size() as i64;
         let mut ids = Vec::with_capacity(prompts.len());
         let mut echo = Vec::new();
@@ -330,7 +339,7 @@ fn whole_body(app: &App, job: &Job, outcome: &Outcome) -> Value {
                 .map(|(index, sample)| {
                     let echo = job.echo.get(index / job.plan.n).map_or("", String::as_str);
                     let text = format!("{echo}{}", sample.text());
-                    let logprobs = job.plan.logprobs.map(|_| logprobs_body(app, sample, echo.len()));
+                    let logprobs = job.plan.logprobs.map(|_| logprobs_body(app, sample, echo.chars().count()));
                     json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": sample.finish_reason()})
                 })
                 .collect();
@@ -373,7 +382,8 @@ fn infill_body(app: &App, job: &Job, content: String, sample: &SampleText, predi
     body
 }
 
-/// OpenAI's legacy `logprobs` object for the generated tokens (offsets count the echoed prompt).
+/// OpenAI's legacy `logprobs` object for the generated tokens (offsets in characters, counting the
+/// echoed prompt).
 fn logprobs_body(app: &App, sample: &SampleText, offset: usize) -> Value {
     let piece = |id: u32| app.tokenizer.decode(&[id], false).unwrap_or_default();
     let mut text_offset = Vec::new();
@@ -384,7 +394,7 @@ fn logprobs_body(app: &App, sample: &SampleText, offset: usize) -> Value {
         .map(|&id| {
             let text = piece(id);
             text_offset.push(at);
-            at += text.len();
+            at += text.chars().count();
             text
         })
         .collect();
@@ -466,11 +476,21 @@ impl StreamState {
         match self.events.recv().await {
             Some(Event::Speculated(_)) => {}
             Some(Event::Started { .. }) => {
-                if self.job.shape == Shape::Chat {
-                    for choice in 0..self.samples.len() {
-                        let mut chunk = self.chunk(choice, "", None);
-                        chunk["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
-                        self.push(chunk);
+                for choice in 0..self.samples.len() {
+                    match self.job.shape {
+                        Shape::Chat => {
+                            let mut chunk = self.chunk(choice, "", None);
+                            chunk["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+                            self.push(chunk);
+                        }
+                        // `echo`: each choice's prompt first.
+                        Shape::Completion => {
+                            if let Some(echo) = self.job.echo.get(choice / self.job.plan.n).filter(|e| !e.is_empty()) {
+                                let chunk = self.chunk(choice, &echo.clone(), None);
+                                self.push(chunk);
+                            }
+                        }
+                        Shape::Infill => {}
                     }
                 }
             }

@@ -265,9 +265,12 @@ impl Store {
         &self.path
     }
 
-    /// Records a run (a start or a resume) and checks that the seed matches the database's.
-    pub fn begin_run(&mut self, seed: u64, settings: &str) -> Result<()> {
+    /// Records a run (a start or a resume) and checks that the seed matches the database's; returns
+    /// the settings of the run before it, if any.
+    pub fn begin_run(&mut self, seed: u64, settings: &str) -> Result<Option<String>> {
         let tx = self.conn.transaction()?;
+        let last: Option<String> =
+            tx.query_row("SELECT settings FROM runs ORDER BY id DESC LIMIT 1", [], |row| row.get(0)).optional()?;
         let stored: Option<String> =
             tx.query_row("SELECT value FROM meta WHERE key = 'seed'", [], |row| row.get(0)).optional()?;
         match stored {
@@ -281,7 +284,7 @@ impl Store {
         }
         tx.execute("INSERT INTO runs (started_at, settings) VALUES (?1, ?2)", params![now_ms(), settings])?;
         tx.commit()?;
-        Ok(())
+        Ok(last)
     }
 
     /// Whether the round has items (it was planned).
@@ -682,8 +685,8 @@ mod tests {
     fn seed_must_match() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("db")).unwrap();
-        store.begin_run(1, "{}").unwrap();
-        store.begin_run(1, "{}").unwrap();
+        assert_eq!(store.begin_run(1, "{}").unwrap(), None);
+        assert_eq!(store.begin_run(1, "{\"a\": 1}").unwrap().as_deref(), Some("{}"));
         let error = store.begin_run(2, "{}").unwrap_err().to_string();
         assert!(error.contains("--seed = 1, this command asks for 2"), "{error}");
     }
