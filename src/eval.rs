@@ -331,6 +331,14 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut store = Store::open(&args.out.join("eval.sqlite"), &benchmark.label(&problems))?;
     let device = checked_device(&args.device)?;
     let precision = weight_precision(args.dtype.as_deref(), device, &args.model)?;
+
+    // libtorch keeps the setting per thread: here, and again on the engine's thread.
+    let threads = args.threads.map(|n| n as i32);
+    if let Some(threads) = threads {
+        tch::set_num_threads(threads);
+    }
+    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let model = load_model(&args.model, precision, device)?;
     let model_dir = std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone());
     let max_new_tokens = match format {
         PromptFormat::Editor => args.max_new_tokens.unwrap_or(lsp::Settings::default().max_tokens),
@@ -344,18 +352,11 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
             ("weights", "--dtype", precision.name().to_string()),
             ("samples", "--samples", args.samples.to_string()),
             ("temperature", "--temperature", args.temperature.to_string()),
-            ("top_p", "--top-p", format!("{:?}", args.top_p)),
+            ("top_p", "--top-p", args.top_p.map_or("none".into(), |p| p.to_string())),
             ("max_new_tokens", "--max-new-tokens", max_new_tokens.to_string()),
             ("seed", "--seed", args.seed.to_string()),
         ],
     )?;
-    // libtorch keeps the setting per thread: here, and again on the engine's thread.
-    let threads = args.threads.map(|n| n as i32);
-    if let Some(threads) = threads {
-        tch::set_num_threads(threads);
-    }
-    let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let model = load_model(&args.model, precision, device)?;
     // Stored with the samples, so `wizard eval report` shows it too; scored before generation, which
     // takes the model.
     let prompts: Vec<String> = problems.iter().map(|problem| problem.prompt_for(format)).collect();
@@ -421,10 +422,12 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Samples depend on the model, its weights and every generation setting: a run resumed with another
-/// of them would report samples of two runs as one. Each (meta key, flag, value) must be what the
-/// store holds; a store that lacks one (new, or older than the key) takes it.
+/// of them would report samples of two runs as one. While the store holds samples, each (meta key,
+/// flag, value) must be what it holds (a key it lacks, older than the check, is taken); a store
+/// without samples takes them all.
 fn keep_run_settings(store: &Store, settings: &[(&str, &str, String)]) -> anyhow::Result<()> {
-    for (key, flag, value) in settings {
+    let holds_samples = store.holds_samples()?;
+    for (key, flag, value) in settings.iter().filter(|_| holds_samples) {
         if let Some(stored) = store.meta(key)?.filter(|stored| stored != value) {
             anyhow::bail!(
                 "{} holds samples made with {flag} {stored}, not {value}: use another --out, or the same settings to resume",

@@ -275,10 +275,11 @@ fn run_evolution(args: RunArgs) -> anyhow::Result<ExitCode> {
         "response_base_url": args.response_base_url, "response_model": args.response_model,
         "temperature": args.temperature, "max_tokens": args.max_tokens, "dtype": args.dtype,
     });
+    // The backends first: a run that cannot start is not recorded as the last run.
+    let backends = backends(&args)?;
     if let Some(last) = store.begin_run(args.seed, &settings.to_string())? {
         warn_of_changes(&db, &last, &settings);
     }
-    let backends = backends(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("evolve-rt")
         .enable_all()

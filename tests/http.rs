@@ -209,20 +209,20 @@ fn openai_shapes_streaming_and_batch_invariance() {
     let (status, echoed) =
         post(&server, "/v1/completions", &json!({"prompt": [5, 6, 7], "max_tokens": 3, "echo": true}));
     assert_eq!((status, echoed["usage"]["prompt_tokens"].as_u64()), (200, Some(3)), "{echoed}");
-    // Streamed, the echo comes first and the pieces make the same text.
-    let echo_stream = json!({"prompt": [5, 6, 7], "max_tokens": 3, "echo": true, "temperature": 0, "stream": true});
-    let (_, chunks) = post_stream(&server, "/v1/completions", &echo_stream);
-    let pieces: String = chunks
-        .iter()
-        .filter_map(|c| serde_json::from_str::<Value>(c).ok())
-        .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_string))
-        .collect();
-    let (_, greedy_echo) = post(
-        &server,
-        "/v1/completions",
-        &json!({"prompt": [5, 6, 7], "max_tokens": 3, "echo": true, "temperature": 0}),
-    );
-    assert_eq!(pieces, completion_text(&greedy_echo));
+    // Streamed, each prompt's echo comes once, first, and each choice's pieces make its text.
+    let echoed = json!({"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 3, "echo": true, "temperature": 0});
+    let (_, whole) = post(&server, "/v1/completions", &echoed);
+    let mut streamed = echoed.clone();
+    streamed["stream"] = json!(true);
+    let (_, chunks) = post_stream(&server, "/v1/completions", &streamed);
+    let mut pieces = [String::new(), String::new()];
+    for chunk in chunks.iter().filter_map(|c| serde_json::from_str::<Value>(c).ok()) {
+        let choice = &chunk["choices"][0];
+        pieces[choice["index"].as_u64().unwrap() as usize] += choice["text"].as_str().unwrap_or_default();
+    }
+    for (index, piece) in pieces.iter().enumerate() {
+        assert_eq!(Some(piece.as_str()), whole["choices"][index]["text"].as_str(), "{whole} {chunks:?}");
+    }
     let (status, chat) = post(
         &server,
         "/v1/chat/completions",

@@ -424,6 +424,7 @@ fn stream_answer(app: Arc<App>, job: Job, events: Merged) -> Sse<impl Stream<Ite
         pending: std::collections::VecDeque::new(),
         finished: false,
         first: true,
+        echoed: false,
     };
     Sse::new(stream::unfold(state, |mut state| async move {
         loop {
@@ -449,6 +450,8 @@ struct StreamState {
     pending: std::collections::VecDeque<SseEvent>,
     finished: bool,
     first: bool,
+    /// Whether the prompts of `echo` were sent.
+    echoed: bool,
 }
 
 impl StreamState {
@@ -475,25 +478,26 @@ impl StreamState {
         let stops = self.job.plan.stops.clone();
         match self.events.recv().await {
             Some(Event::Speculated(_)) => {}
-            Some(Event::Started { .. }) => {
-                for choice in 0..self.samples.len() {
-                    match self.job.shape {
-                        Shape::Chat => {
-                            let mut chunk = self.chunk(choice, "", None);
-                            chunk["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
-                            self.push(chunk);
-                        }
-                        // `echo`: each choice's prompt first.
-                        Shape::Completion => {
-                            if let Some(echo) = self.job.echo.get(choice / self.job.plan.n).filter(|e| !e.is_empty()) {
-                                let chunk = self.chunk(choice, &echo.clone(), None);
-                                self.push(chunk);
-                            }
-                        }
-                        Shape::Infill => {}
+            Some(Event::Started { .. }) => match self.job.shape {
+                Shape::Chat => {
+                    for choice in 0..self.samples.len() {
+                        let mut chunk = self.chunk(choice, "", None);
+                        chunk["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+                        self.push(chunk);
                     }
                 }
-            }
+                // `echo`: every choice's prompt, before any token (each prompt's request starts on
+                // its own; the first start comes before all of their tokens).
+                Shape::Completion if !std::mem::replace(&mut self.echoed, true) => {
+                    for choice in 0..self.samples.len() {
+                        if let Some(echo) = self.job.echo.get(choice / self.job.plan.n).filter(|e| !e.is_empty()) {
+                            let chunk = self.chunk(choice, &echo.clone(), None);
+                            self.push(chunk);
+                        }
+                    }
+                }
+                _ => {}
+            },
             Some(Event::Token { sample, token, logprob }) => {
                 if std::mem::take(&mut self.first) {
                     self.app.metrics.first_token.observe(self.job.started.elapsed());

@@ -182,6 +182,11 @@ impl Store {
         tx.commit().map_err(error)
     }
 
+    /// Whether any sample is stored.
+    pub fn holds_samples(&self) -> Result<bool> {
+        self.sql(self.connection.query_row("SELECT EXISTS (SELECT 1 FROM samples)", [], |row| row.get(0)))
+    }
+
     /// How many samples of `task_id` are stored.
     pub fn sample_count(&self, task_id: &str) -> Result<usize> {
         self.sql(
