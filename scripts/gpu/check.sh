@@ -11,6 +11,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 kit=target/gpu-kit
 out=${OUT:-/tmp}/gpu-report.txt
 exec > >(tee "$out") 2>&1
+for binary in wizard cuda-tests kernels-tests generate-bench speculative-bench; do # compressed by prepare.sh
+    [ -x "$kit/$binary" ] || { gzip -dkf "$kit/$binary.gz" && chmod +x "$kit/$binary"; }
+done
 python=${WIZARD_PYTHON:-python3}
 # The binaries' rpath points at this repo's .wizard/, which the GPU machine lacks: use its torch.
 torch_lib=$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
