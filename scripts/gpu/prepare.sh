@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds, here, everything the GPU check needs and puts it in target/gpu-kit (stripped binaries, a
-# few MB), so that a session lent a GPU machine measures in one call:
+# Builds, here, everything the GPU check needs and puts it in target/gpu-kit (stripped, gzipped
+# binaries and the trained pair, about 37 MiB), so that a session lent a GPU machine measures in one call:
 #   scripts/gpu/prepare.sh, then the device tool's run with carry ["target/gpu-kit"] and the command
 #   "bash scripts/gpu/check.sh", timeout_s 480. The report comes back as $OUT/gpu-report.txt.
 # The speculative check uses the small trained pair of `scripts/bench/serve.py --distill --train-only`
