@@ -331,14 +331,6 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut store = Store::open(&args.out.join("eval.sqlite"), &benchmark.label(&problems))?;
     let device = checked_device(&args.device)?;
     let precision = weight_precision(args.dtype.as_deref(), device, &args.model)?;
-
-    // libtorch keeps the setting per thread: here, and again on the engine's thread.
-    let threads = args.threads.map(|n| n as i32);
-    if let Some(threads) = threads {
-        tch::set_num_threads(threads);
-    }
-    let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let model = load_model(&args.model, precision, device)?;
     let model_dir = std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone());
     let max_new_tokens = match format {
         PromptFormat::Editor => args.max_new_tokens.unwrap_or(lsp::Settings::default().max_tokens),
@@ -357,6 +349,14 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
             ("seed", "--seed", args.seed.to_string()),
         ],
     )?;
+
+    // libtorch keeps the setting per thread: here, and again on the engine's thread.
+    let threads = args.threads.map(|n| n as i32);
+    if let Some(threads) = threads {
+        tch::set_num_threads(threads);
+    }
+    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let model = load_model(&args.model, precision, device)?;
     // Stored with the samples, so `wizard eval report` shows it too; scored before generation, which
     // takes the model.
     let prompts: Vec<String> = problems.iter().map(|problem| problem.prompt_for(format)).collect();
@@ -426,13 +426,14 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// flag, value) must be what it holds (a key it lacks, older than the check, is taken); a store
 /// without samples takes them all.
 fn keep_run_settings(store: &Store, settings: &[(&str, &str, String)]) -> anyhow::Result<()> {
-    let holds_samples = store.holds_samples()?;
-    for (key, flag, value) in settings.iter().filter(|_| holds_samples) {
-        if let Some(stored) = store.meta(key)?.filter(|stored| stored != value) {
-            anyhow::bail!(
-                "{} holds samples made with {flag} {stored}, not {value}: use another --out, or the same settings to resume",
-                store.path().display()
-            );
+    if store.holds_samples()? {
+        for (key, flag, value) in settings {
+            if let Some(stored) = store.meta(key)?.filter(|stored| stored != value) {
+                anyhow::bail!(
+                    "{} holds samples made with {flag} {stored}, not {value}: use another --out, or the same settings to resume",
+                    store.path().display()
+                );
+            }
         }
     }
     for (key, _, value) in settings {

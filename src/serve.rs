@@ -137,16 +137,16 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
         ..model::engine::EngineConfig::default()
     };
     let engine = model::engine::Engine::start_with_draft(config, move || paths.load_models())?;
-    let context = engine.context();
+    let max_tokens = args.max_tokens_limit.unwrap_or(engine.context());
     let server = api::ServerConfig {
         model_name: args.model.file_name().map_or("wizard".into(), |n| n.to_string_lossy().into_owned()),
         api_key,
         max_body_bytes: args.max_body_bytes,
         chat_template: api::chat_template(&args.model).map_err(anyhow::Error::msg)?,
         limits: api::Limits {
-            max_tokens: args.max_tokens_limit.unwrap_or(context),
+            max_tokens,
             // A request that names no max_tokens gets --max-tokens, within the limit.
-            default_max_tokens: args.max_tokens.min(args.max_tokens_limit.unwrap_or(usize::MAX)),
+            default_max_tokens: args.max_tokens.min(max_tokens),
         },
     };
     // With --port, editors' language-server sessions share the engine (and the batch) with HTTP.

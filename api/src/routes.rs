@@ -339,7 +339,7 @@ fn whole_body(app: &App, job: &Job, outcome: &Outcome) -> Value {
                 .map(|(index, sample)| {
                     let echo = job.echo.get(index / job.plan.n).map_or("", String::as_str);
                     let text = format!("{echo}{}", sample.text());
-                    let logprobs = job.plan.logprobs.map(|_| logprobs_body(app, sample, echo.chars().count()));
+                    let logprobs = job.plan.logprobs.map(|_| logprobs_body(app, sample));
                     json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": sample.finish_reason()})
                 })
                 .collect();
@@ -382,12 +382,12 @@ fn infill_body(app: &App, job: &Job, content: String, sample: &SampleText, predi
     body
 }
 
-/// OpenAI's legacy `logprobs` object for the generated tokens (offsets in characters, counting the
-/// echoed prompt).
-fn logprobs_body(app: &App, sample: &SampleText, offset: usize) -> Value {
+/// OpenAI's legacy `logprobs` object for the generated tokens (offsets in characters; never beside
+/// an echo, which is refused with logprobs).
+fn logprobs_body(app: &App, sample: &SampleText) -> Value {
     let piece = |id: u32| app.tokenizer.decode(&[id], false).unwrap_or_default();
     let mut text_offset = Vec::new();
-    let mut at = offset;
+    let mut at = 0;
     let tokens: Vec<String> = sample
         .tokens
         .iter()
@@ -491,7 +491,7 @@ impl StreamState {
                 Shape::Completion if !std::mem::replace(&mut self.echoed, true) => {
                     for choice in 0..self.samples.len() {
                         if let Some(echo) = self.job.echo.get(choice / self.job.plan.n).filter(|e| !e.is_empty()) {
-                            let chunk = self.chunk(choice, &echo.clone(), None);
+                            let chunk = self.chunk(choice, echo, None);
                             self.push(chunk);
                         }
                     }

@@ -360,8 +360,9 @@ fn measure_both_ways(
 /// which [`read_cache`] skips; dtype float32, bfloat16, int8 or int4); lines of other machines, or
 /// that do not parse, are skipped.
 fn read_one_row_cache(path: &Path, machine: &str) -> Vec<OneRowMeasurement> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    whole_lines(path)
+        .unwrap_or_default()
+        .iter()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split('\t').collect();
             let [key, question, kind, size_mib, choice, on_us, off_us] = fields[..] else { return None };

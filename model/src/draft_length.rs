@@ -504,7 +504,7 @@ impl Planner {
             let (file, key) = history.as_ref()?;
             let saved = file.read(key)?;
             tracing::debug!(?saved, "what the draft pair showed before");
-            Some(Planner { history: history.clone(), ..Planner::from_saved(pair, &saved, costs.clone(), max_gamma) })
+            Some(Planner::from_saved(pair, &saved, costs.clone(), max_gamma))
         });
         let mut planner = Planner::resumed(pair, before, costs, max_gamma);
         planner.history = history;

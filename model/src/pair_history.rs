@@ -85,8 +85,7 @@ impl HistoryFile {
         }
     }
 
-    /// Rewrites the file with the last sound line of each pair written lately, through a new file
-    /// renamed over it.
+    /// Rewrites the file, atomically, with the last sound line of each pair written lately.
     fn compact(&self, lines: &[String]) {
         let mut last: HashMap<&str, usize> = HashMap::new();
         for (at, line) in lines.iter().enumerate() {
@@ -99,18 +98,7 @@ impl HistoryFile {
         let mut kept: Vec<usize> = last.into_values().collect();
         kept.sort_unstable();
         let text: String = kept.iter().rev().take(KEPT_PAIRS).rev().map(|&at| format!("{}\n", lines[at])).collect();
-        // A name of this process, thread and moment, created only if new: two compactions never share it.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let thread = format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_digit(), "");
-        let fresh = self.path.with_extension(format!("tsv.{}.{thread}.{nanos}", std::process::id()));
-        let result = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&fresh)
-            .and_then(|mut file| std::io::Write::write_all(&mut file, text.as_bytes()))
-            .and_then(|()| std::fs::rename(&fresh, &self.path));
-        if let Err(error) = result {
-            let _ = std::fs::remove_file(&fresh);
+        if let Err(error) = crate::files::write_atomically(&self.path, text.as_bytes()) {
             tracing::warn!(path = %self.path.display(), %error, "draft pair histories not compacted");
         }
     }

@@ -265,16 +265,17 @@ pub fn generate_in(
         let finish = match first_finish {
             Some(finish) => finish,
             None => loop {
+                let draft_room = state.draft_room();
                 if let Some(planner) = &mut planner {
                     // A draft whose context the sequence fills plans nothing (a probe would be lost).
-                    gamma = if state.draft_room() == 0 { 0 } else { planner.gamma() };
+                    gamma = if draft_room == 0 { 0 } else { planner.gamma() };
                 }
                 let generated = state.seq.len() - state.prompt_len;
                 let room = (capacity as usize).saturating_sub(state.seq.len());
                 if generated >= config.max_new_tokens || room == 0 {
                     break Finish::Length;
                 }
-                let budget = gamma.min(config.max_new_tokens - generated - 1).min(room - 1).min(state.draft_room());
+                let budget = gamma.min(config.max_new_tokens - generated - 1).min(room - 1).min(draft_room);
                 let round_started = std::time::Instant::now();
                 let draft = state.draft(drafter, budget, sampling, planner.as_ref())?;
                 let verify_started = std::time::Instant::now();
