@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use model::config::ModelConfig;
-use model::gpt_bigcode::GptBigCode;
+use model::gpt_bigcode::{Dropout, GptBigCode};
 use model::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use tch::{Device, Kind};
@@ -248,6 +248,119 @@ fn openai_shapes_streaming_and_batch_invariance() {
     assert!(status == 200 && models.contains("\"object\":\"list\""), "{models}");
 }
 
+/// A choice's text and legacy logprobs, whole or gathered from its streamed chunks.
+#[derive(Debug, Default, PartialEq)]
+struct Scored {
+    text: String,
+    tokens: Vec<String>,
+    logprobs: Vec<Option<f64>>,
+    tops: Vec<Value>,
+    offsets: Vec<usize>,
+}
+
+impl Scored {
+    fn add(&mut self, choice: &Value) {
+        self.text += choice["text"].as_str().unwrap();
+        let logprobs = &choice["logprobs"];
+        let list = |key: &str| logprobs[key].as_array().cloned().unwrap_or_default();
+        self.tokens.extend(list("tokens").iter().map(|t| t.as_str().unwrap().to_string()));
+        self.logprobs.extend(list("token_logprobs").iter().map(Value::as_f64));
+        self.tops.extend(list("top_logprobs"));
+        self.offsets.extend(list("text_offset").iter().map(|o| o.as_u64().unwrap() as usize));
+    }
+}
+
+fn scored(server: &Server, body: &Value) -> Vec<Scored> {
+    let mut choices: Vec<Scored> = Vec::new();
+    let mut add = |choice: &Value| {
+        let index = choice["index"].as_u64().unwrap() as usize;
+        choices.resize_with(choices.len().max(index + 1), Scored::default);
+        choices[index].add(choice);
+    };
+    if body["stream"] == true {
+        let (status, chunks) = post_stream(server, "/v1/completions", body);
+        assert_eq!(status, 200, "{chunks:?}");
+        for chunk in chunks.iter().filter_map(|c| serde_json::from_str::<Value>(c).ok()) {
+            chunk["choices"].as_array().unwrap().iter().for_each(&mut add);
+        }
+    } else {
+        let (status, whole) = post(server, "/v1/completions", body);
+        assert_eq!(status, 200, "{whole}");
+        whole["choices"].as_array().unwrap().iter().for_each(&mut add);
+    }
+    choices
+}
+
+/// The prompt's logprobs (`echo`), which score a text as the generation that wrote it did; streamed
+/// logprobs that add up to the whole answer's; offsets into the text, characters split over several
+/// tokens written as OpenAI does (`bytes:\x..`).
+#[test]
+fn logprobs_of_prompts_and_streams() {
+    let server = start(&[]);
+    // Token ids as the prompt: the answer is checked against the model's own forward pass.
+    let vocab = Tokenizer::from_dir(model_dir()).unwrap().vocab_size() as i64;
+    let ids: Vec<i64> = (0..60).map(|i| (i * 37 + 11) % vocab).collect();
+    let echoed =
+        &scored(&server, &json!({"prompt": ids, "max_tokens": 8, "temperature": 0, "echo": true, "logprobs": 3}))[0];
+    assert_eq!((echoed.tokens.len(), echoed.logprobs[0]), (68, None), "nothing predicts the first token");
+    let model = GptBigCode::load(model_dir(), Kind::Float, Device::Cpu).unwrap();
+    let logits =
+        tch::no_grad(|| model.forward_full(&tch::Tensor::from_slice(&ids).unsqueeze(0), Dropout::Off)).unwrap();
+    let expected: Vec<f32> = logits.log_softmax(-1, Kind::Float).get(0).reshape([-1]).try_into().unwrap();
+    for position in 1..ids.len() {
+        let (scored, top) = (echoed.logprobs[position].unwrap(), echoed.tops[position].as_object().unwrap());
+        let row = &expected[(position - 1) * vocab as usize..position * vocab as usize];
+        let reference = f64::from(row[ids[position] as usize]);
+        assert!((scored - reference).abs() < 1e-3, "token {position}: {scored}, the forward pass {reference}");
+        let mut best = row.to_vec();
+        best.sort_by(|a, b| b.total_cmp(a));
+        let mut reported: Vec<f64> = top.values().filter_map(Value::as_f64).collect();
+        reported.sort_by(|a, b| b.total_cmp(a));
+        assert!(reported.len() <= 3 && (reported[0] - f64::from(best[0])).abs() < 1e-3, "{top:?} {:?}", &best[..3]);
+    }
+    // Greedy: each written token is its position's most likely one.
+    for (index, top) in echoed.tops[60..].iter().enumerate() {
+        let best = top.as_object().unwrap().values().filter_map(Value::as_f64).fold(f64::MIN, f64::max);
+        assert!((best - echoed.logprobs[60 + index].unwrap()).abs() < 1e-6, "token {index}: {top}");
+    }
+    let prompt = "def function_7(value):\n    return value";
+    let text = &scored(&server, &json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 1}))[0];
+    assert_eq!(text.text, prompt);
+    for (token, &offset) in text.tokens.iter().zip(&text.offsets) {
+        assert!(prompt[offset..].starts_with(token.as_str()), "{token:?} at {offset} of {prompt:?}");
+    }
+
+    // Characters the tokenizer has no token for come in bytes; each starts where its character does.
+    let wide = "x = '日本'\n";
+    let bytes = &scored(&server, &json!({"prompt": wide, "max_tokens": 0, "echo": true, "logprobs": 0}))[0];
+    let split: Vec<(&str, usize)> = bytes
+        .tokens
+        .iter()
+        .zip(&bytes.offsets)
+        .filter(|(token, _)| token.starts_with("bytes:"))
+        .map(|(token, &offset)| (token.as_str(), offset))
+        .collect();
+    let expected = [("bytes:\\xe6", 5), ("bytes:\\x97", 5), ("bytes:\\xa5", 5), ("bytes:\\xe6", 6)];
+    assert_eq!(split[..4], expected, "{bytes:?}");
+
+    // Streamed, with echo and a stop sequence, the chunks add up to the whole answer, two prompts
+    // and two samples each; no token past the stop sequence is reported.
+    let generated = &scored(&server, &json!({"prompt": prompt, "max_tokens": 12, "temperature": 0}))[0];
+    let stop: String = generated.text.chars().skip(4).take(2).collect();
+    let body = json!({"prompt": [prompt, wide], "max_tokens": 20, "temperature": 0.8, "seed": 5, "n": 2,
+                      "echo": true, "logprobs": 1, "stop": [stop]});
+    let whole = scored(&server, &body);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    assert_eq!(scored(&server, &streamed), whole);
+    assert_eq!(whole.len(), 4);
+    for choice in &whole {
+        let length = choice.text.chars().count();
+        assert!(choice.offsets.iter().all(|&offset| offset < length), "{choice:?}");
+        assert_eq!(choice.logprobs.iter().filter(|l| l.is_none()).count(), 1, "{choice:?}");
+    }
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
@@ -283,9 +396,7 @@ fn bad_requests_get_openai_errors() {
     check(b"{\"prompt\": \"x\", \"top_p\": 1.5}", 400, "top-p");
     check(b"{\"prompt\": \"x\", \"stop\": [\"a\", \"b\", \"c\", \"d\", \"e\"]}", 400, "at most 4");
     check(b"{\"prompt\": \"x\", \"logprobs\": 9}", 400, "logprobs");
-    // Asked for what is not computed or not streamed: refused, not answered in part.
-    check(b"{\"prompt\": \"x\", \"logprobs\": 1, \"echo\": true}", 400, "the prompt's logprobs");
-    check(b"{\"prompt\": \"x\", \"logprobs\": 1, \"stream\": true}", 400, "logprobs are not streamed");
+    check(b"{\"prompt\": \"x\", \"logprobs\": 1, \"echo\": true, \"suffix\": \"y\"}", 400, "fill-in-the-middle");
     check(b"{\"prompt\": \"\xff\xfe\"}", 400, "invalid JSON");
     // A body over the limit is refused from its Content-Length, before it is read.
     let (status, text) =
@@ -445,6 +556,13 @@ whole = client.completions.create(model="tiny", prompt="def f():", max_tokens=8,
 streamed = "".join(c.choices[0].text for c in client.completions.create(model="tiny", prompt="def f():", max_tokens=8, temperature=0, stream=True) if c.choices)
 assert whole.choices[0].text == streamed, (whole.choices[0].text, streamed)
 assert whole.usage.completion_tokens == 8, whole.usage
+# Scoring as lm-evaluation-harness does: the prompt echoed with its logprobs, the first None.
+scored = client.completions.create(model="tiny", prompt="def f():\n    return 1", max_tokens=0, echo=True, logprobs=1)
+logprobs = scored.choices[0].logprobs
+assert logprobs.token_logprobs[0] is None and all(l < 0 for l in logprobs.token_logprobs[1:]), logprobs
+assert "".join(logprobs.tokens) == scored.choices[0].text == "def f():\n    return 1", logprobs
+streamed = [c.choices[0].logprobs for c in client.completions.create(model="tiny", prompt="def f():", max_tokens=6, temperature=0, logprobs=2, stream=True) if c.choices and c.choices[0].logprobs]
+assert sum(len(l.tokens) for l in streamed) == 6, streamed
 chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
 assert chat.choices[0].message.role == "assistant"
 try:

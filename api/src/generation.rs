@@ -29,6 +29,8 @@ pub struct Plan {
     pub stop_tokens: Vec<i64>,
     /// Alternatives to report per token, when log-probabilities are asked for.
     pub logprobs: Option<usize>,
+    /// Alternatives to report per prompt token, when the prompt's log-probabilities are asked for.
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Plan {
@@ -165,6 +167,7 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
             stop: (!plan.stops.is_empty())
                 .then(|| Box::new(TextStops { tokenizer: tokenizer.clone(), stops: plan.stops.clone() }) as _),
             logprobs: plan.logprobs,
+            prompt_logprobs: plan.prompt_logprobs,
             speculation: None,
             cancel: cancel.clone(),
         };
@@ -191,6 +194,9 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
                 let event = match event {
                     Event::Token { sample, token, logprob } => Event::Token { sample: sample + offset, token, logprob },
                     Event::Finished { sample, finish } => Event::Finished { sample: sample + offset, finish },
+                    Event::PromptLogprobs { sample, logprobs } => {
+                        Event::PromptLogprobs { sample: sample + offset, logprobs }
+                    }
                     other => other,
                 };
                 if merged.send(event).is_err() {
@@ -209,6 +215,11 @@ pub struct SampleText {
     pub tokens: Vec<u32>,
     /// Their log-probabilities, when asked for.
     pub logprobs: Vec<TokenLogprob>,
+    /// Characters of the decoded text that are final once token i is in (an unfinished character
+    /// is not): token i starts at `ends[i - 1]`.
+    ends: Vec<usize>,
+    /// Tokens whose log-probabilities were handed out: those whose text was.
+    released: usize,
     /// Bytes of the decoded text already handed out.
     sent: usize,
     /// What was handed out: the answer, streamed or whole, is exactly this.
@@ -244,6 +255,23 @@ impl SampleText {
         &self.output
     }
 
+    /// The character offset in [`text`](Self::text) where token `index` starts.
+    pub fn offset(&self, index: usize) -> usize {
+        index.checked_sub(1).map_or(0, |before| self.ends[before])
+    }
+
+    /// Tokens whose text has begun to be handed out, since the last call; once the sample ended
+    /// without a stop sequence, all the rest (a stop sequence's own tokens never are).
+    pub fn release(&mut self) -> std::ops::Range<usize> {
+        let handed_out = self.output.chars().count();
+        let ended = self.finish.is_some() && !self.stopped;
+        let start = self.released;
+        while self.released < self.tokens.len() && (ended || self.offset(self.released) < handed_out) {
+            self.released += 1;
+        }
+        start..self.released
+    }
+
     /// `finish_reason` as OpenAI spells it.
     pub fn finish_reason(&self) -> &'static str {
         match (self.stopped, self.finish) {
@@ -254,9 +282,12 @@ impl SampleText {
 
     fn take(&mut self, tokenizer: &Tokenizer, stops: &[String], last: bool) -> String {
         if self.stopped {
+            self.ends.resize(self.tokens.len(), self.ends.last().copied().unwrap_or(0));
             return String::new();
         }
         let text = tokenizer.decode(&self.tokens, true).unwrap_or_default();
+        let settled = text.trim_end_matches('\u{fffd}').chars().count();
+        self.ends.resize(self.tokens.len(), settled);
         let (mut end, stopped) = cut(&text, stops);
         self.stopped = stopped;
         if !stopped && !last {

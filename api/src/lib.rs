@@ -7,6 +7,7 @@
 
 mod error;
 mod generation;
+mod logprobs;
 mod metrics;
 mod routes;
 mod schema;

@@ -12,12 +12,13 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
-use model::engine::Event;
+use model::engine::{Event, TokenLogprob};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::generation::{self, Merged, Plan, SampleText};
+use crate::logprobs::LegacyLogprobs;
 use crate::schema::{ChatRequest, CompletionRequest, InfillRequest, Knobs, Prompt};
 use crate::App;
 
@@ -90,14 +91,10 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
             Some(k @ 0..=5) => Some(k as usize),
             Some(k) => return Err(ApiError::invalid(Some("logprobs"), format!("logprobs must be in 0..=5, got {k}"))),
         };
-        // Refused rather than answered in part: the prompt's logprobs are not computed, and logprobs
-        // are not streamed.
-        if request.echo && logprobs.is_some() {
-            let message = "echo with logprobs asks for the prompt's logprobs, which this server does not compute";
+        // The echo is the prompt before the FIM tokens go around it: there is nothing to score it by.
+        if request.echo && logprobs.is_some() && request.suffix.is_some() {
+            let message = "echo with logprobs scores the prompt, which a suffix turns into a fill-in-the-middle prompt";
             return Err(ApiError::invalid(Some("echo"), message));
-        }
-        if knobs.stream && logprobs.is_some() {
-            return Err(ApiError::invalid(Some("logprobs"), "logprobs are not streamed: ask without stream"));
         }
         let vocab = app.tokenizer.vocab_size() as i64;
         let mut ids = Vec::with_capacity(prompts.len());
@@ -134,7 +131,8 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
             }
             stop_tokens = app.fim_stops.clone();
         }
-        let plan = plan(&app, &knobs, knobs.max_tokens, ids, stop_tokens, logprobs)?;
+        let mut plan = plan(&app, &knobs, knobs.max_tokens, ids, stop_tokens, logprobs)?;
+        plan.prompt_logprobs = logprobs.filter(|_| request.echo);
         Ok(Job {
             shape: Shape::Completion,
             plan,
@@ -264,6 +262,7 @@ fn plan(
         stops: generation::stops(knobs)?,
         stop_tokens,
         logprobs,
+        prompt_logprobs: None,
     })
 }
 
@@ -293,12 +292,18 @@ async fn answer(app: Arc<App>, job: Result<Job, ApiError>) -> Response {
 /// Every choice's text, its end, and the token count, once all samples are done.
 struct Outcome {
     samples: Vec<SampleText>,
+    /// Each prompt's log-probabilities, when asked for.
+    prompt_logprobs: Vec<Vec<TokenLogprob>>,
     completion_tokens: usize,
 }
 
 async fn whole_answer(app: &App, job: Job, mut events: Merged) -> Response {
     let choices = job.plan.prompts.len() * job.plan.n;
-    let mut outcome = Outcome { samples: (0..choices).map(|_| SampleText::default()).collect(), completion_tokens: 0 };
+    let mut outcome = Outcome {
+        samples: (0..choices).map(|_| SampleText::default()).collect(),
+        prompt_logprobs: vec![Vec::new(); job.plan.prompts.len()],
+        completion_tokens: 0,
+    };
     let mut open = choices;
     let mut first = true;
     while open > 0 {
@@ -315,12 +320,13 @@ async fn whole_answer(app: &App, job: Job, mut events: Merged) -> Response {
                 text.end(finish, &app.tokenizer, &job.plan.stops);
                 open -= 1;
             }
+            Some(Event::PromptLogprobs { sample, logprobs }) => outcome.prompt_logprobs[sample / job.plan.n] = logprobs,
             Some(Event::Started { .. } | Event::Speculated(_)) => {}
             Some(Event::Failed(message)) => return ApiError::internal(message).into_response(),
             None => return ApiError::unavailable("the inference engine stopped").into_response(),
         }
     }
-    Json(whole_body(app, &job, &outcome)).into_response()
+    Json(whole_body(app, &job, outcome)).into_response()
 }
 
 fn usage(job: &Job, completion_tokens: usize) -> Value {
@@ -328,18 +334,31 @@ fn usage(job: &Job, completion_tokens: usize) -> Value {
     json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
 }
 
-fn whole_body(app: &App, job: &Job, outcome: &Outcome) -> Value {
+fn whole_body(app: &App, job: &Job, mut outcome: Outcome) -> Value {
     let model = &app.config.model_name;
     match job.shape {
         Shape::Completion => {
             let choices: Vec<Value> = outcome
                 .samples
-                .iter()
+                .iter_mut()
                 .enumerate()
                 .map(|(index, sample)| {
-                    let echo = job.echo.get(index / job.plan.n).map_or("", String::as_str);
+                    let prompt = index / job.plan.n;
+                    let echo = job.echo.get(prompt).map_or("", String::as_str);
+                    let logprobs = job.plan.logprobs.map(|_| {
+                        let mut logprobs = LegacyLogprobs::default();
+                        if job.plan.prompt_logprobs.is_some() {
+                            logprobs.prompt(
+                                &app.tokenizer,
+                                &job.plan.prompts[prompt],
+                                &outcome.prompt_logprobs[prompt],
+                            );
+                        }
+                        let range = sample.release();
+                        logprobs.sample(&app.tokenizer, sample, range, echo.chars().count());
+                        logprobs.into_json()
+                    });
                     let text = format!("{echo}{}", sample.text());
-                    let logprobs = job.plan.logprobs.map(|_| logprobs_body(app, sample));
                     json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": sample.finish_reason()})
                 })
                 .collect();
@@ -380,31 +399,6 @@ fn infill_body(app: &App, job: &Job, content: String, sample: &SampleText, predi
         body["timings"] = json!({"total_ms": job.started.elapsed().as_secs_f64() * 1e3});
     }
     body
-}
-
-/// OpenAI's legacy `logprobs` object for the generated tokens (offsets in characters; never beside
-/// an echo, which is refused with logprobs).
-fn logprobs_body(app: &App, sample: &SampleText) -> Value {
-    let piece = |id: u32| app.tokenizer.decode(&[id], false).unwrap_or_default();
-    let mut text_offset = Vec::new();
-    let mut at = 0;
-    let tokens: Vec<String> = sample
-        .tokens
-        .iter()
-        .map(|&id| {
-            let text = piece(id);
-            text_offset.push(at);
-            at += text.chars().count();
-            text
-        })
-        .collect();
-    let token_logprobs: Vec<f32> = sample.logprobs.iter().map(|l| l.logprob).collect();
-    let top: Vec<Value> = sample
-        .logprobs
-        .iter()
-        .map(|l| Value::Object(l.top.iter().map(|&(id, lp)| (piece(id as u32), json!(lp))).collect()))
-        .collect();
-    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset})
 }
 
 /// Server-sent events: a chunk per new piece of text, a chunk with each choice's finish reason,
@@ -473,6 +467,25 @@ impl StreamState {
         self.pending.push_back(SseEvent::default().data(value.to_string()));
     }
 
+    /// Queues `text` of `choice` with the log-probabilities of the tokens it completes, when asked
+    /// for; nothing when there is neither.
+    fn push_text(&mut self, choice: usize, text: &str) {
+        let mut logprobs = LegacyLogprobs::default();
+        if self.job.shape == Shape::Completion && self.job.plan.logprobs.is_some() {
+            let base = self.job.echo.get(choice / self.job.plan.n).map_or(0, |echo| echo.chars().count());
+            let range = self.samples[choice].release();
+            logprobs.sample(&self.app.tokenizer, &self.samples[choice], range, base);
+        }
+        if text.is_empty() && logprobs.is_empty() {
+            return;
+        }
+        let mut chunk = self.chunk(choice, text, None);
+        if !logprobs.is_empty() {
+            chunk["choices"][0]["logprobs"] = logprobs.into_json();
+        }
+        self.push(chunk);
+    }
+
     /// Waits for the engine's next event and queues what it means for the client.
     async fn next(&mut self) {
         let stops = self.job.plan.stops.clone();
@@ -487,8 +500,11 @@ impl StreamState {
                     }
                 }
                 // `echo`: every choice's prompt, before any token (each prompt's request starts on
-                // its own; the first start comes before all of their tokens).
-                Shape::Completion if !std::mem::replace(&mut self.echoed, true) => {
+                // its own; the first start comes before all of their tokens). With the prompt's
+                // logprobs, each prompt's echo goes with them instead.
+                Shape::Completion
+                    if self.job.plan.prompt_logprobs.is_none() && !std::mem::replace(&mut self.echoed, true) =>
+                {
                     for choice in 0..self.samples.len() {
                         if let Some(echo) = self.job.echo.get(choice / self.job.plan.n).filter(|e| !e.is_empty()) {
                             let chunk = self.chunk(choice, echo, None);
@@ -505,16 +521,22 @@ impl StreamState {
                 self.completion_tokens += 1;
                 let text = self.samples[sample].push(token, logprob, &self.app.tokenizer, &stops);
                 if !text.is_empty() {
-                    let chunk = self.chunk(sample, &text, None);
+                    self.push_text(sample, &text);
+                }
+            }
+            Some(Event::PromptLogprobs { sample: first, logprobs }) => {
+                let prompt = first / self.job.plan.n;
+                for choice in first..first + self.job.plan.n {
+                    let mut scored = LegacyLogprobs::default();
+                    scored.prompt(&self.app.tokenizer, &self.job.plan.prompts[prompt], &logprobs);
+                    let mut chunk = self.chunk(choice, self.job.echo.get(prompt).map_or("", String::as_str), None);
+                    chunk["choices"][0]["logprobs"] = scored.into_json();
                     self.push(chunk);
                 }
             }
             Some(Event::Finished { sample, finish }) => {
                 let text = self.samples[sample].end(finish, &self.app.tokenizer, &stops);
-                if !text.is_empty() {
-                    let chunk = self.chunk(sample, &text, None);
-                    self.push(chunk);
-                }
+                self.push_text(sample, &text);
                 let last = if self.job.shape == Shape::Infill {
                     let sample = &self.samples[sample];
                     infill_body(&self.app, &self.job, String::new(), sample, self.completion_tokens, true)

@@ -159,8 +159,6 @@ impl ModelCompleter {
             Box::new(StopText { tokenizer: self.tokenizer.clone(), stops: shared.stops.clone() }) as model::engine::Stop
         });
         let request = Request {
-            prompt: prompt.to_vec(),
-            max_new_tokens: self.max_new_tokens,
             n: part.n,
             sampling: Sampling {
                 temperature: self.temperature,
@@ -170,9 +168,8 @@ impl ModelCompleter {
             },
             stop_tokens: vec![self.eos_token_id],
             stop,
-            logprobs: None,
-            speculation: None,
             cancel: shared.cancel.clone(),
+            ..Request::new(prompt.to_vec(), self.max_new_tokens)
         };
         let mut events = self.engine.submit(request)?;
         let (tokenizer, stops, ended) = (self.tokenizer.clone(), shared.stops.clone(), shared.ended.clone());
@@ -185,7 +182,7 @@ impl ModelCompleter {
                         tokens[sample].push(token);
                         continue;
                     }
-                    Some(Event::Started { .. } | Event::Speculated(_)) => continue,
+                    Some(Event::Started { .. } | Event::Speculated(_) | Event::PromptLogprobs { .. }) => continue,
                     Some(Event::Finished { sample, .. }) => {
                         open -= 1;
                         let text = text_of(&tokenizer, &stops, &tokens[sample]);

@@ -391,7 +391,7 @@ impl CompletionModel for ModelBackend {
                     figures.accepted = speculated.accepted;
                 }
                 Some(Event::Finished { .. }) => break,
-                Some(Event::Started { .. }) => {}
+                Some(Event::Started { .. } | Event::PromptLogprobs { .. }) => {}
                 Some(Event::Failed(message)) => return Err(EngineError::Model(message)),
                 None => return Err(EngineError::Stopped),
             }

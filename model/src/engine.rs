@@ -67,6 +67,9 @@ pub struct Request {
     pub stop: Option<Stop>,
     /// Report each token's log-probability with this many alternatives (`None`: no log-probabilities).
     pub logprobs: Option<usize>,
+    /// Report each prompt token's log-probability (all but the first, which nothing predicts) with
+    /// this many alternatives, in one [`Event::PromptLogprobs`] before [`Event::Started`].
+    pub prompt_logprobs: Option<usize>,
     /// Decode alone with speculative decoding when the engine is idle.
     pub speculation: Option<Speculation>,
     /// Set to stop the request.
@@ -84,6 +87,7 @@ impl Request {
             stop_tokens: Vec::new(),
             stop: None,
             logprobs: None,
+            prompt_logprobs: None,
             speculation: None,
             cancel: Arc::new(AtomicBool::new(false)),
         }
@@ -129,6 +133,14 @@ pub struct TokenLogprob {
 /// What a request hears, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The prompt's log-probabilities, when asked for: entry i is token i + 1's.
+    PromptLogprobs {
+        /// The prompt's first sample (0 from the engine; shifted like a token's by callers that
+        /// merge several requests).
+        sample: usize,
+        /// One per prompt token after the first.
+        logprobs: Vec<TokenLogprob>,
+    },
     /// The prompt is prefilled; decoding starts.
     Started {
         /// Milliseconds the request waited for a place in the batch.
@@ -199,6 +211,7 @@ pub struct Engine {
     inbox: mpsc::Sender<Envelope>,
     config: EngineConfig,
     context: usize,
+    vocab: usize,
     counters: Arc<Counters>,
     /// Requests submitted and not finished (waiting + running).
     in_flight: Arc<AtomicUsize>,
@@ -220,7 +233,7 @@ impl Engine {
         F: FnOnce() -> Result<(GptBigCode, Option<GptBigCode>)> + Send + 'static,
     {
         let (inbox, receiver) = mpsc::channel::<Envelope>();
-        let (ready, loaded) = mpsc::channel::<Result<usize>>();
+        let (ready, loaded) = mpsc::channel::<Result<(usize, usize)>>();
         let counters = Arc::new(Counters::default());
         let in_flight = Arc::new(AtomicUsize::new(0));
         let (thread_counters, thread_in_flight, thread_config) = (counters.clone(), in_flight.clone(), config.clone());
@@ -232,7 +245,7 @@ impl Engine {
                     Ok(Err(error)) => return drop(ready.send(Err(error))),
                     Err(panic) => return drop(ready.send(Err(ModelError::Invalid(panic_message(&panic))))),
                 };
-                let _ = ready.send(Ok(model.config().n_positions as usize));
+                let _ = ready.send(Ok((model.config().n_positions as usize, model.config().vocab_size as usize)));
                 let mut batcher = Batcher {
                     model: &model,
                     draft: draft.as_ref(),
@@ -247,9 +260,9 @@ impl Engine {
                 tch::no_grad(|| batcher.run(receiver));
             })
             .map_err(|e| ModelError::Invalid(format!("cannot start the inference thread: {e}")))?;
-        let context =
+        let (context, vocab) =
             loaded.recv().map_err(|_| ModelError::Invalid("the inference thread died while loading".into()))??;
-        Ok(Engine { inbox, config, context, counters, in_flight })
+        Ok(Engine { inbox, config, context, vocab, counters, in_flight })
     }
 
     /// The model's context (n_positions).
@@ -302,6 +315,15 @@ impl Engine {
                 self.context
             )));
         }
+        if let Some(bad) = request.prompt.iter().find(|&&id| !(0..self.vocab as i64).contains(&id)) {
+            return Err(SubmitError::Invalid(format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.vocab
+            )));
+        }
+        if request.speculation.is_some() && (request.logprobs.is_some() || request.prompt_logprobs.is_some()) {
+            return Err(SubmitError::Invalid("log-probabilities are not reported on the speculative path".into()));
+        }
         if request.n == 0 || request.n > self.config.max_batch {
             return Err(SubmitError::Invalid(format!(
                 "n must be between 1 and {} (the batch), got {}",
@@ -325,7 +347,7 @@ impl Engine {
                     samples[sample].1 = finish;
                     open -= 1;
                 }
-                Some(Event::Started { .. } | Event::Speculated(_)) => {}
+                Some(Event::Started { .. } | Event::Speculated(_) | Event::PromptLogprobs { .. }) => {}
                 Some(Event::Failed(message)) => return Err(SubmitError::Invalid(message)),
                 None => return Err(SubmitError::Stopped),
             }
@@ -354,6 +376,8 @@ type SharedRef = std::rc::Rc<std::cell::RefCell<Shared>>;
 struct Prefill {
     shared: SharedRef,
     cache: KvCache,
+    /// The prompt's log-probabilities so far, when asked for.
+    scored: Vec<TokenLogprob>,
     started: Instant,
     queued_ms: f64,
 }
@@ -435,7 +459,8 @@ impl Batcher<'_> {
             match self.model.new_cache(1, capacity) {
                 Ok(cache) => {
                     let shared = std::rc::Rc::new(std::cell::RefCell::new(shared));
-                    self.prefilling = Some(Prefill { shared, cache, started: Instant::now(), queued_ms });
+                    self.prefilling =
+                        Some(Prefill { shared, cache, scored: Vec::new(), started: Instant::now(), queued_ms });
                 }
                 Err(error) => {
                     self.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -459,10 +484,20 @@ impl Batcher<'_> {
         let prompt_len = prefill.shared.borrow().request.prompt.len();
         let chunk = self.config.prefill_chunk.max(1).min(prompt_len - done);
         let result = catch_unwind(AssertUnwindSafe(|| -> Result<Tensor> {
-            let ids = Tensor::from_slice(&prefill.shared.borrow().request.prompt[done..done + chunk])
-                .to_device(self.model.device())
-                .unsqueeze(0);
-            self.model.forward_next(&ids, &mut prefill.cache)
+            let shared = prefill.shared.borrow();
+            let prompt = &shared.request.prompt;
+            let ids = Tensor::from_slice(&prompt[done..done + chunk]).to_device(self.model.device()).unsqueeze(0);
+            let Some(top) = shared.request.prompt_logprobs else {
+                return self.model.forward_next(&ids, &mut prefill.cache);
+            };
+            let (every, last) = self.model.forward_scored(&ids, &mut prefill.cache)?;
+            // Row j predicts prompt token done + j + 1; the last chunk's last row, the first new token.
+            let rows = rows_vec(&every.squeeze_dim(0))?;
+            for (row, &next) in rows.iter().zip(&prompt[done + 1..]) {
+                check_finite(row, TARGET)?;
+                prefill.scored.push(logprob_of(row, next, top));
+            }
+            Ok(last)
         }));
         let logits = match flatten_panic(result) {
             Ok(logits) => logits,
@@ -487,6 +522,10 @@ impl Batcher<'_> {
         };
         let (n, seed) = {
             let shared = prefill.shared.borrow();
+            if shared.request.prompt_logprobs.is_some() {
+                let logprobs = std::mem::take(&mut prefill.scored);
+                let _ = shared.events.send(Event::PromptLogprobs { sample: 0, logprobs });
+            }
             let _ = shared.events.send(Event::Started { queued_ms: prefill.queued_ms });
             (shared.request.n, shared.request.sampling.seed)
         };

@@ -546,6 +546,14 @@ impl GptBigCode {
         Ok(self.head(&self.decode(input_ids, cache)?.select(1, -1)))
     }
 
+    /// Logits `[batch, len, vocab]` of every position (to score a prompt) and `[batch, vocab]` of the
+    /// last computed as [`forward_next`](Self::forward_next) computes them, so that scoring a prompt
+    /// does not change what is drawn after it.
+    pub fn forward_scored(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<(Tensor, Tensor)> {
+        let hidden = self.decode(input_ids, cache)?;
+        Ok((self.head(&hidden), self.head(&hidden.select(1, -1))))
+    }
+
     /// Logits `[rows, vocab]` of one new token per sequence, each continuing its own cache (which
     /// may hold a different length): the continuous-batching step. Row i's logits do not depend on
     /// the other rows where the dense layers take the dense kernel and attention the fused decode

@@ -281,14 +281,43 @@ impl Tokenizer {
     /// The text of `ids`. Special tokens are written out unless `skip_special` is set. An id outside the
     /// vocabulary is an error.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.check_ids(ids)?;
+        self.inner.decode(ids, skip_special).map_err(|e| tokenizer_error(&self.path, e.to_string()))
+    }
+
+    /// Where each token's text starts in `decode(ids, skip_special)`, in characters (every token of
+    /// a character spread over several starts where the character does).
+    pub fn char_offsets(&self, ids: &[u32], skip_special: bool) -> Result<Vec<usize>> {
+        self.check_ids(ids)?;
+        let mut stream = self.inner.decode_stream(skip_special);
+        let mut at = 0;
+        let mut offsets = Vec::with_capacity(ids.len());
+        for &id in ids {
+            offsets.push(at);
+            let piece = stream.step(id).map_err(|e| tokenizer_error(&self.path, e.to_string()))?;
+            at += piece.map_or(0, |piece| piece.chars().count());
+        }
+        Ok(offsets)
+    }
+
+    /// The bytes of token `id` where the decoder is byte-level (GPT-2's map from bytes to
+    /// characters), which a token that ends inside a character needs to be written at all.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        if !matches!(self.inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_))) {
+            return None;
+        }
+        self.inner.id_to_token(id)?.chars().map(byte_level_byte).collect()
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
         let size = self.vocab_size();
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= size) {
-            return Err(ModelError::Invalid(format!(
+        match ids.iter().find(|&&id| id as usize >= size) {
+            Some(bad) => Err(ModelError::Invalid(format!(
                 "token id {bad} is outside the vocabulary of {} ({size} tokens)",
                 self.path.display()
-            )));
+            ))),
+            None => Ok(()),
         }
-        self.inner.decode(ids, skip_special).map_err(|e| tokenizer_error(&self.path, e.to_string()))
     }
 
     /// The id of `token` (a vocabulary entry in byte-level form, or a special token).
@@ -371,6 +400,18 @@ fn pretty(value: &Value) -> String {
     let mut text = serde_json::to_string_pretty(value).expect("a JSON value serializes");
     text.push('\n');
     text
+}
+
+/// The byte GPT-2's byte-level alphabet writes as `c`: printable Latin-1 as itself, the other
+/// bytes, in order, from U+0100 on.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let c = c as u32;
+    if printable(c) {
+        return u8::try_from(c).ok();
+    }
+    let index = c.checked_sub(0x100)? as usize;
+    (0u32..256).filter(|&b| !printable(b)).nth(index).and_then(|b| u8::try_from(b).ok())
 }
 
 #[cfg(test)]

@@ -150,15 +150,67 @@ fn stops_panics_cancellation_and_a_full_queue() {
     };
     assert_eq!(collect(answer.unwrap(), 1)[0].len(), 24);
 
-    // Refused before queueing: an empty prompt, n = 0, a prompt as long as the context, bad sampling.
+    // Refused before queueing: an empty prompt, n = 0, a prompt as long as the context, bad sampling,
+    // an id outside the vocabulary, log-probabilities on the speculative path.
+    let speculative = Speculation { gamma: 4, reuse_prefix: false, fixed: true };
     for (bad, message) in [
         (request(Vec::new(), Sampling::greedy(), 1), "empty"),
+        (request(vec![1, 97], Sampling::greedy(), 1), "token id 97 is outside the model's vocabulary of 97"),
+        (request(vec![1, -1], Sampling::greedy(), 1), "token id -1"),
+        (
+            Request {
+                prompt_logprobs: Some(1),
+                speculation: Some(speculative),
+                ..request(prompt(1), Sampling::greedy(), 1)
+            },
+            "speculative path",
+        ),
         (request(prompt(1), Sampling::greedy(), 0), "n must be"),
         (request(vec![1; 128], Sampling::greedy(), 1), "context"),
         (request(prompt(1), Sampling { temperature: -1.0, ..Sampling::greedy() }, 1), "temperature"),
     ] {
         let refused = engine.submit(bad).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(refused.contains(message), "{refused}");
+    }
+}
+
+/// A prompt's log-probabilities come once, before its tokens, whatever the prefill's chunks, and
+/// match the logits of the whole prompt in one pass; asking for them changes no token.
+#[test]
+fn prompt_logprobs_do_not_depend_on_chunks() {
+    let prompt: Vec<i64> = prompt(9);
+    let model = tiny_model().unwrap();
+    let ids = tch::Tensor::from_slice(&prompt).unsqueeze(0);
+    let logits = tch::no_grad(|| model.forward_full(&ids, model::gpt_bigcode::Dropout::Off)).unwrap();
+    let expected: Vec<f32> = logits.log_softmax(-1, tch::Kind::Float).reshape([-1]).try_into().unwrap();
+    let plain = engine(EngineConfig::default()).generate(request(prompt.clone(), Sampling::greedy(), 2)).unwrap();
+    for chunk in [1, 7, 512] {
+        let engine = engine(EngineConfig { prefill_chunk: chunk, ..EngineConfig::default() });
+        let scored = Request { prompt_logprobs: Some(2), ..request(prompt.clone(), Sampling::greedy(), 2) };
+        let mut events = engine.submit(scored).unwrap();
+        let (mut logprobs, mut tokens) = (Vec::new(), vec![Vec::new(); 2]);
+        while let Some(event) = events.blocking_recv() {
+            match event {
+                Event::PromptLogprobs { sample, logprobs: got } => {
+                    assert!(logprobs.is_empty() && tokens[0].is_empty() && sample == 0, "once, first");
+                    logprobs = got;
+                }
+                Event::Token { sample, token, .. } => tokens[sample].push(token),
+                Event::Failed(message) => panic!("{message}"),
+                _ => {}
+            }
+        }
+        assert_eq!(logprobs.len(), prompt.len() - 1, "chunk {chunk}");
+        for (position, scored) in logprobs.iter().enumerate() {
+            let reference = expected[position * 97 + prompt[position + 1] as usize];
+            assert!(
+                (scored.logprob - reference).abs() < 1e-4,
+                "chunk {chunk}, token {position}: {scored:?} {reference}"
+            );
+            assert_eq!(scored.top.len(), 2);
+            assert!(scored.top[0].1 >= scored.top[1].1 && scored.top[0].1 >= scored.logprob, "{scored:?}");
+        }
+        assert_eq!(tokens, plain.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(), "chunk {chunk}");
     }
 }
 

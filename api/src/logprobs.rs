@@ -1,0 +1,68 @@
+//! OpenAI's legacy `logprobs` object of a completion choice: `tokens`, `token_logprobs`,
+//! `top_logprobs` and `text_offset` (in characters of the choice's `text`), an entry per token.
+use model::engine::TokenLogprob;
+use model::tokenizer::Tokenizer;
+use serde_json::{json, Value};
+
+use crate::generation::SampleText;
+
+/// The entries of one choice (or of one streamed chunk of it).
+#[derive(Default)]
+pub struct LegacyLogprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<Value>,
+    top_logprobs: Vec<Value>,
+    text_offset: Vec<usize>,
+}
+
+impl LegacyLogprobs {
+    /// The echoed prompt `ids` (decoded as the echo is, special tokens written out) and `scored`,
+    /// the log-probabilities of all but its first token, which nothing predicts.
+    pub fn prompt(&mut self, tokenizer: &Tokenizer, ids: &[i64], scored: &[TokenLogprob]) {
+        let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
+        let offsets = tokenizer.char_offsets(&ids, false).unwrap_or_else(|_| vec![0; ids.len()]);
+        for (index, (&id, offset)) in ids.iter().zip(offsets).enumerate() {
+            let logprob = index.checked_sub(1).and_then(|before| scored.get(before));
+            self.push(tokenizer, id, logprob, offset);
+        }
+    }
+
+    /// Tokens `range` of `sample`, whose text starts at character `base` of the choice's text.
+    pub fn sample(&mut self, tokenizer: &Tokenizer, sample: &SampleText, range: std::ops::Range<usize>, base: usize) {
+        for index in range {
+            self.push(tokenizer, sample.tokens[index], sample.logprobs.get(index), base + sample.offset(index));
+        }
+    }
+
+    /// Whether it has no entry.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    fn push(&mut self, tokenizer: &Tokenizer, id: u32, logprob: Option<&TokenLogprob>, offset: usize) {
+        let piece = |id: u32| piece(tokenizer, id);
+        self.tokens.push(piece(id));
+        self.token_logprobs.push(logprob.map_or(Value::Null, |l| json!(l.logprob)));
+        self.top_logprobs.push(logprob.map_or(Value::Null, |l| {
+            Value::Object(l.top.iter().map(|&(id, logprob)| (piece(id as u32), json!(logprob))).collect())
+        }));
+        self.text_offset.push(offset);
+    }
+
+    /// The JSON object.
+    pub fn into_json(self) -> Value {
+        json!({"tokens": self.tokens, "token_logprobs": self.token_logprobs,
+               "top_logprobs": self.top_logprobs, "text_offset": self.text_offset})
+    }
+}
+
+/// A token as text; one that is part of a character as OpenAI writes it, `bytes:\xe6\x97`.
+fn piece(tokenizer: &Tokenizer, id: u32) -> String {
+    let text = tokenizer.decode(&[id], false).unwrap_or_default();
+    match tokenizer.token_bytes(id) {
+        Some(bytes) if text.contains('\u{fffd}') && std::str::from_utf8(&bytes).is_err() => {
+            bytes.iter().fold("bytes:".to_string(), |out, byte| out + &format!("\\x{byte:02x}"))
+        }
+        _ => text,
+    }
+}
