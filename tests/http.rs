@@ -291,9 +291,9 @@ fn scored(server: &Server, body: &Value) -> Vec<Scored> {
     choices
 }
 
-/// The prompt's logprobs (`echo`), which score a text as the generation that wrote it did; streamed
-/// logprobs that add up to the whole answer's; offsets into the text, characters split over several
-/// tokens written as OpenAI does (`bytes:\x..`).
+/// The prompt's logprobs (`echo`), as the model's own forward pass gives them; streamed logprobs
+/// that add up to the whole answer's; offsets into the text, characters split over several tokens
+/// written as OpenAI does (`bytes:\x..`); the chat API's logprobs.
 #[test]
 fn logprobs_of_prompts_and_streams() {
     let server = start(&[]);
@@ -358,6 +358,37 @@ fn logprobs_of_prompts_and_streams() {
         let length = choice.text.chars().count();
         assert!(choice.offsets.iter().all(|&offset| offset < length), "{choice:?}");
         assert_eq!(choice.logprobs.iter().filter(|l| l.is_none()).count(), 1, "{choice:?}");
+    }
+
+    // Chat: `logprobs: true` with `top_logprobs`, whole and streamed alike.
+    let chat = json!({"messages": [{"role": "user", "content": "Write a function."}], "max_tokens": 10,
+                      "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (status, whole) = post(&server, "/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{whole}");
+    let content = whole["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(content.len() as u64, whole["usage"]["completion_tokens"].as_u64().unwrap(), "{whole}");
+    for entry in &content {
+        let best = entry["top_logprobs"][0]["logprob"].as_f64().unwrap();
+        assert!((entry["logprob"].as_f64().unwrap() - best).abs() < 1e-6, "greedy: {entry}");
+        assert!(entry["bytes"].as_array().is_some_and(|b| !b.is_empty()), "{entry}");
+    }
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let (_, chunks) = post_stream(&server, "/v1/chat/completions", &streamed);
+    let pieces: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| serde_json::from_str::<Value>(c).ok())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(pieces, content);
+    for (bad, message) in
+        [(json!({"top_logprobs": 2}), "needs logprobs"), (json!({"logprobs": true, "top_logprobs": 21}), "0..=20")]
+    {
+        let mut body = json!({"messages": [{"role": "user", "content": "x"}]});
+        body.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        let (status, error) = post(&server, "/v1/chat/completions", &body);
+        assert!(status == 400 && error["error"]["message"].as_str().unwrap().contains(message), "{error}");
     }
 }
 

@@ -1,5 +1,6 @@
-//! OpenAI's legacy `logprobs` object of a completion choice: `tokens`, `token_logprobs`,
-//! `top_logprobs` and `text_offset` (in characters of the choice's `text`), an entry per token.
+//! Log-probabilities as OpenAI writes them: the legacy object of a completion choice (`tokens`,
+//! `token_logprobs`, `top_logprobs`, `text_offset` in characters of the choice's `text`) and the
+//! chat API's `content` entries.
 use model::engine::TokenLogprob;
 use model::tokenizer::Tokenizer;
 use serde_json::{json, Value};
@@ -34,11 +35,6 @@ impl LegacyLogprobs {
         }
     }
 
-    /// Whether it has no entry.
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-
     fn push(&mut self, tokenizer: &Tokenizer, id: u32, logprob: Option<&TokenLogprob>, offset: usize) {
         let piece = |id: u32| piece(tokenizer, id);
         self.tokens.push(piece(id));
@@ -54,6 +50,22 @@ impl LegacyLogprobs {
         json!({"tokens": self.tokens, "token_logprobs": self.token_logprobs,
                "top_logprobs": self.top_logprobs, "text_offset": self.text_offset})
     }
+}
+
+/// The chat API's `logprobs.content` entries of tokens `range` of `sample`.
+pub fn chat_content(tokenizer: &Tokenizer, sample: &SampleText, range: std::ops::Range<usize>) -> Vec<Value> {
+    let entry = |id: u32, logprob: f32| {
+        let bytes = tokenizer.token_bytes(id).unwrap_or_else(|| piece(tokenizer, id).into_bytes());
+        json!({"token": piece(tokenizer, id), "logprob": logprob, "bytes": bytes})
+    };
+    range
+        .filter_map(|index| {
+            let scored = sample.logprobs.get(index)?;
+            let mut value = entry(sample.tokens[index], scored.logprob);
+            value["top_logprobs"] = scored.top.iter().map(|&(id, logprob)| entry(id as u32, logprob)).collect();
+            Some(value)
+        })
+        .collect()
 }
 
 /// A token as text; one that is part of a character as OpenAI writes it, `bytes:\xe6\x97`.

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::generation::{self, Merged, Plan, SampleText};
-use crate::logprobs::LegacyLogprobs;
+use crate::logprobs::{self, LegacyLogprobs};
 use crate::schema::{ChatRequest, CompletionRequest, InfillRequest, Knobs, Prompt};
 use crate::App;
 
@@ -157,9 +157,19 @@ pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
         {
             return Err(ApiError::invalid(Some("messages"), format!("unknown role `{}`", bad.role)));
         }
+        let logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
+            (_, Some(k)) if !(0..=20).contains(&k) => {
+                return Err(ApiError::invalid(Some("top_logprobs"), format!("top_logprobs must be in 0..=20, got {k}")))
+            }
+            (false, Some(_)) => {
+                return Err(ApiError::invalid(Some("top_logprobs"), "top_logprobs needs logprobs: true"))
+            }
+            (true, top) => Some(top.unwrap_or(0) as usize),
+            (false, None) => None,
+        };
         let ids = generation::encode(&app.tokenizer, vec![chat_prompt(&app, &request)?]).await?;
         let max_tokens = request.max_completion_tokens.or(knobs.max_tokens);
-        let plan = plan(&app, &knobs, max_tokens, ids, app.eos.clone(), None)?;
+        let plan = plan(&app, &knobs, max_tokens, ids, app.eos.clone(), logprobs)?;
         Ok(Job {
             shape: Shape::Chat,
             plan,
@@ -368,11 +378,15 @@ fn whole_body(app: &App, job: &Job, mut outcome: Outcome) -> Value {
         Shape::Chat => {
             let choices: Vec<Value> = outcome
                 .samples
-                .iter()
+                .iter_mut()
                 .enumerate()
                 .map(|(index, sample)| {
+                    let logprobs = job.plan.logprobs.map(|_| {
+                        let range = sample.release();
+                        json!({"content": logprobs::chat_content(&app.tokenizer, sample, range), "refusal": null})
+                    });
                     json!({"index": index, "message": {"role": "assistant", "content": sample.text()},
-                           "logprobs": null, "finish_reason": sample.finish_reason()})
+                           "logprobs": logprobs, "finish_reason": sample.finish_reason()})
                 })
                 .collect();
             json!({"id": request_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
@@ -470,18 +484,24 @@ impl StreamState {
     /// Queues `text` of `choice` with the log-probabilities of the tokens it completes, when asked
     /// for; nothing when there is neither.
     fn push_text(&mut self, choice: usize, text: &str) {
-        let mut logprobs = LegacyLogprobs::default();
-        if self.job.shape == Shape::Completion && self.job.plan.logprobs.is_some() {
-            let base = self.job.echo.get(choice / self.job.plan.n).map_or(0, |echo| echo.chars().count());
-            let range = self.samples[choice].release();
-            logprobs.sample(&self.app.tokenizer, &self.samples[choice], range, base);
-        }
-        if text.is_empty() && logprobs.is_empty() {
+        let range = match self.job.plan.logprobs {
+            Some(_) if self.job.shape != Shape::Infill => self.samples[choice].release(),
+            _ => 0..0,
+        };
+        if text.is_empty() && range.is_empty() {
             return;
         }
+        let (tokenizer, sample) = (&self.app.tokenizer, &self.samples[choice]);
         let mut chunk = self.chunk(choice, text, None);
-        if !logprobs.is_empty() {
-            chunk["choices"][0]["logprobs"] = logprobs.into_json();
+        if !range.is_empty() {
+            chunk["choices"][0]["logprobs"] = if self.job.shape == Shape::Chat {
+                json!({"content": logprobs::chat_content(tokenizer, sample, range), "refusal": null})
+            } else {
+                let base = self.job.echo.get(choice / self.job.plan.n).map_or(0, |echo| echo.chars().count());
+                let mut logprobs = LegacyLogprobs::default();
+                logprobs.sample(tokenizer, sample, range, base);
+                logprobs.into_json()
+            };
         }
         self.push(chunk);
     }

@@ -114,6 +114,10 @@ pub struct ChatRequest {
     pub messages: Vec<Message>,
     /// OpenAI's newer name for max_tokens.
     pub max_completion_tokens: Option<i64>,
+    /// Report the chosen tokens' log-probabilities.
+    pub logprobs: Option<bool>,
+    /// With `logprobs`, this many alternatives per token (0-20).
+    pub top_logprobs: Option<i64>,
 }
 
 /// One file of `input_extra`.
