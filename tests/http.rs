@@ -28,6 +28,25 @@ fn slow_model_dir() -> &'static Path {
     &DIR.get_or_init(|| make_model(512, 8)).1
 }
 
+/// The same shape as [`model_dir`], whose every next token is the end of text: its final
+/// LayerNorm gives every position the end-of-text embedding (the head is tied to it).
+fn ending_model_dir() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let (work, dir) = make_model(64, 2);
+        let model = GptBigCode::load(&dir, Kind::Float, Device::Cpu).unwrap();
+        let vars = model.vars().variables();
+        tch::no_grad(|| {
+            let end_of_text = vars["transformer.wte.weight"].get(0) * 10.0;
+            let _ = vars["transformer.ln_f.weight"].shallow_clone().zero_();
+            vars["transformer.ln_f.bias"].shallow_clone().copy_(&end_of_text);
+        });
+        model.save(&dir, Kind::Float).unwrap();
+        (work, dir)
+    })
+    .1
+}
+
 fn make_model(n_embd: i64, n_layer: i64) -> (tempfile::TempDir, PathBuf) {
     {
         let work = tempfile::tempdir().unwrap();
@@ -359,6 +378,33 @@ fn logprobs_of_prompts_and_streams() {
         assert!(choice.offsets.iter().all(|&offset| offset < length), "{choice:?}");
         assert_eq!(choice.logprobs.iter().filter(|l| l.is_none()).count(), 1, "{choice:?}");
     }
+
+    // A scoring request of lm-evaluation-harness (echo, max_tokens 1, its last entry taken for the
+    // generated token) on a model that ends at once: the end of text is that entry, at the end of
+    // the text, never in it.
+    let ending = start_with(ending_model_dir(), &[]);
+    for stream in [false, true] {
+        let body = json!({"prompt": "def f", "max_tokens": 1, "echo": true, "logprobs": 1, "stream": stream});
+        let choice = &scored(&ending, &body)[0];
+        assert_eq!((choice.text.as_str(), choice.tokens.last().map(String::as_str)), ("def f", Some("<|endoftext|>")));
+        assert_eq!(choice.offsets.last(), Some(&5), "{choice:?}");
+        assert!(choice.logprobs.last().unwrap().unwrap() > -0.01, "{choice:?}");
+    }
+
+    // A prompt that fills the context can be scored (and only scored).
+    let full: Vec<i64> = (0..256).map(|i| (i * 7 + 3) % vocab).collect();
+    let whole_context = &scored(&server, &json!({"prompt": full, "max_tokens": 0, "echo": true, "logprobs": 0}))[0];
+    assert_eq!(whole_context.tokens.len(), 256);
+    let (status, error) = post(&server, "/v1/completions", &json!({"prompt": full, "max_tokens": 1}));
+    assert_eq!(status, 400, "{error}");
+
+    // A byte that begins no character is one U+FFFD; the next token starts after it.
+    let tokenizer = Tokenizer::from_dir(model_dir()).unwrap();
+    let [lone, m, a] = ["\u{fd}", "m", "a"].map(|t| tokenizer.token_id(t).unwrap());
+    let body = json!({"prompt": [lone, m, a], "max_tokens": 0, "echo": true, "logprobs": 0, "stream": null});
+    let invalid = &scored(&server, &body)[0];
+    assert_eq!((invalid.text.as_str(), invalid.offsets.as_slice()), ("\u{fffd}ma", [0, 1, 2].as_slice()));
+    assert_eq!(invalid.tokens[0], "bytes:\\xfd");
 
     // Chat: `logprobs: true` with `top_logprobs`, whole and streamed alike.
     let chat = json!({"messages": [{"role": "user", "content": "Write a function."}], "max_tokens": 10,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use model::engine::{Engine, Event, Request, SubmitError, TokenLogprob};
 use model::generate::{Finish, StopCriterion};
 use model::sampling::Sampling;
+use model::text_offsets::TextOffsets;
 use model::tokenizer::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -90,18 +91,22 @@ pub fn stops(knobs: &Knobs) -> Result<Vec<String>, ApiError> {
 }
 
 /// The new-token budget: asked (or the default), within the limit and what the context leaves.
+/// `max_tokens: 0` only scores the prompt, which may then fill the context.
 pub fn max_new_tokens(
     asked: Option<i64>,
     limits: &Limits,
     context: usize,
     longest_prompt: usize,
 ) -> Result<usize, ApiError> {
-    let asked = match asked {
-        None => limits.default_max_tokens.min(context.saturating_sub(longest_prompt)),
+    let (asked, room_needed) = match asked {
+        None => {
+            let asked = limits.default_max_tokens.min(context.saturating_sub(longest_prompt));
+            (asked, asked.max(1))
+        }
         Some(m) if m < 0 => {
             return Err(ApiError::invalid(Some("max_tokens"), format!("max_tokens must be >= 0, got {m}")))
         }
-        Some(m) => m as usize,
+        Some(m) => (m as usize, m as usize),
     };
     if asked > limits.max_tokens {
         return Err(ApiError::invalid(
@@ -109,7 +114,7 @@ pub fn max_new_tokens(
             format!("max_tokens is {asked}; this server allows at most {}", limits.max_tokens),
         ));
     }
-    if longest_prompt >= context || longest_prompt + asked > context {
+    if longest_prompt + room_needed > context {
         return Err(ApiError::context(format!(
             "This model's maximum context length is {context} tokens, however you requested {} tokens \
              ({longest_prompt} in your prompt; {asked} for the completion)",
@@ -197,6 +202,9 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
                     Event::PromptLogprobs { sample, logprobs } => {
                         Event::PromptLogprobs { sample: sample + offset, logprobs }
                     }
+                    Event::StopToken { sample, token, logprob } => {
+                        Event::StopToken { sample: sample + offset, token, logprob }
+                    }
                     other => other,
                 };
                 if merged.send(event).is_err() {
@@ -215,9 +223,10 @@ pub struct SampleText {
     pub tokens: Vec<u32>,
     /// Their log-probabilities, when asked for.
     pub logprobs: Vec<TokenLogprob>,
-    /// Characters of the decoded text that are final once token i is in (an unfinished character
-    /// is not): token i starts at `ends[i - 1]`.
-    ends: Vec<usize>,
+    /// Where each token starts in the text.
+    offsets: TextOffsets,
+    /// The stop token that ended it and its log-probability, when asked for.
+    stop_token: Option<(u32, TokenLogprob)>,
     /// Tokens whose log-probabilities were handed out: those whose text was.
     released: usize,
     /// Bytes of the decoded text already handed out.
@@ -241,35 +250,25 @@ impl SampleText {
     ) -> String {
         self.tokens.push(token as u32);
         self.logprobs.extend(logprob);
+        self.offsets.push(&tokenizer.token_bytes(token as u32, true));
         self.take(tokenizer, stops, false)
+    }
+
+    /// The stop token that is about to end the sample, with its log-probability.
+    pub fn stop_token(&mut self, token: i64, logprob: TokenLogprob) {
+        self.stop_token = Some((token as u32, logprob));
     }
 
     /// The sample ended: the rest of its text.
     pub fn end(&mut self, finish: Finish, tokenizer: &Tokenizer, stops: &[String]) -> String {
         self.finish = Some(finish);
+        self.offsets.finish();
         self.take(tokenizer, stops, true)
     }
 
     /// The text handed out so far (all of it once the sample ended), cut before any stop sequence.
     pub fn text(&self) -> &str {
         &self.output
-    }
-
-    /// The character offset in [`text`](Self::text) where token `index` starts.
-    pub fn offset(&self, index: usize) -> usize {
-        index.checked_sub(1).map_or(0, |before| self.ends[before])
-    }
-
-    /// Tokens whose text has begun to be handed out, since the last call; once the sample ended
-    /// without a stop sequence, all the rest (a stop sequence's own tokens never are).
-    pub fn release(&mut self) -> std::ops::Range<usize> {
-        let handed_out = self.output.chars().count();
-        let ended = self.finish.is_some() && !self.stopped;
-        let start = self.released;
-        while self.released < self.tokens.len() && (ended || self.offset(self.released) < handed_out) {
-            self.released += 1;
-        }
-        start..self.released
     }
 
     /// `finish_reason` as OpenAI spells it.
@@ -280,14 +279,37 @@ impl SampleText {
         }
     }
 
+    /// Token `index` (the stop token after the others), its log-probability and the character of
+    /// [`text`](Self::text) where it starts.
+    pub fn entry(&self, index: usize) -> Option<(u32, Option<&TokenLogprob>, usize)> {
+        if index == self.tokens.len() {
+            let (token, logprob) = self.stop_token.as_ref()?;
+            return Some((*token, Some(logprob), self.output.chars().count()));
+        }
+        Some((self.tokens[index], self.logprobs.get(index), self.offsets.offset(index)?))
+    }
+
+    /// Tokens whose text has begun to be handed out, since the last call; once the sample ended
+    /// without a stop sequence, all the rest with its stop token (a stop sequence's own tokens
+    /// never are).
+    pub fn release(&mut self) -> std::ops::Range<usize> {
+        let handed_out = self.output.chars().count();
+        let ended = self.finish.is_some() && !self.stopped;
+        let end = self.tokens.len() + usize::from(ended && self.stop_token.is_some());
+        let start = self.released;
+        while self.released < end
+            && (ended || self.offsets.offset(self.released).is_some_and(|offset| offset < handed_out))
+        {
+            self.released += 1;
+        }
+        start..self.released
+    }
+
     fn take(&mut self, tokenizer: &Tokenizer, stops: &[String], last: bool) -> String {
         if self.stopped {
-            self.ends.resize(self.tokens.len(), self.ends.last().copied().unwrap_or(0));
             return String::new();
         }
         let text = tokenizer.decode(&self.tokens, true).unwrap_or_default();
-        let settled = text.trim_end_matches('\u{fffd}').chars().count();
-        self.ends.resize(self.tokens.len(), settled);
         let (mut end, stopped) = cut(&text, stops);
         self.stopped = stopped;
         if !stopped && !last {

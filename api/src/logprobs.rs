@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::generation::SampleText;
 
 /// The entries of one choice (or of one streamed chunk of it).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct LegacyLogprobs {
     tokens: Vec<String>,
     token_logprobs: Vec<Value>,
@@ -19,19 +19,20 @@ pub struct LegacyLogprobs {
 impl LegacyLogprobs {
     /// The echoed prompt `ids` (decoded as the echo is, special tokens written out) and `scored`,
     /// the log-probabilities of all but its first token, which nothing predicts.
-    pub fn prompt(&mut self, tokenizer: &Tokenizer, ids: &[i64], scored: &[TokenLogprob]) {
+    pub fn prompt(tokenizer: &Tokenizer, ids: &[i64], scored: &[TokenLogprob]) -> model::Result<LegacyLogprobs> {
         let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
-        let offsets = tokenizer.char_offsets(&ids, false).unwrap_or_else(|_| vec![0; ids.len()]);
-        for (index, (&id, offset)) in ids.iter().zip(offsets).enumerate() {
+        let mut logprobs = LegacyLogprobs::default();
+        for (index, (&id, offset)) in ids.iter().zip(tokenizer.char_offsets(&ids, false)?).enumerate() {
             let logprob = index.checked_sub(1).and_then(|before| scored.get(before));
-            self.push(tokenizer, id, logprob, offset);
+            logprobs.push(tokenizer, id, logprob, offset);
         }
+        Ok(logprobs)
     }
 
     /// Tokens `range` of `sample`, whose text starts at character `base` of the choice's text.
     pub fn sample(&mut self, tokenizer: &Tokenizer, sample: &SampleText, range: std::ops::Range<usize>, base: usize) {
-        for index in range {
-            self.push(tokenizer, sample.tokens[index], sample.logprobs.get(index), base + sample.offset(index));
+        for (id, logprob, offset) in range.filter_map(|index| sample.entry(index)) {
+            self.push(tokenizer, id, logprob, base + offset);
         }
     }
 
@@ -54,14 +55,12 @@ impl LegacyLogprobs {
 
 /// The chat API's `logprobs.content` entries of tokens `range` of `sample`.
 pub fn chat_content(tokenizer: &Tokenizer, sample: &SampleText, range: std::ops::Range<usize>) -> Vec<Value> {
-    let entry = |id: u32, logprob: f32| {
-        let bytes = tokenizer.token_bytes(id).unwrap_or_else(|| piece(tokenizer, id).into_bytes());
-        json!({"token": piece(tokenizer, id), "logprob": logprob, "bytes": bytes})
-    };
+    let entry = |id: u32, logprob: f32| json!({"token": piece(tokenizer, id), "logprob": logprob, "bytes": tokenizer.token_bytes(id, false)});
     range
         .filter_map(|index| {
-            let scored = sample.logprobs.get(index)?;
-            let mut value = entry(sample.tokens[index], scored.logprob);
+            let (id, scored, _) = sample.entry(index)?;
+            let scored = scored?;
+            let mut value = entry(id, scored.logprob);
             value["top_logprobs"] = scored.top.iter().map(|&(id, logprob)| entry(id as u32, logprob)).collect();
             Some(value)
         })
@@ -71,8 +70,11 @@ pub fn chat_content(tokenizer: &Tokenizer, sample: &SampleText, range: std::ops:
 /// A token as text; one that is part of a character as OpenAI writes it, `bytes:\xe6\x97`.
 fn piece(tokenizer: &Tokenizer, id: u32) -> String {
     let text = tokenizer.decode(&[id], false).unwrap_or_default();
-    match tokenizer.token_bytes(id) {
-        Some(bytes) if text.contains('\u{fffd}') && std::str::from_utf8(&bytes).is_err() => {
+    if !text.contains('\u{fffd}') {
+        return text;
+    }
+    match tokenizer.token_bytes(id, false) {
+        bytes if std::str::from_utf8(&bytes).is_err() => {
             bytes.iter().fold("bytes:".to_string(), |out, byte| out + &format!("\\x{byte:02x}"))
         }
         _ => text,

@@ -286,7 +286,7 @@ async fn answer(app: Arc<App>, job: Result<Job, ApiError>) -> Response {
     {
         Err(error) => error.into_response(),
         Ok((job, events)) if job.stream => stream_answer(app.clone(), job, events).into_response(),
-        Ok((job, events)) => whole_answer(&app, job, events).await,
+        Ok((job, events)) => whole_answer(app.clone(), job, events).await,
     };
     app.metrics.request(endpoint, response.status().as_u16());
     if let Some(started) = started {
@@ -307,7 +307,7 @@ struct Outcome {
     completion_tokens: usize,
 }
 
-async fn whole_answer(app: &App, job: Job, mut events: Merged) -> Response {
+async fn whole_answer(app: Arc<App>, job: Job, mut events: Merged) -> Response {
     let choices = job.plan.prompts.len() * job.plan.n;
     let mut outcome = Outcome {
         samples: (0..choices).map(|_| SampleText::default()).collect(),
@@ -331,12 +331,43 @@ async fn whole_answer(app: &App, job: Job, mut events: Merged) -> Response {
                 open -= 1;
             }
             Some(Event::PromptLogprobs { sample, logprobs }) => outcome.prompt_logprobs[sample / job.plan.n] = logprobs,
+            Some(Event::StopToken { sample, token, logprob }) => outcome.samples[sample].stop_token(token, logprob),
             Some(Event::Started { .. } | Event::Speculated(_)) => {}
             Some(Event::Failed(message)) => return ApiError::internal(message).into_response(),
             None => return ApiError::unavailable("the inference engine stopped").into_response(),
         }
     }
-    Json(whole_body(app, &job, outcome)).into_response()
+    // Decoding every token and its alternatives is the tokenizer's work: off the async threads.
+    match tokio::task::spawn_blocking(move || whole_body(&app, &job, outcome)).await {
+        Ok(Ok(body)) => Json(body).into_response(),
+        Ok(Err(error)) => error.into_response(),
+        Err(error) => ApiError::internal(error.to_string()).into_response(),
+    }
+}
+
+/// The logprobs of `choice` for tokens `range` of its sample, in the endpoint's shape; a
+/// completion's start with `scored_prompt`, the echoed prompt's.
+fn choice_logprobs(
+    app: &App,
+    job: &Job,
+    choice: usize,
+    sample: &SampleText,
+    range: std::ops::Range<usize>,
+    scored_prompt: Option<LegacyLogprobs>,
+) -> Value {
+    if job.shape == Shape::Chat {
+        return json!({"content": logprobs::chat_content(&app.tokenizer, sample, range), "refusal": null});
+    }
+    let base = job.echo.get(choice / job.plan.n).map_or(0, |echo| echo.chars().count());
+    let mut logprobs = scored_prompt.unwrap_or_default();
+    logprobs.sample(&app.tokenizer, sample, range, base);
+    logprobs.into_json()
+}
+
+/// The echoed prompt's logprobs, when asked for.
+fn scored_prompt(app: &App, job: &Job, prompt: usize, scored: &[TokenLogprob]) -> Result<LegacyLogprobs, ApiError> {
+    LegacyLogprobs::prompt(&app.tokenizer, &job.plan.prompts[prompt], scored)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 fn usage(job: &Job, completion_tokens: usize) -> Value {
@@ -344,59 +375,40 @@ fn usage(job: &Job, completion_tokens: usize) -> Value {
     json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
 }
 
-fn whole_body(app: &App, job: &Job, mut outcome: Outcome) -> Value {
+fn whole_body(app: &App, job: &Job, mut outcome: Outcome) -> Result<Value, ApiError> {
     let model = &app.config.model_name;
-    match job.shape {
-        Shape::Completion => {
-            let choices: Vec<Value> = outcome
-                .samples
-                .iter_mut()
-                .enumerate()
-                .map(|(index, sample)| {
-                    let prompt = index / job.plan.n;
-                    let echo = job.echo.get(prompt).map_or("", String::as_str);
-                    let logprobs = job.plan.logprobs.map(|_| {
-                        let mut logprobs = LegacyLogprobs::default();
-                        if job.plan.prompt_logprobs.is_some() {
-                            logprobs.prompt(
-                                &app.tokenizer,
-                                &job.plan.prompts[prompt],
-                                &outcome.prompt_logprobs[prompt],
-                            );
-                        }
-                        let range = sample.release();
-                        logprobs.sample(&app.tokenizer, sample, range, echo.chars().count());
-                        logprobs.into_json()
-                    });
-                    let text = format!("{echo}{}", sample.text());
-                    json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": sample.finish_reason()})
-                })
-                .collect();
-            json!({"id": request_id("cmpl"), "object": "text_completion", "created": now(), "model": model,
-                   "choices": choices, "usage": usage(job, outcome.completion_tokens)})
-        }
-        Shape::Chat => {
-            let choices: Vec<Value> = outcome
-                .samples
-                .iter_mut()
-                .enumerate()
-                .map(|(index, sample)| {
-                    let logprobs = job.plan.logprobs.map(|_| {
-                        let range = sample.release();
-                        json!({"content": logprobs::chat_content(&app.tokenizer, sample, range), "refusal": null})
-                    });
-                    json!({"index": index, "message": {"role": "assistant", "content": sample.text()},
-                           "logprobs": logprobs, "finish_reason": sample.finish_reason()})
-                })
-                .collect();
-            json!({"id": request_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
-                   "choices": choices, "usage": usage(job, outcome.completion_tokens)})
-        }
+    let scored_prompts = match job.plan.prompt_logprobs {
+        Some(_) => (0..job.plan.prompts.len())
+            .map(|prompt| scored_prompt(app, job, prompt, &outcome.prompt_logprobs[prompt]).map(Some))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => vec![None; job.plan.prompts.len()],
+    };
+    let mut choices = Vec::with_capacity(outcome.samples.len());
+    for (index, sample) in outcome.samples.iter_mut().enumerate() {
+        let logprobs = job.plan.logprobs.map(|_| {
+            let range = sample.release();
+            choice_logprobs(app, job, index, sample, range, scored_prompts[index / job.plan.n].clone())
+        });
+        choices.push(match job.shape {
+            Shape::Chat => json!({"index": index, "message": {"role": "assistant", "content": sample.text()},
+                                  "logprobs": logprobs, "finish_reason": sample.finish_reason()}),
+            _ => {
+                let echo = job.echo.get(index / job.plan.n).map_or("", String::as_str);
+                json!({"index": index, "text": format!("{echo}{}", sample.text()), "logprobs": logprobs,
+                       "finish_reason": sample.finish_reason()})
+            }
+        });
+    }
+    Ok(match job.shape {
+        Shape::Completion => json!({"id": request_id("cmpl"), "object": "text_completion", "created": now(),
+                                    "model": model, "choices": choices, "usage": usage(job, outcome.completion_tokens)}),
+        Shape::Chat => json!({"id": request_id("chatcmpl"), "object": "chat.completion", "created": now(),
+                              "model": model, "choices": choices, "usage": usage(job, outcome.completion_tokens)}),
         Shape::Infill => {
             let sample = &outcome.samples[0];
             infill_body(app, job, sample.text().to_string(), sample, outcome.completion_tokens, true)
         }
-    }
+    })
 }
 
 fn infill_body(app: &App, job: &Job, content: String, sample: &SampleText, predicted: usize, stop: bool) -> Value {
@@ -485,23 +497,16 @@ impl StreamState {
     /// for; nothing when there is neither.
     fn push_text(&mut self, choice: usize, text: &str) {
         let range = match self.job.plan.logprobs {
-            Some(_) if self.job.shape != Shape::Infill => self.samples[choice].release(),
-            _ => 0..0,
+            Some(_) => self.samples[choice].release(),
+            None => 0..0,
         };
         if text.is_empty() && range.is_empty() {
             return;
         }
-        let (tokenizer, sample) = (&self.app.tokenizer, &self.samples[choice]);
         let mut chunk = self.chunk(choice, text, None);
         if !range.is_empty() {
-            chunk["choices"][0]["logprobs"] = if self.job.shape == Shape::Chat {
-                json!({"content": logprobs::chat_content(tokenizer, sample, range), "refusal": null})
-            } else {
-                let base = self.job.echo.get(choice / self.job.plan.n).map_or(0, |echo| echo.chars().count());
-                let mut logprobs = LegacyLogprobs::default();
-                logprobs.sample(tokenizer, sample, range, base);
-                logprobs.into_json()
-            };
+            chunk["choices"][0]["logprobs"] =
+                choice_logprobs(&self.app, &self.job, choice, &self.samples[choice], range, None);
         }
         self.push(chunk);
     }
@@ -546,14 +551,25 @@ impl StreamState {
             }
             Some(Event::PromptLogprobs { sample: first, logprobs }) => {
                 let prompt = first / self.job.plan.n;
+                let (tokenizer, ids) = (self.app.tokenizer.clone(), self.job.plan.prompts[prompt].clone());
+                let scored = tokio::task::spawn_blocking(move || LegacyLogprobs::prompt(&tokenizer, &ids, &logprobs))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|scored| scored.map_err(|e| e.to_string()));
+                let scored = match scored {
+                    Ok(scored) => scored.into_json(),
+                    Err(message) => {
+                        self.push(ApiError::internal(message).body());
+                        return self.close();
+                    }
+                };
                 for choice in first..first + self.job.plan.n {
-                    let mut scored = LegacyLogprobs::default();
-                    scored.prompt(&self.app.tokenizer, &self.job.plan.prompts[prompt], &logprobs);
                     let mut chunk = self.chunk(choice, self.job.echo.get(prompt).map_or("", String::as_str), None);
-                    chunk["choices"][0]["logprobs"] = scored.into_json();
+                    chunk["choices"][0]["logprobs"] = scored.clone();
                     self.push(chunk);
                 }
             }
+            Some(Event::StopToken { sample, token, logprob }) => self.samples[sample].stop_token(token, logprob),
             Some(Event::Finished { sample, finish }) => {
                 let text = self.samples[sample].end(finish, &self.app.tokenizer, &stops);
                 self.push_text(sample, &text);

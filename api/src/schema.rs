@@ -24,6 +24,15 @@ impl OneOrMany {
     }
 }
 
+/// `null` as the field's default, as OpenAI takes it (clients write unset fields as `null`).
+fn null_is_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
 /// A prompt as text or as token ids.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
@@ -70,7 +79,7 @@ pub struct Knobs {
     /// Seed of the first sample.
     pub seed: Option<u64>,
     /// Server-sent events.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub stream: bool,
     /// Only `include_usage`.
     pub stream_options: Option<StreamOptions>,
@@ -80,7 +89,7 @@ pub struct Knobs {
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct StreamOptions {
     /// Send a last chunk with the usage.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub include_usage: bool,
 }
 
@@ -92,7 +101,7 @@ pub struct CompletionRequest {
     /// Text after the insertion point: fill-in-the-middle.
     pub suffix: Option<String>,
     /// Include the prompt in the answer.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub echo: bool,
     /// Log-probabilities of the chosen token and this many alternatives (0-5).
     pub logprobs: Option<i64>,
@@ -124,7 +133,7 @@ pub struct ChatRequest {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ExtraFile {
     /// Its path.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub filename: String,
     /// Its text.
     pub text: String,
@@ -134,16 +143,16 @@ pub struct ExtraFile {
 #[derive(Debug, Clone, Deserialize)]
 pub struct InfillRequest {
     /// Text before the cursor.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub input_prefix: String,
     /// Text after the cursor.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub input_suffix: String,
     /// Other files for context.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub input_extra: Vec<ExtraFile>,
     /// Text added after the prefix.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub prompt: String,
     /// Most new tokens (-1: as many as the limit allows).
     pub n_predict: Option<i64>,
@@ -158,6 +167,6 @@ pub struct InfillRequest {
     /// Stop strings.
     pub stop: Option<Vec<String>>,
     /// Server-sent events.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub stream: bool,
 }

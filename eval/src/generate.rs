@@ -182,7 +182,12 @@ impl ModelCompleter {
                         tokens[sample].push(token);
                         continue;
                     }
-                    Some(Event::Started { .. } | Event::Speculated(_) | Event::PromptLogprobs { .. }) => continue,
+                    Some(
+                        Event::Started { .. }
+                        | Event::Speculated(_)
+                        | Event::PromptLogprobs { .. }
+                        | Event::StopToken { .. },
+                    ) => continue,
                     Some(Event::Finished { sample, .. }) => {
                         open -= 1;
                         let text = text_of(&tokenizer, &stops, &tokens[sample]);

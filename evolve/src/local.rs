@@ -131,7 +131,12 @@ impl LocalBackend {
             match events.recv().await {
                 Some(Event::Token { token, .. }) => tokens.push(token),
                 Some(Event::Finished { finish, .. }) => break finish,
-                Some(Event::Started { .. } | Event::Speculated(_) | Event::PromptLogprobs { .. }) => {}
+                Some(
+                    Event::Started { .. }
+                    | Event::Speculated(_)
+                    | Event::PromptLogprobs { .. }
+                    | Event::StopToken { .. },
+                ) => {}
                 Some(Event::Failed(message)) => return Err(BackendError::Local(message)),
                 None => return Err(local(SubmitError::Stopped)),
             }

@@ -391,7 +391,7 @@ impl CompletionModel for ModelBackend {
                     figures.accepted = speculated.accepted;
                 }
                 Some(Event::Finished { .. }) => break,
-                Some(Event::Started { .. } | Event::PromptLogprobs { .. }) => {}
+                Some(Event::Started { .. } | Event::PromptLogprobs { .. } | Event::StopToken { .. }) => {}
                 Some(Event::Failed(message)) => return Err(EngineError::Model(message)),
                 None => return Err(EngineError::Stopped),
             }

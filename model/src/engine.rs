@@ -157,7 +157,17 @@ pub enum Event {
     },
     /// The request was decoded speculatively; sent before its `Finished`.
     Speculated(SpeculationFigures),
-    /// Sample `sample` ended (its stop token is not reported).
+    /// Sample `sample` drew one of the request's stop tokens, which ends it; sent, before its
+    /// `Finished`, only when log-probabilities are asked for.
+    StopToken {
+        /// Which sample.
+        sample: usize,
+        /// The stop token.
+        token: i64,
+        /// Its log-probability.
+        logprob: TokenLogprob,
+    },
+    /// Sample `sample` ended (its stop token is not reported as a token).
     Finished {
         /// Which sample.
         sample: usize,
@@ -308,7 +318,8 @@ impl Engine {
         if request.prompt.is_empty() {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
         }
-        if request.prompt.len() >= self.context {
+        // A prompt as long as the context can only be scored.
+        if request.prompt.len() + usize::from(request.max_new_tokens > 0) > self.context {
             return Err(SubmitError::Invalid(format!(
                 "the prompt has {} tokens; the model's context is {} tokens",
                 request.prompt.len(),
@@ -347,7 +358,12 @@ impl Engine {
                     samples[sample].1 = finish;
                     open -= 1;
                 }
-                Some(Event::Started { .. } | Event::Speculated(_) | Event::PromptLogprobs { .. }) => {}
+                Some(
+                    Event::Started { .. }
+                    | Event::Speculated(_)
+                    | Event::PromptLogprobs { .. }
+                    | Event::StopToken { .. },
+                ) => {}
                 Some(Event::Failed(message)) => return Err(SubmitError::Invalid(message)),
                 None => return Err(SubmitError::Stopped),
             }
@@ -492,11 +508,8 @@ impl Batcher<'_> {
             };
             let (every, last) = self.model.forward_scored(&ids, &mut prefill.cache)?;
             // Row j predicts prompt token done + j + 1; the last chunk's last row, the first new token.
-            let rows = rows_vec(&every.squeeze_dim(0))?;
-            for (row, &next) in rows.iter().zip(&prompt[done + 1..]) {
-                check_finite(row, TARGET)?;
-                prefill.scored.push(logprob_of(row, next, top));
-            }
+            let next = &prompt[done + 1..prompt_len.min(done + chunk + 1)];
+            prefill.scored.extend(score_rows(&every.squeeze_dim(0), next, top)?);
             Ok(last)
         }));
         let logits = match flatten_panic(result) {
@@ -722,10 +735,13 @@ fn advance(sequence: &mut Sequence) -> Result<Option<Finish>> {
     } else {
         request.sampling.pick(&sequence.logits, &mut sequence.rng)
     } as i64;
+    let logprob = request.logprobs.map(|top| logprob_of(&sequence.logits, token, top));
     if request.stop_tokens.contains(&token) {
+        if let Some(logprob) = logprob {
+            let _ = shared.events.send(Event::StopToken { sample: sequence.sample, token, logprob });
+        }
         return Ok(Some(Finish::Eos));
     }
-    let logprob = request.logprobs.map(|top| logprob_of(&sequence.logits, token, top));
     sequence.tokens.push(token);
     let _ = shared.events.send(Event::Token { sample: sequence.sample, token, logprob });
     let sample = sequence.sample;
@@ -753,6 +769,33 @@ fn logprob_of(logits: &[f32], token: i64, top: usize) -> TokenLogprob {
         best = order.into_iter().map(|i| (i as i64, logits[i] - log_total)).collect();
     }
     TokenLogprob { logprob: logits[token as usize] - log_total, top: best }
+}
+
+/// The log-probability of `next[j]` under row j of `logits` `[rows, vocab]`, and each row's `top`
+/// most likely tokens', computed where the logits are: only `rows x (1 + top)` numbers come back.
+fn score_rows(logits: &Tensor, next: &[i64], top: usize) -> Result<Vec<TokenLogprob>> {
+    if next.is_empty() {
+        return Ok(Vec::new());
+    }
+    let logits = logits.narrow(0, 0, next.len() as i64).to_kind(Kind::Float);
+    if logits.isnan().any().int64_value(&[]) != 0 || logits.isposinf().any().int64_value(&[]) != 0 {
+        return Err(ModelError::NotFinite(TARGET));
+    }
+    let logprobs = logits.log_softmax(-1, Kind::Float);
+    let ids = Tensor::from_slice(next).to_device(logits.device()).unsqueeze(1);
+    let chosen = Vec::<f32>::try_from(logprobs.gather(1, &ids, false).reshape([-1]).to_device(tch::Device::Cpu))?;
+    let top = top.min(logprobs.size()[1] as usize);
+    let (best, best_ids) = logprobs.topk(top as i64, -1, true, true);
+    let best = Vec::<f32>::try_from(best.reshape([-1]).to_device(tch::Device::Cpu))?;
+    let best_ids = Vec::<i64>::try_from(best_ids.reshape([-1]).to_device(tch::Device::Cpu))?;
+    Ok(chosen
+        .iter()
+        .enumerate()
+        .map(|(row, &logprob)| {
+            let alternatives = (row * top..(row + 1) * top).map(|k| (best_ids[k], best[k])).collect();
+            TokenLogprob { logprob, top: alternatives }
+        })
+        .collect())
 }
 
 fn row_vec(logits: &Tensor) -> Result<Vec<f32>> {

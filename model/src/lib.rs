@@ -21,6 +21,7 @@ mod load;
 pub mod pair_history;
 pub mod sampling;
 pub mod speculative;
+pub mod text_offsets;
 pub mod tokenizer;
 pub mod train;
 

@@ -285,28 +285,33 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special).map_err(|e| tokenizer_error(&self.path, e.to_string()))
     }
 
-    /// Where each token's text starts in `decode(ids, skip_special)`, in characters (every token of
-    /// a character spread over several starts where the character does).
+    /// Where each token's text starts in `decode(ids, skip_special)`, in characters (see
+    /// [`TextOffsets`](crate::text_offsets::TextOffsets)).
     pub fn char_offsets(&self, ids: &[u32], skip_special: bool) -> Result<Vec<usize>> {
         self.check_ids(ids)?;
-        let mut stream = self.inner.decode_stream(skip_special);
-        let mut at = 0;
-        let mut offsets = Vec::with_capacity(ids.len());
+        let mut text = crate::text_offsets::TextOffsets::default();
         for &id in ids {
-            offsets.push(at);
-            let piece = stream.step(id).map_err(|e| tokenizer_error(&self.path, e.to_string()))?;
-            at += piece.map_or(0, |piece| piece.chars().count());
+            text.push(&self.token_bytes(id, skip_special));
         }
-        Ok(offsets)
+        text.finish();
+        Ok((0..ids.len()).map(|index| text.offset(index).unwrap_or(0)).collect())
     }
 
-    /// The bytes of token `id` where the decoder is byte-level (GPT-2's map from bytes to
-    /// characters), which a token that ends inside a character needs to be written at all.
-    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
-        if !matches!(self.inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_))) {
-            return None;
+    /// The bytes token `id` adds to `decode(.., skip_special)`: exact where the decoder is
+    /// byte-level (GPT-2's map from bytes to characters, as every StarCoder tokenizer has), else
+    /// the token decoded alone.
+    pub fn token_bytes(&self, id: u32, skip_special: bool) -> Vec<u8> {
+        let byte_level = matches!(self.inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
+        match self.inner.id_to_token(id) {
+            Some(token) if byte_level => {
+                if skip_special && self.inner.get_added_vocabulary().is_special_token(&token) {
+                    return Vec::new();
+                }
+                // As the byte-level decoder does: a token outside the map is its own UTF-8.
+                token.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>().unwrap_or_else(|| token.into_bytes())
+            }
+            _ => self.inner.decode(&[id], skip_special).unwrap_or_default().into_bytes(),
         }
-        self.inner.id_to_token(id)?.chars().map(byte_level_byte).collect()
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {

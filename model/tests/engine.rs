@@ -127,6 +127,22 @@ fn stops_panics_cancellation_and_a_full_queue() {
     let out = engine.generate(ended).unwrap();
     assert_eq!(out[0].1, Finish::Eos);
     assert!(!out[0].0.contains(&eos) && out[0].0.len() <= 3);
+    // With logprobs, the stop token is reported with its own, just before the end.
+    let scored = Request { stop_tokens: vec![eos], logprobs: Some(1), ..request(prompt(2), Sampling::greedy(), 1) };
+    let mut events = engine.submit(scored).unwrap();
+    let mut last_two = Vec::new();
+    while let Some(event) = events.blocking_recv() {
+        last_two.push(event);
+        if last_two.len() > 2 {
+            last_two.remove(0);
+        }
+    }
+    match &last_two[..] {
+        [Event::StopToken { sample: 0, token, logprob }, Event::Finished { sample: 0, finish: Finish::Eos }] => {
+            assert_eq!((*token, logprob.top[0].0), (eos, eos), "greedy: the most likely token");
+        }
+        other => panic!("{other:?}"),
+    }
 
     // A panicking request fails alone; its neighbour finishes.
     let panicking =
