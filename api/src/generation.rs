@@ -117,8 +117,8 @@ pub fn max_new_tokens(
     if longest_prompt + room_needed > context {
         return Err(ApiError::context(format!(
             "This model's maximum context length is {context} tokens, however you requested {} tokens \
-             ({longest_prompt} in your prompt; {asked} for the completion)",
-            longest_prompt + asked
+             ({longest_prompt} in your prompt; {room_needed} for the completion)",
+            longest_prompt + room_needed
         )));
     }
     Ok(asked)
@@ -310,7 +310,9 @@ impl SampleText {
             return String::new();
         }
         let text = tokenizer.decode(&self.tokens, true).unwrap_or_default();
-        let (mut end, stopped) = cut(&text, stops);
+        // An unfinished character reads U+FFFD for now: no stop sequence is looked for in it.
+        let settled = if last { text.as_str() } else { text.trim_end_matches('\u{fffd}') };
+        let (mut end, stopped) = cut(settled, stops);
         self.stopped = stopped;
         if !stopped && !last {
             // Hold back an unfinished character and what could still grow into a stop sequence.

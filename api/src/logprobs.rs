@@ -40,8 +40,12 @@ impl LegacyLogprobs {
         let piece = |id: u32| piece(tokenizer, id);
         self.tokens.push(piece(id));
         self.token_logprobs.push(logprob.map_or(Value::Null, |l| json!(l.logprob)));
+        // As OpenAI does: the chosen token among the alternatives, where it is not one of them.
         self.top_logprobs.push(logprob.map_or(Value::Null, |l| {
-            Value::Object(l.top.iter().map(|&(id, logprob)| (piece(id as u32), json!(logprob))).collect())
+            let chosen = (!l.top.iter().any(|&(top, _)| top == i64::from(id))).then_some((i64::from(id), l.logprob));
+            Value::Object(
+                l.top.iter().chain(&chosen).map(|&(id, logprob)| (piece(id as u32), json!(logprob))).collect(),
+            )
         }));
         self.text_offset.push(offset);
     }

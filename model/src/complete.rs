@@ -39,7 +39,8 @@ impl StopCriterion for StopSequences<'_> {
             return false;
         }
         let tail: Vec<u32> = tokens[tokens.len().saturating_sub(self.window)..].iter().map(|&t| t as u32).collect();
-        self.tokenizer.decode(&tail, false).is_ok_and(|text| self.cut(&text).1)
+        // An unfinished character reads U+FFFD for now: no stop sequence is looked for in it.
+        self.tokenizer.decode(&tail, false).is_ok_and(|text| self.cut(text.trim_end_matches('\u{fffd}')).1)
     }
 }
 
