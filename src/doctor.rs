@@ -172,6 +172,8 @@ fn print_text(
     };
     let cap = kernels::cpu::cap().map(|cap| format!(" (capped: WIZARD_CPU_MAX={cap})")).unwrap_or_default();
     println!("CPU decoding    {kernel}; int8/int4 kernel: {}{cap}", kernels::quantized::kernel_isa());
+    let prompt_attention = if kernels::attention::bf16_attention_faster() { "bf16" } else { "fp32" };
+    println!("CPU prompts     attention under bf16 weights in {prompt_attention} (as timed now)");
     println!("python          {}", python.map_or_else(|| "not found".into(), |p| p.display().to_string()));
     for peer in peers {
         let state = match (&peer.version, &peer.error) {
@@ -221,6 +223,7 @@ fn print_json(
         "few_row_kernel": kernels::linear::few_row_kernel_available(),
         "int8_kernel": kernels::quantized::kernel_isa(),
         "bf16_kernel": kernels::linear::bf16_kernel().name(),
+        "bf16_prompt_attention": kernels::attention::bf16_attention_faster(),
         "cpu_max": kernels::cpu::cap(),
         "python": python.map(PathBuf::from),
         "peers": peers.iter().map(|p| json!({"module": p.module, "version": p.version, "error": p.error})).collect::<Vec<_>>(),

@@ -2,15 +2,16 @@
 `wizard serve --http` against transformers, same weights, same token ids.
 
 Usage: .wizard/python scripts/bench/score.py [--prompts 16] [--tokens 512] [--batches 1,4] [--threads 2]
-                                           [--wizard PATH]
+                                           [--dtype float32|bfloat16] [--wizard PATH]
 
-1. Model: the random d768 L12 H12 MQA GPTBigCode of http_serve.py (target/bench-models/http-d768, fp32).
+1. Model: the random d768 L12 H12 MQA GPTBigCode of http_serve.py (target/bench-models/http-d768), its
+   weights in --dtype on both sides.
 2. Texts: --prompts windows of --tokens token ids cut from the repository's Rust sources.
 3. wizard: one client sends lm-evaluation-harness's loglikelihood request, --batches prompts per request
    back to back: {"prompt": [ids, ...], "max_tokens": 1, "echo": true, "logprobs": 1, "temperature": 0};
    the answer's token_logprobs and top_logprobs give each token's log-likelihood and whether it is
    the greedy one.
-4. transformers: the same batches through GPTBigCodeForCausalLM (fp32, torch threads = --threads),
+4. transformers: the same batches through GPTBigCodeForCausalLM (torch threads = --threads),
    log_softmax, the ids' log-probabilities gathered and the top-1 taken, as lm-evaluation-harness's HF
    backend does.
 5. Prints the CPU, then per batch size: tokens scored per second for both and the ratio
@@ -50,12 +51,12 @@ def wizard_scores(port, windows, batch):
     return time.perf_counter() - begin, scores
 
 
-def transformers_scores(windows, batch, threads):
+def transformers_scores(windows, batch, threads, dtype):
     import torch
     from transformers import GPTBigCodeForCausalLM
 
     torch.set_num_threads(threads)
-    model = GPTBigCodeForCausalLM.from_pretrained(http_serve.MODEL, torch_dtype=torch.float32).eval()
+    model = GPTBigCodeForCausalLM.from_pretrained(http_serve.MODEL, torch_dtype=getattr(torch, dtype)).eval()
     scores = []
     with torch.inference_mode():
         model(torch.tensor(windows[:1]))  # warm-up
@@ -75,13 +76,14 @@ def main():
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--wizard", type=pathlib.Path, default=http_serve.WIZARD)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--wizard", type=pathlib.Path, default=http_serve.REPO / "target" / "release" / "wizard")
     args = parser.parse_args()
     args.max_tokens = 1
     http_serve.make_model(args.wizard)
     windows = token_windows(args.prompts, args.tokens)
     print(f"CPU: {http_serve.cpu_description()}")
-    print(f"{len(windows)} windows of {args.tokens} tokens, {args.threads} threads, fp32, d768 L12 (76M)\n")
+    print(f"{len(windows)} windows of {args.tokens} tokens, {args.threads} threads, {args.dtype}, d768 L12 (76M)\n")
     print("| batch | wizard tokens/s | transformers tokens/s | ratio | largest logprob difference |")
     print("| --- | --- | --- | --- | --- |")
     http_serve.LOGS.mkdir(parents=True, exist_ok=True)
@@ -91,11 +93,12 @@ def main():
         if command is None:
             sys.exit(reason)
         command += ["--max-batch", str(max(batch, 1))]
+        command[command.index("--dtype") + 1] = args.dtype
         with http_serve.Server("wizard", command, port, http_serve.LOGS / "score-wizard.log") as server:
             server.wait_ready()
             wizard_scores(port, windows[:batch], batch)  # warm-up
             wizard_seconds, wizard = wizard_scores(port, windows, batch)
-        hf_seconds, reference = transformers_scores(windows, batch, args.threads)
+        hf_seconds, reference = transformers_scores(windows, batch, args.threads, args.dtype)
         difference = max(abs(a - b) for ours, theirs in zip(wizard, reference) for a, b in zip(ours, theirs))
         scored = len(windows) * args.tokens
         ours, theirs = scored / wizard_seconds, scored / hf_seconds
