@@ -71,16 +71,9 @@ pub fn chat_content(tokenizer: &Tokenizer, sample: &SampleText, range: std::ops:
         .collect()
 }
 
-/// A token as text; one that is part of a character as OpenAI writes it, `bytes:\xe6\x97`.
+/// A token as text; one that is not whole characters as OpenAI writes it, `bytes:\xe6\x97`.
 fn piece(tokenizer: &Tokenizer, id: u32) -> String {
-    let text = tokenizer.decode(&[id], false).unwrap_or_default();
-    if !text.contains('\u{fffd}') {
-        return text;
-    }
-    match tokenizer.token_bytes(id, false) {
-        bytes if std::str::from_utf8(&bytes).is_err() => {
-            bytes.iter().fold("bytes:".to_string(), |out, byte| out + &format!("\\x{byte:02x}"))
-        }
-        _ => text,
-    }
+    String::from_utf8(tokenizer.token_bytes(id, false)).unwrap_or_else(|error| {
+        error.as_bytes().iter().fold("bytes:".to_string(), |out, byte| out + &format!("\\x{byte:02x}"))
+    })
 }

@@ -777,10 +777,7 @@ fn score_rows(logits: &Tensor, next: &[i64], top: usize) -> Result<Vec<TokenLogp
     if next.is_empty() {
         return Ok(Vec::new());
     }
-    let logits = logits.narrow(0, 0, next.len() as i64).to_kind(Kind::Float);
-    if logits.isnan().any().int64_value(&[]) != 0 || logits.isposinf().any().int64_value(&[]) != 0 {
-        return Err(ModelError::NotFinite(TARGET));
-    }
+    let logits = logits.narrow(0, 0, next.len() as i64);
     let logprobs = logits.log_softmax(-1, Kind::Float);
     let ids = Tensor::from_slice(next).to_device(logits.device()).unsqueeze(1);
     let chosen = Vec::<f32>::try_from(logprobs.gather(1, &ids, false).reshape([-1]).to_device(tch::Device::Cpu))?;
@@ -788,6 +785,11 @@ fn score_rows(logits: &Tensor, next: &[i64], top: usize) -> Result<Vec<TokenLogp
     let (best, best_ids) = logprobs.topk(top as i64, -1, true, true);
     let best = Vec::<f32>::try_from(best.reshape([-1]).to_device(tch::Device::Cpu))?;
     let best_ids = Vec::<i64>::try_from(best_ids.reshape([-1]).to_device(tch::Device::Cpu))?;
+    // A row with a NaN or +infinity logit has no distribution: NaN comes out where a row's top or
+    // chosen token is read (top-k ranks NaN first).
+    if chosen.iter().chain(&best).any(|logprob| logprob.is_nan()) {
+        return Err(ModelError::NotFinite(TARGET));
+    }
     Ok(chosen
         .iter()
         .enumerate()
@@ -823,4 +825,26 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "the request panicked".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::score_rows;
+    use tch::Tensor;
+
+    #[test]
+    fn rows_score_their_next_tokens_and_refuse_what_is_not_finite() {
+        let logits = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 2.0, 1.0, 0.0]).view([2, 3]);
+        let scored = score_rows(&logits, &[0, 1], 2).unwrap();
+        let log_total = (1.0f32 + 1f32.exp() + 2f32.exp()).ln();
+        assert!((scored[0].logprob - (0.0 - log_total)).abs() < 1e-6, "{scored:?}");
+        assert!((scored[1].logprob - (1.0 - log_total)).abs() < 1e-6, "{scored:?}");
+        assert_eq!((scored[0].top[0].0, scored[1].top[0].0, scored[1].top.len()), (2, 0, 2));
+        for bad in [f32::NAN, f32::INFINITY] {
+            let logits = Tensor::from_slice(&[0.0f32, 1.0, bad, 0.0, 1.0, 2.0]).view([2, 3]);
+            for top in [0, 1] {
+                assert!(score_rows(&logits, &[0, 1], top).is_err(), "{bad} with top {top}");
+            }
+        }
+    }
 }

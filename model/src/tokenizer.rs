@@ -410,13 +410,22 @@ fn pretty(value: &Value) -> String {
 /// The byte GPT-2's byte-level alphabet writes as `c`: printable Latin-1 as itself, the other
 /// bytes, in order, from U+0100 on.
 fn byte_level_byte(c: char) -> Option<u8> {
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
-    let c = c as u32;
-    if printable(c) {
-        return u8::try_from(c).ok();
-    }
-    let index = c.checked_sub(0x100)? as usize;
-    (0u32..256).filter(|&b| !printable(b)).nth(index).and_then(|b| u8::try_from(b).ok())
+    static BYTES: std::sync::OnceLock<[Option<u8>; 0x144]> = std::sync::OnceLock::new();
+    let table = BYTES.get_or_init(|| {
+        let printable = |b: u8| matches!(b, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff);
+        let mut table = [None; 0x144];
+        let mut next = 0x100;
+        for byte in 0..=255u8 {
+            if printable(byte) {
+                table[usize::from(byte)] = Some(byte);
+            } else {
+                table[next] = Some(byte);
+                next += 1;
+            }
+        }
+        table
+    });
+    table.get(c as usize).copied().flatten()
 }
 
 #[cfg(test)]
