@@ -97,12 +97,6 @@ std::vector<uint32_t> pack_inputs(const uint16_t* x, int64_t rows, int64_t in) {
   return packed;
 }
 
-std::vector<uint32_t> pack_inputs(const float* x, int64_t rows, int64_t in) {
-  std::vector<uint32_t> packed(packed_dwords(rows, in), 0);
-  for (int64_t r = 0; r < rows; r++) pack_row(x + r * in, r, in, packed.data());
-  return packed;
-}
-
 namespace {
 
 // Tiles 0-3: sums (weight block b, input block i at 2i + b); 4-5: weights; 6-7: inputs. All 16 x 64

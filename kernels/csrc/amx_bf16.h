@@ -18,13 +18,12 @@ enum class State { kAbsent = 0, kNotGranted = 1, kGranted = 2 };
 // Whether the CPU has AMX-BF16 and the OS lets this process use the tile state (asked for once).
 State state();
 
-// The inputs `x` (`rows` x `in`, bf16 bits or fp32 rounded to bf16 as at::BFloat16 rounds) in the
-// order the tiles take them. Needs AVX-512 (as AMX CPUs have).
+// The inputs `x` (`rows` x `in` bf16 bits) in the order the tiles take them. Needs AVX-512 (as AMX
+// CPUs have).
 std::vector<uint32_t> pack_inputs(const uint16_t* x, int64_t rows, int64_t in);
-std::vector<uint32_t> pack_inputs(const float* x, int64_t rows, int64_t in);
 
-// The same one row at a time (the fused block readies each row as it is made): dwords that
-// `rows` packed rows take, and row `r` of them written into zeroed `packed`.
+// fp32 rows (rounded to bf16 as at::BFloat16 rounds) one at a time, so that threads share the
+// work: dwords that `rows` packed rows take, and row `r` of them written into zeroed `packed`.
 int64_t packed_dwords(int64_t rows, int64_t in);
 void pack_row(const float* row, int64_t r, int64_t in, uint32_t* packed);
 

