@@ -5,7 +5,6 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 namespace wizard::amx {
 
@@ -18,14 +17,20 @@ enum class State { kAbsent = 0, kNotGranted = 1, kGranted = 2 };
 // Whether the CPU has AMX-BF16 and the OS lets this process use the tile state (asked for once).
 State state();
 
-// The inputs `x` (`rows` x `in` bf16 bits) in the order the tiles take them. Needs AVX-512 (as AMX
-// CPUs have).
-std::vector<uint32_t> pack_inputs(const uint16_t* x, int64_t rows, int64_t in);
-
-// fp32 rows (rounded to bf16 as at::BFloat16 rounds) one at a time, so that threads share the
-// work: dwords that `rows` packed rows take, and row `r` of them written into zeroed `packed`.
+// Dwords that `rows` packed rows take.
 int64_t packed_dwords(int64_t rows, int64_t in);
+
+// The inputs `x` (`rows` x `in` bf16 bits) written into `packed` in the order the tiles take them.
+// Needs AVX-512 (as AMX CPUs have).
+void pack_inputs(const uint16_t* x, int64_t rows, int64_t in, uint32_t* packed);
+
+// fp32 rows (rounded to bf16 as at::BFloat16 rounds) one at a time, as each is ready: row `r`
+// written into zeroed `packed`.
 void pack_row(const float* row, int64_t r, int64_t in, uint32_t* packed);
+
+// The blocks of 16 rows [first_block, last_block) of fp32 `x` (`rows` x `in`) packed into `packed`
+// (zeros past the rows written too), so that threads can share a chunk's rows.
+void pack_rows(const float* x, int64_t rows, int64_t in, int64_t first_block, int64_t last_block, uint32_t* packed);
 
 // `y[r][j]` = packed input row r . weight row j + bias[j] (bias may be null), in fp32, for
 // columns [begin, end) and every row; `y` has `out` columns. Needs `state() == kGranted`.

@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -393,20 +394,20 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
       } else {
         x32 = x.data_ptr<float>();
       }
-      std::vector<uint32_t> packed;
+      // Every dword is written by the packing: no zeroing first.
+      std::unique_ptr<uint32_t[]> packed(kernels->amx ? new uint32_t[wizard::amx::packed_dwords(rows, in)] : nullptr);
       if (kernels->amx && x.scalar_type() == at::kBFloat16) {
-        packed = wizard::amx::pack_inputs(x16, rows, in);
+        wizard::amx::pack_inputs(x16, rows, in, packed.get());
       } else if (kernels->amx) {
         // A prompt chunk's rows packed by every thread: one alone kept the others waiting for about
         // a tenth of a bf16 prefill.
-        packed.assign(wizard::amx::packed_dwords(rows, in), 0);
         const float* rows_in = x.data_ptr<float>();
-        wizard::balanced_for(rows, 32, [&](int64_t first, int64_t last) {
-          for (int64_t r = first; r < last; r++) wizard::amx::pack_row(rows_in + r * in, r, in, packed.data());
+        wizard::balanced_for((rows + kTileColumns - 1) / kTileColumns, 2, [&](int64_t first, int64_t last) {
+          wizard::amx::pack_rows(rows_in, rows, in, first, last, packed.get());
         });
       }
       auto product = [&](float* yp, int64_t begin, int64_t end) {
-        if (begin < tiled) wizard::amx::rows_times_weight(packed.data(), rows, wp, bp, yp, in, out, begin, std::min(end, tiled));
+        if (begin < tiled) wizard::amx::rows_times_weight(packed.get(), rows, wp, bp, yp, in, out, begin, std::min(end, tiled));
         begin = std::max(begin, tiled);
         if (begin >= end) return;
         if (x16)
