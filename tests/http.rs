@@ -645,6 +645,10 @@ assert logprobs.token_logprobs[0] is None and all(l < 0 for l in logprobs.token_
 assert "".join(logprobs.tokens) == scored.choices[0].text == "def f():\n    return 1", logprobs
 streamed = [c.choices[0].logprobs for c in client.completions.create(model="tiny", prompt="def f():", max_tokens=6, temperature=0, logprobs=2, stream=True) if c.choices and c.choices[0].logprobs]
 assert sum(len(l.tokens) for l in streamed) == 6, streamed
+# Alternatives most likely first, as OpenAI lists them, whole and streamed.
+ranked = client.completions.create(model="tiny", prompt="def f():", max_tokens=6, temperature=0.8, seed=3, logprobs=5)
+tops = ranked.choices[0].logprobs.top_logprobs + [t for l in streamed for t in l.top_logprobs]
+assert all(list(t.values()) == sorted(t.values(), reverse=True) for t in tops), tops
 chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
 assert chat.choices[0].message.role == "assistant"
 try:

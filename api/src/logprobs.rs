@@ -3,6 +3,7 @@
 //! chat API's `content` entries.
 use model::engine::TokenLogprob;
 use model::tokenizer::Tokenizer;
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{json, Value};
 
 use crate::generation::SampleText;
@@ -76,4 +77,80 @@ fn piece(tokenizer: &Tokenizer, id: u32) -> String {
     String::from_utf8(tokenizer.token_bytes(id, false)).unwrap_or_else(|error| {
         error.as_bytes().iter().fold("bytes:".to_string(), |out, byte| out + &format!("\\x{byte:02x}"))
     })
+}
+
+/// A response body written as OpenAI writes it: each legacy `top_logprobs` object lists its tokens
+/// most likely first (clients take the first key for the top token); serde_json's objects would
+/// list them by text.
+pub struct Body<'a>(pub &'a Value);
+
+impl Serialize for Body<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                items.iter().try_for_each(|item| seq.serialize_element(&Body(item)))?;
+                seq.end()
+            }
+            Value::Object(fields) => {
+                let mut map = serializer.serialize_map(Some(fields.len()))?;
+                for (key, value) in fields {
+                    match value {
+                        Value::Array(entries) if key == "top_logprobs" => {
+                            map.serialize_entry(key, &entries.iter().map(MostLikelyFirst).collect::<Vec<_>>())?
+                        }
+                        _ => map.serialize_entry(key, &Body(value))?,
+                    }
+                }
+                map.end()
+            }
+            scalar => scalar.serialize(serializer),
+        }
+    }
+}
+
+/// One legacy `top_logprobs` entry (token -> logprob), most likely first; anything else (the chat
+/// API's entries) as it is.
+struct MostLikelyFirst<'a>(&'a Value);
+
+impl Serialize for MostLikelyFirst<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let ranked: Option<Vec<(&String, f64)>> = match self.0 {
+            Value::Object(tokens) => tokens.iter().map(|(token, value)| Some((token, value.as_f64()?))).collect(),
+            _ => None,
+        };
+        let Some(mut ranked) = ranked else { return Body(self.0).serialize(serializer) };
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut map = serializer.serialize_map(Some(ranked.len()))?;
+        ranked.into_iter().try_for_each(|(token, logprob)| map.serialize_entry(token, &logprob))?;
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(body: Value, expected: &str) {
+        assert_eq!(serde_json::to_string(&Body(&body)).unwrap(), expected);
+    }
+
+    #[test]
+    fn top_logprobs_list_the_most_likely_first() {
+        check(
+            json!({"text": "x", "logprobs": {"top_logprobs": [{"a": -3.0, "b": -0.5, "c": -1.0}, null]}}),
+            r#"{"logprobs":{"top_logprobs":[{"b":-0.5,"c":-1.0,"a":-3.0},null]},"text":"x"}"#,
+        );
+        // Ties keep the text order; streamed chunks and choices are reached in arrays too.
+        check(
+            json!({"choices": [{"logprobs": {"top_logprobs": [{"z": -1.0, "y": -1.0, "x": 0.0}]}}]}),
+            r#"{"choices":[{"logprobs":{"top_logprobs":[{"x":0.0,"y":-1.0,"z":-1.0}]}}]}"#,
+        );
+        // The chat API's `top_logprobs` are arrays already: left as they are.
+        check(
+            json!({"top_logprobs": [{"token": "a", "logprob": -2.0, "bytes": [97]}]}),
+            r#"{"top_logprobs":[{"bytes":[97],"logprob":-2.0,"token":"a"}]}"#,
+        );
+        check(json!([1, "two", null, {"b": 1, "a": 2}]), r#"[1,"two",null,{"a":2,"b":1}]"#);
+    }
 }

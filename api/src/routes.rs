@@ -339,7 +339,7 @@ async fn whole_answer(app: Arc<App>, job: Job, mut events: Merged) -> Response {
     }
     // Decoding every token and its alternatives is the tokenizer's work: off the async threads.
     match tokio::task::spawn_blocking(move || whole_body(&app, &job, outcome)).await {
-        Ok(Ok(body)) => Json(body).into_response(),
+        Ok(Ok(body)) => Json(logprobs::Body(&body)).into_response(),
         Ok(Err(error)) => error.into_response(),
         Err(error) => ApiError::internal(error.to_string()).into_response(),
     }
@@ -490,7 +490,8 @@ impl StreamState {
     }
 
     fn push(&mut self, value: Value) {
-        self.pending.push_back(SseEvent::default().data(value.to_string()));
+        let text = serde_json::to_string(&logprobs::Body(&value)).expect("a JSON value serializes");
+        self.pending.push_back(SseEvent::default().data(text));
     }
 
     /// Queues `text` of `choice` with the log-probabilities of the tokens it completes, when asked
