@@ -63,7 +63,7 @@ mod tests {
     /// those allocated after do not have to; all of them hold what was written.
     #[test]
     fn large_blocks_allocated_while_loading_are_huge_page_aligned() {
-        let aligned = |t: &Tensor| t.data_ptr() as usize % (2 << 20) == 0;
+        let aligned = |t: &Tensor| (t.data_ptr() as usize).is_multiple_of(2 << 20);
         let (large, small) = loading_weights(|| {
             let large = Tensor::ones([3 << 18], (Kind::Float, Device::Cpu)); // 3 MiB
             let small = Tensor::ones([1 << 10], (Kind::Float, Device::Cpu));

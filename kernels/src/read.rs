@@ -35,7 +35,7 @@ pub fn tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> io::Res
 pub fn mapped_tensor_at(file: &File, offset: u64, shape: &[i64], kind: Kind) -> io::Result<Tensor> {
     let read = || tensor_at(file, offset, shape, kind);
     let Ok(start) = i64::try_from(offset) else { return read() };
-    if offset % kind.elt_size_in_bytes() as u64 != 0 {
+    if !offset.is_multiple_of(kind.elt_size_in_bytes() as u64) {
         return read();
     }
     let length = (shape.iter())

@@ -134,7 +134,7 @@ fn read_header(file: &File, path: &Path) -> Result<(BTreeMap<String, HeaderEntry
                 serde_json::from_value(value).map_err(|e| invalid(format!("header entry `{name}`: {e}")))?;
             let tensor_error =
                 |message: String| ModelError::Tensor { path: path.to_path_buf(), tensor: name.clone(), message };
-            if entry.dtype.bitsize() % 8 != 0 {
+            if !entry.dtype.bitsize().is_multiple_of(8) {
                 return Err(tensor_error(format!("dtype {:?} is not a weight type", entry.dtype)));
             }
             let (begin, end) = entry.data_offsets;

@@ -5,6 +5,9 @@
 //! ([`GptBigCode::content_key`](crate::gpt_bigcode::GptBigCode::content_key)): acceptance belongs to
 //! the checkpoints, not to their shapes.
 use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -54,7 +57,9 @@ impl HistoryFile {
     pub fn read(&self, pair: &str) -> Option<Saved> {
         let lines = kernels::calibrate::whole_lines(&self.path)?;
         if lines.len() > COMPACT_ABOVE {
-            self.compact(&lines);
+            if let Err(error) = self.compact() {
+                tracing::warn!(path = %self.path.display(), %error, "draft pair histories not compacted");
+            }
         }
         lines.iter().rev().find_map(|line| parse(line, pair))
     }
@@ -80,13 +85,43 @@ impl HistoryFile {
             saved.plain_rounds,
             saved.probe_wait
         );
-        if let Err(error) = kernels::calibrate::append_lines(&self.path, &line) {
+        if let Err(error) = self.append(&line) {
             tracing::warn!(path = %self.path.display(), %error, "what the draft pair showed is not kept");
         }
     }
 
-    /// Rewrites the file, atomically, with the last sound line of each pair written lately.
-    fn compact(&self, lines: &[String]) {
+    /// Appends `line` holding a shared lock of the file that is at the path, so that no line goes
+    /// to a file a compaction (which holds it exclusively) has just replaced.
+    fn append(&self, line: &str) -> std::io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        loop {
+            let file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+            file.lock_shared()?;
+            if self.is_at_path(&file) {
+                return (&file).write_all(line.as_bytes());
+            }
+        }
+    }
+
+    /// Whether `file` is still the one at the path (not replaced or removed since it was opened).
+    fn is_at_path(&self, file: &File) -> bool {
+        match (file.metadata(), std::fs::metadata(&self.path)) {
+            (Ok(open), Ok(named)) => (open.dev(), open.ino()) == (named.dev(), named.ino()),
+            _ => false,
+        }
+    }
+
+    /// Rewrites the file, atomically, with the last sound line of each pair written lately; the
+    /// lines are read again under an exclusive lock, so that none appended meanwhile is lost.
+    fn compact(&self) -> std::io::Result<()> {
+        let file = File::open(&self.path)?;
+        file.lock()?;
+        if !self.is_at_path(&file) {
+            return Ok(()); // another process compacted it meanwhile
+        }
+        let Some(lines) = kernels::calibrate::whole_lines(&self.path) else { return Ok(()) };
         let mut last: HashMap<&str, usize> = HashMap::new();
         for (at, line) in lines.iter().enumerate() {
             if let Some((pair, _)) = line.split_once('\t') {
@@ -98,9 +133,7 @@ impl HistoryFile {
         let mut kept: Vec<usize> = last.into_values().collect();
         kept.sort_unstable();
         let text: String = kept.iter().rev().take(KEPT_PAIRS).rev().map(|&at| format!("{}\n", lines[at])).collect();
-        if let Err(error) = crate::files::write_atomically(&self.path, text.as_bytes()) {
-            tracing::warn!(path = %self.path.display(), %error, "draft pair histories not compacted");
-        }
+        crate::files::write_atomically(&self.path, text.as_bytes())
     }
 }
 
@@ -211,5 +244,34 @@ mod tests {
         assert_eq!(compacted.lines().count(), KEPT_PAIRS);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no file left beside it");
         assert!(file.read("pair 0").is_none() && file.read(&format!("pair {COMPACT_ABOVE}")).is_some());
+    }
+
+    /// Lines appended while another process compacts the file are kept (each handle here opens
+    /// the file anew, as another process would).
+    #[test]
+    fn no_line_is_lost_to_a_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = HistoryFile::in_dir(dir.path());
+        let pairs = 200;
+        let written = std::sync::atomic::AtomicBool::new(false);
+        let filler = "filler\t0.5\t24\t0.5\t40\t1\t8\n".repeat(COMPACT_ABOVE + 1);
+        let mut compactions = 0;
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for i in 0..pairs {
+                    file.write(&format!("unique pair {i}"), &GOOD);
+                }
+                written.store(true, std::sync::atomic::Ordering::Release);
+            });
+            while compactions < 3 || !written.load(std::sync::atomic::Ordering::Acquire) {
+                file.append(&filler).unwrap();
+                file.read("filler");
+                compactions += 1;
+            }
+        });
+        file.append(&filler).unwrap();
+        file.read("filler");
+        let lost: Vec<usize> = (0..pairs).filter(|i| file.read(&format!("unique pair {i}")) != Some(GOOD)).collect();
+        assert!(lost.is_empty(), "{} of {pairs} lost over {compactions} compactions: {lost:?}", lost.len());
     }
 }
