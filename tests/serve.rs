@@ -420,23 +420,29 @@ fn neovim_receives_a_completion() {
     assert_eq!(items[0]["textEdit"]["newText"], "xxxxxx", "{result}");
 }
 
-/// `--port`: the same protocol over TCP on loopback.
+/// `--port`: the same protocol over TCP on loopback; a burst of connections past the process's
+/// file limit does not stop it (a failed accept once ended the server).
 #[test]
 fn serves_over_tcp() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(WIZARD)
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\"", WIZARD])
         .args(["serve", "--device", "cpu", "--port", &port.to_string(), "--model"])
         .arg(model_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stream = None;
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", port)).ok();
     common::wait_until(&format!("wizard serve listening on port {port}"), Duration::from_secs(20), || {
-        stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok();
-        stream.is_some()
+        connect().is_some()
     });
-    let mut stream = stream.unwrap();
+    let burst: Vec<_> = (0..100).filter_map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "the server exited at {} connections", burst.len());
+    drop(burst);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut stream = connect().expect("listening after the burst");
     write_message(
         &mut stream,
         &json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}}),

@@ -23,6 +23,7 @@ pub mod syntax;
 pub mod text;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 pub use engine::{Engine, ModelBackend, ModelPaths, Settings};
 pub use request::complete_text;
@@ -45,12 +46,25 @@ pub async fn serve_stdio(engine: Engine, settings: Settings) {
     Server::new(tokio::io::stdin(), tokio::io::stdout(), socket).serve(service).await;
 }
 
-/// Serves clients over TCP on loopback `port`, one session per connection.
+/// How long listening pauses after a failed accept (as hyper's and axum's servers do).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Serves clients over TCP on loopback `port`, one session per connection; only failing to listen
+/// ends it.
 pub async fn serve_tcp(engine: Engine, settings: Settings, port: u16) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
     tracing::info!(address = %listener.local_addr()?, "listening");
     loop {
-        let (stream, peer) = listener.accept().await?;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // Out of file descriptors, or a client gone before it was taken: the sessions under way
+            // go on, and listening resumes once some close.
+            Err(error) => {
+                tracing::warn!(%error, "a client could not be accepted");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
         tracing::info!(%peer, "client connected");
         let (engine, settings) = (engine.clone(), settings.clone());
         tokio::spawn(async move {
