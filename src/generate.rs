@@ -7,7 +7,7 @@ use anyhow::Context;
 use model::complete::{complete, complete_speculative};
 use model::generate::{Finish, GenerateConfig};
 use model::sampling::Sampling;
-use model::speculative::{Drafter, SpeculativeConfig, MAX_GAMMA};
+use model::speculative::{self, Drafter, SpeculativeConfig, MAX_GAMMA};
 use model::tokenizer::Tokenizer;
 use tch::{Kind, Tensor};
 
@@ -102,13 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let completion = if args.draft.is_some() || args.prompt_lookup {
         let draft = args.draft.as_ref().map(|dir| load_model(dir, draft_precision, device)).transpose()?;
         if let (Some(draft), Some(dir)) = (&draft, &args.draft) {
-            let (theirs, ours) = (draft.config().vocab_size, model.config().vocab_size);
-            anyhow::ensure!(
-                theirs == ours,
-                "--draft {}: its vocabulary ({theirs}) differs from that of the model in {} ({ours})",
-                dir.display(),
-                args.model.display()
-            );
+            speculative::check_draft(&model, draft).with_context(|| format!("--draft {}", dir.display()))?;
         }
         let drafter = match &draft {
             Some(model) => Drafter::Model(model),

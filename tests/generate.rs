@@ -195,6 +195,13 @@ fn bad_requests_are_clear_errors() {
     }
     let output = common::wizard(&["generate", "--model", "/nonexistent/model", "--prompt", "x"]);
     check_failure(&output, "--model /nonexistent/model", &["/nonexistent/model/tokenizer.json"]);
+    // A draft whose token ids are not the target's.
+    let work = tempfile::tempdir().unwrap();
+    let shape = Shape { n_positions: 96, n_embd: 32, n_layer: 1, n_head: 2 };
+    let draft = common::tiny_model(work.path(), &"def f(x):\n    return x\n".repeat(50), 300, shape);
+    let output = generate(&["--prompt", "x", "--draft", draft.to_str().unwrap()]);
+    let named = format!("--draft {}: the draft model's vocabulary (", draft.display());
+    check_failure(&output, "--draft", &[&named, "differs from the target's (400)"]);
 }
 
 /// Sampling settings mean the same on every path: what plain generation refuses, speculative

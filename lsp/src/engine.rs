@@ -278,14 +278,8 @@ impl ModelPaths {
         let draft = match &self.draft {
             Some(dir) => {
                 let draft = GptBigCode::load_as(dir, self.draft_precision, self.device, |_, _| {})?;
-                if draft.config().vocab_size != target.config().vocab_size {
-                    return Err(model::ModelError::Invalid(format!(
-                        "{}: the draft's vocabulary ({}) differs from the target's ({})",
-                        dir.display(),
-                        draft.config().vocab_size,
-                        target.config().vocab_size
-                    )));
-                }
+                model::speculative::check_draft(&target, &draft)
+                    .map_err(|e| model::ModelError::Invalid(format!("{}: {e}", dir.display())))?;
                 let role =
                     if draft.is_copy_of(&target) { "the target's own copy: self-speculation" } else { "a draft model" };
                 tracing::info!(draft = %dir.display(), precision = ?self.draft_precision, "drafts come from {role}");

@@ -159,17 +159,22 @@ impl Session {
     }
 }
 
+/// Whether `draft` can draft for `target`: the same vocabulary (its tokens are the target's ids).
+pub fn check_draft(target: &GptBigCode, draft: &GptBigCode) -> Result<()> {
+    let (theirs, ours) = (draft.config().vocab_size, target.config().vocab_size);
+    if theirs != ours {
+        return Err(ModelError::Invalid(format!(
+            "the draft model's vocabulary ({theirs}) differs from the target's ({ours})"
+        )));
+    }
+    Ok(())
+}
+
 /// The positions the target can attend to (a draft model with fewer drafts until the sequence
 /// fills its own), once the draft is known to share its vocabulary.
 fn context(target: &GptBigCode, drafter: &Drafter) -> Result<i64> {
     if let Drafter::Model(draft) = drafter {
-        if draft.config().vocab_size != target.config().vocab_size {
-            return Err(ModelError::Invalid(format!(
-                "the draft model's vocabulary ({}) differs from the target's ({})",
-                draft.config().vocab_size,
-                target.config().vocab_size
-            )));
-        }
+        check_draft(target, draft)?;
     }
     Ok(target.config().n_positions)
 }
