@@ -75,6 +75,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.model.join("tokenizer.json").exists() {
         // Carried over as it is: a copy that cannot load would only fail later, in every command.
         model::tokenizer::Tokenizer::from_dir(&args.model)?;
+    } else {
+        tracing::warn!(
+            "{} has no tokenizer.json, so neither will {}: copy one in before generating with it",
+            args.model.display(),
+            args.out.display()
+        );
     }
     let mut model = GptBigCode::load(&args.model, Kind::Float, Device::Cpu)?;
     if let Some(stored) = model.quantized_format() {

@@ -101,16 +101,25 @@ fn prompt_file_and_stop_sequences() {
     assert_eq!(stopped, expected, "stop {stop:?}");
 }
 
-/// Asking for more tokens than the context holds stops at the context, and says so.
+/// Asking for more tokens than the context holds stops at the context, and says so, on every path,
+/// however many are asked for (counts near the integer limits once overflowed into a panic or a
+/// speculative cache of a few positions).
 #[test]
 fn a_full_context_is_reported() {
-    let output = generate(&["--prompt", PROMPT, "--max-new-tokens", "500"]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("of the 500 new tokens asked for: the model's context (n_positions = 96) is full"),
-        "{stderr}"
-    );
+    let mut stopped_at = Vec::new();
+    let self_draft = ["--draft", model_dir().to_str().unwrap(), "--draft-dtype", "int8"];
+    for asked in ["500", "9223372036854775807", "18446744073709551615"] {
+        for path in [&[][..], &["--prompt-lookup"], &self_draft] {
+            let output = generate(&[&["--prompt", PROMPT, "--max-new-tokens", asked][..], path].concat());
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(output.status.success(), "{asked} {path:?}: {stderr}");
+            let full = format!("of the {asked} new tokens asked for: the model's context (n_positions = 96) is full");
+            assert!(stderr.contains(&full), "{asked} {path:?}: {stderr}");
+            let count = stderr.split("stopped after ").nth(1).and_then(|rest| rest.split(' ').next());
+            stopped_at.push((count.unwrap_or_default().to_string(), asked, path));
+        }
+    }
+    assert!(stopped_at.iter().all(|(count, ..)| *count == stopped_at[0].0), "{stopped_at:?}");
 }
 
 /// On a CPU without the instructions a kernel wants (`WIZARD_CPU_MAX` caps them, as such a CPU
@@ -195,6 +204,9 @@ fn bad_requests_are_clear_errors() {
     }
     let output = common::wizard(&["generate", "--model", "/nonexistent/model", "--prompt", "x"]);
     check_failure(&output, "--model /nonexistent/model", &["/nonexistent/model/tokenizer.json"]);
+    let weights = model_dir().join("model.safetensors");
+    let output = common::wizard(&["generate", "--model", weights.to_str().unwrap(), "--prompt", "x"]);
+    check_failure(&output, "--model FILE", &[&format!("{}: a file, where a model directory", weights.display())]);
     // A draft whose token ids are not the target's.
     let work = tempfile::tempdir().unwrap();
     let shape = Shape { n_positions: 96, n_embd: 32, n_layer: 1, n_head: 2 };

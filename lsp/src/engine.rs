@@ -344,7 +344,7 @@ impl CompletionModel for ModelBackend {
         let started = Instant::now();
         let settings = &job.settings;
         let context = self.engine.context();
-        let room = context.saturating_sub(settings.max_tokens + 1).max(8);
+        let room = context.saturating_sub(settings.max_tokens.saturating_add(1)).max(8);
         let budget =
             Budget { tokens: settings.context_budget.min(room), suffix_share: settings.suffix_share, fim: job.fim };
         let model_error = |e: model::ModelError| EngineError::Model(e.to_string());

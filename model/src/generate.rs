@@ -77,7 +77,7 @@ pub fn generate(
         )));
     }
     let samples = config.num_samples.max(1);
-    let capacity = (prompt_len + config.max_new_tokens as i64).min(context);
+    let capacity = prompt.len().saturating_add(config.max_new_tokens).min(context as usize) as i64;
     tch::no_grad(|| {
         let mut cache = model.new_cache(1, capacity)?;
         let input = Tensor::from_slice(prompt).to_device(model.device()).unsqueeze(0);

@@ -252,8 +252,12 @@ impl GptBigCode {
                     return Ok(());
                 }
                 let Some(var) = pending.remove(name) else {
+                    // A tied head stored anyway (transformers may save it) is unused, but must fit.
                     let tied_head = name == "lm_head.weight" && tied;
-                    return if tied_head || is_ignored_buffer(name) {
+                    return if tied_head && tensor.size() != table {
+                        let message = format!("has shape {:?}, config.json implies {table:?}", tensor.size());
+                        Err(tensor_error(message))
+                    } else if tied_head || is_ignored_buffer(name) {
                         Ok(())
                     } else {
                         Err(tensor_error("is not part of a GPTBigCode model".into()))

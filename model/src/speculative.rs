@@ -189,9 +189,15 @@ pub fn generate(
     stop: &mut dyn StopCriterion,
 ) -> Result<SpeculativeGeneration> {
     let context = context(target, drafter)?;
-    let capacity = (prompt.len() + config.max_new_tokens + config.max_gamma + 1).min(context as usize) as i64;
+    let capacity = room_for(prompt, config).min(context as usize) as i64;
     let mut session = Session::with_capacity(target, drafter, capacity)?;
     generate_in(&mut session, target, drafter, prompt, config, stop)
+}
+
+/// Positions a generation may fill: the prompt, every token asked for and a last verification's
+/// drafts (saturating: a request may ask for any number of tokens).
+fn room_for(prompt: &[i64], config: &SpeculativeConfig) -> usize {
+    prompt.len().saturating_add(config.max_new_tokens).saturating_add(config.max_gamma + 1)
 }
 
 /// [`generate`] reusing (and then keeping) the keys and values in `session` for the longest start
@@ -225,8 +231,7 @@ pub fn generate_in(
     if !session.fits(target, drafter) || session.target_cache.capacity() <= prompt.len() as i64 {
         *session = Session::new(target, drafter)?;
     }
-    let capacity = (prompt.len() + config.max_new_tokens + config.max_gamma + 1)
-        .min(session.target_cache.capacity() as usize) as i64;
+    let capacity = room_for(prompt, config).min(session.target_cache.capacity() as usize) as i64;
     // Everything the caches hold that the prompt repeats stays; the newest prompt token is always fed.
     let reused = session.held.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
     session.held.clear();

@@ -236,6 +236,13 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `dir/tokenizer.json`, which must define [`EOS_TOKEN`].
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
+        if dir.is_file() {
+            let message = format!(
+                "{}: a file, where a model directory (config.json, tokenizer.json, ...) was expected",
+                dir.display()
+            );
+            return Err(ModelError::Invalid(message));
+        }
         let path = dir.join("tokenizer.json");
         let text = crate::files::read_regular_to_string(&path)
             .map_err(|e| tokenizer_error(&path, format!("cannot read it: {e}")))?;

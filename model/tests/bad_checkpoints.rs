@@ -211,6 +211,15 @@ fn wrong_tensors() {
         },
         &["transformer.h.7.attn.c_attn.weight", "not part of a GPTBigCode model"],
     );
+    // A tied model's head, stored anyway, is unused but must fit the token table.
+    check(
+        |d| {
+            rewrite_weights(d, |t| {
+                t.push(("lm_head.weight".into(), Tensor::zeros([50, 8], (Kind::Float, Device::Cpu))))
+            })
+        },
+        &["model.safetensors", "lm_head.weight", "shape [50, 8]", "[50, 16]"],
+    );
     check(
         |d| replace_tensor(d, "transformer.h.0.mlp.c_fc.weight", |t| (t * 100.0).to_kind(Kind::Int8)),
         &["model.safetensors", "transformer.h.0.mlp.c_fc.weight", "stored as Int8", "quantization_config"],
