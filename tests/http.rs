@@ -199,6 +199,16 @@ fn openai_shapes_streaming_and_batch_invariance() {
         .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_string))
         .collect();
     assert_eq!(pieces, cut);
+    // Stops as long as a body allows cost their length once, not at every step of every sample
+    // (4 x 1 MB over 4 samples took seconds a step), streamed or not.
+    let long_stops =
+        json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "n": 4, "stop": vec!["q".repeat(1 << 20); 4]});
+    let (status, body) = post(&server, "/v1/completions", &long_stops);
+    assert_eq!((status, completion_text(&body)), (200, text.clone()), "{body}");
+    let mut streamed_long = long_stops.clone();
+    streamed_long["stream"] = json!(true);
+    let (status, chunks) = post_stream(&server, "/v1/completions", &streamed_long);
+    assert_eq!((status, chunks.last().map(String::as_str)), (200, Some("[DONE]")));
 
     // 16 clients at once get what each gets alone (greedy, different prompts).
     let prompts: Vec<String> = (0..16).map(|i| format!("def function_{i}(value):\n    return")).collect();

@@ -4,8 +4,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use model::complete::{first_stop, StopSequences};
 use model::engine::{Engine, Event, Request, SubmitError, TokenLogprob};
-use model::generate::{Finish, StopCriterion};
+use model::generate::Finish;
 use model::sampling::Sampling;
 use model::text_offsets::TextOffsets;
 use model::tokenizer::Tokenizer;
@@ -138,18 +139,6 @@ pub async fn encode(tokenizer: &Arc<Tokenizer>, texts: Vec<String>) -> Result<Ve
     .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))
 }
 
-/// Ends a sample once its text contains a stop sequence (runs on the engine thread).
-struct TextStops {
-    tokenizer: Arc<Tokenizer>,
-    stops: Vec<String>,
-}
-
-impl StopCriterion for TextStops {
-    fn should_stop(&mut self, sample: usize, tokens: &[i64]) -> bool {
-        model::complete::StopSequences::new(&self.tokenizer, &self.stops).should_stop(sample, tokens)
-    }
-}
-
 /// An event of one of the request's prompts; sample indices are choice indices
 /// (`prompt * n + sample`).
 pub type Merged = UnboundedReceiver<Event>;
@@ -169,8 +158,7 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
                 ..plan.sampling.clone()
             },
             stop_tokens: plan.stop_tokens.clone(),
-            stop: (!plan.stops.is_empty())
-                .then(|| Box::new(TextStops { tokenizer: tokenizer.clone(), stops: plan.stops.clone() }) as _),
+            stop: (!plan.stops.is_empty()).then(|| Box::new(StopSequences::new(tokenizer.clone(), &plan.stops)) as _),
             logprobs: plan.logprobs,
             prompt_logprobs: plan.prompt_logprobs,
             speculation: None,
@@ -319,7 +307,9 @@ impl SampleText {
             end = text.trim_end_matches('\u{fffd}').len();
             let held = stops
                 .iter()
-                .flat_map(|stop| (1..stop.len()).filter(|&k| stop.is_char_boundary(k)).map(move |k| &stop[..k]))
+                .flat_map(|stop| {
+                    (1..stop.len().min(end + 1)).filter(|&k| stop.is_char_boundary(k)).map(move |k| &stop[..k])
+                })
                 .filter(|start| text[..end].ends_with(start))
                 .map(str::len)
                 .max()
@@ -338,10 +328,7 @@ impl SampleText {
 
 /// Where the first stop sequence starts (or the end), and whether there was one.
 fn cut(text: &str, stops: &[String]) -> (usize, bool) {
-    match stops.iter().filter_map(|stop| text.find(stop.as_str())).min() {
-        Some(at) => (at, true),
-        None => (text.len(), false),
-    }
+    first_stop(text, stops).map_or((text.len(), false), |at| (at, true))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc};
 
 use model::complete::StopSequences;
 use model::engine::{Engine, Event, Request, SubmitError};
-use model::generate::{Sampling, StopCriterion};
+use model::generate::Sampling;
 use model::tokenizer::Tokenizer;
 
 use crate::error::{EvalError, Result};
@@ -123,19 +123,6 @@ impl Drop for Shared {
     }
 }
 
-/// Stops a sample at the first stop sequence ([`StopSequences`]), owning what it needs to run on the
-/// engine's thread.
-struct StopText {
-    tokenizer: Arc<Tokenizer>,
-    stops: Arc<[String]>,
-}
-
-impl StopCriterion for StopText {
-    fn should_stop(&mut self, sample: usize, tokens: &[i64]) -> bool {
-        StopSequences::new(&self.tokenizer, &self.stops).should_stop(sample, tokens)
-    }
-}
-
 /// A sample's text: its tokens decoded and cut before the first stop sequence, as
 /// `model::complete::complete` cuts it.
 fn text_of(tokenizer: &Tokenizer, stops: &[String], tokens: &[i64]) -> Result<String> {
@@ -155,9 +142,8 @@ impl ModelCompleter {
     /// Submits `part` of a job whose first sample has seed `seed`; a thread of its own collects the
     /// request's tokens and sends each sample's text as it ends.
     fn submit(&self, shared: &Shared, prompt: &[i64], seed: u64, part: Part) -> Result<()> {
-        let stop = (!shared.stops.is_empty()).then(|| {
-            Box::new(StopText { tokenizer: self.tokenizer.clone(), stops: shared.stops.clone() }) as model::engine::Stop
-        });
+        let stop = (!shared.stops.is_empty())
+            .then(|| Box::new(StopSequences::new(self.tokenizer.clone(), &shared.stops)) as model::engine::Stop);
         let request = Request {
             n: part.n,
             sampling: Sampling {
