@@ -54,6 +54,10 @@ pub struct Args {
     /// Largest HTTP request body in bytes.
     #[arg(long, default_value_t = 8 << 20)]
     max_body_bytes: usize,
+    /// Seconds an HTTP client may take to send a request's headers (an idle connection's too), and
+    /// again its body; past them the connection is closed (the body's answered 408).
+    #[arg(long, default_value_t = 30)]
+    read_timeout: u64,
     /// Most new tokens one HTTP request may ask for (default: the model's context).
     #[arg(long)]
     max_tokens_limit: Option<usize>,
@@ -127,6 +131,7 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
     anyhow::ensure!(args.max_tokens_limit != Some(0), "--max-tokens-limit must be at least 1");
     anyhow::ensure!(args.max_body_bytes >= 1, "--max-body-bytes must be at least 1");
+    anyhow::ensure!((1..=86_400).contains(&args.read_timeout), "--read-timeout must be 1 to 86400 seconds");
     let device = crate::device::checked_device(&args.device)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let paths = model_paths(&args, device, args.threads.unwrap_or(cores))?;
@@ -142,6 +147,7 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
         model_name: args.model.file_name().map_or("wizard".into(), |n| n.to_string_lossy().into_owned()),
         api_key,
         max_body_bytes: args.max_body_bytes,
+        read_timeout: std::time::Duration::from_secs(args.read_timeout),
         chat_template: api::chat_template(&args.model).map_err(anyhow::Error::msg)?,
         limits: api::Limits {
             max_tokens,

@@ -538,6 +538,41 @@ fn sigterm_lets_the_streams_under_way_finish() {
     assert_eq!(raw(&server.address, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").0, 0);
 }
 
+/// Clients that stop sending (half a header, nothing at all, part of a body) lose their connection
+/// after `--read-timeout`, so they cannot hold the server's connections; answers are not cut.
+#[test]
+fn slow_clients_are_cut_off() {
+    let server = start_with(slow_model_dir(), &["--read-timeout", "1"]);
+    let closed_within = |sent: &[u8]| {
+        let mut stream = TcpStream::connect(&server.address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream.write_all(sent).unwrap();
+        let mut answer = Vec::new();
+        let read = stream.read_to_end(&mut answer);
+        assert!(read.is_ok(), "{sent:?}: still open after 20 s ({read:?})");
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    closed_within(b"");
+    closed_within(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n");
+    let part =
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
+    let answer = closed_within(part);
+    assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("did not arrive within 1 s"), "{answer}");
+    // The timeout covers reading requests, not answering them: a client that reads a stream's
+    // first bytes, then nothing for longer than the timeout, still gets all of it.
+    let long = json!({"prompt": "def f():", "max_tokens": 64, "n": 4, "stream": true});
+    let mut stream = TcpStream::connect(&server.address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.write_all(&post_request("/v1/completions", long.to_string().as_bytes(), None)).unwrap();
+    let mut first = [0u8; 64];
+    stream.read_exact(&mut first).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    let answer = String::from_utf8_lossy(&[&first[..], &rest].concat()).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("data: [DONE]"), "{answer}");
+}
+
 /// The key guards every endpoint but /health; a full queue answers 429; a client that goes away
 /// frees its place within a step; a thousand connections at once leave the server serving.
 #[test]

@@ -47,6 +47,17 @@ impl ApiError {
         }
     }
 
+    /// 408: the body did not arrive in time.
+    pub fn timed_out(seconds: u64) -> ApiError {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("the request body did not arrive within {seconds} s"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+        }
+    }
+
     /// 413: the body is over the limit.
     pub fn too_large(limit: usize) -> ApiError {
         ApiError {

@@ -13,6 +13,7 @@ mod routes;
 mod schema;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH};
@@ -35,6 +36,9 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's headers (an idle connection's too), and
+    /// again its body.
+    pub read_timeout: Duration,
     /// Token limits.
     pub limits: Limits,
     /// The tokenizer's chat template (`tokenizer_config.json`), used instead of WizardCoder's.
@@ -123,44 +127,87 @@ async fn require_key(State(app): State<Arc<App>>, request: Request, next: Next) 
 }
 
 /// Answers 413 from the Content-Length header, before a byte of an oversized body is read (the
-/// body limit alone would wait for the body to arrive).
+/// body limit alone would wait for the body to arrive), then reads the body within the read
+/// timeout (408 past it), so that a client that stops sending does not hold a connection.
 async fn refuse_large_bodies(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let limit = app.config.max_body_bytes;
     let length =
         request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if length.is_some_and(|length| length > app.config.max_body_bytes as u64) {
-        return ApiError::too_large(app.config.max_body_bytes).into_response();
+    if length.is_some_and(|length| length > limit as u64) {
+        return ApiError::too_large(limit).into_response();
     }
-    next.run(request).await
+    let (parts, body) = request.into_parts();
+    let timeout = app.config.read_timeout;
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(error)) if is_over_limit(&error) => return ApiError::too_large(limit).into_response(),
+        Ok(Err(error)) => {
+            return ApiError::invalid(None, format!("the request body could not be read: {error}")).into_response()
+        }
+        Err(_) => return ApiError::timed_out(timeout.as_secs()).into_response(),
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 /// Serves on `listener` until SIGTERM or SIGINT, then stops taking connections and returns once
 /// the requests under way have ended (streams run to their end), or at a second signal, or after
-/// [`DRAIN_SECONDS`].
+/// [`DRAIN_SECONDS`]. A client gets [`ServerConfig::read_timeout`] to send a request's headers
+/// (idle connections included) and again for its body; a failed accept (out of file descriptors)
+/// pauses taking connections, never ends the server.
 pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) -> std::io::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served =
-        std::future::IntoFuture::into_future(axum::serve(listener, router(app)).with_graceful_shutdown(async {
-            let _ = stopped.await;
-        }));
-    tokio::pin!(served);
-    tokio::select! {
-        result = &mut served => return result,
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("stopping: no new connections; finishing the requests under way");
-    let _ = stopping.send(());
-    tokio::select! {
-        result = &mut served => result,
-        _ = terminate.recv() => Ok(()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        () = tokio::time::sleep(std::time::Duration::from_secs(DRAIN_SECONDS)) => {
-            tracing::warn!("requests still under way after {DRAIN_SECONDS} s are cut off");
-            Ok(())
+    let read_timeout = app.config.read_timeout;
+    let service = hyper_util::service::TowerToHyperService::new(router(app));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(read_timeout);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+                    let connection = connections.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%error, "connection ended");
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "a connection could not be accepted");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                }
+            },
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
         }
     }
+    tracing::info!("stopping: no new connections; finishing the requests under way");
+    drop(listener);
+    tokio::select! {
+        () = connections.shutdown() => {}
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        () = tokio::time::sleep(Duration::from_secs(DRAIN_SECONDS)) => {
+            tracing::warn!("requests still under way after {DRAIN_SECONDS} s are cut off");
+        }
+    }
+    Ok(())
 }
+
+fn is_over_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = source {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// How long taking connections pauses after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// How long a stopping server waits for the requests under way.
 const DRAIN_SECONDS: u64 = 30;
