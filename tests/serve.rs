@@ -4,7 +4,7 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::io::BufReader;
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -442,6 +442,13 @@ fn serves_over_tcp() {
     assert!(child.try_wait().unwrap().is_none(), "the server exited at {} connections", burst.len());
     drop(burst);
     std::thread::sleep(Duration::from_millis(300));
+    // A header that never ends is cut off at its limit, not buffered.
+    let mut endless = connect().expect("listening after the burst");
+    endless.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = endless.write_all(format!("X-Pad: {}", "a".repeat(64 << 10)).as_bytes());
+    let read = endless.read(&mut [0u8; 64]);
+    let timed_out = read.as_ref().is_err_and(|e| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+    assert!(!timed_out, "a header of 64 KiB without an end kept the session open");
     let mut stream = connect().expect("listening after the burst");
     write_message(
         &mut stream,

@@ -8,6 +8,7 @@
 //! - `request`: a request at a cursor as a job (window, decision), and [`complete_text`], the server's
 //!   completion for a document text and byte offset without LSP types (`wizard eval --prompt-mode editor`);
 //! - `engine`: jobs against the shared engine, cancellation, `catch_unwind` per request;
+//! - `framing`: limits on a TCP client's message headers and lengths;
 //! - `cache`: the LRU of completions and "typed as suggested" reuse;
 //! - `text`: word and character-boundary helpers on UTF-8 text.
 #![deny(missing_docs)]
@@ -16,6 +17,7 @@
 pub mod cache;
 pub mod document;
 pub mod engine;
+mod framing;
 pub mod prompt;
 pub mod request;
 mod server;
@@ -70,7 +72,7 @@ pub async fn serve_tcp(engine: Engine, settings: Settings, port: u16) -> std::io
         tokio::spawn(async move {
             let (read, write) = tokio::io::split(stream);
             let (service, socket) = server::service(engine, settings);
-            Server::new(read, write, socket).serve(service).await;
+            Server::new(framing::Limited::new(read), write, socket).serve(service).await;
         });
     }
 }
