@@ -95,8 +95,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/infill", post(routes::infill))
         .route("/v1/models", get(routes::models))
         .route("/metrics", get(routes::metrics))
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_key))
-        .route_layer(middleware::from_fn_with_state(app.clone(), refuse_large_bodies));
+        // The key is checked first (the outer layer): no body is read for a client without it.
+        .route_layer(middleware::from_fn_with_state(app.clone(), read_body))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_key));
     Router::new()
         .route("/health", get(routes::health))
         .merge(guarded)
@@ -129,7 +130,7 @@ async fn require_key(State(app): State<Arc<App>>, request: Request, next: Next) 
 /// Answers 413 from the Content-Length header, before a byte of an oversized body is read (the
 /// body limit alone would wait for the body to arrive), then reads the body within the read
 /// timeout (408 past it), so that a client that stops sending does not hold a connection.
-async fn refuse_large_bodies(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+async fn read_body(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let limit = app.config.max_body_bytes;
     let length =
         request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());

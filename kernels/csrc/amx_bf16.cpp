@@ -137,8 +137,8 @@ void pack_rows(const float* x, int64_t rows, int64_t in, int64_t first_block, in
     pack_block(block, rows, in, packed, [&](int64_t r, int64_t i, int64_t n) { return rounded(x + r * in + i, n); });
 }
 
-void pack_inputs(const uint16_t* x, int64_t rows, int64_t in, uint32_t* packed) {
-  for (int64_t block = 0; block * kColumns < rows; block++)
+void pack_rows(const uint16_t* x, int64_t rows, int64_t in, int64_t first_block, int64_t last_block, uint32_t* packed) {
+  for (int64_t block = first_block; block < last_block; block++)
     pack_block(block, rows, in, packed, [&](int64_t r, int64_t i, int64_t n) {
       return _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, n), x + r * in + i);
     });

@@ -20,17 +20,16 @@ State state();
 // Dwords that `rows` packed rows take.
 int64_t packed_dwords(int64_t rows, int64_t in);
 
-// The inputs `x` (`rows` x `in` bf16 bits) written into `packed` in the order the tiles take them.
-// Needs AVX-512 (as AMX CPUs have).
-void pack_inputs(const uint16_t* x, int64_t rows, int64_t in, uint32_t* packed);
-
 // fp32 rows (rounded to bf16 as at::BFloat16 rounds) one at a time, as each is ready: row `r`
 // written into zeroed `packed`.
 void pack_row(const float* row, int64_t r, int64_t in, uint32_t* packed);
 
-// The blocks of 16 rows [first_block, last_block) of fp32 `x` (`rows` x `in`) packed into `packed`
-// (zeros past the rows written too), so that threads can share a chunk's rows.
+// The blocks of 16 rows [first_block, last_block) of `x` (`rows` x `in`, fp32 rounded to bf16 as
+// at::BFloat16 rounds, or bf16 bits) packed into `packed` in the order the tiles take them (zeros
+// past the rows written too), so that threads can share a chunk's rows. Needs AVX-512 (as AMX
+// CPUs have).
 void pack_rows(const float* x, int64_t rows, int64_t in, int64_t first_block, int64_t last_block, uint32_t* packed);
+void pack_rows(const uint16_t* x, int64_t rows, int64_t in, int64_t first_block, int64_t last_block, uint32_t* packed);
 
 // `y[r][j]` = packed input row r . weight row j + bias[j] (bias may be null), in fp32, for
 // columns [begin, end) and every row; `y` has `out` columns. Needs `state() == kGranted`.

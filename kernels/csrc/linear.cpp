@@ -396,14 +396,16 @@ int wizard_linear(void* x_handle, void* w_handle, void* bias_handle, int isa, vo
       }
       // Every dword is written by the packing: no zeroing first.
       std::unique_ptr<uint32_t[]> packed(kernels->amx ? new uint32_t[wizard::amx::packed_dwords(rows, in)] : nullptr);
-      if (kernels->amx && x.scalar_type() == at::kBFloat16) {
-        wizard::amx::pack_inputs(x16, rows, in, packed.get());
-      } else if (kernels->amx) {
+      if (kernels->amx) {
         // A prompt chunk's rows packed by every thread: one alone kept the others waiting for about
         // a tenth of a bf16 prefill.
-        const float* rows_in = x.data_ptr<float>();
+        const bool narrow = x.scalar_type() == at::kBFloat16;
+        const float* rows_in = narrow ? nullptr : x.data_ptr<float>();
         wizard::balanced_for((rows + kTileColumns - 1) / kTileColumns, 2, [&](int64_t first, int64_t last) {
-          wizard::amx::pack_rows(rows_in, rows, in, first, last, packed.get());
+          if (narrow)
+            wizard::amx::pack_rows(x16, rows, in, first, last, packed.get());
+          else
+            wizard::amx::pack_rows(rows_in, rows, in, first, last, packed.get());
         });
       }
       auto product = [&](float* yp, int64_t begin, int64_t end) {

@@ -76,12 +76,12 @@ fn refused(message: String) -> io::Error {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
-            let fresh = buf.filled()[before..].to_vec();
-            if let Err(error) = self.follow(&fresh) {
+            if let Err(error) = this.follow(&buf.filled()[before..]) {
                 tracing::warn!(%error, "language-server client cut off");
                 return Poll::Ready(Err(error));
             }
