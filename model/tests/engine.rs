@@ -255,10 +255,20 @@ fn speculation_alone_and_in_a_batch() {
         let figures = figures.expect("decoded speculatively");
         assert!(figures.drafted > 0, "{figures:?}");
     }
-    // Beside a running request, it is batched.
-    let long = engine.submit(Request { max_new_tokens: 100, ..request(prompt(1), Sampling::greedy(), 1) }).unwrap();
+    // Beside a running request, it is batched. The running one holds the engine at its first token
+    // until the speculative one is queued, so it cannot finish first on a loaded machine.
     let expected = engine.generate(request(prompt(3), Sampling::greedy(), 1)).unwrap().remove(0).0;
+    let (queued, wait_for_queued) = std::sync::mpsc::channel::<()>();
+    let hold = HoldUntil(Some(wait_for_queued));
+    let long = engine
+        .submit(Request {
+            max_new_tokens: 100,
+            stop: Some(Box::new(hold)),
+            ..request(prompt(1), Sampling::greedy(), 1)
+        })
+        .unwrap();
     let mut events = engine.submit(speculative(3)).unwrap();
+    queued.send(()).unwrap();
     let mut tokens = Vec::new();
     while let Some(event) = events.blocking_recv() {
         match event {
@@ -269,4 +279,16 @@ fn speculation_alone_and_in_a_batch() {
     }
     assert_eq!(tokens, expected);
     drop(long);
+}
+
+/// Never stops a sample; blocks at its first token until signalled.
+struct HoldUntil(Option<std::sync::mpsc::Receiver<()>>);
+
+impl StopCriterion for HoldUntil {
+    fn should_stop(&mut self, _: usize, _: &[i64]) -> bool {
+        if let Some(signal) = self.0.take() {
+            signal.recv_timeout(std::time::Duration::from_secs(60)).expect("signalled");
+        }
+        false
+    }
 }
