@@ -1,6 +1,8 @@
 //! The shared inference engine: batch-invariant greedy output, samples that share a prefill,
 //! cancellation, a bounded queue, and a failing request that leaves the others running.
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use model::config::ModelConfig;
 use model::engine::{Engine, EngineConfig, Event, Request, Speculation, SubmitError};
@@ -8,6 +10,7 @@ use model::generate::{generate, Finish, GenerateConfig, NoStop, StopCriterion};
 use model::gpt_bigcode::GptBigCode;
 use model::sampling::Sampling;
 use tch::Device;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The same random model every time (tests run in parallel; libtorch's generator is global).
 fn tiny_model() -> model::Result<GptBigCode> {
@@ -48,7 +51,7 @@ fn request(prompt: Vec<i64>, sampling: Sampling, n: usize) -> Request {
 }
 
 /// Collects every sample's tokens from a submitted request.
-fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>, n: usize) -> Vec<Vec<i64>> {
+fn collect(mut events: UnboundedReceiver<Event>, n: usize) -> Vec<Vec<i64>> {
     let mut samples = vec![Vec::new(); n];
     while let Some(event) = events.blocking_recv() {
         match event {
@@ -74,8 +77,12 @@ fn check_batch_invariance(make_model: fn() -> model::Result<GptBigCode>) {
         (0..16).map(|i| engine.generate(request(prompt(i), Sampling::greedy(), 1)).unwrap().remove(0).0).collect();
     let counter = |c: &std::sync::atomic::AtomicUsize| c.load(Ordering::Relaxed);
     let (steps, rows) = (counter(&engine.counters().steps), counter(&engine.counters().step_rows));
+    // All 16 queue while the engine is held, so they start together on any machine.
+    let (release, gate) = hold(&engine, prompt(0), 2);
     let submitted: Vec<_> =
         (0..16).map(|i| engine.submit(request(prompt(i), Sampling::greedy(), 1)).unwrap()).collect();
+    release.send(()).unwrap();
+    assert_eq!(collect(gate, 1)[0].len(), 2);
     let together: Vec<Vec<i64>> = submitted.into_iter().map(|events| collect(events, 1).remove(0)).collect();
     assert_eq!(together, alone);
     let (steps, rows) = (counter(&engine.counters().steps) - steps, counter(&engine.counters().step_rows) - rows);
@@ -154,13 +161,14 @@ fn stops_panics_cancellation_and_a_full_queue() {
 
     // Batch 2 + 1 waiting: the fourth is refused; dropping receivers frees the places.
     let long = |i| Request { max_new_tokens: 100, ..request(prompt(i), Sampling::greedy(), 1) };
-    let held: Vec<_> = (0..3).map(|i| engine.submit(long(i)).unwrap()).collect();
+    let (release, first) = hold(&engine, prompt(0), 100);
+    let held: Vec<_> = (1..3).map(|i| engine.submit(long(i)).unwrap()).collect();
     assert!(matches!(engine.submit(long(3)), Err(SubmitError::Busy(3))));
-    drop(held);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    drop((first, held, release));
+    let deadline = Instant::now() + Duration::from_secs(10);
     let answer = loop {
         match engine.submit(request(prompt(1), Sampling::greedy(), 1)) {
-            Err(SubmitError::Busy(_)) if std::time::Instant::now() < deadline => std::thread::yield_now(),
+            Err(SubmitError::Busy(_)) if Instant::now() < deadline => std::thread::yield_now(),
             other => break other,
         }
     };
@@ -255,20 +263,11 @@ fn speculation_alone_and_in_a_batch() {
         let figures = figures.expect("decoded speculatively");
         assert!(figures.drafted > 0, "{figures:?}");
     }
-    // Beside a running request, it is batched. The running one holds the engine at its first token
-    // until the speculative one is queued, so it cannot finish first on a loaded machine.
+    // Beside a running request, it is batched.
     let expected = engine.generate(request(prompt(3), Sampling::greedy(), 1)).unwrap().remove(0).0;
-    let (queued, wait_for_queued) = std::sync::mpsc::channel::<()>();
-    let hold = HoldUntil(Some(wait_for_queued));
-    let long = engine
-        .submit(Request {
-            max_new_tokens: 100,
-            stop: Some(Box::new(hold)),
-            ..request(prompt(1), Sampling::greedy(), 1)
-        })
-        .unwrap();
+    let (release, long) = hold(&engine, prompt(1), 100);
     let mut events = engine.submit(speculative(3)).unwrap();
-    queued.send(()).unwrap();
+    release.send(()).unwrap();
     let mut tokens = Vec::new();
     while let Some(event) = events.blocking_recv() {
         match event {
@@ -281,13 +280,30 @@ fn speculation_alone_and_in_a_batch() {
     drop(long);
 }
 
-/// Never stops a sample; blocks at its first token until signalled.
-struct HoldUntil(Option<std::sync::mpsc::Receiver<()>>);
+/// Submits a request that holds the engine at its first token until the returned sender is used
+/// (or dropped), and returns once it holds: what is submitted meanwhile queues beside a running
+/// request, however loaded the machine.
+fn hold(engine: &Engine, prompt: Vec<i64>, max_new_tokens: usize) -> (mpsc::Sender<()>, UnboundedReceiver<Event>) {
+    let (entered, wait_for_entered) = mpsc::channel();
+    let (release, wait_for_release) = mpsc::channel();
+    let holding = Hold { entered, release: Some(wait_for_release) };
+    let request = Request { max_new_tokens, stop: Some(Box::new(holding)), ..request(prompt, Sampling::greedy(), 1) };
+    let events = engine.submit(request).unwrap();
+    wait_for_entered.recv_timeout(Duration::from_secs(60)).expect("the engine reached the held request");
+    (release, events)
+}
 
-impl StopCriterion for HoldUntil {
+/// Never stops a sample; blocks at its first token until released.
+struct Hold {
+    entered: mpsc::Sender<()>,
+    release: Option<mpsc::Receiver<()>>,
+}
+
+impl StopCriterion for Hold {
     fn should_stop(&mut self, _: usize, _: &[i64]) -> bool {
-        if let Some(signal) = self.0.take() {
-            signal.recv_timeout(std::time::Duration::from_secs(60)).expect("signalled");
+        if let Some(release) = self.release.take() {
+            let _ = self.entered.send(());
+            let _ = release.recv_timeout(Duration::from_secs(60));
         }
         false
     }
