@@ -290,6 +290,9 @@ fn bad_input() {
     client.open(PY, "python", "a😀b\n");
     assert_eq!(client.inline(PY, 0, 2).unwrap_err()["code"], -32602, "inside a surrogate pair");
     assert_eq!(client.inline(PY, 7, 0).unwrap_err()["code"], -32602, "past the last line");
+    // A character past the line's end means its end, in the answer's range too.
+    let end = json!({"line": 0, "character": 4});
+    assert_eq!(client.inline(PY, 0, 40).unwrap()[0]["range"], json!({"start": end, "end": end}));
     // A 10 MB file: the prompt takes its budget from around the cursor.
     let big: String = "value = value + 1\n".repeat(10 << 20 >> 4);
     client.open("file:///work/big.py", "python", &format!("{big}z = \n"));

@@ -126,7 +126,7 @@ fn engine_error(error: EngineError) -> Error {
 impl Backend {
     async fn complete_at(&self, uri: &Uri, position: Position, overrides: Overrides) -> Result<Option<Completion>> {
         let key = uri.as_str().to_string();
-        let (job, full_prefix, suffix, fingerprint, word_start, word, turn) = {
+        let (job, full_prefix, suffix, fingerprint, cursor, word_start, word, turn) = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let encoding = state.encoding;
             let mut settings = state.settings.clone();
@@ -147,6 +147,8 @@ impl Backend {
             let offset = document
                 .offset((position.line, position.character), encoding)
                 .map_err(|e| Error::invalid_params(e.0))?;
+            // A character past the line's end means its end, in the answer's range too.
+            let cursor = document.position(offset, encoding).into_position();
             let text = document.text();
             let word_start_byte = text[..offset].trim_end_matches(is_word_char).len();
             let word = text[word_start_byte..offset].to_string();
@@ -186,10 +188,9 @@ impl Backend {
                     Hit::Exact(text) | Hit::Typed(text) => text,
                 };
                 tracing::info!(cached = true, "completion served from the cache");
-                let cursor = position;
                 return Ok(Some(Completion { text, cursor, word_start: word_start.into_position(), word }));
             }
-            (job, full_prefix, suffix, fingerprint, word_start, word, turn)
+            (job, full_prefix, suffix, fingerprint, cursor, word_start, word, turn)
         };
         let guard = CancelOnDrop(job.cancel.clone());
         let result = {
@@ -218,7 +219,7 @@ impl Backend {
         if output.text.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Completion { text: output.text, cursor: position, word_start: word_start.into_position(), word }))
+        Ok(Some(Completion { text: output.text, cursor, word_start: word_start.into_position(), word }))
     }
 
     /// Tells the user which setting was refused; the settings in force do not change.
