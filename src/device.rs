@@ -1,9 +1,10 @@
-//! `--device` and `--dtype` as every command takes them.
+//! `--device`, `--dtype` and `--draft` as every command takes them.
 use anyhow::bail;
 use std::path::Path;
 
 use anyhow::Context;
 use model::gpt_bigcode::{parse_precision, GptBigCode, Precision};
+use model::tokenizer::Tokenizer;
 use tch::{Device, Kind};
 
 /// `cpu`, `cuda`, `cuda:N` or `auto` (a GPU when libtorch sees one). `auto` and `cuda` pick GPU
@@ -62,6 +63,22 @@ pub fn model_and_draft_precisions(
         None => precision,
     };
     Ok((precision, draft_precision))
+}
+
+/// Refuses a draft whose tokenizer numbers tokens otherwise than the model's (its drafts would be
+/// other tokens, rejected at every step). A draft directory without tokenizer.json shares the model's.
+pub fn check_draft_tokenizer(dir: &Path, draft: &Path) -> anyhow::Result<()> {
+    let (ours, theirs) = (dir.join("tokenizer.json"), draft.join("tokenizer.json"));
+    let same_file = matches!((ours.canonicalize(), theirs.canonicalize()), (Ok(a), Ok(b)) if a == b);
+    if same_file || !theirs.exists() {
+        return Ok(());
+    }
+    let model = Tokenizer::from_dir(dir)?;
+    let draft_tokenizer = Tokenizer::from_dir(draft).with_context(|| format!("--draft {}", draft.display()))?;
+    if let Some(difference) = model.numbering_difference(&draft_tokenizer) {
+        bail!("--draft {}: a draft must share the model's tokenizer, and {difference}", draft.display());
+    }
+    Ok(())
 }
 
 /// `dtype` as given, else what `dir` holds if `wizard quantize` wrote it, else `unquantized`. A

@@ -87,6 +87,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.draft.as_deref(),
     )?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
+    if let Some(draft) = &args.draft {
+        crate::device::check_draft_tokenizer(&args.model, draft)?;
+    }
     let model = load_model(&args.model, precision, device)?;
     if tracing::enabled!(tracing::Level::INFO) {
         let probe = Tensor::zeros([1, 8], (Kind::Int64, device));

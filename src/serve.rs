@@ -108,6 +108,9 @@ fn model_paths(args: &Args, device: Device, threads: usize) -> anyhow::Result<ls
         &args.model,
         args.draft.as_deref(),
     )?;
+    if let Some(draft) = &args.draft {
+        crate::device::check_draft_tokenizer(&args.model, draft)?;
+    }
     Ok(lsp::ModelPaths {
         model: args.model.clone(),
         draft: args.draft.clone(),

@@ -207,12 +207,21 @@ fn bad_requests_are_clear_errors() {
     let weights = model_dir().join("model.safetensors");
     let output = common::wizard(&["generate", "--model", weights.to_str().unwrap(), "--prompt", "x"]);
     check_failure(&output, "--model FILE", &[&format!("{}: a file, where a model directory", weights.display())]);
-    // A draft whose token ids are not the target's.
+    // A draft whose tokenizer numbers tokens otherwise (its vocabulary the same size), and one
+    // whose vocabulary is another size.
     let work = tempfile::tempdir().unwrap();
     let shape = Shape { n_positions: 96, n_embd: 32, n_layer: 1, n_head: 2 };
-    let draft = common::tiny_model(work.path(), &"def f(x):\n    return x\n".repeat(50), 300, shape);
-    let output = generate(&["--prompt", "x", "--draft", draft.to_str().unwrap()]);
-    let named = format!("--draft {}: the draft model's vocabulary (", draft.display());
+    for dir in ["a", "b"] {
+        std::fs::create_dir(work.path().join(dir)).unwrap();
+    }
+    let other_numbering = common::tiny_model(&work.path().join("a"), &"class Zq:\n    pass\n".repeat(50), 400, shape);
+    let output = generate(&["--prompt", "x", "--draft", other_numbering.to_str().unwrap()]);
+    let named = format!("--draft {}: a draft must share the model's tokenizer, and `", other_numbering.display());
+    check_failure(&output, "--draft with another tokenizer", &[&named, "tokenizer.json"]);
+    let smaller = common::tiny_model(&work.path().join("b"), &"def f(x):\n    return x\n".repeat(50), 300, shape);
+    std::fs::remove_file(smaller.join("tokenizer.json")).unwrap();
+    let output = generate(&["--prompt", "x", "--draft", smaller.to_str().unwrap()]);
+    let named = format!("--draft {}: the draft model's vocabulary (", smaller.display());
     check_failure(&output, "--draft", &[&named, "differs from the target's (400)"]);
 }
 

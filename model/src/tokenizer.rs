@@ -346,6 +346,22 @@ impl Tokenizer {
     pub fn eos_id(&self) -> u32 {
         self.eos_id
     }
+
+    /// The lowest-numbered token that `other` numbers otherwise, or lacks, or holds and this one
+    /// lacks, described; `None` when both number every token alike.
+    pub fn numbering_difference(&self, other: &Tokenizer) -> Option<String> {
+        let (ours, theirs) = (self.inner.get_vocab(true), other.inner.get_vocab(true));
+        let (here, there) = (self.path.display(), other.path.display());
+        let differs = ours.iter().filter(|(token, id)| theirs.get(*token) != Some(id)).min_by_key(|(_, id)| **id);
+        if let Some((token, id)) = differs {
+            return Some(match theirs.get(token) {
+                Some(their_id) => format!("`{token}` is id {id} in {here} and {their_id} in {there}"),
+                None => format!("`{token}` (id {id} in {here}) is not in {there}"),
+            });
+        }
+        let extra = theirs.iter().filter(|(token, _)| !ours.contains_key(*token)).min_by_key(|(_, id)| **id);
+        extra.map(|(token, id)| format!("`{token}` (id {id} in {there}) is not in {here}"))
+    }
 }
 
 fn special_token(content: &str) -> AddedToken {
