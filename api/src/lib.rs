@@ -166,6 +166,9 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) -> std::io:
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    // A streamed token is one small write: sent at once, not held for the
+                    // client's acknowledgement of the one before (Nagle).
+                    let _ = stream.set_nodelay(true);
                     let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
                     let connection = connections.watch(connection);
                     tokio::spawn(async move {

@@ -68,6 +68,8 @@ pub async fn serve_tcp(engine: Engine, settings: Settings, port: u16) -> std::io
             }
         };
         tracing::info!(%peer, "client connected");
+        // Each answer is one small write: sent at once, not held back by Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
         let (engine, settings) = (engine.clone(), settings.clone());
         tokio::spawn(async move {
             let (read, write) = tokio::io::split(stream);
