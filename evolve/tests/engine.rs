@@ -18,12 +18,17 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn http(server: &FakeServer, tweak: impl FnOnce(&mut HttpConfig)) -> HttpBackend {
     let mut config = HttpConfig::new(server.base_url(), "fake-model");
-    config.timeout = Duration::from_millis(400);
+    // Long enough that only injected faults time out on a loaded machine (a retried answer would
+    // count as a repeat).
+    config.timeout = Duration::from_secs(2);
     config.backoff = Duration::from_millis(10);
     config.max_backoff = Duration::from_secs(2);
     tweak(&mut config);
     HttpBackend::new(config).unwrap()
 }
+
+/// Longer than the client's timeout.
+const SLOW_FAULT: Duration = Duration::from_millis(2500);
 
 fn backends(backend: impl Backend + 'static) -> Backends {
     let backend: Arc<dyn Backend> = Arc::new(backend);
@@ -72,13 +77,8 @@ fn three_rounds_under_faults_account_for_every_item() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("evolve.db");
     let seeds = seeds::load(None).unwrap();
-    let server = rt
-        .block_on(FakeServer::start(FakeConfig {
-            faults: true,
-            slow: Duration::from_millis(900),
-            ..FakeConfig::default()
-        }))
-        .unwrap();
+    let server =
+        rt.block_on(FakeServer::start(FakeConfig { faults: true, slow: SLOW_FAULT, ..FakeConfig::default() })).unwrap();
     let stats = evolve(&rt, &db, &seeds, config(3), backends(http(&server, |_| {}))).unwrap();
     let store = Store::open(&db).unwrap();
     let items = store.items().unwrap();
@@ -207,7 +207,7 @@ fn text_with_fault(fault: Option<&str>) -> String {
 
 #[test]
 fn http_faults_and_errors() {
-    let faults = || FakeConfig { faults: true, slow: Duration::from_millis(900), ..FakeConfig::default() };
+    let faults = || FakeConfig { faults: true, slow: SLOW_FAULT, ..FakeConfig::default() };
     // Each fault costs one retry; 429 waits for its Retry-After of one second (a lower bound only:
     // how soon the other faults are retried depends on the machine).
     for fault in ["429", "500", "slow", "truncated", "empty-choices"] {
