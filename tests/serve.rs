@@ -253,20 +253,21 @@ fn settings_key_the_cache_and_bad_sampling_is_refused() {
 #[test]
 fn cancellation() {
     let mut client = Client::start(model_dir());
-    client.initialize(json!({}), json!({"maxTokens": 400, "gamma": 0}));
+    client.initialize(json!({}), json!({"maxTokens": 1000, "gamma": 0}));
     client.open(PY, "python", "x = \ny = \n");
     let completed = |client: &Client| figures(&client.log_text(), "tokens");
-    // Uncancelled, a completion runs to its 400 tokens.
+    // Uncancelled, a completion runs to its 1000 tokens: long enough that the cancels below arrive
+    // while it decodes, on a loaded machine too.
     let full = inline_text(&client.inline(PY, 0, 4).unwrap()).unwrap();
-    assert_eq!(full.len(), 400);
-    assert_eq!(completed(&client), [400.0]);
+    assert_eq!(full.len(), 1000);
+    assert_eq!(completed(&client), [1000.0]);
     // $/cancelRequest once decoding has started: the answer is RequestCancelled.
     let id = client.inline_async(PY, 1, 4);
     std::thread::sleep(Duration::from_millis(30));
     client.notify("$/cancelRequest", json!({"id": id}));
     assert_eq!(client.response(id).unwrap_err()["code"], -32800);
     // A newer request for the document cancels the one in flight, which is answered first.
-    client.notify("workspace/didChangeConfiguration", json!({"settings": {"maxTokens": 399}}));
+    client.notify("workspace/didChangeConfiguration", json!({"settings": {"maxTokens": 999}}));
     let older = client.inline_async(PY, 1, 4);
     std::thread::sleep(Duration::from_millis(30));
     client.notify("workspace/didChangeConfiguration", json!({"settings": {"maxTokens": 4}}));
@@ -275,7 +276,7 @@ fn cancellation() {
     assert_eq!(client.response(older).unwrap_err()["code"], -32800);
     assert_eq!(inline_text(&newer.unwrap()).as_deref(), Some("xxxx"));
     // Only the uncancelled completions were finished: the cancelled ones ended in the decode loop.
-    assert_eq!(completed(&client), [400.0, 4.0], "{}", client.log_text());
+    assert_eq!(completed(&client), [1000.0, 4.0], "{}", client.log_text());
     client.exit();
 }
 
