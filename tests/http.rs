@@ -223,6 +223,25 @@ fn openai_shapes_streaming_and_batch_invariance() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(together, alone);
+    // One request of more prompts x n than the batch holds is fed through it, each choice its
+    // prompt's own, streamed or not.
+    let many = json!({"prompt": prompts, "max_tokens": 16, "temperature": 0, "n": 2});
+    let expected: Vec<String> = alone.iter().flat_map(|text| [text.clone(), text.clone()]).collect();
+    let (status, body) = post(&server, "/v1/completions", &many);
+    assert_eq!(status, 200, "{body}");
+    let texts: Vec<String> =
+        body["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    assert_eq!(texts, expected);
+    let mut streamed_many = many.clone();
+    streamed_many["stream"] = json!(true);
+    let (status, chunks) = post_stream(&server, "/v1/completions", &streamed_many);
+    assert_eq!((status, chunks.last().map(String::as_str)), (200, Some("[DONE]")));
+    let mut texts = vec![String::new(); expected.len()];
+    for chunk in chunks.iter().filter_map(|c| serde_json::from_str::<Value>(c).ok()) {
+        let choice = &chunk["choices"][0];
+        texts[choice["index"].as_u64().unwrap() as usize] += choice["text"].as_str().unwrap_or_default();
+    }
+    assert_eq!(texts, expected);
     let (_, metrics) = raw(&server.address, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     let mean_batch: f64 = metric(&metrics, "wizard_mean_batch_size");
     assert!(mean_batch > 1.0, "{metrics}");

@@ -10,12 +10,15 @@ use model::generate::Finish;
 use model::sampling::Sampling;
 use model::text_offsets::TextOffsets;
 use model::tokenizer::Tokenizer;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
 use crate::schema::Knobs;
 
 /// What one request asks the engine for, checked.
+#[derive(Clone)]
 pub struct Plan {
     /// Token ids of each prompt.
     pub prompts: Vec<Vec<i64>>,
@@ -144,64 +147,106 @@ pub async fn encode(tokenizer: &Arc<Tokenizer>, texts: Vec<String>) -> Result<Ve
 pub type Merged = UnboundedReceiver<Event>;
 
 /// Submits one engine request per prompt and merges their events; dropping the receiver cancels
-/// them all within a step.
+/// them all within a step. A request of more prompts than fit the batch keeps a batch's worth in
+/// the engine and submits the next as each ends, so any number of prompts is served.
 pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result<Merged, ApiError> {
     let cancel = Arc::new(AtomicBool::new(false));
-    let mut receivers = Vec::new();
-    for (index, prompt) in plan.prompts.iter().enumerate() {
-        let request = Request {
-            prompt: prompt.clone(),
-            max_new_tokens: plan.max_new_tokens,
-            n: plan.n,
-            sampling: Sampling {
-                seed: plan.sampling.seed.wrapping_add((index * plan.n) as u64),
-                ..plan.sampling.clone()
-            },
-            stop_tokens: plan.stop_tokens.clone(),
-            stop: (!plan.stops.is_empty()).then(|| Box::new(StopSequences::new(tokenizer.clone(), &plan.stops)) as _),
-            logprobs: plan.logprobs,
-            prompt_logprobs: plan.prompt_logprobs,
-            speculation: None,
-            cancel: cancel.clone(),
-        };
-        match engine.submit(request) {
-            Ok(events) => receivers.push((index * plan.n, events)),
+    let window = (engine.config().max_batch / plan.n).max(1);
+    let first_window = window.min(plan.prompts.len());
+    // The first window is submitted now: a busy engine refuses the request before it is answered.
+    let mut first = Vec::new();
+    for index in 0..first_window {
+        match engine.submit(engine_request(plan, tokenizer, &cancel, index)) {
+            Ok(events) => first.push((index * plan.n, events)),
             Err(error) => {
                 cancel.store(true, Ordering::Relaxed);
-                return Err(match error {
-                    SubmitError::Busy(_) => ApiError::busy(error.to_string()),
-                    SubmitError::Invalid(message) => ApiError::invalid(None, message),
-                    SubmitError::Stopped => ApiError::unavailable(error.to_string()),
-                });
+                return Err(submit_error(error));
             }
         }
     }
-    if receivers.len() == 1 {
-        return Ok(receivers.pop().expect("one receiver").1);
+    if plan.prompts.len() == 1 {
+        return Ok(first.pop().expect("one receiver").1);
     }
     let (merged, out) = unbounded_channel();
-    for (offset, mut events) in receivers {
-        let merged = merged.clone();
+    let places = Arc::new(Semaphore::new(window));
+    for (offset, events) in first {
+        let place = places.clone().try_acquire_owned().expect("a place per submitted prompt");
+        tokio::spawn(forward(events, offset, merged.clone(), place));
+    }
+    if plan.prompts.len() > first_window {
+        let (engine, plan, tokenizer) = (engine.clone(), plan.clone(), tokenizer.clone());
         tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
-                let event = match event {
-                    Event::Token { sample, token, logprob } => Event::Token { sample: sample + offset, token, logprob },
-                    Event::Finished { sample, finish } => Event::Finished { sample: sample + offset, finish },
-                    Event::PromptLogprobs { sample, logprobs } => {
-                        Event::PromptLogprobs { sample: sample + offset, logprobs }
+            for index in first_window..plan.prompts.len() {
+                let Ok(place) = places.clone().acquire_owned().await else { return };
+                let events = loop {
+                    if merged.is_closed() {
+                        cancel.store(true, Ordering::Relaxed);
+                        return;
                     }
-                    Event::StopToken { sample, token, logprob } => {
-                        Event::StopToken { sample: sample + offset, token, logprob }
+                    match engine.submit(engine_request(&plan, &tokenizer, &cancel, index)) {
+                        Ok(events) => break events,
+                        // Other clients fill the queue: this request's earlier prompts are answered, so it waits.
+                        Err(SubmitError::Busy(_)) => tokio::time::sleep(BUSY_RETRY).await,
+                        Err(error) => {
+                            let _ = merged.send(Event::Failed(error.to_string()));
+                            return;
+                        }
                     }
-                    other => other,
                 };
-                if merged.send(event).is_err() {
-                    return;
-                }
+                tokio::spawn(forward(events, index * plan.n, merged.clone(), place));
             }
         });
     }
     Ok(out)
+}
+/// How long feeding a request's later prompts waits when other clients fill the engine's queue.
+const BUSY_RETRY: Duration = Duration::from_millis(20);
+
+/// The engine request for prompt `index` of `plan`.
+fn engine_request(plan: &Plan, tokenizer: &Arc<Tokenizer>, cancel: &Arc<AtomicBool>, index: usize) -> Request {
+    Request {
+        prompt: plan.prompts[index].clone(),
+        max_new_tokens: plan.max_new_tokens,
+        n: plan.n,
+        sampling: Sampling { seed: plan.sampling.seed.wrapping_add((index * plan.n) as u64), ..plan.sampling.clone() },
+        stop_tokens: plan.stop_tokens.clone(),
+        stop: (!plan.stops.is_empty()).then(|| Box::new(StopSequences::new(tokenizer.clone(), &plan.stops)) as _),
+        logprobs: plan.logprobs,
+        prompt_logprobs: plan.prompt_logprobs,
+        speculation: None,
+        cancel: cancel.clone(),
+    }
+}
+
+fn submit_error(error: SubmitError) -> ApiError {
+    match error {
+        SubmitError::Busy(_) => ApiError::busy(error.to_string()),
+        SubmitError::Invalid(message) => ApiError::invalid(None, message),
+        SubmitError::Stopped => ApiError::unavailable(error.to_string()),
+    }
+}
+
+/// Passes one prompt's events on as the request's, its samples numbered from `offset`; holds
+/// `place` until the prompt ends.
+async fn forward(
+    mut events: UnboundedReceiver<Event>,
+    offset: usize,
+    merged: UnboundedSender<Event>,
+    place: OwnedSemaphorePermit,
+) {
+    while let Some(event) = events.recv().await {
+        let event = match event {
+            Event::Token { sample, token, logprob } => Event::Token { sample: sample + offset, token, logprob },
+            Event::Finished { sample, finish } => Event::Finished { sample: sample + offset, finish },
+            Event::PromptLogprobs { sample, logprobs } => Event::PromptLogprobs { sample: sample + offset, logprobs },
+            Event::StopToken { sample, token, logprob } => Event::StopToken { sample: sample + offset, token, logprob },
+            other => other,
+        };
+        if merged.send(event).is_err() {
+            return;
+        }
+    }
+    drop(place);
 }
 
 /// One sample's text as its tokens arrive.

@@ -258,12 +258,6 @@ fn plan(
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let max_new_tokens = generation::max_new_tokens(max_tokens, &app.config.limits, app.engine.context(), longest)?;
     let n = generation::samples(knobs, app.engine.config().max_batch)?;
-    if prompts.len() * n > app.engine.config().max_batch {
-        return Err(ApiError::invalid(
-            Some("n"),
-            format!("{} prompts x n = {n} is more than the batch of {}", prompts.len(), app.engine.config().max_batch),
-        ));
-    }
     Ok(Plan {
         prompts,
         max_new_tokens,
