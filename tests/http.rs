@@ -284,6 +284,36 @@ fn openai_shapes_streaming_and_batch_invariance() {
         &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": true}),
     );
     assert!(chunks[0].contains("\"role\":\"assistant\"") && chunks.last().unwrap() == "[DONE]", "{chunks:?}");
+    let created: Vec<Value> =
+        chunks.iter().filter_map(|c| serde_json::from_str::<Value>(c).ok()).map(|c| c["created"].clone()).collect();
+    assert!(created.windows(2).all(|pair| pair[0] == pair[1]), "one `created` per stream: {created:?}");
+    // Content as text parts, `developer` as system, and earlier assistant turns in the prompt;
+    // without max_tokens a reply may take what the context leaves, as OpenAI's chat does.
+    let chat = |messages: Value| {
+        let (status, body) = post(&server, "/v1/chat/completions", &json!({"messages": messages, "temperature": 0}));
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let plain =
+        chat(json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a function."}]));
+    let parts = chat(json!([{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                            {"role": "user", "content": [{"type": "text", "text": "Write a "}, {"type": "text", "text": "function."}]}]));
+    assert_eq!(parts["choices"], plain["choices"]);
+    assert_eq!(parts["usage"], plain["usage"]);
+    let (used, finish) = (plain["usage"]["completion_tokens"].as_u64().unwrap(), &plain["choices"][0]["finish_reason"]);
+    assert!(used > 64 || finish == "stop", "the reply was cut at {used} tokens: {plain}");
+    let turns = json!([{"role": "user", "content": "Write a function."}, {"role": "assistant", "content": "def f(): pass"},
+                       {"role": "user", "content": "Shorter."}]);
+    let later = chat(turns);
+    let prompt_tokens = |body: &Value| body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens(&later) > prompt_tokens(&plain) + 2, "the assistant's turn is in the prompt: {later}");
+    let (status, one) = raw(&server.address, "GET /v1/models/model HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(status == 200 && one.contains("\"id\":\"model\""), "{one}");
+    let (status, other) = raw(&server.address, "GET /v1/models/gpt-4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(status == 404 && other.contains("model_not_found"), "{other}");
+    // An empty prompt starts from the end-of-text token.
+    let (status, empty) = post(&server, "/v1/completions", &json!({"prompt": "", "max_tokens": 3}));
+    assert_eq!((status, empty["usage"]["prompt_tokens"].as_u64()), (200, Some(1)), "{empty}");
     let (status, infill) = post(
         &server,
         "/infill",
@@ -462,9 +492,15 @@ fn logprobs_of_prompts_and_streams() {
         .flatten()
         .collect();
     assert_eq!(pieces, content);
-    for (bad, message) in
-        [(json!({"top_logprobs": 2}), "needs logprobs"), (json!({"logprobs": true, "top_logprobs": 21}), "0..=20")]
-    {
+    for (bad, message) in [
+        (json!({"top_logprobs": 2}), "needs logprobs"),
+        (json!({"logprobs": true, "top_logprobs": 21}), "0..=20"),
+        (json!({"tool_choice": "required"}), "tool_choice: calling tools is not supported"),
+        (json!({"response_format": {"type": "json_object"}}), "response_format: a response format other than text"),
+        (json!({"messages": [{"role": "tool", "content": "4"}]}), "messages[0]: this server does not call tools"),
+        (json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "only text parts"),
+        (json!({"messages": [{"role": "assistant", "content": "x"}]}), "no user or system text"),
+    ] {
         let mut body = json!({"messages": [{"role": "user", "content": "x"}]});
         body.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
         let (status, error) = post(&server, "/v1/chat/completions", &body);
@@ -494,7 +530,15 @@ fn bad_requests_get_openai_errors() {
     check(b"{\"prompt\": \"x\", \"max_tokens\": \"many\"}", 400, "`max_tokens`: invalid type");
     check(b"{\"prompt\": 3}", 400, "prompt must be");
     check(b"{\"prompt\": \"x\", \"n\": 0}", 400, "n must be between 1 and 16");
-    check(b"{\"prompt\": \"\"}", 400, "empty");
+    check(b"{\"prompt\": []}", 400, "empty");
+    check(b"{\"max_tokens\": 3}", 400, "`prompt`: missing field `prompt`");
+    check(
+        b"{\"prompt\": \"x\", \"presence_penalty\": 0.5}",
+        400,
+        "presence_penalty: a penalty other than 0 is not supported",
+    );
+    check(b"{\"prompt\": \"x\", \"logit_bias\": {\"11\": -100}}", 400, "logit_bias: biasing tokens is not supported");
+    check(b"{\"prompt\": \"x\", \"n\": 3, \"best_of\": 1}", 400, "best_of must be at least n (3)");
     check(b"{\"prompt\": [1, 99999]}", 400, "outside the vocabulary");
     check(
         b"{\"prompt\": \"def function_1(value): return\", \"max_tokens\": 250}",

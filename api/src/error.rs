@@ -80,6 +80,17 @@ impl ApiError {
         }
     }
 
+    /// 404 with OpenAI's `model_not_found` code.
+    pub fn model_not_found(id: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{id}` does not exist: this server serves one model (GET /v1/models)"),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }
+    }
+
     /// 503: the engine cannot serve.
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError {
@@ -104,6 +115,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // The queue turns over within a few decode steps.
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }

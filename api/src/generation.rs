@@ -2,7 +2,7 @@
 //! merged event stream, and each sample's text as it grows (held back while it could still become
 //! a stop sequence or an unfinished UTF-8 character).
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use model::complete::{first_stop, StopSequences};
 use model::engine::{Engine, Event, Request, SubmitError, TokenLogprob};
@@ -54,7 +54,11 @@ pub struct Limits {
     pub default_max_tokens: usize,
 }
 
-static NEXT_SEED: AtomicU64 = AtomicU64::new(0x5eed);
+/// Seeds of requests that name none: from the OS's randomness, so they differ across restarts too.
+static NEXT_SEED: LazyLock<AtomicU64> = LazyLock::new(|| {
+    use std::hash::{BuildHasher, Hasher};
+    AtomicU64::new(std::collections::hash_map::RandomState::new().build_hasher().finish())
+});
 
 /// Sampling from the shared knobs; every value is checked, none clamped.
 pub fn sampling(knobs: &Knobs) -> Result<Sampling, ApiError> {
@@ -65,14 +69,17 @@ pub fn sampling(knobs: &Knobs) -> Result<Sampling, ApiError> {
             format!("temperature must be in [0, 2], got {temperature}"),
         ));
     }
+    // 0 and -1 turn top-k off (llama.cpp's and vLLM's conventions).
     let top_k = match knobs.top_k {
-        None | Some(0) => None,
+        None | Some(0 | -1) => None,
         Some(k) if k > 0 => Some(k as usize),
-        Some(k) => return Err(ApiError::invalid(Some("top_k"), format!("top_k must be >= 0, got {k}"))),
+        Some(k) => return Err(ApiError::invalid(Some("top_k"), format!("top_k must be >= -1, got {k}"))),
     };
-    // Without a seed, each request draws differently (as OpenAI does).
-    let seed = knobs.seed.unwrap_or_else(|| NEXT_SEED.fetch_add(0x9e37_79b9, Ordering::Relaxed));
-    let sampling = Sampling { temperature, top_k, top_p: knobs.top_p, seed };
+    // top_p 0, which OpenAI takes, keeps the most likely token alone.
+    let top_p = knobs.top_p.map(|p| if p == 0.0 { f64::MIN_POSITIVE } else { p });
+    // Without a seed, each request draws differently (as OpenAI does). OpenAI's seeds are signed.
+    let seed = knobs.seed.map_or_else(|| NEXT_SEED.fetch_add(0x9e37_79b9, Ordering::Relaxed), |seed| seed as u64);
+    let sampling = Sampling { temperature, top_k, top_p, seed };
     sampling.validate().map_err(|e| ApiError::invalid(Some("top_p"), e.to_string()))?;
     Ok(sampling)
 }

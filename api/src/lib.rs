@@ -94,6 +94,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/chat/completions", post(routes::chat))
         .route("/infill", post(routes::infill))
         .route("/v1/models", get(routes::models))
+        .route("/v1/models/{id}", get(routes::model))
         .route("/metrics", get(routes::metrics))
         // The key is checked first (the outer layer): no body is read for a client without it.
         .route_layer(middleware::from_fn_with_state(app.clone(), read_body))
@@ -120,11 +121,18 @@ async fn require_key(State(app): State<Arc<App>>, request: Request, next: Next) 
             .and_then(|v| v.trim_start().split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim());
-        if token != Some(key.as_str()) {
+        if !token.is_some_and(|token| same_secret(token.as_bytes(), key.as_bytes())) {
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(request).await
+}
+
+/// Equality that takes as long wherever the first difference is, so that timing does not reveal
+/// how much of a guessed key is right.
+fn same_secret(given: &[u8], key: &[u8]) -> bool {
+    let differences = given.iter().zip(key).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    given.len() == key.len() && differences == 0
 }
 
 /// Answers 413 from the Content-Length header, before a byte of an oversized body is read (the

@@ -61,7 +61,9 @@ impl LegacyLogprobs {
 /// The chat API's `logprobs.content` entries of tokens `range` of `sample`.
 pub fn chat_content(tokenizer: &Tokenizer, sample: &SampleText, range: std::ops::Range<usize>) -> Vec<Value> {
     let entry = |id: u32, logprob: f32| json!({"token": piece(tokenizer, id), "logprob": logprob, "bytes": tokenizer.token_bytes(id, false)});
+    // The token that ended the sample is not listed: OpenAI's chat never shows it.
     range
+        .filter(|&index| index < sample.tokens.len())
         .filter_map(|index| {
             let (id, scored, _) = sample.entry(index)?;
             let scored = scored?;

@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::generation::{self, Merged, Plan, SampleText};
 use crate::logprobs::{self, LegacyLogprobs};
-use crate::schema::{ChatRequest, CompletionRequest, InfillRequest, Knobs, Prompt};
+use crate::schema::{ChatRequest, CompletionRequest, InfillRequest, Knobs, Prompt, Unsupported};
 use crate::App;
 
 /// The three generating endpoints differ only in how they shape their answers.
@@ -55,8 +55,15 @@ fn parse(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiErr
 /// `T` from the body, or an error naming the field that does not fit.
 fn fields<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(body).map_err(|error| {
-        let path = error.path().to_string();
-        ApiError::invalid(Some(&path), format!("`{path}`: {}", error.inner()))
+        let message = error.inner().to_string();
+        // A missing field is reported at its parent: name the field itself.
+        let missing = message.strip_prefix("missing field `").and_then(|rest| rest.split('`').next());
+        let path = match (error.path().to_string(), missing) {
+            (parent, Some(field)) if parent == "." => field.to_string(),
+            (parent, Some(field)) => format!("{parent}.{field}"),
+            (path, None) => path,
+        };
+        ApiError::invalid(Some(&path), format!("`{path}`: {message}"))
     })
 }
 
@@ -85,6 +92,7 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
     let job = async {
         let body = parse(&app, body)?;
         let (request, knobs): (CompletionRequest, Knobs) = (fields(&body)?, fields(&body)?);
+        refuse_unsupported(&fields(&body)?, &knobs)?;
         let prompts = crate::schema::prompts(&request.prompt).map_err(|e| ApiError::invalid(Some("prompt"), e))?;
         let logprobs = match request.logprobs {
             None => None,
@@ -101,6 +109,8 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
         let mut echo = Vec::new();
         for prompt in prompts {
             let tokens = match prompt {
+                // An empty prompt starts from the end-of-text token, as OpenAI's do.
+                Prompt::Text(text) if text.is_empty() => vec![i64::from(app.tokenizer.eos_id())],
                 Prompt::Text(text) => generation::encode(&app.tokenizer, vec![text]).await?.remove(0),
                 Prompt::Tokens(tokens) => tokens,
             };
@@ -131,7 +141,8 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
             }
             stop_tokens = app.fim_stops.clone();
         }
-        let mut plan = plan(&app, &knobs, knobs.max_tokens, ids, stop_tokens, logprobs)?;
+        let mut plan =
+            plan(&app, &knobs, knobs.max_tokens, app.config.limits.default_max_tokens, ids, stop_tokens, logprobs)?;
         plan.prompt_logprobs = logprobs.filter(|_| request.echo);
         Ok(Job {
             shape: Shape::Completion,
@@ -142,20 +153,36 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
             started,
         })
     };
-    answer(app.clone(), job.await).await
+    answer(app.clone(), Shape::Completion, job.await).await
 }
 
 pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
     let started = Instant::now();
     let job = async {
         let body = parse(&app, body)?;
-        let (request, knobs): (ChatRequest, Knobs) = (fields(&body)?, fields(&body)?);
-        if request.messages.iter().all(|m| m.content.trim().is_empty()) {
-            return Err(ApiError::invalid(Some("messages"), "the conversation has no text"));
+        let (mut request, knobs): (ChatRequest, Knobs) = (fields(&body)?, fields(&body)?);
+        refuse_unsupported(&fields(&body)?, &knobs)?;
+        for (index, message) in request.messages.iter_mut().enumerate() {
+            match message.role.as_str() {
+                "system" | "user" | "assistant" => {}
+                "developer" => message.role = "system".into(),
+                "tool" | "function" => {
+                    let message = format!(
+                        "messages[{index}]: this server does not call tools, so it takes no `{}` messages",
+                        message.role
+                    );
+                    return Err(ApiError::invalid(Some("messages"), message));
+                }
+                other => {
+                    return Err(ApiError::invalid(
+                        Some("messages"),
+                        format!("messages[{index}]: unknown role `{other}`"),
+                    ))
+                }
+            }
         }
-        if let Some(bad) = request.messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
-        {
-            return Err(ApiError::invalid(Some("messages"), format!("unknown role `{}`", bad.role)));
+        if !request.messages.iter().any(|m| m.role != "assistant" && !m.content.trim().is_empty()) {
+            return Err(ApiError::invalid(Some("messages"), "the conversation has no user or system text"));
         }
         let logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
             (_, Some(k)) if !(0..=20).contains(&k) => {
@@ -169,7 +196,8 @@ pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
         };
         let ids = generation::encode(&app.tokenizer, vec![chat_prompt(&app, &request)?]).await?;
         let max_tokens = request.max_completion_tokens.or(knobs.max_tokens);
-        let plan = plan(&app, &knobs, max_tokens, ids, app.eos.clone(), logprobs)?;
+        // Unbounded by default, as OpenAI's chat is: the reply may take what the context leaves.
+        let plan = plan(&app, &knobs, max_tokens, app.config.limits.max_tokens, ids, app.eos.clone(), logprobs)?;
         Ok(Job {
             shape: Shape::Chat,
             plan,
@@ -179,7 +207,7 @@ pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
             started,
         })
     };
-    answer(app.clone(), job.await).await
+    answer(app.clone(), Shape::Chat, job.await).await
 }
 
 pub(crate) async fn infill(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -213,10 +241,11 @@ pub(crate) async fn infill(State(app): State<Arc<App>>, body: Result<Bytes, Byte
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::invalid(Some("input_prefix"), e.to_string()))?;
-        let plan = plan(&app, &knobs, asked, vec![ids], app.fim_stops.clone(), None)?;
+        let default = app.config.limits.default_max_tokens;
+        let plan = plan(&app, &knobs, asked, default, vec![ids], app.fim_stops.clone(), None)?;
         Ok(Job { shape: Shape::Infill, plan, stream: request.stream, include_usage: false, echo: Vec::new(), started })
     };
-    answer(app.clone(), job.await).await
+    answer(app.clone(), Shape::Infill, job.await).await
 }
 
 /// The tokenizer's chat template when the model has one; else WizardCoder's Alpaca template around
@@ -235,9 +264,75 @@ fn chat_prompt(app: &App, request: &ChatRequest) -> Result<String, ApiError> {
             .render_str(template, context)
             .map_err(|e| ApiError::invalid(Some("messages"), format!("the model's chat template: {e}")));
     }
-    let text: Vec<&str> =
-        request.messages.iter().filter(|m| m.role != "assistant").map(|m| m.content.as_str()).collect();
-    Ok(model::train::data::alpaca_prompt(&text.join("\n\n"), None))
+    Ok(wizardcoder_conversation(&request.messages))
+}
+
+/// WizardCoder's Alpaca prompt over a conversation: system text opens the first instruction, each
+/// assistant turn follows its `### Response:`, each later user turn opens a new `### Instruction:`
+/// (one user turn is exactly the prompt WizardCoder was tuned on).
+fn wizardcoder_conversation(messages: &[crate::schema::Message]) -> String {
+    let mut prompt = String::new();
+    let mut instruction: Vec<&str> = Vec::new();
+    let close_instruction = |prompt: &mut String, instruction: &mut Vec<&str>| {
+        let text = instruction.join("\n\n");
+        if prompt.is_empty() {
+            *prompt = model::train::data::alpaca_prompt(&text, None);
+        } else {
+            prompt.push_str(&format!("\n\n### Instruction:\n{text}\n\n### Response:"));
+        }
+        instruction.clear();
+    };
+    let (system, turns): (Vec<_>, Vec<_>) = messages.iter().partition(|m| m.role == "system");
+    instruction.extend(system.iter().map(|m| m.content.as_str()).filter(|t| !t.trim().is_empty()));
+    for message in turns {
+        if message.role == "assistant" {
+            close_instruction(&mut prompt, &mut instruction);
+            prompt.push_str(&format!("\n{}", message.content));
+        } else {
+            instruction.push(&message.content);
+        }
+    }
+    if !instruction.is_empty() || prompt.is_empty() {
+        close_instruction(&mut prompt, &mut instruction);
+    }
+    prompt
+}
+
+/// Refuses what the request sets of [`Unsupported`] to other than its neutral value.
+fn refuse_unsupported(unsupported: &Unsupported, knobs: &Knobs) -> Result<(), ApiError> {
+    let refuse = |field: &str, what: &str| {
+        Err(ApiError::invalid(Some(field), format!("{field}: {what} is not supported by this server")))
+    };
+    for (field, value) in
+        [("presence_penalty", unsupported.presence_penalty), ("frequency_penalty", unsupported.frequency_penalty)]
+    {
+        if value.is_some_and(|v| v != 0.0) {
+            return refuse(field, "a penalty other than 0");
+        }
+    }
+    if unsupported.logit_bias.as_ref().is_some_and(|bias| !bias.is_empty()) {
+        return refuse("logit_bias", "biasing tokens");
+    }
+    if let Some(best_of) = unsupported.best_of {
+        let n = knobs.n.unwrap_or(1);
+        if best_of < n {
+            return Err(ApiError::invalid(Some("best_of"), format!("best_of must be at least n ({n}), got {best_of}")));
+        }
+        if best_of > n {
+            return refuse("best_of", "ranking more candidates than n");
+        }
+    }
+    match unsupported.tool_choice.as_ref() {
+        None | Some(Value::Null) => {}
+        Some(Value::String(choice)) if choice == "none" || choice == "auto" => {}
+        Some(_) => return refuse("tool_choice", "calling tools"),
+    }
+    match unsupported.response_format.as_ref().map(|format| &format["type"]) {
+        None | Some(Value::Null) => {}
+        Some(Value::String(kind)) if kind == "text" => {}
+        Some(_) => return refuse("response_format", "a response format other than text"),
+    }
+    Ok(())
 }
 
 fn include_usage(knobs: &Knobs) -> bool {
@@ -248,6 +343,7 @@ fn plan(
     app: &App,
     knobs: &Knobs,
     max_tokens: Option<i64>,
+    default_max_tokens: usize,
     prompts: Vec<Vec<i64>>,
     stop_tokens: Vec<i64>,
     logprobs: Option<usize>,
@@ -256,7 +352,8 @@ fn plan(
         return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
     }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let max_new_tokens = generation::max_new_tokens(max_tokens, &app.config.limits, app.engine.context(), longest)?;
+    let limits = generation::Limits { default_max_tokens, ..app.config.limits.clone() };
+    let max_new_tokens = generation::max_new_tokens(max_tokens, &limits, app.engine.context(), longest)?;
     let n = generation::samples(knobs, app.engine.config().max_batch)?;
     Ok(Plan {
         prompts,
@@ -271,9 +368,8 @@ fn plan(
 }
 
 /// Starts the job on the engine and answers, counting the request in the metrics.
-async fn answer(app: Arc<App>, job: Result<Job, ApiError>) -> Response {
-    let shape_of = |job: &Result<Job, ApiError>| job.as_ref().map_or("/v1/completions", |j| j.shape.endpoint());
-    let endpoint = shape_of(&job);
+async fn answer(app: Arc<App>, shape: Shape, job: Result<Job, ApiError>) -> Response {
+    let endpoint = shape.endpoint();
     let started = job.as_ref().ok().map(|j| j.started);
     let response = match job
         .and_then(|job| generation::start(&app.engine, &app.tokenizer, &job.plan).map(|events| (job, events)))
@@ -432,6 +528,7 @@ fn stream_answer(app: Arc<App>, job: Job, events: Merged) -> Sse<impl Stream<Ite
         job,
         events,
         id,
+        created: now(),
         samples: (0..choices).map(|_| SampleText::default()).collect(),
         open: choices,
         completion_tokens: 0,
@@ -458,6 +555,8 @@ struct StreamState {
     job: Job,
     events: Merged,
     id: String,
+    /// Every chunk's `created`: the stream's start.
+    created: u64,
     samples: Vec<SampleText>,
     open: usize,
     completion_tokens: usize,
@@ -472,11 +571,13 @@ impl StreamState {
     fn chunk(&self, choice: usize, text: &str, finish: Option<&str>) -> Value {
         let model = &self.app.config.model_name;
         match self.job.shape {
-            Shape::Completion => json!({"id": self.id, "object": "text_completion", "created": now(), "model": model,
-                "choices": [{"index": choice, "text": text, "logprobs": null, "finish_reason": finish}]}),
+            Shape::Completion => {
+                json!({"id": self.id, "object": "text_completion", "created": self.created, "model": model,
+                "choices": [{"index": choice, "text": text, "logprobs": null, "finish_reason": finish}]})
+            }
             Shape::Chat => {
                 let delta = if finish.is_some() { json!({}) } else { json!({"content": text}) };
-                json!({"id": self.id, "object": "chat.completion.chunk", "created": now(), "model": model,
+                json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": model,
                        "choices": [{"index": choice, "delta": delta, "logprobs": null, "finish_reason": finish}]})
             }
             Shape::Infill => json!({"content": text, "stop": false}),
@@ -612,6 +713,14 @@ pub(crate) async fn models(State(app): State<Arc<App>>) -> Json<Value> {
     )
 }
 
+/// `GET /v1/models/{id}`: the served model, or 404 for any other name.
+pub(crate) async fn model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    if id != app.config.model_name {
+        return ApiError::model_not_found(&id).into_response();
+    }
+    Json(json!({"id": id, "object": "model", "created": 0, "owned_by": "wizard"})).into_response()
+}
+
 pub(crate) async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
@@ -619,4 +728,33 @@ pub(crate) async fn health() -> Json<Value> {
 pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
     let text = app.metrics.render(app.engine.counters(), app.engine.in_flight());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wizardcoder_conversation;
+    use crate::schema::Message;
+    use model::train::data::alpaca_prompt;
+
+    fn check(turns: &[(&str, &str)], expected: &str) {
+        let messages: Vec<Message> = turns
+            .iter()
+            .map(|(role, content)| Message { role: role.to_string(), content: content.to_string() })
+            .collect();
+        assert_eq!(wizardcoder_conversation(&messages), expected, "{turns:?}");
+    }
+
+    /// One user turn is the prompt WizardCoder was tuned on; system text opens it; later turns
+    /// follow the replies.
+    #[test]
+    fn conversations_in_wizardcoders_prompt() {
+        check(&[("user", "Sort a list.")], &alpaca_prompt("Sort a list.", None));
+        check(&[("system", "Be brief."), ("user", "Sort a list.")], &alpaca_prompt("Be brief.\n\nSort a list.", None));
+        let reply = "def f(x): return sorted(x)";
+        let later =
+            format!("{}\n{reply}\n\n### Instruction:\nIn place.\n\n### Response:", alpaca_prompt("Sort.", None));
+        check(&[("user", "Sort."), ("assistant", reply), ("user", "In place.")], &later);
+        // A last assistant turn is continued.
+        check(&[("user", "Sort."), ("assistant", "def")], &format!("{}\ndef", alpaca_prompt("Sort.", None)));
+    }
 }

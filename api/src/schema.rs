@@ -77,7 +77,7 @@ pub struct Knobs {
     /// Stop sequences (at most 4).
     pub stop: Option<OneOrMany>,
     /// Seed of the first sample.
-    pub seed: Option<u64>,
+    pub seed: Option<i64>,
     /// Server-sent events.
     #[serde(default, deserialize_with = "null_is_default")]
     pub stream: bool,
@@ -110,10 +110,51 @@ pub struct CompletionRequest {
 /// A chat message.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Message {
-    /// `system`, `user` or `assistant`.
+    /// `system` (or `developer`, its newer name), `user` or `assistant`.
     pub role: String,
-    /// Its text.
+    /// Its text: a string, text parts (`[{"type": "text", "text": ...}]`, joined), or null.
+    #[serde(default, deserialize_with = "content_text")]
     pub content: String,
+}
+
+/// A message's `content` as text.
+fn content_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Content {
+        Text(String),
+        Parts(Vec<serde_json::Value>),
+    }
+    let text_of = |part: &serde_json::Value| match (part["type"].as_str(), part["text"].as_str()) {
+        (Some("text"), Some(text)) => Ok(text.to_string()),
+        (kind, _) => Err(serde::de::Error::custom(format!(
+            "only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported, got a part of type {}",
+            kind.unwrap_or("(none)")
+        ))),
+    };
+    match Option::<Content>::deserialize(deserializer)? {
+        None => Ok(String::new()),
+        Some(Content::Text(text)) => Ok(text),
+        Some(Content::Parts(parts)) => parts.iter().map(text_of).collect(),
+    }
+}
+
+/// Fields of OpenAI's requests this server does not implement; a request that sets one to other
+/// than its neutral value is refused, not answered as if it had not.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct Unsupported {
+    /// Penalties (0 is neutral).
+    pub presence_penalty: Option<f64>,
+    /// Penalties (0 is neutral).
+    pub frequency_penalty: Option<f64>,
+    /// Per-token biases (empty is neutral).
+    pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Candidates per choice (n is neutral).
+    pub best_of: Option<i64>,
+    /// Forced tool calls (`none` and `auto` are neutral: the model answers in text).
+    pub tool_choice: Option<serde_json::Value>,
+    /// Structured output (`text` is neutral).
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -163,7 +204,7 @@ pub struct InfillRequest {
     /// Top-k (0: off, as in llama.cpp).
     pub top_k: Option<i64>,
     /// Seed.
-    pub seed: Option<u64>,
+    pub seed: Option<i64>,
     /// Stop strings.
     pub stop: Option<Vec<String>>,
     /// Server-sent events.
