@@ -15,7 +15,7 @@ pub struct Args {
     /// The format to write: int8 or int4.
     #[arg(long, default_value = "int8")]
     dtype: String,
-    /// Where to write the quantized directory (created; files in it are replaced).
+    /// Where to write the quantized directory: new, empty, or an earlier quantized copy (replaced).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
 }
@@ -30,25 +30,81 @@ const CARRIED: [&str; 5] =
 fn write_directory(model: &GptBigCode, args: &Args) -> anyhow::Result<()> {
     for name in CARRIED {
         let from = args.model.join(name);
-        if from.exists() {
-            model::files::replace_with(&args.out.join(name), |to| std::fs::copy(&from, to).map(drop))
-                .with_context(|| format!("cannot copy {} into {}", from.display(), args.out.display()))?;
+        match std::fs::metadata(&from) {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error).with_context(|| format!("cannot read {}", from.display())),
+            // A FIFO would block the copy, a device would stream forever.
+            Ok(metadata) if !metadata.is_file() => anyhow::bail!("{}: not a regular file", from.display()),
+            Ok(_) => {}
         }
+        model::files::replace_with(&args.out.join(name), |to| std::fs::copy(&from, to).map(drop))
+            .with_context(|| format!("cannot copy {} into {}", from.display(), args.out.display()))?;
     }
     Ok(model.save_quantized(&args.out)?)
 }
 
-/// Creates `out` (and its parents) unless it is a directory already; true if this call made it, so
-/// that only then a failure removes it (not one another process made meanwhile).
-fn create_out(out: &Path) -> anyhow::Result<bool> {
+/// The directories [`create_out`] made, to remove if quantizing fails: `out` itself, and its
+/// ancestors that did not exist, deepest first.
+struct Made {
+    out: bool,
+    ancestors: Vec<PathBuf>,
+}
+
+impl Made {
+    /// Removes what was made; an ancestor only while it is empty (another process may have used it).
+    fn remove(&self, out: &Path) {
+        if self.out {
+            let _ = std::fs::remove_dir_all(out);
+        }
+        for ancestor in &self.ancestors {
+            let _ = std::fs::remove_dir(ancestor);
+        }
+    }
+}
+
+/// Creates `out` and its parents unless they are there already.
+fn create_out(out: &Path) -> anyhow::Result<Made> {
+    let mut made = Made { out: false, ancestors: Vec::new() };
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        made.ancestors =
+            parent.ancestors().filter(|a| !a.as_os_str().is_empty() && !a.exists()).map(Path::to_path_buf).collect();
+        if let Err(error) = std::fs::create_dir_all(parent) {
+            made.remove(out);
+            return Err(error).with_context(|| format!("cannot create {}", parent.display()));
+        }
     }
     match std::fs::create_dir(out) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && out.is_dir() => Ok(false),
-        Err(e) => Err(e).with_context(|| format!("cannot create --out {}", out.display())),
+        Ok(()) => made.out = true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && out.is_dir() => {}
+        Err(e) => {
+            made.remove(out);
+            return Err(e).with_context(|| format!("cannot create --out {}", out.display()));
+        }
     }
+    Ok(made)
+}
+
+/// Refuses an `--out` that is, once made, the model directory (by a spelling that only resolves
+/// to it now: `MODEL/new/..`), or that holds a model other than an earlier quantized copy, which
+/// writing would replace.
+fn check_out(args: &Args) -> anyhow::Result<()> {
+    let (out, model) = (std::fs::canonicalize(&args.out)?, std::fs::canonicalize(&args.model)?);
+    anyhow::ensure!(
+        out != model,
+        "--out {} is the model directory {}: write the quantized copy elsewhere",
+        args.out.display(),
+        args.model.display()
+    );
+    let weights = ["config.json", "model.safetensors", "model.safetensors.index.json"];
+    let held: Vec<&str> = weights.into_iter().filter(|name| args.out.join(name).exists()).collect();
+    let quantized_copy = matches!(GptBigCode::stored_precision(&args.out), Ok(Some(Precision::Quantized(_))));
+    anyhow::ensure!(
+        held.is_empty() || quantized_copy,
+        "--out {} holds a model ({}) that is not a quantized copy, which writing would replace: choose a new or empty directory",
+        args.out.display(),
+        held.join(", ")
+    );
+    Ok(())
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -72,6 +128,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "--out {} exists and is not a directory",
         args.out.display()
     );
+    // Made first: an --out that cannot be written fails before minutes of quantizing.
+    let made = create_out(&args.out)?;
+    let outcome = check_out(&args).and_then(|()| quantize_into(&args, format));
+    if outcome.is_err() {
+        made.remove(&args.out);
+    }
+    outcome?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads, quantizes and writes the model, then prints each layer's error.
+fn quantize_into(args: &Args, format: kernels::quantized::Format) -> anyhow::Result<()> {
     if args.model.join("tokenizer.json").exists() {
         // Carried over as it is: a copy that cannot load would only fail later, in every command.
         model::tokenizer::Tokenizer::from_dir(&args.model)?;
@@ -102,13 +171,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     originals.push(("lm_head.weight".into(), model.head_weight().copy()));
     crate::device::with_quantizing_bar(format.name(), |progress| model.quantize(format, progress))
         .with_context(|| format!("cannot quantize the model in {}", args.model.display()))?;
-    let created = create_out(&args.out)?;
-    if let Err(error) = write_directory(&model, &args) {
-        if created {
-            let _ = std::fs::remove_dir_all(&args.out);
-        }
-        return Err(error);
-    }
+    write_directory(&model, args)?;
     // Each layer's error: relative Frobenius norm and the largest element, dequantized against the original.
     println!("{:<36} {:>14} {:>12} {:>12}", "tensor", "shape", "rel. error", "max error");
     for (name, weight) in originals {
@@ -121,6 +184,5 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let shape = format!("{:?}", weight.size());
         println!("{name:<36} {shape:>14} {relative:>12.2e} {largest:>12.2e}");
     }
-    eprintln!("wrote {}", args.out.display());
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

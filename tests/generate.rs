@@ -313,7 +313,39 @@ fn quantized_directories_generate_as_quantizing_at_load_does() {
         let output = common::wizard(&["quantize", "--model", copy.to_str().unwrap(), "--dtype", "int8", "--out", &out]);
         check_failure(&output, &out, &["is the model directory"]);
     }
+    // So is one that only resolves to it once made, and what was made for it is removed.
+    let through_new = format!("{}/new/..", copy.display());
+    let output =
+        common::wizard(&["quantize", "--model", copy.to_str().unwrap(), "--dtype", "int8", "--out", &through_new]);
+    check_failure(&output, &through_new, &["is the model directory"]);
+    assert!(!copy.join("new").exists(), "the directory made for --out was left");
     assert!(std::fs::read(copy.join("model.safetensors")).unwrap() == weights, "the model directory changed");
+    // Another model's directory is not written over; an earlier quantized copy is.
+    let output = common::wizard(&["quantize", "--model", model, "--dtype", "int8", "--out", copy.to_str().unwrap()]);
+    check_failure(
+        &output,
+        "another model",
+        &["holds a model (config.json, model.safetensors) that is not a quantized copy"],
+    );
+    assert!(std::fs::read(copy.join("model.safetensors")).unwrap() == weights, "another model's directory changed");
+    let output = common::wizard(&["quantize", "--model", model, "--dtype", "int4", "--out", &int8]);
+    stdout_of(&output, "into an earlier quantized copy");
+    let config = std::fs::read_to_string(Path::new(&int8).join("config.json")).unwrap();
+    assert!(config.contains("wizard_int4"), "{config}");
+    // A FIFO among the carried files is refused, not waited on, and the new --out is removed.
+    let piped = work.path().join("piped");
+    std::fs::create_dir(&piped).unwrap();
+    for entry in std::fs::read_dir(model).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), piped.join(entry.file_name())).unwrap();
+    }
+    let fifo = piped.join("special_tokens_map.json");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let fresh = work.path().join("fresh");
+    let output = common::wizard(&["quantize", "--model", piped.to_str().unwrap(), "--out", fresh.to_str().unwrap()]);
+    check_failure(&output, "a FIFO", &["special_tokens_map.json: not a regular file"]);
+    assert!(!fresh.exists(), "the --out made for the failed run was left");
     // Files already in --out are replaced, not written through: a hard link to the source's
     // tokenizer, a symbolic link to another file.
     let linked = work.path().join("linked");

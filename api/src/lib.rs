@@ -49,7 +49,11 @@ pub struct ServerConfig {
 /// none; a file that is not JSON is an error naming it).
 pub fn chat_template(model_dir: &std::path::Path) -> Result<Option<String>, String> {
     let path = model_dir.join("tokenizer_config.json");
-    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let text = match model::files::read_regular_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(format!("{}: {error}", path.display())),
+    };
     let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(config.get("chat_template").and_then(|t| t.as_str()).map(str::to_string))
 }

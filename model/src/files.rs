@@ -38,8 +38,8 @@ pub fn replace_with(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) ->
     if fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
         return write(path);
     }
-    let temporary = temporary_beside(path);
-    let result = File::create(&temporary).and_then(|file| file.metadata()).and_then(|created| {
+    let (temporary, created) = create_temporary_beside(path)?;
+    let result = created.metadata().and_then(|created| {
         write(&temporary)?;
         fs::set_permissions(&temporary, created.permissions())?;
         File::open(&temporary)?.sync_all()?;
@@ -51,12 +51,21 @@ pub fn replace_with(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) ->
     result
 }
 
-/// `.name.<pid>.<n>.tmp` beside `path`: unique across processes and across threads of this one.
-fn temporary_beside(path: &Path) -> PathBuf {
+/// A new file `.name.<pid>.<n>.tmp` beside `path`, unique across processes and across threads of
+/// this one, and made by this call: a name already there (a link planted to redirect the write)
+/// is passed over, never opened.
+fn create_temporary_beside(path: &Path) -> io::Result<(PathBuf, File)> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+    let mut attempts = 0;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let temporary = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
+        match fs::OpenOptions::new().write(true).create_new(true).open(&temporary) {
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists && attempts < 64 => attempts += 1,
+            result => return result.map(|file| (temporary, file)),
+        }
+    }
 }
 
 /// Opens `path` for buffered reading, decompressing it if it is gzip (recognised by its magic bytes,

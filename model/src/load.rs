@@ -27,7 +27,7 @@ const SCALE_SUFFIX: &str = "_scale";
 /// quantization is refused).
 fn directory_format(dir: &Path) -> Result<Option<Format>> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let text = crate::files::read_regular_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
     let config: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.clone(), message: e.to_string() })?;
     let Some(quantization) = config.get("quantization_config") else { return Ok(None) };
@@ -76,16 +76,21 @@ fn check_sizes(
         (format!("transformer.h.{last}.ln_1.weight"), vec![d], "n_layer and n_embd"),
         (format!("transformer.h.{last}.mlp.c_fc.bias"), vec![config.inner_dim() as usize], "n_layer and n_inner"),
     ];
-    if let Some((shape, file)) = ["transformer.wte.weight", "lm_head.weight"].iter().find_map(|name| shapes.get(*name))
-    {
-        if shape.first() != Some(&(config.vocab_size as usize)) {
-            return Err(ModelError::Invalid(format!(
-                "{}: vocab_size {} disagrees with {}, whose token table has shape {shape:?}",
-                config_path.display(),
-                config.vocab_size,
-                file.display()
-            )));
-        }
+    let Some((shape, file)) = ["transformer.wte.weight", "lm_head.weight"].iter().find_map(|name| shapes.get(*name))
+    else {
+        let files: BTreeSet<String> = shapes.values().map(|(_, file)| file.display().to_string()).collect();
+        let files = files.into_iter().collect::<Vec<_>>().join(", ");
+        return Err(ModelError::Invalid(format!(
+            "{files}: holds no token table (neither transformer.wte.weight nor lm_head.weight)"
+        )));
+    };
+    if shape.first() != Some(&(config.vocab_size as usize)) {
+        return Err(ModelError::Invalid(format!(
+            "{}: vocab_size {} disagrees with {}, whose token table has shape {shape:?}",
+            config_path.display(),
+            config.vocab_size,
+            file.display()
+        )));
     }
     for (name, shape, fields) in expected {
         match shapes.get(&name) {

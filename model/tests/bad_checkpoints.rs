@@ -171,6 +171,15 @@ fn corrupt_files() {
         &["model.safetensors", "not a valid safetensors file", "does not fit"],
     );
     check(|d| std::fs::write(d.join("config.json"), "{\"model_type\": ").unwrap(), &["config.json", "line 1"]);
+    // A FIFO would block the read for ever (the quantization format is read first).
+    check(
+        |d| {
+            std::fs::remove_file(d.join("config.json")).unwrap();
+            let status = std::process::Command::new("mkfifo").arg(d.join("config.json")).status().unwrap();
+            assert!(status.success());
+        },
+        &["config.json", "not a regular file"],
+    );
 }
 
 #[test]
@@ -249,6 +258,14 @@ fn bad_config_fields() {
     check(
         |d| edit_config(d, "\"vocab_size\": 50", "\"vocab_size\": 5000000000000"),
         &["vocab_size 5000000000000", "token table has shape [50, 16]"],
+    );
+    // Without a token table there is nothing to check vocab_size against: refused, not allocated.
+    check(
+        |d| {
+            rewrite_weights(d, |t| t.retain(|(name, _)| name != "transformer.wte.weight"));
+            edit_config(d, "\"vocab_size\": 50", "\"vocab_size\": 5000000000000");
+        },
+        &["model.safetensors", "holds no token table", "transformer.wte.weight"],
     );
     check(
         |d| edit_config(d, "\"n_inner\": null", "\"n_inner\": 100000000000"),
