@@ -289,7 +289,7 @@ fn quantized_directories_generate_as_quantizing_at_load_does() {
         assert_eq!(stdout_of(&drafted, format), check(&args[..4]), "{format} drafting for --dtype float32");
         let mut command = common::wizard_command(&["generate", "--model"]);
         let wrong = command.arg(&out).args(["--prompt", PROMPT, "--dtype", other]).output().unwrap();
-        check_failure(&wrong, other, &[&format!("holds {format} weights"), &format!("--dtype {format}")]);
+        check_failure(&wrong, other, &[&format!("holds {format} weights"), &format!("load it as {format}")]);
     }
     let out = work.path().join("fp32").to_str().unwrap().to_string();
     let output = common::wizard(&["quantize", "--model", model, "--dtype", "float32", "--out", &out]);

@@ -291,6 +291,13 @@ fn headers(dir: &Path) -> Result<Vec<Header>> {
         }
         headers.push(Header { path, file, entries, data_start });
     }
+    // The index lists no tensor that no shard holds (a shard from another checkpoint, cut short).
+    if let Some((index, placement)) = &shards.placement {
+        if let Some((name, path)) = placement.iter().find(|(name, _)| !seen.contains_key(*name)) {
+            let message = format!("is listed in {}, but {} does not hold it", index.display(), path.display());
+            return Err(ModelError::Tensor { path: index.clone(), tensor: name.clone(), message });
+        }
+    }
     Ok(headers)
 }
 

@@ -361,7 +361,7 @@ impl GptBigCode {
             if let Some(stored) = model.quantized_format().filter(|&f| precision != Precision::Quantized(f)) {
                 let name = stored.name();
                 return Err(ModelError::Invalid(format!(
-                    "{} holds {name} weights (from `wizard quantize`): load it with --dtype {name}, or without --dtype",
+                    "{} holds {name} weights (from `wizard quantize`): load it as {name} (its --dtype or --draft-dtype {name}, or none)",
                     dir.display()
                 )));
             }

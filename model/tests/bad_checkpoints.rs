@@ -196,6 +196,17 @@ fn bad_shards() {
         |d| shard(d, false, Some(("transformer.wte.weight", "model-00001-of-00002.safetensors"))),
         &["transformer.wte.weight", "is in this shard", "places it in"],
     );
+    // An index entry no shard holds.
+    check(
+        |d| {
+            shard(d, false, None);
+            let path = d.join("model.safetensors.index.json");
+            let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            index["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors".into();
+            std::fs::write(&path, index.to_string()).unwrap();
+        },
+        &["model.safetensors.index.json", "ghost.weight", "model-00001-of-00002.safetensors does not hold it"],
+    );
 }
 
 #[test]
