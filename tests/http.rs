@@ -549,7 +549,8 @@ fn bad_requests_get_openai_errors() {
     check(format!("{{\"prompt\": \"{long_prompt}\", \"max_tokens\": 1}}").as_bytes(), 400, "maximum context length");
     check(b"{\"prompt\": \"x\", \"temperature\": -1}", 400, "temperature");
     check(b"{\"prompt\": \"x\", \"top_p\": 1.5}", 400, "top-p");
-    check(b"{\"prompt\": \"x\", \"stop\": [\"a\", \"b\", \"c\", \"d\", \"e\"]}", 400, "at most 4");
+    let many_stops = json!({"prompt": "x", "stop": (0..17).map(|i| format!("s{i}")).collect::<Vec<_>>()});
+    check(many_stops.to_string().as_bytes(), 400, "at most 16 stop sequences, got 17");
     check(b"{\"prompt\": \"x\", \"logprobs\": 9}", 400, "logprobs");
     check(b"{\"prompt\": \"x\", \"logprobs\": 1, \"echo\": true, \"suffix\": \"y\"}", 400, "fill-in-the-middle");
     check(b"{\"prompt\": \"\xff\xfe\"}", 400, "invalid JSON");

@@ -92,11 +92,18 @@ pub fn samples(knobs: &Knobs, max_batch: usize) -> Result<usize, ApiError> {
     }
 }
 
-/// Stop sequences: at most 4, none empty.
+/// OpenAI takes 4; editors' fill-in-the-middle setups send more (Continue's list of block
+/// openers), as llama.cpp's and vLLM's servers take.
+const MAX_STOPS: usize = 16;
+
+/// Stop sequences: at most [`MAX_STOPS`], none empty.
 pub fn stops(knobs: &Knobs) -> Result<Vec<String>, ApiError> {
     let stops = knobs.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-    if stops.len() > 4 {
-        return Err(ApiError::invalid(Some("stop"), format!("at most 4 stop sequences, got {}", stops.len())));
+    if stops.len() > MAX_STOPS {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("at most {MAX_STOPS} stop sequences, got {}", stops.len()),
+        ));
     }
     Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
 }

@@ -74,7 +74,7 @@ pub struct Knobs {
     pub top_k: Option<i64>,
     /// Samples per prompt.
     pub n: Option<i64>,
-    /// Stop sequences (at most 4).
+    /// Stop sequences (at most 16).
     pub stop: Option<OneOrMany>,
     /// Seed of the first sample.
     pub seed: Option<i64>,
