@@ -43,66 +43,65 @@ fn write_directory(model: &GptBigCode, args: &Args) -> anyhow::Result<()> {
     Ok(model.save_quantized(&args.out)?)
 }
 
-/// The directories [`create_out`] made, to remove if quantizing fails: `out` itself, and its
-/// ancestors that did not exist, deepest first.
-struct Made {
-    out: bool,
-    ancestors: Vec<PathBuf>,
-}
+/// The directories [`create_out`] made, in the order it made them.
+struct Made(Vec<PathBuf>);
 
 impl Made {
-    /// Removes what was made; an ancestor only while it is empty (another process may have used it).
+    /// Removes what was made, deepest first: `out` with what was written into it, its parents only
+    /// while they are empty (another process may have used them since).
     fn remove(&self, out: &Path) {
-        if self.out {
-            let _ = std::fs::remove_dir_all(out);
-        }
-        for ancestor in &self.ancestors {
-            let _ = std::fs::remove_dir(ancestor);
+        for (index, dir) in self.0.iter().enumerate().rev() {
+            let _ = if index + 1 == self.0.len() && dir == out {
+                std::fs::remove_dir_all(dir)
+            } else {
+                std::fs::remove_dir(dir)
+            };
         }
     }
 }
 
-/// Creates `out` and its parents unless they are there already.
+/// Creates `out` and whatever of its path is missing, a component at a time, so that what this
+/// call made is known exactly (`missing/../existing` makes `missing` only).
 fn create_out(out: &Path) -> anyhow::Result<Made> {
-    let mut made = Made { out: false, ancestors: Vec::new() };
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        made.ancestors =
-            parent.ancestors().filter(|a| !a.as_os_str().is_empty() && !a.exists()).map(Path::to_path_buf).collect();
-        if let Err(error) = std::fs::create_dir_all(parent) {
-            made.remove(out);
-            return Err(error).with_context(|| format!("cannot create {}", parent.display()));
-        }
-    }
-    match std::fs::create_dir(out) {
-        Ok(()) => made.out = true,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && out.is_dir() => {}
-        Err(e) => {
-            made.remove(out);
-            return Err(e).with_context(|| format!("cannot create --out {}", out.display()));
+    let mut made = Made(Vec::new());
+    let mut path = PathBuf::new();
+    for component in out.components() {
+        path.push(component);
+        match std::fs::create_dir(&path) {
+            Ok(()) => made.0.push(path.clone()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
+            Err(e) => {
+                made.remove(out);
+                let reason = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    "it is not a directory".into()
+                } else {
+                    e.to_string()
+                };
+                anyhow::bail!("cannot create --out {}: {} exists and {reason}", out.display(), path.display());
+            }
         }
     }
     Ok(made)
 }
 
 /// Refuses an `--out` that is, once made, the model directory (by a spelling that only resolves
-/// to it now: `MODEL/new/..`), or that holds a model other than an earlier quantized copy, which
-/// writing would replace.
+/// to it now: `MODEL/new/..`), or that holds anything but an earlier quantized copy, which writing
+/// would replace.
 fn check_out(args: &Args) -> anyhow::Result<()> {
-    let (out, model) = (std::fs::canonicalize(&args.out)?, std::fs::canonicalize(&args.model)?);
+    let canonical =
+        |path: &Path, flag: &str| std::fs::canonicalize(path).with_context(|| format!("{flag} {}", path.display()));
     anyhow::ensure!(
-        out != model,
+        canonical(&args.out, "--out")? != canonical(&args.model, "--model")?,
         "--out {} is the model directory {}: write the quantized copy elsewhere",
         args.out.display(),
         args.model.display()
     );
-    let weights = ["config.json", "model.safetensors", "model.safetensors.index.json"];
-    let held: Vec<&str> = weights.into_iter().filter(|name| args.out.join(name).exists()).collect();
+    let empty = std::fs::read_dir(&args.out).with_context(|| format!("--out {}", args.out.display()))?.next().is_none();
     let quantized_copy = matches!(GptBigCode::stored_precision(&args.out), Ok(Some(Precision::Quantized(_))));
     anyhow::ensure!(
-        held.is_empty() || quantized_copy,
-        "--out {} holds a model ({}) that is not a quantized copy, which writing would replace: choose a new or empty directory",
-        args.out.display(),
-        held.join(", ")
+        empty || quantized_copy,
+        "--out {} holds files and is not an earlier quantized copy: choose a new or empty directory, so that nothing in it is replaced",
+        args.out.display()
     );
     Ok(())
 }

@@ -322,11 +322,7 @@ fn quantized_directories_generate_as_quantizing_at_load_does() {
     assert!(std::fs::read(copy.join("model.safetensors")).unwrap() == weights, "the model directory changed");
     // Another model's directory is not written over; an earlier quantized copy is.
     let output = common::wizard(&["quantize", "--model", model, "--dtype", "int8", "--out", copy.to_str().unwrap()]);
-    check_failure(
-        &output,
-        "another model",
-        &["holds a model (config.json, model.safetensors) that is not a quantized copy"],
-    );
+    check_failure(&output, "another model", &["holds files and is not an earlier quantized copy"]);
     assert!(std::fs::read(copy.join("model.safetensors")).unwrap() == weights, "another model's directory changed");
     let output = common::wizard(&["quantize", "--model", model, "--dtype", "int4", "--out", &int8]);
     stdout_of(&output, "into an earlier quantized copy");
@@ -346,13 +342,16 @@ fn quantized_directories_generate_as_quantizing_at_load_does() {
     let output = common::wizard(&["quantize", "--model", piped.to_str().unwrap(), "--out", fresh.to_str().unwrap()]);
     check_failure(&output, "a FIFO", &["special_tokens_map.json: not a regular file"]);
     assert!(!fresh.exists(), "the --out made for the failed run was left");
-    // Files already in --out are replaced, not written through: a hard link to the source's
-    // tokenizer, a symbolic link to another file.
+    // An earlier quantized copy's files are replaced, not written through: a hard link to the
+    // source's tokenizer, a symbolic link to another file.
     let linked = work.path().join("linked");
-    std::fs::create_dir(&linked).unwrap();
+    let output = common::wizard(&["quantize", "--model", copy.to_str().unwrap(), "--out", linked.to_str().unwrap()]);
+    stdout_of(&output, "a first copy");
+    std::fs::remove_file(linked.join("tokenizer.json")).unwrap();
     std::fs::hard_link(copy.join("tokenizer.json"), linked.join("tokenizer.json")).unwrap();
     let elsewhere = work.path().join("elsewhere.txt");
     std::fs::write(&elsewhere, "kept").unwrap();
+    let _ = std::fs::remove_file(linked.join("tokenizer_config.json"));
     std::os::unix::fs::symlink(&elsewhere, linked.join("tokenizer_config.json")).unwrap();
     let tokenizer = std::fs::read(copy.join("tokenizer.json")).unwrap();
     let output = common::wizard(&["quantize", "--model", copy.to_str().unwrap(), "--out", linked.to_str().unwrap()]);
@@ -371,4 +370,18 @@ fn quantized_directories_generate_as_quantizing_at_load_does() {
     let output = common::wizard(&["quantize", "--model", model, "--dtype", "int8", "--out", file.to_str().unwrap()]);
     check_failure(&output, "a file", &["exists and is not a directory"]);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "kept");
+    // A directory of other files is not written into; a failed run removes only what it made
+    // (`missing/..` made `missing`, not the directory it leads back to).
+    let notes = work.path().join("notes");
+    std::fs::create_dir(&notes).unwrap();
+    std::fs::write(notes.join("tokenizer_config.json"), "mine").unwrap();
+    let output = common::wizard(&["quantize", "--model", model, "--out", notes.to_str().unwrap()]);
+    check_failure(&output, "a directory of other files", &["holds files and is not an earlier quantized copy"]);
+    assert_eq!(std::fs::read_to_string(notes.join("tokenizer_config.json")).unwrap(), "mine");
+    let kept = work.path().join("kept");
+    std::fs::create_dir(&kept).unwrap();
+    let through = format!("{}/missing/../kept/new", work.path().display());
+    let output = common::wizard(&["quantize", "--model", "/nonexistent/model", "--out", &through]);
+    check_failure(&output, "a missing model", &["--model /nonexistent/model"]);
+    assert!(kept.is_dir() && !kept.join("new").exists() && !work.path().join("missing").exists());
 }

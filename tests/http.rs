@@ -312,8 +312,14 @@ fn openai_shapes_streaming_and_batch_invariance() {
     let (status, other) = raw(&server.address, "GET /v1/models/gpt-4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(status == 404 && other.contains("model_not_found"), "{other}");
     // An empty prompt starts from the end-of-text token.
-    let (status, empty) = post(&server, "/v1/completions", &json!({"prompt": "", "max_tokens": 3}));
+    let (status, empty) = post(&server, "/v1/completions", &json!({"prompt": "", "max_tokens": 3, "echo": true}));
     assert_eq!((status, empty["usage"]["prompt_tokens"].as_u64()), (200, Some(1)), "{empty}");
+    assert!(!completion_text(&empty).contains("<|endoftext|>"), "the echo is the prompt as sent: {empty}");
+    // Seeds as OpenAI writes them (signed) and as others do (unsigned, to 2^64 - 1).
+    for seed in [json!(-1), json!(u64::MAX)] {
+        let (status, body) = post(&server, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2, "seed": seed}));
+        assert_eq!(status, 200, "{seed}: {body}");
+    }
     let (status, infill) = post(
         &server,
         "/infill",
@@ -497,6 +503,11 @@ fn logprobs_of_prompts_and_streams() {
         (json!({"logprobs": true, "top_logprobs": 21}), "0..=20"),
         (json!({"tool_choice": "required"}), "tool_choice: calling tools is not supported"),
         (json!({"response_format": {"type": "json_object"}}), "response_format: a response format other than text"),
+        (json!({"response_format": "json_object"}), "response_format: a response format other than text"),
+        (
+            json!({"messages": [{"role": "user", "content": 5}]}),
+            "content must be a string, an array of text parts or null",
+        ),
         (json!({"messages": [{"role": "tool", "content": "4"}]}), "messages[0]: this server does not call tools"),
         (json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "only text parts"),
         (json!({"messages": [{"role": "assistant", "content": "x"}]}), "no user or system text"),

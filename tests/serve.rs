@@ -280,6 +280,21 @@ fn cancellation() {
     client.exit();
 }
 
+/// A model that ends at once completes nothing: no item, from the model and from the cache alike.
+#[test]
+fn an_empty_completion_is_none() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("model");
+    make_model(&dir, "<|endoftext|>", 32, 1);
+    let mut client = Client::start(&dir);
+    client.initialize(json!({}), json!({"maxTokens": 8}));
+    client.open(PY, "python", "def add(a, b):\n    \n");
+    assert_eq!(client.inline(PY, 1, 4), Ok(Value::Null));
+    assert_eq!(client.inline(PY, 1, 4), Ok(Value::Null), "from the cache");
+    assert!(client.log_text().contains("completion served from the cache"), "{}", client.log_text());
+    client.exit();
+}
+
 /// Unknown documents, bad positions, huge and binary files, edit storms, and a model that fails to
 /// load: errors, never a crash.
 #[test]

@@ -77,8 +77,8 @@ pub fn sampling(knobs: &Knobs) -> Result<Sampling, ApiError> {
     };
     // top_p 0, which OpenAI takes, keeps the most likely token alone.
     let top_p = knobs.top_p.map(|p| if p == 0.0 { f64::MIN_POSITIVE } else { p });
-    // Without a seed, each request draws differently (as OpenAI does). OpenAI's seeds are signed.
-    let seed = knobs.seed.map_or_else(|| NEXT_SEED.fetch_add(0x9e37_79b9, Ordering::Relaxed), |seed| seed as u64);
+    // Without a seed, each request draws differently (as OpenAI does).
+    let seed = knobs.seed.unwrap_or_else(|| NEXT_SEED.fetch_add(0x9e37_79b9, Ordering::Relaxed));
     let sampling = Sampling { temperature, top_k, top_p, seed };
     sampling.validate().map_err(|e| ApiError::invalid(Some("top_p"), e.to_string()))?;
     Ok(sampling)
@@ -197,6 +197,12 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
                         cancel.store(true, Ordering::Relaxed);
                         return;
                     }
+                    // Fed only into a batch with room: other clients' requests, queued meanwhile,
+                    // go first, and the queue stays open to them.
+                    if engine.in_flight() >= engine.config().max_batch {
+                        tokio::time::sleep(BUSY_RETRY).await;
+                        continue;
+                    }
                     match engine.submit(engine_request(&plan, &tokenizer, &cancel, index)) {
                         Ok(events) => break events,
                         // Other clients fill the queue: this request's earlier prompts are answered, so it waits.
@@ -213,7 +219,7 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
     }
     Ok(out)
 }
-/// How long feeding a request's later prompts waits when other clients fill the engine's queue.
+/// How long feeding a request's later prompts waits for room in the batch.
 const BUSY_RETRY: Duration = Duration::from_millis(20);
 
 /// The engine request for prompt `index` of `plan`.

@@ -108,6 +108,7 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
         let mut ids = Vec::with_capacity(prompts.len());
         let mut echo = Vec::new();
         for prompt in prompts {
+            let empty = prompt == Prompt::Text(String::new());
             let tokens = match prompt {
                 // An empty prompt starts from the end-of-text token, as OpenAI's do.
                 Prompt::Text(text) if text.is_empty() => vec![i64::from(app.tokenizer.eos_id())],
@@ -120,7 +121,9 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
                     format!("token id {bad} is outside the vocabulary of {vocab}"),
                 ));
             }
-            if request.echo {
+            if request.echo && empty {
+                echo.push(String::new());
+            } else if request.echo {
                 let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
                 echo.push(app.tokenizer.decode(&ids, false).map_err(|e| ApiError::internal(e.to_string()))?);
             }
@@ -267,9 +270,10 @@ fn chat_prompt(app: &App, request: &ChatRequest) -> Result<String, ApiError> {
     Ok(wizardcoder_conversation(&request.messages))
 }
 
-/// WizardCoder's Alpaca prompt over a conversation: system text opens the first instruction, each
-/// assistant turn follows its `### Response:`, each later user turn opens a new `### Instruction:`
-/// (one user turn is exactly the prompt WizardCoder was tuned on).
+/// WizardCoder's Alpaca prompt over a conversation: user and system text (in its place) make an
+/// instruction, each assistant turn follows the `### Response:` of the instruction before it, the
+/// next instruction opens a new `### Instruction:` (one user turn is exactly the prompt WizardCoder
+/// was tuned on). An assistant turn before any instruction has nothing to answer and is left out.
 fn wizardcoder_conversation(messages: &[crate::schema::Message]) -> String {
     let mut prompt = String::new();
     let mut instruction: Vec<&str> = Vec::new();
@@ -282,14 +286,18 @@ fn wizardcoder_conversation(messages: &[crate::schema::Message]) -> String {
         }
         instruction.clear();
     };
-    let (system, turns): (Vec<_>, Vec<_>) = messages.iter().partition(|m| m.role == "system");
-    instruction.extend(system.iter().map(|m| m.content.as_str()).filter(|t| !t.trim().is_empty()));
-    for message in turns {
-        if message.role == "assistant" {
+    for message in messages {
+        if message.role != "assistant" {
+            if !message.content.trim().is_empty() {
+                instruction.push(&message.content);
+            }
+            continue;
+        }
+        if !instruction.is_empty() {
             close_instruction(&mut prompt, &mut instruction);
+        }
+        if !prompt.is_empty() {
             prompt.push_str(&format!("\n{}", message.content));
-        } else {
-            instruction.push(&message.content);
         }
     }
     if !instruction.is_empty() || prompt.is_empty() {
@@ -327,7 +335,10 @@ fn refuse_unsupported(unsupported: &Unsupported, knobs: &Knobs) -> Result<(), Ap
         Some(Value::String(choice)) if choice == "none" || choice == "auto" => {}
         Some(_) => return refuse("tool_choice", "calling tools"),
     }
-    match unsupported.response_format.as_ref().map(|format| &format["type"]) {
+    // `{"type": ...}`, or the type alone as some clients write it.
+    let format =
+        unsupported.response_format.as_ref().map(|format| if format.is_string() { format } else { &format["type"] });
+    match format {
         None | Some(Value::Null) => {}
         Some(Value::String(kind)) if kind == "text" => {}
         Some(_) => return refuse("response_format", "a response format other than text"),
@@ -754,7 +765,16 @@ mod tests {
         let later =
             format!("{}\n{reply}\n\n### Instruction:\nIn place.\n\n### Response:", alpaca_prompt("Sort.", None));
         check(&[("user", "Sort."), ("assistant", reply), ("user", "In place.")], &later);
-        // A last assistant turn is continued.
+        // A last assistant turn is continued; turns in a row join; a greeting before any
+        // instruction and empty text are left out; system text stays in its place.
         check(&[("user", "Sort."), ("assistant", "def")], &format!("{}\ndef", alpaca_prompt("Sort.", None)));
+        let sorted = format!("{}\ndef\nf(x)", alpaca_prompt("Sort.", None));
+        check(
+            &[("assistant", "Hi!"), ("user", ""), ("user", "Sort."), ("assistant", "def"), ("assistant", "f(x)")],
+            &sorted,
+        );
+        let later_system =
+            format!("{}\nA\n\n### Instruction:\nBe brief.\n\nB\n\n### Response:", alpaca_prompt("Sort.", None));
+        check(&[("user", "Sort."), ("assistant", "A"), ("system", "Be brief."), ("user", "B")], &later_system);
     }
 }

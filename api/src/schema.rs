@@ -77,7 +77,8 @@ pub struct Knobs {
     /// Stop sequences (at most 16).
     pub stop: Option<OneOrMany>,
     /// Seed of the first sample.
-    pub seed: Option<i64>,
+    #[serde(default, deserialize_with = "any_seed")]
+    pub seed: Option<u64>,
     /// Server-sent events.
     #[serde(default, deserialize_with = "null_is_default")]
     pub stream: bool,
@@ -119,23 +120,33 @@ pub struct Message {
 
 /// A message's `content` as text.
 fn content_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Content {
-        Text(String),
-        Parts(Vec<serde_json::Value>),
-    }
+    use serde::de::Error;
     let text_of = |part: &serde_json::Value| match (part["type"].as_str(), part["text"].as_str()) {
         (Some("text"), Some(text)) => Ok(text.to_string()),
-        (kind, _) => Err(serde::de::Error::custom(format!(
+        (kind, _) => Err(D::Error::custom(format!(
             "only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported, got a part of type {}",
             kind.unwrap_or("(none)")
         ))),
     };
-    match Option::<Content>::deserialize(deserializer)? {
-        None => Ok(String::new()),
-        Some(Content::Text(text)) => Ok(text),
-        Some(Content::Parts(parts)) => parts.iter().map(text_of).collect(),
+    match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Null => Ok(String::new()),
+        serde_json::Value::String(text) => Ok(text),
+        serde_json::Value::Array(parts) => parts.iter().map(text_of).collect(),
+        other => {
+            Err(D::Error::custom(format!("content must be a string, an array of text parts or null, got {other}")))
+        }
+    }
+}
+
+/// A seed as OpenAI takes it (a signed 64-bit integer), or any unsigned one, as the bits of a u64.
+fn any_seed<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error;
+    match Option::<serde_json::Value>::deserialize(deserializer)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) if n.is_u64() || n.is_i64() => {
+            Ok(n.as_u64().or_else(|| n.as_i64().map(|i| i as u64)))
+        }
+        Some(other) => Err(D::Error::custom(format!("seed must be an integer, got {other}"))),
     }
 }
 
@@ -204,7 +215,8 @@ pub struct InfillRequest {
     /// Top-k (0: off, as in llama.cpp).
     pub top_k: Option<i64>,
     /// Seed.
-    pub seed: Option<i64>,
+    #[serde(default, deserialize_with = "any_seed")]
+    pub seed: Option<u64>,
     /// Stop strings.
     pub stop: Option<Vec<String>>,
     /// Server-sent events.

@@ -188,6 +188,10 @@ impl Backend {
                     Hit::Exact(text) | Hit::Typed(text) => text,
                 };
                 tracing::info!(cached = true, "completion served from the cache");
+                // As when it was computed: an empty completion is none.
+                if text.is_empty() {
+                    return Ok(None);
+                }
                 return Ok(Some(Completion { text, cursor, word_start: word_start.into_position(), word }));
             }
             (job, full_prefix, suffix, fingerprint, cursor, word_start, word, turn)

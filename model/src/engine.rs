@@ -182,7 +182,7 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SubmitError {
     /// The queue is full: try again later.
-    #[error("the server is busy: {0} requests are waiting")]
+    #[error("the server is busy: {0} requests are running or waiting")]
     Busy(usize),
     /// The request cannot be served (empty prompt, bad sampling, too long).
     #[error("{0}")]
