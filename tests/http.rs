@@ -690,6 +690,22 @@ fn key_queue_disconnects_and_a_thousand_connections() {
     let generated = metric(&metrics(), "wizard_generated_tokens_total");
     assert!(generated < 600.0, "{generated} tokens generated for clients that left");
     assert_eq!(status(Some("sekret")), 200);
+    // A request of more prompts than the batch keeps a place in the queue free: another client's
+    // request is served beside it, not refused.
+    let big = json!({"prompt": vec!["def f():"; 6], "max_tokens": 60, "stream": true}).to_string();
+    let mut stream = TcpStream::connect(&server.address).unwrap();
+    stream.write_all(&post_request("/v1/completions", big.as_bytes(), Some("sekret"))).unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    for _ in 0..3 {
+        assert_eq!(status(Some("sekret")), 200, "beside a big request");
+    }
+    let mut rest = Vec::new();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.read_to_end(&mut rest).unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert_eq!(rest.matches("\"finish_reason\":\"").count(), 6, "every prompt finished: {rest}");
 
     // A thousand connections at once: each gets an answer (200 or 429), none hangs; then it serves.
     let answers: Vec<u16> = std::thread::scope(|scope| {
