@@ -221,7 +221,17 @@ fn load(args: &BenchmarkArgs, python: &Path) -> anyhow::Result<(Benchmark, Vec<P
 }
 
 fn sandbox_config(args: &SandboxArgs) -> anyhow::Result<SandboxConfig> {
-    anyhow::ensure!(args.timeout > 0.0 && args.timeout.is_finite(), "--timeout must be a positive number of seconds");
+    // A millisecond at least: the worker's timer cannot be armed finer. A day at most.
+    anyhow::ensure!(
+        (0.001..=86_400.0).contains(&args.timeout),
+        "--timeout must be 0.001 to 86400 seconds, got {}",
+        args.timeout
+    );
+    anyhow::ensure!(
+        (16..=1 << 24).contains(&args.memory_mb),
+        "--memory-mb must be 16 to 16777216 (16 TiB), got {}",
+        args.memory_mb
+    );
     let mut config = SandboxConfig::new(args.python.clone());
     if let Some(workers) = args.workers {
         anyhow::ensure!(workers > 0, "--workers must be at least 1");
@@ -254,6 +264,13 @@ fn execute_and_report(
     json: Option<&Path>,
     per_problem: bool,
 ) -> anyhow::Result<eval::Report> {
+    let forgotten = eval::forget_stale_outcomes(store, problems, sandbox)?;
+    if forgotten > 0 {
+        eprintln!(
+            "{forgotten} outcomes in {} were made under other execution settings (timeout, memory, interpreter, isolation or tests): running them again",
+            store.path().display()
+        );
+    }
     let start = Instant::now();
     let bar = progress_bar(0, "executing");
     let (isolation, ran) = eval::execute(store, problems, sandbox, |done, total| {

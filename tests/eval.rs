@@ -207,7 +207,13 @@ fn bad_input_is_a_clear_error_and_keeps_results() {
     let table = check_eval(&score_args("humaneval", Some(&data), &good_samples, &["--db", db.to_str().unwrap()]));
     assert_eq!(field(&table, "passed"), "1", "{table}");
 
-    let cases: [(&[&str], String, &str); 4] = [
+    let cases: [(&[&str], String, &str); 6] = [
+        (
+            &["--timeout", "1e20"],
+            good.to_string(),
+            "--timeout must be 0.001 to 86400 seconds, got 100000000000000000000",
+        ),
+        (&["--memory-mb", "0"], good.to_string(), "--memory-mb must be 16 to 16777216 (16 TiB), got 0"),
         (
             &[],
             format!("{good}{{\"task_id\": \"T/9\", \"completion\": \"\"}}\n"),
@@ -224,9 +230,14 @@ fn bad_input_is_a_clear_error_and_keeps_results() {
     write_lines(&mbpp, &[json!({"task_id": 11, "text": "t", "code": "c", "test_list": ["assert 1"]})]);
     check_error(dir.path(), &mbpp, &[], good, "mbpp.jsonl:1: this is an MBPP problem");
 
-    // What the first run computed is still there.
+    // What the first run computed is still there; under another timeout it runs again.
     let report = check_eval(&["report", "--db", db.to_str().unwrap()]);
     assert_eq!(field(&report, "passed"), "1", "{report}");
+    let args = score_args("humaneval", Some(&data), &good_samples, &["--db", db.to_str().unwrap(), "--timeout", "7"]);
+    let output = eval(&args);
+    assert_eq!(field(&stdout_of(&output, &args), "passed"), "1");
+    let stderr = common::text(&output.stderr);
+    assert!(stderr.contains("1 outcomes in") && stderr.contains("other execution settings"), "{stderr}");
     let nope = dir.path().join("nope.sqlite");
     check_failure(
         &eval(&["report", "--db", nope.to_str().unwrap()]),
@@ -251,6 +262,8 @@ fn interrupted_scoring_resumes() {
         || db.exists() && common::count(&db, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'results'") == 1;
     let done = || if has_results() { common::count(&db, "SELECT COUNT(*) FROM results") } else { 0 };
     common::wait_until("3 samples scored", Duration::from_secs(60), || done() >= 3);
+    // A second evaluation of the same store meanwhile is refused.
+    check_failure(&eval(&args[1..]), "a second evaluation", &["another evaluation is using it"]);
     child.kill().unwrap();
     child.wait().unwrap();
     let finished = done();

@@ -8,7 +8,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener};
 use std::path::{Path, PathBuf};
 
-use common::{read_lines, stdout_of, write_lines};
+use common::{check_failure, read_lines, stdout_of, write_lines};
 use serde_json::json;
 
 /// Set in the runner's environment: it must never reach a sample nor come back in the results.
@@ -103,6 +103,12 @@ fn a_failing_sample_cannot_be_counted_as_passed() {
         // Rewriting the reporting function the trusted frame will call with the secret after the program.
         ("failed: the sandbox refuses to replace a function's __code__", failing("import __main__\ndef evil(write, fstat, channel, identity, secret, result, exit_):\n    write(channel, secret + b'%06d' % 6 + b'passed')\n    exit_(0)\n__main__.finish.__code__ = evil.__code__\n")),
         ("failed: the sandbox refuses to replace its own __defaults__", failing("import __main__\n__main__.finish.__defaults__ = (0,)\n")),
+        // Bytecode of its own making, which could read the trusted frames' memory: made, unmarshalled,
+        // or imported from a .pyc it wrote (the standard library still imports from its caches).
+        ("failed: the sandbox refuses code.__new__", failing("def f():\n    return 1\nf.__code__.replace(co_code=f.__code__.co_code)\n")),
+        ("failed: the sandbox refuses marshal.loads outside the import system", failing("import marshal\nmarshal.loads(marshal.dumps((lambda: 1).__code__))\n")),
+        ("failed: the sandbox refuses bytecode from /tmp/evil.pyc", failing("import importlib.machinery as m\nopen('/tmp/evil.pyc', 'wb').write(b'x' * 64)\nm.SourcelessFileLoader('evil', '/tmp/evil.pyc').get_code('evil')\n")),
+        ("passed", "    import fractions, statistics, decimal\n    return 1\n".into()),
         // Native code the sample brings: an extension module written where the sample may write.
         ("failed: the sandbox refuses native code from /tmp/*", failing("import _bisect, sys\nopen('/tmp/' + _bisect.__file__.rsplit('/', 1)[1], 'wb').write(open(_bisect.__file__, 'rb').read())\ndel sys.modules['_bisect']\nsys.path.insert(0, '/tmp')\nimport _bisect\n")),
         ("failed: the sandbox refuses to import ctypes", "    import ctypes\n    return 2\n".into()),
@@ -200,7 +206,26 @@ fn without_isolation_the_run_says_so_and_still_seals_the_verdict() {
             "    import os\n    assert False, dict(os.environ)\n".into(),
         ),
     ];
-    let (stderr, results) = check(dir.path(), &cases, &["--no-isolation", "--workers", "1"]);
+    // As root, samples run as uid nobody or not at all: the default interpreter is refused where
+    // nobody cannot read its standard library (under /root, as a pyenv of root's puts it), and
+    // /usr/bin/python3 is taken.
+    let root = common::text(&std::process::Command::new("id").arg("-u").output().unwrap().stdout).trim() == "0";
+    let data = one_problem(dir.path());
+    let samples = dir.path().join("default.jsonl");
+    write_lines(&samples, &[json!({"task_id": "T/0", "completion": "    return 1\n"})]);
+    let default = common::wizard_command(&["eval", "score", "--benchmark", "humaneval", "--no-isolation", "--data"])
+        .args([data.as_os_str(), "--samples".as_ref(), samples.as_os_str()])
+        .output()
+        .unwrap();
+    if !default.status.success() {
+        assert!(root, "refused, not as root: {}", common::text(&default.stderr));
+        check_failure(&default, "an interpreter nobody can read", &["samples would run as root"]);
+    }
+    let mut extra = vec!["--no-isolation", "--workers", "1"];
+    if !default.status.success() {
+        extra.extend(["--python", "/usr/bin/python3"]);
+    }
+    let (stderr, results) = check(dir.path(), &cases, &extra);
     assert!(stderr.contains("WARNING: --no-isolation") && stderr.contains("NOT ISOLATED"), "{stderr}");
     assert!(!results.contains(API_KEY), "{results}");
 }

@@ -47,6 +47,9 @@ pub enum EvalError {
          them anyway, with access to the network and the host's files and sockets)"
     )]
     Isolation(String),
+    /// Running as root, the sandbox cannot drop samples to uid nobody.
+    #[error("the sandbox refuses to run samples: {0}")]
+    AsRoot(String),
     /// The SQLite store failed or belongs to another evaluation.
     #[error("store {path}: {message}")]
     Store {

@@ -28,7 +28,47 @@ use problems::Problem;
 use sandbox::{Isolation, Job, SandboxConfig, Status};
 use store::Store;
 
-/// Runs every stored sample that has no outcome yet, recording each outcome as it arrives. `progress` is
+/// What an outcome depends on besides its sample: the sandbox's limits and interpreter, and the
+/// problems' tests (a digest of their programs).
+fn execution_settings(problems: &[Problem], sandbox: &SandboxConfig) -> String {
+    use sha2::Digest;
+    let mut tests = sha2::Sha256::new();
+    for problem in problems {
+        tests.update(problem.task_id.as_bytes());
+        tests.update(problem.program("").as_bytes());
+    }
+    let tests: String = tests.finalize().iter().take(8).map(|byte| format!("{byte:02x}")).collect();
+    format!(
+        "timeout {:?}, memory {} bytes, processes {}, file {} bytes, output {} chars, python {}, isolation {}, tests {tests}",
+        sandbox.timeout,
+        sandbox.memory_bytes,
+        sandbox.max_processes,
+        sandbox.max_file_bytes,
+        sandbox.output_chars,
+        sandbox.python.display(),
+        sandbox.isolation
+    )
+}
+
+/// Forgets the store's outcomes if they were made under other execution settings (another
+/// timeout, memory limit, interpreter, isolation or tests) than `sandbox` and `problems`; returns
+/// how many, which then run again. Only once the sandbox is known to start: a run that cannot
+/// execute anything loses nothing.
+pub fn forget_stale_outcomes(store: &Store, problems: &[Problem], sandbox: &SandboxConfig) -> Result<usize> {
+    let settings = execution_settings(problems, sandbox);
+    let forgotten = match store.meta("execution")? {
+        Some(stored) if stored != settings => {
+            sandbox::probe(sandbox)?;
+            store.forget_outcomes()?
+        }
+        _ => 0,
+    };
+    store.set_meta("execution", &settings)?;
+    Ok(forgotten)
+}
+
+/// Runs every stored sample that has no outcome yet, recording each outcome as it arrives (a
+/// sandbox that could not be set up records none: the sample runs again next time). `progress` is
 /// called with (done, to do) after each. Returns the isolation the sandbox got, and how many ran.
 pub fn execute(
     store: &Store,
@@ -50,7 +90,9 @@ pub fn execute(
     let total = jobs.len();
     let mut done = 0;
     let isolation = sandbox::run(sandbox, jobs, |key, outcome| {
-        store.record(&pending[key], &outcome)?;
+        if !outcome.result.starts_with(sandbox::SET_UP_FAILED) {
+            store.record(&pending[key], &outcome)?;
+        }
         done += 1;
         progress(done, total);
         Ok(())

@@ -19,6 +19,9 @@ use crate::error::{EvalError, Result};
 
 const WORKER: &str = include_str!("worker.py");
 
+/// How the worker reports a sample whose sandbox could not be set up (not the sample's doing).
+pub const SET_UP_FAILED: &str = "failed: sandbox set-up failed";
+
 /// Limits and resources of the sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -202,6 +205,11 @@ impl Worker {
         })?;
         let isolation: Isolation =
             serde_json::from_str(&hello).map_err(|e| error(format!("unexpected greeting {hello:?}: {e}")))?;
+        // Under --no-isolation the worker still refuses to leave root to samples.
+        let as_root = isolation.errors.iter().find(|e| e.contains("samples would run as root"));
+        if let Some(error) = as_root {
+            return Err(EvalError::AsRoot(error.clone()));
+        }
         if config.isolation && !isolation.isolated {
             return Err(EvalError::Isolation(isolation.errors.join("; ")));
         }

@@ -65,6 +65,8 @@ impl FromSql for Status {
 pub struct Store {
     connection: Connection,
     path: PathBuf,
+    /// Held while the store is open: two evaluations never write it at once.
+    _lock: Option<std::fs::File>,
 }
 
 /// A sample with its outcome, if it has one.
@@ -80,7 +82,14 @@ impl Store {
         connection.pragma_update(None, "journal_mode", "WAL").map_err(error)?;
         connection.pragma_update(None, "synchronous", "NORMAL").map_err(error)?;
         connection.execute_batch(SCHEMA).map_err(error)?;
-        let store = Store { connection, path: path.into() };
+        // One evaluation at a time: two would replace each other's samples under their outcomes.
+        let lock =
+            std::fs::File::open(path).map_err(|e| EvalError::Store { path: path.into(), message: e.to_string() })?;
+        if let Err(std::fs::TryLockError::WouldBlock) = lock.try_lock() {
+            let message = "another evaluation is using it: wait for it to end, or use another store".to_string();
+            return Err(EvalError::Store { path: path.into(), message });
+        }
+        let store = Store { connection, path: path.into(), _lock: Some(lock) };
         match store.meta("benchmark")? {
             Some(found) if found != benchmark => {
                 return Err(store.error(format!(
@@ -217,6 +226,12 @@ impl Store {
         let mut scored: Vec<Scored> = self.sql(rows.collect())?;
         scored.sort_by_cached_key(|(sample, _)| (natural_key(&sample.task_id), sample.index));
         Ok(scored)
+    }
+
+    /// Forgets every outcome (and the scores made of them): the samples run again.
+    pub fn forget_outcomes(&self) -> Result<usize> {
+        self.sql(self.connection.execute_batch("DELETE FROM problems; DELETE FROM scores;"))?;
+        self.sql(self.connection.execute("DELETE FROM results", []))
     }
 
     /// Records a sample's outcome (committed at once, so an interruption loses nothing done).

@@ -328,9 +328,21 @@ def seal(protected):
         "sys.settrace", "sys.setprofile", "sys._settraceallthreads", "sys._setprofileallthreads",
         "sys.monitoring.register_callback", "sys._current_frames", "sys.addaudithook", "gc.get_objects",
         "gc.get_referrers", "gc.get_referents", "cpython.PyInterpreterState_New", "cpython.run_interactivehook",
+        "code.__new__",
     })
     native, text, denied = NATIVE, str.__str__, PermissionError
     first, second, *trusted = protected
+    # Bytecode is not validated: code the program makes or unmarshals itself could read the trusted
+    # frames' memory (the secret). Code objects come from compile() and from the interpreter's own
+    # modules only: unmarshalled by importlib's loaders, from .pyc files under its own directories.
+    import importlib._bootstrap_external as external
+    import sysconfig
+
+    unmarshal = external._compile_bytecode.__code__
+    loaders = (external.SourceLoader.get_code.__code__, external.SourcelessFileLoader.get_code.__code__)
+    frame, starts, ends = sys._getframe, str.startswith, str.endswith
+    paths = [sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")]
+    roots = tuple(sorted({os.path.join(path, "") for raw in paths for path in (raw, os.path.realpath(raw))}))
     # Replaced code would run the program's code with the trusted code's arguments (the secret among
     # them): no function's code may change (benchmark programs never do that), nor the trusted ones'
     # defaults (namedtuple sets its __new__'s, so defaults elsewhere stay writable).
@@ -340,6 +352,13 @@ def seal(protected):
         event = text(event)
         if event in refused or event.startswith("ctypes."):
             raise denied(f"the sandbox refuses {event}")
+        if event == "marshal.loads" or event == "marshal.load":
+            caller = frame(2).f_code
+            if not (frame(1).f_code is unmarshal and (caller is loaders[0] or caller is loaders[1])):
+                raise denied(f"the sandbox refuses {event} outside the import system")
+        if event == "open" and type(args[0]) is str and ends(args[0], ".pyc"):
+            if "/.." in args[0] or not starts(args[0], roots):
+                raise denied(f"the sandbox refuses bytecode from {args[0]}")
         if event == "import" and not native.isdisjoint(text(args[0]).split(".")):
             raise denied(f"the sandbox refuses to import {text(args[0])}")
         if event == "object.__setattr__":
@@ -676,6 +695,12 @@ def main():
         if not pid_namespace:
             errors.append("PID namespace: unshare refused")
     DROP_TO_NOBODY = probe_nobody()
+    # Root is never left to a sample, isolated or not: it could write anywhere the worker can.
+    root_error = None
+    if os.geteuid() == 0 and not DROP_TO_NOBODY:
+        root_error = (f"uid nobody cannot run {sys.executable} (a directory on its path is closed to other users): "
+                      "samples would run as root; give --python an interpreter every user can read")
+        errors.append(root_error)
     hello = {
         "ready": True,
         "python": sys.version.split()[0],
@@ -692,7 +717,7 @@ def main():
     out = sys.stdout.buffer
     out.write((json.dumps(hello) + "\n").encode())
     out.flush()
-    if ISOLATED and errors:
+    if (ISOLATED and errors) or root_error:
         return
     # What the worker holds is never collected by a sample's collections: they would touch (and so copy)
     # every page of it after each fork.
