@@ -264,10 +264,10 @@ fn execute_and_report(
     json: Option<&Path>,
     per_problem: bool,
 ) -> anyhow::Result<eval::Report> {
-    let forgotten = eval::forget_stale_outcomes(store, problems, sandbox)?;
+    let forgotten = eval::forget_stale_outcomes(store, sandbox)?;
     if forgotten > 0 {
         eprintln!(
-            "{forgotten} outcomes in {} were made under other execution settings (timeout, memory, interpreter, isolation or tests): running them again",
+            "{forgotten} outcomes in {} were made under other execution settings (timeout, memory, interpreter or isolation): running them again",
             store.path().display()
         );
     }

@@ -262,8 +262,9 @@ fn interrupted_scoring_resumes() {
         || db.exists() && common::count(&db, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'results'") == 1;
     let done = || if has_results() { common::count(&db, "SELECT COUNT(*) FROM results") } else { 0 };
     common::wait_until("3 samples scored", Duration::from_secs(60), || done() >= 3);
-    // A second evaluation of the same store meanwhile is refused.
+    // A second evaluation of the same store meanwhile is refused; a report reads it.
     check_failure(&eval(&args[1..]), "a second evaluation", &["another evaluation is using it"]);
+    check_eval(&["report", "--db", db.to_str().unwrap()]);
     child.kill().unwrap();
     child.wait().unwrap();
     let finished = done();

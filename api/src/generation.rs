@@ -197,9 +197,12 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
                         cancel.store(true, Ordering::Relaxed);
                         return;
                     }
-                    // Fed only into a batch with room: other clients' requests, queued meanwhile,
-                    // go first, and the queue stays open to them.
-                    if engine.in_flight() >= engine.config().max_batch {
+                    // Fed only into a batch with room for its samples and nothing waiting: other
+                    // clients' requests, queued meanwhile, go first, and the queue stays open to them.
+                    let counters = engine.counters();
+                    let waiting = counters.waiting.load(Ordering::Relaxed);
+                    let running = counters.running.load(Ordering::Relaxed);
+                    if waiting > 0 || running + plan.n > engine.config().max_batch {
                         tokio::time::sleep(BUSY_RETRY).await;
                         continue;
                     }

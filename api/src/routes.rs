@@ -287,10 +287,11 @@ fn wizardcoder_conversation(messages: &[crate::schema::Message]) -> String {
         instruction.clear();
     };
     for message in messages {
+        if message.content.trim().is_empty() {
+            continue;
+        }
         if message.role != "assistant" {
-            if !message.content.trim().is_empty() {
-                instruction.push(&message.content);
-            }
+            instruction.push(&message.content);
             continue;
         }
         if !instruction.is_empty() {
@@ -770,7 +771,14 @@ mod tests {
         check(&[("user", "Sort."), ("assistant", "def")], &format!("{}\ndef", alpaca_prompt("Sort.", None)));
         let sorted = format!("{}\ndef\nf(x)", alpaca_prompt("Sort.", None));
         check(
-            &[("assistant", "Hi!"), ("user", ""), ("user", "Sort."), ("assistant", "def"), ("assistant", "f(x)")],
+            &[
+                ("assistant", "Hi!"),
+                ("user", ""),
+                ("user", "Sort."),
+                ("assistant", "def"),
+                ("assistant", "f(x)"),
+                ("assistant", " "),
+            ],
             &sorted,
         );
         let later_system =

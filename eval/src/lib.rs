@@ -28,34 +28,39 @@ use problems::Problem;
 use sandbox::{Isolation, Job, SandboxConfig, Status};
 use store::Store;
 
-/// What an outcome depends on besides its sample: the sandbox's limits and interpreter, and the
-/// problems' tests (a digest of their programs).
-fn execution_settings(problems: &[Problem], sandbox: &SandboxConfig) -> String {
-    use sha2::Digest;
-    let mut tests = sha2::Sha256::new();
-    for problem in problems {
-        tests.update(problem.task_id.as_bytes());
-        tests.update(problem.program("").as_bytes());
-    }
-    let tests: String = tests.finalize().iter().take(8).map(|byte| format!("{byte:02x}")).collect();
+/// What an outcome depends on besides its sample and its problem: the sandbox's limits, isolation and
+/// interpreter (the file it resolves to, however it is spelled).
+fn execution_settings(sandbox: &SandboxConfig) -> String {
+    let python = resolve_program(&sandbox.python);
     format!(
-        "timeout {:?}, memory {} bytes, processes {}, file {} bytes, output {} chars, python {}, isolation {}, tests {tests}",
-        sandbox.timeout,
+        "timeout {} ns, memory {} bytes, processes {}, file {} bytes, output {} chars, python {}, isolation {}",
+        sandbox.timeout.as_nanos(),
         sandbox.memory_bytes,
         sandbox.max_processes,
         sandbox.max_file_bytes,
         sandbox.output_chars,
-        sandbox.python.display(),
+        python.display(),
         sandbox.isolation
     )
 }
 
+/// `program` as the file it names: looked up on PATH when it has no slash, links resolved; as given
+/// where it cannot be found (starting it will say why).
+fn resolve_program(program: &Path) -> std::path::PathBuf {
+    let found = if program.components().count() > 1 {
+        Some(program.to_path_buf())
+    } else {
+        std::env::var_os("PATH")
+            .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file()))
+    };
+    found.and_then(|path| std::fs::canonicalize(path).ok()).unwrap_or_else(|| program.to_path_buf())
+}
+
 /// Forgets the store's outcomes if they were made under other execution settings (another
-/// timeout, memory limit, interpreter, isolation or tests) than `sandbox` and `problems`; returns
-/// how many, which then run again. Only once the sandbox is known to start: a run that cannot
-/// execute anything loses nothing.
-pub fn forget_stale_outcomes(store: &Store, problems: &[Problem], sandbox: &SandboxConfig) -> Result<usize> {
-    let settings = execution_settings(problems, sandbox);
+/// timeout, memory limit, interpreter or isolation) than `sandbox`; returns how many, which then run
+/// again. Only once the sandbox is known to start: a run that cannot execute anything loses nothing.
+pub fn forget_stale_outcomes(store: &Store, sandbox: &SandboxConfig) -> Result<usize> {
+    let settings = execution_settings(sandbox);
     let forgotten = match store.meta("execution")? {
         Some(stored) if stored != settings => {
             sandbox::probe(sandbox)?;
@@ -67,8 +72,7 @@ pub fn forget_stale_outcomes(store: &Store, problems: &[Problem], sandbox: &Sand
     Ok(forgotten)
 }
 
-/// Runs every stored sample that has no outcome yet, recording each outcome as it arrives (a
-/// sandbox that could not be set up records none: the sample runs again next time). `progress` is
+/// Runs every stored sample that has no outcome yet, recording each outcome as it arrives. `progress` is
 /// called with (done, to do) after each. Returns the isolation the sandbox got, and how many ran.
 pub fn execute(
     store: &Store,
@@ -90,9 +94,7 @@ pub fn execute(
     let total = jobs.len();
     let mut done = 0;
     let isolation = sandbox::run(sandbox, jobs, |key, outcome| {
-        if !outcome.result.starts_with(sandbox::SET_UP_FAILED) {
-            store.record(&pending[key], &outcome)?;
-        }
+        store.record(&pending[key], &outcome)?;
         done += 1;
         progress(done, total);
         Ok(())

@@ -19,9 +19,6 @@ use crate::error::{EvalError, Result};
 
 const WORKER: &str = include_str!("worker.py");
 
-/// How the worker reports a sample whose sandbox could not be set up (not the sample's doing).
-pub const SET_UP_FAILED: &str = "failed: sandbox set-up failed";
-
 /// Limits and resources of the sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {

@@ -65,7 +65,7 @@ impl FromSql for Status {
 pub struct Store {
     connection: Connection,
     path: PathBuf,
-    /// Held while the store is open: two evaluations never write it at once.
+    /// Held while an evaluation has the store open: two never write it at once.
     _lock: Option<std::fs::File>,
 }
 
@@ -76,6 +76,11 @@ impl Store {
     /// Opens (or creates) the store of an evaluation of `benchmark`; a store made for another benchmark is
     /// an error.
     pub fn open(path: &Path, benchmark: &str) -> Result<Store> {
+        Store::open_with(path, benchmark, true)
+    }
+
+    /// [`open`](Self::open), holding the store against other evaluations when `exclusive`.
+    fn open_with(path: &Path, benchmark: &str, exclusive: bool) -> Result<Store> {
         let error = |e: rusqlite::Error| EvalError::Store { path: path.into(), message: e.to_string() };
         let connection = Connection::open(path).map_err(error)?;
         connection.busy_timeout(std::time::Duration::from_secs(10)).map_err(error)?;
@@ -83,13 +88,18 @@ impl Store {
         connection.pragma_update(None, "synchronous", "NORMAL").map_err(error)?;
         connection.execute_batch(SCHEMA).map_err(error)?;
         // One evaluation at a time: two would replace each other's samples under their outcomes.
-        let lock =
-            std::fs::File::open(path).map_err(|e| EvalError::Store { path: path.into(), message: e.to_string() })?;
-        if let Err(std::fs::TryLockError::WouldBlock) = lock.try_lock() {
-            let message = "another evaluation is using it: wait for it to end, or use another store".to_string();
-            return Err(EvalError::Store { path: path.into(), message });
-        }
-        let store = Store { connection, path: path.into(), _lock: Some(lock) };
+        let lock = if exclusive {
+            let lock = std::fs::File::open(path)
+                .map_err(|e| EvalError::Store { path: path.into(), message: e.to_string() })?;
+            if let Err(std::fs::TryLockError::WouldBlock) = lock.try_lock() {
+                let message = "another evaluation is using it: wait for it to end, or use another store".to_string();
+                return Err(EvalError::Store { path: path.into(), message });
+            }
+            Some(lock)
+        } else {
+            None
+        };
+        let store = Store { connection, path: path.into(), _lock: lock };
         match store.meta("benchmark")? {
             Some(found) if found != benchmark => {
                 return Err(store.error(format!(
@@ -115,7 +125,8 @@ impl Store {
             .map_err(|e| EvalError::Store { path: path.into(), message: format!("not an evaluation store ({e})") })?;
         drop(connection);
         match benchmark {
-            Some(benchmark) => Store::open(path, &benchmark),
+            // Reading (a report while an evaluation runs) takes no hold.
+            Some(benchmark) => Store::open_with(path, &benchmark, false),
             None => {
                 Err(EvalError::Store { path: path.into(), message: "not an evaluation store (no benchmark)".into() })
             }

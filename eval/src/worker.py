@@ -340,6 +340,18 @@ def seal(protected):
 
     unmarshal = external._compile_bytecode.__code__
     loaders = (external.SourceLoader.get_code.__code__, external.SourcelessFileLoader.get_code.__code__)
+    # The loaders' classes as they are now: a program that replaced a method (get_data handing the
+    # unmarshalling forged bytes) or gave a loader its own is refused the loader's bytecode.
+    source_loader, sourceless_loader = external.SourceFileLoader, external.SourcelessFileLoader
+    mapping, loader_fields = dict, frozenset({"name", "path"})
+    loader_classes = tuple((cls, dict(cls.__dict__)) for cls in source_loader.__mro__ + sourceless_loader.__mro__)
+
+    def loaders_unchanged(loader):
+        for cls, items in loader_classes:
+            if mapping(cls.__dict__) != items:
+                return False
+        fields = loader.__dict__
+        return type(fields) is mapping and loader_fields.issuperset(fields.keys())
     frame, starts, ends = sys._getframe, str.startswith, str.endswith
     paths = [sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")]
     roots = tuple(sorted({os.path.join(path, "") for raw in paths for path in (raw, os.path.realpath(raw))}))
@@ -353,9 +365,17 @@ def seal(protected):
         if event in refused or event.startswith("ctypes."):
             raise denied(f"the sandbox refuses {event}")
         if event == "marshal.loads" or event == "marshal.load":
-            caller = frame(2).f_code
-            if not (frame(1).f_code is unmarshal and (caller is loaders[0] or caller is loaders[1])):
+            caller = frame(2)
+            getter = caller.f_code
+            if not (frame(1).f_code is unmarshal and (getter is loaders[0] or getter is loaders[1])):
                 raise denied(f"the sandbox refuses {event} outside the import system")
+            # Bytes the interpreter's own loaders read from under its own directories.
+            local = caller.f_locals
+            owner = type(local.get("self"))
+            source = local.get("bytecode_path" if getter is loaders[0] else "path")
+            if (not (owner is source_loader or owner is sourceless_loader) or not loaders_unchanged(local["self"])
+                    or type(source) is not str or "/.." in source or not starts(source, roots)):
+                raise denied(f"the sandbox refuses bytecode from {source!r}")
         if event == "open" and type(args[0]) is str and ends(args[0], ".pyc"):
             if "/.." in args[0] or not starts(args[0], roots):
                 raise denied(f"the sandbox refuses bytecode from {args[0]}")

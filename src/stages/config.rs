@@ -322,8 +322,8 @@ impl Config {
         if eval.format != "instruct" && eval.format != "base" {
             return fail("eval.format", format!("{:?}: use instruct or base", eval.format));
         }
-        if !(eval.timeout > 0.0 && eval.timeout.is_finite()) {
-            return fail("eval.timeout", "must be a positive number of seconds".into());
+        if !(0.001..=86_400.0).contains(&eval.timeout) {
+            return fail("eval.timeout", "must be 0.001 to 86400 seconds (as wizard eval's --timeout)".into());
         }
         Ok(())
     }
