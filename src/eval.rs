@@ -221,9 +221,8 @@ fn load(args: &BenchmarkArgs, python: &Path) -> anyhow::Result<(Benchmark, Vec<P
 }
 
 fn sandbox_config(args: &SandboxArgs) -> anyhow::Result<SandboxConfig> {
-    // A millisecond at least: the worker's timer cannot be armed finer. A day at most.
     anyhow::ensure!(
-        (0.001..=86_400.0).contains(&args.timeout),
+        eval::sandbox::TIMEOUT_SECONDS.contains(&args.timeout),
         "--timeout must be 0.001 to 86400 seconds, got {}",
         args.timeout
     );

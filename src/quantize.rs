@@ -72,20 +72,18 @@ fn create_out(out: &Path) -> anyhow::Result<Made> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
             Err(e) => {
                 made.remove(out);
-                let reason = if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    "it is not a directory".into()
-                } else {
-                    e.to_string()
-                };
-                anyhow::bail!("cannot create --out {}: {} exists and {reason}", out.display(), path.display());
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    anyhow::bail!("--out {}: {} exists and is not a directory", out.display(), path.display());
+                }
+                return Err(e).with_context(|| format!("cannot create --out {}", path.display()));
             }
         }
     }
     Ok(made)
 }
 
-/// Refuses an `--out` that is, once made, the model directory (by a spelling that only resolves
-/// to it now: `MODEL/new/..`), or that holds anything but an earlier quantized copy, which writing
+/// Refuses an `--out` that is, once made, the model directory (by any spelling: a trailing slash,
+/// a link, `MODEL/new/..`), which would be overwritten while it is read, or that holds anything but an earlier quantized copy, which writing
 /// would replace.
 fn check_out(args: &Args) -> anyhow::Result<()> {
     let canonical =
@@ -113,20 +111,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.dtype
         );
     };
-    // The same directory by another spelling (a trailing slash, `./`, a link) would be overwritten
-    // while it is read.
-    let same = |a: &PathBuf, b: &PathBuf| std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok());
-    anyhow::ensure!(
-        args.out != args.model && same(&args.out, &args.model).is_none_or(|(out, model)| out != model),
-        "--out {} is the model directory {}: write the quantized copy elsewhere",
-        args.out.display(),
-        args.model.display()
-    );
-    anyhow::ensure!(
-        !args.out.exists() || args.out.is_dir(),
-        "--out {} exists and is not a directory",
-        args.out.display()
-    );
     // Made first: an --out that cannot be written fails before minutes of quantizing.
     let made = create_out(&args.out)?;
     let outcome = check_out(&args).and_then(|()| quantize_into(&args, format));

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::generation::{self, Merged, Plan, SampleText};
 use crate::logprobs::{self, LegacyLogprobs};
-use crate::schema::{ChatRequest, CompletionRequest, InfillRequest, Knobs, Prompt, Unsupported};
+use crate::schema::{ChatRequest, CompletionRequest, InfillRequest, Knobs, Prompt};
 use crate::App;
 
 /// The three generating endpoints differ only in how they shape their answers.
@@ -92,7 +92,7 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
     let job = async {
         let body = parse(&app, body)?;
         let (request, knobs): (CompletionRequest, Knobs) = (fields(&body)?, fields(&body)?);
-        refuse_unsupported(&fields(&body)?, &knobs)?;
+        refuse_unsupported(&knobs)?;
         let prompts = crate::schema::prompts(&request.prompt).map_err(|e| ApiError::invalid(Some("prompt"), e))?;
         let logprobs = match request.logprobs {
             None => None,
@@ -111,7 +111,7 @@ pub(crate) async fn completions(State(app): State<Arc<App>>, body: Result<Bytes,
             let empty = prompt == Prompt::Text(String::new());
             let tokens = match prompt {
                 // An empty prompt starts from the end-of-text token, as OpenAI's do.
-                Prompt::Text(text) if text.is_empty() => vec![i64::from(app.tokenizer.eos_id())],
+                _ if empty => vec![i64::from(app.tokenizer.eos_id())],
                 Prompt::Text(text) => generation::encode(&app.tokenizer, vec![text]).await?.remove(0),
                 Prompt::Tokens(tokens) => tokens,
             };
@@ -164,7 +164,7 @@ pub(crate) async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesR
     let job = async {
         let body = parse(&app, body)?;
         let (mut request, knobs): (ChatRequest, Knobs) = (fields(&body)?, fields(&body)?);
-        refuse_unsupported(&fields(&body)?, &knobs)?;
+        refuse_unsupported(&knobs)?;
         for (index, message) in request.messages.iter_mut().enumerate() {
             match message.role.as_str() {
                 "system" | "user" | "assistant" => {}
@@ -307,22 +307,22 @@ fn wizardcoder_conversation(messages: &[crate::schema::Message]) -> String {
     prompt
 }
 
-/// Refuses what the request sets of [`Unsupported`] to other than its neutral value.
-fn refuse_unsupported(unsupported: &Unsupported, knobs: &Knobs) -> Result<(), ApiError> {
+/// Refuses what the request sets of the fields [`Knobs`] holds but this server does not implement
+/// to other than its neutral value.
+fn refuse_unsupported(knobs: &Knobs) -> Result<(), ApiError> {
     let refuse = |field: &str, what: &str| {
         Err(ApiError::invalid(Some(field), format!("{field}: {what} is not supported by this server")))
     };
-    for (field, value) in
-        [("presence_penalty", unsupported.presence_penalty), ("frequency_penalty", unsupported.frequency_penalty)]
+    for (field, value) in [("presence_penalty", knobs.presence_penalty), ("frequency_penalty", knobs.frequency_penalty)]
     {
         if value.is_some_and(|v| v != 0.0) {
             return refuse(field, "a penalty other than 0");
         }
     }
-    if unsupported.logit_bias.as_ref().is_some_and(|bias| !bias.is_empty()) {
+    if knobs.logit_bias.as_ref().is_some_and(|bias| !bias.is_empty()) {
         return refuse("logit_bias", "biasing tokens");
     }
-    if let Some(best_of) = unsupported.best_of {
+    if let Some(best_of) = knobs.best_of {
         let n = knobs.n.unwrap_or(1);
         if best_of < n {
             return Err(ApiError::invalid(Some("best_of"), format!("best_of must be at least n ({n}), got {best_of}")));
@@ -331,14 +331,13 @@ fn refuse_unsupported(unsupported: &Unsupported, knobs: &Knobs) -> Result<(), Ap
             return refuse("best_of", "ranking more candidates than n");
         }
     }
-    match unsupported.tool_choice.as_ref() {
+    match knobs.tool_choice.as_ref() {
         None | Some(Value::Null) => {}
         Some(Value::String(choice)) if choice == "none" || choice == "auto" => {}
         Some(_) => return refuse("tool_choice", "calling tools"),
     }
     // `{"type": ...}`, or the type alone as some clients write it.
-    let format =
-        unsupported.response_format.as_ref().map(|format| if format.is_string() { format } else { &format["type"] });
+    let format = knobs.response_format.as_ref().map(|format| if format.is_string() { format } else { &format["type"] });
     match format {
         None | Some(Value::Null) => {}
         Some(Value::String(kind)) if kind == "text" => {}

@@ -84,6 +84,20 @@ pub struct Knobs {
     pub stream: bool,
     /// Only `include_usage`.
     pub stream_options: Option<StreamOptions>,
+    // OpenAI's fields this server does not implement: a request that sets one to other than its
+    // neutral value is refused, not answered as if it had not.
+    /// Penalties (0 is neutral).
+    pub presence_penalty: Option<f64>,
+    /// Penalties (0 is neutral).
+    pub frequency_penalty: Option<f64>,
+    /// Per-token biases (empty is neutral).
+    pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Candidates per choice (n is neutral).
+    pub best_of: Option<i64>,
+    /// Forced tool calls (`none` and `auto` are neutral: the model answers in text).
+    pub tool_choice: Option<serde_json::Value>,
+    /// Structured output (`text` is neutral).
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// `stream_options`.
@@ -148,24 +162,6 @@ fn any_seed<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<
         }
         Some(other) => Err(D::Error::custom(format!("seed must be an integer, got {other}"))),
     }
-}
-
-/// Fields of OpenAI's requests this server does not implement; a request that sets one to other
-/// than its neutral value is refused, not answered as if it had not.
-#[derive(Debug, Clone, Deserialize, Default)]
-pub struct Unsupported {
-    /// Penalties (0 is neutral).
-    pub presence_penalty: Option<f64>,
-    /// Penalties (0 is neutral).
-    pub frequency_penalty: Option<f64>,
-    /// Per-token biases (empty is neutral).
-    pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
-    /// Candidates per choice (n is neutral).
-    pub best_of: Option<i64>,
-    /// Forced tool calls (`none` and `auto` are neutral: the model answers in text).
-    pub tool_choice: Option<serde_json::Value>,
-    /// Structured output (`text` is neutral).
-    pub response_format: Option<serde_json::Value>,
 }
 
 /// `POST /v1/chat/completions`.

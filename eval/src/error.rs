@@ -48,8 +48,12 @@ pub enum EvalError {
     )]
     Isolation(String),
     /// Running as root, the sandbox cannot drop samples to uid nobody.
-    #[error("the sandbox refuses to run samples: {0}")]
-    AsRoot(String),
+    #[error(
+        "the sandbox refuses to run samples: uid nobody cannot run {} (a directory on its path is closed to \
+         other users), so samples would run as root; give --python an interpreter every user can read",
+        .0.display()
+    )]
+    AsRoot(std::path::PathBuf),
     /// The SQLite store failed or belongs to another evaluation.
     #[error("store {path}: {message}")]
     Store {

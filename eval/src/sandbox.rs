@@ -19,6 +19,10 @@ use crate::error::{EvalError, Result};
 
 const WORKER: &str = include_str!("worker.py");
 
+/// The `--timeout` a sample may get, in seconds: the worker's timer cannot be armed finer than a
+/// millisecond; a day at most.
+pub const TIMEOUT_SECONDS: std::ops::RangeInclusive<f64> = 0.001..=86_400.0;
+
 /// Limits and resources of the sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -127,6 +131,9 @@ pub struct Isolation {
     pub pid_namespace: bool,
     /// Programs run as uid 65534 (we are root), so they cannot write outside their directory.
     pub uid_nobody: bool,
+    /// We are root and uid nobody cannot run the interpreter: the worker refuses to run samples.
+    #[serde(default)]
+    pub as_root: bool,
 }
 
 impl std::fmt::Display for Isolation {
@@ -202,10 +209,9 @@ impl Worker {
         })?;
         let isolation: Isolation =
             serde_json::from_str(&hello).map_err(|e| error(format!("unexpected greeting {hello:?}: {e}")))?;
-        // Under --no-isolation the worker still refuses to leave root to samples.
-        let as_root = isolation.errors.iter().find(|e| e.contains("samples would run as root"));
-        if let Some(error) = as_root {
-            return Err(EvalError::AsRoot(error.clone()));
+        // Under --no-isolation too, root is never left to samples.
+        if isolation.as_root {
+            return Err(EvalError::AsRoot(config.python.clone()));
         }
         if config.isolation && !isolation.isolated {
             return Err(EvalError::Isolation(isolation.errors.join("; ")));

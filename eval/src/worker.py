@@ -269,18 +269,25 @@ NATIVE = frozenset({"ctypes", "_ctypes", "cffi", "_cffi_backend", "_testcapi", "
                     "_interpchannels", "_interpqueues", "_imp", "_thread"})
 
 
+def interpreter_roots():
+    """The interpreter's own directories (as given and resolved, each ending in `/`): the only places
+    native code and bytecode load from. Checked as text with str's own methods (nothing a program can
+    patch), so paths with `..` are refused too."""
+    import sysconfig
+
+    paths = [sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")]
+    return tuple(sorted({os.path.join(path, "") for raw in paths for path in (raw, os.path.realpath(raw))}))
+
+
 def guard_native_imports():
     """Makes `_imp` refuse the native modules itself: an extension module loaded before (ctypes' own, by
     this worker) is made again from the interpreter's cache without the audit event that the hook
     refuses. Done once in the worker; returns the two guards, which the audit hook protects."""
     import _imp
-    import sysconfig
     from types import SimpleNamespace
 
     # Extension modules load only from the interpreter's own directories, never from where a sample writes.
-    # Checked as text with str's own methods (nothing a program can patch), so no `..` either.
-    paths = [sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")]
-    roots = tuple(sorted({os.path.join(path, "") for raw in paths for path in (raw, os.path.realpath(raw))}))
+    roots = interpreter_roots()
 
     def create_dynamic(spec, file=None, _load=_imp.create_dynamic, _spec=SimpleNamespace, _text=str.__str__,
                        _native=NATIVE, _denied=PermissionError, _roots=roots):
@@ -336,7 +343,6 @@ def seal(protected):
     # frames' memory (the secret). Code objects come from compile() and from the interpreter's own
     # modules only: unmarshalled by importlib's loaders, from .pyc files under its own directories.
     import importlib._bootstrap_external as external
-    import sysconfig
 
     unmarshal = external._compile_bytecode.__code__
     loaders = (external.SourceLoader.get_code.__code__, external.SourcelessFileLoader.get_code.__code__)
@@ -352,9 +358,8 @@ def seal(protected):
                 return False
         fields = loader.__dict__
         return type(fields) is mapping and loader_fields.issuperset(fields.keys())
-    frame, starts, ends = sys._getframe, str.startswith, str.endswith
-    paths = [sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")]
-    roots = tuple(sorted({os.path.join(path, "") for raw in paths for path in (raw, os.path.realpath(raw))}))
+
+    frame, starts, ends, roots = sys._getframe, str.startswith, str.endswith, interpreter_roots()
     # Replaced code would run the program's code with the trusted code's arguments (the secret among
     # them): no function's code may change (benchmark programs never do that), nor the trusted ones'
     # defaults (namedtuple sets its __new__'s, so defaults elsewhere stay writable).
@@ -716,11 +721,7 @@ def main():
             errors.append("PID namespace: unshare refused")
     DROP_TO_NOBODY = probe_nobody()
     # Root is never left to a sample, isolated or not: it could write anywhere the worker can.
-    root_error = None
-    if os.geteuid() == 0 and not DROP_TO_NOBODY:
-        root_error = (f"uid nobody cannot run {sys.executable} (a directory on its path is closed to other users): "
-                      "samples would run as root; give --python an interpreter every user can read")
-        errors.append(root_error)
+    as_root = os.geteuid() == 0 and not DROP_TO_NOBODY
     hello = {
         "ready": True,
         "python": sys.version.split()[0],
@@ -733,11 +734,12 @@ def main():
         "read_only_root": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
         "pid_namespace": pid_namespace,
         "uid_nobody": DROP_TO_NOBODY,
+        "as_root": as_root,
     }
     out = sys.stdout.buffer
     out.write((json.dumps(hello) + "\n").encode())
     out.flush()
-    if (ISOLATED and errors) or root_error:
+    if (ISOLATED and errors) or as_root:
         return
     # What the worker holds is never collected by a sample's collections: they would touch (and so copy)
     # every page of it after each fork.

@@ -322,7 +322,7 @@ impl Config {
         if eval.format != "instruct" && eval.format != "base" {
             return fail("eval.format", format!("{:?}: use instruct or base", eval.format));
         }
-        if !(0.001..=86_400.0).contains(&eval.timeout) {
+        if !eval::sandbox::TIMEOUT_SECONDS.contains(&eval.timeout) {
             return fail("eval.timeout", "must be 0.001 to 86400 seconds (as wizard eval's --timeout)".into());
         }
         Ok(())
