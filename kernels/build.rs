@@ -73,6 +73,7 @@ fn main() {
         .file("csrc/mapped.cpp")
         .file("csrc/amx_bf16.cpp")
         .file("csrc/attention.cpp")
+        .file("csrc/prompt_attention.cpp")
         .file("csrc/block.cpp")
         .file("csrc/quantized.cpp");
     // ProcessGroupGloo.hpp includes gloo's headers, which the wheel does not ship; Debian's

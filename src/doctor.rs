@@ -164,7 +164,7 @@ fn print_text(
         let bf16 = kernels::linear::bf16_kernel();
         let pairs = if bf16 == kernels::linear::Bf16Kernel::Widened { "" } else { ", bf16 in pairs of steps" };
         format!(
-            "wizard's dense kernel (fp32, {}; or fp32/bf16 panels{pairs}, per shape as timed at load)",
+            "wizard's dense kernel (fp32, {}; or fp32/bf16 panels{pairs}, or libtorch for fp32 prompt chunks, per shape as timed at load)",
             bf16.describe()
         )
     } else {
@@ -173,7 +173,8 @@ fn print_text(
     let cap = kernels::cpu::cap().map(|cap| format!(" (capped: WIZARD_CPU_MAX={cap})")).unwrap_or_default();
     println!("CPU decoding    {kernel}; int8/int4 kernel: {}{cap}", kernels::quantized::kernel_isa());
     let prompt_attention = if kernels::attention::bf16_attention_faster() { "bf16" } else { "fp32" };
-    println!("CPU prompts     attention under bf16 weights in {prompt_attention} (as timed now)");
+    let grouped = if kernels::attention::prompt_attention_faster() { "matrix products" } else { "libtorch's SDPA" };
+    println!("CPU prompts     attention under bf16 weights in {prompt_attention}; fp32 multi-query attention by {grouped} (as timed now)");
     println!("python          {}", python.map_or_else(|| "not found".into(), |p| p.display().to_string()));
     for peer in peers {
         let state = match (&peer.version, &peer.error) {
@@ -224,6 +225,7 @@ fn print_json(
         "int8_kernel": kernels::quantized::kernel_isa(),
         "bf16_kernel": kernels::linear::bf16_kernel().name(),
         "bf16_prompt_attention": kernels::attention::bf16_attention_faster(),
+        "prompt_attention_products": kernels::attention::prompt_attention_faster(),
         "cpu_max": kernels::cpu::cap(),
         "python": python.map(PathBuf::from),
         "peers": peers.iter().map(|p| json!({"module": p.module, "version": p.version, "error": p.error})).collect::<Vec<_>>(),

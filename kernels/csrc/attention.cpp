@@ -508,6 +508,12 @@ void attend_heads(const float* query, int64_t query_stride, int64_t heads, const
     attend_portable(query + h * query_stride, keys, values, count, dim, scale, scores, out + h * dim);
 }
 
+float softmax_row(float* scores, int64_t count) {
+  if (wizard::cpu::avx512()) return softmax_weights_avx512(scores, count);
+  if (wizard::cpu::avx2()) return softmax_weights_avx2(scores, count);
+  return softmax_weights(scores, count);
+}
+
 void attend_task(const AttentionTasks::Task& task, const CacheRow& row, int64_t dim, const float* query,
                  int64_t query_stride, float scale, std::vector<float>& scores, float* out) {
   const int64_t base = task.group * row.capacity * dim, positions = row.past + task.position + 1;

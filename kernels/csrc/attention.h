@@ -46,4 +46,8 @@ class AttentionTasks {
 void attend_task(const AttentionTasks::Task& task, const CacheRow& row, int64_t dim, const float* query,
                  int64_t query_stride, float scale, std::vector<float>& scores, float* out);
 
+// scores[t] = exp(scores[t] - their largest) for t in [0, count), count >= 1; returns 1 / their sum
+// (NaN where a score is NaN). With the widest instructions this CPU has.
+float softmax_row(float* scores, int64_t count);
+
 }  // namespace wizard

@@ -1,7 +1,8 @@
 //! Causal self-attention through libtorch's `scaled_dot_product_attention`, which picks a fused
 //! backend (flash or memory-efficient on CUDA, the flash CPU kernel on CPU), plus a naive reference
 //! used by the tests. Multi-query K/V (one head) is never copied per query head: decode steps fold
-//! the heads into the query length, prefill uses SDPA's grouped-query mode.
+//! the heads into the query length, prefill uses SDPA's grouped-query mode or, in fp32 on the CPU
+//! where it measures faster, [`prompt_attention`], which folds them into its matrix products.
 use std::fmt;
 use std::sync::Mutex;
 
@@ -179,6 +180,62 @@ pub fn bf16_attention_faster() -> bool {
     })
 }
 
+/// Causal attention of a prompt chunk as [`causal_attention`] computes it, for fp32 CPU inference
+/// with grouped keys and values (a multi-query model's one key head), as `[batch, q_len, heads *
+/// head_dim]`: each block of positions times a group's heads is one matrix, its scores against the
+/// keys it may see one BLAS product, its weighted values another (`csrc/prompt_attention.cpp`).
+/// `None` where it does not apply (gradients, other dtypes or devices, as many key heads as query
+/// heads) or SDPA measured faster on this CPU ([`prompt_attention_faster`]).
+pub fn prompt_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -> Option<Tensor> {
+    let inference_fp32 = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && !t.requires_grad();
+    let applies =
+        [query, key, value].into_iter().all(|t| inference_fp32(t) && t.dim() == 4) && key.size()[1] < query.size()[1];
+    (applies && prompt_attention_faster()).then(|| prompt_attention_kernel(query, key, value, scale))
+}
+
+/// Whether [`prompt_attention`]'s products beat SDPA on a multi-query prompt chunk on this CPU by at
+/// least 5%, timed once per process (a few milliseconds).
+pub fn prompt_attention_faster() -> bool {
+    static FASTER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FASTER.get_or_init(|| {
+        let _guard = tch::no_grad_guard();
+        let query = Tensor::randn([1, 12, 256, 64], (Kind::Float, Device::Cpu));
+        let key = Tensor::randn([1, 1, 256, 64], (Kind::Float, Device::Cpu));
+        let time = |attend: &dyn Fn()| {
+            (0..4)
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    attend();
+                    start.elapsed()
+                })
+                .min()
+                .unwrap_or_default()
+                .as_secs_f64()
+        };
+        let products = time(&|| drop(prompt_attention_kernel(&query, &key, &key, 0.125)));
+        let sdpa = time(&|| drop(causal_attention(&query, &key, &key, 0.125, 0.0)));
+        products * 1.05 < sdpa
+    })
+}
+
+/// [`prompt_attention`] whatever was measured. Panics on what the kernel rejects (see there).
+fn prompt_attention_kernel(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -> Tensor {
+    // The kernel reads rows of any stride, but each row's values one after another.
+    let rows = |t: &Tensor| if t.stride()[3] == 1 { t.shallow_clone() } else { t.contiguous() };
+    let (query, key, value) = (rows(query), rows(key), rows(value));
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the handles are live tch tensors for the duration of the call, which only reads them;
+    // on success `result` is a new heap `at::Tensor` whose ownership passes to the returned Tensor.
+    let status = unsafe {
+        ffi::wizard_prompt_attention(ffi::tensor(&query), ffi::tensor(&key), ffi::tensor(&value), scale, &mut result)
+    };
+    if let Err(error) = check(status, "prompt attention") {
+        panic!("{error}");
+    }
+    // SAFETY: see above; `result` is non-null after a successful call.
+    unsafe { Tensor::from_ptr(result as *mut torch_sys::C_tensor) }
+}
+
 /// The most new positions per sequence that [`decode_attention`] takes: every decode step and
 /// verification pass (speculation's widths stay below it); longer prompt chunks go to SDPA, whose
 /// blocked kernel is faster there.
@@ -297,6 +354,25 @@ mod tests {
         let scale = 1.0 / (head_dim as f64).sqrt();
         let fused = causal_attention(&query, &key, &value, scale, 0.0);
         let reference = reference_attention(&query, &key, &value, scale);
+        // The prompt kernel on the layouts the model hands it: queries a view of rows laid out
+        // position by position, keys and values rows of a longer cache.
+        let positions_first = query.transpose(1, 2).contiguous().transpose(1, 2);
+        let cached = |t: &Tensor| {
+            let buffer = Tensor::zeros([2, case.kv_heads, case.k_len + 5, head_dim], opts);
+            buffer.narrow(2, 0, case.k_len).copy_(t);
+            buffer.narrow(2, 0, case.k_len)
+        };
+        let products = prompt_attention_kernel(&positions_first, &cached(&key), &cached(&value), scale);
+        let expected = reference.transpose(1, 2).reshape([2, case.q_len, -1]);
+        let diff = (products - expected).abs().max().double_value(&[]);
+        assert!(
+            diff < 1e-5,
+            "prompt kernel, heads {} kv {} q {} k {}: max diff {diff}",
+            case.heads,
+            case.kv_heads,
+            case.q_len,
+            case.k_len
+        );
         let diff = (fused - reference).abs().max().double_value(&[]);
         assert!(
             diff < 1e-5,
@@ -316,6 +392,31 @@ mod tests {
         check(Case { heads: 4, kv_heads: 4, q_len: 9, k_len: 9 }); // MHA prefill
         check(Case { heads: 4, kv_heads: 4, q_len: 1, k_len: 9 }); // MHA decode
         check(Case { heads: 4, kv_heads: 4, q_len: 5, k_len: 12 }); // MHA after a cache
+                                                                    // Prompt chunks of several blocks of the prompt kernel, alone and after a cache.
+        check(Case { heads: 12, kv_heads: 1, q_len: 300, k_len: 300 });
+        check(Case { heads: 12, kv_heads: 1, q_len: 100, k_len: 333 });
+        check(Case { heads: 8, kv_heads: 2, q_len: 130, k_len: 150 });
+    }
+
+    /// Where it applies and measured faster, the model's prompt chunks take the prompt kernel; a NaN
+    /// in one head's query stays in that head's rows.
+    #[test]
+    fn prompt_attention_applies_to_grouped_fp32_inference() {
+        let opts = (Kind::Float, Device::Cpu);
+        let (query, key) = (Tensor::randn([1, 4, 80, 16], opts), Tensor::randn([1, 1, 80, 16], opts));
+        let taken = prompt_attention(&query, &key, &key, 0.25);
+        assert_eq!(taken.is_some(), prompt_attention_faster());
+        assert!(prompt_attention(&query.to_kind(Kind::BFloat16), &key, &key, 0.25).is_none());
+        let heads_apart = Tensor::randn([1, 4, 80, 16], opts);
+        assert!(prompt_attention(&query, &heads_apart, &heads_apart, 0.25).is_none());
+        assert!(prompt_attention(&query.set_requires_grad(true), &key, &key, 0.25).is_none());
+        let query = Tensor::randn([1, 4, 80, 16], opts);
+        let _ = query.narrow(1, 2, 1).narrow(2, 10, 1).narrow(3, 0, 1).fill_(f64::NAN);
+        let out = prompt_attention_kernel(&query, &key, &key, 0.25).view([80, 4, 16]);
+        let nan_rows = out.isnan().any_dims(&[2][..], false);
+        let expected = Tensor::zeros([80, 4], (Kind::Bool, Device::Cpu));
+        let _ = expected.narrow(0, 10, 1).narrow(1, 2, 1).fill_(1);
+        assert!(nan_rows.equal(&expected), "{nan_rows}");
     }
 
     struct DecodeCase {

@@ -50,13 +50,13 @@ impl DecodeBlock<'_> {
     /// Whether [`forward`](Self::forward) takes `x` `[batch, new, d]`: CPU tensors needing no
     /// gradient, at most [`DECODE_KERNEL_MAX_POSITIONS`] new positions, a kernel on this CPU for each
     /// dense weight, and the kernel (not libtorch) chosen by [`crate::calibrate`] for every fp32
-    /// product.
+    /// step.
     pub fn applies(&self, x: &Tensor) -> bool {
         let handles = self.handles();
         x.device() == Device::Cpu
             && x.dim() == 3
             && x.size()[1] <= DECODE_KERNEL_MAX_POSITIONS
-            && [2, 4, 8, 10].iter().all(|&i| choice_for(self.parameters[i]) == Choice::Kernel)
+            && [2, 4, 8, 10].iter().all(|&i| choice_for(self.parameters[i]) != Choice::Libtorch)
             // SAFETY: live tensors for the duration of the call, which only reads them.
             && unsafe { ffi::wizard_decode_block_applies(ffi::tensor(x), handles.as_ptr()) != 0 }
     }

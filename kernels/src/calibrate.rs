@@ -21,6 +21,8 @@ use crate::quantized::{Format, QuantizedWeight};
 
 /// How much faster libtorch must be, at both row counts, to be chosen.
 const LIBTORCH_MARGIN: f64 = 1.1;
+/// How much faster libtorch must be for a prompt chunk to take it there alone.
+const LIBTORCH_PROMPT_MARGIN: f64 = 1.05;
 /// The row counts timed: a decode step, a verification pass of 6 drafted tokens, a full batch and a
 /// prefill chunk.
 const ROWS: [i64; 4] = [1, 7, 16, 128];
@@ -53,6 +55,22 @@ pub enum Choice {
     /// wizard's kernel over the weight packed in panels ([`crate::linear::pack_panels`]), which the
     /// model does at load ([`takes_panels`]).
     Panels,
+    /// wizard's kernel for steps of few positions (decode steps, verification passes, batches of
+    /// them), `at::linear` for prompt chunks: BLAS ran a d768 model's 3072 x 768 product over 512
+    /// prompt rows 1.3x faster than the kernel, which stays faster for a step.
+    LibtorchForPrompts,
+}
+
+impl Choice {
+    /// The name `wizard doctor`'s log and the cache file show.
+    pub fn name(self) -> &'static str {
+        match self {
+            Choice::Kernel => "kernel",
+            Choice::Libtorch => "libtorch",
+            Choice::Panels => "panels",
+            Choice::LibtorchForPrompts => "kernel+libtorch-prompts",
+        }
+    }
 }
 
 /// One shape's timings (µs per call at 1, 7, 16 and 128 rows) and the choice they made.
@@ -64,8 +82,8 @@ pub struct Measurement {
     pub shape: (i64, i64),
     /// The kernel's time per call at 1, 7, 16 and 128 rows.
     pub kernel_us: Times,
-    /// `at::linear`'s time per call at 1 and 16 rows, what its rule reads (infinite at 7 and 128,
-    /// and for bf16 weights, which it does not multiply under fp32 activations).
+    /// `at::linear`'s time per call at 1, 16 and 128 rows, what its rules read (infinite at 7, and
+    /// for bf16 weights, which it does not multiply under fp32 activations).
     pub libtorch_us: Times,
     /// The panel kernel's time per call at 1, 7, 16 and 128 rows (infinite where it cannot run).
     pub panels_us: Times,
@@ -98,16 +116,18 @@ fn table() -> MutexGuard<'static, HashMap<Shape, Choice>> {
 /// look at the table (this runs for every dense product).
 static LIBTORCH_CHOSEN: AtomicBool = AtomicBool::new(false);
 
-/// The product an fp32 CPU weight of this shape takes as it is: libtorch where a measurement chose
-/// it, else the kernel (also for a shape that chose panels but was not packed).
+/// The product an fp32 CPU weight of this shape takes as it is: libtorch (always or for prompt
+/// chunks) where a measurement chose it, else the kernel (also for a shape that chose panels but
+/// was not packed).
 pub(crate) fn choice_for(weight: &Tensor) -> Choice {
     if !LIBTORCH_CHOSEN.load(Ordering::Relaxed) || weight.kind() != Kind::Float {
         return Choice::Kernel;
     }
     match weight.size().as_slice() {
-        [out, in_features] if table().get(&shape_of(Kind::Float, *out, *in_features)) == Some(&Choice::Libtorch) => {
-            Choice::Libtorch
-        }
+        [out, in_features] => match table().get(&shape_of(Kind::Float, *out, *in_features)) {
+            Some(&choice @ (Choice::Libtorch | Choice::LibtorchForPrompts)) => choice,
+            _ => Choice::Kernel,
+        },
         _ => Choice::Kernel,
     }
 }
@@ -148,7 +168,7 @@ pub fn calibrate(weights: &[&Tensor], cache: Option<&Path>) -> Vec<Measurement> 
                 measured
             }
         };
-        if measurement.choice == Choice::Libtorch {
+        if matches!(measurement.choice, Choice::Libtorch | Choice::LibtorchForPrompts) {
             LIBTORCH_CHOSEN.store(true, Ordering::Relaxed);
         }
         table().insert(shape, measurement.choice);
@@ -220,7 +240,7 @@ pub fn calibrate_one_row(
             .iter()
             .copied()
             .filter(|w| w.kind() == kind && w.device() == tch::Device::Cpu && w.dim() == 2 && w.size()[1] > 0)
-            .filter(|w| kind != Kind::Float || choice_for(w) == Choice::Kernel)
+            .filter(|w| kind != Kind::Float || choice_for(w) != Choice::Libtorch)
             .collect();
         let (count, bytes) = match kind {
             Kind::Int8 => (quantized.len(), quantized.iter().map(|w| w.packed().numel() as i64).sum::<i64>()),
@@ -455,9 +475,9 @@ fn measure(weight: &Tensor) -> Measurement {
     for (i, rows) in ROWS.into_iter().enumerate() {
         let x = Tensor::randn([rows, in_features], (Kind::Float, tch::Device::Cpu));
         kernel_us[i] = best_us(|| drop(crate::linear::kernel_linear(&x, weight, None)));
-        // libtorch's rule reads a step and a batch; it multiplies one dtype, so not bf16 weights
-        // under fp32 activations.
-        if weight.kind() == Kind::Float && (i == STEP || i == BATCH) {
+        // libtorch's rules read a step, a batch and a prompt chunk; it multiplies one dtype, so not
+        // bf16 weights under fp32 activations.
+        if weight.kind() == Kind::Float && i != VERIFY {
             libtorch_us[i] = best_us(|| drop(x.linear::<Tensor>(weight, None)));
         }
         if let Some(panels) = &panels {
@@ -481,11 +501,18 @@ fn measure(weight: &Tensor) -> Measurement {
 }
 
 /// libtorch where it is clearly faster for a decode step and a batch; else panels where they are
-/// faster for a prefill chunk and about as fast for a step and a batch, or faster for a
-/// verification pass and not slower for a step, losing little elsewhere; else the kernel.
+/// faster for a prompt chunk (than the kernel and libtorch) and about as fast for a step and a batch,
+/// or faster for a verification pass and not slower for a step, losing little elsewhere; else the
+/// kernel, with libtorch for prompt chunks where it is clearly faster there.
 fn choose(kernel_us: &Times, libtorch_us: &Times, panels_us: &Times) -> Choice {
-    // Whether `times` at `rows` beat the kernel's by `factor` (below 1: lose by at most 1 / factor).
-    let beat = |times: &Times, rows: usize, factor: f64| times[rows] * factor < kernel_us[rows];
+    let prompts_on_libtorch = libtorch_us[PREFILL] * LIBTORCH_PROMPT_MARGIN < kernel_us[PREFILL];
+    // What a weight left as it is (not packed) takes for a prompt chunk.
+    let mut plain_us = *kernel_us;
+    if prompts_on_libtorch {
+        plain_us[PREFILL] = libtorch_us[PREFILL];
+    }
+    // Whether `times` at `rows` beat the plain weight's by `factor` (below 1: lose by at most 1 / factor).
+    let beat = |times: &Times, rows: usize, factor: f64| times[rows] * factor < plain_us[rows];
     let for_prefill = beat(panels_us, PREFILL, PANELS_PREFILL_GAIN)
         && beat(panels_us, STEP, 1.0 / PANELS_STEP_SLACK)
         && beat(panels_us, BATCH, 1.0 / PANELS_BATCH_SLACK);
@@ -497,6 +524,8 @@ fn choose(kernel_us: &Times, libtorch_us: &Times, panels_us: &Times) -> Choice {
         Choice::Libtorch
     } else if for_prefill || for_verification {
         Choice::Panels
+    } else if prompts_on_libtorch {
+        Choice::LibtorchForPrompts
     } else {
         Choice::Kernel
     }
@@ -520,8 +549,8 @@ fn best_us(mut f: impl FnMut()) -> f64 {
 /// The kernels' memory layouts, as timed: raised when one changes, so that choices timed on the old
 /// layout are timed again (2: quantized records with half scales, in a region of their own; 3: fp32
 /// panels timed beside the dense kernel, at 128 rows too; 4: fp32 panels on AVX-512, timed at 7 rows
-/// too; 5: bf16 panels in pairs on AVX-512 BF16).
-const KERNEL_LAYOUTS: u32 = 5;
+/// too; 5: bf16 panels in pairs on AVX-512 BF16; 6: libtorch timed at 128 rows too).
+const KERNEL_LAYOUTS: u32 = 6;
 
 /// What the timings depend on: the CPU (its name and a digest of its feature flags: a VM may name
 /// only the family), the thread count, libtorch, whether weights get 2 MiB pages, and the kernels'
@@ -565,7 +594,10 @@ fn read_cache(path: &Path, machine: &str) -> HashMap<Shape, Measurement> {
         let parsed = (|| {
             // The choice is written for people to read; it is made again from the timings, so that
             // a change to the rule applies without timing again.
-            if !matches!(choice, "kernel" | "libtorch" | "panels") {
+            if ![Choice::Kernel, Choice::Libtorch, Choice::Panels, Choice::LibtorchForPrompts]
+                .iter()
+                .any(|known| known.name() == choice)
+            {
                 return None;
             }
             let kind = match kind {
@@ -602,11 +634,7 @@ fn read_cache(path: &Path, machine: &str) -> HashMap<Shape, Measurement> {
 fn append_cache(path: &Path, machine: &str, measurements: &[Measurement]) -> std::io::Result<()> {
     let mut lines = String::new();
     for m in measurements {
-        let choice = match m.choice {
-            Choice::Kernel => "kernel",
-            Choice::Libtorch => "libtorch",
-            Choice::Panels => "panels",
-        };
+        let choice = m.choice.name();
         let times: Vec<String> =
             [m.kernel_us, m.libtorch_us, m.panels_us].iter().flatten().map(|us| format!("{us:.2}")).collect();
         let kind = if m.kind == Kind::BFloat16 { "bfloat16" } else { "float32" };
@@ -666,7 +694,8 @@ mod tests {
         let first = calibrate(&refs, Some(&cache));
         assert_eq!(first.len(), 3, "one measurement per distinct dtype and shape");
         assert!(first.iter().all(|m| !m.cached && m.kernel_us.iter().chain(&m.libtorch_us).all(|t| *t > 0.0)));
-        assert!(first[..2].iter().all(|m| [STEP, BATCH].iter().all(|&i| m.libtorch_us[i].is_finite())), "{first:?}");
+        let libtorch_timed = |m: &Measurement| [STEP, BATCH, PREFILL].iter().all(|&i| m.libtorch_us[i].is_finite());
+        assert!(first[..2].iter().all(libtorch_timed), "{first:?}");
         assert!(first[2].kind == Kind::BFloat16 && first[2].libtorch_us.iter().all(|t| t.is_infinite()));
         // Panels are timed where the kernel runs.
         let timed = |m: &Measurement| m.panels_us.iter().all(|t| t.is_finite() && *t > 0.0);
@@ -678,7 +707,8 @@ mod tests {
         for (a, b) in first.iter().zip(&second) {
             assert_eq!((a.kind, a.shape, a.choice), (b.kind, b.shape, b.choice));
             let weight = weights.iter().find(|w| w.kind() == a.kind && w.size() == [a.shape.0, a.shape.1]).unwrap();
-            assert_eq!(choice_for(weight) == Choice::Libtorch, a.choice == Choice::Libtorch);
+            let on_libtorch = matches!(a.choice, Choice::Libtorch | Choice::LibtorchForPrompts);
+            assert_eq!(choice_for(weight), if on_libtorch { a.choice } else { Choice::Kernel });
             assert_eq!(takes_panels(weight), a.choice == Choice::Panels);
             // Kept to a hundredth of a µs.
             assert!(a.panels_us.iter().zip(&b.panels_us).all(|(x, y)| x == y || (x - y).abs() < 0.006), "{a:?} {b:?}");
@@ -738,8 +768,42 @@ mod tests {
             (never, [90.0, 165.0, 470.0, 3000.0], Choice::Kernel),
             (never, [90.0, 165.0, 380.0, 3350.0], Choice::Kernel),
             (never, never, Choice::Kernel),
+            // libtorch for prompt chunks alone where it is 1.05x faster there...
+            ([95.0, never[1], 420.0, 2800.0], never, Choice::LibtorchForPrompts),
+            ([95.0, never[1], 420.0, 2900.0], never, Choice::Kernel),
+            // ...and panels chosen for a prompt chunk only where they beat it there too.
+            ([95.0, never[1], 420.0, 2300.0], [90.0, 200.0, 420.0, 2400.0], Choice::LibtorchForPrompts),
+            ([95.0, never[1], 420.0, 2600.0], [90.0, 200.0, 420.0, 2400.0], Choice::Panels),
         ] {
             assert_eq!(choose(&kernel, &libtorch, &panels), expected, "{libtorch:?} {panels:?}");
+        }
+    }
+
+    /// A shape that takes libtorch for prompt chunks multiplies them with `at::linear` and keeps
+    /// the kernel for steps of few positions (one position per row, or a few per sequence).
+    #[test]
+    fn prompt_chunks_take_libtorch_where_chosen() {
+        use crate::attention::DECODE_KERNEL_MAX_POSITIONS;
+        let _guard = tch::no_grad_guard();
+        let weight = Tensor::randn([40, 512], (Kind::Float, Device::Cpu));
+        table().insert(shape_of(Kind::Float, 40, 512), Choice::LibtorchForPrompts);
+        LIBTORCH_CHOSEN.store(true, Ordering::Relaxed);
+        assert_eq!(choice_for(&weight), Choice::LibtorchForPrompts);
+        for (shape, prompt) in [
+            (vec![3, 512], false),
+            (vec![2, DECODE_KERNEL_MAX_POSITIONS, 512], false),
+            (vec![1, DECODE_KERNEL_MAX_POSITIONS + 1, 512], true),
+            (vec![2, 300, 512], true),
+        ] {
+            let x = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+            let (libtorch, kernel) =
+                (x.linear::<Tensor>(&weight, None), crate::linear::kernel_linear(&x, &weight, None));
+            if crate::linear::few_row_kernel_available() {
+                // Their sums run in different orders, so the bits tell which one ran.
+                assert!(!libtorch.equal(&kernel), "{shape:?}");
+            }
+            let expected = if prompt { libtorch } else { kernel };
+            assert!(crate::linear::linear(&x, &weight, None).equal(&expected), "{shape:?}");
         }
     }
 

@@ -127,6 +127,15 @@ extern "C" {
     ) -> c_int;
     pub(crate) fn wizard_sdpa_allow_cudnn(allowed: c_int) -> c_int;
 
+    // csrc/prompt_attention.cpp
+    pub(crate) fn wizard_prompt_attention(
+        query: TensorHandle,
+        key: TensorHandle,
+        value: TensorHandle,
+        scale: f64,
+        result: *mut TensorHandle,
+    ) -> c_int;
+
     // csrc/block.cpp
     pub(crate) fn wizard_gelu_tanh(x: TensorHandle, result: *mut TensorHandle) -> c_int;
     pub(crate) fn wizard_decode_block_applies(x: TensorHandle, parameters: *const TensorHandle) -> c_int;

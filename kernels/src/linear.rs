@@ -62,26 +62,32 @@ impl Bf16Kernel {
 
 /// `x @ weight^T + bias` for `weight` `[out, in]` (the checkpoint's layout). fp32 or bf16 CPU
 /// inputs that need no gradient, outside autocast, take the kernel (when the CPU has AVX-512 or AVX2
-/// with FMA, and unless [`crate::calibrate`] measured libtorch faster for an fp32 shape); everything
-/// else goes to `at::linear`. A step of few positions (`x` `[rows, in]`, one position per
+/// with FMA, and unless [`crate::calibrate`] measured libtorch faster for an fp32 shape, for every
+/// product or for prompt chunks); everything else goes to `at::linear`. A step of few positions (`x` `[rows, in]`, one position per
 /// row, or `[batch, positions, in]` with at most [`DECODE_KERNEL_MAX_POSITIONS`] of them, as the
 /// fused block takes) multiplies bf16 weights as the fused block does. Panics on what `at::linear`
 /// rejects (mismatched shapes), as tch ops do.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     match crate::calibrate::choice_for(weight) {
-        Choice::Kernel | Choice::Panels => kernel_linear(x, weight, bias),
         Choice::Libtorch => x.linear(weight, bias),
+        Choice::LibtorchForPrompts if !few_positions(x) => x.linear(weight, bias),
+        Choice::Kernel | Choice::Panels | Choice::LibtorchForPrompts => kernel_linear(x, weight, bias),
+    }
+}
+
+/// Whether `x` is a step of few positions: `[rows, in]`, one position per row, or `[batch,
+/// positions, in]` with at most [`DECODE_KERNEL_MAX_POSITIONS`] of them; else a prompt chunk.
+fn few_positions(x: &Tensor) -> bool {
+    match x.size()[..] {
+        [_, _] => true,
+        [_, positions, _] => positions <= DECODE_KERNEL_MAX_POSITIONS,
+        _ => false,
     }
 }
 
 /// [`linear`] through the kernel whatever [`crate::calibrate`] chose for the shape.
 pub(crate) fn kernel_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
-    let few_positions = match x.size()[..] {
-        [_, _] => true,
-        [_, positions, _] => positions <= DECODE_KERNEL_MAX_POSITIONS,
-        _ => false,
-    };
-    linear_with(if few_positions { Isa::FewPositions } else { Isa::Widest }, x, weight, bias)
+    linear_with(if few_positions(x) { Isa::FewPositions } else { Isa::Widest }, x, weight, bias)
 }
 
 /// Whether this CPU runs the dense kernel (AVX-512, or AVX2 with FMA).

@@ -201,11 +201,14 @@ impl Attention {
         let attn_dropout = if dropout.active() { self.attn_pdrop } else { 0.0 };
         // Inference with bf16 weights and fp32 activations: attention in the weights' precision too.
         let narrow = self.c_attn.weight.kind() == Kind::BFloat16 && q.kind() == Kind::Float && !dropout.active();
-        let out = narrow
-            .then(|| attention::causal_attention_bf16(&q, &k, &v, self.scale))
-            .flatten()
-            .unwrap_or_else(|| attention::causal_attention(&q, &k, &v, self.scale, attn_dropout));
-        let out = out.transpose(1, 2).reshape([batch, len, d]);
+        let heads_last = |out: Tensor| out.transpose(1, 2).reshape([batch, len, d]);
+        let out = match narrow.then(|| attention::causal_attention_bf16(&q, &k, &v, self.scale)).flatten() {
+            Some(out) => heads_last(out),
+            None => match (!dropout.active()).then(|| attention::prompt_attention(&q, &k, &v, self.scale)).flatten() {
+                Some(out) => out,
+                None => heads_last(attention::causal_attention(&q, &k, &v, self.scale, attn_dropout)),
+            },
+        };
         dropout.apply(self.c_proj.forward(&out), self.resid_pdrop)
     }
 
