@@ -185,37 +185,47 @@ pub fn bf16_attention_faster() -> bool {
 /// head_dim]`: each block of positions times a group's heads is one matrix, its scores against the
 /// keys it may see one BLAS product, its weighted values another (`csrc/prompt_attention.cpp`).
 /// `None` where it does not apply (gradients, other dtypes or devices, as many key heads as query
-/// heads) or SDPA measured faster on this CPU ([`prompt_attention_faster`]).
+/// heads) or SDPA measured faster for this shape on this CPU ([`prompt_attention_faster`]).
 pub fn prompt_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -> Option<Tensor> {
     let inference_fp32 = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && !t.requires_grad();
     let applies =
         [query, key, value].into_iter().all(|t| inference_fp32(t) && t.dim() == 4) && key.size()[1] < query.size()[1];
-    (applies && prompt_attention_faster()).then(|| prompt_attention_kernel(query, key, value, scale))
+    let faster = || prompt_attention_faster(query.size()[1], key.size()[1], query.size()[3]);
+    (applies && faster()).then(|| prompt_attention_kernel(query, key, value, scale))
 }
 
-/// Whether [`prompt_attention`]'s products beat SDPA on a multi-query prompt chunk on this CPU by at
-/// least 5%, timed once per process (a few milliseconds).
-pub fn prompt_attention_faster() -> bool {
-    static FASTER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FASTER.get_or_init(|| {
-        let _guard = tch::no_grad_guard();
-        let query = Tensor::randn([1, 12, 256, 64], (Kind::Float, Device::Cpu));
-        let key = Tensor::randn([1, 1, 256, 64], (Kind::Float, Device::Cpu));
-        let time = |attend: &dyn Fn()| {
-            (0..4)
-                .map(|_| {
-                    let start = std::time::Instant::now();
-                    attend();
-                    start.elapsed()
-                })
-                .min()
-                .unwrap_or_default()
-                .as_secs_f64()
-        };
-        let products = time(&|| drop(prompt_attention_kernel(&query, &key, &key, 0.125)));
-        let sdpa = time(&|| drop(causal_attention(&query, &key, &key, 0.125, 0.0)));
-        products * 1.05 < sdpa
-    })
+/// Whether [`prompt_attention`]'s products beat SDPA by at least 5% on a 256-position prompt chunk
+/// of `heads` query heads over `kv_heads` key heads of `head_dim` on this CPU, timed once per process
+/// and shape (a few milliseconds).
+pub fn prompt_attention_faster(heads: i64, kv_heads: i64, head_dim: i64) -> bool {
+    /// Query heads, key heads, head size.
+    type Shape = (i64, i64, i64);
+    static FASTER: Mutex<Vec<(Shape, bool)>> = Mutex::new(Vec::new());
+    let shape: Shape = (heads, kv_heads, head_dim);
+    let mut known = FASTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(&(_, faster)) = known.iter().find(|(timed, _)| *timed == shape) {
+        return faster;
+    }
+    let _guard = tch::no_grad_guard();
+    let query = Tensor::randn([1, heads, 256, head_dim], (Kind::Float, Device::Cpu));
+    let key = Tensor::randn([1, kv_heads, 256, head_dim], (Kind::Float, Device::Cpu));
+    let time = |attend: &dyn Fn()| {
+        (0..4)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                attend();
+                start.elapsed()
+            })
+            .min()
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let products = time(&|| drop(prompt_attention_kernel(&query, &key, &key, scale)));
+    let sdpa = time(&|| drop(causal_attention(&query, &key, &key, scale, 0.0)));
+    let faster = products * 1.05 < sdpa;
+    known.push((shape, faster));
+    faster
 }
 
 /// [`prompt_attention`] whatever was measured. Panics on what the kernel rejects (see there).
@@ -405,7 +415,7 @@ mod tests {
         let opts = (Kind::Float, Device::Cpu);
         let (query, key) = (Tensor::randn([1, 4, 80, 16], opts), Tensor::randn([1, 1, 80, 16], opts));
         let taken = prompt_attention(&query, &key, &key, 0.25);
-        assert_eq!(taken.is_some(), prompt_attention_faster());
+        assert_eq!(taken.is_some(), prompt_attention_faster(4, 1, 16));
         assert!(prompt_attention(&query.to_kind(Kind::BFloat16), &key, &key, 0.25).is_none());
         let heads_apart = Tensor::randn([1, 4, 80, 16], opts);
         assert!(prompt_attention(&query, &heads_apart, &heads_apart, 0.25).is_none());
