@@ -188,8 +188,9 @@ pub fn bf16_attention_faster() -> bool {
 /// heads) or SDPA measured faster for this shape on this CPU ([`prompt_attention_faster`]).
 pub fn prompt_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -> Option<Tensor> {
     let inference_fp32 = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && !t.requires_grad();
-    let applies =
-        [query, key, value].into_iter().all(|t| inference_fp32(t) && t.dim() == 4) && key.size()[1] < query.size()[1];
+    let applies = [query, key, value].into_iter().all(|t| inference_fp32(t) && t.dim() == 4)
+        && key.size()[1] < query.size()[1]
+        && query.size()[2] > 0;
     let faster = || prompt_attention_faster(query.size()[1], key.size()[1], query.size()[3]);
     (applies && faster()).then(|| prompt_attention_kernel(query, key, value, scale))
 }
