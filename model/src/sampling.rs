@@ -52,8 +52,11 @@ impl Sampling {
     /// sorts only the tokens near its cut (a sort of the vocabulary per token and sequence was the
     /// largest cost of batched sampling).
     fn candidates(&self, logits: &[f32]) -> Vec<(usize, f64)> {
+        // Differences from the largest logit, then scaled: a tiny temperature (1e-310) sends them to
+        // -inf and the largest to 0, where scaling first made every logit infinite and the draw NaN.
+        let top = logits.iter().map(|&l| f64::from(l)).fold(f64::NEG_INFINITY, f64::max);
         let mut candidates: Vec<(usize, f64)> =
-            logits.iter().enumerate().map(|(i, &l)| (i, f64::from(l) / self.temperature)).collect();
+            logits.iter().enumerate().map(|(i, &l)| (i, (f64::from(l) - top) / self.temperature)).collect();
         if let Some(k) = self.top_k.filter(|&k| k < candidates.len()) {
             candidates.select_nth_unstable_by(k - 1, likelier);
             candidates.truncate(k);
@@ -292,6 +295,14 @@ mod tests {
         check(&logits, sampling(1.0, None, Some(1.0)), &[0, 1, 2, 3, 4]);
         check(&logits, sampling(1.0, Some(3), Some(0.99)), &[0, 1, 4]);
         check(&logits, sampling(0.0, Some(3), Some(0.5)), &[4]);
+        // Temperatures whose scaled logits overflow still pick from the largest; huge ones spread
+        // over every token.
+        let first_largest = [3.0, 1.0, 0.0, -1.0, 2.0];
+        for tiny in [1e-30, 1e-300, 1e-310, f64::MIN_POSITIVE] {
+            check(&first_largest, sampling(tiny, None, None), &[0]);
+            check(&first_largest, sampling(tiny, Some(2), Some(0.5)), &[0]);
+        }
+        check(&first_largest, sampling(1e300, None, None), &[0, 1, 2, 3, 4]);
     }
 
     /// top-k and top-p keep exactly the tokens the sorted definition keeps, on vocabularies from
