@@ -19,7 +19,7 @@ constexpr int64_t kBlockRows = 256;
 
 bool usable(const at::Tensor& t) {
   return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided && t.dim() == 4 &&
-         t.stride(3) == 1;
+         (t.stride(3) == 1 || t.size(3) == 1);
 }
 
 // `rows` x `columns` fp32 at `data` with rows `stride` apart, as a tensor that does not own it.

@@ -188,9 +188,22 @@ pub fn bf16_attention_faster() -> bool {
 /// heads) or SDPA measured faster for this shape on this CPU ([`prompt_attention_faster`]).
 pub fn prompt_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -> Option<Tensor> {
     let inference_fp32 = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && !t.requires_grad();
-    let applies = [query, key, value].into_iter().all(|t| inference_fp32(t) && t.dim() == 4)
-        && key.size()[1] < query.size()[1]
-        && query.size()[2] > 0;
+    // The kernel's own conditions: one batch, key heads dividing the query heads (fewer of them),
+    // keys and values alike, at least as many keys as queries.
+    let shapes_fit = match (query.size().as_slice(), key.size().as_slice()) {
+        (&[batch, heads, len, dim], &[key_batch, kv_heads, k_len, key_dim]) => {
+            key_batch == batch
+                && key_dim == dim
+                && value.size() == key.size()
+                && kv_heads > 0
+                && kv_heads < heads
+                && heads % kv_heads == 0
+                && len > 0
+                && k_len >= len
+        }
+        _ => false,
+    };
+    let applies = shapes_fit && [query, key, value].into_iter().all(inference_fp32);
     let faster = || prompt_attention_faster(query.size()[1], key.size()[1], query.size()[3]);
     (applies && faster()).then(|| prompt_attention_kernel(query, key, value, scale))
 }
@@ -418,8 +431,12 @@ mod tests {
         let taken = prompt_attention(&query, &key, &key, 0.25);
         assert_eq!(taken.is_some(), prompt_attention_faster(4, 1, 16));
         assert!(prompt_attention(&query.to_kind(Kind::BFloat16), &key, &key, 0.25).is_none());
-        let heads_apart = Tensor::randn([1, 4, 80, 16], opts);
-        assert!(prompt_attention(&query, &heads_apart, &heads_apart, 0.25).is_none());
+        // Shapes the kernel does not take fall to SDPA rather than panic.
+        let keys = |shape: [i64; 4]| Tensor::randn(shape, opts);
+        for shape in [[1, 4, 80, 16], [1, 3, 80, 16], [2, 1, 80, 16], [1, 1, 79, 16], [1, 1, 80, 8]] {
+            assert!(prompt_attention(&query, &keys(shape), &keys(shape), 0.25).is_none(), "{shape:?}");
+        }
+        assert!(prompt_attention(&query, &key, &keys([1, 1, 81, 16]), 0.25).is_none());
         assert!(prompt_attention(&query.set_requires_grad(true), &key, &key, 0.25).is_none());
         let query = Tensor::randn([1, 4, 80, 16], opts);
         let _ = query.narrow(1, 2, 1).narrow(2, 10, 1).narrow(3, 0, 1).fill_(f64::NAN);
