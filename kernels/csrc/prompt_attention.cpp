@@ -55,7 +55,8 @@ int wizard_prompt_attention(void* query_handle, void* key_handle, void* value_ha
     const float* v = value.data_ptr<float>();
     float* o = out.data_ptr<float>();
     const int64_t q_batch = query.stride(0), q_head = query.stride(1), q_position = query.stride(2);
-    const int64_t k_row = key.stride(2), v_row = value.stride(2);
+    const int64_t k_batch = key.stride(0), k_head = key.stride(1), k_row = key.stride(2);
+    const int64_t v_batch = value.stride(0), v_head = value.stride(1), v_row = value.stride(2);
     std::atomic<int64_t> next{0};
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
       std::vector<float> queries, scores, weighted;
@@ -74,8 +75,8 @@ int wizard_prompt_attention(void* query_handle, void* key_handle, void* value_ha
             float* to = queries.data() + (p * group + h) * dim;
             for (int64_t d = 0; d < dim; d++) to[d] = from[d] * static_cast<float>(scale);
           }
-        const float* keys = k + b * key.stride(0) + g * key.stride(1);
-        const float* values = v + b * value.stride(0) + g * value.stride(1);
+        const float* keys = k + b * k_batch + g * k_head;
+        const float* values = v + b * v_batch + g * v_head;
         auto score_matrix = matrix(scores.data(), rows, seen, seen);
         at::mm_out(score_matrix, matrix(queries.data(), rows, dim, dim), matrix(keys, seen, dim, k_row).t());
         for (int64_t r = 0; r < rows; r++) {

@@ -360,6 +360,7 @@ mod tests {
     use super::*;
     use tch::Device;
 
+    #[derive(Clone, Copy)]
     struct Case {
         heads: i64,
         kv_heads: i64,
@@ -367,7 +368,7 @@ mod tests {
         k_len: i64,
     }
 
-    /// SDPA must match the reference within 1e-5 in fp32.
+    /// SDPA and the prompt kernel must match the reference within 1e-5 in fp32.
     fn check(case: Case) {
         tch::manual_seed(7);
         let opts = (Kind::Float, Device::Cpu);
@@ -376,8 +377,13 @@ mod tests {
         let key = Tensor::randn([2, case.kv_heads, case.k_len, head_dim], opts);
         let value = Tensor::randn([2, case.kv_heads, case.k_len, head_dim], opts);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let fused = causal_attention(&query, &key, &value, scale, 0.0);
         let reference = reference_attention(&query, &key, &value, scale);
+        let close = |what: &str, got: Tensor, expected: &Tensor| {
+            let diff = (got - expected).abs().max().double_value(&[]);
+            let Case { heads, kv_heads, q_len, k_len } = case;
+            assert!(diff < 1e-5, "{what}, heads {heads} kv {kv_heads} q {q_len} k {k_len}: max diff {diff}");
+        };
+        close("sdpa", causal_attention(&query, &key, &value, scale, 0.0), &reference);
         // The prompt kernel on the layouts the model hands it: queries a view of rows laid out
         // position by position, keys and values rows of a longer cache.
         let positions_first = query.transpose(1, 2).contiguous().transpose(1, 2);
@@ -387,25 +393,7 @@ mod tests {
             buffer.narrow(2, 0, case.k_len)
         };
         let products = prompt_attention_kernel(&positions_first, &cached(&key), &cached(&value), scale);
-        let expected = reference.transpose(1, 2).reshape([2, case.q_len, -1]);
-        let diff = (products - expected).abs().max().double_value(&[]);
-        assert!(
-            diff < 1e-5,
-            "prompt kernel, heads {} kv {} q {} k {}: max diff {diff}",
-            case.heads,
-            case.kv_heads,
-            case.q_len,
-            case.k_len
-        );
-        let diff = (fused - reference).abs().max().double_value(&[]);
-        assert!(
-            diff < 1e-5,
-            "heads {} kv {} q {} k {}: max diff {diff}",
-            case.heads,
-            case.kv_heads,
-            case.q_len,
-            case.k_len
-        );
+        close("prompt kernel", products, &reference.transpose(1, 2).reshape([2, case.q_len, -1]));
     }
 
     #[test]
@@ -416,7 +404,8 @@ mod tests {
         check(Case { heads: 4, kv_heads: 4, q_len: 9, k_len: 9 }); // MHA prefill
         check(Case { heads: 4, kv_heads: 4, q_len: 1, k_len: 9 }); // MHA decode
         check(Case { heads: 4, kv_heads: 4, q_len: 5, k_len: 12 }); // MHA after a cache
-                                                                    // Prompt chunks of several blocks of the prompt kernel, alone and after a cache.
+
+        // Prompt chunks of several blocks of the prompt kernel, alone and after a cache.
         check(Case { heads: 12, kv_heads: 1, q_len: 300, k_len: 300 });
         check(Case { heads: 12, kv_heads: 1, q_len: 100, k_len: 333 });
         check(Case { heads: 8, kv_heads: 2, q_len: 130, k_len: 150 });
