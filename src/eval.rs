@@ -308,6 +308,8 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         PathBuf::from(name)
     });
     let mut store = Store::open(&db, &benchmark.label(&problems))?;
+    let changed = store.forget_changed_problems(&problems, false)?;
+    report_changed_problems(&store, &changed, "run again");
     let kept = store.replace_samples(&samples)?;
     let attempted: std::collections::HashSet<&str> = samples.iter().map(|s| s.task_id.as_str()).collect();
     if attempted.len() < problems.len() {
@@ -365,6 +367,8 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
             ("seed", "--seed", args.seed.to_string()),
         ],
     )?;
+    let changed = store.forget_changed_problems(&problems, true)?;
+    report_changed_problems(&store, &changed, "are made and run again");
 
     // libtorch keeps the setting per thread: here, and again on the engine's thread.
     let threads = args.threads.map(|n| n as i32);
@@ -456,6 +460,19 @@ fn keep_run_settings(store: &Store, settings: &[(&str, &str, String)]) -> anyhow
         store.set_meta(key, value)?;
     }
     Ok(())
+}
+
+/// Says which problems the benchmark file changed since `store` used them, and what becomes of
+/// their samples.
+fn report_changed_problems(store: &Store, changed: &[String], what_follows: &str) {
+    if let Some(first) = changed.first() {
+        let more = if changed.len() > 1 { format!(" and {} more", changed.len() - 1) } else { String::new() };
+        eprintln!(
+            "the benchmark file changed {} problems since {} last used them ({first}{more}): their samples {what_follows}",
+            changed.len(),
+            store.path().display()
+        );
+    }
 }
 
 fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {

@@ -274,6 +274,15 @@ fn interrupted_scoring_resumes() {
     let stderr = common::text(&output.stderr);
     assert!(stderr.contains(&format!("executed {} samples", 10 - finished)), "{stderr}");
     assert_eq!(field(&table, "passed"), "10", "{table}");
+    // The benchmark file changed under the same name: the stored outcomes are stale and run again.
+    let changed = std::fs::read_to_string(&data).unwrap().replace("c() == 1", "c() == 2");
+    std::fs::write(&data, changed).unwrap();
+    let output = eval(&args[1..]);
+    let table = stdout_of(&output, &args);
+    let stderr = common::text(&output.stderr);
+    assert!(stderr.contains("the benchmark file changed 1 problems") && stderr.contains("(T/0)"), "{stderr}");
+    assert!(stderr.contains("executed 10 samples"), "{stderr}");
+    assert_eq!(field(&table, "passed"), "0", "{table}");
 }
 
 /// `wizard eval run` with a random tiny model on the MBPP-format file: the pipeline runs end to end,
@@ -354,6 +363,15 @@ fn run_generates_executes_and_resumes() {
         assert_eq!(check_eval(&args), table, "--max-batch {max_batch}");
         assert_eq!(read_lines(&other.join("samples.jsonl")), samples, "--max-batch {max_batch}");
     }
+    // The benchmark file changed one problem's tests (so its prompt) under the same name: only that
+    // problem's samples are made and run again.
+    let changed = std::fs::read_to_string(data).unwrap().replace("double(2) == 4", "double(3) == 6");
+    std::fs::write(data, changed).unwrap();
+    let again = eval(&args);
+    stdout_of(&again, &args);
+    let stderr = common::text(&again.stderr);
+    assert!(stderr.contains("the benchmark file changed 1 problems") && stderr.contains("(12)"), "{stderr}");
+    assert!(stderr.contains("generated samples for 1 problems") && stderr.contains("executed 3 samples"), "{stderr}");
 }
 
 /// The shipped benchmark files (eval/data/).

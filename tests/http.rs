@@ -691,7 +691,8 @@ fn key_queue_disconnects_and_a_thousand_connections() {
     assert!(generated < 600.0, "{generated} tokens generated for clients that left");
     assert_eq!(status(Some("sekret")), 200);
     // A request of more prompts than the batch keeps a place in the queue free: another client's
-    // request is served beside it, not refused.
+    // request is served beside it, not refused; and clients that keep the queue full meanwhile do
+    // not starve its later prompts.
     let big = json!({"prompt": vec!["def f():"; 6], "max_tokens": 60, "stream": true}).to_string();
     let mut stream = TcpStream::connect(&server.address).unwrap();
     stream.write_all(&post_request("/v1/completions", big.as_bytes(), Some("sekret"))).unwrap();
@@ -703,7 +704,20 @@ fn key_queue_disconnects_and_a_thousand_connections() {
     }
     let mut rest = Vec::new();
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    stream.read_to_end(&mut rest).unwrap();
+    let big_done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        // More clients than places: the batch and the queue never empty while they run.
+        for _ in 0..4 {
+            scope.spawn(|| {
+                while !big_done.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert!(matches!(status(Some("sekret")), 200 | 429));
+                }
+            });
+        }
+        let read = stream.read_to_end(&mut rest);
+        big_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        read.expect("the big request ends while other clients keep the queue full");
+    });
     let rest = String::from_utf8_lossy(&rest);
     assert_eq!(rest.matches("\"finish_reason\":\"").count(), 6, "every prompt finished: {rest}");
 

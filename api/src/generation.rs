@@ -10,7 +10,6 @@ use model::generate::Finish;
 use model::sampling::Sampling;
 use model::text_offsets::TextOffsets;
 use model::tokenizer::Tokenizer;
-use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -192,28 +191,18 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
         tokio::spawn(async move {
             for index in first_window..plan.prompts.len() {
                 let Ok(place) = places.clone().acquire_owned().await else { return };
-                let events = loop {
-                    if merged.is_closed() {
-                        cancel.store(true, Ordering::Relaxed);
+                if merged.is_closed() {
+                    cancel.store(true, Ordering::Relaxed);
+                    return;
+                }
+                // The next prompt joins the back of the engine's queue as one of this request's
+                // ends: requests queued meanwhile go first, and a queue other clients keep full
+                // does not hold it back.
+                let events = match engine.submit_continued(engine_request(&plan, &tokenizer, &cancel, index)) {
+                    Ok(events) => events,
+                    Err(error) => {
+                        let _ = merged.send(Event::Failed(error.to_string()));
                         return;
-                    }
-                    // Fed only into a batch with room for its samples and nothing waiting: other
-                    // clients' requests, queued meanwhile, go first, and the queue stays open to them.
-                    let counters = engine.counters();
-                    let waiting = counters.waiting.load(Ordering::Relaxed);
-                    let running = counters.running.load(Ordering::Relaxed);
-                    if waiting > 0 || running + plan.n > engine.config().max_batch {
-                        tokio::time::sleep(BUSY_RETRY).await;
-                        continue;
-                    }
-                    match engine.submit(engine_request(&plan, &tokenizer, &cancel, index)) {
-                        Ok(events) => break events,
-                        // Other clients fill the queue: this request's earlier prompts are answered, so it waits.
-                        Err(SubmitError::Busy(_)) => tokio::time::sleep(BUSY_RETRY).await,
-                        Err(error) => {
-                            let _ = merged.send(Event::Failed(error.to_string()));
-                            return;
-                        }
                     }
                 };
                 tokio::spawn(forward(events, index * plan.n, merged.clone(), place));
@@ -222,9 +211,6 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
     }
     Ok(out)
 }
-/// How long feeding a request's later prompts waits for room in the batch.
-const BUSY_RETRY: Duration = Duration::from_millis(20);
-
 /// The engine request for prompt `index` of `plan`.
 fn engine_request(plan: &Plan, tokenizer: &Arc<Tokenizer>, cancel: &Arc<AtomicBool>, index: usize) -> Request {
     Request {

@@ -218,6 +218,13 @@ impl Problem {
         [self.head.as_str(), &self.prompt, completion, &self.suffix, &self.tests].concat()
     }
 
+    /// Everything of the problem that its samples are made from or run against, as one text: two
+    /// problems with the same text give every completion the same prompt and the same outcome.
+    pub fn text(&self) -> String {
+        let parts = [&self.head, &self.prompt, &self.instruction, &self.suffix, &self.tests];
+        serde_json::to_string(&parts).expect("strings serialize")
+    }
+
     /// The prompt for `format` ([`PromptFormat::Editor`] builds its own from the prompt and the suffix;
     /// its text here is the FIM template, what the model is conditioned on in both modes).
     pub fn prompt_for(&self, format: PromptFormat) -> String {

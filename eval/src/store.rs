@@ -6,6 +6,7 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRe
 use rusqlite::{params, Connection, OptionalExtension, ToSql};
 
 use crate::error::{EvalError, Result};
+use crate::problems::Problem;
 use crate::samples::Sample;
 use crate::sandbox::{Outcome, Status};
 
@@ -19,6 +20,7 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (task_id, idx));
 CREATE TABLE IF NOT EXISTS problems (task_id TEXT PRIMARY KEY, n INTEGER NOT NULL, passed INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS scores (k INTEGER PRIMARY KEY, pass_at_k REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS problem_texts (task_id TEXT PRIMARY KEY, text TEXT NOT NULL);
 ";
 
 /// Orders ids by their text with every run of digits compared as a number.
@@ -243,6 +245,44 @@ impl Store {
     pub fn forget_outcomes(&self) -> Result<usize> {
         self.sql(self.connection.execute_batch("DELETE FROM problems; DELETE FROM scores;"))?;
         self.sql(self.connection.execute("DELETE FROM results", []))
+    }
+
+    /// Compares each problem's text (what its samples are made from and run against) with the text
+    /// recorded when the store last used it: a problem whose benchmark file changed it loses its
+    /// outcomes, and its samples too where `samples_too`, so they are made again; problems seen first
+    /// are recorded. Returns the changed problems' ids.
+    pub fn forget_changed_problems(&mut self, problems: &[Problem], samples_too: bool) -> Result<Vec<String>> {
+        let path = self.path.clone();
+        let error = |e: rusqlite::Error| EvalError::Store { path: path.clone(), message: e.to_string() };
+        let tx = self.connection.transaction().map_err(error)?;
+        let mut changed = Vec::new();
+        {
+            let mut stored = tx.prepare("SELECT text FROM problem_texts WHERE task_id = ?1").map_err(error)?;
+            let mut record =
+                tx.prepare("INSERT OR REPLACE INTO problem_texts (task_id, text) VALUES (?1, ?2)").map_err(error)?;
+            let mut forget_outcomes = tx.prepare("DELETE FROM results WHERE task_id = ?1").map_err(error)?;
+            let mut forget_samples = tx.prepare("DELETE FROM samples WHERE task_id = ?1").map_err(error)?;
+            for problem in problems {
+                let text = problem.text();
+                let before: Option<String> =
+                    stored.query_row([&problem.task_id], |row| row.get(0)).optional().map_err(error)?;
+                if before.as_ref().is_some_and(|before| *before != text) {
+                    forget_outcomes.execute([&problem.task_id]).map_err(error)?;
+                    if samples_too {
+                        forget_samples.execute([&problem.task_id]).map_err(error)?;
+                    }
+                    changed.push(problem.task_id.clone());
+                }
+                if before.as_ref() != Some(&text) {
+                    record.execute(params![problem.task_id, text]).map_err(error)?;
+                }
+            }
+        }
+        if !changed.is_empty() {
+            tx.execute_batch("DELETE FROM problems; DELETE FROM scores;").map_err(error)?;
+        }
+        tx.commit().map_err(error)?;
+        Ok(changed)
     }
 
     /// Records a sample's outcome (committed at once, so an interruption loses nothing done).

@@ -297,10 +297,24 @@ impl Engine {
 
     /// Queues `request`; its events arrive on the returned receiver. Dropping the receiver cancels it.
     pub fn submit(&self, request: Request) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
+        self.enqueue(request, Some(self.config.max_batch + self.config.max_waiting))
+    }
+
+    /// Queues a later part of a request already taken (the next prompt of a many-prompt request,
+    /// as one of its own ends), whatever the queue holds: the queue's limit refuses new requests,
+    /// never one half answered, so other clients' steady load cannot starve it.
+    pub fn submit_continued(&self, request: Request) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
+        self.enqueue(request, None)
+    }
+
+    fn enqueue(
+        &self,
+        request: Request,
+        limit: Option<usize>,
+    ) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
         self.check(&request)?;
-        let limit = self.config.max_batch + self.config.max_waiting;
         let taken = self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if taken >= limit {
+        if limit.is_some_and(|limit| taken >= limit) {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::Busy(taken));
         }

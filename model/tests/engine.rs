@@ -164,7 +164,11 @@ fn stops_panics_cancellation_and_a_full_queue() {
     let (release, first) = hold(&engine, prompt(0), 100);
     let held: Vec<_> = (1..3).map(|i| engine.submit(long(i)).unwrap()).collect();
     assert!(matches!(engine.submit(long(3)), Err(SubmitError::Busy(3))));
+    // A later part of a request already taken joins the full queue and is answered in turn.
+    let continued = engine.submit_continued(request(prompt(3), Sampling::greedy(), 1)).unwrap();
+    assert!(matches!(engine.submit(long(4)), Err(SubmitError::Busy(4))), "still full to new requests");
     drop((first, held, release));
+    assert_eq!(collect(continued, 1)[0].len(), 24);
     let deadline = Instant::now() + Duration::from_secs(10);
     let answer = loop {
         match engine.submit(request(prompt(1), Sampling::greedy(), 1)) {
