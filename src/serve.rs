@@ -58,6 +58,10 @@ pub struct Args {
     /// again its body; past them the connection is closed (the body's answered 408).
     #[arg(long, default_value_t = 30)]
     read_timeout: u64,
+    /// An origin (`scheme://host[:port]`) whose web pages may call the HTTP API from a browser;
+    /// repeat it for more, or `*` for any. Without it browsers refuse other origins' pages.
+    #[arg(long, value_name = "ORIGIN", requires = "http")]
+    cors_origin: Vec<String>,
     /// Most new tokens one HTTP request may ask for (default: the model's context).
     #[arg(long)]
     max_tokens_limit: Option<usize>,
@@ -135,6 +139,7 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.max_tokens_limit != Some(0), "--max-tokens-limit must be at least 1");
     anyhow::ensure!(args.max_body_bytes >= 1, "--max-body-bytes must be at least 1");
     anyhow::ensure!((1..=86_400).contains(&args.read_timeout), "--read-timeout must be 1 to 86400 seconds");
+    let cors = api::Cors::parse(&args.cors_origin).map_err(anyhow::Error::msg)?;
     let device = crate::device::checked_device(&args.device)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let paths = model_paths(&args, device, args.threads.unwrap_or(cores))?;
@@ -152,6 +157,7 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
         max_body_bytes: args.max_body_bytes,
         read_timeout: std::time::Duration::from_secs(args.read_timeout),
         chat_template: api::chat_template(&args.model).map_err(anyhow::Error::msg)?,
+        cors,
         limits: api::Limits {
             max_tokens,
             // A request that names no max_tokens gets --max-tokens, within the limit.

@@ -116,15 +116,21 @@ fn raw(address: &str, request: &str) -> (u16, String) {
 }
 
 fn raw_bytes(address: &str, request: &[u8]) -> (u16, String) {
-    let Ok(mut stream) = TcpStream::connect(address) else { return (0, String::new()) };
+    let answer = exchange(address, request);
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map_or(String::new(), |(_, body)| body.to_string());
+    (status, body)
+}
+
+/// Sends `request` bytes as they are; the whole answer, head and body (empty where the server is
+/// unreachable).
+fn exchange(address: &str, request: &[u8]) -> String {
+    let Ok(mut stream) = TcpStream::connect(address) else { return String::new() };
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let _ = stream.write_all(request);
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = answer.split_once("\r\n\r\n").map_or(String::new(), |(_, body)| body.to_string());
-    (status, body)
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 fn post_request(path: &str, body: &[u8], key: Option<&str>) -> Vec<u8> {
@@ -737,6 +743,55 @@ fn key_queue_disconnects_and_a_thousand_connections() {
     });
     let (code, text) = raw_bytes(&server.address, &post_request("/v1/completions", body.as_bytes(), Some("sekret")));
     assert_eq!(code, 200, "{text}\n{}", metrics());
+}
+
+/// Browser clients: with `--cors-origin`, an allowed origin's preflight is answered without the key
+/// and every answer to it (errors too) is marked readable by it; other origins, and a server without
+/// the flag, get no such mark; a malformed origin is refused before the model loads.
+#[test]
+fn browsers_from_allowed_origins() {
+    let allowed = ["http://localhost:3000", "https://ui.example"];
+    let flags = ["--api-key-env", "WIZARD_TEST_KEY", "--cors-origin", allowed[0], "--cors-origin", allowed[1]];
+    let server = start(&flags);
+    let preflight = |address: &str, origin: &str| {
+        let request = format!(
+            "OPTIONS /v1/completions HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\n\
+             Access-Control-Request-Headers: authorization, content-type, x-stainless-os\r\nConnection: close\r\n\r\n"
+        );
+        exchange(address, request.as_bytes()).to_ascii_lowercase()
+    };
+    let body = json!({"prompt": "def f():", "max_tokens": 2}).to_string();
+    let post_from = |origin: &str, key| {
+        let request = String::from_utf8(post_request("/v1/completions", body.as_bytes(), key)).unwrap();
+        let request = request.replacen("Host: x\r\n", &format!("Host: x\r\nOrigin: {origin}\r\n"), 1);
+        exchange(&server.address, request.as_bytes()).to_ascii_lowercase()
+    };
+    let mark = |origin: &str| format!("access-control-allow-origin: {origin}\r\n");
+    for origin in allowed {
+        let answer = preflight(&server.address, origin);
+        assert!(answer.starts_with("http/1.1 200") && answer.contains(&mark(origin)), "{origin}: {answer}");
+        assert!(answer.contains("access-control-allow-methods: get,post"), "{answer}");
+        assert!(
+            answer.contains("access-control-allow-headers: authorization, content-type, x-stainless-os"),
+            "{answer}"
+        );
+        let answer = post_from(origin, Some("sekret"));
+        assert!(answer.starts_with("http/1.1 200") && answer.contains(&mark(origin)), "{origin}: {answer}");
+        let answer = post_from(origin, None);
+        assert!(answer.starts_with("http/1.1 401") && answer.contains(&mark(origin)), "{origin}: {answer}");
+    }
+    let other = "http://evil.example";
+    assert!(!preflight(&server.address, other).contains("access-control-allow-origin"));
+    assert!(!post_from(other, Some("sekret")).contains("access-control-allow-origin"));
+    let plain = start(&[]);
+    let answer = preflight(&plain.address, allowed[0]);
+    assert!(answer.starts_with("http/1.1 405") && !answer.contains("access-control-allow-origin"), "{answer}");
+
+    for bad in ["localhost:3000", "http://x/path", "ftp://x"] {
+        let args = ["serve", "--http", "0", "--model", "/nonexistent", "--cors-origin", bad];
+        let expected = format!("--cors-origin {bad:?}");
+        common::check_failure(&common::wizard(&args), args, &[&expected, "scheme://host[:port]"]);
+    }
 }
 
 /// `wizard evolve --base-url` and the `openai` package are real clients of the server.

@@ -107,6 +107,9 @@ fn a_failing_sample_cannot_be_counted_as_passed() {
         // or imported from a .pyc it wrote (the standard library still imports from its caches).
         ("failed: the sandbox refuses code.__new__", failing("def f():\n    return 1\nf.__code__.replace(co_code=f.__code__.co_code)\n")),
         ("failed: the sandbox refuses marshal.loads outside the import system", failing("import marshal\nmarshal.loads(marshal.dumps((lambda: 1).__code__))\n")),
+        // The same refusal through _imp, which reports it as an invalid frozen object (the same bytes
+        // load outside the sandbox).
+        ("failed: Frozen object named 'x' is invalid", failing("import marshal, sys\nsys.modules['_imp'].get_frozen_object('x', marshal.dumps((lambda: 1).__code__))\n")),
         ("failed: the sandbox refuses bytecode from /tmp/evil.pyc", failing("import importlib.machinery as m\nopen('/tmp/evil.pyc', 'wb').write(b'x' * 64)\nm.SourcelessFileLoader('evil', '/tmp/evil.pyc').get_code('evil')\n")),
         ("failed: the sandbox refuses bytecode from '/tmp/evil.bin'", failing("import importlib.machinery as m, importlib.util, marshal\nopen('/tmp/evil.bin', 'wb').write(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps((lambda: 1).__code__))\nm.SourcelessFileLoader('evil', '/tmp/evil.bin').get_code('evil')\n")),
         ("failed: the sandbox refuses bytecode from '/usr/lib/x.pyc'", failing("import importlib.machinery as m, importlib.util, marshal\nclass L(m.SourcelessFileLoader):\n    def get_data(self, path):\n        return importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps((lambda: 1).__code__)\nL('x', '/usr/lib/x.pyc').get_code('x')\n")),

@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod cors;
 mod error;
 mod generation;
 mod logprobs;
@@ -24,6 +25,7 @@ use axum::Router;
 use model::engine::Engine;
 use model::tokenizer::Tokenizer;
 
+pub use cors::Cors;
 pub use error::ApiError;
 pub use generation::Limits;
 
@@ -43,6 +45,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// The tokenizer's chat template (`tokenizer_config.json`), used instead of WizardCoder's.
     pub chat_template: Option<String>,
+    /// Other origins browsers may call the API from.
+    pub cors: Option<Cors>,
 }
 
 /// The `chat_template` of `tokenizer_config.json` in `model_dir`, if it has one (a missing file is
@@ -90,9 +94,10 @@ impl App {
     }
 }
 
-/// The routes, with the body limit and the API key check.
+/// The routes, with the body limit, the API key check and cross-origin access.
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.config.max_body_bytes;
+    let cors = app.config.cors.as_ref().map(Cors::layer);
     let guarded = Router::new()
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat))
@@ -103,7 +108,7 @@ pub fn router(app: Arc<App>) -> Router {
         // The key is checked first (the outer layer): no body is read for a client without it.
         .route_layer(middleware::from_fn_with_state(app.clone(), read_body))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_key));
-    Router::new()
+    let router = Router::new()
         .route("/health", get(routes::health))
         .merge(guarded)
         .fallback(|| async {
@@ -114,7 +119,12 @@ pub fn router(app: Arc<App>) -> Router {
             ApiError { status: axum::http::StatusCode::METHOD_NOT_ALLOWED, ..ApiError::invalid(None, message) }
         })
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(app)
+        .with_state(app);
+    // Outermost: a browser's preflight carries no key and is answered here.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 async fn require_key(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
