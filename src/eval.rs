@@ -12,7 +12,7 @@ use anyhow::Context;
 use eval::generate::{Completer, GenerationConfig, ModelCompleter};
 use eval::problems::{Benchmark, LoadOptions, Problem, PromptFormat, Split};
 use eval::sandbox::SandboxConfig;
-use eval::store::Store;
+use eval::store::{Changes, SampleSource, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use model::engine::{Engine, EngineConfig};
 use model::tokenizer::Tokenizer;
@@ -308,8 +308,8 @@ fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         PathBuf::from(name)
     });
     let mut store = Store::open(&db, &benchmark.label(&problems))?;
-    let changed = store.forget_changed_problems(&problems, false)?;
-    report_changed_problems(&store, &changed, "run again");
+    let changes = store.forget_changed_problems(&problems, SampleSource::File)?;
+    report_changes(&store, &changes);
     let kept = store.replace_samples(&samples)?;
     let attempted: std::collections::HashSet<&str> = samples.iter().map(|s| s.task_id.as_str()).collect();
     if attempted.len() < problems.len() {
@@ -342,9 +342,6 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
         (None, Benchmark::HumanEvalInfilling) => PromptFormat::Fim,
         (None, _) => PromptFormat::Base,
     };
-    if let Some(limit) = args.limit {
-        problems.truncate(limit);
-    }
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut store = Store::open(&args.out.join("eval.sqlite"), &benchmark.label(&problems))?;
     let device = checked_device(&args.device)?;
@@ -367,8 +364,13 @@ fn run_model(args: RunArgs) -> anyhow::Result<ExitCode> {
             ("seed", "--seed", args.seed.to_string()),
         ],
     )?;
-    let changed = store.forget_changed_problems(&problems, true)?;
-    report_changed_problems(&store, &changed, "are made and run again");
+    // On every problem of the file, before --limit: a later run with a larger limit finds each
+    // problem's samples as current as the file.
+    let changes = store.forget_changed_problems(&problems, SampleSource::Model)?;
+    report_changes(&store, &changes);
+    if let Some(limit) = args.limit {
+        problems.truncate(limit);
+    }
 
     // libtorch keeps the setting per thread: here, and again on the engine's thread.
     let threads = args.threads.map(|n| n as i32);
@@ -462,16 +464,22 @@ fn keep_run_settings(store: &Store, settings: &[(&str, &str, String)]) -> anyhow
     Ok(())
 }
 
-/// Says which problems the benchmark file changed since `store` used them, and what becomes of
-/// their samples.
-fn report_changed_problems(store: &Store, changed: &[String], what_follows: &str) {
-    if let Some(first) = changed.first() {
-        let more = if changed.len() > 1 { format!(" and {} more", changed.len() - 1) } else { String::new() };
-        eprintln!(
-            "the benchmark file changed {} problems since {} last used them ({first}{more}): their samples {what_follows}",
-            changed.len(),
-            store.path().display()
-        );
+/// Says what the benchmark file changed since `store` last used it, and what becomes of the samples.
+fn report_changes(store: &Store, changes: &Changes) {
+    let groups = [
+        (&changes.prompts, "changed the prompts of", "their samples are made and run again"),
+        (&changes.programs, "changed the tests of", "their samples run again"),
+        (&changes.removed, "no longer has", "their samples are forgotten"),
+    ];
+    for (ids, what, then) in groups {
+        let Some(first) = ids.first() else { continue };
+        let count = match ids.len() {
+            1 => "1 problem".to_string(),
+            n => format!("{n} problems"),
+        };
+        let more = if ids.len() > 1 { format!(" and {} more", ids.len() - 1) } else { String::new() };
+        let store = store.path().display();
+        eprintln!("the benchmark file {what} {count} since {store} last used it ({first}{more}): {then}");
     }
 }
 

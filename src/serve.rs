@@ -139,7 +139,12 @@ fn run_http(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.max_tokens_limit != Some(0), "--max-tokens-limit must be at least 1");
     anyhow::ensure!(args.max_body_bytes >= 1, "--max-body-bytes must be at least 1");
     anyhow::ensure!((1..=86_400).contains(&args.read_timeout), "--read-timeout must be 1 to 86400 seconds");
-    let cors = api::Cors::parse(&args.cors_origin).map_err(anyhow::Error::msg)?;
+    let cors = api::Cors::parse(&args.cors_origin).map_err(|e| anyhow::anyhow!("--cors-origin {e}"))?;
+    if api_key.is_none() && cors.as_ref().is_some_and(api::Cors::allows_any) {
+        tracing::warn!(
+            "--cors-origin * without --api-key-env: any web page this machine's browser opens can use the server"
+        );
+    }
     let device = crate::device::checked_device(&args.device)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let paths = model_paths(&args, device, args.threads.unwrap_or(cores))?;

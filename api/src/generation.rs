@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use model::complete::{first_stop, StopSequences};
-use model::engine::{Engine, Event, Request, SubmitError, TokenLogprob};
+use model::engine::{Engine, Event, Request, Reservation, SubmitError, TokenLogprob};
 use model::generate::Finish;
 use model::sampling::Sampling;
 use model::text_offsets::TextOffsets;
@@ -160,16 +160,20 @@ pub async fn encode(tokenizer: &Arc<Tokenizer>, texts: Vec<String>) -> Result<Ve
 pub type Merged = UnboundedReceiver<Event>;
 
 /// Submits one engine request per prompt and merges their events; dropping the receiver cancels
-/// them all within a step. A request of more prompts than fit the batch keeps a batch's worth in
-/// the engine and submits the next as each ends, so any number of prompts is served.
+/// them all within a step. A request of more prompts than fit the batch reserves a batch's worth of
+/// places in the engine's queue and submits the next prompt into its place as each ends (to the back
+/// of the queue), so any number of prompts is served and other clients' load cannot starve it.
 pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result<Merged, ApiError> {
     let cancel = Arc::new(AtomicBool::new(false));
-    let window = (engine.config().max_batch / plan.n).max(1);
-    let first_window = window.min(plan.prompts.len());
-    // The first window is submitted now: a busy engine refuses the request before it is answered.
+    if plan.prompts.len() == 1 {
+        return engine.submit(engine_request(plan, tokenizer, &cancel, 0)).map_err(submit_error);
+    }
+    let window = (engine.config().max_batch / plan.n).max(1).min(plan.prompts.len());
+    // Taken now, with the first window submitted: a busy engine refuses the request before it is answered.
+    let reservation = Arc::new(engine.reserve(window).map_err(submit_error)?);
     let mut first = Vec::new();
-    for index in 0..first_window {
-        match engine.submit(engine_request(plan, tokenizer, &cancel, index)) {
+    for index in 0..window {
+        match engine.submit_reserved(engine_request(plan, tokenizer, &cancel, index), &reservation) {
             Ok(events) => first.push((index * plan.n, events)),
             Err(error) => {
                 cancel.store(true, Ordering::Relaxed);
@@ -177,40 +181,46 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
             }
         }
     }
-    if plan.prompts.len() == 1 {
-        return Ok(first.pop().expect("one receiver").1);
-    }
     let (merged, out) = unbounded_channel();
     let places = Arc::new(Semaphore::new(window));
+    let forwarding = Forwarding { merged, cancel: cancel.clone(), reservation };
     for (offset, events) in first {
         let place = places.clone().try_acquire_owned().expect("a place per submitted prompt");
-        tokio::spawn(forward(events, offset, merged.clone(), place));
+        tokio::spawn(forward(events, offset, forwarding.clone(), place));
     }
-    if plan.prompts.len() > first_window {
+    if plan.prompts.len() > window {
         let (engine, plan, tokenizer) = (engine.clone(), plan.clone(), tokenizer.clone());
         tokio::spawn(async move {
-            for index in first_window..plan.prompts.len() {
+            for index in window..plan.prompts.len() {
                 let Ok(place) = places.clone().acquire_owned().await else { return };
-                if merged.is_closed() {
+                if cancel.load(Ordering::Relaxed) || forwarding.merged.is_closed() {
                     cancel.store(true, Ordering::Relaxed);
                     return;
                 }
-                // The next prompt joins the back of the engine's queue as one of this request's
-                // ends: requests queued meanwhile go first, and a queue other clients keep full
-                // does not hold it back.
-                let events = match engine.submit_continued(engine_request(&plan, &tokenizer, &cancel, index)) {
+                let request = engine_request(&plan, &tokenizer, &cancel, index);
+                let events = match engine.submit_reserved(request, &forwarding.reservation) {
                     Ok(events) => events,
                     Err(error) => {
-                        let _ = merged.send(Event::Failed(error.to_string()));
+                        let _ = forwarding.merged.send(Event::Failed(error.to_string()));
                         return;
                     }
                 };
-                tokio::spawn(forward(events, index * plan.n, merged.clone(), place));
+                tokio::spawn(forward(events, index * plan.n, forwarding.clone(), place));
             }
         });
     }
     Ok(out)
 }
+
+/// What each prompt's forwarding shares: the merged events, the request's cancel flag, and its
+/// places in the engine's queue (given back when the last prompt ends).
+#[derive(Clone)]
+struct Forwarding {
+    merged: UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
+    reservation: Arc<Reservation>,
+}
+
 /// The engine request for prompt `index` of `plan`.
 fn engine_request(plan: &Plan, tokenizer: &Arc<Tokenizer>, cancel: &Arc<AtomicBool>, index: usize) -> Request {
     Request {
@@ -236,14 +246,20 @@ fn submit_error(error: SubmitError) -> ApiError {
 }
 
 /// Passes one prompt's events on as the request's, its samples numbered from `offset`; holds
-/// `place` until the prompt ends.
-async fn forward(
-    mut events: UnboundedReceiver<Event>,
-    offset: usize,
-    merged: UnboundedSender<Event>,
-    place: OwnedSemaphorePermit,
-) {
-    while let Some(event) = events.recv().await {
+/// `place` until the prompt ends. A client gone while the prompt still waits in the queue (no
+/// events yet) cancels the request at once.
+async fn forward(mut events: UnboundedReceiver<Event>, offset: usize, to: Forwarding, place: OwnedSemaphorePermit) {
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => break,
+            },
+            () = to.merged.closed() => {
+                to.cancel.store(true, Ordering::Relaxed);
+                return;
+            }
+        };
         let event = match event {
             Event::Token { sample, token, logprob } => Event::Token { sample: sample + offset, token, logprob },
             Event::Finished { sample, finish } => Event::Finished { sample: sample + offset, finish },
@@ -251,7 +267,8 @@ async fn forward(
             Event::StopToken { sample, token, logprob } => Event::StopToken { sample: sample + offset, token, logprob },
             other => other,
         };
-        if merged.send(event).is_err() {
+        if to.merged.send(event).is_err() {
+            to.cancel.store(true, Ordering::Relaxed);
             return;
         }
     }

@@ -218,11 +218,16 @@ impl Problem {
         [self.head.as_str(), &self.prompt, completion, &self.suffix, &self.tests].concat()
     }
 
-    /// Everything of the problem that its samples are made from or run against, as one text: two
-    /// problems with the same text give every completion the same prompt and the same outcome.
-    pub fn text(&self) -> String {
-        let parts = [&self.head, &self.prompt, &self.instruction, &self.suffix, &self.tests];
-        serde_json::to_string(&parts).expect("strings serialize")
+    /// What a model's samples are made from (every prompt format's parts), as one text: problems
+    /// with the same give a model the same prompts.
+    pub fn prompt_fingerprint(&self) -> String {
+        serde_json::to_string(&[&self.prompt, &self.instruction, &self.suffix]).expect("strings serialize")
+    }
+
+    /// What a completion runs in ([`program`](Self::program)'s parts), as one text: problems with
+    /// the same give every completion the same outcome.
+    pub fn program_fingerprint(&self) -> String {
+        serde_json::to_string(&[&self.head, &self.prompt, &self.suffix, &self.tests]).expect("strings serialize")
     }
 
     /// The prompt for `format` ([`PromptFormat::Editor`] builds its own from the prompt and the suffix;

@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (task_id, idx));
 CREATE TABLE IF NOT EXISTS problems (task_id TEXT PRIMARY KEY, n INTEGER NOT NULL, passed INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS scores (k INTEGER PRIMARY KEY, pass_at_k REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS problem_texts (task_id TEXT PRIMARY KEY, text TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS problem_fingerprints (task_id TEXT PRIMARY KEY, prompt TEXT NOT NULL, program TEXT NOT NULL);
 ";
 
 /// Orders ids by their text with every run of digits compared as a number.
@@ -60,6 +60,33 @@ impl FromSql for Status {
             .into_iter()
             .find(|status| status.name() == name)
             .ok_or_else(|| FromSqlError::Other(format!("unknown result status {name:?}").into()))
+    }
+}
+
+/// Where a store's samples come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleSource {
+    /// A model makes them from the problems' prompts (`eval run`).
+    Model,
+    /// A samples file gives them (`eval score`).
+    File,
+}
+
+/// What a benchmark file changed since a store last used it, by task id.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changes {
+    /// Problems whose prompt changed, where a model makes the samples: samples and outcomes forgotten.
+    pub prompts: Vec<String>,
+    /// Problems whose program changed (its tests): outcomes forgotten.
+    pub programs: Vec<String>,
+    /// Problems the file no longer has, where a model makes the samples: samples and outcomes forgotten.
+    pub removed: Vec<String>,
+}
+
+impl Changes {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.prompts.is_empty() && self.programs.is_empty() && self.removed.is_empty()
     }
 }
 
@@ -247,42 +274,61 @@ impl Store {
         self.sql(self.connection.execute("DELETE FROM results", []))
     }
 
-    /// Compares each problem's text (what its samples are made from and run against) with the text
-    /// recorded when the store last used it: a problem whose benchmark file changed it loses its
-    /// outcomes, and its samples too where `samples_too`, so they are made again; problems seen first
-    /// are recorded. Returns the changed problems' ids.
-    pub fn forget_changed_problems(&mut self, problems: &[Problem], samples_too: bool) -> Result<Vec<String>> {
+    /// Compares each problem of the benchmark file with what the store recorded when it last used
+    /// it (problems seen first are recorded): a changed program forgets the problem's outcomes, so
+    /// its samples run again. Where the store's samples are made by a model (`eval run`), a changed
+    /// prompt forgets its samples too, and so do problems the file no longer has.
+    pub fn forget_changed_problems(&mut self, problems: &[Problem], samples: SampleSource) -> Result<Changes> {
         let path = self.path.clone();
         let error = |e: rusqlite::Error| EvalError::Store { path: path.clone(), message: e.to_string() };
         let tx = self.connection.transaction().map_err(error)?;
-        let mut changed = Vec::new();
+        let mut changes = Changes::default();
         {
-            let mut stored = tx.prepare("SELECT text FROM problem_texts WHERE task_id = ?1").map_err(error)?;
-            let mut record =
-                tx.prepare("INSERT OR REPLACE INTO problem_texts (task_id, text) VALUES (?1, ?2)").map_err(error)?;
+            let mut stored =
+                tx.prepare("SELECT prompt, program FROM problem_fingerprints WHERE task_id = ?1").map_err(error)?;
+            let mut record = tx
+                .prepare("INSERT OR REPLACE INTO problem_fingerprints (task_id, prompt, program) VALUES (?1, ?2, ?3)")
+                .map_err(error)?;
             let mut forget_outcomes = tx.prepare("DELETE FROM results WHERE task_id = ?1").map_err(error)?;
             let mut forget_samples = tx.prepare("DELETE FROM samples WHERE task_id = ?1").map_err(error)?;
             for problem in problems {
-                let text = problem.text();
-                let before: Option<String> =
-                    stored.query_row([&problem.task_id], |row| row.get(0)).optional().map_err(error)?;
-                if before.as_ref().is_some_and(|before| *before != text) {
-                    forget_outcomes.execute([&problem.task_id]).map_err(error)?;
-                    if samples_too {
-                        forget_samples.execute([&problem.task_id]).map_err(error)?;
-                    }
-                    changed.push(problem.task_id.clone());
+                let id = &problem.task_id;
+                let now = (problem.prompt_fingerprint(), problem.program_fingerprint());
+                let before: Option<(String, String)> =
+                    stored.query_row([id], |row| Ok((row.get(0)?, row.get(1)?))).optional().map_err(error)?;
+                let Some(before) = before.filter(|before| *before != now) else {
+                    record.execute(params![id, now.0, now.1]).map_err(error)?;
+                    continue;
+                };
+                if samples == SampleSource::Model && before.0 != now.0 {
+                    forget_samples.execute([id]).map_err(error)?;
+                    forget_outcomes.execute([id]).map_err(error)?;
+                    changes.prompts.push(id.clone());
+                } else if before.1 != now.1 {
+                    forget_outcomes.execute([id]).map_err(error)?;
+                    changes.programs.push(id.clone());
                 }
-                if before.as_ref() != Some(&text) {
-                    record.execute(params![problem.task_id, text]).map_err(error)?;
+                record.execute(params![id, now.0, now.1]).map_err(error)?;
+            }
+            if samples == SampleSource::Model {
+                let known: std::collections::HashSet<&str> = problems.iter().map(|p| p.task_id.as_str()).collect();
+                let mut stored_ids = tx.prepare("SELECT DISTINCT task_id FROM samples").map_err(error)?;
+                let ids = stored_ids.query_map([], |row| row.get::<_, String>(0)).map_err(error)?;
+                for id in ids.collect::<rusqlite::Result<Vec<String>>>().map_err(error)? {
+                    if !known.contains(id.as_str()) {
+                        forget_samples.execute([&id]).map_err(error)?;
+                        forget_outcomes.execute([&id]).map_err(error)?;
+                        tx.execute("DELETE FROM problem_fingerprints WHERE task_id = ?1", [&id]).map_err(error)?;
+                        changes.removed.push(id);
+                    }
                 }
             }
         }
-        if !changed.is_empty() {
+        if !changes.is_empty() {
             tx.execute_batch("DELETE FROM problems; DELETE FROM scores;").map_err(error)?;
         }
         tx.commit().map_err(error)?;
-        Ok(changed)
+        Ok(changes)
     }
 
     /// Records a sample's outcome (committed at once, so an interruption loses nothing done).

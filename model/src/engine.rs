@@ -213,6 +213,21 @@ struct Envelope {
     request: Request,
     events: UnboundedSender<Event>,
     submitted: Instant,
+    /// Its own place in the queue, or none where it runs in a [`Reservation`]'s.
+    place: Option<Reservation>,
+}
+
+/// Places in the engine's queue, counted against its limit until dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    places: usize,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(self.places, Ordering::SeqCst);
+    }
 }
 
 /// The handle callers hold; cheap to clone.
@@ -246,7 +261,7 @@ impl Engine {
         let (ready, loaded) = mpsc::channel::<Result<(usize, usize)>>();
         let counters = Arc::new(Counters::default());
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let (thread_counters, thread_in_flight, thread_config) = (counters.clone(), in_flight.clone(), config.clone());
+        let (thread_counters, thread_config) = (counters.clone(), config.clone());
         std::thread::Builder::new()
             .name("inference".into())
             .spawn(move || {
@@ -262,7 +277,6 @@ impl Engine {
                     session: None,
                     config: thread_config,
                     counters: thread_counters,
-                    in_flight: thread_in_flight,
                     waiting: VecDeque::new(),
                     prefilling: None,
                     running: Vec::new(),
@@ -297,33 +311,48 @@ impl Engine {
 
     /// Queues `request`; its events arrive on the returned receiver. Dropping the receiver cancels it.
     pub fn submit(&self, request: Request) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
-        self.enqueue(request, Some(self.config.max_batch + self.config.max_waiting))
+        self.check(&request)?;
+        let place = self.reserve(1)?;
+        self.enqueue(request, Some(place))
     }
 
-    /// Queues a later part of a request already taken (the next prompt of a many-prompt request,
-    /// as one of its own ends), whatever the queue holds: the queue's limit refuses new requests,
-    /// never one half answered, so other clients' steady load cannot starve it.
-    pub fn submit_continued(&self, request: Request) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
+    /// Takes `places` in the queue for requests submitted into them with
+    /// [`submit_reserved`](Self::submit_reserved) (a request of many prompts, a few at a time): its
+    /// later prompts always find room, and other clients' load cannot starve them. Refused like
+    /// [`submit`](Self::submit) when the queue cannot hold them all now.
+    pub fn reserve(&self, places: usize) -> std::result::Result<Reservation, SubmitError> {
+        let limit = self.config.max_batch + self.config.max_waiting;
+        let taken = self.in_flight.fetch_add(places, Ordering::SeqCst);
+        let reservation = Reservation { places, in_flight: self.in_flight.clone() };
+        if taken + places > limit {
+            return Err(SubmitError::Busy(taken));
+        }
+        Ok(reservation)
+    }
+
+    /// Queues `request` in a place of `reservation` (whose holder keeps no more requests in flight
+    /// than it reserved).
+    pub fn submit_reserved(
+        &self,
+        request: Request,
+        reservation: &Reservation,
+    ) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
+        if !Arc::ptr_eq(&reservation.in_flight, &self.in_flight) {
+            return Err(SubmitError::Invalid("the reservation is another engine's".into()));
+        }
+        self.check(&request)?;
         self.enqueue(request, None)
     }
 
     fn enqueue(
         &self,
         request: Request,
-        limit: Option<usize>,
+        place: Option<Reservation>,
     ) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
-        self.check(&request)?;
-        let taken = self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if limit.is_some_and(|limit| taken >= limit) {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::Busy(taken));
-        }
         let (events, receiver) = unbounded_channel();
-        let envelope = Envelope { request, events, submitted: Instant::now() };
-        if self.inbox.send(envelope).is_err() {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::Stopped);
-        }
+        let envelope = Envelope { request, events, submitted: Instant::now(), place };
+        // A stopped engine gives the envelope, and its place, back.
+        self.inbox.send(envelope).map_err(|_| SubmitError::Stopped)?;
         Ok(receiver)
     }
 
@@ -390,6 +419,8 @@ impl Engine {
 struct Shared {
     request: Request,
     events: UnboundedSender<Event>,
+    /// Given back when the request ends, before its caller hears so.
+    place: Option<Reservation>,
     max_new_tokens: usize,
     open_samples: usize,
 }
@@ -430,7 +461,6 @@ struct Batcher<'m> {
     session: Option<Session>,
     config: EngineConfig,
     counters: Arc<Counters>,
-    in_flight: Arc<AtomicUsize>,
     waiting: VecDeque<Envelope>,
     prefilling: Option<Prefill>,
     running: Vec<Sequence>,
@@ -467,8 +497,8 @@ impl Batcher<'_> {
         while self.prefilling.is_none() {
             let Some(front) = self.waiting.front() else { return };
             if front.request.cancel.load(Ordering::Relaxed) || front.events.is_closed() {
+                // Its place goes with it.
                 self.waiting.pop_front();
-                self.in_flight.fetch_sub(1, Ordering::SeqCst);
                 continue;
             }
             if self.running.len() + front.request.n > self.config.max_batch {
@@ -485,7 +515,8 @@ impl Batcher<'_> {
             let max_new_tokens = envelope.request.max_new_tokens.min(context.saturating_sub(prompt_len));
             let capacity = (prompt_len + max_new_tokens) as i64;
             let open_samples = envelope.request.n;
-            let shared = Shared { request: envelope.request, events: envelope.events, max_new_tokens, open_samples };
+            let Envelope { request, events, place, .. } = envelope;
+            let mut shared = Shared { request, events, place, max_new_tokens, open_samples };
             match self.model.new_cache(1, capacity) {
                 Ok(cache) => {
                     let shared = std::rc::Rc::new(std::cell::RefCell::new(shared));
@@ -493,7 +524,7 @@ impl Batcher<'_> {
                         Some(Prefill { shared, cache, scored: Vec::new(), started: Instant::now(), queued_ms });
                 }
                 Err(error) => {
-                    self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    drop(shared.place.take());
                     let _ = shared.events.send(Event::Failed(error.to_string()));
                 }
             }
@@ -507,7 +538,7 @@ impl Batcher<'_> {
     fn prefill_chunk(&mut self) -> usize {
         let Some(mut prefill) = self.prefilling.take() else { return 0 };
         if prefill.shared.borrow().cancelled() {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            // Its place goes with it.
             return 1;
         }
         let done = prefill.cache.len() as usize;
@@ -529,8 +560,9 @@ impl Batcher<'_> {
         let logits = match flatten_panic(result) {
             Ok(logits) => logits,
             Err(message) => {
-                self.in_flight.fetch_sub(1, Ordering::SeqCst);
-                let _ = prefill.shared.borrow().events.send(Event::Failed(message));
+                let mut shared = prefill.shared.borrow_mut();
+                drop(shared.place.take());
+                let _ = shared.events.send(Event::Failed(message));
                 return chunk;
             }
         };
@@ -542,8 +574,9 @@ impl Batcher<'_> {
         let logits = match row_vec(&logits) {
             Ok(logits) => logits,
             Err(error) => {
-                self.in_flight.fetch_sub(1, Ordering::SeqCst);
-                let _ = prefill.shared.borrow().events.send(Event::Failed(error.to_string()));
+                let mut shared = prefill.shared.borrow_mut();
+                drop(shared.place.take());
+                let _ = shared.events.send(Event::Failed(error.to_string()));
                 return chunk;
             }
         };
@@ -620,10 +653,10 @@ impl Batcher<'_> {
 
     /// Decodes one request speculatively, to its end, while nothing else runs.
     fn run_alone(&mut self, envelope: Envelope) {
-        let Envelope { mut request, events, submitted } = envelope;
+        let Envelope { mut request, events, submitted, place } = envelope;
         let _ = events.send(Event::Started { queued_ms: submitted.elapsed().as_secs_f64() * 1e3 });
         let outcome = catch_unwind(AssertUnwindSafe(|| self.speculate(&mut request, &events)));
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        drop(place);
         match flatten_panic(outcome) {
             Ok((finish, figures)) => {
                 let _ = events.send(Event::Speculated(figures));
@@ -688,7 +721,7 @@ impl Batcher<'_> {
         // The place is free before the caller hears that its request is done.
         shared.open_samples -= 1;
         if shared.open_samples == 0 {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            drop(shared.place.take());
         }
         let _ = shared.events.send(Event::Finished { sample: sequence.sample, finish });
     }
@@ -698,7 +731,7 @@ impl Batcher<'_> {
         shared.request.cancel.store(true, Ordering::Relaxed);
         shared.open_samples -= 1;
         if shared.open_samples == 0 {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            drop(shared.place.take());
         }
         let _ = shared.events.send(Event::Failed(message));
     }

@@ -164,19 +164,28 @@ fn stops_panics_cancellation_and_a_full_queue() {
     let (release, first) = hold(&engine, prompt(0), 100);
     let held: Vec<_> = (1..3).map(|i| engine.submit(long(i)).unwrap()).collect();
     assert!(matches!(engine.submit(long(3)), Err(SubmitError::Busy(3))));
-    // A later part of a request already taken joins the full queue and is answered in turn.
-    let continued = engine.submit_continued(request(prompt(3), Sampling::greedy(), 1)).unwrap();
-    assert!(matches!(engine.submit(long(4)), Err(SubmitError::Busy(4))), "still full to new requests");
+    assert!(matches!(engine.reserve(1), Err(SubmitError::Busy(3))));
     drop((first, held, release));
-    assert_eq!(collect(continued, 1)[0].len(), 24);
+    // Places reserved once there is room are the holder's: its requests go in while new ones are
+    // refused, and dropping the reservation gives the places back.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let answer = loop {
-        match engine.submit(request(prompt(1), Sampling::greedy(), 1)) {
+    let reservation = loop {
+        match engine.reserve(2) {
             Err(SubmitError::Busy(_)) if Instant::now() < deadline => std::thread::yield_now(),
-            other => break other,
+            other => break other.unwrap(),
         }
     };
-    assert_eq!(collect(answer.unwrap(), 1)[0].len(), 24);
+    let third = engine.submit(request(prompt(1), Sampling::greedy(), 1)).unwrap();
+    assert!(matches!(engine.submit(long(4)), Err(SubmitError::Busy(3))));
+    let reserved: Vec<_> = (2..4)
+        .map(|i| engine.submit_reserved(request(prompt(i), Sampling::greedy(), 1), &reservation).unwrap())
+        .collect();
+    for events in [third].into_iter().chain(reserved) {
+        assert_eq!(collect(events, 1)[0].len(), 24);
+    }
+    assert_eq!(engine.in_flight(), 2, "the reservation's places");
+    drop(reservation);
+    assert_eq!(engine.in_flight(), 0);
 
     // Refused before queueing: an empty prompt, n = 0, a prompt as long as the context, bad sampling,
     // an id outside the vocabulary, log-probabilities on the speculative path.
