@@ -469,7 +469,6 @@ fn report_changes(store: &Store, changes: &Changes) {
     let groups = [
         (&changes.prompts, "changed the prompts of", "their samples are made and run again"),
         (&changes.programs, "changed the tests of", "their samples run again"),
-        (&changes.removed, "no longer has", "their samples are forgotten"),
     ];
     for (ids, what, then) in groups {
         let Some(first) = ids.first() else { continue };

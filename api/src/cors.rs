@@ -1,11 +1,11 @@
 //! Cross-origin access for browser clients (a web UI on another origin): which origins may call
 //! the API, checked once at start so that a bad value is refused before the model loads.
-use std::net::Ipv6Addr;
 use std::time::Duration;
 
 use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderValue, Method};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+use url::Url;
 
 /// The origins browsers may call the API from.
 #[derive(Debug, Clone)]
@@ -56,54 +56,22 @@ impl Cors {
     }
 }
 
-/// `origin` as a browser's `Origin` header has it (the layer compares bytes): `http` or `https`,
-/// the host in lower case (an IPv6 address compressed), the port only where it is not the
-/// scheme's default; a trailing `/` is dropped.
+/// `origin` as a browser's `Origin` header has it (the layer compares bytes): parsed by the URL
+/// standard browsers follow (host in lower case, IDN in punycode, IP addresses in their canonical
+/// form, no default port), and refused where it names more than an origin.
 fn serialized_origin(origin: &str) -> Result<HeaderValue, OriginError> {
     let refuse = |reason| OriginError { origin: origin.to_string(), reason };
-    let lower = origin.to_ascii_lowercase();
-    let lower = lower.strip_suffix('/').unwrap_or(&lower);
-    let (scheme, rest, default_port) = if let Some(rest) = lower.strip_prefix("http://") {
-        ("http", rest, "80")
-    } else if let Some(rest) = lower.strip_prefix("https://") {
-        ("https", rest, "443")
-    } else {
+    let url = Url::parse(origin).map_err(|_| refuse("it does not parse as a URL"))?;
+    if !matches!(url.scheme(), "http" | "https") {
         return Err(refuse("the scheme must be http or https"));
-    };
-    // An IPv6 address is bracketed: its colons are not the port's.
-    let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
-        let (address, after) = bracketed.split_once(']').ok_or_else(|| refuse("an IPv6 address lacks its ']'"))?;
-        let address: Ipv6Addr = address.parse().map_err(|_| refuse("the IPv6 address does not parse"))?;
-        let port = match after {
-            "" => None,
-            _ => Some(after.strip_prefix(':').ok_or_else(|| refuse("it has a path, query or user part"))?),
-        };
-        (format!("[{address}]"), port)
-    } else {
-        let (host, port) = match rest.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (rest, None),
-        };
-        let name_like = |c: char| c.is_ascii_alphanumeric() || c == '.' || c == '-';
-        if host.is_empty() || !host.chars().all(name_like) {
-            return Err(refuse("it has no host, or a path, query or user part"));
-        }
-        (host.to_string(), port)
-    };
-    let port = match port {
-        None => None,
-        Some(port) => {
-            let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
-            let number =
-                port.parse::<u16>().ok().filter(|_| digits).ok_or_else(|| refuse("the port is not 0-65535"))?;
-            Some(number.to_string()).filter(|port| port != default_port)
-        }
-    };
-    let serialized = match port {
-        Some(port) => format!("{scheme}://{host}:{port}"),
-        None => format!("{scheme}://{host}"),
-    };
-    HeaderValue::from_str(&serialized).map_err(|_| refuse("it is not a valid header value"))
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(refuse("it has a user part"));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(refuse("it has a path, query or fragment"));
+    }
+    HeaderValue::from_str(&url.origin().ascii_serialization()).map_err(|_| refuse("it is not a valid header value"))
 }
 
 #[cfg(test)]
@@ -117,11 +85,13 @@ mod tests {
             ("http://localhost:3000", "http://localhost:3000"),
             ("https://UI.Example.com/", "https://ui.example.com"),
             ("http://127.0.0.1:80", "http://127.0.0.1"),
+            ("http://127.1:8080", "http://127.0.0.1:8080"),
             ("https://x:443", "https://x"),
             ("http://x:0081", "http://x:81"),
-            ("http://x:8080", "http://x:8080"),
+            ("http://my_host:8080", "http://my_host:8080"),
             ("http://[0:0:0:0:0:0:0:1]:8080", "http://[::1]:8080"),
-            ("HTTP://[::1]", "http://[::1]"),
+            ("http://[::ffff:127.0.0.1]", "http://[::ffff:7f00:1]"),
+            ("HTTP://bücher.example", "http://xn--bcher-kva.example"),
         ] {
             assert_eq!(serialized(given).unwrap(), sent, "{given}");
         }
@@ -135,9 +105,9 @@ mod tests {
             "http://x:+80",
             "http://u@x",
             "http://x?q",
+            "http://x#f",
             "http://[::1",
             "http://[::g]",
-            "http://[::1]x",
             "http://x:70000",
         ] {
             let error = serialized(bad).unwrap_err().to_string();

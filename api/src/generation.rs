@@ -201,6 +201,7 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
                 let events = match engine.submit_reserved(request, &forwarding.reservation) {
                     Ok(events) => events,
                     Err(error) => {
+                        cancel.store(true, Ordering::Relaxed);
                         let _ = forwarding.merged.send(Event::Failed(error.to_string()));
                         return;
                     }

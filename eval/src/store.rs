@@ -79,14 +79,12 @@ pub struct Changes {
     pub prompts: Vec<String>,
     /// Problems whose program changed (its tests): outcomes forgotten.
     pub programs: Vec<String>,
-    /// Problems the file no longer has, where a model makes the samples: samples and outcomes forgotten.
-    pub removed: Vec<String>,
 }
 
 impl Changes {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.prompts.is_empty() && self.programs.is_empty() && self.removed.is_empty()
+        self.prompts.is_empty() && self.programs.is_empty()
     }
 }
 
@@ -275,9 +273,10 @@ impl Store {
     }
 
     /// Compares each problem of the benchmark file with what the store recorded when it last used
-    /// it (problems seen first are recorded): a changed program forgets the problem's outcomes, so
-    /// its samples run again. Where the store's samples are made by a model (`eval run`), a changed
-    /// prompt forgets its samples too, and so do problems the file no longer has.
+    /// it (problems seen first are recorded; a store older than the record trusts what it holds): a
+    /// changed program forgets the problem's outcomes, so its samples run again; where the store's
+    /// samples are made by a model (`eval run`), a changed prompt forgets its samples too. Problems
+    /// the file lacks keep theirs (a subset of a benchmark may share its store).
     pub fn forget_changed_problems(&mut self, problems: &[Problem], samples: SampleSource) -> Result<Changes> {
         let path = self.path.clone();
         let error = |e: rusqlite::Error| EvalError::Store { path: path.clone(), message: e.to_string() };
@@ -309,19 +308,6 @@ impl Store {
                     changes.programs.push(id.clone());
                 }
                 record.execute(params![id, now.0, now.1]).map_err(error)?;
-            }
-            if samples == SampleSource::Model {
-                let known: std::collections::HashSet<&str> = problems.iter().map(|p| p.task_id.as_str()).collect();
-                let mut stored_ids = tx.prepare("SELECT DISTINCT task_id FROM samples").map_err(error)?;
-                let ids = stored_ids.query_map([], |row| row.get::<_, String>(0)).map_err(error)?;
-                for id in ids.collect::<rusqlite::Result<Vec<String>>>().map_err(error)? {
-                    if !known.contains(id.as_str()) {
-                        forget_samples.execute([&id]).map_err(error)?;
-                        forget_outcomes.execute([&id]).map_err(error)?;
-                        tx.execute("DELETE FROM problem_fingerprints WHERE task_id = ?1", [&id]).map_err(error)?;
-                        changes.removed.push(id);
-                    }
-                }
             }
         }
         if !changes.is_empty() {

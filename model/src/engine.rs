@@ -210,11 +210,12 @@ pub struct Counters {
 }
 
 struct Envelope {
+    /// Its own place in the queue, or none where it runs in a [`Reservation`]'s. First: fields drop
+    /// in order, and the place is back before the caller sees its channel close.
+    place: Option<Reservation>,
     request: Request,
     events: UnboundedSender<Event>,
     submitted: Instant,
-    /// Its own place in the queue, or none where it runs in a [`Reservation`]'s.
-    place: Option<Reservation>,
 }
 
 /// Places in the engine's queue, counted against its limit until dropped.
@@ -322,12 +323,13 @@ impl Engine {
     /// [`submit`](Self::submit) when the queue cannot hold them all now.
     pub fn reserve(&self, places: usize) -> std::result::Result<Reservation, SubmitError> {
         let limit = self.config.max_batch + self.config.max_waiting;
-        let taken = self.in_flight.fetch_add(places, Ordering::SeqCst);
-        let reservation = Reservation { places, in_flight: self.in_flight.clone() };
-        if taken + places > limit {
-            return Err(SubmitError::Busy(taken));
-        }
-        Ok(reservation)
+        // Taken only if they fit: a refused reservation never shows in the count others see.
+        self.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |taken| {
+                (taken + places <= limit).then_some(taken + places)
+            })
+            .map_err(SubmitError::Busy)?;
+        Ok(Reservation { places, in_flight: self.in_flight.clone() })
     }
 
     /// Queues `request` in a place of `reservation` (whose holder keeps no more requests in flight
@@ -417,10 +419,12 @@ impl Engine {
 
 /// A request's shared part while its samples run.
 struct Shared {
+    /// Given back when the request ends, before its caller hears so (first, as in [`Envelope`]).
+    place: Option<Reservation>,
+    /// A sample failed: the request's last event was sent.
+    failed: bool,
     request: Request,
     events: UnboundedSender<Event>,
-    /// Given back when the request ends, before its caller hears so.
-    place: Option<Reservation>,
     max_new_tokens: usize,
     open_samples: usize,
 }
@@ -477,6 +481,9 @@ impl Batcher<'_> {
                 }
             }
             self.waiting.extend(inbox.try_iter());
+            // Cancelled requests leave the queue at once, wherever they wait (with their places).
+            self.waiting
+                .retain(|envelope| !(envelope.request.cancel.load(Ordering::Relaxed) || envelope.events.is_closed()));
             // Up to one chunk's worth of prompt tokens per step, over as many newcomers as it covers.
             let mut budget = self.config.prefill_chunk.max(1);
             while budget > 0 {
@@ -516,7 +523,7 @@ impl Batcher<'_> {
             let capacity = (prompt_len + max_new_tokens) as i64;
             let open_samples = envelope.request.n;
             let Envelope { request, events, place, .. } = envelope;
-            let mut shared = Shared { request, events, place, max_new_tokens, open_samples };
+            let mut shared = Shared { place, failed: false, request, events, max_new_tokens, open_samples };
             match self.model.new_cache(1, capacity) {
                 Ok(cache) => {
                     let shared = std::rc::Rc::new(std::cell::RefCell::new(shared));
@@ -723,17 +730,20 @@ impl Batcher<'_> {
         if shared.open_samples == 0 {
             drop(shared.place.take());
         }
-        let _ = shared.events.send(Event::Finished { sample: sequence.sample, finish });
+        if !shared.failed {
+            let _ = shared.events.send(Event::Finished { sample: sequence.sample, finish });
+        }
     }
 
+    /// Ends the whole request with `message`: its other samples stop at their next step, silently.
     fn fail(&self, sequence: &Sequence, message: String) {
         let mut shared = sequence.shared.borrow_mut();
         shared.request.cancel.store(true, Ordering::Relaxed);
         shared.open_samples -= 1;
-        if shared.open_samples == 0 {
-            drop(shared.place.take());
+        drop(shared.place.take());
+        if !std::mem::replace(&mut shared.failed, true) {
+            let _ = shared.events.send(Event::Failed(message));
         }
-        let _ = shared.events.send(Event::Failed(message));
     }
 }
 

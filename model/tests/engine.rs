@@ -158,6 +158,22 @@ fn stops_panics_cancellation_and_a_full_queue() {
     let failed = engine.generate(panicking);
     assert!(matches!(failed, Err(SubmitError::Invalid(ref m)) if m.contains("stop criterion panic")), "{failed:?}");
     assert_eq!(collect(neighbour, 1)[0].len(), 24);
+    // A failing sample ends its request for all samples: one Failed, the last event, sent once the
+    // place is back.
+    let pair = Request {
+        stop: Some(Box::new(After { after: 3, panic: true })),
+        ..request(prompt(4), Sampling { temperature: 1.0, top_k: None, top_p: None, seed: 1 }, 2)
+    };
+    let mut events = engine.submit(pair).unwrap();
+    let mut last = None;
+    while let Some(event) = events.blocking_recv() {
+        if matches!(event, Event::Failed(_)) {
+            assert_eq!(engine.in_flight(), 0, "the place is back before the failure is told");
+        }
+        assert!(!matches!(last, Some(Event::Failed(_))), "{event:?} after the failure");
+        last = Some(event);
+    }
+    assert!(matches!(last, Some(Event::Failed(ref m)) if m.contains("stop criterion panic")), "{last:?}");
 
     // Batch 2 + 1 waiting: the fourth is refused; dropping receivers frees the places.
     let long = |i| Request { max_new_tokens: 100, ..request(prompt(i), Sampling::greedy(), 1) };
@@ -169,12 +185,11 @@ fn stops_panics_cancellation_and_a_full_queue() {
     // Places reserved once there is room are the holder's: its requests go in while new ones are
     // refused, and dropping the reservation gives the places back.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let reservation = loop {
-        match engine.reserve(2) {
-            Err(SubmitError::Busy(_)) if Instant::now() < deadline => std::thread::yield_now(),
-            other => break other.unwrap(),
-        }
-    };
+    while engine.in_flight() > 0 {
+        assert!(Instant::now() < deadline, "the dropped requests still hold {} places", engine.in_flight());
+        std::thread::yield_now();
+    }
+    let reservation = engine.reserve(2).unwrap();
     let third = engine.submit(request(prompt(1), Sampling::greedy(), 1)).unwrap();
     assert!(matches!(engine.submit(long(4)), Err(SubmitError::Busy(3))));
     let reserved: Vec<_> = (2..4)
