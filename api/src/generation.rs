@@ -160,17 +160,19 @@ pub async fn encode(tokenizer: &Arc<Tokenizer>, texts: Vec<String>) -> Result<Ve
 pub type Merged = UnboundedReceiver<Event>;
 
 /// Submits one engine request per prompt and merges their events; dropping the receiver cancels
-/// them all within a step. A request of more prompts than fit the batch reserves a batch's worth of
-/// places in the engine's queue and submits the next prompt into its place as each ends (to the back
-/// of the queue), so any number of prompts is served and other clients' load cannot starve it.
+/// them all within a step. A request of more prompts than fit the batch reserves up to a batch's
+/// worth of places in the engine's queue and submits the next prompt into its place as each ends (to
+/// the back of the queue), so any number of prompts is served and other clients' load cannot starve it.
 pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result<Merged, ApiError> {
     let cancel = Arc::new(AtomicBool::new(false));
     if plan.prompts.len() == 1 {
         return engine.submit(engine_request(plan, tokenizer, &cancel, 0)).map_err(submit_error);
     }
-    let window = (engine.config().max_batch / plan.n).max(1).min(plan.prompts.len());
-    // Taken now, with the first window submitted: a busy engine refuses the request before it is answered.
-    let reservation = Arc::new(engine.reserve(window).map_err(submit_error)?);
+    let wanted = (engine.config().max_batch / plan.n).max(1).min(plan.prompts.len());
+    // Taken now, with the first window submitted: a busy engine refuses the request before it is
+    // answered; a busier one gives it fewer places, so fewer of its prompts run at once.
+    let reservation = Arc::new(engine.reserve(wanted).map_err(submit_error)?);
+    let window = reservation.places();
     let mut first = Vec::new();
     for index in 0..window {
         match engine.submit_reserved(engine_request(plan, tokenizer, &cancel, index), &reservation) {

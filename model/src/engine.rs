@@ -225,6 +225,13 @@ pub struct Reservation {
     in_flight: Arc<AtomicUsize>,
 }
 
+impl Reservation {
+    /// How many places it holds.
+    pub fn places(&self) -> usize {
+        self.places
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.in_flight.fetch_sub(self.places, Ordering::SeqCst);
@@ -317,19 +324,21 @@ impl Engine {
         self.enqueue(request, Some(place))
     }
 
-    /// Takes `places` in the queue for requests submitted into them with
-    /// [`submit_reserved`](Self::submit_reserved) (a request of many prompts, a few at a time): its
-    /// later prompts always find room, and other clients' load cannot starve them. Refused like
-    /// [`submit`](Self::submit) when the queue cannot hold them all now.
+    /// Takes up to `places` places in the queue (as many as are free) for requests submitted into
+    /// them with [`submit_reserved`](Self::submit_reserved): a request of many prompts, a few at a
+    /// time, whose later prompts always find room, so other clients' load cannot starve them.
+    /// Refused like [`submit`](Self::submit) when no place is free.
     pub fn reserve(&self, places: usize) -> std::result::Result<Reservation, SubmitError> {
         let limit = self.config.max_batch + self.config.max_waiting;
-        // Taken only if they fit: a refused reservation never shows in the count others see.
+        let mut granted = 0;
+        // Taken only where free: a refused reservation never shows in the count others see.
         self.in_flight
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |taken| {
-                (taken + places <= limit).then_some(taken + places)
+                granted = places.min(limit.saturating_sub(taken));
+                (granted > 0).then_some(taken + granted)
             })
             .map_err(SubmitError::Busy)?;
-        Ok(Reservation { places, in_flight: self.in_flight.clone() })
+        Ok(Reservation { places: granted, in_flight: self.in_flight.clone() })
     }
 
     /// Queues `request` in a place of `reservation` (whose holder keeps no more requests in flight

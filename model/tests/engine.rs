@@ -182,20 +182,24 @@ fn stops_panics_cancellation_and_a_full_queue() {
     assert!(matches!(engine.submit(long(3)), Err(SubmitError::Busy(3))));
     assert!(matches!(engine.reserve(1), Err(SubmitError::Busy(3))));
     drop((first, held, release));
-    // Places reserved once there is room are the holder's: its requests go in while new ones are
+    // Places reserved (as many as are free) are the holder's: its requests go in while new ones are
     // refused, and dropping the reservation gives the places back.
     let deadline = Instant::now() + Duration::from_secs(10);
     while engine.in_flight() > 0 {
         assert!(Instant::now() < deadline, "the dropped requests still hold {} places", engine.in_flight());
         std::thread::yield_now();
     }
-    let reservation = engine.reserve(2).unwrap();
-    let third = engine.submit(request(prompt(1), Sampling::greedy(), 1)).unwrap();
+    // Held at its first token, so that its place stays taken while the reservation is made.
+    let (release, held) = hold(&engine, prompt(1), 100);
+    let reservation = engine.reserve(5).unwrap();
+    assert_eq!(reservation.places(), 2, "as many as are free");
     assert!(matches!(engine.submit(long(4)), Err(SubmitError::Busy(3))));
     let reserved: Vec<_> = (2..4)
         .map(|i| engine.submit_reserved(request(prompt(i), Sampling::greedy(), 1), &reservation).unwrap())
         .collect();
-    for events in [third].into_iter().chain(reserved) {
+    drop(release);
+    assert_eq!(collect(held, 1)[0].len(), 100);
+    for events in reserved {
         assert_eq!(collect(events, 1)[0].len(), 24);
     }
     assert_eq!(engine.in_flight(), 2, "the reservation's places");
