@@ -717,7 +717,7 @@ fn key_queue_disconnects_and_a_thousand_connections() {
                     match status(Some("sekret")) {
                         200 => served.fetch_add(1, Relaxed),
                         429 => {
-                            std::thread::sleep(Duration::from_millis(5));
+                            std::thread::sleep(Duration::from_millis(20));
                             refused.fetch_add(1, Relaxed)
                         }
                         other => panic!("status {other} beside a big request"),

@@ -179,13 +179,21 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
             Ok(events) => first.push((index * plan.n, events)),
             Err(error) => {
                 cancel.store(true, Ordering::Relaxed);
+                // The places stay taken until the engine has dropped the prompts already queued.
+                tokio::spawn(async move {
+                    for (_, mut events) in first {
+                        while events.recv().await.is_some() {}
+                    }
+                    drop(reservation);
+                });
                 return Err(submit_error(error));
             }
         }
     }
     let (merged, out) = unbounded_channel();
     let places = Arc::new(Semaphore::new(window));
-    let forwarding = Forwarding { merged, cancel: cancel.clone(), reservation };
+    let failed = Arc::new(AtomicBool::new(false));
+    let forwarding = Forwarding { reservation, merged, cancel: cancel.clone(), failed, n: plan.n };
     for (offset, events) in first {
         let place = places.clone().try_acquire_owned().expect("a place per submitted prompt");
         tokio::spawn(forward(events, offset, forwarding.clone(), place));
@@ -204,7 +212,9 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
                     Ok(events) => events,
                     Err(error) => {
                         cancel.store(true, Ordering::Relaxed);
-                        let _ = forwarding.merged.send(Event::Failed(error.to_string()));
+                        if !forwarding.failed.swap(true, Ordering::SeqCst) {
+                            let _ = forwarding.merged.send(Event::Failed(error.to_string()));
+                        }
                         return;
                     }
                 };
@@ -215,13 +225,17 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
     Ok(out)
 }
 
-/// What each prompt's forwarding shares: the merged events, the request's cancel flag, and its
-/// places in the engine's queue (given back when the last prompt ends).
+/// What each prompt's forwarding shares.
 #[derive(Clone)]
 struct Forwarding {
+    /// The request's places in the engine's queue: back once every prompt's forwarding let go.
+    reservation: Arc<Reservation>,
     merged: UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
-    reservation: Arc<Reservation>,
+    /// A prompt failed and said so: the request's last event was sent.
+    failed: Arc<AtomicBool>,
+    /// Samples per prompt.
+    n: usize,
 }
 
 /// The engine request for prompt `index` of `plan`.
@@ -248,21 +262,42 @@ fn submit_error(error: SubmitError) -> ApiError {
     }
 }
 
-/// Passes one prompt's events on as the request's, its samples numbered from `offset`; holds
-/// `place` until the prompt ends. A client gone while the prompt still waits in the queue (no
-/// events yet) cancels the request at once.
+/// Passes one prompt's events on as the request's, its samples numbered from `offset`. Holds
+/// `place` and its share of the reservation until the prompt ends, and lets go of them before the
+/// client hears so. A client gone while the prompt still waits in the queue (no events yet) cancels
+/// the request at once; the places stay taken until the engine has dropped it. After a failure,
+/// nothing more is passed on.
 async fn forward(mut events: UnboundedReceiver<Event>, offset: usize, to: Forwarding, place: OwnedSemaphorePermit) {
+    let Forwarding { reservation, merged, cancel, failed, n } = to;
+    let mut held = Some((place, reservation));
+    let mut open_samples = n;
     loop {
         let event = tokio::select! {
             event = events.recv() => match event {
                 Some(event) => event,
                 None => break,
             },
-            () = to.merged.closed() => {
-                to.cancel.store(true, Ordering::Relaxed);
+            () = merged.closed() => {
+                cancel.store(true, Ordering::Relaxed);
+                while events.recv().await.is_some() {}
                 return;
             }
         };
+        let ends = match event {
+            Event::Finished { .. } => {
+                open_samples = open_samples.saturating_sub(1);
+                open_samples == 0
+            }
+            Event::Failed(_) => true,
+            _ => false,
+        };
+        if ends {
+            held = None;
+        }
+        let first_failure = matches!(event, Event::Failed(_)) && !failed.swap(true, Ordering::SeqCst);
+        if failed.load(Ordering::SeqCst) && !first_failure {
+            continue;
+        }
         let event = match event {
             Event::Token { sample, token, logprob } => Event::Token { sample: sample + offset, token, logprob },
             Event::Finished { sample, finish } => Event::Finished { sample: sample + offset, finish },
@@ -270,12 +305,13 @@ async fn forward(mut events: UnboundedReceiver<Event>, offset: usize, to: Forwar
             Event::StopToken { sample, token, logprob } => Event::StopToken { sample: sample + offset, token, logprob },
             other => other,
         };
-        if to.merged.send(event).is_err() {
-            to.cancel.store(true, Ordering::Relaxed);
+        if merged.send(event).is_err() {
+            cancel.store(true, Ordering::Relaxed);
+            while events.recv().await.is_some() {}
             return;
         }
     }
-    drop(place);
+    drop(held);
 }
 
 /// One sample's text as its tokens arrive.
