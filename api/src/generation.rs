@@ -181,8 +181,8 @@ pub fn start(engine: &Engine, tokenizer: &Arc<Tokenizer>, plan: &Plan) -> Result
                 cancel.store(true, Ordering::Relaxed);
                 // The places stay taken until the engine has dropped the prompts already queued.
                 tokio::spawn(async move {
-                    for (_, mut events) in first {
-                        while events.recv().await.is_some() {}
+                    for (_, events) in first {
+                        drain(events).await;
                     }
                     drop(reservation);
                 });
@@ -271,17 +271,13 @@ async fn forward(mut events: UnboundedReceiver<Event>, offset: usize, to: Forwar
     let Forwarding { reservation, merged, cancel, failed, n } = to;
     let mut held = Some((place, reservation));
     let mut open_samples = n;
-    loop {
+    let client_gone = loop {
         let event = tokio::select! {
             event = events.recv() => match event {
                 Some(event) => event,
-                None => break,
+                None => break false,
             },
-            () = merged.closed() => {
-                cancel.store(true, Ordering::Relaxed);
-                while events.recv().await.is_some() {}
-                return;
-            }
+            () = merged.closed() => break true,
         };
         let ends = match event {
             Event::Finished { .. } => {
@@ -294,8 +290,11 @@ async fn forward(mut events: UnboundedReceiver<Event>, offset: usize, to: Forwar
         if ends {
             held = None;
         }
-        let first_failure = matches!(event, Event::Failed(_)) && !failed.swap(true, Ordering::SeqCst);
-        if failed.load(Ordering::SeqCst) && !first_failure {
+        let pass_on = match event {
+            Event::Failed(_) => !failed.swap(true, Ordering::SeqCst),
+            _ => !failed.load(Ordering::SeqCst),
+        };
+        if !pass_on {
             continue;
         }
         let event = match event {
@@ -306,12 +305,19 @@ async fn forward(mut events: UnboundedReceiver<Event>, offset: usize, to: Forwar
             other => other,
         };
         if merged.send(event).is_err() {
-            cancel.store(true, Ordering::Relaxed);
-            while events.recv().await.is_some() {}
-            return;
+            break true;
         }
+    };
+    if client_gone {
+        cancel.store(true, Ordering::Relaxed);
+        drain(events).await;
     }
     drop(held);
+}
+
+/// Waits for the engine to drop a cancelled prompt (it closes the channel within a step).
+async fn drain(mut events: UnboundedReceiver<Event>) {
+    while events.recv().await.is_some() {}
 }
 
 /// One sample's text as its tokens arrive.

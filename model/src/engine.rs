@@ -442,6 +442,22 @@ impl Shared {
     fn cancelled(&self) -> bool {
         self.request.cancel.load(Ordering::Relaxed) || self.events.is_closed()
     }
+
+    /// Ends the whole request with `message`, its last event, sent once its place is back; its
+    /// other samples stop at their next step, silently.
+    fn fail(&mut self, message: String) {
+        self.request.cancel.store(true, Ordering::Relaxed);
+        drop(self.place.take());
+        if !std::mem::replace(&mut self.failed, true) {
+            let _ = self.events.send(Event::Failed(message));
+        }
+    }
+}
+
+impl Envelope {
+    fn cancelled(&self) -> bool {
+        self.request.cancel.load(Ordering::Relaxed) || self.events.is_closed()
+    }
 }
 
 type SharedRef = std::rc::Rc<std::cell::RefCell<Shared>>;
@@ -491,8 +507,7 @@ impl Batcher<'_> {
             }
             self.waiting.extend(inbox.try_iter());
             // Cancelled requests leave the queue at once, wherever they wait (with their places).
-            self.waiting
-                .retain(|envelope| !(envelope.request.cancel.load(Ordering::Relaxed) || envelope.events.is_closed()));
+            self.waiting.retain(|envelope| !envelope.cancelled());
             // Up to one chunk's worth of prompt tokens per step, over as many newcomers as it covers.
             let mut budget = self.config.prefill_chunk.max(1);
             while budget > 0 {
@@ -512,11 +527,6 @@ impl Batcher<'_> {
     fn admit(&mut self) {
         while self.prefilling.is_none() {
             let Some(front) = self.waiting.front() else { return };
-            if front.request.cancel.load(Ordering::Relaxed) || front.events.is_closed() {
-                // Its place goes with it.
-                self.waiting.pop_front();
-                continue;
-            }
             if self.running.len() + front.request.n > self.config.max_batch {
                 return;
             }
@@ -539,10 +549,7 @@ impl Batcher<'_> {
                     self.prefilling =
                         Some(Prefill { shared, cache, scored: Vec::new(), started: Instant::now(), queued_ms });
                 }
-                Err(error) => {
-                    drop(shared.place.take());
-                    let _ = shared.events.send(Event::Failed(error.to_string()));
-                }
+                Err(error) => shared.fail(error.to_string()),
             }
         }
     }
@@ -576,9 +583,7 @@ impl Batcher<'_> {
         let logits = match flatten_panic(result) {
             Ok(logits) => logits,
             Err(message) => {
-                let mut shared = prefill.shared.borrow_mut();
-                drop(shared.place.take());
-                let _ = shared.events.send(Event::Failed(message));
+                prefill.shared.borrow_mut().fail(message);
                 return chunk;
             }
         };
@@ -590,9 +595,7 @@ impl Batcher<'_> {
         let logits = match row_vec(&logits) {
             Ok(logits) => logits,
             Err(error) => {
-                let mut shared = prefill.shared.borrow_mut();
-                drop(shared.place.take());
-                let _ = shared.events.send(Event::Failed(error.to_string()));
+                prefill.shared.borrow_mut().fail(error.to_string());
                 return chunk;
             }
         };
@@ -744,15 +747,10 @@ impl Batcher<'_> {
         }
     }
 
-    /// Ends the whole request with `message`: its other samples stop at their next step, silently.
     fn fail(&self, sequence: &Sequence, message: String) {
         let mut shared = sequence.shared.borrow_mut();
-        shared.request.cancel.store(true, Ordering::Relaxed);
         shared.open_samples -= 1;
-        drop(shared.place.take());
-        if !std::mem::replace(&mut shared.failed, true) {
-            let _ = shared.events.send(Event::Failed(message));
-        }
+        shared.fail(message);
     }
 }
 
